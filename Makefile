@@ -1,0 +1,46 @@
+# hjserve: two commands do everything on a fresh machine.
+#   make serve   - install, build the demo models, start the server on http://127.0.0.1:8000
+#   make test    - install (incl. system test tools), build the demo models, run the whole test suite
+PY      ?= python3
+VENV    ?= .venv
+BIN     := $(VENV)/bin
+MODELS  ?= models
+HOST    ?= 127.0.0.1
+PORT    ?= 8000
+
+.PHONY: setup system-deps models serve test lint bench clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	# torch is pinned (CPU build); see pyproject.toml
+	$(BIN)/pip install -q -e ".[dev]"
+	touch $@
+
+# Tools the deploy tests start or call: a real Prometheus (+promtool) and docker-compose (config check).
+system-deps:
+	@command -v promtool >/dev/null && command -v docker-compose >/dev/null || { \
+	  apt-get update -q >/dev/null && \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends prometheus docker-compose >/dev/null; }
+
+$(MODELS)/DEMO_RESULTS.json: | setup
+	$(BIN)/python -m hjmodel.demo --out $(MODELS)
+
+models: $(MODELS)/DEMO_RESULTS.json
+
+serve: setup models
+	$(BIN)/python -m service --model-repository $(MODELS) --host $(HOST) --port $(PORT)
+
+test: setup system-deps models
+	HJSERVE_TEST_MODELS=$(abspath $(MODELS)) $(BIN)/python -m pytest
+
+lint: setup
+	$(BIN)/ruff check hjmodel service tests bench
+
+bench: setup models
+	$(BIN)/python -m bench.run_all
+
+clean:
+	rm -rf $(VENV) $(MODELS) .pytest_cache

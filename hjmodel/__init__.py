@@ -1,0 +1,32 @@
+"""hjmodel: LSE networks (log-sum-exp activated) with their Hamilton-Jacobi diagnostics.
+
+The math lives in :mod:`hjmodel.functional`; the model kinds in :mod:`hjmodel.models`; training and
+calibration in :mod:`hjmodel.train`; artifacts (ONNX / torch) in :mod:`hjmodel.artifact`; the
+serving contract in :mod:`hjmodel.serving`. No web framework is imported here.
+"""
+
+from __future__ import annotations
+
+from .artifact import export_onnx, load_model, load_serving_module, read_spec, save_artifact
+from .data import load_dataset
+from .errors import ArtifactError, DataError, HJModelError, InputError
+from .models import HJModel
+from .train import TrainConfig, train
+
+__all__ = [
+    "ArtifactError",
+    "DataError",
+    "HJModel",
+    "HJModelError",
+    "InputError",
+    "TrainConfig",
+    "export_onnx",
+    "load_dataset",
+    "load_model",
+    "load_serving_module",
+    "read_spec",
+    "save_artifact",
+    "train",
+]
+
+__version__ = "0.1.0"

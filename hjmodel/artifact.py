@@ -1,0 +1,303 @@
+"""Artifacts: one self-describing model, as ONNX (graph computes every diagnostic) or torch + JSON.
+
+A version directory of a model repository holds ``model.onnx`` and/or ``model.pt`` + ``model.json``.
+The spec (JSON) records the kind, eps, gauge t, task and class names, preprocessing, calibration,
+provenance and held-out metrics, plus the structure needed to rebuild the module. Loading never
+executes code from a file: ``torch.load(weights_only=True)``, JSON, and ONNX protobufs only.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from .errors import ArtifactError
+from .models import GibbsHead, HJModel, LSEGroupLayer, OODReference, Preprocess
+from .serving import ONNX_SPEC_KEY, SPEC_FORMAT, TOP_K_MAX, outputs_for
+
+__all__ = [
+    "ServingModule",
+    "export_onnx",
+    "load_model",
+    "load_serving_module",
+    "model_spec",
+    "read_spec",
+    "save_artifact",
+    "save_torch",
+]
+
+ONNX_FILE, TORCH_FILE, SPEC_FILE = "model.onnx", "model.pt", "model.json"
+_TORCH_DTYPES = {"FP32": torch.float32, "INT64": torch.long, "BOOL": torch.bool}
+
+
+# ------------------------------------------------------------------------------------ spec
+
+
+def model_spec(model: HJModel) -> dict:
+    """The JSON spec of ``model`` (everything but the tensors)."""
+    head, ref = model.head, model.reference
+    calibration = {
+        "alpha": ref.alpha, "reference_size": int(ref.points.shape[0]), "reference_t": ref.t,
+        "reference_eps": ref.eps, "regime_factor": ref.regime_factor,
+        "n_normaliser": int(ref.norm_unsupported.numel()), "n_conformal": int(ref.combined.numel()),
+    }
+    return {
+        "format": SPEC_FORMAT,
+        "kind": model.kind,
+        "task": model.task,
+        "n_features": model.n_features,
+        "n_outputs": model.n_outputs,
+        "class_names": model.class_names if model.task == "classification" else [],
+        "feature_names": list(model.meta.get("feature_names") or []),
+        "eps": head.eps,
+        "t": head.t,
+        "top_k_max": TOP_K_MAX,
+        "outputs": [{"name": o.name, "datatype": o.datatype, "row_shape": list(o.row_shape), "doc": o.doc}
+                    for o in outputs_for(model.task)],
+        "structure": {
+            "head_mode": head.mode,
+            "n_neurons": int(head.W.shape[0]),
+            "labels_in_exponent": head.labels_in_exponent,
+            "body": [{"eps": layer.eps, "pieces": int(layer.W.shape[0]), "units": int(layer.mask.shape[0])}
+                     for layer in model.body],
+            "preprocess_dim": int(model.preprocess.A.shape[0]),
+        },
+        "calibration": calibration,
+        "provenance": model.meta.get("provenance", {}),
+        "metrics": model.meta.get("metrics", {}),
+    }
+
+
+def _state(model: HJModel) -> dict[str, Tensor]:
+    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    ref = model.reference
+    state["reference.points"] = ref.points
+    state["reference.norm_unsupported"] = ref.norm_unsupported
+    state["reference.norm_ambiguous"] = ref.norm_ambiguous
+    state["reference.combined"] = ref.combined
+    return {k: v.contiguous() for k, v in state.items()}
+
+
+def _check_spec(spec: object, where: str) -> dict:
+    if not isinstance(spec, dict):
+        raise ArtifactError(f"{where}: spec is not a JSON object")
+    if spec.get("format") != SPEC_FORMAT:
+        raise ArtifactError(f"{where}: unknown artifact format {spec.get('format')!r} (expected {SPEC_FORMAT!r})")
+    if spec.get("kind") not in ("lse", "memory", "deep"):
+        raise ArtifactError(f"{where}: unknown model kind {spec.get('kind')!r}")
+    if spec.get("task") not in ("classification", "regression"):
+        raise ArtifactError(f"{where}: unknown task {spec.get('task')!r}")
+    for key in ("n_features", "n_outputs", "eps", "t", "structure", "calibration"):
+        if key not in spec:
+            raise ArtifactError(f"{where}: spec lacks {key!r}")
+    if not (isinstance(spec["eps"], (int, float)) and spec["eps"] > 0 and math.isfinite(spec["eps"])):
+        raise ArtifactError(f"{where}: eps must be a positive number")
+    return spec
+
+
+def _model_from(spec: dict, state: dict[str, Tensor], where: str) -> HJModel:
+    """Rebuild an HJModel from a validated spec and a tensor dict, checking every shape."""
+
+    def get(name: str, ndim: int) -> Tensor:
+        if name not in state:
+            raise ArtifactError(f"{where}: weights lack tensor {name!r}")
+        v = state[name]
+        if not isinstance(v, Tensor) or v.ndim != ndim:
+            raise ArtifactError(f"{where}: tensor {name!r} must be {ndim}-D")
+        if v.is_floating_point() and not bool(torch.isfinite(v).all()):
+            raise ArtifactError(f"{where}: tensor {name!r} holds NaN or Inf")
+        return v
+
+    st = spec["structure"]
+    try:
+        pre = Preprocess(get("preprocess.mu", 1), get("preprocess.A", 2))
+        body = []
+        for i, layer in enumerate(st.get("body", [])):
+            p = f"body.{i}."
+            body.append(LSEGroupLayer(get(p + "W", 2), get(p + "b", 1), get(p + "mask", 2), layer["eps"]))
+        head = GibbsHead(get("head.W", 2), get("head.b", 1), spec["eps"], spec["t"], st["head_mode"],
+                         mask=get("head.mask", 2), V=get("head.V", 2), labels=get("head.labels", 1),
+                         example_ids=get("head.example_ids", 1),
+                         labels_in_exponent=bool(st.get("labels_in_exponent", False)))
+        cal = spec["calibration"]
+        ref = OODReference(points=get("reference.points", 2), t=float(cal["reference_t"]),
+                           eps=float(cal["reference_eps"]), alpha=float(cal["alpha"]),
+                           norm_unsupported=get("reference.norm_unsupported", 1),
+                           norm_ambiguous=get("reference.norm_ambiguous", 1),
+                           combined=get("reference.combined", 1),
+                           regime_factor=float(cal.get("regime_factor", 100.0)))
+        meta = {k: spec.get(k) for k in ("class_names", "feature_names", "provenance", "metrics")}
+        model = HJModel(spec["kind"], spec["task"], pre, body, head, ref, meta)
+    except ArtifactError:
+        raise
+    except (KeyError, TypeError, ValueError, RuntimeError, IndexError) as e:
+        raise ArtifactError(f"{where}: inconsistent weights or spec ({e})") from e
+    # shapes must agree with the spec and with each other
+    d = int(spec["n_features"])
+    if pre.A.shape[1] != d or pre.mu.shape[0] != d:
+        raise ArtifactError(f"{where}: preprocessing expects {pre.A.shape[1]} features, spec says {d}")
+    if model.n_outputs != int(spec["n_outputs"]):
+        raise ArtifactError(f"{where}: head has {model.n_outputs} outputs, spec says {spec['n_outputs']}")
+    dims = [pre.A.shape[0]] + [layer.mask.shape[0] for layer in body]
+    ins = [layer.W.shape[1] for layer in body] + [head.W.shape[1]]
+    if dims != ins or ref.points.shape[1] != dims[-1]:
+        raise ArtifactError(f"{where}: layer dimensions do not chain ({dims} vs {ins})")
+    return model
+
+
+# ------------------------------------------------------------------------------------ torch
+
+
+def save_torch(model: HJModel, directory: str | Path) -> Path:
+    """Write ``model.pt`` (tensors only) and ``model.json`` (spec) into ``directory``."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    torch.save(_state(model), directory / TORCH_FILE)
+    (directory / SPEC_FILE).write_text(json.dumps(model_spec(model), indent=2, sort_keys=True))
+    return directory
+
+
+def _load_torch(directory: Path) -> HJModel:
+    where = str(directory)
+    try:
+        spec = json.loads((directory / SPEC_FILE).read_text())
+    except FileNotFoundError as e:
+        raise ArtifactError(f"{where}: no {SPEC_FILE} beside {TORCH_FILE}") from e
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ArtifactError(f"{where}: {SPEC_FILE} is not valid JSON ({e})") from e
+    spec = _check_spec(spec, where)
+    try:
+        state = torch.load(directory / TORCH_FILE, map_location="cpu", weights_only=True)
+    except FileNotFoundError as e:
+        raise ArtifactError(f"{where}: no {TORCH_FILE}") from e
+    except Exception as e:  # torch raises many types for corrupt or unsafe pickles
+        raise ArtifactError(f"{where}: {TORCH_FILE} is corrupt, truncated or unsafe ({type(e).__name__}: "
+                            f"{str(e).splitlines()[0][:200] if str(e) else ''})") from e
+    if not isinstance(state, dict):
+        raise ArtifactError(f"{where}: {TORCH_FILE} does not hold a tensor dictionary")
+    return _model_from(spec, state, where)
+
+
+# ------------------------------------------------------------------------------------ serving
+
+
+class ServingModule(nn.Module):
+    """forward(input: float32 (B, d), tau: float64 (1,)) -> dict of the served outputs.
+
+    The same module runs under torch and is exported to ONNX; all arithmetic is float64."""
+
+    def __init__(self, model: HJModel):
+        super().__init__()
+        self.model = model.double().eval()
+        self.specs = outputs_for(model.task)
+
+    def forward(self, input: Tensor, tau: Tensor) -> dict[str, Tensor]:  # noqa: A002 (V2 name)
+        out = self.model.evaluate(input, tau=tau, top_k=TOP_K_MAX)
+        return {o.name: out[o.name].to(_TORCH_DTYPES[o.datatype]) for o in self.specs}
+
+
+class _TupleOutputs(nn.Module):
+    def __init__(self, serving: ServingModule):
+        super().__init__()
+        self.serving = serving
+
+    def forward(self, input: Tensor, tau: Tensor):  # noqa: A002
+        out = self.serving(input, tau)
+        return tuple(out[o.name] for o in self.serving.specs)
+
+
+def export_onnx(model: HJModel, path: str | Path, opset: int = 17) -> Path:
+    """Export the serving graph (every diagnostic as a named output) to ONNX with the spec embedded."""
+    import warnings
+
+    import onnx
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    serving = ServingModule(model)
+    wrapper = _TupleOutputs(serving).eval()
+    x = torch.zeros(2, model.n_features, dtype=torch.float32)
+    tau = torch.tensor([0.1], dtype=torch.float64)
+    names = [o.name for o in serving.specs]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(wrapper, (x, tau), str(path), input_names=["input", "tau"], output_names=names,
+                          dynamic_axes={"input": {0: "batch"}, **{n: {0: "batch"} for n in names}},
+                          opset_version=opset, dynamo=False)
+    proto = onnx.load(str(path))
+    entry = proto.metadata_props.add()
+    entry.key, entry.value = ONNX_SPEC_KEY, json.dumps(model_spec(model), sort_keys=True)
+    proto.producer_name = "hjmodel"
+    onnx.checker.check_model(proto)
+    onnx.save(proto, str(path))
+    return path
+
+
+def save_artifact(model: HJModel, directory: str | Path, formats: tuple[str, ...] = ("onnx", "torch")) -> Path:
+    """Write the model in the requested formats into a version directory."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    if "torch" in formats:
+        save_torch(model, directory)
+    if "onnx" in formats:
+        export_onnx(model, directory / ONNX_FILE)
+    return directory
+
+
+def read_spec(path: str | Path) -> dict:
+    """The spec of an artifact: a version directory, ``model.json``, ``model.pt`` or ``model.onnx``."""
+    path = Path(path)
+    if path.is_dir():
+        if (path / SPEC_FILE).exists():
+            path = path / SPEC_FILE
+        elif (path / ONNX_FILE).exists():
+            path = path / ONNX_FILE
+        else:
+            raise ArtifactError(f"{path}: no {SPEC_FILE} or {ONNX_FILE}")
+    if path.suffix == ".pt":
+        path = path.with_name(SPEC_FILE)
+    if path.suffix == ".onnx":
+        return _check_spec(_onnx_spec(path), str(path))
+    try:
+        return _check_spec(json.loads(path.read_text()), str(path))
+    except FileNotFoundError as e:
+        raise ArtifactError(f"{path}: no such file") from e
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ArtifactError(f"{path}: not valid JSON ({e})") from e
+
+
+def _onnx_spec(path: Path) -> dict:
+    import onnx
+
+    try:
+        proto = onnx.load(str(path), load_external_data=False)
+    except FileNotFoundError as e:
+        raise ArtifactError(f"{path}: no such file") from e
+    except Exception as e:  # protobuf DecodeError and friends
+        raise ArtifactError(f"{path}: not a valid ONNX model ({type(e).__name__})") from e
+    meta = {p.key: p.value for p in proto.metadata_props}
+    if ONNX_SPEC_KEY not in meta:
+        raise ArtifactError(f"{path}: ONNX model carries no {ONNX_SPEC_KEY!r} metadata (not an hjmodel artifact)")
+    try:
+        return json.loads(meta[ONNX_SPEC_KEY])
+    except json.JSONDecodeError as e:
+        raise ArtifactError(f"{path}: {ONNX_SPEC_KEY} metadata is not valid JSON") from e
+
+
+def load_model(path: str | Path) -> HJModel:
+    """Load an :class:`HJModel` from a version directory (or its ``model.pt`` / ``model.json``)."""
+    path = Path(path)
+    if not path.is_dir():
+        path = path.parent
+    if not (path / TORCH_FILE).exists():
+        raise ArtifactError(f"{path}: no {TORCH_FILE} (torch artifact) here")
+    return _load_torch(path)
+
+
+def load_serving_module(path: str | Path) -> ServingModule:
+    """The torch serving module of a version directory: same outputs as its ONNX graph."""
+    return ServingModule(load_model(path))

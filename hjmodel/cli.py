@@ -1,0 +1,135 @@
+"""``hjmodel`` command line: train, inspect, verify, diagnose, demo."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .errors import HJModelError
+
+__all__ = ["main"]
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from .artifact import save_artifact
+    from .data import load_dataset
+    from .train import TrainConfig, train
+
+    cfg = TrainConfig(kind=args.kind, eps=args.eps, t=args.t, preprocess=args.preprocess, pieces=args.pieces,
+                      hidden=args.hidden, epochs=args.epochs, lr=args.lr, seed=args.seed, anneal=args.anneal,
+                      alpha=args.alpha, progress=not args.quiet)
+    model, report = train(load_dataset(args.data, target=args.target, task=args.task), cfg)
+    out = save_artifact(model, args.out, tuple(args.formats))
+    print(json.dumps({"artifact": str(out), "metrics": report.metrics, "seconds": round(report.seconds, 2)},
+                     indent=2))
+    return 0
+
+
+def _cmd_inspect(args: argparse.Namespace) -> int:
+    from .artifact import read_spec
+
+    print(json.dumps(read_spec(args.artifact), indent=2, sort_keys=True))
+    return 0
+
+
+def _cmd_verify(args: argparse.Namespace) -> int:
+    from .verify import verify
+
+    report = verify(args.artifact, n=args.n, seed=args.seed)
+    print(json.dumps(report, indent=2))
+    return 0 if report["ok"] else 1
+
+
+def _read_inputs(source: str) -> np.ndarray:
+    if source == "-":
+        return np.asarray(json.load(sys.stdin), dtype=np.float64)
+    path = Path(source)
+    if path.exists():
+        if path.suffix == ".npy":
+            return np.load(path, allow_pickle=False)
+        return np.asarray(json.loads(path.read_text()), dtype=np.float64)
+    return np.asarray(json.loads(source), dtype=np.float64)
+
+
+def _cmd_diagnose(args: argparse.Namespace) -> int:
+    from .artifact import load_model
+
+    model = load_model(args.artifact)
+    x = _read_inputs(args.input)
+    if x.ndim == 1:
+        x = x[None]
+    if x.ndim != 2 or x.shape[1] != model.n_features:
+        raise SystemExit(f"error: input must have shape (n, {model.n_features}), got {x.shape}")
+    rows = model.diagnose(torch.as_tensor(x), top_k=args.top_k, tau=args.tau)
+    print(json.dumps(rows if len(rows) > 1 else rows[0], indent=2))
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import build
+
+    print(json.dumps(build(args.out, progress=not args.quiet), indent=2))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="hjmodel", description="LSE networks with Hamilton-Jacobi diagnostics")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train a model and write an artifact")
+    p.add_argument("data", help="digits | breast_cancer | wine | iris | diabetes | FILE.npz | FILE.csv")
+    p.add_argument("--kind", choices=["lse", "memory", "deep"], default="lse")
+    p.add_argument("--out", required=True, help="version directory to write, e.g. models/mymodel/1")
+    p.add_argument("--target", help="CSV target column (default: last)")
+    p.add_argument("--task", choices=["classification", "regression"])
+    p.add_argument("--eps", type=float, help="viscosity (default: eps*, Thm 8.1)")
+    p.add_argument("--t", type=float, help="gauge t")
+    p.add_argument("--preprocess", choices=["standardize", "pca", "none"], default="standardize")
+    p.add_argument("--pieces", type=int, default=8, help="neurons per output (lse head)")
+    p.add_argument("--hidden", type=int, nargs="*", default=[64], help="deep: units per body layer")
+    p.add_argument("--epochs", type=int, default=150)
+    p.add_argument("--lr", type=float, default=0.02)
+    p.add_argument("--anneal", type=float, default=1.0, help="start at ANNEAL*eps and anneal down to eps")
+    p.add_argument("--alpha", type=float, default=0.05, help="target false-flag rate of the OOD gate")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--formats", nargs="+", choices=["onnx", "torch"], default=["onnx", "torch"])
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("inspect", help="print an artifact's spec")
+    p.add_argument("artifact")
+    p.set_defaults(func=_cmd_inspect)
+
+    p = sub.add_parser("verify", help="check the Thm 4.1 identity and torch/ONNX parity")
+    p.add_argument("artifact")
+    p.add_argument("--n", type=int, default=256)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_cmd_verify)
+
+    p = sub.add_parser("diagnose", help="print a diagnosis as JSON")
+    p.add_argument("artifact")
+    p.add_argument("--input", required=True, help="JSON array (row or rows), a .json/.npy file, or - for stdin")
+    p.add_argument("--top-k", type=int, default=5)
+    p.add_argument("--tau", type=float, default=0.1)
+    p.set_defaults(func=_cmd_diagnose)
+
+    p = sub.add_parser("demo", help="build the demo model repository")
+    p.add_argument("--out", default="models")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=_cmd_demo)
+
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except HJModelError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,21 @@
+"""hjmodel's exceptions. They carry no transport codes: the service maps them in one table."""
+
+from __future__ import annotations
+
+__all__ = ["ArtifactError", "DataError", "HJModelError", "InputError"]
+
+
+class HJModelError(Exception):
+    """Base class of every error hjmodel raises on purpose."""
+
+
+class ArtifactError(HJModelError):
+    """An artifact is missing, corrupt, truncated, of an unknown kind or format, or unsafe."""
+
+
+class DataError(HJModelError):
+    """A training dataset cannot be loaded or is malformed."""
+
+
+class InputError(HJModelError):
+    """Inputs to a model have the wrong shape, dtype or non-finite values."""

@@ -1,0 +1,413 @@
+"""Every closed form of hjserve, once: stateless, batched torch functions (any device, any float dtype).
+
+Conventions (DESIGN.md section 1; theorem numbers refer to "The Hamilton-Jacobi Theory of Deep
+Learning"). An LSE layer has weights ``W: (N, d)``, biases ``b: (N,)`` and viscosity ``eps > 0``:
+
+    a_j(z) = w_j . z + b_j,   f(z) = eps log sum_j exp(a_j / eps),   pi(z) = softmax(a / eps).
+
+Inputs are batched: ``z: (n, d)``. Every log-sum-exp is max-shifted (``torch.logsumexp``), so nothing
+overflows at extreme ``eps`` or large inputs. Public functions trust shapes; models validate at the edge.
+
+Grouped layers (one LSE per output) use a boolean ``mask: (K, N)``; ``mask[k, j]`` says that neuron
+``j`` belongs to output ``k``'s group.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "certificate_tables",
+    "diameter",
+    "energy_gap",
+    "energy_gap_bound",
+    "eps15_radius",
+    "eps_star",
+    "fewest_label_flips",
+    "gibbs",
+    "gibbs_margin_radius",
+    "gradient",
+    "group_gibbs",
+    "group_lse",
+    "hessian",
+    "hj_reading",
+    "hopf_cole_value",
+    "hopf_lax_value",
+    "hybrid_radius",
+    "integrated_gradients",
+    "label_sensitivity_exponent",
+    "label_sensitivity_values",
+    "lipschitz_radius",
+    "lse",
+    "lse_layer",
+    "masked_lse_gibbs",
+    "measure_extension",
+    "pairwise_distances",
+    "preactivations",
+    "scalar_radius",
+    "attribution_entropy",
+    "sign_reduction_biases",
+    "squared_distances",
+]
+
+_NEG_INF = -math.inf
+
+
+# --------------------------------------------------------------------------------------------
+# the layer
+# --------------------------------------------------------------------------------------------
+
+
+def preactivations(z: Tensor, W: Tensor, b: Tensor) -> Tensor:
+    """a = z W^T + b.  z: (n, d), W: (N, d), b: (N,) -> (n, N)."""
+    return z @ W.transpose(-1, -2) + b
+
+
+def lse(a: Tensor, eps: float, dim: int = -1) -> Tensor:
+    """eps * log sum exp(a / eps) along ``dim`` (max-shifted; -inf entries are empty)."""
+    return eps * torch.logsumexp(a / eps, dim=dim)
+
+
+def lse_layer(z: Tensor, W: Tensor, b: Tensor, eps: float) -> Tensor:
+    """f(z) = eps log sum_j exp((w_j . z + b_j)/eps).  (n, d) -> (n,)."""
+    return lse(preactivations(z, W, b), eps)
+
+
+def gibbs(a: Tensor, eps: float) -> Tensor:
+    """Gibbs weights pi = softmax(a / eps): the attributions, rows sum to 1.  (n, N) -> (n, N)."""
+    return torch.softmax(a / eps, dim=-1)
+
+
+def masked_lse_gibbs(a: Tensor, mask: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+    """LSE value and Gibbs weights of ``a`` restricted to ``mask`` (broadcast), along the last axis.
+
+    Max-shifted and NaN-free: an empty group has value -inf and weights 0. Returns (value, pi)."""
+    s = torch.where(mask, a / eps, torch.full_like(a, _NEG_INF))
+    top = s.amax(-1, keepdim=True)
+    top = torch.where(top.abs() < math.inf, top, torch.zeros_like(top))
+    e = torch.exp(s - top)
+    total = e.sum(-1, keepdim=True)
+    value = eps * (top + torch.log(total)).squeeze(-1)
+    pi = e / torch.where(total > 0, total, torch.ones_like(total))
+    return value, pi
+
+
+def group_lse(a: Tensor, mask: Tensor, eps: float) -> Tensor:
+    """Per-group LSE values s_k = eps log sum_{j in G_k} exp(a_j/eps).  (n, N), (K, N) -> (n, K)."""
+    return masked_lse_gibbs(a.unsqueeze(-2), mask, eps)[0]
+
+
+def group_gibbs(a: Tensor, mask: Tensor, eps: float) -> Tensor:
+    """Gibbs weights within each group (zero outside).  (n, N), (K, N) -> (n, K, N)."""
+    return masked_lse_gibbs(a.unsqueeze(-2), mask, eps)[1]
+
+
+def attribution_entropy(pi: Tensor) -> Tensor:
+    """H(pi) = -sum pi log pi in [0, log N] (0 log 0 = 0).  (..., N) -> (...)."""
+    return -(pi * torch.log(torch.where(pi > 0, pi, torch.ones_like(pi)))).sum(-1)
+
+
+def energy_gap(a: Tensor) -> tuple[Tensor, Tensor]:
+    """Energy gap Delta = a_(1) - a_(2) and the dominant neuron (Prop 8.5).  (n, N) -> (n,), (n,) int.
+
+    With a single neuron the gap is +inf."""
+    if a.shape[-1] < 2:
+        return torch.full(a.shape[:-1], math.inf, dtype=a.dtype, device=a.device), a.argmax(-1)
+    top, idx = torch.topk(a, 2, dim=-1)
+    return top[..., 0] - top[..., 1], idx[..., 0]
+
+
+def energy_gap_bound(delta: Tensor, eps: float, n_neurons: int) -> Tensor:
+    """Upper bound on f - a_(1): eps log(1 + (N-1) exp(-Delta/eps)) (Prop 8.5), computed stably."""
+    if n_neurons < 2:
+        return torch.zeros_like(delta)
+    x = math.log(n_neurons - 1) - delta / eps
+    # softplus via logaddexp: torch's softplus turns linear above x = 20 (error up to 2e-9 eps)
+    return eps * torch.logaddexp(x, torch.zeros_like(x))
+
+
+# --------------------------------------------------------------------------------------------
+# derivatives
+# --------------------------------------------------------------------------------------------
+
+
+def gradient(pi: Tensor, W: Tensor) -> Tensor:
+    """grad f = sum_j pi_j w_j (a convex combination of rows, Cor 8.2).  (..., N), (N, d) -> (..., d)."""
+    return pi @ W
+
+
+def hessian(pi: Tensor, W: Tensor, eps: float) -> Tensor:
+    """Hess f = Cov_pi(w) / eps.  (n, N), (N, d) -> (n, d, d)."""
+    mean = pi @ W
+    second = torch.einsum("nj,jd,je->nde", pi, W, W)
+    return (second - mean.unsqueeze(-1) * mean.unsqueeze(-2)) / eps
+
+
+def _gauss_legendre(panels: int, order: int, dtype, device) -> tuple[Tensor, Tensor]:
+    """Composite Gauss-Legendre nodes and weights on [0, 1]: (panels * order,) each."""
+    import numpy as np
+
+    x, w = np.polynomial.legendre.leggauss(order)
+    edges = np.linspace(0.0, 1.0, panels + 1)
+    half = 0.5 * (edges[1:] - edges[:-1])
+    mid = 0.5 * (edges[1:] + edges[:-1])
+    nodes = (mid[:, None] + half[:, None] * x[None, :]).reshape(-1)
+    weights = (half[:, None] * w[None, :]).reshape(-1)
+    return (torch.as_tensor(nodes, dtype=dtype, device=device),
+            torch.as_tensor(weights, dtype=dtype, device=device))
+
+
+def integrated_gradients(z: Tensor, z0: Tensor, W: Tensor, b: Tensor, eps: float,
+                         mask: Tensor | None = None, output: Tensor | None = None,
+                         panels: int = 64, order: int = 8) -> Tensor:
+    """Exact integrated gradients of an LSE layer along z0 -> z.
+
+    Every a_j is affine in alpha along the path, so IG_i = (z - z0)_i * sum_j w_ji int_0^1 pi_j
+    d alpha, a 1-D integral of smooth Gibbs weights done by composite Gauss-Legendre quadrature
+    (``panels * order`` nodes). Completeness: sum_i IG_i = f(z) - f(z0).
+
+    z, z0: (n, d) (z0 may be (d,)). With ``mask: (K, N)`` the attribution is for output
+    ``output: (n,)`` (long) of a grouped layer. Returns (n, d).
+    """
+    z0 = z0.expand_as(z)
+    a0 = preactivations(z0, W, b)                       # (n, N)
+    da = preactivations(z, W, torch.zeros_like(b)) - preactivations(z0, W, torch.zeros_like(b))
+    keep = torch.ones_like(a0, dtype=torch.bool) if mask is None else mask[output]  # (n, N)
+    nodes, weights = _gauss_legendre(panels, order, z.dtype, z.device)
+    path = a0.unsqueeze(1) + nodes[None, :, None] * da.unsqueeze(1)  # (n, q, N)
+    pi = masked_lse_gibbs(path, keep.unsqueeze(1), eps)[1]
+    avg_pi = torch.einsum("q,nqj->nj", weights, pi)
+    return (z - z0) * (avg_pi @ W)
+
+
+# --------------------------------------------------------------------------------------------
+# Hamilton-Jacobi reading (Thm 4.1, Thm 5.1)
+# --------------------------------------------------------------------------------------------
+
+
+def hj_reading(W: Tensor, b: Tensor, t: float) -> tuple[Tensor, Tensor]:
+    """Support points y_j = 2 t w_j and initial data g_j = -b_j - t |w_j|^2 (Thm 4.1).
+
+    (N, d), (N,) -> (N, d), (N,)."""
+    return 2.0 * t * W, -b - t * (W * W).sum(-1)
+
+
+def _hj_exponent(z: Tensor, y: Tensor, g: Tensor, t: float) -> Tensor:
+    """g_j + |z - y_j|^2 / (4t).  (n, d), (N, d), (N,) -> (n, N)."""
+    return g + squared_distances(z, y) / (4.0 * t)
+
+
+def hopf_cole_value(z: Tensor, y: Tensor, g: Tensor, t: float, eps: float) -> Tensor:
+    """u(z, t) = -eps log sum_j exp(-(g_j + |z - y_j|^2/(4t))/eps) (Hopf-Cole, Thm 4.1).  -> (n,).
+
+    Equals |z|^2/(4t) - f(z) for the layer with y = 2tW, g = -b - t|W|^2."""
+    return -lse(-_hj_exponent(z, y, g, t), eps)
+
+
+def hopf_lax_value(z: Tensor, y: Tensor, g: Tensor, t: float) -> Tensor:
+    """min_j (g_j + |z - y_j|^2/(4t)): the eps -> 0 (tropical) limit of u (Thm 5.1).  -> (n,)."""
+    return _hj_exponent(z, y, g, t).min(-1).values
+
+
+def squared_distances(x: Tensor, y: Tensor) -> Tensor:
+    """|x_i - y_j|^2 = |x_i|^2 - 2 x_i . y_j + |y_j|^2 (clamped at 0; O(n m) memory, exportable).
+
+    (n, d), (m, d) -> (n, m)."""
+    sq = (x * x).sum(-1).unsqueeze(-1) - 2.0 * (x @ y.transpose(-1, -2)) + (y * y).sum(-1)
+    return sq.clamp_min(0.0)
+
+
+def pairwise_distances(x: Tensor, y: Tensor) -> Tensor:
+    """Euclidean distances |x_i - y_j|.  (n, d), (m, d) -> (n, m)."""
+    return squared_distances(x, y).sqrt()
+
+
+# --------------------------------------------------------------------------------------------
+# constants and certificates (Cor 8.2 sharpened, DESIGN section 3)
+# --------------------------------------------------------------------------------------------
+
+
+def diameter(W: Tensor) -> Tensor:
+    """D = max_{i,j} |w_i - w_j| (0 for fewer than two rows).  (N, d) -> scalar."""
+    if W.shape[0] < 2:
+        return W.new_zeros(())
+    return pairwise_distances(W, W).max()
+
+
+def hybrid_radius(m: Tensor, G: Tensor, L: Tensor, kappa: Tensor) -> Tensor:
+    """Largest r with Phi(r) = int_0^r min(L, G + kappa s) ds <= m (DESIGN section 3).
+
+    r = 2m / (G + sqrt(G^2 + 2 kappa m)) while r <= t* = (L - G)/kappa, else
+    r = t* + (m - G t* - kappa t*^2 / 2) / L.  m <= 0 gives 0. All arguments broadcast.
+    Dominates both m/L and the pure curvature radius.
+    """
+    m = torch.clamp(m, min=0.0)
+    G = torch.minimum(G, L)
+    curv = 2.0 * m / (G + torch.sqrt(G * G + 2.0 * kappa * m)).clamp_min(torch.finfo(m.dtype).tiny)
+    t_star = (L - G) / kappa.clamp_min(torch.finfo(m.dtype).tiny)
+    lin = t_star + (m - G * t_star - 0.5 * kappa * t_star * t_star) / L.clamp_min(torch.finfo(m.dtype).tiny)
+    r = torch.where(curv <= t_star, curv, lin)
+    return torch.where(m > 0, r, torch.zeros_like(r))
+
+
+def lipschitz_radius(m: Tensor, L: Tensor) -> Tensor:
+    """Plain Lipschitz radius m / L (baseline; always <= :func:`hybrid_radius`)."""
+    return torch.clamp(m, min=0.0) / L
+
+
+def eps15_radius(tau: Tensor, R: Tensor, eps: float) -> Tensor:
+    """The paper's eq. 15 radius (eps/R)(sqrt(1 + 2 tau/eps) - 1) (baseline; <= tau/R)."""
+    return (eps / R) * (torch.sqrt(1.0 + 2.0 * tau / eps) - 1.0)
+
+
+def scalar_radius(G: Tensor, R: Tensor, D: Tensor, eps: float, tau: Tensor) -> Tensor:
+    """Certified radius of an LSE output: |f(z + delta) - f(z)| <= tau whenever |delta| <= r.
+
+    G = |grad f(z)|, R = max_j |w_j| (Lipschitz), kappa = D^2/(4 eps) (Popoviciu curvature)."""
+    return hybrid_radius(tau, G, R, D * D / (4.0 * eps))
+
+
+def sign_reduction_biases(b: Tensor, u: Tensor, eps: float) -> tuple[Tensor, Tensor, Tensor]:
+    """Exact reduction of sign(sum_j pi_j u_j) to an LSE margin (DESIGN section 3).
+
+    sign(sum_j pi_j u_j) = sign(s+ - s-), s+/- the LSE layers over {u_j > 0} / {u_j < 0} with biases
+    b_j + eps log|u_j|. Returns (pos mask, neg mask, shifted biases) with the shape of ``u``."""
+    pos, neg = u > 0, u < 0
+    shifted = b + eps * torch.log(u.abs().clamp_min(torch.finfo(u.dtype).tiny))
+    return pos, neg, shifted
+
+
+def certificate_tables(W: Tensor, pos: Tensor, neg: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+    """Global constants of the margin s+ - s- for every (c, k) pair.
+
+    pos, neg: (K, K, N) masks of the two LSE groups of each pair. Returns
+    L: (K, K) = max_{i in pos, j in neg} |w_i - w_j| (sharp Lipschitz constant of the margin) and
+    kappa: (K, K) = D(neg)^2 / (4 eps) (the margin bends down only through the negative group).
+    Entries with an empty side are 0."""
+    dist = pairwise_distances(W, W)                     # (N, N)
+    K = pos.shape[0]
+    L = W.new_zeros(K, K)
+    kappa = W.new_zeros(K, K)
+    for c in range(K):
+        for k in range(K):
+            P, Q = pos[c, k], neg[c, k]
+            if P.any() and Q.any():
+                L[c, k] = dist[P][:, Q].max()
+            if Q.sum() >= 2:
+                kappa[c, k] = dist[Q][:, Q].max() ** 2 / (4.0 * eps)
+    return L, kappa
+
+
+def gibbs_margin_radius(a: Tensor, W: Tensor, eps: float, c: Tensor, pos: Tensor, neg: Tensor,
+                        shift: Tensor, L: Tensor, kappa: Tensor,
+                        rounding: float | None = None) -> tuple[Tensor, Tensor]:
+    """Certified L2 radius of the decision ``c`` against every other class (DESIGN section 3).
+
+    For each pair (c, k) the decision margin is m_k = s+ - s- with s+/- the LSE over ``pos[c, k]`` /
+    ``neg[c, k]`` with pre-activations ``a + shift[c, k]``; G_k = |grad m_k(z)| is exact,
+    L = L[c, k], kappa = kappa[c, k], and r_k = :func:`hybrid_radius`. The certificate is min_k r_k;
+    a tie (m_k <= 0) gives 0. ``rounding`` (relative) is subtracted from each margin first, scaled
+    by |s+| + |s-| (float rounding of the served prediction).
+
+    a: (n, N) pre-activations, W: (N, d), c: (n,) long, pos/neg: (K, K, N) bool, shift: (K, K, N),
+    L/kappa: (K, K). Returns (radius (n,), per-class radius (n, K) with +inf at k = c).
+    """
+    K = pos.shape[0]
+    P, Q, S = pos[c], neg[c], shift[c]                  # (n, K, N)
+    ak = a.unsqueeze(1) + S
+    sp, pip = masked_lse_gibbs(ak, P, eps)              # (n, K), (n, K, N)
+    sq, piq = masked_lse_gibbs(ak, Q, eps)
+    G = torch.linalg.vector_norm((pip - piq) @ W, dim=-1)  # (n, K): exact |grad m_k(z)|
+    never = ~Q.any(-1)                                  # k can never overtake c
+    finite = (sp.abs() < math.inf) & (sq.abs() < math.inf)
+    zero = torch.zeros_like(sp)
+    sp0, sq0 = torch.where(finite, sp, zero), torch.where(finite, sq, zero)
+    m = sp0 - sq0
+    if rounding is not None:
+        m = m - rounding * (sp0.abs() + sq0.abs())
+    r = hybrid_radius(m, G, L[c], kappa[c])
+    inf = torch.full_like(r, math.inf)
+    r = torch.where(never, inf, r)
+    r = torch.where(torch.nn.functional.one_hot(c, K).bool(), inf, r)
+    return r.min(-1).values, r
+
+
+# --------------------------------------------------------------------------------------------
+# labels (Prop F.1), measure extension (Remark H.11), optimal viscosity (Thm 8.1)
+# --------------------------------------------------------------------------------------------
+
+
+def label_sensitivity_values(pi: Tensor) -> Tensor:
+    """d yhat / d v_j = pi_j when labels enter only as values (yhat = sum_j pi_j v_j)."""
+    return pi
+
+
+def label_sensitivity_exponent(pi: Tensor, g: Tensor, yhat: Tensor, eps: float) -> Tensor:
+    """d yhat / d g_j = pi_j (1 - (g_j - yhat)/eps) when the label g_j is also the value and enters
+    the exponent (Prop F.1).  pi: (n, N), g: (N,), yhat: (n,) -> (n, N)."""
+    return pi * (1.0 - (g - yhat.unsqueeze(-1)) / eps)
+
+
+def fewest_label_flips(pi: Tensor, labels: Tensor, c: Tensor, n_classes: int) -> tuple[Tensor, Tensor]:
+    """Fewest training labels whose change flips a Gibbs-average classification (memory kind).
+
+    yhat_k = sum_j pi_j [label_j = k]. To make class k overtake the predicted c, relabelling an
+    example of class c to k moves the margin yhat_c - yhat_k by 2 pi_j, any other example by pi_j;
+    the gains add, so taking the largest first is optimal for each k; the answer is the min over k.
+    pi: (n, N), labels: (N,) long, c: (n,) long -> (count (n,) long, target class (n,) long).
+    Count is N + 1 when no relabelling flips the decision."""
+    n, N = pi.shape
+    onehot = torch.nn.functional.one_hot(labels, n_classes).to(pi.dtype)  # (N, K)
+    yhat = pi @ onehot                                                     # (n, K)
+    margin = yhat.gather(1, c[:, None]) - yhat                              # (n, K)
+    in_c = labels.unsqueeze(0) == c.unsqueeze(1)                            # (n, N)
+    best = torch.full((n,), N + 1, dtype=torch.long, device=pi.device)
+    target = c.clone()
+    for k in range(n_classes):
+        in_k = labels == k
+        gain = torch.where(in_c, 2.0 * pi, pi).masked_fill(in_k.unsqueeze(0), 0.0)
+        csum = torch.sort(gain, dim=-1, descending=True).values.cumsum(-1)   # (n, N)
+        need = margin[:, k:k + 1]
+        # relabelling must make yhat_k >= yhat_c (ties broken against c): csum >= margin
+        ok = csum >= need
+        count = torch.where(ok.any(-1), ok.float().argmax(-1) + 1, torch.full_like(best, N + 1))
+        count = torch.where(c == k, torch.full_like(count, N + 1), count)
+        better = count < best
+        best = torch.where(better, count, best)
+        target = torch.where(better, torch.full_like(target, k), target)
+    return best, target
+
+
+def measure_extension(f: Tensor, a_new: Tensor, eps: float) -> Tensor:
+    """Insert one neuron with pre-activation a_new: f + eps softplus((a_new - f)/eps), exact, O(1)
+    (Remark H.11, Prop E.3)."""
+    x = (a_new - f) / eps
+    # softplus via logaddexp: torch's softplus turns linear above x = 20 (error up to 2e-9 eps)
+    return f + eps * torch.logaddexp(x, torch.zeros_like(x))
+
+
+def eps_star(X: Tensor) -> float:
+    """Optimal viscosity eps* ~ h (Thm 8.1): the grid spacing of the N support points ``X: (N, d)``.
+
+    h is estimated as the median nearest-neighbour distance, which scales as N^(-1/d) times the data
+    scale."""
+    X = X.to(torch.float64)
+    if X.shape[0] < 2:
+        return 1.0
+    N = X.shape[0]
+    n = min(N, 2000)
+    idx = torch.linspace(0, N - 1, n, dtype=torch.float64).round().long()
+    sub = X[idx]
+    # nearest neighbour of each sampled point among ALL N points (a sub-vs-sub distance would
+    # measure the spacing of n points, not N, and saturate for N > 2000); chunked over X
+    nn = torch.full((n,), math.inf, dtype=X.dtype, device=X.device)
+    for start in range(0, N, 4096):
+        stop = min(start + 4096, N)
+        dist = pairwise_distances(sub, X[start:stop])
+        own = idx.unsqueeze(1) == torch.arange(start, stop, device=X.device).unsqueeze(0)
+        nn = torch.minimum(nn, dist.masked_fill(own, math.inf).min(-1).values)
+    h = nn.median().item()
+    return float(h) if h > 0 else 1.0

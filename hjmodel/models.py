@@ -1,0 +1,587 @@
+"""The three model kinds as torch modules that hold parameters and call :mod:`hjmodel.functional`.
+
+Every model is ``preprocess -> body -> head``:
+
+* :class:`Preprocess` -- z = (x - mu) A^T (standardize or PCA), so inputs are raw features;
+* ``body`` -- zero (kinds ``lse``, ``memory``) or more (kind ``deep``) :class:`LSEGroupLayer`;
+* ``head`` -- :class:`GibbsHead`, an LSE layer over N neurons read either as K grouped outputs
+  (``lse``) or as a Hopf-Cole predictor with values (``memory``, Prop F.1).
+
+All diagnostics are computed in float64 by :meth:`HJModel.evaluate`; certificates and saliency are
+in raw input space (the preprocessing is folded into the first linear map for them).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from . import functional as F
+from .serving import TOP_K_MAX
+
+__all__ = ["GibbsHead", "HJModel", "LSEGroupLayer", "OODReference", "Preprocess"]
+
+#: Relative float rounding subtracted from every certified margin (float64 evaluation).
+ROUNDING = 64 * torch.finfo(torch.float64).eps
+
+
+class Preprocess(nn.Module):
+    """z = (x - mu) A^T.  mu: (d,), A: (p, d)."""
+
+    def __init__(self, mu: Tensor, A: Tensor):
+        super().__init__()
+        self.register_buffer("mu", torch.as_tensor(mu, dtype=torch.float64))
+        self.register_buffer("A", torch.as_tensor(A, dtype=torch.float64))
+
+    @classmethod
+    def identity(cls, d: int) -> Preprocess:
+        return cls(torch.zeros(d), torch.eye(d))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return (x - self.mu.to(x.dtype)) @ self.A.to(x.dtype).T
+
+
+class LSEGroupLayer(nn.Module):
+    """Affine pieces followed by an LSE over each group: h_k = eps log sum_{i in G_k} exp(a_i/eps).
+
+    W: (M, d_in), b: (M,), mask: (H, M) bool (every piece in exactly one group)."""
+
+    def __init__(self, W: Tensor, b: Tensor, mask: Tensor, eps: float):
+        super().__init__()
+        self.W = nn.Parameter(torch.as_tensor(W, dtype=torch.float64).clone())
+        self.b = nn.Parameter(torch.as_tensor(b, dtype=torch.float64).clone())
+        self.register_buffer("mask", torch.as_tensor(mask, dtype=torch.bool))
+        self.eps = float(eps)
+
+    def forward(self, h: Tensor) -> Tensor:
+        a = F.preactivations(h, self.W.to(h.dtype), self.b.to(h.dtype))
+        return F.group_lse(a, self.mask, self.eps)
+
+    def gibbs(self, h: Tensor) -> Tensor:
+        """Within-group Gibbs weights P: (n, H, M); the layer's Jacobian is P @ W."""
+        a = F.preactivations(h, self.W.to(h.dtype), self.b.to(h.dtype))
+        return F.group_gibbs(a, self.mask, self.eps)
+
+    def bounds(self, W: Tensor) -> tuple[float, float]:
+        """Sound global (Lipschitz, curvature) bounds of this layer for input weights ``W``.
+
+        The Jacobian is P W with P's rows convex weights on disjoint groups, so ||P||_2 <= 1 and
+        Lip <= min(||W||_2, sqrt(sum_k max_{i in G_k} |w_i|^2)). Along a unit direction e each unit
+        bends by e' Cov(w) e / eps in [0, D(G_k)^2/(4 eps)] (Popoviciu), so the vector second
+        derivative has norm <= sqrt(sum_k (D(G_k)^2/(4 eps))^2)."""
+        W = W.detach().to(torch.float64)
+        norms = torch.linalg.vector_norm(W, dim=-1)
+        frob = math.sqrt(sum(norms[g].max().item() ** 2 for g in self.mask))
+        lip = min(torch.linalg.matrix_norm(W, ord=2).item(), frob)
+        curv = math.sqrt(sum((F.diameter(W[g]).item() ** 2 / (4 * self.eps)) ** 2 for g in self.mask))
+        return lip, curv
+
+
+class GibbsHead(nn.Module):
+    """An LSE layer over N neurons (W: (N, p), b: (N,)) read as the model's outputs.
+
+    mode ``"groups"`` (kind lse): output k is the LSE over group ``mask[k]`` (mask: (K, N)).
+    mode ``"values"`` (kind memory): yhat = sum_j pi_j V_j with V: (N, K) (one-hot labels or
+    targets); ``labels`` (N,) long for classification, ``example_ids`` (N,) long point at training
+    examples. With ``labels_in_exponent`` the regression label g_j also enters the exponent (its
+    part of b), which changes the label sensitivity (Prop F.1).
+    """
+
+    def __init__(self, W: Tensor, b: Tensor, eps: float, t: float, mode: str, *,
+                 mask: Tensor | None = None, V: Tensor | None = None, labels: Tensor | None = None,
+                 example_ids: Tensor | None = None, labels_in_exponent: bool = False):
+        super().__init__()
+        if mode not in ("groups", "values"):
+            raise ValueError(f"unknown head mode {mode!r}")
+        self.W = nn.Parameter(torch.as_tensor(W, dtype=torch.float64).clone())
+        self.b = nn.Parameter(torch.as_tensor(b, dtype=torch.float64).clone())
+        self.eps, self.t, self.mode = float(eps), float(t), mode
+        N = self.W.shape[0]
+        self.register_buffer("mask", torch.as_tensor(mask, dtype=torch.bool) if mask is not None
+                             else torch.ones(1, N, dtype=torch.bool))
+        self.register_buffer("V", torch.as_tensor(V, dtype=torch.float64) if V is not None
+                             else torch.zeros(N, 0, dtype=torch.float64))
+        self.register_buffer("labels", torch.as_tensor(labels, dtype=torch.long) if labels is not None
+                             else torch.full((N,), -1, dtype=torch.long))
+        self.register_buffer("example_ids", torch.as_tensor(example_ids, dtype=torch.long)
+                             if example_ids is not None else torch.arange(N))
+        self.labels_in_exponent = bool(labels_in_exponent)
+
+    @property
+    def n_outputs(self) -> int:
+        return self.mask.shape[0] if self.mode == "groups" else self.V.shape[1]
+
+    def preactivations(self, h: Tensor) -> Tensor:
+        return F.preactivations(h, self.W.to(h.dtype), self.b.to(h.dtype))
+
+    def outputs(self, a: Tensor) -> Tensor:
+        """Raw outputs: group LSE values s (lse) or Gibbs averages yhat (memory).  (n, N) -> (n, K)."""
+        if self.mode == "groups":
+            return F.group_lse(a, self.mask, self.eps)
+        return F.gibbs(a, self.eps) @ self.V.to(a.dtype)
+
+    def log_probabilities(self, a: Tensor) -> Tensor:
+        """Class log-probabilities for training and serving.  (n, N) -> (n, K).
+
+        lse: log softmax(s / eps). memory (one-hot V): log sum_{j in class k} pi_j."""
+        if self.mode == "groups":
+            return torch.log_softmax(F.group_lse(a, self.mask, self.eps) / self.eps, dim=-1)
+        member = self.V.T > 0.5                          # (K, N)
+        return (F.group_lse(a, member, self.eps) - F.lse(a, self.eps).unsqueeze(-1)) / self.eps
+
+
+@dataclass
+class OODReference:
+    """Reference measure of the OOD score and its split-conformal calibration (DESIGN section 3).
+
+    points: (M, p) in-distribution support points in the head's feature space; the score is the
+    Hopf-Cole value over them in diffusion units, u/eps = -log mean_j exp(-|h - y_j|^2 / (4 t eps)).
+    ``norm_*``: sorted component scores of the first calibration half (ECDF normalisers);
+    ``combined``: sorted combined statistics T of the second half (conformal p-values)."""
+
+    points: Tensor
+    t: float
+    eps: float
+    alpha: float = 0.05
+    norm_unsupported: Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.float64))
+    norm_ambiguous: Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.float64))
+    combined: Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.float64))
+    regime_factor: float = 100.0
+
+
+class HJModel(nn.Module):
+    """An LSE network of kind ``lse``, ``memory`` or ``deep`` with every HJ diagnostic.
+
+    ``task`` is ``"classification"`` or ``"regression"``. ``meta`` carries class names, feature
+    names, provenance and metrics into the artifact."""
+
+    def __init__(self, kind: str, task: str, preprocess: Preprocess, body: list[LSEGroupLayer],
+                 head: GibbsHead, reference: OODReference, meta: dict | None = None):
+        super().__init__()
+        if kind not in ("lse", "memory", "deep"):
+            raise ValueError(f"unknown kind {kind!r}")
+        if task not in ("classification", "regression"):
+            raise ValueError(f"unknown task {task!r}")
+        self.kind, self.task = kind, task
+        self.preprocess, self.body, self.head = preprocess, nn.ModuleList(body), head
+        self.reference = reference
+        self.meta = dict(meta or {})
+        self.refresh()
+
+    # ---------------------------------------------------------------- constants
+    @property
+    def n_features(self) -> int:
+        return self.preprocess.mu.shape[0]
+
+    @property
+    def n_outputs(self) -> int:
+        return self.head.n_outputs
+
+    @property
+    def class_names(self) -> list[str]:
+        names = self.meta.get("class_names")
+        return list(names) if names else [str(k) for k in range(self.n_outputs)]
+
+    def features(self, x: Tensor) -> Tensor:
+        """Head features h(x): (n, d) -> (n, p)."""
+        h = self.preprocess(x)
+        for layer in self.body:
+            h = layer(h)
+        return h
+
+    def refresh(self) -> None:
+        """Recompute the weight-only constants of the certificates (call after changing weights)."""
+        with torch.no_grad():
+            head = self.head
+            W = head.W.detach().to(torch.float64)
+            A = self.preprocess.A
+            # rows in the input space of the first linear map, with the preprocessing folded in
+            W_head = W @ A if len(self.body) == 0 else W
+            lip, curv = 1.0, 0.0
+            for i, layer in enumerate(self.body):
+                Wl = layer.W.detach().to(torch.float64)
+                l_lip, l_curv = layer.bounds(Wl @ A if i == 0 else Wl)
+                lip, curv = l_lip * lip, l_curv * lip * lip + l_lip * curv
+            self._feature_lip, self._feature_curv = lip, curv
+            self._W_cert = W_head
+            K, N = head.n_outputs, W.shape[0]
+            if self.task == "classification":
+                if head.mode == "groups":
+                    pos = head.mask.unsqueeze(1).expand(K, K, N)
+                    neg = head.mask.unsqueeze(0).expand(K, K, N)
+                    shift = torch.zeros(K, K, N, dtype=torch.float64)
+                else:
+                    u = head.V.T.unsqueeze(1) - head.V.T.unsqueeze(0)          # (K, K, N)
+                    pos, neg, shift = F.sign_reduction_biases(torch.zeros(N, dtype=torch.float64), u, head.eps)
+                L, kappa = F.certificate_tables(W_head, pos, neg, head.eps)
+                self._pair = (pos.contiguous(), neg.contiguous(), shift.contiguous(), L, kappa)
+            else:
+                norms = torch.linalg.vector_norm(W_head, dim=-1)
+                if head.mode == "groups":
+                    R = torch.stack([norms[g].max() for g in head.mask])
+                    D = torch.stack([F.diameter(W_head[g]) for g in head.mask])
+                else:
+                    R = D = F.diameter(W_head).expand(K).clone()
+                self._scalar = (R, D)
+
+    # ---------------------------------------------------------------- evaluation
+    def predict(self, x: Tensor) -> Tensor:
+        """Class indices (n,) or values (n, K)."""
+        out = self.evaluate(x, outputs=("prediction",))
+        return out["prediction"]
+
+    @torch.no_grad()
+    def evaluate(self, x: Tensor, tau: float | Tensor = 0.1, top_k: int = TOP_K_MAX,
+                 outputs: tuple[str, ...] | None = None) -> dict[str, Tensor]:
+        """Every served output of DESIGN section 3, in float64, for raw inputs x: (n, d).
+
+        Names follow :mod:`hjmodel.serving`; certificates and saliency are in raw input space."""
+        x = torch.as_tensor(x).to(torch.float64)
+        tau_t = torch.as_tensor(tau, dtype=torch.float64).reshape(-1)[:1]
+        head, eps = self.head, self.head.eps
+        z = self.preprocess(x)
+        h, gibbs_body = z, []
+        for layer in self.body:
+            gibbs_body.append(layer.gibbs(h))
+            h = layer(h)
+        a = head.preactivations(h)                                   # (n, N)
+        N = a.shape[-1]
+        k = min(top_k, N)
+        res: dict[str, Tensor] = {}
+
+        # which Gibbs measure decides: the predicted class's group (lse) or all neurons (memory)
+        if head.mode == "groups":
+            s = F.group_lse(a, head.mask, eps)                       # (n, K)
+            if self.task == "classification":
+                probs = torch.softmax(s / eps, dim=-1)
+                c = s.argmax(-1)
+            else:
+                c = torch.zeros(x.shape[0], dtype=torch.long)
+            keep = head.mask[c]                                      # (n, N)
+            yhat = s
+        else:
+            pi_all = F.gibbs(a, eps)
+            yhat = pi_all @ head.V
+            if self.task == "classification":
+                probs = yhat
+                c = yhat.argmax(-1)
+            else:
+                c = torch.zeros(x.shape[0], dtype=torch.long)
+            keep = torch.ones_like(a, dtype=torch.bool)
+        _, pi = F.masked_lse_gibbs(a, keep, eps)                      # decisive Gibbs weights
+        a_keep = torch.where(keep, a, torch.full_like(a, -math.inf))
+        n_keep = keep.sum(-1)
+
+        if self.task == "classification":
+            res["prediction"] = c
+            res["probabilities"] = probs
+        else:
+            res["prediction"] = yhat
+
+        # ---- certificate (raw input space)
+        res["certified_radius"] = self._certified_radius(x, a, h, gibbs_body, c, yhat, tau_t)
+
+        # ---- attribution, entropy, energy gap, label sensitivity
+        # ties (zero weights outside the decisive group) are broken by index, deterministically
+        order = pi - 1e-300 * torch.arange(N, dtype=pi.dtype)
+        i_top = torch.topk(order, k, dim=-1).indices
+        w_top = pi.gather(1, i_top)
+        res["attribution_index"] = i_top
+        res["attribution_weight"] = w_top
+        res["attribution_entropy"] = F.attribution_entropy(pi)
+        delta, dominant = F.energy_gap(a_keep)
+        delta = torch.where(delta.abs() < math.inf, delta, torch.full_like(delta, 1e30))
+        res["energy_gap"] = delta / eps
+        res["label_sensitivity"] = self._label_sensitivity(pi, c, yhat).gather(1, i_top)
+
+        # ---- saliency: gradient of the decisive output in raw input space
+        grad_h = F.gradient(pi, head.W) if head.mode == "groups" else self._values_grad(pi, c)
+        res["saliency"] = self._pullback(grad_h, gibbs_body)
+
+        # ---- OOD and hallucination
+        log_probs = head.log_probabilities(a) if self.task == "classification" else None
+        score, comp_u, comp_a = self._ood_components(h, log_probs)
+        p_value, component = self._conformal(comp_u, comp_a)
+        flag = p_value <= self.reference.alpha
+        regime = res["energy_gap"] >= torch.log(self.reference.regime_factor * (n_keep - 1).clamp_min(1).to(a.dtype))
+        res["ood_score"] = score
+        res["ood_flag"] = flag
+        res["ood_p_value"] = p_value
+        res["ood_component"] = component
+        res["hallucination_flag"] = flag & (component == 0) & regime
+
+        # internal extras for diagnose()
+        res["_dominant"] = dominant
+        res["_pi"] = pi
+        res["_h"] = h
+        res["_a"] = a
+        res["_class"] = c
+        res["_n_keep"] = n_keep
+        res["_log_probs"] = log_probs if log_probs is not None else torch.zeros(0)
+        res["_ambiguity"] = comp_a if comp_a is not None else torch.zeros(0)
+        if outputs is not None:
+            res = {name: res[name] for name in outputs if name in res}
+        return res
+
+    # ---------------------------------------------------------------- pieces
+    def _pullback(self, v: Tensor, gibbs_body: list[Tensor]) -> Tensor:
+        """Vector-Jacobian product through the body and the preprocessing: (..., p) -> (..., d)."""
+        for layer, P in zip(reversed(self.body), reversed(gibbs_body)):
+            # v: (n, [K,] H); P: (n, H, M)
+            v = torch.einsum("n...h,nhm->n...m", v, P) @ layer.W.to(v.dtype)
+        return v @ self.preprocess.A
+
+    def _values_grad(self, pi: Tensor, c: Tensor) -> Tensor:
+        """grad_h of yhat_c = sum_j pi_j V_jc: Cov_pi(w, V_c)/eps.  -> (n, p)."""
+        head = self.head
+        v = head.V[:, c].T if head.V.shape[1] else torch.zeros_like(pi)   # (n, N)
+        vbar = (pi * v).sum(-1, keepdim=True)
+        return ((pi * (v - vbar)) @ head.W) / head.eps
+
+    def _label_sensitivity(self, pi: Tensor, c: Tensor, yhat: Tensor) -> Tensor:
+        """d prediction / d label_j for every neuron (Prop F.1).  -> (n, N)."""
+        head = self.head
+        if head.mode == "groups":
+            # lse kind: the neuron's initial value g_j = -b_j - t|w_j|^2 plays the label: df/dg_j = -pi_j
+            return -pi
+        if head.labels_in_exponent and self.task == "regression":
+            g = head.V[:, 0]
+            return F.label_sensitivity_exponent(pi, g, yhat[:, 0], head.eps)
+        return F.label_sensitivity_values(pi)
+
+    def _certified_radius(self, x, a, h, gibbs_body, c, yhat, tau) -> Tensor:
+        eps = self.head.eps
+        lip, curv = self._feature_lip, self._feature_curv
+        if self.task == "classification":
+            pos, neg, shift, L, kappa = self._pair
+            if len(self.body) == 0:
+                return F.gibbs_margin_radius(a, self._W_cert, eps, c, pos, neg, shift, L, kappa,
+                                             rounding=ROUNDING)[0]
+            # deep: exact G through the body; L and kappa composed (LSEGroupLayer.bounds)
+            return self._deep_margin_radius(a, gibbs_body, c, pos, neg, shift, L, kappa, lip, curv)
+        return self._regression_radius(a, gibbs_body, yhat, tau, lip, curv)
+
+    def _deep_margin_radius(self, a, gibbs_body, c, pos, neg, shift, L, kappa, lip, curv) -> Tensor:
+        """Margin certificate through a deep body.
+
+        Along a unit ray e, phi(s) = m(h(x + s e)); phi'' = (J e)' Hm (J e) + grad_h m . h''(e,e)
+        >= -kappa_ck Lip^2 - L_ck Curv, and |phi'| <= L_ck Lip, with Lip/Curv the composed body
+        bounds; G = |J^T grad_h m| is exact at x."""
+        head, eps = self.head, self.head.eps
+        K = pos.shape[0]
+        P, Q, S = pos[c], neg[c], shift[c]
+        ak = a.unsqueeze(1) + S
+        sp, pip = F.masked_lse_gibbs(ak, P, eps)
+        sq, piq = F.masked_lse_gibbs(ak, Q, eps)
+        grad_h = (pip - piq) @ head.W                                   # (n, K, p)
+        G = torch.linalg.vector_norm(self._pullback(grad_h, gibbs_body), dim=-1)
+        finite = (sp.abs() < math.inf) & (sq.abs() < math.inf)
+        zero = torch.zeros_like(sp)
+        sp0, sq0 = torch.where(finite, sp, zero), torch.where(finite, sq, zero)
+        m = sp0 - sq0 - ROUNDING * (sp0.abs() + sq0.abs())
+        Lc, kc = L[c], kappa[c]
+        r = F.hybrid_radius(m, G, Lc * lip, kc * lip * lip + Lc * curv)
+        inf = torch.full_like(r, math.inf)
+        r = torch.where(~Q.any(-1), inf, r)
+        r = torch.where(torch.nn.functional.one_hot(c, K).bool(), inf, r)
+        return r.min(-1).values
+
+    def _regression_radius(self, a, gibbs_body, yhat, tau, lip, curv) -> Tensor:
+        """Radius within which every output stays within tau (DESIGN section 3).
+
+        lse: scalar hybrid radius per output (G exact, L = R_k, kappa = D_k^2/(4 eps)).
+        memory: yhat_k <= y0 + tau  <=>  sum_j pi_j (v_jk - y0 - tau) <= 0, an exact sign reduction to
+        an LSE margin (and likewise for the lower side), with L <= D, kappa <= D^2/(4 eps)."""
+        head, eps = self.head, self.head.eps
+        R, D = self._scalar
+        if head.mode == "groups":
+            pi_g = F.group_gibbs(a, head.mask, eps)                     # (n, K, N)
+            G = torch.linalg.vector_norm(self._pullback(pi_g @ head.W, gibbs_body), dim=-1)
+            L = R * lip
+            kappa = D * D / (4 * eps) * lip * lip + R * curv
+            return F.hybrid_radius(tau.expand_as(G), G, L, kappa).min(-1).values
+        radii = []
+        for side in (1.0, -1.0):
+            u = side * (yhat.unsqueeze(-1) + side * tau - head.V.T.unsqueeze(0))  # (n, K, N), >0 means safe
+            # margin m = s_safe - s_unsafe > 0 at x
+            _, _, shifted = F.sign_reduction_biases(torch.zeros_like(u), u, eps)
+            ak = a.unsqueeze(1) + shifted
+            sp, pip = F.masked_lse_gibbs(ak, u > 0, eps)
+            sq, piq = F.masked_lse_gibbs(ak, u < 0, eps)
+            G = torch.linalg.vector_norm(self._pullback((pip - piq) @ head.W, gibbs_body), dim=-1)
+            finite = (sp.abs() < math.inf) & (sq.abs() < math.inf)
+            zero = torch.zeros_like(sp)
+            sp0, sq0 = torch.where(finite, sp, zero), torch.where(finite, sq, zero)
+            m = sp0 - sq0 - ROUNDING * (sp0.abs() + sq0.abs())
+            L = D * lip
+            kappa = D * D / (4 * eps) * lip * lip + D * curv
+            r = F.hybrid_radius(m, G, L, kappa)
+            r = torch.where(~(u < 0).any(-1), torch.full_like(r, math.inf), r)
+            radii.append(r.min(-1).values)
+        return torch.minimum(radii[0], radii[1])
+
+    def ood_unsupported(self, h: Tensor) -> Tensor:
+        """u/eps over the reference measure: -log mean_j exp(-|h - y_j|^2/(4 t eps)).  -> (n,)."""
+        ref = self.reference
+        pts = ref.points.to(h.dtype)
+        g = torch.full((pts.shape[0],), ref.eps * math.log(pts.shape[0]), dtype=h.dtype)
+        return F.hopf_cole_value(h, pts, g, ref.t, ref.eps) / ref.eps
+
+    def _ood_components(self, h: Tensor, log_probs: Tensor | None):
+        """(score, unsupported component, ambiguous component or None).
+
+        The ambiguous component is log(1 - max_k p_k), computed as the log-sum-exp of the other
+        classes' log-probabilities: a monotone map of 1 - max prob that does not saturate at 0."""
+        score = self.ood_unsupported(h)
+        if log_probs is None:
+            return score, score, None
+        top = log_probs.argmax(-1, keepdim=True)
+        others = log_probs.scatter(-1, top, -math.inf)
+        return score, score, torch.logsumexp(others, dim=-1)
+
+    def _conformal(self, comp_u: Tensor, comp_a: Tensor | None) -> tuple[Tensor, Tensor]:
+        """Split-conformal p-value of T = max of ECDF-normalised components; and which one fired."""
+        ref = self.reference
+        nu = _ecdf(ref.norm_unsupported.to(comp_u.dtype), comp_u)
+        if comp_a is not None and ref.norm_ambiguous.numel():
+            na = _ecdf(ref.norm_ambiguous.to(comp_u.dtype), comp_a)
+            T = torch.maximum(nu, na)
+            component = (na > nu).long()
+        else:
+            T, component = nu, torch.zeros_like(comp_u, dtype=torch.long)
+        cal = ref.combined.to(comp_u.dtype)
+        ge = (cal.unsqueeze(0) >= T.unsqueeze(-1)).sum(-1).to(comp_u.dtype)
+        p = (1.0 + ge) / (1.0 + cal.shape[0])
+        return p, component
+
+    def combined_statistic(self, h: Tensor, log_probs: Tensor | None) -> Tensor:
+        """T for calibration (uses only the ECDF normalisers)."""
+        ref = self.reference
+        _, comp_u, comp_a = self._ood_components(h, log_probs)
+        nu = _ecdf(ref.norm_unsupported.to(h.dtype), comp_u)
+        if comp_a is not None and ref.norm_ambiguous.numel():
+            return torch.maximum(nu, _ecdf(ref.norm_ambiguous.to(h.dtype), comp_a))
+        return nu
+
+
+def _ecdf(sorted_ref: Tensor, s: Tensor) -> Tensor:
+    """Fraction of reference scores <= s (an exportable ECDF).  (m,), (n,) -> (n,)."""
+    if sorted_ref.numel() == 0:
+        return torch.zeros_like(s)
+    return (sorted_ref.unsqueeze(0) <= s.unsqueeze(-1)).sum(-1).to(s.dtype) / sorted_ref.shape[0]
+
+
+def _diagnose(model: HJModel, x: Tensor, top_k: int = 5, tau: float = 0.1,
+              baseline: Tensor | None = None) -> list[dict]:
+    """Every diagnostic of DESIGN section 3 for each row of x, as JSON-ready dicts."""
+    x = torch.as_tensor(x, dtype=torch.float64)
+    if x.ndim == 1:
+        x = x.unsqueeze(0)
+    out = model.evaluate(x, tau=tau, top_k=top_k)
+    head, eps = model.head, model.head.eps
+    y, g = F.hj_reading(head.W.detach(), head.b.detach(), head.t)
+    h = out["_h"]
+    u = F.hopf_cole_value(h, y, g, head.t, eps)
+    hopf_lax = F.hopf_lax_value(h, y, g, head.t)
+    ig = model.integrated_gradients(x, baseline)
+    delta = out["energy_gap"] * eps
+    bound = F.energy_gap_bound(delta, eps, int(out["_n_keep"].max()))
+    flips = target = None
+    if model.task == "classification" and head.mode == "values" and bool((head.labels >= 0).all()):
+        flips, target = F.fewest_label_flips(out["_pi"], head.labels, out["_class"], model.n_outputs)
+    names = model.class_names
+    rows = []
+    for i in range(x.shape[0]):
+        dom = int(out["_dominant"][i])
+        idx = out["attribution_index"][i].tolist()
+        attribution = []
+        for j, w, ls in zip(idx, out["attribution_weight"][i].tolist(), out["label_sensitivity"][i].tolist()):
+            item = {"index": j, "weight": w, "label_sensitivity": ls}
+            if head.mode == "values":
+                item["example_id"] = int(head.example_ids[j])
+                if model.task == "classification":
+                    item["label"] = names[int(head.labels[j])]
+                else:
+                    item["value"] = head.V[j].tolist()
+            attribution.append(item)
+        row = {
+            "prediction": (names[int(out["prediction"][i])] if model.task == "classification"
+                           else out["prediction"][i].tolist()),
+            "certified_radius": float(out["certified_radius"][i]),
+            "attribution": attribution,
+            "attribution_entropy": float(out["attribution_entropy"][i]),
+            "energy_gap": {"delta_over_eps": float(out["energy_gap"][i]), "dominant_neuron": dom,
+                           "bound_f_minus_top": float(bound[i]),
+                           "extrapolation_regime": bool(out["energy_gap"][i] >= math.log(
+                               model.reference.regime_factor * max(int(out["_n_keep"][i]) - 1, 1)))},
+            "ood": {"score": float(out["ood_score"][i]), "p_value": float(out["ood_p_value"][i]),
+                    "alpha": model.reference.alpha,
+                    "component": "ambiguous" if int(out["ood_component"][i]) == 1 else "unsupported",
+                    "flagged": bool(out["ood_flag"][i])},
+            "hallucination": bool(out["hallucination_flag"][i]),
+            "feature_attribution": {"saliency": out["saliency"][i].tolist(),
+                                    "integrated_gradients": ig[i].tolist()},
+            "hj": {"t": head.t, "eps": eps, "support_point": y[dom].tolist(), "initial_value": float(g[dom]),
+                   "u": float(u[i]), "hopf_lax": float(hopf_lax[i])},
+        }
+        if model.task == "classification":
+            row["probabilities"] = dict(zip(names, out["probabilities"][i].tolist()))
+        if flips is not None:
+            n = int(flips[i])
+            row["label_flips"] = {"fewest_labels_to_flip": n if n <= head.W.shape[0] else None,
+                                  "towards": names[int(target[i])]}
+        rows.append(row)
+    return rows
+
+
+def _integrated_gradients(model: HJModel, x: Tensor, baseline: Tensor | None = None,
+                          panels: int = 32, order: int = 8) -> Tensor:
+    """Integrated gradients of the decisive output in raw input space, from ``baseline`` (default:
+    the preprocessing mean, i.e. z0 = 0). Exact closed form for kinds lse/memory-classification
+    via :func:`functional.integrated_gradients` (pre-activations are affine along the path);
+    for deep bodies and memory regression, Gauss-Legendre quadrature of the closed-form gradient."""
+    x = torch.as_tensor(x, dtype=torch.float64)
+    x0 = (model.preprocess.mu if baseline is None else torch.as_tensor(baseline, dtype=torch.float64)).expand_as(x)
+    head = model.head
+    c = model.evaluate(x, outputs=("_class",))["_class"]
+    if len(model.body) == 0 and head.mode == "groups":
+        W = head.W.detach() @ model.preprocess.A
+        b = head.b.detach() - W @ model.preprocess.mu
+        return F.integrated_gradients(x, x0, W, b, head.eps, mask=head.mask, output=c, panels=panels, order=order)
+    nodes, weights = F._gauss_legendre(panels, order, x.dtype, x.device)
+    total = torch.zeros_like(x)
+    for node, w in zip(nodes, weights):
+        point = x0 + node * (x - x0)
+        sal = model.evaluate(point, outputs=("saliency", "_class"))
+        if model.task == "classification" and head.mode == "groups":
+            # gradient of the output of the class decided at x, not at the path point
+            grad = _output_gradient(model, point, c)
+        elif model.task == "classification":
+            grad = _output_gradient(model, point, c)
+        else:
+            grad = sal["saliency"]
+        total += w * grad
+    return (x - x0) * total
+
+
+def _output_gradient(model: HJModel, x: Tensor, c: Tensor) -> Tensor:
+    """Closed-form gradient of output c (log-domain value for lse groups, yhat_c for memory)."""
+    head = model.head
+    h, gibbs_body = model.preprocess(x), []
+    for layer in model.body:
+        gibbs_body.append(layer.gibbs(h))
+        h = layer(h)
+    a = head.preactivations(h)
+    if head.mode == "groups":
+        pi = F.masked_lse_gibbs(a, head.mask[c], head.eps)[1]
+        grad_h = F.gradient(pi, head.W)
+    else:
+        grad_h = model._values_grad(F.gibbs(a, head.eps), c)
+    return model._pullback(grad_h, gibbs_body)
+
+
+HJModel.diagnose = _diagnose
+HJModel.integrated_gradients = torch.no_grad()(_integrated_gradients)

@@ -1,0 +1,294 @@
+"""Training of the three kinds, with the OOD reference measure and split-conformal calibration.
+
+``train(dataset, TrainConfig(kind=...))`` splits the data into train / calibration / test, fits the
+preprocessing, trains with Adam at eps = eps* (Thm 8.1) unless overridden (optionally annealing the
+temperature from ``anneal`` x eps down to eps), fits the reference measure and the conformal
+thresholds on the calibration split, and reports held-out metrics. Seeded and reproducible.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+
+from . import functional as F
+from .data import Dataset
+from .errors import DataError
+from .models import GibbsHead, HJModel, LSEGroupLayer, OODReference, Preprocess
+
+__all__ = ["TrainConfig", "TrainReport", "calibrate", "train"]
+
+
+@dataclass
+class TrainConfig:
+    """Settings of one training run (all recorded in the artifact's provenance)."""
+
+    kind: str = "lse"                    #: lse | memory | deep
+    eps: float | None = None             #: viscosity; default eps* (Thm 8.1)
+    t: float | None = None               #: gauge; memory default eps/10 (diffusion length sqrt(4 t eps) ~ 0.63 h), else 0.5
+    preprocess: str = "standardize"      #: standardize | pca | none
+    pca_components: int = 32
+    pieces: int = 8                      #: neurons per output group (lse head)
+    hidden: list[int] = field(default_factory=lambda: [64])  #: deep: units per body layer
+    hidden_pieces: int = 4               #: deep: pieces per unit
+    memory_size: int = 2000              #: memory: at most this many support points
+    epochs: int = 150
+    lr: float = 0.02
+    batch_size: int = 128
+    weight_decay: float = 0.0
+    anneal: float = 1.0                  #: start at anneal * eps and anneal to eps (1 = off)
+    seed: int = 0
+    test_fraction: float = 0.2
+    calibration_fraction: float = 0.2
+    alpha: float = 0.05                  #: target false-flag rate of the OOD gate
+    reference_size: int = 1000           #: OOD reference measure size
+    exclude_classes: list[int] = field(default_factory=list)  #: drop these classes (OOD studies)
+    progress: bool = True
+
+
+@dataclass
+class TrainReport:
+    """What ``train`` measured on the held-out splits."""
+
+    metrics: dict
+    seconds: float
+    splits: dict
+
+
+def _split(n: int, cfg: TrainConfig, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    idx = rng.permutation(n)
+    n_test = int(round(cfg.test_fraction * n))
+    n_cal = int(round(cfg.calibration_fraction * n))
+    if n - n_test - n_cal < 4 or n_cal < 4:
+        raise DataError(f"dataset of {n} rows is too small to split into train/calibration/test")
+    return idx[n_test + n_cal:], idx[n_test:n_test + n_cal], idx[:n_test]
+
+
+def _fit_preprocess(X: np.ndarray, cfg: TrainConfig) -> Preprocess:
+    mu = X.mean(0)
+    if cfg.preprocess == "none":
+        return Preprocess(torch.as_tensor(np.zeros_like(mu)), torch.eye(X.shape[1], dtype=torch.float64))
+    sd = X.std(0)
+    sd = np.where(sd > 1e-3 * max(sd.max(), 1e-12), sd, 1.0)  # constant pixels: leave unscaled
+    A = np.diag(1.0 / sd)
+    if cfg.preprocess == "pca":
+        Z = (X - mu) / sd
+        _, s, vt = np.linalg.svd(Z, full_matrices=False)
+        k = min(cfg.pca_components, vt.shape[0])
+        A = vt[:k] @ A
+    elif cfg.preprocess != "standardize":
+        raise ValueError(f"unknown preprocess {cfg.preprocess!r}")
+    return Preprocess(torch.as_tensor(mu), torch.as_tensor(A))
+
+
+def _progress(iterable, enabled: bool, desc: str):
+    if not enabled:
+        return iterable
+    from tqdm import tqdm
+
+    return tqdm(iterable, desc=desc, leave=False)
+
+
+def _fit(model: HJModel, X: torch.Tensor, y: torch.Tensor, cfg: TrainConfig, params: list,
+         loss_fn, gen: torch.Generator) -> None:
+    """Adam over mini-batches with optional temperature annealing (eps from anneal*eps down to eps)."""
+    opt = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    layers = [*model.body, model.head]
+    target_eps = [m.eps for m in layers]
+    n = X.shape[0]
+    for epoch in _progress(range(cfg.epochs), cfg.progress, f"train {model.kind}"):
+        frac = epoch / max(cfg.epochs - 1, 1)
+        scale = cfg.anneal ** (1.0 - frac)
+        for m, e in zip(layers, target_eps):
+            m.eps = e * scale
+        perm = torch.randperm(n, generator=gen)
+        for start in range(0, n, cfg.batch_size):
+            sel = perm[start:start + cfg.batch_size]
+            opt.zero_grad()
+            loss = loss_fn(X[sel], y[sel], sel)
+            loss.backward()
+            opt.step()
+    for m, e in zip(layers, target_eps):
+        m.eps = e
+
+
+def _forward_a(model: HJModel, X: torch.Tensor) -> torch.Tensor:
+    return model.head.preactivations(model.features(X))
+
+
+def train(data: Dataset, cfg: TrainConfig | None = None) -> tuple[HJModel, TrainReport]:
+    """Train a model of ``cfg.kind`` on ``data`` and calibrate it; returns (model, report)."""
+    cfg = cfg or TrainConfig()
+    if cfg.kind not in ("lse", "memory", "deep"):
+        raise ValueError(f"unknown kind {cfg.kind!r}")
+    t0 = time.time()
+    torch.manual_seed(cfg.seed)
+    rng = np.random.default_rng(cfg.seed)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    X_all, y_all = data.X, data.y
+    class_names = list(data.class_names)
+    if cfg.exclude_classes:
+        if data.task != "classification":
+            raise ValueError("exclude_classes needs a classification dataset")
+        keep = ~np.isin(y_all, cfg.exclude_classes)
+        kept = [k for k in range(len(class_names)) if k not in cfg.exclude_classes]
+        remap = {old: new for new, old in enumerate(kept)}
+        X_all = X_all[keep]
+        y_all = np.array([remap[v] for v in y_all[keep]], dtype=np.int64)
+        class_names = [class_names[k] for k in kept]
+    tr, ca, te = _split(len(X_all), cfg, rng)
+    pre = _fit_preprocess(X_all[tr], cfg)
+    X = torch.as_tensor(X_all, dtype=torch.float64)
+    Z = pre(X)
+    task = data.task
+    if task == "classification":
+        K = len(class_names)
+        y = torch.as_tensor(y_all, dtype=torch.long)
+    else:
+        Y = np.asarray(y_all, dtype=np.float64).reshape(len(y_all), -1)
+        K = Y.shape[1]
+        y_mean, y_std = Y[tr].mean(0), Y[tr].std(0) + 1e-12
+        y = torch.as_tensor((Y - y_mean) / y_std)
+    eps = cfg.eps if cfg.eps is not None else F.eps_star(Z[tr])
+    body: list[LSEGroupLayer] = []
+    d_in = Z.shape[1]
+    for units in (cfg.hidden if cfg.kind == "deep" else []):
+        M = units * cfg.hidden_pieces
+        W = torch.randn(M, d_in, generator=gen, dtype=torch.float64) / math.sqrt(d_in)
+        mask = torch.zeros(units, M, dtype=torch.bool)
+        for u in range(units):
+            mask[u, u * cfg.hidden_pieces:(u + 1) * cfg.hidden_pieces] = True
+        body.append(LSEGroupLayer(W, torch.zeros(M, dtype=torch.float64), mask, eps if not body else 1.0))
+        d_in = units
+    tr_t = torch.as_tensor(tr)
+
+    if cfg.kind == "memory":
+        supp = tr_t[torch.randperm(len(tr_t), generator=gen)[:cfg.memory_size]]
+        Ys = Z[supp]
+        t = cfg.t if cfg.t is not None else eps / 10.0
+        if task == "classification":
+            V = torch.nn.functional.one_hot(y[supp], K).to(torch.float64)
+            labels = y[supp]
+            g0 = torch.zeros(len(supp), dtype=torch.float64)
+        else:
+            V = y[supp].clone()
+            labels = None
+            g0 = torch.zeros(len(supp), dtype=torch.float64)
+        Wm, bm = Ys / (2 * t), -(Ys * Ys).sum(-1) / (4 * t) - g0
+        head = GibbsHead(Wm, bm, eps, t, "values", V=V, labels=labels, example_ids=supp)
+        head.W.requires_grad_(False)
+        params = [head.b]
+        # leave-one-out objective: a support point may not explain itself
+        pos_of = torch.full((len(X_all),), -1, dtype=torch.long)
+        pos_of[supp] = torch.arange(len(supp))
+    else:
+        t = cfg.t if cfg.t is not None else 0.5
+        N = K * cfg.pieces
+        Wh = torch.randn(N, d_in, generator=gen, dtype=torch.float64) * (0.1 / math.sqrt(d_in))
+        mask = torch.zeros(K, N, dtype=torch.bool)
+        for k in range(K):
+            mask[k, k * cfg.pieces:(k + 1) * cfg.pieces] = True
+        head = GibbsHead(Wh, torch.zeros(N, dtype=torch.float64), eps, t, "groups", mask=mask)
+        params = [head.W, head.b] + [p for layer in body for p in (layer.W, layer.b)]
+        pos_of = None
+
+    ref = OODReference(points=torch.zeros(1, d_in, dtype=torch.float64), t=1.0, eps=1.0, alpha=cfg.alpha)
+    meta = {"class_names": class_names, "feature_names": data.feature_names}
+    model = HJModel(cfg.kind, task, pre, body, head, ref, meta)
+
+    def loss_fn(xb, yb, sel):
+        a = _forward_a(model, xb)
+        if pos_of is not None:
+            own = pos_of[tr_t[sel]]
+            hit = own >= 0
+            a = a.clone()
+            a[hit.nonzero().squeeze(-1), own[hit]] = -math.inf
+        if task == "classification":
+            return torch.nn.functional.nll_loss(model.head.log_probabilities(a), yb)
+        return torch.nn.functional.mse_loss(model.head.outputs(a), yb)
+
+    if cfg.kind != "memory" or cfg.epochs > 0:
+        _fit(model, X[tr], y[tr], cfg if cfg.kind != "memory" else _memory_cfg(cfg), params, loss_fn, gen)
+    with torch.no_grad():
+        if task == "regression":
+            _fold_target_scale(model, y_mean, y_std)
+    model.refresh()
+    calibrate(model, X[tr], X[ca], y_all[ca] if task == "classification" else None, cfg)
+    metrics = evaluate_metrics(model, X[te], y_all[te], task)
+    metrics["ood_false_flag_rate_test"] = float(model.evaluate(X[te], outputs=("ood_flag",))["ood_flag"]
+                                                .double().mean())
+    metrics["alpha"] = cfg.alpha
+    model.meta["provenance"] = {
+        "dataset": data.name, "data_sha256": data.sha256, "train_config": asdict(cfg),
+        "n_train": int(len(tr)), "n_calibration": int(len(ca)), "n_test": int(len(te)),
+        "torch": torch.__version__,
+    }
+    model.meta["metrics"] = metrics
+    report = TrainReport(metrics=metrics, seconds=time.time() - t0,
+                         splits={"train": tr.tolist(), "calibration": ca.tolist(), "test": te.tolist()})
+    return model, report
+
+
+def _memory_cfg(cfg: TrainConfig) -> TrainConfig:
+    """Memory models only learn their initial data g_j: fewer epochs suffice."""
+    from dataclasses import replace
+
+    return replace(cfg, epochs=min(cfg.epochs, 30), lr=min(cfg.lr, 0.05), anneal=1.0)
+
+
+def _fold_target_scale(model: HJModel, mean: np.ndarray, std: np.ndarray) -> None:
+    """Fold the regression target scaling y = std * f + mean into the head, exactly.
+
+    lse: std * eps LSE(a/eps) + mean = eps' LSE(a'/eps') with eps' = std eps, a' = std a + mean
+    (one output, K = 1; K > 1 needs per-output eps, so only K = 1 is supported). memory: V' = std V + mean."""
+    head = model.head
+    if head.mode == "values":
+        head.V.mul_(torch.as_tensor(std)).add_(torch.as_tensor(mean))
+        return
+    if len(std) != 1:
+        raise ValueError("lse regression supports one target (K = 1)")
+    s, m = float(std[0]), float(mean[0])
+    head.W.mul_(s)
+    head.b.mul_(s).add_(m)
+    head.eps *= s
+
+
+def calibrate(model: HJModel, X_train: torch.Tensor, X_cal: torch.Tensor, y_cal: np.ndarray | None,
+              cfg: TrainConfig) -> None:
+    """Fit the OOD reference measure on training features and the split-conformal normalisers and
+    thresholds on the calibration split (half for the ECDF normalisers, half for the p-values)."""
+    gen = torch.Generator().manual_seed(cfg.seed + 1)
+    with torch.no_grad():
+        H_tr = model.features(X_train.to(torch.float64))
+        pts = H_tr[torch.randperm(H_tr.shape[0], generator=gen)[:cfg.reference_size]]
+        h = F.eps_star(pts)
+        model.reference = OODReference(points=pts.clone(), t=h / 4.0, eps=h, alpha=cfg.alpha)
+        ref = model.reference
+        perm = torch.randperm(X_cal.shape[0], generator=gen)
+        half = X_cal.shape[0] // 2
+        A_idx, B_idx = perm[:half], perm[half:]
+        out = model.evaluate(X_cal, outputs=("_h", "_log_probs", "_ambiguity"))
+        Hc = out["_h"]
+        u = model.ood_unsupported(Hc)
+        ref.norm_unsupported = torch.sort(u[A_idx]).values
+        log_probs = out["_log_probs"] if out["_log_probs"].numel() else None
+        if log_probs is not None:
+            ref.norm_ambiguous = torch.sort(out["_ambiguity"][A_idx]).values
+        T = model.combined_statistic(Hc[B_idx], log_probs[B_idx] if log_probs is not None else None)
+        ref.combined = torch.sort(T).values
+
+
+def evaluate_metrics(model: HJModel, X: torch.Tensor, y: np.ndarray, task: str) -> dict:
+    """Held-out accuracy (classification) or RMSE and R^2 (regression)."""
+    with torch.no_grad():
+        pred = model.predict(X).numpy()
+    if task == "classification":
+        return {"accuracy": float((pred == y).mean()), "n": int(len(y))}
+    Y = np.asarray(y, dtype=np.float64).reshape(len(y), -1)
+    rmse = float(np.sqrt(((pred - Y) ** 2).mean()))
+    r2 = float(1.0 - ((pred - Y) ** 2).sum() / ((Y - Y.mean(0)) ** 2).sum())
+    return {"rmse": rmse, "r2": r2, "n": int(len(y))}
