@@ -1,0 +1,166 @@
+"""Kubernetes and KServe manifests: kustomize builds, schema validation offline, and wiring."""
+
+from __future__ import annotations
+
+import copy
+from functools import cache
+from typing import Any
+
+import jsonschema
+import kubernetes_validate
+import pytest
+from crd_schemas import SCHEMAS, validate_custom_resource
+from deploy_helpers import K8S_DIR, KSERVE_DIR, load_yaml_all, require_tool, run
+
+#: Kubernetes versions validated against (oldest still common, newest shipped by kubernetes-validate).
+K8S_VERSIONS = ("1.29.0", kubernetes_validate.utils.latest_version())
+BUILDS = {"cpu": K8S_DIR, "gpu": K8S_DIR / "overlays" / "gpu", "kserve": KSERVE_DIR}
+
+
+@cache
+def build(name: str) -> tuple[dict[str, Any], ...]:
+    kubectl = require_tool("kubectl")
+    out = run([kubectl, "kustomize", str(BUILDS[name])], timeout=60)
+    return tuple(load_yaml_all(out.stdout))
+
+
+def by_kind(name: str) -> dict[str, dict[str, Any]]:
+    docs = build(name)
+    kinds = [d["kind"] for d in docs]
+    assert len(kinds) == len(set(kinds)), kinds
+    return {d["kind"]: d for d in docs}
+
+
+def _validate(doc: dict[str, Any], version: str) -> None:
+    if (doc["apiVersion"], doc["kind"]) in SCHEMAS:
+        validate_custom_resource(doc, version)
+    else:
+        kubernetes_validate.validate(doc, version, strict=True)
+
+
+@pytest.mark.parametrize("name", sorted(BUILDS))
+def test_kustomize_builds(name: str) -> None:
+    assert build(name)
+
+
+@pytest.mark.parametrize("version", K8S_VERSIONS)
+@pytest.mark.parametrize("name", sorted(BUILDS))
+def test_manifests_validate_against_schemas(name: str, version: str) -> None:
+    for doc in build(name):
+        try:
+            _validate(doc, version)
+        except (kubernetes_validate.ValidationError, jsonschema.ValidationError) as e:
+            pytest.fail(f"{name}: {doc['kind']}/{doc['metadata']['name']} invalid for Kubernetes {version}: {e.message} "
+                        f"at {'/'.join(map(str, e.absolute_path))}", pytrace=False)
+
+
+def test_validation_is_strict() -> None:
+    """A misspelled field is rejected, for built-in and custom resources alike."""
+    docs = by_kind("cpu")
+    bad = copy.deepcopy(docs["Deployment"])
+    bad["spec"]["template"]["spec"]["containers"][0]["readinesProbe"] = {}
+    with pytest.raises(kubernetes_validate.ValidationError):
+        _validate(bad, K8S_VERSIONS[-1])
+    bad = copy.deepcopy(docs["ServiceMonitor"])
+    bad["spec"]["endpoints"][0]["intervall"] = "15s"
+    with pytest.raises(jsonschema.ValidationError):
+        _validate(bad, K8S_VERSIONS[-1])
+    bad = copy.deepcopy(by_kind("kserve")["InferenceService"])
+    bad["spec"]["predictor"]["model"]["protocolVersion"] = "v3"
+    with pytest.raises(jsonschema.ValidationError):
+        _validate(bad, K8S_VERSIONS[-1])
+
+
+def test_base_has_every_resource() -> None:
+    assert set(by_kind("cpu")) == {"ConfigMap", "Deployment", "Service", "HorizontalPodAutoscaler",
+                                   "PodDisruptionBudget", "ServiceMonitor", "PrometheusRule"}
+    assert by_kind("cpu")["HorizontalPodAutoscaler"]["apiVersion"] == "autoscaling/v2"
+
+
+def _container(deployment: dict[str, Any]) -> dict[str, Any]:
+    (c,) = deployment["spec"]["template"]["spec"]["containers"]
+    return c
+
+
+@pytest.mark.parametrize("name", ["cpu", "gpu"])
+def test_deployment_probes_resources_and_config(name: str) -> None:
+    docs = by_kind(name)
+    dep = docs["Deployment"]
+    c = _container(dep)
+    assert c["livenessProbe"]["httpGet"]["path"] == "/v2/health/live"
+    assert c["readinessProbe"]["httpGet"]["path"] == "/v2/health/ready"
+    ports = {p["name"]: p["containerPort"] for p in c["ports"]}
+    for probe in ("livenessProbe", "readinessProbe", "startupProbe"):
+        assert c[probe]["httpGet"]["port"] in ports
+    res = c["resources"]
+    assert {"cpu", "memory"} <= set(res["requests"]) and {"cpu", "memory"} <= set(res["limits"])
+    (env_from,) = c["envFrom"]
+    assert env_from["configMapRef"]["name"] == docs["ConfigMap"]["metadata"]["name"]
+    cm = docs["ConfigMap"]["data"]
+    assert int(cm["HJSERVE_PORT"]) == ports["http"]
+    assert all(k.startswith("HJSERVE_") for k in cm)
+    pod = dep["spec"]["template"]["spec"]
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert c["securityContext"]["allowPrivilegeEscalation"] is False
+
+
+def test_gpu_overlay() -> None:
+    docs = by_kind("gpu")
+    c = _container(docs["Deployment"])
+    assert c["resources"]["limits"]["nvidia.com/gpu"] == 1
+    assert c["image"].endswith(":cuda")
+    assert docs["ConfigMap"]["data"]["HJSERVE_DEVICE"] == "cuda"
+    cpu = by_kind("cpu")
+    assert _container(cpu["Deployment"])["image"].endswith(":cpu")
+    assert cpu["ConfigMap"]["data"]["HJSERVE_DEVICE"] == "cpu"
+    assert "nvidia.com/gpu" not in _container(cpu["Deployment"])["resources"]["limits"]
+
+
+@pytest.mark.parametrize("name", ["cpu", "gpu"])
+def test_selectors_and_ports_line_up(name: str) -> None:
+    docs = by_kind(name)
+    pod_labels = docs["Deployment"]["spec"]["template"]["metadata"]["labels"]
+
+    def selects(selector: dict[str, str], labels: dict[str, str]) -> bool:
+        return bool(selector) and all(labels.get(k) == v for k, v in selector.items())
+
+    assert selects(docs["Deployment"]["spec"]["selector"]["matchLabels"], pod_labels)
+    svc = docs["Service"]
+    assert selects(svc["spec"]["selector"], pod_labels)
+    assert selects(docs["PodDisruptionBudget"]["spec"]["selector"]["matchLabels"], pod_labels)
+    hpa = docs["HorizontalPodAutoscaler"]["spec"]
+    assert hpa["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment",
+                                     "name": docs["Deployment"]["metadata"]["name"]}
+    assert 1 <= hpa["minReplicas"] <= hpa["maxReplicas"]
+    # PDB minAvailable below the HPA minimum would block every drain when scaled in; keep it below.
+    assert docs["PodDisruptionBudget"]["spec"]["minAvailable"] <= max(1, hpa["minReplicas"] - 1) or hpa["minReplicas"] == 1
+    container_ports = {p["name"] for p in _container(docs["Deployment"])["ports"]}
+    (svc_port,) = svc["spec"]["ports"]
+    assert svc_port["targetPort"] in container_ports
+    sm = docs["ServiceMonitor"]["spec"]
+    assert selects(sm["selector"]["matchLabels"], svc["metadata"]["labels"])
+    assert [e["port"] for e in sm["endpoints"]] == [svc_port["name"]]
+    assert sm["endpoints"][0]["path"] == "/metrics"
+    # The alert rules select job="hjserve": the ServiceMonitor's default job label is the Service name.
+    assert svc["metadata"]["name"] == "hjserve" and "jobLabel" not in sm
+
+
+def test_kserve_inference_service_uses_the_runtime_with_v2() -> None:
+    docs = by_kind("kserve")
+    isvc, runtime = docs["InferenceService"], docs["ServingRuntime"]
+    assert isvc["apiVersion"] == "serving.kserve.io/v1beta1"
+    model = isvc["spec"]["predictor"]["model"]
+    assert model["protocolVersion"] == "v2"
+    assert model["runtime"] == runtime["metadata"]["name"]
+    assert model["modelFormat"]["name"] in {f["name"] for f in runtime["spec"]["supportedModelFormats"]}
+    assert "v2" in runtime["spec"]["protocolVersions"]
+    (c,) = runtime["spec"]["containers"]
+    assert c["name"] == "kserve-container"
+    assert c["image"].startswith("hjserve:")
+    args = c["command"] + c["args"]
+    assert args[:3] == ["python", "-m", "service"]
+    port = int(args[args.index("--port") + 1])
+    assert [p["containerPort"] for p in c["ports"]] == [port]
+    assert args[args.index("--model-repository") + 1] == "/mnt/models"
+    assert c["readinessProbe"]["httpGet"] == {"path": "/v2/health/ready", "port": port}
+    assert c["livenessProbe"]["httpGet"] == {"path": "/v2/health/live", "port": port}
