@@ -45,7 +45,16 @@ def model_spec(model: HJModel) -> dict:
         "reference_eps": ref.eps, "regime_factor": ref.regime_factor,
         "n_normaliser": int(ref.norm_unsupported.numel()), "n_conformal": int(ref.combined.numel()),
     }
+    support = {}
+    if head.mode == "values":
+        # memory kind: attributions point at training examples (ids into the training dataset)
+        support["support_ids"] = head.example_ids.tolist()
+        if model.task == "classification":
+            support["support_labels"] = [model.class_names[int(k)] for k in head.labels]
+        else:
+            support["support_labels"] = head.V[:, 0].tolist() if head.V.shape[1] == 1 else head.V.tolist()
     return {
+        **support,
         "format": SPEC_FORMAT,
         "kind": model.kind,
         "task": model.task,

@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 
 __all__ = [
+    "attribution_entropy",
     "certificate_tables",
     "diameter",
     "energy_gap",
@@ -48,12 +49,12 @@ __all__ = [
     "pairwise_distances",
     "preactivations",
     "scalar_radius",
-    "attribution_entropy",
     "sign_reduction_biases",
     "squared_distances",
 ]
 
 _NEG_INF = -math.inf
+_EXACT_LIMIT = 1 << 22  # elements of an exact (n, m, d) difference tensor
 
 
 # --------------------------------------------------------------------------------------------
@@ -162,25 +163,62 @@ def _gauss_legendre(panels: int, order: int, dtype, device) -> tuple[Tensor, Ten
 
 def integrated_gradients(z: Tensor, z0: Tensor, W: Tensor, b: Tensor, eps: float,
                          mask: Tensor | None = None, output: Tensor | None = None,
-                         panels: int = 64, order: int = 8) -> Tensor:
+                         panels: int = 32, order: int = 8) -> Tensor:
     """Exact integrated gradients of an LSE layer along z0 -> z.
 
     Every a_j is affine in alpha along the path, so IG_i = (z - z0)_i * sum_j w_ji int_0^1 pi_j
-    d alpha, a 1-D integral of smooth Gibbs weights done by composite Gauss-Legendre quadrature
-    (``panels * order`` nodes). Completeness: sum_i IG_i = f(z) - f(z0).
+    d alpha: a 1-D integral of Gibbs weights. It is done by composite Gauss-Legendre quadrature
+    whose panels are graded geometrically (ratio 2) around every breakpoint of the upper envelope
+    max_j a_j(alpha) (where the dominant neuron changes), starting at the transition width
+    eps / |slope_j - slope_k|; the integrand is analytic on each panel, so the quadrature converges
+    to rounding at any eps. Completeness: sum_i IG_i = f(z) - f(z0).
 
     z, z0: (n, d) (z0 may be (d,)). With ``mask: (K, N)`` the attribution is for output
     ``output: (n,)`` (long) of a grouped layer. Returns (n, d).
     """
     z0 = z0.expand_as(z)
     a0 = preactivations(z0, W, b)                       # (n, N)
-    da = preactivations(z, W, torch.zeros_like(b)) - preactivations(z0, W, torch.zeros_like(b))
+    da = (z - z0) @ W.transpose(-1, -2)
     keep = torch.ones_like(a0, dtype=torch.bool) if mask is None else mask[output]  # (n, N)
-    nodes, weights = _gauss_legendre(panels, order, z.dtype, z.device)
-    path = a0.unsqueeze(1) + nodes[None, :, None] * da.unsqueeze(1)  # (n, q, N)
-    pi = masked_lse_gibbs(path, keep.unsqueeze(1), eps)[1]
-    avg_pi = torch.einsum("q,nqj->nj", weights, pi)
+    avg_pi = torch.empty_like(a0)
+    for i in range(z.shape[0]):
+        nodes, weights = _ig_nodes(a0[i], da[i], keep[i], eps, panels, order)
+        path = a0[i] + nodes.unsqueeze(-1) * da[i]      # (q, N)
+        avg_pi[i] = weights @ masked_lse_gibbs(path, keep[i], eps)[1]
     return (z - z0) * (avg_pi @ W)
+
+
+def _ig_nodes(a0: Tensor, da: Tensor, keep: Tensor, eps: float, panels: int, order: int,
+              grid: int = 2048) -> tuple[Tensor, Tensor]:
+    """Quadrature nodes/weights on [0, 1] for int pi(a0 + alpha da) d alpha (one row)."""
+    import numpy as np
+
+    edges = set(np.linspace(0.0, 1.0, panels + 1).tolist())
+    a0n, dan = a0.detach().cpu().numpy(), da.detach().cpu().numpy()
+    live = keep.cpu().numpy()
+    a0n, dan = a0n[live], dan[live]
+    if len(a0n) > 1:
+        alphas = np.linspace(0.0, 1.0, grid + 1)
+        top = np.argmax(a0n[None, :] + alphas[:, None] * dan[None, :], axis=1)
+        for c in np.nonzero(top[1:] != top[:-1])[0]:
+            j, k = top[c], top[c + 1]
+            slope = abs(dan[j] - dan[k])
+            if slope == 0:
+                continue
+            cross = float(np.clip((a0n[k] - a0n[j]) / (dan[j] - dan[k]), alphas[c], alphas[c + 1]))
+            edges.add(cross)
+            step = eps / slope
+            while step < 1.0:
+                edges.update(e for e in (cross - step, cross + step) if 0.0 < e < 1.0)
+                step *= 2.0
+    e = np.array(sorted(edges))
+    e = e[np.concatenate([[True], np.diff(e) > 1e-15])]
+    x, w = np.polynomial.legendre.leggauss(order)
+    half, mid = 0.5 * np.diff(e), 0.5 * (e[1:] + e[:-1])
+    nodes = (mid[:, None] + half[:, None] * x[None, :]).reshape(-1)
+    weights = (half[:, None] * w[None, :]).reshape(-1)
+    return (torch.as_tensor(nodes, dtype=a0.dtype, device=a0.device),
+            torch.as_tensor(weights, dtype=a0.dtype, device=a0.device))
 
 
 # --------------------------------------------------------------------------------------------
@@ -203,7 +241,9 @@ def _hj_exponent(z: Tensor, y: Tensor, g: Tensor, t: float) -> Tensor:
 def hopf_cole_value(z: Tensor, y: Tensor, g: Tensor, t: float, eps: float) -> Tensor:
     """u(z, t) = -eps log sum_j exp(-(g_j + |z - y_j|^2/(4t))/eps) (Hopf-Cole, Thm 4.1).  -> (n,).
 
-    Equals |z|^2/(4t) - f(z) for the layer with y = 2tW, g = -b - t|W|^2."""
+    Equals |z|^2/(4t) - f(z) for the layer with y = 2tW, g = -b - t|W|^2. Without the heat-kernel
+    prefactor it solves u_t + |grad u|^2 - eps Lap u = -eps d/(2t); u + (eps d/2) log(4 pi eps t)
+    solves the viscous HJ equation exactly."""
     return -lse(-_hj_exponent(z, y, g, t), eps)
 
 
@@ -213,11 +253,26 @@ def hopf_lax_value(z: Tensor, y: Tensor, g: Tensor, t: float) -> Tensor:
 
 
 def squared_distances(x: Tensor, y: Tensor) -> Tensor:
-    """|x_i - y_j|^2 = |x_i|^2 - 2 x_i . y_j + |y_j|^2 (clamped at 0; O(n m) memory, exportable).
+    """|x_i - y_j|^2.  (n, d), (m, d) -> (n, m).
 
-    (n, d), (m, d) -> (n, m)."""
+    Small problems use exact differences (no cancellation). Large ones, and every ONNX export (whose
+    batch is dynamic), expand |x|^2 - 2 x.y + |y|^2 about the centre of y (O(n m) memory; relative
+    accuracy ~1e-16 |x - c|^2) and clamp at 0."""
+    n, m, d = x.shape[-2], y.shape[-2], x.shape[-1]
+    if not torch.onnx.is_in_onnx_export() and n * m * d <= _EXACT_LIMIT:
+        diff = x.unsqueeze(-2) - y.unsqueeze(-3)
+        return (diff * diff).sum(-1)
+    c = y.mean(-2, keepdim=True)
+    x, y = x - c, y - c
     sq = (x * x).sum(-1).unsqueeze(-1) - 2.0 * (x @ y.transpose(-1, -2)) + (y * y).sum(-1)
     return sq.clamp_min(0.0)
+
+
+def _exact_pairwise(W: Tensor, chunk: int = 256) -> Tensor:
+    """Exact |w_i - w_j| for weight-only constants (upper bounds must not lose to cancellation)."""
+    rows = [torch.linalg.vector_norm(W[i:i + chunk].unsqueeze(1) - W.unsqueeze(0), dim=-1)
+            for i in range(0, W.shape[0], chunk)]
+    return torch.cat(rows) if rows else W.new_zeros(0, 0)
 
 
 def pairwise_distances(x: Tensor, y: Tensor) -> Tensor:
@@ -234,7 +289,7 @@ def diameter(W: Tensor) -> Tensor:
     """D = max_{i,j} |w_i - w_j| (0 for fewer than two rows).  (N, d) -> scalar."""
     if W.shape[0] < 2:
         return W.new_zeros(())
-    return pairwise_distances(W, W).max()
+    return _exact_pairwise(W).max()
 
 
 def hybrid_radius(m: Tensor, G: Tensor, L: Tensor, kappa: Tensor) -> Tensor:
@@ -274,7 +329,9 @@ def sign_reduction_biases(b: Tensor, u: Tensor, eps: float) -> tuple[Tensor, Ten
     """Exact reduction of sign(sum_j pi_j u_j) to an LSE margin (DESIGN section 3).
 
     sign(sum_j pi_j u_j) = sign(s+ - s-), s+/- the LSE layers over {u_j > 0} / {u_j < 0} with biases
-    b_j + eps log|u_j|. Returns (pos mask, neg mask, shifted biases) with the shape of ``u``."""
+    b_j + eps log|u_j|. Returns (pos mask, neg mask, shifted biases) with the shape of ``u``.
+    :func:`gibbs_margin_radius` adds the result to pre-activations that already contain b, so call
+    it with ``b = 0`` there."""
     pos, neg = u > 0, u < 0
     shifted = b + eps * torch.log(u.abs().clamp_min(torch.finfo(u.dtype).tiny))
     return pos, neg, shifted
@@ -287,7 +344,7 @@ def certificate_tables(W: Tensor, pos: Tensor, neg: Tensor, eps: float) -> tuple
     L: (K, K) = max_{i in pos, j in neg} |w_i - w_j| (sharp Lipschitz constant of the margin) and
     kappa: (K, K) = D(neg)^2 / (4 eps) (the margin bends down only through the negative group).
     Entries with an empty side are 0."""
-    dist = pairwise_distances(W, W)                     # (N, N)
+    dist = _exact_pairwise(W)                           # (N, N)
     K = pos.shape[0]
     L = W.new_zeros(K, K)
     kappa = W.new_zeros(K, K)
@@ -309,8 +366,9 @@ def gibbs_margin_radius(a: Tensor, W: Tensor, eps: float, c: Tensor, pos: Tensor
     For each pair (c, k) the decision margin is m_k = s+ - s- with s+/- the LSE over ``pos[c, k]`` /
     ``neg[c, k]`` with pre-activations ``a + shift[c, k]``; G_k = |grad m_k(z)| is exact,
     L = L[c, k], kappa = kappa[c, k], and r_k = :func:`hybrid_radius`. The certificate is min_k r_k;
-    a tie (m_k <= 0) gives 0. ``rounding`` (relative) is subtracted from each margin first, scaled
-    by |s+| + |s-| (float rounding of the served prediction).
+    a tie (m_k <= 0) gives 0. ``rounding`` (relative; default 64 ulp of the dtype) is subtracted
+    from each margin first, scaled by |s+| + |s-|, so a margin that is 0 in exact arithmetic but
+    rounds to a few ulp still gives radius 0.
 
     a: (n, N) pre-activations, W: (N, d), c: (n,) long, pos/neg: (K, K, N) bool, shift: (K, K, N),
     L/kappa: (K, K). Returns (radius (n,), per-class radius (n, K) with +inf at k = c).
@@ -326,8 +384,9 @@ def gibbs_margin_radius(a: Tensor, W: Tensor, eps: float, c: Tensor, pos: Tensor
     zero = torch.zeros_like(sp)
     sp0, sq0 = torch.where(finite, sp, zero), torch.where(finite, sq, zero)
     m = sp0 - sq0
-    if rounding is not None:
-        m = m - rounding * (sp0.abs() + sq0.abs())
+    if rounding is None:
+        rounding = 64 * torch.finfo(a.dtype).eps
+    m = m - rounding * (sp0.abs() + sq0.abs())
     r = hybrid_radius(m, G, L[c], kappa[c])
     inf = torch.full_like(r, math.inf)
     r = torch.where(never, inf, r)

@@ -1,0 +1,578 @@
+"""Verification of every closed form in ``hjmodel.functional`` (DESIGN.md sections 1 and 3), float64.
+
+Each identity is checked against an independent computation: torch.autograd / torch.func for
+derivatives, direct per-group or per-neuron recomputation, brute force for combinatorics, numeric
+quadrature for integrals. Numerical tests are parametrized over seeds (any seed 0..99 must pass);
+each seed draws its own N, d, eps and points."""
+
+from __future__ import annotations
+
+import itertools
+import math
+import os
+
+import pytest
+import torch
+from torch.func import grad, hessian, jacrev, vmap
+
+from hjmodel import functional as F
+
+DT = torch.float64
+
+
+# The seed contract: every seed 0..99 must pass. Expensive tests run a strided subset by default;
+# HJMODEL_ALL_SEEDS=1 runs all 100 seeds everywhere.
+ALL_SEEDS = os.environ.get("HJMODEL_ALL_SEEDS") == "1"
+
+
+def seeds(step: int) -> range:
+    return range(100) if ALL_SEEDS else range(0, 100, step)
+SEEDS = range(100)
+STRIDED = seeds(7)
+GAUGES = (0.05, 1.0, 13.7)
+
+
+# --------------------------------------------------------------------------------------------
+# public namespace
+# --------------------------------------------------------------------------------------------
+
+
+def test_all_names_exist_and_are_public():
+    assert len(set(F.__all__)) == len(F.__all__)
+    for name in F.__all__:
+        assert not name.startswith("_")
+        assert callable(getattr(F, name)), name
+
+
+# --------------------------------------------------------------------------------------------
+# the layer, its derivatives and bounds
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_layer_matches_naive_formula(seed, layer, close):
+    L = layer(seed)
+    a = L.z @ L.W.T + L.b
+    close(F.preactivations(L.z, L.W, L.b), a, 1e-14)
+    naive = L.eps * torch.log(torch.exp(a / L.eps).sum(-1))   # small inputs: no overflow here
+    close(F.lse_layer(L.z, L.W, L.b, L.eps), naive, 1e-12)
+    pi = F.gibbs(a, L.eps)
+    close(pi, torch.exp(a / L.eps) / torch.exp(a / L.eps).sum(-1, keepdim=True), 1e-12)
+    close(pi.sum(-1), torch.ones(L.z.shape[0], dtype=DT), 1e-14)
+    assert bool((pi >= 0).all())
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_gradient_matches_autograd(seed, layer, close):
+    L = layer(seed)
+    z = L.z.clone().requires_grad_(True)
+    (g_auto,) = torch.autograd.grad(F.lse_layer(z, L.W, L.b, L.eps).sum(), z)
+    pi = F.gibbs(F.preactivations(L.z, L.W, L.b), L.eps)
+    g = F.gradient(pi, L.W)
+    R = float(L.W.norm(dim=-1).max())
+    close(g, g_auto, 1e-12, scale=R)
+    # |grad f| <= R (convex combination of rows)
+    assert bool((g.norm(dim=-1) <= R * (1 + 1e-12)).all())
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_hessian_matches_autograd(seed, layer, close):
+    L = layer(seed)
+    pi = F.gibbs(F.preactivations(L.z, L.W, L.b), L.eps)
+    H = F.hessian(pi, L.W, L.eps)
+    for i in range(L.z.shape[0]):
+        H_auto = torch.autograd.functional.hessian(
+            lambda x: F.lse_layer(x[None], L.W, L.b, L.eps)[0], L.z[i])
+        close(H[i], H_auto, 1e-10, scale=max(1.0, float(H_auto.abs().max())))
+    # symmetric PSD, and the Popoviciu bound ||Hess f||_2 <= D^2 / (4 eps)
+    close(H, H.transpose(-1, -2), 1e-13)
+    ev = torch.linalg.eigvalsh(H)
+    D = float(F.diameter(L.W))
+    top = float(ev.abs().max())
+    assert float(ev.min()) >= -1e-12 * max(1.0, top)
+    assert top <= D * D / (4 * L.eps) * (1 + 1e-12) + 1e-14
+
+
+def test_popoviciu_bound_is_attained_by_two_neurons():
+    W = torch.tensor([[1.0, 2.0], [-3.0, 0.5]], dtype=DT)
+    b = torch.zeros(2, dtype=DT)
+    z = torch.zeros(1, 2, dtype=DT)                     # a_1 = a_2 -> pi = (1/2, 1/2)
+    eps = 0.3
+    H = F.hessian(F.gibbs(F.preactivations(z, W, b), eps), W, eps)
+    D = float(F.diameter(W))
+    assert abs(float(torch.linalg.eigvalsh(H).max()) - D * D / (4 * eps)) <= 1e-12 * D * D / eps
+
+
+def test_diameter():
+    W = torch.tensor([[0.0, 0.0], [3.0, 4.0], [1.0, 1.0]], dtype=DT)
+    assert float(F.diameter(W)) == pytest.approx(5.0, rel=1e-15)
+    assert float(F.diameter(W[:1])) == 0.0
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_pairwise_distances(seed, close):
+    """Squared distances to within a few ulp of |x|^2 + |y|^2 (the expanded form's guarantee)."""
+    gen = torch.Generator().manual_seed(seed)
+    scale = float(10 ** (6 * torch.rand((), generator=gen)))
+    x = torch.randn(5, 3, generator=gen, dtype=DT) * scale
+    y = torch.randn(4, 3, generator=gen, dtype=DT) * scale
+    direct = ((x[:, None, :] - y[None, :, :]) ** 2).sum(-1)
+    bound = (x ** 2).sum(-1)[:, None] + (y ** 2).sum(-1)[None, :]
+    close(F.squared_distances(x, y), direct, 16 * torch.finfo(DT).eps, scale=bound)
+    close(F.pairwise_distances(x, y), direct.sqrt(), 1e-7, scale=bound.sqrt())
+    assert bool((F.squared_distances(x, y) >= 0).all())
+
+
+def test_pairwise_distances_of_nearby_points_far_from_origin(close):
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(5, 3, generator=gen, dtype=DT) * 1e6
+    y = x[:4] + torch.randn(4, 3, generator=gen, dtype=DT) * 1e-3
+    direct = (x[:, None, :] - y[None, :, :]).norm(dim=-1)
+    close(F.pairwise_distances(x, y), direct, 1e-6, scale=direct)
+
+
+# --------------------------------------------------------------------------------------------
+# Hamilton-Jacobi reading (Thm 4.1), the viscous HJ PDE, the Hopf-Lax limit (Thm 5.1)
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("t", GAUGES)
+@pytest.mark.parametrize("seed", SEEDS)
+def test_theorem_4_1_identity(seed, t, layer, close):
+    L = layer(seed)
+    y, g = F.hj_reading(L.W, L.b, t)
+    close(y, 2 * t * L.W, 1e-15)
+    close(g, -L.b - t * (L.W ** 2).sum(-1), 1e-15)
+    u = F.hopf_cole_value(L.z, y, g, t, L.eps)
+    f = F.lse_layer(L.z, L.W, L.b, L.eps)
+    q = (L.z ** 2).sum(-1) / (4 * t)
+    scale = float((q.abs() + f.abs() + g.abs().max()).max())
+    close(u, q - f, 1e-12, scale=max(1.0, scale))
+
+
+def _u_ref(z: torch.Tensor, t: torch.Tensor, y: torch.Tensor, g: torch.Tensor, eps: float) -> torch.Tensor:
+    """Reference Hopf-Cole value from plain ops (twice differentiable), one point z: (d,)."""
+    e = g + ((z - y) ** 2).sum(-1) / (4 * t)
+    return -eps * torch.logsumexp(-e / eps, -1)
+
+
+@pytest.mark.parametrize("seed", seeds(3))
+def test_hopf_cole_solves_viscous_hj(seed, layer, close):
+    """u_t + |grad u|^2 = eps Lap u for the heat-kernel-normalised solution.
+
+    The unnormalised sum u = -eps log sum_j exp(-(g_j + |z - y_j|^2/(4t))/eps) (fixed y, g) leaves
+    the constant residual -eps d / (2t) (the missing (4 pi eps t)^(-d/2) heat-kernel prefactor, cf.
+    the paper after Thm 4.1); u + (eps d / 2) log(4 pi eps t) solves the PDE exactly."""
+    L = layer(seed)
+    gen = L.gen
+    y = torch.randn(L.N, L.d, generator=gen, dtype=DT)
+    g = torch.randn(L.N, generator=gen, dtype=DT)
+    eps, d = L.eps, L.d
+    for t0 in (0.3, 2.0):
+        t = torch.tensor(t0, dtype=DT)
+        # the library's value and its first derivatives agree with the reference
+        z = L.z.clone().requires_grad_(True)
+        tt = t.clone().requires_grad_(True)
+        u_lib = F.hopf_cole_value(z, y, g, tt, eps)
+        gz_lib, gt_lib = torch.autograd.grad(u_lib.sum(), (z, tt))
+        u_ref = vmap(_u_ref, in_dims=(0, None, None, None, None))(L.z, t, y, g, eps)
+        scale = max(1.0, float(u_ref.abs().max()))
+        close(u_lib.detach(), u_ref, 1e-12, scale=scale)
+        u_z = vmap(grad(_u_ref, argnums=0), in_dims=(0, None, None, None, None))(L.z, t, y, g, eps)
+        u_t = vmap(grad(_u_ref, argnums=1), in_dims=(0, None, None, None, None))(L.z, t, y, g, eps)
+        close(gz_lib, u_z, 1e-11, scale=max(1.0, float(u_z.abs().max())))
+        close(gt_lib, u_t.sum(), 1e-11, scale=max(1.0, float(u_t.abs().sum())))
+        lap = vmap(hessian(_u_ref, argnums=0), in_dims=(0, None, None, None, None))(
+            L.z, t, y, g, eps).diagonal(dim1=-2, dim2=-1).sum(-1)
+        grad2 = (u_z ** 2).sum(-1)
+        residual = u_t + grad2 - eps * lap
+        mag = float((u_t.abs() + grad2 + eps * lap.abs()).max())
+        close(residual, torch.full_like(residual, -eps * d / (2 * t0)), 1e-10, scale=max(1.0, mag))
+        # normalised solution: exact
+        shift = lambda tt: 0.5 * eps * d * torch.log(4 * math.pi * eps * tt)  # noqa: E731
+        u_t_norm = u_t + vmap(grad(shift))(t.expand(L.z.shape[0]))
+        close(u_t_norm + grad2 - eps * lap, torch.zeros_like(residual), 1e-10, scale=max(1.0, mag))
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_hopf_lax_limit(seed, layer):
+    L = layer(seed)
+    t = 0.7
+    y, g = F.hj_reading(L.W, L.b, t)
+    hl = F.hopf_lax_value(L.z, y, g, t)
+    direct = (g + ((L.z[:, None, :] - y[None]) ** 2).sum(-1) / (4 * t)).min(-1).values
+    tol = 1e-12 * max(1.0, float(direct.abs().max()))
+    assert float((hl - direct).abs().max()) <= tol
+    prev = None
+    for eps in (1.0, 1e-1, 1e-2, 1e-3, 1e-4, 1e-6):
+        u = F.hopf_cole_value(L.z, y, g, t, eps)
+        gap = hl - u
+        # 0 <= HL - u <= eps log N
+        assert bool((gap >= -tol).all())
+        assert bool((gap <= eps * math.log(L.N) + tol).all())
+        if prev is not None:
+            assert float(gap.max()) <= prev + tol       # monotone in eps
+        prev = float(gap.max())
+    assert prev <= 1e-6 * math.log(L.N) + tol
+
+
+# --------------------------------------------------------------------------------------------
+# label sensitivity (Prop F.1)
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_label_sensitivity_exponent_matches_autograd(seed, layer, close):
+    L = layer(seed)
+    gen, t, eps = L.gen, 0.5 + float(torch.rand((), generator=L.gen)), L.eps
+    y = torch.randn(L.N, L.d, generator=gen, dtype=DT)
+    g = torch.randn(L.N, generator=gen, dtype=DT)
+    dist = ((L.z[:, None, :] - y[None]) ** 2).sum(-1) / (4 * t)   # (n, N)
+
+    def yhat(gg):
+        pi = torch.softmax(-(gg + dist) / eps, -1)
+        return pi @ gg
+
+    jac = jacrev(yhat)(g)                                          # (n, N)
+    pi = F.gibbs(-(g + dist), eps)
+    sens = F.label_sensitivity_exponent(pi, g, pi @ g, eps)
+    close(sens, jac, 1e-11, scale=max(1.0, float(jac.abs().max())))
+    # the same Gibbs weights come out of the HJ exponent of the library
+    close(F.gibbs(-(g + F.pairwise_distances(L.z, y) ** 2 / (4 * t)), eps), pi, 1e-12)
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_label_sensitivity_values_matches_autograd(seed, layer, close):
+    L = layer(seed)
+    K = 3
+    V = torch.randn(L.N, K, generator=L.gen, dtype=DT)
+    a = F.preactivations(L.z, L.W, L.b)
+    pi = F.gibbs(a, L.eps)
+    jac = jacrev(lambda VV: pi @ VV)(V)                            # (n, K, N, K)
+    sens = F.label_sensitivity_values(pi)                          # (n, N)
+    expect = torch.einsum("nj,kl->nkjl", sens, torch.eye(K, dtype=DT))
+    close(jac, expect, 1e-14)
+
+
+# --------------------------------------------------------------------------------------------
+# integrated gradients
+# --------------------------------------------------------------------------------------------
+
+
+def _romberg_ig(fun, z, z0, m: int = 2048):
+    """Reference IG: Romberg-extrapolated trapezoid sums of autograd gradients along z0 -> z."""
+    def trap(k):
+        alpha = torch.linspace(0, 1, k + 1, dtype=DT)
+        pts = (z0[None, None] + alpha[None, :, None] * (z - z0)[:, None, :]).reshape(-1, z.shape[-1])
+        pts.requires_grad_(True)
+        (gr,) = torch.autograd.grad(fun(pts).sum(), pts)
+        gr = gr.reshape(z.shape[0], k + 1, -1)
+        w = torch.full((k + 1,), 1.0 / k, dtype=DT)
+        w[0] = w[-1] = 0.5 / k
+        return (z - z0) * torch.einsum("q,nqd->nd", w, gr)
+
+    return (4 * trap(2 * m) - trap(m)) / 3
+
+
+@pytest.mark.parametrize("seed", STRIDED)
+def test_integrated_gradients_match_riemann_sum(seed, layer, close):
+    L = layer(seed, log10_eps=(-0.3, 0.5), z_scale=1.0)
+    z0 = torch.randn(L.d, generator=L.gen, dtype=DT) * 0.5
+    ig = F.integrated_gradients(L.z, z0, L.W, L.b, L.eps)
+    ref = _romberg_ig(lambda x: F.lse_layer(x, L.W, L.b, L.eps), L.z, z0)
+    close(ig, ref, 1e-10, scale=max(1.0, float(ref.abs().max())))
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_integrated_gradients_completeness(seed, layer, close):
+    L = layer(seed, log10_eps=(-1.0, 1.0), z_scale=1.0)
+    z0 = torch.randn(1, L.d, generator=L.gen, dtype=DT)
+    ig = F.integrated_gradients(L.z, z0, L.W, L.b, L.eps)
+    df = F.lse_layer(L.z, L.W, L.b, L.eps) - F.lse_layer(z0, L.W, L.b, L.eps)
+    close(ig.sum(-1), df, 1e-10, scale=max(1.0, float(df.abs().max())))
+    # z0 = z gives zero attribution
+    close(F.integrated_gradients(L.z, L.z, L.W, L.b, L.eps), torch.zeros_like(L.z), 1e-15)
+
+
+def _random_mask(gen, K, N, allow_empty=True):
+    """(K, N) bool: every neuron in exactly one group; some groups may be empty."""
+    groups = torch.randint(0, K, (N,), generator=gen)
+    if not allow_empty:
+        groups[:K] = torch.arange(K)
+    return groups[None, :] == torch.arange(K)[:, None]
+
+
+@pytest.mark.parametrize("seed", STRIDED)
+def test_integrated_gradients_grouped(seed, layer, close):
+    L = layer(seed, N=(4, 12), log10_eps=(-0.3, 0.5), z_scale=1.0)
+    K = 3
+    mask = _random_mask(L.gen, K, L.N, allow_empty=False)
+    output = torch.randint(0, K, (L.z.shape[0],), generator=L.gen)
+    z0 = torch.zeros(L.d, dtype=DT)
+    ig = F.integrated_gradients(L.z, z0, L.W, L.b, L.eps, mask=mask, output=output)
+
+    def s_out(x):   # the selected output for each of the n paths, stacked along the path axis
+        s = F.group_lse(F.preactivations(x, L.W, L.b), mask, L.eps)          # (n * q, K)
+        return s.reshape(L.z.shape[0], -1, K).gather(2, output[:, None, None].expand(-1, s.shape[0]
+                                                                              // L.z.shape[0], 1))
+
+    ref = _romberg_ig(s_out, L.z, z0)
+    close(ig, ref, 1e-10, scale=max(1.0, float(ref.abs().max())))
+    s = F.group_lse(F.preactivations(L.z, L.W, L.b), mask, L.eps).gather(1, output[:, None])[:, 0]
+    s0 = F.group_lse(F.preactivations(z0[None], L.W, L.b), mask, L.eps)[0, output]
+    close(ig.sum(-1), s - s0, 1e-10, scale=max(1.0, float((s - s0).abs().max())))
+
+
+def test_integrated_gradients_completeness_small_eps(layer):
+    worst = 0.0
+    for seed in range(10):
+        L = layer(seed, N=(8, 8), d=(3, 3), z_scale=2.0)
+        z0 = torch.zeros(1, L.d, dtype=DT)
+        for eps in (1e-2, 1e-3, 1e-4):
+            ig = F.integrated_gradients(L.z, z0, L.W, L.b, eps)
+            df = F.lse_layer(L.z, L.W, L.b, eps) - F.lse_layer(z0, L.W, L.b, eps)
+            worst = max(worst, float(((ig.sum(-1) - df).abs() / df.abs().clamp_min(1.0)).max()))
+    assert worst <= 1e-6, worst
+
+
+# --------------------------------------------------------------------------------------------
+# measure extension, energy gap, entropy
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_measure_extension_matches_recomputed_layer(seed, layer, close):
+    L = layer(seed)
+    f = F.lse_layer(L.z, L.W, L.b, L.eps)
+    w_new = torch.randn(1, L.d, generator=L.gen, dtype=DT)
+    # the new neuron anywhere from far below to far above the current value (incl. the softplus
+    # threshold region (a_new - f)/eps ~ 20)
+    for offset in (-800.0, -30.0, -1.0, 0.0, 0.5, 19.0, 20.5, 25.0, 40.0, 800.0):
+        b_new = (f - L.z @ w_new[0] + offset * L.eps)             # per point: a_new - f = offset eps
+        for i in range(L.z.shape[0]):
+            W2 = torch.cat([L.W, w_new])
+            b2 = torch.cat([L.b, b_new[i:i + 1]])
+            full = F.lse_layer(L.z[i:i + 1], W2, b2, L.eps)
+            a_new = L.z[i:i + 1] @ w_new[0] + b_new[i]
+            got = F.measure_extension(f[i:i + 1], a_new, L.eps)
+            close(got, full, 1e-13, scale=max(1.0, float(full.abs().max())), msg=f"offset {offset}")
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_energy_gap_and_bound(seed, layer):
+    L = layer(seed)
+    a = F.preactivations(L.z, L.W, L.b)
+    delta, top = F.energy_gap(a)
+    srt = a.sort(-1, descending=True).values
+    assert torch.equal(delta, srt[:, 0] - srt[:, 1])
+    assert torch.equal(a.gather(1, top[:, None])[:, 0], srt[:, 0])
+    for eps in (L.eps, 1e-3, 1e3):
+        f = F.lse_layer(L.z, L.W, L.b, eps)
+        excess = f - srt[:, 0]
+        bound = F.energy_gap_bound(delta, eps, L.N)
+        tol = 1e-14 * (srt[:, 0].abs() + eps)
+        assert bool((excess >= -tol).all())
+        assert bool((excess <= bound + tol).all())
+        lower = eps * torch.log1p(torch.exp(-delta / eps))   # the runner-up alone
+        assert bool((excess >= lower - tol).all())
+
+
+def test_energy_gap_bound_is_tight_when_runners_up_tie():
+    """Equality when all N-1 runners-up share a_(2); the bound -> 0 as Delta/eps grows."""
+    eps, N = 0.2, 6
+    for delta in (0.0, 0.1, 1.0, 5.0, 50.0, 500.0):
+        a = torch.tensor([[3.0] + [3.0 - delta] * (N - 1)], dtype=DT)
+        f = F.lse(a, eps)
+        d, _ = F.energy_gap(a)
+        bound = F.energy_gap_bound(d, eps, N)
+        assert float(bound) == pytest.approx(float(f - 3.0), rel=1e-12, abs=1e-15)
+        assert float(bound) == pytest.approx(eps * math.log1p((N - 1) * math.exp(-delta / eps)),
+                                             rel=1e-13, abs=1e-300)
+    big = F.energy_gap_bound(torch.tensor([40.0], dtype=DT), eps, N)
+    assert 0.0 <= float(big) <= 1e-80
+
+
+def test_energy_gap_single_neuron():
+    a = torch.tensor([[1.5], [-2.0]], dtype=DT)
+    delta, top = F.energy_gap(a)
+    assert bool(torch.isinf(delta).all()) and torch.equal(top, torch.zeros(2, dtype=torch.long))
+    assert torch.equal(F.energy_gap_bound(delta, 0.1, 1), torch.zeros(2, dtype=DT))
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_attribution_entropy(seed, layer, close):
+    L = layer(seed)
+    for eps in (L.eps, 1e-4, 1e4):
+        pi = F.gibbs(F.preactivations(L.z, L.W, L.b), eps)
+        H = F.attribution_entropy(pi)
+        direct = -torch.where(pi > 0, pi * torch.log(pi), torch.zeros_like(pi)).sum(-1)
+        close(H, direct, 1e-13)
+        assert bool(torch.isfinite(H).all())
+        assert bool((H >= -1e-15).all()) and bool((H <= math.log(L.N) + 1e-12).all())
+    uniform = torch.full((1, L.N), 1.0 / L.N, dtype=DT)
+    close(F.attribution_entropy(uniform), torch.tensor([math.log(L.N)], dtype=DT), 1e-14)
+    close(F.attribution_entropy(torch.eye(L.N, dtype=DT)), torch.zeros(L.N, dtype=DT), 0.0)
+
+
+# --------------------------------------------------------------------------------------------
+# grouped / masked LSE
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_group_lse_and_gibbs_match_direct(seed, layer, close):
+    L = layer(seed, N=(3, 12))
+    K = 4
+    mask = _random_mask(L.gen, K, L.N)
+    mask[int(torch.randint(0, K, (), generator=L.gen))] = False     # at least one empty group
+    for eps, scale in ((L.eps, 1.0), (1e-4, 1e6), (1e4, 1e3)):
+        a = F.preactivations(L.z * scale, L.W, L.b)
+        s = F.group_lse(a, mask, eps)
+        pi = F.group_gibbs(a, mask, eps)
+        assert s.shape == (L.z.shape[0], K) and pi.shape == (L.z.shape[0], K, L.N)
+        assert not bool(torch.isnan(s).any()) and bool(torch.isfinite(pi).all())
+        for k in range(K):
+            idx = mask[k].nonzero()[:, 0]
+            if len(idx) == 0:
+                assert bool((s[:, k] == -math.inf).all())
+                assert bool((pi[:, k] == 0).all())
+                continue
+            direct = eps * torch.logsumexp(a[:, idx] / eps, -1)
+            close(s[:, k], direct, 1e-13, scale=max(1.0, float(direct.abs().max())))
+            close(pi[:, k, idx], torch.softmax(a[:, idx] / eps, -1), 1e-13)
+            assert bool((pi[:, k, ~mask[k]] == 0).all())
+        # masked_lse_gibbs with a broadcast (N,) mask is the single-group case
+        v, p = F.masked_lse_gibbs(a, mask[0], eps)
+        close(v, s[:, 0], 0.0) if bool(mask[0].any()) else None
+        assert torch.equal(p, pi[:, 0]) or not bool(mask[0].any())
+    empty_v, empty_p = F.masked_lse_gibbs(a, torch.zeros(L.N, dtype=torch.bool), 1.0)
+    assert bool((empty_v == -math.inf).all()) and bool((empty_p == 0).all())
+
+
+# --------------------------------------------------------------------------------------------
+# fewest label flips (memory kind)
+# --------------------------------------------------------------------------------------------
+
+
+def _brute_force_flips(pi_row, labels, c, K):
+    """Per target k != c, the fewest label changes making yhat_k >= yhat_c (N + 1 if none)."""
+    N = len(labels)
+    best = {k: N + 1 for k in range(K) if k != c}
+    for new in itertools.product(range(K), repeat=N):
+        changed = sum(int(x != y) for x, y in zip(new, labels, strict=True))
+        yh = torch.zeros(K, dtype=DT)
+        for j, lab in enumerate(new):
+            yh[lab] += pi_row[j]
+        for k in best:
+            if yh[k] >= yh[c] and changed < best[k]:
+                best[k] = changed
+    return best
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_fewest_label_flips_brute_force(seed):
+    gen = torch.Generator().manual_seed(seed)
+    N = int(torch.randint(1, 8, (), generator=gen))
+    K = int(torch.randint(2, 4, (), generator=gen))
+    n = 3
+    conc = 10 ** (2 * torch.rand((), generator=gen) - 1)                 # peaked to flat weights
+    pi = torch.softmax(torch.randn(n, N, generator=gen, dtype=DT) / conc, -1)
+    labels = torch.randint(0, K, (N,), generator=gen)
+    yhat = pi @ torch.nn.functional.one_hot(labels, K).to(DT)
+    c = yhat.argmax(-1)
+    count, target = F.fewest_label_flips(pi, labels, c, K)
+    for i in range(n):
+        best = _brute_force_flips(pi[i], labels.tolist(), int(c[i]), K)
+        assert int(count[i]) == min(best.values()), (best, int(count[i]))
+        assert int(target[i]) != int(c[i]) and best[int(target[i])] == int(count[i])
+
+
+# --------------------------------------------------------------------------------------------
+# optimal viscosity (Thm 8.1)
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("d", (1, 2, 3))
+@pytest.mark.parametrize("seed", seeds(25))
+def test_eps_star_scales_like_n_to_minus_one_over_d(seed, d):
+    gen = torch.Generator().manual_seed(seed)
+    Ns = (400, 1600, 6400)                          # beyond the 2000-point subsample too
+    hs = [F.eps_star(torch.rand(N, d, generator=gen, dtype=DT)) for N in Ns]
+    slope = (math.log(hs[-1]) - math.log(hs[0])) / (math.log(Ns[-1]) - math.log(Ns[0]))
+    assert abs(slope + 1.0 / d) <= 0.2 / d, (hs, slope)
+    # and scales with the data, and is translation invariant (to the precision of the expanded
+    # |x|^2 - 2 x.y + |y|^2 distances)
+    X = torch.rand(500, d, generator=gen, dtype=DT)
+    assert F.eps_star(7.0 * X) == pytest.approx(7.0 * F.eps_star(X), rel=1e-6)
+    assert F.eps_star(X + 10.0) == pytest.approx(F.eps_star(X), rel=1e-6)
+
+
+def test_eps_star_degenerate():
+    assert F.eps_star(torch.zeros(1, 3, dtype=DT)) == 1.0
+    assert F.eps_star(torch.zeros(5, 3, dtype=DT)) == 1.0          # all points coincide
+    X = torch.tensor([[0.0], [1.0], [3.0]], dtype=DT)             # nn distances 1, 1, 2
+    assert F.eps_star(X) == pytest.approx(1.0)
+
+
+# --------------------------------------------------------------------------------------------
+# extremes: eps 1e-4 .. 1e4, inputs |z| ~ 1e3 .. 1e6
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("z_scale", (1e3, 1e6))
+@pytest.mark.parametrize("eps", (1e-4, 1e-2, 1.0, 1e2, 1e4))
+@pytest.mark.parametrize("seed", seeds(12))
+def test_extremes_are_finite_and_identities_hold(seed, eps, z_scale, layer, close):
+    L = layer(seed, z_scale=z_scale)
+    W, b, z = L.W, L.b, L.z
+    fin = lambda x: bool(torch.isfinite(x).all())  # noqa: E731
+    a = F.preactivations(z, W, b)
+    f = F.lse_layer(z, W, b, eps)
+    pi = F.gibbs(a, eps)
+    assert fin(a) and fin(f) and fin(pi)
+    close(pi.sum(-1), torch.ones_like(f), 1e-13)
+    amax = a.max(-1).values
+    # gradient identity against autograd
+    zz = z.clone().requires_grad_(True)
+    (g_auto,) = torch.autograd.grad(F.lse_layer(zz, W, b, eps).sum(), zz)
+    R = float(W.norm(dim=-1).max())
+    g = F.gradient(pi, W)
+    assert fin(g)
+    close(g, g_auto, 1e-12, scale=R)
+    H = F.hessian(pi, W, eps)
+    assert fin(H)
+    # energy-gap bound
+    delta, _ = F.energy_gap(a)
+    bound = F.energy_gap_bound(delta, eps, L.N)
+    assert fin(bound)
+    tol = 4e-16 * (amax.abs() + eps) * 4
+    excess = f - amax
+    assert bool((excess >= -tol).all()) and bool((excess <= bound + tol).all())
+    # entropy, HJ reading, Hopf-Lax
+    H_pi = F.attribution_entropy(pi)
+    assert fin(H_pi) and bool((H_pi <= math.log(L.N) + 1e-12).all())
+    for t in (1e-2, 1.0, 1e2):
+        y, gg = F.hj_reading(W, b, t)
+        u = F.hopf_cole_value(z, y, gg, t, eps)
+        hl = F.hopf_lax_value(z, y, gg, t)
+        assert fin(u) and fin(hl)
+        q = (z ** 2).sum(-1) / (4 * t)
+        scale = float((q + f.abs() + gg.abs().max() + (y ** 2).sum(-1).max() / (4 * t)).max())
+        close(u, q - f, 1e-13, scale=scale)
+        assert bool((hl - u >= -1e-13 * scale).all())
+        assert bool((hl - u <= eps * math.log(L.N) + 1e-13 * scale).all())
+    # labels, measure extension, integrated gradients, groups
+    gvals = torch.randn(L.N, generator=L.gen, dtype=DT) * z_scale
+    assert fin(F.label_sensitivity_exponent(pi, gvals, pi @ gvals, eps))
+    me = F.measure_extension(f, a[:, 0] + z_scale, eps)
+    lo = torch.maximum(f, a[:, 0] + z_scale)
+    assert fin(me) and bool((me >= lo - 1e-15 * (f.abs() + a[:, 0].abs() + z_scale)).all())
+    ig = F.integrated_gradients(z, torch.zeros(L.d, dtype=DT), W, b, eps)
+    assert fin(ig)
+    mask = _random_mask(L.gen, 2, L.N)
+    s, pg = F.masked_lse_gibbs(a.unsqueeze(-2), mask, eps)
+    assert not bool(torch.isnan(s).any()) and fin(pg)
+    D = F.diameter(W)
+    Gn = g.norm(dim=-1)
+    r = F.scalar_radius(Gn, torch.tensor(R, dtype=DT), D, eps, torch.tensor(0.1, dtype=DT))
+    assert fin(r) and bool((r >= 0.1 / R * (1 - 1e-12)).all())
