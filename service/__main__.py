@@ -1,0 +1,45 @@
+"""``python -m service`` / ``hjserve``: run the server with uvicorn."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from collections.abc import Sequence
+
+__all__ = ["main"]
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="hjserve", description="Serve hjmodel artifacts over the Open Inference "
+                                "Protocol (KServe V2). Every option also reads HJSERVE_<OPTION> from the environment.")
+    p.add_argument("--model-repository", help="model repository root (<root>/<model>/<version>/)")
+    p.add_argument("--host", help="interface to bind")
+    p.add_argument("--port", type=int, help="TCP port")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--backend", choices=["auto", "onnx", "torch"])
+    p.add_argument("--max-batch-size", type=int)
+    p.add_argument("--max-queue-delay-ms", type=float)
+    p.add_argument("--max-queue-size", type=int)
+    p.add_argument("--log-level", choices=["critical", "error", "warning", "info", "debug", "trace"])
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Parse the command line (over environment settings) and serve until interrupted."""
+    args = _parser().parse_args(argv)
+    import uvicorn
+
+    from service.rest.app import create_app
+    from service.settings import Settings
+
+    overrides = {k: v for k, v in vars(args).items() if v is not None}
+    settings = Settings(**overrides)
+    logging.basicConfig(level=settings.log_level.upper() if settings.log_level != "trace" else "DEBUG",
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    app = create_app(settings)
+    uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level,
+                timeout_graceful_shutdown=10)
+
+
+if __name__ == "__main__":
+    main()

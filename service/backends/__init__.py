@@ -1,0 +1,46 @@
+"""Backends behind one small protocol, chosen by name; each imports its library lazily."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from service.backends.base import Backend, BackendFactory
+from service.errors import ModelLoadFailed
+
+__all__ = ["BACKENDS", "Backend", "BackendFactory", "choose_backend", "load_backend"]
+
+
+def _onnx(version_dir: Path, *, device: str, threads: int) -> Backend:
+    from service.backends.onnx import load_onnx
+
+    return load_onnx(version_dir, device=device, threads=threads)
+
+
+def _torch(version_dir: Path, *, device: str, threads: int) -> Backend:
+    from service.backends.torch import load_torch
+
+    return load_torch(version_dir, device=device, threads=threads)
+
+
+#: Backend name -> loader.
+BACKENDS: dict[str, BackendFactory] = {"onnx": _onnx, "torch": _torch}
+
+
+def choose_backend(version_dir: Path, preference: str) -> str:
+    """Backend for a version directory: the preference, or under ``auto`` ONNX when present."""
+    version_dir = Path(version_dir)
+    if preference in BACKENDS:
+        return preference
+    if preference != "auto":
+        raise ModelLoadFailed(f"unknown backend {preference!r}")
+    if (version_dir / "model.onnx").is_file():
+        return "onnx"
+    if (version_dir / "model.pt").is_file():
+        return "torch"
+    raise ModelLoadFailed(f"{version_dir} holds neither model.onnx nor model.pt")
+
+
+def load_backend(version_dir: Path, *, preference: str = "auto", device: str = "auto",
+                 threads: int = 0) -> Backend:
+    """Load ``version_dir`` with the chosen backend; raises ModelLoadFailed."""
+    return BACKENDS[choose_backend(version_dir, preference)](version_dir, device=device, threads=threads)

@@ -1,0 +1,34 @@
+"""The backend protocol: load an artifact once, run ``infer`` on batches of rows."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Protocol, runtime_checkable
+
+import numpy as np
+
+__all__ = ["Backend", "BackendFactory"]
+
+
+@runtime_checkable
+class Backend(Protocol):
+    """A loaded model version.
+
+    ``infer(input: float32 (B, d), tau) -> {output name: array with leading dim B}`` computes every
+    output of the serving contract (``hjmodel.serving.outputs_for(task)``). Implementations are
+    thread-safe for one caller at a time and raise only :class:`service.errors.BackendError`.
+    """
+
+    name: str
+    device: str
+    platform: str
+
+    def infer(self, input: np.ndarray, tau: float) -> dict[str, np.ndarray]: ...
+
+    def close(self) -> None: ...
+
+
+class BackendFactory(Protocol):
+    """Loads a version directory; raises :class:`service.errors.ModelLoadFailed` on any failure."""
+
+    def __call__(self, version_dir: Path, *, device: str, threads: int) -> Backend: ...

@@ -1,0 +1,71 @@
+"""onnxruntime backend (imported lazily): CUDA execution provider when allowed and present."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from service.errors import BackendError, ModelLoadFailed
+
+__all__ = ["OnnxBackend", "load_onnx"]
+
+_CUDA = "CUDAExecutionProvider"
+_CPU = "CPUExecutionProvider"
+
+
+class OnnxBackend:
+    """An ``onnxruntime.InferenceSession`` over ``model.onnx``."""
+
+    name = "onnx"
+    platform = "onnxruntime_onnx"
+
+    def __init__(self, session, device: str):
+        self._session = session
+        self.device = device
+        self._input_names = {i.name for i in session.get_inputs()}
+        self._output_names = [o.name for o in session.get_outputs()]
+        meta = session.get_modelmeta().custom_metadata_map
+        self.metadata: dict[str, str] = dict(meta)
+
+    def infer(self, input: np.ndarray, tau: float) -> dict[str, np.ndarray]:
+        feeds: dict[str, np.ndarray] = {"input": np.ascontiguousarray(input, dtype=np.float32)}
+        if "tau" in self._input_names:
+            feeds["tau"] = np.asarray([tau], dtype=np.float64)
+        try:
+            values = self._session.run(self._output_names, feeds)
+        except Exception as exc:  # onnxruntime raises its own pybind11 exception types
+            raise BackendError(f"onnxruntime failed: {exc}") from None
+        return dict(zip(self._output_names, values, strict=True))
+
+    def close(self) -> None:
+        self._session = None
+
+
+def load_onnx(version_dir: Path, *, device: str = "auto", threads: int = 0) -> OnnxBackend:
+    """Open ``version_dir/model.onnx`` on ``device`` (auto|cpu|cuda)."""
+    path = Path(version_dir) / "model.onnx"
+    if not path.is_file():
+        raise ModelLoadFailed(f"{path} does not exist")
+    try:
+        import onnxruntime as ort
+    except ImportError as exc:  # pragma: no cover - onnxruntime is a dependency
+        raise ModelLoadFailed(f"onnxruntime is not installed: {exc}") from None
+    available = ort.get_available_providers()
+    if device == "cuda" and _CUDA not in available:
+        raise ModelLoadFailed("device 'cuda' requested but onnxruntime has no CUDAExecutionProvider")
+    providers = [_CUDA, _CPU] if device in ("auto", "cuda") and _CUDA in available else [_CPU]
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.inter_op_num_threads = 1
+    if threads > 0:
+        options.intra_op_num_threads = threads
+    try:
+        session = ort.InferenceSession(str(path), sess_options=options, providers=providers)
+    except Exception as exc:  # corrupt or invalid graph
+        raise ModelLoadFailed(f"onnxruntime cannot load {path.name}: {exc}") from None
+    used = session.get_providers()
+    if device == "cuda" and _CUDA not in used:
+        raise ModelLoadFailed("device 'cuda' requested but the CUDA execution provider failed to start")
+    return OnnxBackend(session, "cuda" if _CUDA in used else "cpu")

@@ -1,0 +1,65 @@
+"""torch backend: ``hjmodel.artifact.load_serving_module`` on CUDA when allowed and available."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from service.errors import BackendError, InvalidValue, ModelLoadFailed
+
+__all__ = ["TorchBackend", "load_torch"]
+
+
+class TorchBackend:
+    """The serving ``nn.Module`` of a ``model.pt`` + ``model.json`` artifact."""
+
+    name = "torch"
+    platform = "pytorch_torch"
+
+    def __init__(self, module, device: str):
+        self._module = module
+        self.device = device
+
+    def infer(self, input: np.ndarray, tau: float) -> dict[str, np.ndarray]:
+        import torch
+
+        try:
+            with torch.no_grad():
+                x = torch.from_numpy(np.ascontiguousarray(input, dtype=np.float32)).to(self.device)
+                t = torch.tensor([tau], dtype=torch.float64, device=self.device)
+                out = self._module(x, t)
+            return {name: value.detach().cpu().numpy() for name, value in out.items()}
+        except Exception as exc:
+            if type(exc).__name__ == "InputError":  # hjmodel's own input validation
+                raise InvalidValue(f"the model rejected the input: {exc}") from None
+            raise BackendError(f"torch failed: {exc}") from None
+
+    def close(self) -> None:
+        self._module = None
+
+
+def load_torch(version_dir: Path, *, device: str = "auto", threads: int = 0) -> TorchBackend:
+    """Rebuild the serving module of ``version_dir`` on ``device`` (auto|cpu|cuda)."""
+    version_dir = Path(version_dir)
+    if not (version_dir / "model.pt").is_file():
+        raise ModelLoadFailed(f"{version_dir / 'model.pt'} does not exist")
+    import torch
+
+    try:
+        from hjmodel.artifact import ArtifactError, load_serving_module
+    except ImportError as exc:
+        raise ModelLoadFailed(f"hjmodel.artifact is not available: {exc}") from None
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ModelLoadFailed("device 'cuda' requested but torch has no CUDA device")
+    target = "cuda" if device in ("auto", "cuda") and torch.cuda.is_available() else "cpu"
+    if threads > 0:
+        torch.set_num_threads(threads)
+    try:
+        module = load_serving_module(version_dir)
+        module = module.to(target).eval()
+    except ArtifactError as exc:
+        raise ModelLoadFailed(f"invalid torch artifact: {exc}") from None
+    except Exception as exc:
+        raise ModelLoadFailed(f"cannot load torch artifact: {type(exc).__name__}: {exc}") from None
+    return TorchBackend(module, target)

@@ -1,0 +1,341 @@
+"""V2 tensors <-> numpy: JSON ``data`` (flat or nested) and the binary tensor data extension.
+
+Binary extension (both directions): the body is a JSON header followed by raw little-endian tensor
+bytes; the header's length is in ``Inference-Header-Content-Length``. A request body is binary only
+when that header is present and smaller than the body; no Content-Type is required. Each binary
+tensor carries ``parameters.binary_data_size``; tensors appear in the binary section in the order
+they appear in the JSON. BYTES elements are a 4-byte little-endian length followed by the bytes.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import struct
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+from pydantic import ValidationError
+
+from service.errors import BadRequest, InvalidDatatype, InvalidHeader, InvalidJSON, InvalidShape
+from service.types import (
+    InferenceRequest,
+    InferInput,
+    InferRequest,
+    InferResponse,
+    RequestedOutput,
+)
+
+__all__ = [
+    "BINARY_CONTENT_TYPE",
+    "DATATYPES",
+    "HEADER_LENGTH",
+    "JSON_CONTENT_TYPE",
+    "decode_infer_request",
+    "decode_tensor",
+    "deserialize_bytes",
+    "dtype_of",
+    "dumps",
+    "encode_infer_response",
+    "encode_tensor_json",
+    "parse_header_length",
+    "parse_json",
+    "serialize_bytes",
+    "split_body",
+]
+
+#: The header carrying the JSON length of a binary-extension body.
+HEADER_LENGTH = "Inference-Header-Content-Length"
+JSON_CONTENT_TYPE = "application/json"
+BINARY_CONTENT_TYPE = "application/octet-stream"
+
+#: V2 datatype -> numpy dtype (little-endian). BF16 has no numpy dtype: it decodes to float32.
+DATATYPES: dict[str, np.dtype] = {
+    "BOOL": np.dtype(np.bool_),
+    "UINT8": np.dtype("<u1"),
+    "UINT16": np.dtype("<u2"),
+    "UINT32": np.dtype("<u4"),
+    "UINT64": np.dtype("<u8"),
+    "INT8": np.dtype("<i1"),
+    "INT16": np.dtype("<i2"),
+    "INT32": np.dtype("<i4"),
+    "INT64": np.dtype("<i8"),
+    "FP16": np.dtype("<f2"),
+    "FP32": np.dtype("<f4"),
+    "FP64": np.dtype("<f8"),
+    "BF16": np.dtype("<f4"),
+    "BYTES": np.dtype(np.object_),
+}
+
+_NUMPY_TO_V2 = {
+    np.dtype(np.bool_): "BOOL",
+    np.dtype(np.uint8): "UINT8",
+    np.dtype(np.uint16): "UINT16",
+    np.dtype(np.uint32): "UINT32",
+    np.dtype(np.uint64): "UINT64",
+    np.dtype(np.int8): "INT8",
+    np.dtype(np.int16): "INT16",
+    np.dtype(np.int32): "INT32",
+    np.dtype(np.int64): "INT64",
+    np.dtype(np.float16): "FP16",
+    np.dtype(np.float32): "FP32",
+    np.dtype(np.float64): "FP64",
+    np.dtype(np.object_): "BYTES",
+}
+
+_JSON_KINDS = {"BOOL": "b", "BYTES": "SUO"}
+
+
+def dtype_of(array: np.ndarray) -> str:
+    """V2 datatype of a numpy array."""
+    try:
+        return _NUMPY_TO_V2[array.dtype.newbyteorder("=")]
+    except KeyError:
+        if array.dtype.kind in "SU":
+            return "BYTES"
+        raise InvalidDatatype(f"no V2 datatype for numpy dtype {array.dtype}") from None
+
+
+# -- bodies ---------------------------------------------------------------------------------------
+
+
+def parse_header_length(value: str | None, body_length: int) -> int | None:
+    """Length of the JSON header from ``Inference-Header-Content-Length``, or None when absent."""
+    if value is None:
+        return None
+    try:
+        length = int(value.strip())
+    except ValueError:
+        raise InvalidHeader(f"{HEADER_LENGTH} must be an integer, got {value!r}") from None
+    if length < 0 or length > body_length:
+        raise InvalidHeader(
+            f"{HEADER_LENGTH} is {length} but the body has {body_length} bytes")
+    return length
+
+
+def split_body(body: bytes, header_length: str | None) -> tuple[bytes, memoryview]:
+    """(JSON part, binary part) of a request body; binary only when the header is smaller."""
+    length = parse_header_length(header_length, len(body))
+    if length is None or length == len(body):
+        return body, memoryview(b"")
+    view = memoryview(body)
+    return bytes(view[:length]), view[length:]
+
+
+def parse_json(data: bytes | str) -> Any:
+    """Parse JSON (NaN/Infinity literals allowed, as Python and Triton's client produce them)."""
+    try:
+        return json.loads(data)
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise InvalidJSON(f"malformed JSON: {exc}") from None
+
+
+def dumps(obj: Any) -> bytes:
+    """Compact JSON; non-finite floats as ``NaN`` / ``Infinity`` (readable by Triton's client)."""
+    return json.dumps(obj, separators=(",", ":"), allow_nan=True).encode()
+
+
+# -- tensors --------------------------------------------------------------------------------------
+
+
+def serialize_bytes(array: np.ndarray) -> bytes:
+    """BYTES tensor -> 4-byte little-endian length + bytes per element (row-major)."""
+    parts = []
+    for item in np.asarray(array, dtype=object).ravel():
+        raw = item if isinstance(item, bytes) else str(item).encode()
+        parts.append(struct.pack("<I", len(raw)))
+        parts.append(raw)
+    return b"".join(parts)
+
+
+def deserialize_bytes(raw: memoryview | bytes) -> np.ndarray:
+    """Inverse of :func:`serialize_bytes` -> 1-D object array of ``bytes``."""
+    raw = memoryview(raw)
+    items: list[bytes] = []
+    pos = 0
+    while pos < len(raw):
+        if pos + 4 > len(raw):
+            raise InvalidShape("truncated BYTES element length")
+        (n,) = struct.unpack_from("<I", raw, pos)
+        pos += 4
+        if pos + n > len(raw):
+            raise InvalidShape("BYTES element runs past its binary data")
+        items.append(bytes(raw[pos:pos + n]))
+        pos += n
+    out = np.empty(len(items), dtype=object)
+    out[:] = items
+    return out
+
+
+def _check_shape(shape: Sequence[Any], name: str) -> tuple[int, ...]:
+    if not isinstance(shape, (list, tuple)) or not all(
+            isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in shape):
+        raise InvalidShape(f"input '{name}': shape must be a list of non-negative integers, got {shape!r}")
+    return tuple(shape)
+
+
+def _from_json_data(data: Any, datatype: str, shape: tuple[int, ...], name: str) -> np.ndarray:
+    count = math.prod(shape)
+    if datatype == "BYTES":
+        flat = np.asarray(data, dtype=object).ravel() if isinstance(data, list) else None
+        if flat is None or flat.size != count or not all(isinstance(x, str) for x in flat):
+            raise InvalidShape(f"input '{name}': BYTES data must be {count} strings")
+        out = np.empty(count, dtype=object)
+        out[:] = [x.encode() for x in flat]
+        return out.reshape(shape)
+    if not isinstance(data, list):
+        raise InvalidShape(f"input '{name}': data must be a list")
+    try:
+        raw = np.asarray(data)
+    except ValueError as exc:
+        raise InvalidShape(f"input '{name}': data is ragged: {exc}") from None
+    if raw.size == 0:
+        raw = raw.astype(DATATYPES[datatype])
+    allowed = _JSON_KINDS.get(datatype, "iu" if datatype[0] in "UI" else "iuf")
+    if raw.dtype.kind not in allowed:
+        raise InvalidDatatype(
+            f"input '{name}': data of kind {raw.dtype.name!r} does not match datatype {datatype}")
+    if raw.size != count or (raw.ndim != 1 and raw.shape != shape):
+        raise InvalidShape(
+            f"input '{name}': data has shape {list(raw.shape)} but the tensor's shape is {list(shape)}")
+    try:
+        with np.errstate(over="ignore"):
+            out = raw.astype(DATATYPES[datatype])
+    except (OverflowError, ValueError, TypeError) as exc:
+        raise InvalidDatatype(f"input '{name}': cannot convert data to {datatype}: {exc}") from None
+    if raw.dtype.kind in "iu" and out.dtype.kind in "iu" and not np.array_equal(out, raw):
+        raise InvalidDatatype(f"input '{name}': integer data out of range for {datatype}")
+    return out.reshape(shape)
+
+
+def _from_binary(raw: memoryview, datatype: str, shape: tuple[int, ...], name: str) -> np.ndarray:
+    count = math.prod(shape)
+    if datatype == "BYTES":
+        out = deserialize_bytes(raw)
+        if out.size != count:
+            raise InvalidShape(f"input '{name}': {out.size} BYTES elements for shape {list(shape)}")
+        return out.reshape(shape)
+    itemsize = 2 if datatype == "BF16" else DATATYPES[datatype].itemsize
+    if len(raw) != count * itemsize:
+        raise InvalidShape(
+            f"input '{name}': binary_data_size is {len(raw)} bytes but shape {list(shape)} of "
+            f"{datatype} needs {count * itemsize}")
+    if datatype == "BF16":
+        bits = np.frombuffer(raw, dtype="<u2").astype(np.uint32) << 16
+        return bits.view(np.float32).reshape(shape)
+    return np.frombuffer(raw, dtype=DATATYPES[datatype]).reshape(shape)
+
+
+def decode_tensor(tensor: dict[str, Any] | Any, binary: memoryview, offset: int) -> tuple[np.ndarray, int]:
+    """One V2 tensor -> (numpy array, offset of the next binary tensor).
+
+    ``tensor`` is a :class:`~service.types.RequestInput` or its dict; ``binary`` the request's
+    binary section, of which this tensor's bytes start at ``offset``.
+    """
+    get = tensor.get if isinstance(tensor, dict) else (lambda key: getattr(tensor, key, None))
+    name = str(get("name"))
+    datatype = get("datatype")
+    if datatype not in DATATYPES:
+        raise InvalidDatatype(f"input '{name}': unknown datatype {datatype!r}")
+    shape = _check_shape(get("shape"), name)
+    params = get("parameters") or {}
+    size = params.get("binary_data_size") if isinstance(params, dict) else None
+    data = get("data")
+    if size is not None:
+        if data is not None:
+            raise BadRequest(f"input '{name}' has both 'data' and binary_data_size")
+        if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+            raise InvalidHeader(f"input '{name}': binary_data_size must be a non-negative integer")
+        if offset + size > len(binary):
+            raise InvalidHeader(
+                f"input '{name}': binary_data_size {size} runs past the binary data "
+                f"({len(binary) - offset} bytes left)")
+        return _from_binary(binary[offset:offset + size], datatype, shape, name), offset + size
+    if data is None:
+        raise BadRequest(f"input '{name}' has neither 'data' nor binary_data_size")
+    return _from_json_data(data, datatype, shape, name), offset
+
+
+def _bool_param(value: Any, what: str) -> bool:
+    if not isinstance(value, bool):
+        raise BadRequest(f"{what} must be a boolean, got {value!r}")
+    return value
+
+
+def decode_infer_request(body: bytes, header_length: str | None = None) -> InferRequest:
+    """A V2 inference request body (JSON or binary extension) -> :class:`InferRequest`."""
+    head, binary = split_body(body, header_length)
+    obj = parse_json(head)
+    if not isinstance(obj, dict):
+        raise InvalidJSON("the inference request must be a JSON object")
+    try:
+        wire = InferenceRequest.model_validate(obj)
+    except ValidationError as exc:
+        raise BadRequest(f"invalid inference request: {_first_error(exc)}") from None
+    offset = 0
+    inputs = []
+    for tensor in wire.inputs:
+        array, offset = decode_tensor(tensor, binary, offset)
+        inputs.append(InferInput(tensor.name, tensor.datatype, tuple(tensor.shape), array))
+    if offset != len(binary):
+        raise InvalidHeader(
+            f"{len(binary) - offset} bytes of binary data are not claimed by any input's binary_data_size")
+    params = dict(wire.parameters or {})
+    binary_output = _bool_param(params.pop("binary_data_output", False), "parameter binary_data_output")
+    outputs = []
+    for out in wire.outputs or []:
+        oparams = dict(out.parameters or {})
+        flag = oparams.pop("binary_data", None)
+        outputs.append(RequestedOutput(
+            out.name, None if flag is None else _bool_param(flag, f"output '{out.name}' binary_data"),
+            oparams))
+    return InferRequest(inputs=inputs, outputs=outputs, parameters=params, id=wire.id,
+                        binary_output=binary_output)
+
+
+def _first_error(exc: ValidationError) -> str:
+    err = exc.errors()[0]
+    loc = ".".join(str(p) for p in err.get("loc", ()))
+    return f"{loc}: {err.get('msg')}" if loc else str(err.get("msg"))
+
+
+def encode_tensor_json(array: np.ndarray, datatype: str) -> list[Any]:
+    """Flat row-major JSON data of a tensor."""
+    flat = array.ravel()
+    if datatype == "BYTES":
+        return [x.decode(errors="replace") if isinstance(x, bytes) else str(x) for x in flat]
+    return flat.tolist()
+
+
+def _binary_of(array: np.ndarray, datatype: str) -> bytes:
+    if datatype == "BYTES":
+        return serialize_bytes(array)
+    return np.ascontiguousarray(array, dtype=DATATYPES[datatype]).tobytes()
+
+
+def encode_infer_response(response: InferResponse) -> tuple[bytes, int | None]:
+    """:class:`InferResponse` -> (body, JSON header length or None when the body is all JSON)."""
+    outputs: list[dict[str, Any]] = []
+    chunks: list[bytes] = []
+    for out in response.outputs:
+        item: dict[str, Any] = {"name": out.name, "datatype": out.datatype, "shape": list(out.array.shape)}
+        if out.binary:
+            raw = _binary_of(out.array, out.datatype)
+            item["parameters"] = {"binary_data_size": len(raw)}
+            chunks.append(raw)
+        else:
+            item["data"] = encode_tensor_json(out.array, out.datatype)
+        outputs.append(item)
+    head: dict[str, Any] = {"model_name": response.model_name, "model_version": response.model_version}
+    if response.id is not None:
+        head["id"] = response.id
+    if response.parameters:
+        head["parameters"] = response.parameters
+    head["outputs"] = outputs
+    header = dumps(head)
+    if not chunks:
+        return header, None
+    return b"".join([header, *chunks]), len(header)
+
+

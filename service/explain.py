@@ -1,0 +1,135 @@
+"""Readable (V1) answers: class names, top attributions with their meaning, each number explained.
+
+Pure formatting of graph outputs; nothing is computed here.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from hjmodel import serving
+from service.repository import ModelVersion
+
+__all__ = [
+    "EXPLAIN_OUTPUTS",
+    "MEANINGS",
+    "PREDICT_OUTPUTS",
+    "explain_rows",
+    "predict_rows",
+]
+
+#: Output name -> what the number means (the serving contract's own docs).
+MEANINGS: dict[str, str] = {o.name: o.doc for o in serving.OUTPUTS}
+MEANINGS["prediction"] = "predicted class (classification) or predicted values (regression)"
+
+PREDICT_OUTPUTS = ("prediction", "probabilities", "certified_radius", "ood_score", "ood_flag", "ood_p_value",
+                   "ood_component", "hallucination_flag", "energy_gap")
+EXPLAIN_OUTPUTS = (*PREDICT_OUTPUTS, "attribution_entropy", "attribution_index", "attribution_weight",
+                   "label_sensitivity", "saliency")
+
+_UNIT = {
+    "lse": "neuron j of the output's LSE layer (its weight row w_j and bias b_j)",
+    "memory": "stored support point j (a training example or coreset point)",
+    "deep": "neuron j of the final LSE head, in the learned feature space",
+}
+
+
+def _v(value: Any, meaning: str) -> dict[str, Any]:
+    return {"value": value, "meaning": meaning}
+
+
+def _scalar(array: np.ndarray, i: int) -> Any:
+    return np.asarray(array)[i].item()
+
+
+def _prediction(mv: ModelVersion, outputs: dict[str, np.ndarray], i: int) -> Any:
+    if mv.task == "classification":
+        return str(mv.spec["class_names"][int(_scalar(outputs["prediction"], i))])
+    return np.asarray(outputs["prediction"])[i].tolist()
+
+
+def _common(mv: ModelVersion, outputs: dict[str, np.ndarray], i: int, alpha: Any) -> dict[str, Any]:
+    spec = mv.spec
+    out: dict[str, Any] = {}
+    if mv.task == "classification":
+        k = int(_scalar(outputs["prediction"], i))
+        probs = np.asarray(outputs["probabilities"])[i].tolist()
+        out["class_index"] = _v(k, "index of the predicted class in class_names")
+        out["probabilities"] = _v(dict(zip(map(str, spec["class_names"]), probs, strict=True)),
+                                  MEANINGS["probabilities"] + " (softmax of the logits / eps)")
+        radius_doc = "L2 radius in raw input space within which no perturbation can change the predicted class"
+    else:
+        radius_doc = "L2 radius in raw input space within which every output moves by at most tau"
+    out["certified_radius"] = _v(_scalar(outputs["certified_radius"], i), radius_doc + " (sound, closed form)")
+    component = int(_scalar(outputs["ood_component"], i))
+    out["ood"] = {
+        "flagged": _v(bool(_scalar(outputs["ood_flag"], i)),
+                      f"out-of-distribution at the calibrated false-positive rate alpha={alpha}"),
+        "score": _v(_scalar(outputs["ood_score"], i), MEANINGS["ood_score"] + "; larger = farther from the data"),
+        "p_value": _v(_scalar(outputs["ood_p_value"], i),
+                      "split-conformal p-value; small = unusual for in-distribution data"),
+        "component": _v(("unsupported", "ambiguous")[component] if component in (0, 1) else component,
+                        "which calibrated component is larger: unsupported (far from the training data) or "
+                        "ambiguous (1 - max class probability)"),
+    }
+    out["hallucination"] = _v(bool(_scalar(outputs["hallucination_flag"], i)), MEANINGS["hallucination_flag"])
+    out["energy_gap"] = _v(_scalar(outputs["energy_gap"], i),
+                           MEANINGS["energy_gap"] + "; large = one neuron dominates (linear extrapolation regime)")
+    return out
+
+
+def predict_rows(mv: ModelVersion, outputs: dict[str, np.ndarray]) -> dict[str, Any]:
+    """``{"predictions": [...], "diagnostics": [...]}`` for every row."""
+    n = len(outputs["prediction"])
+    alpha = (mv.spec.get("calibration") or {}).get("alpha")
+    return {
+        "model_name": mv.name,
+        "model_version": str(mv.version),
+        "predictions": [_prediction(mv, outputs, i) for i in range(n)],
+        "diagnostics": [_common(mv, outputs, i, alpha) for i in range(n)],
+    }
+
+
+def _support_info(spec: dict[str, Any], j: int) -> dict[str, Any]:
+    """Training-example id / label of support point j when the artifact lists them."""
+    info: dict[str, Any] = {}
+    for key, label in (("support_ids", "training_example_id"), ("support_labels", "training_label")):
+        values = spec.get(key)
+        if isinstance(values, list) and 0 <= j < len(values):
+            info[label] = values[j]
+    return info
+
+
+def explain_rows(mv: ModelVersion, outputs: dict[str, np.ndarray], top_k: int) -> dict[str, Any]:
+    """:func:`predict_rows` plus, per row, the top-k attributions and the most salient features."""
+    result = predict_rows(mv, outputs)
+    spec = mv.spec
+    unit = _UNIT.get(str(spec.get("kind")), "neuron / support point j")
+    features = spec.get("feature_names")
+    explanations = []
+    for i in range(len(result["predictions"])):
+        index = np.asarray(outputs["attribution_index"])[i, :top_k].tolist()
+        weight = np.asarray(outputs["attribution_weight"])[i, :top_k].tolist()
+        sens = np.asarray(outputs["label_sensitivity"])[i, :top_k].tolist()
+        attributions = []
+        for rank, (j, w, s) in enumerate(zip(index, weight, sens, strict=True), start=1):
+            item = {"rank": rank, "index": j, "weight": w, "label_sensitivity": s}
+            item.update(_support_info(spec, j))
+            attributions.append(item)
+        saliency = np.asarray(outputs["saliency"])[i]
+        order = np.argsort(-np.abs(saliency), kind="stable")[:top_k].tolist()
+        salient = [{"feature": (features[f] if isinstance(features, list) and f < len(features) else f),
+                    "gradient": saliency[f].item()} for f in order]
+        explanations.append({
+            "attributions": _v(attributions,
+                               f"top-{top_k} Gibbs weights pi_j (they sum to 1 over all j); index = {unit}; "
+                               "label_sensitivity = d prediction / d label_j (Prop F.1)"),
+            "attribution_entropy": _v(_scalar(outputs["attribution_entropy"], i),
+                                      MEANINGS["attribution_entropy"] + "; 0 = one neuron decides alone"),
+            "salient_features": _v(salient, "features with the largest |gradient| of the decisive output "
+                                            "(raw input space)"),
+        })
+    result["explanations"] = explanations
+    return result

@@ -1,0 +1,328 @@
+"""The model repository: ``<root>/<model>/<version>/`` with numeric versions.
+
+Every version on disk is loaded; requests without a version go to the highest version that is
+ready (Triton's "latest" policy), explicit versions stay addressable. A version that fails to load
+is reported as not ready with its reason and takes down nothing else; a failed reload keeps the
+previous load of that version serving. Swaps happen atomically on the event loop; replaced
+versions finish their queued requests before they are released.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from hjmodel import serving
+from service.backends import Backend, load_backend
+from service.batching import DynamicBatcher
+from service.errors import HJServeError, ModelLoadFailed, ModelNotFound, ModelNotReady
+from service.metrics import VersionMetrics
+from service.settings import Settings
+
+__all__ = ["ModelRepository", "ModelVersion", "VersionState", "read_spec"]
+
+log = logging.getLogger(__name__)
+
+BackendLoader = Callable[..., Backend]
+
+
+def read_spec(version_dir: Path, backend: Backend | None = None) -> dict[str, Any]:
+    """The artifact's JSON spec, read by ``hjmodel.artifact.read_spec`` (fallback: the raw JSON in
+    ``model.json`` or the ONNX metadata); raises ModelLoadFailed."""
+    try:
+        from hjmodel.artifact import ArtifactError
+        from hjmodel.artifact import read_spec as hj_read_spec
+    except ImportError:
+        hj_read_spec = None
+    if hj_read_spec is not None:
+        try:
+            spec = hj_read_spec(version_dir)
+        except ArtifactError as exc:
+            raise ModelLoadFailed(f"invalid artifact: {exc}") from None
+        except Exception as exc:
+            raise ModelLoadFailed(f"cannot read the spec: {type(exc).__name__}: {exc}") from None
+    else:
+        raw = None
+        if (Path(version_dir) / "model.json").is_file():
+            raw = (Path(version_dir) / "model.json").read_text()
+        elif backend is not None and serving.ONNX_SPEC_KEY in getattr(backend, "metadata", {}):
+            raw = backend.metadata[serving.ONNX_SPEC_KEY]
+        if raw is None:
+            raise ModelLoadFailed("no spec found (model.json or ONNX metadata)")
+        try:
+            spec = json.loads(raw)
+        except ValueError as exc:
+            raise ModelLoadFailed(f"the spec is not valid JSON: {exc}") from None
+    return _check_spec(spec)
+
+
+def _check_spec(spec: Any) -> dict[str, Any]:
+    if not isinstance(spec, dict):
+        raise ModelLoadFailed("the spec is not a JSON object")
+    task = spec.get("task")
+    if task not in ("classification", "regression"):
+        raise ModelLoadFailed(f"spec task must be classification or regression, got {task!r}")
+    for key in ("n_features", "n_outputs"):
+        if not isinstance(spec.get(key), int) or spec[key] < 1:
+            raise ModelLoadFailed(f"spec {key} must be a positive integer")
+    if task == "classification":
+        names = spec.get("class_names")
+        if not isinstance(names, list) or len(names) != spec["n_outputs"]:
+            raise ModelLoadFailed("spec class_names must list n_outputs names")
+    top = spec.get("top_k_max", serving.TOP_K_MAX)
+    if not isinstance(top, int) or top < 1:
+        raise ModelLoadFailed("spec top_k_max must be a positive integer")
+    return spec
+
+
+class VersionState:
+    """Triton's model states, as shown in the repository index."""
+
+    READY = "READY"
+    UNAVAILABLE = "UNAVAILABLE"
+    LOADING = "LOADING"
+
+
+@dataclass
+class ModelVersion:
+    """A loaded, serving model version."""
+
+    name: str
+    version: int
+    path: Path
+    spec: dict[str, Any]
+    backend: Backend
+    batcher: DynamicBatcher
+    metrics: VersionMetrics
+    output_names: tuple[str, ...] = ()
+
+    @property
+    def task(self) -> str:
+        return self.spec["task"]
+
+    @property
+    def n_features(self) -> int:
+        return int(self.spec["n_features"])
+
+    @property
+    def top_k_max(self) -> int:
+        return int(self.spec.get("top_k_max", serving.TOP_K_MAX))
+
+
+@dataclass
+class _Model:
+    versions: dict[int, ModelVersion] = field(default_factory=dict)
+    reasons: dict[int, str] = field(default_factory=dict)  # version -> why it is not (freshly) loaded
+    reason: str = ""  # model-level (no directory, no versions, unloaded)
+
+
+def _numeric_versions(model_dir: Path) -> list[int]:
+    out = []
+    for child in model_dir.iterdir():
+        if child.is_dir() and child.name.isdigit():
+            out.append(int(child.name))
+    return sorted(out)
+
+
+class ModelRepository:
+    """Loads, serves and swaps the model versions of one repository root."""
+
+    def __init__(self, settings: Settings, loader: BackendLoader = load_backend):
+        self.settings = settings
+        self.root = Path(settings.model_repository)
+        self._loader = loader
+        self._models: dict[str, _Model] = {}
+        self._lock = threading.Lock()
+        self._load_locks: dict[str, asyncio.Lock] = {}
+        self._closers: set[asyncio.Task] = set()
+        self.started = False
+
+    # -- queries ----------------------------------------------------------------------------------
+
+    def disk_models(self) -> list[str]:
+        """Model directories under the root."""
+        if not self.root.is_dir():
+            return []
+        return sorted(p.name for p in self.root.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+    def get(self, name: str, version: str | int | None = None) -> ModelVersion:
+        """The serving version (highest ready when ``version`` is None); ModelNotFound / ModelNotReady."""
+        with self._lock:
+            model = self._models.get(name)
+        if model is None:
+            raise ModelNotFound(f"unknown model '{name}'")
+        if version is None or version == "":
+            if not model.versions:
+                why = model.reason or "; ".join(f"version {v}: {r}" for v, r in sorted(model.reasons.items()))
+                raise ModelNotReady(f"model '{name}' has no ready version" + (f" ({why})" if why else ""))
+            return model.versions[max(model.versions)]
+        try:
+            number = int(str(version))
+        except ValueError:
+            raise ModelNotFound(f"model '{name}' has no version '{version}'") from None
+        found = model.versions.get(number)
+        if found is not None:
+            return found
+        if number in model.reasons:
+            raise ModelNotReady(f"model '{name}' version {number} is not ready: {model.reasons[number]}")
+        raise ModelNotFound(f"model '{name}' has no version '{version}'")
+
+    def model_names(self) -> list[str]:
+        """Models known to the repository (loaded or failed)."""
+        with self._lock:
+            return sorted(self._models)
+
+    def ready_versions(self, name: str) -> list[int]:
+        with self._lock:
+            model = self._models.get(name)
+        return sorted(model.versions) if model else []
+
+    def is_ready(self) -> bool:
+        """Startup finished and at least one model version serves."""
+        with self._lock:
+            return self.started and any(m.versions for m in self._models.values())
+
+    def index(self, ready_only: bool = False) -> list[dict[str, str]]:
+        """Triton's repository index: every model and version with state and reason."""
+        items: list[dict[str, str]] = []
+        with self._lock:
+            models = dict(self._models)
+        names = sorted(set(models) | set(self.disk_models()))
+        for name in names:
+            model = models.get(name)
+            if model is None:
+                if not ready_only:
+                    items.append({"name": name, "state": VersionState.UNAVAILABLE, "reason": "not loaded"})
+                continue
+            versions = sorted(set(model.versions) | set(model.reasons))
+            if not versions and not ready_only:
+                items.append({"name": name, "state": VersionState.UNAVAILABLE, "reason": model.reason})
+            for v in versions:
+                ready = v in model.versions
+                if ready_only and not ready:
+                    continue
+                items.append({"name": name, "version": str(v),
+                              "state": VersionState.READY if ready else VersionState.UNAVAILABLE,
+                              "reason": model.reasons.get(v, "")})
+        return items
+
+    # -- loading ----------------------------------------------------------------------------------
+
+    def _load_version(self, name: str, version: int, path: Path) -> ModelVersion:
+        """Blocking: load one version directory (runs in a worker thread)."""
+        s = self.settings
+        backend = self._loader(path, preference=s.backend, device=s.device, threads=s.intra_op_threads)
+        try:
+            spec = read_spec(path, backend)
+            names = serving.output_names(spec["task"])
+            probe = backend.infer(np.zeros((1, spec["n_features"]), dtype=np.float32), s.default_tau)
+            missing = [n for n in names if n not in probe]
+            if missing:
+                raise ModelLoadFailed(f"the model does not produce the outputs {missing}")
+            for n in names:
+                if len(probe[n]) != 1:
+                    raise ModelLoadFailed(f"output '{n}' does not have one row per input row")
+        except HJServeError as exc:
+            backend.close()
+            raise ModelLoadFailed(exc.message) from None
+        except Exception as exc:
+            backend.close()
+            raise ModelLoadFailed(f"{type(exc).__name__}: {exc}") from None
+        metrics = VersionMetrics(name, str(version), spec.get("class_names") or ())
+        batcher = DynamicBatcher(
+            backend, max_batch_size=s.max_batch_size, max_queue_delay_s=s.max_queue_delay_ms / 1000.0,
+            max_queue_size=s.max_queue_size, retry_after_s=s.retry_after_s, name=f"{name}-{version}",
+            on_batch=metrics.on_batch, on_queue=metrics.queue_size.set)
+        return ModelVersion(name, version, path, spec, backend, batcher, metrics, names)
+
+    async def load_all(self) -> None:
+        """Load every model on disk (startup); failures are recorded, never raised."""
+        for name in self.disk_models():
+            try:
+                await self.load(name)
+            except HJServeError as exc:
+                log.warning("model %s: %s", name, exc.message)
+        self.started = True
+
+    async def load(self, name: str) -> None:
+        """(Re)load every version of ``name`` from disk; raises ModelLoadFailed when any version
+        failed (versions that loaded are swapped in; a failed version keeps its previous load)."""
+        lock = self._load_locks.setdefault(name, asyncio.Lock())
+        async with lock:
+            model_dir = self.root / name
+            if not model_dir.is_dir():
+                raise ModelNotFound(f"no model directory '{name}' in the repository")
+            versions = _numeric_versions(model_dir)
+            loaded: dict[int, ModelVersion] = {}
+            failed: dict[int, str] = {}
+            for v in versions:
+                try:
+                    loaded[v] = await asyncio.to_thread(self._load_version, name, v, model_dir / str(v))
+                except HJServeError as exc:
+                    failed[v] = exc.message
+            with self._lock:
+                old = self._models.get(name) or _Model()
+                new = _Model()
+                for v in versions:
+                    if v in loaded:
+                        new.versions[v] = loaded[v]
+                    elif v in old.versions:
+                        new.versions[v] = old.versions[v]
+                        new.reasons[v] = f"reload failed, previous load still serving: {failed[v]}"
+                    else:
+                        new.reasons[v] = failed[v]
+                if not versions:
+                    new.reason = "no numeric version directories"
+                self._models[name] = new
+            replaced = [mv for v, mv in old.versions.items() if new.versions.get(v) is not mv]
+            for mv in loaded.values():
+                mv.metrics.ready.set(1)
+            for mv in replaced:
+                if mv.version not in new.versions:
+                    mv.metrics.ready.set(0)
+                self._retire(mv)
+            for v in failed:
+                if v not in new.versions:
+                    VersionMetrics(name, str(v)).ready.set(0)
+        if failed:
+            detail = "; ".join(f"version {v}: {r}" for v, r in sorted(failed.items()))
+            raise ModelLoadFailed(f"failed to load '{name}': {detail}")
+
+    async def unload(self, name: str) -> None:
+        """Stop serving every version of ``name`` (queued requests still finish)."""
+        lock = self._load_locks.setdefault(name, asyncio.Lock())
+        async with lock:
+            with self._lock:
+                old = self._models.get(name)
+                if old is None:
+                    raise ModelNotFound(f"unknown model '{name}'")
+                self._models[name] = _Model(reason="unloaded")
+            for mv in old.versions.values():
+                mv.metrics.ready.set(0)
+                self._retire(mv)
+
+    def _retire(self, mv: ModelVersion) -> None:
+        task = asyncio.get_running_loop().create_task(mv.batcher.close())
+        self._closers.add(task)
+        task.add_done_callback(self._closers.discard)
+
+    async def close(self) -> None:
+        """Release every model (shutdown)."""
+        with self._lock:
+            models, self._models = self._models, {}
+        for model in models.values():
+            for mv in model.versions.values():
+                mv.metrics.ready.set(0)
+                await mv.batcher.close()
+        if self._closers:
+            await asyncio.gather(*self._closers, return_exceptions=True)
+
+

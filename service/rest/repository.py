@@ -1,0 +1,37 @@
+"""Model repository extension routes (admin)."""
+
+from __future__ import annotations
+
+from fastapi import Request
+from fastapi.responses import Response
+from pydantic import ValidationError
+
+from service.codecs import parse_json
+from service.errors import BadRequest
+from service.rest.common import dataplane_of, json_response, read_body
+from service.types import RepositoryIndexRequest
+
+__all__ = ["index", "load", "unload"]
+
+
+async def index(request: Request) -> Response:
+    body = await read_body(request, 64 * 1024)
+    ready_only = False
+    if body.strip():
+        try:
+            ready_only = bool(RepositoryIndexRequest.model_validate(parse_json(body)).ready)
+        except ValidationError as exc:
+            raise BadRequest(f"invalid index request: {exc.errors()[0]['msg']}") from None
+    return json_response(dataplane_of(request).repository.index(ready_only))
+
+
+async def load(request: Request, model_name: str) -> Response:
+    await read_body(request, 64 * 1024)
+    await dataplane_of(request).repository.load(model_name)
+    return json_response({})
+
+
+async def unload(request: Request, model_name: str) -> Response:
+    await read_body(request, 64 * 1024)
+    await dataplane_of(request).repository.unload(model_name)
+    return json_response({})

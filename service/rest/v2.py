@@ -1,0 +1,63 @@
+"""V2 (Open Inference Protocol) routes: health, metadata, config, infer."""
+
+from __future__ import annotations
+
+from fastapi import Request
+from fastapi.responses import Response
+from starlette.concurrency import run_in_threadpool
+
+from service import codecs
+from service.errors import ModelNotReady
+from service.rest.common import dataplane_of, json_response, read_body, settings_of
+
+__all__ = ["infer", "live", "model_config", "model_metadata", "model_ready", "model_stats", "ready", "server_metadata"]
+
+#: Bodies larger than this are decoded in a worker thread so the event loop stays responsive.
+_OFFLOAD_BYTES = 256 * 1024
+
+
+async def live(request: Request) -> Response:
+    return json_response({"live": dataplane_of(request).live()})
+
+
+async def ready(request: Request) -> Response:
+    if not dataplane_of(request).ready():
+        raise ModelNotReady("the server is not ready: no model version is serving yet")
+    return json_response({"ready": True})
+
+
+async def server_metadata(request: Request) -> Response:
+    return json_response(dataplane_of(request).server_metadata())
+
+
+async def model_metadata(request: Request, model_name: str, model_version: str | None = None) -> Response:
+    return json_response(dataplane_of(request).model_metadata(model_name, model_version))
+
+
+async def model_ready(request: Request, model_name: str, model_version: str | None = None) -> Response:
+    dataplane_of(request).repository.get(model_name, model_version)  # raises not found / not ready
+    return json_response({"name": model_name, "ready": True})
+
+
+async def model_config(request: Request, model_name: str, model_version: str | None = None) -> Response:
+    return json_response(dataplane_of(request).model_config(model_name, model_version))
+
+
+async def model_stats(request: Request, model_name: str | None = None,
+                      model_version: str | None = None) -> Response:
+    return json_response(dataplane_of(request).model_stats(model_name, model_version))
+
+
+async def infer(request: Request, model_name: str, model_version: str | None = None) -> Response:
+    body = await read_body(request, settings_of(request).max_body_bytes)
+    header = request.headers.get(codecs.HEADER_LENGTH)
+    if len(body) > _OFFLOAD_BYTES:
+        decoded = await run_in_threadpool(codecs.decode_infer_request, body, header)
+    else:
+        decoded = codecs.decode_infer_request(body, header)
+    response = await dataplane_of(request).infer(model_name, model_version, decoded)
+    payload, header_length = codecs.encode_infer_response(response)
+    if header_length is None:
+        return Response(payload, media_type=codecs.JSON_CONTENT_TYPE)
+    return Response(payload, media_type=codecs.BINARY_CONTENT_TYPE,
+                    headers={codecs.HEADER_LENGTH: str(header_length)})

@@ -1,0 +1,52 @@
+"""Fixtures of the service tests: a tiny contract-honouring repository, real hjmodel artifacts and a
+shared real server process (helpers live in ``svc_helpers``)."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from svc_helpers import Server, export_tiny, run_server, train_artifact  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_repo(tmp_path_factory) -> Path:
+    """``clf`` (versions 1 and 2), ``reg`` (1), ``broken`` (1: a corrupt model.onnx)."""
+    root = tmp_path_factory.mktemp("repo")
+    export_tiny(root / "clf" / "1", "classification", seed=0)
+    export_tiny(root / "clf" / "2", "classification", seed=1)
+    export_tiny(root / "reg" / "1", "regression", seed=2)
+    (root / "broken" / "1").mkdir(parents=True)
+    (root / "broken" / "1" / "model.onnx").write_bytes(b"this is not an onnx graph")
+    return root
+
+
+@pytest.fixture(scope="session")
+def hj_repo(tmp_path_factory) -> Path:
+    """Real hjmodel artifacts: ``iris`` (lse classification), ``iris_memory``, ``diabetes`` (lse regression)."""
+    root = tmp_path_factory.mktemp("hjrepo")
+    train_artifact("iris", root / "iris" / "1")
+    train_artifact("iris", root / "iris_memory" / "1", kind="memory")
+    train_artifact("diabetes", root / "diabetes" / "1")
+    return root
+
+
+@pytest.fixture(scope="session")
+def server(tiny_repo: Path, tmp_path_factory) -> Iterator[Server]:
+    """The shared server over the tiny repository (1 MiB body limit)."""
+    with run_server(tiny_repo, tmp_path_factory.mktemp("logs"), max_body_bytes=1024 * 1024) as s:
+        yield s
+
+
+@pytest.fixture(scope="session")
+def triton(server: Server):
+    import tritonclient.http as httpclient
+
+    client = httpclient.InferenceServerClient(url=server.host_port, network_timeout=30.0)
+    yield client
+    client.close()

@@ -1,0 +1,143 @@
+"""Helpers of the service tests: the tiny fixture model, real server processes, in-process references."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parents[1]
+sys.path.insert(0, str(HERE))
+
+import tiny_model  # noqa: E402
+
+
+def export_tiny(path: Path, task: str = "classification", seed: int = 0) -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        tiny_model.export(path, task, seed)
+
+
+
+
+
+
+def copy_version(src: Path, dst: Path) -> None:
+    """Copy a version directory atomically (rename), as an operator would publish one."""
+    tmp = dst.parent / f".tmp-{dst.name}"
+    shutil.copytree(src, tmp)
+    tmp.rename(dst)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class Server:
+    """A running ``python -m service`` process."""
+
+    url: str
+    host_port: str
+    proc: subprocess.Popen
+    log: Path
+
+    def client(self, **kw) -> httpx.Client:
+        return httpx.Client(base_url=self.url, timeout=30, **kw)
+
+
+@contextlib.contextmanager
+def run_server(repo: Path, log_dir: Path, **settings: object) -> Iterator[Server]:
+    """Start a real uvicorn server on a free loopback port; stop it by PID afterwards."""
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HJSERVE_")}
+    env.update({f"HJSERVE_{k.upper()}": str(v) for k, v in settings.items()})
+    env["PYTHONPATH"] = str(ROOT)
+    log = log_dir / f"server-{port}.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "service", "--model-repository", str(repo), "--host", "127.0.0.1",
+             "--port", str(port), "--log-level", "warning"],
+            cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
+    server = Server(f"http://127.0.0.1:{port}", f"127.0.0.1:{port}", proc, log)
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"server exited with {proc.returncode}:\n{log.read_text()}")
+            try:
+                if httpx.get(server.url + "/v2/health/live", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"server did not start:\n{log.read_text()}")
+            time.sleep(0.1)
+        yield server
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(timeout=5)
+
+
+
+
+
+
+def reference_outputs(version_dir: Path, x, tau: float = 0.1) -> dict:
+    """Every contract output computed in-process on the same artifact: hjmodel's serving module
+    when the version has a torch artifact, else the ONNX graph itself (the tiny fixture)."""
+    import numpy as np
+
+    version_dir = Path(version_dir)
+    if (version_dir / "model.pt").is_file():
+        import torch
+
+        from hjmodel.artifact import load_serving_module
+
+        module = load_serving_module(version_dir).eval()
+        with torch.no_grad():
+            out = module(torch.as_tensor(np.asarray(x, np.float32)), torch.tensor([tau], dtype=torch.float64))
+        return {k: v.detach().cpu().numpy() for k, v in out.items()}
+    return tiny_model.reference(version_dir, x, tau)
+
+
+def train_artifact(dataset: str, version_dir: Path, kind: str = "lse") -> Path:
+    """A small real hjmodel artifact (ONNX + torch) trained for a few epochs."""
+    from hjmodel.artifact import save_artifact
+    from hjmodel.data import load_dataset
+    from hjmodel.train import TrainConfig, train
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model, _ = train(load_dataset(dataset), TrainConfig(kind=kind, epochs=3, progress=False, reference_size=50,
+                                                            memory_size=100))
+        save_artifact(model, version_dir)
+    return version_dir
+
+
+
+def metric_value(text: str, name: str, **labels: str) -> float:
+    """Sum of the samples of ``name`` whose labels include ``labels`` in a Prometheus exposition."""
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith(name + "{") and all(f'{k}="{v}"' in line for k, v in labels.items()):
+            total += float(line.rsplit(" ", 1)[1])
+    return total

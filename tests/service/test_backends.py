@@ -1,0 +1,80 @@
+"""One contract test run against every backend, parity between backends, and each backend end to
+end, all on real hjmodel artifacts compared with ``hjmodel.artifact.load_serving_module``."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import tritonclient.http as httpclient
+from svc_helpers import reference_outputs, run_server
+
+from hjmodel import serving
+from service.backends import choose_backend, load_backend
+from service.codecs import DATATYPES
+from service.errors import ModelLoadFailed
+from service.repository import read_spec
+
+MODELS = ["iris", "iris_memory", "diabetes"]
+
+
+def _rows(spec, n=16, seed=0):
+    return np.random.default_rng(seed).standard_normal((n, spec["n_features"])).astype(np.float32)
+
+
+def _close(got, want, name):
+    assert got.shape == want.shape, name
+    if want.dtype.kind in "biu":
+        np.testing.assert_array_equal(got, want, err_msg=name)
+    else:
+        np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-6, err_msg=name)
+
+
+@pytest.mark.parametrize("backend", ["onnx", "torch"])
+@pytest.mark.parametrize("model", MODELS)
+def test_backend_honours_the_contract(hj_repo, backend, model):
+    version = hj_repo / model / "1"
+    spec = read_spec(version)
+    loaded = load_backend(version, preference=backend, device="cpu")
+    assert loaded.name == backend and loaded.device == "cpu"
+    x = _rows(spec)
+    got = loaded.infer(x, 0.2)
+    want = reference_outputs(version, x, tau=0.2)
+    for o in serving.outputs_for(spec["task"]):
+        assert np.asarray(got[o.name]).dtype == DATATYPES[o.datatype], o.name
+        _close(np.asarray(got[o.name]), want[o.name], o.name)
+    loaded.close()
+
+
+def test_backend_choice_and_load_errors(hj_repo, tmp_path):
+    assert choose_backend(hj_repo / "iris" / "1", "auto") == "onnx"
+    (tmp_path / "pt").mkdir()
+    (tmp_path / "pt" / "model.pt").write_bytes(b"x")
+    assert choose_backend(tmp_path / "pt", "auto") == "torch"
+    with pytest.raises(ModelLoadFailed, match="invalid torch artifact|cannot load"):
+        load_backend(tmp_path / "pt", preference="torch")
+    with pytest.raises(ModelLoadFailed, match="neither"):
+        choose_backend(tmp_path, "auto")
+    with pytest.raises(ModelLoadFailed, match="does not exist"):
+        load_backend(tmp_path / "pt", preference="onnx")
+
+
+@pytest.mark.parametrize("backend", ["onnx", "torch"])
+def test_server_on_each_backend_matches_in_process(hj_repo, tmp_path, backend):
+    with run_server(hj_repo, tmp_path, backend=backend) as s:
+        client = httpclient.InferenceServerClient(url=s.host_port)
+        try:
+            for model in MODELS:
+                spec = read_spec(hj_repo / model / "1")
+                assert client.get_model_config(model)["backend"] == backend
+                x = _rows(spec, n=7, seed=3)
+                inp = httpclient.InferInput("input", list(x.shape), "FP32")
+                inp.set_data_from_numpy(x, binary_data=True)
+                names = serving.output_names(spec["task"])
+                outputs = [httpclient.InferRequestedOutput(n, binary_data=True) for n in names]
+                result = client.infer(model, [inp], outputs=outputs,
+                                      parameters={"top_k": serving.TOP_K_MAX, "tau": 0.3})
+                want = reference_outputs(hj_repo / model / "1", x, tau=0.3)
+                for name in names:
+                    _close(result.as_numpy(name), want[name], f"{model}/{name}")
+        finally:
+            client.close()

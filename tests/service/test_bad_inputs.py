@@ -1,0 +1,128 @@
+"""Table-driven bad input against the real server: status, error_type, message; never a 500."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from tiny_model import D
+
+from service.codecs import HEADER_LENGTH
+
+
+def _v2(shape=(1, D), datatype="FP32", data=None, name="input", **extra) -> dict:
+    if data is None:
+        data = np.ones(shape).ravel().tolist()
+    body = {"inputs": [{"name": name, "shape": list(shape), "datatype": datatype, "data": data}]}
+    body.update(extra)
+    return body
+
+
+def _binary(values: np.ndarray, *, size: int | None = None, header_delta: int = 0, datatype="FP32"):
+    raw = np.ascontiguousarray(values).tobytes()
+    head = json.dumps({"inputs": [{"name": "input", "shape": list(values.shape), "datatype": datatype,
+                                   "parameters": {"binary_data_size": len(raw) if size is None else size}}]}).encode()
+    return head + raw, {HEADER_LENGTH: str(len(head) + header_delta)}
+
+
+INFER = "/v2/models/clf/infer"
+INF_ROWS = np.array([[1, 2, np.inf, 4]], np.float32)
+
+# (id, method, path, body: dict | bytes | (bytes, headers), status, error_type, message substring)
+CASES = [
+    ("feature-count", "POST", INFER, _v2(shape=(1, D + 1)), 400, "invalid_shape", f"[batch, {D}]"),
+    ("rank-1", "POST", INFER, _v2(shape=(D,)), 400, "invalid_shape", f"[batch, {D}]"),
+    ("data-vs-shape", "POST", INFER, _v2(shape=(2, D), data=[1.0] * D), 400, "invalid_shape", "data has shape"),
+    ("datatype-int", "POST", INFER, _v2(datatype="INT32", data=[1] * D), 400, "invalid_datatype", "FP32 or FP64"),
+    ("datatype-unknown", "POST", INFER, _v2(datatype="FLOAT"), 400, "invalid_datatype", "unknown datatype"),
+    ("strings-as-floats", "POST", INFER, _v2(data=["1"] * D), 400, "invalid_datatype", "does not match"),
+    ("nan-json", "POST", INFER, b'{"inputs":[{"name":"input","shape":[1,4],"datatype":"FP32","data":[1,NaN,2,3]}]}',
+     400, "invalid_value", "NaN or infinite"),
+    ("inf-binary", "POST", INFER, _binary(INF_ROWS), 400, "invalid_value", "NaN or infinite"),
+    ("fp64-overflow", "POST", INFER, _v2(datatype="FP64", data=[1e300] * D), 400, "invalid_value", "float32 range"),
+    ("empty-batch", "POST", INFER, _v2(shape=(0, D), data=[]), 400, "empty_batch", "no rows"),
+    ("oversized", "POST", INFER, b"{" + b" " * (1024 * 1024 + 10) + b"}", 413, "payload_too_large", "exceeds"),
+    ("malformed-json", "POST", INFER, b'{"inputs": [', 400, "invalid_json", "malformed JSON"),
+    ("json-not-object", "POST", INFER, b"[]", 400, "invalid_json", "JSON object"),
+    ("no-inputs-key", "POST", INFER, b'{"id": "1"}', 400, "bad_request", "inputs"),
+    ("header-past-body", "POST", INFER, _binary(np.ones((1, D), np.float32), header_delta=10_000), 400,
+     "invalid_header", "the body has"),
+    ("header-not-int", "POST", INFER, (_binary(np.ones((1, D), np.float32))[0], {HEADER_LENGTH: "twelve"}), 400,
+     "invalid_header", "must be an integer"),
+    ("binary-size-short", "POST", INFER, _binary(np.ones((1, D), np.float32), size=8), 400, "invalid_shape", "needs"),
+    ("binary-size-long", "POST", INFER, _binary(np.ones((1, D), np.float32), size=64), 400, "invalid_header",
+     "runs past"),
+    ("header-cuts-json", "POST", INFER, _binary(np.ones((1, D), np.float32), header_delta=-5), 400, "invalid_json",
+     "malformed JSON"),
+    ("unknown-model", "POST", "/v2/models/nope/infer", _v2(), 404, "model_not_found", "unknown model 'nope'"),
+    ("unknown-version", "POST", "/v2/models/clf/versions/9/infer", _v2(), 404, "model_not_found", "no version '9'"),
+    ("version-not-number", "GET", "/v2/models/clf/versions/latest", None, 404, "model_not_found", "no version"),
+    ("unknown-output", "POST", INFER, _v2(outputs=[{"name": "logits"}]), 400, "unknown_output", "logits"),
+    ("output-twice", "POST", INFER, _v2(outputs=[{"name": "prediction"}, {"name": "prediction"}]), 400,
+     "bad_request", "twice"),
+    ("wrong-input-name", "POST", INFER, _v2(name="x"), 400, "unknown_input", "named 'input'"),
+    ("two-inputs", "POST", INFER, {"inputs": [_v2()["inputs"][0]] * 2}, 400, "unknown_input", "exactly one"),
+    ("top-k-zero", "POST", INFER, _v2(parameters={"top_k": 0}), 400, "invalid_parameter", "top_k"),
+    ("top-k-too-big", "POST", INFER, _v2(parameters={"top_k": 11}), 400, "invalid_parameter", "[1, 10]"),
+    ("top-k-string", "POST", INFER, _v2(parameters={"top_k": "3"}), 400, "invalid_parameter", "top_k"),
+    ("tau-negative", "POST", INFER, _v2(parameters={"tau": -1}), 400, "invalid_parameter", "tau"),
+    ("tau-zero", "POST", INFER, _v2(parameters={"tau": 0}), 400, "invalid_parameter", "tau"),
+    ("tau-string", "POST", INFER, _v2(parameters={"tau": "x"}), 400, "invalid_parameter", "tau"),
+    ("alpha-other", "POST", INFER, _v2(parameters={"alpha": 0.2}), 400, "invalid_parameter", "calibrated at alpha"),
+    ("diagnostics-bad", "POST", INFER, _v2(parameters={"diagnostics": 3}), 400, "invalid_parameter", "diagnostics"),
+    ("timeout-bad", "POST", INFER, _v2(parameters={"timeout": -5}), 400, "invalid_parameter", "timeout"),
+    ("binary-flag-bad", "POST", INFER, _v2(parameters={"binary_data_output": "yes"}), 400, "bad_request",
+     "boolean"),
+    ("class-count", "POST", INFER, _v2(outputs=[{"name": "probabilities", "parameters": {"class_count": 2}}]), 400,
+     "invalid_parameter", "class_count"),
+    ("corrupt-model", "POST", "/v2/models/broken/infer", _v2(), 503, "model_not_ready", "cannot load"),
+    ("corrupt-model-metadata", "GET", "/v2/models/broken", None, 503, "model_not_ready", "cannot load"),
+    ("unknown-route", "GET", "/v2/nothing/here", None, 404, "not_found", "no route"),
+    ("wrong-method", "GET", INFER, None, 405, "method_not_allowed", "not allowed"),
+    ("v1-not-rows", "POST", "/v1/models/clf:predict", {"instances": "abc"}, 422, "validation_error", "instances"),
+    ("v1-ragged", "POST", "/v1/models/clf:predict", {"instances": [[1, 2, 3, 4], [1]]}, 400, "invalid_shape",
+     "equal length"),
+    ("v1-nan", "POST", "/v1/models/clf:predict", b'{"instances": [[1, 2, NaN, 4]]}', 400, "invalid_value", "NaN"),
+    ("v1-features", "POST", "/v1/models/clf:explain", {"instances": [[1, 2]]}, 400, "invalid_shape", "[batch, 4]"),
+    ("batch-wrong-d", "POST", "/v2/models/clf/batch-attribution", (b"[1,2]\n", {"content-type": "application/x-ndjson"}),
+     400, "invalid_shape", "[batch, 4]"),
+    ("batch-bad-line", "POST", "/v2/models/clf/batch-attribution", (b"[1,2,3,4]\n{oops\n",
+     {"content-type": "application/x-ndjson"}), 400, "invalid_json", "malformed"),
+    ("batch-query", "POST", "/v2/models/clf/batch-attribution?top_k=abc", {"instances": [[1, 2, 3, 4]]}, 400,
+     "invalid_parameter", "top_k"),
+    ("load-unknown", "POST", "/v2/repository/models/nope/load", None, 404, "model_not_found", "no model directory"),
+    ("index-bad-body", "POST", "/v2/repository/index", {"ready": "maybe"}, 400, "bad_request", "index"),
+]
+
+
+def _send(client, method, path, body):
+    headers = {}
+    if isinstance(body, tuple):
+        body, headers = body
+    if isinstance(body, dict):
+        return client.request(method, path, json=body, headers=headers)
+    return client.request(method, path, content=body, headers=headers)
+
+
+@pytest.mark.parametrize(("method", "path", "body", "status", "error_type", "message"),
+                         [c[1:] for c in CASES], ids=[c[0] for c in CASES])
+def test_bad_input(server, method, path, body, status, error_type, message):
+    with server.client() as c:
+        r = _send(c, method, path, body)
+    assert r.status_code == status, r.text
+    payload = r.json()
+    assert set(payload) == {"error", "error_type"}, payload
+    assert payload["error_type"] == error_type
+    assert message in payload["error"]
+
+
+def test_server_still_serves_after_bad_input(server):
+    with server.client() as c:
+        for case in CASES:
+            _send(c, *case[1:4])
+        r = c.post(INFER, json=_v2())
+        metrics = c.get("/metrics").text
+    assert r.status_code == 200
+    assert 'status="500"' not in metrics
+    assert 'hjserve_inference_failures_total{model="clf",reason="invalid_shape",version="2"}' in metrics

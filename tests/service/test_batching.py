@@ -1,0 +1,166 @@
+"""The dynamic batcher with a fake backend."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from service.batching import BatcherClosed, DynamicBatcher
+from service.errors import BackendError, InternalError, Overloaded, RequestTimeout
+
+
+class FakeBackend:
+    """Returns ``2 * input`` and the batch's tau; records every batch it sees."""
+
+    name = "fake"
+    device = "cpu"
+    platform = "fake"
+
+    def __init__(self, delay: float = 0.0, fail: Exception | None = None):
+        self.delay = delay
+        self.fail = fail
+        self.batches: list[tuple[int, float]] = []
+        self.gate = threading.Event()
+        self.gate.set()
+        self.closed = False
+
+    def infer(self, input, tau):
+        self.gate.wait(10)
+        if self.delay:
+            time.sleep(self.delay)
+        if self.fail is not None:
+            raise self.fail
+        self.batches.append((len(input), tau))
+        return {"double": input * 2, "tau": np.full(len(input), tau)}
+
+    def close(self):
+        self.closed = True
+
+
+def _batcher(backend, **kw):
+    opts = {"max_batch_size": 8, "max_queue_delay_s": 0.02, "max_queue_size": 100}
+    opts.update(kw)
+    return DynamicBatcher(backend, **opts)
+
+
+def _rows(n, start=0):
+    return np.arange(start, start + n * 2, dtype=np.float32).reshape(n, 2)
+
+
+def test_requests_are_batched_and_split_back_in_order():
+    backend = FakeBackend()
+
+    async def main():
+        b = _batcher(backend)
+        results = await asyncio.gather(*(b.infer(_rows(2, 10 * i), 0.5, timeout_s=5) for i in range(4)))
+        await b.close()
+        return results
+
+    results = asyncio.run(main())
+    for i, r in enumerate(results):
+        np.testing.assert_array_equal(r.outputs["double"], 2 * _rows(2, 10 * i))
+        assert r.batch_rows == 8
+    assert backend.batches == [(8, 0.5)] and backend.closed
+
+
+def test_batches_never_mix_tau_and_respect_max_batch_size():
+    backend = FakeBackend()
+
+    async def main():
+        b = _batcher(backend, max_batch_size=4)
+        coros = [b.infer(_rows(1), tau, timeout_s=5) for tau in (0.1, 0.2, 0.1, 0.2, 0.1, 0.1, 0.1)]
+        results = await asyncio.gather(*coros)
+        await b.close()
+        return results
+
+    results = asyncio.run(main())
+    assert [float(r.outputs["tau"][0]) for r in results] == [0.1, 0.2, 0.1, 0.2, 0.1, 0.1, 0.1]
+    assert all(n <= 4 for n, _ in backend.batches)
+    assert sum(n for n, _ in backend.batches) == 7
+
+
+def test_full_queue_rejects_at_once_with_retry_after():
+    backend = FakeBackend()
+    backend.gate.clear()
+
+    async def main():
+        b = _batcher(backend, max_batch_size=1, max_queue_size=2, max_queue_delay_s=0, retry_after_s=3)
+        running = asyncio.ensure_future(b.infer(_rows(1), 0.1, timeout_s=5))
+        await asyncio.sleep(0.05)  # the first job is now inside the (blocked) backend
+        queued = [asyncio.ensure_future(b.infer(_rows(1), 0.1, timeout_s=5)) for _ in range(2)]
+        await asyncio.sleep(0.01)
+        t0 = time.perf_counter()
+        with pytest.raises(Overloaded) as info:
+            await b.infer(_rows(1), 0.1, timeout_s=5)
+        assert time.perf_counter() - t0 < 0.05
+        assert info.value.headers["Retry-After"] == "3"
+        backend.gate.set()
+        await asyncio.gather(running, *queued)
+        await b.close()
+
+    asyncio.run(main())
+
+
+def test_timeout_while_waiting_and_no_hang():
+    backend = FakeBackend()
+    backend.gate.clear()
+
+    async def main():
+        b = _batcher(backend, max_batch_size=1, max_queue_delay_s=0)
+        first = asyncio.ensure_future(b.infer(_rows(1), 0.1, timeout_s=0.2))
+        second = asyncio.ensure_future(b.infer(_rows(1), 0.1, timeout_s=0.2))
+        results = await asyncio.gather(first, second, return_exceptions=True)
+        assert all(isinstance(r, RequestTimeout) for r in results)
+        backend.gate.set()
+        ok = await b.infer(_rows(1), 0.1, timeout_s=5)  # the worker survives
+        await b.close()
+        return ok
+
+    assert asyncio.run(main()).outputs["double"].shape == (1, 2)
+    assert len(backend.batches) == 2  # the timed-out second job never ran
+
+
+@pytest.mark.parametrize(("fail", "error"), [(BackendError("boom"), BackendError),
+                                             (ValueError("bug"), InternalError)])
+def test_backend_errors_reach_every_request_of_the_batch(fail, error):
+    async def main():
+        b = _batcher(FakeBackend(fail=fail))
+        results = await asyncio.gather(*(b.infer(_rows(1), 0.1, timeout_s=5) for _ in range(3)),
+                                       return_exceptions=True)
+        await b.close()
+        return results
+
+    assert all(isinstance(r, error) for r in asyncio.run(main()))
+
+
+def test_close_drains_the_queue_then_refuses():
+    backend = FakeBackend(delay=0.01)
+
+    async def main():
+        b = _batcher(backend, max_batch_size=1, max_queue_delay_s=0)
+        jobs = [asyncio.ensure_future(b.infer(_rows(1), 0.1, timeout_s=5)) for _ in range(5)]
+        await asyncio.sleep(0)
+        await b.close()
+        done = await asyncio.gather(*jobs)
+        with pytest.raises(BatcherClosed):
+            await b.infer(_rows(1), 0.1, timeout_s=5)
+        return done
+
+    assert len(asyncio.run(main())) == 5
+
+
+def test_wait_for_room_waits_instead_of_failing():
+    backend = FakeBackend(delay=0.005)
+
+    async def main():
+        b = _batcher(backend, max_batch_size=1, max_queue_size=1, max_queue_delay_s=0)
+        results = await asyncio.gather(*(b.infer(_rows(1), 0.1, timeout_s=5, wait_for_room=True)
+                                         for _ in range(10)))
+        await b.close()
+        return results
+
+    assert len(asyncio.run(main())) == 10

@@ -1,0 +1,167 @@
+"""Codecs against tritonclient's own encoders and decoders."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import tritonclient.http as httpclient
+from tritonclient.http._utils import _get_inference_request
+from tritonclient.utils import deserialize_bytes_tensor, serialize_byte_tensor
+
+from service import codecs
+from service.errors import BadRequest, InvalidDatatype, InvalidHeader, InvalidJSON, InvalidShape
+from service.types import InferOutput, InferResponse
+
+NUMERIC = ["BOOL", "UINT8", "UINT16", "UINT32", "UINT64", "INT8", "INT16", "INT32", "INT64", "FP16", "FP32",
+           "FP64"]
+
+
+def _sample(datatype: str, shape=(2, 3), seed=0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    if datatype == "BOOL":
+        return rng.random(shape) > 0.5
+    if datatype == "BYTES":
+        return np.array([f"s{i}-é".encode() for i in range(int(np.prod(shape)))], dtype=object).reshape(shape)
+    dtype = codecs.DATATYPES[datatype]
+    if dtype.kind in "iu":
+        return rng.integers(0, 100, size=shape).astype(dtype)
+    return rng.standard_normal(shape).astype(dtype)
+
+
+def _triton_request(arrays: dict[str, np.ndarray], binary: bool, outputs=None, **kw):
+    inputs = []
+    for name, array in arrays.items():
+        datatype = codecs.dtype_of(array)
+        inp = httpclient.InferInput(name, list(array.shape), datatype)
+        inp.set_data_from_numpy(array, binary_data=binary)
+        inputs.append(inp)
+    return _get_inference_request(inputs=inputs, request_id=kw.get("request_id", ""), outputs=outputs,
+                                  sequence_id=0, sequence_start=False, sequence_end=False, priority=0,
+                                  timeout=None, custom_parameters=kw.get("parameters"))
+
+
+@pytest.mark.parametrize("binary", [False, True])
+@pytest.mark.parametrize("datatype", [*NUMERIC, "BYTES"])
+def test_decode_matches_tritonclient_encoding(datatype, binary):
+    array = _sample(datatype)
+    body, header_length = _triton_request({"x": array}, binary)
+    decoded = codecs.decode_infer_request(body, None if header_length is None else str(header_length))
+    (tensor,) = decoded.inputs
+    assert tensor.name == "x" and tensor.datatype == datatype and tensor.shape == array.shape
+    if datatype == "BYTES":
+        assert tensor.array.tolist() == array.tolist()
+    else:
+        np.testing.assert_array_equal(tensor.array, array)
+        assert tensor.array.dtype == array.dtype
+
+
+def test_several_binary_inputs_and_request_fields():
+    a, b = _sample("FP32", (4, 2)), _sample("INT64", (4,))
+    out = [httpclient.InferRequestedOutput("p", binary_data=True), httpclient.InferRequestedOutput("q", binary_data=False)]
+    body, n = _triton_request({"a": a, "b": b}, True, outputs=out, request_id="r-1", parameters={"top_k": 3})
+    req = codecs.decode_infer_request(body, str(n))
+    np.testing.assert_array_equal(req.inputs[0].array, a)
+    np.testing.assert_array_equal(req.inputs[1].array, b)
+    assert req.id == "r-1" and req.parameters == {"top_k": 3}
+    assert [(o.name, o.binary) for o in req.outputs] == [("p", True), ("q", False)]
+    assert req.binary_output is False
+
+
+def test_no_outputs_requests_binary_output():
+    body, _ = _triton_request({"a": _sample("FP32")}, False)
+    assert codecs.decode_infer_request(body).binary_output is True
+
+
+def test_nested_json_data_is_accepted():
+    body = json.dumps({"inputs": [{"name": "x", "shape": [2, 2], "datatype": "FP32", "data": [[1, 2], [3, 4.5]]}]})
+    (t,) = codecs.decode_infer_request(body.encode()).inputs
+    np.testing.assert_array_equal(t.array, np.array([[1, 2], [3, 4.5]], np.float32))
+
+
+def test_header_equal_to_body_length_means_json():
+    body = json.dumps({"inputs": [{"name": "x", "shape": [1], "datatype": "FP64", "data": [1.5]}]}).encode()
+    (t,) = codecs.decode_infer_request(body, str(len(body))).inputs
+    assert t.array.tolist() == [1.5]
+
+
+@pytest.mark.parametrize("datatype", [*NUMERIC, "BYTES"])
+@pytest.mark.parametrize("binary", [False, True])
+def test_encode_is_read_by_tritonclient(datatype, binary):
+    arrays = {"a": _sample(datatype, (3, 2), seed=1), "b": _sample("FP32", (3,), seed=2)}
+    response = InferResponse("m", "1", [InferOutput(k, codecs.dtype_of(v), v, binary) for k, v in arrays.items()],
+                             id="abc")
+    body, header_length = codecs.encode_infer_response(response)
+    assert (header_length is not None) == binary
+    result = httpclient.InferResult.from_response_body(body, header_length=header_length)
+    assert result.get_response()["id"] == "abc"
+    for name, array in arrays.items():
+        got = result.as_numpy(name)
+        if datatype == "BYTES" and name == "a":
+            assert got.tolist() == array.tolist() if binary else [x.decode() for x in array.ravel()]
+        else:
+            np.testing.assert_array_equal(got, array)
+            assert got.shape == array.shape
+
+
+def test_bytes_serialization_matches_tritonclient():
+    array = _sample("BYTES", (5,))
+    assert codecs.serialize_bytes(array) == serialize_byte_tensor(array).item()
+    raw = serialize_byte_tensor(array).item()
+    assert codecs.deserialize_bytes(raw).tolist() == deserialize_bytes_tensor(raw).tolist()
+
+
+def test_bf16_binary_decodes_to_float32():
+    values = np.array([1.0, -2.5, 0.15625], np.float32)
+    raw = (values.view(np.uint32) >> 16).astype("<u2").tobytes()
+    head = json.dumps({"inputs": [{"name": "x", "shape": [3], "datatype": "BF16",
+                                   "parameters": {"binary_data_size": len(raw)}}]}).encode()
+    (t,) = codecs.decode_infer_request(head + raw, str(len(head))).inputs
+    np.testing.assert_array_equal(t.array, values)
+
+
+def _json_body(**tensor) -> bytes:
+    base = {"name": "x", "shape": [2], "datatype": "FP32", "data": [1, 2]}
+    base.update(tensor)
+    return json.dumps({"inputs": [base]}).encode()
+
+
+@pytest.mark.parametrize(("body", "header", "error", "text"), [
+    (b"{not json", None, InvalidJSON, "malformed JSON"),
+    (b"[1, 2]", None, InvalidJSON, "JSON object"),
+    (b'{"inputs": 3}', None, BadRequest, "invalid inference request"),
+    (_json_body(datatype="FP8"), None, InvalidDatatype, "unknown datatype"),
+    (_json_body(shape=[3]), None, InvalidShape, "shape"),
+    (_json_body(shape=[-1]), None, InvalidShape, "non-negative"),
+    (_json_body(data=[[1, 2], [3]]), None, InvalidShape, "ragged"),
+    (_json_body(data=["a", "b"]), None, InvalidDatatype, "does not match"),
+    (_json_body(datatype="INT8", data=[1, 300]), None, InvalidDatatype, "out of range"),
+    (_json_body(datatype="INT32", data=[1.5, 2]), None, InvalidDatatype, "does not match"),
+    (_json_body(data=None), None, BadRequest, "neither"),
+    (_json_body(), "abc", InvalidHeader, "must be an integer"),
+    (_json_body(), "100000", InvalidHeader, "the body has"),
+    (_json_body(), "-1", InvalidHeader, "the body has"),
+])
+def test_decode_errors(body, header, error, text):
+    with pytest.raises(error, match=text):
+        codecs.decode_infer_request(body, header)
+
+
+def test_binary_size_errors():
+    raw = np.zeros(2, np.float32).tobytes()
+    for size, text in ((16, "runs past"), (4, "needs 8"), ("8", "non-negative integer")):
+        head = json.dumps({"inputs": [{"name": "x", "shape": [2], "datatype": "FP32",
+                                       "parameters": {"binary_data_size": size}}]}).encode()
+        with pytest.raises(BadRequest, match=text):
+            codecs.decode_infer_request(head + raw, str(len(head)))
+    head = json.dumps({"inputs": [{"name": "x", "shape": [2], "datatype": "FP32", "data": [1, 2]}]}).encode()
+    with pytest.raises(InvalidHeader, match="not claimed"):
+        codecs.decode_infer_request(head + raw, str(len(head)))
+
+
+def test_non_finite_floats_round_trip_through_json():
+    out = InferOutput("r", "FP32", np.array([np.inf, 1.0], np.float32))
+    body, _ = codecs.encode_infer_response(InferResponse("m", "1", [out]))
+    result = httpclient.InferResult.from_response_body(body)
+    assert result.as_numpy("r").tolist() == [np.inf, 1.0]
