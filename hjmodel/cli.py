@@ -21,7 +21,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from .train import TrainConfig, train
 
     cfg = TrainConfig(kind=args.kind, eps=args.eps, t=args.t, preprocess=args.preprocess, pieces=args.pieces,
-                      hidden=args.hidden, epochs=args.epochs, lr=args.lr, seed=args.seed, anneal=args.anneal,
+                      hidden=args.hidden, head=args.head, epochs=args.epochs, lr=args.lr, seed=args.seed, anneal=args.anneal,
                       alpha=args.alpha, progress=not args.quiet)
     model, report = train(load_dataset(args.data, target=args.target, task=args.task), cfg)
     out = save_artifact(model, args.out, tuple(args.formats))
@@ -92,6 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--preprocess", choices=["standardize", "pca", "none"], default="standardize")
     p.add_argument("--pieces", type=int, default=8, help="neurons per output (lse head)")
     p.add_argument("--hidden", type=int, nargs="*", default=[64], help="deep: units per body layer")
+    p.add_argument("--head", choices=["lse", "memory"], default="lse", help="deep: head kind")
     p.add_argument("--epochs", type=int, default=150)
     p.add_argument("--lr", type=float, default=0.02)
     p.add_argument("--anneal", type=float, default=1.0, help="start at ANNEAL*eps and anneal down to eps")

@@ -35,6 +35,7 @@ class TrainConfig:
     pieces: int = 8                      #: neurons per output group (lse head)
     hidden: list[int] = field(default_factory=lambda: [64])  #: deep: units per body layer
     hidden_pieces: int = 4               #: deep: pieces per unit
+    head: str = "lse"                    #: deep: lse | memory (Hopf-Cole predictor over learned features)
     memory_size: int = 2000              #: memory: at most this many support points
     epochs: int = 150
     lr: float = 0.02
@@ -166,25 +167,12 @@ def train(data: Dataset, cfg: TrainConfig | None = None) -> tuple[HJModel, Train
         d_in = units
     tr_t = torch.as_tensor(tr)
 
+    loo = {"pos_of": None}  # leave-one-out: a support point may not explain itself
     if cfg.kind == "memory":
         supp = tr_t[torch.randperm(len(tr_t), generator=gen)[:cfg.memory_size]]
-        Ys = Z[supp]
-        t = cfg.t if cfg.t is not None else eps / 10.0
-        if task == "classification":
-            V = torch.nn.functional.one_hot(y[supp], K).to(torch.float64)
-            labels = y[supp]
-            g0 = torch.zeros(len(supp), dtype=torch.float64)
-        else:
-            V = y[supp].clone()
-            labels = None
-            g0 = torch.zeros(len(supp), dtype=torch.float64)
-        Wm, bm = Ys / (2 * t), -(Ys * Ys).sum(-1) / (4 * t) - g0
-        head = GibbsHead(Wm, bm, eps, t, "values", V=V, labels=labels, example_ids=supp)
-        head.W.requires_grad_(False)
+        head = _memory_head(Z[supp], y[supp], supp, K, task, eps, cfg.t)
         params = [head.b]
-        # leave-one-out objective: a support point may not explain itself
-        pos_of = torch.full((len(X_all),), -1, dtype=torch.long)
-        pos_of[supp] = torch.arange(len(supp))
+        loo["pos_of"] = _positions(supp, len(X_all))
     else:
         t = cfg.t if cfg.t is not None else 0.5
         N = K * cfg.pieces
@@ -194,7 +182,6 @@ def train(data: Dataset, cfg: TrainConfig | None = None) -> tuple[HJModel, Train
             mask[k, k * cfg.pieces:(k + 1) * cfg.pieces] = True
         head = GibbsHead(Wh, torch.zeros(N, dtype=torch.float64), eps, t, "groups", mask=mask)
         params = [head.W, head.b] + [p for layer in body for p in (layer.W, layer.b)]
-        pos_of = None
 
     ref = OODReference(points=torch.zeros(1, d_in, dtype=torch.float64), t=1.0, eps=1.0, alpha=cfg.alpha)
     meta = {"class_names": class_names, "feature_names": data.feature_names}
@@ -202,6 +189,7 @@ def train(data: Dataset, cfg: TrainConfig | None = None) -> tuple[HJModel, Train
 
     def loss_fn(xb, yb, sel):
         a = _forward_a(model, xb)
+        pos_of = loo["pos_of"]
         if pos_of is not None:
             own = pos_of[tr_t[sel]]
             hit = own >= 0
@@ -213,6 +201,17 @@ def train(data: Dataset, cfg: TrainConfig | None = None) -> tuple[HJModel, Train
 
     if cfg.kind != "memory" or cfg.epochs > 0:
         _fit(model, X[tr], y[tr], cfg if cfg.kind != "memory" else _memory_cfg(cfg), params, loss_fn, gen)
+    if cfg.kind == "deep" and cfg.head == "memory":
+        # deep body + memory head: the Hopf-Cole predictor over the training examples' learned features
+        supp = tr_t[torch.randperm(len(tr_t), generator=gen)[:cfg.memory_size]]
+        with torch.no_grad():
+            H = model.features(X[supp])
+        eps_m = cfg.eps if cfg.eps is not None else F.eps_star(H)
+        model.head = _memory_head(H, y[supp], supp, K, task, eps_m, None)
+        for layer in model.body:
+            layer.requires_grad_(False)
+        loo["pos_of"] = _positions(supp, len(X_all))
+        _fit(model, X[tr], y[tr], _memory_cfg(cfg), [model.head.b], loss_fn, gen)
     with torch.no_grad():
         if task == "regression":
             _fold_target_scale(model, y_mean, y_std)
@@ -231,6 +230,29 @@ def train(data: Dataset, cfg: TrainConfig | None = None) -> tuple[HJModel, Train
     report = TrainReport(metrics=metrics, seconds=time.time() - t0,
                          splits={"train": tr.tolist(), "calibration": ca.tolist(), "test": te.tolist()})
     return model, report
+
+
+def _memory_head(Hs: torch.Tensor, ys: torch.Tensor, supp: torch.Tensor, K: int, task: str, eps: float,
+                 t: float | None) -> GibbsHead:
+    """Hopf-Cole predictor over support points Hs (Prop F.1): w_j = y_j/(2t), b_j = -|y_j|^2/(4t) - g_j
+    with g_j = 0 to start (trained); values one-hot labels or targets. Default gauge t = eps/10
+    (diffusion length sqrt(4 t eps) ~ 0.63 h)."""
+    t = t if t is not None else eps / 10.0
+    if task == "classification":
+        V, labels = torch.nn.functional.one_hot(ys, K).to(torch.float64), ys
+    else:
+        V, labels = ys.clone(), None
+    W, b = Hs / (2 * t), -(Hs * Hs).sum(-1) / (4 * t)
+    head = GibbsHead(W, b, eps, t, "values", V=V, labels=labels, example_ids=supp)
+    head.W.requires_grad_(False)
+    return head
+
+
+def _positions(supp: torch.Tensor, n: int) -> torch.Tensor:
+    """Row index -> position among the support points (-1 if not one)."""
+    pos_of = torch.full((n,), -1, dtype=torch.long)
+    pos_of[supp] = torch.arange(len(supp))
+    return pos_of
 
 
 def _memory_cfg(cfg: TrainConfig) -> TrainConfig:

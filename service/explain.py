@@ -58,7 +58,9 @@ def _common(mv: ModelVersion, outputs: dict[str, np.ndarray], i: int, alpha: Any
         probs = np.asarray(outputs["probabilities"])[i].tolist()
         out["class_index"] = _v(k, "index of the predicted class in class_names")
         out["probabilities"] = _v(dict(zip(map(str, spec["class_names"]), probs, strict=True)),
-                                  MEANINGS["probabilities"] + " (softmax of the logits / eps)")
+                                  MEANINGS["probabilities"] + (
+                                      " (Gibbs-weighted vote of the stored training labels)"
+                                      if spec.get("kind") == "memory" else " (softmax of the logits / eps)"))
         radius_doc = "L2 radius in raw input space within which no perturbation can change the predicted class"
     else:
         radius_doc = "L2 radius in raw input space within which every output moves by at most tau"
