@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .errors import HJModelError
+from .errors import HJModelError, InputError
 
 __all__ = ["main"]
 
@@ -53,6 +53,8 @@ def _read_inputs(source: str) -> np.ndarray:
         if path.suffix == ".npy":
             return np.load(path, allow_pickle=False)
         return np.asarray(json.loads(path.read_text()), dtype=np.float64)
+    if path.suffix in (".json", ".npy"):
+        raise FileNotFoundError(f"no such file {source!r}")
     return np.asarray(json.loads(source), dtype=np.float64)
 
 
@@ -60,11 +62,17 @@ def _cmd_diagnose(args: argparse.Namespace) -> int:
     from .artifact import load_model
 
     model = load_model(args.artifact)
-    x = _read_inputs(args.input)
+    try:
+        x = np.asarray(_read_inputs(args.input), dtype=np.float64)
+    except (ValueError, TypeError, OSError) as e:  # json.JSONDecodeError is a ValueError
+        raise InputError(f"cannot read --input as a numeric array (a JSON array, a .json/.npy file or -): "
+                         f"{type(e).__name__}: {e}") from e
     if x.ndim == 1:
         x = x[None]
     if x.ndim != 2 or x.shape[1] != model.n_features:
-        raise SystemExit(f"error: input must have shape (n, {model.n_features}), got {x.shape}")
+        raise InputError(f"input must have shape (n, {model.n_features}), got {x.shape}")
+    if not np.isfinite(x).all():
+        raise InputError("input contains NaN or Inf")
     rows = model.diagnose(torch.as_tensor(x), top_k=args.top_k, tau=args.tau)
     print(json.dumps(rows if len(rows) > 1 else rows[0], indent=2))
     return 0

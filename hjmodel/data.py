@@ -100,7 +100,15 @@ def load_dataset(source: str, target: str | None = None, task: str | None = None
             rows = list(csv.reader(fh))
         if len(rows) < 2:
             raise DataError(f"{path}: a CSV dataset needs a header and at least one row")
-        header, body = rows[0], rows[1:]
+        header = rows[0]
+        body = [r for r in rows[1:] if any(v.strip() for v in r)]     # skip blank lines
+        if not body:
+            raise DataError(f"{path}: a CSV dataset needs a header and at least one row")
+        for line, r in enumerate(rows[1:], start=2):
+            if any(v.strip() for v in r) and len(r) != len(header):
+                raise DataError(f"{path}: line {line} has {len(r)} fields, the header has {len(header)}")
+        if target is not None and target not in header:
+            raise DataError(f"{path}: no target column {target!r} (columns: {', '.join(header)})")
         col = header.index(target) if target else len(header) - 1
         try:
             X = np.array([[float(v) for i, v in enumerate(r) if i != col] for r in body])

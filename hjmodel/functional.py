@@ -49,6 +49,7 @@ __all__ = [
     "pairwise_distances",
     "preactivations",
     "scalar_radius",
+    "sign_margin",
     "sign_reduction_biases",
     "squared_distances",
 ]
@@ -358,36 +359,53 @@ def certificate_tables(W: Tensor, pos: Tensor, neg: Tensor, eps: float) -> tuple
     return L, kappa
 
 
+def sign_margin(ak: Tensor, pos: Tensor, neg: Tensor, eps: float,
+                rounding: float | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """The margin m = s+ - s- of two LSE groups of pre-activations ``ak`` and its gradient weights.
+
+    s+/- are the LSE over ``pos`` / ``neg`` (broadcast with ``ak``, last axis = neurons). Returns
+    (m, coef, never): grad m = coef @ W with coef = pi+ - pi- (the within-group Gibbs weights), and
+    ``never`` marks an empty negative side (that side can never win). ``rounding`` (relative; default
+    64 ulp of the dtype) times |s+| + |s-| is subtracted from m, so a margin that is 0 in exact
+    arithmetic but rounds to a few ulp is not certified."""
+    sp, pip = masked_lse_gibbs(ak, pos, eps)
+    sq, piq = masked_lse_gibbs(ak, neg, eps)
+    finite = (sp.abs() < math.inf) & (sq.abs() < math.inf)
+    zero = torch.zeros_like(sp)
+    sp0, sq0 = torch.where(finite, sp, zero), torch.where(finite, sq, zero)
+    if rounding is None:
+        rounding = 64 * torch.finfo(ak.dtype).eps
+    m = sp0 - sq0 - rounding * (sp0.abs() + sq0.abs())
+    return m, pip - piq, ~neg.any(-1)
+
+
 def gibbs_margin_radius(a: Tensor, W: Tensor, eps: float, c: Tensor, pos: Tensor, neg: Tensor,
-                        shift: Tensor, L: Tensor, kappa: Tensor,
-                        rounding: float | None = None) -> tuple[Tensor, Tensor]:
+                        shift: Tensor, L: Tensor, kappa: Tensor, rounding: float | None = None,
+                        pullback=None, lip: float = 1.0, curv: float = 0.0) -> tuple[Tensor, Tensor]:
     """Certified L2 radius of the decision ``c`` against every other class (DESIGN section 3).
 
-    For each pair (c, k) the decision margin is m_k = s+ - s- with s+/- the LSE over ``pos[c, k]`` /
-    ``neg[c, k]`` with pre-activations ``a + shift[c, k]``; G_k = |grad m_k(z)| is exact,
-    L = L[c, k], kappa = kappa[c, k], and r_k = :func:`hybrid_radius`. The certificate is min_k r_k;
-    a tie (m_k <= 0) gives 0. ``rounding`` (relative; default 64 ulp of the dtype) is subtracted
-    from each margin first, scaled by |s+| + |s-|, so a margin that is 0 in exact arithmetic but
-    rounds to a few ulp still gives radius 0.
+    For each pair (c, k) the decision margin is m_k = s+ - s- (:func:`sign_margin`) over ``pos[c, k]``
+    / ``neg[c, k]`` with pre-activations ``a + shift[c, k]``; G_k = |grad m_k| is exact, and r_k =
+    :func:`hybrid_radius` with L = L[c, k], kappa = kappa[c, k]. The certificate is min_k r_k; a
+    tie gives 0.
 
-    a: (n, N) pre-activations, W: (N, d), c: (n,) long, pos/neg: (K, K, N) bool, shift: (K, K, N),
+    When the layer sits on a feature map h(x) (deep bodies, preprocessing), ``pullback`` maps
+    gradients in h to gradients in x (exact G) and ``lip`` / ``curv`` bound the map's Lipschitz
+    constant and vector curvature: along a unit ray phi'' >= -kappa lip^2 - L curv and
+    |phi'| <= L lip, so r_k uses L lip and kappa lip^2 + L curv.
+
+    a: (n, N) pre-activations, W: (N, p), c: (n,) long, pos/neg: (K, K, N) bool, shift: (K, K, N),
     L/kappa: (K, K). Returns (radius (n,), per-class radius (n, K) with +inf at k = c).
     """
     K = pos.shape[0]
     P, Q, S = pos[c], neg[c], shift[c]                  # (n, K, N)
-    ak = a.unsqueeze(1) + S
-    sp, pip = masked_lse_gibbs(ak, P, eps)              # (n, K), (n, K, N)
-    sq, piq = masked_lse_gibbs(ak, Q, eps)
-    G = torch.linalg.vector_norm((pip - piq) @ W, dim=-1)  # (n, K): exact |grad m_k(z)|
-    never = ~Q.any(-1)                                  # k can never overtake c
-    finite = (sp.abs() < math.inf) & (sq.abs() < math.inf)
-    zero = torch.zeros_like(sp)
-    sp0, sq0 = torch.where(finite, sp, zero), torch.where(finite, sq, zero)
-    m = sp0 - sq0
-    if rounding is None:
-        rounding = 64 * torch.finfo(a.dtype).eps
-    m = m - rounding * (sp0.abs() + sq0.abs())
-    r = hybrid_radius(m, G, L[c], kappa[c])
+    m, coef, never = sign_margin(a.unsqueeze(1) + S, P, Q, eps, rounding)
+    grad = coef @ W                                     # (n, K, p)
+    if pullback is not None:
+        grad = pullback(grad)
+    G = torch.linalg.vector_norm(grad, dim=-1)          # (n, K): exact |grad m_k(x)|
+    Lc, kc = L[c], kappa[c]
+    r = hybrid_radius(m, G, Lc * lip, kc * lip * lip + Lc * curv)
     inf = torch.full_like(r, math.inf)
     r = torch.where(never, inf, r)
     r = torch.where(torch.nn.functional.one_hot(c, K).bool(), inf, r)

@@ -200,13 +200,14 @@ class HJModel(nn.Module):
             A = self.preprocess.A
             # rows in the input space of the first linear map, with the preprocessing folded in
             W_head = W @ A if len(self.body) == 0 else W
+            # certificates are in raw input space: with no body the folded rows give exact constants
+            # (lip = 1, curv = 0 below); with a body A is folded into the first layer's bounds
             lip, curv = 1.0, 0.0
             for i, layer in enumerate(self.body):
                 Wl = layer.W.detach().to(torch.float64)
                 l_lip, l_curv = layer.bounds(Wl @ A if i == 0 else Wl)
                 lip, curv = l_lip * lip, l_curv * lip * lip + l_lip * curv
             self._feature_lip, self._feature_curv = lip, curv
-            self._W_cert = W_head
             K, N = head.n_outputs, W.shape[0]
             if self.task == "classification":
                 if head.mode == "groups":
@@ -282,7 +283,7 @@ class HJModel(nn.Module):
             res["prediction"] = yhat
 
         # ---- certificate (raw input space)
-        res["certified_radius"] = self._certified_radius(x, a, h, gibbs_body, c, yhat, tau_t)
+        res["certified_radius"] = self._certified_radius(a, gibbs_body, c, yhat, tau_t)
 
         # ---- attribution, entropy, energy gap, label sensitivity
         # ties (zero weights outside the decisive group) are broken by index, deterministically
@@ -352,75 +353,41 @@ class HJModel(nn.Module):
             return F.label_sensitivity_exponent(pi, g, yhat[:, 0], head.eps)
         return F.label_sensitivity_values(pi)
 
-    def _certified_radius(self, x, a, h, gibbs_body, c, yhat, tau) -> Tensor:
-        eps = self.head.eps
+    def _certified_radius(self, a, gibbs_body, c, yhat, tau) -> Tensor:
+        head = self.head
         lip, curv = self._feature_lip, self._feature_curv
+
+        def pullback(v: Tensor) -> Tensor:
+            return self._pullback(v, gibbs_body)
+
         if self.task == "classification":
             pos, neg, shift, L, kappa = self._pair
-            if len(self.body) == 0:
-                return F.gibbs_margin_radius(a, self._W_cert, eps, c, pos, neg, shift, L, kappa,
-                                             rounding=ROUNDING)[0]
-            # deep: exact G through the body; L and kappa composed (LSEGroupLayer.bounds)
-            return self._deep_margin_radius(a, gibbs_body, c, pos, neg, shift, L, kappa, lip, curv)
-        return self._regression_radius(a, gibbs_body, yhat, tau, lip, curv)
+            return F.gibbs_margin_radius(a, head.W, head.eps, c, pos, neg, shift, L, kappa, rounding=ROUNDING,
+                                         pullback=pullback, lip=lip, curv=curv)[0]
+        return self._regression_radius(a, pullback, yhat, tau, lip, curv)
 
-    def _deep_margin_radius(self, a, gibbs_body, c, pos, neg, shift, L, kappa, lip, curv) -> Tensor:
-        """Margin certificate through a deep body.
-
-        Along a unit ray e, phi(s) = m(h(x + s e)); phi'' = (J e)' Hm (J e) + grad_h m . h''(e,e)
-        >= -kappa_ck Lip^2 - L_ck Curv, and |phi'| <= L_ck Lip, with Lip/Curv the composed body
-        bounds; G = |J^T grad_h m| is exact at x."""
-        head, eps = self.head, self.head.eps
-        K = pos.shape[0]
-        P, Q, S = pos[c], neg[c], shift[c]
-        ak = a.unsqueeze(1) + S
-        sp, pip = F.masked_lse_gibbs(ak, P, eps)
-        sq, piq = F.masked_lse_gibbs(ak, Q, eps)
-        grad_h = (pip - piq) @ head.W                                   # (n, K, p)
-        G = torch.linalg.vector_norm(self._pullback(grad_h, gibbs_body), dim=-1)
-        finite = (sp.abs() < math.inf) & (sq.abs() < math.inf)
-        zero = torch.zeros_like(sp)
-        sp0, sq0 = torch.where(finite, sp, zero), torch.where(finite, sq, zero)
-        m = sp0 - sq0 - ROUNDING * (sp0.abs() + sq0.abs())
-        Lc, kc = L[c], kappa[c]
-        r = F.hybrid_radius(m, G, Lc * lip, kc * lip * lip + Lc * curv)
-        inf = torch.full_like(r, math.inf)
-        r = torch.where(~Q.any(-1), inf, r)
-        r = torch.where(torch.nn.functional.one_hot(c, K).bool(), inf, r)
-        return r.min(-1).values
-
-    def _regression_radius(self, a, gibbs_body, yhat, tau, lip, curv) -> Tensor:
+    def _regression_radius(self, a, pullback, yhat, tau, lip, curv) -> Tensor:
         """Radius within which every output stays within tau (DESIGN section 3).
 
-        lse: scalar hybrid radius per output (G exact, L = R_k, kappa = D_k^2/(4 eps)).
-        memory: yhat_k <= y0 + tau  <=>  sum_j pi_j (v_jk - y0 - tau) <= 0, an exact sign reduction to
-        an LSE margin (and likewise for the lower side), with L <= D, kappa <= D^2/(4 eps)."""
+        lse: scalar hybrid radius per output (G exact, L = R_k, kappa = D_k^2/(4 eps)), composed with
+        the body bounds. memory: yhat_k <= y0 + tau  <=>  sum_j pi_j (y0 + tau - v_jk) >= 0, an exact
+        sign reduction to an LSE margin (likewise for the lower side), with L <= D, kappa <= D^2/(4 eps)
+        since both groups are subsets of all neurons."""
         head, eps = self.head, self.head.eps
         R, D = self._scalar
         if head.mode == "groups":
             pi_g = F.group_gibbs(a, head.mask, eps)                     # (n, K, N)
-            G = torch.linalg.vector_norm(self._pullback(pi_g @ head.W, gibbs_body), dim=-1)
-            L = R * lip
+            G = torch.linalg.vector_norm(pullback(pi_g @ head.W), dim=-1)
             kappa = D * D / (4 * eps) * lip * lip + R * curv
-            return F.hybrid_radius(tau.expand_as(G), G, L, kappa).min(-1).values
+            return F.hybrid_radius(tau.expand_as(G), G, R * lip, kappa).min(-1).values
         radii = []
         for side in (1.0, -1.0):
-            u = side * (yhat.unsqueeze(-1) + side * tau - head.V.T.unsqueeze(0))  # (n, K, N), >0 means safe
-            # margin m = s_safe - s_unsafe > 0 at x
+            u = side * (yhat.unsqueeze(-1) + side * tau - head.V.T.unsqueeze(0))  # (n, K, N); > 0 is safe
             _, _, shifted = F.sign_reduction_biases(torch.zeros_like(u), u, eps)
-            ak = a.unsqueeze(1) + shifted
-            sp, pip = F.masked_lse_gibbs(ak, u > 0, eps)
-            sq, piq = F.masked_lse_gibbs(ak, u < 0, eps)
-            G = torch.linalg.vector_norm(self._pullback((pip - piq) @ head.W, gibbs_body), dim=-1)
-            finite = (sp.abs() < math.inf) & (sq.abs() < math.inf)
-            zero = torch.zeros_like(sp)
-            sp0, sq0 = torch.where(finite, sp, zero), torch.where(finite, sq, zero)
-            m = sp0 - sq0 - ROUNDING * (sp0.abs() + sq0.abs())
-            L = D * lip
-            kappa = D * D / (4 * eps) * lip * lip + D * curv
-            r = F.hybrid_radius(m, G, L, kappa)
-            r = torch.where(~(u < 0).any(-1), torch.full_like(r, math.inf), r)
-            radii.append(r.min(-1).values)
+            m, coef, never = F.sign_margin(a.unsqueeze(1) + shifted, u > 0, u < 0, eps, ROUNDING)
+            G = torch.linalg.vector_norm(pullback(coef @ head.W), dim=-1)
+            r = F.hybrid_radius(m, G, D * lip, D * D / (4 * eps) * lip * lip + D * curv)
+            radii.append(torch.where(never, torch.full_like(r, math.inf), r).min(-1).values)
         return torch.minimum(radii[0], radii[1])
 
     def ood_unsupported(self, h: Tensor) -> Tensor:
