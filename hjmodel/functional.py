@@ -52,6 +52,7 @@ __all__ = [
     "sign_margin",
     "sign_reduction_biases",
     "squared_distances",
+    "tangent_radius",
 ]
 
 _NEG_INF = -math.inf
@@ -379,9 +380,72 @@ def sign_margin(ak: Tensor, pos: Tensor, neg: Tensor, eps: float,
     return m, pip - piq, ~neg.any(-1)
 
 
+def tangent_radius(ak: Tensor, pos: Tensor, neg: Tensor, W: Tensor, eps: float,
+                   rounding: float | None = None, iters: int = 4) -> Tensor:
+    """A local certificate of the margin s+ - s- that is sharp for kernel-like (memory) layers.
+
+    s+ is convex, so s+(z + delta) >= s+(z) + g . delta with g = grad s+(z) = sum_pos pi+_j w_j; the
+    margin is unchanged by subtracting g . delta from both sides, and
+    s-(z + delta) - g . delta = eps LSE_neg(a_j + (w_j - g) . delta) <= eps LSE_neg(a_j + |w_j - g| r).
+    So the decision holds on the ball of radius r while
+        phi(r) = s+(z) - eps LSE_{j in neg}(a_j + |w_j - g| r) - rounding > 0,
+    a concave decreasing function of r: its root is bracketed by min_j (s+ - a_j)/|w_j - g| and
+    approached by ``iters`` steps of regula falsi from below (chords lie below a concave function,
+    so every accepted iterate is sound) with Newton steps from above. For a hard nearest-neighbour rule it
+    is the distance to the bisecting hyperplane.
+
+    ak: (n, K, N) pre-activations (with shifts), pos/neg: (n, K, N), W: (N, p) rows in the coordinates
+    of the certificate. Returns (n, K); 0 where the margin is not positive, +inf for an empty
+    negative side."""
+    sp, pip = masked_lse_gibbs(ak, pos, eps)
+    sq, _ = masked_lse_gibbs(ak, neg, eps)
+    g = pip @ W                                                     # (n, K, p)
+    c2 = (W * W).sum(-1) - 2.0 * (g @ W.transpose(-1, -2)) + (g * g).sum(-1, keepdim=True)
+    c = c2.clamp_min(0.0).sqrt()                                    # (n, K, N): |w_j - g|
+    finite = (sp.abs() < math.inf) & (sq.abs() < math.inf)
+    zero = torch.zeros_like(sp)
+    sp0, sq0 = torch.where(finite, sp, zero), torch.where(finite, sq, zero)
+    if rounding is None:
+        rounding = 64 * torch.finfo(ak.dtype).eps
+    floor = rounding * (sp0.abs() + sq0.abs())
+    target = sp0 - floor                                            # phi(r) = target - s-(r)
+    big = torch.full_like(ak, math.inf)
+    gap = torch.where(neg & (c > 0), (target.unsqueeze(-1) - ak) / torch.where(c > 0, c, torch.ones_like(c)), big)
+    hi = gap.amin(-1).clamp_min(0.0)
+    hi = torch.where(hi < math.inf, hi, torch.zeros_like(hi))       # no moving neuron: handled below
+    lo = torch.zeros_like(hi)
+
+    def phi(r: Tensor) -> tuple[Tensor, Tensor]:
+        value, weights = masked_lse_gibbs(ak + c * r.unsqueeze(-1), neg, eps)
+        return target - value, -(weights * c).sum(-1)
+
+    # phi is concave: the chord from lo (phi >= 0) to hi (phi <= 0) lies below it, so the chord's
+    # root is a sound new lo; Newton's step from hi stays at or right of the root (tangent above).
+    phi_lo = target - sq0
+    for _ in range(iters):
+        phi_hi, dphi_hi = phi(hi)
+        denom = phi_lo - phi_hi
+        chord = lo + phi_lo * (hi - lo) / torch.where(denom > 0, denom, torch.ones_like(denom))
+        chord = torch.where(denom > 0, torch.minimum(torch.maximum(chord, lo), hi), lo)
+        chord = lo + (chord - lo) * (1.0 - 1e-6)  # stay clear of the root: acceptance is robust to rounding
+        newton = hi - phi_hi / torch.where(dphi_hi < 0, dphi_hi, -torch.ones_like(dphi_hi))
+        hi = torch.where(dphi_hi < 0, torch.minimum(torch.maximum(newton, chord), hi), hi)
+        phi_c, _ = phi(chord)
+        better = phi_c >= 0
+        lo = torch.where(better, chord, lo)
+        phi_lo = torch.where(better, phi_c, phi_lo)
+    # no neuron of the negative side moves relative to g: the margin is constant on every ball
+    static = ~(neg & (c > 0)).any(-1)
+    positive = (target - sq0 > 0) & finite
+    r = torch.where(static & positive, torch.full_like(lo, math.inf), lo)
+    r = torch.where(positive, r, torch.zeros_like(r))
+    return torch.where(~neg.any(-1), torch.full_like(r, math.inf), r)
+
+
 def gibbs_margin_radius(a: Tensor, W: Tensor, eps: float, c: Tensor, pos: Tensor, neg: Tensor,
                         shift: Tensor, L: Tensor, kappa: Tensor, rounding: float | None = None,
-                        pullback=None, lip: float = 1.0, curv: float = 0.0) -> tuple[Tensor, Tensor]:
+                        pullback=None, lip: float = 1.0, curv: float = 0.0,
+                        tangent_rows: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Certified L2 radius of the decision ``c`` against every other class (DESIGN section 3).
 
     For each pair (c, k) the decision margin is m_k = s+ - s- (:func:`sign_margin`) over ``pos[c, k]``
@@ -394,18 +458,25 @@ def gibbs_margin_radius(a: Tensor, W: Tensor, eps: float, c: Tensor, pos: Tensor
     constant and vector curvature: along a unit ray phi'' >= -kappa lip^2 - L curv and
     |phi'| <= L lip, so r_k uses L lip and kappa lip^2 + L curv.
 
+    With ``tangent_rows`` (the rows W in the coordinates of the certificate, i.e. raw input space
+    when there is no body) each r_k is the larger of the hybrid radius and :func:`tangent_radius`
+    (divided by ``lip``: a ball of radius r in x maps into one of radius lip r in h); both are sound.
+
     a: (n, N) pre-activations, W: (N, p), c: (n,) long, pos/neg: (K, K, N) bool, shift: (K, K, N),
     L/kappa: (K, K). Returns (radius (n,), per-class radius (n, K) with +inf at k = c).
     """
     K = pos.shape[0]
     P, Q, S = pos[c], neg[c], shift[c]                  # (n, K, N)
-    m, coef, never = sign_margin(a.unsqueeze(1) + S, P, Q, eps, rounding)
+    ak = a.unsqueeze(1) + S
+    m, coef, never = sign_margin(ak, P, Q, eps, rounding)
     grad = coef @ W                                     # (n, K, p)
     if pullback is not None:
         grad = pullback(grad)
     G = torch.linalg.vector_norm(grad, dim=-1)          # (n, K): exact |grad m_k(x)|
     Lc, kc = L[c], kappa[c]
     r = hybrid_radius(m, G, Lc * lip, kc * lip * lip + Lc * curv)
+    if tangent_rows is not None:
+        r = torch.maximum(r, tangent_radius(ak, P, Q, tangent_rows, eps, rounding) / lip)
     inf = torch.full_like(r, math.inf)
     r = torch.where(never, inf, r)
     r = torch.where(torch.nn.functional.one_hot(c, K).bool(), inf, r)

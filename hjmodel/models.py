@@ -208,6 +208,7 @@ class HJModel(nn.Module):
                 l_lip, l_curv = layer.bounds(Wl @ A if i == 0 else Wl)
                 lip, curv = l_lip * lip, l_curv * lip * lip + l_lip * curv
             self._feature_lip, self._feature_curv = lip, curv
+            self._W_tangent = W_head  # rows for tangent_radius: raw input space, or h space / lip
             K, N = head.n_outputs, W.shape[0]
             if self.task == "classification":
                 if head.mode == "groups":
@@ -363,7 +364,7 @@ class HJModel(nn.Module):
         if self.task == "classification":
             pos, neg, shift, L, kappa = self._pair
             return F.gibbs_margin_radius(a, head.W, head.eps, c, pos, neg, shift, L, kappa, rounding=ROUNDING,
-                                         pullback=pullback, lip=lip, curv=curv)[0]
+                                         pullback=pullback, lip=lip, curv=curv, tangent_rows=self._W_tangent)[0]
         return self._regression_radius(a, pullback, yhat, tau, lip, curv)
 
     def _regression_radius(self, a, pullback, yhat, tau, lip, curv) -> Tensor:

@@ -29,7 +29,10 @@ class InferenceStats:
         with self._lock:
             self.last_inference = int(time.time() * 1000)
             self.inference_count += rows
-            for key, seconds in (("success", total_s), ("queue", queue_s), ("compute_infer", compute_s)):
+            # input/output copies happen inside the graph run: counted (Triton's clients, perf_analyzer
+            # among them, require equal compute counts) with no separate time
+            for key, seconds in (("success", total_s), ("queue", queue_s), ("compute_input", 0.0),
+                                 ("compute_infer", compute_s), ("compute_output", 0.0)):
                 self._stats[key]["count"] += 1
                 self._stats[key]["ns"] += int(seconds * 1e9)
 
@@ -43,7 +46,8 @@ class InferenceStats:
             self.execution_count += 1
             entry = self._batches.setdefault(rows, {k: _pair() for k in
                                                     ("compute_input", "compute_infer", "compute_output")})
-            entry["compute_infer"]["count"] += 1
+            for key in ("compute_input", "compute_infer", "compute_output"):
+                entry[key]["count"] += 1
             entry["compute_infer"]["ns"] += int(compute_s * 1e9)
 
     def as_triton(self, name: str, version: str) -> dict[str, Any]:

@@ -516,3 +516,79 @@ def test_pgd_finds_a_known_violation():
     best, delta = pgd_max(lambda rows, x: x @ w - z[rows] @ w, z, rad, gen)
     assert np.allclose(best.numpy(), 5.0 * 0.7, rtol=1e-9)
     assert bool((delta.norm(dim=-1) <= 0.7 * (1 + 1e-12)).all())
+
+
+# --------------------------------------------------------------------------------------------
+# tangent-plane certificate (functional.tangent_radius), alone and combined with the hybrid radius
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("seed", seeds(3))
+def test_tangent_combined_radius_is_sound_grouped(seed):
+    gen, mask, W, b, eps, z = _grouped_problem(seed)
+    pos, neg, shift, L, kappa = _grouped_tables(mask, W, eps)
+    a = F.preactivations(z, W, b)
+    s = F.group_lse(a, mask, eps)
+    c = s.argmax(-1)
+    r_h, _ = F.gibbs_margin_radius(a, W, eps, c, pos, neg, shift, L, kappa)
+    r, _ = F.gibbs_margin_radius(a, W, eps, c, pos, neg, shift, L, kappa, tangent_rows=W)
+    assert bool((r >= r_h).all())
+    K = mask.shape[0]
+
+    def margin_fn(rows, x):
+        cc = c[rows]
+        sx = F.group_lse(F.preactivations(x, W, b), mask, eps)
+        sc = sx.gather(1, cc[:, None])
+        return torch.where(torch.nn.functional.one_hot(cc, K).bool(), math.inf, sc - sx).min(-1).values
+
+    inside = _margin_attack(margin_fn, z, r, gen, MULTS[:1])[:, 0]
+    assert bool((inside > -1e-13 * max(1.0, float(s.abs().max()))).all()), float(inside.min())
+
+
+@pytest.mark.parametrize("onehot", (False, True))
+@pytest.mark.parametrize("seed", seeds(3))
+def test_tangent_combined_radius_is_sound_gibbs_average(seed, onehot):
+    gen, W, b, eps, V, z = _gibbs_problem(seed, onehot)
+    u, pos, neg, shift, L, kappa = _gibbs_tables(W, V, eps)
+    a = F.preactivations(z, W, b)
+    c = (F.gibbs(a, eps) @ V).argmax(-1)
+    r, _ = F.gibbs_margin_radius(a, W, eps, c, pos, neg, shift, L, kappa, tangent_rows=W)
+    K = V.shape[1]
+
+    def margin_fn(rows, x):
+        cc = c[rows]
+        yx = F.gibbs(F.preactivations(x, W, b), eps) @ V
+        yc = yx.gather(1, cc[:, None])
+        return torch.where(torch.nn.functional.one_hot(cc, K).bool(), math.inf, yc - yx).min(-1).values
+
+    rr = torch.where(torch.isfinite(r), r, torch.full_like(r, 10.0))
+    inside = _margin_attack(margin_fn, z, rr, gen, MULTS[:1])[:, 0]
+    assert bool((inside > -1e-13 * float(V.abs().max())).all()), float(inside.min())
+
+
+def test_tangent_radius_is_the_bisector_distance_for_a_sharp_memory():
+    """Memory layer (w = y/(2t), b = -|y|^2/(4t)) at small eps is a nearest-neighbour rule: the
+    tangent certificate approaches the distance to the bisecting hyperplane, the exact radius."""
+    gen = _gen(11)
+    Y = torch.randn(2, 3, generator=gen, dtype=DT) * 3
+    t, eps = 0.5, 1e-4
+    W, b = Y / (2 * t), -(Y * Y).sum(-1) / (4 * t)
+    z = Y[0:1] + 0.3 * torch.randn(1, 3, generator=gen, dtype=DT)
+    ak = F.preactivations(z, W, b).unsqueeze(1)                     # (1, 1, 2)
+    pos = torch.tensor([[[True, False]]])
+    r = F.tangent_radius(ak, pos, ~pos, W, eps)
+    d0, d1 = (z - Y[0]).norm(), (z - Y[1]).norm()
+    exact = (d1 ** 2 - d0 ** 2) / (2 * (Y[1] - Y[0]).norm())
+    assert 0 < float(r) <= float(exact)
+    assert float(r) >= float(exact) - 10 * eps * math.log(2) / float((W[1] - W[0]).norm())
+
+
+def test_tangent_radius_edge_cases():
+    W = torch.tensor([[1.0, 0.0], [0.0, 1.0]], dtype=DT)
+    ak = torch.tensor([[[0.0, 0.0]]], dtype=DT)                     # tie
+    pos = torch.tensor([[[True, False]]])
+    assert float(F.tangent_radius(ak, pos, ~pos, W, 0.1)) == 0.0
+    assert math.isinf(float(F.tangent_radius(ak, pos, torch.zeros_like(pos), W, 0.1)))
+    same = torch.tensor([[1.0, 0.0], [1.0, 0.0]], dtype=DT)        # rows equal: margin is constant
+    ak = torch.tensor([[[1.0, 0.0]]], dtype=DT)
+    assert math.isinf(float(F.tangent_radius(ak, pos, ~pos, same, 0.1)))

@@ -175,6 +175,11 @@ def test_statistics_extension_has_tritons_shape(server, triton):
     assert stats["inference_stats"]["success"]["ns"] > 0 and stats["execution_count"] >= 1
     assert {"queue", "compute_infer", "fail"} <= set(stats["inference_stats"])
     assert stats["batch_stats"][0]["compute_infer"]["count"] >= 1
+    # perf_analyzer refuses server statistics whose compute counts differ
+    inf = stats["inference_stats"]
+    assert inf["compute_input"]["count"] == inf["compute_infer"]["count"] == inf["compute_output"]["count"]
+    for entry in stats["batch_stats"]:
+        assert entry["compute_input"]["count"] == entry["compute_infer"]["count"] == entry["compute_output"]["count"]
     everything = triton.get_inference_statistics()["model_stats"]
     assert {(s["name"], s["version"]) for s in everything} >= {("clf", "1"), ("clf", "2"), ("reg", "1")}
     assert len(triton.get_inference_statistics("clf")["model_stats"]) == 2
