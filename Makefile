@@ -8,7 +8,7 @@ MODELS  ?= models
 HOST    ?= 127.0.0.1
 PORT    ?= 8000
 
-.PHONY: setup system-deps models serve test lint bench clean
+.PHONY: setup system-deps models serve test lint bench eval perf clean
 
 setup: $(VENV)/.installed
 
@@ -40,7 +40,16 @@ lint: setup
 	$(BIN)/ruff check hjmodel service tests bench
 
 bench: setup models
-	$(BIN)/python -m bench.run_all
+	$(BIN)/python -m bench.run_all --models $(abspath $(MODELS))
+
+# the evaluation against baselines (writes eval/RESULTS.md and plots; minutes)
+eval: setup
+	$(BIN)/pip install -q -e ".[dev,eval]"
+	$(BIN)/python -m eval.run
+
+# perf_analyzer (Triton's load generator) against a server it starts on the demo models
+perf: setup models
+	bash bench/perf_analyzer.sh
 
 clean:
 	rm -rf $(VENV) $(MODELS) .pytest_cache

@@ -436,10 +436,28 @@ class HJModel(nn.Module):
 
 
 def _ecdf(sorted_ref: Tensor, s: Tensor) -> Tensor:
-    """Fraction of reference scores <= s (an exportable ECDF).  (m,), (n,) -> (n,)."""
-    if sorted_ref.numel() == 0:
+    """Continuous, strictly increasing ECDF of the reference scores (exportable).  (m,), (n,) -> (n,).
+
+    Linear between consecutive reference values (the rank of s, with the fraction of the gap), and
+    extrapolated linearly below the smallest and above the largest (slope: one rank per mean
+    spacing), so scores beyond the calibration range stay ordered instead of tying at 1: a tie at
+    the top would make the conformal p-value unable to reach alpha."""
+    m = sorted_ref.shape[0]
+    if m == 0:
         return torch.zeros_like(s)
-    return (sorted_ref.unsqueeze(0) <= s.unsqueeze(-1)).sum(-1).to(s.dtype) / sorted_ref.shape[0]
+    lo_ref, hi_ref = sorted_ref[0], sorted_ref[-1]
+    spacing = ((hi_ref - lo_ref) / max(m - 1, 1)).clamp_min(torch.finfo(s.dtype).tiny)
+    count = (sorted_ref.unsqueeze(0) <= s.unsqueeze(-1)).sum(-1)            # (n,)
+    k = (count - 1).clamp(0, m - 1)
+    lower = sorted_ref[k]
+    upper = sorted_ref[(k + 1).clamp(max=m - 1)]
+    gap = upper - lower
+    inside = (count > 0) & (count < m) & (gap > 0)
+    frac = torch.where(inside, (s - lower) / torch.where(gap > 0, gap, torch.ones_like(gap)), torch.zeros_like(s))
+    rank = count.to(s.dtype) + frac
+    rank = torch.where(count == 0, (s - lo_ref) / spacing, rank)                  # below: < 0
+    rank = torch.where(count == m, m + (s - hi_ref) / spacing, rank)            # above: > m
+    return rank / m
 
 
 def _diagnose(model: HJModel, x: Tensor, top_k: int = 5, tau: float = 0.1,
@@ -520,18 +538,14 @@ def _integrated_gradients(model: HJModel, x: Tensor, baseline: Tensor | None = N
         b = head.b.detach() - W @ model.preprocess.mu
         return F.integrated_gradients(x, x0, W, b, head.eps, mask=head.mask, output=c, panels=panels, order=order)
     nodes, weights = F._gauss_legendre(panels, order, x.dtype, x.device)
-    total = torch.zeros_like(x)
-    for node, w in zip(nodes, weights):
-        point = x0 + node * (x - x0)
-        sal = model.evaluate(point, outputs=("saliency", "_class"))
-        if model.task == "classification" and head.mode == "groups":
-            # gradient of the output of the class decided at x, not at the path point
-            grad = _output_gradient(model, point, c)
-        elif model.task == "classification":
-            grad = _output_gradient(model, point, c)
-        else:
-            grad = sal["saliency"]
-        total += w * grad
+    q, n = nodes.shape[0], x.shape[0]
+    points = (x0.unsqueeze(0) + nodes[:, None, None] * (x - x0).unsqueeze(0)).reshape(q * n, -1)
+    if model.task == "classification":
+        # the gradient of the output of the class decided at x, at every node of the path at once
+        grads = _output_gradient(model, points, c.repeat(q))
+    else:
+        grads = model.evaluate(points, outputs=("saliency",))["saliency"]
+    total = torch.einsum("q,qnd->nd", weights, grads.reshape(q, n, -1))
     return (x - x0) * total
 
 

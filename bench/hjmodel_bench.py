@@ -1,0 +1,170 @@
+"""In-process cost of the served diagnostics: ``evaluate`` with every output vs prediction only,
+per model kind, for both backends, batch sizes 1 and 256. Writes ``bench/results/hjmodel_bench.md``.
+
+Backends and rows (one thread each, so numbers are per core):
+
+* torch -- *all diagnostics*: ``ServingModule(input, tau)`` (``HJModel.evaluate`` with every served
+  output, float32 in / out); *HJModel.predict*: the library's predict (it calls ``evaluate`` and
+  keeps the prediction, so it costs the same); *predict only*: the bare forward
+  ``model.features`` -> ``head.outputs`` -> argmax (the baseline of the ratio).
+* onnxruntime -- *all diagnostics*: ``model.onnx``, every output; *prediction fetched*: the same
+  graph asked only for ``prediction``; *predict only*: a graph exported from the bare forward.
+
+Each cell is the median of 7 timing repeats, each repeat averaging enough calls to last >= 0.2 s.
+Usage: ``python bench/hjmodel_bench.py [--models DIR]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from hjmodel import load_dataset, load_model, load_serving_module  # noqa: E402
+from hjmodel.artifact import ONNX_FILE  # noqa: E402
+
+MODELS = {"digits_lse": ("lse classification", "digits"), "digits_memory": ("memory classification", "digits"),
+          "digits_deep": ("deep classification", "digits"), "diabetes_lse": ("lse regression", "diabetes")}
+BATCHES = (1, 256)
+
+
+class PredictOnly(torch.nn.Module):
+    """The bare forward: preprocess, body, head outputs; argmax for classification."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model.double().eval()
+
+    def forward(self, input):  # noqa: A002
+        m = self.model
+        out = m.head.outputs(m.head.preactivations(m.features(input.to(torch.float64))))
+        return out.argmax(-1) if m.task == "classification" else out.to(torch.float32)
+
+
+def _time(fn, min_seconds: float = 0.2, repeats: int = 7) -> float:
+    """Median seconds per call."""
+    for _ in range(3):
+        fn()
+    t0, n = time.perf_counter(), 0
+    while time.perf_counter() - t0 < 0.05:
+        fn()
+        n += 1
+    per = max((time.perf_counter() - t0) / n, 1e-7)
+    calls = max(1, int(min_seconds / per))
+    samples = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        samples.append((time.perf_counter() - t) / calls)
+    return statistics.median(samples)
+
+
+def _session(path: Path):
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = 1
+    opts.inter_op_num_threads = 1
+    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+
+
+def bench_model(directory: Path, data_name: str, work: Path) -> list[dict]:
+    model = load_model(directory)
+    serving = load_serving_module(directory).eval()
+    bare = PredictOnly(load_model(directory)).eval()
+    bare_path = work / f"{directory.parent.name}_predict.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(bare, (torch.zeros(2, model.n_features),), str(bare_path), input_names=["input"],
+                          output_names=["prediction"], dynamic_axes={"input": {0: "batch"}, "prediction": {0: "batch"}},
+                          opset_version=17, dynamo=False)
+    full_sess, bare_sess = _session(directory / ONNX_FILE), _session(bare_path)
+    X = load_dataset(data_name).X
+    tau = torch.tensor([0.1], dtype=torch.float64)
+    rows = []
+    for batch in BATCHES:
+        x32 = torch.as_tensor(X[np.arange(batch) % len(X)], dtype=torch.float32)
+        xn = x32.numpy()
+        feed = {i.name: (xn if i.name == "input" else tau.numpy()) for i in full_sess.get_inputs()}
+        # sanity: the baselines predict what the server predicts
+        with torch.no_grad():
+            want = serving(x32, tau)["prediction"].numpy()
+            assert np.allclose(bare(x32).numpy(), want, rtol=1e-6)
+        assert np.allclose(bare_sess.run(None, {"input": xn})[0], want, rtol=1e-6)
+        with torch.no_grad():
+            t = {
+                ("torch", "all diagnostics"): _time(lambda x32=x32: serving(x32, tau)),
+                ("torch", "HJModel.predict"): _time(lambda x32=x32: model.predict(x32)),
+                ("torch", "predict only"): _time(lambda x32=x32: bare(x32)),
+            }
+        t[("onnxruntime", "all diagnostics")] = _time(lambda feed=feed: full_sess.run(None, feed))
+        t[("onnxruntime", "prediction fetched")] = _time(lambda feed=feed: full_sess.run(["prediction"], feed))
+        t[("onnxruntime", "predict only")] = _time(lambda xn=xn: bare_sess.run(None, {"input": xn}))
+        for backend in ("torch", "onnxruntime"):
+            base = t[(backend, "predict only")]
+            for (b, what), sec in t.items():
+                if b == backend:
+                    rows.append({"model": directory.parent.name, "batch": batch, "backend": backend, "what": what,
+                                 "ms": sec * 1e3, "ratio": sec / base})
+        print(directory.parent.name, batch, {f"{b}/{w}": round(s * 1e3, 3) for (b, w), s in t.items()}, flush=True)
+    return rows
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models")
+    ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "hjmodel_bench.md"))
+    args = ap.parse_args()
+    models = None
+    for c in (args.models, os.environ.get("HJSERVE_TEST_MODELS"), str(ROOT / "models"), "/tmp/demo1"):
+        if c and (Path(c) / "DEMO_RESULTS.json").exists():
+            models = Path(c)
+            break
+    if models is None:
+        raise SystemExit("no demo repository: run `python -m hjmodel.demo --out models` first")
+    torch.set_num_threads(1)
+    rows = []
+    with tempfile.TemporaryDirectory() as work:
+        for name in MODELS:
+            rows += bench_model(models / name / "1", MODELS[name][1], Path(work))
+    import onnxruntime as ort
+
+    load = os.getloadavg()
+    L = ["# hjmodel: cost of the diagnostics", "",
+         f"Generated by `python bench/hjmodel_bench.py` on {dt.datetime.now().isoformat(timespec='seconds')}; "
+         f"{platform.platform()}, {os.cpu_count()} CPUs shared with other jobs (load average {load[0]:.1f} at the "
+         f"end), Python {platform.python_version()}, torch {torch.__version__}, onnxruntime {ort.__version__}; "
+         f"one thread per backend; demo models from `{models}`.", "",
+         "Milliseconds per call (median of 7 repeats) and ratio to the same backend's *predict only* (bare "
+         "forward: features, head outputs, argmax). *all diagnostics* = every served output: prediction, "
+         "probabilities, certified radius, OOD score / flag / p-value / component, hallucination flag, energy gap, "
+         "attribution entropy, top-10 attribution indices / weights / label sensitivities, saliency.", "",
+         "| model | kind | batch | backend | call | ms / call | ratio to predict only |", "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        L.append(f"| {r['model']} | {MODELS[r['model']][0]} | {r['batch']} | {r['backend']} | {r['what']} | "
+                 f"{r['ms']:.3f} | {r['ratio']:.1f}x |")
+    L += ["", "Notes: `HJModel.predict` runs `evaluate` and keeps the prediction, so it costs as much as every "
+          "diagnostic; onnxruntime computes the whole graph even when only `prediction` is fetched. A cheap "
+          "prediction-only path needs its own forward (the *predict only* rows)."]
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text("\n".join(L) + "\n")
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,1 @@
+"""hjserve evaluation suite: ``python -m eval.run`` regenerates ``eval/RESULTS.md`` and its plots."""

@@ -1,0 +1,379 @@
+"""Artifacts: ONNX vs torch parity on every served output of every demo model, ``hjmodel verify``,
+save/load round trips, and every way a broken or hostile artifact must be refused with
+:class:`hjmodel.ArtifactError` (never by executing code from the file)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from hjmodel import (
+    ArtifactError,
+    TrainConfig,
+    load_dataset,
+    load_model,
+    load_serving_module,
+    read_spec,
+    save_artifact,
+    train,
+)
+from hjmodel.artifact import ONNX_FILE, SPEC_FILE, TORCH_FILE, model_spec
+from hjmodel.serving import outputs_for
+from hjmodel.verify import verify
+
+ROOT = Path(__file__).resolve().parents[2]
+DEMO_DATA = {"digits_lse": "digits", "digits_memory": "digits", "digits_deep": "digits",
+             "breast_cancer_lse": "breast_cancer", "diabetes_lse": "diabetes"}
+OOD_OUTPUTS = ("ood_p_value", "ood_flag", "ood_component", "hallucination_flag")
+
+
+# ------------------------------------------------------------------------------------ parity
+
+
+def _run_both(directory: Path, x32: np.ndarray, tau: float = 0.1) -> tuple[dict, dict]:
+    import onnxruntime as ort
+
+    tau_a = np.array([tau], dtype=np.float64)
+    with torch.no_grad():
+        want = {k: v.numpy() for k, v in
+                load_serving_module(directory)(torch.from_numpy(x32), torch.from_numpy(tau_a)).items()}
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = 2
+    sess = ort.InferenceSession(str(directory / ONNX_FILE), opts, providers=["CPUExecutionProvider"])
+    feed = {i.name: (x32 if i.name == "input" else tau_a) for i in sess.get_inputs()}
+    got = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, feed)))
+    return got, want
+
+
+def _calibration_ties(model, x32: np.ndarray) -> np.ndarray:
+    """Rows whose OOD component scores equal (to float64 rounding) a stored ECDF-normaliser score.
+
+    The conformal p-value counts calibration scores >= a row's statistic; on such a row the two
+    runtimes' last-bit differences in the score decide a tie, moving the count (these rows are the
+    calibration points themselves, which the parity inputs deliberately contain)."""
+    ref = model.reference
+    ev = model.evaluate(torch.from_numpy(x32).double(), outputs=("ood_score", "_ambiguity"))
+
+    def tie(score: torch.Tensor, table: torch.Tensor) -> np.ndarray:
+        if score.numel() == 0 or table.numel() == 0:
+            return np.zeros(x32.shape[0], dtype=bool)
+        s, t = score.numpy()[:, None], table.numpy()[None, :]
+        return (np.abs(s - t) <= 1e-12 * np.maximum(1.0, np.abs(t))).any(1)
+
+    return tie(ev["ood_score"], ref.norm_unsupported) | tie(ev["_ambiguity"], ref.norm_ambiguous)
+
+
+def _parity_inputs(name: str, n: int) -> np.ndarray:
+    """n rows: dataset rows (half exact, half with Gaussian noise of 0.5 feature std), float32."""
+    data = load_dataset(DEMO_DATA[name])
+    rng = np.random.default_rng(n)
+    X = data.X[rng.integers(0, len(data.X), n)]
+    noisy = (np.arange(n) % 2 == 1)[:, None]
+    X = X + noisy * rng.normal(size=X.shape) * 0.5 * data.X.std(0)
+    return X.astype(np.float32)
+
+
+@pytest.mark.parametrize("batch", [1, 4096])
+@pytest.mark.parametrize("name", list(DEMO_DATA))
+def test_onnx_matches_torch_on_every_output(name, batch, demo_repository):
+    """Tolerances. Both graphs compute every output in float64 from the same float32 input and
+    cast once to float32 at the end; float64 kernel differences (summation order, exp/log) are
+    ~1e-16 x the output's scale, which can move a float32 result across at most one rounding step.
+    So FP32 outputs must agree to 2 float32 ulps (2^-22 relative) plus 2^-40 x the output's largest
+    magnitude (for entries that are sums with cancellation, e.g. saliency near 0). Discrete outputs
+    (class, top-k indices) must be identical; the OOD outputs are counts of calibration scores >=
+    the row's statistic, so they may differ only on rows that exactly tie a stored calibration
+    score (:func:`_calibration_ties`)."""
+    directory = demo_repository / name / "1"
+    model = load_model(directory)
+    x32 = _parity_inputs(name, batch)
+    got, want = _run_both(directory, x32)
+    specs = outputs_for(model.task)
+    assert sorted(got) == sorted(want) == sorted(o.name for o in specs)
+    ties = (_calibration_ties(model, x32) if any((got[k] != want[k]).any() for k in OOD_OUTPUTS)
+            else np.zeros(batch, dtype=bool))
+    for o in specs:
+        a, b = got[o.name], want[o.name]
+        assert a.shape == b.shape and a.dtype == b.dtype, (o.name, a.shape, b.shape, a.dtype, b.dtype)
+        assert a.shape[0] == batch
+        if o.name in OOD_OUTPUTS:
+            diff = (a != b).reshape(batch, -1).any(1)
+            assert not (diff & ~ties).any(), f"{name}.{o.name}: {int((diff & ~ties).sum())} rows differ off ties"
+            assert diff.mean() <= 0.05
+        elif o.datatype == "FP32":
+            a64, b64 = a.astype(np.float64), b.astype(np.float64)
+            assert np.isfinite(a64).all() and np.isfinite(b64).all(), o.name
+            scale = float(np.abs(b64).max()) if b64.size else 0.0
+            tol = 2.0 ** -22 * np.abs(b64) + 2.0 ** -40 * scale
+            err = np.abs(a64 - b64)
+            assert (err <= tol).all(), f"{name}.{o.name}: max err {err.max():.3e}"
+        else:
+            assert np.array_equal(a, b), f"{name}.{o.name}: {int((a != b).sum())} entries differ"
+
+
+@pytest.mark.parametrize("name", list(DEMO_DATA))
+def test_verify_passes_on_demo(name, demo_repository):
+    report = verify(demo_repository / name / "1", n=128)
+    assert report["ok"], report
+    assert report["theorem_4_1_max_rel_error"] < 1e-10
+    assert report["onnx_parity_ok"] and all(report["onnx_parity"].values())
+
+
+# ------------------------------------------------------------------------------------ round trip
+
+
+@pytest.fixture(scope="module")
+def small_artifacts(tmp_path_factory) -> dict[str, Path]:
+    """Tiny models of each kind and task, trained in a second, saved in both formats."""
+    iris, diabetes = load_dataset("iris"), load_dataset("diabetes")
+    cases = {
+        "lse": (iris, TrainConfig(kind="lse", pieces=3, epochs=3, progress=False)),
+        "memory": (iris, TrainConfig(kind="memory", epochs=2, progress=False)),
+        "deep": (iris, TrainConfig(kind="deep", hidden=[6], hidden_pieces=2, pieces=2, epochs=3, progress=False)),
+        "lse_regression": (diabetes, TrainConfig(kind="lse", pieces=3, epochs=3, progress=False)),
+        "memory_regression": (diabetes, TrainConfig(kind="memory", epochs=2, memory_size=100, progress=False)),
+    }
+    out = {}
+    for name, (data, cfg) in cases.items():
+        model, _ = train(data, cfg)
+        directory = tmp_path_factory.mktemp(name)
+        save_artifact(model, directory)
+        out[name] = directory
+        out[name + ".x"] = data.X
+    return out
+
+
+@pytest.mark.parametrize("name", ["lse", "memory", "deep", "lse_regression", "memory_regression"])
+def test_round_trip_identical_outputs(name, small_artifacts, tmp_path):
+    directory = small_artifacts[name]
+    x = torch.as_tensor(small_artifacts[name + ".x"][:50], dtype=torch.float64)
+    first = load_model(directory)
+    save_artifact(first, tmp_path, formats=("torch",))
+    second = load_model(tmp_path)
+    a, b = first.evaluate(x, tau=0.3), second.evaluate(x, tau=0.3)
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    sa, sb = first.state_dict(), second.state_dict()
+    assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert model_spec(first) == model_spec(second) == read_spec(directory) == read_spec(directory / ONNX_FILE)
+    assert read_spec(directory)["kind"] == first.kind
+    # the serving module (float32 in) equals evaluate on the float32-rounded inputs
+    served = load_serving_module(directory)(x.float(), torch.tensor([0.3], dtype=torch.float64))
+    ev = first.evaluate(x.float().double(), tau=0.3)
+    for k, v in served.items():
+        assert torch.equal(v, ev[k].to(v.dtype)), k
+
+
+# ------------------------------------------------------------------------------------ refusals
+
+
+@pytest.fixture
+def artifact(small_artifacts, tmp_path) -> Path:
+    """A fresh copy of the small lse artifact to break."""
+    target = tmp_path / "1"
+    shutil.copytree(small_artifacts["lse"], target)
+    return target
+
+
+def _edit_spec(directory: Path, **changes) -> None:
+    spec = json.loads((directory / SPEC_FILE).read_text())
+    spec.update(changes)
+    (directory / SPEC_FILE).write_text(json.dumps(spec))
+
+
+def _edit_state(directory: Path, edit) -> None:
+    state = torch.load(directory / TORCH_FILE, weights_only=True)
+    edit(state)
+    torch.save(state, directory / TORCH_FILE)
+
+
+def _raises(directory: Path, pattern: str) -> ArtifactError:
+    with pytest.raises(ArtifactError, match=pattern) as info:
+        load_model(directory)
+    return info.value
+
+
+def test_corrupt_model_pt(artifact):
+    (artifact / TORCH_FILE).write_bytes(np.random.default_rng(0).bytes(4096))
+    _raises(artifact, r"model\.pt is corrupt, truncated or unsafe")
+
+
+def test_truncated_model_pt(artifact):
+    raw = (artifact / TORCH_FILE).read_bytes()
+    (artifact / TORCH_FILE).write_bytes(raw[: len(raw) // 2])
+    _raises(artifact, r"model\.pt is corrupt, truncated or unsafe")
+
+
+def test_empty_model_pt(artifact):
+    (artifact / TORCH_FILE).write_bytes(b"")
+    _raises(artifact, r"model\.pt is corrupt, truncated or unsafe")
+
+
+def test_missing_files(artifact):
+    (artifact / SPEC_FILE).unlink()
+    _raises(artifact, r"no model\.json beside model\.pt")
+    (artifact / TORCH_FILE).unlink()
+    _raises(artifact, r"no model\.pt")
+
+
+def test_bad_json(artifact):
+    (artifact / SPEC_FILE).write_text('{"format": "hjmodel/1", "kind": ')
+    _raises(artifact, r"model\.json is not valid JSON")
+    with pytest.raises(ArtifactError, match="not valid JSON"):
+        read_spec(artifact / SPEC_FILE)
+
+
+def test_json_not_an_object(artifact):
+    (artifact / SPEC_FILE).write_text("[1, 2, 3]")
+    _raises(artifact, r"spec is not a JSON object")
+
+
+def test_wrong_format(artifact):
+    _edit_spec(artifact, format="hjmodel/99")
+    _raises(artifact, r"unknown artifact format 'hjmodel/99'")
+
+
+def test_wrong_kind(artifact):
+    _edit_spec(artifact, kind="transformer")
+    _raises(artifact, r"unknown model kind 'transformer'")
+
+
+def test_wrong_task(artifact):
+    _edit_spec(artifact, task="ranking")
+    _raises(artifact, r"unknown task 'ranking'")
+
+
+@pytest.mark.parametrize("eps", [0, -1.0, "big", None])
+def test_bad_eps(artifact, eps):
+    _edit_spec(artifact, eps=eps)
+    _raises(artifact, r"eps must be a positive number")
+
+
+def test_missing_spec_key(artifact):
+    spec = json.loads((artifact / SPEC_FILE).read_text())
+    del spec["calibration"]
+    (artifact / SPEC_FILE).write_text(json.dumps(spec))
+    _raises(artifact, r"spec lacks 'calibration'")
+
+
+def test_spec_feature_count_mismatch(artifact):
+    _edit_spec(artifact, n_features=7)
+    _raises(artifact, r"preprocessing expects 4 features, spec says 7")
+
+
+def test_spec_output_count_mismatch(artifact):
+    _edit_spec(artifact, n_outputs=5)
+    _raises(artifact, r"head has 3 outputs, spec says 5")
+
+
+def test_tensor_shape_mismatch(artifact):
+    _edit_state(artifact, lambda s: s.__setitem__("head.W", torch.zeros(s["head.W"].shape[0], 9, dtype=torch.float64)))
+    _raises(artifact, r"inconsistent weights or spec \(mat1 and mat2 shapes cannot be multiplied")
+
+
+def test_reference_shape_mismatch(artifact):
+    _edit_state(artifact, lambda s: s.__setitem__("reference.points", torch.zeros(5, 9, dtype=torch.float64)))
+    _raises(artifact, r"layer dimensions do not chain")
+
+
+def test_tensor_wrong_rank(artifact):
+    _edit_state(artifact, lambda s: s.__setitem__("head.b", torch.zeros(3, 3, dtype=torch.float64)))
+    _raises(artifact, r"tensor 'head\.b' must be 1-D")
+
+
+def test_tensor_missing(artifact):
+    _edit_state(artifact, lambda s: s.pop("head.W"))
+    _raises(artifact, r"weights lack tensor 'head\.W'")
+
+
+def test_inconsistent_tensors(artifact):
+    # mask with the wrong number of neurons: a torch error inside the rebuild becomes ArtifactError
+    _edit_state(artifact, lambda s: s.__setitem__("head.mask", torch.ones(3, 2, dtype=torch.bool)))
+    _raises(artifact, r"inconsistent weights or spec")
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_nan_weights(artifact, value):
+    def edit(s):
+        s["head.W"][0, 0] = value
+
+    _edit_state(artifact, edit)
+    _raises(artifact, r"tensor 'head\.W' holds NaN or Inf")
+
+
+def test_not_a_tensor_dict(artifact):
+    torch.save([torch.zeros(3)], artifact / TORCH_FILE)
+    _raises(artifact, r"does not hold a tensor dictionary")
+
+
+class _Payload:
+    """Pickles to a call of ``exec`` that writes a marker file when unpickled."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (exec, (f"open({str(self.marker)!r}, 'w').write('pwned')",))
+
+
+def test_malicious_pickle_is_refused_and_never_runs(artifact, tmp_path):
+    marker = tmp_path / "pwned"
+    state = torch.load(artifact / TORCH_FILE, weights_only=True)
+    state["head.W"] = _Payload(marker)
+    torch.save(state, artifact / TORCH_FILE)
+    # the payload is live: an unsafe load (in a separate process) runs it
+    code = f"import torch; torch.load({str(artifact / TORCH_FILE)!r}, weights_only=False)"
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120, capture_output=True)
+    assert marker.exists()
+    marker.unlink()
+    err = _raises(artifact, r"model\.pt is corrupt, truncated or unsafe \(UnpicklingError")
+    assert not marker.exists(), "loading the artifact executed code from the file"
+    assert "weights" in str(err.__cause__).lower() or "unsupported" in str(err.__cause__).lower()
+    with pytest.raises(ArtifactError):
+        load_serving_module(artifact)
+    assert not marker.exists()
+
+
+def test_onnx_file_that_is_not_onnx(artifact):
+    (artifact / ONNX_FILE).write_bytes(b"\x00\x01 this is not a protobuf \xff" * 50)
+    (artifact / SPEC_FILE).unlink()
+    with pytest.raises(ArtifactError, match=r"model\.onnx: not a valid ONNX model"):
+        read_spec(artifact)
+    with pytest.raises(ArtifactError, match=r"not a valid ONNX model"):
+        read_spec(artifact / ONNX_FILE)
+
+
+def test_onnx_without_spec_metadata(tmp_path):
+    path = tmp_path / ONNX_FILE
+    with torch.no_grad():
+        torch.onnx.export(torch.nn.Linear(3, 2).eval(), (torch.zeros(1, 3),), str(path), dynamo=False)
+    with pytest.raises(ArtifactError, match=r"carries no 'hjmodel\.spec' metadata"):
+        read_spec(tmp_path)
+
+
+def test_onnx_with_bad_spec_metadata(artifact, tmp_path):
+    import onnx
+
+    proto = onnx.load(str(artifact / ONNX_FILE))
+    for p in proto.metadata_props:
+        if p.key == "hjmodel.spec":
+            spec = json.loads(p.value)
+            spec["kind"] = "transformer"
+            p.value = json.dumps(spec)
+    onnx.save(proto, str(tmp_path / ONNX_FILE))
+    with pytest.raises(ArtifactError, match=r"unknown model kind 'transformer'"):
+        read_spec(tmp_path / ONNX_FILE)
+
+
+def test_read_spec_missing(tmp_path):
+    with pytest.raises(ArtifactError, match=r"no model\.json or model\.onnx"):
+        read_spec(tmp_path)
+    with pytest.raises(ArtifactError, match=r"no such file"):
+        read_spec(tmp_path / SPEC_FILE)

@@ -1,0 +1,167 @@
+"""The ``hjmodel`` command line, run as subprocesses on a tiny dataset: train, inspect, verify,
+diagnose print strict JSON; errors exit non-zero with a one-line ``error: ...`` message and no
+traceback. Also: ``import hjmodel`` pulls in no web framework."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from hjmodel.cli import main
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _strict(text: str):
+    """json.loads that refuses NaN / Infinity (not JSON)."""
+    def refuse(name):
+        raise ValueError(f"non-JSON constant {name}")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+def hjmodel(*args: str, stdin: str | None = None, timeout: float = 180) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+           "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", "hjmodel.cli", *args], capture_output=True, text=True,
+                          input=stdin, timeout=timeout, cwd=ROOT, env=env)
+
+
+def _assert_clean_error(proc: subprocess.CompletedProcess, pattern: str) -> None:
+    assert proc.returncode != 0, proc.stdout
+    assert "Traceback" not in proc.stderr, proc.stderr
+    assert proc.stderr.strip().startswith("error:") or "error:" in proc.stderr, proc.stderr
+    assert pattern in proc.stderr, proc.stderr
+
+
+@pytest.fixture(scope="module")
+def tiny_csv(tmp_path_factory) -> Path:
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 3, 90)
+    X = rng.normal(size=(90, 4)) + 3.0 * np.eye(3, 4)[y]
+    path = tmp_path_factory.mktemp("data") / "tiny.csv"
+    path.write_text("a,b,c,d,label\n" + "\n".join(",".join(map(str, [*r, ["x", "y", "z"][t]]))
+                                                  for r, t in zip(X, y)) + "\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_csv, tmp_path_factory) -> tuple[Path, dict]:
+    out = tmp_path_factory.mktemp("repo") / "tiny" / "1"
+    proc = hjmodel("train", str(tiny_csv), "--out", str(out), "--epochs", "20", "--pieces", "2", "--quiet")
+    assert proc.returncode == 0, proc.stderr
+    return out, _strict(proc.stdout)
+
+
+def test_train(trained):
+    out, report = trained
+    assert report["artifact"] == str(out)
+    assert report["metrics"]["accuracy"] > 0.8 and report["metrics"]["n"] == 18
+    assert {p.name for p in out.iterdir()} == {"model.onnx", "model.pt", "model.json"}
+
+
+def test_inspect(trained, capsys):
+    out, _ = trained
+    proc = hjmodel("inspect", str(out))
+    assert proc.returncode == 0, proc.stderr
+    spec = _strict(proc.stdout)
+    assert spec["format"] == "hjmodel/1" and spec["kind"] == "lse" and spec["task"] == "classification"
+    assert spec["class_names"] == ["x", "y", "z"] and spec["n_features"] == 4
+    assert spec["provenance"]["train_config"]["epochs"] == 20
+    # the ONNX file carries the same spec (in-process: same entry point)
+    assert main(["inspect", str(out / "model.onnx")]) == 0
+    assert _strict(capsys.readouterr().out) == spec
+
+
+def test_verify(trained):
+    out, _ = trained
+    proc = hjmodel("verify", str(out), "--n", "32")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    report = _strict(proc.stdout)
+    assert report["ok"] and report["onnx_parity_ok"] and report["theorem_4_1_ok"] and report["n"] == 32
+
+
+def test_diagnose_rows_and_stdin(trained, tmp_path, capsys):
+    out, _ = trained
+    rows = [[3.0, 0.0, 0.0, 0.0], [0.1, -0.2, 2.9, 0.3]]
+    proc = hjmodel("diagnose", str(out), "--input", json.dumps(rows), "--top-k", "3", "--tau", "0.2")
+    assert proc.returncode == 0, proc.stderr
+    result = _strict(proc.stdout)
+    assert isinstance(result, list) and len(result) == 2
+    assert [r["prediction"] for r in result] == ["x", "z"]
+    for r in result:
+        assert r["certified_radius"] > 0 and len(r["attribution"]) == 3
+        assert sum(r["probabilities"].values()) == pytest.approx(1.0)
+        assert set(r) >= {"energy_gap", "ood", "hallucination", "feature_attribution", "hj"}
+        assert len(r["feature_attribution"]["integrated_gradients"]) == 4
+    # one row from stdin -> one object; a .npy file -> the same numbers
+    proc = hjmodel("diagnose", str(out), "--input", "-", stdin=json.dumps(rows[0]))
+    assert proc.returncode == 0, proc.stderr
+    single = _strict(proc.stdout)
+    assert isinstance(single, dict) and single["prediction"] == "x"
+    np.save(tmp_path / "x.npy", np.array(rows))
+    assert main(["diagnose", str(out), "--input", str(tmp_path / "x.npy"), "--top-k", "3", "--tau", "0.2"]) == 0
+    assert _strict(capsys.readouterr().out) == result
+
+
+ERRORS = [
+    (("train", "no_such_data.csv", "--out", "/tmp/never"), "no dataset 'no_such_data.csv'"),
+    (("inspect", "/nonexistent/artifact"), "no such file"),
+    (("diagnose", "{out}", "--input", "[[1, 2]]"), "input must have shape (n, 4), got (1, 2)"),
+    (("diagnose", "{out}", "--input", "[[1, 2"), "cannot read --input"),
+    (("diagnose", "{out}", "--input", "[[NaN, 1, 2, 3]]"), "input contains NaN or Inf"),
+    (("diagnose", "{out}", "--input", "[[\"a\", 1, 2, 3]]"), "could not convert string to float"),
+    (("diagnose", "{out}", "--input", "missing.json"), "no such file 'missing.json'"),
+]
+
+
+def test_errors_exit_nonzero_with_message_subprocess(trained):
+    """Two of the error cases end to end (exit status and stderr of the real process)."""
+    out, _ = trained
+    _assert_clean_error(hjmodel("diagnose", str(out), "--input", "[[1, 2]]"), "input must have shape (n, 4)")
+    broken = out.parent / "broken"
+    broken.mkdir(exist_ok=True)
+    for name in ("model.json", "model.onnx"):
+        (broken / name).write_bytes((out / name).read_bytes())
+    (broken / "model.pt").write_bytes(b"not a zip")
+    _assert_clean_error(hjmodel("verify", str(broken)), "model.pt is corrupt, truncated or unsafe")
+
+
+@pytest.mark.parametrize("args, pattern", ERRORS)
+def test_errors_exit_nonzero_with_message(args, pattern, trained, capsys):
+    """Every error case through the same ``main`` in-process (a subprocess each would cost ~3 s of
+    torch import): exit status 2 and a one-line ``error: ...`` on stderr."""
+    out, _ = trained
+    assert main([a.format(out=out) for a in args]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err.startswith("error: ") and captured.err.count("\n") == 1, captured.err
+    assert pattern in captured.err, captured.err
+
+
+def test_usage_errors(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["train", "x.csv", "--kind", "transformer", "--out", "o"])
+    assert info.value.code == 2 and "invalid choice: 'transformer'" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as info:
+        main([])
+    assert info.value.code == 2 and "usage:" in capsys.readouterr().err
+
+
+def test_import_pulls_in_no_web_framework():
+    code = ("import sys, json, hjmodel, hjmodel.cli, hjmodel.verify, hjmodel.demo, hjmodel.functional\n"
+            "print(json.dumps(sorted({m.split('.')[0] for m in sys.modules})))")
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT,
+                          env=env)
+    assert proc.returncode == 0, proc.stderr
+    loaded = set(json.loads(proc.stdout))
+    assert "hjmodel" in loaded and "torch" in loaded
+    for web in ("fastapi", "starlette", "uvicorn", "service", "prometheus_client", "pydantic_settings", "httpx"):
+        assert web not in loaded, f"import hjmodel imported {web}"

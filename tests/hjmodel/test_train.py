@@ -1,0 +1,217 @@
+"""Training: seeded reproducibility, dataset loading (.csv / .npz / built-ins), classification and
+regression, malformed datasets raising :class:`hjmodel.DataError`, and the demo models' held-out
+accuracy (read from the built demo repository and re-measured from the artifacts)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from hjmodel import DataError, TrainConfig, load_dataset, load_model, read_spec, train
+from hjmodel.data import Dataset
+from hjmodel.train import _split
+
+QUICK = {"lse": dict(kind="lse", pieces=3, epochs=4),
+         "memory": dict(kind="memory", epochs=3),
+         "deep": dict(kind="deep", hidden=[6], hidden_pieces=2, pieces=2, epochs=4)}
+
+
+def _cfg(kind: str, **kw) -> TrainConfig:
+    return TrainConfig(**{**QUICK[kind], "progress": False, **kw})
+
+
+def _tensors(model) -> dict[str, torch.Tensor]:
+    ref = model.reference
+    return {**model.state_dict(), "ref.points": ref.points, "ref.nu": ref.norm_unsupported,
+            "ref.na": ref.norm_ambiguous, "ref.comb": ref.combined}
+
+
+# ------------------------------------------------------------------------------------ reproducibility
+
+
+@pytest.mark.parametrize("kind", list(QUICK))
+def test_same_seed_identical_weights(kind):
+    data = load_dataset("iris")
+    m1, r1 = train(data, _cfg(kind, seed=3))
+    m2, r2 = train(data, _cfg(kind, seed=3))
+    t1, t2 = _tensors(m1), _tensors(m2)
+    assert t1.keys() == t2.keys()
+    for k in t1:
+        assert torch.equal(t1[k], t2[k]), k
+    assert r1.metrics == r2.metrics and r1.splits == r2.splits
+    assert m1.head.eps == m2.head.eps and m1.head.t == m2.head.t
+    m3, r3 = train(data, _cfg(kind, seed=4))
+    assert r3.splits != r1.splits
+    assert not torch.equal(m3.head.b, m1.head.b)
+
+
+def test_provenance_records_data_and_settings():
+    data = load_dataset("iris")
+    model, report = train(data, _cfg("lse", seed=1))
+    prov = model.meta["provenance"]
+    assert prov["data_sha256"] == data.sha256 and len(prov["data_sha256"]) == 64
+    assert prov["train_config"]["seed"] == 1 and prov["train_config"]["kind"] == "lse"
+    assert prov["n_train"] + prov["n_calibration"] + prov["n_test"] == len(data.X)
+    assert model.meta["metrics"] == report.metrics
+    # the splits are disjoint and cover the data
+    idx = np.concatenate([report.splits[k] for k in ("train", "calibration", "test")])
+    assert sorted(idx.tolist()) == list(range(len(data.X)))
+
+
+# ------------------------------------------------------------------------------------ tasks
+
+
+@pytest.mark.parametrize("kind", ["lse", "memory"])
+def test_regression(kind):
+    data = load_dataset("diabetes")
+    model, report = train(data, TrainConfig(kind=kind, pieces=4, epochs=30, lr=0.05, progress=False))
+    assert model.task == "regression" and model.n_outputs == 1
+    assert report.metrics["r2"] > 0.3 and report.metrics["rmse"] < data.y.std()
+    x = torch.as_tensor(data.X[:7])
+    pred = model.predict(x)
+    assert pred.shape == (7, 1)
+    ev = model.evaluate(x, tau=5.0)
+    assert bool((ev["certified_radius"] > 0).all())
+
+
+def test_classification_multi_kind():
+    data = load_dataset("wine")
+    for kind in QUICK:
+        model, report = train(data, _cfg(kind, epochs=10))
+        assert model.task == "classification" and model.n_outputs == 3
+        assert model.class_names == data.class_names
+        assert report.metrics["accuracy"] > 0.6, (kind, report.metrics)
+
+
+# ------------------------------------------------------------------------------------ file formats
+
+
+def _blobs(n: int = 150, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, 3, n)
+    X = rng.normal(size=(n, 4)) + 3.0 * np.eye(3, 4)[y]
+    return X, y
+
+
+def test_csv_classification_with_string_labels(tmp_path):
+    X, y = _blobs()
+    names = np.array(["cat", "dog", "eel"])[y]
+    path = tmp_path / "animals.csv"
+    lines = ["f0,f1,label,f2,f3"] + [f"{a},{b},{c},{d},{e}" for (a, b, d, e), c in zip(X, names)]
+    path.write_text("\n".join(lines) + "\n\n")        # a trailing blank line is fine
+    data = load_dataset(str(path), target="label")
+    assert data.task == "classification" and data.class_names == ["cat", "dog", "eel"]
+    assert data.feature_names == ["f0", "f1", "f2", "f3"]
+    np.testing.assert_allclose(data.X, X)
+    model, report = train(data, _cfg("lse", epochs=20))
+    assert model.class_names == ["cat", "dog", "eel"] and report.metrics["accuracy"] > 0.8
+
+
+def test_csv_regression_last_column(tmp_path):
+    rng = np.random.default_rng(1)
+    X = rng.normal(size=(120, 3))
+    y = X @ np.array([1.0, -2.0, 0.5]) + 0.1 * rng.normal(size=120)
+    path = tmp_path / "lin.csv"
+    path.write_text("a,b,c,y\n" + "\n".join(",".join(map(str, [*r, t])) for r, t in zip(X, y)) + "\n")
+    data = load_dataset(str(path))
+    assert data.task == "regression" and data.X.shape == (120, 3)
+    model, report = train(data, _cfg("lse", epochs=30, pieces=2))
+    assert model.task == "regression" and report.metrics["r2"] > 0.5
+
+
+def test_npz(tmp_path):
+    X, y = _blobs()
+    path = tmp_path / "blobs.npz"
+    np.savez(path, X=X, y=y)
+    data = load_dataset(str(path))
+    assert data.task == "classification" and data.name == "blobs" and len(data.class_names) == 3
+    np.testing.assert_array_equal(data.y, y)
+    model, report = train(data, _cfg("memory"))
+    assert report.metrics["accuracy"] > 0.8
+    # same file, forced regression
+    assert load_dataset(str(path), task="regression").task == "regression"
+
+
+# ------------------------------------------------------------------------------------ bad datasets
+
+
+def _npz(tmp_path, **arrays):
+    path = tmp_path / "bad.npz"
+    np.savez(path, **arrays)
+    return str(path)
+
+
+BAD = {
+    "missing file": (lambda p: str(p / "nope.csv"), r"no dataset .*no such file"),
+    "unknown suffix": (lambda p: (p / "d.txt").write_text("1,2\n") and str(p / "d.txt"), r"unsupported dataset format '\.txt'"),
+    "npz without y": (lambda p: _npz(p, X=np.ones((5, 2))), r"needs arrays 'X' and 'y'"),
+    "npz object array": (lambda p: _npz(p, X=np.array([[1, "a"]], dtype=object), y=np.array([1])), r"unreadable \.npz"),
+    "npz NaN": (lambda p: _npz(p, X=np.array([[1.0, np.nan], [2.0, 3.0]]), y=np.array([0, 1])), r"NaN or Inf"),
+    "npz Inf": (lambda p: _npz(p, X=np.array([[1.0, np.inf], [2.0, 3.0]]), y=np.array([0, 1])), r"NaN or Inf"),
+    "npz length mismatch": (lambda p: _npz(p, X=np.ones((5, 2)), y=np.zeros(4)), r"X has 5 rows but y has 4"),
+    "npz 1-D X": (lambda p: _npz(p, X=np.ones(5), y=np.zeros(5)), r"non-empty 2-D array"),
+    "npz empty": (lambda p: _npz(p, X=np.ones((0, 3)), y=np.zeros(0)), r"non-empty 2-D array"),
+    "not an npz": (lambda p: (p / "x.npz").write_bytes(b"garbage") and str(p / "x.npz"), r"unreadable \.npz"),
+    "csv header only": (lambda p: (p / "h.csv").write_text("a,b,y\n") and str(p / "h.csv"), r"header and at least one row"),
+    "csv text feature": (lambda p: (p / "t.csv").write_text("a,b,y\n1,x,0\n") and str(p / "t.csv"), r"non-numeric feature value"),
+    "csv short row": (lambda p: (p / "s.csv").write_text("a,b,y\n1,2,0\n3,4\n") and str(p / "s.csv"), r"line 3 has 2 fields, the header has 3"),
+    "csv long row": (lambda p: (p / "l.csv").write_text("a,b,y\n1,2,0,9\n") and str(p / "l.csv"), r"line 2 has 4 fields"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_bad_dataset_raises_data_error(case, tmp_path):
+    make, pattern = BAD[case]
+    with pytest.raises(DataError, match=pattern):
+        load_dataset(make(tmp_path))
+
+
+def test_csv_unknown_target_column(tmp_path):
+    path = tmp_path / "d.csv"
+    path.write_text("a,b,y\n1,2,0\n")
+    with pytest.raises(DataError, match=r"no target column 'label'"):
+        load_dataset(str(path), target="label")
+
+
+def test_too_small_to_split():
+    X, y = _blobs(12)
+    with pytest.raises(DataError, match="too small to split"):
+        train(Dataset(X, y, "classification", "tiny", ["0", "1", "2"]), _cfg("lse"))
+
+
+def test_exclude_classes_needs_classification():
+    with pytest.raises(ValueError, match="exclude_classes needs a classification dataset"):
+        train(load_dataset("diabetes"), _cfg("lse", exclude_classes=[1]))
+
+
+def test_unknown_kind():
+    with pytest.raises(ValueError, match="unknown kind"):
+        train(load_dataset("iris"), TrainConfig(kind="transformer", progress=False))
+
+
+# ------------------------------------------------------------------------------------ demo accuracy
+
+
+DEMO_FLOORS = {"digits_lse": 0.97, "digits_memory": 0.98}
+
+
+@pytest.mark.parametrize("name", list(DEMO_FLOORS))
+def test_demo_held_out_accuracy(name, demo_repository):
+    results = json.loads((demo_repository / "DEMO_RESULTS.json").read_text())
+    directory = demo_repository / name / "1"
+    spec = read_spec(directory)
+    assert results[name]["accuracy"] == pytest.approx(spec["metrics"]["accuracy"], abs=1e-12)
+    assert spec["metrics"]["accuracy"] >= DEMO_FLOORS[name], spec["metrics"]
+    # re-measured from the artifact on the same held-out split (reconstructed from the provenance)
+    model = load_model(directory)
+    data = load_dataset("digits")
+    cfg = TrainConfig(**spec["provenance"]["train_config"])
+    test = _split(len(data.X), cfg, np.random.default_rng(cfg.seed))[2]
+    assert len(test) == spec["metrics"]["n"] == spec["provenance"]["n_test"]
+    pred = model.predict(torch.as_tensor(data.X[test])).numpy()
+    accuracy = float((pred == data.y[test]).mean())
+    assert accuracy == pytest.approx(spec["metrics"]["accuracy"], abs=1e-12)
+    assert spec["provenance"]["data_sha256"] == data.sha256
