@@ -287,8 +287,10 @@ class HJModel(nn.Module):
         res["certified_radius"] = self._certified_radius(a, gibbs_body, c, yhat, tau_t)
 
         # ---- attribution, entropy, energy gap, label sensitivity
-        # ties (zero weights outside the decisive group) are broken by index, deterministically
-        order = pi - 1e-300 * torch.arange(N, dtype=pi.dtype)
+        # weights below float32 resolution (zeros outside the decisive group, underflow, which runtimes
+        # may flush to zero differently) tie and are ordered by index, deterministically
+        idx = torch.arange(N, dtype=pi.dtype)
+        order = torch.where(pi >= 1e-37, pi, -1e-300 * (idx + 1.0))
         i_top = torch.topk(order, k, dim=-1).indices
         w_top = pi.gather(1, i_top)
         res["attribution_index"] = i_top

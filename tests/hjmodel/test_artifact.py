@@ -53,13 +53,16 @@ def _run_both(directory: Path, x32: np.ndarray, tau: float = 0.1) -> tuple[dict,
 
 
 def _calibration_ties(model, x32: np.ndarray) -> np.ndarray:
-    """Rows whose OOD component scores equal (to float64 rounding) a stored ECDF-normaliser score.
+    """Rows whose OOD component scores equal (to float64 rounding) a stored ECDF-normaliser score, or
+    whose combined statistic equals a stored conformal statistic.
 
     The conformal p-value counts calibration scores >= a row's statistic; on such a row the two
     runtimes' last-bit differences in the score decide a tie, moving the count (these rows are the
     calibration points themselves, which the parity inputs deliberately contain)."""
     ref = model.reference
-    ev = model.evaluate(torch.from_numpy(x32).double(), outputs=("ood_score", "_ambiguity"))
+    ev = model.evaluate(torch.from_numpy(x32).double(), outputs=("ood_score", "_ambiguity", "_h", "_log_probs"))
+    log_probs = ev["_log_probs"] if ev["_log_probs"].numel() else None
+    T = model.combined_statistic(ev["_h"], log_probs)   # compared with the stored statistics (>=)
 
     def tie(score: torch.Tensor, table: torch.Tensor) -> np.ndarray:
         if score.numel() == 0 or table.numel() == 0:
@@ -67,7 +70,8 @@ def _calibration_ties(model, x32: np.ndarray) -> np.ndarray:
         s, t = score.numpy()[:, None], table.numpy()[None, :]
         return (np.abs(s - t) <= 1e-12 * np.maximum(1.0, np.abs(t))).any(1)
 
-    return tie(ev["ood_score"], ref.norm_unsupported) | tie(ev["_ambiguity"], ref.norm_ambiguous)
+    return (tie(ev["ood_score"], ref.norm_unsupported) | tie(ev["_ambiguity"], ref.norm_ambiguous)
+            | tie(T, ref.combined))
 
 
 def _parity_inputs(name: str, n: int) -> np.ndarray:
