@@ -192,6 +192,16 @@ class HJModel(nn.Module):
             h = layer(h)
         return h
 
+    def trace(self, x: Tensor) -> tuple[Tensor, list[Tensor], Tensor]:
+        """Forward pass keeping what the closed forms need: head features h (n, p), the body's
+        within-group Gibbs weights (one (n, H, M) per layer, for pullbacks) and the head's
+        pre-activations a (n, N)."""
+        h, gibbs_body = self.preprocess(x), []
+        for layer in self.body:
+            gibbs_body.append(layer.gibbs(h))
+            h = layer(h)
+        return h, gibbs_body, self.head.preactivations(h)
+
     def refresh(self) -> None:
         """Recompute the weight-only constants of the certificates (call after changing weights)."""
         with torch.no_grad():
@@ -244,12 +254,7 @@ class HJModel(nn.Module):
         x = torch.as_tensor(x).to(torch.float64)
         tau_t = torch.as_tensor(tau, dtype=torch.float64).reshape(-1)[:1]
         head, eps = self.head, self.head.eps
-        z = self.preprocess(x)
-        h, gibbs_body = z, []
-        for layer in self.body:
-            gibbs_body.append(layer.gibbs(h))
-            h = layer(h)
-        a = head.preactivations(h)                                   # (n, N)
+        h, gibbs_body, a = self.trace(x)                             # a: (n, N)
         N = a.shape[-1]
         k = min(top_k, N)
         res: dict[str, Tensor] = {}
@@ -554,11 +559,7 @@ def _integrated_gradients(model: HJModel, x: Tensor, baseline: Tensor | None = N
 def _output_gradient(model: HJModel, x: Tensor, c: Tensor) -> Tensor:
     """Closed-form gradient of output c (log-domain value for lse groups, yhat_c for memory)."""
     head = model.head
-    h, gibbs_body = model.preprocess(x), []
-    for layer in model.body:
-        gibbs_body.append(layer.gibbs(h))
-        h = layer(h)
-    a = head.preactivations(h)
+    _, gibbs_body, a = model.trace(x)
     if head.mode == "groups":
         pi = F.masked_lse_gibbs(a, head.mask[c], head.eps)[1]
         grad_h = F.gradient(pi, head.W)

@@ -39,6 +39,7 @@ from deploy_helpers import (
     recording_rules,
     require_tool,
 )
+from proc_utils import stop_process
 
 PYTHON = sys.executable
 #: What Grafana would put for $__rate_interval here: max(4 x scrape interval, ...) = 4 s; 1m keeps
@@ -90,13 +91,7 @@ def _wait_until(what: str, ready, timeout: float, proc: subprocess.Popen | None 
 
 
 def _stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=10)
+    stop_process(proc)
 
 
 @pytest.fixture(scope="module")

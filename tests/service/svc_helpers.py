@@ -15,6 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+import numpy as np
+from proc_utils import stop_process
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
@@ -88,13 +90,7 @@ def run_server(repo: Path, log_dir: Path, **settings: object) -> Iterator[Server
             time.sleep(0.1)
         yield server
     finally:
-        if proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(timeout=5)
+        stop_process(proc)
 
 
 
@@ -104,7 +100,6 @@ def run_server(repo: Path, log_dir: Path, **settings: object) -> Iterator[Server
 def reference_outputs(version_dir: Path, x, tau: float = 0.1) -> dict:
     """Every contract output computed in-process on the same artifact: hjmodel's serving module
     when the version has a torch artifact, else the ONNX graph itself (the tiny fixture)."""
-    import numpy as np
 
     version_dir = Path(version_dir)
     if (version_dir / "model.pt").is_file():
@@ -141,3 +136,12 @@ def metric_value(text: str, name: str, **labels: str) -> float:
         if line.startswith(name + "{") and all(f'{k}="{v}"' in line for k, v in labels.items()):
             total += float(line.rsplit(" ", 1)[1])
     return total
+
+
+def assert_outputs_close(got: np.ndarray, want: np.ndarray, name: str) -> None:
+    """Served vs in-process tensors: integers exactly, floats to float32 precision."""
+    assert got.shape == want.shape, name
+    if want.dtype.kind in "biu":
+        np.testing.assert_array_equal(got, want, err_msg=name)
+    else:
+        np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-6, err_msg=name)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import tritonclient.http as httpclient
-from svc_helpers import reference_outputs, run_server
+from svc_helpers import assert_outputs_close, reference_outputs, run_server
 
 from hjmodel import serving
 from service.backends import choose_backend, load_backend
@@ -21,12 +21,7 @@ def _rows(spec, n=16, seed=0):
     return np.random.default_rng(seed).standard_normal((n, spec["n_features"])).astype(np.float32)
 
 
-def _close(got, want, name):
-    assert got.shape == want.shape, name
-    if want.dtype.kind in "biu":
-        np.testing.assert_array_equal(got, want, err_msg=name)
-    else:
-        np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-6, err_msg=name)
+_close = assert_outputs_close
 
 
 @pytest.mark.parametrize("backend", ["onnx", "torch"])
