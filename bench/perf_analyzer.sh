@@ -114,6 +114,8 @@ for c in conc.split():
     if csv_path.exists():
         with open(csv_path) as fh:
             r = next(csv.DictReader(fh))
+        if "Avg latency" not in r:  # the CSV has the percentiles; the mean is in the log
+            r["Avg latency"] = re.findall(r"Avg latency: ([0-9]+) usec", (Path(work) / f"c{c}.log").read_text())[-1]
         server = sum(float(r.get(k, 0) or 0) for k in ("Server Queue", "Server Compute Input",
                                                        "Server Compute Infer", "Server Compute Output")) / 1000.0
         server = f"{server:.2f}"

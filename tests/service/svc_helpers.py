@@ -16,13 +16,14 @@ from pathlib import Path
 
 import httpx
 import numpy as np
-from proc_utils import stop_process
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
 sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(HERE.parent))   # tests/: shared helpers (also when imported by bench/)
 
 import tiny_model  # noqa: E402
+from proc_utils import stop_process  # noqa: E402
 
 
 def export_tiny(path: Path, task: str = "classification", seed: int = 0) -> None:
