@@ -139,10 +139,11 @@ def metric_value(text: str, name: str, **labels: str) -> float:
     return total
 
 
-def assert_outputs_close(got: np.ndarray, want: np.ndarray, name: str) -> None:
-    """Served vs in-process tensors: integers exactly, floats to float32 precision."""
+def assert_outputs_close(got: np.ndarray, want: np.ndarray, name: str, rtol: float = 2e-5,
+                         atol: float = 2e-6) -> None:
+    """Served vs in-process tensors: integers (and booleans) exactly, floats to float32 precision."""
     assert got.shape == want.shape, name
     if want.dtype.kind in "biu":
         np.testing.assert_array_equal(got, want, err_msg=name)
     else:
-        np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-6, err_msg=name)
+        np.testing.assert_allclose(got, want, rtol=rtol, atol=atol, err_msg=name)

@@ -6,7 +6,7 @@ import httpx
 import numpy as np
 import pytest
 import tritonclient.http as httpclient
-from svc_helpers import reference_outputs, run_server
+from svc_helpers import assert_outputs_close, reference_outputs, run_server
 from tiny_model import CLASSES, D
 
 from hjmodel import serving
@@ -25,11 +25,7 @@ def _rows(n, seed=0):
 
 
 def assert_matches(got: np.ndarray, want: np.ndarray, name: str) -> None:
-    assert got.shape == want.shape, name
-    if want.dtype.kind in "biu":
-        np.testing.assert_array_equal(got, want, err_msg=name)
-    else:
-        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6, err_msg=name)
+    assert_outputs_close(got, want, name, rtol=1e-5, atol=1e-6)
 
 
 def test_health_and_server_metadata(server, triton):
