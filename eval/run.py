@@ -34,6 +34,23 @@ def _versions() -> str:
     return ", ".join(out)
 
 
+def _service_section() -> str:
+    """The service measurements need a running server: they are produced by ``bench/service_bench.py``
+    (ratios against a bare uvicorn endpoint and in-process hjmodel) and ``bench/perf_analyzer.sh``
+    (Triton's load generator); their latest results are included here as written."""
+    root = EVAL_DIR.parent
+    parts = []
+    for path, how in ((root / "bench" / "results" / "service.md", "python bench/service_bench.py"),
+                      (EVAL_DIR / "perf_analyzer.md", "bash bench/perf_analyzer.sh")):
+        if path.exists():
+            text = path.read_text().split("\n", 1)[1].strip()     # drop the file's own title
+            text = text.replace("\n## ", "\n#### ").replace("\n# ", "\n### ")
+            parts.append(f"### From `{how}` ({path.relative_to(root)})\n\n{text}")
+        else:
+            parts.append(f"`{how}` has not been run on this machine yet.")
+    return "\n\n".join(parts)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--fast", action="store_true")
@@ -129,6 +146,8 @@ def main(argv=None) -> int:
         sections.append(("eps trade-off", eps_sweep.report(res) + "\n\n![eps sweep](eps_sweep.png)"))
         timings["eps"] = time.time() - t0
         log("eps sweep done")
+
+    sections.append(("Service", _service_section()))
 
     now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     head = [f"# hjserve evaluation results{' (fast smoke run)' if args.fast else ''}\n",
