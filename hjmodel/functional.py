@@ -28,6 +28,7 @@ __all__ = [
     "eps15_radius",
     "eps_star",
     "fewest_label_flips",
+    "gauss_legendre",
     "gibbs",
     "gibbs_margin_radius",
     "gradient",
@@ -57,6 +58,7 @@ __all__ = [
 
 _NEG_INF = -math.inf
 _EXACT_LIMIT = 1 << 22  # elements of an exact (n, m, d) difference tensor
+_TANGENT_ITERS = 4      # regula falsi / Newton steps of tangent_radius (converges in ~2)
 
 
 # --------------------------------------------------------------------------------------------
@@ -149,14 +151,14 @@ def hessian(pi: Tensor, W: Tensor, eps: float) -> Tensor:
     return (second - mean.unsqueeze(-1) * mean.unsqueeze(-2)) / eps
 
 
-def _gauss_legendre(panels: int, order: int, dtype, device) -> tuple[Tensor, Tensor]:
-    """Composite Gauss-Legendre nodes and weights on [0, 1]: (panels * order,) each."""
+def gauss_legendre(edges, order: int, dtype=torch.float64, device=None) -> tuple[Tensor, Tensor]:
+    """Composite Gauss-Legendre nodes and weights over the panels between sorted ``edges`` (an int
+    ``n`` means n equal panels on [0, 1]): (panels * order,) each."""
     import numpy as np
 
+    e = np.linspace(0.0, 1.0, edges + 1) if isinstance(edges, int) else np.asarray(edges, dtype=np.float64)
     x, w = np.polynomial.legendre.leggauss(order)
-    edges = np.linspace(0.0, 1.0, panels + 1)
-    half = 0.5 * (edges[1:] - edges[:-1])
-    mid = 0.5 * (edges[1:] + edges[:-1])
+    half, mid = 0.5 * np.diff(e), 0.5 * (e[1:] + e[:-1])
     nodes = (mid[:, None] + half[:, None] * x[None, :]).reshape(-1)
     weights = (half[:, None] * w[None, :]).reshape(-1)
     return (torch.as_tensor(nodes, dtype=dtype, device=device),
@@ -215,12 +217,7 @@ def _ig_nodes(a0: Tensor, da: Tensor, keep: Tensor, eps: float, panels: int, ord
                 step *= 2.0
     e = np.array(sorted(edges))
     e = e[np.concatenate([[True], np.diff(e) > 1e-15])]
-    x, w = np.polynomial.legendre.leggauss(order)
-    half, mid = 0.5 * np.diff(e), 0.5 * (e[1:] + e[:-1])
-    nodes = (mid[:, None] + half[:, None] * x[None, :]).reshape(-1)
-    weights = (half[:, None] * w[None, :]).reshape(-1)
-    return (torch.as_tensor(nodes, dtype=a0.dtype, device=a0.device),
-            torch.as_tensor(weights, dtype=a0.dtype, device=a0.device))
+    return gauss_legendre(e, order, a0.dtype, a0.device)
 
 
 # --------------------------------------------------------------------------------------------
@@ -360,6 +357,21 @@ def certificate_tables(W: Tensor, pos: Tensor, neg: Tensor, eps: float) -> tuple
     return L, kappa
 
 
+def _two_groups(ak: Tensor, pos: Tensor, neg: Tensor, eps: float, rounding: float | None):
+    """s+ and s- (0 where either is infinite), their Gibbs weights, the rounding-floored s+
+    (``target``) and where both are finite -- shared by :func:`sign_margin` and
+    :func:`tangent_radius`, so the served graph evaluates the two LSE groups once."""
+    sp, pip = masked_lse_gibbs(ak, pos, eps)
+    sq, piq = masked_lse_gibbs(ak, neg, eps)
+    finite = (sp.abs() < math.inf) & (sq.abs() < math.inf)
+    zero = torch.zeros_like(sp)
+    sp0, sq0 = torch.where(finite, sp, zero), torch.where(finite, sq, zero)
+    if rounding is None:
+        rounding = 64 * torch.finfo(ak.dtype).eps
+    target = sp0 - rounding * (sp0.abs() + sq0.abs())
+    return target, sq0, pip, piq, finite
+
+
 def sign_margin(ak: Tensor, pos: Tensor, neg: Tensor, eps: float,
                 rounding: float | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """The margin m = s+ - s- of two LSE groups of pre-activations ``ak`` and its gradient weights.
@@ -369,19 +381,12 @@ def sign_margin(ak: Tensor, pos: Tensor, neg: Tensor, eps: float,
     ``never`` marks an empty negative side (that side can never win). ``rounding`` (relative; default
     64 ulp of the dtype) times |s+| + |s-| is subtracted from m, so a margin that is 0 in exact
     arithmetic but rounds to a few ulp is not certified."""
-    sp, pip = masked_lse_gibbs(ak, pos, eps)
-    sq, piq = masked_lse_gibbs(ak, neg, eps)
-    finite = (sp.abs() < math.inf) & (sq.abs() < math.inf)
-    zero = torch.zeros_like(sp)
-    sp0, sq0 = torch.where(finite, sp, zero), torch.where(finite, sq, zero)
-    if rounding is None:
-        rounding = 64 * torch.finfo(ak.dtype).eps
-    m = sp0 - sq0 - rounding * (sp0.abs() + sq0.abs())
-    return m, pip - piq, ~neg.any(-1)
+    target, sq0, pip, piq, _ = _two_groups(ak, pos, neg, eps, rounding)
+    return target - sq0, pip - piq, ~neg.any(-1)
 
 
 def tangent_radius(ak: Tensor, pos: Tensor, neg: Tensor, W: Tensor, eps: float,
-                   rounding: float | None = None, iters: int = 4) -> Tensor:
+                   rounding: float | None = None, iters: int = _TANGENT_ITERS) -> Tensor:
     """A local certificate of the margin s+ - s- that is sharp for kernel-like (memory) layers.
 
     s+ is convex, so s+(z + delta) >= s+(z) + g . delta with g = grad s+(z) = sum_pos pi+_j w_j; the
@@ -397,19 +402,15 @@ def tangent_radius(ak: Tensor, pos: Tensor, neg: Tensor, W: Tensor, eps: float,
     ak: (n, K, N) pre-activations (with shifts), pos/neg: (n, K, N), W: (N, p) rows in the coordinates
     of the certificate. Returns (n, K); 0 where the margin is not positive, +inf for an empty
     negative side."""
-    sp, pip = masked_lse_gibbs(ak, pos, eps)
-    sq, _ = masked_lse_gibbs(ak, neg, eps)
+    return _tangent(ak, neg, W, eps, *_two_groups(ak, pos, neg, eps, rounding), iters=iters)
+
+
+def _tangent(ak, neg, W, eps, target, sq0, pip, piq, finite, iters: int) -> Tensor:
+    """:func:`tangent_radius` from the already evaluated groups (:func:`_two_groups`)."""
     g = pip @ W                                                     # (n, K, p)
     c2 = (W * W).sum(-1) - 2.0 * (g @ W.transpose(-1, -2)) + (g * g).sum(-1, keepdim=True)
     c = c2.clamp_min(0.0).sqrt()                                    # (n, K, N): |w_j - g|
-    finite = (sp.abs() < math.inf) & (sq.abs() < math.inf)
-    zero = torch.zeros_like(sp)
-    sp0, sq0 = torch.where(finite, sp, zero), torch.where(finite, sq, zero)
-    if rounding is None:
-        rounding = 64 * torch.finfo(ak.dtype).eps
-    floor = rounding * (sp0.abs() + sq0.abs())
-    target = sp0 - floor                                            # phi(r) = target - s-(r)
-    big = torch.full_like(ak, math.inf)
+    big = torch.full_like(ak, math.inf)                             # phi(r) = target - s-(r)
     gap = torch.where(neg & (c > 0), (target.unsqueeze(-1) - ak) / torch.where(c > 0, c, torch.ones_like(c)), big)
     hi = gap.amin(-1).clamp_min(0.0)
     hi = torch.where(hi < math.inf, hi, torch.zeros_like(hi))       # no moving neuron: handled below
@@ -468,15 +469,17 @@ def gibbs_margin_radius(a: Tensor, W: Tensor, eps: float, c: Tensor, pos: Tensor
     K = pos.shape[0]
     P, Q, S = pos[c], neg[c], shift[c]                  # (n, K, N)
     ak = a.unsqueeze(1) + S
-    m, coef, never = sign_margin(ak, P, Q, eps, rounding)
-    grad = coef @ W                                     # (n, K, p)
+    groups = _two_groups(ak, P, Q, eps, rounding)
+    target, sq0, pip, piq, _ = groups
+    m, never = target - sq0, ~Q.any(-1)
+    grad = (pip - piq) @ W                              # (n, K, p)
     if pullback is not None:
         grad = pullback(grad)
     G = torch.linalg.vector_norm(grad, dim=-1)          # (n, K): exact |grad m_k(x)|
     Lc, kc = L[c], kappa[c]
     r = hybrid_radius(m, G, Lc * lip, kc * lip * lip + Lc * curv)
     if tangent_rows is not None:
-        r = torch.maximum(r, tangent_radius(ak, P, Q, tangent_rows, eps, rounding) / lip)
+        r = torch.maximum(r, _tangent(ak, Q, tangent_rows, eps, *groups, iters=_TANGENT_ITERS) / lip)
     inf = torch.full_like(r, math.inf)
     r = torch.where(never, inf, r)
     r = torch.where(torch.nn.functional.one_hot(c, K).bool(), inf, r)

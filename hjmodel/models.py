@@ -240,10 +240,12 @@ class HJModel(nn.Module):
                 self._scalar = (R, D)
 
     # ---------------------------------------------------------------- evaluation
+    @torch.no_grad()
     def predict(self, x: Tensor) -> Tensor:
-        """Class indices (n,) or values (n, K)."""
-        out = self.evaluate(x, outputs=("prediction",))
-        return out["prediction"]
+        """Class indices (n,) or values (n, K): the forward pass only, no diagnostics (the same
+        decision as :meth:`evaluate`'s ``prediction``)."""
+        yhat = self.head.outputs(self.trace(torch.as_tensor(x).to(torch.float64))[2])
+        return yhat.argmax(-1) if self.task == "classification" else yhat
 
     @torch.no_grad()
     def evaluate(self, x: Tensor, tau: float | Tensor = 0.1, top_k: int = TOP_K_MAX,
@@ -312,8 +314,8 @@ class HJModel(nn.Module):
 
         # ---- OOD and hallucination
         log_probs = head.log_probabilities(a) if self.task == "classification" else None
-        score, comp_u, comp_a = self._ood_components(h, log_probs)
-        p_value, component = self._conformal(comp_u, comp_a)
+        score, comp_a = self._ood_components(h, log_probs)
+        p_value, component = self._conformal(score, comp_a)
         flag = p_value <= self.reference.alpha
         regime = res["energy_gap"] >= torch.log(self.reference.regime_factor * (n_keep - 1).clamp_min(1).to(a.dtype))
         res["ood_score"] = score
@@ -406,16 +408,16 @@ class HJModel(nn.Module):
         return F.hopf_cole_value(h, pts, g, ref.t, ref.eps) / ref.eps
 
     def _ood_components(self, h: Tensor, log_probs: Tensor | None):
-        """(score, unsupported component, ambiguous component or None).
+        """(unsupported component = the OOD score u/eps, ambiguous component or None).
 
         The ambiguous component is log(1 - max_k p_k), computed as the log-sum-exp of the other
         classes' log-probabilities: a monotone map of 1 - max prob that does not saturate at 0."""
         score = self.ood_unsupported(h)
         if log_probs is None:
-            return score, score, None
+            return score, None
         top = log_probs.argmax(-1, keepdim=True)
         others = log_probs.scatter(-1, top, -math.inf)
-        return score, score, torch.logsumexp(others, dim=-1)
+        return score, torch.logsumexp(others, dim=-1)
 
     def _conformal(self, comp_u: Tensor, comp_a: Tensor | None) -> tuple[Tensor, Tensor]:
         """Split-conformal p-value of T = max of ECDF-normalised components; and which one fired."""
@@ -435,7 +437,7 @@ class HJModel(nn.Module):
     def combined_statistic(self, h: Tensor, log_probs: Tensor | None) -> Tensor:
         """T for calibration (uses only the ECDF normalisers)."""
         ref = self.reference
-        _, comp_u, comp_a = self._ood_components(h, log_probs)
+        comp_u, comp_a = self._ood_components(h, log_probs)
         nu = _ecdf(ref.norm_unsupported.to(h.dtype), comp_u)
         if comp_a is not None and ref.norm_ambiguous.numel():
             return torch.maximum(nu, _ecdf(ref.norm_ambiguous.to(h.dtype), comp_a))
@@ -479,7 +481,7 @@ def _diagnose(model: HJModel, x: Tensor, top_k: int = 5, tau: float = 0.1,
     h = out["_h"]
     u = F.hopf_cole_value(h, y, g, head.t, eps)
     hopf_lax = F.hopf_lax_value(h, y, g, head.t)
-    ig = model.integrated_gradients(x, baseline)
+    ig = model.integrated_gradients(x, baseline, decision=out["_class"])
     delta = out["energy_gap"] * eps
     bound = F.energy_gap_bound(delta, eps, int(out["_n_keep"].max()))
     flips = target = None
@@ -531,7 +533,7 @@ def _diagnose(model: HJModel, x: Tensor, top_k: int = 5, tau: float = 0.1,
 
 
 def _integrated_gradients(model: HJModel, x: Tensor, baseline: Tensor | None = None,
-                          panels: int = 32, order: int = 8) -> Tensor:
+                          panels: int = 32, order: int = 8, decision: Tensor | None = None) -> Tensor:
     """Integrated gradients of the decisive output in raw input space, from ``baseline`` (default:
     the preprocessing mean, i.e. z0 = 0). Exact closed form for kinds lse/memory-classification
     via :func:`functional.integrated_gradients` (pre-activations are affine along the path);
@@ -539,25 +541,26 @@ def _integrated_gradients(model: HJModel, x: Tensor, baseline: Tensor | None = N
     x = torch.as_tensor(x, dtype=torch.float64)
     x0 = (model.preprocess.mu if baseline is None else torch.as_tensor(baseline, dtype=torch.float64)).expand_as(x)
     head = model.head
-    c = model.evaluate(x, outputs=("_class",))["_class"]
+    if model.task == "regression":
+        c = torch.zeros(x.shape[0], dtype=torch.long)   # output 0 (DESIGN: the decisive output)
+    else:
+        c = model.predict(x) if decision is None else decision
     if len(model.body) == 0 and head.mode == "groups":
         W = head.W.detach() @ model.preprocess.A
         b = head.b.detach() - W @ model.preprocess.mu
         return F.integrated_gradients(x, x0, W, b, head.eps, mask=head.mask, output=c, panels=panels, order=order)
-    nodes, weights = F._gauss_legendre(panels, order, x.dtype, x.device)
+    nodes, weights = F.gauss_legendre(panels, order, x.dtype, x.device)
     q, n = nodes.shape[0], x.shape[0]
     points = (x0.unsqueeze(0) + nodes[:, None, None] * (x - x0).unsqueeze(0)).reshape(q * n, -1)
-    if model.task == "classification":
-        # the gradient of the output of the class decided at x, at every node of the path at once
-        grads = _output_gradient(model, points, c.repeat(q))
-    else:
-        grads = model.evaluate(points, outputs=("saliency",))["saliency"]
+    # the closed-form gradient of the output decided at x, at every node of the path at once
+    grads = _output_gradient(model, points, c.repeat(q))
     total = torch.einsum("q,qnd->nd", weights, grads.reshape(q, n, -1))
     return (x - x0) * total
 
 
 def _output_gradient(model: HJModel, x: Tensor, c: Tensor) -> Tensor:
-    """Closed-form gradient of output c (log-domain value for lse groups, yhat_c for memory)."""
+    """Closed-form gradient of output c (the group's LSE value for lse heads, yhat_c for memory
+    heads) in raw input space; for regression c = 0 this is the served saliency."""
     head = model.head
     _, gibbs_body, a = model.trace(x)
     if head.mode == "groups":

@@ -199,7 +199,7 @@ def train(data: Dataset, cfg: TrainConfig | None = None) -> tuple[HJModel, Train
             return torch.nn.functional.nll_loss(model.head.log_probabilities(a), yb)
         return torch.nn.functional.mse_loss(model.head.outputs(a), yb)
 
-    if cfg.kind != "memory" or cfg.epochs > 0:
+    if cfg.epochs > 0:
         _fit(model, X[tr], y[tr], cfg if cfg.kind != "memory" else _memory_cfg(cfg), params, loss_fn, gen)
     if cfg.kind == "deep" and cfg.head == "memory":
         # deep body + memory head: the Hopf-Cole predictor over the training examples' learned features

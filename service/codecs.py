@@ -39,6 +39,7 @@ __all__ = [
     "dumps",
     "encode_infer_response",
     "encode_tensor_json",
+    "first_error",
     "parse_header_length",
     "parse_json",
     "serialize_bytes",
@@ -272,7 +273,7 @@ def decode_infer_request(body: bytes, header_length: str | None = None) -> Infer
     try:
         wire = InferenceRequest.model_validate(obj)
     except ValidationError as exc:
-        raise BadRequest(f"invalid inference request: {_first_error(exc)}") from None
+        raise BadRequest(f"invalid inference request: {first_error(exc)}") from None
     offset = 0
     inputs = []
     for tensor in wire.inputs:
@@ -294,7 +295,8 @@ def decode_infer_request(body: bytes, header_length: str | None = None) -> Infer
                         binary_output=binary_output)
 
 
-def _first_error(exc: ValidationError) -> str:
+def first_error(exc: ValidationError) -> str:
+    """The first pydantic validation error as ``loc: message``."""
     err = exc.errors()[0]
     loc = ".".join(str(p) for p in err.get("loc", ()))
     return f"{loc}: {err.get('msg')}" if loc else str(err.get("msg"))

@@ -9,7 +9,7 @@ from fastapi import Request
 from fastapi.responses import Response
 from pydantic import ValidationError
 
-from service.codecs import parse_json
+from service.codecs import first_error, parse_json
 from service.errors import HJServeError, InvalidJSON, InvalidShape, ValidationFailed, lookup
 from service.explain import EXPLAIN_OUTPUTS, PREDICT_OUTPUTS, explain_rows, predict_rows
 from service.rest.common import dataplane_of, json_response, read_body, settings_of
@@ -28,8 +28,7 @@ async def _run(request: Request, model_name: str, outputs: tuple[str, ...]):
     try:
         payload = V1Request.model_validate(obj)
     except ValidationError as exc:
-        err = exc.errors()[0]
-        raise ValidationFailed(f"{'.'.join(map(str, err['loc']))}: {err['msg']}") from None
+        raise ValidationFailed(first_error(exc)) from None
     mv = dataplane.repository.get(model_name)
     try:
         wanted = [n for n in outputs if n in mv.output_names]

@@ -253,6 +253,32 @@ def _tightness(r, min_margin):
     return 1.0 / attack_r
 
 
+def _grouped_margin_fn(c, W, b, mask, eps):
+    """Decision margin of a grouped LSE classifier at x for the class c[rows] decided at z."""
+    K = mask.shape[0]
+
+    def margin_fn(rows, x):
+        cc = c[rows]
+        sx = F.group_lse(F.preactivations(x, W, b), mask, eps)
+        sc = sx.gather(1, cc[:, None])
+        return torch.where(torch.nn.functional.one_hot(cc, K).bool(), math.inf, sc - sx).min(-1).values
+
+    return margin_fn
+
+
+def _gibbs_margin_fn(c, W, b, V, eps):
+    """Decision margin of a Gibbs average yhat = pi @ V at x for the class c[rows] decided at z."""
+    K = V.shape[1]
+
+    def margin_fn(rows, x):
+        cc = c[rows]
+        yx = F.gibbs(F.preactivations(x, W, b), eps) @ V
+        yc = yx.gather(1, cc[:, None])
+        return torch.where(torch.nn.functional.one_hot(cc, K).bool(), math.inf, yc - yx).min(-1).values
+
+    return margin_fn
+
+
 def _run_grouped(seed, mults=MULTS):
     gen, mask, W, b, eps, z = _grouped_problem(seed)
     pos, neg, shift, L, kappa = _grouped_tables(mask, W, eps)
@@ -260,16 +286,7 @@ def _run_grouped(seed, mults=MULTS):
     s = F.group_lse(a, mask, eps)
     c = s.argmax(-1)
     r, per = F.gibbs_margin_radius(a, W, eps, c, pos, neg, shift, L, kappa)
-    K = mask.shape[0]
-
-    def margin_fn(rows, x):
-        cc = c[rows]
-        sx = F.group_lse(F.preactivations(x, W, b), mask, eps)
-        sc = sx.gather(1, cc[:, None])
-        other = torch.where(torch.nn.functional.one_hot(cc, K).bool(), math.inf, sc - sx)
-        return other.min(-1).values
-
-    mm = _margin_attack(margin_fn, z, r, gen, mults)
+    mm = _margin_attack(_grouped_margin_fn(c, W, b, mask, eps), z, r, gen, mults)
     return dict(a=a, s=s, c=c, r=r, per=per, mask=mask, W=W, b=b, eps=eps, z=z, L=L, kappa=kappa,
                 min_margin=mm)
 
@@ -361,18 +378,9 @@ def test_gibbs_average_radius_is_sound(seed, onehot):
     c = yhat.argmax(-1)
     r, _ = F.gibbs_margin_radius(a, W, eps, c, pos, neg, shift, L, kappa)
     assert bool((r >= 0).all())
-    K = V.shape[1]
-
-    def margin_fn(rows, x):
-        cc = c[rows]
-        yx = F.gibbs(F.preactivations(x, W, b), eps) @ V
-        yc = yx.gather(1, cc[:, None])
-        other = torch.where(torch.nn.functional.one_hot(cc, K).bool(), math.inf, yc - yx)
-        return other.min(-1).values
-
     finite = torch.isfinite(r)
     rr = torch.where(finite, r, torch.full_like(r, 10.0))            # attack "never" pairs too
-    mm = _margin_attack(margin_fn, z, rr, gen, MULTS[:1])
+    mm = _margin_attack(_gibbs_margin_fn(c, W, b, V, eps), z, rr, gen, MULTS[:1])
     inside = mm[:, 0]
     assert bool((inside > -1e-13 * float(V.abs().max())).all()), float(inside.min())
 
@@ -533,15 +541,7 @@ def test_tangent_combined_radius_is_sound_grouped(seed):
     r_h, _ = F.gibbs_margin_radius(a, W, eps, c, pos, neg, shift, L, kappa)
     r, _ = F.gibbs_margin_radius(a, W, eps, c, pos, neg, shift, L, kappa, tangent_rows=W)
     assert bool((r >= r_h).all())
-    K = mask.shape[0]
-
-    def margin_fn(rows, x):
-        cc = c[rows]
-        sx = F.group_lse(F.preactivations(x, W, b), mask, eps)
-        sc = sx.gather(1, cc[:, None])
-        return torch.where(torch.nn.functional.one_hot(cc, K).bool(), math.inf, sc - sx).min(-1).values
-
-    inside = _margin_attack(margin_fn, z, r, gen, MULTS[:1])[:, 0]
+    inside = _margin_attack(_grouped_margin_fn(c, W, b, mask, eps), z, r, gen, MULTS[:1])[:, 0]
     assert bool((inside > -1e-13 * max(1.0, float(s.abs().max()))).all()), float(inside.min())
 
 
@@ -553,16 +553,8 @@ def test_tangent_combined_radius_is_sound_gibbs_average(seed, onehot):
     a = F.preactivations(z, W, b)
     c = (F.gibbs(a, eps) @ V).argmax(-1)
     r, _ = F.gibbs_margin_radius(a, W, eps, c, pos, neg, shift, L, kappa, tangent_rows=W)
-    K = V.shape[1]
-
-    def margin_fn(rows, x):
-        cc = c[rows]
-        yx = F.gibbs(F.preactivations(x, W, b), eps) @ V
-        yc = yx.gather(1, cc[:, None])
-        return torch.where(torch.nn.functional.one_hot(cc, K).bool(), math.inf, yc - yx).min(-1).values
-
     rr = torch.where(torch.isfinite(r), r, torch.full_like(r, 10.0))
-    inside = _margin_attack(margin_fn, z, rr, gen, MULTS[:1])[:, 0]
+    inside = _margin_attack(_gibbs_margin_fn(c, W, b, V, eps), z, rr, gen, MULTS[:1])[:, 0]
     assert bool((inside > -1e-13 * float(V.abs().max())).all()), float(inside.min())
 
 

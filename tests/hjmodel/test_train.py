@@ -75,6 +75,7 @@ def test_regression(kind):
     assert pred.shape == (7, 1)
     ev = model.evaluate(x, tau=5.0)
     assert bool((ev["certified_radius"] > 0).all())
+    assert torch.equal(pred, ev["prediction"])   # the cheap predict path is the served prediction
 
 
 def test_classification_multi_kind():
@@ -84,6 +85,8 @@ def test_classification_multi_kind():
         assert model.task == "classification" and model.n_outputs == 3
         assert model.class_names == data.class_names
         assert report.metrics["accuracy"] > 0.6, (kind, report.metrics)
+        x = torch.as_tensor(data.X)
+        assert torch.equal(model.predict(x), model.evaluate(x)["prediction"]), kind
 
 
 # ------------------------------------------------------------------------------------ file formats
