@@ -4,8 +4,8 @@ per model kind, for both backends, batch sizes 1 and 256. Writes ``bench/results
 Backends and rows (one thread each, so numbers are per core):
 
 * torch -- *all diagnostics*: ``ServingModule(input, tau)`` (``HJModel.evaluate`` with every served
-  output, float32 in / out); *HJModel.predict*: the library's predict (the forward pass through
-  ``HJModel.trace``, no diagnostics); *predict only*: the bare forward
+  output, float32 in / out); *HJModel.predict*: the library's predict (the forward pass only,
+  no diagnostics); *predict only*: the bare forward
   ``model.features`` -> ``head.outputs`` -> argmax (the baseline of the ratio).
 * onnxruntime -- *all diagnostics*: ``model.onnx``, every output; *prediction fetched*: the same
   graph asked only for ``prediction``; *predict only*: a graph exported from the bare forward.
@@ -157,9 +157,8 @@ def main() -> int:
     for r in rows:
         L.append(f"| {r['model']} | {MODELS[r['model']][0]} | {r['batch']} | {r['backend']} | {r['what']} | "
                  f"{r['ms']:.3f} | {r['ratio']:.1f}x |")
-    L += ["", "Notes: `HJModel.predict` is the forward pass alone (it matches *predict only*; deep models "
-          "differ because `trace` also keeps the body's Gibbs weights); onnxruntime computes the whole "
-          "served graph even when only `prediction` is fetched."]
+    L += ["", "Notes: `HJModel.predict` is the forward pass alone (it matches *predict only*); onnxruntime "
+          "computes the whole served graph even when only `prediction` is fetched."]
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text("\n".join(L) + "\n")
     print(f"wrote {args.out}")

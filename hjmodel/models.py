@@ -244,7 +244,8 @@ class HJModel(nn.Module):
     def predict(self, x: Tensor) -> Tensor:
         """Class indices (n,) or values (n, K): the forward pass only, no diagnostics (the same
         decision as :meth:`evaluate`'s ``prediction``)."""
-        yhat = self.head.outputs(self.trace(torch.as_tensor(x).to(torch.float64))[2])
+        h = self.features(torch.as_tensor(x).to(torch.float64))
+        yhat = self.head.outputs(self.head.preactivations(h))
         return yhat.argmax(-1) if self.task == "classification" else yhat
 
     @torch.no_grad()
