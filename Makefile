@@ -25,7 +25,9 @@ system-deps:
 	  apt-get update -q >/dev/null && \
 	  DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends prometheus docker-compose >/dev/null; }
 
-$(MODELS)/DEMO_RESULTS.json: | setup
+# rebuilt when the core changes: the demo graphs are exported by hjmodel's code
+$(MODELS)/DEMO_RESULTS.json: $(wildcard hjmodel/*.py) | setup
+	rm -rf $(MODELS)
 	$(BIN)/python -m hjmodel.demo --out $(MODELS)
 
 models: $(MODELS)/DEMO_RESULTS.json

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from . import functional as F
 from .errors import ArtifactError
 from .models import GibbsHead, HJModel, LSEGroupLayer, OODReference, Preprocess
 from .serving import ONNX_SPEC_KEY, SPEC_FORMAT, TOP_K_MAX, outputs_for
@@ -28,6 +29,7 @@ __all__ = [
     "read_spec",
     "save_artifact",
     "save_torch",
+    "served_form",
 ]
 
 ONNX_FILE, TORCH_FILE, SPEC_FILE = "model.onnx", "model.pt", "model.json"
@@ -194,10 +196,30 @@ def _load_torch(directory: Path) -> HJModel:
 # ------------------------------------------------------------------------------------ serving
 
 
+#: Served float32 outputs that are bounds, and the direction they must be rounded in to stay sound:
+#: a certified radius is a lower bound (down), a conformal p-value is conservative when larger (up).
+#: Every other float32 output is rounded to nearest and saturated to the finite float32 range.
+_ROUND_DOWN = frozenset({"certified_radius"})
+_ROUND_UP = frozenset({"ood_p_value"})
+
+
+def served_form(name: str, value: Tensor, datatype: str) -> Tensor:
+    """One float64 output in its served datatype (float32 bounds rounded in their safe direction)."""
+    if datatype != "FP32":
+        return value.to(_TORCH_DTYPES[datatype])
+    value = value.to(torch.float64)
+    if name in _ROUND_DOWN:
+        return F.float32_down(value)
+    if name in _ROUND_UP:
+        return F.float32_up(value)
+    return F.float32_saturate(value)
+
+
 class ServingModule(nn.Module):
     """forward(input: float32 (B, d), tau: float64 (1,)) -> dict of the served outputs.
 
-    The same module runs under torch and is exported to ONNX; all arithmetic is float64."""
+    The same module runs under torch and is exported to ONNX; all arithmetic is float64, and the
+    float32 outputs are rounded so that every served bound is still a bound (see :func:`served_form`)."""
 
     def __init__(self, model: HJModel):
         super().__init__()
@@ -206,7 +228,7 @@ class ServingModule(nn.Module):
 
     def forward(self, input: Tensor, tau: Tensor) -> dict[str, Tensor]:  # noqa: A002 (V2 name)
         out = self.model.evaluate(input, tau=tau, top_k=TOP_K_MAX)
-        return {o.name: out[o.name].to(_TORCH_DTYPES[o.datatype]) for o in self.specs}
+        return {o.name: served_form(o.name, out[o.name], o.datatype) for o in self.specs}
 
 
 class _TupleOutputs(nn.Module):

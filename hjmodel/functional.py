@@ -25,6 +25,9 @@ __all__ = [
     "diameter",
     "energy_gap",
     "energy_gap_bound",
+    "float32_down",
+    "float32_saturate",
+    "float32_up",
     "eps15_radius",
     "eps_star",
     "fewest_label_flips",
@@ -562,3 +565,45 @@ def eps_star(X: Tensor) -> float:
         nn = torch.minimum(nn, dist.masked_fill(own, math.inf).min(-1).values)
     h = nn.median().item()
     return float(h) if h > 0 else 1.0
+
+
+# ------------------------------------------------------------------ served precision
+#: Largest finite float32, as a float64 number.
+FLOAT32_MAX = float(torch.finfo(torch.float32).max)
+#: Relative shrink that moves a float64 number below its float32 rounding: the float32 spacing at
+#: |x| is at most 2^-23 |x|, so round-to-nearest errs by at most 2^-24 |x| < 2^-22 |x|.
+_F32_NUDGE = 2.0 ** -22
+_F32_HALF_STEP = 2.0 ** -24
+_F32_SUBNORMAL_STEP = 2.0 ** -148
+
+
+def float32_saturate(x: Tensor) -> Tensor:
+    """float64 -> float32 rounded to nearest, with every value clamped to the finite float32 range
+    (ordered: a larger float64 value never becomes a smaller float32 value; NaN stays NaN)."""
+    return x.clamp(-FLOAT32_MAX, FLOAT32_MAX).to(torch.float32)
+
+
+def float32_down(x: Tensor) -> Tensor:
+    """float64 -> the largest float32 value <= x (for x >= 0, rounding toward zero): the served
+    form of a lower bound such as a certified radius, so the served number is never larger than the
+    proven one.
+
+    Round-to-nearest y is kept where it lands at or below x. Where it lands above, its float32
+    predecessor is taken: y - 2^-24 |y| rounds to it for every normal y (the step lies between half
+    and one spacing below y), and it is below x since x lies between the two. Where that still fails
+    (subnormals, negative powers of two), x - max(2^-22 |x|, 2^-148) is rounded, which always lands
+    below x. Values above the float32 range saturate to its largest finite value (smaller: still a
+    lower bound); only x < -FLOAT32_MAX, which no served bound reaches, has no float32 value below
+    it. Exportable (Clip/Cast/Where/Mul only)."""
+    y = float32_saturate(x)
+    y64 = y.to(x.dtype)
+    pred = float32_saturate(y64 - y64.abs() * _F32_HALF_STEP)
+    y = torch.where(y64 > x, pred, y)
+    step = torch.clamp(x.abs() * _F32_NUDGE, min=_F32_SUBNORMAL_STEP)
+    return torch.where(y.to(x.dtype) > x, float32_saturate(x - step), y)
+
+
+def float32_up(x: Tensor) -> Tensor:
+    """float64 -> the float32 value >= x: the served form of an upper bound, e.g. a conformal
+    p-value (rounding it up keeps P(p <= alpha) <= alpha). Mirror of :func:`float32_down`."""
+    return -float32_down(-x)

@@ -1,10 +1,16 @@
 """Batch attribution: thousands of rows in, NDJSON rows out, chunk by chunk with bounded memory.
 
 Sources read a spooled request body (memory up to a few MiB, then a temporary file) and yield
-row chunks; :func:`run_job` sends each chunk through the model's batcher (waiting for queue room
+row chunks; :class:`BatchJob` sends each chunk through the model's batcher (waiting for queue room
 instead of failing) with one chunk computing ahead, and yields one JSON line per row:
-``{"row": i, "class": name?, "<output>": value, ...}``. A failure after the stream started is
-sent as a last line ``{"error": ..., "error_type": ..., "row": first row of the failed chunk}``.
+``{"row": i, "class": name?, "<output>": value, ...}``.
+
+Error contract (nothing accepted is dropped): rows are answered in order. A failure found before
+the first chunk is computed -- a bad request, no rows at all, or a bad row among the first
+``chunk_rows`` -- is a plain 4xx/5xx error response with no rows. After that the status is 200 and a
+failure ends the stream with one last line ``{"error": ..., "error_type": ..., "row": i}``: every row
+before ``i`` has been answered, no row from ``i`` on has. A bad NDJSON line ``i`` therefore answers
+rows ``0 .. i-1`` (also those of its own, partly read chunk) and then the error line.
 """
 
 from __future__ import annotations
@@ -21,10 +27,12 @@ from service import codecs
 from service.dataplane import DataPlane, InferOptions
 from service.errors import (
     BadRequest,
+    EmptyBatch,
     HJServeError,
     InvalidDatatype,
     InvalidHeader,
     InvalidJSON,
+    InvalidParameter,
     InvalidShape,
     PayloadTooLarge,
     UnknownInput,
@@ -34,27 +42,50 @@ from service.errors import (
 from service.repository import ModelVersion
 from service.types import InferenceRequest
 
-__all__ = ["BatchJob", "binary_source", "json_source", "ndjson_source", "run_job"]
+__all__ = ["BatchJob", "binary_source", "json_source", "ndjson_source"]
 
 Chunk = tuple[np.ndarray, str]  # rows (n, d) and their V2 datatype (FP32 | FP64)
 
 
-def ndjson_source(body: IO[bytes], chunk_rows: int, max_rows: int) -> Iterator[Chunk]:
-    """One row per line: ``[x1, ..., xd]`` or ``{"input": [...]}``; blank lines are skipped."""
+def ndjson_source(body: IO[bytes], chunk_rows: int, max_rows: int, max_line_bytes: int) -> Iterator[Chunk]:
+    """One row per line: ``[x1, ..., xd]`` or ``{"input": [...]}``; blank lines are skipped. A line
+    longer than ``max_line_bytes`` is refused before it is parsed (it is never held in memory whole).
+
+    On a bad line after at least one full chunk, the good rows read before it are yielded first,
+    then the error is raised (see the module's error contract)."""
     rows: list[Any] = []
     total = 0
-    for number, line in enumerate(body, start=1):
-        if not line.strip():
-            continue
-        item = codecs.parse_json(line)
-        if isinstance(item, dict):
-            item = item.get("input")
-        if not isinstance(item, list):
-            raise InvalidJSON(f"NDJSON line {number}: expected a JSON array of features or {{\"input\": [...]}}")
+    number = 0
+    while True:
+        line = body.readline(max_line_bytes + 1)
+        if not line:
+            break
+        number += 1
+        try:
+            if len(line) > max_line_bytes and not line.endswith(b"\n"):
+                raise PayloadTooLarge(f"NDJSON line {number} is longer than the limit of {max_line_bytes} bytes "
+                                      "(HJSERVE_MAX_LINE_BYTES)")
+            if not line.strip():
+                continue
+            try:
+                item = codecs.parse_json(line)
+            except InvalidJSON as exc:
+                raise InvalidJSON(f"NDJSON line {number}: {exc.message}") from None
+            if isinstance(item, dict):
+                item = item.get("input")
+            if not isinstance(item, list):
+                raise InvalidJSON(f"NDJSON line {number}: expected a JSON array of features or {{\"input\": [...]}}")
+            if total + 1 > max_rows:
+                raise PayloadTooLarge(f"more than {max_rows} rows (HJSERVE_BATCH_MAX_ROWS)")
+            if rows and len(item) != len(rows[0]):
+                raise InvalidShape(f"NDJSON line {number}: {len(item)} features, earlier rows have {len(rows[0])}")
+            _rows_array([item], f"NDJSON line {number}: ")
+        except HJServeError:
+            if rows and total > len(rows):   # a chunk was already yielded: answer the good rows first
+                yield _rows_array(rows), "FP64"
+            raise
         rows.append(item)
         total += 1
-        if total > max_rows:
-            raise PayloadTooLarge(f"more than {max_rows} rows")
         if len(rows) == chunk_rows:
             yield _rows_array(rows), "FP64"
             rows = []
@@ -62,13 +93,13 @@ def ndjson_source(body: IO[bytes], chunk_rows: int, max_rows: int) -> Iterator[C
         yield _rows_array(rows), "FP64"
 
 
-def _rows_array(rows: list[Any]) -> np.ndarray:
+def _rows_array(rows: list[Any], where: str = "") -> np.ndarray:
     if len({len(r) if isinstance(r, list) else -1 for r in rows}) != 1:
-        raise InvalidShape("every row must be a list of the same number of features")
+        raise InvalidShape(f"{where}every row must be a list of the same number of features")
     try:
         array = np.asarray(rows, dtype=np.float64)
     except (TypeError, ValueError) as exc:
-        raise InvalidDatatype(f"rows must hold numbers: {exc}") from None
+        raise InvalidDatatype(f"{where}rows must hold numbers: {str(exc)[:200]}") from None
     return array.reshape(len(rows), -1)
 
 
@@ -79,7 +110,7 @@ def json_source(obj: Any, chunk_rows: int, max_rows: int) -> tuple[Iterator[Chun
     params: dict[str, Any] = {}
     outputs: list[str] = []
     if isinstance(obj, dict) and "inputs" in obj:
-        request = codecs.decode_infer_request(json.dumps(obj).encode())
+        request = codecs.infer_request_from(obj)
         if len(request.inputs) != 1 or request.inputs[0].name != "input":
             raise UnknownInput("expected exactly one input named 'input'")
         tensor = request.inputs[0]
@@ -92,7 +123,7 @@ def json_source(obj: Any, chunk_rows: int, max_rows: int) -> tuple[Iterator[Chun
         if not isinstance(rows, list):
             raise InvalidJSON('expected {"instances": [[...], ...]}, a list of rows or a V2 request')
         if isinstance(obj, dict):
-            params = dict(obj.get("parameters") or {})
+            params = _parameters(obj.get("parameters"))
         array, datatype = (_rows_array(rows) if rows else np.zeros((0, 0))), "FP64"
     if len(array) > max_rows:
         raise PayloadTooLarge(f"{len(array)} rows exceed the limit of {max_rows}")
@@ -102,6 +133,14 @@ def json_source(obj: Any, chunk_rows: int, max_rows: int) -> tuple[Iterator[Chun
             yield array[start:start + chunk_rows], datatype
 
     return chunks(), params, outputs
+
+
+def _parameters(value: Any) -> dict[str, Any]:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise InvalidParameter(f"parameters must be a JSON object, got {type(value).__name__}")
+    return dict(value)
 
 
 def binary_source(body: IO[bytes], total: int, header_length: str, chunk_rows: int,
@@ -164,13 +203,19 @@ class BatchJob:
         return await asyncio.to_thread(next, self.source, None)
 
     async def _compute(self, chunk: Chunk) -> dict[str, np.ndarray]:
+        """One chunk on the job's version number; a reload of that version mid-job (its batcher
+        closed) is retried on the new load, like V2 infer does (:meth:`DataPlane.predict`)."""
         array, datatype = chunk
-        rows = self.dataplane.check_rows(self.mv, array, datatype, array.shape)
-        outputs, _, _ = await self.dataplane.run_rows(self.mv, rows, self.options.tau, self.options.timeout_s,
-                                                      wait_for_room=True)
-        self.mv.metrics.record_rows(outputs, self.mv.task)
-        self.mv.metrics.batch_rows.inc(len(rows))
-        return outputs
+
+        def rows_of(current: ModelVersion) -> np.ndarray:
+            return self.dataplane.check_rows(current, array, datatype, array.shape)
+
+        done = await self.dataplane.predict(self.mv.name, str(self.mv.version), rows_of, self.options.tau,
+                                            self.options.timeout_s, wait_for_room=True)
+        self.mv = done.mv
+        self.mv.metrics.record_rows(done.outputs, self.mv.task)
+        self.mv.metrics.batch_rows.inc(done.rows)
+        return done.outputs
 
     def _lines(self, outputs: dict[str, np.ndarray], start: int) -> bytes:
         selected = self.dataplane.select(self.mv, outputs, self.options)
@@ -187,36 +232,40 @@ class BatchJob:
             lines.append(json.dumps(item, separators=(",", ":"), allow_nan=True))
         return ("\n".join(lines) + "\n").encode() if lines else b""
 
-    async def first(self) -> tuple[dict[str, np.ndarray] | None, Chunk | None]:
-        """Compute the first chunk before the response starts, so its errors get a proper status."""
+    async def first(self) -> tuple[dict[str, np.ndarray], Chunk]:
+        """Compute the first chunk before the response starts, so its errors get a proper status
+        (a body with no rows is EmptyBatch, like V2 infer)."""
         chunk = await self._next_chunk()
         if chunk is None:
-            return None, None
+            raise EmptyBatch("the batch has no rows")
         return await self._compute(chunk), chunk
 
-    async def stream(self, first: dict[str, np.ndarray] | None) -> AsyncIterator[bytes]:
-        """NDJSON lines; one chunk computes ahead while the previous one is written."""
+    async def stream(self, first: dict[str, np.ndarray]) -> AsyncIterator[bytes]:
+        """NDJSON lines; one chunk computes while the next one is read and the previous one is
+        written. Follows the module's error contract: rows before the error line are all answered."""
         metrics = self.mv.metrics
         metrics.batch_jobs.inc()
         began = time.perf_counter()
         pending: asyncio.Task | None = None
         start = 0
         try:
-            if first is not None:
-                n = len(next(iter(first.values())))
-                nxt = await self._next_chunk()
-                if nxt is not None:
-                    pending = asyncio.ensure_future(self._compute(nxt))
-                yield self._lines(first, start)
-                start += n
-            while pending is not None:
-                outputs = await pending
-                pending = None
-                nxt = await self._next_chunk()
+            outputs: dict[str, np.ndarray] | None = first
+            while outputs is not None:
+                read_error: HJServeError | None = None
+                try:
+                    nxt = await self._next_chunk()
+                except HJServeError as exc:   # a bad row: answer what was computed, then say so
+                    nxt, read_error = None, exc
                 if nxt is not None:
                     pending = asyncio.ensure_future(self._compute(nxt))
                 yield self._lines(outputs, start)
                 start += len(next(iter(outputs.values())))
+                if read_error is not None:
+                    raise read_error
+                if pending is None:
+                    break
+                outputs = await pending
+                pending = None
             metrics.success.inc()  # a job is one request; its rows counted in batch_rows
         except HJServeError as exc:
             mapping = lookup(exc)
@@ -230,12 +279,3 @@ class BatchJob:
             metrics.batch_jobs.dec()
             self.rows = start
             self.on_close()
-
-
-async def run_job(job: BatchJob) -> AsyncIterator[bytes]:  # pragma: no cover - convenience
-    """Compute and stream a job in one go (for in-process callers)."""
-    first, _ = await job.first()
-    async for part in job.stream(first):
-        yield part
-
-

@@ -40,6 +40,7 @@ __all__ = [
     "encode_infer_response",
     "encode_tensor_json",
     "first_error",
+    "infer_request_from",
     "parse_header_length",
     "parse_json",
     "serialize_bytes",
@@ -125,11 +126,14 @@ def split_body(body: bytes, header_length: str | None) -> tuple[bytes, memoryvie
 
 
 def parse_json(data: bytes | str) -> Any:
-    """Parse JSON (NaN/Infinity literals allowed, as Python and Triton's client produce them)."""
+    """Parse JSON (NaN/Infinity literals allowed, as Python and Triton's client produce them).
+    Nesting deeper than the parser's recursion limit (~1000 levels) is malformed input, not a crash."""
     try:
         return json.loads(data)
     except (UnicodeDecodeError, ValueError) as exc:
         raise InvalidJSON(f"malformed JSON: {exc}") from None
+    except RecursionError:
+        raise InvalidJSON("malformed JSON: nested too deeply") from None
 
 
 def dumps(obj: Any) -> bytes:
@@ -267,7 +271,11 @@ def _bool_param(value: Any, what: str) -> bool:
 def decode_infer_request(body: bytes, header_length: str | None = None) -> InferRequest:
     """A V2 inference request body (JSON or binary extension) -> :class:`InferRequest`."""
     head, binary = split_body(body, header_length)
-    obj = parse_json(head)
+    return infer_request_from(parse_json(head), binary)
+
+
+def infer_request_from(obj: Any, binary: memoryview = memoryview(b"")) -> InferRequest:
+    """A parsed V2 request object (and its binary section) -> :class:`InferRequest`."""
     if not isinstance(obj, dict):
         raise InvalidJSON("the inference request must be a JSON object")
     try:

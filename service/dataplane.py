@@ -7,8 +7,10 @@ dataplane only validates, batches, selects outputs and slices ``attribution_*`` 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,6 +28,7 @@ from service.errors import (
     InvalidParameter,
     InvalidShape,
     InvalidValue,
+    Overloaded,
     UnknownInput,
     UnknownOutput,
     lookup,
@@ -170,6 +173,24 @@ class DataPlane:
 
     # -- inference --------------------------------------------------------------------------------
 
+    @contextlib.contextmanager
+    def admit(self, name: str, version: str | None = None) -> Iterator[ModelVersion]:
+        """Admission control, before a request's body is read: at most ``max_queue_size`` requests
+        per model version may be in flight (reading, decoding, queued or computing); beyond that
+        the request is rejected at once (Overloaded: 503 + Retry-After) without reading or decoding
+        its body, so overload costs almost nothing and goodput stays near capacity."""
+        mv = self.repository.get(name, version)
+        if mv.in_flight >= self.settings.max_queue_size:
+            mv.metrics.failed(lookup(Overloaded).error_type)
+            raise Overloaded(f"model '{name}' has {mv.in_flight} requests in flight (max_queue_size "
+                             f"{self.settings.max_queue_size}); retry later",
+                             headers={"Retry-After": str(self.settings.retry_after_s)})
+        mv.in_flight += 1
+        try:
+            yield mv
+        finally:
+            mv.in_flight -= 1
+
     def default_outputs(self, mv: ModelVersion) -> list[str]:
         names = set(mv.output_names)
         return [n for n in serving.DEFAULT_OUTPUTS if n in names]
@@ -243,7 +264,10 @@ class DataPlane:
         compute_s)."""
         size = self.settings.max_batch_size
         chunks = [rows[i:i + size] for i in range(0, len(rows), size)]
-        coros = [mv.batcher.infer(c, tau, timeout_s=timeout_s, wait_for_room=wait_for_room) for c in chunks]
+        # the queue limit admits a request by its first chunk; its later chunks wait for room (a
+        # request larger than the queue would otherwise never run)
+        coros = [mv.batcher.infer(c, tau, timeout_s=timeout_s, wait_for_room=wait_for_room or i > 0)
+                 for i, c in enumerate(chunks)]
         if len(coros) == 1:
             results = [await coros[0]]
         else:

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 __all__ = [
     "BackendError",
     "BadRequest",
+    "BodyTimeout",
     "ERROR_TABLE",
     "EmptyBatch",
     "ErrorMapping",
@@ -19,6 +20,7 @@ __all__ = [
     "InvalidDatatype",
     "InvalidHeader",
     "InvalidJSON",
+    "InvalidModelName",
     "InvalidParameter",
     "InvalidShape",
     "InvalidValue",
@@ -92,6 +94,14 @@ class ValidationFailed(BadRequest):
     """A request body failed schema validation."""
 
 
+class InvalidModelName(BadRequest):
+    """A model name outside the documented pattern (``MODEL_NAME_PATTERN``): never a path."""
+
+
+class BodyTimeout(HJServeError):
+    """The request body did not arrive within ``body_timeout_s`` (the connection is closed)."""
+
+
 class Unauthorized(HJServeError):
     """Missing or invalid API key."""
 
@@ -160,13 +170,15 @@ ERROR_TABLE: dict[type[HJServeError], ErrorMapping] = {
     InvalidParameter: ErrorMapping(400, "invalid_parameter"),
     UnknownInput: ErrorMapping(400, "unknown_input"),
     UnknownOutput: ErrorMapping(400, "unknown_output"),
-    ValidationFailed: ErrorMapping(422, "validation_error"),
+    InvalidModelName: ErrorMapping(400, "invalid_model_name"),
+    ValidationFailed: ErrorMapping(400, "validation_error"),
     BadRequest: ErrorMapping(400, "bad_request"),
     Unauthorized: ErrorMapping(401, "unauthorized"),
     Forbidden: ErrorMapping(403, "forbidden"),
     NotFound: ErrorMapping(404, "not_found"),
     ModelNotFound: ErrorMapping(404, "model_not_found"),
     MethodNotAllowed: ErrorMapping(405, "method_not_allowed"),
+    BodyTimeout: ErrorMapping(408, "body_timeout"),
     PayloadTooLarge: ErrorMapping(413, "payload_too_large"),
     ModelLoadFailed: ErrorMapping(400, "model_load_failed"),
     ModelNotReady: ErrorMapping(503, "model_not_ready"),

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -23,15 +24,33 @@ import numpy as np
 from hjmodel import serving
 from service.backends import Backend, load_backend
 from service.batching import DynamicBatcher
-from service.errors import HJServeError, ModelLoadFailed, ModelNotFound, ModelNotReady
+from service.errors import HJServeError, InvalidModelName, ModelLoadFailed, ModelNotFound, ModelNotReady
 from service.metrics import VersionMetrics
 from service.settings import Settings
 
-__all__ = ["ModelRepository", "ModelVersion", "VersionState", "read_spec"]
+__all__ = ["MODEL_NAME_PATTERN", "ModelRepository", "ModelVersion", "VersionState", "check_model_name",
+           "read_spec"]
 
 log = logging.getLogger(__name__)
 
 BackendLoader = Callable[..., Backend]
+
+#: A model name: 1-128 ASCII letters, digits, ``_``, ``-`` and ``.``, not starting with ``.`` (so
+#: never ``.``, ``..`` or a hidden directory) -- one path component, nothing that a file system or a
+#: URL could read as a way out of the repository root.
+MODEL_NAME_PATTERN = r"[A-Za-z0-9_-][A-Za-z0-9_.-]{0,127}"
+_NAME = re.compile(MODEL_NAME_PATTERN)
+#: A version directory / version in a URL: a positive decimal number of at most 9 ASCII digits.
+_VERSION = re.compile(r"[1-9][0-9]{0,8}")
+
+
+def check_model_name(name: str) -> str:
+    """``name`` when it matches :data:`MODEL_NAME_PATTERN`, else InvalidModelName (400)."""
+    if not isinstance(name, str) or not _NAME.fullmatch(name):
+        shown = name if isinstance(name, str) and len(name) <= 64 else f"{str(name)[:64]}..."
+        raise InvalidModelName(f"invalid model name {shown!r}: a name is 1-128 characters of A-Z a-z 0-9 _ - . "
+                               "and does not start with '.'")
+    return name
 
 
 def read_spec(version_dir: Path, backend: Backend | None = None) -> dict[str, Any]:
@@ -103,6 +122,8 @@ class ModelVersion:
     batcher: DynamicBatcher
     metrics: VersionMetrics
     output_names: tuple[str, ...] = ()
+    #: Requests admitted (body being read, decoded, queued or computing): see DataPlane.admit.
+    in_flight: int = 0
 
     @property
     def task(self) -> str:
@@ -127,7 +148,7 @@ class _Model:
 def _numeric_versions(model_dir: Path) -> list[int]:
     out = []
     for child in model_dir.iterdir():
-        if child.is_dir() and child.name.isdigit():
+        if _VERSION.fullmatch(child.name) and child.is_dir():
             out.append(int(child.name))
     return sorted(out)
 
@@ -137,7 +158,7 @@ class ModelRepository:
 
     def __init__(self, settings: Settings, loader: BackendLoader = load_backend):
         self.settings = settings
-        self.root = Path(settings.model_repository)
+        self.root = Path(settings.model_repository).resolve()
         self._loader = loader
         self._models: dict[str, _Model] = {}
         self._lock = threading.Lock()
@@ -148,13 +169,23 @@ class ModelRepository:
     # -- queries ----------------------------------------------------------------------------------
 
     def disk_models(self) -> list[str]:
-        """Model directories under the root."""
+        """Model directories under the root whose names are valid model names."""
         if not self.root.is_dir():
             return []
-        return sorted(p.name for p in self.root.iterdir() if p.is_dir() and not p.name.startswith("."))
+        return sorted(p.name for p in self.root.iterdir() if _NAME.fullmatch(p.name) and p.is_dir())
+
+    def model_dir(self, name: str) -> Path:
+        """The directory of model ``name``, checked to lie inside the repository root (a symlink
+        that points outside is refused like a hostile name)."""
+        path = self.root / check_model_name(name)
+        resolved = path.resolve()
+        if resolved == self.root or not resolved.is_relative_to(self.root):
+            raise ModelNotFound(f"model '{name}' does not resolve to a directory inside the model repository")
+        return resolved
 
     def get(self, name: str, version: str | int | None = None) -> ModelVersion:
         """The serving version (highest ready when ``version`` is None); ModelNotFound / ModelNotReady."""
+        check_model_name(name)
         with self._lock:
             model = self._models.get(name)
         if model is None:
@@ -164,10 +195,10 @@ class ModelRepository:
                 why = model.reason or "; ".join(f"version {v}: {r}" for v, r in sorted(model.reasons.items()))
                 raise ModelNotReady(f"model '{name}' has no ready version" + (f" ({why})" if why else ""))
             return model.versions[max(model.versions)]
-        try:
-            number = int(str(version))
-        except ValueError:
-            raise ModelNotFound(f"model '{name}' has no version '{version}'") from None
+        if not _VERSION.fullmatch(str(version)):
+            shown = str(version)[:32]
+            raise ModelNotFound(f"model '{name}' has no version {shown!r} (versions are positive integers)")
+        number = int(str(version))
         found = model.versions.get(number)
         if found is not None:
             return found
@@ -255,17 +286,22 @@ class ModelRepository:
     async def load(self, name: str) -> None:
         """(Re)load every version of ``name`` from disk; raises ModelLoadFailed when any version
         failed (versions that loaded are swapped in; a failed version keeps its previous load)."""
+        check_model_name(name)
         lock = self._load_locks.setdefault(name, asyncio.Lock())
         async with lock:
-            model_dir = self.root / name
+            model_dir = self.model_dir(name)
             if not model_dir.is_dir():
                 raise ModelNotFound(f"no model directory '{name}' in the repository")
             versions = _numeric_versions(model_dir)
             loaded: dict[int, ModelVersion] = {}
             failed: dict[int, str] = {}
             for v in versions:
+                version_dir = (model_dir / str(v)).resolve()
+                if not version_dir.is_relative_to(self.root):
+                    failed[v] = "the version directory resolves outside the model repository"
+                    continue
                 try:
-                    loaded[v] = await asyncio.to_thread(self._load_version, name, v, model_dir / str(v))
+                    loaded[v] = await asyncio.to_thread(self._load_version, name, v, version_dir)
                 except HJServeError as exc:
                     failed[v] = exc.message
             with self._lock:
@@ -298,6 +334,7 @@ class ModelRepository:
 
     async def unload(self, name: str) -> None:
         """Stop serving every version of ``name`` (queued requests still finish)."""
+        check_model_name(name)
         lock = self._load_locks.setdefault(name, asyncio.Lock())
         async with lock:
             with self._lock:

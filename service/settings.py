@@ -72,8 +72,30 @@ class Settings(BaseSettings):
     """Value of the ``Retry-After`` header on 503 overload responses, in seconds."""
 
     max_body_bytes: int = Field(64 * 1024 * 1024, ge=1)
-    """Largest request body accepted (413 beyond it). Streamed batch-attribution bodies (NDJSON and
-    binary) are not held in memory and are limited by ``batch_max_rows`` instead."""
+    """Largest request body accepted (413 beyond it, checked while it arrives, before any parsing):
+    every JSON or binary V2 / V1 body and every JSON batch-attribution body."""
+
+    max_stream_bytes: int = Field(4 * 1024 * 1024 * 1024, ge=1)
+    """Largest streamed batch-attribution body (NDJSON or V2 binary), spooled to a temporary file
+    while it arrives (413 beyond it)."""
+
+    max_line_bytes: int = Field(1024 * 1024, ge=16)
+    """Longest NDJSON line of a batch-attribution body (413 for that line, before it is parsed)."""
+
+    header_timeout_s: float = Field(10.0, gt=0.0)
+    """Longest time a connection may take to send a complete request head (request line and
+    headers), counted from when it opened or got its previous response; then it is closed."""
+
+    body_timeout_s: float = Field(120.0, gt=0.0)
+    """Longest time a request body may take to arrive after its head (408 ``body_timeout`` and the
+    connection closed beyond it). Applies to every body, streamed batch bodies included."""
+
+    keep_alive_s: float = Field(5.0, gt=0.0)
+    """How long an idle keep-alive connection stays open between requests."""
+
+    max_connections: int = Field(1024, ge=1)
+    """Most concurrent connections / requests the server handles; beyond it new requests get 503
+    at once (uvicorn's ``limit_concurrency``)."""
 
     batch_max_rows: int = Field(10_000_000, ge=1)
     """Largest number of rows one batch-attribution job may send."""
@@ -83,7 +105,8 @@ class Settings(BaseSettings):
     ``X-API-Key: <key>``); JSON list or comma-separated. Empty: no authentication."""
 
     admin_key: SecretStr | None = None
-    """Key required by the model repository extension (index, load, unload); unset: open."""
+    """Key required by the model repository extension (index, load, unload). Unset: those routes
+    take the API keys like inference does (open only when no API key is set either)."""
 
     default_top_k: int = Field(5, ge=1)
     """Top-k of the ``attribution_*`` / ``label_sensitivity`` outputs when a request gives none

@@ -10,6 +10,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 __all__ = [
+    "ErrorResponse",
     "InferInput",
     "InferOutput",
     "InferRequest",
@@ -79,6 +80,13 @@ class InferenceResponse(_Wire):
     id: str | None = None
     parameters: Parameters | None = None
     outputs: list[ResponseOutput]
+
+
+class ErrorResponse(BaseModel):
+    """The body of every error response (any status >= 400)."""
+
+    error: str
+    error_type: str
 
 
 class MetadataServerResponse(_Wire):

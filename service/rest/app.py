@@ -16,12 +16,23 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from service import __version__, metrics
 from service.dataplane import DataPlane
-from service.errors import HJServeError, MethodNotAllowed, NotFound, error_body, lookup
+from service.errors import (
+    BodyTimeout,
+    HJServeError,
+    InvalidParameter,
+    MethodNotAllowed,
+    NotFound,
+    ValidationFailed,
+    error_body,
+    lookup,
+)
 from service.repository import ModelRepository
 from service.rest import batch, repository, v1, v2
 from service.rest.common import json_response, require_admin, require_api_key
+from service.rest.guards import BodyTimeoutMiddleware
 from service.settings import Settings
 from service.types import (
+    ErrorResponse,
     InferenceRequest,
     InferenceResponse,
     MetadataModelResponse,
@@ -37,7 +48,7 @@ log = logging.getLogger("service")
 
 _KEY = [Depends(require_api_key)]
 _ADMIN = [Depends(require_admin)]
-_WIRE_MODELS = (InferenceRequest, InferenceResponse, MetadataModelResponse, MetadataServerResponse,
+_WIRE_MODELS = (ErrorResponse, InferenceRequest, InferenceResponse, MetadataModelResponse, MetadataServerResponse,
                 RepositoryIndexItem, RepositoryIndexRequest, V1Request)
 
 
@@ -59,12 +70,73 @@ _BATCH_DOC = {"requestBody": {"content": {
     "application/octet-stream": {"schema": {"type": "string", "format": "binary",
                                             "description": "V2 binary tensor request "
                                                            "(Inference-Header-Content-Length)"}}}},
-    "responses": {"200": {"description": "NDJSON, one object per row", "content": {
+    "responses": {"200": {"description": "NDJSON, one object per row; a failure after the first chunk "
+                                         "ends the stream with one {error, error_type, row} line", "content": {
         "application/x-ndjson": {"schema": {"type": "string"}}}}}}
+
+#: Every status a route can answer besides 200, all with the ``ErrorResponse`` body.
+_ERRORS = {
+    400: "Bad request: malformed body, wrong shape/datatype/value, invalid parameter or model name",
+    401: "Missing or invalid API key", 403: "The key is not allowed on this route",
+    404: "Unknown model, version or route", 408: "The request body did not arrive in time",
+    413: "Body, stream, line or row count over its limit",
+    503: "Overloaded (Retry-After) or the model is not ready", 504: "No result within the request timeout",
+    500: "Internal error (a bug: never expected)",
+}
+_ERROR_RESPONSES = {status: {"model": ErrorResponse, "description": text} for status, text in _ERRORS.items()}
+
+
+async def reject_unknown_query(request: Request) -> None:
+    """A query parameter the route does not declare is refused (400), not silently ignored."""
+    route = request.scope.get("route")
+    declared = {p.alias for p in route.dependant.query_params} if isinstance(route, APIRoute) else set()
+    unknown = sorted(set(request.query_params) - declared)
+    if unknown:
+        allowed = f"; this route takes {sorted(declared)}" if declared else "; this route takes none"
+        raise InvalidParameter(f"unknown query parameter(s) {unknown[:8]}{allowed}")
+
+
+_QUERY = [Depends(reject_unknown_query)]
 
 
 def _route(path: str, endpoint: Callable, methods: str = "GET", deps=None, doc=None, **kw) -> APIRoute:
-    return APIRoute(path, endpoint, methods=[methods], dependencies=deps, openapi_extra=doc, **kw)
+    return APIRoute(path, endpoint, methods=[methods], dependencies=[*_QUERY, *(deps or [])], openapi_extra=doc,
+                    responses=_ERROR_RESPONSES, **kw)
+
+
+def _latest(fn: Callable) -> Callable:
+    """fn(request, model_name, model_version) on a route without a version: no version parameter
+    at all (not even a query parameter)."""
+    async def endpoint(request: Request, model_name: str) -> Response:
+        return await fn(request, model_name, None)
+
+    endpoint.__name__, endpoint.__doc__ = fn.__name__, fn.__doc__
+    return endpoint
+
+
+def _versioned(fn: Callable) -> Callable:
+    async def endpoint(request: Request, model_name: str, model_version: str) -> Response:
+        return await fn(request, model_name, model_version)
+
+    endpoint.__name__, endpoint.__doc__ = f"{fn.__name__}_version", fn.__doc__
+    return endpoint
+
+
+async def all_stats(request: Request) -> Response:
+    return await v2.model_stats(request, None, None)
+
+
+async def batch_latest(request: Request, model_name: str, top_k: int | None = None, tau: float | None = None,
+                       chunk_rows: int | None = None, timeout: int | None = None) -> Response:
+    return await batch.batch_attribution(request, model_name, None, top_k=top_k, tau=tau, chunk_rows=chunk_rows,
+                                         timeout=timeout)
+
+
+async def batch_version(request: Request, model_name: str, model_version: str, top_k: int | None = None,
+                        tau: float | None = None, chunk_rows: int | None = None,
+                        timeout: int | None = None) -> Response:
+    return await batch.batch_attribution(request, model_name, model_version, top_k=top_k, tau=tau,
+                                         chunk_rows=chunk_rows, timeout=timeout)
 
 
 async def metrics_endpoint(request: Request) -> Response:
@@ -75,25 +147,26 @@ async def metrics_endpoint(request: Request) -> Response:
 _M = "/v2/models/{model_name}"
 _MV = "/v2/models/{model_name}/versions/{model_version}"
 
+
+def _pair(suffix: str, fn: Callable, method: str = "GET", doc=None, tags=("v2",)) -> list[APIRoute]:
+    """The unversioned and the versioned route of one model operation."""
+    return [_route(_M + suffix, _latest(fn), method, deps=_KEY, tags=list(tags), doc=doc),
+            _route(_MV + suffix, _versioned(fn), method, deps=_KEY, tags=list(tags), doc=doc)]
+
+
 #: The whole URL surface.
 ROUTES: list[APIRoute] = [
     _route("/v2/health/live", v2.live, tags=["health"]),
     _route("/v2/health/ready", v2.ready, tags=["health"]),
     _route("/v2", v2.server_metadata, tags=["v2"], doc=_out("MetadataServerResponse")),
-    _route("/v2/models/stats", v2.model_stats, deps=_KEY, tags=["v2"]),
-    _route(_M, v2.model_metadata, deps=_KEY, tags=["v2"], doc=_out("MetadataModelResponse")),
-    _route(_MV, v2.model_metadata, deps=_KEY, tags=["v2"], doc=_out("MetadataModelResponse")),
-    _route(_M + "/ready", v2.model_ready, deps=_KEY, tags=["v2"]),
-    _route(_MV + "/ready", v2.model_ready, deps=_KEY, tags=["v2"]),
-    _route(_M + "/config", v2.model_config, deps=_KEY, tags=["v2"]),
-    _route(_MV + "/config", v2.model_config, deps=_KEY, tags=["v2"]),
-    _route(_M + "/stats", v2.model_stats, deps=_KEY, tags=["v2"]),
-    _route(_MV + "/stats", v2.model_stats, deps=_KEY, tags=["v2"]),
-    _route(_M + "/infer", v2.infer, "POST", deps=_KEY, tags=["v2"], doc=_INFER_DOC),
-    _route(_MV + "/infer", v2.infer, "POST", deps=_KEY, tags=["v2"], doc=_INFER_DOC),
-    _route(_M + "/batch-attribution", batch.batch_attribution, "POST", deps=_KEY, tags=["batch"], doc=_BATCH_DOC),
-    _route(_MV + "/batch-attribution", batch.batch_attribution, "POST", deps=_KEY, tags=["batch"],
-           doc=_BATCH_DOC),
+    _route("/v2/models/stats", all_stats, deps=_KEY, tags=["v2"]),
+    *_pair("", v2.model_metadata, doc=_out("MetadataModelResponse")),
+    *_pair("/ready", v2.model_ready),
+    *_pair("/config", v2.model_config),
+    *_pair("/stats", v2.model_stats),
+    *_pair("/infer", v2.infer, "POST", doc=_INFER_DOC),
+    _route(_M + "/batch-attribution", batch_latest, "POST", deps=_KEY, tags=["batch"], doc=_BATCH_DOC),
+    _route(_MV + "/batch-attribution", batch_version, "POST", deps=_KEY, tags=["batch"], doc=_BATCH_DOC),
     _route("/v2/repository/index", repository.index, "POST", deps=_ADMIN, tags=["repository"],
            doc=_body("RepositoryIndexRequest")),
     _route("/v2/repository/models/{model_name}/load", repository.load, "POST", deps=_ADMIN, tags=["repository"]),
@@ -104,6 +177,24 @@ ROUTES: list[APIRoute] = [
     _route("/v1/models/{model_name}:explain", v1.explain, "POST", deps=_KEY, tags=["v1"], doc=_body("V1Request")),
     _route("/metrics", metrics_endpoint, tags=["ops"], include_in_schema=False),
 ]
+
+
+def _docs_routes() -> list:
+    """Swagger UI at /docs with its assets from the installed swagger-ui-bundle package (works
+    offline: no CDN)."""
+    import swagger_ui_bundle
+    from fastapi.openapi.docs import get_swagger_ui_html
+    from starlette.routing import Mount
+    from starlette.staticfiles import StaticFiles
+
+    async def docs(request: Request) -> Response:
+        return get_swagger_ui_html(openapi_url="/openapi.json", title="hjserve - API",
+                                   swagger_js_url="/docs/assets/swagger-ui-bundle.js",
+                                   swagger_css_url="/docs/assets/swagger-ui.css",
+                                   swagger_favicon_url="/docs/assets/favicon-32x32.png")
+
+    return [APIRoute("/docs", docs, methods=["GET"], include_in_schema=False),
+            Mount("/docs/assets", app=StaticFiles(directory=swagger_ui_bundle.swagger_ui_path), name="docs-assets")]
 
 
 class HTTPMetricsMiddleware:
@@ -134,7 +225,10 @@ class HTTPMetricsMiddleware:
 
 def _error_response(exc: HJServeError) -> Response:
     mapping = lookup(exc)
-    return json_response(error_body(exc.message, mapping.error_type), mapping.status, exc.headers or None)
+    headers = dict(exc.headers)
+    if isinstance(exc, BodyTimeout):
+        headers["Connection"] = "close"   # the rest of the body is never read
+    return json_response(error_body(exc.message, mapping.error_type), mapping.status, headers or None)
 
 
 async def _on_service_error(request: Request, exc: HJServeError) -> Response:
@@ -156,7 +250,7 @@ async def _on_validation_error(request: Request, exc: RequestValidationError) ->
     errors = exc.errors()
     first = errors[0] if errors else {}
     where = ".".join(str(p) for p in first.get("loc", ()))
-    return json_response(error_body(f"{where}: {first.get('msg', 'invalid request')}", "validation_error"), 422)
+    return _error_response(ValidationFailed(f"{where}: {first.get('msg', 'invalid request')}"))
 
 
 async def _on_unexpected(request: Request, exc: Exception) -> Response:
@@ -178,15 +272,17 @@ def create_app(settings: Settings | None = None, repository: ModelRepository | N
         finally:
             await repository.close()
 
-    app = FastAPI(title="hjserve", version=__version__, lifespan=lifespan, routes=list(ROUTES),
+    app = FastAPI(title="hjserve", version=__version__, lifespan=lifespan, routes=[*ROUTES, *_docs_routes()],
+                  docs_url=None, redoc_url=None,
                   description="Open Inference Protocol (KServe V2) server for LSE networks with "
-                              "Hamilton-Jacobi diagnostics.")
+                              "Hamilton-Jacobi diagnostics. Every error is {error, error_type}.")
     app.state.settings = settings
     app.state.dataplane = dataplane
     app.add_exception_handler(HJServeError, _on_service_error)
     app.add_exception_handler(StarletteHTTPException, _on_http_error)
     app.add_exception_handler(RequestValidationError, _on_validation_error)
     app.add_exception_handler(Exception, _on_unexpected)
+    app.add_middleware(BodyTimeoutMiddleware, timeout_s=settings.body_timeout_s)
     app.add_middleware(HTTPMetricsMiddleware)
 
     def openapi() -> dict[str, Any]:
@@ -194,6 +290,13 @@ def create_app(settings: Settings | None = None, repository: ModelRepository | N
             schema = get_openapi(title=app.title, version=app.version, description=app.description,
                                  routes=app.routes)
             components = schema.setdefault("components", {}).setdefault("schemas", {})
+            # schema failures answer 400 with the ErrorResponse body (declared on every route),
+            # never FastAPI's 422 {"detail"}
+            for item in schema.get("paths", {}).values():
+                for operation in item.values():
+                    operation.get("responses", {}).pop("422", None)
+            components.pop("HTTPValidationError", None)
+            components.pop("ValidationError", None)
             for model in _WIRE_MODELS:
                 body = model.model_json_schema(ref_template="#/components/schemas/{model}")
                 components.update(body.pop("$defs", {}))

@@ -19,8 +19,6 @@ __all__ = ["batch_attribution"]
 
 #: Bodies are spooled: in memory up to this size, then in a temporary file.
 _SPOOL_BYTES = 8 * 1024 * 1024
-#: Largest streamed (NDJSON / binary) body, spooled to disk.
-_MAX_STREAMED_BYTES = 8 * 1024 * 1024 * 1024
 
 
 class _ClosingStream(StreamingResponse):
@@ -35,16 +33,11 @@ class _ClosingStream(StreamingResponse):
                 await self.body_iterator.aclose()
 
 
-def _query_params(request: Request) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    q = request.query_params
-    for key, cast in (("top_k", int), ("tau", float), ("chunk_rows", int), ("timeout", int)):
-        if key in q:
-            try:
-                out[key] = cast(q[key])
-            except ValueError:
-                raise InvalidParameter(f"query parameter {key} must be a number, got {q[key]!r}") from None
-    return out
+def _query_params(top_k: int | None, tau: float | None, chunk_rows: int | None,
+                  timeout: int | None) -> dict[str, Any]:
+    """The documented query parameters that were given (they override the body's parameters)."""
+    given = {"top_k": top_k, "tau": tau, "chunk_rows": chunk_rows, "timeout": timeout}
+    return {k: v for k, v in given.items() if v is not None}
 
 
 async def _spool(request: Request, limit: int):
@@ -63,18 +56,23 @@ async def _spool(request: Request, limit: int):
     return spool, size
 
 
-async def batch_attribution(request: Request, model_name: str, model_version: str | None = None) -> Response:
+async def batch_attribution(request: Request, model_name: str, model_version: str | None = None, *,
+                            top_k: int | None = None, tau: float | None = None, chunk_rows: int | None = None,
+                            timeout: int | None = None) -> Response:
+    """Rows in (JSON, NDJSON or V2 binary), NDJSON rows out; see :mod:`service.batch` for the error
+    contract. Query parameters ``top_k``, ``tau``, ``timeout`` (microseconds) override the body's;
+    ``chunk_rows`` sets how many rows go to the batcher at once."""
     settings = settings_of(request)
     dataplane = dataplane_of(request)
     mv = dataplane.repository.get(model_name, model_version)
-    query = _query_params(request)
+    query = _query_params(top_k, tau, chunk_rows, timeout)
     chunk_rows = query.pop("chunk_rows", 4 * settings.max_batch_size)
     if not 1 <= chunk_rows <= 16 * settings.max_batch_size:
         raise InvalidParameter(f"chunk_rows must be in [1, {16 * settings.max_batch_size}]")
     header = request.headers.get(codecs.HEADER_LENGTH)
     ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
     streamed = header is not None or "ndjson" in ctype or "jsonl" in ctype
-    spool, size = await _spool(request, _MAX_STREAMED_BYTES if streamed else settings.max_body_bytes)
+    spool, size = await _spool(request, settings.max_stream_bytes if streamed else settings.max_body_bytes)
     try:
         params: dict[str, Any] = {}
         outputs: list[str] = []
@@ -82,7 +80,7 @@ async def batch_attribution(request: Request, model_name: str, model_version: st
             source, params, outputs = await run_in_threadpool(
                 binary_source, spool, size, header, chunk_rows, settings.batch_max_rows)
         elif streamed:
-            source = ndjson_source(spool, chunk_rows, settings.batch_max_rows)
+            source = ndjson_source(spool, chunk_rows, settings.batch_max_rows, settings.max_line_bytes)
         else:
             obj = codecs.parse_json(await run_in_threadpool(spool.read))
             source, params, outputs = json_source(obj, chunk_rows, settings.batch_max_rows)

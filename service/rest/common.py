@@ -79,9 +79,12 @@ async def require_api_key(request: Request) -> None:
 
 
 async def require_admin(request: Request) -> None:
-    """Repository routes: the admin key when one is configured."""
+    """Repository routes (index, load, unload): never more open than inference. With an admin key
+    set, only it works; without one, the API keys work (and are required) when any is set; only a
+    server with no keys at all leaves them open, like its inference routes."""
     settings = settings_of(request)
     if settings.admin_key is None:
+        await require_api_key(request)
         return
     key = presented_key(request)
     if key is None:

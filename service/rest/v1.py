@@ -10,7 +10,7 @@ from fastapi.responses import Response
 from pydantic import ValidationError
 
 from service.codecs import first_error, parse_json
-from service.errors import HJServeError, InvalidJSON, InvalidShape, ValidationFailed, lookup
+from service.errors import EmptyBatch, HJServeError, InvalidJSON, InvalidShape, ValidationFailed, lookup
 from service.explain import EXPLAIN_OUTPUTS, PREDICT_OUTPUTS, explain_rows, predict_rows
 from service.rest.common import dataplane_of, json_response, read_body, settings_of
 from service.types import V1Request
@@ -20,6 +20,11 @@ __all__ = ["explain", "model_status", "predict"]
 
 async def _run(request: Request, model_name: str, outputs: tuple[str, ...]):
     dataplane = dataplane_of(request)
+    with dataplane.admit(model_name):   # 503 before the body is read when overloaded
+        return await _run_admitted(request, dataplane, model_name, outputs)
+
+
+async def _run_admitted(request: Request, dataplane, model_name: str, outputs: tuple[str, ...]):
     start = time.perf_counter()
     body = await read_body(request, settings_of(request).max_body_bytes)
     obj = parse_json(body)
@@ -33,6 +38,8 @@ async def _run(request: Request, model_name: str, outputs: tuple[str, ...]):
     try:
         wanted = [n for n in outputs if n in mv.output_names]
         options = dataplane.resolve_options(mv, dict(payload.parameters or {}), wanted)
+        if not payload.instances:
+            raise EmptyBatch("instances has no rows")
         if len({len(row) for row in payload.instances}) > 1:
             raise InvalidShape("instances must be rows of equal length")
         array = np.asarray(payload.instances, dtype=np.float64).reshape(len(payload.instances), -1)

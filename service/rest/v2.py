@@ -49,13 +49,15 @@ async def model_stats(request: Request, model_name: str | None = None,
 
 
 async def infer(request: Request, model_name: str, model_version: str | None = None) -> Response:
-    body = await read_body(request, settings_of(request).max_body_bytes)
-    header = request.headers.get(codecs.HEADER_LENGTH)
-    if len(body) > _OFFLOAD_BYTES:
-        decoded = await run_in_threadpool(codecs.decode_infer_request, body, header)
-    else:
-        decoded = codecs.decode_infer_request(body, header)
-    response = await dataplane_of(request).infer(model_name, model_version, decoded)
+    dataplane = dataplane_of(request)
+    with dataplane.admit(model_name, model_version):   # 503 before the body is read when overloaded
+        body = await read_body(request, settings_of(request).max_body_bytes)
+        header = request.headers.get(codecs.HEADER_LENGTH)
+        if len(body) > _OFFLOAD_BYTES:
+            decoded = await run_in_threadpool(codecs.decode_infer_request, body, header)
+        else:
+            decoded = codecs.decode_infer_request(body, header)
+        response = await dataplane.infer(model_name, model_version, decoded)
     payload, header_length = codecs.encode_infer_response(response)
     if header_length is None:
         return Response(payload, media_type=codecs.JSON_CONTENT_TYPE)

@@ -24,7 +24,7 @@ from hjmodel import (
     save_artifact,
     train,
 )
-from hjmodel.artifact import ONNX_FILE, SPEC_FILE, TORCH_FILE, model_spec
+from hjmodel.artifact import ONNX_FILE, SPEC_FILE, TORCH_FILE, model_spec, served_form
 from hjmodel.serving import outputs_for
 from hjmodel.verify import verify
 
@@ -168,11 +168,13 @@ def test_round_trip_identical_outputs(name, small_artifacts, tmp_path):
     assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
     assert model_spec(first) == model_spec(second) == read_spec(directory) == read_spec(directory / ONNX_FILE)
     assert read_spec(directory)["kind"] == first.kind
-    # the serving module (float32 in) equals evaluate on the float32-rounded inputs
+    # the serving module (float32 in) equals evaluate on the float32-rounded inputs, in the served
+    # form (bounds rounded in their safe direction)
     served = load_serving_module(directory)(x.float(), torch.tensor([0.3], dtype=torch.float64))
     ev = first.evaluate(x.float().double(), tau=0.3)
+    datatypes = {o.name: o.datatype for o in outputs_for(first.task)}
     for k, v in served.items():
-        assert torch.equal(v, ev[k].to(v.dtype)), k
+        assert torch.equal(v, served_form(k, ev[k], datatypes[k])), k
 
 
 # ------------------------------------------------------------------------------------ refusals

@@ -27,7 +27,16 @@ def _binary(values: np.ndarray, *, size: int | None = None, header_delta: int = 
 
 
 INFER = "/v2/models/clf/infer"
+BATCH = "/v2/models/clf/batch-attribution"
+NDJSON = {"content-type": "application/x-ndjson"}
 INF_ROWS = np.array([[1, 2, np.inf, 4]], np.float32)
+DEEP = b"[" * 100_000 + b"]" * 100_000   # far past the JSON parser's recursion limit
+DEEP_500 = b"[" * 500 + b"1.0" + b"]" * 500     # parses: rejected further on, still with a 4xx
+DEEP_SMALL = b"[" * 5_000 + b"]" * 5_000         # within the 64 KiB repository-body limit
+
+
+def _nested(prefix: bytes, inner: bytes, suffix: bytes) -> bytes:
+    return prefix + inner + suffix
 
 # (id, method, path, body: dict | bytes | (bytes, headers), status, error_type, message substring)
 CASES = [
@@ -80,7 +89,7 @@ CASES = [
     ("corrupt-model-metadata", "GET", "/v2/models/broken", None, 503, "model_not_ready", "cannot load"),
     ("unknown-route", "GET", "/v2/nothing/here", None, 404, "not_found", "no route"),
     ("wrong-method", "GET", INFER, None, 405, "method_not_allowed", "not allowed"),
-    ("v1-not-rows", "POST", "/v1/models/clf:predict", {"instances": "abc"}, 422, "validation_error", "instances"),
+    ("v1-not-rows", "POST", "/v1/models/clf:predict", {"instances": "abc"}, 400, "validation_error", "instances"),
     ("v1-ragged", "POST", "/v1/models/clf:predict", {"instances": [[1, 2, 3, 4], [1]]}, 400, "invalid_shape",
      "equal length"),
     ("v1-nan", "POST", "/v1/models/clf:predict", b'{"instances": [[1, 2, NaN, 4]]}', 400, "invalid_value", "NaN"),
@@ -90,7 +99,50 @@ CASES = [
     ("batch-bad-line", "POST", "/v2/models/clf/batch-attribution", (b"[1,2,3,4]\n{oops\n",
      {"content-type": "application/x-ndjson"}), 400, "invalid_json", "malformed"),
     ("batch-query", "POST", "/v2/models/clf/batch-attribution?top_k=abc", {"instances": [[1, 2, 3, 4]]}, 400,
-     "invalid_parameter", "top_k"),
+     "validation_error", "top_k"),
+    # issue 8: each of these answered 500 on the first version of main
+    ("v1-empty", "POST", "/v1/models/clf:predict", {"instances": []}, 400, "empty_batch", "no rows"),
+    ("v1-explain-empty", "POST", "/v1/models/clf:explain", {"instances": []}, 400, "empty_batch", "no rows"),
+    ("deep-infer", "POST", INFER, DEEP, 400, "invalid_json", "nested too deeply"),
+    ("deep-infer-data", "POST", INFER, _nested(b'{"inputs":[{"name":"input","shape":[1,4],"datatype":"FP32","data":',
+                                                DEEP, b"}]}"), 400, "invalid_json", "nested too deeply"),
+    ("deep-infer-500", "POST", INFER, _nested(b'{"inputs":[{"name":"input","shape":[1,4],"datatype":"FP32","data":',
+                                               DEEP_500, b"}]}"), 400, "invalid_shape", "input"),
+    ("deep-v1", "POST", "/v1/models/clf:predict", _nested(b'{"instances":', DEEP, b"}"), 400, "invalid_json",
+     "nested too deeply"),
+    ("deep-v1-500", "POST", "/v1/models/clf:predict", _nested(b'{"instances":', DEEP_500, b"}"), 400,
+     "validation_error", "instances"),
+    ("deep-batch", "POST", BATCH, _nested(b'{"instances":', DEEP, b"}"), 400, "invalid_json", "nested too deeply"),
+    ("deep-batch-params", "POST", BATCH, _nested(b'{"instances":[[1,2,3,4]],"parameters":{"a":', DEEP, b"}}"), 400,
+     "invalid_json", "nested too deeply"),
+    ("deep-ndjson-line", "POST", BATCH, (b"[1,2,3,4]\n" + DEEP + b"\n", NDJSON), 400, "invalid_json",
+     "nested too deeply"),
+    ("deep-index", "POST", "/v2/repository/index", DEEP_SMALL, 400, "invalid_json", "nested too deeply"),
+    ("batch-params-string", "POST", BATCH, {"instances": [[1, 2, 3, 4]], "parameters": "top_k=3"}, 400,
+     "invalid_parameter", "parameters must be a JSON object"),
+    ("batch-params-list", "POST", BATCH, {"instances": [[1, 2, 3, 4]], "parameters": [1, 2]}, 400,
+     "invalid_parameter", "parameters must be a JSON object"),
+    ("batch-empty-json", "POST", BATCH, {"instances": []}, 400, "empty_batch", "no rows"),
+    ("batch-empty-ndjson", "POST", BATCH, (b"\n\n", NDJSON), 400, "empty_batch", "no rows"),
+    ("batch-line-too-long", "POST", BATCH, (b"[" + b"1," * 600_000 + b"1]\n", NDJSON), 413, "payload_too_large",
+     "HJSERVE_MAX_LINE_BYTES"),
+    # hostile model names: never a path
+    ("name-dotdot-infer", "POST", "/v2/models/%2e%2e/infer", _v2(), 400, "invalid_model_name", "invalid model name"),
+    ("name-dot-infer", "POST", "/v2/models/%2e/infer", _v2(), 400, "invalid_model_name", "invalid model name"),
+    ("name-dotdot-load", "POST", "/v2/repository/models/%2e%2e/load", None, 400, "invalid_model_name",
+     "invalid model name"),
+    ("name-dot-load", "POST", "/v2/repository/models/%2e/load", None, 400, "invalid_model_name", "invalid model name"),
+    ("name-hidden-load", "POST", "/v2/repository/models/.hidden/load", None, 400, "invalid_model_name",
+     "invalid model name"),
+    ("name-dotdot-unload", "POST", "/v2/repository/models/%2e%2e/unload", None, 400, "invalid_model_name",
+     "invalid model name"),
+    ("name-backslash", "GET", "/v2/models/..%5c..%5cetc", None, 400, "invalid_model_name", "invalid model name"),
+    ("name-nul", "GET", "/v2/models/clf%00", None, 400, "invalid_model_name", "invalid model name"),
+    ("name-v1-dotdot", "POST", "/v1/models/%2e%2e:predict", {"instances": [[1, 2, 3, 4]]}, 400,
+     "invalid_model_name", "invalid model name"),
+    ("name-too-long", "GET", "/v2/models/" + "a" * 200, None, 400, "invalid_model_name", "invalid model name"),
+    ("version-unicode-digit", "GET", "/v2/models/clf/versions/%C2%B2", None, 404, "model_not_found", "no version"),
+    ("version-zero-padded", "GET", "/v2/models/clf/versions/01", None, 404, "model_not_found", "no version"),
     ("load-unknown", "POST", "/v2/repository/models/nope/load", None, 404, "model_not_found", "no model directory"),
     ("index-bad-body", "POST", "/v2/repository/index", {"ready": "maybe"}, 400, "bad_request", "index"),
 ]

@@ -1,0 +1,162 @@
+"""Certificates in the bits the server returns: the float32 ``certified_radius`` of the served graph
+(onnxruntime and the torch serving module) is never larger than the float64 certificate, and no
+float32 input inside it -- found by an attack run on the served graph itself -- changes the served
+class. The near-exact case is built on purpose: digits inputs scaled x3, where one neuron dominates
+each group and the certificate is within ~1e-7 of the true boundary, so a radius rounded to
+nearest (up half the time) is unsound.
+
+Also: every served float32 output is finite for any finite float32 input (saturating casts).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from hjmodel.artifact import ONNX_FILE, load_model, load_serving_module
+from hjmodel.serving import outputs_for
+
+pytestmark = pytest.mark.slow
+ROWS = 60
+
+
+def _session(version_dir):
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = 1
+    return ort.InferenceSession(str(version_dir / ONNX_FILE), opts, providers=["CPUExecutionProvider"])
+
+
+def _served(sess, x32: np.ndarray) -> dict[str, np.ndarray]:
+    feeds = {"input": x32}
+    if any(i.name == "tau" for i in sess.get_inputs()):
+        feeds["tau"] = np.array([0.1])
+    names = [o.name for o in sess.get_outputs()]
+    return dict(zip(names, sess.run(names, feeds), strict=True))
+
+
+def _scaled_digits(model, factor: float, n: int) -> np.ndarray:
+    from sklearn.datasets import load_digits
+
+    x = load_digits().data[-n:].astype(np.float64) * factor
+    return x.astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def digits_lse(demo_repository):
+    version = demo_repository / "digits_lse" / "1"
+    return version, load_model(version).double().eval(), _session(version)
+
+
+def test_served_radius_never_exceeds_the_float64_certificate(digits_lse):
+    version, model, sess = digits_lse
+    module = load_serving_module(version).eval()
+    for factor in (1.0, 3.0, 10.0):
+        x32 = _scaled_digits(model, factor, ROWS)
+        r64 = model.evaluate(torch.from_numpy(x32).double())["certified_radius"].numpy()
+        onnx_r = _served(sess, x32)["certified_radius"]
+        with torch.no_grad():
+            torch_r = module(torch.from_numpy(x32), torch.tensor([0.1], dtype=torch.float64))["certified_radius"]
+        for name, served in (("onnx", onnx_r), ("torch", torch_r.numpy())):
+            assert served.dtype == np.float32, name
+            assert (served.astype(np.float64) <= r64).all(), (name, factor, np.max(served - r64))
+            # rounded toward zero, no further: the largest float32 at or below the float64 value
+            assert (r64 - served.astype(np.float64) < np.spacing(served)).all(), (name, factor)
+
+
+def _margin(model, c: torch.Tensor):
+    """Best other class log-score minus the predicted one (> 0: the float64 decision left c)."""
+    def loss(x: torch.Tensor) -> torch.Tensor:
+        lp = model.head.log_probabilities(model.head.preactivations(model.features(x)))
+        own = lp.gather(1, c[:, None]).squeeze(1)
+        return lp.scatter(1, c[:, None], -math.inf).max(-1).values - own
+    return loss
+
+
+def _direction(model, x: torch.Tensor, c: torch.Tensor, r: torch.Tensor, steps: int = 60) -> torch.Tensor:
+    """PGD-L2 at radius 1.001 r (the certificate is nearly exact here, so this flips): the unit
+    direction of the adversarial example found, started at the exact gradient and at the
+    gradient of every other class' margin (targeted starts)."""
+    loss = _margin(model, c)
+    rad = 1.001 * r
+    best = torch.full_like(r, -math.inf)
+    best_dir = torch.zeros_like(x)
+    starts = [None, *range(model.n_outputs)]
+    for target in starts:
+        delta = torch.zeros_like(x, requires_grad=True)
+        if target is not None:
+            tt = torch.full_like(c, target)
+            lp = model.head.log_probabilities(model.head.preactivations(model.features(x + delta)))
+            obj = (lp.gather(1, tt[:, None]) - lp.gather(1, c[:, None])).sum()
+            (g,) = torch.autograd.grad(obj, delta)
+        else:
+            (g,) = torch.autograd.grad(loss(x + 1e-9 * torch.randn_like(x) + delta).sum(), delta)
+        delta = (g / g.norm(dim=-1, keepdim=True).clamp_min(1e-300)) * rad[:, None]
+        for it in range(steps):
+            delta = delta.detach().requires_grad_(True)
+            val = loss(x + delta)
+            better = val.detach() > best
+            best = torch.where(better, val.detach(), best)
+            best_dir = torch.where(better[:, None], delta.detach(), best_dir)
+            (g,) = torch.autograd.grad(val.sum(), delta)
+            step = 0.05 * rad * 0.02 ** (it / steps)
+            delta = delta.detach() + step[:, None] * g / g.norm(dim=-1, keepdim=True).clamp_min(1e-300)
+            delta = delta * (rad / delta.norm(dim=-1).clamp_min(1e-300)).clamp(max=1.0)[:, None]
+    return best_dir / best_dir.norm(dim=-1, keepdim=True).clamp_min(1e-300), best > 0
+
+
+def test_no_float32_input_inside_the_served_radius_changes_the_served_class(digits_lse):
+    """Attack in the served precision: along each adversarial direction, bisect the float64
+    boundary, then scan float32 inputs around it through the ONNX graph itself; the nearest float32
+    input with another served class must lie outside the served radius."""
+    version, model, sess = digits_lse
+    x32 = _scaled_digits(model, 3.0, ROWS)
+    out = _served(sess, x32)
+    c = torch.from_numpy(out["prediction"])
+    served_r = out["certified_radius"].astype(np.float64)
+    x = torch.from_numpy(x32).double()
+    r64 = model.evaluate(x)["certified_radius"]
+    u, flipped = _direction(model, x, c, r64)
+    assert flipped.float().mean() > 0.5   # the attack finds the boundary just past the radius
+    loss = _margin(model, c)
+    lo, hi = torch.zeros_like(r64), 1.001 * r64
+    with torch.no_grad():
+        for _ in range(60):
+            mid = 0.5 * (lo + hi)
+            adv = loss(x + mid[:, None] * u) > 0
+            hi, lo = torch.where(adv, mid, hi), torch.where(adv, lo, mid)
+    tight = 0
+    for i in np.flatnonzero(flipped.numpy()):
+        s = hi[i].item() * (1.0 + np.linspace(-2e-6, 2e-6, 257))
+        q = (x32[i].astype(np.float64)[None, :] + s[:, None] * u[i].numpy()[None, :]).astype(np.float32)
+        cls = _served(sess, q)["prediction"]
+        moved = cls != out["prediction"][i]
+        if not moved.any():
+            continue
+        dist = np.linalg.norm(q[moved].astype(np.float64) - x32[i].astype(np.float64), axis=1).min()
+        tight += dist <= served_r[i] * (1 + 1e-6)
+        assert dist > served_r[i], (i, dist, served_r[i], r64[i].item())
+    assert tight > 0, "the case must be near-exact for this test to mean anything"
+
+
+@pytest.mark.parametrize("name", ["digits_lse", "digits_memory", "digits_deep", "breast_cancer_lse",
+                                  "diabetes_lse"])
+def test_extreme_inputs_give_finite_ordered_outputs(demo_repository, name):
+    version = demo_repository / name / "1"
+    sess = _session(version)
+    d = sess.get_inputs()[0].shape[1]
+    rows = np.stack([np.zeros(d), np.full(d, 1e19), np.full(d, -1e19), np.full(d, 1e30),
+                     np.full(d, 3e38), np.full(d, -3e38)]).astype(np.float32)
+    out = _served(sess, rows)
+    for spec in outputs_for("classification" if "diabetes" not in name else "regression"):
+        value = out[spec.name]
+        if value.dtype.kind == "f":
+            assert np.isfinite(value).all(), (name, spec.name, value)
+    assert (out["certified_radius"] >= 0).all()
+    # ordered: the farther input is at least as unsupported
+    assert out["ood_score"][1] <= out["ood_score"][3] <= out["ood_score"][4]
+    assert out["ood_flag"][1:].all(), (name, out["ood_p_value"])
