@@ -29,8 +29,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = _parser().parse_args(argv)
     import uvicorn
 
-    from service.rest.app import create_app
-    from service.rest.guards import header_timeout_protocol
+    from service.rest.app import create_app, load_shedder
+    from service.rest.guards import guarded_protocol
     from service.settings import Settings
 
     overrides = {k: v for k, v in vars(args).items() if v is not None}
@@ -39,7 +39,8 @@ def main(argv: Sequence[str] | None = None) -> None:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     app = create_app(settings)
     uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level,
-                timeout_graceful_shutdown=10, http=header_timeout_protocol(settings.header_timeout_s),
+                timeout_graceful_shutdown=10, loop="uvloop",
+                http=guarded_protocol(settings.header_timeout_s, load_shedder(app.state.dataplane)),
                 limit_concurrency=settings.max_connections, timeout_keep_alive=settings.keep_alive_s)
 
 

@@ -10,7 +10,7 @@ import asyncio
 import contextlib
 import math
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -173,15 +173,52 @@ class DataPlane:
 
     # -- inference --------------------------------------------------------------------------------
 
+    def overloaded(self, name: str, version: str | None = None) -> ModelVersion | None:
+        """The model version when it has ``max_queue_size`` requests in flight (and counts the
+        rejection), else None -- also for names that do not resolve (the request then fails
+        properly)."""
+        try:
+            mv = self.repository.get(name, version)
+        except HJServeError:
+            return None
+        if mv.in_flight < self.settings.max_queue_size:
+            return None
+        mv.metrics.failed(lookup(Overloaded).error_type)
+        return mv
+
+    def reserve(self, name: str, version: str | None = None) -> ModelVersion | Callable[[], None] | None:
+        """The connection-level form of :meth:`admit`: the full model version (the request is to be
+        rejected), or a ``release`` callable holding one in-flight slot, or None when the name does
+        not resolve (the app then answers the error)."""
+        try:
+            mv = self.repository.get(name, version)
+        except HJServeError:
+            return None
+        if mv.in_flight >= self.settings.max_queue_size:
+            mv.metrics.failed(lookup(Overloaded).error_type)
+            return mv
+        mv.in_flight += 1
+        released = False
+
+        def release() -> None:
+            nonlocal released
+            if not released:
+                released = True
+                mv.in_flight -= 1
+        return release
+
     @contextlib.contextmanager
-    def admit(self, name: str, version: str | None = None) -> Iterator[ModelVersion]:
+    def admit(self, name: str, version: str | None = None, *, reserved: bool = False) -> Iterator[ModelVersion]:
         """Admission control, before a request's body is read: at most ``max_queue_size`` requests
         per model version may be in flight (reading, decoding, queued or computing); beyond that
         the request is rejected at once (Overloaded: 503 + Retry-After) without reading or decoding
-        its body, so overload costs almost nothing and goodput stays near capacity."""
+        its body. ``reserved``: the connection protocol already holds this request's slot
+        (:meth:`reserve`, used by :mod:`service.rest.guards`), so it is not counted twice."""
         mv = self.repository.get(name, version)
-        if mv.in_flight >= self.settings.max_queue_size:
-            mv.metrics.failed(lookup(Overloaded).error_type)
+        if reserved:
+            yield mv
+            return
+        if self.overloaded(name, version) is not None:
             raise Overloaded(f"model '{name}' has {mv.in_flight} requests in flight (max_queue_size "
                              f"{self.settings.max_queue_size}); retry later",
                              headers={"Retry-After": str(self.settings.retry_after_s)})

@@ -117,11 +117,15 @@ class VersionMetrics:
         self.batch_jobs = BATCH_JOBS_IN_PROGRESS.labels(**mv)
         self.ready = MODEL_READY.labels(**mv)
         self.stats = InferenceStats()
+        self._reasons: dict[str, Counter] = {}
 
     def failed(self, reason: str, total_s: float = 0.0) -> None:
         """Count a failed request with its error_type."""
         self.failure.inc()
-        INFERENCE_FAILURES.labels(*self.labels, reason).inc()
+        child = self._reasons.get(reason)
+        if child is None:
+            child = self._reasons[reason] = INFERENCE_FAILURES.labels(*self.labels, reason)
+        child.inc()
         self.stats.fail(total_s)
 
     def succeeded(self, total_s: float, queue_s: float, compute_s: float, rows: int) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Callable
 from contextlib import asynccontextmanager
 from typing import Any
@@ -15,6 +16,7 @@ from fastapi.routing import APIRoute
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from service import __version__, metrics
+from service.codecs import dumps
 from service.dataplane import DataPlane
 from service.errors import (
     BodyTimeout,
@@ -42,7 +44,7 @@ from service.types import (
     V1Request,
 )
 
-__all__ = ["ROUTES", "create_app"]
+__all__ = ["ROUTES", "create_app", "load_shedder"]
 
 log = logging.getLogger("service")
 
@@ -221,6 +223,58 @@ class HTTPMetricsMiddleware:
             route = scope.get("route")
             path = getattr(route, "path", None) or "unmatched"
             metrics.HTTP_REQUESTS.labels(path, scope.get("method", ""), str(status)).inc()
+
+
+#: Routes whose requests are shed before the app when their model version is full:
+#: (compiled path pattern, route template of the HTTP metric; None: the V1 operation's).
+_SHED_ROUTES = [
+    (re.compile(r"/v2/models/(?P<m>[^/]+)/infer"), _M + "/infer"),
+    (re.compile(r"/v2/models/(?P<m>[^/]+)/versions/(?P<v>[^/]+)/infer"), _MV + "/infer"),
+    (re.compile(r"/v1/models/(?P<m>[^/:]+):(?P<op>predict|explain)"), None),
+]
+_SHED_SUFFIXES = ("/infer", ":predict", ":explain")
+
+
+def load_shedder(dataplane: DataPlane):
+    """``shed(method, path)`` for :class:`~service.rest.guards.GuardedProtocol`: for an inference
+    request, either a complete ready-made 503 response (its model version has ``max_queue_size``
+    requests in flight) or the ``release`` of the in-flight slot reserved for it
+    (:meth:`DataPlane.reserve`); None for any other request. Responses and metric children are built once per model
+    version and route, so shedding costs a dictionary lookup and two counter increments."""
+    settings = dataplane.settings
+    responses: dict[tuple[str, int], bytes] = {}
+    http_503: dict[str, Any] = {}
+
+    def response_for(name: str, version: int) -> bytes:
+        body = dumps(error_body(f"model '{name}' version {version} has max_queue_size "
+                                f"({settings.max_queue_size}) requests in flight; retry later", "overloaded"))
+        return (b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\n"
+                b"retry-after: %d\r\ncontent-length: %d\r\n\r\n" % (settings.retry_after_s, len(body)) + body)
+
+    def shed(method: str, path: str):
+        if method != "POST" or not path.endswith(_SHED_SUFFIXES):
+            return None
+        for pattern, template in _SHED_ROUTES:
+            match = pattern.fullmatch(path)
+            if match is None:
+                continue
+            groups = match.groupdict()
+            mv = dataplane.reserve(groups["m"], groups.get("v"))
+            if mv is None or callable(mv):
+                return mv   # unknown name (the app answers) or an admitted request's release
+            route = template or f"/v1/models/{{model_name}}:{groups['op']}"
+            counter = http_503.get(route)
+            if counter is None:
+                counter = http_503[route] = metrics.HTTP_REQUESTS.labels(route, method, "503")
+            counter.inc()
+            key = (mv.name, mv.version)
+            raw = responses.get(key)
+            if raw is None:
+                raw = responses[key] = response_for(*key)
+            return raw
+        return None
+
+    return shed
 
 
 def _error_response(exc: HJServeError) -> Response:

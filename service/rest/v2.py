@@ -9,6 +9,7 @@ from starlette.concurrency import run_in_threadpool
 from service import codecs
 from service.errors import ModelNotReady
 from service.rest.common import dataplane_of, json_response, read_body, settings_of
+from service.rest.guards import ADMITTED
 
 __all__ = ["infer", "live", "model_config", "model_metadata", "model_ready", "model_stats", "ready", "server_metadata"]
 
@@ -50,7 +51,8 @@ async def model_stats(request: Request, model_name: str | None = None,
 
 async def infer(request: Request, model_name: str, model_version: str | None = None) -> Response:
     dataplane = dataplane_of(request)
-    with dataplane.admit(model_name, model_version):   # 503 before the body is read when overloaded
+    reserved = bool(request.scope.get(ADMITTED))          # the protocol already holds its slot
+    with dataplane.admit(model_name, model_version, reserved=reserved):   # 503 before the body is read
         body = await read_body(request, settings_of(request).max_body_bytes)
         header = request.headers.get(codecs.HEADER_LENGTH)
         if len(body) > _OFFLOAD_BYTES:
