@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["ArtifactError", "DataError", "HJModelError", "InputError"]
+__all__ = ["ArtifactError", "CalibrationError", "DataError", "HJModelError", "InputError"]
 
 
 class HJModelError(Exception):
@@ -11,6 +11,10 @@ class HJModelError(Exception):
 
 class ArtifactError(HJModelError):
     """An artifact is missing, corrupt, truncated, of an unknown kind or format, or unsafe."""
+
+
+class CalibrationError(HJModelError, ValueError):
+    """The OOD gate cannot be calibrated as asked (e.g. an alpha the calibration split cannot reach)."""
 
 
 class DataError(HJModelError):

@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 
 __all__ = [
+    "ambiguity",
     "attribution_entropy",
     "certificate_tables",
     "diameter",
@@ -111,6 +112,13 @@ def group_lse(a: Tensor, mask: Tensor, eps: float) -> Tensor:
 def group_gibbs(a: Tensor, mask: Tensor, eps: float) -> Tensor:
     """Gibbs weights within each group (zero outside).  (n, N), (K, N) -> (n, K, N)."""
     return masked_lse_gibbs(a.unsqueeze(-2), mask, eps)[1]
+
+
+def ambiguity(log_probs: Tensor) -> Tensor:
+    """log(1 - max_k p_k) from log-probabilities (..., K), as the log-sum-exp of the other classes'
+    log-probabilities: a monotone map of 1 - max p that does not saturate at 0.  -> (...)."""
+    top = log_probs.argmax(-1, keepdim=True)
+    return torch.logsumexp(log_probs.scatter(-1, top, -math.inf), dim=-1)
 
 
 def attribution_entropy(pi: Tensor) -> Tensor:

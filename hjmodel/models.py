@@ -139,8 +139,10 @@ class OODReference:
 
     points: (M, p) in-distribution support points in the head's feature space; the score is the
     Hopf-Cole value over them in diffusion units, u/eps = -log mean_j exp(-|h - y_j|^2 / (4 t eps)).
-    ``norm_*``: sorted component scores of the first calibration half (ECDF normalisers);
-    ``combined``: sorted combined statistics T of the second half (conformal p-values)."""
+    ``norm_*``: sorted component scores of the training split (u leave-one-out: a reference point's
+    own term removed), against which each component's rank p-value is taken; ``combined``: sorted
+    combined statistics T = -log min(p_u, p_a) of the whole calibration split, against which the
+    served split-conformal p-value is taken (see :meth:`HJModel._conformal`)."""
 
     points: Tensor
     t: float
@@ -414,60 +416,75 @@ class HJModel(nn.Module):
         The ambiguous component is log(1 - max_k p_k), computed as the log-sum-exp of the other
         classes' log-probabilities: a monotone map of 1 - max prob that does not saturate at 0."""
         score = self.ood_unsupported(h)
-        if log_probs is None:
-            return score, None
-        top = log_probs.argmax(-1, keepdim=True)
-        others = log_probs.scatter(-1, top, -math.inf)
-        return score, torch.logsumexp(others, dim=-1)
+        return score, (None if log_probs is None else F.ambiguity(log_probs))
 
     def _conformal(self, comp_u: Tensor, comp_a: Tensor | None) -> tuple[Tensor, Tensor]:
-        """Split-conformal p-value of T = max of ECDF-normalised components; and which one fired."""
+        """Split-conformal p-value of the combined statistic, and which component decided it.
+
+        Each component's score gets a rank p-value against its normaliser (training scores),
+        p_c = (1 + #{normaliser >= score}) / (1 + n_c); the combined statistic is
+        T = max_c -log p_c (the more surprising component decides; larger = more unusual; ties
+        within a rank level broken by the score, :func:`_surprisal`), and the served p-value is T's
+        rank among the calibration split's statistics, p = (1 + #{T_cal >= T}) / (1 + n_cal).
+
+        Validity: T is the same fixed function (of the training split only) for calibration and test
+        points, so for an exchangeable in-distribution input P(p <= alpha) <= alpha exactly (ties
+        count against the input). Robustness: one training point moves any p_c by at most
+        1/(1 + n_c) and one calibration point moves p by at most 1/(1 + n_cal): no single example
+        can squeeze the others' scores together (the ECDF interpolation this replaces could)."""
         ref = self.reference
-        nu = _ecdf(ref.norm_unsupported.to(comp_u.dtype), comp_u)
+        T = self._statistic(comp_u, comp_a)
+        component = torch.zeros_like(comp_u, dtype=torch.long)
         if comp_a is not None and ref.norm_ambiguous.numel():
-            na = _ecdf(ref.norm_ambiguous.to(comp_u.dtype), comp_a)
-            T = torch.maximum(nu, na)
-            component = (na > nu).long()
-        else:
-            T, component = nu, torch.zeros_like(comp_u, dtype=torch.long)
+            component = (_rank_p(ref.norm_ambiguous.to(comp_u.dtype), comp_a)
+                         < _rank_p(ref.norm_unsupported.to(comp_u.dtype), comp_u)).long()
         cal = ref.combined.to(comp_u.dtype)
         ge = (cal.unsqueeze(0) >= T.unsqueeze(-1)).sum(-1).to(comp_u.dtype)
-        p = (1.0 + ge) / (1.0 + cal.shape[0])
+        p = (1.0 + ge) / (1.0 + float(cal.shape[0]))
         return p, component
 
-    def combined_statistic(self, h: Tensor, log_probs: Tensor | None) -> Tensor:
-        """T for calibration (uses only the ECDF normalisers)."""
+    def _statistic(self, comp_u: Tensor, comp_a: Tensor | None) -> Tensor:
+        """T = max_c (-log p_c + tie-break_c): the more surprising component decides."""
         ref = self.reference
-        comp_u, comp_a = self._ood_components(h, log_probs)
-        nu = _ecdf(ref.norm_unsupported.to(h.dtype), comp_u)
+        T = _surprisal(ref.norm_unsupported.to(comp_u.dtype), comp_u)
         if comp_a is not None and ref.norm_ambiguous.numel():
-            return torch.maximum(nu, _ecdf(ref.norm_ambiguous.to(h.dtype), comp_a))
-        return nu
+            T = torch.maximum(T, _surprisal(ref.norm_ambiguous.to(comp_u.dtype), comp_a))
+        return T
+
+    def combined_statistic(self, h: Tensor, log_probs: Tensor | None) -> Tensor:
+        """T = -log min_c p_c for calibration and evaluation (larger = more unusual)."""
+        comp_u, comp_a = self._ood_components(h, log_probs)
+        return self._statistic(comp_u, comp_a)
 
 
-def _ecdf(sorted_ref: Tensor, s: Tensor) -> Tensor:
-    """Continuous, strictly increasing ECDF of the reference scores (exportable).  (m,), (n,) -> (n,).
+def _rank_p(sorted_ref: Tensor, s: Tensor) -> Tensor:
+    """Upper-tail rank p-value of scores s among reference scores: (1 + #{ref >= s}) / (1 + m).
+    (m,), (n,) -> (n,); exportable (a comparison and a sum)."""
+    ge = (sorted_ref.unsqueeze(0) >= s.unsqueeze(-1)).sum(-1).to(s.dtype)
+    return (1.0 + ge) / (1.0 + float(sorted_ref.shape[0]))
 
-    Linear between consecutive reference values (the rank of s, with the fraction of the gap), and
-    extrapolated linearly below the smallest and above the largest (slope: one rank per mean
-    spacing), so scores beyond the calibration range stay ordered instead of tying at 1: a tie at
-    the top would make the conformal p-value unable to reach alpha."""
+
+def _surprisal(sorted_ref: Tensor, s: Tensor) -> Tensor:
+    """-log of the rank p-value, ties within a rank level broken by the score itself.
+
+    Scores beyond every reference score all share the smallest p-value; without a tie-break a
+    calibration row that is merely beyond them would tie with an input a thousand times farther, and
+    a gate at a small alpha could never fire. The tie-break adds less than half the smallest gap
+    between two levels, log((m+1)/m), times a squashed robust z-score (median and interquartile
+    range of the reference, which no single reference point can move far): it orders inputs within a level --
+    farther stays more unusual however far -- and never across levels, so a component's levels keep
+    their meaning when the two components are compared."""
     m = sorted_ref.shape[0]
     if m == 0:
         return torch.zeros_like(s)
-    lo_ref, hi_ref = sorted_ref[0], sorted_ref[-1]
-    spacing = ((hi_ref - lo_ref) / max(m - 1, 1)).clamp_min(torch.finfo(s.dtype).tiny)
-    count = (sorted_ref.unsqueeze(0) <= s.unsqueeze(-1)).sum(-1)            # (n,)
-    k = (count - 1).clamp(0, m - 1)
-    lower = sorted_ref[k]
-    upper = sorted_ref[(k + 1).clamp(max=m - 1)]
-    gap = upper - lower
-    inside = (count > 0) & (count < m) & (gap > 0)
-    frac = torch.where(inside, (s - lower) / torch.where(gap > 0, gap, torch.ones_like(gap)), torch.zeros_like(s))
-    rank = count.to(s.dtype) + frac
-    rank = torch.where(count == 0, (s - lo_ref) / spacing, rank)                  # below: < 0
-    rank = torch.where(count == m, m + (s - hi_ref) / spacing, rank)            # above: > m
-    return rank / m
+    # robust location and scale read off the sorted reference (median, interquartile range): no
+    # sort in the graph, and no single reference point moves them far
+    med = sorted_ref[m // 2]
+    iqr = (sorted_ref[(3 * m) // 4] - sorted_ref[m // 4]).clamp_min(torch.finfo(s.dtype).tiny)
+    z = (s - med) / iqr
+    within = 0.5 + 0.5 * z / (1.0 + z.abs())          # softsign: in (0, 1), increasing, exportable in float64
+    # float(m): a Python number, so the exporter does not trace this constant in float32
+    return -torch.log(_rank_p(sorted_ref, s)) + (0.5 * math.log1p(1.0 / float(m))) * within
 
 
 def _diagnose(model: HJModel, x: Tensor, top_k: int = 5, tau: float = 0.1,

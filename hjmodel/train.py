@@ -17,7 +17,7 @@ import torch
 
 from . import functional as F
 from .data import Dataset
-from .errors import DataError
+from .errors import CalibrationError, DataError
 from .models import GibbsHead, HJModel, LSEGroupLayer, OODReference, Preprocess
 
 __all__ = ["TrainConfig", "TrainReport", "calibrate", "train"]
@@ -216,7 +216,8 @@ def train(data: Dataset, cfg: TrainConfig | None = None) -> tuple[HJModel, Train
         if task == "regression":
             _fold_target_scale(model, y_mean, y_std)
     model.refresh()
-    calibrate(model, X[tr], X[ca], y_all[ca] if task == "classification" else None, cfg)
+    support = loo["pos_of"][tr_t] if loo["pos_of"] is not None else None
+    calibrate(model, X[tr], X[ca], y_all[ca] if task == "classification" else None, cfg, support)
     metrics = evaluate_metrics(model, X[te], y_all[te], task)
     metrics["ood_false_flag_rate_test"] = float(model.evaluate(X[te], outputs=("ood_flag",))["ood_flag"]
                                                 .double().mean())
@@ -280,28 +281,83 @@ def _fold_target_scale(model: HJModel, mean: np.ndarray, std: np.ndarray) -> Non
 
 
 def calibrate(model: HJModel, X_train: torch.Tensor, X_cal: torch.Tensor, y_cal: np.ndarray | None,
-              cfg: TrainConfig) -> None:
-    """Fit the OOD reference measure on training features and the split-conformal normalisers and
-    thresholds on the calibration split (half for the ECDF normalisers, half for the p-values)."""
+              cfg: TrainConfig, support_positions: torch.Tensor | None = None) -> None:
+    """Fit the OOD reference measure and the gate's calibration (DESIGN section 4).
+
+    * reference measure: up to ``reference_size`` training points' features;
+    * normalisers: u of every training row, leave-one-out (a point of the reference measure has its
+      own term removed: exact, O(M) per row); the ambiguity of every training row with its own
+      support term removed for memory heads (``support_positions[i]``: the position of training
+      row i among the head's support points, -1 if none), else of half the calibration split (a
+      trained head is overconfident on its own training rows) -- unless the other half would be too
+      small to reach alpha, then of the training rows too;
+    * conformal statistics: the combined statistic of every calibration row not used above (the
+      whole split for memory heads and regression).
+
+    The normalisers only shape the statistic; validity rests on the calibration split alone (see
+    ``HJModel._conformal``). Raises CalibrationError (a ValueError) when alpha is below the
+    smallest p-value the conformal rows can produce: such a gate could never fire."""
+    n_cal = int(X_cal.shape[0])
     gen = torch.Generator().manual_seed(cfg.seed + 1)
     with torch.no_grad():
         H_tr = model.features(X_train.to(torch.float64))
-        pts = H_tr[torch.randperm(H_tr.shape[0], generator=gen)[:cfg.reference_size]]
+        chosen = torch.randperm(H_tr.shape[0], generator=gen)[:cfg.reference_size]
+        pts = H_tr[chosen]
         h = F.eps_star(pts)
         model.reference = OODReference(points=pts.clone(), t=h / 4.0, eps=h, alpha=cfg.alpha)
         ref = model.reference
-        perm = torch.randperm(X_cal.shape[0], generator=gen)
-        half = X_cal.shape[0] // 2
-        A_idx, B_idx = perm[:half], perm[half:]
-        out = model.evaluate(X_cal, outputs=("_h", "_log_probs", "_ambiguity"))
-        Hc = out["_h"]
-        u = model.ood_unsupported(Hc)
-        ref.norm_unsupported = torch.sort(u[A_idx]).values
+        own = torch.full((H_tr.shape[0],), -1, dtype=torch.long)
+        own[chosen] = torch.arange(len(chosen))
+        ref.norm_unsupported = torch.sort(_loo_unsupported(model, H_tr, own)).values
+        out = model.evaluate(X_cal, outputs=("_h", "_log_probs"))
         log_probs = out["_log_probs"] if out["_log_probs"].numel() else None
-        if log_probs is not None:
-            ref.norm_ambiguous = torch.sort(out["_ambiguity"][A_idx]).values
-        T = model.combined_statistic(Hc[B_idx], log_probs[B_idx] if log_probs is not None else None)
+        conformal = torch.arange(n_cal)
+        if log_probs is not None:   # classification: the ambiguity component's normaliser
+            held_out = support_positions is None and cfg.alpha * (1 + n_cal - n_cal // 2) >= 1.0
+            if not held_out:
+                # memory heads: every training row's ambiguity with its own support term removed
+                # (exact leave-one-out, as in training), so the whole calibration split stays
+                # conformal. A split too small to halve at this alpha also normalises on the
+                # training rows (biased low for a trained head: it only shapes T, validity holds)
+                a = model.head.preactivations(H_tr)
+                if support_positions is not None:
+                    hit = (support_positions >= 0).nonzero().squeeze(-1)
+                    a = a.clone()
+                    a[hit, support_positions[hit]] = -math.inf
+                ref.norm_ambiguous = torch.sort(F.ambiguity(model.head.log_probabilities(a))).values
+            else:
+                # a trained head is overconfident on its own training rows: normalise on held-out
+                # rows (half the calibration split), compute the conformal statistics on the rest
+                perm = torch.randperm(n_cal, generator=gen)
+                normaliser, conformal = perm[: n_cal // 2], perm[n_cal // 2:]
+                ref.norm_ambiguous = torch.sort(F.ambiguity(log_probs[normaliser])).values
+        _check_alpha(cfg.alpha, len(conformal))
+        T = model.combined_statistic(out["_h"][conformal], log_probs[conformal] if log_probs is not None else None)
         ref.combined = torch.sort(T).values
+
+
+def _check_alpha(alpha: float, n: int) -> None:
+    if alpha * (1 + n) < 1.0:
+        raise CalibrationError(f"alpha={alpha} cannot be reached with {n} conformal calibration rows (the smallest "
+                         f"p-value is 1/{n + 1}); use alpha >= {1 / (n + 1):.4g} or more calibration data "
+                         "(calibration_fraction)")
+
+
+def _loo_unsupported(model: HJModel, H: torch.Tensor, own: torch.Tensor, chunk: int = 2048) -> torch.Tensor:
+    """u/eps of each row of H over the reference measure, with the row's own reference point (``own``
+    >= 0: its position among the points) left out: -log mean_{j != own} exp(-|h - y_j|^2/(4 t eps))."""
+    ref = model.reference
+    M = ref.points.shape[0]
+    scale = 4.0 * ref.t * ref.eps
+    out = []
+    for start in range(0, H.shape[0], chunk):
+        h, o = H[start:start + chunk], own[start:start + chunk]
+        e = -F.squared_distances(h, ref.points) / scale
+        hit = (o >= 0).nonzero().squeeze(-1)
+        e[hit, o[hit]] = -math.inf
+        count = torch.full((h.shape[0],), float(M), dtype=e.dtype) - (o >= 0).to(e.dtype)
+        out.append(-(torch.logsumexp(e, dim=-1) - torch.log(count.clamp_min(1.0))))
+    return torch.cat(out)
 
 
 def evaluate_metrics(model: HJModel, X: torch.Tensor, y: np.ndarray, task: str) -> dict:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import logging
 from collections.abc import Sequence
 
 __all__ = ["main"]
@@ -29,16 +28,17 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = _parser().parse_args(argv)
     import uvicorn
 
+    from service.logs import configure_logging
     from service.rest.app import create_app, load_shedder
     from service.rest.guards import guarded_protocol
     from service.settings import Settings
 
     overrides = {k: v for k, v in vars(args).items() if v is not None}
     settings = Settings(**overrides)
-    logging.basicConfig(level=settings.log_level.upper() if settings.log_level != "trace" else "DEBUG",
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(settings.log_level, settings.log_format)
     app = create_app(settings)
     uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level,
+                access_log=False, log_config=None,   # hjserve.access writes the access lines
                 timeout_graceful_shutdown=10, loop="uvloop",
                 http=guarded_protocol(settings.header_timeout_s, load_shedder(app.state.dataplane)),
                 limit_concurrency=settings.max_connections, timeout_keep_alive=settings.keep_alive_s)

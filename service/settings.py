@@ -116,7 +116,12 @@ class Settings(BaseSettings):
     """Tolerance of the regression certificate when a request gives no ``tau`` parameter."""
 
     log_level: Literal["critical", "error", "warning", "info", "debug", "trace"] = "info"
-    """Log level of the service and of uvicorn."""
+    """Log level of the service and of uvicorn (``info`` writes one access line per request)."""
+
+    log_format: Literal["text", "json"] = "text"
+    """``json``: one JSON object per log line (``ts``, ``level``, ``logger``, ``message``, and for
+    access lines ``request_id``, ``method``, ``route``, ``model``, ``version``, ``status``,
+    ``duration_ms``); ``text``: a readable line."""
 
     @field_validator("api_keys", mode="before")
     @classmethod

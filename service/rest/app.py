@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 import re
+import time
+import uuid
 from collections.abc import Callable
 from contextlib import asynccontextmanager
 from typing import Any
@@ -199,8 +201,18 @@ def _docs_routes() -> list:
             Mount("/docs/assets", app=StaticFiles(directory=swagger_ui_bundle.swagger_ui_path), name="docs-assets")]
 
 
+#: A client-chosen request id is echoed when it matches this; otherwise the server makes one.
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+access_log = logging.getLogger("hjserve.access")
+
+
 class HTTPMetricsMiddleware:
-    """Counts every HTTP request by route template (not raw path), method and status."""
+    """Per-request HTTP accounting, in one place: counts every request by route template (not raw
+    path), method and status; gives it a request id (the client's ``X-Request-ID`` when it is
+    1-128 characters of ``A-Za-z0-9._:-``, else a new one), returned in ``X-Request-ID``; and writes
+    one access-log line (logger ``hjserve.access``: request id, method, route, model, version,
+    status, duration). Requests shed by the connection protocol never reach here: they are counted
+    in the metrics, not logged (a flood of 503s must not become a flood of log lines)."""
 
     def __init__(self, app):
         self.app = app
@@ -210,11 +222,17 @@ class HTTPMetricsMiddleware:
             await self.app(scope, receive, send)
             return
         status = 500
+        started = time.perf_counter()
+        given = next((v for k, v in scope.get("headers", ()) if k == b"x-request-id"), b"").decode("latin-1")
+        request_id = given if _REQUEST_ID.fullmatch(given) else uuid.uuid4().hex
+        scope.setdefault("state", {})["request_id"] = request_id
 
         async def send_status(message):
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
+                message = {**message, "headers": [*message.get("headers", ()),
+                                                  (b"x-request-id", request_id.encode())]}
             await send(message)
 
         try:
@@ -223,6 +241,12 @@ class HTTPMetricsMiddleware:
             route = scope.get("route")
             path = getattr(route, "path", None) or "unmatched"
             metrics.HTTP_REQUESTS.labels(path, scope.get("method", ""), str(status)).inc()
+            if access_log.isEnabledFor(logging.INFO):
+                params = scope.get("path_params") or {}
+                access_log.info("%s %s %d", scope.get("method", ""), path, status, extra={"access": {
+                    "request_id": request_id, "method": scope.get("method", ""), "route": path,
+                    "model": params.get("model_name"), "version": params.get("model_version"), "status": status,
+                    "duration_ms": round((time.perf_counter() - started) * 1000.0, 3)}})
 
 
 #: Routes whose requests are shed before the app when their model version is full:

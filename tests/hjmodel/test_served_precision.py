@@ -160,3 +160,50 @@ def test_extreme_inputs_give_finite_ordered_outputs(demo_repository, name):
     # ordered: the farther input is at least as unsupported
     assert out["ood_score"][1] <= out["ood_score"][3] <= out["ood_score"][4]
     assert out["ood_flag"][1:].all(), (name, out["ood_p_value"])
+
+
+@pytest.mark.parametrize("name", ["digits_lse", "digits_memory", "digits_deep", "breast_cancer_lse"])
+@pytest.mark.parametrize("factor", [1.0, 3.0])
+def test_attack_inside_the_served_radius_in_served_bits(demo_repository, name, factor):
+    """Every classification demo model, inputs x1 and x3: PGD-L2 (targeted starts at every other
+    class, then steps) inside the served radius; each iterate is rounded to float32, pulled back
+    into the ball if rounding pushed it out, and classified by the ONNX graph itself. None may
+    change the served class."""
+    from sklearn.datasets import load_breast_cancer
+
+    version = demo_repository / name / "1"
+    model, sess = load_model(version).double().eval(), _session(version)
+    n = 20 if name == "digits_memory" else 40   # the memory graph is the slow one
+    base = (load_breast_cancer().data[-n:] if name.startswith("breast") else
+            _scaled_digits(model, 1.0, n).astype(np.float64))
+    x32 = (base * factor).astype(np.float32)
+    out = _served(sess, x32)
+    c = torch.from_numpy(out["prediction"])
+    r = torch.from_numpy(out["certified_radius"].astype(np.float64))
+    x = torch.from_numpy(x32).double()
+    loss = _margin(model, c)
+    for target in range(model.n_outputs):
+        delta = torch.zeros_like(x, requires_grad=True)
+        lp = model.head.log_probabilities(model.head.preactivations(model.features(x + delta)))
+        tt = torch.full_like(c, target)
+        (g,) = torch.autograd.grad((lp.gather(1, tt[:, None]) - lp.gather(1, c[:, None])).sum(), delta)
+        delta = g / g.norm(dim=-1, keepdim=True).clamp_min(1e-300) * r[:, None]
+        for it in range(20):
+            delta = delta.detach().requires_grad_(True)
+            (g,) = torch.autograd.grad(loss(x + delta).sum(), delta)
+            step = 0.1 * r * 0.05 ** (it / 20)
+            delta = delta.detach() + step[:, None] * g / g.norm(dim=-1, keepdim=True).clamp_min(1e-300)
+            delta = delta * (r / delta.norm(dim=-1).clamp_min(1e-300)).clamp(max=1.0)[:, None]
+            q = (x + delta).numpy().astype(np.float32)
+            dist = np.linalg.norm(q.astype(np.float64) - x32.astype(np.float64), axis=1)
+            for _ in range(4):   # rounding may leave the ball: shrink toward x, in float32
+                outside = dist >= r.numpy()
+                if not outside.any():
+                    break
+                q[outside] = (x32[outside].astype(np.float64) + 0.999 * (q[outside].astype(np.float64)
+                              - x32[outside].astype(np.float64))).astype(np.float32)
+                dist = np.linalg.norm(q.astype(np.float64) - x32.astype(np.float64), axis=1)
+            inside = dist < r.numpy()
+            cls = _served(sess, q)["prediction"]
+            bad = inside & (cls != out["prediction"])
+            assert not bad.any(), (name, factor, target, it, np.flatnonzero(bad)[:5])

@@ -67,13 +67,14 @@ def run_server(repo: Path, log_dir: Path, **settings: object) -> Iterator[Server
     """Start a real uvicorn server on a free loopback port; stop it by PID afterwards."""
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("HJSERVE_")}
+    level = str(settings.pop("log_level", "warning"))
     env.update({f"HJSERVE_{k.upper()}": str(v) for k, v in settings.items()})
     env["PYTHONPATH"] = str(ROOT)
     log = log_dir / f"server-{port}.log"
     with open(log, "wb") as out:
         proc = subprocess.Popen(
             [sys.executable, "-m", "service", "--model-repository", str(repo), "--host", "127.0.0.1",
-             "--port", str(port), "--log-level", "warning"],
+             "--port", str(port), "--log-level", level],
             cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
     server = Server(f"http://127.0.0.1:{port}", f"127.0.0.1:{port}", proc, log)
     try:

@@ -279,3 +279,26 @@ def _no_proxy(monkeypatch):
         monkeypatch.delenv(var, raising=False)
     yield
 
+
+
+# -- request ids and access logs -----------------------------------------------------------------
+
+def test_request_id_and_json_access_log(tiny_repo, tmp_path):
+    with run_server(tiny_repo, tmp_path, log_level="info", log_format="json") as s, s.client() as c:
+        r = c.post("/v2/models/clf/versions/1/infer", json=_row_body(), headers={"X-Request-ID": "job-42.a"})
+        assert r.status_code == 200 and r.headers["x-request-id"] == "job-42.a"
+        hostile = c.get("/v2/models/clf", headers={"X-Request-ID": "x" * 300})
+        generated = hostile.headers["x-request-id"]
+        assert len(generated) == 32 and generated != "x" * 300
+        bad = c.post("/v2/models/nope/infer", json=_row_body())
+        assert bad.status_code == 404 and bad.headers["x-request-id"]
+        time.sleep(0.3)
+        lines = [json.loads(line) for line in s.log.read_text().splitlines() if line.startswith("{")]
+    access = [x for x in lines if x.get("logger") == "hjserve.access"]
+    mine = [x for x in access if x["request_id"] == "job-42.a"]
+    assert len(mine) == 1, access[-3:]
+    line = mine[0]
+    assert line["status"] == 200 and line["model"] == "clf" and line["version"] == "1"
+    assert line["route"] == "/v2/models/{model_name}/versions/{model_version}/infer" and line["duration_ms"] > 0
+    assert any(x["request_id"] == generated for x in access)
+    assert any(x["status"] == 404 and x["model"] == "nope" for x in access)
