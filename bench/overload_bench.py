@@ -208,6 +208,7 @@ def _measure(model_dir: Path, args) -> dict:
             _run(_closed_loop(host, int(port), payload, args.concurrency, 1.0))   # warm up
             capacity = _run(_closed_loop(host, int(port), payload, args.concurrency, args.seconds))
             print(f"{model_dir}: capacity (closed loop, c={args.concurrency}): {capacity:.0f} req/s", flush=True)
+            wrk = _wrk(server, payload_body=body, connections=256, seconds=args.seconds)
             for factor in (1, 3, 10):
                 with PeakRSS(server.proc.pid) as rss:
                     result = _run(_open_loop(host, int(port), payload, factor * capacity, args.seconds,
@@ -219,7 +220,33 @@ def _measure(model_dir: Path, args) -> dict:
                 time.sleep(1.0)
         os.sched_setaffinity(0, set(range(os.cpu_count() or 1)))
     return {"model": model_dir.parent.name, "capacity_rps": capacity, "settings": settings, "pinning": pinned,
-            "phases": phases}
+            "phases": phases, "wrk": wrk}
+
+
+def _wrk(server, payload_body: bytes, connections: int, seconds: float) -> dict | None:
+    """Cross-check with a C load generator (wrk, when installed): a closed loop on ``connections``
+    keep-alive connections offers as much load as the server can answer -- far beyond 10x."""
+    import re
+    import shutil
+    import subprocess
+
+    if shutil.which("wrk") is None:
+        return None
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / "body.json").write_bytes(payload_body)
+        script = Path(tmp) / "post.lua"
+        script.write_text('wrk.method = "POST"\nwrk.headers["Content-Type"] = "application/json"\n'
+                          f'local f = io.open("{tmp}/body.json", "r"); wrk.body = f:read("*a"); f:close()\n')
+        core = sorted(os.sched_getaffinity(0))[-1]
+        out = subprocess.run(["taskset", "-c", str(core), "wrk", "-t1", "-c", str(connections), "-d",
+                              f"{seconds:g}s", "--latency", "-s", str(script), server.url + "/v2/models/m/infer"],
+                             capture_output=True, text=True, timeout=seconds + 60).stdout
+    total = int(re.search(r"(\d+) requests in", out).group(1))
+    non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    rejected = int(non2xx.group(1)) if non2xx else 0
+    pct = dict(re.findall(r"^\s+(50|99)%\s+(\S+)", out, re.M))
+    return {"connections": connections, "answered_rps": total / seconds, "goodput_rps": (total - rejected) / seconds,
+            "p50_all": pct.get("50"), "p99_all": pct.get("99")}
 
 
 def _table(run: dict) -> str:
@@ -233,7 +260,14 @@ def _table(run: dict) -> str:
         rows.append(f"| {p['factor']}x ({p['offered_rps']:.0f} req/s) | {p['goodput_rps']:.0f} | "
                     f"{p['goodput_fraction']:.2f} | {p['statuses']} | {ms(p['p50_200_ms'], p['p99_200_ms'])} | "
                     f"{ms(p['p50_503_ms'], p['p99_503_ms'])} | {p['peak_rss_mb']:.0f} |")
-    return (f"### `{run['model']}`: capacity {run['capacity_rps']:.0f} req/s\n\n" + "\n".join(rows) + "\n")
+    text = f"### `{run['model']}`: capacity {run['capacity_rps']:.0f} req/s\n\n" + "\n".join(rows) + "\n"
+    w = run.get("wrk")
+    if w:
+        text += (f"\nwrk cross-check (C client, closed loop, {w['connections']} connections): "
+                 f"{w['answered_rps']:.0f} answers/s ({w['answered_rps'] / run['capacity_rps']:.0f}x capacity), "
+                 f"goodput {w['goodput_rps']:.0f} req/s = {w['goodput_rps'] / run['capacity_rps']:.2f} of capacity, "
+                 f"latency of all answers p50 {w['p50_all']} / p99 {w['p99_all']}.\n")
+    return text
 
 
 def main() -> int:
