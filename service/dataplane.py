@@ -105,18 +105,18 @@ class DataPlane:
 
     def model_metadata(self, name: str, version: str | None = None) -> dict[str, Any]:
         mv = self.repository.get(name, version)
-        k = min(self.settings.default_top_k, mv.top_k_max)
         return {
             "name": name,
             "versions": [str(v) for v in self.repository.ready_versions(name)],
             "platform": mv.backend.platform,
             "inputs": [{"name": "input", "datatype": "FP32", "shape": [-1, mv.n_features]}],
-            "outputs": [{"name": o.name, "datatype": o.datatype, "shape": [-1, *self._dims(mv, o, k)]}
+            "outputs": [{"name": o.name, "datatype": o.datatype, "shape": [-1, *self._dims(mv, o)]}
                         for o in serving.outputs_for(mv.task)],
         }
 
-    def _dims(self, mv: ModelVersion, o: serving.OutputSpec, k: int) -> list[int]:
-        sizes = {"d": mv.n_features, "K": int(mv.spec["n_outputs"]), "k": k}
+    def _dims(self, mv: ModelVersion, o: serving.OutputSpec) -> list[int]:
+        """Per-row dims of an output; top-k outputs are -1: their size is the request's top_k."""
+        sizes = {"d": mv.n_features, "K": int(mv.spec["n_outputs"]), "k": -1}
         return [sizes[s] for s in o.row_shape]
 
     def model_config(self, name: str, version: str | None = None) -> dict[str, Any]:
@@ -126,7 +126,7 @@ class DataPlane:
         k = mv.top_k_max
         outputs = []
         for o in serving.outputs_for(mv.task):
-            dims = self._dims(mv, o, k)
+            dims = self._dims(mv, o)
             entry: dict[str, Any] = {"name": o.name, "data_type": _TRITON_TYPES[o.datatype],
                                      "dims": dims or [1]}
             if not dims:
@@ -145,7 +145,7 @@ class DataPlane:
             "name": name,
             "platform": mv.backend.platform,
             "backend": mv.backend.name,
-            "version_policy": {"latest": {"num_versions": 1}},
+            "version_policy": {"all": {}},   # every version on disk is loaded and addressable
             "max_batch_size": s.max_batch_size,
             "input": [{"name": "input", "data_type": "TYPE_FP32", "dims": [mv.n_features]}],
             "output": outputs,
@@ -158,6 +158,11 @@ class DataPlane:
             "parameters": {key: {"string_value": value if isinstance(value, str) else _json(value)}
                            for key, value in params.items() if value is not None},
         }
+
+    def model_index(self) -> dict[str, Any]:
+        """``GET /v2/models``: the models with at least one ready version, and those versions."""
+        return {"models": [{"name": m, "versions": [str(v) for v in self.repository.ready_versions(m)]}
+                           for m in self.repository.model_names() if self.repository.ready_versions(m)]}
 
     def model_stats(self, name: str | None = None, version: str | None = None) -> dict[str, Any]:
         """Triton's statistics extension: every ready version, or one model / version."""

@@ -163,6 +163,7 @@ ROUTES: list[APIRoute] = [
     _route("/v2/health/live", v2.live, tags=["health"]),
     _route("/v2/health/ready", v2.ready, tags=["health"]),
     _route("/v2", v2.server_metadata, tags=["v2"], doc=_out("MetadataServerResponse")),
+    _route("/v2/models", v2.model_index, deps=_KEY, tags=["v2"]),
     _route("/v2/models/stats", all_stats, deps=_KEY, tags=["v2"]),
     *_pair("", v2.model_metadata, doc=_out("MetadataModelResponse")),
     *_pair("/ready", v2.model_ready),

@@ -11,7 +11,7 @@ from service.errors import ModelNotReady
 from service.rest.common import dataplane_of, json_response, read_body, settings_of
 from service.rest.guards import ADMITTED
 
-__all__ = ["infer", "live", "model_config", "model_metadata", "model_ready", "model_stats", "ready", "server_metadata"]
+__all__ = ["infer", "live", "model_config", "model_index", "model_metadata", "model_ready", "model_stats", "ready", "server_metadata"]
 
 #: Bodies larger than this are decoded in a worker thread so the event loop stays responsive.
 _OFFLOAD_BYTES = 256 * 1024
@@ -29,6 +29,10 @@ async def ready(request: Request) -> Response:
 
 async def server_metadata(request: Request) -> Response:
     return json_response(dataplane_of(request).server_metadata())
+
+
+async def model_index(request: Request) -> Response:
+    return json_response(dataplane_of(request).model_index())
 
 
 async def model_metadata(request: Request, model_name: str, model_version: str | None = None) -> Response:

@@ -47,8 +47,15 @@ def test_model_metadata_config_and_readiness(server, triton):
     by_name = {o["name"]: o for o in config["output"]}
     assert by_name["probabilities"]["dims"] == [len(CLASSES)]
     assert by_name["ood_flag"] == {"name": "ood_flag", "data_type": "TYPE_BOOL", "dims": [1], "reshape": {"shape": []}}
+    # top-k outputs: their size is the request's top_k, so -1 in config and metadata alike
+    assert by_name["attribution_index"]["dims"] == [-1] and by_name["saliency"]["dims"] == [D]
+    assert {o["name"]: o["shape"] for o in meta["outputs"]}["attribution_weight"] == [-1, -1]
+    assert config["version_policy"] == {"all": {}}   # every version is loaded and addressable
     assert triton.is_model_ready("clf") and triton.is_model_ready("clf", "1")
     assert not triton.is_model_ready("broken") and not triton.is_model_ready("nope")
+    with server.client() as c:
+        listing = c.get("/v2/models").json()["models"]
+    assert {m["name"]: m["versions"] for m in listing} == {"clf": ["1", "2"], "reg": ["1"]}
     reg = triton.get_model_metadata("reg")
     assert "probabilities" not in [o["name"] for o in reg["outputs"]]
 
