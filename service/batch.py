@@ -16,12 +16,12 @@ rows ``0 .. i-1`` (also those of its own, partly read chunk) and then the error 
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import IO, Any
 
 import numpy as np
+import orjson
 
 from service import codecs
 from service.dataplane import DataPlane, InferOptions
@@ -218,19 +218,22 @@ class BatchJob:
         return done.outputs
 
     def _lines(self, outputs: dict[str, np.ndarray], start: int) -> bytes:
+        """One NDJSON line per row. Columns are converted once (``tolist``) and each row object is
+        serialised by orjson, ~10x faster than the standard library on this hot path (every float
+        output is finite: the graph saturates to the float32 range)."""
         selected = self.dataplane.select(self.mv, outputs, self.options)
         columns = [(o.name, o.array.tolist()) for o in selected]
         names = self.mv.spec.get("class_names") if self.mv.task == "classification" else None
-        pred = outputs["prediction"] if names else None
+        classes = [str(names[int(k)]) for k in outputs["prediction"]] if names else None
         lines = []
         for i in range(len(columns[0][1]) if columns else 0):
             item: dict[str, Any] = {"row": start + i}
-            if names is not None:
-                item["class"] = str(names[int(pred[i])])
+            if classes is not None:
+                item["class"] = classes[i]
             for name, values in columns:
                 item[name] = values[i]
-            lines.append(json.dumps(item, separators=(",", ":"), allow_nan=True))
-        return ("\n".join(lines) + "\n").encode() if lines else b""
+            lines.append(orjson.dumps(item))
+        return b"\n".join(lines) + b"\n" if lines else b""
 
     async def first(self) -> tuple[dict[str, np.ndarray], Chunk]:
         """Compute the first chunk before the response starts, so its errors get a proper status
