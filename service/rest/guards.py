@@ -24,10 +24,12 @@ The number of concurrent connections and requests is bounded by uvicorn's ``limi
 from __future__ import annotations
 
 import asyncio
+import json
 import urllib.parse
 from collections.abc import Callable
 
 import httptools
+from uvicorn.protocols.http.flow_control import service_unavailable
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from service.errors import BodyTimeout
@@ -55,6 +57,17 @@ class _Answered:
 
 _ANSWERED = _Answered()
 
+
+async def _connections_full(scope, receive, send) -> None:
+    body = json.dumps({"error": "the server is at max_connections (HJSERVE_MAX_CONNECTIONS); retry later",
+                       "error_type": "overloaded"}).encode()
+    await send({"type": "http.response.start", "status": 503, "headers": [
+        (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+        (b"retry-after", b"1"), (b"connection", b"close")]})
+    await send({"type": "http.response.body", "body": body})
+
+
+_CONNECTIONS_FULL = _connections_full
 
 #: ASGI scope key set on requests whose in-flight slot the protocol already reserved.
 ADMITTED = "hjserve.admitted"
@@ -96,9 +109,18 @@ class GuardedProtocol(HttpToolsProtocol):
 
     def _start_asgi_task(self, cycle, app) -> None:
         release, self._admitted = getattr(self, "_admitted", None), None
-        if release is not None:
+        if app is service_unavailable:   # over max_connections: uvicorn's plain-text 503, as JSON
+            app = _CONNECTIONS_FULL
+        elif release is not None:
             app = _holding(app, release)
         super()._start_asgi_task(cycle, app)
+
+    def send_400_response(self, msg: str) -> None:
+        """A request that is not HTTP at all: the same JSON error body as every other error."""
+        body = json.dumps({"error": f"malformed HTTP request: {msg}", "error_type": "bad_request"}).encode()
+        self.transport.write(b"HTTP/1.1 400 Bad Request\r\ncontent-type: application/json\r\n"
+                             b"content-length: %d\r\nconnection: close\r\n\r\n" % len(body) + body)
+        self.transport.close()
 
     def connection_made(self, transport) -> None:  # type: ignore[override]
         self._head_deadline = 0.0

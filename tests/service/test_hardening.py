@@ -302,3 +302,40 @@ def test_request_id_and_json_access_log(tiny_repo, tmp_path):
     assert line["route"] == "/v2/models/{model_name}/versions/{model_version}/infer" and line["duration_ms"] > 0
     assert any(x["request_id"] == generated for x in access)
     assert any(x["status"] == 404 and x["model"] == "nope" for x in access)
+
+
+def _raw_exchange(host_port: str, data: bytes, timeout: float = 5.0) -> bytes:
+    host, port = host_port.split(":")
+    with socket.create_connection((host, int(port)), timeout=timeout) as sock:
+        sock.sendall(data)
+        answer = b""
+        try:
+            while chunk := sock.recv(65536):
+                answer += chunk
+        except (TimeoutError, socket.timeout):
+            pass
+    return answer
+
+
+def test_protocol_level_errors_have_the_json_error_body(tiny_repo, tmp_path):
+    """Errors answered below the app -- a request that is not HTTP, a server at max_connections --
+    carry the same {error, error_type} JSON body as every other error."""
+    with run_server(tiny_repo, tmp_path, max_connections=3) as s:
+        answer = _raw_exchange(s.host_port, b"\x16\x03\x01 not http at all\r\n\r\n")
+        head, _, body = answer.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 400") and b"application/json" in head, answer[:200]
+        assert set(json.loads(body)) == {"error", "error_type"}
+        host, port = s.host_port.split(":")
+        held = [socket.create_connection((host, int(port))) for _ in range(3)]   # fill the connection limit
+        try:
+            time.sleep(0.2)
+            answer = _raw_exchange(s.host_port, b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\n\r\n")
+        finally:
+            for sock in held:
+                sock.close()
+        head, _, body = answer.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 503") and b"retry-after" in head.lower(), answer[:200]
+        assert json.loads(body)["error_type"] == "overloaded"
+        time.sleep(0.2)
+        with s.client() as c:
+            assert c.get("/v2/health/live").status_code == 200
