@@ -275,10 +275,11 @@ def write(path: Path, models: Path, sound: list[dict], oods: list[dict], par: li
         for alpha in (0.01, 0.05, 0.1):
             mean, sd, reps, dead, _ = o["fpr"][alpha]
             L.append(f"| {o['kind']} | {alpha} | {mean:.4f} | sd {sd:.4f} | {reps} | {dead}/{reps} |")
-    L += ["", "The normalisers are continuous, strictly increasing ECDFs (interpolated, extrapolated beyond the "
-          "range), so no calibration statistic ties at the top and the gate can always reach alpha (the "
-          "*powerless* column); the rate of one stored calibration varies with its draw (about 145 points in "
-          "the conformal half): compare the spread over re-splits.", "",
+    L += ["", "Each component's score gets a rank p-value against its normaliser (training rows, leave-one-out "
+          "for u); the combined statistic -log min p breaks ties within a rank level by the score, so "
+          "inputs beyond every normaliser score stay ordered and the gate can reach alpha (the *powerless* "
+          "column); the rate of one stored calibration varies with its draw (a few hundred conformal rows "
+          "or fewer): compare the spread over re-splits.", "",
           "## 3. ONNX vs torch parity (batch 4096) and `hjmodel verify`", "",
           "Inputs: dataset rows, half exact, half with Gaussian noise (0.5 feature sd), float32. FP32 outputs: "
           "largest difference in float32 ulps of the entry (entries below 1e-6 x the output's largest magnitude "
