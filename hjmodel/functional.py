@@ -248,13 +248,22 @@ def _hj_exponent(z: Tensor, y: Tensor, g: Tensor, t: float) -> Tensor:
     return g + squared_distances(z, y) / (4.0 * t)
 
 
-def hopf_cole_value(z: Tensor, y: Tensor, g: Tensor, t: float, eps: float) -> Tensor:
+def hopf_cole_value(z: Tensor, y: Tensor, g: Tensor, t: float, eps: float,
+                    exclude: Tensor | None = None) -> Tensor:
     """u(z, t) = -eps log sum_j exp(-(g_j + |z - y_j|^2/(4t))/eps) (Hopf-Cole, Thm 4.1).  -> (n,).
 
     Equals |z|^2/(4t) - f(z) for the layer with y = 2tW, g = -b - t|W|^2. Without the heat-kernel
     prefactor it solves u_t + |grad u|^2 - eps Lap u = -eps d/(2t); u + (eps d/2) log(4 pi eps t)
-    solves the viscous HJ equation exactly."""
-    return -lse(-_hj_exponent(z, y, g, t), eps)
+    solves the viscous HJ equation exactly.
+
+    ``exclude`` (n,): for row i, the support point ``exclude[i]`` is left out of the sum (-1: none),
+    e.g. a training point's own term (leave-one-out)."""
+    e = -_hj_exponent(z, y, g, t)
+    if exclude is not None:
+        hit = (exclude >= 0).nonzero().squeeze(-1)
+        e = e.clone()
+        e[hit, exclude[hit]] = -math.inf
+    return -lse(e, eps)
 
 
 def hopf_lax_value(z: Tensor, y: Tensor, g: Tensor, t: float) -> Tensor:
@@ -597,18 +606,20 @@ def float32_down(x: Tensor) -> Tensor:
     proven one.
 
     Round-to-nearest y is kept where it lands at or below x. Where it lands above, its float32
-    predecessor is taken: y - 2^-24 |y| rounds to it for every normal y (the step lies between half
-    and one spacing below y), and it is below x since x lies between the two. Where that still fails
-    (subnormals, negative powers of two), x - max(2^-22 |x|, 2^-148) is rounded, which always lands
-    below x. Values above the float32 range saturate to its largest finite value (smaller: still a
-    lower bound); only x < -FLOAT32_MAX, which no served bound reaches, has no float32 value below
-    it. Exportable (Clip/Cast/Where/Mul only)."""
+    predecessor is taken, which is below x since x lies between the two: y - 2^-24 |y| rounds to it
+    for every normal y (the step lies between half and one spacing below y) but a negative power of
+    two, where that step is an exact half spacing and ties to even back to y; there y - 2^-23 |y| is
+    the predecessor exactly. Only subnormals are left, and x - max(2^-22 |x|, 2^-148) lands below x
+    (possibly one spacing lower than needed: still sound). Values above the float32 range saturate
+    to its largest finite value (smaller: still a lower bound); only x < -FLOAT32_MAX, which no
+    served bound reaches, has no float32 value below it. Exportable (Clip/Cast/Where/Mul only)."""
     y = float32_saturate(x)
     y64 = y.to(x.dtype)
-    pred = float32_saturate(y64 - y64.abs() * _F32_HALF_STEP)
-    y = torch.where(y64 > x, pred, y)
-    step = torch.clamp(x.abs() * _F32_NUDGE, min=_F32_SUBNORMAL_STEP)
-    return torch.where(y.to(x.dtype) > x, float32_saturate(x - step), y)
+    for step in (_F32_HALF_STEP, 2.0 * _F32_HALF_STEP):
+        pred = float32_saturate(y64 - y64.abs() * step)
+        y = torch.where(y.to(x.dtype) > x, pred, y)
+    nudge = torch.clamp(x.abs() * _F32_NUDGE, min=_F32_SUBNORMAL_STEP)
+    return torch.where(y.to(x.dtype) > x, float32_saturate(x - nudge), y)
 
 
 def float32_up(x: Tensor) -> Tensor:

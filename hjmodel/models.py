@@ -403,12 +403,19 @@ class HJModel(nn.Module):
             radii.append(torch.where(never, torch.full_like(r, math.inf), r).min(-1).values)
         return torch.minimum(radii[0], radii[1])
 
-    def ood_unsupported(self, h: Tensor) -> Tensor:
-        """u/eps over the reference measure: -log mean_j exp(-|h - y_j|^2/(4 t eps)).  -> (n,)."""
+    def ood_unsupported(self, h: Tensor, leave_out: Tensor | None = None) -> Tensor:
+        """u/eps over the reference measure: -log mean_j exp(-|h - y_j|^2/(4 t eps)).  -> (n,).
+
+        ``leave_out`` (n,): row i's own reference point (its position, -1: none) is left out and the
+        mean taken over the other M - 1 points -- the exact leave-one-out score of a training row."""
         ref = self.reference
         pts = ref.points.to(h.dtype)
-        g = torch.full((pts.shape[0],), ref.eps * math.log(pts.shape[0]), dtype=h.dtype)
-        return F.hopf_cole_value(h, pts, g, ref.t, ref.eps) / ref.eps
+        M = pts.shape[0]
+        g = torch.full((M,), ref.eps * math.log(M), dtype=h.dtype)
+        u = F.hopf_cole_value(h, pts, g, ref.t, ref.eps, exclude=leave_out) / ref.eps
+        if leave_out is None or M < 2:
+            return u
+        return u + (leave_out >= 0).to(h.dtype) * math.log((M - 1) / M)   # mean over M - 1 points
 
     def _ood_components(self, h: Tensor, log_probs: Tensor | None):
         """(unsupported component = the OOD score u/eps, ambiguous component or None).
@@ -433,28 +440,29 @@ class HJModel(nn.Module):
         1/(1 + n_c) and one calibration point moves p by at most 1/(1 + n_cal): no single example
         can squeeze the others' scores together (the ECDF interpolation this replaces could)."""
         ref = self.reference
-        T = self._statistic(comp_u, comp_a)
-        component = torch.zeros_like(comp_u, dtype=torch.long)
-        if comp_a is not None and ref.norm_ambiguous.numel():
-            component = (_rank_p(ref.norm_ambiguous.to(comp_u.dtype), comp_a)
-                         < _rank_p(ref.norm_unsupported.to(comp_u.dtype), comp_u)).long()
+        s_u, s_a = self._surprisals(comp_u, comp_a)
+        if s_a is None:
+            T, component = s_u, torch.zeros_like(comp_u, dtype=torch.long)
+        else:
+            T, component = torch.maximum(s_u, s_a), (s_a > s_u).long()
         cal = ref.combined.to(comp_u.dtype)
         ge = (cal.unsqueeze(0) >= T.unsqueeze(-1)).sum(-1).to(comp_u.dtype)
         p = (1.0 + ge) / (1.0 + float(cal.shape[0]))
         return p, component
 
-    def _statistic(self, comp_u: Tensor, comp_a: Tensor | None) -> Tensor:
-        """T = max_c (-log p_c + tie-break_c): the more surprising component decides."""
+    def _surprisals(self, comp_u: Tensor, comp_a: Tensor | None) -> tuple[Tensor, Tensor | None]:
+        """-log p_c + tie-break_c of each component (None: no ambiguity component)."""
         ref = self.reference
-        T = _surprisal(ref.norm_unsupported.to(comp_u.dtype), comp_u)
-        if comp_a is not None and ref.norm_ambiguous.numel():
-            T = torch.maximum(T, _surprisal(ref.norm_ambiguous.to(comp_u.dtype), comp_a))
-        return T
+        s_u = _surprisal(ref.norm_unsupported.to(comp_u.dtype), comp_u)
+        if comp_a is None or not ref.norm_ambiguous.numel():
+            return s_u, None
+        return s_u, _surprisal(ref.norm_ambiguous.to(comp_u.dtype), comp_a)
 
     def combined_statistic(self, h: Tensor, log_probs: Tensor | None) -> Tensor:
-        """T = -log min_c p_c for calibration and evaluation (larger = more unusual)."""
-        comp_u, comp_a = self._ood_components(h, log_probs)
-        return self._statistic(comp_u, comp_a)
+        """T = max_c (-log p_c + tie-break_c) for calibration and evaluation (larger = more unusual):
+        the more surprising component decides."""
+        s_u, s_a = self._surprisals(*self._ood_components(h, log_probs))
+        return s_u if s_a is None else torch.maximum(s_u, s_a)
 
 
 def _rank_p(sorted_ref: Tensor, s: Tensor) -> Tensor:

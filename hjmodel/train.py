@@ -191,10 +191,7 @@ def train(data: Dataset, cfg: TrainConfig | None = None) -> tuple[HJModel, Train
         a = _forward_a(model, xb)
         pos_of = loo["pos_of"]
         if pos_of is not None:
-            own = pos_of[tr_t[sel]]
-            hit = own >= 0
-            a = a.clone()
-            a[hit.nonzero().squeeze(-1), own[hit]] = -math.inf
+            a = _leave_out(a, pos_of[tr_t[sel]])
         if task == "classification":
             return torch.nn.functional.nll_loss(model.head.log_probabilities(a), yb)
         return torch.nn.functional.mse_loss(model.head.outputs(a), yb)
@@ -308,7 +305,8 @@ def calibrate(model: HJModel, X_train: torch.Tensor, X_cal: torch.Tensor, y_cal:
         ref = model.reference
         own = torch.full((H_tr.shape[0],), -1, dtype=torch.long)
         own[chosen] = torch.arange(len(chosen))
-        ref.norm_unsupported = torch.sort(_loo_unsupported(model, H_tr, own)).values
+        loo_u = [model.ood_unsupported(H_tr[i:i + 2048], own[i:i + 2048]) for i in range(0, H_tr.shape[0], 2048)]
+        ref.norm_unsupported = torch.sort(torch.cat(loo_u)).values
         out = model.evaluate(X_cal, outputs=("_h", "_log_probs"))
         log_probs = out["_log_probs"] if out["_log_probs"].numel() else None
         conformal = torch.arange(n_cal)
@@ -321,9 +319,7 @@ def calibrate(model: HJModel, X_train: torch.Tensor, X_cal: torch.Tensor, y_cal:
                 # training rows (biased low for a trained head: it only shapes T, validity holds)
                 a = model.head.preactivations(H_tr)
                 if support_positions is not None:
-                    hit = (support_positions >= 0).nonzero().squeeze(-1)
-                    a = a.clone()
-                    a[hit, support_positions[hit]] = -math.inf
+                    a = _leave_out(a, support_positions)
                 ref.norm_ambiguous = torch.sort(F.ambiguity(model.head.log_probabilities(a))).values
             else:
                 # a trained head is overconfident on its own training rows: normalise on held-out
@@ -343,21 +339,13 @@ def _check_alpha(alpha: float, n: int) -> None:
                          "(calibration_fraction)")
 
 
-def _loo_unsupported(model: HJModel, H: torch.Tensor, own: torch.Tensor, chunk: int = 2048) -> torch.Tensor:
-    """u/eps of each row of H over the reference measure, with the row's own reference point (``own``
-    >= 0: its position among the points) left out: -log mean_{j != own} exp(-|h - y_j|^2/(4 t eps))."""
-    ref = model.reference
-    M = ref.points.shape[0]
-    scale = 4.0 * ref.t * ref.eps
-    out = []
-    for start in range(0, H.shape[0], chunk):
-        h, o = H[start:start + chunk], own[start:start + chunk]
-        e = -F.squared_distances(h, ref.points) / scale
-        hit = (o >= 0).nonzero().squeeze(-1)
-        e[hit, o[hit]] = -math.inf
-        count = torch.full((h.shape[0],), float(M), dtype=e.dtype) - (o >= 0).to(e.dtype)
-        out.append(-(torch.logsumexp(e, dim=-1) - torch.log(count.clamp_min(1.0))))
-    return torch.cat(out)
+def _leave_out(a: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """Pre-activations with row i's own support point (``positions[i]``, -1: none) removed: a
+    support point may not explain itself (training loss, memory heads' ambiguity normaliser)."""
+    hit = (positions >= 0).nonzero().squeeze(-1)
+    a = a.clone()
+    a[hit, positions[hit]] = -math.inf
+    return a
 
 
 def evaluate_metrics(model: HJModel, X: torch.Tensor, y: np.ndarray, task: str) -> dict:

@@ -51,11 +51,30 @@ def ndjson_source(body: IO[bytes], chunk_rows: int, max_rows: int, max_line_byte
     """One row per line: ``[x1, ..., xd]`` or ``{"input": [...]}``; blank lines are skipped. A line
     longer than ``max_line_bytes`` is refused before it is parsed (it is never held in memory whole).
 
-    On a bad line after at least one full chunk, the good rows read before it are yielded first,
-    then the error is raised (see the module's error contract)."""
+    Rows are converted to numbers a chunk at a time; only a chunk that fails is searched for its
+    first bad row. On a bad line after at least one full chunk, the good rows read before it are
+    yielded first, then the error is raised (see the module's error contract)."""
     rows: list[Any] = []
+    lines: list[int] = []      # the line number of each row in ``rows``
+    width: int | None = None
     total = 0
+    yielded = False
     number = 0
+
+    def flush() -> Iterator[Chunk]:
+        """The pending rows as a chunk; a row that is not a flat list of numbers ends the stream
+        with its line number, after the good rows before it when a chunk already went out."""
+        nonlocal yielded
+        try:
+            array = _rows_array(rows)
+        except HJServeError:
+            bad = next((k for k, row in enumerate(rows) if not _numeric(row)), 0)
+            if yielded and bad:
+                yield _rows_array(rows[:bad]), "FP64"
+            raise InvalidDatatype(f"NDJSON line {lines[bad]}: a row must be a flat list of numbers") from None
+        yielded = True
+        yield array, "FP64"
+
     while True:
         line = body.readline(max_line_bytes + 1)
         if not line:
@@ -75,32 +94,42 @@ def ndjson_source(body: IO[bytes], chunk_rows: int, max_rows: int, max_line_byte
                 item = item.get("input")
             if not isinstance(item, list):
                 raise InvalidJSON(f"NDJSON line {number}: expected a JSON array of features or {{\"input\": [...]}}")
+            if width is not None and len(item) != width:
+                raise InvalidShape(f"NDJSON line {number}: {len(item)} features, earlier rows have {width}")
             if total + 1 > max_rows:
                 raise PayloadTooLarge(f"more than {max_rows} rows (HJSERVE_BATCH_MAX_ROWS)")
-            if rows and len(item) != len(rows[0]):
-                raise InvalidShape(f"NDJSON line {number}: {len(item)} features, earlier rows have {len(rows[0])}")
-            _rows_array([item], f"NDJSON line {number}: ")
         except HJServeError:
-            if rows and total > len(rows):   # a chunk was already yielded: answer the good rows first
-                yield _rows_array(rows), "FP64"
+            if rows and yielded:   # a chunk already went out: answer the good rows read before this line
+                yield from flush()
             raise
+        width = len(item)
         rows.append(item)
+        lines.append(number)
         total += 1
         if len(rows) == chunk_rows:
-            yield _rows_array(rows), "FP64"
-            rows = []
+            yield from flush()
+            rows, lines = [], []
     if rows:
-        yield _rows_array(rows), "FP64"
+        yield from flush()
 
 
-def _rows_array(rows: list[Any], where: str = "") -> np.ndarray:
+def _numeric(row: list[Any]) -> bool:
+    try:
+        return np.asarray(row, dtype=np.float64).ndim == 1
+    except (TypeError, ValueError):
+        return False
+
+
+def _rows_array(rows: list[Any]) -> np.ndarray:
     if len({len(r) if isinstance(r, list) else -1 for r in rows}) != 1:
-        raise InvalidShape(f"{where}every row must be a list of the same number of features")
+        raise InvalidShape("every row must be a list of the same number of features")
     try:
         array = np.asarray(rows, dtype=np.float64)
     except (TypeError, ValueError) as exc:
-        raise InvalidDatatype(f"{where}rows must hold numbers: {str(exc)[:200]}") from None
-    return array.reshape(len(rows), -1)
+        raise InvalidDatatype(f"rows must hold numbers: {str(exc)[:200]}") from None
+    if array.ndim != 2:   # nested lists inside a row are not features: never flattened silently
+        raise InvalidShape("every row must be a flat list of numbers")
+    return array
 
 
 def json_source(obj: Any, chunk_rows: int, max_rows: int) -> tuple[Iterator[Chunk], dict[str, Any], list[str]]:
@@ -219,8 +248,9 @@ class BatchJob:
 
     def _lines(self, outputs: dict[str, np.ndarray], start: int) -> bytes:
         """One NDJSON line per row. Columns are converted once (``tolist``) and each row object is
-        serialised by orjson, ~10x faster than the standard library on this hot path (every float
-        output is finite: the graph saturates to the float32 range)."""
+        serialised by orjson (the standard library's encoder dominated the batch job's time:
+        ``bench/results/service.md`` measures the job against the in-process predictor; every float
+        output is finite -- the graph saturates to the float32 range -- so nothing becomes null)."""
         selected = self.dataplane.select(self.mv, outputs, self.options)
         columns = [(o.name, o.array.tolist()) for o in selected]
         names = self.mv.spec.get("class_names") if self.mv.task == "classification" else None

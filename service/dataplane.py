@@ -178,18 +178,12 @@ class DataPlane:
 
     # -- inference --------------------------------------------------------------------------------
 
-    def overloaded(self, name: str, version: str | None = None) -> ModelVersion | None:
-        """The model version when it has ``max_queue_size`` requests in flight (and counts the
-        rejection), else None -- also for names that do not resolve (the request then fails
-        properly)."""
-        try:
-            mv = self.repository.get(name, version)
-        except HJServeError:
-            return None
+    def _full(self, mv: ModelVersion) -> bool:
+        """Whether ``mv`` has ``max_queue_size`` requests in flight (the rejection is counted)."""
         if mv.in_flight < self.settings.max_queue_size:
-            return None
+            return False
         mv.metrics.failed(lookup(Overloaded).error_type)
-        return mv
+        return True
 
     def reserve(self, name: str, version: str | None = None) -> ModelVersion | Callable[[], None] | None:
         """The connection-level form of :meth:`admit`: the full model version (the request is to be
@@ -199,8 +193,7 @@ class DataPlane:
             mv = self.repository.get(name, version)
         except HJServeError:
             return None
-        if mv.in_flight >= self.settings.max_queue_size:
-            mv.metrics.failed(lookup(Overloaded).error_type)
+        if self._full(mv):
             return mv
         mv.in_flight += 1
         released = False
@@ -223,7 +216,7 @@ class DataPlane:
         if reserved:
             yield mv
             return
-        if self.overloaded(name, version) is not None:
+        if self._full(mv):
             raise Overloaded(f"model '{name}' has {mv.in_flight} requests in flight (max_queue_size "
                              f"{self.settings.max_queue_size}); retry later",
                              headers={"Retry-After": str(self.settings.retry_after_s)})

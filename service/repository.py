@@ -185,10 +185,10 @@ class ModelRepository:
 
     def get(self, name: str, version: str | int | None = None) -> ModelVersion:
         """The serving version (highest ready when ``version`` is None); ModelNotFound / ModelNotReady."""
-        check_model_name(name)
         with self._lock:
             model = self._models.get(name)
-        if model is None:
+        if model is None:   # known names were checked when they loaded: check only on a miss
+            check_model_name(name)
             raise ModelNotFound(f"unknown model '{name}'")
         if version is None or version == "":
             if not model.versions:

@@ -18,7 +18,6 @@ from fastapi.routing import APIRoute
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from service import __version__, metrics
-from service.codecs import dumps
 from service.dataplane import DataPlane
 from service.errors import (
     BodyTimeout,
@@ -26,6 +25,7 @@ from service.errors import (
     InvalidParameter,
     MethodNotAllowed,
     NotFound,
+    Overloaded,
     ValidationFailed,
     error_body,
     lookup,
@@ -33,7 +33,7 @@ from service.errors import (
 from service.repository import ModelRepository
 from service.rest import batch, repository, v1, v2
 from service.rest.common import json_response, require_admin, require_api_key
-from service.rest.guards import BodyTimeoutMiddleware
+from service.rest.guards import BodyTimeoutMiddleware, raw_error
 from service.settings import Settings
 from service.types import (
     ErrorResponse,
@@ -226,7 +226,6 @@ class HTTPMetricsMiddleware:
         started = time.perf_counter()
         given = next((v for k, v in scope.get("headers", ()) if k == b"x-request-id"), b"").decode("latin-1")
         request_id = given if _REQUEST_ID.fullmatch(given) else uuid.uuid4().hex
-        scope.setdefault("state", {})["request_id"] = request_id
 
         async def send_status(message):
             nonlocal status
@@ -271,10 +270,9 @@ def load_shedder(dataplane: DataPlane):
     http_503: dict[str, Any] = {}
 
     def response_for(name: str, version: int) -> bytes:
-        body = dumps(error_body(f"model '{name}' version {version} has max_queue_size "
-                                f"({settings.max_queue_size}) requests in flight; retry later", "overloaded"))
-        return (b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\n"
-                b"retry-after: %d\r\ncontent-length: %d\r\n\r\n" % (settings.retry_after_s, len(body)) + body)
+        return raw_error(Overloaded(f"model '{name}' version {version} has max_queue_size "
+                                    f"({settings.max_queue_size}) requests in flight; retry later",
+                                    headers={"Retry-After": str(settings.retry_after_s)}))
 
     def shed(method: str, path: str):
         if method != "POST" or not path.endswith(_SHED_SUFFIXES):

@@ -11,9 +11,10 @@ from fastapi.responses import Response
 from service.codecs import dumps
 from service.dataplane import DataPlane
 from service.errors import Forbidden, PayloadTooLarge, Unauthorized
+from service.rest.guards import ADMITTED
 from service.settings import Settings
 
-__all__ = ["json_response", "presented_key", "read_body", "require_admin", "require_api_key"]
+__all__ = ["admission", "json_response", "presented_key", "read_body", "require_admin", "require_api_key"]
 
 
 def json_response(content: Any, status_code: int = 200, headers: dict[str, str] | None = None) -> Response:
@@ -27,6 +28,12 @@ def settings_of(request: Request) -> Settings:
 
 def dataplane_of(request: Request) -> DataPlane:
     return request.app.state.dataplane
+
+
+def admission(request: Request, model_name: str, model_version: str | None = None):
+    """:meth:`DataPlane.admit` for this request, counting the in-flight slot the connection
+    protocol already reserved for it (if it did) instead of a second one."""
+    return dataplane_of(request).admit(model_name, model_version, reserved=bool(request.scope.get(ADMITTED)))
 
 
 async def read_body(request: Request, limit: int) -> bytes:

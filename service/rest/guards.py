@@ -24,17 +24,19 @@ The number of concurrent connections and requests is bounded by uvicorn's ``limi
 from __future__ import annotations
 
 import asyncio
-import json
 import urllib.parse
 from collections.abc import Callable
+from http import HTTPStatus
 
 import httptools
 from uvicorn.protocols.http.flow_control import service_unavailable
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-from service.errors import BodyTimeout
+from service.codecs import dumps
+from service.errors import BadRequest, BodyTimeout, HJServeError, Overloaded, error_body, lookup
 
-__all__ = ["ADMITTED", "BodyTimeoutMiddleware", "GuardedProtocol", "Shed", "guarded_protocol"]
+__all__ = ["ADMITTED", "BodyTimeoutMiddleware", "GuardedProtocol", "Shed", "error_parts", "guarded_protocol",
+           "raw_error"]
 
 #: ``shed(method, path)`` -> a complete HTTP/1.1 response (bytes) that answers a request head without
 #: the app (it must not close the connection); or a ``release()`` callable: the request holds a
@@ -58,16 +60,39 @@ class _Answered:
 _ANSWERED = _Answered()
 
 
-async def _connections_full(scope, receive, send) -> None:
-    body = json.dumps({"error": "the server is at max_connections (HJSERVE_MAX_CONNECTIONS); retry later",
-                       "error_type": "overloaded"}).encode()
-    await send({"type": "http.response.start", "status": 503, "headers": [
-        (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-        (b"retry-after", b"1"), (b"connection", b"close")]})
-    await send({"type": "http.response.body", "body": body})
+def error_parts(exc: HJServeError, close: bool = False) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
+    """(status, headers, body) of an error answered below the app: status and ``error_type`` from
+    the one error table, the same ``{error, error_type}`` body as every other error."""
+    mapping = lookup(exc)
+    body = dumps(error_body(exc.message, mapping.error_type))
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+               *((k.lower().encode(), str(v).encode()) for k, v in exc.headers.items())]
+    if close:
+        headers.append((b"connection", b"close"))
+    return mapping.status, headers, body
 
 
-_CONNECTIONS_FULL = _connections_full
+def raw_error(exc: HJServeError, close: bool = False) -> bytes:
+    """:func:`error_parts` as a complete HTTP/1.1 response, to write straight to a socket."""
+    status, headers, body = error_parts(exc, close)
+    head = b"".join(name + b": " + value + b"\r\n" for name, value in headers)
+    return b"HTTP/1.1 %d %s\r\n" % (status, HTTPStatus(status).phrase.encode()) + head + b"\r\n" + body
+
+
+def _error_app(exc: HJServeError):
+    """An ASGI app that answers ``exc`` and closes the connection (reads nothing)."""
+    status, headers, body = error_parts(exc, close=True)
+
+    async def app(scope, receive, send) -> None:
+        await send({"type": "http.response.start", "status": status, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
+    return app
+
+
+def _connections_full(retry_after_s: int):
+    return _error_app(Overloaded("the server is at max_connections (HJSERVE_MAX_CONNECTIONS); retry later",
+                                 headers={"Retry-After": str(retry_after_s)}))
+
 
 #: ASGI scope key set on requests whose in-flight slot the protocol already reserved.
 ADMITTED = "hjserve.admitted"
@@ -89,11 +114,13 @@ class GuardedProtocol(HttpToolsProtocol):
 
     header_timeout_s: float = 10.0
     shed: Shed | None = None
+    #: The answer beyond ``max_connections`` (uvicorn's own is plain text).
+    connections_full = staticmethod(_connections_full(1))
 
     def on_headers_complete(self) -> None:
         shed = type(self).shed
         previous = self.cycle
-        self._admitted: Callable[[], None] | None = None
+        self._admitted = None
         if (shed is not None and (previous is None or previous.response_complete)
                 and self.parser.should_keep_alive() and self.parser.get_method() == b"POST"):
             path = httptools.parse_url(self.url).path.decode("ascii", "replace")
@@ -108,21 +135,20 @@ class GuardedProtocol(HttpToolsProtocol):
         super().on_headers_complete()
 
     def _start_asgi_task(self, cycle, app) -> None:
-        release, self._admitted = getattr(self, "_admitted", None), None
+        release, self._admitted = self._admitted, None
         if app is service_unavailable:   # over max_connections: uvicorn's plain-text 503, as JSON
-            app = _CONNECTIONS_FULL
+            app = type(self).connections_full
         elif release is not None:
             app = _holding(app, release)
         super()._start_asgi_task(cycle, app)
 
     def send_400_response(self, msg: str) -> None:
         """A request that is not HTTP at all: the same JSON error body as every other error."""
-        body = json.dumps({"error": f"malformed HTTP request: {msg}", "error_type": "bad_request"}).encode()
-        self.transport.write(b"HTTP/1.1 400 Bad Request\r\ncontent-type: application/json\r\n"
-                             b"content-length: %d\r\nconnection: close\r\n\r\n" % len(body) + body)
+        self.transport.write(raw_error(BadRequest(f"malformed HTTP request: {msg}"), close=True))
         self.transport.close()
 
     def connection_made(self, transport) -> None:  # type: ignore[override]
+        self._admitted: Callable[[], None] | None = None   # the slot shed() reserved for the next task
         self._head_deadline = 0.0
         self._head_timer: asyncio.TimerHandle | None = None
         super().connection_made(transport)
@@ -159,10 +185,12 @@ class GuardedProtocol(HttpToolsProtocol):
         super().connection_lost(exc)
 
 
-def guarded_protocol(header_timeout_s: float, shed: Shed | None = None) -> type[GuardedProtocol]:
+def guarded_protocol(header_timeout_s: float, shed: Shed | None = None,
+                     retry_after_s: int = 1) -> type[GuardedProtocol]:
     """The protocol class uvicorn instantiates per connection, with this deadline and shedder."""
     return type("GuardedProtocol", (GuardedProtocol,), {"header_timeout_s": header_timeout_s,
-                                                       "shed": staticmethod(shed) if shed else None})
+                                                       "shed": staticmethod(shed) if shed else None,
+                                                       "connections_full": staticmethod(_connections_full(retry_after_s))})
 
 
 class BodyTimeoutMiddleware:

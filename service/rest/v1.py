@@ -12,8 +12,7 @@ from pydantic import ValidationError
 from service.codecs import first_error, parse_json
 from service.errors import EmptyBatch, HJServeError, InvalidJSON, InvalidShape, ValidationFailed, lookup
 from service.explain import EXPLAIN_OUTPUTS, PREDICT_OUTPUTS, explain_rows, predict_rows
-from service.rest.common import dataplane_of, json_response, read_body, settings_of
-from service.rest.guards import ADMITTED
+from service.rest.common import admission, dataplane_of, json_response, read_body, settings_of
 from service.types import V1Request
 
 __all__ = ["explain", "model_status", "predict"]
@@ -21,7 +20,7 @@ __all__ = ["explain", "model_status", "predict"]
 
 async def _run(request: Request, model_name: str, outputs: tuple[str, ...]):
     dataplane = dataplane_of(request)
-    with dataplane.admit(model_name, reserved=bool(request.scope.get(ADMITTED))):   # 503 before the body is read
+    with admission(request, model_name):   # 503 before the body is read
         return await _run_admitted(request, dataplane, model_name, outputs)
 
 

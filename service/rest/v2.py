@@ -8,8 +8,7 @@ from starlette.concurrency import run_in_threadpool
 
 from service import codecs
 from service.errors import ModelNotReady
-from service.rest.common import dataplane_of, json_response, read_body, settings_of
-from service.rest.guards import ADMITTED
+from service.rest.common import admission, dataplane_of, json_response, read_body, settings_of
 
 __all__ = ["infer", "live", "model_config", "model_index", "model_metadata", "model_ready", "model_stats", "ready", "server_metadata"]
 
@@ -55,8 +54,7 @@ async def model_stats(request: Request, model_name: str | None = None,
 
 async def infer(request: Request, model_name: str, model_version: str | None = None) -> Response:
     dataplane = dataplane_of(request)
-    reserved = bool(request.scope.get(ADMITTED))          # the protocol already holds its slot
-    with dataplane.admit(model_name, model_version, reserved=reserved):   # 503 before the body is read
+    with admission(request, model_name, model_version):   # 503 before the body is read
         body = await read_body(request, settings_of(request).max_body_bytes)
         header = request.headers.get(codecs.HEADER_LENGTH)
         if len(body) > _OFFLOAD_BYTES:

@@ -576,3 +576,41 @@ def test_extremes_are_finite_and_identities_hold(seed, eps, z_scale, layer, clos
     Gn = g.norm(dim=-1)
     r = F.scalar_radius(Gn, torch.tensor(R, dtype=DT), D, eps, torch.tensor(0.1, dtype=DT))
     assert fin(r) and bool((r >= 0.1 / R * (1 - 1e-12)).all())
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_hopf_cole_value_leave_one_out_is_the_value_without_that_point(seed, layer, close):
+    """``exclude``: row i's sum without support point exclude[i] equals the value recomputed over
+    the other points (exact leave-one-out), and -1 leaves the row untouched."""
+    L = layer(seed, N=(3, 12))
+    t = 0.7
+    y, g = F.hj_reading(L.W, L.b, t)
+    exclude = torch.randint(-1, L.N, (L.z.shape[0],), generator=L.gen)
+    got = F.hopf_cole_value(L.z, y, g, t, L.eps, exclude=exclude)
+    for i, j in enumerate(exclude.tolist()):
+        keep = torch.arange(L.N) != j
+        want = F.hopf_cole_value(L.z[i:i + 1], y[keep], g[keep], t, L.eps)[0]
+        close(got[i], want, 1e-13, scale=max(1.0, float(want.abs())))
+
+
+def test_float32_rounding_of_served_bounds():
+    """float32_down is the largest float32 <= x, float32_up the smallest >= x (finite range), on
+    random normals, exact float32 values, powers of two, their neighbours, subnormals and zero."""
+    gen = torch.Generator().manual_seed(0)
+    f32 = torch.randn(20000, generator=gen).float() * torch.logspace(-30, 30, 20000).float()
+    powers = torch.tensor([2.0 ** k for k in range(-140, 120, 7)], dtype=torch.float32)
+    edges = torch.cat([f32, powers, -powers, torch.tensor([0.0, 1e-45, -1e-45, 3.4e38], dtype=torch.float32)])
+    x = torch.cat([edges.double(),                                       # exactly representable
+                   edges.double() * (1 + 1e-12), edges.double() * (1 - 1e-12),
+                   torch.randn(20000, generator=gen, dtype=torch.float64) * 1e-40])   # subnormal range
+    down, up = F.float32_down(x), F.float32_up(x)
+    assert down.dtype == up.dtype == torch.float32
+    assert bool((down.double() <= x).all()) and bool((up.double() >= x).all())
+    inf = torch.tensor(math.inf)
+    normal = x.abs() >= float(torch.finfo(torch.float32).tiny)
+    # tight: the next float32 in the safe direction's opposite is past x (normals; subnormals may be
+    # one spacing looser, still sound)
+    assert bool((torch.nextafter(down, inf).double() > x)[normal].all())
+    assert bool((torch.nextafter(up, -inf).double() < x)[normal].all())
+    saturated = F.float32_saturate(torch.tensor([1e300, -1e300, math.nan], dtype=torch.float64))
+    assert saturated[:2].isfinite().all() and saturated[2].isnan()

@@ -191,3 +191,34 @@ def test_unreachable_alpha_is_refused_at_training():
     data = load_dataset("digits")
     with pytest.raises(ValueError, match="cannot be reached"):
         train(data, TrainConfig(kind="lse", pieces=4, epochs=1, progress=False, seed=0, alpha=0.001))
+
+
+def test_leave_one_out_score_is_the_score_without_that_reference_point(ood_setup):
+    """The u normaliser's leave-one-out scores: recomputed over a reference measure that lacks the
+    row's own point, they agree to float64 rounding."""
+    model, *_ = ood_setup
+    model = copy.deepcopy(model)
+    pts = model.reference.points
+    rows = torch.arange(0, pts.shape[0], max(1, pts.shape[0] // 25))
+    got = model.ood_unsupported(pts[rows], rows)
+    for k, j in enumerate(rows.tolist()):
+        trimmed = copy.deepcopy(model)
+        trimmed.reference.points = torch.cat([pts[:j], pts[j + 1:]])
+        want = trimmed.ood_unsupported(pts[j:j + 1])[0]
+        assert abs(float(got[k] - want)) <= 1e-10 * max(1.0, abs(float(want))), (j, float(got[k]), float(want))
+    assert torch.equal(model.ood_unsupported(pts[:3], torch.full((3,), -1)), model.ood_unsupported(pts[:3]))
+
+
+def test_surprisal_orders_within_a_rank_level_and_never_across():
+    from hjmodel.models import _rank_p, _surprisal
+
+    ref = torch.sort(torch.randn(500, generator=torch.Generator().manual_seed(3), dtype=torch.float64)).values
+    ref[-1] = 1e6                                  # one extreme reference point
+    s = torch.sort(torch.cat([torch.linspace(-5, 5, 4000, dtype=torch.float64),
+                              torch.tensor([2e6, 1e9, 1e15], dtype=torch.float64)])).values
+    T = _surprisal(ref, s)
+    assert bool((T[1:] >= T[:-1]).all())           # farther is never less surprising
+    level = -torch.log(_rank_p(ref, s))
+    assert bool(((T - level) >= 0).all() and ((T - level) < 0.5 * math.log1p(1 / 500)).all())
+    beyond = T[-3:]
+    assert bool((beyond[1:] > beyond[:-1]).all())  # still ordered far beyond the extreme point
