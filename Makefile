@@ -1,5 +1,5 @@
 # hjserve: two commands do everything on a fresh machine.
-#   make serve   - install, build the demo models, start the server on http://127.0.0.1:8000
+#   make serve   - install, build the demo models, start the server on http://127.0.0.1:8000 (gRPC on :8001)
 #   make test    - install (incl. system test tools), build the demo models, run the whole test suite
 PY      ?= python3
 VENV    ?= .venv
@@ -7,6 +7,7 @@ BIN     := $(VENV)/bin
 MODELS  ?= models
 HOST    ?= 127.0.0.1
 PORT    ?= 8000
+GRPC_PORT ?= 8001
 
 .PHONY: setup system-deps models serve test lint bench eval perf clean
 
@@ -33,7 +34,7 @@ $(MODELS)/DEMO_RESULTS.json: $(wildcard hjmodel/*.py) | setup
 models: $(MODELS)/DEMO_RESULTS.json
 
 serve: setup models
-	$(BIN)/python -m service --model-repository $(MODELS) --host $(HOST) --port $(PORT)
+	$(BIN)/python -m service --model-repository $(MODELS) --host $(HOST) --port $(PORT) --grpc-port $(GRPC_PORT)
 
 test: setup system-deps models
 	HJSERVE_TEST_MODELS=$(abspath $(MODELS)) $(BIN)/python -m pytest

@@ -167,7 +167,7 @@ def ood(quick: bool) -> list[dict]:
         def scores(X, model=model):
             x = torch.as_tensor(X, dtype=torch.float32).to(DT)
             ev = model.evaluate(x)
-            T = model.combined_statistic(ev["_h"], ev["_log_probs"])
+            T = model.combined_statistic(ev.h, ev.log_probs)
             return -ev["ood_p_value"].numpy(), T.numpy(), ev["ood_score"].numpy(), ev["ood_flag"].numpy()
 
         s_in = scores(test)

@@ -34,9 +34,8 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tests" / "service"))
 
-from svc_helpers import copy_version, run_server  # noqa: E402
+from service.testing import copy_version, run_server  # noqa: E402
 
 
 def _request(host: str, path: str, body: bytes) -> bytes:

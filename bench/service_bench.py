@@ -31,9 +31,8 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tests" / "service"))
 
-from svc_helpers import free_port, run_server  # noqa: E402
+from service.testing import free_port, run_server  # noqa: E402
 
 BARE_APP = """
 from starlette.applications import Starlette

@@ -24,8 +24,8 @@ def _outputs(model, x):
 
 def _decision(model, X):
     with torch.no_grad():
-        out = model.evaluate(X, outputs=("_class",))
-    return out["_class"]
+        out = model.evaluate(X, outputs=())
+    return out.decision
 
 
 def ig_vs_captum(model, X) -> dict:
@@ -78,8 +78,8 @@ def label_sensitivity_vs_autograd(model, X) -> dict:
     Autograd row by row (one backward per input) against the closed form for all N neurons."""
     head = model.head
     with torch.no_grad():
-        out = model.evaluate(X, outputs=("_pi", "_class", "label_sensitivity", "attribution_index"))
-    c, pi = out["_class"], out["_pi"]
+        out = model.evaluate(X, outputs=("label_sensitivity", "attribution_index"))
+    c, pi = out.decision, out.pi
     ours = (-pi if head.mode == "groups" else pi)
     t_ours = timeit(lambda: model.evaluate(X, outputs=("label_sensitivity",))) / X.shape[0]
     with torch.no_grad():

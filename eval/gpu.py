@@ -68,6 +68,7 @@ def main() -> int:
     set_threads()
     import onnxruntime as ort
 
+    from hjmodel import serving
     from hjmodel.artifact import ONNX_FILE, ServingModule, save_artifact
     from hjmodel.data import load_dataset
     from hjmodel.serving import outputs_for
@@ -100,7 +101,7 @@ def main() -> int:
                 if prov not in s.get_providers():
                     raise RuntimeError(f"{prov} not active (got {s.get_providers()})")
                 sessions[prov] = s
-                got = dict(zip(names, s.run(names, {"input": X.numpy(), "tau": tau})))
+                got = dict(zip(names, s.run(names, serving.onnx_feeds(s, X.numpy(), tau))))
                 ok, detail = _compare(got, ref, specs)
                 parity_rows.append([name, f"onnxruntime {prov}", "PASS" if ok else "FAIL", detail])
             except Exception as e:  # noqa: BLE001 (report every failure as a row)
@@ -132,7 +133,7 @@ def main() -> int:
             row = [name, bs]
             for prov in ("CPUExecutionProvider", "CUDAExecutionProvider"):
                 s = sessions.get(prov)
-                row.append(1e3 * _time(lambda s=s: s.run(names, {"input": xb.numpy(), "tau": tau})) if s else float("nan"))  # noqa: B023 (called at once)
+                row.append(1e3 * _time(lambda s=s: s.run(names, serving.onnx_feeds(s, xb.numpy(), tau))) if s else float("nan"))  # noqa: B023 (called at once)
             with torch.no_grad():
                 row.append(1e3 * _time(lambda: cpu_mod(xb, torch.as_tensor(tau))))  # noqa: B023 (called at once)
                 if gpu_mod is not None:

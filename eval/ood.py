@@ -63,8 +63,8 @@ class Scorer:
     @torch.no_grad()
     def scores(self, X: torch.Tensor) -> dict[str, np.ndarray]:
         m = self.model
-        out = m.evaluate(X, outputs=("ood_p_value", "ood_score", "probabilities", "_a", "_h"))
-        a, h = out["_a"], out["_h"]
+        out = m.evaluate(X, outputs=("ood_p_value", "ood_score", "probabilities"))
+        a, h = out.a, out.h
         head = m.head
         if head.mode == "groups":
             logits = F.group_lse(a, head.mask, head.eps) / head.eps

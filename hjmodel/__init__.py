@@ -7,15 +7,25 @@ serving contract in :mod:`hjmodel.serving`. No web framework is imported here.
 
 from __future__ import annotations
 
-from .artifact import export_onnx, load_model, load_serving_module, read_spec, save_artifact
+from .artifact import (
+    export_onnx,
+    load_model,
+    load_serving_module,
+    read_artifact_spec,
+    read_spec,
+    save_artifact,
+)
 from .data import load_dataset
 from .errors import ArtifactError, DataError, HJModelError, InputError
-from .models import HJModel
+from .models import Evaluation, HJModel
+from .serving import ArtifactSpec
 from .train import TrainConfig, train
 
 __all__ = [
     "ArtifactError",
+    "ArtifactSpec",
     "DataError",
+    "Evaluation",
     "HJModel",
     "HJModelError",
     "InputError",
@@ -24,6 +34,7 @@ __all__ = [
     "load_dataset",
     "load_model",
     "load_serving_module",
+    "read_artifact_spec",
     "read_spec",
     "save_artifact",
     "train",

@@ -9,7 +9,6 @@ executes code from a file: ``torch.load(weights_only=True)``, JSON, and ONNX pro
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
 import torch
@@ -18,7 +17,16 @@ from torch import Tensor, nn
 from . import functional as F
 from .errors import ArtifactError
 from .models import GibbsHead, HJModel, LSEGroupLayer, OODReference, Preprocess
-from .serving import ONNX_SPEC_KEY, SPEC_FORMAT, TOP_K_MAX, outputs_for
+from .serving import (
+    ONNX_FILE,
+    ONNX_SPEC_KEY,
+    SPEC_FILE,
+    SPEC_FORMAT,
+    TOP_K_MAX,
+    TORCH_FILE,
+    ArtifactSpec,
+    outputs_for,
+)
 
 __all__ = [
     "ServingModule",
@@ -26,13 +34,13 @@ __all__ = [
     "load_model",
     "load_serving_module",
     "model_spec",
+    "read_artifact_spec",
     "read_spec",
     "save_artifact",
     "save_torch",
     "served_form",
 ]
 
-ONNX_FILE, TORCH_FILE, SPEC_FILE = "model.onnx", "model.pt", "model.json"
 _TORCH_DTYPES = {"FP32": torch.float32, "INT64": torch.long, "BOOL": torch.bool}
 
 
@@ -94,20 +102,9 @@ def _state(model: HJModel) -> dict[str, Tensor]:
 
 
 def _check_spec(spec: object, where: str) -> dict:
-    if not isinstance(spec, dict):
-        raise ArtifactError(f"{where}: spec is not a JSON object")
-    if spec.get("format") != SPEC_FORMAT:
-        raise ArtifactError(f"{where}: unknown artifact format {spec.get('format')!r} (expected {SPEC_FORMAT!r})")
-    if spec.get("kind") not in ("lse", "memory", "deep"):
-        raise ArtifactError(f"{where}: unknown model kind {spec.get('kind')!r}")
-    if spec.get("task") not in ("classification", "regression"):
-        raise ArtifactError(f"{where}: unknown task {spec.get('task')!r}")
-    for key in ("n_features", "n_outputs", "eps", "t", "structure", "calibration"):
-        if key not in spec:
-            raise ArtifactError(f"{where}: spec lacks {key!r}")
-    if not (isinstance(spec["eps"], (int, float)) and spec["eps"] > 0 and math.isfinite(spec["eps"])):
-        raise ArtifactError(f"{where}: eps must be a positive number")
-    return spec
+    """The spec itself, once :meth:`ArtifactSpec.from_dict` (the one validator) accepts it."""
+    ArtifactSpec.from_dict(spec, where)
+    return spec  # type: ignore[return-value]
 
 
 def _model_from(spec: dict, state: dict[str, Tensor], where: str) -> HJModel:
@@ -216,7 +213,8 @@ def served_form(name: str, value: Tensor, datatype: str) -> Tensor:
 
 
 class ServingModule(nn.Module):
-    """forward(input: float32 (B, d), tau: float64 (1,)) -> dict of the served outputs.
+    """forward(input: float32 (B, d), tau: float64 (B, 1)) -> dict of the served outputs (tau: each
+    row's regression tolerance; a single value is broadcast to every row).
 
     The same module runs under torch and is exported to ONNX; all arithmetic is float64, and the
     float32 outputs are rounded so that every served bound is still a bound (see :func:`served_form`)."""
@@ -252,12 +250,13 @@ def export_onnx(model: HJModel, path: str | Path, opset: int = 17) -> Path:
     serving = ServingModule(model)
     wrapper = _TupleOutputs(serving).eval()
     x = torch.zeros(2, model.n_features, dtype=torch.float32)
-    tau = torch.tensor([0.1], dtype=torch.float64)
+    tau = torch.full((2, 1), 0.1, dtype=torch.float64)   # one tolerance per row: a batched input
     names = [o.name for o in serving.specs]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.onnx.export(wrapper, (x, tau), str(path), input_names=["input", "tau"], output_names=names,
-                          dynamic_axes={"input": {0: "batch"}, **{n: {0: "batch"} for n in names}},
+                          dynamic_axes={"input": {0: "batch"}, "tau": {0: "batch"},
+                                        **{n: {0: "batch"} for n in names}},
                           opset_version=opset, dynamo=False)
     proto = onnx.load(str(path))
     entry = proto.metadata_props.add()
@@ -299,6 +298,11 @@ def read_spec(path: str | Path) -> dict:
         raise ArtifactError(f"{path}: no such file") from e
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ArtifactError(f"{path}: not valid JSON ({e})") from e
+
+
+def read_artifact_spec(path: str | Path) -> ArtifactSpec:
+    """:func:`read_spec`, typed: what a server reads about an artifact."""
+    return ArtifactSpec.from_dict(read_spec(path), str(path))
 
 
 def _onnx_spec(path: Path) -> dict:

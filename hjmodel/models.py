@@ -20,9 +20,9 @@ import torch
 from torch import Tensor, nn
 
 from . import functional as F
-from .serving import TOP_K_MAX
+from .serving import OOD_COMPONENTS, TOP_K_MAX, output_names
 
-__all__ = ["GibbsHead", "HJModel", "LSEGroupLayer", "OODReference", "Preprocess"]
+__all__ = ["Evaluation", "GibbsHead", "HJModel", "LSEGroupLayer", "OODReference", "Preprocess"]
 
 #: Relative float rounding subtracted from every certified margin (float64 evaluation).
 ROUNDING = 64 * torch.finfo(torch.float64).eps
@@ -154,6 +154,36 @@ class OODReference:
     regime_factor: float = 100.0
 
 
+@dataclass(frozen=True)
+class Evaluation:
+    """What :meth:`HJModel.evaluate` computed for n rows.
+
+    ``outputs``: the served outputs asked for (contract names of :mod:`hjmodel.serving`, float64 /
+    int64 / bool); ``ev["name"]`` reads one. The rest is the forward trace the closed forms share:
+    head features ``h`` (n, p), head pre-activations ``a`` (n, N), the decisive Gibbs weights ``pi``
+    (n, N) (the predicted class's group for lse heads, all neurons for memory heads), the decision
+    ``decision`` (n,) (class index; 0 for regression), the decisive group's size ``n_keep`` (n,),
+    the dominant neuron ``dominant`` (n,) (None unless the energy gap was computed), the class
+    log-probabilities ``log_probs`` (n, K) and the OOD ambiguity component ``ambiguity`` (n,)
+    (None for regression / when the OOD gate was not evaluated)."""
+
+    outputs: dict[str, Tensor]
+    h: Tensor
+    a: Tensor
+    pi: Tensor
+    decision: Tensor
+    n_keep: Tensor
+    dominant: Tensor | None = None
+    log_probs: Tensor | None = None
+    ambiguity: Tensor | None = None
+
+    def __getitem__(self, name: str) -> Tensor:
+        return self.outputs[name]
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.outputs
+
+
 class HJModel(nn.Module):
     """An LSE network of kind ``lse``, ``memory`` or ``deep`` with every HJ diagnostic.
 
@@ -252,12 +282,18 @@ class HJModel(nn.Module):
 
     @torch.no_grad()
     def evaluate(self, x: Tensor, tau: float | Tensor = 0.1, top_k: int = TOP_K_MAX,
-                 outputs: tuple[str, ...] | None = None) -> dict[str, Tensor]:
-        """Every served output of DESIGN section 3, in float64, for raw inputs x: (n, d).
+                 outputs: tuple[str, ...] | None = None) -> Evaluation:
+        """The served outputs of DESIGN section 3, in float64, for raw inputs x: (n, d).
 
-        Names follow :mod:`hjmodel.serving`; certificates and saliency are in raw input space."""
+        ``tau``: the regression tolerance, one value or one per row ((n,) or (n, 1)). ``outputs``:
+        the contract names wanted (None: every one); only the work they need is done, so
+        ``outputs=()`` is the forward trace alone. Names follow :mod:`hjmodel.serving`; certificates
+        and saliency are in raw input space. Returns an :class:`Evaluation`."""
         x = torch.as_tensor(x).to(torch.float64)
-        tau_t = torch.as_tensor(tau, dtype=torch.float64).reshape(-1)[:1]
+        n = x.shape[0]
+        tau_t = torch.as_tensor(tau, dtype=torch.float64).reshape(-1)
+        tau_t = tau_t.expand(n) if tau_t.numel() == 1 else tau_t              # (n,)
+        wanted = set(output_names(self.task) if outputs is None else outputs)
         head, eps = self.head, self.head.eps
         h, gibbs_body, a = self.trace(x)                             # a: (n, N)
         N = a.shape[-1]
@@ -271,7 +307,7 @@ class HJModel(nn.Module):
                 probs = torch.softmax(s / eps, dim=-1)
                 c = s.argmax(-1)
             else:
-                c = torch.zeros(x.shape[0], dtype=torch.long)
+                c = torch.zeros(n, dtype=torch.long)
             keep = head.mask[c]                                      # (n, N)
             yhat = s
         else:
@@ -281,11 +317,11 @@ class HJModel(nn.Module):
                 probs = yhat
                 c = yhat.argmax(-1)
             else:
-                c = torch.zeros(x.shape[0], dtype=torch.long)
+                c = torch.zeros(n, dtype=torch.long)
             keep = torch.ones_like(a, dtype=torch.bool)
         _, pi = F.masked_lse_gibbs(a, keep, eps)                      # decisive Gibbs weights
-        a_keep = torch.where(keep, a, torch.full_like(a, -math.inf))
         n_keep = keep.sum(-1)
+        log_probs = head.log_probabilities(a) if self.task == "classification" else None
 
         if self.task == "classification":
             res["prediction"] = c
@@ -294,51 +330,50 @@ class HJModel(nn.Module):
             res["prediction"] = yhat
 
         # ---- certificate (raw input space)
-        res["certified_radius"] = self._certified_radius(a, gibbs_body, c, yhat, tau_t)
+        if "certified_radius" in wanted:
+            res["certified_radius"] = self._certified_radius(a, gibbs_body, c, yhat, tau_t)
 
         # ---- attribution, entropy, energy gap, label sensitivity
-        # weights below float32 resolution (zeros outside the decisive group, underflow, which runtimes
-        # may flush to zero differently) tie and are ordered by index, deterministically
-        idx = torch.arange(N, dtype=pi.dtype)
-        order = torch.where(pi >= 1e-37, pi, -1e-300 * (idx + 1.0))
-        i_top = torch.topk(order, k, dim=-1).indices
-        w_top = pi.gather(1, i_top)
-        res["attribution_index"] = i_top
-        res["attribution_weight"] = w_top
-        res["attribution_entropy"] = F.attribution_entropy(pi)
-        delta, dominant = F.energy_gap(a_keep)
-        delta = torch.where(delta.abs() < math.inf, delta, torch.full_like(delta, 1e30))
-        res["energy_gap"] = delta / eps
-        res["label_sensitivity"] = self._label_sensitivity(pi, c, yhat).gather(1, i_top)
+        if wanted & {"attribution_index", "attribution_weight", "label_sensitivity"}:
+            # weights below float32 resolution (zeros outside the decisive group, underflow, which
+            # runtimes may flush to zero differently) tie and are ordered by index, deterministically
+            idx = torch.arange(N, dtype=pi.dtype)
+            order = torch.where(pi >= 1e-37, pi, -1e-300 * (idx + 1.0))
+            i_top = torch.topk(order, k, dim=-1).indices
+            res["attribution_index"] = i_top
+            res["attribution_weight"] = pi.gather(1, i_top)
+            res["label_sensitivity"] = self._label_sensitivity(pi, c, yhat).gather(1, i_top)
+        if "attribution_entropy" in wanted:
+            res["attribution_entropy"] = F.attribution_entropy(pi)
+        dominant = None
+        if wanted & {"energy_gap", "hallucination_flag"}:
+            a_keep = torch.where(keep, a, torch.full_like(a, -math.inf))
+            delta, dominant = F.energy_gap(a_keep)
+            delta = torch.where(delta.abs() < math.inf, delta, torch.full_like(delta, 1e30))
+            res["energy_gap"] = delta / eps
 
         # ---- saliency: gradient of the decisive output in raw input space
-        grad_h = F.gradient(pi, head.W) if head.mode == "groups" else self._values_grad(pi, c)
-        res["saliency"] = self._pullback(grad_h, gibbs_body)
+        if "saliency" in wanted:
+            grad_h = F.gradient(pi, head.W) if head.mode == "groups" else self._values_grad(pi, c)
+            res["saliency"] = self._pullback(grad_h, gibbs_body)
 
         # ---- OOD and hallucination
-        log_probs = head.log_probabilities(a) if self.task == "classification" else None
-        score, comp_a = self._ood_components(h, log_probs)
-        p_value, component = self._conformal(score, comp_a)
-        flag = p_value <= self.reference.alpha
-        regime = res["energy_gap"] >= torch.log(self.reference.regime_factor * (n_keep - 1).clamp_min(1).to(a.dtype))
-        res["ood_score"] = score
-        res["ood_flag"] = flag
-        res["ood_p_value"] = p_value
-        res["ood_component"] = component
-        res["hallucination_flag"] = flag & (component == 0) & regime
-
-        # internal extras for diagnose()
-        res["_dominant"] = dominant
-        res["_pi"] = pi
-        res["_h"] = h
-        res["_a"] = a
-        res["_class"] = c
-        res["_n_keep"] = n_keep
-        res["_log_probs"] = log_probs if log_probs is not None else torch.zeros(0)
-        res["_ambiguity"] = comp_a if comp_a is not None else torch.zeros(0)
-        if outputs is not None:
-            res = {name: res[name] for name in outputs if name in res}
-        return res
+        ambiguity = None
+        if wanted & {"ood_score", "ood_flag", "ood_p_value", "ood_component", "hallucination_flag"}:
+            score, ambiguity = self._ood_components(h, log_probs)
+            p_value, component = self._conformal(score, ambiguity)
+            flag = p_value <= self.reference.alpha
+            res["ood_score"] = score
+            res["ood_flag"] = flag
+            res["ood_p_value"] = p_value
+            res["ood_component"] = component
+            if "hallucination_flag" in wanted:
+                regime = res["energy_gap"] >= torch.log(
+                    self.reference.regime_factor * (n_keep - 1).clamp_min(1).to(a.dtype))
+                res["hallucination_flag"] = flag & (component == 0) & regime
+        served = {name: res[name] for name in output_names(self.task) if name in wanted and name in res}
+        return Evaluation(outputs=served, h=h, a=a, pi=pi, decision=c, n_keep=n_keep, dominant=dominant,
+                          log_probs=log_probs, ambiguity=ambiguity)
 
     # ---------------------------------------------------------------- pieces
     def _pullback(self, v: Tensor, gibbs_body: list[Tensor]) -> Tensor:
@@ -380,7 +415,7 @@ class HJModel(nn.Module):
         return self._regression_radius(a, pullback, yhat, tau, lip, curv)
 
     def _regression_radius(self, a, pullback, yhat, tau, lip, curv) -> Tensor:
-        """Radius within which every output stays within tau (DESIGN section 3).
+        """Radius within which every output stays within tau (n,) (DESIGN section 3).
 
         lse: scalar hybrid radius per output (G exact, L = R_k, kappa = D_k^2/(4 eps)), composed with
         the body bounds. memory: yhat_k <= y0 + tau  <=>  sum_j pi_j (y0 + tau - v_jk) >= 0, an exact
@@ -392,10 +427,10 @@ class HJModel(nn.Module):
             pi_g = F.group_gibbs(a, head.mask, eps)                     # (n, K, N)
             G = torch.linalg.vector_norm(pullback(pi_g @ head.W), dim=-1)
             kappa = D * D / (4 * eps) * lip * lip + R * curv
-            return F.hybrid_radius(tau.expand_as(G), G, R * lip, kappa).min(-1).values
+            return F.hybrid_radius(tau.unsqueeze(-1).expand_as(G), G, R * lip, kappa).min(-1).values
         radii = []
         for side in (1.0, -1.0):
-            u = side * (yhat.unsqueeze(-1) + side * tau - head.V.T.unsqueeze(0))  # (n, K, N); > 0 is safe
+            u = side * (yhat.unsqueeze(-1) + side * tau[:, None, None] - head.V.T.unsqueeze(0))  # (n, K, N); > 0 safe
             _, _, shifted = F.sign_reduction_biases(torch.zeros_like(u), u, eps)
             m, coef, never = F.sign_margin(a.unsqueeze(1) + shifted, u > 0, u < 0, eps, ROUNDING)
             G = torch.linalg.vector_norm(pullback(coef @ head.W), dim=-1)
@@ -464,6 +499,18 @@ class HJModel(nn.Module):
         s_u, s_a = self._surprisals(*self._ood_components(h, log_probs))
         return s_u if s_a is None else torch.maximum(s_u, s_a)
 
+    # ---------------------------------------------------------------- readable / offline diagnostics
+    def diagnose(self, x: Tensor, top_k: int = 5, tau: float = 0.1, baseline: Tensor | None = None) -> list[dict]:
+        """Every diagnostic of DESIGN section 3 for each row of x, as JSON-ready dicts."""
+        return _diagnose(self, x, top_k, tau, baseline)
+
+    @torch.no_grad()
+    def integrated_gradients(self, x: Tensor, baseline: Tensor | None = None, panels: int = 32, order: int = 8,
+                             decision: Tensor | None = None) -> Tensor:
+        """Integrated gradients of the decisive output in raw input space: (n, d) (see
+        :func:`_integrated_gradients`)."""
+        return _integrated_gradients(self, x, baseline, panels, order, decision)
+
 
 def _rank_p(sorted_ref: Tensor, s: Tensor) -> Tensor:
     """Upper-tail rank p-value of scores s among reference scores: (1 + #{ref >= s}) / (1 + m).
@@ -504,19 +551,19 @@ def _diagnose(model: HJModel, x: Tensor, top_k: int = 5, tau: float = 0.1,
     out = model.evaluate(x, tau=tau, top_k=top_k)
     head, eps = model.head, model.head.eps
     y, g = F.hj_reading(head.W.detach(), head.b.detach(), head.t)
-    h = out["_h"]
+    h = out.h
     u = F.hopf_cole_value(h, y, g, head.t, eps)
     hopf_lax = F.hopf_lax_value(h, y, g, head.t)
-    ig = model.integrated_gradients(x, baseline, decision=out["_class"])
+    ig = model.integrated_gradients(x, baseline, decision=out.decision)
     delta = out["energy_gap"] * eps
-    bound = F.energy_gap_bound(delta, eps, int(out["_n_keep"].max()))
+    bound = F.energy_gap_bound(delta, eps, int(out.n_keep.max()))
     flips = target = None
     if model.task == "classification" and head.mode == "values" and bool((head.labels >= 0).all()):
-        flips, target = F.fewest_label_flips(out["_pi"], head.labels, out["_class"], model.n_outputs)
+        flips, target = F.fewest_label_flips(out.pi, head.labels, out.decision, model.n_outputs)
     names = model.class_names
     rows = []
     for i in range(x.shape[0]):
-        dom = int(out["_dominant"][i])
+        dom = int(out.dominant[i])
         idx = out["attribution_index"][i].tolist()
         attribution = []
         for j, w, ls in zip(idx, out["attribution_weight"][i].tolist(), out["label_sensitivity"][i].tolist()):
@@ -537,10 +584,10 @@ def _diagnose(model: HJModel, x: Tensor, top_k: int = 5, tau: float = 0.1,
             "energy_gap": {"delta_over_eps": float(out["energy_gap"][i]), "dominant_neuron": dom,
                            "bound_f_minus_top": float(bound[i]),
                            "extrapolation_regime": bool(out["energy_gap"][i] >= math.log(
-                               model.reference.regime_factor * max(int(out["_n_keep"][i]) - 1, 1)))},
+                               model.reference.regime_factor * max(int(out.n_keep[i]) - 1, 1)))},
             "ood": {"score": float(out["ood_score"][i]), "p_value": float(out["ood_p_value"][i]),
                     "alpha": model.reference.alpha,
-                    "component": "ambiguous" if int(out["ood_component"][i]) == 1 else "unsupported",
+                    "component": OOD_COMPONENTS[int(out["ood_component"][i])],
                     "flagged": bool(out["ood_flag"][i])},
             "hallucination": bool(out["hallucination_flag"][i]),
             "feature_attribution": {"saliency": out["saliency"][i].tolist(),
@@ -595,7 +642,3 @@ def _output_gradient(model: HJModel, x: Tensor, c: Tensor) -> Tensor:
     else:
         grad_h = model._values_grad(F.gibbs(a, head.eps), c)
     return model._pullback(grad_h, gibbs_body)
-
-
-HJModel.diagnose = _diagnose
-HJModel.integrated_gradients = torch.no_grad()(_integrated_gradients)

@@ -2,9 +2,11 @@
 
 Both artifact formats compute the same outputs from the same inputs:
 
-* ``model.onnx`` -- an ONNX graph with inputs ``input`` (float32, ``(batch, d)``) and ``tau``
-  (float64, ``(1,)``: tolerance of the regression certificate, ignored for classification), and
-  the outputs below as graph outputs with these names.
+* ``model.onnx`` -- an ONNX graph with inputs ``input`` (float32, ``(batch, d)``) and, for
+  regression models, ``tau`` (float64, ``(batch, 1)``: each row's tolerance of the regression
+  certificate), and the outputs below as graph outputs with these names. Every input and output has
+  the batch as its first dimension, so any ONNX server can batch the graph. (Artifacts written
+  before tau had a batch dimension carry ``tau`` as ``(1,)``; the service still runs them.)
 * ``model.pt`` + ``model.json`` -- a torch state dict (loaded with ``weights_only=True``) and its
   JSON spec; :func:`hjmodel.artifact.load_serving_module` rebuilds the module whose
   ``forward(input, tau)`` returns a ``dict`` with the same names.
@@ -14,7 +16,12 @@ The service only moves these tensors; every number is computed by hjmodel.
 
 from __future__ import annotations
 
+import math
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
+
+from .errors import ArtifactError
 
 #: Largest top-k the serving graph computes; requests slice ``attribution_*`` down to their own k.
 TOP_K_MAX = 10
@@ -24,6 +31,16 @@ ONNX_SPEC_KEY = "hjmodel.spec"
 
 #: Format tag written into every spec.
 SPEC_FORMAT = "hjmodel/1"
+
+#: The files of an artifact (a model repository's version directory holds them).
+ONNX_FILE, TORCH_FILE, SPEC_FILE = "model.onnx", "model.pt", "model.json"
+
+#: Model kinds and tasks (DESIGN section 2).
+KINDS = ("lse", "memory", "deep")
+TASKS = ("classification", "regression")
+
+#: ``ood_component`` output value -> the component's name.
+OOD_COMPONENTS = ("unsupported", "ambiguous")
 
 
 @dataclass(frozen=True)
@@ -80,3 +97,110 @@ def outputs_for(task: str) -> tuple[OutputSpec, ...]:
 def output_names(task: str) -> tuple[str, ...]:
     """Names of :func:`outputs_for`."""
     return tuple(o.name for o in outputs_for(task))
+
+
+@dataclass(frozen=True)
+class ArtifactSpec:
+    """The typed, validated spec of an artifact: what a server needs to know about a model without
+    rebuilding it. ``raw`` keeps the whole JSON object (structure, provenance, metrics).
+
+    Built only by :meth:`from_dict`, which is the one place a spec is validated."""
+
+    kind: str
+    task: str
+    n_features: int
+    n_outputs: int
+    eps: float
+    t: float
+    top_k_max: int
+    class_names: tuple[str, ...]
+    feature_names: tuple[str, ...]
+    alpha: float | None
+    support_ids: tuple[Any, ...] | None
+    support_labels: tuple[Any, ...] | None
+    raw: Mapping[str, Any]
+
+    @property
+    def is_classification(self) -> bool:
+        return self.task == "classification"
+
+    @classmethod
+    def from_dict(cls, spec: object, where: str = "spec") -> ArtifactSpec:
+        """Validate a parsed spec; raises :class:`~hjmodel.errors.ArtifactError` naming the first
+        field that is wrong."""
+        if not isinstance(spec, dict):
+            raise ArtifactError(f"{where}: spec is not a JSON object")
+        if spec.get("format") != SPEC_FORMAT:
+            raise ArtifactError(f"{where}: unknown artifact format {spec.get('format')!r} (expected {SPEC_FORMAT!r})")
+        if spec.get("kind") not in KINDS:
+            raise ArtifactError(f"{where}: unknown model kind {spec.get('kind')!r}")
+        if spec.get("task") not in TASKS:
+            raise ArtifactError(f"{where}: unknown task {spec.get('task')!r}")
+        for key in ("n_features", "n_outputs", "eps", "t", "structure", "calibration"):
+            if key not in spec:
+                raise ArtifactError(f"{where}: spec lacks {key!r}")
+        for key in ("n_features", "n_outputs"):
+            if not _positive_int(spec[key]):
+                raise ArtifactError(f"{where}: {key} must be a positive integer")
+        for key in ("eps", "t"):
+            if not (_number(spec[key]) and spec[key] > 0 and math.isfinite(spec[key])):
+                raise ArtifactError(f"{where}: {key} must be a positive number")
+        top = spec.get("top_k_max", TOP_K_MAX)
+        if not _positive_int(top):
+            raise ArtifactError(f"{where}: top_k_max must be a positive integer")
+        names = spec.get("class_names") or []
+        if spec["task"] == "classification" and (
+                not isinstance(names, list) or len(names) != spec["n_outputs"]):
+            raise ArtifactError(f"{where}: class_names must list n_outputs names")
+        calibration = spec["calibration"]
+        if not isinstance(calibration, dict):
+            raise ArtifactError(f"{where}: calibration must be a JSON object")
+        alpha = calibration.get("alpha")
+        if alpha is not None and not (_number(alpha) and 0 < alpha < 1):
+            raise ArtifactError(f"{where}: calibration.alpha must be in (0, 1)")
+        features = spec.get("feature_names") or []
+        if not isinstance(features, list):
+            raise ArtifactError(f"{where}: feature_names must be a list")
+        ids, labels = spec.get("support_ids"), spec.get("support_labels")
+        return cls(kind=spec["kind"], task=spec["task"], n_features=int(spec["n_features"]),
+                   n_outputs=int(spec["n_outputs"]), eps=float(spec["eps"]), t=float(spec["t"]),
+                   top_k_max=int(top), class_names=tuple(str(n) for n in names),
+                   feature_names=tuple(str(n) for n in features),
+                   alpha=None if alpha is None else float(alpha),
+                   support_ids=tuple(ids) if isinstance(ids, list) else None,
+                   support_labels=tuple(labels) if isinstance(labels, list) else None,
+                   raw=spec)
+
+    def outputs(self) -> tuple[OutputSpec, ...]:
+        """The contract outputs of this model (:func:`outputs_for` its task)."""
+        return outputs_for(self.task)
+
+
+def _number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _positive_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+def onnx_feeds(session: Any, x: Any, tau: Any = 0.1) -> dict[str, Any]:
+    """The feeds of a served ONNX graph for rows ``x`` (n, d): ``input`` as float32 and, when the
+    graph takes one, ``tau`` as float64 ``(n, 1)`` (one value is repeated for every row; a graph
+    exported before tau had a batch dimension takes a single value, ``(1,)``). ``session`` is an
+    ``onnxruntime.InferenceSession`` (anything with ``get_inputs()``)."""
+    import numpy as np
+
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    feeds: dict[str, Any] = {"input": x}
+    for spec in session.get_inputs():
+        if spec.name != "tau":
+            continue
+        values = np.asarray(tau, dtype=np.float64).reshape(-1)
+        if len(spec.shape) == 1:   # legacy graph: one tolerance for the whole batch
+            if values.size != 1 and not np.all(values == values[0]):
+                raise ValueError("this graph takes one tau for the whole batch")
+            feeds["tau"] = values[:1].copy()
+        else:
+            feeds["tau"] = np.ascontiguousarray(np.broadcast_to(values, (x.shape[0],)).reshape(-1, 1))
+    return feeds

@@ -307,8 +307,8 @@ def calibrate(model: HJModel, X_train: torch.Tensor, X_cal: torch.Tensor, y_cal:
         own[chosen] = torch.arange(len(chosen))
         loo_u = [model.ood_unsupported(H_tr[i:i + 2048], own[i:i + 2048]) for i in range(0, H_tr.shape[0], 2048)]
         ref.norm_unsupported = torch.sort(torch.cat(loo_u)).values
-        out = model.evaluate(X_cal, outputs=("_h", "_log_probs"))
-        log_probs = out["_log_probs"] if out["_log_probs"].numel() else None
+        out = model.evaluate(X_cal, outputs=())   # the forward trace only: h and log-probabilities
+        log_probs = out.log_probs
         conformal = torch.arange(n_cal)
         if log_probs is not None:   # classification: the ambiguity component's normaliser
             held_out = support_positions is None and cfg.alpha * (1 + n_cal - n_cal // 2) >= 1.0
@@ -328,7 +328,7 @@ def calibrate(model: HJModel, X_train: torch.Tensor, X_cal: torch.Tensor, y_cal:
                 normaliser, conformal = perm[: n_cal // 2], perm[n_cal // 2:]
                 ref.norm_ambiguous = torch.sort(F.ambiguity(log_probs[normaliser])).values
         _check_alpha(cfg.alpha, len(conformal))
-        T = model.combined_statistic(out["_h"][conformal], log_probs[conformal] if log_probs is not None else None)
+        T = model.combined_statistic(out.h[conformal], log_probs[conformal] if log_probs is not None else None)
         ref.combined = torch.sort(T).values
 
 

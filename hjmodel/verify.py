@@ -42,7 +42,7 @@ def verify(path: str | Path, n: int = 256, seed: int = 0) -> dict:
 
         sess = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
         xf = x.to(torch.float32)
-        tau = np.array([0.1])
+        tau = np.full((n, 1), 0.1)
         feed = {i.name: (xf.numpy() if i.name == "input" else tau) for i in sess.get_inputs()}
         got = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, feed)))
         want = {k: v.numpy() for k, v in ServingModule(model)(xf, torch.as_tensor(tau)).items()}

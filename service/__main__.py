@@ -1,26 +1,45 @@
-"""``python -m service`` / ``hjserve``: run the server with uvicorn."""
+"""``python -m service`` / ``hjserve``: run the server (HTTP with uvicorn, and gRPC when a port is set)."""
 
 from __future__ import annotations
 
 import argparse
 from collections.abc import Sequence
 
-__all__ = ["main"]
+__all__ = ["build", "main"]
 
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="hjserve", description="Serve hjmodel artifacts over the Open Inference "
-                                "Protocol (KServe V2). Every option also reads HJSERVE_<OPTION> from the environment.")
+                                "Protocol (KServe V2), REST and gRPC. Every option also reads HJSERVE_<OPTION> "
+                                "from the environment.")
     p.add_argument("--model-repository", help="model repository root (<root>/<model>/<version>/)")
-    p.add_argument("--host", help="interface to bind")
-    p.add_argument("--port", type=int, help="TCP port")
+    p.add_argument("--host", help="interface to bind (HTTP and gRPC)")
+    p.add_argument("--port", type=int, help="HTTP port")
+    p.add_argument("--grpc-port", type=int, help="gRPC port (unset: no gRPC server)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"])
     p.add_argument("--backend", choices=["auto", "onnx", "torch"])
     p.add_argument("--max-batch-size", type=int)
     p.add_argument("--max-queue-delay-ms", type=float)
     p.add_argument("--max-queue-size", type=int)
+    p.add_argument("--model-control-mode", choices=["explicit", "poll"])
     p.add_argument("--log-level", choices=["critical", "error", "warning", "info", "debug", "trace"])
     return p
+
+
+def build(settings):
+    """settings -> repository -> dataplane -> the HTTP app, with the gRPC transport when
+    ``grpc_port`` is set (both on one event loop, over one dataplane)."""
+    from service.dataplane import DataPlane
+    from service.repository import ModelRepository
+    from service.rest.app import create_app
+
+    dataplane = DataPlane(settings, ModelRepository(settings))
+    transports = []
+    if settings.grpc_port is not None:
+        from service.grpc.server import GRPCServer
+
+        transports.append(GRPCServer(dataplane, settings.host, settings.grpc_port))
+    return create_app(dataplane, transports)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -29,14 +48,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     import uvicorn
 
     from service.logs import configure_logging
-    from service.rest.app import create_app, load_shedder
+    from service.rest.app import load_shedder
     from service.rest.guards import guarded_protocol
     from service.settings import Settings
 
     overrides = {k: v for k, v in vars(args).items() if v is not None}
     settings = Settings(**overrides)
     configure_logging(settings.log_level, settings.log_format)
-    app = create_app(settings)
+    app = build(settings)
     uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level,
                 access_log=False, log_config=None,   # hjserve.access writes the access lines
                 timeout_graceful_shutdown=10, loop="uvloop",

@@ -1,8 +1,9 @@
 """Dynamic batching per model version.
 
 Requests queue in a bounded FIFO; a worker task takes the first request, waits at most
-``max_queue_delay`` for more rows with the same ``tau`` (a graph input shared by the whole batch),
-up to ``max_batch_size`` rows, and runs the backend in its own thread so the event loop stays free.
+``max_queue_delay`` for more rows, up to ``max_batch_size`` rows, and runs the backend in its own
+thread so the event loop stays free. Requests with different ``tau`` share a batch: tau is a batched
+input of the graph (one value per row).
 A full queue rejects at once (:class:`~service.errors.Overloaded`, sent as 503 + ``Retry-After``);
 a request that waits longer than its timeout fails with :class:`~service.errors.RequestTimeout`.
 Every request ends with a result or an error: nothing hangs and nothing is dropped silently.
@@ -86,9 +87,8 @@ class DynamicBatcher:
         deadline = time.monotonic() + timeout_s
         while len(self._pending) >= self.max_queue_size and not self._closing:
             if not wait_for_room:
-                raise Overloaded(
-                    f"queue full ({self.max_queue_size} requests waiting); retry later",
-                    headers={"Retry-After": str(self.retry_after_s)})
+                raise Overloaded(f"queue full ({self.max_queue_size} requests waiting); retry later",
+                                 retry_after_s=self.retry_after_s)
             if time.monotonic() >= deadline:
                 raise RequestTimeout(f"no room in the queue within {timeout_s:g} s")
             await asyncio.sleep(0.002)
@@ -125,35 +125,23 @@ class DynamicBatcher:
     # -- worker -----------------------------------------------------------------------------------
 
     def _take_batch(self) -> list[_Job]:
-        """Pop the jobs of the next batch: FIFO, same tau as the first, at most max_batch_size rows."""
-        while self._pending and self._pending[0].future.done():
-            self._pending.popleft()  # timed out or cancelled while waiting
-        if not self._pending:
-            return []
-        tau = self._pending[0].tau
+        """Pop the jobs of the next batch: FIFO, at most max_batch_size rows (a first job may be
+        that large alone)."""
         batch: list[_Job] = []
         rows = 0
-        keep: deque[_Job] = deque()
         while self._pending:
-            job = self._pending.popleft()
-            if job.future.done():
+            job = self._pending[0]
+            if job.future.done():   # timed out or cancelled while waiting
+                self._pending.popleft()
                 continue
-            if job.tau != tau or (batch and rows + len(job.rows) > self.max_batch_size):
-                keep.append(job)
-                if job.tau == tau:
-                    break
-                continue
-            batch.append(job)
+            if batch and rows + len(job.rows) > self.max_batch_size:
+                break
+            batch.append(self._pending.popleft())
             rows += len(job.rows)
-        keep.extend(self._pending)
-        self._pending = keep
         return batch
 
     def _ready_rows(self) -> int:
-        if not self._pending:
-            return 0
-        tau = self._pending[0].tau
-        return sum(len(j.rows) for j in self._pending if j.tau == tau and not j.future.done())
+        return sum(len(j.rows) for j in self._pending if not j.future.done())
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
@@ -178,8 +166,9 @@ class DynamicBatcher:
     async def _execute(self, loop: asyncio.AbstractEventLoop, batch: list[_Job]) -> None:
         start = time.perf_counter()
         rows = batch[0].rows if len(batch) == 1 else np.concatenate([j.rows for j in batch])
+        tau = np.concatenate([np.full(len(j.rows), j.tau) for j in batch])
         try:
-            outputs = await loop.run_in_executor(self._executor, self.backend.infer, rows, batch[0].tau)
+            outputs = await loop.run_in_executor(self._executor, self.backend.infer, rows, tau)
             n = len(rows)
             for name, value in outputs.items():
                 if np.ndim(value) == 0 or len(value) != n:

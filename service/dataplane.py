@@ -1,7 +1,14 @@
-"""Transport-free logic of the Open Inference Protocol: metadata, config, readiness and inference.
+"""The transport-free dataplane of the Open Inference Protocol: every operation any transport serves.
 
-Nothing here knows HTTP. Every number in a response comes from the model's graph / module; the
-dataplane only validates, batches, selects outputs and slices ``attribution_*`` to top-k.
+Nothing here knows HTTP or gRPC. Transports decode their wire format, call one typed operation and
+encode what it returns (wire models of :mod:`service.types`). Every number in an answer comes from
+the model's graph / module; the dataplane validates, batches, selects outputs and slices
+``attribution_*`` to top-k.
+
+One owner for a request's life: every inference operation (V2 ``infer``, V1 ``explain``, batch
+``attribute``) runs its rows through :meth:`DataPlane._run` -- version resolution, options and rows
+resolved against that same version, the swap retry, the batcher -- and is counted by one
+:class:`_Account` (Prometheus request metrics, Triton statistics, per-row diagnostic metrics).
 """
 
 from __future__ import annotations
@@ -10,7 +17,7 @@ import asyncio
 import contextlib
 import math
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,7 +26,7 @@ import numpy as np
 from hjmodel import serving
 from service import __version__
 from service.batching import BatcherClosed
-from service.codecs import DATATYPES
+from service.codecs import DATATYPES, Chunk, dumps
 from service.errors import (
     BadRequest,
     EmptyBatch,
@@ -28,16 +35,37 @@ from service.errors import (
     InvalidParameter,
     InvalidShape,
     InvalidValue,
+    ModelLoadFailed,
+    ModelNotReady,
     Overloaded,
     UnknownInput,
     UnknownOutput,
     lookup,
 )
+from service.explain import EXPLAIN_OUTPUTS, PREDICT_OUTPUTS, explain_rows, predict_rows
 from service.repository import ModelRepository, ModelVersion
 from service.settings import Settings
-from service.types import InferOutput, InferRequest, InferResponse
+from service.types import (
+    ConfigTensor,
+    InferOutput,
+    InferRequest,
+    InferResponse,
+    MetadataModelResponse,
+    MetadataServerResponse,
+    MetadataTensor,
+    ModelConfigResponse,
+    ModelIndexEntry,
+    ModelIndexResponse,
+    ModelReadyResponse,
+    ModelStatistics,
+    ModelStatsResponse,
+    RepositoryIndexItem,
+    RowBlock,
+    V1Request,
+    V1Response,
+)
 
-__all__ = ["DataPlane", "EXTENSIONS", "InferOptions", "SERVER_NAME"]
+__all__ = ["Attribution", "DataPlane", "EXTENSIONS", "InferOptions", "SERVER_NAME"]
 
 SERVER_NAME = "hjserve"
 
@@ -47,22 +75,12 @@ EXTENSIONS = ("binary_tensor_data", "model_configuration", "model_repository", "
 _TOPK_OUTPUTS = frozenset(o.name for o in serving.OUTPUTS if o.row_shape == ("k",))
 _INPUT_DATATYPES = ("FP32", "FP64")
 _TRITON_TYPES = {"BOOL": "TYPE_BOOL", "INT64": "TYPE_INT64", "FP32": "TYPE_FP32", "FP64": "TYPE_FP64"}
-
-
-@dataclass(frozen=True)
-class Prediction:
-    """Every graph output for a request's rows, from the version that computed them."""
-
-    mv: ModelVersion
-    outputs: dict[str, np.ndarray]
-    queue_s: float
-    compute_s: float
-    rows: int
+_TRUE, _FALSE = ("true", "1", "yes"), ("false", "0", "no")
 
 
 @dataclass(frozen=True)
 class InferOptions:
-    """Resolved request parameters."""
+    """Request parameters resolved against one model version."""
 
     outputs: tuple[str, ...]
     top_k: int
@@ -70,20 +88,77 @@ class InferOptions:
     timeout_s: float
 
 
-def _number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+@dataclass(frozen=True)
+class Prediction:
+    """Every graph output for a request's rows, from the version that computed them."""
+
+    mv: ModelVersion
+    options: InferOptions
+    outputs: dict[str, np.ndarray]
+    queue_s: float
+    compute_s: float
+    rows: int
 
 
-def _output_spec(task: str) -> dict[str, serving.OutputSpec]:
-    return {o.name: o for o in serving.outputs_for(task)}
+Prepare = Callable[[ModelVersion], tuple[InferOptions, np.ndarray]]
+
+
+class _Account:
+    """The accounting of one operation (one request, or one whole batch job): per-row diagnostic
+    metrics are recorded by :meth:`DataPlane._run` as rows are computed; the request itself is
+    counted once, here, as a success (with its rows, queue and compute time) or a failure (with its
+    ``error_type``) -- in Prometheus and in Triton's statistics alike."""
+
+    def __init__(self, plane: DataPlane, name: str, version: str | None):
+        self.plane, self.name, self.version = plane, name, version
+        self.started = time.perf_counter()
+        self.mv: ModelVersion | None = None
+        self.rows = 0
+        self.queue_s = 0.0
+        self.compute_s = 0.0
+
+    def add(self, done: Prediction) -> None:
+        self.mv = done.mv
+        self.rows += done.rows
+        self.queue_s = max(self.queue_s, done.queue_s)
+        self.compute_s += done.compute_s
+
+    def succeed(self) -> None:
+        if self.mv is not None:
+            self.mv.metrics.succeeded(time.perf_counter() - self.started, self.queue_s, self.compute_s, self.rows)
+
+    def fail(self, exc: HJServeError) -> None:
+        mv = self.mv or self.plane._peek(self.name, self.version)
+        if mv is not None:   # an unknown model has no series to count in
+            mv.metrics.failed(lookup(exc).error_type, time.perf_counter() - self.started)
 
 
 class DataPlane:
-    """Answers V2 requests against a :class:`~service.repository.ModelRepository`."""
+    """Answers every protocol operation against a :class:`~service.repository.ModelRepository`."""
 
     def __init__(self, settings: Settings, repository: ModelRepository):
         self.settings = settings
         self.repository = repository
+        self._poller: asyncio.Task | None = None
+        names = [n.strip() for n in settings.default_outputs.split(",") if n.strip()]
+        self._default_outputs = None if names == ["all"] else tuple(names)
+
+    # -- life -------------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Load the repository; in ``poll`` mode also start rescanning it."""
+        await self.repository.load_all()
+        if self.settings.model_control_mode == "poll":
+            self._poller = asyncio.get_running_loop().create_task(
+                self.repository.poll(self.settings.repository_poll_s), name="hjserve-repository-poll")
+
+    async def stop(self) -> None:
+        """Stop polling and release every model (queued requests finish first)."""
+        if self._poller is not None:
+            self._poller.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._poller
+        await self.repository.close()
 
     # -- health and metadata ----------------------------------------------------------------------
 
@@ -93,79 +168,79 @@ class DataPlane:
     def ready(self) -> bool:
         return self.repository.is_ready()
 
-    def server_metadata(self) -> dict[str, Any]:
-        return {"name": SERVER_NAME, "version": __version__, "extensions": list(EXTENSIONS)}
+    def server_metadata(self) -> MetadataServerResponse:
+        return MetadataServerResponse(name=SERVER_NAME, version=__version__, extensions=list(EXTENSIONS))
 
-    def model_ready(self, name: str, version: str | None = None) -> bool:
-        try:
-            self.repository.get(name, version)
-        except HJServeError:
-            return False
-        return True
+    def model_ready(self, name: str, version: str | None = None) -> ModelReadyResponse:
+        """Ready, or ModelNotFound (unknown name / version) / ModelNotReady (with the reason)."""
+        self.repository.get(name, version)
+        return ModelReadyResponse(name=name, ready=True)
 
-    def model_metadata(self, name: str, version: str | None = None) -> dict[str, Any]:
+    def model_metadata(self, name: str, version: str | None = None) -> MetadataModelResponse:
         mv = self.repository.get(name, version)
-        return {
-            "name": name,
-            "versions": [str(v) for v in self.repository.ready_versions(name)],
-            "platform": mv.backend.platform,
-            "inputs": [{"name": "input", "datatype": "FP32", "shape": [-1, mv.n_features]}],
-            "outputs": [{"name": o.name, "datatype": o.datatype, "shape": [-1, *self._dims(mv, o)]}
-                        for o in serving.outputs_for(mv.task)],
-        }
+        return MetadataModelResponse(
+            name=name, versions=[str(v) for v in self.repository.ready_versions(name)],
+            platform=mv.backend.platform,
+            inputs=[MetadataTensor(name=n, datatype="FP32" if n == "input" else "FP64", shape=[-1, *dims])
+                    for n, dims in self._inputs(mv)],
+            outputs=[MetadataTensor(name=o.name, datatype=o.datatype, shape=[-1, *self._dims(mv, o)])
+                     for o in serving.outputs_for(mv.task)])
+
+    @staticmethod
+    def _inputs(mv: ModelVersion) -> list[tuple[str, list[int]]]:
+        """The model's inputs and their per-row dims: ``input`` (d), and ``tau`` (1) for regression."""
+        inputs = [("input", [mv.n_features])]
+        if mv.task == "regression":
+            inputs.append(("tau", [1]))
+        return inputs
 
     def _dims(self, mv: ModelVersion, o: serving.OutputSpec) -> list[int]:
         """Per-row dims of an output; top-k outputs are -1: their size is the request's top_k."""
-        sizes = {"d": mv.n_features, "K": int(mv.spec["n_outputs"]), "k": -1}
+        sizes = {"d": mv.n_features, "K": mv.spec.n_outputs, "k": -1}
         return [sizes[s] for s in o.row_shape]
 
-    def model_config(self, name: str, version: str | None = None) -> dict[str, Any]:
+    def model_config(self, name: str, version: str | None = None) -> ModelConfigResponse:
         """Triton-style model configuration (per-row scalar outputs: dims [1] reshaped to [])."""
         mv = self.repository.get(name, version)
-        s = self.settings
+        s, spec = self.settings, mv.spec
         k = mv.top_k_max
         outputs = []
         for o in serving.outputs_for(mv.task):
             dims = self._dims(mv, o)
-            entry: dict[str, Any] = {"name": o.name, "data_type": _TRITON_TYPES[o.datatype],
-                                     "dims": dims or [1]}
-            if not dims:
-                entry["reshape"] = {"shape": []}
-            outputs.append(entry)
-        spec = mv.spec
+            outputs.append(ConfigTensor(name=o.name, data_type=_TRITON_TYPES[o.datatype], dims=dims or [1],
+                                        reshape=None if dims else {"shape": []}))
         params = {
-            "kind": spec.get("kind"), "task": spec.get("task"), "eps": spec.get("eps"), "t": spec.get("t"),
+            "kind": spec.kind, "task": spec.task, "eps": spec.eps, "t": spec.t,
             "top_k_max": k, "default_top_k": min(s.default_top_k, k), "default_tau": s.default_tau,
-            "class_names": spec.get("class_names"),
-            "alpha": (spec.get("calibration") or {}).get("alpha"),
-            "default_outputs": self.default_outputs(mv),
-            "device": mv.backend.device,
+            "class_names": list(spec.class_names) or None, "alpha": spec.alpha,
+            "default_outputs": self.default_outputs(mv), "device": mv.backend.device,
+            "model_control_mode": s.model_control_mode,
         }
-        return {
-            "name": name,
-            "platform": mv.backend.platform,
-            "backend": mv.backend.name,
-            "version_policy": {"all": {}},   # every version on disk is loaded and addressable
-            "max_batch_size": s.max_batch_size,
-            "input": [{"name": "input", "data_type": "TYPE_FP32", "dims": [mv.n_features]}],
-            "output": outputs,
-            "dynamic_batching": {
+        return ModelConfigResponse(
+            name=name, platform=mv.backend.platform, backend=mv.backend.name,
+            version_policy={"all": {}},   # every version on disk is loaded and addressable
+            max_batch_size=s.max_batch_size,
+            input=[ConfigTensor(name=n, data_type="TYPE_FP32" if n == "input" else "TYPE_FP64", dims=dims,
+                                optional=None if n == "input" else True)   # tau: the tau parameter's twin
+                   for n, dims in self._inputs(mv)],
+            output=outputs,
+            dynamic_batching={
                 "max_queue_delay_microseconds": int(s.max_queue_delay_ms * 1000),
                 "default_queue_policy": {"max_queue_size": s.max_queue_size,
-                                         "default_timeout_microseconds": int(s.request_timeout_s * 1e6)},
-            },
-            "instance_group": [{"count": 1, "kind": "KIND_GPU" if mv.backend.device == "cuda" else "KIND_CPU"}],
-            "parameters": {key: {"string_value": value if isinstance(value, str) else _json(value)}
-                           for key, value in params.items() if value is not None},
-        }
+                                         "default_timeout_microseconds": int(s.request_timeout_s * 1e6)}},
+            instance_group=[{"count": 1, "kind": "KIND_GPU" if mv.backend.device == "cuda" else "KIND_CPU"}],
+            parameters={key: {"string_value": value if isinstance(value, str) else dumps(value).decode()}
+                        for key, value in params.items() if value is not None})
 
-    def model_index(self) -> dict[str, Any]:
-        """``GET /v2/models``: the models with at least one ready version, and those versions."""
-        return {"models": [{"name": m, "versions": [str(v) for v in self.repository.ready_versions(m)]}
-                           for m in self.repository.model_names() if self.repository.ready_versions(m)]}
+    def model_index(self) -> ModelIndexResponse:
+        """The models with at least one ready version, and those versions."""
+        return ModelIndexResponse(models=[
+            ModelIndexEntry(name=m, versions=[str(v) for v in self.repository.ready_versions(m)])
+            for m in self.repository.model_names() if self.repository.ready_versions(m)])
 
-    def model_stats(self, name: str | None = None, version: str | None = None) -> dict[str, Any]:
-        """Triton's statistics extension: every ready version, or one model / version."""
+    def model_stats(self, name: str | None = None, version: str | None = None) -> ModelStatsResponse:
+        """Triton's statistics extension: every ready version, or one model / version. Batch jobs
+        count like any request (one request, all its rows)."""
         if name is None:
             versions = [self.repository.get(m, str(v)) for m in self.repository.model_names()
                         for v in self.repository.ready_versions(m)]
@@ -174,9 +249,35 @@ class DataPlane:
             versions = [self.repository.get(name, str(v)) for v in self.repository.ready_versions(name)]
         else:
             versions = [self.repository.get(name, version)]
-        return {"model_stats": [mv.metrics.stats.as_triton(mv.name, str(mv.version)) for mv in versions]}
+        return ModelStatsResponse(model_stats=[
+            ModelStatistics(**mv.metrics.stats.as_triton(mv.name, str(mv.version))) for mv in versions])
 
-    # -- inference --------------------------------------------------------------------------------
+    # -- model repository extension ---------------------------------------------------------------
+
+    def repository_index(self, ready_only: bool = False) -> list[RepositoryIndexItem]:
+        return [RepositoryIndexItem(**item) for item in self.repository.index(ready_only)]
+
+    async def load_model(self, name: str) -> None:
+        """(Re)load every version of ``name``; refused in ``poll`` mode (the poller owns loading)."""
+        self._explicit_control("load")
+        await self.repository.load(name)
+
+    async def unload_model(self, name: str) -> None:
+        self._explicit_control("unload")
+        await self.repository.unload(name)
+
+    def _explicit_control(self, what: str) -> None:
+        if self.settings.model_control_mode != "explicit":
+            raise ModelLoadFailed(f"explicit model {what} is not allowed: model_control_mode is "
+                                  f"'{self.settings.model_control_mode}' (the repository is polled)")
+
+    # -- admission --------------------------------------------------------------------------------
+
+    def _peek(self, name: str, version: str | None) -> ModelVersion | None:
+        try:
+            return self.repository.get(name, version)
+        except HJServeError:
+            return None
 
     def _full(self, mv: ModelVersion) -> bool:
         """Whether ``mv`` has ``max_queue_size`` requests in flight (the rejection is counted)."""
@@ -188,10 +289,9 @@ class DataPlane:
     def reserve(self, name: str, version: str | None = None) -> ModelVersion | Callable[[], None] | None:
         """The connection-level form of :meth:`admit`: the full model version (the request is to be
         rejected), or a ``release`` callable holding one in-flight slot, or None when the name does
-        not resolve (the app then answers the error)."""
-        try:
-            mv = self.repository.get(name, version)
-        except HJServeError:
+        not resolve (the transport then answers the error)."""
+        mv = self._peek(name, version)
+        if mv is None:
             return None
         if self._full(mv):
             return mv
@@ -209,9 +309,8 @@ class DataPlane:
     def admit(self, name: str, version: str | None = None, *, reserved: bool = False) -> Iterator[ModelVersion]:
         """Admission control, before a request's body is read: at most ``max_queue_size`` requests
         per model version may be in flight (reading, decoding, queued or computing); beyond that
-        the request is rejected at once (Overloaded: 503 + Retry-After) without reading or decoding
-        its body. ``reserved``: the connection protocol already holds this request's slot
-        (:meth:`reserve`, used by :mod:`service.rest.guards`), so it is not counted twice."""
+        the request is rejected at once (Overloaded) without reading or decoding its body.
+        ``reserved``: the transport already holds this request's slot (:meth:`reserve`)."""
         mv = self.repository.get(name, version)
         if reserved:
             yield mv
@@ -219,62 +318,72 @@ class DataPlane:
         if self._full(mv):
             raise Overloaded(f"model '{name}' has {mv.in_flight} requests in flight (max_queue_size "
                              f"{self.settings.max_queue_size}); retry later",
-                             headers={"Retry-After": str(self.settings.retry_after_s)})
+                             retry_after_s=self.settings.retry_after_s)
         mv.in_flight += 1
         try:
             yield mv
         finally:
             mv.in_flight -= 1
 
-    def default_outputs(self, mv: ModelVersion) -> list[str]:
-        names = set(mv.output_names)
-        return [n for n in serving.DEFAULT_OUTPUTS if n in names]
+    # -- options and rows -------------------------------------------------------------------------
 
-    def resolve_options(self, mv: ModelVersion, params: dict[str, Any],
-                        requested: list[str]) -> InferOptions:
-        """Validate request parameters and the requested output names."""
+    def default_outputs(self, mv: ModelVersion) -> list[str]:
+        """Outputs of a request that names none (setting ``default_outputs``)."""
+        if self._default_outputs is None:
+            return list(mv.output_names)
+        names = set(mv.output_names)
+        return [n for n in self._default_outputs if n in names]
+
+    def resolve_options(self, mv: ModelVersion, params: dict[str, Any], requested: list[str]) -> InferOptions:
+        """Validate request parameters (protocol types: numbers may arrive as strings, as gRPC's
+        ``InferParameter`` carries them) and the requested output names against ``mv``."""
         s = self.settings
-        top_k = params.get("top_k", min(s.default_top_k, mv.top_k_max))
-        if not isinstance(top_k, int) or isinstance(top_k, bool) or not 1 <= top_k <= mv.top_k_max:
-            raise InvalidParameter(f"parameter top_k must be an integer in [1, {mv.top_k_max}], got {top_k!r}")
-        tau = params.get("tau", s.default_tau)
-        if not _number(tau) or not math.isfinite(tau) or tau <= 0:
-            raise InvalidParameter(f"parameter tau must be a finite number > 0, got {tau!r}")
+        top_k = _integer(params.get("top_k", min(s.default_top_k, mv.top_k_max)))
+        if top_k is None or not 1 <= top_k <= mv.top_k_max:
+            raise InvalidParameter(f"parameter top_k must be an integer in [1, {mv.top_k_max}], "
+                                   f"got {params.get('top_k')!r}")
+        tau = _real(params.get("tau", s.default_tau))
+        if tau is None or not math.isfinite(tau) or tau <= 0:
+            raise InvalidParameter(f"parameter tau must be a finite number > 0, got {params.get('tau')!r}")
         if "alpha" in params:
-            alpha = params["alpha"]
-            fitted = (mv.spec.get("calibration") or {}).get("alpha")
-            if not _number(alpha) or fitted is None or not math.isclose(alpha, fitted, rel_tol=1e-9):
+            alpha, fitted = _real(params["alpha"]), mv.spec.alpha
+            if alpha is None or fitted is None or not math.isclose(alpha, fitted, rel_tol=1e-9):
                 raise InvalidParameter(
                     f"parameter alpha: this model's OOD flag is calibrated at alpha={fitted}; "
-                    f"other rates need a recalibrated artifact (got {alpha!r})")
+                    f"other rates need a recalibrated artifact (got {params['alpha']!r})")
         timeout = s.request_timeout_s
         if "timeout" in params:  # Triton's reserved parameter, in microseconds
-            micros = params["timeout"]
-            if not isinstance(micros, int) or isinstance(micros, bool) or micros <= 0:
-                raise InvalidParameter(f"parameter timeout must be a positive integer (microseconds), got {micros!r}")
+            micros = _integer(params["timeout"])
+            if micros is None or micros <= 0:
+                raise InvalidParameter(f"parameter timeout must be a positive integer (microseconds), "
+                                       f"got {params['timeout']!r}")
             timeout = min(timeout, micros / 1e6)
-        known = set(mv.output_names)
-        outputs: list[str] = list(requested)
-        if not outputs:
-            outputs = self.default_outputs(mv)
-            diag = params.get("diagnostics", False)
-            if diag is True or diag == "all":
-                outputs = list(mv.output_names)
-            elif isinstance(diag, str) and diag:
-                outputs += [n.strip() for n in diag.split(",") if n.strip() and n.strip() not in outputs]
-            elif isinstance(diag, list) and all(isinstance(n, str) for n in diag):
-                outputs += [n for n in diag if n not in outputs]
-            elif diag is not False:
-                raise InvalidParameter(
-                    "parameter diagnostics must be true, false, \"all\", or output names (list or comma-separated)")
-        unknown = [n for n in outputs if n not in known]
+        outputs = list(requested) or self._diagnostic_outputs(mv, params.get("diagnostics", False))
+        unknown = [n for n in outputs if n not in mv.output_names]
         if unknown:
             raise UnknownOutput(f"unknown output(s) {unknown} for model '{mv.name}'; it has {list(mv.output_names)}")
         if len(set(outputs)) != len(outputs):
             raise BadRequest("an output is requested twice")
         if mv.task == "classification":
-            tau = s.default_tau  # the graph ignores tau for decisions: one value batches best
+            tau = s.default_tau  # the graph ignores tau for decisions
         return InferOptions(tuple(outputs), int(top_k), float(tau), timeout)
+
+    def _diagnostic_outputs(self, mv: ModelVersion, diag: Any) -> list[str]:
+        """The default outputs plus what the ``diagnostics`` parameter asks for: true / "all" (every
+        output), false, or output names (a list or a comma-separated string)."""
+        outputs = self.default_outputs(mv)
+        if isinstance(diag, str) and diag.strip().lower() in _TRUE + _FALSE:
+            diag = diag.strip().lower() in _TRUE
+        if diag is True or diag == "all":
+            return list(mv.output_names)
+        if diag is False:
+            return outputs
+        if isinstance(diag, str) and diag.strip():
+            return outputs + [n.strip() for n in diag.split(",") if n.strip() and n.strip() not in outputs]
+        if isinstance(diag, list) and diag and all(isinstance(n, str) for n in diag):
+            return outputs + [n for n in diag if n not in outputs]
+        raise InvalidParameter(
+            "parameter diagnostics must be true, false, \"all\", or output names (list or comma-separated)")
 
     def check_rows(self, mv: ModelVersion, array: np.ndarray, datatype: str, shape: tuple[int, ...],
                    name: str = "input") -> np.ndarray:
@@ -293,15 +402,49 @@ class DataPlane:
             raise InvalidValue(f"input '{name}' has values outside the float32 range")
         return rows
 
-    async def run_rows(self, mv: ModelVersion, rows: np.ndarray, tau: float, timeout_s: float, *,
-                       wait_for_room: bool = False) -> tuple[dict[str, np.ndarray], float, float]:
-        """All graph outputs for ``rows`` (split into max_batch_size chunks) -> (outputs, queue_s,
-        compute_s)."""
+    def select(self, mv: ModelVersion, outputs: dict[str, np.ndarray], options: InferOptions,
+               request: InferRequest | None = None) -> list[InferOutput]:
+        """Requested outputs, sliced to top-k and cast to the contract's datatypes."""
+        specs = {o.name: o for o in serving.outputs_for(mv.task)}
+        wanted = {o.name: o.binary for o in (request.outputs if request else [])}
+        default_binary = request.binary_output if request else False
+        selected = []
+        for name in options.outputs:
+            value = np.asarray(outputs[name])
+            if name in _TOPK_OUTPUTS:
+                value = value[:, :options.top_k]
+            datatype = specs[name].datatype
+            value = value.astype(DATATYPES[datatype], copy=False)
+            binary = wanted.get(name)
+            selected.append(InferOutput(name, datatype, value, default_binary if binary is None else binary))
+        return selected
+
+    # -- the one run path -------------------------------------------------------------------------
+
+    async def _run(self, name: str, version: str | None, prepare: Prepare, *,
+                   wait_for_room: bool = False) -> Prediction:
+        """Rows through the serving version: resolve the version, resolve options and validate rows
+        against *that* version (``prepare``), send the rows through its batcher in
+        ``max_batch_size`` chunks, record every computed row's diagnostics in the metrics. A version
+        swapped mid-request (its batcher closed) is retried on the new load."""
+        for _ in range(3):
+            mv = self.repository.get(name, version)
+            options, rows = prepare(mv)
+            try:
+                outputs, queue_s, compute_s = await self._batches(mv, rows, options, wait_for_room)
+            except BatcherClosed:
+                continue
+            mv.metrics.record_rows(outputs, mv.task)
+            return Prediction(mv, options, outputs, queue_s, compute_s, len(rows))
+        raise ModelNotReady(f"model '{name}' was swapped repeatedly during the request; retry")
+
+    async def _batches(self, mv: ModelVersion, rows: np.ndarray, options: InferOptions,
+                       wait_for_room: bool) -> tuple[dict[str, np.ndarray], float, float]:
         size = self.settings.max_batch_size
         chunks = [rows[i:i + size] for i in range(0, len(rows), size)]
         # the queue limit admits a request by its first chunk; its later chunks wait for room (a
         # request larger than the queue would otherwise never run)
-        coros = [mv.batcher.infer(c, tau, timeout_s=timeout_s, wait_for_room=wait_for_room or i > 0)
+        coros = [mv.batcher.infer(c, options.tau, timeout_s=options.timeout_s, wait_for_room=wait_for_room or i > 0)
                  for i, c in enumerate(chunks)]
         if len(coros) == 1:
             results = [await coros[0]]
@@ -320,81 +463,199 @@ class DataPlane:
             outputs = {k: np.concatenate([r.outputs[k] for r in results]) for k in results[0].outputs}
         return outputs, max(r.queue_s for r in results), sum(r.compute_s for r in results)
 
-    async def predict(self, name: str, version: str | None, rows_of: Any, tau: float, timeout_s: float, *,
-                      wait_for_room: bool = False) -> Prediction:
-        """Run rows on the serving version, retrying on a version swapped mid-request.
+    @contextlib.contextmanager
+    def _account(self, name: str, version: str | None) -> Iterator[_Account]:
+        account = _Account(self, name, version)
+        try:
+            yield account
+        except HJServeError as exc:
+            account.fail(exc)
+            raise
+        account.succeed()
 
-        ``rows_of(mv)`` validates and returns the float32 rows for that version.
-        """
-        for _ in range(3):
-            mv = self.repository.get(name, version)
-            rows = rows_of(mv)
-            try:
-                outputs, queue_s, compute_s = await self.run_rows(mv, rows, tau, timeout_s,
-                                                                   wait_for_room=wait_for_room)
-            except BatcherClosed:
-                continue
-            return Prediction(mv, outputs, queue_s, compute_s, len(rows))
-        raise BadRequest(f"model '{name}' was swapped repeatedly during the request; retry")
-
-    def select(self, mv: ModelVersion, outputs: dict[str, np.ndarray], options: InferOptions,
-               request: InferRequest | None = None) -> list[InferOutput]:
-        """Requested outputs, sliced to top-k and cast to the contract's datatypes."""
-        specs = _output_spec(mv.task)
-        wanted = {o.name: o.binary for o in (request.outputs if request else [])}
-        default_binary = request.binary_output if request else False
-        selected = []
-        for name in options.outputs:
-            value = np.asarray(outputs[name])
-            if name in _TOPK_OUTPUTS:
-                value = value[:, :options.top_k]
-            datatype = specs[name].datatype
-            value = value.astype(DATATYPES[datatype], copy=False)
-            binary = wanted.get(name)
-            selected.append(InferOutput(name, datatype, value, default_binary if binary is None else binary))
-        return selected
+    # -- operations -------------------------------------------------------------------------------
 
     async def infer(self, name: str, version: str | None, request: InferRequest) -> InferResponse:
         """One V2 inference request."""
-        start = time.perf_counter()
-        mv: ModelVersion | None = None
+        with self._account(name, version) as account:
+            tensor, tau = _inputs_of(request)
+
+            def prepare(mv: ModelVersion) -> tuple[InferOptions, np.ndarray]:
+                params = request.parameters if tau is None else {**request.parameters, "tau": tau}
+                options = self.resolve_options(mv, params, [o.name for o in request.outputs])
+                for out in request.outputs:
+                    if "class_count" in out.parameters:
+                        raise InvalidParameter("the classification extension (class_count) is not supported; "
+                                               "request the 'probabilities' output")
+                return options, self.check_rows(mv, tensor.array, tensor.datatype, tensor.shape, tensor.name)
+
+            done = await self._run(name, version, prepare)
+            account.add(done)
+            started = time.perf_counter()
+            selected = self.select(done.mv, done.outputs, done.options, request)
+            done.mv.metrics.phase["diagnostics"].observe(time.perf_counter() - started)
+        return InferResponse(model_name=name, model_version=str(done.mv.version), outputs=selected, id=request.id)
+
+    async def explain(self, name: str, request: V1Request, *, detail: bool) -> V1Response:
+        """V1 ``:predict`` (``detail=False``) or ``:explain``: readable answers, each number with its
+        meaning (:mod:`service.explain`)."""
+        with self._account(name, None) as account:
+            if not request.instances:
+                raise EmptyBatch("instances has no rows")
+            if len({len(row) for row in request.instances}) > 1:
+                raise InvalidShape("instances must be rows of equal length")
+            array = np.asarray(request.instances, dtype=np.float64).reshape(len(request.instances), -1)
+            params = dict(request.parameters or {})
+            names = EXPLAIN_OUTPUTS if detail else PREDICT_OUTPUTS
+
+            def prepare(mv: ModelVersion) -> tuple[InferOptions, np.ndarray]:
+                options = self.resolve_options(mv, params, [n for n in names if n in mv.output_names])
+                return options, self.check_rows(mv, array, "FP64", array.shape, "instances")
+
+            done = await self._run(name, None, prepare)
+            account.add(done)
+        if detail:
+            return V1Response(**explain_rows(done.mv, done.outputs, done.options.top_k))
+        return V1Response(**predict_rows(done.mv, done.outputs))
+
+    def attribute(self, name: str, version: str | None, source: Iterator[Chunk], parameters: dict[str, Any],
+                  outputs: list[str]) -> Attribution:
+        """A batch attribution job over ``source``'s row chunks, pinned to the version serving now.
+        With no outputs named (and no ``diagnostics`` parameter) every output is returned."""
+        mv = self.repository.get(name, version)
+        if not outputs and "diagnostics" not in parameters:
+            outputs = list(mv.output_names)
+        self.resolve_options(mv, parameters, outputs)   # a bad parameter fails before any row is read
+        return Attribution(self, mv, source, parameters, outputs)
+
+
+class Attribution:
+    """One batch attribution job: row chunks in, :class:`~service.types.RowBlock` s out, in order,
+    with one chunk computing while the next is read and the previous one is written.
+
+    Error contract (nothing accepted is dropped): a failure before the first block -- a bad request,
+    no rows, a bad row among the first chunk -- raises from :meth:`start`, before any answer. After
+    that, :meth:`blocks` answers every row before the failing one and then raises the error;
+    :attr:`rows_done` is the first row *not* answered. The job is one request in the metrics and
+    statistics (all its rows); chunks wait for queue room instead of failing."""
+
+    def __init__(self, plane: DataPlane, mv: ModelVersion, source: Iterator[Chunk], parameters: dict[str, Any],
+                 outputs: list[str]):
+        self.plane, self.mv, self.source = plane, mv, source
+        self.parameters, self.outputs = parameters, outputs
+        self.version = str(mv.version)   # pinned: a reload of this version is retried, never another one
+        self.rows_done = 0
+        self._account = _Account(plane, mv.name, self.version)
+        self._first: Prediction | None = None
+
+    async def _next_chunk(self) -> Chunk | None:
+        return await asyncio.to_thread(next, self.source, None)
+
+    async def _compute(self, chunk: Chunk) -> Prediction:
+        array, datatype = chunk
+
+        def prepare(mv: ModelVersion) -> tuple[InferOptions, np.ndarray]:
+            return (self.plane.resolve_options(mv, self.parameters, self.outputs),
+                    self.plane.check_rows(mv, array, datatype, array.shape))
+
+        done = await self.plane._run(self.mv.name, self.version, prepare, wait_for_room=True)
+        self.mv = done.mv
+        self.mv.metrics.batch_rows.inc(done.rows)
+        self._account.add(done)
+        return done
+
+    async def start(self) -> None:
+        """Compute the first chunk (its errors come before any answer; no rows is EmptyBatch)."""
         try:
-            mv = self.repository.get(name, version)
-            options = self._options_for(mv, request)
-            tensor = self._input_of(request)
-
-            def rows_of(current: ModelVersion) -> np.ndarray:
-                return self.check_rows(current, tensor.array, tensor.datatype, tensor.shape, tensor.name)
-
-            done = await self.predict(name, version, rows_of, options.tau, options.timeout_s)
-            mv = done.mv
-            diag_start = time.perf_counter()
-            mv.metrics.record_rows(done.outputs, mv.task)
-            selected = self.select(mv, done.outputs, options, request)
-            mv.metrics.phase["diagnostics"].observe(time.perf_counter() - diag_start)
+            chunk = await self._next_chunk()
+            if chunk is None:
+                raise EmptyBatch("the batch has no rows")
+            self._first = await self._compute(chunk)
         except HJServeError as exc:
-            if mv is not None:
-                mv.metrics.failed(lookup(exc).error_type, time.perf_counter() - start)
+            self._account.fail(exc)
             raise
-        mv.metrics.succeeded(time.perf_counter() - start, done.queue_s, done.compute_s, done.rows)
-        return InferResponse(model_name=name, model_version=str(mv.version), outputs=selected, id=request.id)
 
-    def _options_for(self, mv: ModelVersion, request: InferRequest) -> InferOptions:
-        for out in request.outputs:
-            if "class_count" in out.parameters:
-                raise InvalidParameter("the classification extension (class_count) is not supported; "
-                                       "request the 'probabilities' output")
-        return self.resolve_options(mv, request.parameters, [o.name for o in request.outputs])
+    def _block(self, done: Prediction) -> RowBlock:
+        mv = done.mv
+        names = mv.spec.class_names if mv.task == "classification" else ()
+        classes = [names[int(k)] for k in done.outputs["prediction"]] if names else None
+        return RowBlock(self.rows_done, done.rows, self.plane.select(mv, done.outputs, done.options), classes)
 
-    @staticmethod
-    def _input_of(request: InferRequest):
-        if len(request.inputs) != 1 or request.inputs[0].name != "input":
-            names = [i.name for i in request.inputs]
-            raise UnknownInput(f"expected exactly one input named 'input', got {names}")
-        return request.inputs[0]
+    async def blocks(self) -> AsyncIterator[RowBlock]:
+        """The answered rows, block by block (after :meth:`start`); see the class's error contract."""
+        metrics = self.mv.metrics
+        metrics.batch_jobs.inc()
+        pending: asyncio.Task | None = None
+        try:
+            done = self._first
+            while done is not None:
+                read_error: HJServeError | None = None
+                try:
+                    nxt = await self._next_chunk()
+                except HJServeError as exc:   # a bad row: answer what was computed, then say so
+                    nxt, read_error = None, exc
+                if nxt is not None:
+                    pending = asyncio.ensure_future(self._compute(nxt))
+                yield self._block(done)
+                self.rows_done += done.rows
+                if read_error is not None:
+                    raise read_error
+                if pending is None:
+                    break
+                done = await pending
+                pending = None
+            self._account.succeed()
+        except HJServeError as exc:
+            self._account.fail(exc)
+            raise
+        finally:  # synchronous only: this may run inside a cancelled scope (client hung up)
+            if pending is not None:
+                pending.cancel()
+                pending.add_done_callback(_consume)
+            metrics.batch_jobs.dec()
 
 
-def _json(value: Any) -> str:
-    import json
+def _consume(task: asyncio.Task) -> None:
+    """Retrieve a cancelled chunk's outcome so asyncio does not log it as never retrieved."""
+    if not task.cancelled():
+        task.exception()
 
-    return json.dumps(value)
+
+def _inputs_of(request: InferRequest):
+    """The ``input`` tensor, and a ``tau`` input's single value (None when absent): regression graphs
+    take tau as a batched input, which a client may send like any input (one value for every row)."""
+    inputs = {i.name: i for i in request.inputs}
+    if "input" not in inputs or len(inputs) != len(request.inputs) or set(inputs) - {"input", "tau"}:
+        names = [i.name for i in request.inputs]
+        raise UnknownInput(f"expected one input named 'input' (and optionally 'tau'), got {names}")
+    tau = inputs.get("tau")
+    if tau is None:
+        return inputs["input"], None
+    values = np.asarray(tau.array, dtype=np.float64).ravel() if tau.array.dtype.kind in "fiu" else None
+    if values is None or values.size == 0 or not np.all(values == values[0]):
+        raise InvalidParameter("input 'tau' must hold one number (the same for every row)")
+    return inputs["input"], float(values[0])
+
+
+def _integer(value: Any) -> int | None:
+    """An integer parameter: an int, or a string of one (gRPC carries numbers as strings too)."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value
+    if isinstance(value, str):
+        with contextlib.suppress(ValueError):
+            return int(value.strip())
+    return None
+
+
+def _real(value: Any) -> float | None:
+    """A number parameter: an int or float, or a string of one."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, (int, float)):
+        return float(value)
+    if isinstance(value, str):
+        with contextlib.suppress(ValueError):
+            return float(value.strip())
+    return None

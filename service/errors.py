@@ -1,6 +1,10 @@
-"""Core errors (no HTTP here) and the one table that maps each to a status and an ``error_type``.
+"""Core errors (no transport here) and the one table that maps each to an HTTP status, a gRPC
+status code and an ``error_type``.
 
-Every error body the service sends is ``{"error": "<message>", "error_type": "<type>"}``.
+Every error body the REST transport sends is ``{"error": "<message>", "error_type": "<type>"}``;
+the gRPC transport sends the message as the status details and the ``error_type`` in the trailing
+metadata. Transport details an error implies (``Retry-After``, ``WWW-Authenticate``, closing the
+connection) are derived at each edge from the error's class and typed fields, never stored here.
 """
 
 from __future__ import annotations
@@ -44,10 +48,9 @@ __all__ = [
 class HJServeError(Exception):
     """Base of every error the service reports to a client."""
 
-    def __init__(self, message: str, *, headers: dict[str, str] | None = None):
+    def __init__(self, message: str):
         super().__init__(message)
         self.message = message
-        self.headers = dict(headers or {})
 
 
 class BadRequest(HJServeError):
@@ -135,7 +138,12 @@ class PayloadTooLarge(HJServeError):
 
 
 class Overloaded(HJServeError):
-    """The model's queue is full; retry later (sent with ``Retry-After``)."""
+    """The model's queue is full; retry after ``retry_after_s`` seconds (REST: ``Retry-After``;
+    gRPC: ``retry-after`` trailing metadata)."""
+
+    def __init__(self, message: str, *, retry_after_s: int = 1):
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
 
 
 class RequestTimeout(HJServeError):
@@ -152,41 +160,44 @@ class InternalError(HJServeError):
 
 @dataclass(frozen=True)
 class ErrorMapping:
-    """HTTP status and machine-readable ``error_type`` of one error class."""
+    """HTTP status, gRPC status code name (``grpc.StatusCode`` member) and machine-readable
+    ``error_type`` of one error class."""
 
     status: int
     error_type: str
+    grpc: str
 
 
-#: The one place that maps errors to HTTP statuses. Ordered most specific first; ``lookup`` walks
+#: The one place that maps errors to HTTP statuses and gRPC codes (Triton's choices: a full queue
+#: is UNAVAILABLE, an unknown model NOT_FOUND, a bad request INVALID_ARGUMENT). Ordered most specific first; ``lookup`` walks
 #: the class's MRO, so a subclass without an entry inherits its parent's.
 ERROR_TABLE: dict[type[HJServeError], ErrorMapping] = {
-    InvalidJSON: ErrorMapping(400, "invalid_json"),
-    InvalidHeader: ErrorMapping(400, "invalid_header"),
-    InvalidShape: ErrorMapping(400, "invalid_shape"),
-    InvalidDatatype: ErrorMapping(400, "invalid_datatype"),
-    InvalidValue: ErrorMapping(400, "invalid_value"),
-    EmptyBatch: ErrorMapping(400, "empty_batch"),
-    InvalidParameter: ErrorMapping(400, "invalid_parameter"),
-    UnknownInput: ErrorMapping(400, "unknown_input"),
-    UnknownOutput: ErrorMapping(400, "unknown_output"),
-    InvalidModelName: ErrorMapping(400, "invalid_model_name"),
-    ValidationFailed: ErrorMapping(400, "validation_error"),
-    BadRequest: ErrorMapping(400, "bad_request"),
-    Unauthorized: ErrorMapping(401, "unauthorized"),
-    Forbidden: ErrorMapping(403, "forbidden"),
-    NotFound: ErrorMapping(404, "not_found"),
-    ModelNotFound: ErrorMapping(404, "model_not_found"),
-    MethodNotAllowed: ErrorMapping(405, "method_not_allowed"),
-    BodyTimeout: ErrorMapping(408, "body_timeout"),
-    PayloadTooLarge: ErrorMapping(413, "payload_too_large"),
-    ModelLoadFailed: ErrorMapping(400, "model_load_failed"),
-    ModelNotReady: ErrorMapping(503, "model_not_ready"),
-    Overloaded: ErrorMapping(503, "overloaded"),
-    RequestTimeout: ErrorMapping(504, "timeout"),
-    BackendError: ErrorMapping(500, "backend_error"),
-    InternalError: ErrorMapping(500, "internal_error"),
-    HJServeError: ErrorMapping(500, "internal_error"),
+    InvalidJSON: ErrorMapping(400, "invalid_json", "INVALID_ARGUMENT"),
+    InvalidHeader: ErrorMapping(400, "invalid_header", "INVALID_ARGUMENT"),
+    InvalidShape: ErrorMapping(400, "invalid_shape", "INVALID_ARGUMENT"),
+    InvalidDatatype: ErrorMapping(400, "invalid_datatype", "INVALID_ARGUMENT"),
+    InvalidValue: ErrorMapping(400, "invalid_value", "INVALID_ARGUMENT"),
+    EmptyBatch: ErrorMapping(400, "empty_batch", "INVALID_ARGUMENT"),
+    InvalidParameter: ErrorMapping(400, "invalid_parameter", "INVALID_ARGUMENT"),
+    UnknownInput: ErrorMapping(400, "unknown_input", "INVALID_ARGUMENT"),
+    UnknownOutput: ErrorMapping(400, "unknown_output", "INVALID_ARGUMENT"),
+    InvalidModelName: ErrorMapping(400, "invalid_model_name", "INVALID_ARGUMENT"),
+    ValidationFailed: ErrorMapping(400, "validation_error", "INVALID_ARGUMENT"),
+    BadRequest: ErrorMapping(400, "bad_request", "INVALID_ARGUMENT"),
+    Unauthorized: ErrorMapping(401, "unauthorized", "UNAUTHENTICATED"),
+    Forbidden: ErrorMapping(403, "forbidden", "PERMISSION_DENIED"),
+    NotFound: ErrorMapping(404, "not_found", "NOT_FOUND"),
+    ModelNotFound: ErrorMapping(404, "model_not_found", "NOT_FOUND"),
+    MethodNotAllowed: ErrorMapping(405, "method_not_allowed", "UNIMPLEMENTED"),
+    BodyTimeout: ErrorMapping(408, "body_timeout", "DEADLINE_EXCEEDED"),
+    PayloadTooLarge: ErrorMapping(413, "payload_too_large", "RESOURCE_EXHAUSTED"),
+    ModelLoadFailed: ErrorMapping(400, "model_load_failed", "INVALID_ARGUMENT"),
+    ModelNotReady: ErrorMapping(503, "model_not_ready", "UNAVAILABLE"),
+    Overloaded: ErrorMapping(503, "overloaded", "UNAVAILABLE"),
+    RequestTimeout: ErrorMapping(504, "timeout", "DEADLINE_EXCEEDED"),
+    BackendError: ErrorMapping(500, "backend_error", "INTERNAL"),
+    InternalError: ErrorMapping(500, "internal_error", "INTERNAL"),
+    HJServeError: ErrorMapping(500, "internal_error", "INTERNAL"),
 }
 
 

@@ -46,7 +46,7 @@ def _scalar(array: np.ndarray, i: int) -> Any:
 
 def _prediction(mv: ModelVersion, outputs: dict[str, np.ndarray], i: int) -> Any:
     if mv.task == "classification":
-        return str(mv.spec["class_names"][int(_scalar(outputs["prediction"], i))])
+        return mv.spec.class_names[int(_scalar(outputs["prediction"], i))]
     return np.asarray(outputs["prediction"])[i].tolist()
 
 
@@ -57,10 +57,10 @@ def _common(mv: ModelVersion, outputs: dict[str, np.ndarray], i: int, alpha: Any
         k = int(_scalar(outputs["prediction"], i))
         probs = np.asarray(outputs["probabilities"])[i].tolist()
         out["class_index"] = _v(k, "index of the predicted class in class_names")
-        out["probabilities"] = _v(dict(zip(map(str, spec["class_names"]), probs, strict=True)),
+        out["probabilities"] = _v(dict(zip(spec.class_names, probs, strict=True)),
                                   MEANINGS["probabilities"] + (
                                       " (Gibbs-weighted vote of the stored training labels)"
-                                      if spec.get("kind") == "memory" else " (softmax of the logits / eps)"))
+                                      if spec.kind == "memory" else " (softmax of the logits / eps)"))
         radius_doc = "L2 radius in raw input space within which no perturbation can change the predicted class"
     else:
         radius_doc = "L2 radius in raw input space within which every output moves by at most tau"
@@ -72,7 +72,8 @@ def _common(mv: ModelVersion, outputs: dict[str, np.ndarray], i: int, alpha: Any
         "score": _v(_scalar(outputs["ood_score"], i), MEANINGS["ood_score"] + "; larger = farther from the data"),
         "p_value": _v(_scalar(outputs["ood_p_value"], i),
                       "split-conformal p-value; small = unusual for in-distribution data"),
-        "component": _v(("unsupported", "ambiguous")[component] if component in (0, 1) else component,
+        "component": _v(serving.OOD_COMPONENTS[component] if 0 <= component < len(serving.OOD_COMPONENTS)
+                        else component,
                         "which calibrated component is larger: unsupported (far from the training data) or "
                         "ambiguous (1 - max class probability)"),
     }
@@ -85,7 +86,7 @@ def _common(mv: ModelVersion, outputs: dict[str, np.ndarray], i: int, alpha: Any
 def predict_rows(mv: ModelVersion, outputs: dict[str, np.ndarray]) -> dict[str, Any]:
     """``{"predictions": [...], "diagnostics": [...]}`` for every row."""
     n = len(outputs["prediction"])
-    alpha = (mv.spec.get("calibration") or {}).get("alpha")
+    alpha = mv.spec.alpha
     return {
         "model_name": mv.name,
         "model_version": str(mv.version),
@@ -94,12 +95,11 @@ def predict_rows(mv: ModelVersion, outputs: dict[str, np.ndarray]) -> dict[str, 
     }
 
 
-def _support_info(spec: dict[str, Any], j: int) -> dict[str, Any]:
+def _support_info(spec: serving.ArtifactSpec, j: int) -> dict[str, Any]:
     """Training-example id / label of support point j when the artifact lists them."""
     info: dict[str, Any] = {}
-    for key, label in (("support_ids", "training_example_id"), ("support_labels", "training_label")):
-        values = spec.get(key)
-        if isinstance(values, list) and 0 <= j < len(values):
+    for values, label in ((spec.support_ids, "training_example_id"), (spec.support_labels, "training_label")):
+        if values is not None and 0 <= j < len(values):
             info[label] = values[j]
     return info
 
@@ -108,8 +108,8 @@ def explain_rows(mv: ModelVersion, outputs: dict[str, np.ndarray], top_k: int) -
     """:func:`predict_rows` plus, per row, the top-k attributions and the most salient features."""
     result = predict_rows(mv, outputs)
     spec = mv.spec
-    unit = _UNIT.get(str(spec.get("kind")), "neuron / support point j")
-    features = spec.get("feature_names")
+    unit = _UNIT.get(spec.kind, "neuron / support point j")
+    features = list(spec.feature_names)
     explanations = []
     for i in range(len(result["predictions"])):
         index = np.asarray(outputs["attribution_index"])[i, :top_k].tolist()

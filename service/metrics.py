@@ -20,6 +20,7 @@ from prometheus_client import (
     generate_latest,
 )
 
+from hjmodel import serving
 from service.stats import InferenceStats
 
 __all__ = [
@@ -30,6 +31,7 @@ __all__ = [
     "CLASS_PREDICTIONS",
     "CONTENT_TYPE_LATEST",
     "ENERGY_GAP",
+    "GRPC_REQUESTS",
     "HALLUCINATION_FLAGS",
     "HTTP_REQUESTS",
     "INFERENCE_FAILURES",
@@ -84,9 +86,10 @@ BATCH_JOBS_IN_PROGRESS = Gauge("hjserve_batch_jobs_in_progress", "Batch attribut
 MODEL_READY = Gauge("hjserve_model_ready", "1 when the model version is loaded and serving, else 0.", _MV)
 HTTP_REQUESTS = Counter("hjserve_http_requests", "HTTP requests by route template, method and status.",
                         ("route", "method", "status"))
+GRPC_REQUESTS = Counter("hjserve_grpc_requests", "gRPC calls by method and status code.", ("method", "code"))
 
 #: ``ood_component`` output value -> label of ``hjserve_ood_flags_total``.
-OOD_COMPONENTS = ("unsupported", "ambiguous")
+OOD_COMPONENTS = serving.OOD_COMPONENTS
 
 
 def _observe(hist, values: np.ndarray) -> None:

@@ -10,18 +10,19 @@ versions finish their queued requests before they are released.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import re
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
 from hjmodel import serving
+from hjmodel.artifact import read_artifact_spec
+from hjmodel.errors import ArtifactError
+from hjmodel.serving import ArtifactSpec
 from service.backends import Backend, load_backend
 from service.batching import DynamicBatcher
 from service.errors import HJServeError, InvalidModelName, ModelLoadFailed, ModelNotFound, ModelNotReady
@@ -53,53 +54,14 @@ def check_model_name(name: str) -> str:
     return name
 
 
-def read_spec(version_dir: Path, backend: Backend | None = None) -> dict[str, Any]:
-    """The artifact's JSON spec, read by ``hjmodel.artifact.read_spec`` (fallback: the raw JSON in
-    ``model.json`` or the ONNX metadata); raises ModelLoadFailed."""
+def read_spec(version_dir: Path) -> ArtifactSpec:
+    """The artifact's typed spec (``hjmodel``'s one validator); raises ModelLoadFailed."""
     try:
-        from hjmodel.artifact import ArtifactError
-        from hjmodel.artifact import read_spec as hj_read_spec
-    except ImportError:
-        hj_read_spec = None
-    if hj_read_spec is not None:
-        try:
-            spec = hj_read_spec(version_dir)
-        except ArtifactError as exc:
-            raise ModelLoadFailed(f"invalid artifact: {exc}") from None
-        except Exception as exc:
-            raise ModelLoadFailed(f"cannot read the spec: {type(exc).__name__}: {exc}") from None
-    else:
-        raw = None
-        if (Path(version_dir) / "model.json").is_file():
-            raw = (Path(version_dir) / "model.json").read_text()
-        elif backend is not None and serving.ONNX_SPEC_KEY in getattr(backend, "metadata", {}):
-            raw = backend.metadata[serving.ONNX_SPEC_KEY]
-        if raw is None:
-            raise ModelLoadFailed("no spec found (model.json or ONNX metadata)")
-        try:
-            spec = json.loads(raw)
-        except ValueError as exc:
-            raise ModelLoadFailed(f"the spec is not valid JSON: {exc}") from None
-    return _check_spec(spec)
-
-
-def _check_spec(spec: Any) -> dict[str, Any]:
-    if not isinstance(spec, dict):
-        raise ModelLoadFailed("the spec is not a JSON object")
-    task = spec.get("task")
-    if task not in ("classification", "regression"):
-        raise ModelLoadFailed(f"spec task must be classification or regression, got {task!r}")
-    for key in ("n_features", "n_outputs"):
-        if not isinstance(spec.get(key), int) or spec[key] < 1:
-            raise ModelLoadFailed(f"spec {key} must be a positive integer")
-    if task == "classification":
-        names = spec.get("class_names")
-        if not isinstance(names, list) or len(names) != spec["n_outputs"]:
-            raise ModelLoadFailed("spec class_names must list n_outputs names")
-    top = spec.get("top_k_max", serving.TOP_K_MAX)
-    if not isinstance(top, int) or top < 1:
-        raise ModelLoadFailed("spec top_k_max must be a positive integer")
-    return spec
+        return read_artifact_spec(version_dir)
+    except ArtifactError as exc:
+        raise ModelLoadFailed(f"invalid artifact: {exc}") from None
+    except Exception as exc:
+        raise ModelLoadFailed(f"cannot read the spec: {type(exc).__name__}: {exc}") from None
 
 
 class VersionState:
@@ -117,7 +79,7 @@ class ModelVersion:
     name: str
     version: int
     path: Path
-    spec: dict[str, Any]
+    spec: ArtifactSpec
     backend: Backend
     batcher: DynamicBatcher
     metrics: VersionMetrics
@@ -127,15 +89,15 @@ class ModelVersion:
 
     @property
     def task(self) -> str:
-        return self.spec["task"]
+        return self.spec.task
 
     @property
     def n_features(self) -> int:
-        return int(self.spec["n_features"])
+        return self.spec.n_features
 
     @property
     def top_k_max(self) -> int:
-        return int(self.spec.get("top_k_max", serving.TOP_K_MAX))
+        return self.spec.top_k_max
 
 
 @dataclass
@@ -164,6 +126,7 @@ class ModelRepository:
         self._lock = threading.Lock()
         self._load_locks: dict[str, asyncio.Lock] = {}
         self._closers: set[asyncio.Task] = set()
+        self._fingerprints: dict[str, tuple] = {}   # model -> its folder as of its last (re)load
         self.started = False
 
     # -- queries ----------------------------------------------------------------------------------
@@ -252,9 +215,9 @@ class ModelRepository:
         s = self.settings
         backend = self._loader(path, preference=s.backend, device=s.device, threads=s.intra_op_threads)
         try:
-            spec = read_spec(path, backend)
-            names = serving.output_names(spec["task"])
-            probe = backend.infer(np.zeros((1, spec["n_features"]), dtype=np.float32), s.default_tau)
+            spec = read_spec(path)
+            names = serving.output_names(spec.task)
+            probe = backend.infer(np.zeros((1, spec.n_features), dtype=np.float32), np.full(1, s.default_tau))
             missing = [n for n in names if n not in probe]
             if missing:
                 raise ModelLoadFailed(f"the model does not produce the outputs {missing}")
@@ -267,7 +230,7 @@ class ModelRepository:
         except Exception as exc:
             backend.close()
             raise ModelLoadFailed(f"{type(exc).__name__}: {exc}") from None
-        metrics = VersionMetrics(name, str(version), spec.get("class_names") or ())
+        metrics = VersionMetrics(name, str(version), spec.class_names)
         batcher = DynamicBatcher(
             backend, max_batch_size=s.max_batch_size, max_queue_delay_s=s.max_queue_delay_ms / 1000.0,
             max_queue_size=s.max_queue_size, retry_after_s=s.retry_after_s, name=f"{name}-{version}",
@@ -292,6 +255,7 @@ class ModelRepository:
             model_dir = self.model_dir(name)
             if not model_dir.is_dir():
                 raise ModelNotFound(f"no model directory '{name}' in the repository")
+            self._fingerprints[name] = self.fingerprint(name)   # before reading: later edits are seen
             versions = _numeric_versions(model_dir)
             loaded: dict[int, ModelVersion] = {}
             failed: dict[int, str] = {}
@@ -303,7 +267,7 @@ class ModelRepository:
                 try:
                     loaded[v] = await asyncio.to_thread(self._load_version, name, v, version_dir)
                 except HJServeError as exc:
-                    failed[v] = exc.message
+                    failed[v] = exc.message.replace(str(self.root), "<repository>")   # no host paths to clients
             with self._lock:
                 old = self._models.get(name) or _Model()
                 new = _Model()
@@ -345,6 +309,44 @@ class ModelRepository:
             for mv in old.versions.values():
                 mv.metrics.ready.set(0)
                 self._retire(mv)
+
+    # -- poll mode ----------------------------------------------------------------------------------
+
+    def fingerprint(self, name: str) -> tuple:
+        """What ``poll`` compares between scans: each numeric version directory of ``name`` with the
+        names, sizes and modification times of its files (an empty tuple when the model is gone)."""
+        try:
+            model_dir = self.model_dir(name)
+            versions = _numeric_versions(model_dir) if model_dir.is_dir() else []
+            return tuple((v, tuple(sorted((f.name, f.stat().st_size, f.stat().st_mtime_ns)
+                                          for f in (model_dir / str(v)).iterdir() if f.is_file())))
+                         for v in versions)
+        except (HJServeError, OSError):
+            return ()
+
+    async def poll(self, interval_s: float) -> None:
+        """Triton's ``poll`` model control: every ``interval_s`` seconds, load models whose folder
+        appeared, reload those whose version folders or files changed, unload those removed. A
+        failure is recorded in the index (the previous load keeps serving) and retried only when
+        the folder changes again. Runs until cancelled."""
+        seen = self._fingerprints
+        while True:
+            await asyncio.sleep(interval_s)
+            on_disk = set(self.disk_models())
+            for name in sorted(on_disk | set(seen)):
+                current = self.fingerprint(name) if name in on_disk else ()
+                if current == seen.get(name, ()):
+                    continue
+                seen[name] = current
+                try:
+                    if name in on_disk:
+                        log.info("poll: (re)loading model %s", name)
+                        await self.load(name)
+                    elif self.ready_versions(name):
+                        log.info("poll: unloading model %s (its folder is gone)", name)
+                        await self.unload(name)
+                except HJServeError as exc:
+                    log.warning("poll: model %s: %s", name, exc.message)
 
     def _retire(self, mv: ModelVersion) -> None:
         task = asyncio.get_running_loop().create_task(mv.batcher.close())

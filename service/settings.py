@@ -42,6 +42,30 @@ class Settings(BaseSettings):
     port: int = Field(8000, ge=0, le=65535)
     """TCP port of the HTTP server."""
 
+    grpc_port: int | None = Field(None, ge=0, le=65535)
+    """TCP port of the gRPC server (KServe V2 / Triton ``inference.GRPCInferenceService``, served from
+    the same dataplane as HTTP); unset (the default of a bare process): no gRPC server. ``make serve``,
+    the Docker images and the Kubernetes manifests set it to 8001, Triton's gRPC port."""
+
+    grpc_max_message_bytes: int = Field(64 * 1024 * 1024, ge=1024)
+    """Largest gRPC message received or sent (the gRPC twin of ``max_body_bytes``)."""
+
+    model_control_mode: Literal["explicit", "poll"] = "explicit"
+    """How the model repository changes, as in Triton: ``explicit`` -- every model on disk loads at
+    startup, then only the repository extension's load / unload calls change what is served;
+    ``poll`` -- the repository is rescanned every ``repository_poll_s`` seconds: a new model or
+    version folder is loaded, a changed one reloaded, a removed one unloaded (load / unload calls
+    are then refused, like Triton's)."""
+
+    repository_poll_s: float = Field(15.0, gt=0.0)
+    """Seconds between two scans of the repository in ``poll`` mode."""
+
+    default_outputs: str = "prediction,probabilities,certified_radius,ood_flag"
+    """Outputs of a V2 request that names none: ``all`` (the protocol's rule: every output) or a
+    comma-separated list of output names (a model gets those it has). Reported per model as the
+    ``default_outputs`` parameter of its config. Requests can always name outputs or use the
+    ``diagnostics`` parameter."""
+
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """Where models run: ``cuda`` when available under ``auto``, else ``cpu``. ``cuda`` fails a model's
     load when no GPU runtime is present."""

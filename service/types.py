@@ -10,6 +10,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 __all__ = [
+    "ConfigTensor",
     "ErrorResponse",
     "InferInput",
     "InferOutput",
@@ -20,13 +21,21 @@ __all__ = [
     "MetadataModelResponse",
     "MetadataServerResponse",
     "MetadataTensor",
+    "ModelConfigResponse",
+    "ModelIndexEntry",
+    "ModelIndexResponse",
+    "ModelReadyResponse",
+    "ModelStatistics",
+    "ModelStatsResponse",
     "RepositoryIndexItem",
     "RepositoryIndexRequest",
     "RequestInput",
     "RequestOutput",
     "RequestedOutput",
     "ResponseOutput",
+    "RowBlock",
     "V1Request",
+    "V1Response",
 ]
 
 Parameters = dict[str, Any]
@@ -130,6 +139,79 @@ class RepositoryIndexItem(_Wire):
     reason: str = ""
 
 
+class ModelReadyResponse(_Wire):
+    """``GET /v2/models/{m}[/versions/{v}]/ready``."""
+
+    name: str
+    ready: bool
+
+
+class ModelIndexEntry(_Wire):
+    """A model with at least one ready version, and those versions."""
+
+    name: str
+    versions: list[str]
+
+
+class ModelIndexResponse(_Wire):
+    """``GET /v2/models``."""
+
+    models: list[ModelIndexEntry]
+
+
+class ConfigTensor(_Wire):
+    """An input or output of a Triton model configuration (``reshape`` only for per-row scalars)."""
+
+    name: str
+    data_type: str
+    dims: list[int]
+    reshape: dict[str, list[int]] | None = None
+    optional: bool | None = None
+
+
+class ModelConfigResponse(_Wire):
+    """Triton's model configuration (the JSON form of its ``ModelConfig`` protobuf message)."""
+
+    name: str
+    platform: str
+    backend: str
+    version_policy: dict[str, dict[str, Any]]
+    max_batch_size: int
+    input: list[ConfigTensor]
+    output: list[ConfigTensor]
+    dynamic_batching: dict[str, Any]
+    instance_group: list[dict[str, Any]]
+    parameters: dict[str, dict[str, str]]
+
+
+class ModelStatistics(_Wire):
+    """Triton's statistics of one model version (counts and cumulative nanoseconds)."""
+
+    name: str
+    version: str
+    last_inference: int
+    inference_count: int
+    execution_count: int
+    inference_stats: dict[str, dict[str, int]]
+    batch_stats: list[dict[str, Any]]
+
+
+class ModelStatsResponse(_Wire):
+    """``GET /v2/models[/{m}[/versions/{v}]]/stats``."""
+
+    model_stats: list[ModelStatistics]
+
+
+class V1Response(_Wire):
+    """``:predict`` / ``:explain``: readable predictions, each number with its meaning."""
+
+    model_name: str
+    model_version: str
+    predictions: list[Any]
+    diagnostics: list[dict[str, Any]]
+    explanations: list[dict[str, Any]] | None = None
+
+
 class V1Request(_Wire):
     """``POST /v1/models/{m}:predict`` / ``:explain`` body: rows of features."""
 
@@ -178,6 +260,17 @@ class InferOutput:
     datatype: str
     array: np.ndarray
     binary: bool = False
+
+
+@dataclass
+class RowBlock:
+    """A block of answered rows of a batch attribution job: rows ``start .. start + rows - 1``, the
+    selected outputs and, for classification, each row's class name."""
+
+    start: int
+    rows: int
+    outputs: list[InferOutput]
+    classes: list[str] | None = None
 
 
 @dataclass

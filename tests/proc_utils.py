@@ -1,16 +1,7 @@
-"""Process helpers shared by the test packages (tests/ is on sys.path via tests/conftest.py)."""
+"""Process helpers shared by the test packages: the package's own (:mod:`service.testing`)."""
 
 from __future__ import annotations
 
-import subprocess
+from service.testing import stop_process
 
-
-def stop_process(proc: subprocess.Popen, timeout: float = 15.0) -> None:
-    """Terminate a process we started (by its PID), then kill it if it does not exit in time."""
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=10)
+__all__ = ["stop_process"]

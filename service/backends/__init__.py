@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from hjmodel import serving
 from service.backends.base import Backend, BackendFactory
 from service.errors import ModelLoadFailed
 
@@ -33,11 +34,11 @@ def choose_backend(version_dir: Path, preference: str) -> str:
         return preference
     if preference != "auto":
         raise ModelLoadFailed(f"unknown backend {preference!r}")
-    if (version_dir / "model.onnx").is_file():
+    if (version_dir / serving.ONNX_FILE).is_file():
         return "onnx"
-    if (version_dir / "model.pt").is_file():
+    if (version_dir / serving.TORCH_FILE).is_file():
         return "torch"
-    raise ModelLoadFailed(f"{version_dir} holds neither model.onnx nor model.pt")
+    raise ModelLoadFailed(f"{version_dir} holds neither {serving.ONNX_FILE} nor {serving.TORCH_FILE}")
 
 
 def load_backend(version_dir: Path, *, preference: str = "auto", device: str = "auto",

@@ -14,8 +14,8 @@ __all__ = ["Backend", "BackendFactory"]
 class Backend(Protocol):
     """A loaded model version.
 
-    ``infer(input: float32 (B, d), tau) -> {output name: array with leading dim B}`` computes every
-    output of the serving contract (``hjmodel.serving.outputs_for(task)``). Implementations are
+    ``infer(input: float32 (B, d), tau: float64 (B,)) -> {output name: array with leading dim B}``
+    computes every output of the serving contract (``tau``: each row's regression tolerance) (``hjmodel.serving.outputs_for(task)``). Implementations are
     thread-safe for one caller at a time and raise only :class:`service.errors.BackendError`.
     """
 
@@ -23,7 +23,7 @@ class Backend(Protocol):
     device: str
     platform: str
 
-    def infer(self, input: np.ndarray, tau: float) -> dict[str, np.ndarray]: ...
+    def infer(self, input: np.ndarray, tau: np.ndarray) -> dict[str, np.ndarray]: ...
 
     def close(self) -> None: ...
 

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
+from hjmodel import serving
 from service.errors import BackendError, ModelLoadFailed
 
 __all__ = ["OnnxBackend", "load_onnx"]
@@ -23,15 +24,21 @@ class OnnxBackend:
     def __init__(self, session, device: str):
         self._session = session
         self.device = device
-        self._input_names = {i.name for i in session.get_inputs()}
         self._output_names = [o.name for o in session.get_outputs()]
         meta = session.get_modelmeta().custom_metadata_map
         self.metadata: dict[str, str] = dict(meta)
 
-    def infer(self, input: np.ndarray, tau: float) -> dict[str, np.ndarray]:
-        feeds: dict[str, np.ndarray] = {"input": np.ascontiguousarray(input, dtype=np.float32)}
-        if "tau" in self._input_names:
-            feeds["tau"] = np.asarray([tau], dtype=np.float64)
+    def infer(self, input: np.ndarray, tau: np.ndarray) -> dict[str, np.ndarray]:
+        tau = np.asarray(tau, dtype=np.float64).reshape(-1)
+        try:
+            feeds = serving.onnx_feeds(self._session, input, tau)
+        except ValueError:   # a graph of one tau per batch (exported before tau was batched): per value
+            parts = [(tau == value, self.infer(input[tau == value], tau[tau == value])) for value in np.unique(tau)]
+            out = {name: np.empty((len(input), *v.shape[1:]), dtype=v.dtype) for name, v in parts[0][1].items()}
+            for mask, values in parts:
+                for name, v in values.items():
+                    out[name][mask] = v
+            return out
         try:
             values = self._session.run(self._output_names, feeds)
         except Exception as exc:  # onnxruntime raises its own pybind11 exception types
@@ -44,7 +51,7 @@ class OnnxBackend:
 
 def load_onnx(version_dir: Path, *, device: str = "auto", threads: int = 0) -> OnnxBackend:
     """Open ``version_dir/model.onnx`` on ``device`` (auto|cpu|cuda)."""
-    path = Path(version_dir) / "model.onnx"
+    path = Path(version_dir) / serving.ONNX_FILE
     if not path.is_file():
         raise ModelLoadFailed(f"{path} does not exist")
     try:

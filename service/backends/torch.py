@@ -6,6 +6,8 @@ from pathlib import Path
 
 import numpy as np
 
+from hjmodel import serving
+from hjmodel.errors import InputError
 from service.errors import BackendError, InvalidValue, ModelLoadFailed
 
 __all__ = ["TorchBackend", "load_torch"]
@@ -21,17 +23,17 @@ class TorchBackend:
         self._module = module
         self.device = device
 
-    def infer(self, input: np.ndarray, tau: float) -> dict[str, np.ndarray]:
+    def infer(self, input: np.ndarray, tau: np.ndarray) -> dict[str, np.ndarray]:
         import torch
 
         try:
             with torch.no_grad():
                 x = torch.from_numpy(np.ascontiguousarray(input, dtype=np.float32)).to(self.device)
-                t = torch.tensor([tau], dtype=torch.float64, device=self.device)
+                t = torch.as_tensor(np.asarray(tau, dtype=np.float64).reshape(-1, 1), device=self.device)
                 out = self._module(x, t)
             return {name: value.detach().cpu().numpy() for name, value in out.items()}
         except Exception as exc:
-            if type(exc).__name__ == "InputError":  # hjmodel's own input validation
+            if isinstance(exc, InputError):  # hjmodel's own input validation, translated at this boundary
                 raise InvalidValue(f"the model rejected the input: {exc}") from None
             raise BackendError(f"torch failed: {exc}") from None
 
@@ -42,8 +44,8 @@ class TorchBackend:
 def load_torch(version_dir: Path, *, device: str = "auto", threads: int = 0) -> TorchBackend:
     """Rebuild the serving module of ``version_dir`` on ``device`` (auto|cpu|cuda)."""
     version_dir = Path(version_dir)
-    if not (version_dir / "model.pt").is_file():
-        raise ModelLoadFailed(f"{version_dir / 'model.pt'} does not exist")
+    if not (version_dir / serving.TORCH_FILE).is_file():
+        raise ModelLoadFailed(f"{version_dir / serving.TORCH_FILE} does not exist")
     import torch
 
     try:

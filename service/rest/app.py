@@ -6,9 +6,9 @@ import logging
 import re
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Any, Protocol
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -20,21 +20,18 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from service import __version__, metrics
 from service.dataplane import DataPlane
 from service.errors import (
-    BodyTimeout,
+    BadRequest,
     HJServeError,
+    InternalError,
     InvalidParameter,
     MethodNotAllowed,
     NotFound,
     Overloaded,
     ValidationFailed,
-    error_body,
-    lookup,
 )
-from service.repository import ModelRepository
 from service.rest import batch, repository, v1, v2
-from service.rest.common import json_response, require_admin, require_api_key
-from service.rest.guards import BodyTimeoutMiddleware, raw_error
-from service.settings import Settings
+from service.rest.common import require_admin, require_api_key
+from service.rest.guards import BodyTimeoutMiddleware, error_parts, raw_error
 from service.types import (
     ErrorResponse,
     InferenceRequest,
@@ -46,7 +43,7 @@ from service.types import (
     V1Request,
 )
 
-__all__ = ["ROUTES", "create_app", "load_shedder"]
+__all__ = ["ROUTES", "Transport", "create_app", "load_shedder"]
 
 log = logging.getLogger("service")
 
@@ -272,7 +269,7 @@ def load_shedder(dataplane: DataPlane):
     def response_for(name: str, version: int) -> bytes:
         return raw_error(Overloaded(f"model '{name}' version {version} has max_queue_size "
                                     f"({settings.max_queue_size}) requests in flight; retry later",
-                                    headers={"Retry-After": str(settings.retry_after_s)}))
+                                    retry_after_s=settings.retry_after_s))
 
     def shed(method: str, path: str):
         if method != "POST" or not path.endswith(_SHED_SUFFIXES):
@@ -300,12 +297,13 @@ def load_shedder(dataplane: DataPlane):
     return shed
 
 
-def _error_response(exc: HJServeError) -> Response:
-    mapping = lookup(exc)
-    headers = dict(exc.headers)
-    if isinstance(exc, BodyTimeout):
-        headers["Connection"] = "close"   # the rest of the body is never read
-    return json_response(error_body(exc.message, mapping.error_type), mapping.status, headers or None)
+def _error_response(exc: HJServeError, extra: dict[str, str] | None = None) -> Response:
+    """Every error response the app sends: :func:`~service.rest.guards.error_parts` (the one table,
+    the headers the error implies) as an ASGI response."""
+    status, headers, body = error_parts(exc)
+    response = Response(body, status_code=status)
+    response.raw_headers = [*headers, *((k.lower().encode(), v.encode()) for k, v in (extra or {}).items())]
+    return response
 
 
 async def _on_service_error(request: Request, exc: HJServeError) -> Response:
@@ -316,11 +314,11 @@ async def _on_http_error(request: Request, exc: StarletteHTTPException) -> Respo
     if exc.status_code == 404:
         return _error_response(NotFound(f"no route for {request.method} {request.url.path}"))
     if exc.status_code == 405:
-        response = _error_response(MethodNotAllowed(f"method {request.method} not allowed on {request.url.path}"))
-        if exc.headers:
-            response.headers.update(exc.headers)
-        return response
-    return json_response(error_body(str(exc.detail), "http_error"), exc.status_code, exc.headers)
+        return _error_response(MethodNotAllowed(f"method {request.method} not allowed on {request.url.path}"),
+                               exc.headers)
+    # any other framework-raised status: still an error of the one table
+    error = BadRequest(str(exc.detail)) if 400 <= exc.status_code < 500 else InternalError(str(exc.detail))
+    return _error_response(error, exc.headers)
 
 
 async def _on_validation_error(request: Request, exc: RequestValidationError) -> Response:
@@ -332,22 +330,35 @@ async def _on_validation_error(request: Request, exc: RequestValidationError) ->
 
 async def _on_unexpected(request: Request, exc: Exception) -> Response:
     log.exception("unhandled error on %s %s", request.method, request.url.path)
-    return json_response(error_body("internal server error", "internal_error"), 500)
+    return _error_response(InternalError("internal server error"))
 
 
-def create_app(settings: Settings | None = None, repository: ModelRepository | None = None) -> FastAPI:
-    """The app for ``settings``; the repository loads at startup and is released at shutdown."""
-    settings = settings or Settings()
-    repository = repository or ModelRepository(settings)
-    dataplane = DataPlane(settings, repository)
+class Transport(Protocol):
+    """Another transport served beside HTTP from the same dataplane and event loop (gRPC)."""
+
+    async def start(self) -> None: ...
+
+    async def stop(self) -> None: ...
+
+
+def create_app(dataplane: DataPlane, transports: Sequence[Transport] = ()) -> FastAPI:
+    """The HTTP app over ``dataplane``. At startup the dataplane loads its repository and the other
+    ``transports`` start; at shutdown they stop, then the dataplane releases every model."""
+    settings = dataplane.settings
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        await repository.load_all()
+        await dataplane.start()
+        started: list[Transport] = []
         try:
+            for transport in transports:
+                await transport.start()
+                started.append(transport)
             yield
         finally:
-            await repository.close()
+            for transport in reversed(started):
+                await transport.stop()
+            await dataplane.stop()
 
     app = FastAPI(title="hjserve", version=__version__, lifespan=lifespan, routes=[*ROUTES, *_docs_routes()],
                   docs_url=None, redoc_url=None,

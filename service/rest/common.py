@@ -2,24 +2,36 @@
 
 from __future__ import annotations
 
-import hmac
 from typing import Any
 
 from fastapi import Request
 from fastapi.responses import Response
+from pydantic import BaseModel
 
+from service.auth import check_admin, check_api_key, key_from
 from service.codecs import dumps
 from service.dataplane import DataPlane
-from service.errors import Forbidden, PayloadTooLarge, Unauthorized
+from service.errors import PayloadTooLarge
 from service.rest.guards import ADMITTED
 from service.settings import Settings
 
-__all__ = ["admission", "json_response", "presented_key", "read_body", "require_admin", "require_api_key"]
+__all__ = ["admission", "json_response", "presented_key", "read_body", "require_admin", "require_api_key",
+           "wire_response"]
 
 
 def json_response(content: Any, status_code: int = 200, headers: dict[str, str] | None = None) -> Response:
     """Compact JSON (non-finite floats allowed, as Triton sends them)."""
     return Response(dumps(content), status_code=status_code, media_type="application/json", headers=headers)
+
+
+def wire_response(content: BaseModel | list[BaseModel] | dict[str, Any]) -> Response:
+    """A dataplane answer (a wire model, a list of them, or a plain object) as JSON; fields that are
+    None are left out."""
+    if isinstance(content, BaseModel):
+        content = content.model_dump(exclude_none=True)
+    elif isinstance(content, list):
+        content = [item.model_dump(exclude_none=True) for item in content]
+    return json_response(content)
 
 
 def settings_of(request: Request) -> Settings:
@@ -53,48 +65,14 @@ async def read_body(request: Request, limit: int) -> bytes:
 
 def presented_key(request: Request) -> str | None:
     """The key from ``Authorization: Bearer <key>`` or ``X-API-Key``."""
-    auth = request.headers.get("authorization")
-    if auth:
-        scheme, _, token = auth.partition(" ")
-        if scheme.lower() == "bearer" and token.strip():
-            return token.strip()
-    key = request.headers.get("x-api-key")
-    return key.strip() if key else None
-
-
-def _matches(key: str, allowed: list[str]) -> bool:
-    found = False
-    for candidate in allowed:  # compare against all, in constant time each
-        found |= hmac.compare_digest(key.encode(), candidate.encode())
-    return found
+    return key_from(request.headers.get("authorization"), request.headers.get("x-api-key"))
 
 
 async def require_api_key(request: Request) -> None:
-    """Inference and model routes: a valid API key when any is configured (the admin key also works)."""
-    settings = settings_of(request)
-    allowed = [k.get_secret_value() for k in settings.api_keys]
-    if not allowed:
-        return
-    if settings.admin_key is not None:
-        allowed.append(settings.admin_key.get_secret_value())
-    key = presented_key(request)
-    if key is None:
-        raise Unauthorized("missing API key (Authorization: Bearer <key> or X-API-Key)",
-                           headers={"WWW-Authenticate": "Bearer"})
-    if not _matches(key, allowed):
-        raise Unauthorized("invalid API key", headers={"WWW-Authenticate": "Bearer"})
+    """Inference and model routes: :func:`service.auth.check_api_key`."""
+    check_api_key(settings_of(request), presented_key(request))
 
 
 async def require_admin(request: Request) -> None:
-    """Repository routes (index, load, unload): never more open than inference. With an admin key
-    set, only it works; without one, the API keys work (and are required) when any is set; only a
-    server with no keys at all leaves them open, like its inference routes."""
-    settings = settings_of(request)
-    if settings.admin_key is None:
-        await require_api_key(request)
-        return
-    key = presented_key(request)
-    if key is None:
-        raise Unauthorized("missing admin key", headers={"WWW-Authenticate": "Bearer"})
-    if not _matches(key, [settings.admin_key.get_secret_value()]):
-        raise Forbidden("this route needs the admin key")
+    """Repository routes (index, load, unload): :func:`service.auth.check_admin`."""
+    check_admin(settings_of(request), presented_key(request))

@@ -33,9 +33,9 @@ from uvicorn.protocols.http.flow_control import service_unavailable
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from service.codecs import dumps
-from service.errors import BadRequest, BodyTimeout, HJServeError, Overloaded, error_body, lookup
+from service.errors import BadRequest, BodyTimeout, HJServeError, Overloaded, Unauthorized, error_body, lookup
 
-__all__ = ["ADMITTED", "BodyTimeoutMiddleware", "GuardedProtocol", "Shed", "error_parts", "guarded_protocol",
+__all__ = ["ADMITTED", "BodyTimeoutMiddleware", "GuardedProtocol", "Shed", "error_parts", "guarded_protocol", "http_headers",
            "raw_error"]
 
 #: ``shed(method, path)`` -> a complete HTTP/1.1 response (bytes) that answers a request head without
@@ -60,15 +60,30 @@ class _Answered:
 _ANSWERED = _Answered()
 
 
+def http_headers(exc: HJServeError) -> dict[str, str]:
+    """The HTTP headers an error implies, derived at this edge from its class and typed fields:
+    ``Retry-After`` (overload), ``WWW-Authenticate`` (no or a wrong key), ``Connection: close`` (a body
+    that never arrived is never read)."""
+    headers: dict[str, str] = {}
+    if isinstance(exc, Overloaded):
+        headers["Retry-After"] = str(exc.retry_after_s)
+    elif isinstance(exc, Unauthorized):
+        headers["WWW-Authenticate"] = "Bearer"
+    elif isinstance(exc, BodyTimeout):
+        headers["Connection"] = "close"
+    return headers
+
+
 def error_parts(exc: HJServeError, close: bool = False) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
-    """(status, headers, body) of an error answered below the app: status and ``error_type`` from
-    the one error table, the same ``{error, error_type}`` body as every other error."""
+    """(status, headers, body) of any error response: status and ``error_type`` from the one error
+    table, headers from :func:`http_headers`, the ``{error, error_type}`` body."""
     mapping = lookup(exc)
     body = dumps(error_body(exc.message, mapping.error_type))
-    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-               *((k.lower().encode(), str(v).encode()) for k, v in exc.headers.items())]
+    extra = http_headers(exc)
     if close:
-        headers.append((b"connection", b"close"))
+        extra["Connection"] = "close"
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+               *((k.lower().encode(), v.encode()) for k, v in extra.items())]
     return mapping.status, headers, body
 
 
@@ -91,7 +106,7 @@ def _error_app(exc: HJServeError):
 
 def _connections_full(retry_after_s: int):
     return _error_app(Overloaded("the server is at max_connections (HJSERVE_MAX_CONNECTIONS); retry later",
-                                 headers={"Retry-After": str(retry_after_s)}))
+                                 retry_after_s=retry_after_s))
 
 
 #: ASGI scope key set on requests whose in-flight slot the protocol already reserved.

@@ -8,30 +8,32 @@ from pydantic import ValidationError
 
 from service.codecs import parse_json
 from service.errors import BadRequest
-from service.rest.common import dataplane_of, json_response, read_body
+from service.rest.common import dataplane_of, json_response, read_body, wire_response
 from service.types import RepositoryIndexRequest
 
 __all__ = ["index", "load", "unload"]
 
+_LIMIT = 64 * 1024
+
 
 async def index(request: Request) -> Response:
-    body = await read_body(request, 64 * 1024)
+    body = await read_body(request, _LIMIT)
     ready_only = False
     if body.strip():
         try:
             ready_only = bool(RepositoryIndexRequest.model_validate(parse_json(body)).ready)
         except ValidationError as exc:
             raise BadRequest(f"invalid index request: {exc.errors()[0]['msg']}") from None
-    return json_response(dataplane_of(request).repository.index(ready_only))
+    return wire_response(dataplane_of(request).repository_index(ready_only))
 
 
 async def load(request: Request, model_name: str) -> Response:
-    await read_body(request, 64 * 1024)
-    await dataplane_of(request).repository.load(model_name)
+    await read_body(request, _LIMIT)
+    await dataplane_of(request).load_model(model_name)
     return json_response({})
 
 
 async def unload(request: Request, model_name: str) -> Response:
-    await read_body(request, 64 * 1024)
-    await dataplane_of(request).repository.unload(model_name)
+    await read_body(request, _LIMIT)
+    await dataplane_of(request).unload_model(model_name)
     return json_response({})

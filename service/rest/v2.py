@@ -1,4 +1,5 @@
-"""V2 (Open Inference Protocol) routes: health, metadata, config, infer."""
+"""V2 (Open Inference Protocol) routes: health, metadata, config, stats, infer. Each decodes, calls
+one dataplane operation and encodes its answer."""
 
 from __future__ import annotations
 
@@ -8,48 +9,48 @@ from starlette.concurrency import run_in_threadpool
 
 from service import codecs
 from service.errors import ModelNotReady
-from service.rest.common import admission, dataplane_of, json_response, read_body, settings_of
+from service.rest.common import admission, dataplane_of, read_body, settings_of, wire_response
 
-__all__ = ["infer", "live", "model_config", "model_index", "model_metadata", "model_ready", "model_stats", "ready", "server_metadata"]
+__all__ = ["infer", "live", "model_config", "model_index", "model_metadata", "model_ready", "model_stats", "ready",
+           "server_metadata"]
 
 #: Bodies larger than this are decoded in a worker thread so the event loop stays responsive.
 _OFFLOAD_BYTES = 256 * 1024
 
 
 async def live(request: Request) -> Response:
-    return json_response({"live": dataplane_of(request).live()})
+    return wire_response({"live": dataplane_of(request).live()})
 
 
 async def ready(request: Request) -> Response:
     if not dataplane_of(request).ready():
         raise ModelNotReady("the server is not ready: no model version is serving yet")
-    return json_response({"ready": True})
+    return wire_response({"ready": True})
 
 
 async def server_metadata(request: Request) -> Response:
-    return json_response(dataplane_of(request).server_metadata())
+    return wire_response(dataplane_of(request).server_metadata())
 
 
 async def model_index(request: Request) -> Response:
-    return json_response(dataplane_of(request).model_index())
+    return wire_response(dataplane_of(request).model_index())
 
 
 async def model_metadata(request: Request, model_name: str, model_version: str | None = None) -> Response:
-    return json_response(dataplane_of(request).model_metadata(model_name, model_version))
+    return wire_response(dataplane_of(request).model_metadata(model_name, model_version))
 
 
 async def model_ready(request: Request, model_name: str, model_version: str | None = None) -> Response:
-    dataplane_of(request).repository.get(model_name, model_version)  # raises not found / not ready
-    return json_response({"name": model_name, "ready": True})
+    return wire_response(dataplane_of(request).model_ready(model_name, model_version))
 
 
 async def model_config(request: Request, model_name: str, model_version: str | None = None) -> Response:
-    return json_response(dataplane_of(request).model_config(model_name, model_version))
+    return wire_response(dataplane_of(request).model_config(model_name, model_version))
 
 
 async def model_stats(request: Request, model_name: str | None = None,
                       model_version: str | None = None) -> Response:
-    return json_response(dataplane_of(request).model_stats(model_name, model_version))
+    return wire_response(dataplane_of(request).model_stats(model_name, model_version))
 
 
 async def infer(request: Request, model_name: str, model_version: str | None = None) -> Response:

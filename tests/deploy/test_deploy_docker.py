@@ -43,7 +43,8 @@ def test_runtime_stage_is_non_root_with_healthcheck_and_cmd(dockerfile) -> None:
     assert "/v2/health/ready" in health and "--interval=" in health
     cmds = [a for i, a in stage if i == "CMD"]
     assert json.loads(cmds[-1]) == EXPECTED_CMD
-    assert "8000" in [a for i, a in stage if i == "EXPOSE"]
+    exposed = " ".join(a for i, a in stage if i == "EXPOSE").split()
+    assert "8000" in exposed and "8001" in exposed   # HTTP and gRPC
     assert not [a for i, a in stage if i == "ENTRYPOINT"]
     # The user is set after everything that needs root.
     assert max(n for n, (i, _) in enumerate(stage) if i == "RUN") < max(n for n, (i, _) in enumerate(stage) if i == "USER")

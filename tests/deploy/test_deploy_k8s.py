@@ -14,7 +14,8 @@ from deploy_helpers import K8S_DIR, KSERVE_DIR, load_yaml_all, require_tool, run
 
 #: Kubernetes versions validated against (oldest still common, newest shipped by kubernetes-validate).
 K8S_VERSIONS = ("1.29.0", kubernetes_validate.utils.latest_version())
-BUILDS = {"cpu": K8S_DIR, "gpu": K8S_DIR / "overlays" / "gpu", "kserve": KSERVE_DIR}
+BUILDS = {"cpu": K8S_DIR, "gpu": K8S_DIR / "overlays" / "gpu", "kserve": KSERVE_DIR,
+          "kserve-grpc": KSERVE_DIR.parent / "kserve-grpc"}
 
 
 @cache
@@ -134,9 +135,12 @@ def test_selectors_and_ports_line_up(name: str) -> None:
     assert 1 <= hpa["minReplicas"] <= hpa["maxReplicas"]
     # PDB minAvailable below the HPA minimum would block every drain when scaled in; keep it below.
     assert docs["PodDisruptionBudget"]["spec"]["minAvailable"] <= max(1, hpa["minReplicas"] - 1) or hpa["minReplicas"] == 1
-    container_ports = {p["name"] for p in _container(docs["Deployment"])["ports"]}
-    (svc_port,) = svc["spec"]["ports"]
-    assert svc_port["targetPort"] in container_ports
+    container_ports = {p["name"]: p["containerPort"] for p in _container(docs["Deployment"])["ports"]}
+    svc_port, grpc_port = svc["spec"]["ports"]
+    assert svc_port["targetPort"] in container_ports and grpc_port["targetPort"] in container_ports
+    # the gRPC port is the one the server is told to listen on, and carries HTTP/2 cleartext
+    assert container_ports["grpc"] == int(docs["ConfigMap"]["data"]["HJSERVE_GRPC_PORT"]) == grpc_port["port"]
+    assert grpc_port["appProtocol"] == "kubernetes.io/h2c"
     sm = docs["ServiceMonitor"]["spec"]
     assert selects(sm["selector"]["matchLabels"], svc["metadata"]["labels"])
     assert [e["port"] for e in sm["endpoints"]] == [svc_port["name"]]
@@ -164,3 +168,16 @@ def test_kserve_inference_service_uses_the_runtime_with_v2() -> None:
     assert args[args.index("--model-repository") + 1] == "/mnt/models"
     assert c["readinessProbe"]["httpGet"] == {"path": "/v2/health/ready", "port": port}
     assert c["livenessProbe"]["httpGet"] == {"path": "/v2/health/live", "port": port}
+
+
+def test_kserve_grpc_overlay_routes_grpc_v2_to_the_runtimes_grpc_port() -> None:
+    """KServe's grpc-v2: the runtime serves gRPC on its --grpc-port; the InferenceService exposes
+    that port named h2c (Knative routes one port per service, h2c = gRPC)."""
+    docs = by_kind("kserve-grpc")
+    model = docs["InferenceService"]["spec"]["predictor"]["model"]
+    runtime = docs["ServingRuntime"]["spec"]
+    assert model["protocolVersion"] == "grpc-v2" and "grpc-v2" in runtime["protocolVersions"]
+    (c,) = runtime["containers"]
+    args = c["command"] + c["args"]
+    assert model["ports"] == [{"name": "h2c", "containerPort": int(args[args.index("--grpc-port") + 1]),
+                               "protocol": "TCP"}]

@@ -26,7 +26,7 @@ import numpy as np
 import pytest
 import torch
 
-from hjmodel import HJModel, TrainConfig, load_dataset, load_model, load_serving_module, train
+from hjmodel import HJModel, TrainConfig, load_dataset, load_model, load_serving_module, serving, train
 from hjmodel.artifact import ONNX_FILE
 from hjmodel.data import Dataset
 from hjmodel.train import _split
@@ -201,7 +201,7 @@ def served(model_dir: Path, x32: torch.Tensor, tau: float) -> tuple[dict, dict]:
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = 1
         sess = ort.InferenceSession(str(model_dir / ONNX_FILE), opts, providers=["CPUExecutionProvider"])
-        feed = {i.name: (x32.numpy() if i.name == "input" else tau_t.numpy()) for i in sess.get_inputs()}
+        feed = serving.onnx_feeds(sess, x32.numpy(), tau)
         onnx_out = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, feed)))
     return torch_out, onnx_out
 

@@ -54,7 +54,7 @@ def ood_setup():
 def _scores(model, X: np.ndarray) -> dict[str, np.ndarray]:
     x = torch.as_tensor(X, dtype=torch.float32).to(torch.float64)   # what the server sees
     ev = model.evaluate(x)
-    T = model.combined_statistic(ev["_h"], ev["_log_probs"])
+    T = model.combined_statistic(ev.h, ev.log_probs)
     return {"p_value": -ev["ood_p_value"].numpy(), "combined": T.numpy(), "flag": ev["ood_flag"].numpy()}
 
 

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import torch
 
+from hjmodel import serving
 from hjmodel.artifact import ONNX_FILE, load_model, load_serving_module
 from hjmodel.serving import outputs_for
 
@@ -32,9 +33,7 @@ def _session(version_dir):
 
 
 def _served(sess, x32: np.ndarray) -> dict[str, np.ndarray]:
-    feeds = {"input": x32}
-    if any(i.name == "tau" for i in sess.get_inputs()):
-        feeds["tau"] = np.array([0.1])
+    feeds = serving.onnx_feeds(sess, x32, 0.1)
     names = [o.name for o in sess.get_outputs()]
     return dict(zip(names, sess.run(names, feeds), strict=True))
 

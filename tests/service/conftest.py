@@ -50,3 +50,67 @@ def triton(server: Server):
     client = httpclient.InferenceServerClient(url=server.host_port, network_timeout=30.0)
     yield client
     client.close()
+
+
+# -- the in-process fixture chain: settings -> repository (fake backend) -> dataplane -> app -> client
+
+
+@pytest.fixture
+def fake_root(tmp_path: Path) -> Path:
+    """``fclf`` (versions 1, 2), ``freg`` (1): fake model folders (tests/service/fakes.py)."""
+    from fakes import write_model
+
+    write_model(tmp_path / "fclf" / "1", "classification", seed=1)
+    write_model(tmp_path / "fclf" / "2", "classification", seed=2)
+    write_model(tmp_path / "freg" / "1", "regression", seed=3)
+    return tmp_path
+
+
+@pytest.fixture
+def settings_overrides() -> dict:
+    """Settings a test module changes (override this fixture)."""
+    return {}
+
+
+@pytest.fixture
+def settings(fake_root: Path, settings_overrides: dict):
+    from service.settings import Settings
+
+    return Settings(model_repository=fake_root, max_queue_delay_ms=0.0, **settings_overrides)
+
+
+@pytest.fixture
+def loader():
+    from fakes import FakeLoader
+
+    return FakeLoader()
+
+
+@pytest.fixture
+def repository(settings, loader):
+    from service.repository import ModelRepository
+
+    return ModelRepository(settings, loader=loader)
+
+
+@pytest.fixture
+def dataplane(settings, repository):
+    from service.dataplane import DataPlane
+
+    return DataPlane(settings, repository)
+
+
+@pytest.fixture
+def app(dataplane):
+    from service.rest.app import create_app
+
+    return create_app(dataplane)
+
+
+@pytest.fixture
+def client(app):
+    """An ASGI client of the app, its lifespan run (the repository loaded)."""
+    from fastapi.testclient import TestClient
+
+    with TestClient(app, raise_server_exceptions=False) as c:
+        yield c

@@ -2,19 +2,10 @@
 
 from __future__ import annotations
 
-import contextlib
-import os
-import shutil
-import socket
-import subprocess
 import sys
-import time
 import warnings
-from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
-import httpx
 import numpy as np
 
 HERE = Path(__file__).resolve().parent
@@ -23,76 +14,14 @@ sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))   # tests/: shared helpers (also when imported by bench/)
 
 import tiny_model  # noqa: E402
-from proc_utils import stop_process  # noqa: E402
+
+from service.testing import Server, copy_version, free_port, run_server, stop_process  # noqa: E402,F401
 
 
-def export_tiny(path: Path, task: str = "classification", seed: int = 0) -> None:
+def export_tiny(path: Path, task: str = "classification", seed: int = 0, batched_tau: bool = True) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        tiny_model.export(path, task, seed)
-
-
-
-
-
-
-def copy_version(src: Path, dst: Path) -> None:
-    """Copy a version directory atomically (rename), as an operator would publish one."""
-    tmp = dst.parent / f".tmp-{dst.name}"
-    shutil.copytree(src, tmp)
-    tmp.rename(dst)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@dataclass
-class Server:
-    """A running ``python -m service`` process."""
-
-    url: str
-    host_port: str
-    proc: subprocess.Popen
-    log: Path
-
-    def client(self, **kw) -> httpx.Client:
-        return httpx.Client(base_url=self.url, timeout=30, **kw)
-
-
-@contextlib.contextmanager
-def run_server(repo: Path, log_dir: Path, **settings: object) -> Iterator[Server]:
-    """Start a real uvicorn server on a free loopback port; stop it by PID afterwards."""
-    port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("HJSERVE_")}
-    level = str(settings.pop("log_level", "warning"))
-    env.update({f"HJSERVE_{k.upper()}": str(v) for k, v in settings.items()})
-    env["PYTHONPATH"] = str(ROOT)
-    log = log_dir / f"server-{port}.log"
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "service", "--model-repository", str(repo), "--host", "127.0.0.1",
-             "--port", str(port), "--log-level", level],
-            cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
-    server = Server(f"http://127.0.0.1:{port}", f"127.0.0.1:{port}", proc, log)
-    try:
-        deadline = time.monotonic() + 90
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"server exited with {proc.returncode}:\n{log.read_text()}")
-            try:
-                if httpx.get(server.url + "/v2/health/live", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"server did not start:\n{log.read_text()}")
-            time.sleep(0.1)
-        yield server
-    finally:
-        stop_process(proc)
+        tiny_model.export(path, task, seed, batched_tau)
 
 
 
@@ -111,7 +40,7 @@ def reference_outputs(version_dir: Path, x, tau: float = 0.1) -> dict:
 
         module = load_serving_module(version_dir).eval()
         with torch.no_grad():
-            out = module(torch.as_tensor(np.asarray(x, np.float32)), torch.tensor([tau], dtype=torch.float64))
+            out = module(torch.as_tensor(np.asarray(x, np.float32)), torch.full((len(x), 1), tau, dtype=torch.float64))
         return {k: v.detach().cpu().numpy() for k, v in out.items()}
     return tiny_model.reference(version_dir, x, tau)
 

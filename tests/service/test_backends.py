@@ -18,7 +18,7 @@ MODELS = ["iris", "iris_memory", "diabetes"]
 
 
 def _rows(spec, n=16, seed=0):
-    return np.random.default_rng(seed).standard_normal((n, spec["n_features"])).astype(np.float32)
+    return np.random.default_rng(seed).standard_normal((n, spec.n_features)).astype(np.float32)
 
 
 _close = assert_outputs_close
@@ -32,9 +32,9 @@ def test_backend_honours_the_contract(hj_repo, backend, model):
     loaded = load_backend(version, preference=backend, device="cpu")
     assert loaded.name == backend and loaded.device == "cpu"
     x = _rows(spec)
-    got = loaded.infer(x, 0.2)
+    got = loaded.infer(x, np.full(len(x), 0.2))
     want = reference_outputs(version, x, tau=0.2)
-    for o in serving.outputs_for(spec["task"]):
+    for o in serving.outputs_for(spec.task):
         assert np.asarray(got[o.name]).dtype == DATATYPES[o.datatype], o.name
         _close(np.asarray(got[o.name]), want[o.name], o.name)
     loaded.close()
@@ -64,7 +64,7 @@ def test_server_on_each_backend_matches_in_process(hj_repo, tmp_path, backend):
                 x = _rows(spec, n=7, seed=3)
                 inp = httpclient.InferInput("input", list(x.shape), "FP32")
                 inp.set_data_from_numpy(x, binary_data=True)
-                names = serving.output_names(spec["task"])
+                names = serving.output_names(spec.task)
                 outputs = [httpclient.InferRequestedOutput(n, binary_data=True) for n in names]
                 result = client.infer(model, [inp], outputs=outputs,
                                       parameters={"top_k": serving.TOP_K_MAX, "tau": 0.3})

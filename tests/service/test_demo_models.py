@@ -30,7 +30,7 @@ def demo_server(demo_repository, tmp_path_factory):
 
 
 def _rows(spec, n, seed):
-    return np.abs(np.random.default_rng(seed).standard_normal((n, spec["n_features"]))).astype(np.float32) * 3
+    return np.abs(np.random.default_rng(seed).standard_normal((n, spec.n_features))).astype(np.float32) * 3
 
 
 _close = assert_outputs_close
@@ -48,7 +48,7 @@ def test_demo_model_round_trip(demo_server, demo_repository, model, binary):
         x = _rows(spec, 9, seed=len(model))
         inp = httpclient.InferInput("input", list(x.shape), "FP32")
         inp.set_data_from_numpy(x, binary_data=binary)
-        names = serving.output_names(spec["task"])
+        names = serving.output_names(spec.task)
         outputs = [httpclient.InferRequestedOutput(n, binary_data=binary) for n in names]
         result = client.infer(model, [inp], model_version=version, outputs=outputs,
                               parameters={"top_k": serving.TOP_K_MAX})

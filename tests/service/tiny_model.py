@@ -22,7 +22,8 @@ PER_CLASS = 6  # neurons per output group: N = 6 K >= TOP_K_MAX
 
 
 class TinyContractModel(nn.Module):
-    """``forward(input (B, d) float32, tau (1,) float64) -> tuple`` in ``outputs_for(task)`` order."""
+    """``forward(input (B, d) float32, tau (B, 1) float64) -> tuple`` in ``outputs_for(task)`` order
+    (``tau`` of shape ``(1,)`` in a legacy export: one tolerance for the whole batch)."""
 
     def __init__(self, task: str, seed: int = 0, n_outputs: int | None = None):
         super().__init__()
@@ -61,7 +62,7 @@ class TinyContractModel(nn.Module):
             pred = torch.argmax(s, dim=1)
             first = (pred, probs)
         else:
-            radius = tau.to(torch.float32) / scale + 0 * gap
+            radius = tau.reshape(-1).to(torch.float32) / scale + 0 * gap
             first = (s,)
         return (*first, radius, ood, flag, p_value, component, hallucination, gap, entropy,
                 index, weight, sens, saliency)
@@ -79,18 +80,19 @@ def spec_for(task: str, model: TinyContractModel) -> dict:
     return spec
 
 
-def export(version_dir: Path, task: str = "classification", seed: int = 0) -> dict:
-    """Write ``version_dir/model.onnx`` (with the spec in its metadata); returns the spec."""
+def export(version_dir: Path, task: str = "classification", seed: int = 0, batched_tau: bool = True) -> dict:
+    """Write ``version_dir/model.onnx`` (with the spec in its metadata); returns the spec.
+    ``batched_tau=False`` writes the legacy graph whose tau is one value ``(1,)`` for the batch."""
     version_dir = Path(version_dir)
     version_dir.mkdir(parents=True, exist_ok=True)
     model = TinyContractModel(task, seed).eval()
     names = list(serving.output_names(task))
     path = version_dir / "model.onnx"
     x = torch.zeros(2, D)
-    tau = torch.tensor([0.1], dtype=torch.float64)
+    tau = torch.full((2, 1), 0.1, dtype=torch.float64) if batched_tau else torch.tensor([0.1], dtype=torch.float64)
+    axes = {"input": {0: "batch"}, **({"tau": {0: "batch"}} if batched_tau else {}), **{n: {0: "batch"} for n in names}}
     torch.onnx.export(
-        model, (x, tau), str(path), input_names=["input", "tau"], output_names=names,
-        dynamic_axes={"input": {0: "batch"}, **{n: {0: "batch"} for n in names}},
+        model, (x, tau), str(path), input_names=["input", "tau"], output_names=names, dynamic_axes=axes,
         dynamo=False, opset_version=17)
     spec = spec_for(task, model)
     proto = onnx.load(str(path))
@@ -106,8 +108,6 @@ def reference(version_dir: Path, x: np.ndarray, tau: float = 0.1) -> dict[str, n
     import onnxruntime as ort
 
     sess = ort.InferenceSession(str(Path(version_dir) / "model.onnx"), providers=["CPUExecutionProvider"])
-    feeds = {"input": np.asarray(x, np.float32)}
-    if "tau" in {i.name for i in sess.get_inputs()}:
-        feeds["tau"] = np.asarray([tau], np.float64)
+    feeds = serving.onnx_feeds(sess, x, tau)
     names = [o.name for o in sess.get_outputs()]
     return dict(zip(names, sess.run(names, feeds), strict=True))

@@ -32,12 +32,15 @@ __all__ = [
     "DATATYPES",
     "HEADER_LENGTH",
     "JSON_CONTENT_TYPE",
+    "check_shape",
     "decode_infer_request",
+    "decode_raw",
     "decode_tensor",
     "deserialize_bytes",
     "dtype_of",
     "dumps",
     "encode_infer_response",
+    "encode_raw",
     "encode_tensor_json",
     "first_error",
     "infer_request_from",
@@ -173,7 +176,7 @@ def deserialize_bytes(raw: memoryview | bytes) -> np.ndarray:
     return out
 
 
-def _check_shape(shape: Sequence[Any], name: str) -> tuple[int, ...]:
+def check_shape(shape: Sequence[Any], name: str) -> tuple[int, ...]:
     if not isinstance(shape, (list, tuple)) or not all(
             isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in shape):
         raise InvalidShape(f"input '{name}': shape must be a list of non-negative integers, got {shape!r}")
@@ -214,7 +217,8 @@ def _from_json_data(data: Any, datatype: str, shape: tuple[int, ...], name: str)
     return out.reshape(shape)
 
 
-def _from_binary(raw: memoryview, datatype: str, shape: tuple[int, ...], name: str) -> np.ndarray:
+def decode_raw(raw: memoryview, datatype: str, shape: tuple[int, ...], name: str) -> np.ndarray:
+    """One tensor from its raw little-endian bytes (the binary extension, gRPC raw contents)."""
     count = math.prod(shape)
     if datatype == "BYTES":
         out = deserialize_bytes(raw)
@@ -243,7 +247,7 @@ def decode_tensor(tensor: dict[str, Any] | Any, binary: memoryview, offset: int)
     datatype = get("datatype")
     if datatype not in DATATYPES:
         raise InvalidDatatype(f"input '{name}': unknown datatype {datatype!r}")
-    shape = _check_shape(get("shape"), name)
+    shape = check_shape(get("shape"), name)
     params = get("parameters") or {}
     size = params.get("binary_data_size") if isinstance(params, dict) else None
     data = get("data")
@@ -256,7 +260,7 @@ def decode_tensor(tensor: dict[str, Any] | Any, binary: memoryview, offset: int)
             raise InvalidHeader(
                 f"input '{name}': binary_data_size {size} runs past the binary data "
                 f"({len(binary) - offset} bytes left)")
-        return _from_binary(binary[offset:offset + size], datatype, shape, name), offset + size
+        return decode_raw(binary[offset:offset + size], datatype, shape, name), offset + size
     if data is None:
         raise BadRequest(f"input '{name}' has neither 'data' nor binary_data_size")
     return _from_json_data(data, datatype, shape, name), offset
@@ -318,7 +322,8 @@ def encode_tensor_json(array: np.ndarray, datatype: str) -> list[Any]:
     return flat.tolist()
 
 
-def _binary_of(array: np.ndarray, datatype: str) -> bytes:
+def encode_raw(array: np.ndarray, datatype: str) -> bytes:
+    """A tensor as raw little-endian bytes (BYTES: length-prefixed elements)."""
     if datatype == "BYTES":
         return serialize_bytes(array)
     return np.ascontiguousarray(array, dtype=DATATYPES[datatype]).tobytes()
@@ -331,7 +336,7 @@ def encode_infer_response(response: InferResponse) -> tuple[bytes, int | None]:
     for out in response.outputs:
         item: dict[str, Any] = {"name": out.name, "datatype": out.datatype, "shape": list(out.array.shape)}
         if out.binary:
-            raw = _binary_of(out.array, out.datatype)
+            raw = encode_raw(out.array, out.datatype)
             item["parameters"] = {"binary_data_size": len(raw)}
             chunks.append(raw)
         else:

@@ -1,0 +1,53 @@
+"""Wire <-> numpy conversion, its own tested layer: V2 tensors (JSON and the binary extension) in
+:mod:`service.codecs.tensors`, batch attribution bodies in :mod:`service.codecs.batch`."""
+
+from service.codecs.batch import Chunk, binary_source, json_source, ndjson_source
+from service.codecs.tensors import (
+    BINARY_CONTENT_TYPE,
+    DATATYPES,
+    HEADER_LENGTH,
+    JSON_CONTENT_TYPE,
+    check_shape,
+    decode_infer_request,
+    decode_raw,
+    decode_tensor,
+    deserialize_bytes,
+    dtype_of,
+    dumps,
+    encode_infer_response,
+    encode_raw,
+    encode_tensor_json,
+    first_error,
+    infer_request_from,
+    parse_header_length,
+    parse_json,
+    serialize_bytes,
+    split_body,
+)
+
+__all__ = [
+    "BINARY_CONTENT_TYPE",
+    "Chunk",
+    "DATATYPES",
+    "HEADER_LENGTH",
+    "JSON_CONTENT_TYPE",
+    "binary_source",
+    "check_shape",
+    "decode_infer_request",
+    "decode_raw",
+    "decode_tensor",
+    "deserialize_bytes",
+    "dtype_of",
+    "dumps",
+    "encode_infer_response",
+    "encode_raw",
+    "encode_tensor_json",
+    "first_error",
+    "infer_request_from",
+    "json_source",
+    "ndjson_source",
+    "parse_header_length",
+    "parse_json",
+    "serialize_bytes",
+    "split_body",
+]

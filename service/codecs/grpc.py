@@ -1,0 +1,99 @@
+"""gRPC (KServe V2 / Triton protobuf) <-> the dataplane's decoded request and response.
+
+Inputs arrive either as ``raw_input_contents`` (one little-endian byte string per input, in input
+order: what Triton's client sends) or as typed ``contents``; outputs always leave as
+``raw_output_contents`` (what Triton's server does and its clients read first). Parameters keep the
+protocol's types (bool, int64, string, double, uint64); the dataplane accepts numbers carried as
+strings.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+from google.protobuf import json_format
+from pydantic import BaseModel
+
+from service.codecs.tensors import DATATYPES, check_shape, decode_raw, encode_raw
+from service.errors import BadRequest, InvalidDatatype, InvalidHeader, InvalidShape
+from service.grpc import inference_pb2 as pb
+from service.types import InferInput, InferRequest, InferResponse, RequestedOutput
+
+__all__ = ["decode_infer_request", "encode_infer_response", "parameter_value", "to_message"]
+
+#: V2 datatype -> the ``InferTensorContents`` field that carries it.
+_CONTENTS = {
+    "BOOL": "bool_contents", "INT8": "int_contents", "INT16": "int_contents", "INT32": "int_contents",
+    "INT64": "int64_contents", "UINT8": "uint_contents", "UINT16": "uint_contents", "UINT32": "uint_contents",
+    "UINT64": "uint64_contents", "FP32": "fp32_contents", "FP64": "fp64_contents", "BYTES": "bytes_contents",
+}
+
+
+def parameter_value(param: pb.InferParameter | pb.ModelRepositoryParameter) -> Any:
+    """The Python value of a protocol parameter (None when none of its choices is set)."""
+    choice = param.WhichOneof("parameter_choice")
+    return None if choice is None else getattr(param, choice)
+
+
+def _parameters(entries) -> dict[str, Any]:
+    return {key: parameter_value(value) for key, value in entries.items()}
+
+
+def _from_contents(tensor: pb.ModelInferRequest.InferInputTensor, shape: tuple[int, ...]) -> np.ndarray:
+    field = _CONTENTS.get(tensor.datatype)
+    if field is None:
+        raise InvalidDatatype(f"input '{tensor.name}': datatype {tensor.datatype} cannot be sent as contents")
+    values = getattr(tensor.contents, field)
+    count = math.prod(shape)
+    if len(values) != count:
+        raise InvalidShape(f"input '{tensor.name}': {len(values)} values in contents for shape {list(shape)}")
+    if tensor.datatype == "BYTES":
+        array = np.empty(count, dtype=object)
+        array[:] = list(values)
+        return array.reshape(shape)
+    with np.errstate(over="ignore"):
+        array = np.asarray(values, dtype=DATATYPES[tensor.datatype])
+    return array.reshape(shape)
+
+
+def decode_infer_request(request: pb.ModelInferRequest) -> InferRequest:
+    """A ``ModelInferRequest`` -> :class:`~service.types.InferRequest` (errors as for REST bodies)."""
+    raw = request.raw_input_contents
+    if raw and len(raw) != len(request.inputs):
+        raise InvalidHeader(f"{len(raw)} raw_input_contents for {len(request.inputs)} inputs: give one per input "
+                            "or use contents")
+    inputs = []
+    for i, tensor in enumerate(request.inputs):
+        if tensor.datatype not in DATATYPES:
+            raise InvalidDatatype(f"input '{tensor.name}': unknown datatype {tensor.datatype!r}")
+        shape = check_shape(list(tensor.shape), tensor.name)
+        if raw:
+            if tensor.HasField("contents"):
+                raise BadRequest(f"input '{tensor.name}' has both contents and raw_input_contents")
+            array = decode_raw(memoryview(raw[i]), tensor.datatype, shape, tensor.name)
+        else:
+            array = _from_contents(tensor, shape)
+        inputs.append(InferInput(tensor.name, tensor.datatype, shape, array))
+    outputs = [RequestedOutput(out.name, None, _parameters(out.parameters)) for out in request.outputs]
+    params = _parameters(request.parameters)
+    params.pop("binary_data_output", None)   # a REST notion: gRPC outputs are always raw
+    return InferRequest(inputs=inputs, outputs=outputs, parameters=params, id=request.id or None)
+
+
+def encode_infer_response(response: InferResponse) -> pb.ModelInferResponse:
+    """:class:`~service.types.InferResponse` -> ``ModelInferResponse`` with raw output contents."""
+    message = pb.ModelInferResponse(model_name=response.model_name, model_version=response.model_version,
+                                    id=response.id or "")
+    for out in response.outputs:
+        message.outputs.add(name=out.name, datatype=out.datatype, shape=list(out.array.shape))
+        message.raw_output_contents.append(encode_raw(out.array, out.datatype))
+    return message
+
+
+def to_message(model: BaseModel | dict[str, Any], message: Any) -> Any:
+    """Fill a protobuf ``message`` from a dataplane wire model: the REST JSON form of Triton's
+    messages is their protobuf JSON mapping, so one parse converts it."""
+    data = model.model_dump(exclude_none=True) if isinstance(model, BaseModel) else model
+    return json_format.ParseDict(data, message, ignore_unknown_fields=True)

@@ -1,0 +1,197 @@
+"""The gRPC transport: ``inference.GRPCInferenceService`` (KServe V2 / Triton) over the dataplane.
+
+Served by grpcio's asyncio server on the HTTP server's event loop, from the same
+:class:`~service.dataplane.DataPlane`: one repository, one batcher per model version, one set of
+metrics. Each RPC decodes its message, calls one dataplane operation and encodes the answer.
+
+- Errors map through the one error table (:data:`service.errors.ERROR_TABLE`): status code from its
+  ``grpc`` column, the message as details, ``error-type`` (and for overload ``retry-after``) in the
+  trailing metadata.
+- Auth: the same keys as HTTP, from the ``authorization: Bearer <key>`` or ``x-api-key`` metadata.
+- Admission: an inference RPC beyond a model version's ``max_queue_size`` in-flight requests is
+  refused with UNAVAILABLE at once, like HTTP's 503.
+- One access-log line per RPC (logger ``hjserve.access``), with the client's ``x-request-id``
+  metadata or a new id, returned in the initial metadata.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import grpc
+from grpc import aio
+
+from service import metrics
+from service.auth import check_admin, check_api_key, key_from
+from service.codecs import grpc as wire
+from service.dataplane import DataPlane
+from service.errors import HJServeError, InternalError, ModelNotFound, ModelNotReady, lookup
+from service.grpc import inference_pb2 as pb
+from service.settings import Settings
+
+__all__ = ["GRPCServer", "SERVICE_NAME"]
+
+log = logging.getLogger("service.grpc")
+access_log = logging.getLogger("hjserve.access")
+
+#: The protocol's service name: method paths are ``/inference.GRPCInferenceService/<Method>``.
+SERVICE_NAME = "inference.GRPCInferenceService"
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+
+Handler = Callable[[Any, aio.ServicerContext], Awaitable[Any]]
+
+
+class GRPCServer:
+    """A :class:`~service.rest.app.Transport`: started and stopped with the HTTP app's lifespan."""
+
+    def __init__(self, dataplane: DataPlane, host: str, port: int):
+        self.dataplane = dataplane
+        self.settings: Settings = dataplane.settings
+        self.host, self.port = host, port
+        self._server: aio.Server | None = None
+
+    async def start(self) -> None:
+        size = self.settings.grpc_max_message_bytes
+        self._server = aio.server(options=[("grpc.max_receive_message_length", size),
+                                           ("grpc.max_send_message_length", size)])
+        self._server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler(SERVICE_NAME, self._handlers())])
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        self.port = self._server.add_insecure_port(f"{host}:{self.port}")
+        await self._server.start()
+        log.info("gRPC server listening on %s:%d", self.host, self.port)
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            await self._server.stop(grace=5)
+            self._server = None
+
+    # -- the method table -------------------------------------------------------------------------
+
+    def _handlers(self) -> dict[str, grpc.RpcMethodHandler]:
+        table: list[tuple[str, Any, Any, Handler, str]] = [
+            ("ServerLive", pb.ServerLiveRequest, pb.ServerLiveResponse, self.server_live, "none"),
+            ("ServerReady", pb.ServerReadyRequest, pb.ServerReadyResponse, self.server_ready, "none"),
+            ("ServerMetadata", pb.ServerMetadataRequest, pb.ServerMetadataResponse, self.server_metadata, "none"),
+            ("ModelReady", pb.ModelReadyRequest, pb.ModelReadyResponse, self.model_ready, "key"),
+            ("ModelMetadata", pb.ModelMetadataRequest, pb.ModelMetadataResponse, self.model_metadata, "key"),
+            ("ModelConfig", pb.ModelConfigRequest, pb.ModelConfigResponse, self.model_config, "key"),
+            ("ModelStatistics", pb.ModelStatisticsRequest, pb.ModelStatisticsResponse, self.model_statistics, "key"),
+            ("ModelInfer", pb.ModelInferRequest, pb.ModelInferResponse, self.model_infer, "key"),
+            ("RepositoryIndex", pb.RepositoryIndexRequest, pb.RepositoryIndexResponse, self.repository_index,
+             "admin"),
+            ("RepositoryModelLoad", pb.RepositoryModelLoadRequest, pb.RepositoryModelLoadResponse, self.load,
+             "admin"),
+            ("RepositoryModelUnload", pb.RepositoryModelUnloadRequest, pb.RepositoryModelUnloadResponse, self.unload,
+             "admin"),
+        ]
+        return {name: grpc.unary_unary_rpc_method_handler(self._wrap(name, handler, access),
+                                                          request_deserializer=request.FromString,
+                                                          response_serializer=response.SerializeToString)
+                for name, request, response, handler, access in table}
+
+    def _wrap(self, method: str, handler: Handler, access: str) -> Handler:
+        """Auth, the error table, metrics and the access line around one RPC handler."""
+        settings = self.settings
+
+        async def rpc(request: Any, context: aio.ServicerContext) -> Any:
+            started = time.perf_counter()
+            meta = {k: v for k, v in (context.invocation_metadata() or ()) if isinstance(v, str)}
+            given = meta.get("x-request-id", "")
+            request_id = given if _REQUEST_ID.fullmatch(given) else uuid.uuid4().hex
+            await context.send_initial_metadata((("x-request-id", request_id),))
+            code = "OK"
+            try:
+                key = key_from(meta.get("authorization"), meta.get("x-api-key"))
+                if access == "key":
+                    check_api_key(settings, key)
+                elif access == "admin":
+                    check_admin(settings, key)
+                return await handler(request, context)
+            except HJServeError as exc:
+                mapping = lookup(exc)
+                code = mapping.grpc
+                trailing = [("error-type", mapping.error_type)]
+                retry = getattr(exc, "retry_after_s", None)
+                if retry is not None:
+                    trailing.append(("retry-after", str(retry)))
+                await context.abort(getattr(grpc.StatusCode, code), exc.message, tuple(trailing))
+            except aio.AbortError:
+                raise
+            except Exception:   # a bug: never a crash of the server, never a stack trace to the client
+                log.exception("unhandled error in gRPC %s", method)
+                code = "INTERNAL"
+                mapping = lookup(InternalError)
+                await context.abort(grpc.StatusCode.INTERNAL, "internal server error",
+                                    (("error-type", mapping.error_type),))
+            finally:
+                metrics.GRPC_REQUESTS.labels(method, code).inc()
+                if access_log.isEnabledFor(logging.INFO):
+                    name = getattr(request, "model_name", None) or getattr(request, "name", None) or None
+                    version = getattr(request, "model_version", None) or getattr(request, "version", None) or None
+                    access_log.info("gRPC %s %s", method, code, extra={"access": {
+                        "request_id": request_id, "method": "gRPC", "route": method, "model": name,
+                        "version": version, "status": code,
+                        "duration_ms": round((time.perf_counter() - started) * 1000.0, 3)}})
+
+        return rpc
+
+    # -- health and metadata ----------------------------------------------------------------------
+
+    async def server_live(self, request: pb.ServerLiveRequest, context) -> pb.ServerLiveResponse:
+        return pb.ServerLiveResponse(live=self.dataplane.live())
+
+    async def server_ready(self, request: pb.ServerReadyRequest, context) -> pb.ServerReadyResponse:
+        return pb.ServerReadyResponse(ready=self.dataplane.ready())
+
+    async def server_metadata(self, request: pb.ServerMetadataRequest, context) -> pb.ServerMetadataResponse:
+        return wire.to_message(self.dataplane.server_metadata(), pb.ServerMetadataResponse())
+
+    async def model_ready(self, request: pb.ModelReadyRequest, context) -> pb.ModelReadyResponse:
+        """Ready or not (an unknown or unready model is ``ready: false``, as Triton answers);
+        a hostile name is still INVALID_ARGUMENT."""
+        try:
+            self.dataplane.model_ready(request.name, request.version or None)
+        except (ModelNotFound, ModelNotReady):
+            return pb.ModelReadyResponse(ready=False)
+        return pb.ModelReadyResponse(ready=True)
+
+    async def model_metadata(self, request: pb.ModelMetadataRequest, context) -> pb.ModelMetadataResponse:
+        return wire.to_message(self.dataplane.model_metadata(request.name, request.version or None),
+                               pb.ModelMetadataResponse())
+
+    async def model_config(self, request: pb.ModelConfigRequest, context) -> pb.ModelConfigResponse:
+        config = self.dataplane.model_config(request.name, request.version or None)
+        return pb.ModelConfigResponse(config=wire.to_message(config, pb.ModelConfig()))
+
+    async def model_statistics(self, request: pb.ModelStatisticsRequest, context) -> pb.ModelStatisticsResponse:
+        stats = self.dataplane.model_stats(request.name or None, request.version or None)
+        return wire.to_message(stats, pb.ModelStatisticsResponse())
+
+    # -- inference --------------------------------------------------------------------------------
+
+    async def model_infer(self, request: pb.ModelInferRequest, context) -> pb.ModelInferResponse:
+        name, version = request.model_name, request.model_version or None
+        with self.dataplane.admit(name, version):
+            decoded = wire.decode_infer_request(request)
+            response = await self.dataplane.infer(name, version, decoded)
+        return wire.encode_infer_response(response)
+
+    # -- model repository -------------------------------------------------------------------------
+
+    async def repository_index(self, request: pb.RepositoryIndexRequest, context) -> pb.RepositoryIndexResponse:
+        items = self.dataplane.repository_index(bool(request.ready))
+        return wire.to_message({"models": [item.model_dump(exclude_none=True) for item in items]},
+                               pb.RepositoryIndexResponse())
+
+    async def load(self, request: pb.RepositoryModelLoadRequest, context) -> pb.RepositoryModelLoadResponse:
+        await self.dataplane.load_model(request.model_name)
+        return pb.RepositoryModelLoadResponse()
+
+    async def unload(self, request: pb.RepositoryModelUnloadRequest, context) -> pb.RepositoryModelUnloadResponse:
+        await self.dataplane.unload_model(request.model_name)
+        return pb.RepositoryModelUnloadResponse()

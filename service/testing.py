@@ -1,0 +1,106 @@
+"""Run a real hjserve process on loopback: for end-to-end tests, benchmarks and load generators.
+
+Public (benchmarks and other projects' tests use it), so it lives in the package, not in ``tests/``.
+Every process started here is stopped by its PID when its context ends.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+__all__ = ["Server", "copy_version", "free_port", "run_server", "stop_process"]
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def stop_process(proc: subprocess.Popen, timeout: float = 15.0) -> None:
+    """Terminate a process we started (by its PID), then kill it if it does not exit in time."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=10)
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def copy_version(src: Path, dst: Path) -> None:
+    """Copy a version directory atomically (rename), as an operator would publish one."""
+    tmp = dst.parent / f".tmp-{dst.name}"
+    shutil.copytree(src, tmp)
+    tmp.rename(dst)
+
+
+@dataclass
+class Server:
+    """A running ``python -m service`` process (``grpc_port`` None: no gRPC server)."""
+
+    url: str
+    host_port: str
+    proc: subprocess.Popen
+    log: Path
+    grpc_port: int | None = None
+
+    @property
+    def grpc_target(self) -> str:
+        return f"127.0.0.1:{self.grpc_port}"
+
+    def client(self, **kw):
+        import httpx
+
+        return httpx.Client(base_url=self.url, timeout=30, **kw)
+
+
+@contextlib.contextmanager
+def run_server(repo: Path, log_dir: Path, *, grpc: bool = False, **settings: object) -> Iterator[Server]:
+    """Start a real server (uvicorn, and gRPC when ``grpc``) on free loopback ports with
+    ``HJSERVE_<KEY>`` settings; wait until it is live; stop it by PID afterwards."""
+    import httpx
+
+    port = free_port()
+    grpc_port = free_port() if grpc else None
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HJSERVE_")}
+    level = str(settings.pop("log_level", "warning"))
+    env.update({f"HJSERVE_{k.upper()}": str(v) for k, v in settings.items()})
+    if grpc_port is not None:
+        env["HJSERVE_GRPC_PORT"] = str(grpc_port)
+    env["PYTHONPATH"] = str(ROOT)
+    log = Path(log_dir) / f"server-{port}.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "service", "--model-repository", str(repo), "--host", "127.0.0.1",
+             "--port", str(port), "--log-level", level],
+            cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
+    server = Server(f"http://127.0.0.1:{port}", f"127.0.0.1:{port}", proc, log, grpc_port)
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"server exited with {proc.returncode}:\n{log.read_text()}")
+            try:
+                if httpx.get(server.url + "/v2/health/live", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"server did not start:\n{log.read_text()}")
+            time.sleep(0.1)
+        yield server
+    finally:
+        stop_process(proc)

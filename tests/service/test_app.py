@@ -1,0 +1,99 @@
+"""The HTTP transport in process: the app over a dataplane over a fake-backend repository, through an
+ASGI client (decode -> dataplane -> encode; errors through the one table, headers derived at the edge)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from fakes import D
+
+from service.errors import ERROR_TABLE, BodyTimeout, HJServeError, Overloaded, Unauthorized, lookup
+from service.rest.guards import error_parts, http_headers
+
+
+def _infer(client, model="fclf", n=2, **body):
+    x = np.random.default_rng(0).normal(size=(n, D)).round(3).tolist()
+    payload = {"inputs": [{"name": "input", "shape": [n, D], "datatype": "FP64", "data": x}], **body}
+    return client.post(f"/v2/models/{model}/infer", json=payload)
+
+
+def test_metadata_config_index_ready(client):
+    assert client.get("/v2/models").json() == {"models": [{"name": "fclf", "versions": ["1", "2"]},
+                                                          {"name": "freg", "versions": ["1"]}]}
+    meta = client.get("/v2/models/freg").json()
+    assert [i["name"] for i in meta["inputs"]] == ["input", "tau"] and meta["inputs"][1]["shape"] == [-1, 1]
+    config = client.get("/v2/models/freg/config").json()
+    assert config["input"][1] == {"name": "tau", "data_type": "TYPE_FP64", "dims": [1], "optional": True}
+    assert config["parameters"]["model_control_mode"] == {"string_value": "explicit"}
+    assert config["version_policy"] == {"all": {}}
+    assert client.get("/v2/models/fclf/versions/1/ready").json() == {"name": "fclf", "ready": True}
+    assert client.get("/v1/models/fclf").json() == {"name": "fclf", "ready": True}
+    index = client.post("/v2/repository/index").json()
+    assert {"name": "fclf", "version": "1", "state": "READY", "reason": ""} in index
+
+
+def test_infer_and_v1_through_the_app(client):
+    r = _infer(client, outputs=[{"name": "prediction"}, {"name": "attribution_weight"}], parameters={"top_k": 2})
+    assert r.status_code == 200, r.text
+    out = r.json()["outputs"]
+    assert out[0]["shape"] == [2] and out[1]["shape"] == [2, 2]
+    r = client.post("/v1/models/fclf:explain", json={"instances": [[0.1] * D]})
+    assert r.status_code == 200 and r.json()["model_version"] == "2" and len(r.json()["explanations"]) == 1
+
+
+def test_every_error_goes_through_the_one_table(client):
+    r = client.get("/v2/models/nope/config")
+    assert r.status_code == 404 and r.json() == {"error": "unknown model 'nope'", "error_type": "model_not_found"}
+    r = client.get("/no/such/route")
+    assert r.status_code == 404 and r.json()["error_type"] == "not_found"
+    r = client.delete("/v2/models/fclf")
+    assert r.status_code == 405 and r.json()["error_type"] == "method_not_allowed" and "allow" in r.headers
+    r = _infer(client, parameters={"tau": "x"}, outputs=[{"name": "prediction"}])
+    assert r.status_code == 400 and r.json()["error_type"] == "invalid_parameter"
+
+
+def test_transport_headers_are_derived_at_the_edge_from_typed_fields():
+    """Core errors carry no HTTP headers: Retry-After comes from Overloaded.retry_after_s."""
+    assert http_headers(Overloaded("full", retry_after_s=7)) == {"Retry-After": "7"}
+    assert http_headers(Unauthorized("no key")) == {"WWW-Authenticate": "Bearer"}
+    assert http_headers(BodyTimeout("slow")) == {"Connection": "close"}
+    status, headers, body = error_parts(Overloaded("full", retry_after_s=2))
+    assert status == 503 and (b"retry-after", b"2") in headers and b'"error_type":"overloaded"' in body
+    assert not hasattr(HJServeError("x"), "headers")
+
+
+def test_the_error_table_maps_every_error_to_http_and_grpc():
+    import grpc
+
+    for cls, mapping in ERROR_TABLE.items():
+        assert 400 <= mapping.status <= 599 and mapping.error_type
+        assert isinstance(getattr(grpc.StatusCode, mapping.grpc), grpc.StatusCode), cls
+    assert lookup(Overloaded).grpc == "UNAVAILABLE" and lookup(Unauthorized).grpc == "UNAUTHENTICATED"
+
+
+@pytest.mark.parametrize("settings_overrides", [{"api_keys": "k1", "admin_key": "root"}])
+def test_keys_on_the_app(client, settings_overrides):
+    r = client.get("/v2/models/fclf")
+    assert r.status_code == 401 and r.headers["www-authenticate"] == "Bearer"
+    assert client.get("/v2/models/fclf", headers={"x-api-key": "k1"}).status_code == 200
+    assert client.post("/v2/repository/index", headers={"x-api-key": "k1"}).status_code == 403
+    assert client.post("/v2/repository/index", headers={"authorization": "Bearer root"}).status_code == 200
+    assert client.get("/v2/health/ready").status_code == 200   # health stays open
+
+
+@pytest.mark.parametrize("settings_overrides", [{"model_control_mode": "poll", "repository_poll_s": 60}])
+def test_poll_mode_refuses_load_calls_over_http(client, settings_overrides):
+    r = client.post("/v2/repository/models/fclf/load")
+    assert r.status_code == 400 and "poll" in r.json()["error"]
+    assert client.get("/v2/models/fclf/config").json()["parameters"]["model_control_mode"]["string_value"] == "poll"
+
+
+def test_batch_attribution_streams_ndjson_rows(client):
+    lines = "\n".join("[0.5, 1, 2, 3]" for _ in range(5))
+    r = client.post("/v2/models/fclf/versions/1/batch-attribution?chunk_rows=2", content=lines,
+                    headers={"content-type": "application/x-ndjson"})
+    assert r.status_code == 200 and r.headers["x-model-version"] == "1"
+    rows = [__import__("json").loads(line) for line in r.text.splitlines()]
+    assert [row["row"] for row in rows] == [0, 1, 2, 3, 4] and rows[0]["class"] in ("alpha", "beta", "gamma")
+    stats = client.get("/v2/models/fclf/versions/1/stats").json()["model_stats"][0]
+    assert stats["inference_count"] == 5 and stats["inference_stats"]["success"]["count"] == 1

@@ -1,0 +1,237 @@
+"""The transport-free dataplane, in process (fake backend): typed operations, the one run path, the
+one accounting context."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+
+import numpy as np
+import pytest
+from fakes import D, FakeLoader, write_model
+
+from service import metrics
+from service.codecs import ndjson_source
+from service.dataplane import DataPlane
+from service.errors import (
+    EmptyBatch,
+    InvalidDatatype,
+    InvalidParameter,
+    ModelLoadFailed,
+    ModelNotFound,
+    UnknownInput,
+    UnknownOutput,
+)
+from service.repository import ModelRepository
+from service.settings import Settings
+from service.types import (
+    InferInput,
+    InferRequest,
+    ModelConfigResponse,
+    ModelStatsResponse,
+    RequestedOutput,
+    V1Request,
+)
+
+
+def _request(n: int = 3, outputs=(), seed: int = 0, **params) -> InferRequest:
+    x = np.random.default_rng(seed).normal(size=(n, D)).astype(np.float32)
+    return InferRequest(inputs=[InferInput("input", "FP32", x.shape, x)],
+                        outputs=[RequestedOutput(o) for o in outputs], parameters=dict(params))
+
+
+def _run(dataplane: DataPlane, body):
+    """Start the dataplane, run ``await body()``, stop it."""
+    async def main():
+        await dataplane.start()
+        try:
+            return await body()
+        finally:
+            await dataplane.stop()
+    return asyncio.run(main())
+
+
+def _count(model: str, version: str, outcome: str) -> float:
+    return metrics.INFERENCE_REQUESTS.labels(model, version, outcome)._value.get()
+
+
+def test_infer_returns_typed_outputs_of_the_latest_version(dataplane):
+    response = _run(dataplane, lambda: dataplane.infer("fclf", None, _request(outputs=("prediction", "attribution_index"),
+                                                                                top_k=3)))
+    assert response.model_name == "fclf" and response.model_version == "2"
+    pred, index = response.outputs
+    assert pred.name == "prediction" and pred.datatype == "INT64" and pred.array.shape == (3,)
+    assert index.array.shape == (3, 3)   # sliced to top_k
+    assert (index.array[:, 0] == 2).all()   # the fake's indices start at its seed: version 2 answered
+
+
+def test_parameters_follow_the_protocol_types_numbers_as_strings(dataplane):
+    """gRPC's InferParameter carries bool / int64 / string: numbers may arrive as strings, and
+    diagnostics as a comma-separated string or a boolean string."""
+    async def body():
+        a = await dataplane.infer("freg", "1", _request(tau="0.25", top_k="2", diagnostics="energy_gap, saliency"))
+        b = await dataplane.infer("freg", "1", _request(diagnostics="true"))
+        c = await dataplane.infer("freg", "1", _request(diagnostics="false", timeout="5000000"))
+        return a, b, c
+    a, b, c = _run(dataplane, body)
+    names = [o.name for o in a.outputs]
+    assert names[-2:] == ["energy_gap", "saliency"]
+    radius = next(o.array for o in a.outputs if o.name == "certified_radius")
+    np.testing.assert_allclose(radius, 0.25)     # the fake's regression radius is tau
+    assert len(b.outputs) == 13 and len(c.outputs) == 3
+    for bad in ({"tau": "zero"}, {"top_k": "2.5"}, {"top_k": True}, {"timeout": "-1"}, {"diagnostics": 3},
+                {"alpha": "0.2"}):
+        with pytest.raises(InvalidParameter):
+            _run(dataplane, lambda bad=bad: dataplane.infer("freg", "1", _request(**bad)))
+
+
+def test_a_tau_input_is_accepted_as_the_tau_parameter(dataplane):
+    x = np.zeros((2, D), np.float32)
+    tau = np.full((2, 1), 0.4)
+    request = InferRequest(inputs=[InferInput("input", "FP32", x.shape, x), InferInput("tau", "FP64", tau.shape, tau)],
+                           outputs=[RequestedOutput("certified_radius")])
+    out = _run(dataplane, lambda: dataplane.infer("freg", None, request))
+    np.testing.assert_allclose(out.outputs[0].array, 0.4)
+    mixed = np.asarray([[0.1], [0.2]])
+    request.inputs[1] = InferInput("tau", "FP64", mixed.shape, mixed)
+    with pytest.raises(InvalidParameter):
+        _run(dataplane, lambda: dataplane.infer("freg", None, request))
+    request.inputs[1] = InferInput("other", "FP64", mixed.shape, mixed)
+    with pytest.raises(UnknownInput):
+        _run(dataplane, lambda: dataplane.infer("freg", None, request))
+
+
+@pytest.mark.parametrize("setting, expected", [
+    ("all", 14), ("prediction,certified_radius", 2), ("prediction,nonexistent", 1)])
+def test_default_outputs_is_a_setting_reported_in_the_config(fake_root, loader, setting, expected):
+    settings = Settings(model_repository=fake_root, default_outputs=setting)
+    plane = DataPlane(settings, ModelRepository(settings, loader=loader))
+    response = _run(plane, lambda: plane.infer("fclf", None, _request()))
+    assert len(response.outputs) == expected
+    config = _run(plane, lambda: asyncio.sleep(0, plane.model_config("fclf")))
+    assert isinstance(config, ModelConfigResponse)
+    assert len(__import__("json").loads(config.parameters["default_outputs"]["string_value"])) == expected
+
+
+def test_options_and_rows_are_resolved_against_the_version_that_runs(fake_root, loader):
+    """A version swapped between two requests is fully re-resolved: a new build with another number
+    of features refuses the old rows instead of running them against stale options."""
+    settings = Settings(model_repository=fake_root)
+    plane = DataPlane(settings, ModelRepository(settings, loader=loader))
+
+    async def body():
+        first = await plane.infer("fclf", "2", _request(outputs=("probabilities",)))
+        spec_file = fake_root / "fclf" / "2" / "model.json"
+        spec = __import__("json").loads(spec_file.read_text())
+        spec["n_outputs"], spec["class_names"] = 2, ["alpha", "beta"]
+        spec_file.write_text(__import__("json").dumps(spec))
+        await plane.load_model("fclf")
+        second = await plane.infer("fclf", "2", _request(outputs=("probabilities",)))
+        return first, second
+    first, second = _run(plane, body)
+    assert first.outputs[0].array.shape == (3, 3) and second.outputs[0].array.shape == (3, 2)
+
+
+def test_errors_are_typed_and_counted_once(dataplane):
+    before = _count("fclf", "2", "failure")
+    for request, error in ((_request(outputs=("nope",)), UnknownOutput), (_request(n=0), EmptyBatch)):
+        with pytest.raises(error):
+            _run(dataplane, lambda request=request: dataplane.infer("fclf", None, request))
+    assert _count("fclf", "2", "failure") - before == 2
+    with pytest.raises(ModelNotFound):
+        _run(dataplane, lambda: dataplane.infer("nope", None, _request()))
+    bad = _request()
+    bad.inputs[0] = InferInput("input", "INT64", (1, D), np.zeros((1, D), np.int64))
+    with pytest.raises(InvalidDatatype):
+        _run(dataplane, lambda: dataplane.infer("fclf", None, bad))
+
+
+def test_explain_is_a_dataplane_operation(dataplane):
+    rows = np.random.default_rng(1).normal(size=(2, D)).tolist()
+    predict = _run(dataplane, lambda: dataplane.explain("fclf", V1Request(instances=rows), detail=False))
+    explain = _run(dataplane, lambda: dataplane.explain("fclf", V1Request(instances=rows), detail=True))
+    assert predict.explanations is None and len(predict.predictions) == 2
+    assert predict.predictions[0] in ("alpha", "beta", "gamma")
+    assert len(explain.explanations) == 2 and explain.explanations[0]["salient_features"]["value"][0]["feature"]
+    with pytest.raises(EmptyBatch):
+        _run(dataplane, lambda: dataplane.explain("fclf", V1Request(instances=[]), detail=False))
+
+
+def _ndjson(rows: int, bad_at: int | None = None):
+    import io
+
+    lines = [("[1, 2, 3, 4]" if i != bad_at else '["x", 2, 3, 4]') for i in range(rows)]
+    return ndjson_source(io.BytesIO("\n".join(lines).encode()), chunk_rows=4, max_rows=10_000, max_line_bytes=1000)
+
+
+def test_batch_attribution_is_one_request_in_the_statistics(dataplane):
+    """Batch jobs were missing from /stats: now a job counts as one request with all its rows."""
+    async def body():
+        job = dataplane.attribute("fclf", "1", _ndjson(10), {}, [])
+        await job.start()
+        blocks = [b async for b in job.blocks()]
+        return job, blocks, dataplane.model_stats("fclf", "1")
+    job, blocks, stats = _run(dataplane, body)
+    assert [b.start for b in blocks] == [0, 4, 8] and sum(b.rows for b in blocks) == 10 == job.rows_done
+    assert len(blocks[0].outputs) == 14 and blocks[0].classes is not None   # every output by default
+    assert isinstance(stats, ModelStatsResponse)
+    entry = stats.model_stats[0]
+    assert entry.inference_stats["success"]["count"] == 1 and entry.inference_count == 10
+
+
+def test_batch_attribution_answers_every_row_before_a_bad_one(dataplane):
+    async def body():
+        job = dataplane.attribute("fclf", "1", _ndjson(11, bad_at=9), {"top_k": "2"}, ["attribution_index"])
+        await job.start()
+        seen = []
+        with pytest.raises(InvalidDatatype):
+            async for block in job.blocks():
+                seen.append(block)
+        return job, seen, dataplane.model_stats("fclf", "1")
+    job, seen, stats = _run(dataplane, body)
+    assert job.rows_done == 9 and sum(b.rows for b in seen) == 9
+    assert seen[0].outputs[0].array.shape == (4, 2)
+    assert stats.model_stats[0].inference_stats["fail"]["count"] == 1
+
+
+def test_batch_attribution_refuses_bad_parameters_before_reading(dataplane):
+    with pytest.raises(InvalidParameter):
+        _run(dataplane, lambda: asyncio.sleep(0, dataplane.attribute("fclf", None, _ndjson(2), {"tau": -1}, [])))
+    async def empty():
+        job = dataplane.attribute("fclf", None, iter(()), {}, [])
+        await job.start()
+    with pytest.raises(EmptyBatch):
+        _run(dataplane, empty)
+
+
+def test_a_reload_during_a_request_is_retried_on_the_new_load(fake_root):
+    """The version swap: the old load's batcher closes while a request waits in it; the request is
+    answered by the new load (same version number), not failed."""
+    loader = FakeLoader()
+    settings = Settings(model_repository=fake_root, max_batch_size=1)
+    plane = DataPlane(settings, ModelRepository(settings, loader=loader))
+
+    async def body():
+        old = loader.backends[("fclf", 2)]
+        old.gate.clear()
+        blocker = asyncio.ensure_future(plane.infer("fclf", "2", _request(n=1)))
+        await asyncio.sleep(0.05)
+        waiting = asyncio.ensure_future(plane.infer("fclf", "2", _request(n=1)))
+        await asyncio.sleep(0.05)
+        shutil.rmtree(fake_root / "fclf" / "2")
+        write_model(fake_root / "fclf" / "2", seed=7)
+        reload = asyncio.ensure_future(plane.load_model("fclf"))
+        await asyncio.sleep(0.1)
+        old.gate.set()
+        await reload
+        return await blocker, await waiting
+    first, second = _run(plane, body)
+    assert first.model_version == second.model_version == "2"
+
+
+def test_poll_mode_refuses_explicit_load_and_unload(fake_root, loader):
+    settings = Settings(model_repository=fake_root, model_control_mode="poll", repository_poll_s=60)
+    plane = DataPlane(settings, ModelRepository(settings, loader=loader))
+    for op in (plane.load_model, plane.unload_model):
+        with pytest.raises(ModelLoadFailed, match="poll"):
+            _run(plane, lambda op=op: op("fclf"))

@@ -1,0 +1,250 @@
+"""The gRPC transport end to end: a real server process, Triton's real gRPC client (tritonclient.grpc),
+and raw protobuf calls for what that client never sends (typed ``contents``, hostile messages)."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+import tritonclient.grpc as tg
+import tritonclient.http as th
+from svc_helpers import run_server
+from tiny_model import D
+from tritonclient.utils import InferenceServerException
+
+from service.grpc import inference_pb2 as pb
+
+ROOT = Path(__file__).resolve().parents[2]
+METHOD = "/inference.GRPCInferenceService/"
+
+
+@pytest.fixture(scope="module")
+def gserver(tiny_repo, tmp_path_factory):
+    with run_server(tiny_repo, tmp_path_factory.mktemp("glogs"), grpc=True) as s:
+        yield s
+
+
+@pytest.fixture(scope="module")
+def gclient(gserver):
+    client = tg.InferenceServerClient(gserver.grpc_target)
+    yield client
+    client.close()
+
+
+def _x(n=5, seed=0) -> np.ndarray:
+    return np.random.default_rng(seed).normal(size=(n, D)).astype(np.float32)
+
+
+def _grpc_infer(client, model, x, outputs=None, **params):
+    inp = tg.InferInput("input", list(x.shape), "FP32")
+    inp.set_data_from_numpy(x)
+    requested = [tg.InferRequestedOutput(o) for o in outputs] if outputs else None
+    return client.infer(model, [inp], outputs=requested, parameters=params or None)
+
+
+def _raw_call(target: str, method: str, request, response_type, metadata=()):
+    with grpc.insecure_channel(target) as channel:
+        call = channel.unary_unary(METHOD + method, request_serializer=type(request).SerializeToString,
+                                   response_deserializer=response_type.FromString)
+        return call(request, metadata=metadata, timeout=30)
+
+
+def test_generated_messages_match_the_proto(tmp_path):
+    """service/grpc/inference_pb2.py is exactly what grpc_tools makes of inference.proto."""
+    subprocess.run([sys.executable, "-m", "grpc_tools.protoc", "-I.", f"--python_out={tmp_path}",
+                    "service/grpc/inference.proto"], cwd=ROOT, check=True, timeout=120)
+    generated = (tmp_path / "service" / "grpc" / "inference_pb2.py").read_text()
+    assert generated == (ROOT / "service" / "grpc" / "inference_pb2.py").read_text()
+
+
+def test_messages_are_wire_compatible_with_triton():
+    """Every field hjserve declares has the number and type of Triton's own message."""
+    from tritonclient.grpc import model_config_pb2, service_pb2
+
+    theirs = {**{m.name: m for m in service_pb2.DESCRIPTOR.message_types_by_name.values()},
+              **{m.name: m for m in model_config_pb2.DESCRIPTOR.message_types_by_name.values()}}
+
+    def check(mine, other):
+        for field in mine.fields:
+            match = other.fields_by_name.get(field.name)
+            assert match is not None and match.number == field.number and match.type == field.type, \
+                f"{mine.full_name}.{field.name}"
+        for nested in mine.nested_types:
+            if not nested.GetOptions().map_entry:
+                check(nested, other.nested_types_by_name[nested.name])
+
+    for name, message in pb.DESCRIPTOR.message_types_by_name.items():
+        check(message, theirs[name])
+
+
+def test_health_metadata_config_statistics(gserver, gclient):
+    assert gclient.is_server_live() and gclient.is_server_ready()
+    assert gclient.is_model_ready("clf") and gclient.is_model_ready("clf", "1")
+    assert not gclient.is_model_ready("nope") and not gclient.is_model_ready("broken")
+    meta = gclient.get_server_metadata(as_json=True)
+    assert meta["name"] == "hjserve" and "statistics" in meta["extensions"]
+    with gserver.client() as http:
+        rest = http.get("/v2/models/reg").json()
+        rest_config = http.get("/v2/models/clf/config").json()
+    model = gclient.get_model_metadata("reg", as_json=True)
+    assert model["name"] == rest["name"] and [o["name"] for o in model["outputs"]] == [o["name"] for o in rest["outputs"]]
+    assert [int(s) for s in model["inputs"][1]["shape"]] == rest["inputs"][1]["shape"] == [-1, 1]
+    config = gclient.get_model_config("clf", as_json=True)["config"]
+    assert config["max_batch_size"] == rest_config["max_batch_size"]
+    assert [o["name"] for o in config["output"]] == [o["name"] for o in rest_config["output"]]
+    assert config["parameters"]["class_names"] == rest_config["parameters"]["class_names"]
+    assert config["version_policy"] == {"all": {}}
+    _grpc_infer(gclient, "clf", _x(3))
+    stats = gclient.get_inference_statistics("clf", "2", as_json=True)["model_stats"][0]
+    assert int(stats["inference_count"]) >= 3 and int(stats["inference_stats"]["success"]["count"]) >= 1
+
+
+def test_grpc_and_rest_answer_the_same_bits(gserver, gclient):
+    """One dataplane, two transports: every output identical, for classification and regression."""
+    http = th.InferenceServerClient(gserver.host_port)
+    try:
+        for model, params in (("clf", {"top_k": 4, "diagnostics": True}), ("reg", {"tau": 0.3, "diagnostics": True})):
+            x = _x(7, seed=3)
+            via_grpc = _grpc_infer(gclient, model, x, **params)
+            inp = th.InferInput("input", list(x.shape), "FP32")
+            inp.set_data_from_numpy(x, binary_data=True)
+            via_rest = http.infer(model, [inp], parameters=params)
+            names = [o["name"] for o in via_rest.get_response()["outputs"]]
+            assert names == [o.name for o in via_grpc.get_response().outputs] and len(names) >= 13
+            for name in names:
+                np.testing.assert_array_equal(via_grpc.as_numpy(name), via_rest.as_numpy(name), err_msg=name)
+    finally:
+        http.close()
+
+
+def test_parameters_keep_the_protocol_types(gclient):
+    """InferParameter has bool / int64 / string / double: numbers as strings, diagnostics as a
+    comma-separated string, a bool string."""
+    x = _x(2)
+    a = _grpc_infer(gclient, "reg", x, tau="0.5", top_k="3", diagnostics="energy_gap,attribution_index")
+    b = _grpc_infer(gclient, "reg", x, tau=0.5)
+    np.testing.assert_array_equal(a.as_numpy("certified_radius"), b.as_numpy("certified_radius"))
+    assert a.as_numpy("attribution_index").shape == (2, 3) and a.as_numpy("energy_gap").shape == (2,)
+    assert _grpc_infer(gclient, "clf", x, diagnostics="true").as_numpy("saliency").shape == (2, D)
+    with pytest.raises(InferenceServerException, match="INVALID_ARGUMENT.*tau"):
+        _grpc_infer(gclient, "reg", x, tau="lots")
+
+
+def test_typed_contents_are_decoded_like_raw_bytes(gserver, gclient):
+    x = _x(4, seed=9)
+    request = pb.ModelInferRequest(model_name="clf")
+    tensor = request.inputs.add(name="input", datatype="FP32", shape=[4, D])
+    tensor.contents.fp32_contents.extend(x.ravel().tolist())
+    request.outputs.add(name="probabilities")
+    reply = _raw_call(gserver.grpc_target, "ModelInfer", request, pb.ModelInferResponse)
+    probs = np.frombuffer(reply.raw_output_contents[0], dtype="<f4").reshape(4, -1)
+    np.testing.assert_array_equal(probs, _grpc_infer(gclient, "clf", x, outputs=["probabilities"]).as_numpy("probabilities"))
+
+
+@pytest.mark.parametrize("mutate, code, fragment", [
+    (lambda r: setattr(r, "model_name", "nope"), grpc.StatusCode.NOT_FOUND, "unknown model"),
+    (lambda r: setattr(r, "model_name", "../../etc"), grpc.StatusCode.INVALID_ARGUMENT, "invalid model name"),
+    (lambda r: setattr(r, "model_version", "9"), grpc.StatusCode.NOT_FOUND, "no version"),
+    (lambda r: setattr(r, "model_name", "broken"), grpc.StatusCode.UNAVAILABLE, "no ready version (version 1: "),
+    (lambda r: r.inputs[0].shape.__setitem__(1, 5), grpc.StatusCode.INVALID_ARGUMENT, "binary_data_size"),
+    (lambda r: r.raw_input_contents.__setitem__(0, np.full((2, D), np.nan, np.float32).tobytes()),
+     grpc.StatusCode.INVALID_ARGUMENT, "NaN"),
+    (lambda r: r.raw_input_contents.append(b"extra"), grpc.StatusCode.INVALID_ARGUMENT, "raw_input_contents"),
+    (lambda r: r.inputs[0].__setattr__("datatype", "INT99"), grpc.StatusCode.INVALID_ARGUMENT, "datatype"),
+    (lambda r: r.inputs[0].__setattr__("name", "other"), grpc.StatusCode.INVALID_ARGUMENT, "input"),
+    (lambda r: r.outputs.add(name="nope"), grpc.StatusCode.INVALID_ARGUMENT, "unknown output"),
+    (lambda r: r.parameters["top_k"].__setattr__("int64_param", 999), grpc.StatusCode.INVALID_ARGUMENT, "top_k"),
+    (lambda r: (r.inputs[0].shape.__setitem__(0, 0), r.raw_input_contents.__setitem__(0, b"")),
+     grpc.StatusCode.INVALID_ARGUMENT, "no rows"),
+])
+def test_bad_requests_get_the_mapped_status_never_internal(gserver, mutate, code, fragment):
+    request = pb.ModelInferRequest(model_name="clf")
+    request.inputs.add(name="input", datatype="FP32", shape=[2, D])
+    request.raw_input_contents.append(_x(2).tobytes())
+    mutate(request)
+    with pytest.raises(grpc.RpcError) as info:
+        _raw_call(gserver.grpc_target, "ModelInfer", request, pb.ModelInferResponse)
+    assert info.value.code() == code, info.value.details()
+    assert fragment in info.value.details()
+    trailing = dict(info.value.trailing_metadata() or ())
+    assert trailing.get("error-type"), trailing
+    with grpc.insecure_channel(gserver.grpc_target) as channel:   # and the server still serves
+        live = channel.unary_unary(METHOD + "ServerLive", request_serializer=pb.ServerLiveRequest.SerializeToString,
+                                   response_deserializer=pb.ServerLiveResponse.FromString)
+        assert live(pb.ServerLiveRequest(), timeout=10).live
+
+
+def test_unknown_methods_are_unimplemented(gserver):
+    with pytest.raises(grpc.RpcError) as info:
+        _raw_call(gserver.grpc_target, "CudaSharedMemoryStatus", pb.ServerLiveRequest(), pb.ServerLiveResponse)
+    assert info.value.code() == grpc.StatusCode.UNIMPLEMENTED
+
+
+def test_keys_limits_and_overload(tiny_repo, tmp_path):
+    """Same keys as HTTP (metadata), the message size limit, and overload as UNAVAILABLE with a
+    retry-after trailer, on a server with max_queue_size 1."""
+    with run_server(tiny_repo, tmp_path, grpc=True, api_keys="k1", admin_key="root", max_queue_size=1,
+                    max_batch_size=1, grpc_max_message_bytes=64 * 1024) as s:
+        client = tg.InferenceServerClient(s.grpc_target)
+        try:
+            with pytest.raises(InferenceServerException, match="UNAUTHENTICATED"):
+                client.get_model_metadata("clf")
+            assert client.get_model_metadata("clf", headers={"x-api-key": "k1"}).name == "clf"
+            assert client.is_server_live()   # health stays open
+            with pytest.raises(InferenceServerException, match="PERMISSION_DENIED"):
+                client.get_model_repository_index(headers={"authorization": "Bearer k1"})
+            index = client.get_model_repository_index(headers={"authorization": "Bearer root"}, as_json=True)
+            assert {m["name"] for m in index["models"]} >= {"clf", "reg", "broken"}
+            client.load_model("reg", headers={"authorization": "Bearer root"})
+            with pytest.raises(InferenceServerException, match="INVALID_ARGUMENT"):
+                client.load_model("broken", headers={"authorization": "Bearer root"})
+            assert client.is_model_ready("clf", headers={"x-api-key": "k1"})
+            big = np.zeros((4096, D), np.float32)   # 64 KiB of input: over the message limit
+            with pytest.raises(InferenceServerException, match="RESOURCE_EXHAUSTED"):
+                inp = tg.InferInput("input", list(big.shape), "FP32")
+                inp.set_data_from_numpy(big)
+                client.infer("clf", [inp], headers={"x-api-key": "k1"})
+        finally:
+            client.close()
+
+        async def flood():
+            import tritonclient.grpc.aio as tga
+
+            aclient = tga.InferenceServerClient(s.grpc_target)
+            x = _x(256)
+            inp = tga.InferInput("input", list(x.shape), "FP32")
+            inp.set_data_from_numpy(x)
+            try:
+                results = await asyncio.gather(*(aclient.infer("clf", [inp], headers={"x-api-key": "k1"})
+                                                 for _ in range(24)), return_exceptions=True)
+            finally:
+                await aclient.close()
+            return results
+        results = asyncio.run(flood())
+        refused = [r for r in results if isinstance(r, Exception)]
+        assert refused and all("UNAVAILABLE" in str(r) for r in refused), refused[:3]
+        assert len(refused) < len(results)   # and some were answered
+        with grpc.insecure_channel(s.grpc_target) as channel:
+            call = channel.unary_unary(METHOD + "ModelInfer", request_serializer=pb.ModelInferRequest.SerializeToString,
+                                       response_deserializer=pb.ModelInferResponse.FromString)
+            request = pb.ModelInferRequest(model_name="clf")
+            request.inputs.add(name="input", datatype="FP32", shape=[1, D])
+            request.raw_input_contents.append(_x(1).tobytes())
+            reply = call.with_call(request, metadata=(("x-api-key", "k1"), ("x-request-id", "job-7")), timeout=10)
+            assert ("x-request-id", "job-7") in reply[1].initial_metadata()
+        with s.client() as http:
+            text = http.get("/metrics").text
+        assert 'hjserve_grpc_requests_total{code="UNAVAILABLE",method="ModelInfer"}' in text
+
+
+def test_load_failures_do_not_show_host_paths(gserver, tiny_repo):
+    ready = _raw_call(gserver.grpc_target, "ModelReady", pb.ModelReadyRequest(name="broken"), pb.ModelReadyResponse)
+    assert ready.ready is False
+    with gserver.client() as http:
+        reason = http.get("/v2/models/broken").json()["error"]
+    assert "<repository>/broken/1/model.onnx" in reason and str(tiny_repo) not in reason

@@ -1,0 +1,104 @@
+"""The model repository, in process (fake backend): typed specs, names, and Triton's poll mode."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+
+import pytest
+from fakes import write_model
+
+from hjmodel.serving import ArtifactSpec
+from service.errors import InvalidModelName, ModelNotFound, ModelNotReady
+from service.repository import ModelRepository
+from service.settings import Settings
+
+
+def _with_repository(repository: ModelRepository, body):
+    async def main():
+        await repository.load_all()
+        try:
+            return await body()
+        finally:
+            await repository.close()
+    return asyncio.run(main())
+
+
+def test_versions_carry_the_typed_spec(repository):
+    async def body():
+        mv = repository.get("fclf")
+        return mv, repository.get("freg", "1")
+    clf, reg = _with_repository(repository, body)
+    assert isinstance(clf.spec, ArtifactSpec) and clf.version == 2
+    assert clf.spec.class_names == ("alpha", "beta", "gamma") and clf.task == "classification"
+    assert reg.spec.task == "regression" and reg.n_features == 4
+
+
+def test_a_bad_spec_is_reported_and_takes_nothing_down(fake_root, loader):
+    spec = json.loads((fake_root / "fclf" / "1" / "model.json").read_text())
+    spec["n_outputs"] = 0
+    write_model(fake_root / "broken" / "1")
+    (fake_root / "broken" / "1" / "model.json").write_text(json.dumps(spec))
+    repository = ModelRepository(Settings(model_repository=fake_root), loader=loader)
+
+    async def body():
+        with pytest.raises(ModelNotReady, match="n_outputs must be a positive integer"):
+            repository.get("broken")
+        return repository.get("fclf")
+    assert _with_repository(repository, body).version == 2
+
+
+@pytest.mark.parametrize("name", ["..", ".hidden", "a/b", "x" * 200, ""])
+def test_hostile_names_never_resolve(repository, name):
+    async def body():
+        with pytest.raises((InvalidModelName, ModelNotFound)):
+            repository.get(name)
+    _with_repository(repository, body)
+
+
+def test_poll_mode_loads_new_versions_reloads_changes_and_unloads_removals(fake_root, loader):
+    """Triton's poll model control: the folder is the source of truth, no load call needed."""
+    repository = ModelRepository(Settings(model_repository=fake_root), loader=loader)
+
+    async def settle(predicate, timeout=5.0):
+        deadline = asyncio.get_running_loop().time() + timeout
+        while not predicate():
+            assert asyncio.get_running_loop().time() < deadline, "the poller did not pick the change up"
+            await asyncio.sleep(0.02)
+
+    async def body():
+        poller = asyncio.ensure_future(repository.poll(0.05))
+        try:
+            write_model(fake_root / "fclf" / "3", seed=30)                  # a new version folder
+            await settle(lambda: repository.ready_versions("fclf") == [1, 2, 3])
+            write_model(fake_root / "fnew" / "1", seed=40)                  # a new model
+            await settle(lambda: repository.ready_versions("fnew") == [1])
+            (fake_root / "fclf" / "3" / "fake.seed").write_text("31")       # a new build of version 3
+            await settle(lambda: loader.backends[("fclf", 3)].seed == 31)
+            shutil.rmtree(fake_root / "fclf" / "1")                         # a removed version
+            await settle(lambda: repository.ready_versions("fclf") == [2, 3])
+            shutil.rmtree(fake_root / "freg")                               # a removed model
+            await settle(lambda: repository.ready_versions("freg") == [])
+            with pytest.raises(ModelNotReady):
+                repository.get("freg")
+        finally:
+            poller.cancel()
+    _with_repository(repository, body)
+
+
+def test_poll_keeps_serving_when_a_changed_version_fails_to_load(fake_root, loader):
+    repository = ModelRepository(Settings(model_repository=fake_root), loader=loader)
+
+    async def body():
+        poller = asyncio.ensure_future(repository.poll(0.05))
+        try:
+            (fake_root / "fclf" / "2" / "model.json").write_text("{ not json")
+            for _ in range(100):
+                if any("reload failed" in i.get("reason", "") for i in repository.index()):
+                    break
+                await asyncio.sleep(0.02)
+            assert repository.get("fclf").version == 2    # the previous load still serves
+        finally:
+            poller.cancel()
+    _with_repository(repository, body)
