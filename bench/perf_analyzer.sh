@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
-# Concurrency sweep of a running (or self-started) hjserve with Triton's perf_analyzer; writes
-# latency percentiles and throughput to eval/perf_analyzer.md.
+# Concurrency sweep of a running (or self-started) hjserve with Triton's perf_analyzer over REST and
+# gRPC, the two protocols alternating at each concurrency (side by side, same server, same rows);
+# writes latency percentiles, throughput and the gRPC / REST ratio to eval/perf_analyzer.md.
 #
 #   bash bench/perf_analyzer.sh                  # start hjserve on $PORT with $MODEL_REPO, sweep, stop it
-#   URL=127.0.0.1:8000 bash bench/perf_analyzer.sh   # sweep an already running server (not stopped)
+#   URL=127.0.0.1:8000 GRPC_URL=127.0.0.1:8001 bash bench/perf_analyzer.sh   # an already running server
 #
-# Settings (environment): MODEL (digits_lse), PORT (8765), URL, MODEL_REPO (eval/.cache/perf_models;
+# Settings (environment): MODEL (digits_lse), PORT (8765), GRPC_PORT (8766), URL, GRPC_URL, PROTOCOLS
+# ("http grpc"), MODEL_REPO (eval/.cache/perf_models;
 # built with `python -m hjmodel.demo --only $MODEL` if missing), CONCURRENCY ("1 2 4 8 16"),
-# INTERVAL_MS (3000), STABILITY (30 %), MAX_TRIALS (10), PERF_VENV (.venv-perf; installed by ../shared/tools/install-perf-analyzer.sh:
+# INTERVAL_MS (3000), STABILITY (30 %), MAX_TRIALS (10), PERF_VENV (.venv-perf; installed by bench/install_perf_analyzer.sh:
 # tritonclient 2.51 wheel with its perf_analyzer binary, libb64 via apt), PY (.venv/bin/python).
 # Inputs are real digits rows from a JSON data file (perf_analyzer's random bytes decode to absurd floats).
 set -euo pipefail
@@ -16,11 +18,13 @@ cd "$root"
 PY=${PY:-$root/.venv/bin/python}
 MODEL=${MODEL:-digits_lse}
 PORT=${PORT:-8765}
+GRPC_PORT=${GRPC_PORT:-8766}
+PROTOCOLS=${PROTOCOLS:-"http grpc"}
 MODEL_REPO=${MODEL_REPO:-$root/eval/.cache/perf_models}
 CONCURRENCY=${CONCURRENCY:-"1 2 4 8 16"}
 INTERVAL_MS=${INTERVAL_MS:-3000}
 PERF_VENV=${PERF_VENV:-$root/.venv-perf}
-INSTALLER=${INSTALLER:-$root/../shared/tools/install-perf-analyzer.sh}
+INSTALLER=${INSTALLER:-$root/bench/install_perf_analyzer.sh}
 OUT_MD=${OUT_MD:-$root/eval/perf_analyzer.md}
 work=$(mktemp -d)
 server_pid=""
@@ -38,10 +42,12 @@ pa_version=$(perf_analyzer --version 2>&1 | head -1 || true)
 # 2. the server
 if [ -z "${URL:-}" ]; then
   URL=127.0.0.1:$PORT
+  GRPC_URL=127.0.0.1:$GRPC_PORT
   if [ ! -d "$MODEL_REPO/$MODEL" ]; then
     "$PY" -m hjmodel.demo --out "$MODEL_REPO" --only "$MODEL"
   fi
-  "$PY" -m service --model-repository "$MODEL_REPO" --host 127.0.0.1 --port "$PORT" --log-level warning \
+  "$PY" -m service --model-repository "$MODEL_REPO" --host 127.0.0.1 --port "$PORT" --grpc-port "$GRPC_PORT" \
+    --log-level warning \
     >"$work/server.log" 2>&1 &
   server_pid=$!
   for _ in $(seq 1 120); do
@@ -85,66 +91,84 @@ if vdir.is_dir():
 Path(inproc_path).write_text(line)
 PYEOF
 
-# 4. the sweep
+# 4. the sweep: at each concurrency, every protocol in turn (side by side on the same server)
 for c in $CONCURRENCY; do
-  echo "concurrency $c" >&2
-  perf_analyzer -m "$MODEL" -u "$URL" -i http --concurrency-range "$c:$c" --input-data "$work/data.json" \
-    -p "$INTERVAL_MS" --max-trials "${MAX_TRIALS:-10}" -s "${STABILITY:-30}" -f "$work/c$c.csv" >"$work/c$c.log" 2>&1 || {
-    # perf_analyzer aborts after measuring when the server's statistics are inconsistent (e.g. compute
-    # input/infer/output counts differ); the client-side numbers are in its log: keep them, say so
-    if grep -q "p99 latency" "$work/c$c.log"; then
-      echo "perf_analyzer exited abnormally at concurrency $c: $(grep -m1 'what()' "$work/c$c.log" || tail -1 "$work/c$c.log")" >&2
-      grep -m1 "what()" "$work/c$c.log" >"$work/c$c.err" || tail -1 "$work/c$c.log" >"$work/c$c.err"
-    else
-      echo "perf_analyzer failed at concurrency $c:" >&2; tail -20 "$work/c$c.log" >&2; exit 1
-    fi; }
+  for proto in $PROTOCOLS; do
+    echo "concurrency $c, $proto" >&2
+    target=$URL; [ "$proto" = grpc ] && target=${GRPC_URL:?set GRPC_URL for the gRPC sweep}
+    run="$work/$proto-c$c"
+    perf_analyzer -m "$MODEL" -u "$target" -i "$proto" --concurrency-range "$c:$c" --input-data "$work/data.json" \
+      -p "$INTERVAL_MS" --max-trials "${MAX_TRIALS:-10}" -s "${STABILITY:-30}" -f "$run.csv" >"$run.log" 2>&1 || {
+      # perf_analyzer aborts after measuring when the server's statistics are inconsistent (e.g. compute
+      # input/infer/output counts differ); the client-side numbers are in its log: keep them, say so
+      if grep -q "p99 latency" "$run.log"; then
+        echo "perf_analyzer exited abnormally at concurrency $c ($proto): $(grep -m1 'what()' "$run.log" || tail -1 "$run.log")" >&2
+        grep -m1 "what()" "$run.log" >"$run.err" || tail -1 "$run.log" >"$run.err"
+      else
+        echo "perf_analyzer failed at concurrency $c ($proto):" >&2; tail -20 "$run.log" >&2; exit 1
+      fi; }
+  done
 done
 
 # 5. the report
-"$PY" - "$work" "$OUT_MD" "$MODEL" "$URL" "$pa_version" "$config" "$CONCURRENCY" <<'PYEOF'
+"$PY" - "$work" "$OUT_MD" "$MODEL" "$URL" "$pa_version" "$config" "$CONCURRENCY" "$PROTOCOLS" <<'PYEOF'
 import csv, datetime, json, os, platform, sys
 from pathlib import Path
-work, out, model, url, pa, config, conc = sys.argv[1:8]
+work, out, model, url, pa, config, conc, protocols = sys.argv[1:9]
+protocols = protocols.split()
 cfg = json.loads(config)
 cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), platform.processor())
 import re
-rows, notes = [], []
-for c in conc.split():
-    csv_path = Path(work) / f"c{c}.csv"
+rows, notes, results = [], [], {}
+for c, proto in ((c, p) for c in conc.split() for p in protocols):
+    run = Path(work) / f"{proto}-c{c}"
+    csv_path = run.with_suffix(".csv")
     if csv_path.exists():
         with open(csv_path) as fh:
             r = next(csv.DictReader(fh))
         if "Avg latency" not in r:  # the CSV has the percentiles; the mean is in the log
-            r["Avg latency"] = re.findall(r"Avg latency: ([0-9]+) usec", (Path(work) / f"c{c}.log").read_text())[-1]
+            r["Avg latency"] = re.findall(r"Avg latency: ([0-9]+) usec", run.with_suffix(".log").read_text())[-1]
         server = sum(float(r.get(k, 0) or 0) for k in ("Server Queue", "Server Compute Input",
                                                        "Server Compute Infer", "Server Compute Output")) / 1000.0
         server = f"{server:.2f}"
     else:  # client-side numbers from the log (perf_analyzer aborted on the server statistics)
-        log = (Path(work) / f"c{c}.log").read_text()
+        log = run.with_suffix(".log").read_text()
         grab = lambda pat: re.findall(pat, log)[-1]
         r = {"Inferences/Second": grab(r"Throughput: ([0-9.]+) infer/sec"),
              **{f"p{q} latency": grab(rf"p{q} latency: ([0-9]+) usec") for q in (50, 90, 95, 99)},
              "Avg latency": grab(r"Avg latency: ([0-9]+) usec")}
         server = "n/a"
-        notes.append(f"concurrency {c}: perf_analyzer aborted after measuring ("
-                     + (Path(work) / f"c{c}.err").read_text().strip() + "); client-side numbers from its log")
+        notes.append(f"concurrency {c} ({proto}): perf_analyzer aborted after measuring ("
+                     + run.with_suffix(".err").read_text().strip() + "); client-side numbers from its log")
     us = lambda k: float(r[k]) / 1000.0
-    rows.append(f"| {c} | {float(r['Inferences/Second']):.1f} | {us('p50 latency'):.2f} | {us('p90 latency'):.2f} | "
+    results[(c, proto)] = (float(r["Inferences/Second"]), us("p50 latency"))
+    label = {"http": "REST", "grpc": "gRPC"}.get(proto, proto)
+    rows.append(f"| {c} | {label} | {float(r['Inferences/Second']):.1f} | {us('p50 latency'):.2f} | {us('p90 latency'):.2f} | "
                 f"{us('p95 latency'):.2f} | {us('p99 latency'):.2f} | {us('Avg latency'):.2f} | {server} |")
+compare = []
+if {"http", "grpc"} <= set(protocols):
+    compare = ["", "gRPC against REST at each concurrency (same server, same rows, run back to back):", "",
+               "| concurrency | REST infer/s | gRPC infer/s | gRPC / REST throughput | REST p50 ms | gRPC p50 ms |",
+               "|---|---|---|---|---|---|"]
+    for c in conc.split():
+        (th, lh), (tg, lg) = results[(c, "http")], results[(c, "grpc")]
+        compare.append(f"| {c} | {th:.1f} | {tg:.1f} | {tg / th:.2f}x | {lh:.2f} | {lg:.2f} |")
 lines = [
     "# perf_analyzer concurrency sweep\n",
     f"Generated by `bash bench/perf_analyzer.sh` on {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC}; "
     f"{cpu}, {os.cpu_count()} logical cores visible, shared by client and server and other jobs (absolute numbers "
     f"are indicative; compare across rows; load average at the end {os.getloadavg()[0]:.1f}). "
-    f"{pa}; HTTP, binary tensors, batch 1 per request, real digits rows as input; model `{model}` "
+    f"{pa}; REST (HTTP, binary tensors) and gRPC (raw contents), batch 1 per request, real digits rows as "
+    f"input, the protocols alternating at each concurrency; model `{model}` "
     f"({cfg.get('backend')} backend on {cfg.get('parameters', {}).get('device', {}).get('string_value', '?')}, "
     f"server max_batch_size {cfg.get('max_batch_size')}, max queue delay "
     f"{cfg.get('dynamic_batching', {}).get('max_queue_delay_microseconds')} us) at {url}.\n",
     "Baselines: concurrency 1 (first row) for scaling, and the same artifact called in-process without HTTP:\n",
     "- " + (Path(work) / "inproc.txt").read_text().strip() + "\n",
-    "| concurrency | infer/s | p50 ms | p90 ms | p95 ms | p99 ms | mean ms | server-side ms (queue+compute, from stats) |",
-    "|---|---|---|---|---|---|---|---|",
+    "| concurrency | protocol | infer/s | p50 ms | p90 ms | p95 ms | p99 ms | mean ms | server-side ms (queue+compute, from stats) |",
+    "|---|---|---|---|---|---|---|---|---|",
     *rows,
+    *compare,
     *(["", "Notes:", *[f"- {n}" for n in notes]] if notes else []),
 ]
 Path(out).write_text("\n".join(lines) + "\n")

@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from .errors import HJModelError, InputError
+from .serving import KINDS
 
 __all__ = ["main"]
 
@@ -91,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
 
     p = sub.add_parser("train", help="train a model and write an artifact")
     p.add_argument("data", help="digits | breast_cancer | wine | iris | diabetes | FILE.npz | FILE.csv")
-    p.add_argument("--kind", choices=["lse", "memory", "deep"], default="lse")
+    p.add_argument("--kind", choices=list(KINDS), default="lse")
     p.add_argument("--out", required=True, help="version directory to write, e.g. models/mymodel/1")
     p.add_argument("--target", help="CSV target column (default: last)")
     p.add_argument("--task", choices=["classification", "regression"])

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from . import functional as F
-from .serving import OOD_COMPONENTS, TOP_K_MAX, output_names
+from .serving import KINDS, OOD_COMPONENTS, TASKS, TOP_K_MAX, output_names
 
 __all__ = ["Evaluation", "GibbsHead", "HJModel", "LSEGroupLayer", "OODReference", "Preprocess"]
 
@@ -193,9 +193,9 @@ class HJModel(nn.Module):
     def __init__(self, kind: str, task: str, preprocess: Preprocess, body: list[LSEGroupLayer],
                  head: GibbsHead, reference: OODReference, meta: dict | None = None):
         super().__init__()
-        if kind not in ("lse", "memory", "deep"):
+        if kind not in KINDS:
             raise ValueError(f"unknown kind {kind!r}")
-        if task not in ("classification", "regression"):
+        if task not in TASKS:
             raise ValueError(f"unknown task {task!r}")
         self.kind, self.task = kind, task
         self.preprocess, self.body, self.head = preprocess, nn.ModuleList(body), head

@@ -19,6 +19,7 @@ from . import functional as F
 from .data import Dataset
 from .errors import CalibrationError, DataError
 from .models import GibbsHead, HJModel, LSEGroupLayer, OODReference, Preprocess
+from .serving import KINDS
 
 __all__ = ["TrainConfig", "TrainReport", "calibrate", "train"]
 
@@ -124,7 +125,7 @@ def _forward_a(model: HJModel, X: torch.Tensor) -> torch.Tensor:
 def train(data: Dataset, cfg: TrainConfig | None = None) -> tuple[HJModel, TrainReport]:
     """Train a model of ``cfg.kind`` on ``data`` and calibrate it; returns (model, report)."""
     cfg = cfg or TrainConfig()
-    if cfg.kind not in ("lse", "memory", "deep"):
+    if cfg.kind not in KINDS:
         raise ValueError(f"unknown kind {cfg.kind!r}")
     t0 = time.time()
     torch.manual_seed(cfg.seed)

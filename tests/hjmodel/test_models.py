@@ -317,3 +317,40 @@ def test_certificate_tightness(case, demo_repository, regression_models):
     assert bool((ratio <= 1.0).all()), f"{case}: attack beat the certificate (max ratio {float(ratio.max())})"
     med = float(ratio.median())
     assert med >= TIGHTNESS_FLOOR[case], f"{case}: median tightness {med:.3f}"
+
+
+def test_evaluate_does_only_the_work_its_outputs_need(demo_repository, monkeypatch):
+    """Training's calibration reads the OOD flag: no certificate, saliency or top-k is computed for it."""
+    model = load_model(demo_repository / "digits_lse" / "1")
+    x = torch.as_tensor(load_dataset("digits").X[:8], dtype=DT)
+    full = model.evaluate(x)
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("computed an output nobody asked for")
+
+    monkeypatch.setattr(model, "_certified_radius", forbidden)
+    monkeypatch.setattr(model, "_pullback", forbidden)
+    monkeypatch.setattr(model, "_label_sensitivity", forbidden)
+    ev = model.evaluate(x, outputs=("ood_flag",))
+    assert list(ev.outputs) == ["ood_flag"] and torch.equal(ev["ood_flag"], full["ood_flag"])
+    trace = model.evaluate(x, outputs=())
+    assert trace.outputs == {} and trace.h.shape[0] == 8 and trace.log_probs.shape == (8, 10)
+    assert torch.equal(trace.decision, full["prediction"])
+
+
+def test_evaluate_takes_one_tau_per_row(regression_models):
+    """tau is a batched input: each row is certified at its own tolerance (lse and memory heads)."""
+    for case in REG_CASES:
+        directory = regression_models[case][0]
+        model = load_model(directory)
+        x = torch.randn(4, model.n_features, dtype=DT, generator=torch.Generator().manual_seed(0))
+        taus = torch.tensor([0.1, 0.5, 0.1, 2.0], dtype=DT)
+        per_row = model.evaluate(x, tau=taus)["certified_radius"]
+        for i, tau in enumerate(taus.tolist()):
+            alone = model.evaluate(x[i:i + 1], tau=tau)["certified_radius"][0]
+            torch.testing.assert_close(per_row[i], alone, rtol=1e-12, atol=0, msg=case)
+        same = model.evaluate(x[:1].expand(3, -1), tau=torch.tensor([0.1, 0.5, 2.0], dtype=DT))["certified_radius"]
+        assert same[2] >= same[1] >= same[0] and same[2] > same[0], case   # a larger tolerance, a larger ball
+        # the served module and graph take tau as a (batch, 1) input
+        torch_out, onnx_out = served(directory, x.to(torch.float32), 0.5)
+        np.testing.assert_allclose(onnx_out["certified_radius"], torch_out["certified_radius"], rtol=2e-6)

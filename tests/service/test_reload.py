@@ -75,3 +75,28 @@ def test_unload_and_load(tiny_repo, tmp_path):
         assert c.post("/v2/repository/models/reg/load").status_code == 200
         assert c.post("/v2/models/reg/infer", json=BODY).status_code == 200
         assert "hjserve_model_ready{model=\"reg\",version=\"1\"} 1.0" in c.get("/metrics").text
+
+
+def test_poll_mode_serves_a_new_version_folder_without_a_load_call(tiny_repo, tmp_path):
+    """Triton's poll model control on a real server: publishing a version folder is enough; removing
+    one stops serving it; explicit load calls are refused."""
+    repo = tmp_path / "repo"
+    copy_version(tiny_repo / "clf" / "1", repo / "clf" / "1")
+    with run_server(repo, tmp_path, model_control_mode="poll", repository_poll_s=0.2) as s, s.client() as c:
+        assert c.get("/v2/models/clf").json()["versions"] == ["1"]
+        copy_version(tiny_repo / "clf" / "2", repo / "clf" / "2")
+        copy_version(tiny_repo / "reg" / "1", repo / "reg" / "1")
+        deadline = time.monotonic() + 20
+        while c.get("/v2/models/reg/ready").status_code != 200 or c.get("/v2/models/clf").json()["versions"] != ["1", "2"]:
+            assert time.monotonic() < deadline, c.post("/v2/repository/index").json()
+            time.sleep(0.1)
+        assert c.post("/v2/models/clf/infer", json=BODY).json()["model_version"] == "2"
+        import shutil
+
+        shutil.rmtree(repo / "clf" / "2")
+        while c.get("/v2/models/clf").json()["versions"] != ["1"]:
+            assert time.monotonic() < deadline + 20
+            time.sleep(0.1)
+        assert c.post("/v2/models/clf/infer", json=BODY).json()["model_version"] == "1"
+        r = c.post("/v2/repository/models/clf/load")
+        assert r.status_code == 400 and "poll" in r.json()["error"]
