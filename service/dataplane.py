@@ -397,7 +397,8 @@ class DataPlane:
             raise EmptyBatch(f"input '{name}' has no rows")
         if not np.isfinite(array).all():
             raise InvalidValue(f"input '{name}' contains NaN or infinite values")
-        rows = np.asarray(array, dtype=np.float32).reshape(shape)
+        with np.errstate(over="ignore"):   # values beyond float32 become inf: refused just below
+            rows = np.asarray(array, dtype=np.float32).reshape(shape)
         if array.dtype != np.float32 and not np.isfinite(rows).all():
             raise InvalidValue(f"input '{name}' has values outside the float32 range")
         return rows

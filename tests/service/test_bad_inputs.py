@@ -1,4 +1,6 @@
-"""Table-driven bad input against the real server: status, error_type, message; never a 500."""
+"""Table-driven bad input: status, error_type, message; never a 500. The table runs in process (the
+app over the dataplane over the tiny repository with its real onnxruntime backends, through an ASGI
+client); a real server process replays every case and must still serve afterwards."""
 
 from __future__ import annotations
 
@@ -157,11 +159,26 @@ def _send(client, method, path, body):
     return client.request(method, path, content=body, headers=headers)
 
 
+@pytest.fixture(scope="module")
+def inproc(tiny_repo):
+    """settings -> repository (real backends) -> dataplane -> app -> ASGI client, like the server fixture."""
+    from fastapi.testclient import TestClient
+
+    from service.dataplane import DataPlane
+    from service.repository import ModelRepository
+    from service.rest.app import create_app
+    from service.settings import Settings
+
+    settings = Settings(model_repository=tiny_repo, max_body_bytes=1024 * 1024)
+    app = create_app(DataPlane(settings, ModelRepository(settings)))
+    with TestClient(app, raise_server_exceptions=False) as client:
+        yield client
+
+
 @pytest.mark.parametrize(("method", "path", "body", "status", "error_type", "message"),
                          [c[1:] for c in CASES], ids=[c[0] for c in CASES])
-def test_bad_input(server, method, path, body, status, error_type, message):
-    with server.client() as c:
-        r = _send(c, method, path, body)
+def test_bad_input(inproc, method, path, body, status, error_type, message):
+    r = _send(inproc, method, path, body)
     assert r.status_code == status, r.text
     payload = r.json()
     assert set(payload) == {"error", "error_type"}, payload
