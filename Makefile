@@ -17,7 +17,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	# torch is pinned (CPU build); see pyproject.toml
-	$(BIN)/pip install -q -e ".[dev]"
+	$(BIN)/pip install -q -e ".[dev,ray]"
 	touch $@
 
 # Tools the deploy tests start or call: a real Prometheus (+promtool) and docker-compose (config check).
@@ -40,7 +40,7 @@ test: setup system-deps models
 	HJSERVE_TEST_MODELS=$(abspath $(MODELS)) $(BIN)/python -m pytest
 
 lint: setup
-	$(BIN)/ruff check hjmodel service tests bench
+	$(BIN)/ruff check hjmodel service tests bench eval examples
 
 bench: setup models
 	$(BIN)/python -m bench.run_all --models $(abspath $(MODELS))

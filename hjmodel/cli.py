@@ -79,6 +79,60 @@ def _cmd_diagnose(args: argparse.Namespace) -> int:
     return 0
 
 
+def _load_arrays(path: str, what: str) -> dict:
+    """An .npz file (no pickles) or a torch tensor dict (``weights_only``) as a dict of arrays."""
+    file = Path(path)
+    if not file.is_file():
+        raise InputError(f"{what}: no such file {path!r}")
+    try:
+        if file.suffix == ".npz":
+            with np.load(file, allow_pickle=False) as data:
+                return {k: data[k] for k in data.files}
+        state = torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as e:  # corrupt, truncated or unsafe files
+        raise InputError(f"{what}: cannot read {path!r} ({type(e).__name__}: {str(e)[:200]})") from e
+    if not isinstance(state, dict):
+        raise InputError(f"{what}: {path!r} does not hold a dict of tensors")
+    return {k: (v.numpy() if isinstance(v, torch.Tensor) else v) for k, v in state.items()}
+
+
+def _calibration(args: argparse.Namespace):
+    data = _load_arrays(args.calibration, "--calibration")
+    if "X" not in data:
+        raise InputError("--calibration must hold an array X (and optionally y)")
+    X, y = data["X"], data.get("y")
+    return (X, y) if y is not None else X, data.get("X_reference")
+
+
+def _export_options(args: argparse.Namespace) -> dict:
+    return {"task": args.task, "class_names": args.class_names, "alpha": args.alpha, "seed": args.seed,
+            "formats": tuple(args.formats)}
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from .byom import export
+
+    state = _load_arrays(args.state, "--state")
+    calibration, reference = _calibration(args)
+    try:
+        model = export(state, calibration, args.out, reference_data=reference, **_export_options(args))
+    except (KeyError, ValueError) as e:   # a state dict that is not an LSE network's tensors
+        raise InputError(f"--state: {type(e).__name__}: {e}") from e
+    print(json.dumps({"artifact": args.out, "kind": model.kind, "task": model.task, "metrics": model.meta["metrics"]},
+                     indent=2))
+    return 0
+
+
+def _cmd_import_onnx(args: argparse.Namespace) -> int:
+    from .onnx_import import import_onnx
+
+    calibration, reference = _calibration(args)
+    model = import_onnx(args.onnx, calibration, args.out, reference_data=reference, **_export_options(args))
+    print(json.dumps({"artifact": args.out, "kind": model.kind, "task": model.task, "metrics": model.meta["metrics"]},
+                     indent=2))
+    return 0
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from .demo import build
 
@@ -127,6 +181,26 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--top-k", type=int, default=5)
     p.add_argument("--tau", type=float, default=0.1)
     p.set_defaults(func=_cmd_diagnose)
+
+    def export_arguments(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--calibration", required=True,
+                       help=".npz with X (rows not trained on), optional y, optional X_reference (e.g. training rows)")
+        p.add_argument("--out", required=True, help="version directory to write, e.g. models/mymodel/1")
+        p.add_argument("--task", choices=["classification", "regression"])
+        p.add_argument("--class-names", nargs="+")
+        p.add_argument("--alpha", type=float, default=0.05, help="target false-flag rate of the OOD gate")
+        p.add_argument("--seed", type=int, default=0)
+        p.add_argument("--formats", nargs="+", choices=["onnx", "torch"], default=["onnx", "torch"])
+
+    p = sub.add_parser("export", help="a state dict of W, b, eps (+ groups / V, mu, A) -> a serving artifact")
+    p.add_argument("--state", required=True, help=".npz or torch file (weights_only) with W, b, eps, ...")
+    export_arguments(p)
+    p.set_defaults(func=_cmd_export)
+
+    p = sub.add_parser("import-onnx", help="a third-party ONNX LSE network -> a serving artifact")
+    p.add_argument("onnx", help="the ONNX file (ReduceLogSumExp over an affine map; see hjmodel/onnx_import.py)")
+    export_arguments(p)
+    p.set_defaults(func=_cmd_import_onnx)
 
     p = sub.add_parser("demo", help="build the demo model repository")
     p.add_argument("--out", default="models")

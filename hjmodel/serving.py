@@ -204,3 +204,24 @@ def onnx_feeds(session: Any, x: Any, tau: Any = 0.1) -> dict[str, Any]:
         else:
             feeds["tau"] = np.ascontiguousarray(np.broadcast_to(values, (x.shape[0],)).reshape(-1, 1))
     return feeds
+
+
+#: V2 datatype -> numpy dtype of the served outputs.
+NUMPY_DTYPES = {"FP32": "float32", "INT64": "int64", "BOOL": "bool", "FP64": "float64"}
+
+
+def select_outputs(task: str, outputs: Mapping[str, Any], names, top_k: int) -> dict[str, Any]:
+    """The outputs ``names`` of a graph run, in their served dtypes, the top-k outputs sliced to their
+    first ``top_k`` columns (the graph computes ``TOP_K_MAX``). One implementation for the server and
+    for offline predictors, so a row reads the same everywhere."""
+    import numpy as np
+
+    specs = {o.name: o for o in outputs_for(task)}
+    selected = {}
+    for name in names:
+        spec = specs[name]
+        value = np.asarray(outputs[name])
+        if spec.row_shape == ("k",):
+            value = value[:, :top_k]
+        selected[name] = value.astype(NUMPY_DTYPES[spec.datatype], copy=False)
+    return selected

@@ -26,7 +26,7 @@ import numpy as np
 from hjmodel import serving
 from service import __version__
 from service.batching import BatcherClosed
-from service.codecs import DATATYPES, Chunk, dumps
+from service.codecs import Chunk, dumps
 from service.errors import (
     BadRequest,
     EmptyBatch,
@@ -72,7 +72,6 @@ SERVER_NAME = "hjserve"
 #: Protocol extensions this server implements.
 EXTENSIONS = ("binary_tensor_data", "model_configuration", "model_repository", "parameters", "statistics")
 
-_TOPK_OUTPUTS = frozenset(o.name for o in serving.OUTPUTS if o.row_shape == ("k",))
 _INPUT_DATATYPES = ("FP32", "FP64")
 _TRITON_TYPES = {"BOOL": "TYPE_BOOL", "INT64": "TYPE_INT64", "FP32": "TYPE_FP32", "FP64": "TYPE_FP64"}
 _TRUE, _FALSE = ("true", "1", "yes"), ("false", "0", "no")
@@ -405,20 +404,15 @@ class DataPlane:
 
     def select(self, mv: ModelVersion, outputs: dict[str, np.ndarray], options: InferOptions,
                request: InferRequest | None = None) -> list[InferOutput]:
-        """Requested outputs, sliced to top-k and cast to the contract's datatypes."""
-        specs = {o.name: o for o in serving.outputs_for(mv.task)}
+        """Requested outputs, sliced to top-k and cast to the contract's datatypes
+        (:func:`hjmodel.serving.select_outputs`, shared with offline predictors)."""
         wanted = {o.name: o.binary for o in (request.outputs if request else [])}
         default_binary = request.binary_output if request else False
-        selected = []
-        for name in options.outputs:
-            value = np.asarray(outputs[name])
-            if name in _TOPK_OUTPUTS:
-                value = value[:, :options.top_k]
-            datatype = specs[name].datatype
-            value = value.astype(DATATYPES[datatype], copy=False)
-            binary = wanted.get(name)
-            selected.append(InferOutput(name, datatype, value, default_binary if binary is None else binary))
-        return selected
+        datatypes = {o.name: o.datatype for o in serving.outputs_for(mv.task)}
+        values = serving.select_outputs(mv.task, outputs, options.outputs, options.top_k)
+        return [InferOutput(name, datatypes[name], value,
+                            default_binary if wanted.get(name) is None else wanted[name])
+                for name, value in values.items()]
 
     # -- the one run path -------------------------------------------------------------------------
 

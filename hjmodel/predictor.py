@@ -1,0 +1,150 @@
+"""A transport-free, picklable predictor for offline batch attribution on any engine.
+
+``Predictor`` holds only an artifact path and options; its runtime session (onnxruntime, one thread
+by default, or the torch serving module) opens lazily on first use, in whatever process or worker
+runs it, and is dropped when the predictor is pickled. It maps a batch -- a numpy array (n, d), a
+dict of numpy columns (Ray Data's batch format) or a pandas DataFrame -- to fixed-shape diagnostic
+columns, selected and sliced exactly as the server does (:func:`hjmodel.serving.select_outputs`).
+
+Engines: :func:`hjmodel.distributed.attribute_dataset` (Ray Data) and
+:func:`hjmodel.distributed.spark_map_in_pandas` (Spark ``mapInPandas``).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .serving import DEFAULT_OUTPUTS, ONNX_FILE, TOP_K_MAX, onnx_feeds, output_names, select_outputs
+
+__all__ = ["Predictor"]
+
+
+class Predictor:
+    """``Predictor(artifact)(batch) -> {output: column}`` with the server's semantics.
+
+    ``artifact``: a version directory (``model.onnx`` and/or ``model.pt`` + ``model.json``).
+    ``outputs``: output names, ``"all"``, or None for the server's default outputs. ``top_k`` (<= 10)
+    and ``tau`` as the request parameters. ``input_column``: the column holding each row's feature
+    vector in dict / DataFrame batches; if absent, ``feature_columns`` (default: the artifact's
+    feature names) are stacked. Other columns of a dict / DataFrame batch are passed through, so rows
+    stay joinable (an id column, say)."""
+
+    def __init__(self, artifact: str | Path, outputs: Sequence[str] | str | None = None, top_k: int = 5,
+                 tau: float = 0.1, backend: str = "onnx", threads: int = 1, input_column: str = "input",
+                 feature_columns: Sequence[str] | None = None):
+        from .artifact import read_artifact_spec
+
+        self.artifact = str(artifact)
+        spec = read_artifact_spec(self.artifact)
+        self.task, self.n_features = spec.task, spec.n_features
+        self.class_names = spec.class_names
+        self.feature_columns = list(feature_columns) if feature_columns is not None else list(spec.feature_names)
+        names = output_names(spec.task)
+        if outputs is None:
+            outputs = [n for n in DEFAULT_OUTPUTS if n in names]
+        elif outputs == "all":
+            outputs = list(names)
+        unknown = [n for n in outputs if n not in names]
+        if unknown:
+            raise ValueError(f"unknown output(s) {unknown}; this model has {list(names)}")
+        if not 1 <= int(top_k) <= min(TOP_K_MAX, spec.top_k_max):
+            raise ValueError(f"top_k must be in [1, {min(TOP_K_MAX, spec.top_k_max)}]")
+        if backend not in ("onnx", "torch"):
+            raise ValueError("backend must be onnx or torch")
+        self.outputs, self.top_k, self.tau = tuple(outputs), int(top_k), float(tau)
+        self.backend, self.threads, self.input_column = backend, int(threads), input_column
+        self._runner = None
+        self._lock = threading.Lock()
+
+    # -- pickling: options travel, sessions do not ------------------------------------------------
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state["_runner"] = None
+        state.pop("_lock", None)
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
+
+    def _run(self, x: np.ndarray) -> dict[str, np.ndarray]:
+        with self._lock:
+            if self._runner is None:
+                self._runner = self._open()
+            return self._runner(x)
+
+    def _open(self):
+        if self.backend == "onnx":
+            import onnxruntime as ort
+
+            options = ort.SessionOptions()
+            options.intra_op_num_threads = self.threads
+            options.inter_op_num_threads = 1
+            session = ort.InferenceSession(str(Path(self.artifact) / ONNX_FILE), options,
+                                           providers=["CPUExecutionProvider"])
+            names = [o.name for o in session.get_outputs()]
+
+            def run_onnx(x: np.ndarray) -> dict[str, np.ndarray]:
+                return dict(zip(names, session.run(names, onnx_feeds(session, x, self.tau)), strict=True))
+            return run_onnx
+        import torch
+
+        from .artifact import load_serving_module
+
+        torch.set_num_threads(self.threads)
+        module = load_serving_module(self.artifact).eval()
+
+        def run_torch(x: np.ndarray) -> dict[str, np.ndarray]:
+            with torch.no_grad():
+                tau = torch.full((len(x), 1), self.tau, dtype=torch.float64)
+                out = module(torch.as_tensor(np.ascontiguousarray(x, dtype=np.float32)), tau)
+            return {k: v.numpy() for k, v in out.items()}
+        return run_torch
+
+    # -- the mapping ------------------------------------------------------------------------------
+
+    def predict(self, x: np.ndarray) -> dict[str, np.ndarray]:
+        """Rows (n, d) -> the selected outputs (and ``class`` names for classification)."""
+        x = np.asarray(x)
+        if x.ndim != 2 or x.shape[1] != self.n_features:
+            raise ValueError(f"rows must have shape (n, {self.n_features}), got {x.shape}")
+        if not np.isfinite(x).all():
+            raise ValueError("rows contain NaN or infinite values")
+        if len(x) == 0:
+            return {name: np.zeros((0,)) for name in self.outputs}
+        raw = self._run(x.astype(np.float32))
+        out = select_outputs(self.task, raw, self.outputs, self.top_k)
+        if self.class_names:
+            out["class"] = np.asarray(self.class_names, dtype=object)[raw["prediction"].astype(np.int64)]
+        return out
+
+    def _rows(self, columns) -> np.ndarray:
+        if self.input_column in columns:
+            return np.stack([np.asarray(v, dtype=np.float64) for v in columns[self.input_column]])
+        missing = [c for c in self.feature_columns if c not in columns]
+        if missing:
+            raise ValueError(f"the batch has no {self.input_column!r} column and lacks feature columns {missing[:5]}")
+        return np.column_stack([np.asarray(columns[c], dtype=np.float64) for c in self.feature_columns])
+
+    def __call__(self, batch):
+        """A batch in, the same kind of batch out: numpy (n, d) -> dict of columns; dict of numpy
+        columns (Ray) -> dict; pandas DataFrame (Spark) -> DataFrame (multi-dimensional outputs as
+        one list per row). Columns other than the features are passed through."""
+        if isinstance(batch, np.ndarray):
+            return self.predict(batch)
+        is_frame = hasattr(batch, "iloc")
+        out = self.predict(self._rows(batch))
+        used = {self.input_column, *self.feature_columns}
+        passed = {k: (batch[k].to_numpy() if is_frame else batch[k]) for k in batch if k not in used}
+        result = {**passed, **out}
+        if not is_frame:
+            return result
+        import pandas as pd
+
+        return pd.DataFrame({k: (list(v) if np.ndim(v) > 1 else v) for k, v in result.items()}, index=batch.index)

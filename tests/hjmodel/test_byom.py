@@ -1,0 +1,239 @@
+"""Bring your own model: hjmodel.nn modules trained in a plain loop, hjmodel.export, state dicts,
+third-party ONNX import, the CLI twins, and the README tutorial end to end."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+from sklearn.datasets import load_digits
+from test_models import DT, pgd_l2
+
+import hjmodel
+from hjmodel import ArtifactError, load_model, load_serving_module
+from hjmodel.cli import main as cli
+from hjmodel.errors import CalibrationError
+from hjmodel.onnx_import import import_onnx, lse_state_from_onnx
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def digits():
+    X, y = load_digits(return_X_y=True)
+    perm = np.random.default_rng(0).permutation(len(X))
+    tr, ca, te = perm[:1000], perm[1000:1400], perm[1400:]
+    return X[tr], y[tr], X[ca], y[ca], X[te], y[te]
+
+
+def _fit(module, X, y, epochs=25, lr=0.02, params=None, loss=torch.nn.functional.cross_entropy):
+    """A plain user loop: float32 batches, Adam."""
+    torch.manual_seed(0)
+    opt = torch.optim.Adam(params if params is not None else module.parameters(), lr=lr)
+    xt, yt = torch.as_tensor(X, dtype=torch.float32), torch.as_tensor(y)
+    for _ in range(epochs):
+        for i in range(0, len(xt), 128):
+            value = loss(module(xt[i:i + 128]), yt[i:i + 128])
+            opt.zero_grad()
+            value.backward()
+            opt.step()
+    return module
+
+
+@pytest.fixture(scope="module")
+def exported(digits, tmp_path_factory):
+    """An LSEClassifier, a deep one and a MemoryClassifier trained by the user's loop, exported."""
+    Xtr, ytr, Xca, yca, _, _ = digits
+    scale = {"mean": Xtr.mean(0), "scale": Xtr.std(0)}
+    modules = {
+        "lse": _fit(hjmodel.nn.LSEClassifier(64, 10, pieces=6, **scale), Xtr, ytr),
+        "deep": _fit(hjmodel.nn.LSEClassifier(64, 10, pieces=4, hidden=[24], **scale), Xtr, ytr, epochs=15),
+    }
+    memory = hjmodel.nn.MemoryClassifier(Xtr[:600], ytr[:600], 10, eps=3.0, **scale)
+    modules["memory"] = _fit(memory, Xtr[600:], ytr[600:], epochs=5, lr=0.05, params=[memory.head.b],
+                             loss=torch.nn.functional.nll_loss)
+    root = tmp_path_factory.mktemp("byom")
+    out = {}
+    for kind, module in modules.items():
+        model = hjmodel.export(module, (Xca, yca), root / kind / "1", reference_data=Xtr)
+        out[kind] = (module, model, root / kind / "1")
+    return out
+
+
+@pytest.mark.parametrize("kind", ["lse", "deep", "memory"])
+def test_export_serves_the_modules_own_decisions(exported, digits, kind):
+    module, model, directory = exported[kind]
+    *_, Xte, yte = digits
+    x = torch.as_tensor(Xte, dtype=torch.float32)
+    with torch.no_grad():
+        own = module(x).argmax(1).numpy()
+    assert model.kind == kind and (own == yte).mean() > 0.85
+    sess = ort.InferenceSession(str(directory / "model.onnx"), providers=["CPUExecutionProvider"])
+    served = sess.run(["prediction", "certified_radius", "ood_flag"], hjmodel.serving.onnx_feeds(sess, x.numpy()))
+    np.testing.assert_array_equal(served[0], own)   # the artifact computes the module's own numbers
+    with torch.no_grad():
+        via_torch = load_serving_module(directory)(x, torch.full((len(x), 1), 0.1, dtype=DT))
+    np.testing.assert_array_equal(via_torch["prediction"].numpy(), own)
+    assert (served[1] >= 0).all() and (served[1] > 0).mean() > 0.9
+    assert abs(float(served[2].mean()) - 0.05) < 0.05    # the gate was calibrated on held-out rows
+    spec = hjmodel.read_artifact_spec(directory)
+    assert spec.kind == kind and spec.alpha == 0.05 and spec.raw["provenance"]["source"] == "hjmodel.export"
+
+
+@pytest.mark.parametrize("kind", ["lse", "memory"])
+def test_exported_certificates_hold_under_attack(exported, digits, kind):
+    """The exported model's certificate, attacked inside the served radius (PGD-L2, restarts)."""
+    _, _, directory = exported[kind]
+    model = load_model(directory)
+    x = torch.as_tensor(digits[4][:60], dtype=torch.float32).to(DT)
+    ev = model.evaluate(x)
+    ok, _, _ = pgd_l2(model, x, ev["certified_radius"].clamp_min(1e-12), ev["prediction"], restarts=4, steps=40)
+    assert not bool(ok.any()), f"{int(ok.sum())} violations inside the certified radius"
+
+
+def test_state_dicts_and_their_errors(tmp_path):
+    rng = np.random.default_rng(1)
+    X = rng.normal(size=(300, 4))
+    grouped = {"W": rng.normal(size=(6, 4)), "b": np.zeros(6), "eps": 0.5, "groups": np.kron(np.eye(3), np.ones(2)) > 0}
+    model = hjmodel.export(grouped, X, tmp_path / "g" / "1", class_names=["a", "b", "c"])
+    assert model.task == "classification" and model.kind == "lse"
+    values = {"W": X[:20] / 2, "b": -(X[:20] ** 2).sum(1) / 4, "eps": 1.0, "t": 1.0, "V": X[:20, :1]}
+    assert hjmodel.export(values, X, tmp_path / "v" / "1").kind == "memory"
+    with pytest.raises(ValueError, match="exactly one group"):
+        hjmodel.export({**grouped, "groups": np.ones((3, 6), bool)}, X, tmp_path / "x" / "1")
+    with pytest.raises(ValueError, match="b must have shape"):
+        hjmodel.export({**grouped, "b": np.zeros(5)}, X, tmp_path / "y" / "1")
+    with pytest.raises(CalibrationError, match="alpha=0.01 cannot be reached"):
+        hjmodel.export(grouped, X[:40], tmp_path / "z" / "1", alpha=0.01)
+    with pytest.raises(TypeError, match="hjmodel.nn"):
+        hjmodel.export(torch.nn.Linear(4, 2), X, tmp_path / "w" / "1")
+
+
+# ------------------------------------------------------------------------------------ ONNX import
+
+
+class _Grouped(torch.nn.Module):
+    """(x - mu) / sd -> Linear -> (-1, K, P) -> eps * logsumexp(a / eps): K classes."""
+
+    def __init__(self, d=6, K=3, P=4, eps=0.7):
+        super().__init__()
+        g = torch.Generator().manual_seed(3)
+        self.lin, self.K, self.P, self.eps = torch.nn.Linear(d, K * P), K, P, eps
+        self.mu, self.sd = torch.randn(d, generator=g), torch.rand(d, generator=g) + 0.5
+
+    def forward(self, x):
+        a = self.lin((x - self.mu) / self.sd).reshape(-1, self.K, self.P)
+        return self.eps * torch.logsumexp(a / self.eps, dim=2)
+
+
+class _Single(torch.nn.Module):
+    """x W^T (a Gemm-free MatMul), then an affine input chain folded in, one LSE: regression."""
+
+    def __init__(self, d=5):
+        super().__init__()
+        self.W = torch.nn.Parameter(torch.randn(d, 8))
+        self.b = torch.nn.Parameter(torch.randn(8))
+
+    def forward(self, x):
+        return torch.logsumexp((x * 2.0 + 1.0) @ self.W + self.b, dim=1, keepdim=True)
+
+
+class _Relu(torch.nn.Module):
+    def __init__(self, d=5):
+        super().__init__()
+        self.l1, self.l2 = torch.nn.Linear(d, 8), torch.nn.Linear(8, 8)
+
+    def forward(self, x):
+        return torch.logsumexp(self.l2(torch.relu(self.l1(x))), dim=1)
+
+
+class _Softmax(torch.nn.Module):
+    def __init__(self, d=5):
+        super().__init__()
+        self.l1 = torch.nn.Linear(d, 3)
+
+    def forward(self, x):
+        return torch.softmax(self.l1(x), dim=1)
+
+
+def _onnx(module, d, path: Path) -> Path:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(module, (torch.randn(2, d),), str(path), input_names=["x"], output_names=["y"],
+                          dynamic_axes={"x": {0: "batch"}, "y": {0: "batch"}}, opset_version=17, dynamo=False)
+    return path
+
+
+@pytest.mark.parametrize("module, d, task", [(_Grouped(), 6, "classification"), (_Single(), 5, "regression")])
+def test_onnx_lse_networks_are_imported_exactly(module, d, task, tmp_path):
+    source = _onnx(module, d, tmp_path / "third_party.onnx")
+    model = import_onnx(source, np.random.default_rng(0).normal(size=(400, d)), tmp_path / "m" / "1")
+    assert model.task == task
+    x = np.random.default_rng(1).normal(size=(64, d)).astype(np.float32)
+    want = ort.InferenceSession(str(source), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    back = load_model(tmp_path / "m" / "1")
+    with torch.no_grad():
+        got = back.head.outputs(back.head.preactivations(back.features(torch.as_tensor(x, dtype=DT)))).numpy()
+    np.testing.assert_allclose(got.reshape(want.shape), want, rtol=1e-5, atol=1e-5)
+    state = lse_state_from_onnx(source)
+    assert ("mu" in state) == (task == "classification") or "A" in state
+
+
+@pytest.mark.parametrize("module, node", [(_Relu(), "Relu"), (_Softmax(), "Softmax")])
+def test_other_graphs_are_refused_naming_the_first_node_that_does_not_fit(module, node, tmp_path):
+    source = _onnx(module, 5, tmp_path / "other.onnx")
+    with pytest.raises(ArtifactError, match=rf"not an LSE network: node '[^']*' \({node}\) does not fit"):
+        import_onnx(source, np.zeros((100, 5)), tmp_path / "m" / "1")
+
+
+def test_corrupt_onnx_is_refused(tmp_path):
+    (tmp_path / "bad.onnx").write_bytes(b"\x08\x01garbage")
+    with pytest.raises(ArtifactError, match="not a valid ONNX model"):
+        lse_state_from_onnx(tmp_path / "bad.onnx")
+
+
+def test_cli_twins(tmp_path, capsys):
+    rng = np.random.default_rng(2)
+    X = rng.normal(size=(300, 4))
+    np.savez(tmp_path / "state.npz", W=rng.normal(size=(8, 4)), b=np.zeros(8), eps=np.array(0.5), pieces=np.array(4))
+    np.savez(tmp_path / "cal.npz", X=X, y=rng.integers(0, 2, 300))
+    assert cli(["export", "--state", str(tmp_path / "state.npz"), "--calibration", str(tmp_path / "cal.npz"),
+                "--out", str(tmp_path / "a" / "1"), "--class-names", "no", "yes"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["task"] == "classification" and "calibration_accuracy" in report["metrics"]
+    assert hjmodel.read_artifact_spec(tmp_path / "a" / "1").class_names == ("no", "yes")
+    source = _onnx(_Single(4), 4, tmp_path / "s.onnx")
+    assert cli(["import-onnx", str(source), "--calibration", str(tmp_path / "cal.npz"), "--out",
+                str(tmp_path / "b" / "1")]) == 0
+    assert json.loads(capsys.readouterr().out)["task"] == "regression"
+    assert cli(["import-onnx", str(_onnx(_Relu(4), 4, tmp_path / "r.onnx")), "--calibration",
+                str(tmp_path / "cal.npz"), "--out", str(tmp_path / "c" / "1")]) == 2
+    assert "Relu" in capsys.readouterr().err
+    (tmp_path / "evil.pt").write_bytes(b"not a tensor file")
+    assert cli(["export", "--state", str(tmp_path / "evil.pt"), "--calibration", str(tmp_path / "cal.npz"),
+                "--out", str(tmp_path / "d" / "1")]) == 2
+
+
+def test_readme_tutorial_runs_end_to_end(tmp_path):
+    """The README's tutorial is examples/byom_tutorial.py: trains in a plain loop, exports, serves
+    on a real server (REST + gRPC), queries with Triton's gRPC client."""
+    source = (ROOT / "examples" / "byom_tutorial.py").read_text()
+    block = re.search(r"# tutorial: begin\n(.*?)    # tutorial: end", source, re.S).group(1)
+    readme = (ROOT / "README.md").read_text()
+    dedented = "\n".join(line[4:] for line in block.splitlines())
+    assert dedented.strip() in readme, "the README's tutorial differs from examples/byom_tutorial.py"
+    out = subprocess.run([sys.executable, str(ROOT / "examples" / "byom_tutorial.py"), "--repository", str(tmp_path)],
+                         cwd=ROOT, capture_output=True, text=True, timeout=300,
+                         env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
+    assert out.returncode == 0, out.stderr[-3000:]
+    summary = json.loads(out.stdout)
+    assert summary["accuracy"] > 0.9 and summary["module_agrees"] and summary["median_certified_radius"] > 0
+    assert summary["ood_flag_rate"] < 0.2
