@@ -17,7 +17,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	# torch is pinned (CPU build); see pyproject.toml
-	$(BIN)/pip install -q -e ".[dev,ray]"
+	$(BIN)/pip install -q -e ".[dev,ray,tracing]"
 	touch $@
 
 # Tools the deploy tests start or call: a real Prometheus (+promtool) and docker-compose (config check).

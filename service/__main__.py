@@ -22,6 +22,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--max-queue-delay-ms", type=float)
     p.add_argument("--max-queue-size", type=int)
     p.add_argument("--model-control-mode", choices=["explicit", "poll"])
+    p.add_argument("--tracing", choices=["off", "on", "otlp", "console"])
     p.add_argument("--log-level", choices=["critical", "error", "warning", "info", "debug", "trace"])
     return p
 
@@ -29,10 +30,12 @@ def _parser() -> argparse.ArgumentParser:
 def build(settings):
     """settings -> repository -> dataplane -> the HTTP app, with the gRPC transport when
     ``grpc_port`` is set (both on one event loop, over one dataplane)."""
+    from service import tracing
     from service.dataplane import DataPlane
     from service.repository import ModelRepository
     from service.rest.app import create_app
 
+    tracing.configure(settings.tracing)
     dataplane = DataPlane(settings, ModelRepository(settings))
     transports = []
     if settings.grpc_port is not None:

@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from hjmodel import serving
-from service import __version__
+from service import __version__, tracing
 from service.batching import BatcherClosed
 from service.codecs import Chunk, dumps
 from service.errors import (
@@ -429,6 +429,10 @@ class DataPlane:
                 outputs, queue_s, compute_s = await self._batches(mv, rows, options, wait_for_room)
             except BatcherClosed:
                 continue
+            if tracing.enabled():   # the batch's measured times, as this request's queue / compute spans
+                end = time.perf_counter()
+                tracing.record("queue", end - compute_s - queue_s, end - compute_s, **{"hjserve.rows": len(rows)})
+                tracing.record("compute", end - compute_s, end, **{"hjserve.backend": mv.backend.name})
             mv.metrics.record_rows(outputs, mv.task)
             return Prediction(mv, options, outputs, queue_s, compute_s, len(rows))
         raise ModelNotReady(f"model '{name}' was swapped repeatedly during the request; retry")

@@ -28,6 +28,8 @@ class _TextFormatter(logging.Formatter):
         if access:
             line += f" request_id={access['request_id']} model={access['model']} version={access['version']} " \
                     f"duration_ms={access['duration_ms']}"
+            if access.get("trace_id"):
+                line += f" trace_id={access['trace_id']}"
         return line
 
 

@@ -142,6 +142,12 @@ class Settings(BaseSettings):
     log_level: Literal["critical", "error", "warning", "info", "debug", "trace"] = "info"
     """Log level of the service and of uvicorn (``info`` writes one access line per request)."""
 
+    tracing: Literal["off", "on", "otlp", "console"] = "off"
+    """OpenTelemetry tracing (the ``tracing`` extra): a server span per request with children decode,
+    queue, compute, encode; the trace id in the access log and the ``X-Trace-ID`` header. ``on``: the
+    process's tracer provider; ``otlp``: the SDK with the OTLP/HTTP exporter (``OTEL_EXPORTER_OTLP_*``
+    variables); ``console``: spans printed; ``off``: nothing (no cost)."""
+
     log_format: Literal["text", "json"] = "text"
     """``json``: one JSON object per log line (``ts``, ``level``, ``logger``, ``message``, and for
     access lines ``request_id``, ``method``, ``route``, ``model``, ``version``, ``status``,

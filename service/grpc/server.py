@@ -26,7 +26,7 @@ from typing import Any
 import grpc
 from grpc import aio
 
-from service import metrics
+from service import metrics, tracing
 from service.auth import check_admin, check_api_key, key_from
 from service.codecs import grpc as wire
 from service.dataplane import DataPlane
@@ -103,8 +103,13 @@ class GRPCServer:
             meta = {k: v for k, v in (context.invocation_metadata() or ()) if isinstance(v, str)}
             given = meta.get("x-request-id", "")
             request_id = given if _REQUEST_ID.fullmatch(given) else uuid.uuid4().hex
-            await context.send_initial_metadata((("x-request-id", request_id),))
             code = "OK"
+            span_context = tracing.server_span(f"gRPC {method}", meta, **{"rpc.system": "grpc", "rpc.method": method,
+                                                                         "hjserve.request_id": request_id})
+            span = span_context.__enter__()
+            trace_id = tracing.trace_id()
+            initial = [("x-request-id", request_id)] + ([("x-trace-id", trace_id)] if trace_id else [])
+            await context.send_initial_metadata(tuple(initial))
             try:
                 key = key_from(meta.get("authorization"), meta.get("x-api-key"))
                 if access == "key":
@@ -129,6 +134,9 @@ class GRPCServer:
                 await context.abort(grpc.StatusCode.INTERNAL, "internal server error",
                                     (("error-type", mapping.error_type),))
             finally:
+                if span is not None:
+                    span.set_attribute("rpc.grpc.status_code", code)
+                span_context.__exit__(None, None, None)
                 metrics.GRPC_REQUESTS.labels(method, code).inc()
                 if access_log.isEnabledFor(logging.INFO):
                     name = getattr(request, "model_name", None) or getattr(request, "name", None) or None
@@ -136,7 +144,8 @@ class GRPCServer:
                     access_log.info("gRPC %s %s", method, code, extra={"access": {
                         "request_id": request_id, "method": "gRPC", "route": method, "model": name,
                         "version": version, "status": code,
-                        "duration_ms": round((time.perf_counter() - started) * 1000.0, 3)}})
+                        "duration_ms": round((time.perf_counter() - started) * 1000.0, 3),
+                        **({"trace_id": trace_id} if trace_id else {})}})
 
         return rpc
 
@@ -177,9 +186,11 @@ class GRPCServer:
     async def model_infer(self, request: pb.ModelInferRequest, context) -> pb.ModelInferResponse:
         name, version = request.model_name, request.model_version or None
         with self.dataplane.admit(name, version):
-            decoded = wire.decode_infer_request(request)
+            with tracing.span("decode"):
+                decoded = wire.decode_infer_request(request)
             response = await self.dataplane.infer(name, version, decoded)
-        return wire.encode_infer_response(response)
+        with tracing.span("encode"):
+            return wire.encode_infer_response(response)
 
     # -- model repository -------------------------------------------------------------------------
 

@@ -17,7 +17,7 @@ from fastapi.responses import Response
 from fastapi.routing import APIRoute
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from service import __version__, metrics
+from service import __version__, metrics, tracing
 from service.dataplane import DataPlane
 from service.errors import (
     BadRequest,
@@ -223,27 +223,42 @@ class HTTPMetricsMiddleware:
         started = time.perf_counter()
         given = next((v for k, v in scope.get("headers", ()) if k == b"x-request-id"), b"").decode("latin-1")
         request_id = given if _REQUEST_ID.fullmatch(given) else uuid.uuid4().hex
+        method = scope.get("method", "")
+        carrier = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope.get("headers", ())} \
+            if tracing.enabled() else {}
 
-        async def send_status(message):
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-                message = {**message, "headers": [*message.get("headers", ()),
-                                                  (b"x-request-id", request_id.encode())]}
-            await send(message)
+        with tracing.server_span(f"HTTP {method}", carrier, **{"http.request.method": method,
+                                                                "hjserve.request_id": request_id}) as span:
+            trace_id = tracing.trace_id()
 
-        try:
-            await self.app(scope, receive, send_status)
-        finally:
-            route = scope.get("route")
-            path = getattr(route, "path", None) or "unmatched"
-            metrics.HTTP_REQUESTS.labels(path, scope.get("method", ""), str(status)).inc()
-            if access_log.isEnabledFor(logging.INFO):
+            async def send_status(message):
+                nonlocal status
+                if message["type"] == "http.response.start":
+                    status = message["status"]
+                    extra = [(b"x-request-id", request_id.encode())]
+                    if trace_id:
+                        extra.append((b"x-trace-id", trace_id.encode()))
+                    message = {**message, "headers": [*message.get("headers", ()), *extra]}
+                await send(message)
+
+            try:
+                await self.app(scope, receive, send_status)
+            finally:
+                route = scope.get("route")
+                path = getattr(route, "path", None) or "unmatched"
+                metrics.HTTP_REQUESTS.labels(path, method, str(status)).inc()
                 params = scope.get("path_params") or {}
-                access_log.info("%s %s %d", scope.get("method", ""), path, status, extra={"access": {
-                    "request_id": request_id, "method": scope.get("method", ""), "route": path,
-                    "model": params.get("model_name"), "version": params.get("model_version"), "status": status,
-                    "duration_ms": round((time.perf_counter() - started) * 1000.0, 3)}})
+                if span is not None:
+                    span.update_name(f"HTTP {method} {path}")
+                    span.set_attributes({"http.route": path, "http.response.status_code": status,
+                                         "hjserve.model": params.get("model_name") or "",
+                                         "hjserve.version": params.get("model_version") or ""})
+                if access_log.isEnabledFor(logging.INFO):
+                    access_log.info("%s %s %d", method, path, status, extra={"access": {
+                        "request_id": request_id, "method": method, "route": path,
+                        "model": params.get("model_name"), "version": params.get("model_version"), "status": status,
+                        "duration_ms": round((time.perf_counter() - started) * 1000.0, 3),
+                        **({"trace_id": trace_id} if trace_id else {})}})
 
 
 #: Routes whose requests are shed before the app when their model version is full:

@@ -7,7 +7,7 @@ from fastapi import Request
 from fastapi.responses import Response
 from starlette.concurrency import run_in_threadpool
 
-from service import codecs
+from service import codecs, tracing
 from service.errors import ModelNotReady
 from service.rest.common import admission, dataplane_of, read_body, settings_of, wire_response
 
@@ -58,12 +58,14 @@ async def infer(request: Request, model_name: str, model_version: str | None = N
     with admission(request, model_name, model_version):   # 503 before the body is read
         body = await read_body(request, settings_of(request).max_body_bytes)
         header = request.headers.get(codecs.HEADER_LENGTH)
-        if len(body) > _OFFLOAD_BYTES:
-            decoded = await run_in_threadpool(codecs.decode_infer_request, body, header)
-        else:
-            decoded = codecs.decode_infer_request(body, header)
+        with tracing.span("decode", **{"hjserve.body_bytes": len(body)}):
+            if len(body) > _OFFLOAD_BYTES:
+                decoded = await run_in_threadpool(codecs.decode_infer_request, body, header)
+            else:
+                decoded = codecs.decode_infer_request(body, header)
         response = await dataplane.infer(model_name, model_version, decoded)
-    payload, header_length = codecs.encode_infer_response(response)
+    with tracing.span("encode"):
+        payload, header_length = codecs.encode_infer_response(response)
     if header_length is None:
         return Response(payload, media_type=codecs.JSON_CONTENT_TYPE)
     return Response(payload, media_type=codecs.BINARY_CONTENT_TYPE,
