@@ -20,11 +20,13 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/pip install -q -e ".[dev,ray,tracing]"
 	touch $@
 
-# Tools the deploy tests start or call: a real Prometheus (+promtool) and docker-compose (config check).
+# Tools the tests start or call: a real Prometheus (+promtool), docker-compose (config check), and a
+# headless browser for the diagnostics page (Debian's chromium + chromedriver).
 system-deps:
-	@command -v promtool >/dev/null && command -v docker-compose >/dev/null || { \
+	@command -v promtool >/dev/null && command -v docker-compose >/dev/null && command -v chromedriver >/dev/null || { \
 	  apt-get update -q >/dev/null && \
-	  DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends prometheus docker-compose >/dev/null; }
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends prometheus docker-compose \
+	    chromium chromium-driver >/dev/null; }
 
 # rebuilt when the core changes: the demo graphs are exported by hjmodel's code
 $(MODELS)/DEMO_RESULTS.json: $(wildcard hjmodel/*.py) | setup

@@ -8,6 +8,7 @@ import time
 import uuid
 from collections.abc import Callable, Sequence
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any, Protocol
 
 from fastapi import Depends, FastAPI, Request
@@ -183,9 +184,10 @@ ROUTES: list[APIRoute] = [
 
 def _docs_routes() -> list:
     """Swagger UI at /docs with its assets from the installed swagger-ui-bundle package (works
-    offline: no CDN)."""
+    offline: no CDN), and the diagnostics page at /ui/ (``/`` redirects there)."""
     import swagger_ui_bundle
     from fastapi.openapi.docs import get_swagger_ui_html
+    from fastapi.responses import RedirectResponse
     from starlette.routing import Mount
     from starlette.staticfiles import StaticFiles
 
@@ -195,8 +197,14 @@ def _docs_routes() -> list:
                                    swagger_css_url="/docs/assets/swagger-ui.css",
                                    swagger_favicon_url="/docs/assets/favicon-32x32.png")
 
+    async def home(request: Request) -> Response:
+        return RedirectResponse("/ui/")
+
     return [APIRoute("/docs", docs, methods=["GET"], include_in_schema=False),
-            Mount("/docs/assets", app=StaticFiles(directory=swagger_ui_bundle.swagger_ui_path), name="docs-assets")]
+            Mount("/docs/assets", app=StaticFiles(directory=swagger_ui_bundle.swagger_ui_path), name="docs-assets"),
+            # the diagnostics page: static files over the public API (service/ui/)
+            APIRoute("/", home, methods=["GET"], include_in_schema=False),
+            Mount("/ui", app=StaticFiles(directory=Path(__file__).resolve().parents[1] / "ui", html=True), name="ui")]
 
 
 #: A client-chosen request id is echoed when it matches this; otherwise the server makes one.

@@ -1,0 +1,105 @@
+"""The diagnostics page in a real headless browser (Debian's Chromium, driven by selenium) against a
+real server on the demo models: the page loads, a prediction with its evidence renders from the
+public API, a drawn input is explained, and a screenshot is taken (``HJSERVE_UI_SCREENSHOT`` keeps a
+copy, as docs/ui.png was made)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+from svc_helpers import run_server
+
+CHROMIUM, DRIVER = shutil.which("chromium"), shutil.which("chromedriver")
+pytestmark = pytest.mark.skipif(not (CHROMIUM and DRIVER) and not os.environ.get("CI"),
+                                reason="chromium / chromedriver not installed (make test installs them)")
+
+
+@pytest.fixture(scope="module")
+def browser(tmp_path_factory):
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    profile = tmp_path_factory.mktemp("chromium-profile")
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 "--disable-dev-shm-usage", f"--user-data-dir={profile}", "--window-size=1200,1500"):
+        options.add_argument(flag)
+    driver = webdriver.Chrome(service=Service(DRIVER), options=options)
+    driver.set_page_load_timeout(60)
+    try:
+        yield driver
+    finally:
+        driver.quit()   # stops chromium and chromedriver (the processes this test started)
+
+
+@pytest.fixture(scope="module")
+def demo_server(demo_repository, tmp_path_factory):
+    with run_server(demo_repository, tmp_path_factory.mktemp("ui-logs")) as server:
+        yield server
+
+
+def _wait(driver, predicate, timeout=30):
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    return WebDriverWait(driver, timeout).until(predicate)
+
+
+def test_the_page_explains_a_prediction(browser, demo_server, tmp_path):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select
+
+    browser.get(demo_server.url + "/")
+    _wait(browser, lambda d: d.find_element(By.TAG_NAME, "body").get_attribute("data-state") == "ready")
+    assert browser.current_url.endswith("/ui/")
+    models = [o.get_attribute("value") for o in browser.find_elements(By.CSS_SELECTOR, "#model option")]
+    assert {"digits_lse", "digits_memory", "diabetes_lse"} <= set(models)
+    Select(browser.find_element(By.ID, "model")).select_by_value("digits_lse")
+    _wait(browser, lambda d: "64 features" in d.find_element(By.ID, "model-info").text)
+    assert len(browser.find_elements(By.CSS_SELECTOR, "#grid div")) == 64   # an 8x8 image: a drawing grid
+    browser.find_element(By.ID, "example").click()
+    browser.find_element(By.ID, "explain").click()
+    _wait(browser, lambda d: d.find_element(By.TAG_NAME, "body").get_attribute("data-state") == "rendered")
+    assert browser.find_element(By.ID, "prediction").text == "0"   # the example is a drawn zero
+    radius = float(browser.find_element(By.ID, "radius").text)
+    assert radius > 0 and "no perturbation can change the predicted class" in browser.find_element(By.ID, "radius-meaning").text
+    assert browser.find_element(By.ID, "ood").text in ("in distribution", "flagged")
+    assert len(browser.find_elements(By.CSS_SELECTOR, "#attributions tr")) == 1 + 5
+    assert len(browser.find_elements(By.CSS_SELECTOR, "#heatmap div")) == 64
+    assert len(browser.find_elements(By.CSS_SELECTOR, "#probabilities .bar")) == 5
+    shot = tmp_path / "ui.png"
+    assert browser.save_screenshot(str(shot)) and shot.stat().st_size > 10_000
+    keep = os.environ.get("HJSERVE_UI_SCREENSHOT")
+    if keep:
+        shutil.copy(shot, keep)
+
+
+def test_the_page_draws_and_reports_errors(browser, demo_server):
+    from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select
+
+    browser.get(demo_server.url + "/ui/")
+    _wait(browser, lambda d: d.find_element(By.TAG_NAME, "body").get_attribute("data-state") == "ready")
+    Select(browser.find_element(By.ID, "model")).select_by_value("digits_memory")
+    _wait(browser, lambda d: "kind memory" in d.find_element(By.ID, "model-info").text)
+    cells = browser.find_elements(By.CSS_SELECTOR, "#grid div")
+    ActionChains(browser).click_and_hold(cells[19]).move_to_element(cells[27]).move_to_element(cells[35]) \
+        .move_to_element(cells[43]).release().perform()   # a vertical stroke
+    row = [float(v) for v in browser.find_element(By.ID, "row").get_attribute("value").split(",")]
+    assert sum(v > 0 for v in row) >= 3
+    browser.find_element(By.ID, "explain").click()
+    _wait(browser, lambda d: d.find_element(By.TAG_NAME, "body").get_attribute("data-state") == "rendered")
+    examples = [td.text for td in browser.find_elements(By.CSS_SELECTOR, "#attributions tr td:nth-child(5)")]
+    assert examples and all(e.startswith("#") and "label" in e for e in examples)   # training examples
+    Select(browser.find_element(By.ID, "model")).select_by_value("diabetes_lse")
+    _wait(browser, lambda d: "regression" in d.find_element(By.ID, "model-info").text)
+    browser.find_element(By.ID, "row").clear()
+    browser.find_element(By.ID, "row").send_keys("1, 2, 3")
+    browser.find_element(By.ID, "explain").click()
+    _wait(browser, lambda d: d.find_element(By.ID, "error").is_displayed())
+    assert "must hold 10 finite numbers" in browser.find_element(By.ID, "error").text
