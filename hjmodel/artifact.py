@@ -18,6 +18,7 @@ from . import functional as F
 from .errors import ArtifactError
 from .models import GibbsHead, HJModel, LSEGroupLayer, OODReference, Preprocess
 from .serving import (
+    EXPLAIN_FILE,
     ONNX_FILE,
     ONNX_SPEC_KEY,
     SPEC_FILE,
@@ -25,10 +26,12 @@ from .serving import (
     TOP_K_MAX,
     TORCH_FILE,
     ArtifactSpec,
+    explain_outputs_for,
     outputs_for,
 )
 
 __all__ = [
+    "ExplainModule",
     "ServingModule",
     "export_onnx",
     "load_model",
@@ -77,6 +80,9 @@ def model_spec(model: HJModel) -> dict:
         "top_k_max": TOP_K_MAX,
         "outputs": [{"name": o.name, "datatype": o.datatype, "row_shape": list(o.row_shape), "doc": o.doc}
                     for o in outputs_for(model.task)],
+        "explain_outputs": [o.name for o in explain_outputs_for(model.task, model.kind)],
+        # the default baseline of integrated gradients: the preprocessing mean (the training mean)
+        "input_mean": model.preprocess.mu.tolist(),
         "structure": {
             "head_mode": head.mode,
             "n_neurons": int(head.W.shape[0]),
@@ -229,41 +235,66 @@ class ServingModule(nn.Module):
         return {o.name: served_form(o.name, out[o.name], o.datatype) for o in self.specs}
 
 
+class ExplainModule(nn.Module):
+    """forward(input: float32 (B, d), tau: float64 (B, 1), baseline: float32 (B, d)) -> dict of the
+    explanation outputs (:meth:`HJModel.explain`), in their served datatypes (float64 arithmetic)."""
+
+    def __init__(self, model: HJModel):
+        super().__init__()
+        self.model = model.double().eval()
+        self.specs = explain_outputs_for(model.task, model.kind)
+
+    def forward(self, input: Tensor, tau: Tensor, baseline: Tensor) -> dict[str, Tensor]:  # noqa: A002
+        out = self.model.explain(input, tau=tau, baseline=baseline.to(torch.float64), top_k=TOP_K_MAX)
+        return {o.name: served_form(o.name, out[o.name], o.datatype) for o in self.specs}
+
+
 class _TupleOutputs(nn.Module):
-    def __init__(self, serving: ServingModule):
+    def __init__(self, serving: nn.Module):
         super().__init__()
         self.serving = serving
 
-    def forward(self, input: Tensor, tau: Tensor):  # noqa: A002
-        out = self.serving(input, tau)
+    def forward(self, *inputs: Tensor):
+        out = self.serving(*inputs)
         return tuple(out[o.name] for o in self.serving.specs)
 
 
-def export_onnx(model: HJModel, path: str | Path, opset: int = 17) -> Path:
-    """Export the serving graph (every diagnostic as a named output) to ONNX with the spec embedded."""
+def _export(module: nn.Module, inputs: dict[str, Tensor], path: Path, spec: dict, opset: int) -> Path:
+    """Trace ``module`` (batched inputs ``inputs``, outputs ``module.specs``) to ONNX with the spec
+    embedded as metadata."""
     import warnings
 
     import onnx
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    serving = ServingModule(model)
-    wrapper = _TupleOutputs(serving).eval()
-    x = torch.zeros(2, model.n_features, dtype=torch.float32)
-    tau = torch.full((2, 1), 0.1, dtype=torch.float64)   # one tolerance per row: a batched input
-    names = [o.name for o in serving.specs]
+    names = [o.name for o in module.specs]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        torch.onnx.export(wrapper, (x, tau), str(path), input_names=["input", "tau"], output_names=names,
-                          dynamic_axes={"input": {0: "batch"}, "tau": {0: "batch"},
-                                        **{n: {0: "batch"} for n in names}},
+        torch.onnx.export(_TupleOutputs(module).eval(), tuple(inputs.values()), str(path),
+                          input_names=list(inputs), output_names=names,
+                          dynamic_axes={**{n: {0: "batch"} for n in inputs}, **{n: {0: "batch"} for n in names}},
                           opset_version=opset, dynamo=False)
     proto = onnx.load(str(path))
     entry = proto.metadata_props.add()
-    entry.key, entry.value = ONNX_SPEC_KEY, json.dumps(model_spec(model), sort_keys=True)
+    entry.key, entry.value = ONNX_SPEC_KEY, json.dumps(spec, sort_keys=True)
     proto.producer_name = "hjmodel"
     onnx.checker.check_model(proto)
     onnx.save(proto, str(path))
+    return path
+
+
+def export_onnx(model: HJModel, path: str | Path, opset: int = 17) -> Path:
+    """Export the serving graph (every served diagnostic as a named output) to ONNX with the spec
+    embedded, and beside it the explanation graph (``explain.onnx``)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    spec = model_spec(model)
+    x = torch.zeros(2, model.n_features, dtype=torch.float32)
+    tau = torch.full((2, 1), 0.1, dtype=torch.float64)   # one tolerance per row: a batched input
+    _export(ServingModule(model), {"input": x, "tau": tau}, path, spec, opset)
+    explain = ExplainModule(model)
+    if explain.specs:
+        baseline = model.preprocess.mu.to(torch.float32).expand(2, -1).contiguous()
+        _export(explain, {"input": x, "tau": tau, "baseline": baseline}, path.parent / EXPLAIN_FILE, spec, opset)
     return path
 
 

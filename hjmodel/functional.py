@@ -5,7 +5,7 @@ Learning"). An LSE layer has weights ``W: (N, d)``, biases ``b: (N,)`` and visco
 
     a_j(z) = w_j . z + b_j,   f(z) = eps log sum_j exp(a_j / eps),   pi(z) = softmax(a / eps).
 
-Inputs are batched: ``z: (n, d)``. Every log-sum-exp is max-shifted (``torch.logsumexp``), so nothing
+Inputs are batched: ``z: (n, d)``. Every log-sum-exp is max-shifted (:func:`logsumexp`), so nothing
 overflows at extreme ``eps`` or large inputs. Public functions trust shapes; models validate at the edge.
 
 Grouped layers (one LSE per output) use a boolean ``mask: (K, N)``; ``mask[k, j]`` says that neuron
@@ -26,12 +26,12 @@ __all__ = [
     "diameter",
     "energy_gap",
     "energy_gap_bound",
-    "float32_down",
-    "float32_saturate",
-    "float32_up",
     "eps15_radius",
     "eps_star",
     "fewest_label_flips",
+    "float32_down",
+    "float32_saturate",
+    "float32_up",
     "gauss_legendre",
     "gibbs",
     "gibbs_margin_radius",
@@ -44,9 +44,11 @@ __all__ = [
     "hopf_lax_value",
     "hybrid_radius",
     "integrated_gradients",
+    "label_flip_plan",
     "label_sensitivity_exponent",
     "label_sensitivity_values",
     "lipschitz_radius",
+    "logsumexp",
     "lse",
     "lse_layer",
     "masked_lse_gibbs",
@@ -75,9 +77,21 @@ def preactivations(z: Tensor, W: Tensor, b: Tensor) -> Tensor:
     return z @ W.transpose(-1, -2) + b
 
 
+def logsumexp(s: Tensor, dim: int = -1) -> Tensor:
+    """log sum exp(s) along ``dim``, max-shifted by hand; -inf entries are empty (all -inf: -inf).
+
+    Written out (max, exp, sum, log) rather than ``torch.logsumexp``: exported to ONNX that becomes
+    ``ReduceLogSumExp``, and onnxruntime's kernel returns -inf for rows holding -inf entries whose
+    finite entries lie below about -709 (``[-inf, -950, -inf]`` -> -inf, not -950), so the served graph
+    and the torch module disagreed there (tests/hjmodel/test_functional.py)."""
+    top = s.amax(dim, keepdim=True)
+    top = torch.where(top.abs() < math.inf, top, torch.zeros_like(top))
+    return (top + torch.log(torch.exp(s - top).sum(dim, keepdim=True))).squeeze(dim)
+
+
 def lse(a: Tensor, eps: float, dim: int = -1) -> Tensor:
     """eps * log sum exp(a / eps) along ``dim`` (max-shifted; -inf entries are empty)."""
-    return eps * torch.logsumexp(a / eps, dim=dim)
+    return eps * logsumexp(a / eps, dim=dim)
 
 
 def lse_layer(z: Tensor, W: Tensor, b: Tensor, eps: float) -> Tensor:
@@ -118,7 +132,7 @@ def ambiguity(log_probs: Tensor) -> Tensor:
     """log(1 - max_k p_k) from log-probabilities (..., K), as the log-sum-exp of the other classes'
     log-probabilities: a monotone map of 1 - max p that does not saturate at 0.  -> (...)."""
     top = log_probs.argmax(-1, keepdim=True)
-    return torch.logsumexp(log_probs.scatter(-1, top, -math.inf), dim=-1)
+    return logsumexp(log_probs.scatter(-1, top, -math.inf), dim=-1)
 
 
 def attribution_entropy(pi: Tensor) -> Tensor:
@@ -626,3 +640,33 @@ def float32_up(x: Tensor) -> Tensor:
     """float64 -> the float32 value >= x: the served form of an upper bound, e.g. a conformal
     p-value (rounding it up keeps P(p <= alpha) <= alpha). Mirror of :func:`float32_down`."""
     return -float32_down(-x)
+
+
+def label_flip_plan(pi: Tensor, labels: Tensor, c: Tensor, n_classes: int, k: int) -> tuple[Tensor, Tensor, Tensor]:
+    """:func:`fewest_label_flips` with the plan: (count (n,), target class (n,), the first ``k``
+    examples to relabel (n, k), in the order the greedy takes them, -1 past the count).
+
+    Exportable (a loop over the K classes, a sort, a cumulative sum). Count is N + 1 and the plan all
+    -1 when no relabelling flips the decision."""
+    n, N = pi.shape
+    onehot = torch.nn.functional.one_hot(labels.clamp_min(0), n_classes).to(pi.dtype)
+    yhat = pi @ onehot                                                       # (n, K)
+    margin = yhat.gather(1, c[:, None]) - yhat                                # (n, K)
+    in_c = labels.unsqueeze(0) == c.unsqueeze(1)                              # (n, N)
+    best = torch.full((n,), N + 1, dtype=torch.long, device=pi.device)
+    target = c.clone()
+    plan = torch.full((n, k), -1, dtype=torch.long, device=pi.device)
+    for cls in range(n_classes):
+        in_k = labels == cls
+        gain = torch.where(in_c, 2.0 * pi, pi).masked_fill(in_k.unsqueeze(0), 0.0)
+        ordered, order = torch.sort(gain, dim=-1, descending=True)
+        ok = ordered.cumsum(-1) >= margin[:, cls:cls + 1]
+        count = torch.where(ok.any(-1), ok.to(torch.long).argmax(-1) + 1, torch.full_like(best, N + 1))
+        count = torch.where(c == cls, torch.full_like(count, N + 1), count)
+        better = count < best
+        best = torch.where(better, count, best)
+        target = torch.where(better, torch.full_like(target, cls), target)
+        first = order[:, :k]
+        taken = torch.arange(k, device=pi.device).unsqueeze(0) < count.unsqueeze(1)
+        plan = torch.where(better.unsqueeze(1), torch.where(taken, first, torch.full_like(first, -1)), plan)
+    return best, target, plan

@@ -27,6 +27,9 @@ __all__ = ["Evaluation", "GibbsHead", "HJModel", "LSEGroupLayer", "OODReference"
 #: Relative float rounding subtracted from every certified margin (float64 evaluation).
 ROUNDING = 64 * torch.finfo(torch.float64).eps
 
+#: The served integrated gradients' quadrature: IG_PANELS equal panels of IG_ORDER Gauss-Legendre nodes.
+IG_PANELS, IG_ORDER = 16, 8
+
 
 class Preprocess(nn.Module):
     """z = (x - mu) A^T.  mu: (d,), A: (p, d)."""
@@ -240,6 +243,7 @@ class HJModel(nn.Module):
             head = self.head
             W = head.W.detach().to(torch.float64)
             A = self.preprocess.A
+            self._A_pinv = torch.linalg.pinv(A.to(torch.float64))   # (d, p): z -> raw input space
             # rows in the input space of the first linear map, with the preprocessing folded in
             W_head = W @ A if len(self.body) == 0 else W
             # certificates are in raw input space: with no body the folded rows give exact constants
@@ -499,6 +503,69 @@ class HJModel(nn.Module):
         s_u, s_a = self._surprisals(*self._ood_components(h, log_probs))
         return s_u if s_a is None else torch.maximum(s_u, s_a)
 
+    # ---------------------------------------------------------------- the explanation graph
+    @torch.no_grad()
+    def explain(self, x: Tensor, tau: float | Tensor = 0.1, baseline: Tensor | None = None,
+                top_k: int = TOP_K_MAX, panels: int = IG_PANELS, order: int = IG_ORDER) -> dict[str, Tensor]:
+        """The explanation outputs of :mod:`hjmodel.serving` (``explain_outputs_for``), float64, for raw
+        inputs x: (n, d) -- the diagnostics that cost more than the prediction, served only on request:
+
+        * ``integrated_gradients`` (n, d): IG of the decisive output from ``baseline`` (n, d) (default
+          the preprocessing mean), composite Gauss-Legendre (``panels`` x ``order`` nodes) of the closed-
+          form gradient along the path -- one fixed rule, the same in torch and ONNX; completeness
+          sum IG = F(x) - F(baseline) holds to the quadrature's error (tested against the exact,
+          adaptive :meth:`integrated_gradients`);
+        * memory classification: ``label_flips`` (n,), ``label_flip_target`` (n,), ``label_flip_index``
+          (n, k): the fewest training labels whose change flips the decision, to which class, and
+          which examples (:func:`functional.label_flip_plan`; N + 1 and -1s when none does);
+        * the HJ reading of the decisive group's dominant neuron j (Thm 4.1, 5.1): ``hj_initial_value``
+          g_j, ``hj_value`` u(z, t) over the group, ``hopf_lax_value`` (its eps -> 0 limit), and for
+          kinds without a body ``hj_support_point`` y_j mapped to raw input space (the preprocessing's
+          pseudo-inverse: for memory models, the training example itself);
+        * the eps what-if: ``tropical_prediction`` (the decision, or values, in the eps -> 0 limit of
+          every LSE) and ``eps_decision_changes`` (whether that limit changes the decision; regression:
+          moves an output by more than tau)."""
+        x = torch.as_tensor(x).to(torch.float64)
+        n = x.shape[0]
+        tau_t = torch.as_tensor(tau, dtype=torch.float64).reshape(-1)
+        tau_t = tau_t.expand(n) if tau_t.numel() == 1 else tau_t
+        ev = self.evaluate(x, tau=tau_t, outputs=("prediction",))
+        head, eps, t = self.head, self.head.eps, self.head.t
+        c, a, h = ev.decision, ev.a, ev.h
+        keep = head.mask[c] if head.mode == "groups" else torch.ones_like(a, dtype=torch.bool)
+        out: dict[str, Tensor] = {}
+        x0 = self.preprocess.mu.expand_as(x) if baseline is None else torch.as_tensor(baseline).to(torch.float64)
+        out["integrated_gradients"] = _integrated_gradients(self, x, x0.expand_as(x), panels, order, decision=c,
+                                                            closed_form=False)
+        if self.task == "classification" and head.mode == "values":
+            k = min(top_k, a.shape[-1])
+            count, target, plan = F.label_flip_plan(ev.pi, head.labels, c, self.n_outputs, k)
+            out["label_flips"], out["label_flip_target"], out["label_flip_index"] = count, target, plan
+        # HJ reading (Thm 4.1): e_j = g_j + |z - y_j|^2/(4t) = |z|^2/(4t) - a_j, over the decisive group
+        y, g = F.hj_reading(head.W, head.b, t)
+        e = torch.where(keep, (h * h).sum(-1, keepdim=True) / (4.0 * t) - a, torch.full_like(a, math.inf))
+        j = e.argmin(-1)
+        out["hj_initial_value"] = g[j]
+        out["hj_value"] = -F.lse(-e, eps)
+        out["hopf_lax_value"] = e.gather(1, j[:, None]).squeeze(1)
+        if len(self.body) == 0:
+            out["hj_support_point"] = self.preprocess.mu + y[j] @ self._A_pinv.T   # (n, d)
+        # eps what-if: every LSE at eps -> 0 (max), the Gibbs average at its dominant support point
+        a_keep = torch.where(keep, a, torch.full_like(a, -math.inf))
+        if head.mode == "groups":
+            tropical = torch.where(head.mask.unsqueeze(0), a.unsqueeze(1),
+                                   torch.full_like(a, -math.inf).unsqueeze(1)).amax(-1)   # (n, K)
+        else:
+            tropical = head.V[a_keep.argmax(-1)]                                          # (n, K)
+        yhat = ev["prediction"]
+        if self.task == "classification":
+            out["tropical_prediction"] = tropical.argmax(-1)
+            out["eps_decision_changes"] = out["tropical_prediction"] != c
+        else:
+            out["tropical_prediction"] = tropical
+            out["eps_decision_changes"] = ((tropical - yhat).abs() > tau_t.unsqueeze(-1)).any(-1)
+        return out
+
     # ---------------------------------------------------------------- readable / offline diagnostics
     def diagnose(self, x: Tensor, top_k: int = 5, tau: float = 0.1, baseline: Tensor | None = None) -> list[dict]:
         """Every diagnostic of DESIGN section 3 for each row of x, as JSON-ready dicts."""
@@ -606,7 +673,8 @@ def _diagnose(model: HJModel, x: Tensor, top_k: int = 5, tau: float = 0.1,
 
 
 def _integrated_gradients(model: HJModel, x: Tensor, baseline: Tensor | None = None,
-                          panels: int = 32, order: int = 8, decision: Tensor | None = None) -> Tensor:
+                          panels: int = 32, order: int = 8, decision: Tensor | None = None,
+                          closed_form: bool = True) -> Tensor:
     """Integrated gradients of the decisive output in raw input space, from ``baseline`` (default:
     the preprocessing mean, i.e. z0 = 0). Exact closed form for kinds lse/memory-classification
     via :func:`functional.integrated_gradients` (pre-activations are affine along the path);
@@ -618,7 +686,7 @@ def _integrated_gradients(model: HJModel, x: Tensor, baseline: Tensor | None = N
         c = torch.zeros(x.shape[0], dtype=torch.long)   # output 0 (DESIGN: the decisive output)
     else:
         c = model.predict(x) if decision is None else decision
-    if len(model.body) == 0 and head.mode == "groups":
+    if closed_form and len(model.body) == 0 and head.mode == "groups":
         W = head.W.detach() @ model.preprocess.A
         b = head.b.detach() - W @ model.preprocess.mu
         return F.integrated_gradients(x, x0, W, b, head.eps, mask=head.mask, output=c, panels=panels, order=order)

@@ -32,8 +32,9 @@ ONNX_SPEC_KEY = "hjmodel.spec"
 #: Format tag written into every spec.
 SPEC_FORMAT = "hjmodel/1"
 
-#: The files of an artifact (a model repository's version directory holds them).
-ONNX_FILE, TORCH_FILE, SPEC_FILE = "model.onnx", "model.pt", "model.json"
+#: The files of an artifact (a model repository's version directory holds them); ``explain.onnx`` is
+#: the explanation graph (optional: artifacts written before it have none).
+ONNX_FILE, TORCH_FILE, SPEC_FILE, EXPLAIN_FILE = "model.onnx", "model.pt", "model.json", "explain.onnx"
 
 #: Model kinds and tasks (DESIGN section 2).
 KINDS = ("lse", "memory", "deep")
@@ -88,6 +89,39 @@ OUTPUTS: tuple[OutputSpec, ...] = (
 #: Outputs returned when a request lists none.
 DEFAULT_OUTPUTS = ("prediction", "probabilities", "certified_radius", "ood_flag")
 
+#: The explanation graph's outputs (``explain.onnx``, the torch ``ExplainModule``): diagnostics that
+#: cost more than a prediction, computed only for requests that name them. Inputs: ``input`` (B, d)
+#: float32, ``tau`` (B, 1) float64, ``baseline`` (B, d) float32 (integrated gradients' starting
+#: point). ``kinds``: the model kinds that have the output.
+EXPLAIN_OUTPUTS: tuple[OutputSpec, ...] = (
+    OutputSpec("integrated_gradients", "FP32", ("d",), ("classification", "regression"),
+               "integrated gradients of the decisive output from the baseline, raw input space (sum = F(x) - F(baseline))"),
+    OutputSpec("label_flips", "INT64", (), ("classification",),
+               "fewest training labels whose change flips the decision (N + 1: none does); memory models"),
+    OutputSpec("label_flip_target", "INT64", (), ("classification",),
+               "the class those relabellings make the decision; memory models"),
+    OutputSpec("label_flip_index", "INT64", ("k",), ("classification",),
+               "the support points (training examples) to relabel, in order; -1 past label_flips; memory models"),
+    OutputSpec("hj_support_point", "FP32", ("d",), ("classification", "regression"),
+               "support point y_j = 2t w_j of the dominant neuron, in raw input space (kinds lse, memory)"),
+    OutputSpec("hj_initial_value", "FP32", (), ("classification", "regression"),
+               "initial value g_j = -b_j - t|w_j|^2 of the dominant neuron (Thm 4.1)"),
+    OutputSpec("hj_value", "FP32", (), ("classification", "regression"),
+               "Hopf-Cole value u(z, t) over the decisive group (Thm 4.1)"),
+    OutputSpec("hopf_lax_value", "FP32", (), ("classification", "regression"),
+               "Hopf-Lax value min_j (g_j + |z - y_j|^2/(4t)): u in the eps -> 0 limit (Thm 5.1)"),
+    OutputSpec("tropical_prediction", "INT64", (), ("classification",),
+               "the decision in the eps -> 0 (tropical) limit of every LSE"),
+    OutputSpec("tropical_prediction", "FP32", ("K",), ("regression",),
+               "the predicted values in the eps -> 0 (tropical) limit of every LSE"),
+    OutputSpec("eps_decision_changes", "BOOL", (), ("classification", "regression"),
+               "whether the eps -> 0 limit changes the decision (regression: moves an output by more than tau)"),
+)
+
+#: Explanation outputs only some kinds have.
+_EXPLAIN_KINDS = {"label_flips": ("memory",), "label_flip_target": ("memory",), "label_flip_index": ("memory",),
+                  "hj_support_point": ("lse", "memory")}
+
 
 def outputs_for(task: str) -> tuple[OutputSpec, ...]:
     """The outputs a model of ``task`` ("classification" or "regression") produces, in graph order."""
@@ -97,6 +131,19 @@ def outputs_for(task: str) -> tuple[OutputSpec, ...]:
 def output_names(task: str) -> tuple[str, ...]:
     """Names of :func:`outputs_for`."""
     return tuple(o.name for o in outputs_for(task))
+
+
+def explain_outputs_for(task: str, kind: str) -> tuple[OutputSpec, ...]:
+    """The explanation outputs a model of ``task`` and ``kind`` has, in graph order."""
+    return tuple(o for o in EXPLAIN_OUTPUTS if task in o.tasks and kind in _EXPLAIN_KINDS.get(o.name, KINDS))
+
+
+def spec_of(task: str, name: str) -> OutputSpec:
+    """The contract entry of output ``name`` (served or explanation) for ``task``."""
+    for o in (*OUTPUTS, *EXPLAIN_OUTPUTS):
+        if o.name == name and task in o.tasks:
+            return o
+    raise KeyError(name)
 
 
 @dataclass(frozen=True)
@@ -184,16 +231,21 @@ def _positive_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 1
 
 
-def onnx_feeds(session: Any, x: Any, tau: Any = 0.1) -> dict[str, Any]:
+def onnx_feeds(session: Any, x: Any, tau: Any = 0.1, baseline: Any = None) -> dict[str, Any]:
     """The feeds of a served ONNX graph for rows ``x`` (n, d): ``input`` as float32 and, when the
-    graph takes one, ``tau`` as float64 ``(n, 1)`` (one value is repeated for every row; a graph
-    exported before tau had a batch dimension takes a single value, ``(1,)``). ``session`` is an
+    graph takes them, ``tau`` as float64 ``(n, 1)`` (one value is repeated for every row; a graph
+    exported before tau had a batch dimension takes a single value, ``(1,)``) and ``baseline`` as
+    float32 ``(n, d)`` (the explanation graph; one row is repeated). ``session`` is an
     ``onnxruntime.InferenceSession`` (anything with ``get_inputs()``)."""
     import numpy as np
 
     x = np.ascontiguousarray(x, dtype=np.float32)
     feeds: dict[str, Any] = {"input": x}
     for spec in session.get_inputs():
+        if spec.name == "baseline":
+            if baseline is None:
+                raise ValueError("this graph needs a baseline")
+            feeds["baseline"] = np.ascontiguousarray(np.broadcast_to(np.asarray(baseline, dtype=np.float32), x.shape))
         if spec.name != "tau":
             continue
         values = np.asarray(tau, dtype=np.float64).reshape(-1)
@@ -216,10 +268,9 @@ def select_outputs(task: str, outputs: Mapping[str, Any], names, top_k: int) -> 
     for offline predictors, so a row reads the same everywhere."""
     import numpy as np
 
-    specs = {o.name: o for o in outputs_for(task)}
     selected = {}
     for name in names:
-        spec = specs[name]
+        spec = spec_of(task, name)
         value = np.asarray(outputs[name])
         if spec.row_shape == ("k",):
             value = value[:, :top_k]

@@ -112,6 +112,13 @@ class DynamicBatcher:
             raise RequestTimeout(f"no result within the request timeout of {timeout_s:g} s")
         return job.future.result()
 
+    async def run_exclusive(self, fn, *args):
+        """``fn(*args)`` on the backend's thread, between batches (the explanation graph: a per-request
+        computation that must not run beside a batch on the same backend)."""
+        if self._closing:
+            raise BatcherClosed()
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+
     async def close(self) -> None:
         """Stop taking requests, finish the queued ones, then release the backend."""
         self._closing = True

@@ -73,18 +73,25 @@ SERVER_NAME = "hjserve"
 EXTENSIONS = ("binary_tensor_data", "model_configuration", "model_repository", "parameters", "statistics")
 
 _INPUT_DATATYPES = ("FP32", "FP64")
+_EXPLAIN_NAMES = frozenset(o.name for o in serving.EXPLAIN_OUTPUTS)
 _TRITON_TYPES = {"BOOL": "TYPE_BOOL", "INT64": "TYPE_INT64", "FP32": "TYPE_FP32", "FP64": "TYPE_FP64"}
 _TRUE, _FALSE = ("true", "1", "yes"), ("false", "0", "no")
 
 
 @dataclass(frozen=True)
 class InferOptions:
-    """Request parameters resolved against one model version."""
+    """Request parameters resolved against one model version (``baseline``: integrated gradients'
+    starting point, (d,) float32; None until an explanation output is asked for)."""
 
     outputs: tuple[str, ...]
     top_k: int
     tau: float
     timeout_s: float
+    baseline: np.ndarray | None = None
+
+    @property
+    def explains(self) -> bool:
+        return any(name in _EXPLAIN_NAMES for name in self.outputs)
 
 
 @dataclass(frozen=True)
@@ -183,7 +190,12 @@ class DataPlane:
             inputs=[MetadataTensor(name=n, datatype="FP32" if n == "input" else "FP64", shape=[-1, *dims])
                     for n, dims in self._inputs(mv)],
             outputs=[MetadataTensor(name=o.name, datatype=o.datatype, shape=[-1, *self._dims(mv, o)])
-                     for o in serving.outputs_for(mv.task)])
+                     for o in self._specs(mv)])
+
+    @staticmethod
+    def _specs(mv: ModelVersion) -> list[serving.OutputSpec]:
+        """The contract entries of every output ``mv`` produces (served, then explanation)."""
+        return [serving.spec_of(mv.task, name) for name in mv.output_names]
 
     @staticmethod
     def _inputs(mv: ModelVersion) -> list[tuple[str, list[int]]]:
@@ -204,7 +216,7 @@ class DataPlane:
         s, spec = self.settings, mv.spec
         k = mv.top_k_max
         outputs = []
-        for o in serving.outputs_for(mv.task):
+        for o in self._specs(mv):
             dims = self._dims(mv, o)
             outputs.append(ConfigTensor(name=o.name, data_type=_TRITON_TYPES[o.datatype], dims=dims or [1],
                                         reshape=None if dims else {"shape": []}))
@@ -365,7 +377,32 @@ class DataPlane:
             raise BadRequest("an output is requested twice")
         if mv.task == "classification":
             tau = s.default_tau  # the graph ignores tau for decisions
-        return InferOptions(tuple(outputs), int(top_k), float(tau), timeout)
+        baseline = None
+        if any(name in _EXPLAIN_NAMES for name in outputs):
+            baseline = self._baseline(mv, params.get("baseline", "mean"))
+        elif "baseline" in params:
+            self._baseline(mv, params["baseline"])   # validated even when unused
+        return InferOptions(tuple(outputs), int(top_k), float(tau), timeout, baseline)
+
+    @staticmethod
+    def _baseline(mv: ModelVersion, value: Any) -> np.ndarray:
+        """The ``baseline`` parameter: "mean" (the training mean, default), "zeros", or d numbers (a
+        list, or a comma-separated string as gRPC carries it) -> (d,) float32."""
+        d = mv.n_features
+        if value == "mean":
+            mean = mv.spec.raw.get("input_mean")
+            return np.asarray(mean if mean is not None else np.zeros(d), dtype=np.float32)
+        if value == "zeros":
+            return np.zeros(d, dtype=np.float32)
+        if isinstance(value, str):
+            value = [v for v in value.replace(",", " ").split() if v]
+        try:
+            row = np.asarray(value, dtype=np.float64)
+        except (TypeError, ValueError):
+            row = None
+        if row is None or row.shape != (d,) or not np.isfinite(row).all() or np.abs(row).max(initial=0) > 3.4e38:
+            raise InvalidParameter(f'parameter baseline must be "mean", "zeros" or {d} finite numbers')
+        return row.astype(np.float32)
 
     def _diagnostic_outputs(self, mv: ModelVersion, diag: Any) -> list[str]:
         """The default outputs plus what the ``diagnostics`` parameter asks for: true / "all" (every
@@ -408,9 +445,8 @@ class DataPlane:
         (:func:`hjmodel.serving.select_outputs`, shared with offline predictors)."""
         wanted = {o.name: o.binary for o in (request.outputs if request else [])}
         default_binary = request.binary_output if request else False
-        datatypes = {o.name: o.datatype for o in serving.outputs_for(mv.task)}
         values = serving.select_outputs(mv.task, outputs, options.outputs, options.top_k)
-        return [InferOutput(name, datatypes[name], value,
+        return [InferOutput(name, serving.spec_of(mv.task, name).datatype, value,
                             default_binary if wanted.get(name) is None else wanted[name])
                 for name, value in values.items()]
 
@@ -427,6 +463,14 @@ class DataPlane:
             options, rows = prepare(mv)
             try:
                 outputs, queue_s, compute_s = await self._batches(mv, rows, options, wait_for_room)
+                if options.explains:   # the explanation graph, only for requests that name its outputs
+                    started = time.perf_counter()
+                    with tracing.span("explain"):
+                        extra = await mv.batcher.run_exclusive(
+                            mv.backend.explain, rows, np.full(len(rows), options.tau),
+                            np.broadcast_to(options.baseline, rows.shape))
+                    outputs = {**outputs, **extra}
+                    compute_s += time.perf_counter() - started
             except BatcherClosed:
                 continue
             if tracing.enabled():   # the batch's measured times, as this request's queue / compute spans
@@ -520,10 +564,12 @@ class DataPlane:
     def attribute(self, name: str, version: str | None, source: Iterator[Chunk], parameters: dict[str, Any],
                   outputs: list[str]) -> Attribution:
         """A batch attribution job over ``source``'s row chunks, pinned to the version serving now.
-        With no outputs named (and no ``diagnostics`` parameter) every output is returned."""
+        With no outputs named (and no ``diagnostics`` parameter) every output of the serving graph is
+        returned; the explanation outputs (integrated gradients, ...) when named or with
+        ``diagnostics: "all"``."""
         mv = self.repository.get(name, version)
-        if not outputs and "diagnostics" not in parameters:
-            outputs = list(mv.output_names)
+        if not outputs and "diagnostics" not in parameters:   # every served output; explanations on request
+            outputs = list(serving.output_names(mv.task))
         self.resolve_options(mv, parameters, outputs)   # a bad parameter fails before any row is read
         return Attribution(self, mv, source, parameters, outputs)
 

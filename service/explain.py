@@ -21,13 +21,14 @@ __all__ = [
 ]
 
 #: Output name -> what the number means (the serving contract's own docs).
-MEANINGS: dict[str, str] = {o.name: o.doc for o in serving.OUTPUTS}
+MEANINGS: dict[str, str] = {o.name: o.doc for o in (*serving.OUTPUTS, *serving.EXPLAIN_OUTPUTS)}
 MEANINGS["prediction"] = "predicted class (classification) or predicted values (regression)"
 
 PREDICT_OUTPUTS = ("prediction", "probabilities", "certified_radius", "ood_score", "ood_flag", "ood_p_value",
                    "ood_component", "hallucination_flag", "energy_gap")
-EXPLAIN_OUTPUTS = (*PREDICT_OUTPUTS, "attribution_entropy", "attribution_index", "attribution_weight",
-                   "label_sensitivity", "saliency")
+EXPLAIN_OUTPUTS = tuple(dict.fromkeys((*PREDICT_OUTPUTS, "attribution_entropy", "attribution_index",
+                                       "attribution_weight", "label_sensitivity", "saliency",
+                                       *(o.name for o in serving.EXPLAIN_OUTPUTS))))   # a name once per task
 
 _UNIT = {
     "lse": "neuron j of the output's LSE layer (its weight row w_j and bias b_j)",
@@ -104,6 +105,45 @@ def _support_info(spec: serving.ArtifactSpec, j: int) -> dict[str, Any]:
     return info
 
 
+def _class_name(mv: ModelVersion, k: int) -> Any:
+    names = mv.spec.class_names
+    return names[k] if 0 <= k < len(names) else k
+
+
+def _explanation_graph(mv: ModelVersion, outputs: dict[str, np.ndarray], i: int, features, top_k: int) -> dict:
+    """The sections read from the explanation graph's outputs, when the model has them."""
+    out: dict[str, Any] = {}
+    if "integrated_gradients" in outputs:
+        ig = np.asarray(outputs["integrated_gradients"])[i]
+        order = np.argsort(-np.abs(ig), kind="stable")[:top_k].tolist()
+        out["integrated_gradients"] = _v(
+            {"top": [{"feature": features[f] if f < len(features) else f, "value": ig[f].item()} for f in order],
+             "sum": float(ig.sum())},
+            MEANINGS["integrated_gradients"] + " (baseline: the request's baseline parameter, default the training mean)")
+    if "label_flips" in outputs:
+        count = int(_scalar(outputs["label_flips"], i))
+        plan = [j for j in np.asarray(outputs["label_flip_index"])[i].tolist() if j >= 0]
+        flips = {"count": count if count <= len(mv.spec.support_ids or ()) else None,
+                 "to_class": _class_name(mv, int(_scalar(outputs["label_flip_target"], i))),
+                 "examples": [{"index": j, **_support_info(mv.spec, j)} for j in plan]}
+        out["label_flips"] = _v(flips, MEANINGS["label_flips"] + "; examples: the first of them, in order "
+                                "(null count: no relabelling flips it)")
+    hj = {key: _scalar(outputs[key], i) for key in ("hj_initial_value", "hj_value", "hopf_lax_value") if key in outputs}
+    if hj:
+        if "hj_support_point" in outputs:
+            hj["hj_support_point"] = np.asarray(outputs["hj_support_point"])[i].tolist()
+        out["hj"] = _v(hj, "the dominant neuron's Hamilton-Jacobi reading (Thm 4.1, 5.1): initial value g_j, "
+                           "u(z, t) over the decisive group, its eps -> 0 (Hopf-Lax) value, support point y_j "
+                           "in raw input space")
+    if "tropical_prediction" in outputs:
+        tropical = np.asarray(outputs["tropical_prediction"])[i]
+        value = _class_name(mv, int(tropical)) if mv.task == "classification" else tropical.tolist()
+        out["eps_what_if"] = _v({"tropical_prediction": value,
+                                 "decision_changes": bool(_scalar(outputs["eps_decision_changes"], i))},
+                                MEANINGS["tropical_prediction"] + "; " + MEANINGS["eps_decision_changes"])
+    return out
+
+
 def explain_rows(mv: ModelVersion, outputs: dict[str, np.ndarray], top_k: int) -> dict[str, Any]:
     """:func:`predict_rows` plus, per row, the top-k attributions and the most salient features."""
     result = predict_rows(mv, outputs)
@@ -125,6 +165,7 @@ def explain_rows(mv: ModelVersion, outputs: dict[str, np.ndarray], top_k: int) -
         salient = [{"feature": (features[f] if isinstance(features, list) and f < len(features) else f),
                     "gradient": saliency[f].item()} for f in order]
         explanations.append({
+            **_explanation_graph(mv, outputs, i, features, top_k),
             "attributions": _v(attributions,
                                f"top-{top_k} Gibbs weights pi_j (they sum to 1 over all j); index = {unit}; "
                                "label_sensitivity = d prediction / d label_j (Prop F.1)"),

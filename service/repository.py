@@ -224,6 +224,15 @@ class ModelRepository:
             for n in names:
                 if len(probe[n]) != 1:
                     raise ModelLoadFailed(f"output '{n}' does not have one row per input row")
+            contract = {o.name for o in serving.explain_outputs_for(spec.task, spec.kind)}
+            explain = tuple(n for n in getattr(backend, "explain_outputs", ()) if n in contract)
+            if explain:   # the explanation graph: probed like the serving graph
+                zeros = np.zeros((1, spec.n_features), dtype=np.float32)
+                extra = backend.explain(zeros, np.full(1, s.default_tau), zeros)
+                bad = [n for n in explain if n not in extra or len(extra[n]) != 1]
+                if bad:
+                    raise ModelLoadFailed(f"the explanation graph does not produce one row of {bad}")
+            names = (*names, *explain)
         except HJServeError as exc:
             backend.close()
             raise ModelLoadFailed(exc.message) from None

@@ -22,8 +22,15 @@ class Backend(Protocol):
     name: str
     device: str
     platform: str
+    #: The explanation outputs this version can compute (``hjmodel.serving.EXPLAIN_OUTPUTS``; empty for
+    #: artifacts without an explanation graph).
+    explain_outputs: tuple[str, ...]
 
     def infer(self, input: np.ndarray, tau: np.ndarray) -> dict[str, np.ndarray]: ...
+
+    def explain(self, input: np.ndarray, tau: np.ndarray, baseline: np.ndarray) -> dict[str, np.ndarray]:
+        """The explanation outputs for ``input`` (B, d), ``tau`` (B,), ``baseline`` (B, d) float32."""
+        ...
 
     def close(self) -> None: ...
 

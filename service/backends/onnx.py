@@ -21,10 +21,12 @@ class OnnxBackend:
     name = "onnx"
     platform = "onnxruntime_onnx"
 
-    def __init__(self, session, device: str):
+    def __init__(self, session, device: str, explain_session=None):
         self._session = session
+        self._explain = explain_session
         self.device = device
         self._output_names = [o.name for o in session.get_outputs()]
+        self.explain_outputs = tuple(o.name for o in explain_session.get_outputs()) if explain_session else ()
         meta = session.get_modelmeta().custom_metadata_map
         self.metadata: dict[str, str] = dict(meta)
 
@@ -45,8 +47,17 @@ class OnnxBackend:
             raise BackendError(f"onnxruntime failed: {exc}") from None
         return dict(zip(self._output_names, values, strict=True))
 
+    def explain(self, input: np.ndarray, tau: np.ndarray, baseline: np.ndarray) -> dict[str, np.ndarray]:
+        if self._explain is None:
+            raise BackendError("this artifact has no explanation graph")
+        try:
+            values = self._explain.run(list(self.explain_outputs), serving.onnx_feeds(self._explain, input, tau, baseline))
+        except Exception as exc:  # onnxruntime raises its own pybind11 exception types
+            raise BackendError(f"onnxruntime failed on the explanation graph: {exc}") from None
+        return dict(zip(self.explain_outputs, values, strict=True))
+
     def close(self) -> None:
-        self._session = None
+        self._session = self._explain = None
 
 
 def load_onnx(version_dir: Path, *, device: str = "auto", threads: int = 0) -> OnnxBackend:
@@ -70,9 +81,12 @@ def load_onnx(version_dir: Path, *, device: str = "auto", threads: int = 0) -> O
         options.intra_op_num_threads = threads
     try:
         session = ort.InferenceSession(str(path), sess_options=options, providers=providers)
+        explain_path = path.parent / serving.EXPLAIN_FILE
+        explain = (ort.InferenceSession(str(explain_path), sess_options=options, providers=providers)
+                   if explain_path.is_file() else None)
     except Exception as exc:  # corrupt or invalid graph
-        raise ModelLoadFailed(f"onnxruntime cannot load {path.name}: {exc}") from None
+        raise ModelLoadFailed(f"onnxruntime cannot load {path.name} / {serving.EXPLAIN_FILE}: {exc}") from None
     used = session.get_providers()
     if device == "cuda" and _CUDA not in used:
         raise ModelLoadFailed("device 'cuda' requested but the CUDA execution provider failed to start")
-    return OnnxBackend(session, "cuda" if _CUDA in used else "cpu")
+    return OnnxBackend(session, "cuda" if _CUDA in used else "cpu", explain)

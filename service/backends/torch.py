@@ -19,9 +19,11 @@ class TorchBackend:
     name = "torch"
     platform = "pytorch_torch"
 
-    def __init__(self, module, device: str):
+    def __init__(self, module, device: str, explain_module=None):
         self._module = module
+        self._explain = explain_module
         self.device = device
+        self.explain_outputs = tuple(o.name for o in explain_module.specs) if explain_module is not None else ()
 
     def infer(self, input: np.ndarray, tau: np.ndarray) -> dict[str, np.ndarray]:
         import torch
@@ -37,8 +39,23 @@ class TorchBackend:
                 raise InvalidValue(f"the model rejected the input: {exc}") from None
             raise BackendError(f"torch failed: {exc}") from None
 
+    def explain(self, input: np.ndarray, tau: np.ndarray, baseline: np.ndarray) -> dict[str, np.ndarray]:
+        import torch
+
+        if self._explain is None:
+            raise BackendError("this artifact has no explanation outputs")
+        try:
+            with torch.no_grad():
+                x = torch.from_numpy(np.ascontiguousarray(input, dtype=np.float32)).to(self.device)
+                t = torch.as_tensor(np.asarray(tau, dtype=np.float64).reshape(-1, 1), device=self.device)
+                base = torch.as_tensor(np.ascontiguousarray(baseline, dtype=np.float32), device=self.device)
+                out = self._explain(x, t, base)
+            return {name: value.detach().cpu().numpy() for name, value in out.items()}
+        except Exception as exc:
+            raise BackendError(f"torch failed on the explanation: {exc}") from None
+
     def close(self) -> None:
-        self._module = None
+        self._module = self._explain = None
 
 
 def load_torch(version_dir: Path, *, device: str = "auto", threads: int = 0) -> TorchBackend:
@@ -58,10 +75,14 @@ def load_torch(version_dir: Path, *, device: str = "auto", threads: int = 0) -> 
     if threads > 0:
         torch.set_num_threads(threads)
     try:
+        from hjmodel.artifact import ExplainModule
+
         module = load_serving_module(version_dir)
         module = module.to(target).eval()
+        explain = ExplainModule(module.model).to(target).eval()
+        explain = explain if explain.specs else None
     except ArtifactError as exc:
         raise ModelLoadFailed(f"invalid torch artifact: {exc}") from None
     except Exception as exc:
         raise ModelLoadFailed(f"cannot load torch artifact: {type(exc).__name__}: {exc}") from None
-    return TorchBackend(module, target)
+    return TorchBackend(module, target, explain)

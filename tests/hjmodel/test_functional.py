@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import numpy as np
 import os
 
 import pytest
@@ -614,3 +615,30 @@ def test_float32_rounding_of_served_bounds():
     assert bool((torch.nextafter(up, -inf).double() < x)[normal].all())
     saturated = F.float32_saturate(torch.tensor([1e300, -1e300, math.nan], dtype=torch.float64))
     assert saturated[:2].isfinite().all() and saturated[2].isnan()
+
+
+def test_logsumexp_agrees_between_torch_and_the_onnx_runtime(tmp_path):
+    """The served graph's LSEs over masked (-inf) entries: onnxruntime's ReduceLogSumExp returned
+    -inf for [-inf, -950, -inf]; the hand-shifted form exports to max / exp / sum / log and agrees."""
+    import warnings
+
+    import onnxruntime as ort
+
+    class Both(torch.nn.Module):
+        def forward(self, a):
+            return F.lse(a, 0.5), F.ambiguity(a)
+
+    inf = math.inf
+    a = torch.tensor([[-900.0, -inf, -905.0], [-inf, -950.0, -inf], [-3.0, -inf, -inf], [-inf, -inf, -inf],
+                      [0.0, -2000.0, -3000.0], [1e3, 999.0, -1e4]], dtype=torch.float64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(Both(), (a,), str(tmp_path / "lse.onnx"), input_names=["a"], output_names=["lse", "amb"],
+                          opset_version=17, dynamo=False)
+    got = ort.InferenceSession(str(tmp_path / "lse.onnx"), providers=["CPUExecutionProvider"]).run(None, {"a": a.numpy()})
+    want = Both()(a)
+    for g, w in zip(got, want):
+        np.testing.assert_array_equal(g, w.numpy())
+    assert float(want[0][1]) == -950.0 and float(want[1][4]) == -2000.0   # finite where it should be
+    np.testing.assert_allclose(want[0].numpy()[[0, 2, 5]],
+                               (0.5 * torch.logsumexp(a / 0.5, dim=-1)).numpy()[[0, 2, 5]], rtol=1e-15)
