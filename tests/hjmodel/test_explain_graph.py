@@ -97,6 +97,14 @@ def test_the_eps_what_if_is_the_vanishing_eps_limit(demo_repository, name):
         assert torch.equal(out["eps_decision_changes"], ((limit - served).abs() > 0.5).any(1))
 
 
+def _decision_after(model, pi: torch.Tensor, relabel: torch.Tensor, to_class: int) -> int:
+    """The memory model's decision for Gibbs weights ``pi`` once the examples ``relabel`` carry
+    ``to_class`` (ties go to the lower class index, as argmax does)."""
+    labels = model.head.labels.clone()
+    labels[relabel] = to_class
+    return int((pi @ torch.nn.functional.one_hot(labels, model.n_outputs).to(DT)).argmax())
+
+
 def test_label_flips_flip_the_decision_and_are_fewest(demo_repository):
     model = load_model(demo_repository / "digits_memory" / "1")
     x = _rows("digits_memory", 20, 5)
@@ -112,16 +120,10 @@ def test_label_flips_flip_the_decision_and_are_fewest(demo_repository):
         plan = out["label_flip_index"][i]
         assert bool((plan[:n] >= 0).all()) and bool((plan[n:] == -1).all())
 
-        def decision_after(relabel: torch.Tensor) -> int:
-            labels = head.labels.clone()
-            labels[relabel] = k
-            yhat = ev.pi[i] @ torch.nn.functional.one_hot(labels, model.n_outputs).to(DT)
-            return int(yhat.argmax())   # ties go to the lower class index, as argmax does
-
-        flipped = decision_after(plan[:n])
+        flipped = _decision_after(model, ev.pi[i], plan[:n], k)
         assert flipped != int(ev.decision[i]) or flipped == k, i
         if n > 1:   # one fewer of the greedy's examples does not reach the target
-            assert decision_after(plan[:n - 1]) == int(ev.decision[i]), i
+            assert _decision_after(model, ev.pi[i], plan[:n - 1], k) == int(ev.decision[i]), i
 
 
 @pytest.mark.parametrize("name", DEMO)
