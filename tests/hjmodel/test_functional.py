@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import itertools
 import math
-import numpy as np
 import os
 
+import numpy as np
 import pytest
 import torch
 from torch.func import grad, hessian, jacrev, vmap
