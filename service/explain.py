@@ -140,7 +140,8 @@ def _explanation_graph(mv: ModelVersion, outputs: dict[str, np.ndarray], i: int,
         value = _class_name(mv, int(tropical)) if mv.task == "classification" else tropical.tolist()
         out["eps_what_if"] = _v({"tropical_prediction": value,
                                  "decision_changes": bool(_scalar(outputs["eps_decision_changes"], i))},
-                                MEANINGS["tropical_prediction"] + "; " + MEANINGS["eps_decision_changes"])
+                                serving.spec_of(mv.task, "tropical_prediction").doc + "; "
+                                + MEANINGS["eps_decision_changes"])
     return out
 
 

@@ -3,7 +3,7 @@
 "use strict";
 
 const $ = (id) => document.getElementById(id);
-const state = { model: null, config: null, d: 0, side: 0, values: [] };
+const state = { model: null, config: null, outputs: [], d: 0, side: 0, values: [] };
 // one 8x8 digit (a "0"), for models whose input is 64 pixels
 const EXAMPLE_64 = [0,0,5,13,9,1,0,0,0,0,13,15,10,15,5,0,0,3,15,2,0,11,8,0,0,4,12,0,0,8,8,0,
                     0,5,8,0,0,9,8,0,0,4,11,0,1,12,7,0,0,2,14,5,10,12,0,0,0,0,6,13,10,0,0,0];
@@ -45,6 +45,8 @@ async function loadModels() {
 async function selectModel(name) {
   state.model = name;
   state.config = await api("GET", `/v2/models/${encodeURIComponent(name)}/config`);
+  const metadata = await api("GET", `/v2/models/${encodeURIComponent(name)}`);
+  state.outputs = metadata.outputs.map((o) => o.name);
   state.d = state.config.input[0].dims[0];
   const kind = param(state.config, "kind"), task = param(state.config, "task");
   const classes = param(state.config, "class_names");
@@ -119,23 +121,40 @@ function bars(probabilities) {
   }
 }
 
+function signedMap(box, values) {
+  // red positive, blue negative, white zero; a grid when the input is an image
+  box.innerHTML = "";
+  box.hidden = !state.side;
+  if (!state.side) return;
+  const max = Math.max(1e-12, ...values.map(Math.abs));
+  box.style.gridTemplateColumns = `repeat(${state.side}, auto)`;
+  values.forEach((s) => {
+    const cell = document.createElement("div");
+    const v = Math.round(255 * (1 - Math.abs(s) / max));
+    cell.style.background = s >= 0 ? `rgb(255,${v},${v})` : `rgb(${v},${v},255)`;
+    cell.title = fmt(s);
+    box.appendChild(cell);
+  });
+}
+
+function imageMap(box, values) {
+  // an input-space point drawn like the input grid (dark = large)
+  box.innerHTML = "";
+  box.style.gridTemplateColumns = `repeat(${state.side}, auto)`;
+  const lo = Math.min(...values), hi = Math.max(...values), span = Math.max(hi - lo, 1e-12);
+  values.forEach((x) => {
+    const cell = document.createElement("div");
+    const g = Math.round(255 * (1 - (x - lo) / span));
+    cell.style.background = `rgb(${g},${g},${g})`;
+    cell.title = fmt(x);
+    box.appendChild(cell);
+  });
+}
+
 function heatmap(saliency) {
   const box = $("heatmap"), list = $("salient");
-  box.innerHTML = ""; list.innerHTML = "";
-  const max = Math.max(1e-12, ...saliency.map(Math.abs));
-  if (state.side) {
-    box.hidden = false;
-    box.style.gridTemplateColumns = `repeat(${state.side}, auto)`;
-    saliency.forEach((s) => {
-      const cell = document.createElement("div");
-      const v = Math.round(255 * (1 - Math.abs(s) / max));
-      cell.style.background = s >= 0 ? `rgb(255,${v},${v})` : `rgb(${v},${v},255)`;
-      cell.title = fmt(s);
-      box.appendChild(cell);
-    });
-  } else {
-    box.hidden = true;
-  }
+  list.innerHTML = "";
+  signedMap(box, saliency);
   const order = saliency.map((s, i) => [i, s]).sort((a, b) => Math.abs(b[1]) - Math.abs(a[1])).slice(0, 5);
   for (const [i, s] of order) {
     const item = document.createElement("li");
@@ -152,12 +171,14 @@ async function explain() {
   $("explain").disabled = true;
   try {
     const name = encodeURIComponent(state.model);
+    const maps = ["saliency", "integrated_gradients"].filter((n) => state.outputs.includes(n));
     const [v1, v2] = await Promise.all([
       api("POST", `/v1/models/${name}:explain`, {instances: [row], parameters: {top_k: topK}}),
       api("POST", `/v2/models/${name}/infer`, {inputs: [{name: "input", datatype: "FP64", shape: [1, state.d], data: row}],
-                                               outputs: [{name: "saliency"}]}),
+                                               outputs: maps.map((n) => ({name: n}))}),
     ]);
-    render(v1, v2.outputs[0].data);
+    const byName = Object.fromEntries(v2.outputs.map((o) => [o.name, o.data]));
+    render(v1, byName);
   } catch (e) {
     showError(e.message);
   } finally {
@@ -165,7 +186,8 @@ async function explain() {
   }
 }
 
-function render(v1, saliency) {
+function render(v1, maps) {
+  const saliency = maps.saliency;
   const diag = v1.diagnostics[0], explanation = v1.explanations[0];
   const prediction = v1.predictions[0];
   $("prediction").textContent = Array.isArray(prediction) ? prediction.map((v) => fmt(v)).join(", ") : prediction;
@@ -193,10 +215,46 @@ function render(v1, saliency) {
   }
   $("attribution-meaning").textContent = explanation.attributions.meaning;
   heatmap(saliency);
+  renderExplanationGraph(explanation, maps);
   $("regime").textContent = `energy gap Delta/eps = ${fmt(diag.energy_gap.value)} (${diag.energy_gap.meaning}); ` +
     `attribution entropy ${fmt(explanation.attribution_entropy.value, 3)} (${explanation.attribution_entropy.meaning}).`;
   $("result").hidden = false;
   document.body.dataset.state = "rendered";
+}
+
+function renderExplanationGraph(explanation, maps) {
+  // the explanation graph's outputs (models exported with it): IG, eps what-if, HJ reading, label flips
+  const ig = explanation.integrated_gradients;
+  $("ig-tile").hidden = !ig;
+  if (ig) {
+    signedMap($("igmap"), maps.integrated_gradients || []);
+    $("ig-meaning").textContent = `sum ${fmt(ig.value.sum)} = F(x) - F(baseline); top: ` +
+      ig.value.top.slice(0, 3).map((t) => `${t.feature} ${fmt(t.value, 3)}`).join(", ") + ". " + ig.meaning + ".";
+  }
+  const whatIf = explanation.eps_what_if;
+  $("whatif-tile").hidden = !whatIf;
+  if (whatIf) {
+    const t = whatIf.value.tropical_prediction;
+    $("whatif").textContent = (Array.isArray(t) ? t.map((v) => fmt(v)).join(", ") : t) +
+      (whatIf.value.decision_changes ? " (changes)" : " (same)");
+    $("whatif").className = "big " + (whatIf.value.decision_changes ? "flag-yes" : "flag-no");
+    $("whatif-meaning").textContent = whatIf.meaning + ".";
+  }
+  const hj = explanation.hj;
+  const point = hj && hj.value.hj_support_point;
+  $("example-tile").hidden = !(point && state.side && param(state.config, "kind") === "memory");
+  if (!$("example-tile").hidden) {
+    imageMap($("examplemap"), point);
+    const top = explanation.attributions.value[0] || {};
+    $("example-meaning").textContent = `the stored training example of the dominant support point` +
+      (top.training_example_id !== undefined ? ` (#${top.training_example_id}, label ${top.training_label})` : "") + ".";
+  }
+  $("hj").textContent = hj ? `Dominant neuron: initial value g = ${fmt(hj.value.hj_initial_value)}, ` +
+    `Hopf–Cole value u = ${fmt(hj.value.hj_value)}, Hopf–Lax (eps -> 0) value ${fmt(hj.value.hopf_lax_value)}.` : "";
+  const flips = explanation.label_flips;
+  $("flips").textContent = flips ? (flips.value.count === null ? "No relabelling of training examples flips this decision." :
+    `Relabelling ${flips.value.count} training example(s) would flip the decision to ${flips.value.to_class}: ` +
+    flips.value.examples.map((e) => `#${e.training_example_id}`).join(", ") + ".") : "";
 }
 
 function example() {

@@ -26,7 +26,7 @@ def browser(tmp_path_factory):
     profile = tmp_path_factory.mktemp("chromium-profile")
     for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                 "--disable-dev-shm-usage", f"--user-data-dir={profile}", "--window-size=1200,1500"):
+                 "--disable-dev-shm-usage", f"--user-data-dir={profile}", "--window-size=1200,2150"):
         options.add_argument(flag)
     driver = webdriver.Chrome(service=Service(DRIVER), options=options)
     driver.set_page_load_timeout(60)
@@ -70,6 +70,10 @@ def test_the_page_explains_a_prediction(browser, demo_server, tmp_path):
     assert len(browser.find_elements(By.CSS_SELECTOR, "#attributions tr")) == 1 + 5
     assert len(browser.find_elements(By.CSS_SELECTOR, "#heatmap div")) == 64
     assert len(browser.find_elements(By.CSS_SELECTOR, "#probabilities .bar")) == 5
+    assert len(browser.find_elements(By.CSS_SELECTOR, "#igmap div")) == 64   # the explanation graph's outputs
+    assert browser.find_element(By.ID, "whatif").text.startswith("0 (")
+    assert "the decision in the eps -> 0" in browser.find_element(By.ID, "whatif-meaning").text
+    assert "Hopf–Lax" in browser.find_element(By.ID, "hj").text
     shot = tmp_path / "ui.png"
     assert browser.save_screenshot(str(shot)) and shot.stat().st_size > 10_000
     keep = os.environ.get("HJSERVE_UI_SCREENSHOT")
@@ -95,6 +99,9 @@ def test_the_page_draws_and_reports_errors(browser, demo_server):
     _wait(browser, lambda d: d.find_element(By.TAG_NAME, "body").get_attribute("data-state") == "rendered")
     examples = [td.text for td in browser.find_elements(By.CSS_SELECTOR, "#attributions tr td:nth-child(5)")]
     assert examples and all(e.startswith("#") and "label" in e for e in examples)   # training examples
+    assert browser.find_element(By.ID, "example-tile").is_displayed()   # the deciding example, drawn
+    assert len(browser.find_elements(By.CSS_SELECTOR, "#examplemap div")) == 64
+    assert "training example" in browser.find_element(By.ID, "flips").text
     Select(browser.find_element(By.ID, "model")).select_by_value("diabetes_lse")
     _wait(browser, lambda d: "regression" in d.find_element(By.ID, "model-info").text)
     browser.find_element(By.ID, "row").clear()
