@@ -144,3 +144,25 @@ def test_explain_graph_onnx_matches_torch(demo_repository, name):
             np.testing.assert_array_equal(got[key], w, err_msg=key)
         else:
             np.testing.assert_allclose(got[key], w, rtol=2e-5, atol=1e-6 * max(1.0, float(np.abs(w).max())), err_msg=key)
+
+
+@pytest.mark.parametrize("name", ["digits_deep", "digits_memory", "diabetes_lse"])
+def test_integrated_gradients_against_autograd(demo_repository, name):
+    """Per coordinate, against autograd's gradient of the decisive output integrated by the same rule
+    (independent of the closed-form gradient the served IG uses)."""
+    from hjmodel.models import IG_ORDER, IG_PANELS
+
+    model = load_model(demo_repository / name / "1")
+    x = _rows(name, 4, 7)
+    c = model.evaluate(x, outputs=()).decision
+    x0 = model.preprocess.mu.expand_as(x)
+    nodes, weights = F.gauss_legendre(IG_PANELS, IG_ORDER)
+    total = torch.zeros_like(x)
+    for alpha, w in zip(nodes.tolist(), weights.tolist()):
+        point = (x0 + alpha * (x - x0)).clone().requires_grad_(True)
+        out = model.head.outputs(model.head.preactivations(model.features(point))).gather(1, c[:, None]).sum()
+        (grad,) = torch.autograd.grad(out, point)
+        total += w * grad
+    autograd_ig = (x - x0) * total
+    served = model.explain(x)["integrated_gradients"]
+    torch.testing.assert_close(served, autograd_ig, rtol=1e-9, atol=1e-9 * float(autograd_ig.abs().max()))
