@@ -43,6 +43,7 @@ from service.errors import (
     lookup,
 )
 from service.explain import EXPLAIN_OUTPUTS, PREDICT_OUTPUTS, explain_rows, predict_rows
+from service.logs import CURRENT_REQUEST
 from service.repository import ModelRepository, ModelVersion
 from service.settings import Settings
 from service.types import (
@@ -128,6 +129,11 @@ class _Account:
         self.rows += done.rows
         self.queue_s = max(self.queue_s, done.queue_s)
         self.compute_s += done.compute_s
+        record = CURRENT_REQUEST.get()
+        if record is not None:   # the request's access line: rows and timings
+            record.rows = self.rows
+            record.queue_ms = round(self.queue_s * 1000.0, 3)
+            record.compute_ms = round(self.compute_s * 1000.0, 3)
 
     def succeed(self) -> None:
         if self.mv is not None:

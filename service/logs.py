@@ -5,8 +5,30 @@ from __future__ import annotations
 import json
 import logging
 import time
+from contextvars import ContextVar
+from dataclasses import dataclass
 
-__all__ = ["JSONFormatter", "configure_logging"]
+__all__ = ["CURRENT_REQUEST", "JSONFormatter", "RequestRecord", "configure_logging"]
+
+
+@dataclass
+class RequestRecord:
+    """What one request's access line reports beyond the transport's own view: rows answered and the
+    time they spent queued and computing (filled by the dataplane's accounting)."""
+
+    rows: int = 0
+    queue_ms: float | None = None
+    compute_ms: float | None = None
+
+    def fields(self) -> dict:
+        out = {"rows": self.rows}
+        if self.queue_ms is not None:
+            out.update(queue_ms=self.queue_ms, compute_ms=self.compute_ms)
+        return out
+
+
+#: The record of the request being handled (set by the transport; None outside a request).
+CURRENT_REQUEST: ContextVar[RequestRecord | None] = ContextVar("hjserve_request", default=None)
 
 
 class JSONFormatter(logging.Formatter):
@@ -27,7 +49,9 @@ class _TextFormatter(logging.Formatter):
         access = getattr(record, "access", None)
         if access:
             line += f" request_id={access['request_id']} model={access['model']} version={access['version']} " \
-                    f"duration_ms={access['duration_ms']}"
+                    f"rows={access.get('rows', 0)} duration_ms={access['duration_ms']}"
+            if access.get("queue_ms") is not None:
+                line += f" queue_ms={access['queue_ms']} compute_ms={access['compute_ms']}"
             if access.get("trace_id"):
                 line += f" trace_id={access['trace_id']}"
         return line

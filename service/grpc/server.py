@@ -32,6 +32,7 @@ from service.codecs import grpc as wire
 from service.dataplane import DataPlane
 from service.errors import HJServeError, InternalError, ModelNotFound, ModelNotReady, lookup
 from service.grpc import inference_pb2 as pb
+from service.logs import CURRENT_REQUEST, RequestRecord
 from service.settings import Settings
 
 __all__ = ["GRPCServer", "SERVICE_NAME"]
@@ -104,6 +105,8 @@ class GRPCServer:
             given = meta.get("x-request-id", "")
             request_id = given if _REQUEST_ID.fullmatch(given) else uuid.uuid4().hex
             code = "OK"
+            record = RequestRecord()
+            token = CURRENT_REQUEST.set(record)
             span_context = tracing.server_span(f"gRPC {method}", meta, **{"rpc.system": "grpc", "rpc.method": method,
                                                                          "hjserve.request_id": request_id})
             span = span_context.__enter__()
@@ -144,8 +147,9 @@ class GRPCServer:
                     access_log.info("gRPC %s %s", method, code, extra={"access": {
                         "request_id": request_id, "method": "gRPC", "route": method, "model": name,
                         "version": version, "status": code,
-                        "duration_ms": round((time.perf_counter() - started) * 1000.0, 3),
+                        "duration_ms": round((time.perf_counter() - started) * 1000.0, 3), **record.fields(),
                         **({"trace_id": trace_id} if trace_id else {})}})
+                CURRENT_REQUEST.reset(token)
 
         return rpc
 

@@ -30,6 +30,7 @@ from service.errors import (
     Overloaded,
     ValidationFailed,
 )
+from service.logs import CURRENT_REQUEST, RequestRecord
 from service.rest import batch, repository, v1, v2
 from service.rest.common import require_admin, require_api_key
 from service.rest.guards import BodyTimeoutMiddleware, error_parts, raw_error
@@ -235,6 +236,8 @@ class HTTPMetricsMiddleware:
         carrier = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope.get("headers", ())} \
             if tracing.enabled() else {}
 
+        record = RequestRecord()
+        token = CURRENT_REQUEST.set(record)
         with tracing.server_span(f"HTTP {method}", carrier, **{"http.request.method": method,
                                                                 "hjserve.request_id": request_id}) as span:
             trace_id = tracing.trace_id()
@@ -265,8 +268,9 @@ class HTTPMetricsMiddleware:
                     access_log.info("%s %s %d", method, path, status, extra={"access": {
                         "request_id": request_id, "method": method, "route": path,
                         "model": params.get("model_name"), "version": params.get("model_version"), "status": status,
-                        "duration_ms": round((time.perf_counter() - started) * 1000.0, 3),
+                        "duration_ms": round((time.perf_counter() - started) * 1000.0, 3), **record.fields(),
                         **({"trace_id": trace_id} if trace_id else {})}})
+                CURRENT_REQUEST.reset(token)
 
 
 #: Routes whose requests are shed before the app when their model version is full:

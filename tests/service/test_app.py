@@ -97,3 +97,18 @@ def test_batch_attribution_streams_ndjson_rows(client):
     assert [row["row"] for row in rows] == [0, 1, 2, 3, 4] and rows[0]["class"] in ("alpha", "beta", "gamma")
     stats = client.get("/v2/models/fclf/versions/1/stats").json()["model_stats"][0]
     assert stats["inference_count"] == 5 and stats["inference_stats"]["success"]["count"] == 1
+
+
+def test_one_access_line_per_request_with_rows_and_timings(client, caplog):
+    import logging
+
+    with caplog.at_level(logging.INFO, logger="hjserve.access"):
+        _infer(client, n=3, outputs=[{"name": "prediction"}], parameters={})
+        client.post("/v2/models/fclf/batch-attribution", content="\n".join("[1, 2, 3, 4]" for _ in range(7)),
+                    headers={"content-type": "application/x-ndjson", "x-request-id": "job-1"})
+        client.get("/v2/models/nope")
+    lines = [r.access for r in caplog.records if r.name == "hjserve.access"]
+    infer, batch, missing = lines[-3:]
+    assert infer["rows"] == 3 and infer["queue_ms"] >= 0 and infer["compute_ms"] > 0 and infer["status"] == 200
+    assert batch["rows"] == 7 and batch["request_id"] == "job-1" and batch["model"] == "fclf"
+    assert missing["rows"] == 0 and "queue_ms" not in missing and missing["status"] == 404
