@@ -34,6 +34,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from hjmodel import load_dataset, load_model, load_serving_module  # noqa: E402
+from hjmodel import serving as serving_contract  # noqa: E402
 from hjmodel.artifact import ONNX_FILE  # noqa: E402
 
 MODELS = {"digits_lse": ("lse classification", "digits"), "digits_memory": ("memory classification", "digits"),
@@ -99,7 +100,7 @@ def bench_model(directory: Path, data_name: str, work: Path) -> list[dict]:
     for batch in BATCHES:
         x32 = torch.as_tensor(X[np.arange(batch) % len(X)], dtype=torch.float32)
         xn = x32.numpy()
-        feed = {i.name: (xn if i.name == "input" else tau.numpy()) for i in full_sess.get_inputs()}
+        feed = serving_contract.onnx_feeds(full_sess, xn, 0.1)
         # sanity: the baselines predict what the server predicts
         with torch.no_grad():
             want = serving(x32, tau)["prediction"].numpy()

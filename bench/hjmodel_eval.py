@@ -2,7 +2,7 @@
 realised false-flag rate, and ONNX / torch parity. Writes ``bench/results/hjmodel.md``.
 
 1. Soundness: a PGD-L2 attack (8 restarts x 100 steps, float64, autograd through the model's own
-   forward; helpers in ``tests/hjmodel/test_models.py``) strictly inside the served certified
+   forward; :mod:`hjmodel.attacks`) strictly inside the served certified
    radius (ball of radius 0.999 r) on every held-out input (>= 300 per kind): violations must be 0.
    Tightness: certified radius / smallest radius at which the attack finds a violation (grow the
    ball until it does, then 8 bisections; 4 restarts x 50 steps each).
@@ -35,25 +35,28 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tests" / "hjmodel"))
 
 from sklearn.metrics import roc_auc_score  # noqa: E402
-from test_artifact import DEMO_DATA, OOD_OUTPUTS, _calibration_ties, _parity_inputs, _run_both  # noqa: E402
-from test_models import (  # noqa: E402
-    DEEP_MEMORY,
-    SHRINK,
-    forward_outputs,
-    friedman,
-    held_out,
-    minimal_attack_radius,
-    pgd_l2,
-    served,
-)
 
 from hjmodel import TrainConfig, load_dataset, load_model, save_artifact, train  # noqa: E402
+from hjmodel.attacks import SHRINK, forward_outputs, friedman, held_out, minimal_attack_radius, pgd_l2  # noqa: E402
 from hjmodel.serving import outputs_for  # noqa: E402
 from hjmodel.train import calibrate  # noqa: E402
-from hjmodel.verify import verify  # noqa: E402
+from hjmodel.verify import DEMO_DATA, OOD_OUTPUTS, calibration_ties, parity_inputs, served_outputs, verify  # noqa: E402
+
+#: a deep body under a memory head (Hopf-Cole predictor over learned features), as in the tests
+DEEP_MEMORY = TrainConfig(kind="deep", head="memory", hidden=[16], hidden_pieces=2, pieces=2, epochs=10,
+                          memory_size=500, progress=False)
+
+
+def served(directory, x32, tau):
+    return served_outputs(directory, x32, tau)
+
+
+def _run_both(directory, x32, tau=0.1):
+    """(ONNX outputs, torch outputs)."""
+    torch_out, onnx_out = served_outputs(directory, x32, tau, threads=2)
+    return onnx_out, torch_out
 
 DT = torch.float64
 
@@ -203,9 +206,9 @@ def parity(models: Path) -> list[dict]:
     for name in DEMO_DATA:
         d = models / name / "1"
         model = load_model(d)
-        x32 = _parity_inputs(name, 4096)
+        x32 = parity_inputs(name, 4096)
         got, want = _run_both(d, x32)
-        ties = _calibration_ties(model, x32)
+        ties = calibration_ties(model, x32)
         max_ulp, discrete, ood_rows = 0.0, 0, 0
         for o in outputs_for(model.task):
             a, b = got[o.name], want[o.name]

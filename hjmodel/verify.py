@@ -11,7 +11,67 @@ from . import functional as F
 from .artifact import ONNX_FILE, ServingModule, load_model
 from .serving import outputs_for
 
-__all__ = ["verify"]
+__all__ = ["DEMO_DATA", "OOD_OUTPUTS", "calibration_ties", "parity_inputs", "served_outputs", "verify"]
+
+#: The demo models and the dataset each was trained on (``hjmodel.demo``).
+DEMO_DATA = {"digits_lse": "digits", "digits_memory": "digits", "digits_deep": "digits",
+             "breast_cancer_lse": "breast_cancer", "diabetes_lse": "diabetes"}
+#: Outputs that count calibration scores (rank p-values): they may differ between runtimes only on
+#: rows that tie a stored calibration score (:func:`calibration_ties`).
+OOD_OUTPUTS = ("ood_p_value", "ood_flag", "ood_component", "hallucination_flag")
+
+
+def served_outputs(directory: str | Path, x32, tau: float = 0.1, threads: int = 1) -> tuple[dict, dict]:
+    """(torch ServingModule outputs, ONNX graph outputs (empty without model.onnx)) for float32 rows,
+    both as the server would compute them."""
+    from .artifact import load_serving_module
+    from .serving import onnx_feeds
+
+    directory = Path(directory)
+    x32 = torch.as_tensor(np.asarray(x32, dtype=np.float32))
+    with torch.no_grad():
+        tau_t = torch.full((len(x32), 1), tau, dtype=torch.float64)
+        torch_out = {k: v.numpy() for k, v in load_serving_module(directory)(x32, tau_t).items()}
+    onnx_out: dict = {}
+    if (directory / ONNX_FILE).exists():
+        import onnxruntime as ort
+
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = threads
+        sess = ort.InferenceSession(str(directory / ONNX_FILE), opts, providers=["CPUExecutionProvider"])
+        onnx_out = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, onnx_feeds(sess, x32.numpy(), tau))))
+    return torch_out, onnx_out
+
+
+def calibration_ties(model, x32: np.ndarray) -> np.ndarray:
+    """Rows whose OOD component scores equal (to float64 rounding) a stored normaliser score, or whose
+    combined statistic equals a stored conformal statistic: on such a row the two runtimes' last-bit
+    differences decide a tie and may move the rank p-value (these rows are calibration points)."""
+    ref = model.reference
+    ev = model.evaluate(torch.from_numpy(np.asarray(x32)).double(), outputs=("ood_score",))
+    T = model.combined_statistic(ev.h, ev.log_probs)
+
+    def tie(score: torch.Tensor, table: torch.Tensor) -> np.ndarray:
+        if score.numel() == 0 or table.numel() == 0:
+            return np.zeros(len(x32), dtype=bool)
+        s, t = score.numpy()[:, None], table.numpy()[None, :]
+        return (np.abs(s - t) <= 1e-12 * np.maximum(1.0, np.abs(t))).any(1)
+
+    ambiguity = ev.ambiguity if ev.ambiguity is not None else torch.zeros(0)
+    return tie(ev["ood_score"], ref.norm_unsupported) | tie(ambiguity, ref.norm_ambiguous) | tie(T, ref.combined)
+
+
+def parity_inputs(name: str, n: int) -> np.ndarray:
+    """n rows for demo model ``name``: dataset rows, every other one with Gaussian noise of 0.5 x the
+    feature std, as float32."""
+    from .data import load_dataset
+
+    data = load_dataset(DEMO_DATA[name])
+    rng = np.random.default_rng(n)
+    X = data.X[rng.integers(0, len(data.X), n)]
+    noisy = (np.arange(n) % 2 == 1)[:, None]
+    X = X + noisy * rng.normal(size=X.shape) * 0.5 * data.X.std(0)
+    return X.astype(np.float32)
 
 
 def _inputs(model, n: int, seed: int) -> torch.Tensor:

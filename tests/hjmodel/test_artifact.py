@@ -22,66 +22,21 @@ from hjmodel import (
     load_serving_module,
     read_spec,
     save_artifact,
-    serving,
     train,
 )
 from hjmodel.artifact import ONNX_FILE, SPEC_FILE, TORCH_FILE, model_spec, served_form
 from hjmodel.serving import outputs_for
-from hjmodel.verify import verify
+from hjmodel.verify import DEMO_DATA, OOD_OUTPUTS, served_outputs, verify
+from hjmodel.verify import calibration_ties as _calibration_ties
+from hjmodel.verify import parity_inputs as _parity_inputs
 
 ROOT = Path(__file__).resolve().parents[2]
-DEMO_DATA = {"digits_lse": "digits", "digits_memory": "digits", "digits_deep": "digits",
-             "breast_cancer_lse": "breast_cancer", "diabetes_lse": "diabetes"}
-OOD_OUTPUTS = ("ood_p_value", "ood_flag", "ood_component", "hallucination_flag")
-
-
-# ------------------------------------------------------------------------------------ parity
 
 
 def _run_both(directory: Path, x32: np.ndarray, tau: float = 0.1) -> tuple[dict, dict]:
-    import onnxruntime as ort
-
-    tau_a = np.array([tau], dtype=np.float64)
-    with torch.no_grad():
-        want = {k: v.numpy() for k, v in
-                load_serving_module(directory)(torch.from_numpy(x32), torch.from_numpy(tau_a)).items()}
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = 2
-    sess = ort.InferenceSession(str(directory / ONNX_FILE), opts, providers=["CPUExecutionProvider"])
-    feed = serving.onnx_feeds(sess, x32, tau)
-    got = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, feed)))
+    """(ONNX outputs, torch outputs)."""
+    want, got = served_outputs(directory, x32, tau, threads=2)
     return got, want
-
-
-def _calibration_ties(model, x32: np.ndarray) -> np.ndarray:
-    """Rows whose OOD component scores equal (to float64 rounding) a stored ECDF-normaliser score, or
-    whose combined statistic equals a stored conformal statistic.
-
-    The conformal p-value counts calibration scores >= a row's statistic; on such a row the two
-    runtimes' last-bit differences in the score decide a tie, moving the count (these rows are the
-    calibration points themselves, which the parity inputs deliberately contain)."""
-    ref = model.reference
-    ev = model.evaluate(torch.from_numpy(x32).double(), outputs=("ood_score",))
-    T = model.combined_statistic(ev.h, ev.log_probs)   # compared with the stored statistics (>=)
-
-    def tie(score: torch.Tensor, table: torch.Tensor) -> np.ndarray:
-        if score.numel() == 0 or table.numel() == 0:
-            return np.zeros(x32.shape[0], dtype=bool)
-        s, t = score.numpy()[:, None], table.numpy()[None, :]
-        return (np.abs(s - t) <= 1e-12 * np.maximum(1.0, np.abs(t))).any(1)
-
-    return (tie(ev["ood_score"], ref.norm_unsupported) | tie(ev.ambiguity if ev.ambiguity is not None else torch.zeros(0), ref.norm_ambiguous)
-            | tie(T, ref.combined))
-
-
-def _parity_inputs(name: str, n: int) -> np.ndarray:
-    """n rows: dataset rows (half exact, half with Gaussian noise of 0.5 feature std), float32."""
-    data = load_dataset(DEMO_DATA[name])
-    rng = np.random.default_rng(n)
-    X = data.X[rng.integers(0, len(data.X), n)]
-    noisy = (np.arange(n) % 2 == 1)[:, None]
-    X = X + noisy * rng.normal(size=X.shape) * 0.5 * data.X.std(0)
-    return X.astype(np.float32)
 
 
 @pytest.mark.parametrize("batch", [1, 4096])

@@ -15,10 +15,10 @@ import onnxruntime as ort
 import pytest
 import torch
 from sklearn.datasets import load_digits
-from test_models import DT, pgd_l2
 
 import hjmodel
 from hjmodel import ArtifactError, load_model, load_serving_module
+from hjmodel.attacks import DT, pgd_l2
 from hjmodel.cli import main as cli
 from hjmodel.errors import CalibrationError
 from hjmodel.onnx_import import import_onnx, lse_state_from_onnx

@@ -1,0 +1,174 @@
+"""The attacks hjmodel's certificates are checked with: PGD-L2 with restarts and a minimal-
+perturbation search, in float64 through the same differentiable forward as the served graph.
+
+Public, so the tests, the benchmarks (``bench/hjmodel_eval.py``) and anyone certifying their own
+exported model use one implementation: ``pgd_l2(model, x, radius, decision)`` finds perturbations
+inside the given balls that change the decision (or move a regression output by more than tau);
+``minimal_attack_radius`` grows, then bisects the ball to the smallest radius at which it succeeds.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+from .data import Dataset
+from .models import HJModel
+from .train import TrainConfig, _split
+
+__all__ = ["DT", "SHRINK", "features", "forward_outputs", "friedman", "held_out", "minimal_attack_radius", "pgd_l2"]
+
+DT = torch.float64
+SHRINK = 0.999          #: attack ball radius as a fraction of the certified radius
+
+
+def _group_lse_fast(layer, h: torch.Tensor) -> torch.Tensor:
+    """``LSEGroupLayer.forward`` in O(n M) instead of O(n H M): every piece lies in exactly one
+    group, so the per-group log-sum-exp is a scatter (max-shift detached: it cancels exactly)."""
+    gid = layer.mask.to(torch.long).argmax(0)                       # (M,) group of each piece
+    s = (h @ layer.W.T + layer.b) / layer.eps                       # (n, M)
+    n, H = s.shape[0], layer.mask.shape[0]
+    top = torch.full((n, H), -math.inf, dtype=s.dtype).scatter_reduce(
+        1, gid.expand(n, -1), s.detach(), "amax", include_self=True)
+    e = torch.exp(s - top[:, gid])
+    total = torch.zeros(n, H, dtype=s.dtype).index_add(1, gid, e)
+    return layer.eps * (top + torch.log(total))
+
+
+def features(model: HJModel, x: torch.Tensor) -> torch.Tensor:
+    """``model.features`` (preprocess then body), with the fast group LSE for deep bodies."""
+    h = model.preprocess(x)
+    for layer in model.body:
+        assert bool((layer.mask.sum(0) == 1).all()), "fast path needs a partition of the pieces"
+        h = _group_lse_fast(layer, h)
+    return h
+
+
+def forward_outputs(model: HJModel, x: torch.Tensor) -> torch.Tensor:
+    """Differentiable float64 forward of the served outputs: group LSE values s (lse) or Gibbs
+    averages yhat (memory) -- the quantities whose argmax / values ``HJModel.evaluate`` serves.
+    Built from ``model.preprocess`` / ``model.body`` / ``model.head`` (see :func:`features`; its
+    agreement with ``model.features`` is asserted in the tests)."""
+    h = features(model, x)
+    return model.head.outputs(model.head.preactivations(h))
+
+
+def _objective(model: HJModel, task: str, target: torch.Tensor, sign: torch.Tensor | None, tau: float):
+    """f(x) -> (rows,) to minimise; a row is violated when f < 0 (or, for classification, when the
+    argmax moves). Classification: margin s_c - max_{k != c} s_k. Regression: tau - sign (y_k - y0_k)
+    for the output k and direction sign of the row (K = 1 here; every output is attacked when K > 1
+    through ``target`` rows of shape (rows, K) and ``sign`` (rows, K) one-hot signed)."""
+
+    def f(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        out = forward_outputs(model, x)
+        if task == "classification":
+            own = out.gather(1, target[:, None]).squeeze(1)
+            other = out.scatter(1, target[:, None], -math.inf).amax(1)
+            val = own - other
+            return val, (out.argmax(1) != target) | (val < 0)
+        val = tau - (sign * (out - target)).sum(1)
+        return val, val < 0
+
+    return f
+
+
+def pgd_l2(model: HJModel, x0: torch.Tensor, rho: torch.Tensor, target: torch.Tensor, *,
+           task: str = "classification", tau: float = 0.0, restarts: int = 4, steps: int = 40,
+           seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """PGD-L2 with restarts, vectorised over points x restarts, inside the balls |delta| <= rho.
+
+    Restart 0 starts at x0, the others uniformly inside the ball. Step sizes decay (cosine) from
+    0.32 rho to 0.02 rho. Classification ``target`` is the class (n,); regression ``target`` is the
+    reference output y0 (n, K) and restarts alternate the attacked output and direction.
+
+    Returns (violated (n,) bool, smallest |delta| of a violating iterate (n,) (+inf if none),
+    smallest objective value seen (n,))."""
+    model.requires_grad_(False)
+    n, d = x0.shape
+    gen = torch.Generator().manual_seed(seed)
+    X0 = x0.to(DT).repeat(restarts, 1)
+    P = rho.to(DT).repeat(restarts)[:, None]
+    direction = torch.randn(n * restarts, d, generator=gen, dtype=DT)
+    direction = direction / torch.linalg.vector_norm(direction, dim=1, keepdim=True)
+    radius = torch.rand(n * restarts, 1, generator=gen, dtype=DT) ** (1.0 / d)
+    delta = direction * radius * P
+    delta[:n] = 0.0
+    if task == "classification":
+        tgt, sign = target.repeat(restarts), None
+    else:
+        K = target.shape[1]
+        tgt = target.to(DT).repeat(restarts, 1)
+        r_id = torch.arange(restarts).repeat_interleave(n)
+        sign = torch.zeros(n * restarts, K, dtype=DT)
+        sign[torch.arange(n * restarts), (r_id // 2) % K] = torch.where(r_id % 2 == 0, 1.0, -1.0).to(DT)
+        # restart 0 starts at x0 where |y - y0| = 0: its gradient is fine (signed, not abs)
+    f = _objective(model, task, tgt, sign, tau)
+    best_norm = torch.full((n * restarts,), math.inf, dtype=DT)
+    best_val = torch.full((n * restarts,), math.inf, dtype=DT)
+    for s in range(steps + 1):
+        delta = delta.detach().requires_grad_(True)
+        val, bad = f(X0 + delta)
+        norm = torch.linalg.vector_norm(delta.detach(), dim=1)
+        best_val = torch.minimum(best_val, val.detach())
+        best_norm = torch.where(bad & (norm < best_norm), norm, best_norm)
+        if s == steps:
+            break
+        (g,) = torch.autograd.grad(val.sum(), delta)
+        gn = torch.linalg.vector_norm(g, dim=1, keepdim=True)
+        g = torch.where(gn > 0, g / gn.clamp_min(1e-300), torch.zeros_like(g))
+        step = P * (0.02 + 0.30 * 0.5 * (1.0 + math.cos(math.pi * s / steps)))
+        with torch.no_grad():
+            nxt = delta - step * g
+            nn_ = torch.linalg.vector_norm(nxt, dim=1, keepdim=True)
+            delta = nxt * torch.clamp(P / nn_.clamp_min(1e-300), max=1.0)
+    best_norm = best_norm.view(restarts, n).min(0).values
+    best_val = best_val.view(restarts, n).min(0).values
+    return best_norm < math.inf, best_norm, best_val
+
+
+def minimal_attack_radius(model: HJModel, x0: torch.Tensor, target: torch.Tensor, r_cert: torch.Tensor, *,
+                          task: str = "classification", tau: float = 0.0, restarts: int = 4, steps: int = 40,
+                          bisections: int = 7, seed: int = 0) -> torch.Tensor:
+    """Smallest radius at which the attack finds a violation, per point (+inf if none up to
+    2^10 x the certified radius): grow the ball geometrically until the attack succeeds, then
+    bisect (geometric mean), keeping the norm of the smallest violating perturbation found."""
+    n = x0.shape[0]
+    scale = float(r_cert[r_cert > 0].median()) if bool((r_cert > 0).any()) else 1.0
+    hi = torch.full((n,), math.inf, dtype=DT)
+    lo = torch.where(r_cert > 0, r_cert.to(DT) * SHRINK, torch.zeros(n, dtype=DT))
+    rho = torch.where(r_cert > 0, 2.0 * r_cert.to(DT), torch.full((n,), 0.1 * scale, dtype=DT))
+    for i in range(10):
+        todo = ~(hi < math.inf)
+        if not bool(todo.any()):
+            break
+        ok, nrm, _ = pgd_l2(model, x0[todo], rho[todo], target[todo], task=task, tau=tau, restarts=restarts,
+                            steps=steps, seed=seed + 100 + i)
+        hi[todo] = torch.where(ok, nrm, hi[todo])
+        lo[todo] = torch.where(ok, lo[todo], rho[todo])
+        rho = rho * 2.0
+    for i in range(bisections):
+        todo = hi < math.inf
+        mid = torch.sqrt(lo.clamp_min(1e-12 * scale) * hi)
+        ok, nrm, _ = pgd_l2(model, x0[todo], mid[todo], target[todo], task=task, tau=tau, restarts=restarts,
+                            steps=steps, seed=seed + 200 + i)
+        hi[todo] = torch.where(ok, torch.minimum(nrm, hi[todo]), hi[todo])
+        lo[todo] = torch.where(ok, lo[todo], mid[todo])
+    return hi
+
+
+def held_out(spec_or_model, X: np.ndarray) -> np.ndarray:
+    """Indices of the test split ``train`` used for an artifact (same seed and fractions)."""
+    meta = spec_or_model.meta if isinstance(spec_or_model, HJModel) else spec_or_model
+    cfg = TrainConfig(**meta["provenance"]["train_config"])
+    assert not cfg.exclude_classes
+    return _split(len(X), cfg, np.random.default_rng(cfg.seed))[2]
+
+
+def friedman(n: int = 1500, seed: int = 0) -> Dataset:
+    """A synthetic regression set (scikit-learn's Friedman #1, generated: no download)."""
+    from sklearn.datasets import make_friedman1
+
+    X, y = make_friedman1(n_samples=n, n_features=6, noise=0.3, random_state=seed)
+    return Dataset(X, y, "regression", "friedman1", [], [f"x{i}" for i in range(X.shape[1])])
