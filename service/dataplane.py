@@ -38,6 +38,7 @@ from service.errors import (
     ModelLoadFailed,
     ModelNotReady,
     Overloaded,
+    RequestTimeout,
     UnknownInput,
     UnknownOutput,
     lookup,
@@ -472,9 +473,7 @@ class DataPlane:
                 if options.explains:   # the explanation graph, only for requests that name its outputs
                     started = time.perf_counter()
                     with tracing.span("explain"):
-                        extra = await mv.batcher.run_exclusive(
-                            mv.backend.explain, rows, np.full(len(rows), options.tau),
-                            np.broadcast_to(options.baseline, rows.shape))
+                        extra = await self._explain(mv, rows, options)
                     outputs = {**outputs, **extra}
                     compute_s += time.perf_counter() - started
             except BatcherClosed:
@@ -486,6 +485,22 @@ class DataPlane:
             mv.metrics.record_rows(outputs, mv.task)
             return Prediction(mv, options, outputs, queue_s, compute_s, len(rows))
         raise ModelNotReady(f"model '{name}' was swapped repeatedly during the request; retry")
+
+    async def _explain(self, mv: ModelVersion, rows: np.ndarray, options: InferOptions) -> dict[str, np.ndarray]:
+        """The explanation graph on ``rows``, ``max_batch_size`` rows at a time on the backend's thread
+        (its memory grows with the rows: integrated gradients evaluate every row at a whole path of
+        points), within the request's timeout."""
+        size = self.settings.max_batch_size
+        deadline = time.monotonic() + options.timeout_s
+        parts = []
+        for i in range(0, len(rows), size):
+            if time.monotonic() > deadline:
+                raise RequestTimeout(f"the explanation did not finish within the request timeout of "
+                                     f"{options.timeout_s:g} s ({i} of {len(rows)} rows done)")
+            chunk = rows[i:i + size]
+            parts.append(await mv.batcher.run_exclusive(mv.backend.explain, chunk, np.full(len(chunk), options.tau),
+                                                        np.broadcast_to(options.baseline, chunk.shape)))
+        return parts[0] if len(parts) == 1 else {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
     async def _batches(self, mv: ModelVersion, rows: np.ndarray, options: InferOptions,
                        wait_for_room: bool) -> tuple[dict[str, np.ndarray], float, float]:

@@ -134,3 +134,43 @@ def test_explanations_over_grpc(demo_repository, tmp_path):
         assert result.as_numpy("integrated_gradients").shape == (3, 64)
         assert result.as_numpy("label_flips").dtype == np.int64
         client.close()
+
+
+def test_explanations_run_in_bounded_chunks(demo_repository):
+    """The explanation graph's memory grows with the rows (a path of points per row): it runs
+    max_batch_size rows at a time, and the answer is the same as in one piece."""
+    import asyncio
+
+    from service.dataplane import DataPlane
+    from service.repository import ModelRepository
+    from service.settings import Settings
+    from service.types import InferInput, InferRequest, RequestedOutput
+
+    x = _digits(10, seed=6).astype(np.float32)
+
+    def run(max_batch_size: int):
+        settings = Settings(model_repository=demo_repository, max_batch_size=max_batch_size)
+        plane = DataPlane(settings, ModelRepository(settings))
+        calls = []
+
+        async def main():
+            await plane.start()
+            try:
+                backend = plane.repository.get("digits_deep").backend
+                original = backend.explain
+
+                def counting(rows, tau, baseline):
+                    calls.append(len(rows))
+                    return original(rows, tau, baseline)
+                backend.explain = counting
+                request = InferRequest(inputs=[InferInput("input", "FP32", x.shape, x)],
+                                       outputs=[RequestedOutput("integrated_gradients")])
+                return await plane.infer("digits_deep", None, request)
+            finally:
+                await plane.stop()
+        return asyncio.run(main()).outputs[0].array, calls
+
+    chunked, calls = run(3)
+    whole, one = run(64)
+    assert calls == [3, 3, 3, 1] and one == [10]
+    np.testing.assert_allclose(chunked, whole, rtol=1e-6, atol=1e-6)
