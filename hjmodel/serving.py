@@ -138,12 +138,12 @@ def explain_outputs_for(task: str, kind: str) -> tuple[OutputSpec, ...]:
     return tuple(o for o in EXPLAIN_OUTPUTS if task in o.tasks and kind in _EXPLAIN_KINDS.get(o.name, KINDS))
 
 
+_SPECS = {(task, o.name): o for o in (*OUTPUTS, *EXPLAIN_OUTPUTS) for task in o.tasks}
+
+
 def spec_of(task: str, name: str) -> OutputSpec:
-    """The contract entry of output ``name`` (served or explanation) for ``task``."""
-    for o in (*OUTPUTS, *EXPLAIN_OUTPUTS):
-        if o.name == name and task in o.tasks:
-            return o
-    raise KeyError(name)
+    """The contract entry of output ``name`` (served or explanation) for ``task`` (KeyError if none)."""
+    return _SPECS[(task, name)]
 
 
 @dataclass(frozen=True)
