@@ -165,6 +165,7 @@ class ArtifactSpec:
     alpha: float | None
     support_ids: tuple[Any, ...] | None
     support_labels: tuple[Any, ...] | None
+    input_mean: tuple[float, ...] | None
     raw: Mapping[str, Any]
 
     @property
@@ -209,6 +210,10 @@ class ArtifactSpec:
         if not isinstance(features, list):
             raise ArtifactError(f"{where}: feature_names must be a list")
         ids, labels = spec.get("support_ids"), spec.get("support_labels")
+        mean = spec.get("input_mean")
+        if mean is not None and not (isinstance(mean, list) and len(mean) == spec["n_features"]
+                                     and all(_number(v) and math.isfinite(v) for v in mean)):
+            raise ArtifactError(f"{where}: input_mean must list n_features finite numbers")
         return cls(kind=spec["kind"], task=spec["task"], n_features=int(spec["n_features"]),
                    n_outputs=int(spec["n_outputs"]), eps=float(spec["eps"]), t=float(spec["t"]),
                    top_k_max=int(top), class_names=tuple(str(n) for n in names),
@@ -216,6 +221,7 @@ class ArtifactSpec:
                    alpha=None if alpha is None else float(alpha),
                    support_ids=tuple(ids) if isinstance(ids, list) else None,
                    support_labels=tuple(labels) if isinstance(labels, list) else None,
+                   input_mean=None if mean is None else tuple(float(v) for v in mean),
                    raw=spec)
 
     def outputs(self) -> tuple[OutputSpec, ...]:

@@ -397,7 +397,7 @@ class DataPlane:
         list, or a comma-separated string as gRPC carries it) -> (d,) float32."""
         d = mv.n_features
         if value == "mean":
-            mean = mv.spec.raw.get("input_mean")
+            mean = mv.spec.input_mean
             return np.asarray(mean if mean is not None else np.zeros(d), dtype=np.float32)
         if value == "zeros":
             return np.zeros(d, dtype=np.float32)
