@@ -73,3 +73,21 @@ def test_server_on_each_backend_matches_in_process(hj_repo, tmp_path, backend):
                     _close(result.as_numpy(name), want[name], f"{model}/{name}")
         finally:
             client.close()
+
+
+def test_a_legacy_graph_with_one_tau_per_batch_still_serves_mixed_batches(tmp_path):
+    """Artifacts exported before tau had a batch dimension take one tau per run: a batch of rows with
+    different tau is run once per value, each row answered at its own tolerance."""
+    from svc_helpers import export_tiny
+
+    export_tiny(tmp_path / "legacy" / "1", "regression", seed=3, batched_tau=False)
+    export_tiny(tmp_path / "batched" / "1", "regression", seed=3)
+    legacy = load_backend(tmp_path / "legacy" / "1", preference="onnx", device="cpu")
+    batched = load_backend(tmp_path / "batched" / "1", preference="onnx", device="cpu")
+    x = np.random.default_rng(0).normal(size=(5, 4)).astype(np.float32)
+    tau = np.array([0.1, 0.7, 0.1, 0.3, 0.7])
+    old, new = legacy.infer(x, tau), batched.infer(x, tau)
+    for name in new:
+        np.testing.assert_allclose(old[name], new[name], rtol=1e-6, err_msg=name)
+    radius = old["certified_radius"]
+    assert radius[0] == radius[2] and radius[1] == radius[4] and radius[1] > radius[3] > radius[0]
