@@ -49,14 +49,7 @@ DEEP_MEMORY = TrainConfig(kind="deep", head="memory", hidden=[16], hidden_pieces
                           memory_size=500, progress=False)
 
 
-def served(directory, x32, tau):
-    return served_outputs(directory, x32, tau)
 
-
-def _run_both(directory, x32, tau=0.1):
-    """(ONNX outputs, torch outputs)."""
-    torch_out, onnx_out = served_outputs(directory, x32, tau, threads=2)
-    return onnx_out, torch_out
 
 DT = torch.float64
 
@@ -115,7 +108,7 @@ def soundness(models: Path, work: Path, quick: bool) -> list[dict]:
         if quick:
             x, y = x[:120], y[:120]
         ev = model.evaluate(x, tau=tau)
-        torch_out, onnx_out = served(directory, x.to(torch.float32), tau)
+        torch_out, onnx_out = served_outputs(directory, x.to(torch.float32), tau)
         r = torch.as_tensor(torch_out["certified_radius"], dtype=DT)
         with torch.no_grad():
             y0 = forward_outputs(model, x)
@@ -207,7 +200,7 @@ def parity(models: Path) -> list[dict]:
         d = models / name / "1"
         model = load_model(d)
         x32 = parity_inputs(name, 4096)
-        got, want = _run_both(d, x32)
+        want, got = served_outputs(d, x32, threads=2)
         ties = calibration_ties(model, x32)
         max_ulp, discrete, ood_rows = 0.0, 0, 0
         for o in outputs_for(model.task):

@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -42,6 +43,19 @@ class Preprocess(nn.Module):
     @classmethod
     def identity(cls, d: int) -> Preprocess:
         return cls(torch.zeros(d), torch.eye(d))
+
+    @staticmethod
+    def safe_scale(scale) -> np.ndarray:
+        """Feature scales for standardisation: a scale below 1e-3 x the largest (a constant pixel)
+        is left at 1, so such a feature is centred but never blown up.  (d,) -> (d,)."""
+        sd = np.asarray(scale, dtype=np.float64)
+        return np.where(sd > 1e-3 * max(float(sd.max()), 1e-12), sd, 1.0)
+
+    @classmethod
+    def standardize(cls, mean, scale) -> Preprocess:
+        """z = (x - mean) / scale, with :meth:`safe_scale`."""
+        return cls(torch.as_tensor(np.asarray(mean, dtype=np.float64)),
+                   torch.as_tensor(np.diag(1.0 / cls.safe_scale(scale))))
 
     def forward(self, x: Tensor) -> Tensor:
         return (x - self.mu.to(x.dtype)) @ self.A.to(x.dtype).T

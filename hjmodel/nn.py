@@ -39,12 +39,8 @@ def _preprocess(in_features: int, mean, scale) -> Preprocess:
     """z = (x - mean) / scale (identity when both are None); constant features keep scale 1."""
     if mean is None and scale is None:
         return Preprocess.identity(in_features)
-    mu = torch.zeros(in_features, dtype=torch.float64) if mean is None else torch.as_tensor(
-        np.asarray(mean, dtype=np.float64))
-    sd = torch.ones(in_features, dtype=torch.float64) if scale is None else torch.as_tensor(
-        np.asarray(scale, dtype=np.float64))
-    sd = torch.where(sd > 1e-3 * max(float(sd.max()), 1e-12), sd, torch.ones_like(sd))
-    return Preprocess(mu, torch.diag(1.0 / sd))
+    return Preprocess.standardize(np.zeros(in_features) if mean is None else mean,
+                                  np.ones(in_features) if scale is None else scale)
 
 
 class LSELayer(LSEGroupLayer):

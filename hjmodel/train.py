@@ -74,8 +74,7 @@ def _fit_preprocess(X: np.ndarray, cfg: TrainConfig) -> Preprocess:
     mu = X.mean(0)
     if cfg.preprocess == "none":
         return Preprocess(torch.as_tensor(np.zeros_like(mu)), torch.eye(X.shape[1], dtype=torch.float64))
-    sd = X.std(0)
-    sd = np.where(sd > 1e-3 * max(sd.max(), 1e-12), sd, 1.0)  # constant pixels: leave unscaled
+    sd = Preprocess.safe_scale(X.std(0))   # constant pixels: centred, left unscaled
     A = np.diag(1.0 / sd)
     if cfg.preprocess == "pca":
         Z = (X - mu) / sd

@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 from . import functional as F
-from .artifact import ONNX_FILE, ServingModule, load_model
+from .artifact import ONNX_FILE, load_model
 from .serving import outputs_for
 
 __all__ = ["DEMO_DATA", "OOD_OUTPUTS", "calibration_ties", "parity_inputs", "served_outputs", "verify"]
@@ -96,16 +96,9 @@ def verify(path: str | Path, n: int = 256, seed: int = 0) -> dict:
         thm41 = float(((u - ((h * h).sum(-1) / (4 * head.t) - f)).abs() / scale).max())
     report: dict = {"artifact": str(path), "n": n, "theorem_4_1_max_rel_error": thm41,
                     "theorem_4_1_ok": thm41 < 1e-10}
-    onnx_path = path / ONNX_FILE if path.is_dir() else path.parent / ONNX_FILE
-    if onnx_path.exists():
-        import onnxruntime as ort
-
-        sess = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
-        xf = x.to(torch.float32)
-        tau = np.full((n, 1), 0.1)
-        feed = {i.name: (xf.numpy() if i.name == "input" else tau) for i in sess.get_inputs()}
-        got = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, feed)))
-        want = {k: v.numpy() for k, v in ServingModule(model)(xf, torch.as_tensor(tau)).items()}
+    directory = path if path.is_dir() else path.parent
+    if (directory / ONNX_FILE).exists():
+        want, got = served_outputs(directory, x.to(torch.float32), 0.1)
         parity = {}
         for spec in outputs_for(model.task):
             a, b = got[spec.name], want[spec.name]

@@ -93,7 +93,8 @@ class InferOptions:
 
     @property
     def explains(self) -> bool:
-        return any(name in _EXPLAIN_NAMES for name in self.outputs)
+        """Whether an explanation output is asked for (the baseline is resolved exactly then)."""
+        return self.baseline is not None
 
 
 @dataclass(frozen=True)

@@ -26,15 +26,15 @@ class OnnxBackend:
         self._explain = explain_session
         self.device = device
         self._output_names = [o.name for o in session.get_outputs()]
+        # a graph exported before tau had a batch dimension takes one tau per run
+        self._tau_per_run = any(i.name == "tau" and len(i.shape) == 1 for i in session.get_inputs())
         self.explain_outputs = tuple(o.name for o in explain_session.get_outputs()) if explain_session else ()
         meta = session.get_modelmeta().custom_metadata_map
         self.metadata: dict[str, str] = dict(meta)
 
     def infer(self, input: np.ndarray, tau: np.ndarray) -> dict[str, np.ndarray]:
         tau = np.asarray(tau, dtype=np.float64).reshape(-1)
-        try:
-            feeds = serving.onnx_feeds(self._session, input, tau)
-        except ValueError:   # a graph of one tau per batch (exported before tau was batched): per value
+        if self._tau_per_run and len(np.unique(tau)) > 1:   # legacy graph: one run per tau value
             parts = [(tau == value, self.infer(input[tau == value], tau[tau == value])) for value in np.unique(tau)]
             out = {name: np.empty((len(input), *v.shape[1:]), dtype=v.dtype) for name, v in parts[0][1].items()}
             for mask, values in parts:
@@ -42,7 +42,7 @@ class OnnxBackend:
                     out[name][mask] = v
             return out
         try:
-            values = self._session.run(self._output_names, feeds)
+            values = self._session.run(self._output_names, serving.onnx_feeds(self._session, input, tau))
         except Exception as exc:  # onnxruntime raises its own pybind11 exception types
             raise BackendError(f"onnxruntime failed: {exc}") from None
         return dict(zip(self._output_names, values, strict=True))

@@ -33,12 +33,6 @@ from hjmodel.verify import parity_inputs as _parity_inputs
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def _run_both(directory: Path, x32: np.ndarray, tau: float = 0.1) -> tuple[dict, dict]:
-    """(ONNX outputs, torch outputs)."""
-    want, got = served_outputs(directory, x32, tau, threads=2)
-    return got, want
-
-
 @pytest.mark.parametrize("batch", [1, 4096])
 @pytest.mark.parametrize("name", list(DEMO_DATA))
 def test_onnx_matches_torch_on_every_output(name, batch, demo_repository):
@@ -53,7 +47,7 @@ def test_onnx_matches_torch_on_every_output(name, batch, demo_repository):
     directory = demo_repository / name / "1"
     model = load_model(directory)
     x32 = _parity_inputs(name, batch)
-    got, want = _run_both(directory, x32)
+    want, got = served_outputs(directory, x32, threads=2)
     specs = outputs_for(model.task)
     assert sorted(got) == sorted(want) == sorted(o.name for o in specs)
     ties = (_calibration_ties(model, x32) if any((got[k] != want[k]).any() for k in OOD_OUTPUTS)

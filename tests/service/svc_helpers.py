@@ -24,10 +24,6 @@ def export_tiny(path: Path, task: str = "classification", seed: int = 0, batched
         tiny_model.export(path, task, seed, batched_tau)
 
 
-
-
-
-
 def reference_outputs(version_dir: Path, x, tau: float = 0.1) -> dict:
     """Every contract output computed in-process on the same artifact: hjmodel's serving module
     when the version has a torch artifact, else the ONNX graph itself (the tiny fixture)."""
@@ -57,7 +53,6 @@ def train_artifact(dataset: str, version_dir: Path, kind: str = "lse") -> Path:
                                                             memory_size=100))
         save_artifact(model, version_dir)
     return version_dir
-
 
 
 def metric_value(text: str, name: str, **labels: str) -> float:

@@ -174,3 +174,40 @@ def test_explanations_run_in_bounded_chunks(demo_repository):
     whole, one = run(64)
     assert calls == [3, 3, 3, 1] and one == [10]
     np.testing.assert_allclose(chunked, whole, rtol=1e-6, atol=1e-6)
+
+
+def test_a_slow_explanation_ends_at_the_request_timeout(demo_repository):
+    """The explanation graph runs chunk by chunk within the request's timeout: past it the request
+    fails with a 504-class RequestTimeout saying how far it got, instead of running on."""
+    import asyncio
+    import time
+
+    from service.dataplane import DataPlane
+    from service.errors import RequestTimeout
+    from service.repository import ModelRepository
+    from service.settings import Settings
+    from service.types import InferInput, InferRequest, RequestedOutput
+
+    settings = Settings(model_repository=demo_repository, max_batch_size=1)
+    plane = DataPlane(settings, ModelRepository(settings))
+    x = _digits(4, seed=7).astype(np.float32)
+
+    async def main():
+        await plane.start()
+        try:
+            backend = plane.repository.get("digits_lse").backend
+            original = backend.explain
+
+            def slow(rows, tau, baseline):
+                time.sleep(0.3)
+                return original(rows, tau, baseline)
+            backend.explain = slow
+            request = InferRequest(inputs=[InferInput("input", "FP32", x.shape, x)],
+                                   outputs=[RequestedOutput("integrated_gradients")],
+                                   parameters={"timeout": 400_000})   # 0.4 s
+            return await plane.infer("digits_lse", None, request)
+        finally:
+            await plane.stop()
+
+    with pytest.raises(RequestTimeout, match=r"explanation did not finish .* \([12] of 4 rows done\)"):
+        asyncio.run(main())

@@ -248,3 +248,37 @@ def test_load_failures_do_not_show_host_paths(gserver, tiny_repo):
     with gserver.client() as http:
         reason = http.get("/v2/models/broken").json()["error"]
     assert "<repository>/broken/1/model.onnx" in reason and str(tiny_repo) not in reason
+
+
+def test_an_unexpected_failure_is_internal_and_never_a_stack_trace(tiny_repo):
+    """A bug in a handler (not a core error) answers INTERNAL with a fixed message and its
+    error-type trailer; the exception stays in the server log."""
+    from service.dataplane import DataPlane
+    from service.grpc.server import GRPCServer
+    from service.repository import ModelRepository
+    from service.settings import Settings
+
+    class Aborted(Exception):
+        pass
+
+    class Context:
+        def invocation_metadata(self):
+            return ()
+
+        async def send_initial_metadata(self, metadata):
+            pass
+
+        async def abort(self, code, details, trailing):
+            self.code, self.details, self.trailing = code, details, dict(trailing)
+            raise Aborted
+
+    async def broken(request, context):
+        raise RuntimeError("secret internals")
+
+    settings = Settings(model_repository=tiny_repo)
+    server = GRPCServer(DataPlane(settings, ModelRepository(settings)), "127.0.0.1", 0)
+    context = Context()
+    with pytest.raises(Aborted):
+        asyncio.run(server._wrap("ServerLive", broken, "none")(pb.ServerLiveRequest(), context))
+    assert context.code == grpc.StatusCode.INTERNAL and context.details == "internal server error"
+    assert context.trailing == {"error-type": "internal_error"}
