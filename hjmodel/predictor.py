@@ -19,7 +19,16 @@ from typing import Any
 
 import numpy as np
 
-from .serving import DEFAULT_OUTPUTS, ONNX_FILE, TOP_K_MAX, onnx_feeds, output_names, select_outputs
+from .serving import (
+    DEFAULT_OUTPUTS,
+    NUMPY_DTYPES,
+    ONNX_FILE,
+    TOP_K_MAX,
+    onnx_feeds,
+    output_names,
+    select_outputs,
+    spec_of,
+)
 
 __all__ = ["Predictor"]
 
@@ -41,7 +50,7 @@ class Predictor:
 
         self.artifact = str(artifact)
         spec = read_artifact_spec(self.artifact)
-        self.task, self.n_features = spec.task, spec.n_features
+        self.task, self.n_features, self.n_outputs = spec.task, spec.n_features, spec.n_outputs
         self.class_names = spec.class_names
         self.feature_columns = list(feature_columns) if feature_columns is not None else list(spec.feature_names)
         names = output_names(spec.task)
@@ -116,8 +125,10 @@ class Predictor:
             raise ValueError(f"rows must have shape (n, {self.n_features}), got {x.shape}")
         if not np.isfinite(x).all():
             raise ValueError("rows contain NaN or infinite values")
-        if len(x) == 0:
-            return {name: np.zeros((0,)) for name in self.outputs}
+        if len(x) == 0:   # no rows: empty columns of the contract's shapes and dtypes
+            sizes = {"d": self.n_features, "K": self.n_outputs, "k": self.top_k}
+            return {name: np.zeros((0, *(sizes[s] for s in spec.row_shape)), dtype=NUMPY_DTYPES[spec.datatype])
+                    for name in self.outputs for spec in (spec_of(self.task, name),)}
         raw = self._run(x.astype(np.float32))
         out = select_outputs(self.task, raw, self.outputs, self.top_k)
         if self.class_names:

@@ -80,6 +80,10 @@ def test_predictor_batches_keep_other_columns(artifact, rows):
     np.testing.assert_array_equal(out["prediction"].to_numpy(), as_dict["prediction"].tolist() + [out["prediction"][5]])
     with pytest.raises(ValueError, match="shape"):
         predictor.predict(rows[:3, :10])
+    empty = Predictor(artifact, outputs="all", top_k=3).predict(rows[:0])
+    full = Predictor(artifact, outputs="all", top_k=3).predict(rows[:2])
+    assert {k: (v.shape[1:], v.dtype) for k, v in empty.items()} == \
+        {k: (v.shape[1:], v.dtype) for k, v in full.items() if k != "class"}
     with pytest.raises(ValueError, match="NaN"):
         predictor.predict(np.full((2, 64), np.nan))
     with pytest.raises(ValueError, match="unknown output"):
