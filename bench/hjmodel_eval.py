@@ -182,7 +182,7 @@ def ood(quick: bool) -> list[dict]:
             for r in range(5 if quick else 20):
                 perm = torch.randperm(len(pool), generator=torch.Generator().manual_seed(r))
                 half = len(pool) // 2
-                calibrate(m2, torch.as_tensor(sp["train"]), pool[perm[:half]], None, replace(cfg, seed=r, alpha=alpha))
+                calibrate(m2, torch.as_tensor(sp["train"]), pool[perm[:half]], replace(cfg, seed=r, alpha=alpha))
                 rates.append(float(m2.evaluate(pool[perm[half:]], outputs=("ood_flag",))["ood_flag"].double().mean()))
                 dead += float(m2.evaluate(noise, outputs=("ood_flag",))["ood_flag"].double().mean()) < 0.5
             fpr[alpha] = (np.mean(rates), np.std(rates), len(rates), dead, len(pool) - len(pool) // 2)

@@ -101,6 +101,7 @@ def _state(model: HJModel) -> dict[str, Tensor]:
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     ref = model.reference
     state["reference.points"] = ref.points
+    state["reference.labels"] = ref.labels
     state["reference.norm_unsupported"] = ref.norm_unsupported
     state["reference.norm_ambiguous"] = ref.norm_ambiguous
     state["reference.combined"] = ref.combined
@@ -140,6 +141,8 @@ def _model_from(spec: dict, state: dict[str, Tensor], where: str) -> HJModel:
         cal = spec["calibration"]
         ref = OODReference(points=get("reference.points", 2), t=float(cal["reference_t"]),
                            eps=float(cal["reference_eps"]), alpha=float(cal["alpha"]),
+                           labels=get("reference.labels", 1) if "reference.labels" in state
+                           else torch.zeros(0, dtype=torch.long),   # artifacts before class-conditional u
                            norm_unsupported=get("reference.norm_unsupported", 1),
                            norm_ambiguous=get("reference.norm_ambiguous", 1),
                            combined=get("reference.combined", 1),
@@ -160,6 +163,11 @@ def _model_from(spec: dict, state: dict[str, Tensor], where: str) -> HJModel:
     ins = [layer.W.shape[1] for layer in body] + [head.W.shape[1]]
     if dims != ins or ref.points.shape[1] != dims[-1]:
         raise ArtifactError(f"{where}: layer dimensions do not chain ({dims} vs {ins})")
+    labels = ref.labels
+    if labels.numel() and (labels.shape[0] != ref.points.shape[0] or labels.is_floating_point()
+                           or int(labels.min()) < 0 or int(labels.max()) >= model.n_outputs):
+        raise ArtifactError(f"{where}: reference labels must be one class index in [0, {model.n_outputs}) "
+                            f"per reference point")
     return model
 
 

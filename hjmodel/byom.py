@@ -79,7 +79,7 @@ def export(network, calibration_data, out: str | Path, *, reference_data=None, t
         X_cal, y_cal = X, y
     model.refresh()
     cfg = TrainConfig(kind=model.kind, alpha=alpha, reference_size=reference_size, seed=seed, progress=False)
-    calibrate(model, X_ref, X_cal, y_cal if model.task == "classification" else None, cfg)
+    calibrate(model, X_ref, X_cal, cfg)
     metrics = {"alpha": alpha, "n_reference": int(len(X_ref)), "n_calibration": int(len(X_cal))}
     if y_cal is not None:
         metrics.update({f"calibration_{k}": v for k, v in evaluate_metrics(model, X_cal, y_cal, model.task).items()})

@@ -154,17 +154,21 @@ class GibbsHead(nn.Module):
 class OODReference:
     """Reference measure of the OOD score and its split-conformal calibration (DESIGN section 3).
 
-    points: (M, p) in-distribution support points in the head's feature space; the score is the
-    Hopf-Cole value over them in diffusion units, u/eps = -log mean_j exp(-|h - y_j|^2 / (4 t eps)).
+    points: (M, p) in-distribution support points in the head's feature space, ``labels`` (M,) the
+    class the model assigns each (classification; empty: none); the score is the Hopf-Cole value
+    over the points of the row's decided class, in diffusion units, u/eps = -log mean_{j in c}
+    exp(-|h - y_j|^2 / (4 t eps)), with the gauge t chosen by leave-one-out likelihood.
     ``norm_*``: sorted component scores of the training split (u leave-one-out: a reference point's
-    own term removed), against which each component's rank p-value is taken; ``combined``: sorted
-    combined statistics T = -log min(p_u, p_a) of the whole calibration split, against which the
-    served split-conformal p-value is taken (see :meth:`HJModel._conformal`)."""
+    own term removed), against which each component's rank p-value is taken (an empty
+    ``norm_ambiguous``: the gate has the one component u); ``combined``: sorted combined statistics
+    T of the conformal calibration rows, against which the served split-conformal p-value is taken
+    (see :meth:`HJModel._conformal`)."""
 
     points: Tensor
     t: float
     eps: float
     alpha: float = 0.05
+    labels: Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.long))
     norm_unsupported: Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.float64))
     norm_ambiguous: Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.float64))
     combined: Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.float64))
@@ -456,26 +460,41 @@ class HJModel(nn.Module):
             radii.append(torch.where(never, torch.full_like(r, math.inf), r).min(-1).values)
         return torch.minimum(radii[0], radii[1])
 
-    def ood_unsupported(self, h: Tensor, leave_out: Tensor | None = None) -> Tensor:
-        """u/eps over the reference measure: -log mean_j exp(-|h - y_j|^2/(4 t eps)).  -> (n,).
+    def ood_unsupported(self, h: Tensor, classes: Tensor | None = None, leave_out: Tensor | None = None) -> Tensor:
+        """The OOD score u/eps: the Hopf-Cole value over the reference points of the row's class, in
+        diffusion units, -log mean_{j: label_j = c_i} exp(-|h_i - y_j|^2 / (4 t eps)).  -> (n,).
 
-        ``leave_out`` (n,): row i's own reference point (its position, -1: none) is left out and the
-        mean taken over the other M - 1 points -- the exact leave-one-out score of a training row."""
+        ``classes`` (n,): the class each row is scored against (the model's decision: the soft
+        distance to the class the model claims); None, or a reference without labels (regression,
+        legacy artifacts): every reference point. A class with no reference point falls back to all.
+        ``leave_out`` (n,): row i's own reference point (its position, -1: none) is left out -- the
+        exact leave-one-out score of a training row."""
         ref = self.reference
         pts = ref.points.to(h.dtype)
         M = pts.shape[0]
-        g = torch.full((M,), ref.eps * math.log(M), dtype=h.dtype)
-        u = F.hopf_cole_value(h, pts, g, ref.t, ref.eps, exclude=leave_out) / ref.eps
-        if leave_out is None or M < 2:
-            return u
-        return u + (leave_out >= 0).to(h.dtype) * math.log((M - 1) / M)   # mean over M - 1 points
+        member = None
+        if classes is not None and ref.labels.numel():
+            member = ref.labels.unsqueeze(0) == classes.unsqueeze(-1)                      # (n, M)
+            member = member | ~member.any(-1, keepdim=True)
+        if leave_out is not None and M > 1:
+            own = torch.arange(M).unsqueeze(0) == leave_out.unsqueeze(-1)
+            member = ~own if member is None else member & ~own
+        g = torch.zeros(M, dtype=h.dtype)
+        u = F.hopf_cole_value(h, pts, g, ref.t, ref.eps, mask=member) / ref.eps
+        if member is None:                                  # -log of the mean, not of the sum
+            return u + math.log(M)
+        return u + torch.log(member.to(h.dtype).sum(-1))
 
     def _ood_components(self, h: Tensor, log_probs: Tensor | None):
-        """(unsupported component = the OOD score u/eps, ambiguous component or None).
+        """(unsupported component = the OOD score u/eps against the decided class, ambiguous component
+        or None).
 
         The ambiguous component is log(1 - max_k p_k), computed as the log-sum-exp of the other
-        classes' log-probabilities: a monotone map of 1 - max prob that does not saturate at 0."""
-        score = self.ood_unsupported(h)
+        classes' log-probabilities: a monotone map of 1 - max prob that does not saturate at 0. It
+        takes part in the gate only for artifacts that stored its normaliser (see
+        :func:`hjmodel.train.calibrate`)."""
+        classes = None if log_probs is None else log_probs.argmax(-1)
+        score = self.ood_unsupported(h, classes)
         return score, (None if log_probs is None else F.ambiguity(log_probs))
 
     def _conformal(self, comp_u: Tensor, comp_a: Tensor | None) -> tuple[Tensor, Tensor]:

@@ -63,13 +63,15 @@ OUTPUTS: tuple[OutputSpec, ...] = (
     OutputSpec("certified_radius", "FP32", (), ("classification", "regression"),
                "L2 radius (raw input space) within which the decision (or each output within tau) cannot change"),
     OutputSpec("ood_score", "FP32", (), ("classification", "regression"),
-               "Hopf-Cole value u over the reference measure, in diffusion units"),
+               "Hopf-Cole value u over the reference points of the decided class, in diffusion units "
+               "(a soft distance to the class the model claims)"),
     OutputSpec("ood_flag", "BOOL", (), ("classification", "regression"),
                "input flagged out-of-distribution at the calibrated false-positive rate alpha"),
     OutputSpec("ood_p_value", "FP32", (), ("classification", "regression"),
-               "split-conformal p-value of the combined OOD statistic"),
+               "split-conformal p-value of the OOD score among the calibration rows"),
     OutputSpec("ood_component", "INT64", (), ("classification", "regression"),
-               "component with the larger calibrated score: 0 unsupported (u), 1 ambiguous (1 - max prob)"),
+               "component that decided: 0 unsupported (u); 1 ambiguous (1 - max prob) only from artifacts "
+               "calibrated with that component (before the one-component gate)"),
     OutputSpec("hallucination_flag", "BOOL", (), ("classification", "regression"),
                "unsupported by the data AND in the single-neuron extrapolation regime (Prop 8.5)"),
     OutputSpec("energy_gap", "FP32", (), ("classification", "regression"),

@@ -213,8 +213,7 @@ def train(data: Dataset, cfg: TrainConfig | None = None) -> tuple[HJModel, Train
         if task == "regression":
             _fold_target_scale(model, y_mean, y_std)
     model.refresh()
-    support = loo["pos_of"][tr_t] if loo["pos_of"] is not None else None
-    calibrate(model, X[tr], X[ca], y_all[ca] if task == "classification" else None, cfg, support)
+    calibrate(model, X[tr], X[ca], cfg)
     metrics = evaluate_metrics(model, X[te], y_all[te], task)
     metrics["ood_false_flag_rate_test"] = float(model.evaluate(X[te], outputs=("ood_flag",))["ood_flag"]
                                                 .double().mean())
@@ -277,59 +276,48 @@ def _fold_target_scale(model: HJModel, mean: np.ndarray, std: np.ndarray) -> Non
     head.eps *= s
 
 
-def calibrate(model: HJModel, X_train: torch.Tensor, X_cal: torch.Tensor, y_cal: np.ndarray | None,
-              cfg: TrainConfig, support_positions: torch.Tensor | None = None) -> None:
+def calibrate(model: HJModel, X_train: torch.Tensor, X_cal: torch.Tensor, cfg: TrainConfig) -> None:
     """Fit the OOD reference measure and the gate's calibration (DESIGN section 4).
 
-    * reference measure: up to ``reference_size`` training points' features;
-    * normalisers: u of every training row, leave-one-out (a point of the reference measure has its
-      own term removed: exact, O(M) per row); the ambiguity of every training row with its own
-      support term removed for memory heads (``support_positions[i]``: the position of training
-      row i among the head's support points, -1 if none), else of half the calibration split (a
-      trained head is overconfident on its own training rows) -- unless the other half would be too
-      small to reach alpha, then of the training rows too;
-    * conformal statistics: the combined statistic of every calibration row not used above (the
-      whole split for memory heads and regression).
+    * reference measure: up to ``reference_size`` training points' features, each labelled with the
+      class the model assigns it (classification), and the gauge t that maximises their
+      leave-one-out likelihood (:func:`functional.likelihood_gauge`, a grid of ``GAUGE_GRID`` times
+      eps/4);
+    * normaliser: u of every training row against its decided class, leave-one-out (a point of the
+      reference measure has its own term removed: exact, O(M) per row);
+    * conformal statistics: the statistic T of every calibration row.
 
-    The normalisers only shape the statistic; validity rests on the calibration split alone (see
-    ``HJModel._conformal``). Raises CalibrationError (a ValueError) when alpha is below the
-    smallest p-value the conformal rows can produce: such a gate could never fire."""
+    The gate has one component, u: with it, T is a strictly increasing function of u, so the served
+    p-value is u's conformal rank among the calibration rows, valid for exchangeable inputs. (The
+    ambiguity component of earlier versions needed half the calibration split for its own
+    normaliser and lowered the AUROC on covariate shifts; ``eval/OOD_BATTERY.md`` has the
+    measurements.) Raises CalibrationError (a ValueError) when alpha is below the smallest p-value
+    the calibration rows can produce: such a gate could never fire."""
     n_cal = int(X_cal.shape[0])
+    _check_alpha(cfg.alpha, n_cal)
     gen = torch.Generator().manual_seed(cfg.seed + 1)
     with torch.no_grad():
-        H_tr = model.features(X_train.to(torch.float64))
+        tr = model.evaluate(X_train.to(torch.float64), outputs=())   # the forward trace only
+        H_tr = tr.h
+        classes = tr.log_probs.argmax(-1) if tr.log_probs is not None else None
         chosen = torch.randperm(H_tr.shape[0], generator=gen)[:cfg.reference_size]
         pts = H_tr[chosen]
+        labels = classes[chosen] if classes is not None else torch.zeros(0, dtype=torch.long)
         h = F.eps_star(pts)
-        model.reference = OODReference(points=pts.clone(), t=h / 4.0, eps=h, alpha=cfg.alpha)
+        t = F.likelihood_gauge(pts, labels if classes is not None else None, h, h / 4.0 * GAUGE_GRID)
+        model.reference = OODReference(points=pts.clone(), t=t, eps=h, alpha=cfg.alpha, labels=labels.clone())
         ref = model.reference
         own = torch.full((H_tr.shape[0],), -1, dtype=torch.long)
         own[chosen] = torch.arange(len(chosen))
-        loo_u = [model.ood_unsupported(H_tr[i:i + 2048], own[i:i + 2048]) for i in range(0, H_tr.shape[0], 2048)]
+        loo_u = [model.ood_unsupported(H_tr[i:i + 2048], None if classes is None else classes[i:i + 2048],
+                                       own[i:i + 2048]) for i in range(0, H_tr.shape[0], 2048)]
         ref.norm_unsupported = torch.sort(torch.cat(loo_u)).values
-        out = model.evaluate(X_cal, outputs=())   # the forward trace only: h and log-probabilities
-        log_probs = out.log_probs
-        conformal = torch.arange(n_cal)
-        if log_probs is not None:   # classification: the ambiguity component's normaliser
-            held_out = support_positions is None and cfg.alpha * (1 + n_cal - n_cal // 2) >= 1.0
-            if not held_out:
-                # memory heads: every training row's ambiguity with its own support term removed
-                # (exact leave-one-out, as in training), so the whole calibration split stays
-                # conformal. A split too small to halve at this alpha also normalises on the
-                # training rows (biased low for a trained head: it only shapes T, validity holds)
-                a = model.head.preactivations(H_tr)
-                if support_positions is not None:
-                    a = _leave_out(a, support_positions)
-                ref.norm_ambiguous = torch.sort(F.ambiguity(model.head.log_probabilities(a))).values
-            else:
-                # a trained head is overconfident on its own training rows: normalise on held-out
-                # rows (half the calibration split), compute the conformal statistics on the rest
-                perm = torch.randperm(n_cal, generator=gen)
-                normaliser, conformal = perm[: n_cal // 2], perm[n_cal // 2:]
-                ref.norm_ambiguous = torch.sort(F.ambiguity(log_probs[normaliser])).values
-        _check_alpha(cfg.alpha, len(conformal))
-        T = model.combined_statistic(out.h[conformal], log_probs[conformal] if log_probs is not None else None)
-        ref.combined = torch.sort(T).values
+        out = model.evaluate(X_cal, outputs=())
+        ref.combined = torch.sort(model.combined_statistic(out.h, out.log_probs)).values
+
+
+#: multiples of eps/4 (the gauge of earlier versions) that :func:`calibrate` searches for t
+GAUGE_GRID = torch.logspace(-4, 1, 41, dtype=torch.float64)
 
 
 def _check_alpha(alpha: float, n: int) -> None:

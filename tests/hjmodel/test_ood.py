@@ -105,7 +105,7 @@ def _recalibrated_rates(ood_setup, alpha: float, repeats: int = 10):
     for r in range(repeats):
         perm = torch.randperm(len(pool), generator=torch.Generator().manual_seed(r))
         half = len(pool) // 2
-        calibrate(model, train_x, pool[perm[:half]], None, replace(cfg, seed=r, alpha=alpha))
+        calibrate(model, train_x, pool[perm[:half]], replace(cfg, seed=r, alpha=alpha))
         n_conf = model.reference.combined.numel()
         rates.append(float(model.evaluate(pool[perm[half:]], outputs=("ood_flag",))["ood_flag"].double().mean()))
         noise_rates.append(float(model.evaluate(noise, outputs=("ood_flag",))["ood_flag"].double().mean()))
@@ -195,18 +195,43 @@ def test_unreachable_alpha_is_refused_at_training():
 
 def test_leave_one_out_score_is_the_score_without_that_reference_point(ood_setup):
     """The u normaliser's leave-one-out scores: recomputed over a reference measure that lacks the
-    row's own point, they agree to float64 rounding."""
+    row's own point, they agree to float64 rounding -- against the row's own class and against all."""
     model, *_ = ood_setup
     model = copy.deepcopy(model)
-    pts = model.reference.points
+    ref = model.reference
+    pts, labels = ref.points, ref.labels
+    assert labels.shape == (pts.shape[0],)
     rows = torch.arange(0, pts.shape[0], max(1, pts.shape[0] // 25))
-    got = model.ood_unsupported(pts[rows], rows)
-    for k, j in enumerate(rows.tolist()):
-        trimmed = copy.deepcopy(model)
-        trimmed.reference.points = torch.cat([pts[:j], pts[j + 1:]])
-        want = trimmed.ood_unsupported(pts[j:j + 1])[0]
-        assert abs(float(got[k] - want)) <= 1e-10 * max(1.0, abs(float(want))), (j, float(got[k]), float(want))
-    assert torch.equal(model.ood_unsupported(pts[:3], torch.full((3,), -1)), model.ood_unsupported(pts[:3]))
+    for classes in (labels[rows], None):
+        got = model.ood_unsupported(pts[rows], classes, rows)
+        for k, j in enumerate(rows.tolist()):
+            trimmed = copy.deepcopy(model)
+            keep = torch.arange(pts.shape[0]) != j
+            trimmed.reference.points, trimmed.reference.labels = pts[keep], labels[keep]
+            want = trimmed.ood_unsupported(pts[j:j + 1], None if classes is None else classes[k:k + 1])[0]
+            assert abs(float(got[k] - want)) <= 1e-10 * max(1.0, abs(float(want))), (j, float(got[k]), float(want))
+    none = torch.full((3,), -1)
+    assert torch.equal(model.ood_unsupported(pts[:3], labels[:3], none), model.ood_unsupported(pts[:3], labels[:3]))
+
+
+def test_ood_score_is_the_soft_distance_to_the_decided_class(ood_setup):
+    """u/eps of a row equals -log mean exp(-|h - y_j|^2/(4 t eps)) over the reference points of the
+    class the model decided, computed here point by point in float64; a row whose class has no
+    reference point is scored against all of them."""
+    model, *_ = ood_setup
+    ref = model.reference
+    X = torch.as_tensor(np.random.default_rng(4).uniform(0, 16, (12, model.n_features)))
+    ev = model.evaluate(X, outputs=("ood_score", "prediction"))
+    for i in range(X.shape[0]):
+        sel = ref.points[ref.labels == ev.decision[i]]
+        d2 = ((ev.h[i] - sel) ** 2).sum(-1)
+        want = -(torch.logsumexp(-d2 / (4 * ref.t * ref.eps), 0) - math.log(len(sel)))
+        assert abs(float(ev["ood_score"][i] - want)) <= 1e-9 * max(1.0, abs(float(want)))
+    lonely = copy.deepcopy(model)
+    lonely.reference.labels = torch.zeros_like(ref.labels)            # every point in class 0
+    h = ev.h[:4]
+    everyone = lonely.ood_unsupported(h, torch.ones(4, dtype=torch.long))
+    assert torch.allclose(everyone, lonely.ood_unsupported(h), rtol=1e-12, atol=0)
 
 
 def test_surprisal_orders_within_a_rank_level_and_never_across():
