@@ -74,7 +74,7 @@ def _theirs(det: Detectors, fitted: dict, X: np.ndarray, energy, msp) -> dict[st
     energy and max-softmax on the same class log-scores the battery uses."""
     h = det.model.features(torch.as_tensor(np.asarray(X, dtype=np.float32)).double())
     logits, _ = det.class_scores(h)
-    out = {name: d.predict_features(h).double().numpy() for name, d in fitted.items()}
+    out = {name: d.predict_features(h.float()).double().numpy() for name, d in fitted.items()}   # its float32
     out["energy"] = energy.score(logits).numpy()
     out["MSP"] = msp.score(logits).numpy()
     return out
@@ -103,9 +103,9 @@ def main() -> int:
         det = Detectors(model, X[sp["train"]], y[sp["train"]])
         with torch.no_grad():
             H_tr = model.features(torch.as_tensor(X[sp["train"]]))
-        theirs = {"Mahalanobis": Mahalanobis(None).fit_features(H_tr, torch.as_tensor(y[sp["train"]])),
-                  "1-NN": KNN(None, k=1, normalize=False).fit_features(H_tr, None),
-                  "5-NN": KNN(None, k=5, normalize=False).fit_features(H_tr, None)}
+        theirs = {"Mahalanobis": Mahalanobis(None).fit_features(H_tr.float(), torch.as_tensor(y[sp["train"]])),
+                  "1-NN": KNN(None, k=1, normalize=False).fit_features(H_tr.float(), torch.as_tensor(y[sp["train"]])),
+                  "5-NN": KNN(None, k=5, normalize=False).fit_features(H_tr.float(), torch.as_tensor(y[sp["train"]]))}
 
         test = X[sp["test"]]
         ours_in, theirs_in = det.scores(test), _theirs(det, theirs, test, EnergyBased, MaxSoftmax)

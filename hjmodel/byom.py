@@ -84,7 +84,7 @@ def export(network, calibration_data, out: str | Path, *, reference_data=None, t
     if y_cal is not None:
         metrics.update({f"calibration_{k}": v for k, v in evaluate_metrics(model, X_cal, y_cal, model.task).items()})
     metrics["ood_false_flag_rate_calibration"] = float(
-        model.evaluate(X_cal, outputs=("ood_flag",))["ood_flag"].double().mean())
+        model.served(X_cal, ("ood_flag",))["ood_flag"].double().mean())
     model.meta["metrics"] = metrics
     model.meta["provenance"] = {"source": "hjmodel.export", "network": type(network).__name__,
                                 "torch": torch.__version__, "seed": seed}

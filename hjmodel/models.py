@@ -30,6 +30,9 @@ ROUNDING = 64 * torch.finfo(torch.float64).eps
 
 #: The served integrated gradients' quadrature: IG_PANELS equal panels of IG_ORDER Gauss-Legendre nodes.
 IG_PANELS, IG_ORDER = 16, 8
+#: elements of the largest (rows, K, N) block the torch path builds at once (2^24: 128 MB in float64);
+#: larger batches are evaluated in row blocks (:meth:`HJModel.row_blocks`)
+BLOCK_ELEMENTS = 1 << 24
 
 
 class Preprocess(nn.Module):
@@ -204,6 +207,16 @@ class Evaluation:
     def __contains__(self, name: object) -> bool:
         return name in self.outputs
 
+    @classmethod
+    def concat(cls, parts: list[Evaluation]) -> Evaluation:
+        """One Evaluation of the rows of ``parts`` in order (row blocks of one batch)."""
+        def cat(values):
+            return None if values[0] is None else torch.cat(values)
+
+        fields = {f: cat([getattr(p, f) for p in parts])
+                  for f in ("h", "a", "pi", "decision", "n_keep", "dominant", "log_probs", "ambiguity")}
+        return cls(outputs={k: torch.cat([p.outputs[k] for p in parts]) for k in parts[0].outputs}, **fields)
+
 
 class HJModel(nn.Module):
     """An LSE network of kind ``lse``, ``memory`` or ``deep`` with every HJ diagnostic.
@@ -297,10 +310,33 @@ class HJModel(nn.Module):
     @torch.no_grad()
     def predict(self, x: Tensor) -> Tensor:
         """Class indices (n,) or values (n, K): the forward pass only, no diagnostics (the same
-        decision as :meth:`evaluate`'s ``prediction``)."""
-        h = self.features(torch.as_tensor(x).to(torch.float64))
-        yhat = self.head.outputs(self.head.preactivations(h))
-        return yhat.argmax(-1) if self.task == "classification" else yhat
+        decision as :meth:`evaluate`'s ``prediction``), in row blocks."""
+        x = torch.as_tensor(x).to(torch.float64)
+        parts = []
+        for rows in self.row_blocks(x.shape[0]):
+            yhat = self.head.outputs(self.head.preactivations(self.features(x[rows])))
+            parts.append(yhat.argmax(-1) if self.task == "classification" else yhat)
+        return torch.cat(parts) if len(parts) != 1 else parts[0]
+
+    def row_blocks(self, n: int) -> list[slice]:
+        """Row blocks of a batch of n whose (rows, K, N) tensors stay within ``BLOCK_ELEMENTS`` (one
+        block when exporting: the ONNX graph takes the batch whole)."""
+        per_row = self.head.W.shape[0] * max(1, self.n_outputs)
+        step = max(1, BLOCK_ELEMENTS // per_row)
+        if n <= step or torch.onnx.is_in_onnx_export():
+            return [slice(0, n)]
+        return [slice(i, min(i + step, n)) for i in range(0, n, step)]
+
+    @torch.no_grad()
+    def served(self, x: Tensor, outputs: tuple[str, ...] | None = None, tau: float | Tensor = 0.1,
+               top_k: int = TOP_K_MAX) -> dict[str, Tensor]:
+        """The served outputs alone (no forward trace kept), in row blocks: for many rows of a model
+        with many support points, where :meth:`evaluate`'s (n, N) trace would not fit."""
+        x = torch.as_tensor(x).to(torch.float64)
+        tau_t = _per_row(tau, x.shape[0])
+        parts = [self.evaluate(x[r], tau=tau_t[r], top_k=top_k, outputs=outputs).outputs
+                 for r in self.row_blocks(x.shape[0])]
+        return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
 
     @torch.no_grad()
     def evaluate(self, x: Tensor, tau: float | Tensor = 0.1, top_k: int = TOP_K_MAX,
@@ -313,8 +349,10 @@ class HJModel(nn.Module):
         and saliency are in raw input space. Returns an :class:`Evaluation`."""
         x = torch.as_tensor(x).to(torch.float64)
         n = x.shape[0]
-        tau_t = torch.as_tensor(tau, dtype=torch.float64).reshape(-1)
-        tau_t = tau_t.expand(n) if tau_t.numel() == 1 else tau_t              # (n,)
+        tau_t = _per_row(tau, n)                                                # (n,)
+        blocks = self.row_blocks(n)
+        if len(blocks) > 1:
+            return Evaluation.concat([self.evaluate(x[r], tau_t[r], top_k, outputs) for r in blocks])
         wanted = set(output_names(self.task) if outputs is None else outputs)
         head, eps = self.head, self.head.eps
         h, gibbs_body, a = self.trace(x)                             # a: (n, N)
@@ -559,9 +597,7 @@ class HJModel(nn.Module):
           every LSE) and ``eps_decision_changes`` (whether that limit changes the decision; regression:
           moves an output by more than tau)."""
         x = torch.as_tensor(x).to(torch.float64)
-        n = x.shape[0]
-        tau_t = torch.as_tensor(tau, dtype=torch.float64).reshape(-1)
-        tau_t = tau_t.expand(n) if tau_t.numel() == 1 else tau_t
+        tau_t = _per_row(tau, x.shape[0])
         ev = self.evaluate(x, tau=tau_t, outputs=("prediction",))
         head, eps, t = self.head, self.head.eps, self.head.t
         c, a, h = ev.decision, ev.a, ev.h
@@ -610,6 +646,12 @@ class HJModel(nn.Module):
         """Integrated gradients of the decisive output in raw input space: (n, d) (see
         :func:`_integrated_gradients`)."""
         return _integrated_gradients(self, x, baseline, panels, order, decision)
+
+
+def _per_row(tau: float | Tensor, n: int) -> Tensor:
+    """A tolerance per row: (n,) float64 from one value or n values ((n,) or (n, 1))."""
+    tau_t = torch.as_tensor(tau, dtype=torch.float64).reshape(-1)
+    return tau_t.expand(n) if tau_t.numel() == 1 else tau_t
 
 
 def _rank_p(sorted_ref: Tensor, s: Tensor) -> Tensor:

@@ -215,8 +215,7 @@ def train(data: Dataset, cfg: TrainConfig | None = None) -> tuple[HJModel, Train
     model.refresh()
     calibrate(model, X[tr], X[ca], cfg)
     metrics = evaluate_metrics(model, X[te], y_all[te], task)
-    metrics["ood_false_flag_rate_test"] = float(model.evaluate(X[te], outputs=("ood_flag",))["ood_flag"]
-                                                .double().mean())
+    metrics["ood_false_flag_rate_test"] = float(model.served(X[te], ("ood_flag",))["ood_flag"].double().mean())
     metrics["alpha"] = cfg.alpha
     model.meta["provenance"] = {
         "dataset": data.name, "data_sha256": data.sha256, "train_config": asdict(cfg),
@@ -297,9 +296,7 @@ def calibrate(model: HJModel, X_train: torch.Tensor, X_cal: torch.Tensor, cfg: T
     _check_alpha(cfg.alpha, n_cal)
     gen = torch.Generator().manual_seed(cfg.seed + 1)
     with torch.no_grad():
-        tr = model.evaluate(X_train.to(torch.float64), outputs=())   # the forward trace only
-        H_tr = tr.h
-        classes = tr.log_probs.argmax(-1) if tr.log_probs is not None else None
+        H_tr, classes = _features_and_classes(model, X_train)
         chosen = torch.randperm(H_tr.shape[0], generator=gen)[:cfg.reference_size]
         pts = H_tr[chosen]
         labels = classes[chosen] if classes is not None else torch.zeros(0, dtype=torch.long)
@@ -312,8 +309,23 @@ def calibrate(model: HJModel, X_train: torch.Tensor, X_cal: torch.Tensor, cfg: T
         loo_u = [model.ood_unsupported(H_tr[i:i + 2048], None if classes is None else classes[i:i + 2048],
                                        own[i:i + 2048]) for i in range(0, H_tr.shape[0], 2048)]
         ref.norm_unsupported = torch.sort(torch.cat(loo_u)).values
-        out = model.evaluate(X_cal, outputs=())
-        ref.combined = torch.sort(model.combined_statistic(out.h, out.log_probs)).values
+        T = []
+        for rows in model.row_blocks(n_cal):
+            out = model.evaluate(X_cal[rows], outputs=())              # the forward trace only
+            T.append(model.combined_statistic(out.h, out.log_probs))
+        ref.combined = torch.sort(torch.cat(T)).values
+
+
+def _features_and_classes(model: HJModel, X: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Head features (n, p) and decided classes (n,) (None: regression), in row blocks: the (n, N)
+    pre-activations of many rows against many support points are never held at once."""
+    H, classes = [], []
+    for rows in model.row_blocks(X.shape[0]):
+        out = model.evaluate(X[rows].to(torch.float64), outputs=())
+        H.append(out.h)
+        if out.log_probs is not None:
+            classes.append(out.log_probs.argmax(-1))
+    return torch.cat(H), (torch.cat(classes) if classes else None)
 
 
 #: multiples of eps/4 (the gauge of earlier versions) that :func:`calibrate` searches for t

@@ -218,3 +218,35 @@ def test_demo_held_out_accuracy(name, demo_repository):
     accuracy = float((pred == data.y[test]).mean())
     assert accuracy == pytest.approx(spec["metrics"]["accuracy"], abs=1e-12)
     assert spec["provenance"]["data_sha256"] == data.sha256
+
+
+@pytest.mark.parametrize("name", ["digits_lse", "digits_memory", "digits_deep", "diabetes_lse"])
+def test_row_blocks_change_nothing(name, demo_repository, monkeypatch):
+    """A batch evaluated in row blocks (what many rows against many support points take) gives every
+    output and the forward trace as in one block (to the last bits BLAS may round differently at
+    another batch size; decisions and integers exactly); ``served`` and ``predict`` likewise."""
+    import hjmodel.models as models
+
+    model = load_model(demo_repository / name / "1").double()
+    X = torch.as_tensor(np.random.default_rng(5).normal(8.0, 5.0, (37, model.n_features)))
+    whole = model.evaluate(X, tau=torch.linspace(0.1, 3.0, 37))
+    whole_pred = model.predict(X)
+    per_row = model.head.W.shape[0] * max(1, model.n_outputs)
+    monkeypatch.setattr(models, "BLOCK_ELEMENTS", 5 * per_row)      # blocks of 5 rows
+    assert len(model.row_blocks(37)) == 8
+    blocked = model.evaluate(X, tau=torch.linspace(0.1, 3.0, 37))
+    def same(a: torch.Tensor | None, b: torch.Tensor | None) -> bool:
+        if a is None or b is None:
+            return a is None and b is None
+        if a.is_floating_point():
+            return torch.allclose(a, b, rtol=1e-9, atol=1e-15)
+        return torch.equal(a, b)
+
+    for key in whole.outputs:
+        assert same(whole[key], blocked[key]), key
+    for field in ("h", "a", "pi", "decision", "n_keep", "dominant", "log_probs"):
+        assert same(getattr(whole, field), getattr(blocked, field)), field
+    assert same(model.predict(X), whole_pred)
+    served = model.served(X, ("prediction", "certified_radius", "ood_p_value"), tau=torch.linspace(0.1, 3.0, 37))
+    for key, value in served.items():
+        assert same(value, whole[key]), key

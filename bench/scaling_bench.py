@@ -1,0 +1,168 @@
+"""Scaling of training, export, artifacts and serving with the number of training rows N and the input
+dimension d, for every kind. Writes ``bench/results/scaling.md``.
+
+    python bench/scaling_bench.py [--sizes 1000,5000,20000,60000] [--dims 64,784] [--kinds lse,memory,deep]
+
+Data: synthetic, 10 classes, class means drawn N(0, 1) per coordinate, rows = mean + N(0, 1.5^2)
+noise; the split is 80 / 10 / 10 so the training split has N rows. The memory kind keeps every
+training row as a support point (``memory_size = N``); lse and deep use ``hjmodel train``'s settings.
+Training runs ``--epochs`` epochs (memory heads: at most that many; they learn only their biases), so
+the time per epoch is reported too; the OOD reference measure keeps its default 1,000 points.
+
+Each configuration runs in its own process (its peak RSS is that process's), one thread per runtime,
+and measures: training seconds (and per epoch), export seconds (ONNX + torch, both graphs), artifact
+size, load seconds (onnxruntime session + torch artifact), served latency at batch 1 and rows/s at
+batch 64 through the ONNX graph with every output, and the bare forward (features -> head outputs ->
+argmax, exported the same way) at batch 64 as the baseline. The growth exponents are fitted per kind
+and d as the slope of log(cost) against log(N); the bare forward is O(N d) for the memory kind (its
+head has one neuron per training row) and O(d) for lse and deep (fixed head size).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+OUT = ROOT / "bench" / "results" / "scaling.md"
+
+
+def synthetic(n_rows: int, d: int, seed: int = 0, classes: int = 10):
+    from hjmodel.data import Dataset
+
+    rng = np.random.default_rng(seed)
+    means = rng.normal(0.0, 1.0, (classes, d))
+    y = rng.integers(0, classes, n_rows)
+    X = means[y] + rng.normal(0.0, 1.5, (n_rows, d))
+    return Dataset(name=f"synthetic_{n_rows}x{d}", task="classification", X=X, y=y.astype(np.int64),
+                   class_names=[str(c) for c in range(classes)], feature_names=[f"x{i}" for i in range(d)])
+
+
+def one(kind: str, N: int, d: int, epochs: int) -> dict:
+    """One configuration, in this process."""
+    import torch
+
+    from bench.hjmodel_bench import PredictOnly, _session, _time
+    from hjmodel import TrainConfig, load_model, save_artifact, train
+    from hjmodel.artifact import ONNX_FILE
+    from hjmodel.serving import onnx_feeds
+
+    torch.set_num_threads(1)
+    warnings.simplefilter("ignore")
+    data = synthetic(int(round(N / 0.8)), d)
+    cfg = TrainConfig(kind=kind, epochs=epochs, memory_size=N, test_fraction=0.1, calibration_fraction=0.1,
+                      progress=False)
+    t0 = time.perf_counter()
+    model, report = train(data, cfg)
+    train_s = time.perf_counter() - t0
+    trained_epochs = min(epochs, 30) if kind == "memory" else epochs
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "m" / "1"
+        t0 = time.perf_counter()
+        save_artifact(model, out, ("onnx", "torch"))
+        export_s = time.perf_counter() - t0
+        size = sum(f.stat().st_size for f in out.iterdir())
+        t0 = time.perf_counter()
+        sess = _session(out / ONNX_FILE)
+        load_model(out)
+        load_s = time.perf_counter() - t0
+        bare_path = Path(tmp) / "bare.onnx"
+        torch.onnx.export(PredictOnly(model), (torch.zeros(2, d),), str(bare_path), input_names=["input"],
+                          output_names=["prediction"], dynamic_axes={"input": {0: "batch"}, "prediction": {0: "batch"}},
+                          opset_version=17, dynamo=False)
+        bare = _session(bare_path)
+        X = data.X[:64].astype(np.float32)
+        lat1 = _time(lambda: sess.run(None, onnx_feeds(sess, X[:1], 0.1)), min_seconds=0.1, repeats=3)
+        lat64 = _time(lambda: sess.run(None, onnx_feeds(sess, X, 0.1)), min_seconds=0.1, repeats=3)
+        bare64 = _time(lambda: bare.run(None, {"input": X}), min_seconds=0.1, repeats=3)
+    return {"kind": kind, "N": N, "d": d, "epochs": trained_epochs, "accuracy": report.metrics["accuracy"],
+            "train_s": train_s, "export_s": export_s, "artifact_mb": size / 1e6, "load_s": load_s,
+            "latency_b1_ms": lat1 * 1e3, "rows_per_s_b64": 64 / lat64, "bare_rows_per_s_b64": 64 / bare64,
+            "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6}
+
+
+def _slope(xs, ys) -> float:
+    xs, ys = np.log(np.asarray(xs, float)), np.log(np.asarray(ys, float))
+    return float(np.polyfit(xs, ys, 1)[0]) if len(xs) >= 2 else float("nan")
+
+
+def report(rows: list[dict], seconds: float) -> str:
+    L = [f"""# Scaling with N (training rows / support points) and d
+
+Generated by `python bench/scaling_bench.py` on {dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC in
+{seconds / 60:.0f} min; {platform.platform()}, {os.cpu_count()} CPUs shared with other jobs, one thread per
+runtime, each configuration in its own process. Settings and measurements: the module docstring.
+
+| kind | N | d | epochs | accuracy | train s | train s / epoch | export s | artifact MB | load s | batch 1 ms | rows/s, batch 64 | bare forward rows/s, batch 64 | all diagnostics / bare | peak RSS GB |
+|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"""]
+    for r in rows:
+        if "error" in r:
+            L.append(f"| {r['kind']} | {r['N']} | {r['d']} | failed: {r['error']} |" + " |" * 11)
+            continue
+        L.append(f"| {r['kind']} | {r['N']} | {r['d']} | {r['epochs']} | {r['accuracy']:.3f} | {r['train_s']:.1f} | "
+                 f"{r['train_s'] / max(r['epochs'], 1):.2f} | {r['export_s']:.1f} | {r['artifact_mb']:.1f} | "
+                 f"{r['load_s']:.2f} | {r['latency_b1_ms']:.2f} | {r['rows_per_s_b64']:.0f} | "
+                 f"{r['bare_rows_per_s_b64']:.0f} | {r['bare_rows_per_s_b64'] / r['rows_per_s_b64']:.1f}x | "
+                 f"{r['peak_rss_gb']:.2f} |")
+    L += ["", "**Growth exponents** (slope of log cost against log N, per kind and d; the bare forward's own "
+          "exponent is the O(N d) reference: ~1 for memory, ~0 for lse and deep):", "",
+          "| kind | d | train s / epoch | artifact MB | batch-64 s per row, all diagnostics | same, bare forward | peak RSS |",
+          "|---|---|---|---|---|---|---|"]
+    ok = [r for r in rows if "error" not in r]
+    for kind in dict.fromkeys(r["kind"] for r in ok):
+        for d in sorted({r["d"] for r in ok if r["kind"] == kind}):
+            rs = sorted((r for r in ok if r["kind"] == kind and r["d"] == d), key=lambda r: r["N"])
+            N = [r["N"] for r in rs]
+            L.append(f"| {kind} | {d} | {_slope(N, [r['train_s'] / max(r['epochs'], 1) for r in rs]):.2f} | "
+                     f"{_slope(N, [r['artifact_mb'] for r in rs]):.2f} | {_slope(N, [1 / r['rows_per_s_b64'] for r in rs]):.2f} | "
+                     f"{_slope(N, [1 / r['bare_rows_per_s_b64'] for r in rs]):.2f} | {_slope(N, [r['peak_rss_gb'] for r in rs]):.2f} |")
+    return "\n".join(L) + "\n"
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--sizes", default="1000,5000,20000,60000")
+    ap.add_argument("--dims", default="64,784")
+    ap.add_argument("--kinds", default="lse,memory,deep")
+    ap.add_argument("--epochs", type=int, default=3)
+    ap.add_argument("--one", nargs=3, metavar=("KIND", "N", "D"), help=argparse.SUPPRESS)
+    ap.add_argument("--timeout", type=float, default=3600.0, help="seconds per configuration")
+    args = ap.parse_args()
+    if args.one:
+        print(json.dumps(one(args.one[0], int(args.one[1]), int(args.one[2]), args.epochs)))
+        return 0
+    t0, rows = time.time(), []
+    for kind in args.kinds.split(","):
+        for d in map(int, args.dims.split(",")):
+            for N in map(int, args.sizes.split(",")):
+                cmd = [sys.executable, __file__, "--one", kind, str(N), str(d), "--epochs", str(args.epochs)]
+                try:
+                    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
+                    last = proc.stdout.strip().splitlines()[-1] if proc.stdout.strip() else ""
+                    row = json.loads(last) if proc.returncode == 0 else {
+                        "kind": kind, "N": N, "d": d, "error": (proc.stderr.strip().splitlines() or ["?"])[-1][:120]}
+                except subprocess.TimeoutExpired:
+                    row = {"kind": kind, "N": N, "d": d, "error": f"over {args.timeout:.0f} s"}
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+                OUT.write_text(report(rows, time.time() - t0))
+    print(OUT.read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
