@@ -63,11 +63,13 @@ class OnnxModel(MLModel):
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = opts.inter_op_num_threads = 1
         self.sess = ort.InferenceSession(self.settings.parameters.uri, opts, providers=["CPUExecutionProvider"])
+        self.feed_names = [i.name for i in self.sess.get_inputs()]
         return True
 
     async def predict(self, payload: InferenceRequest) -> InferenceResponse:
         x = NumpyCodec.decode_input(payload.inputs[0]).astype(np.float32).reshape(-1, {d})
-        pred, prob = self.sess.run(["prediction", "probabilities"], {{"input": x, "tau": np.full((len(x), 1), 0.1)}})
+        feed = {{"input": x, "tau": np.full((len(x), 1), 0.1)}}         # tau: regression graphs only
+        pred, prob = self.sess.run(["prediction", "probabilities"], {{k: feed[k] for k in self.feed_names}})
         return InferenceResponse(model_name=self.name, outputs=[NumpyCodec.encode_output("prediction", pred),
                                                                 NumpyCodec.encode_output("probabilities", prob)])
 '''
@@ -85,15 +87,17 @@ class OnnxModel(Model):
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = opts.inter_op_num_threads = 1
         self.sess = ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
+        self.feed_names = [i.name for i in self.sess.get_inputs()]
         self.ready = True
 
     async def predict(self, payload, headers=None, response_headers=None):
         x = payload.inputs[0].as_numpy().astype(np.float32).reshape(-1, {d})
-        pred, prob = self.sess.run(["prediction", "probabilities"], {{"input": x, "tau": np.full((len(x), 1), 0.1)}})
+        feed = {{"input": x, "tau": np.full((len(x), 1), 0.1)}}         # tau: regression graphs only
+        pred, prob = self.sess.run(["prediction", "probabilities"], {{k: feed[k] for k in self.feed_names}})
         outs = [InferOutput("prediction", list(pred.shape), "INT64"), InferOutput("probabilities", list(prob.shape), "FP32")]
         outs[0].set_data_from_numpy(pred, binary_data=False)
         outs[1].set_data_from_numpy(prob, binary_data=False)
-        return InferResponse(response_id=payload.id, model_name=self.name, infer_outputs=outs)
+        return InferResponse(response_id=payload.id or "0", model_name=self.name, infer_outputs=outs)
 
 
 if __name__ == "__main__":
@@ -128,11 +132,11 @@ def ensure_venv(where: Path, packages: tuple[str, ...]) -> Path:
     return python
 
 
-def wait_ready(url: str, proc: subprocess.Popen, timeout: float = 120.0) -> None:
+def wait_ready(url: str, proc: subprocess.Popen, log: Path, timeout: float = 120.0) -> None:
     stop = time.time() + timeout
     while time.time() < stop:
         if proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode}")
+            raise RuntimeError(f"server exited with {proc.returncode}: {log.read_text()[-1500:]}")
         try:
             if httpx.get(url, timeout=2).status_code == 200:
                 return
@@ -145,7 +149,7 @@ def wait_ready(url: str, proc: subprocess.Popen, timeout: float = 120.0) -> None
 def start(cmd: list[str], cwd: Path, ready: str) -> subprocess.Popen:
     log = open(cwd / "server.log", "w")   # noqa: SIM115 (closed with the process)
     proc = subprocess.Popen(cmd, cwd=cwd, stdout=log, stderr=subprocess.STDOUT)
-    wait_ready(ready, proc)
+    wait_ready(ready, proc, cwd / "server.log")
     return proc
 
 
@@ -212,8 +216,10 @@ def main() -> int:
                    "hjserve, four default outputs": (hj.url, "four"),
                    "hjserve, all diagnostics": (hj.url, "all"),
                    "bare constant (hjserve's all-diagnostics reply)": (bare_url, "all")}
-        for url, body in targets.values():      # every server answers the request it will be timed on
-            httpx.post(url + path, content=bodies[body], timeout=30).raise_for_status()
+        for label, (url, body) in targets.items():   # every server answers the request it will be timed on
+            reply = httpx.post(url + path, content=bodies[body], timeout=30, headers={"content-type": "application/json"})
+            if reply.status_code != 200:
+                raise RuntimeError(f"{label}: {reply.status_code} {reply.text[-800:]}")
         for c in CONCURRENCY:
             for p in range(args.passes):
                 order = list(targets.items()) if p % 2 == 0 else list(reversed(targets.items()))
