@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+import orjson
 from pydantic import ValidationError
 
 from service.errors import BadRequest, InvalidDatatype, InvalidHeader, InvalidJSON, InvalidShape
@@ -142,6 +143,18 @@ def parse_json(data: bytes | str) -> Any:
 def dumps(obj: Any) -> bytes:
     """Compact JSON; non-finite floats as ``NaN`` / ``Infinity`` (readable by Triton's client)."""
     return json.dumps(obj, separators=(",", ":"), allow_nan=True).encode()
+
+
+def _fast_dumps(obj: Any) -> bytes:
+    """orjson for an object whose floats are all finite (anything orjson cannot write: :func:`dumps`)."""
+    try:
+        return orjson.dumps(obj)
+    except TypeError:
+        return dumps(obj)
+
+
+def _finite_values(params: dict | None) -> bool:
+    return not params or all(not isinstance(v, float) or math.isfinite(v) for v in params.values())
 
 
 # -- tensors --------------------------------------------------------------------------------------
@@ -330,9 +343,15 @@ def encode_raw(array: np.ndarray, datatype: str) -> bytes:
 
 
 def encode_infer_response(response: InferResponse) -> tuple[bytes, int | None]:
-    """:class:`InferResponse` -> (body, JSON header length or None when the body is all JSON)."""
+    """:class:`InferResponse` -> (body, JSON header length or None when the body is all JSON).
+
+    The JSON is written by orjson (the hot path of every JSON reply) unless a float in it is not
+    finite: orjson would write ``null`` there, :func:`dumps` writes ``NaN`` / ``Infinity`` as
+    Triton's client reads them. Floats are Python floats either way (float32 values widened
+    exactly), printed as the shortest decimal that reads back to the same double."""
     outputs: list[dict[str, Any]] = []
     chunks: list[bytes] = []
+    finite = True
     for out in response.outputs:
         item: dict[str, Any] = {"name": out.name, "datatype": out.datatype, "shape": list(out.array.shape)}
         if out.binary:
@@ -340,6 +359,8 @@ def encode_infer_response(response: InferResponse) -> tuple[bytes, int | None]:
             item["parameters"] = {"binary_data_size": len(raw)}
             chunks.append(raw)
         else:
+            if out.array.dtype.kind == "f" and not np.isfinite(out.array).all():
+                finite = False
             item["data"] = encode_tensor_json(out.array, out.datatype)
         outputs.append(item)
     head: dict[str, Any] = {"model_name": response.model_name, "model_version": response.model_version}
@@ -348,7 +369,7 @@ def encode_infer_response(response: InferResponse) -> tuple[bytes, int | None]:
     if response.parameters:
         head["parameters"] = response.parameters
     head["outputs"] = outputs
-    header = dumps(head)
+    header = _fast_dumps(head) if finite and _finite_values(response.parameters) else dumps(head)
     if not chunks:
         return header, None
     return b"".join([header, *chunks]), len(header)

@@ -165,3 +165,21 @@ def test_non_finite_floats_round_trip_through_json():
     body, _ = codecs.encode_infer_response(InferResponse("m", "1", [out]))
     result = httpclient.InferResult.from_response_body(body)
     assert result.as_numpy("r").tolist() == [np.inf, 1.0]
+
+
+def test_json_floats_read_back_as_the_served_float32_values():
+    """The JSON reply (orjson's fast path) carries every float32 output exactly: a float64 reader gets
+    the float32 value itself, never a shorter decimal on the wrong side of it (a certified radius
+    read as float64 must not exceed the float32 one the graph rounded toward zero), and the parsed
+    reply equals the stdlib encoder's."""
+    rng = np.random.default_rng(0)
+    values = np.concatenate([rng.standard_normal(2000), 10.0 ** rng.uniform(-40, 38, 2000)]).astype(np.float32)
+    ints = rng.integers(-2**62, 2**62, 50)
+    response = InferResponse("m", "1", [InferOutput("r", "FP32", values), InferOutput("i", "INT64", ints)],
+                             parameters={"p": 0.1, "s": "x"})
+    body, header_length = codecs.encode_infer_response(response)
+    assert header_length is None
+    parsed = json.loads(body)
+    assert np.array_equal(np.array(parsed["outputs"][0]["data"], dtype=np.float64), values.astype(np.float64))
+    assert parsed["outputs"][1]["data"] == ints.tolist()
+    assert parsed == json.loads(codecs.dumps(parsed))
