@@ -271,11 +271,13 @@ def write(path: Path, models: Path, sound: list[dict], oods: list[dict], par: li
         for alpha in (0.01, 0.05, 0.1):
             mean, sd, reps, dead, _ = o["fpr"][alpha]
             L.append(f"| {o['kind']} | {alpha} | {mean:.4f} | sd {sd:.4f} | {reps} | {dead}/{reps} |")
-    L += ["", "Each component's score gets a rank p-value against its normaliser (training rows, leave-one-out "
-          "for u); the combined statistic -log min p breaks ties within a rank level by the score, so "
-          "inputs beyond every normaliser score stay ordered and the gate can reach alpha (the *powerless* "
-          "column); the rate of one stored calibration varies with its draw (a few hundred conformal rows "
-          "or fewer): compare the spread over re-splits.", "",
+    L += ["", "The score u is the Hopf-Cole value over the training points of the decided class (gauge by "
+          "leave-one-out likelihood); its rank p-value against the training rows' leave-one-out scores, with "
+          "ties within a rank level broken by the score, is strictly increasing in u, so the served p-value is "
+          "u's conformal rank among every calibration row, and inputs beyond every calibration score stay "
+          "ordered so the gate can reach alpha (the *powerless* column); the rate of one stored calibration "
+          "varies with its draw by the binomial spread of its calibration rows: compare the spread over "
+          "re-splits.", "",
           "## 3. ONNX vs torch parity (batch 4096) and `hjmodel verify`", "",
           "Inputs: dataset rows, half exact, half with Gaussian noise (0.5 feature sd), float32. FP32 outputs: "
           "largest difference in float32 ulps of the entry (entries below 1e-6 x the output's largest magnitude "
