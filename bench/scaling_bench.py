@@ -141,11 +141,15 @@ def main() -> int:
     ap.add_argument("--epochs", type=int, default=3)
     ap.add_argument("--one", nargs=3, metavar=("KIND", "N", "D"), help=argparse.SUPPRESS)
     ap.add_argument("--timeout", type=float, default=3600.0, help="seconds per configuration")
+    ap.add_argument("--keep", help="JSON lines of earlier rows (this script's output) to report with the new ones; "
+                                   "a new row replaces an earlier one of the same kind, N and d")
     args = ap.parse_args()
     if args.one:
         print(json.dumps(one(args.one[0], int(args.one[1]), int(args.one[2]), args.epochs)))
         return 0
     t0, rows = time.time(), []
+    if args.keep:
+        rows = [json.loads(line) for line in Path(args.keep).read_text().splitlines() if line.startswith("{")]
     for kind in args.kinds.split(","):
         for d in map(int, args.dims.split(",")):
             for N in map(int, args.sizes.split(",")):
@@ -157,7 +161,7 @@ def main() -> int:
                         "kind": kind, "N": N, "d": d, "error": (proc.stderr.strip().splitlines() or ["?"])[-1][:120]}
                 except subprocess.TimeoutExpired:
                     row = {"kind": kind, "N": N, "d": d, "error": f"over {args.timeout:.0f} s"}
-                rows.append(row)
+                rows = [r for r in rows if (r["kind"], r["N"], r["d"]) != (kind, N, d)] + [row]
                 print(json.dumps(row), flush=True)
                 OUT.write_text(report(rows, time.time() - t0))
     print(OUT.read_text())

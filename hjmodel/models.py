@@ -318,11 +318,17 @@ class HJModel(nn.Module):
             parts.append(yhat.argmax(-1) if self.task == "classification" else yhat)
         return torch.cat(parts) if len(parts) != 1 else parts[0]
 
+    @property
+    def row_elements(self) -> int:
+        """Elements of the largest per-row tensor of an evaluation: the head's (K, N) pair masks or a
+        body layer's (units, neurons) Gibbs weights."""
+        return max([self.head.W.shape[0] * max(1, self.n_outputs),
+                    *[layer.mask.shape[0] * layer.mask.shape[1] for layer in self.body]])
+
     def row_blocks(self, n: int) -> list[slice]:
-        """Row blocks of a batch of n whose (rows, K, N) tensors stay within ``BLOCK_ELEMENTS`` (one
-        block when exporting: the ONNX graph takes the batch whole)."""
-        per_row = self.head.W.shape[0] * max(1, self.n_outputs)
-        step = max(1, BLOCK_ELEMENTS // per_row)
+        """Row blocks of a batch of n whose largest tensors stay within ``BLOCK_ELEMENTS`` elements
+        (one block when exporting: the ONNX graph takes the batch whole)."""
+        step = max(1, BLOCK_ELEMENTS // self.row_elements)
         if n <= step or torch.onnx.is_in_onnx_export():
             return [slice(0, n)]
         return [slice(i, min(i + step, n)) for i in range(0, n, step)]

@@ -231,8 +231,7 @@ def test_row_blocks_change_nothing(name, demo_repository, monkeypatch):
     X = torch.as_tensor(np.random.default_rng(5).normal(8.0, 5.0, (37, model.n_features)))
     whole = model.evaluate(X, tau=torch.linspace(0.1, 3.0, 37))
     whole_pred = model.predict(X)
-    per_row = model.head.W.shape[0] * max(1, model.n_outputs)
-    monkeypatch.setattr(models, "BLOCK_ELEMENTS", 5 * per_row)      # blocks of 5 rows
+    monkeypatch.setattr(models, "BLOCK_ELEMENTS", 5 * model.row_elements)      # blocks of 5 rows
     assert len(model.row_blocks(37)) == 8
     blocked = model.evaluate(X, tau=torch.linspace(0.1, 3.0, 37))
     def same(a: torch.Tensor | None, b: torch.Tensor | None) -> bool:
