@@ -42,7 +42,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.service_bench import _throughput  # noqa: E402
+from bench.service_bench import closed_loop  # noqa: E402
 from service.testing import free_port, run_server, stop_process  # noqa: E402
 
 OUT = ROOT / "bench" / "results" / "competitors.md"
@@ -224,7 +224,7 @@ def main() -> int:
             for p in range(args.passes):
                 order = list(targets.items()) if p % 2 == 0 else list(reversed(targets.items()))
                 for label, (url, body) in order:
-                    r = asyncio.run(_throughput(url, path, bodies[body], args.seconds, c))
+                    r = asyncio.run(closed_loop(url, path, bodies[body], args.seconds, c))
                     results.setdefault((label, c), []).append(r)
                     print(f"c={c} pass {p}: {label}: {r['rps']:.0f} req/s, p50 {r['p50_ms']:.2f} ms, "
                           f"errors {r['errors']}", flush=True)

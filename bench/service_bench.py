@@ -62,7 +62,9 @@ def _model_dir(arg: str | None, tmp: Path) -> Path:
         return save_artifact(model, tmp / "digits_lse" / "1")
 
 
-async def _throughput(url: str, path: str, body: bytes, seconds: float, concurrency: int) -> dict:
+async def closed_loop(url: str, path: str, body: bytes, seconds: float, concurrency: int) -> dict:
+    """``concurrency`` keep-alive clients POSTing ``body`` back to back for ``seconds``: req/s, p50 and
+    p99 latency (ms), errors (non-200) and requests made (the client ``bench/competitors.py`` shares)."""
     latencies: list[float] = []
     errors = 0
     stop = time.perf_counter() + seconds
@@ -136,16 +138,16 @@ def main() -> None:
         results: dict[str, dict] = {}
         bare, bare_url = _start_bare(tmp)
         try:
-            results["bare"] = asyncio.run(_throughput(bare_url, "/v2/models/m/infer", one, args.seconds,
+            results["bare"] = asyncio.run(closed_loop(bare_url, "/v2/models/m/infer", one, args.seconds,
                                                       args.concurrency))
         finally:
             bare.terminate()
             bare.wait(10)
         with run_server(repo, tmp) as s:
             path = f"/v2/models/{name}/infer"
-            results["infer"] = asyncio.run(_throughput(s.url, path, one, args.seconds, args.concurrency))
-            results["all_diag"] = asyncio.run(_throughput(s.url, path, every, args.seconds, 1))
-            results["pred_only"] = asyncio.run(_throughput(s.url, path, preds, args.seconds, 1))
+            results["infer"] = asyncio.run(closed_loop(s.url, path, one, args.seconds, args.concurrency))
+            results["all_diag"] = asyncio.run(closed_loop(s.url, path, every, args.seconds, 1))
+            results["pred_only"] = asyncio.run(closed_loop(s.url, path, preds, args.seconds, 1))
             x = np.abs(rng.standard_normal((args.rows, d))).astype(np.float32) * 3
             raw = x.tobytes()
             head = json.dumps({"inputs": [{"name": "input", "shape": list(x.shape), "datatype": "FP32",

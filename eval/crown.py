@@ -38,6 +38,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from hjmodel import functional as F
 from hjmodel import load_dataset, load_model
 from hjmodel.attacks import minimal_attack_radius
 
@@ -85,7 +86,7 @@ class Rewritten(nn.Module):
             W, b = layer.W.detach(), layer.b.detach()
             if i == 0:
                 W, b = W @ A, b - W @ A @ mu
-            shift = _group_max(F_pre(h if i else x0, W, b), layer.mask)
+            shift = _group_max(F.preactivations(h if i else x0, W, b), layer.mask)
             layers.append(LSEGroups(W, b, layer.mask, layer.eps, shift))
             h = layer(h)
         head = model.head
@@ -93,16 +94,12 @@ class Rewritten(nn.Module):
         if not model.body:
             W, b = W @ A, b - W @ A @ mu
         groups = head.mask if head.mode == "groups" else head.V.T > 0.5
-        shift = _group_max(F_pre(h if model.body else x0, W, b), groups)
+        shift = _group_max(F.preactivations(h if model.body else x0, W, b), groups)
         layers.append(LSEGroups(W, b, groups, head.eps, shift))
         self.layers = nn.Sequential(*layers)
 
     def forward(self, x):
         return self.layers(x)
-
-
-def F_pre(h: torch.Tensor, W: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    return h @ W.T + b
 
 
 def certified(bounded, x: torch.Tensor, C: torch.Tensor, method: str, r0: float) -> tuple[float, float]:

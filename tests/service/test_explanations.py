@@ -136,9 +136,9 @@ def test_explanations_over_grpc(demo_repository, tmp_path):
         client.close()
 
 
-def test_explanations_run_in_bounded_chunks(demo_repository):
-    """The explanation graph's memory grows with the rows (a path of points per row): it runs
-    max_batch_size rows at a time, and the answer is the same as in one piece."""
+def _explain_through(demo_repository, model: str, x: np.ndarray, wrap, max_batch_size: int, **params):
+    """An integrated-gradients request through a real DataPlane whose backend's ``explain`` is
+    ``wrap(original)``; returns the response (errors propagate)."""
     import asyncio
 
     from service.dataplane import DataPlane
@@ -146,29 +146,37 @@ def test_explanations_run_in_bounded_chunks(demo_repository):
     from service.settings import Settings
     from service.types import InferInput, InferRequest, RequestedOutput
 
+    settings = Settings(model_repository=demo_repository, max_batch_size=max_batch_size)
+    plane = DataPlane(settings, ModelRepository(settings))
+
+    async def main():
+        await plane.start()
+        try:
+            backend = plane.repository.get(model).backend
+            backend.explain = wrap(backend.explain)
+            request = InferRequest(inputs=[InferInput("input", "FP32", x.shape, x)],
+                                   outputs=[RequestedOutput("integrated_gradients")], parameters=params)
+            return await plane.infer(model, None, request)
+        finally:
+            await plane.stop()
+    return asyncio.run(main())
+
+
+def test_explanations_run_in_bounded_chunks(demo_repository):
+    """The explanation graph's memory grows with the rows (a path of points per row): it runs
+    max_batch_size rows at a time, and the answer is the same as in one piece."""
     x = _digits(10, seed=6).astype(np.float32)
 
     def run(max_batch_size: int):
-        settings = Settings(model_repository=demo_repository, max_batch_size=max_batch_size)
-        plane = DataPlane(settings, ModelRepository(settings))
         calls = []
 
-        async def main():
-            await plane.start()
-            try:
-                backend = plane.repository.get("digits_deep").backend
-                original = backend.explain
-
-                def counting(rows, tau, baseline):
-                    calls.append(len(rows))
-                    return original(rows, tau, baseline)
-                backend.explain = counting
-                request = InferRequest(inputs=[InferInput("input", "FP32", x.shape, x)],
-                                       outputs=[RequestedOutput("integrated_gradients")])
-                return await plane.infer("digits_deep", None, request)
-            finally:
-                await plane.stop()
-        return asyncio.run(main()).outputs[0].array, calls
+        def counting(original):
+            def explain(rows, tau, baseline):
+                calls.append(len(rows))
+                return original(rows, tau, baseline)
+            return explain
+        response = _explain_through(demo_repository, "digits_deep", x, counting, max_batch_size)
+        return response.outputs[0].array, calls
 
     chunked, calls = run(3)
     whole, one = run(64)
@@ -179,35 +187,16 @@ def test_explanations_run_in_bounded_chunks(demo_repository):
 def test_a_slow_explanation_ends_at_the_request_timeout(demo_repository):
     """The explanation graph runs chunk by chunk within the request's timeout: past it the request
     fails with a 504-class RequestTimeout saying how far it got, instead of running on."""
-    import asyncio
     import time
 
-    from service.dataplane import DataPlane
     from service.errors import RequestTimeout
-    from service.repository import ModelRepository
-    from service.settings import Settings
-    from service.types import InferInput, InferRequest, RequestedOutput
 
-    settings = Settings(model_repository=demo_repository, max_batch_size=1)
-    plane = DataPlane(settings, ModelRepository(settings))
+    def slow(original):
+        def explain(rows, tau, baseline):
+            time.sleep(0.3)
+            return original(rows, tau, baseline)
+        return explain
+
     x = _digits(4, seed=7).astype(np.float32)
-
-    async def main():
-        await plane.start()
-        try:
-            backend = plane.repository.get("digits_lse").backend
-            original = backend.explain
-
-            def slow(rows, tau, baseline):
-                time.sleep(0.3)
-                return original(rows, tau, baseline)
-            backend.explain = slow
-            request = InferRequest(inputs=[InferInput("input", "FP32", x.shape, x)],
-                                   outputs=[RequestedOutput("integrated_gradients")],
-                                   parameters={"timeout": 400_000})   # 0.4 s
-            return await plane.infer("digits_lse", None, request)
-        finally:
-            await plane.stop()
-
     with pytest.raises(RequestTimeout, match=r"explanation did not finish .* \([12] of 4 rows done\)"):
-        asyncio.run(main())
+        _explain_through(demo_repository, "digits_lse", x, slow, 1, timeout=400_000)   # 0.4 s
