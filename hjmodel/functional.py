@@ -23,6 +23,7 @@ __all__ = [
     "ambiguity",
     "attribution_entropy",
     "certificate_tables",
+    "count_at_least",
     "diameter",
     "energy_gap",
     "energy_gap_bound",
@@ -36,11 +37,15 @@ __all__ = [
     "gibbs",
     "gibbs_margin_radius",
     "gradient",
+    "Groups",
     "group_gibbs",
     "group_lse",
+    "grouped_lse_gibbs",
+    "grouped_margin_radius",
     "hessian",
     "hj_reading",
     "hopf_cole_value",
+    "hopf_cole_value_in_group",
     "hopf_lax_value",
     "hybrid_radius",
     "integrated_gradients",
@@ -85,7 +90,7 @@ def logsumexp(s: Tensor, dim: int = -1) -> Tensor:
     finite entries lie below about -709 (``[-inf, -950, -inf]`` -> -inf, not -950), so the served graph
     and the torch module disagreed there (tests/hjmodel/test_functional.py)."""
     top = s.amax(dim, keepdim=True)
-    top = torch.where(top.abs() < math.inf, top, torch.zeros_like(top))
+    top = torch.where(top.abs() < math.inf, top, 0.0)
     return (top + torch.log(torch.exp(s - top).sum(dim, keepdim=True))).squeeze(dim)
 
 
@@ -108,19 +113,84 @@ def masked_lse_gibbs(a: Tensor, mask: Tensor, eps: float) -> tuple[Tensor, Tenso
     """LSE value and Gibbs weights of ``a`` restricted to ``mask`` (broadcast), along the last axis.
 
     Max-shifted and NaN-free: an empty group has value -inf and weights 0. Returns (value, pi)."""
-    s = torch.where(mask, a / eps, torch.full_like(a, _NEG_INF))
+    s = torch.where(mask, a / eps, _NEG_INF)
     top = s.amax(-1, keepdim=True)
-    top = torch.where(top.abs() < math.inf, top, torch.zeros_like(top))
+    top = torch.where(top.abs() < math.inf, top, 0.0)
     e = torch.exp(s - top)
     total = e.sum(-1, keepdim=True)
     value = eps * (top + torch.log(total)).squeeze(-1)
-    pi = e / torch.where(total > 0, total, torch.ones_like(total))
+    pi = e / torch.where(total > 0, total, 1.0)
     return value, pi
 
 
-def group_lse(a: Tensor, mask: Tensor, eps: float) -> Tensor:
-    """Per-group LSE values s_k = eps log sum_{j in G_k} exp(a_j/eps).  (n, N), (K, N) -> (n, K)."""
-    return masked_lse_gibbs(a.unsqueeze(-2), mask, eps)[0]
+class Groups:
+    """K groups of N neurons as a padded table, so per-group reductions cost O(N), not O(K N).
+
+    ``slots`` (K, S) long: group k's neuron indices in increasing order, padded with N (S = the
+    largest group); ``valid`` (K, S) bool: which slots hold a neuron; ``place`` (N,) long: each
+    neuron's position in the flattened (K * S) table (K * S: in no group). Built once per mask
+    (:meth:`of`) and kept by the module that owns the mask, so an exported graph holds the table as
+    a constant. A neuron may belong to at most one group (the layers' partitions)."""
+
+    def __init__(self, slots: Tensor, valid: Tensor, place: Tensor):
+        self.slots, self.valid, self.place = slots, valid, place
+
+    @classmethod
+    def of(cls, mask: Tensor) -> Groups:
+        """The table of a (K, N) bool mask whose groups are disjoint (ValueError otherwise)."""
+        mask = torch.as_tensor(mask, dtype=torch.bool).cpu()
+        K, N = mask.shape
+        if bool((mask.sum(0) > 1).any()):
+            raise ValueError("groups must be disjoint: a neuron belongs to more than one group")
+        S = max(int(mask.sum(-1).max()) if K else 0, 1)
+        slots = torch.full((K, S), N, dtype=torch.long)
+        place = torch.full((N,), K * S, dtype=torch.long)
+        for k in range(K):
+            members = mask[k].nonzero().squeeze(-1)
+            slots[k, :members.numel()] = members
+            place[members] = k * S + torch.arange(members.numel())
+        return cls(slots, slots < N, place)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.slots.shape)
+
+    def gather(self, a: Tensor, fill: float = _NEG_INF) -> Tensor:
+        """(..., N) -> (..., K, S): each group's entries, ``fill`` in the padding."""
+        pad = torch.cat([a, torch.full_like(a[..., :1], fill)], -1)
+        index = self.slots.reshape(-1).to(a.device)
+        return pad.index_select(-1, index).reshape(*a.shape[:-1], *self.slots.shape)
+
+    def rows(self, W: Tensor) -> Tensor:
+        """Rows W (N, p) laid out by group: (K, S, p), zero rows in the padding."""
+        pad = torch.cat([W, W.new_zeros(1, W.shape[-1])], 0)
+        return pad[self.slots.to(W.device)]
+
+    def spread(self, v: Tensor) -> Tensor:
+        """The inverse of :meth:`gather`: (..., K, S) -> (..., N), 0 for a neuron in no group."""
+        flat = v.reshape(*v.shape[:-2], -1)
+        flat = torch.cat([flat, torch.zeros_like(flat[..., :1])], -1)
+        return flat.index_select(-1, self.place.to(v.device))
+
+
+def _as_groups(groups: Groups | Tensor) -> Groups:
+    return groups if isinstance(groups, Groups) else Groups.of(groups)
+
+
+def grouped_lse_gibbs(a: Tensor, groups: Groups | Tensor, eps: float) -> tuple[Tensor, Tensor]:
+    """Per-group LSE values (..., K) and within-group Gibbs weights (..., K, S) of pre-activations
+    a (..., N), in the layout of :class:`Groups` (``groups``: a table or a (K, N) mask)."""
+    groups = _as_groups(groups)
+    return masked_lse_gibbs(groups.gather(a), groups.valid.to(a.device), eps)
+
+
+def group_lse(a: Tensor, groups: Groups | Tensor, eps: float) -> Tensor:
+    """Per-group LSE values s_k = eps log sum_{j in G_k} exp(a_j/eps).  (n, N), (K, N) -> (n, K).
+
+    ``groups``: a :class:`Groups` table (O(n N)) or a (K, N) bool mask."""
+    if isinstance(groups, Groups):
+        return grouped_lse_gibbs(a, groups, eps)[0]
+    return masked_lse_gibbs(a.unsqueeze(-2), groups, eps)[0]
 
 
 def group_gibbs(a: Tensor, mask: Tensor, eps: float) -> Tensor:
@@ -137,7 +207,7 @@ def ambiguity(log_probs: Tensor) -> Tensor:
 
 def attribution_entropy(pi: Tensor) -> Tensor:
     """H(pi) = -sum pi log pi in [0, log N] (0 log 0 = 0).  (..., N) -> (...)."""
-    return -(pi * torch.log(torch.where(pi > 0, pi, torch.ones_like(pi)))).sum(-1)
+    return -(pi * torch.log(torch.where(pi > 0, pi, 1.0))).sum(-1)
 
 
 def energy_gap(a: Tensor) -> tuple[Tensor, Tensor]:
@@ -274,8 +344,44 @@ def hopf_cole_value(z: Tensor, y: Tensor, g: Tensor, t: float, eps: float,
     class's points, or every point but a training row's own: leave-one-out); a row with none is +inf."""
     e = -_hj_exponent(z, y, g, t)
     if mask is not None:
-        e = torch.where(mask, e, torch.full_like(e, -math.inf))
+        e = torch.where(mask, e, -math.inf)
     return -lse(e, eps)
+
+
+def hopf_cole_value_in_group(z: Tensor, y: Tensor, g: Tensor, t: float, eps: float, groups: Groups,
+                             group: Tensor) -> Tensor:
+    """:func:`hopf_cole_value` with row i summing over the support points of group ``group[i]`` of
+    ``groups`` only (a :class:`Groups` table over the points): the masked form's value, with the
+    exponentials taken over one group per row instead of every point.  -> (n,); +inf for an empty
+    group."""
+    # -(g_j + |z - y_j|^2/(4t)) = q_j(z) - |z - c|^2/(4t) about the centre c of the points, with q
+    # affine in z (one matrix product); the row term leaves the log-sum-exp: the (n, M) work is the
+    # product alone, and the exponentials are taken over the row's group
+    c = y.mean(0, keepdim=True)
+    zc, yc = z - c, y - c
+    q = zc @ (yc / (2.0 * t)).T - (g + (yc * yc).sum(-1) / (4.0 * t))      # (n, M)
+    q = torch.cat([q, torch.full_like(q[:, :1], -math.inf)], -1)          # padding slot M: empty
+    index = groups.slots.to(z.device).index_select(0, group)              # (n, S)
+    return (zc * zc).sum(-1) / (4.0 * t) - lse(q.gather(-1, index), eps)
+
+
+def count_at_least(sorted_ref: Tensor, s: Tensor) -> Tensor:
+    """#{j: sorted_ref_j >= s_i} for ascending ``sorted_ref`` (m,) and scores s (n,) -> (n,) long.
+
+    A binary search unrolled to ceil(log2(m + 1)) steps of (n,) gathers, so the served graph does
+    O(n log m) work rather than an (n, m) comparison; NaN scores count 0 (no reference is >= NaN)."""
+    m = int(sorted_ref.shape[0])                               # a Python number, also when exporting
+    lo = torch.zeros_like(s, dtype=torch.long)                 # first index with ref >= s lies in [lo, hi]
+    if m == 0:
+        return lo
+    hi = torch.full_like(lo, m)
+    for _ in range(m.bit_length()):
+        mid = torch.div(lo + hi, 2, rounding_mode="floor")
+        below = sorted_ref.index_select(0, mid.clamp_max(m - 1).reshape(-1)).reshape(s.shape) < s
+        below = below & (mid < hi)
+        lo = torch.where(below, mid + 1, lo)
+        hi = torch.where(below, hi, mid)
+    return torch.where(torch.isnan(s), 0, m - lo)
 
 
 def likelihood_gauge(points: Tensor, labels: Tensor | None, eps: float, grid: Tensor) -> float:
@@ -295,7 +401,7 @@ def likelihood_gauge(points: Tensor, labels: Tensor | None, eps: float, grid: Te
     best_t, best = float(grid[0]), -math.inf
     for t in grid.tolist():
         var = 2.0 * t * eps
-        e = torch.where(same, -d2 / (2.0 * var), torch.full_like(d2, -math.inf))
+        e = torch.where(same, -d2 / (2.0 * var), -math.inf)
         ll = (logsumexp(e) - log_count)[scored].sum() - 0.5 * p * math.log(2.0 * math.pi * var) * int(scored.sum())
         if float(ll) > best:
             best_t, best = t, float(ll)
@@ -401,7 +507,7 @@ def hybrid_radius(m: Tensor, G: Tensor, L: Tensor, kappa: Tensor) -> Tensor:
     t_star = (L - G) / kappa.clamp_min(torch.finfo(m.dtype).tiny)
     lin = t_star + (m - G * t_star - 0.5 * kappa * t_star * t_star) / L.clamp_min(torch.finfo(m.dtype).tiny)
     r = torch.where(curv <= t_star, curv, lin)
-    return torch.where(m > 0, r, torch.zeros_like(r))
+    return torch.where(m > 0, r, 0.0)
 
 
 def lipschitz_radius(m: Tensor, L: Tensor) -> Tensor:
@@ -450,11 +556,11 @@ def certificate_tables(W: Tensor, pos: Tensor, neg: Tensor, eps: float) -> tuple
     P, Q = pos[..., rep], neg[..., rep]                                   # (K, K, G): the groups each mask holds
     big = sq.unsqueeze(0).unsqueeze(0)                                    # (1, 1, G, G)
     pair = (P.unsqueeze(-1) & Q.unsqueeze(-2))
-    L = torch.where(pair, big, torch.zeros_like(big)).amax((-1, -2)).sqrt()
+    L = torch.where(pair, big, 0.0).amax((-1, -2)).sqrt()
     L = torch.nextafter(L, torch.full_like(L, math.inf)) * (L > 0)
     inside = Q.unsqueeze(-1) & Q.unsqueeze(-2)
-    D2 = torch.where(inside, big, torch.zeros_like(big)).amax((-1, -2))
-    kappa = torch.where(neg.sum(-1) >= 2, D2 / (4.0 * eps), torch.zeros_like(D2))
+    D2 = torch.where(inside, big, 0.0).amax((-1, -2))
+    kappa = torch.where(neg.sum(-1) >= 2, D2 / (4.0 * eps), 0.0)
     return L, kappa
 
 
@@ -465,8 +571,7 @@ def _two_groups(ak: Tensor, pos: Tensor, neg: Tensor, eps: float, rounding: floa
     sp, pip = masked_lse_gibbs(ak, pos, eps)
     sq, piq = masked_lse_gibbs(ak, neg, eps)
     finite = (sp.abs() < math.inf) & (sq.abs() < math.inf)
-    zero = torch.zeros_like(sp)
-    sp0, sq0 = torch.where(finite, sp, zero), torch.where(finite, sq, zero)
+    sp0, sq0 = torch.where(finite, sp, 0.0), torch.where(finite, sq, 0.0)
     if rounding is None:
         rounding = 64 * torch.finfo(ak.dtype).eps
     target = sp0 - rounding * (sp0.abs() + sq0.abs())
@@ -510,11 +615,16 @@ def _tangent(ak, neg, W, eps, target, sq0, pip, piq, finite, iters: int) -> Tens
     """:func:`tangent_radius` from the already evaluated groups (:func:`_two_groups`)."""
     g = pip @ W                                                     # (n, K, p)
     c2 = (W * W).sum(-1) - 2.0 * (g @ W.transpose(-1, -2)) + (g * g).sum(-1, keepdim=True)
-    c = c2.clamp_min(0.0).sqrt()                                    # (n, K, N): |w_j - g|
-    big = torch.full_like(ak, math.inf)                             # phi(r) = target - s-(r)
-    gap = torch.where(neg & (c > 0), (target.unsqueeze(-1) - ak) / torch.where(c > 0, c, torch.ones_like(c)), big)
+    return _tangent_solve(ak, neg, c2.clamp_min(0.0).sqrt(), eps, target, sq0, finite, iters)
+
+
+def _tangent_solve(ak, neg, c, eps, target, sq0, finite, iters: int) -> Tensor:
+    """The root of phi(r) = target - eps LSE_neg(a_j + c_j r) of :func:`tangent_radius`, given the
+    distances c_j = |w_j - g| (broadcast with ``ak``)."""
+    # phi(r) = target - s-(r)
+    gap = torch.where(neg & (c > 0), (target.unsqueeze(-1) - ak) / torch.where(c > 0, c, 1.0), math.inf)
     hi = gap.amin(-1).clamp_min(0.0)
-    hi = torch.where(hi < math.inf, hi, torch.zeros_like(hi))       # no moving neuron: handled below
+    hi = torch.where(hi < math.inf, hi, 0.0)       # no moving neuron: handled below
     lo = torch.zeros_like(hi)
 
     def phi(r: Tensor) -> tuple[Tensor, Tensor]:
@@ -527,10 +637,10 @@ def _tangent(ak, neg, W, eps, target, sq0, pip, piq, finite, iters: int) -> Tens
     for _ in range(iters):
         phi_hi, dphi_hi = phi(hi)
         denom = phi_lo - phi_hi
-        chord = lo + phi_lo * (hi - lo) / torch.where(denom > 0, denom, torch.ones_like(denom))
+        chord = lo + phi_lo * (hi - lo) / torch.where(denom > 0, denom, 1.0)
         chord = torch.where(denom > 0, torch.minimum(torch.maximum(chord, lo), hi), lo)
         chord = lo + (chord - lo) * (1.0 - 1e-6)  # stay clear of the root: acceptance is robust to rounding
-        newton = hi - phi_hi / torch.where(dphi_hi < 0, dphi_hi, -torch.ones_like(dphi_hi))
+        newton = hi - phi_hi / torch.where(dphi_hi < 0, dphi_hi, -1.0)
         hi = torch.where(dphi_hi < 0, torch.minimum(torch.maximum(newton, chord), hi), hi)
         phi_c, _ = phi(chord)
         better = phi_c >= 0
@@ -539,9 +649,9 @@ def _tangent(ak, neg, W, eps, target, sq0, pip, piq, finite, iters: int) -> Tens
     # no neuron of the negative side moves relative to g: the margin is constant on every ball
     static = ~(neg & (c > 0)).any(-1)
     positive = (target - sq0 > 0) & finite
-    r = torch.where(static & positive, torch.full_like(lo, math.inf), lo)
-    r = torch.where(positive, r, torch.zeros_like(r))
-    return torch.where(~neg.any(-1), torch.full_like(r, math.inf), r)
+    r = torch.where(static & positive, math.inf, lo)
+    r = torch.where(positive, r, 0.0)
+    return torch.where(~neg.any(-1), math.inf, r)
 
 
 def gibbs_margin_radius(a: Tensor, W: Tensor, eps: float, c: Tensor, pos: Tensor, neg: Tensor,
@@ -587,6 +697,49 @@ def gibbs_margin_radius(a: Tensor, W: Tensor, eps: float, c: Tensor, pos: Tensor
     return r.min(-1).values, r
 
 
+def grouped_margin_radius(a_g: Tensor, s: Tensor, pi_g: Tensor, valid: Tensor, c: Tensor, W_g: Tensor,
+                          eps: float, L: Tensor, kappa: Tensor, rounding: float | None = None,
+                          pullback=None, lip: float = 1.0, curv: float = 0.0,
+                          tangent_g: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """:func:`gibbs_margin_radius` when each class is one group of neurons: the margin of pair (c, k)
+    is s_c - s_k, the LSE of group c minus that of group k (an lse head; a memory head with one-hot
+    labels, whose sign reduction has exactly these groups and no shift). The same certificate, but
+    every pair's negative side is its own group, so the work is O(n N) instead of O(n K N).
+
+    a_g: (n, K, S) pre-activations in the :class:`Groups` layout (-inf padding), s: (n, K) and
+    pi_g: (n, K, S) their group LSE values and within-group Gibbs weights, valid: (K, S), W_g:
+    (K, S, p) the rows by group (the gradient's coordinates, before ``pullback``), ``tangent_g``:
+    (K, S, q) the rows in the certificate's coordinates for :func:`tangent_radius` (None: no
+    tangent radius). L / kappa: (K, K) (:func:`certificate_tables` of the same pairs). Returns
+    (radius (n,), per-class radius (n, K) with +inf at k = c)."""
+    K = s.shape[-1]
+    if rounding is None:
+        rounding = 64 * torch.finfo(s.dtype).eps
+    own = torch.nn.functional.one_hot(c, K).bool()                   # (n, K)
+    sc = s.gather(1, c.unsqueeze(-1))                                # (n, 1): s+ of every pair
+    finite = (sc.abs() < math.inf) & (s.abs() < math.inf)
+    sp0, sq0 = torch.where(finite, sc.expand_as(s), 0.0), torch.where(finite, s, 0.0)
+    target = sp0 - rounding * (sp0.abs() + sq0.abs())
+    m = target - sq0
+    never = ~valid.any(-1)                                           # (K,): an empty group never wins
+    grads = torch.einsum("nks,ksp->nkp", pi_g, W_g)                  # grad s_k for every group
+    grad = grads.gather(1, c.view(-1, 1, 1).expand(-1, 1, grads.shape[-1])) - grads   # grad m_k
+    if pullback is not None:
+        grad = pullback(grad)
+    G = torch.linalg.vector_norm(grad, dim=-1)                       # (n, K): exact |grad m_k(x)|
+    Lc, kc = L[c], kappa[c]
+    r = hybrid_radius(m, G, Lc * lip, kc * lip * lip + Lc * curv)
+    if tangent_g is not None:
+        # g = grad s_c in the certificate's coordinates; c_j = |t_j - g| for every neuron
+        flat = tangent_g.reshape(-1, tangent_g.shape[-1])                                  # (K S, q)
+        g = (pi_g * own.to(pi_g.dtype).unsqueeze(-1)).reshape(pi_g.shape[0], -1) @ flat                  # (n, q)
+        c2 = (flat * flat).sum(-1) - 2.0 * (g @ flat.T) + (g * g).sum(-1, keepdim=True)
+        dist = c2.clamp_min(0.0).sqrt().reshape(a_g.shape)
+        r = torch.maximum(r, _tangent_solve(a_g, valid, dist, eps, target, sq0, finite, _TANGENT_ITERS) / lip)
+    r = torch.where(never | own, math.inf, r)
+    return r.min(-1).values, r
+
+
 # --------------------------------------------------------------------------------------------
 # labels (Prop F.1), measure extension (Remark H.11), optimal viscosity (Thm 8.1)
 # --------------------------------------------------------------------------------------------
@@ -625,11 +778,11 @@ def fewest_label_flips(pi: Tensor, labels: Tensor, c: Tensor, n_classes: int) ->
         need = margin[:, k:k + 1]
         # relabelling must make yhat_k >= yhat_c (ties broken against c): csum >= margin
         ok = csum >= need
-        count = torch.where(ok.any(-1), ok.float().argmax(-1) + 1, torch.full_like(best, N + 1))
-        count = torch.where(c == k, torch.full_like(count, N + 1), count)
+        count = torch.where(ok.any(-1), ok.float().argmax(-1) + 1, N + 1)
+        count = torch.where(c == k, N + 1, count)
         better = count < best
         best = torch.where(better, count, best)
-        target = torch.where(better, torch.full_like(target, k), target)
+        target = torch.where(better, k, target)
     return best, target
 
 
@@ -728,12 +881,12 @@ def label_flip_plan(pi: Tensor, labels: Tensor, c: Tensor, n_classes: int, k: in
         gain = torch.where(in_c, 2.0 * pi, pi).masked_fill(in_k.unsqueeze(0), 0.0)
         ordered, order = torch.sort(gain, dim=-1, descending=True)
         ok = ordered.cumsum(-1) >= margin[:, cls:cls + 1]
-        count = torch.where(ok.any(-1), ok.to(torch.long).argmax(-1) + 1, torch.full_like(best, N + 1))
-        count = torch.where(c == cls, torch.full_like(count, N + 1), count)
+        count = torch.where(ok.any(-1), ok.to(torch.long).argmax(-1) + 1, N + 1)
+        count = torch.where(c == cls, N + 1, count)
         better = count < best
         best = torch.where(better, count, best)
-        target = torch.where(better, torch.full_like(target, cls), target)
+        target = torch.where(better, cls, target)
         first = order[:, :k]
         taken = torch.arange(k, device=pi.device).unsqueeze(0) < count.unsqueeze(1)
-        plan = torch.where(better.unsqueeze(1), torch.where(taken, first, torch.full_like(first, -1)), plan)
+        plan = torch.where(better.unsqueeze(1), torch.where(taken, first, -1), plan)
     return best, target, plan

@@ -75,15 +75,21 @@ class LSEGroupLayer(nn.Module):
         self.b = nn.Parameter(torch.as_tensor(b, dtype=torch.float64).clone())
         self.register_buffer("mask", torch.as_tensor(mask, dtype=torch.bool))
         self.eps = float(eps)
+        self.regroup()
+
+    def regroup(self) -> None:
+        """Rebuild the group table from ``mask`` (after changing it)."""
+        self.groups = F.Groups.of(self.mask)
 
     def forward(self, h: Tensor) -> Tensor:
         a = F.preactivations(h, self.W.to(h.dtype), self.b.to(h.dtype))
-        return F.group_lse(a, self.mask, self.eps)
+        return F.group_lse(a, self.groups, self.eps)
 
     def gibbs(self, h: Tensor) -> Tensor:
-        """Within-group Gibbs weights P: (n, H, M); the layer's Jacobian is P @ W."""
+        """Within-group Gibbs weights P: (n, H, S) in the layout of ``self.groups`` (:class:`~hjmodel.
+        functional.Groups`); the layer's Jacobian is ``groups.spread(P) @ W`` row by row."""
         a = F.preactivations(h, self.W.to(h.dtype), self.b.to(h.dtype))
-        return F.group_gibbs(a, self.mask, self.eps)
+        return F.grouped_lse_gibbs(a, self.groups, self.eps)[1]
 
     def bounds(self, W: Tensor) -> tuple[float, float]:
         """Sound global (Lipschitz, curvature) bounds of this layer for input weights ``W``.
@@ -129,6 +135,16 @@ class GibbsHead(nn.Module):
         self.register_buffer("example_ids", torch.as_tensor(example_ids, dtype=torch.long)
                              if example_ids is not None else torch.arange(N))
         self.labels_in_exponent = bool(labels_in_exponent)
+        self.regroup()
+
+    def regroup(self) -> None:
+        """Rebuild ``groups``, the class groups of the outputs (:class:`~hjmodel.functional.Groups`):
+        an lse head's groups, or a memory head's classes when its values are one-hot labels (None:
+        values that are not, i.e. regression targets)."""
+        V = self.V
+        one_hot = V.shape[1] > 0 and bool(((V == 0) | (V == 1)).all()) and bool((V.sum(1) == 1).all())
+        self.groups = (F.Groups.of(self.mask) if self.mode == "groups"
+                       else F.Groups.of(V.T > 0.5) if one_hot else None)
 
     @property
     def n_outputs(self) -> int:
@@ -140,17 +156,27 @@ class GibbsHead(nn.Module):
     def outputs(self, a: Tensor) -> Tensor:
         """Raw outputs: group LSE values s (lse) or Gibbs averages yhat (memory).  (n, N) -> (n, K)."""
         if self.mode == "groups":
-            return F.group_lse(a, self.mask, self.eps)
+            return F.group_lse(a, self.groups, self.eps)
         return F.gibbs(a, self.eps) @ self.V.to(a.dtype)
 
-    def log_probabilities(self, a: Tensor) -> Tensor:
+    def grouped(self, a: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Pre-activations by class group (n, K, S), the groups' LSE values s (n, K) and their
+        within-group Gibbs weights (n, K, S) (``self.groups``' layout): what the outputs, the
+        log-probabilities and the certificate share."""
+        a_g = self.groups.gather(a)
+        s, pi_g = F.masked_lse_gibbs(a_g, self.groups.valid.to(a.device), self.eps)
+        return a_g, s, pi_g
+
+    def log_probabilities(self, a: Tensor, s: Tensor | None = None) -> Tensor:
         """Class log-probabilities for training and serving.  (n, N) -> (n, K).
 
-        lse: log softmax(s / eps). memory (one-hot V): log sum_{j in class k} pi_j."""
+        lse: log softmax(s / eps). memory (one-hot V): log sum_{j in class k} pi_j. ``s``: the class
+        groups' LSE values when already computed (:meth:`grouped`)."""
+        if s is None:
+            s = F.group_lse(a, self.groups if self.groups is not None else self.V.T > 0.5, self.eps)
         if self.mode == "groups":
-            return torch.log_softmax(F.group_lse(a, self.mask, self.eps) / self.eps, dim=-1)
-        member = self.V.T > 0.5                          # (K, N)
-        return (F.group_lse(a, member, self.eps) - F.lse(a, self.eps).unsqueeze(-1)) / self.eps
+            return torch.log_softmax(s / self.eps, dim=-1)
+        return (s - F.lse(a, self.eps).unsqueeze(-1)) / self.eps
 
 
 @dataclass
@@ -176,6 +202,25 @@ class OODReference:
     norm_ambiguous: Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.float64))
     combined: Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.float64))
     regime_factor: float = 100.0
+
+    def class_groups(self, n_classes: int) -> tuple[F.Groups, Tensor] | None:
+        """The reference points by class (:class:`~hjmodel.functional.Groups` over the M points) and
+        log of each class's count, for the class-conditional score; None without labels or when a
+        class has no point (its rows fall back to every point). Cached for the current ``labels``."""
+        # the cache holds the labels tensor itself (so its identity cannot be reused) and its version
+        # counter (in-place edits)
+        key = (self.labels, self.labels._version, n_classes)
+        cached = self.__dict__.get("_class_groups")
+        if cached is not None and cached[0][0] is key[0] and cached[0][1:] == key[1:]:
+            return cached[1]
+        value = None
+        if self.labels.numel():
+            member = torch.nn.functional.one_hot(self.labels, n_classes).T.bool()     # (K, M)
+            count = member.sum(-1)
+            if bool((count > 0).all()):
+                value = (F.Groups.of(member), torch.log(count.to(torch.float64)))
+        self.__dict__["_class_groups"] = (key, value)
+        return value
 
 
 @dataclass(frozen=True)
@@ -272,6 +317,13 @@ class HJModel(nn.Module):
         """Recompute the weight-only constants of the certificates (call after changing weights)."""
         with torch.no_grad():
             head = self.head
+            head.regroup()
+            for layer in self.body:
+                layer.regroup()
+            ref = self.reference
+            # the p-values' binary search needs ascending references (calibration stores them sorted)
+            for name in ("norm_unsupported", "norm_ambiguous", "combined"):
+                setattr(ref, name, torch.sort(getattr(ref, name)).values)
             W = head.W.detach().to(torch.float64)
             A = self.preprocess.A
             self._A_pinv = torch.linalg.pinv(A.to(torch.float64))   # (d, p): z -> raw input space
@@ -297,7 +349,11 @@ class HJModel(nn.Module):
                     pos, neg, shift = F.sign_reduction_biases(torch.zeros(N, dtype=torch.float64), u, head.eps)
                 L, kappa = F.certificate_tables(W_head, pos, neg, head.eps)
                 self._pair = (pos.contiguous(), neg.contiguous(), shift.contiguous(), L, kappa)
+                # one group per class (lse heads; memory heads with one-hot labels): the O(n N) form
+                groups = head.groups
+                self._grouped = None if groups is None else (groups.rows(W), groups.rows(W_head))
             else:
+                self._grouped = None
                 norms = torch.linalg.vector_norm(W_head, dim=-1)
                 if head.mode == "groups":
                     R = torch.stack([norms[g].max() for g in head.mask])
@@ -367,8 +423,11 @@ class HJModel(nn.Module):
         res: dict[str, Tensor] = {}
 
         # which Gibbs measure decides: the predicted class's group (lse) or all neurons (memory)
+        # the class groups' pre-activations, LSE values and Gibbs weights (n, K, S): shared by the
+        # outputs, the log-probabilities and the certificate
+        grouped = head.grouped(a) if head.groups is not None else None
         if head.mode == "groups":
-            s = F.group_lse(a, head.mask, eps)                       # (n, K)
+            s = grouped[1]                                           # (n, K)
             if self.task == "classification":
                 probs = torch.softmax(s / eps, dim=-1)
                 c = s.argmax(-1)
@@ -376,8 +435,11 @@ class HJModel(nn.Module):
                 c = torch.zeros(n, dtype=torch.long)
             keep = head.mask[c]                                      # (n, N)
             yhat = s
+            # decisive Gibbs weights: the decided group's, zero elsewhere
+            own = torch.nn.functional.one_hot(c, s.shape[-1]).to(a.dtype).unsqueeze(-1)
+            pi = head.groups.spread(grouped[2] * own)
         else:
-            pi_all = F.gibbs(a, eps)
+            pi = pi_all = F.gibbs(a, eps)                            # decisive Gibbs weights: all neurons
             yhat = pi_all @ head.V
             if self.task == "classification":
                 probs = yhat
@@ -385,9 +447,9 @@ class HJModel(nn.Module):
             else:
                 c = torch.zeros(n, dtype=torch.long)
             keep = torch.ones_like(a, dtype=torch.bool)
-        _, pi = F.masked_lse_gibbs(a, keep, eps)                      # decisive Gibbs weights
         n_keep = keep.sum(-1)
-        log_probs = head.log_probabilities(a) if self.task == "classification" else None
+        log_probs = (head.log_probabilities(a, None if grouped is None else grouped[1])
+                     if self.task == "classification" else None)
 
         if self.task == "classification":
             res["prediction"] = c
@@ -397,7 +459,7 @@ class HJModel(nn.Module):
 
         # ---- certificate (raw input space)
         if "certified_radius" in wanted:
-            res["certified_radius"] = self._certified_radius(a, gibbs_body, c, yhat, tau_t)
+            res["certified_radius"] = self._certified_radius(a, gibbs_body, c, yhat, tau_t, grouped)
 
         # ---- attribution, entropy, energy gap, label sensitivity
         if wanted & {"attribution_index", "attribution_weight", "label_sensitivity"}:
@@ -413,9 +475,9 @@ class HJModel(nn.Module):
             res["attribution_entropy"] = F.attribution_entropy(pi)
         dominant = None
         if wanted & {"energy_gap", "hallucination_flag"}:
-            a_keep = torch.where(keep, a, torch.full_like(a, -math.inf))
+            a_keep = torch.where(keep, a, -math.inf)
             delta, dominant = F.energy_gap(a_keep)
-            delta = torch.where(delta.abs() < math.inf, delta, torch.full_like(delta, 1e30))
+            delta = torch.where(delta.abs() < math.inf, delta, 1e30)
             res["energy_gap"] = delta / eps
 
         # ---- saliency: gradient of the decisive output in raw input space
@@ -445,8 +507,9 @@ class HJModel(nn.Module):
     def _pullback(self, v: Tensor, gibbs_body: list[Tensor]) -> Tensor:
         """Vector-Jacobian product through the body and the preprocessing: (..., p) -> (..., d)."""
         for layer, P in zip(reversed(self.body), reversed(gibbs_body)):
-            # v: (n, [K,] H); P: (n, H, M)
-            v = torch.einsum("n...h,nhm->n...m", v, P) @ layer.W.to(v.dtype)
+            # v: (n, [K,] H); P: (n, H, S) by group: piece m of unit h gets v_h P_hm
+            P = P.reshape(P.shape[0], *([1] * (v.ndim - 2)), *P.shape[1:])
+            v = layer.groups.spread(v.unsqueeze(-1) * P) @ layer.W.to(v.dtype)
         return v @ self.preprocess.A
 
     def _values_grad(self, pi: Tensor, c: Tensor) -> Tensor:
@@ -467,7 +530,7 @@ class HJModel(nn.Module):
             return F.label_sensitivity_exponent(pi, g, yhat[:, 0], head.eps)
         return F.label_sensitivity_values(pi)
 
-    def _certified_radius(self, a, gibbs_body, c, yhat, tau) -> Tensor:
+    def _certified_radius(self, a, gibbs_body, c, yhat, tau, grouped=None) -> Tensor:
         head = self.head
         lip, curv = self._feature_lip, self._feature_curv
 
@@ -476,6 +539,12 @@ class HJModel(nn.Module):
 
         if self.task == "classification":
             pos, neg, shift, L, kappa = self._pair
+            if grouped is not None and self._grouped is not None:
+                a_g, s, pi_g = grouped
+                W_g, T_g = self._grouped
+                return F.grouped_margin_radius(a_g, s, pi_g, head.groups.valid.to(a.device), c, W_g, head.eps,
+                                               L, kappa, rounding=ROUNDING, pullback=pullback, lip=lip,
+                                               curv=curv, tangent_g=T_g)[0]
             return F.gibbs_margin_radius(a, head.W, head.eps, c, pos, neg, shift, L, kappa, rounding=ROUNDING,
                                          pullback=pullback, lip=lip, curv=curv, tangent_rows=self._W_tangent)[0]
         return self._regression_radius(a, pullback, yhat, tau, lip, curv)
@@ -490,8 +559,9 @@ class HJModel(nn.Module):
         head, eps = self.head, self.head.eps
         R, D = self._scalar
         if head.mode == "groups":
-            pi_g = F.group_gibbs(a, head.mask, eps)                     # (n, K, N)
-            G = torch.linalg.vector_norm(pullback(pi_g @ head.W), dim=-1)
+            _, pi_g = F.grouped_lse_gibbs(a, head.groups, eps)         # (n, K, S)
+            G = torch.linalg.vector_norm(pullback(torch.einsum("nks,ksp->nkp", pi_g, head.groups.rows(head.W))),
+                                         dim=-1)
             kappa = D * D / (4 * eps) * lip * lip + R * curv
             return F.hybrid_radius(tau.unsqueeze(-1).expand_as(G), G, R * lip, kappa).min(-1).values
         radii = []
@@ -501,7 +571,7 @@ class HJModel(nn.Module):
             m, coef, never = F.sign_margin(a.unsqueeze(1) + shifted, u > 0, u < 0, eps, ROUNDING)
             G = torch.linalg.vector_norm(pullback(coef @ head.W), dim=-1)
             r = F.hybrid_radius(m, G, D * lip, D * D / (4 * eps) * lip * lip + D * curv)
-            radii.append(torch.where(never, torch.full_like(r, math.inf), r).min(-1).values)
+            radii.append(torch.where(never, math.inf, r).min(-1).values)
         return torch.minimum(radii[0], radii[1])
 
     def ood_unsupported(self, h: Tensor, classes: Tensor | None = None, leave_out: Tensor | None = None) -> Tensor:
@@ -516,6 +586,12 @@ class HJModel(nn.Module):
         ref = self.reference
         pts = ref.points.to(h.dtype)
         M = pts.shape[0]
+        by_class = ref.class_groups(self.n_outputs) if classes is not None and leave_out is None else None
+        if by_class is not None:
+            # every class has reference points: the exponentials of the row's class only
+            groups, log_count = by_class
+            u = F.hopf_cole_value_in_group(h, pts, torch.zeros(M, dtype=h.dtype), ref.t, ref.eps, groups, classes)
+            return u / ref.eps + log_count.to(h.dtype).index_select(0, classes)
         member = None
         if classes is not None and ref.labels.numel():
             member = ref.labels.unsqueeze(0) == classes.unsqueeze(-1)                      # (n, M)
@@ -561,10 +637,7 @@ class HJModel(nn.Module):
             T, component = s_u, torch.zeros_like(comp_u, dtype=torch.long)
         else:
             T, component = torch.maximum(s_u, s_a), (s_a > s_u).long()
-        cal = ref.combined.to(comp_u.dtype)
-        ge = (cal.unsqueeze(0) >= T.unsqueeze(-1)).sum(-1).to(comp_u.dtype)
-        p = (1.0 + ge) / (1.0 + float(cal.shape[0]))
-        return p, component
+        return _rank_p(ref.combined.to(comp_u.dtype), T), component
 
     def _surprisals(self, comp_u: Tensor, comp_a: Tensor | None) -> tuple[Tensor, Tensor | None]:
         """-log p_c + tie-break_c of each component (None: no ambiguity component)."""
@@ -618,7 +691,7 @@ class HJModel(nn.Module):
             out["label_flips"], out["label_flip_target"], out["label_flip_index"] = count, target, plan
         # HJ reading (Thm 4.1): e_j = g_j + |z - y_j|^2/(4t) = |z|^2/(4t) - a_j, over the decisive group
         y, g = F.hj_reading(head.W, head.b, t)
-        e = torch.where(keep, (h * h).sum(-1, keepdim=True) / (4.0 * t) - a, torch.full_like(a, math.inf))
+        e = torch.where(keep, (h * h).sum(-1, keepdim=True) / (4.0 * t) - a, math.inf)
         j = e.argmin(-1)
         out["hj_initial_value"] = g[j]
         out["hj_value"] = -F.lse(-e, eps)
@@ -626,10 +699,9 @@ class HJModel(nn.Module):
         if len(self.body) == 0:
             out["hj_support_point"] = self.preprocess.mu + y[j] @ self._A_pinv.T   # (n, d)
         # eps what-if: every LSE at eps -> 0 (max), the Gibbs average at its dominant support point
-        a_keep = torch.where(keep, a, torch.full_like(a, -math.inf))
+        a_keep = torch.where(keep, a, -math.inf)
         if head.mode == "groups":
-            tropical = torch.where(head.mask.unsqueeze(0), a.unsqueeze(1),
-                                   torch.full_like(a, -math.inf).unsqueeze(1)).amax(-1)   # (n, K)
+            tropical = head.groups.gather(a).amax(-1)                                     # (n, K)
         else:
             tropical = head.V[a_keep.argmax(-1)]                                          # (n, K)
         yhat = ev["prediction"]
@@ -661,9 +733,9 @@ def _per_row(tau: float | Tensor, n: int) -> Tensor:
 
 
 def _rank_p(sorted_ref: Tensor, s: Tensor) -> Tensor:
-    """Upper-tail rank p-value of scores s among reference scores: (1 + #{ref >= s}) / (1 + m).
-    (m,), (n,) -> (n,); exportable (a comparison and a sum)."""
-    ge = (sorted_ref.unsqueeze(0) >= s.unsqueeze(-1)).sum(-1).to(s.dtype)
+    """Upper-tail rank p-value of scores s among ascending reference scores: (1 + #{ref >= s}) / (1 + m).
+    (m,), (n,) -> (n,); exportable (an unrolled binary search, :func:`functional.count_at_least`)."""
+    ge = F.count_at_least(sorted_ref, s).to(s.dtype)
     return (1.0 + ge) / (1.0 + float(sorted_ref.shape[0]))
 
 

@@ -584,3 +584,64 @@ def test_tangent_radius_edge_cases():
     same = torch.tensor([[1.0, 0.0], [1.0, 0.0]], dtype=DT)        # rows equal: margin is constant
     ak = torch.tensor([[[1.0, 0.0]]], dtype=DT)
     assert math.isinf(float(F.tangent_radius(ak, pos, ~pos, same, 0.1)))
+
+
+# --------------------------------------------------------------------------------------------
+# the O(n N) grouped form (functional.grouped_margin_radius) is the same certificate as the masked one
+# --------------------------------------------------------------------------------------------
+
+
+def _both_forms(a, W, eps, c, mask, pos, neg, shift, L, kappa, tangent):
+    groups = F.Groups.of(mask)
+    a_g = groups.gather(a)
+    s, pi_g = F.masked_lse_gibbs(a_g, groups.valid, eps)
+    rows = groups.rows(W)
+    dense = F.gibbs_margin_radius(a, W, eps, c, pos, neg, shift, L, kappa, tangent_rows=W if tangent else None)
+    grouped = F.grouped_margin_radius(a_g, s, pi_g, groups.valid, c, rows, eps, L, kappa,
+                                      tangent_g=rows if tangent else None)
+    return dense, grouped
+
+
+@pytest.mark.parametrize("tangent", (False, True))
+@pytest.mark.parametrize("seed", range(100))
+def test_grouped_form_equals_masked_form_for_group_heads(seed, tangent):
+    """lse heads: uneven groups, every decision and a pullback-free certificate; the per-class radii
+    agree to rounding (the same sums in another layout)."""
+    gen, mask, W, b, eps, z = _grouped_problem(seed, n=6)
+    pos, neg, shift, L, kappa = _grouped_tables(mask, W, eps)
+    a = F.preactivations(z, W, b)
+    c = F.group_lse(a, mask, eps).argmax(-1)
+    (r_d, per_d), (r_g, per_g) = _both_forms(a, W, eps, c, mask, pos, neg, shift, L, kappa, tangent)
+    assert torch.equal(torch.isinf(per_d), torch.isinf(per_g))
+    fin = torch.isfinite(per_d)
+    assert torch.allclose(per_g[fin], per_d[fin], rtol=1e-9, atol=1e-12), (per_d, per_g)
+    assert torch.allclose(r_g, r_d, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("tangent", (False, True))
+@pytest.mark.parametrize("seed", range(100))
+def test_grouped_form_equals_sign_reduction_for_one_hot_memory(seed, tangent):
+    """memory heads with one-hot labels: the sign reduction's pairs are the class groups, with no
+    shift; a class without support points never wins (+inf)."""
+    gen, W, b, eps, V, z = _gibbs_problem(seed, onehot=True, n=6)
+    u, pos, neg, shift, L, kappa = _gibbs_tables(W, V, eps)
+    a = F.preactivations(z, W, b)
+    c = (F.gibbs(a, eps) @ V).argmax(-1)
+    (r_d, per_d), (r_g, per_g) = _both_forms(a, W, eps, c, V.T > 0.5, pos, neg, shift, L, kappa, tangent)
+    assert torch.equal(torch.isinf(per_d), torch.isinf(per_g))
+    fin = torch.isfinite(per_d)
+    assert torch.allclose(per_g[fin], per_d[fin], rtol=1e-9, atol=1e-12), (per_d, per_g)
+
+
+def test_groups_layout_round_trips():
+    mask = torch.tensor([[1, 0, 0, 1, 0], [0, 1, 0, 0, 0], [0, 0, 0, 0, 0]], dtype=torch.bool)
+    g = F.Groups.of(mask)
+    assert g.shape == (3, 2)
+    assert g.slots.tolist() == [[0, 3], [1, 5], [5, 5]]
+    a = torch.arange(10, dtype=DT).reshape(2, 5)
+    a_g = g.gather(a)
+    assert a_g[0].tolist() == [[0, 3], [1, -math.inf], [-math.inf, -math.inf]]
+    back = g.spread(torch.where(g.valid, a_g, torch.zeros_like(a_g)))
+    assert back.tolist() == [[0, 1, 0, 3, 0], [5, 6, 0, 8, 0]]          # neuron 2 is in no group
+    with pytest.raises(ValueError, match="disjoint"):
+        F.Groups.of(torch.tensor([[1, 1], [1, 0]], dtype=torch.bool))

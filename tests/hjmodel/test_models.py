@@ -190,3 +190,16 @@ def test_evaluate_takes_one_tau_per_row(regression_models):
         # the served module and graph take tau as a (batch, 1) input
         torch_out, onnx_out = served(directory, x.to(torch.float32), 0.5)
         np.testing.assert_allclose(onnx_out["certified_radius"], torch_out["certified_radius"], rtol=2e-6)
+
+
+@pytest.mark.parametrize("case", [*DEMO_CASES, "deep-memory-classification"])
+def test_grouped_certificate_equals_the_masked_one(case, demo_repository, regression_models):
+    """The served certificate's O(n N) grouped form (one group per class) against the general
+    (n, K, N) masked form of the same pairs, on every kind with a classification head."""
+    _, model, x, _, _ = load_case(case, demo_repository, regression_models)
+    x = x[:64]
+    assert model.head.groups is not None and model._grouped is not None
+    ev = model.evaluate(x, outputs=("certified_radius",))
+    _, gibbs_body, a = model.trace(x)
+    masked = model._certified_radius(a, gibbs_body, ev.decision, None, None, grouped=None)
+    assert torch.allclose(ev["certified_radius"], masked, rtol=1e-9, atol=0.0)
