@@ -560,8 +560,7 @@ class HJModel(nn.Module):
         R, D = self._scalar
         if head.mode == "groups":
             _, pi_g = F.grouped_lse_gibbs(a, head.groups, eps)         # (n, K, S)
-            G = torch.linalg.vector_norm(pullback(torch.einsum("nks,ksp->nkp", pi_g, head.groups.rows(head.W))),
-                                         dim=-1)
+            G = torch.linalg.vector_norm(pullback(F.group_gradients(pi_g, head.groups.rows(head.W))), dim=-1)
             kappa = D * D / (4 * eps) * lip * lip + R * curv
             return F.hybrid_radius(tau.unsqueeze(-1).expand_as(G), G, R * lip, kappa).min(-1).values
         radii = []
