@@ -461,16 +461,18 @@ class DataPlane:
     # -- the one run path -------------------------------------------------------------------------
 
     async def _run(self, name: str, version: str | None, prepare: Prepare, *,
-                   wait_for_room: bool = False) -> Prediction:
+                   wait_for_room: bool = False, whole: bool = False) -> Prediction:
         """Rows through the serving version: resolve the version, resolve options and validate rows
         against *that* version (``prepare``), send the rows through its batcher in
-        ``max_batch_size`` chunks, record every computed row's diagnostics in the metrics. A version
-        swapped mid-request (its batcher closed) is retried on the new load."""
+        ``max_batch_size`` chunks (``whole``: as one job -- a batch job's chunk, whose size the job
+        bounds, runs as one graph call), record every computed row's diagnostics in the metrics. A
+        version swapped mid-request (its batcher closed) is retried on the new load."""
         for _ in range(3):
             mv = self.repository.get(name, version)
             options, rows = prepare(mv)
             try:
-                outputs, queue_s, compute_s = await self._batches(mv, rows, options, wait_for_room)
+                outputs, queue_s, compute_s = await self._batches(mv, rows, options, wait_for_room,
+                                                                  len(rows) if whole else None)
                 if options.explains:   # the explanation graph, only for requests that name its outputs
                     started = time.perf_counter()
                     with tracing.span("explain"):
@@ -504,8 +506,8 @@ class DataPlane:
         return parts[0] if len(parts) == 1 else {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
     async def _batches(self, mv: ModelVersion, rows: np.ndarray, options: InferOptions,
-                       wait_for_room: bool) -> tuple[dict[str, np.ndarray], float, float]:
-        size = self.settings.max_batch_size
+                       wait_for_room: bool, size: int | None = None) -> tuple[dict[str, np.ndarray], float, float]:
+        size = size or self.settings.max_batch_size
         chunks = [rows[i:i + size] for i in range(0, len(rows), size)]
         # the queue limit admits a request by its first chunk; its later chunks wait for room (a
         # request larger than the queue would otherwise never run)
@@ -625,7 +627,9 @@ class Attribution:
             return (self.plane.resolve_options(mv, self.parameters, self.outputs),
                     self.plane.check_rows(mv, array, datatype, array.shape))
 
-        done = await self.plane._run(self.mv.name, self.version, prepare, wait_for_room=True)
+        # the chunk (chunk_rows, at most 16 x max_batch_size) is one graph call: per-call overhead
+        # is amortised over the job's rows
+        done = await self.plane._run(self.mv.name, self.version, prepare, wait_for_room=True, whole=True)
         self.mv = done.mv
         self.mv.metrics.batch_rows.inc(done.rows)
         self._account.add(done)

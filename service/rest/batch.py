@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import anyio
+import numpy as np
 import orjson
 from fastapi import Request
 from fastapi.responses import Response, StreamingResponse
@@ -69,11 +70,17 @@ async def _spool(request: Request, limit: int):
 
 
 def ndjson_lines(block: RowBlock) -> bytes:
-    """One NDJSON line per row. Columns are converted once (``tolist``) and each row object is
-    serialised by orjson (``bench/results/service.md`` measures the job against the in-process
-    predictor; every float output is finite -- the graph saturates to the float32 range -- so nothing
-    becomes null)."""
-    columns = [(o.name, o.array.tolist()) for o in block.outputs]
+    """One NDJSON line per row, each row object serialised by orjson straight from the numpy columns:
+    float32 values in their shortest form (the float32 they are, read back exactly by a float32
+    parse; about 40% fewer bytes than their float64 expansion). Every float output is finite -- the
+    graph saturates to the float32 range -- and a block that somehow is not is written by the
+    standard encoder (NaN / Infinity, as in V2 replies). ``bench/results/service.md`` measures the
+    job against the in-process predictor."""
+    finite = all(np.isfinite(o.array).all() for o in block.outputs if o.array.dtype.kind == "f")
+    # float columns as numpy rows (orjson writes float32 in its shortest form), others as Python values
+    columns = [(o.name, list(o.array) if finite and o.array.dtype.kind == "f" else o.array.tolist())
+               for o in block.outputs]
+    dump = _dump_numpy if finite else codecs.dumps
     lines = []
     for i in range(block.rows):
         item: dict[str, Any] = {"row": block.start + i}
@@ -81,8 +88,12 @@ def ndjson_lines(block: RowBlock) -> bytes:
             item["class"] = block.classes[i]
         for name, values in columns:
             item[name] = values[i]
-        lines.append(orjson.dumps(item))
+        lines.append(dump(item))
     return b"\n".join(lines) + b"\n" if lines else b""
+
+
+def _dump_numpy(item: dict[str, Any]) -> bytes:
+    return orjson.dumps(item, option=orjson.OPT_SERIALIZE_NUMPY)
 
 
 async def _stream(job: Attribution, on_close) -> AsyncIterator[bytes]:
@@ -99,19 +110,37 @@ async def _stream(job: Attribution, on_close) -> AsyncIterator[bytes]:
         on_close()
 
 
+#: per-row elements x rows of one default batch-job graph call (2^22: ~32 MB per float64 tensor)
+CHUNK_ELEMENTS = 1 << 22
+
+
+def default_chunk_rows(spec: dict, max_batch_size: int) -> int:
+    """Rows per graph call of a batch job: as many as keep the graph's largest per-row tensors (head
+    neurons, reference points, body pieces; :data:`CHUNK_ELEMENTS` in all) -- the per-call overhead
+    is then spread over many rows -- between 4 and 16 x ``max_batch_size``."""
+    st, cal = spec.get("structure") or {}, spec.get("calibration") or {}
+    sizes = [st.get("n_neurons"), cal.get("reference_size"), *[b.get("pieces") for b in st.get("body") or []]]
+    widest = max([int(v) for v in sizes if isinstance(v, int) and v > 0] or [1])
+    return max(4 * max_batch_size, min(16 * max_batch_size, CHUNK_ELEMENTS // widest))
+
+
 async def batch_attribution(request: Request, model_name: str, model_version: str | None = None, *,
                             top_k: int | None = None, tau: float | None = None, chunk_rows: int | None = None,
                             timeout: int | None = None) -> Response:
     """Rows in (JSON, NDJSON or V2 binary), NDJSON rows out (see the module's error contract). Query
     parameters ``top_k``, ``tau``, ``timeout`` (microseconds) override the body's; ``chunk_rows`` sets
-    how many rows go to the batcher at once."""
+    how many rows go to the backend in one graph call (default :func:`default_chunk_rows`, at most
+    16 x max_batch_size)."""
     settings = settings_of(request)
     dataplane = dataplane_of(request)
     query = _query_params(top_k, tau, chunk_rows, timeout)
-    chunk_rows = query.pop("chunk_rows", 4 * settings.max_batch_size)
+    dataplane.model_ready(model_name, model_version)   # an unknown model fails before the body is read
+    chunk_rows = query.pop("chunk_rows", None)
+    if chunk_rows is None:
+        chunk_rows = default_chunk_rows(dataplane.repository.get(model_name, model_version).spec.raw,
+                                        settings.max_batch_size)
     if not 1 <= chunk_rows <= 16 * settings.max_batch_size:
         raise InvalidParameter(f"chunk_rows must be in [1, {16 * settings.max_batch_size}]")
-    dataplane.model_ready(model_name, model_version)   # an unknown model fails before the body is read
     header = request.headers.get(codecs.HEADER_LENGTH)
     ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
     streamed = header is not None or "ndjson" in ctype or "jsonl" in ctype

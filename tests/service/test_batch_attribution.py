@@ -109,3 +109,17 @@ def test_client_disconnect_mid_stream_frees_the_job(server, rows):
             time.sleep(0.05)
         assert _counter(text, "hjserve_batch_jobs_in_progress", model="clf", version="1") == 0
         assert c.post("/v1/models/clf:predict", json={"instances": rows[:2].tolist()}).status_code == 200
+
+
+def test_default_chunk_rows_follows_the_model_size():
+    """A batch job's graph calls hold as many rows as keep the widest per-row tensor (neurons,
+    reference points, body pieces) within the element budget, between 4 and 16 x max_batch_size."""
+    from service.rest.batch import CHUNK_ELEMENTS, default_chunk_rows
+
+    small = {"structure": {"n_neurons": 80, "body": []}, "calibration": {"reference_size": 1000}}
+    assert default_chunk_rows(small, 64) == 16 * 64
+    wide = {"structure": {"n_neurons": 60000, "body": []}, "calibration": {"reference_size": 1000}}
+    assert default_chunk_rows(wide, 64) == 4 * 64
+    deep = {"structure": {"n_neurons": 40, "body": [{"pieces": 8192}]}, "calibration": {"reference_size": 1000}}
+    assert default_chunk_rows(deep, 64) == CHUNK_ELEMENTS // 8192
+    assert default_chunk_rows({}, 8) == 16 * 8           # a spec without sizes: the largest chunk

@@ -144,7 +144,8 @@ def _records(response: httpx.Response) -> list[dict]:
 @pytest.mark.parametrize(("good", "bad_at"), [(600, 600), (600, 300), (1000, 777)])
 def test_bad_ndjson_row_answers_every_row_before_it(server, good, bad_at):
     with server.client() as c:
-        r = c.post("/v2/models/clf/versions/1/batch-attribution", content=_ndjson(good, bad_at), headers=NDJSON)
+        r = c.post("/v2/models/clf/versions/1/batch-attribution", content=_ndjson(good, bad_at), headers=NDJSON,
+                   params={"chunk_rows": 256})   # the bad row lies past the first chunk
     assert r.status_code == 200
     records = _records(r)
     rows, last = records[:-1], records[-1]
@@ -163,7 +164,7 @@ def test_bad_row_value_answers_every_row_before_it(server, bad_line, error_type)
     lines.insert(500, bad_line)
     with server.client() as c:
         r = c.post("/v2/models/clf/versions/1/batch-attribution", content=("\n".join(lines) + "\n").encode(),
-                   headers=NDJSON)
+                   headers=NDJSON, params={"chunk_rows": 256})
     assert r.status_code == 200
     records = _records(r)
     assert [x["row"] for x in records[:-1]] == list(range(500))
