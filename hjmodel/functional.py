@@ -742,19 +742,24 @@ def grouped_margin_radius(a_g: Tensor, s: Tensor, pi_g: Tensor, valid: Tensor, c
     target = sp0 - rounding * (sp0.abs() + sq0.abs())
     m = target - sq0
     never = ~valid.any(-1)                                           # (K,): an empty group never wins
+    def of_c(t: Tensor) -> Tensor:                                   # (n, K, q) -> the decided class's (n, 1, q)
+        return t.gather(1, c.view(-1, 1, 1).expand(-1, 1, t.shape[-1]))
+
     grads = group_gradients(pi_g, W_g)                               # grad s_k for every group
-    grad = grads.gather(1, c.view(-1, 1, 1).expand(-1, 1, grads.shape[-1])) - grads   # grad m_k
+    grad_c = of_c(grads)
+    grad = grad_c - grads                                            # grad m_k
     if pullback is not None:
         grad = pullback(grad)
     G = torch.linalg.vector_norm(grad, dim=-1)                       # (n, K): exact |grad m_k(x)|
     Lc, kc = L[c], kappa[c]
     r = hybrid_radius(m, G, Lc * lip, kc * lip * lip + Lc * curv)
     if tangent_g is not None:
-        # g = grad s_c in the certificate's coordinates; c_j = |t_j - g| for every neuron
-        flat = tangent_g.reshape(-1, tangent_g.shape[-1])                                  # (K S, q)
-        g = (pi_g * own.to(pi_g.dtype).unsqueeze(-1)).reshape(pi_g.shape[0], -1) @ flat                  # (n, q)
-        c2 = (flat * flat).sum(-1) - 2.0 * (g @ flat.T) + (g * g).sum(-1, keepdim=True)
-        dist = c2.clamp_min(0.0).sqrt().reshape(a_g.shape)
+        # g = grad s_c in the certificate's coordinates; c_j = |t_j - g| for every neuron (the rows
+        # are used in their one (K, S, q) layout only, so an exported graph stores them once)
+        g = (grad_c if tangent_g is W_g else of_c(group_gradients(pi_g, tangent_g))).squeeze(1)   # (n, q)
+        cross = (tangent_g @ g.T).permute(2, 0, 1)                                          # (n, K, S)
+        c2 = (tangent_g * tangent_g).sum(-1) - 2.0 * cross + (g * g).sum(-1)[:, None, None]
+        dist = c2.clamp_min(0.0).sqrt()
         r = torch.maximum(r, _tangent_solve(a_g, valid, dist, eps, target, sq0, finite, _TANGENT_ITERS) / lip)
     r = torch.where(never | own, math.inf, r)
     return r.min(-1).values, r

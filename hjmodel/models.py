@@ -349,9 +349,11 @@ class HJModel(nn.Module):
                     pos, neg, shift = F.sign_reduction_biases(torch.zeros(N, dtype=torch.float64), u, head.eps)
                 L, kappa = F.certificate_tables(W_head, pos, neg, head.eps)
                 self._pair = (pos.contiguous(), neg.contiguous(), shift.contiguous(), L, kappa)
-                # one group per class (lse heads; memory heads with one-hot labels): the O(n N) form
+                # one group per class (lse heads; memory heads with one-hot labels): the O(n N) form,
+                # with the rows by group in the certificate's coordinates (raw input space without a
+                # body, so the gradients need no pullback; h space with one)
                 groups = head.groups
-                self._grouped = None if groups is None else (groups.rows(W), groups.rows(W_head))
+                self._grouped = None if groups is None else groups.rows(W_head)
             else:
                 self._grouped = None
                 norms = torch.linalg.vector_norm(W_head, dim=-1)
@@ -541,10 +543,10 @@ class HJModel(nn.Module):
             pos, neg, shift, L, kappa = self._pair
             if grouped is not None and self._grouped is not None:
                 a_g, s, pi_g = grouped
-                W_g, T_g = self._grouped
-                return F.grouped_margin_radius(a_g, s, pi_g, head.groups.valid.to(a.device), c, W_g, head.eps,
-                                               L, kappa, rounding=ROUNDING, pullback=pullback, lip=lip,
-                                               curv=curv, tangent_g=T_g)[0]
+                rows = self._grouped
+                return F.grouped_margin_radius(a_g, s, pi_g, head.groups.valid.to(a.device), c, rows, head.eps,
+                                               L, kappa, rounding=ROUNDING, pullback=pullback if self.body else None,
+                                               lip=lip, curv=curv, tangent_g=rows)[0]
             return F.gibbs_margin_radius(a, head.W, head.eps, c, pos, neg, shift, L, kappa, rounding=ROUNDING,
                                          pullback=pullback, lip=lip, curv=curv, tangent_rows=self._W_tangent)[0]
         return self._regression_radius(a, pullback, yhat, tau, lip, curv)
