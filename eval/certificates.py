@@ -20,36 +20,15 @@ TAU_DIABETES = 10.0   # regression tolerance in target units (diabetes target sd
 
 
 # ------------------------------------------------------------------------- differentiable outputs
-def _blocks(mask: torch.Tensor) -> int | None:
-    """Group size if ``mask`` (G, M) is contiguous equal blocks (group g = pieces g*P .. g*P+P-1)."""
-    G, M = mask.shape
-    if M % G:
-        return None
-    P = M // G
-    ref = torch.zeros_like(mask)
-    for g in range(G):
-        ref[g, g * P:(g + 1) * P] = True
-    return P if bool((ref == mask).all()) else None
-
-
-def _group_lse_fast(a, mask, eps):
-    P = _blocks(mask)
-    if P is None:
-        return F.group_lse(a, mask, eps)
-    return eps * torch.logsumexp((a / eps).reshape(*a.shape[:-1], mask.shape[0], P), dim=-1)
-
-
 def fast_log_scores(model, x):
     """Differentiable class log-scores with the same argmax and the same pairwise differences as
-    ``head.log_probabilities`` (up to a per-row constant), computed without (n, groups, N) masks:
-    contiguous groups are reshaped; memory heads use log(softmax(a/eps) @ V)."""
-    h = model.preprocess(x)
-    for layer in model.body:
-        h = _group_lse_fast(F.preactivations(h, layer.W, layer.b), layer.mask, layer.eps)
+    ``head.log_probabilities`` (up to a per-row constant), computed without (n, groups, N) masks
+    (the layers' group tables); memory heads use log(softmax(a/eps) @ V)."""
+    h = model.features(x)
     head = model.head
     a = head.preactivations(h)
     if head.mode == "groups":
-        return _group_lse_fast(a, head.mask, head.eps) / head.eps
+        return F.group_lse(a, head.groups, head.eps) / head.eps
     return torch.log((F.gibbs(a, head.eps) @ head.V).clamp_min(1e-300))
 
 

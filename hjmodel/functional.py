@@ -674,6 +674,18 @@ def _tangent_solve(ak, neg, c, eps, target, sq0, finite, iters: int) -> Tensor:
     return torch.where(~neg.any(-1), math.inf, r)
 
 
+def _pair_hybrid(m: Tensor, grad: Tensor, c: Tensor, L: Tensor, kappa: Tensor, pullback, lip: float,
+                 curv: float) -> Tensor:
+    """The hybrid radius of every pair (c, k) from its margin m (n, K) and gradient (n, K, p) in the
+    layer's coordinates (``pullback`` maps it to the input's; ``lip`` / ``curv`` compose the feature
+    map's bounds with the pair's constants, see :func:`gibbs_margin_radius`)."""
+    if pullback is not None:
+        grad = pullback(grad)
+    G = torch.linalg.vector_norm(grad, dim=-1)          # (n, K): exact |grad m_k(x)|
+    Lc, kc = L[c], kappa[c]
+    return hybrid_radius(m, G, Lc * lip, kc * lip * lip + Lc * curv)
+
+
 def gibbs_margin_radius(a: Tensor, W: Tensor, eps: float, c: Tensor, pos: Tensor, neg: Tensor,
                         shift: Tensor, L: Tensor, kappa: Tensor, rounding: float | None = None,
                         pullback=None, lip: float = 1.0, curv: float = 0.0,
@@ -703,12 +715,7 @@ def gibbs_margin_radius(a: Tensor, W: Tensor, eps: float, c: Tensor, pos: Tensor
     groups = _two_groups(ak, P, Q, eps, rounding)
     target, sq0, pip, piq, _ = groups
     m, never = target - sq0, ~Q.any(-1)
-    grad = (pip - piq) @ W                              # (n, K, p)
-    if pullback is not None:
-        grad = pullback(grad)
-    G = torch.linalg.vector_norm(grad, dim=-1)          # (n, K): exact |grad m_k(x)|
-    Lc, kc = L[c], kappa[c]
-    r = hybrid_radius(m, G, Lc * lip, kc * lip * lip + Lc * curv)
+    r = _pair_hybrid(m, (pip - piq) @ W, c, L, kappa, pullback, lip, curv)
     if tangent_rows is not None:
         r = torch.maximum(r, _tangent(ak, Q, tangent_rows, eps, *groups, iters=_TANGENT_ITERS) / lip)
     inf = torch.full_like(r, math.inf)
@@ -747,12 +754,7 @@ def grouped_margin_radius(a_g: Tensor, s: Tensor, pi_g: Tensor, valid: Tensor, c
 
     grads = group_gradients(pi_g, W_g)                               # grad s_k for every group
     grad_c = of_c(grads)
-    grad = grad_c - grads                                            # grad m_k
-    if pullback is not None:
-        grad = pullback(grad)
-    G = torch.linalg.vector_norm(grad, dim=-1)                       # (n, K): exact |grad m_k(x)|
-    Lc, kc = L[c], kappa[c]
-    r = hybrid_radius(m, G, Lc * lip, kc * lip * lip + Lc * curv)
+    r = _pair_hybrid(m, grad_c - grads, c, L, kappa, pullback, lip, curv)
     if tangent_g is not None:
         # g = grad s_c in the certificate's coordinates; c_j = |t_j - g| for every neuron (the rows
         # are used in their one (K, S, q) layout only, so an exported graph stores them once)
