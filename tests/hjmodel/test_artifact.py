@@ -255,6 +255,19 @@ def test_inconsistent_tensors(artifact):
     _raises(artifact, r"inconsistent weights or spec")
 
 
+def test_overlapping_groups_are_refused(artifact):
+    """The certificate's group table needs disjoint class groups: a head mask that puts a neuron in
+    two classes is an inconsistent artifact, not a silently different certificate."""
+    def edit(s):
+        mask = s["head.mask"].clone()
+        assert mask.shape[0] >= 2 and bool((mask.sum(0) == 1).all())
+        mask[1] |= mask[0]
+        s["head.mask"] = mask
+
+    _edit_state(artifact, edit)
+    _raises(artifact, r"inconsistent weights or spec \(groups must be disjoint")
+
+
 @pytest.mark.parametrize("value", [float("nan"), float("inf")])
 def test_nan_weights(artifact, value):
     def edit(s):
