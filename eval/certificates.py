@@ -262,7 +262,7 @@ def report(results) -> str:
         rows.append([r["name"], r["n"], r["violations"], r["margin_used_median"], r["margin_used_max"],
                      r["served_vs_recomputed"]])
     lines.append(md_table(["model", "inputs", "violations", "median fraction of margin the attack used",
-                           "max fraction used", "hybrid above served (max rel.; must be 0)"], rows))
+                           "max fraction used", "hybrid above served (max rel.; rounding only, must be <= 1e-12)"], rows))
     lines.append("\n**Tightness**: certified radius / smallest adversarial L2 radius found by a minimal-"
                  "perturbation attack (radius doubling then 10 bisection steps, each a 2-restart x 40-step "
                  "PGD-L2, plus a line search along every adversarial direction). The attack radius is an "
