@@ -23,7 +23,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
     cfg = TrainConfig(kind=args.kind, eps=args.eps, t=args.t, preprocess=args.preprocess, pieces=args.pieces,
                       hidden=args.hidden, head=args.head, epochs=args.epochs, lr=args.lr, seed=args.seed, anneal=args.anneal,
-                      alpha=args.alpha, progress=not args.quiet)
+                      alpha=args.alpha, memory_size=args.memory_size, support=args.support,
+                      progress=not args.quiet)
     model, report = train(load_dataset(args.data, target=args.target, task=args.task), cfg)
     out = save_artifact(model, args.out, tuple(args.formats))
     print(json.dumps({"artifact": str(out), "metrics": report.metrics, "seconds": round(report.seconds, 2)},
@@ -156,6 +157,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--pieces", type=int, default=8, help="neurons per output (lse head)")
     p.add_argument("--hidden", type=int, nargs="*", default=[64], help="deep: units per body layer")
     p.add_argument("--head", choices=["lse", "memory"], default="lse", help="deep: head kind")
+    p.add_argument("--memory-size", type=int, default=2000, help="memory heads: at most this many support points")
+    p.add_argument("--support", choices=["random", "kcenter"], default="random",
+                   help="memory heads: support points at random, or a k-center coreset per class (small artifacts)")
     p.add_argument("--epochs", type=int, default=150)
     p.add_argument("--lr", type=float, default=0.02)
     p.add_argument("--anneal", type=float, default=1.0, help="start at ANNEAL*eps and anneal down to eps")

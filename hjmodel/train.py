@@ -38,6 +38,7 @@ class TrainConfig:
     hidden_pieces: int = 4               #: deep: pieces per unit
     head: str = "lse"                    #: deep: lse | memory (Hopf-Cole predictor over learned features)
     memory_size: int = 2000              #: memory: at most this many support points
+    support: str = "random"              #: memory: how they are chosen: random | kcenter (a coreset)
     epochs: int = 150
     lr: float = 0.02
     batch_size: int = 128
@@ -169,7 +170,7 @@ def train(data: Dataset, cfg: TrainConfig | None = None) -> tuple[HJModel, Train
 
     loo = {"pos_of": None}  # leave-one-out: a support point may not explain itself
     if cfg.kind == "memory":
-        supp = tr_t[torch.randperm(len(tr_t), generator=gen)[:cfg.memory_size]]
+        supp = tr_t[_support(cfg, Z[tr_t], y[tr_t] if task == "classification" else None, gen)]
         head = _memory_head(Z[supp], y[supp], supp, K, task, eps, cfg.t)
         params = [head.b]
         loo["pos_of"] = _positions(supp, len(X_all))
@@ -200,7 +201,9 @@ def train(data: Dataset, cfg: TrainConfig | None = None) -> tuple[HJModel, Train
         _fit(model, X[tr], y[tr], cfg if cfg.kind != "memory" else _memory_cfg(cfg), params, loss_fn, gen)
     if cfg.kind == "deep" and cfg.head == "memory":
         # deep body + memory head: the Hopf-Cole predictor over the training examples' learned features
-        supp = tr_t[torch.randperm(len(tr_t), generator=gen)[:cfg.memory_size]]
+        with torch.no_grad():
+            H_tr = model.features(X[tr_t]) if cfg.support == "kcenter" else None
+        supp = tr_t[_support(cfg, H_tr, y[tr_t] if task == "classification" else None, gen, len(tr_t))]
         with torch.no_grad():
             H = model.features(X[supp])
         eps_m = cfg.eps if cfg.eps is not None else F.eps_star(H)
@@ -273,6 +276,49 @@ def _fold_target_scale(model: HJModel, mean: np.ndarray, std: np.ndarray) -> Non
     head.W.mul_(s)
     head.b.mul_(s).add_(m)
     head.eps *= s
+
+
+def _support(cfg: TrainConfig, H: torch.Tensor | None, labels: torch.Tensor | None, gen: torch.Generator,
+             n: int | None = None) -> torch.Tensor:
+    """Positions of the memory head's support points among n candidate rows (features H (n, p)):
+    ``random``: ``memory_size`` of them at random; ``kcenter``: a coreset -- per class, a budget
+    proportional to its share, filled by greedy k-center selection (the row nearest the class mean,
+    then repeatedly the row farthest from those chosen), so the chosen points cover each class's
+    rows with the smallest radius greedy selection finds (within 2x of the optimal covering)."""
+    if cfg.support not in ("random", "kcenter"):
+        raise ValueError(f"unknown support selection {cfg.support!r} (random | kcenter)")
+    n = H.shape[0] if H is not None else int(n)
+    if cfg.support == "random" or cfg.memory_size >= n:
+        return torch.randperm(n, generator=gen)[:cfg.memory_size]
+    groups = [torch.arange(n)] if labels is None else [
+        (labels == c).nonzero().squeeze(1) for c in torch.unique(labels)]
+    sizes = [len(idx) for idx in groups]
+    share = [cfg.memory_size * m / n for m in sizes]
+    budget = [max(1, min(m, int(sh))) for m, sh in zip(sizes, share)]
+    total = max(cfg.memory_size, len(groups))          # every class keeps at least one point
+    while sum(budget) < total:                         # largest remainders first
+        k = max((i for i in range(len(groups)) if budget[i] < sizes[i]), key=lambda i: share[i] - budget[i])
+        budget[k] += 1
+    while sum(budget) > total:
+        budget[max(range(len(groups)), key=lambda i: budget[i])] -= 1
+    return torch.cat([idx[kcenter(H[idx], b)] for idx, b in zip(groups, budget)])
+
+
+def kcenter(H: torch.Tensor, size: int) -> torch.Tensor:
+    """Greedy k-center: ``size`` row positions of H (n, p), starting at the row nearest the mean and
+    adding the row farthest from those chosen; O(size n p) time, O(n) memory. Its covering radius
+    max_i min_j |H_i - H_j| is at most twice the optimal one."""
+    n = H.shape[0]
+    if size >= n:
+        return torch.arange(n)
+    first = int(((H - H.mean(0)) ** 2).sum(-1).argmin())
+    picks = [first]
+    dist = ((H - H[first]) ** 2).sum(-1)
+    for _ in range(size - 1):
+        j = int(dist.argmax())
+        picks.append(j)
+        dist = torch.minimum(dist, ((H - H[j]) ** 2).sum(-1))
+    return torch.tensor(picks)
 
 
 def calibrate(model: HJModel, X_train: torch.Tensor, X_cal: torch.Tensor, cfg: TrainConfig) -> None:

@@ -249,3 +249,46 @@ def test_row_blocks_change_nothing(name, demo_repository, monkeypatch):
     served = model.served(X, ("prediction", "certified_radius", "ood_p_value"), tau=torch.linspace(0.1, 3.0, 37))
     for key, value in served.items():
         assert same(value, whole[key]), key
+
+
+def test_kcenter_is_the_greedy_covering():
+    """Greedy k-center against a brute-force check of its definition: each pick is the row farthest
+    from the rows picked before it, the first the row nearest the mean; its covering radius is at
+    most twice the optimal one (checked against all subsets of a tiny set)."""
+    import itertools
+
+    from hjmodel.train import kcenter
+
+    g = torch.Generator().manual_seed(3)
+    H = torch.randn(40, 3, generator=g, dtype=torch.float64)
+    picks = kcenter(H, 6).tolist()
+    assert picks[0] == int(((H - H.mean(0)) ** 2).sum(-1).argmin()) and len(set(picks)) == 6
+    for i in range(1, 6):
+        d = torch.cdist(H, H[picks[:i]]).min(-1).values
+        assert picks[i] == int(d.argmax())
+    small = H[:12]
+    cover = torch.cdist(small, small[kcenter(small, 3)]).min(-1).values.max()
+    best = min(float(torch.cdist(small, small[list(s)]).min(-1).values.max())
+               for s in itertools.combinations(range(12), 3))
+    assert float(cover) <= 2 * best + 1e-12
+    assert kcenter(H, 100).tolist() == list(range(40))
+
+
+def test_kcenter_support_is_a_per_class_coreset():
+    """--support kcenter: memory_size support points split over the classes by their share, every
+    class represented, and (on digits, 30 points) a better classifier than 30 random points."""
+    from hjmodel import load_dataset
+
+    data = load_dataset("digits")
+    accs = {}
+    for support in ("random", "kcenter"):
+        model, report = train(data, TrainConfig(kind="memory", memory_size=30, support=support, seed=0,
+                                                progress=False))
+        assert model.head.W.shape[0] == 30
+        accs[support] = report.metrics["accuracy"]
+        if support == "kcenter":
+            assert sorted(torch.unique(model.head.labels).tolist()) == list(range(10))
+            assert model.meta["provenance"]["train_config"]["support"] == "kcenter"
+    assert accs["kcenter"] > accs["random"] + 0.05, accs
+    with pytest.raises(ValueError, match="support selection"):
+        train(data, TrainConfig(kind="memory", memory_size=30, support="nearest", progress=False))
