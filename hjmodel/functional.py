@@ -749,6 +749,7 @@ def grouped_margin_radius(a_g: Tensor, s: Tensor, pi_g: Tensor, valid: Tensor, c
     target = sp0 - rounding * (sp0.abs() + sq0.abs())
     m = target - sq0
     never = ~valid.any(-1)                                           # (K,): an empty group never wins
+
     def of_c(t: Tensor) -> Tensor:                                   # (n, K, q) -> the decided class's (n, 1, q)
         return t.gather(1, c.view(-1, 1, 1).expand(-1, 1, t.shape[-1]))
 

@@ -378,10 +378,13 @@ class HJModel(nn.Module):
 
     @property
     def row_elements(self) -> int:
-        """Elements of the largest per-row tensor of an evaluation: the head's (K, N) pair masks or a
-        body layer's (units, neurons) Gibbs weights."""
-        return max([self.head.W.shape[0] * max(1, self.n_outputs),
-                    *[layer.mask.shape[0] * layer.mask.shape[1] for layer in self.body]])
+        """Elements of the largest per-row tensor of an evaluation: the head's class-group table
+        (K x largest group; (K, N) pair masks for a head without one, i.e. memory regression), a
+        body layer's (units x largest group) Gibbs weights, or the OOD reference points."""
+        head = self.head
+        K, S = head.groups.shape if head.groups is not None else (max(1, self.n_outputs), head.W.shape[0])
+        return max([K * S, self.reference.points.shape[0],
+                    *[layer.groups.shape[0] * layer.groups.shape[1] for layer in self.body]])
 
     def row_blocks(self, n: int) -> list[slice]:
         """Row blocks of a batch of n whose largest tensors stay within ``BLOCK_ELEMENTS`` elements
