@@ -123,3 +123,14 @@ def test_default_chunk_rows_follows_the_model_size():
     deep = {"structure": {"n_neurons": 40, "body": [{"pieces": 8192}]}, "calibration": {"reference_size": 1000}}
     assert default_chunk_rows(deep, 64) == CHUNK_ELEMENTS // 8192
     assert default_chunk_rows({}, 8) == 16 * 8           # a spec without sizes: the largest chunk
+
+
+def test_batch_job_chunk_is_one_graph_call(server, rows):
+    """A batch job hands each chunk of chunk_rows rows to the backend as one call (more rows than
+    max_batch_size, 64 here): Triton's batch statistics show calls of exactly that size."""
+    with server.client() as c:
+        r = c.post(PATH, params={"chunk_rows": 150}, json={"instances": rows[:300].astype(float).tolist()})
+        assert r.status_code == 200 and len(r.text.splitlines()) == 300
+        stats = c.get("/v2/models/clf/versions/1/stats").json()["model_stats"][0]["batch_stats"]
+    sizes = {entry["batch_size"] for entry in stats}
+    assert 150 in sizes and max(sizes) <= 16 * 64, sizes
