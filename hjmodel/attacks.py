@@ -14,11 +14,12 @@ import math
 import numpy as np
 import torch
 
+from . import functional as F
 from .data import Dataset
 from .models import HJModel
 from .train import TrainConfig, _split
 
-__all__ = ["DT", "SHRINK", "features", "forward_outputs", "friedman", "held_out", "minimal_attack_radius", "pgd_l2"]
+__all__ = ["DT", "SHRINK", "decision_scores", "features", "forward_outputs", "friedman", "held_out", "minimal_attack_radius", "pgd_l2"]
 
 DT = torch.float64
 SHRINK = 0.999          #: attack ball radius as a fraction of the certified radius
@@ -55,20 +56,38 @@ def forward_outputs(model: HJModel, x: torch.Tensor) -> torch.Tensor:
     return model.head.outputs(model.head.preactivations(h))
 
 
+def decision_scores(model: HJModel, x: torch.Tensor) -> torch.Tensor:
+    """Differentiable float64 class scores in log space (n, K), with the served decision as argmax
+    and the log-probability differences as pairwise differences: the class groups' LSE values s
+    (lse heads; memory heads, whose log-probabilities are s_k / eps minus a per-row constant).
+
+    The attack objective is a margin of these, never of probabilities: a memory head's Gibbs
+    averages saturate at 0 / 1 a short way from the support points, their gradient underflows and an
+    attack on them stalls (on digits_memory it found adversarial radii ~3x the true ones)."""
+    h = features(model, x)
+    head = model.head
+    a = head.preactivations(h)
+    groups = head.groups if head.groups is not None else head.V.T > 0.5
+    return F.group_lse(a, groups, head.eps)
+
+
 def _objective(model: HJModel, task: str, target: torch.Tensor, sign: torch.Tensor | None, tau: float):
     """f(x) -> (rows,) to minimise; a row is violated when f < 0 (or, for classification, when the
     argmax moves). Classification: margin s_c - max_{k != c} s_k. Regression: tau - sign (y_k - y0_k)
     for the output k and direction sign of the row (K = 1 here; every output is attacked when K > 1
     through ``target`` rows of shape (rows, K) and ``sign`` (rows, K) one-hot signed)."""
 
-    def f(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        out = forward_outputs(model, x)
+    def f(x: torch.Tensor, rows: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The objective at x, whose rows are the objective's rows ``rows`` (all when None)."""
+        tg = target if rows is None else target[rows]
         if task == "classification":
-            own = out.gather(1, target[:, None]).squeeze(1)
-            other = out.scatter(1, target[:, None], -math.inf).amax(1)
+            out = decision_scores(model, x)
+            own = out.gather(1, tg[:, None]).squeeze(1)
+            other = out.scatter(1, tg[:, None], -math.inf).amax(1)
             val = own - other
-            return val, (out.argmax(1) != target) | (val < 0)
-        val = tau - (sign * (out - target)).sum(1)
+            return val, (out.argmax(1) != tg) | (val < 0)
+        out = forward_outputs(model, x)
+        val = tau - ((sign if rows is None else sign[rows]) * (out - tg)).sum(1)
         return val, val < 0
 
     return f
@@ -79,11 +98,19 @@ def pgd_l2(model: HJModel, x0: torch.Tensor, rho: torch.Tensor, target: torch.Te
            seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """PGD-L2 with restarts, vectorised over points x restarts, inside the balls |delta| <= rho.
 
-    Restart 0 starts at x0, the others uniformly inside the ball. Step sizes decay (cosine) from
-    0.32 rho to 0.02 rho. Classification ``target`` is the class (n,); regression ``target`` is the
-    reference output y0 (n, K) and restarts alternate the attacked output and direction.
+    Restart 0 starts at x0. For classification, up to half of the others are *targeted starts*: on
+    the sphere, in the direction of grad (s_k - s_c) at x0 for the runner-up classes k in score
+    order (each restart explores the boundary of another class); the rest start uniformly inside the
+    ball. Step sizes decay (cosine) from 0.32 rho to 0.02 rho. Classification ``target`` is the
+    class (n,); regression ``target`` is the reference output y0 (n, K) and restarts alternate the
+    attacked output and direction.
 
-    Returns (violated (n,) bool, smallest |delta| of a violating iterate (n,) (+inf if none),
+    Every restart's smallest violating iterate is then shrunk along its ray (bisection on its scale
+    in (0, 1], each accepted point checked): adversarial regions need not be star-shaped around x0
+    (a memory head's regions of other classes include small islands around their support points),
+    and the ray often crosses the boundary well inside the ball PGD was run on.
+
+    Returns (violated (n,) bool, smallest |delta| of a checked violating point (n,) (+inf if none),
     smallest objective value seen (n,))."""
     model.requires_grad_(False)
     n, d = x0.shape
@@ -97,6 +124,9 @@ def pgd_l2(model: HJModel, x0: torch.Tensor, rho: torch.Tensor, target: torch.Te
     delta[:n] = 0.0
     if task == "classification":
         tgt, sign = target.repeat(restarts), None
+        for j, start in enumerate(_targeted_starts(model, x0.to(DT), target, (restarts - 1) // 2)):
+            rows = slice((j + 1) * n, (j + 2) * n)
+            delta[rows] = start * P[rows]
     else:
         K = target.shape[1]
         tgt = target.to(DT).repeat(restarts, 1)
@@ -107,12 +137,15 @@ def pgd_l2(model: HJModel, x0: torch.Tensor, rho: torch.Tensor, target: torch.Te
     f = _objective(model, task, tgt, sign, tau)
     best_norm = torch.full((n * restarts,), math.inf, dtype=DT)
     best_val = torch.full((n * restarts,), math.inf, dtype=DT)
+    best_delta = torch.zeros_like(X0)
     for s in range(steps + 1):
         delta = delta.detach().requires_grad_(True)
         val, bad = f(X0 + delta)
         norm = torch.linalg.vector_norm(delta.detach(), dim=1)
         best_val = torch.minimum(best_val, val.detach())
-        best_norm = torch.where(bad & (norm < best_norm), norm, best_norm)
+        better = bad & (norm < best_norm)
+        best_norm = torch.where(better, norm, best_norm)
+        best_delta = torch.where(better[:, None], delta.detach(), best_delta)
         if s == steps:
             break
         (g,) = torch.autograd.grad(val.sum(), delta)
@@ -123,9 +156,47 @@ def pgd_l2(model: HJModel, x0: torch.Tensor, rho: torch.Tensor, target: torch.Te
             nxt = delta - step * g
             nn_ = torch.linalg.vector_norm(nxt, dim=1, keepdim=True)
             delta = nxt * torch.clamp(P / nn_.clamp_min(1e-300), max=1.0)
+    best_norm = _shrink_along_ray(f, X0, best_delta, best_norm)
     best_norm = best_norm.view(restarts, n).min(0).values
     best_val = best_val.view(restarts, n).min(0).values
     return best_norm < math.inf, best_norm, best_val
+
+
+@torch.no_grad()
+def _shrink_along_ray(f, X0: torch.Tensor, delta: torch.Tensor, norm: torch.Tensor, iters: int = 24) -> torch.Tensor:
+    """The smallest |s delta| (s in (0, 1]) found violating by bisection on s, for the rows with a
+    violating ``delta`` (finite ``norm``); every returned norm is that of a point checked violating."""
+    rows = torch.isfinite(norm)
+    if not bool(rows.any()):
+        return norm
+    idx = rows.nonzero().squeeze(1)
+    x, d = X0[idx], delta[idx]
+    lo, hi = torch.zeros(len(idx), dtype=DT), torch.ones(len(idx), dtype=DT)
+    for _ in range(iters):
+        mid = 0.5 * (lo + hi)
+        _, bad = f(x + mid[:, None] * d, idx)
+        hi, lo = torch.where(bad, mid, hi), torch.where(bad, lo, mid)
+    out = norm.clone()
+    out[idx] = torch.minimum(norm[idx], hi * torch.linalg.vector_norm(d, dim=1))
+    return out
+
+
+def _targeted_starts(model: HJModel, x0: torch.Tensor, target: torch.Tensor, count: int) -> list[torch.Tensor]:
+    """Unit directions (n, d) of grad (s_k - s_c) at x0 for the ``count`` best-scoring other classes k."""
+    if count <= 0:
+        return []
+    x = x0.detach().requires_grad_(True)
+    s = decision_scores(model, x)
+    K = s.shape[1]
+    order = s.detach().scatter(1, target[:, None], -math.inf).argsort(1, descending=True)
+    starts = []
+    for j in range(min(count, K - 1)):
+        k = order[:, j]
+        margin = (s.gather(1, k[:, None]) - s.gather(1, target[:, None])).sum()
+        (g,) = torch.autograd.grad(margin, x, retain_graph=j + 1 < min(count, K - 1))
+        gn = torch.linalg.vector_norm(g, dim=1, keepdim=True)
+        starts.append(torch.where(gn > 0, g / gn.clamp_min(1e-300), torch.zeros_like(g)))
+    return starts
 
 
 def minimal_attack_radius(model: HJModel, x0: torch.Tensor, target: torch.Tensor, r_cert: torch.Tensor, *,
