@@ -197,7 +197,7 @@ def group_lse(a: Tensor, groups: Groups | Tensor, eps: float) -> Tensor:
 
     ``groups``: a :class:`Groups` table (O(n N)) or a (K, N) bool mask."""
     if isinstance(groups, Groups):
-        return grouped_lse_gibbs(a, groups, eps)[0]
+        return lse(groups.gather(a), eps)            # the padding is -inf: empty
     return masked_lse_gibbs(a.unsqueeze(-2), groups, eps)[0]
 
 
@@ -766,6 +766,59 @@ def grouped_margin_radius(a_g: Tensor, s: Tensor, pi_g: Tensor, valid: Tensor, c
         r = torch.maximum(r, _tangent_solve(a_g, valid, dist, eps, target, sq0, finite, _TANGENT_ITERS) / lip)
     r = torch.where(never | own, math.inf, r)
     return r.min(-1).values, r
+
+
+def interval_lse_layer(lo: Tensor, hi: Tensor, groups: Groups | Tensor, eps: float) -> tuple[Tensor, Tensor]:
+    """Bounds on a group LSE layer's outputs from bounds lo <= a <= hi on its pre-activations: the
+    LSE is increasing in every argument, so [LSE(lo), LSE(hi)] (interval bound propagation)."""
+    return group_lse(lo, groups, eps), group_lse(hi, groups, eps)
+
+
+def interval_affine(lo: Tensor, hi: Tensor, W: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
+    """Bounds on h @ W.T + b for lo <= h <= hi: centre mapped exactly, half-width by |W|."""
+    centre, half = 0.5 * (lo + hi), 0.5 * (hi - lo)
+    mid = centre @ W.T + b
+    spread = half @ W.abs().T
+    return mid - spread, mid + spread
+
+
+def interval_margin(own: Tensor, other: Tensor, rounding: float) -> Tensor:
+    """A lower bound on the decision margin from a lower bound ``own`` on s_c and an upper bound
+    ``other`` on max_{k != c} s_k (n,), less the rounding slack of :func:`grouped_margin_radius`:
+    > 0 certifies the decision. +inf where no other class can ever win."""
+    finite = (own.abs() < math.inf) & (other.abs() < math.inf)
+    own0, other0 = torch.where(finite, own, 0.0), torch.where(finite, other, 0.0)
+    value = own0 - other0 - rounding * (own0.abs() + other0.abs())
+    never = (other == -math.inf) & (own > -math.inf)
+    return torch.where(finite, value, torch.where(never, math.inf, -math.inf))
+
+
+def decreasing_root(f, lo: Tensor, hi: Tensor, iters: int) -> Tensor:
+    """The largest r found in [lo, hi] with f(r) > 0, for f (n,) -> (n,) non-increasing in r.
+
+    Rows with f(lo) <= 0 get ``lo`` back, rows with f(hi) > 0 get ``hi``; the others take ``iters``
+    steps of regula falsi on the bracket (Illinois: an end kept twice in a row has its value
+    halved; every step clipped into the middle 98% of the bracket, so it always shrinks). Every
+    returned value other than ``lo`` was evaluated and found positive, so the result is sound
+    whatever f's shape; its accuracy needs f continuous. 2 + ``iters`` evaluations of f."""
+    f_lo, f_hi = f(lo), f(hi)
+    ok, open_ = f_lo > 0, f_hi > 0
+    search = ok & ~open_ & (hi > lo)
+    side = torch.zeros_like(lo)                        # +1: lo moved last, -1: hi moved last
+    for _ in range(iters):
+        a = torch.where(f_lo < math.inf, f_lo, 1e300)
+        b = torch.where(f_hi > -math.inf, f_hi, -1e300)
+        t = (a / (a - b).clamp_min(1e-300)).clamp(0.01, 0.99)
+        t = torch.where(torch.isfinite(t), t, 0.5)
+        mid = lo + t * (hi - lo)
+        fm = f(mid)
+        up, down = search & (fm > 0), search & ~(fm > 0)
+        lo, f_lo = torch.where(up, mid, lo), torch.where(up, fm, f_lo)
+        hi, f_hi = torch.where(down, mid, hi), torch.where(down, fm, f_hi)
+        f_hi = torch.where(up & (side > 0), 0.5 * f_hi, f_hi)
+        f_lo = torch.where(down & (side < 0), 0.5 * f_lo, f_lo)
+        side = torch.where(up, 1.0, torch.where(down, -1.0, side))
+    return torch.where(ok & open_, hi, lo)
 
 
 # --------------------------------------------------------------------------------------------
