@@ -101,8 +101,8 @@ def logsumexp(s: Tensor, dim: int = -1) -> Tensor:
     ``ReduceLogSumExp``, and onnxruntime's kernel returns -inf for rows holding -inf entries whose
     finite entries lie below about -709 (``[-inf, -950, -inf]`` -> -inf, not -950), so the served graph
     and the torch module disagreed there (tests/hjmodel/test_functional.py)."""
-    top = _finite_shift(s.amax(dim, keepdim=True))
-    return (top + torch.log(torch.exp(s - top).sum(dim, keepdim=True))).squeeze(dim)
+    top = _finite_shift(s.amax(dim))       # no keepdim / squeeze: a squeeze of a dynamic axis
+    return top + torch.log(torch.exp(s - top.unsqueeze(dim)).sum(dim))   # exports as an If node
 
 
 def lse(a: Tensor, eps: float, dim: int = -1) -> Tensor:
@@ -125,11 +125,11 @@ def masked_lse_gibbs(a: Tensor, mask: Tensor, eps: float) -> tuple[Tensor, Tenso
 
     Max-shifted and NaN-free: an empty group has value -inf and weights 0. Returns (value, pi)."""
     s = torch.where(mask, a / eps, _NEG_INF)
-    top = _finite_shift(s.amax(-1, keepdim=True))
-    e = torch.exp(s - top)
-    total = e.sum(-1, keepdim=True)
-    value = eps * (top + torch.log(total)).squeeze(-1)
-    pi = e / torch.where(total > 0, total, 1.0)
+    top = _finite_shift(s.amax(-1))
+    e = torch.exp(s - top.unsqueeze(-1))
+    total = e.sum(-1)
+    value = eps * (top + torch.log(total))
+    pi = e / torch.where(total > 0, total, 1.0).unsqueeze(-1)
     return value, pi
 
 
@@ -661,10 +661,10 @@ def _tangent_solve(ak, neg, c, eps, target, sq0, finite, iters: int) -> Tensor:
 
     def phi(r: Tensor, slope: bool = True) -> tuple[Tensor, Tensor | None]:
         v = ak_e + c_e * r.unsqueeze(-1)
-        top = _finite_shift(v.amax(-1, keepdim=True))
-        e = torch.exp(v - top)
+        top = _finite_shift(v.amax(-1))
+        e = torch.exp(v - top.unsqueeze(-1))
         total = e.sum(-1)
-        value = eps * (top.squeeze(-1) + torch.log(total))          # s-(r); -inf for an empty side
+        value = eps * (top + torch.log(total))                      # s-(r); -inf for an empty side
         if not slope:
             return target - value, None
         return target - value, -eps * (e * c_e).sum(-1) / torch.where(total > 0, total, 1.0)
@@ -803,12 +803,9 @@ def interval_affine(lo: Tensor, hi: Tensor, W: Tensor, b: Tensor) -> tuple[Tenso
 def interval_margin(own: Tensor, other: Tensor, rounding: float) -> Tensor:
     """A lower bound on the decision margin from a lower bound ``own`` on s_c and an upper bound
     ``other`` on max_{k != c} s_k (n,), less the rounding slack of :func:`grouped_margin_radius`:
-    > 0 certifies the decision. +inf where no other class can ever win."""
-    finite = (own.abs() < math.inf) & (other.abs() < math.inf)
-    own0, other0 = torch.where(finite, own, 0.0), torch.where(finite, other, 0.0)
-    value = own0 - other0 - rounding * (own0.abs() + other0.abs())
-    never = (other == -math.inf) & (own > -math.inf)
-    return torch.where(finite, value, torch.where(never, math.inf, -math.inf))
+    > 0 certifies the decision. Infinite bounds give -inf or NaN, which never certify (rows whose
+    other classes can never win have an infinite closed-form radius and are not searched)."""
+    return own - other - rounding * (own.abs() + other.abs())
 
 
 def decreasing_root(f, lo: Tensor, hi: Tensor, iters: int) -> Tensor:
