@@ -808,32 +808,30 @@ def interval_margin(own: Tensor, other: Tensor, rounding: float) -> Tensor:
     return own - other - rounding * (own.abs() + other.abs())
 
 
-def decreasing_root(f, lo: Tensor, hi: Tensor, iters: int) -> Tensor:
-    """The largest r found in [lo, hi] with f(r) > 0, for f (n,) -> (n,) non-increasing in r.
+def grid_root(f, lo: Tensor, reach: float, points: int, rounds: int) -> Tensor:
+    """The largest r found in [lo, reach lo] with f(r) > 0, for f non-increasing in r, by nested
+    grids evaluated all at once: ``points`` radii geometric in [lo, reach lo], then ``rounds`` - 1
+    times ``points`` radii evenly spaced between the best certified radius and the next grid radius
+    above it. ``f`` takes the radii of every row's grid flattened row-major, (m * points,), and
+    returns (m * points,). Rows whose first grid has no certified radius get ``lo``.
 
-    Rows with f(lo) <= 0 get ``lo`` back, rows with f(hi) > 0 get ``hi``; the others take ``iters``
-    steps of regula falsi on the bracket (Illinois: an end kept twice in a row has its value
-    halved; every step clipped into the middle 98% of the bracket, so it always shrinks). Every
-    returned value other than ``lo`` was evaluated and found positive, so the result is sound
-    whatever f's shape; its accuracy needs f continuous. 2 + ``iters`` evaluations of f."""
-    f_lo, f_hi = f(lo), f(hi)
-    ok, open_ = f_lo > 0, f_hi > 0
-    search = ok & ~open_ & (hi > lo)
-    side = torch.zeros_like(lo)                        # +1: lo moved last, -1: hi moved last
-    for _ in range(iters):
-        a = torch.where(f_lo < math.inf, f_lo, 1e300)
-        b = torch.where(f_hi > -math.inf, f_hi, -1e300)
-        t = (a / (a - b).clamp_min(1e-300)).clamp(0.01, 0.99)
-        t = torch.where(torch.isfinite(t), t, 0.5)
-        mid = lo + t * (hi - lo)
-        fm = f(mid)
-        up, down = search & (fm > 0), search & ~(fm > 0)
-        lo, f_lo = torch.where(up, mid, lo), torch.where(up, fm, f_lo)
-        hi, f_hi = torch.where(down, mid, hi), torch.where(down, fm, f_hi)
-        f_hi = torch.where(up & (side > 0), 0.5 * f_hi, f_hi)
-        f_lo = torch.where(down & (side < 0), 0.5 * f_lo, f_lo)
-        side = torch.where(up, 1.0, torch.where(down, -1.0, side))
-    return torch.where(ok & open_, hi, lo)
+    Every returned value other than ``lo`` was evaluated and found positive, so the result is sound
+    whatever f's shape; for monotone f it is within (reach^(1/points) - 1) / points^(rounds - 1)
+    (relative) below f's root. A grid per round is one batched evaluation -- few graph nodes, which
+    is what a batch of one pays for -- and its radii are fixed by ``lo``, so the answer does not
+    drift with rounding the way an iteration's would."""
+    m = lo.shape[0]
+    k = torch.arange(1, points + 1, dtype=lo.dtype, device=lo.device) / points      # (G,)
+    grid = lo.unsqueeze(-1) * reach ** k                                              # (m, G)
+    best, above = lo, lo
+    for round_ in range(rounds):
+        if round_:
+            grid = best.unsqueeze(-1) + (above - best).unsqueeze(-1) * k
+        ok = f(grid.reshape(-1)).view(m, points) > 0
+        best = torch.where(ok, grid, best.unsqueeze(-1)).amax(-1)
+        nxt = torch.where(grid > best.unsqueeze(-1), grid, math.inf).amin(-1)
+        above = torch.where(nxt < math.inf, nxt, best)
+    return best
 
 
 # --------------------------------------------------------------------------------------------

@@ -92,36 +92,43 @@ def _closed_form_args(model, x, c):
     return a, gibbs_body, c, None, torch.zeros(len(x), dtype=DT), grouped
 
 
-def test_decreasing_root_contract():
+def _per_row(root):
+    def make(fn):
+        def f(r):   # radii of every row's grid, row-major: (m * G,)
+            return fn(r, root.repeat_interleave(r.shape[0] // root.shape[0]))
+        return f
+    return make
+
+
+@pytest.mark.parametrize("points, rounds", [(16, 5), (8, 3)])
+def test_grid_root_contract(points, rounds):
     gen = torch.Generator().manual_seed(0)
-    root = torch.rand(200, generator=gen, dtype=DT) * 10 + 0.1
-
-    def f(r):   # decreasing, root at `root`, kinked and flat in places
-        return torch.where(r < root, (root - r) ** 0.5, -(r - root) ** 2).clamp(max=2.0)
-
-    lo = root * torch.rand(200, generator=gen, dtype=DT)
-    lo[:20] = root[:20] * 1.5                     # f(lo) <= 0: lo comes back unchanged
-    hi = torch.maximum(8 * lo, 2 * root)          # a bracket
-    hi[20:40] = root[20:40] * 0.99                # f(hi) > 0: hi comes back
-    hi[20:40] = torch.maximum(hi[20:40], lo[20:40])
-    r = F.decreasing_root(f, lo, hi, 6)
-    assert torch.equal(r[:20], lo[:20])
-    assert torch.equal(r[20:40], hi[20:40])
-    assert bool((f(r)[20:] > 0).all())                        # sound: every answer was checked positive
-    assert bool((r[40:] <= root[40:]).all())
-
-    def g(r):   # smooth like an IBP margin: a difference of LSEs of lines in r
-        return torch.logaddexp(2.0 - r, 1.0 - 0.5 * r) - torch.logaddexp(-1.0 + root * 0.0 + r, r - 3.0) - root / 10
-    lo = torch.full_like(root, 1e-3)
-    r = F.decreasing_root(g, lo, 8 * torch.ones_like(root), 6)
-    exact = _bisect(g, lo, 8 * torch.ones_like(root))
-    assert bool((g(r) > 0).all()) and float(((exact - r) / exact).max()) < 1e-6
+    m = 300
+    root = torch.rand(m, generator=gen, dtype=DT) * 10 + 0.1
+    lo = root * (0.2 + 0.75 * torch.rand(m, generator=gen, dtype=DT))
+    lo[:20] = root[:20] * 1.5                      # f(lo) <= 0: lo comes back unchanged
+    lo[20:40] = root[20:40] / 20                   # the kinked root lies beyond 8 lo: 8 lo comes back
+    on = _per_row(root)
+    kinked = on(lambda r, q: torch.where(r < q, (q - r).clamp_min(0) ** 0.5, -(r - q) ** 2).clamp(max=2.0))
+    smooth = on(lambda r, q: torch.logaddexp(2.0 - r, 1.0 - 0.5 * r) - torch.logaddexp(-1.0 + r, r - 3.0) - q / 10)
+    tolerance = (8.0 ** (1 / points) - 1) / points ** (rounds - 1)
+    for f, exact_of in ((kinked, lambda: root), (smooth, None)):
+        r = F.grid_root(f, lo, 8.0, points, rounds)
+        if exact_of:
+            assert torch.equal(r[:20], lo[:20])
+            assert torch.allclose(r[20:40], 8.0 * lo[20:40], rtol=1e-15)
+        values = f(r.repeat_interleave(points))[::points]          # f at the answers (each row's own)
+        moved = r > lo
+        assert bool((values[moved] > 0).all())                     # sound: every answer was checked
+        exact = exact_of() if exact_of else _bisect(f, lo, 8.0 * lo, points)
+        gap = ((exact - r) / exact)[40:]
+        assert bool((gap >= -1e-12).all()) and float(gap.max()) <= tolerance * (1 + 1e-9)
 
 
-def _bisect(f, lo, hi):
+def _bisect(f, lo, hi, points):
     for _ in range(80):
         mid = (lo + hi) / 2
-        ok = f(mid) > 0
+        ok = f(mid.repeat_interleave(points))[::points] > 0
         lo, hi = torch.where(ok, mid, lo), torch.where(ok, hi, mid)
     return lo
 
