@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from hjmodel import functional as F
+from hjmodel.attacks import decision_scores
 from hjmodel.models import ROUNDING
 
 from .attacks import minimal_adversarial_radius, pgd_l2
@@ -20,23 +21,11 @@ TAU_DIABETES = 10.0   # regression tolerance in target units (diabetes target sd
 
 
 # ------------------------------------------------------------------------- differentiable outputs
-def fast_log_scores(model, x):
-    """Differentiable class log-scores with the same argmax and the same pairwise differences as
-    ``head.log_probabilities`` (up to a per-row constant), computed without (n, groups, N) masks
-    (the layers' group tables); memory heads use log(softmax(a/eps) @ V)."""
-    h = model.features(x)
-    head = model.head
-    a = head.preactivations(h)
-    if head.mode == "groups":
-        return F.group_lse(a, head.groups, head.eps) / head.eps
-    return torch.log((F.gibbs(a, head.eps) @ head.V).clamp_min(1e-300))
-
-
 def decision_loss(model, c: torch.Tensor):
     """loss(x) = max_{k != c} log p_k(x) - log p_c(x): > 0 iff the decision leaves c."""
     def loss(x, rows=None):
         cc = c if rows is None else c[rows]
-        lp = fast_log_scores(model, x)
+        lp = decision_scores(model, x)
         own = lp.gather(1, cc[:, None]).squeeze(1)
         return lp.scatter(1, cc[:, None], -math.inf).max(-1).values - own
     return loss
@@ -131,23 +120,17 @@ def ibp_certified(model, x, r, f0=None, c=None, tau=TAU_DIABETES, norm="l2") -> 
     first = layers[0] if layers else head
     lb, ub = _interval_first(x, first.W, first.b, pre.A, pre.mu, r, dual)
     for i, layer in enumerate(layers):
-        hl, hu = F.group_lse(lb, layer.mask, layer.eps), F.group_lse(ub, layer.mask, layer.eps)
+        hl, hu = F.interval_lse_layer(lb, ub, layer.groups, layer.eps)
         nxt = layers[i + 1] if i + 1 < len(layers) else head
-        cen, rad = 0.5 * (hl + hu), 0.5 * (hu - hl)
-        ac = cen @ nxt.W.T + nxt.b
-        ar = rad @ nxt.W.abs().T
-        lb, ub = ac - ar, ac + ar
+        lb, ub = F.interval_affine(hl, hu, nxt.W, nxt.b)
     eps = head.eps
     if model.task == "regression":
         lo, hi = F.group_lse(lb, head.mask, eps)[:, 0], F.group_lse(ub, head.mask, eps)[:, 0]
         return (hi - f0 <= tau) & (f0 - lo <= tau)
-    groups = head.mask if head.mode == "groups" else head.V.T > 0.5
-    s_lo = F.group_lse(lb, groups, eps)
-    s_hi = F.group_lse(ub, groups, eps)
-    own = s_lo.gather(1, c[:, None]).squeeze(1)
+    s_lo, s_hi = F.interval_lse_layer(lb, ub, head.groups if head.groups is not None else head.V.T > 0.5, eps)
+    own = F.take_class(s_lo, c)
     other = s_hi.scatter(1, c[:, None], -math.inf).max(-1).values
-    slack = ROUNDING * (own.abs() + other.abs())
-    return own - other > slack
+    return F.interval_margin(own, other, ROUNDING) > 0
 
 
 def ibp_radius(model, x, hi, f0=None, c=None, norm="l2", iters=30) -> torch.Tensor:
@@ -175,7 +158,7 @@ def evaluate_kind(name, model, X, fast=False) -> dict:
         c = out["prediction"]
         with torch.no_grad():   # the fast attack objective is the model's own decision function
             ref = model.head.log_probabilities(model.head.preactivations(model.features(X)))
-            fs = fast_log_scores(model, X)
+            fs = decision_scores(model, X)
             d = (ref - ref.gather(1, c[:, None])) - (fs - fs.gather(1, c[:, None]))
             assert float(d[ref > -1e3].abs().max()) < 1e-8, "fast attack objective differs from the model"
             assert bool((fs.argmax(-1) == c).all())

@@ -193,6 +193,13 @@ class Groups:
         return flat.index_select(-1, self.place.to(v.device))
 
 
+def take_class(t: Tensor, c: Tensor) -> Tensor:
+    """Each row's entry (or row of entries) of its class c: (n, K), (n,) -> (n,); (n, K, q) -> (n, q)."""
+    if t.ndim == 2:
+        return t.gather(1, c.unsqueeze(-1)).squeeze(1)
+    return t.gather(1, c.view(-1, 1, 1).expand(-1, 1, t.shape[-1])).squeeze(1)
+
+
 def group_gradients(pi_g: Tensor, W_g: Tensor) -> Tensor:
     """Gradients of every group's LSE, sum_s pi_g[n, k, s] W_g[k, s]: (n, K, S), (K, S, p) -> (n, K, p).
     One matrix product per group (a batched MatMul in the exported graph, which runs faster than
@@ -768,16 +775,13 @@ def grouped_margin_radius(a_g: Tensor, s: Tensor, pi_g: Tensor, valid: Tensor, c
     m = target - sq0
     never = ~valid.any(-1)                                           # (K,): an empty group never wins
 
-    def of_c(t: Tensor) -> Tensor:                                   # (n, K, q) -> the decided class's (n, 1, q)
-        return t.gather(1, c.view(-1, 1, 1).expand(-1, 1, t.shape[-1]))
-
     grads = group_gradients(pi_g, W_g)                               # grad s_k for every group
-    grad_c = of_c(grads)
-    r = _pair_hybrid(m, grad_c - grads, c, L, kappa, pullback, lip, curv)
+    grad_c = take_class(grads, c)                                    # (n, p)
+    r = _pair_hybrid(m, grad_c.unsqueeze(1) - grads, c, L, kappa, pullback, lip, curv)
     if tangent_g is not None:
         # g = grad s_c in the certificate's coordinates; c_j = |t_j - g| for every neuron (the rows
         # are used in their one (K, S, q) layout only, so an exported graph stores them once)
-        g = (grad_c if tangent_g is W_g else of_c(group_gradients(pi_g, tangent_g))).squeeze(1)   # (n, q)
+        g = grad_c if tangent_g is W_g else take_class(group_gradients(pi_g, tangent_g), c)   # (n, q)
         cross = (tangent_g @ g.T).permute(2, 0, 1)                                          # (n, K, S)
         c2 = (tangent_g * tangent_g).sum(-1) - 2.0 * cross + (g * g).sum(-1)[:, None, None]
         dist = c2.clamp_min(0.0).sqrt()

@@ -88,12 +88,6 @@ class LSEGroupLayer(nn.Module):
         a = F.preactivations(h, self.W.to(h.dtype), self.b.to(h.dtype))
         return F.group_lse(a, self.groups, self.eps)
 
-    def gibbs(self, h: Tensor) -> Tensor:
-        """Within-group Gibbs weights P: (n, H, S) in the layout of ``self.groups`` (:class:`~hjmodel.
-        functional.Groups`); the layer's Jacobian is ``groups.spread(P) @ W`` row by row."""
-        a = F.preactivations(h, self.W.to(h.dtype), self.b.to(h.dtype))
-        return F.grouped_lse_gibbs(a, self.groups, self.eps)[1]
-
     def bounds(self, W: Tensor) -> tuple[float, float]:
         """Sound global (Lipschitz, curvature) bounds of this layer for input weights ``W``.
 
@@ -308,13 +302,23 @@ class HJModel(nn.Module):
 
     def trace(self, x: Tensor) -> tuple[Tensor, list[Tensor], Tensor]:
         """Forward pass keeping what the closed forms need: head features h (n, p), the body's
-        within-group Gibbs weights (one (n, H, M) per layer, for pullbacks) and the head's
-        pre-activations a (n, N)."""
-        h, gibbs_body = self.preprocess(x), []
+        within-group Gibbs weights (one (n, H, S) per layer in the layout of its ``groups``; the
+        layer's Jacobian is ``groups.spread(P) @ W`` row by row, see :meth:`_pullback`) and the
+        head's pre-activations a (n, N)."""
+        return self._trace(x)[:3]
+
+    def _trace(self, x: Tensor) -> tuple[Tensor, list[Tensor], Tensor, Tensor]:
+        """:meth:`trace`, plus the first linear map's pre-activations (the first body layer's, or a
+        when there is no body), which the interval bounds start from. Each body layer's
+        pre-activations are formed once; its outputs and Gibbs weights come from one group LSE."""
+        h, gibbs_body, first = self.preprocess(x), [], None
         for layer in self.body:
-            gibbs_body.append(layer.gibbs(h))
-            h = layer(h)
-        return h, gibbs_body, self.head.preactivations(h)
+            pre = F.preactivations(h, layer.W.to(h.dtype), layer.b.to(h.dtype))
+            first = pre if first is None else first
+            h, pi = F.grouped_lse_gibbs(pre, layer.groups, layer.eps)
+            gibbs_body.append(pi)
+        a = self.head.preactivations(h)
+        return h, gibbs_body, a, a if first is None else first
 
     def refresh(self) -> None:
         """Recompute the weight-only constants of the certificates (call after changing weights)."""
@@ -341,15 +345,15 @@ class HJModel(nn.Module):
                 lip, curv = l_lip * lip, l_curv * lip * lip + l_lip * curv
             self._feature_lip, self._feature_curv = lip, curv
             self._W_tangent = W_head  # rows for tangent_radius: raw input space, or h space / lip
-            # interval bounds over the L2 ball of radius r: the first linear map's pre-activations
-            # move by at most r |row| (its rows in raw input space)
-            first = W_head if len(self.body) == 0 else self.body[0].W.detach().to(torch.float64) @ A
-            self._first_norms = torch.linalg.vector_norm(first, dim=-1)
-            self._grouped_norms = (head.groups.gather(self._first_norms, 0.0)
-                                   if head.groups is not None and len(self.body) == 0 else None)
-            self._first_norms_by_group = (self.body[0].groups.gather(self._first_norms, 0.0)
-                                          if len(self.body) else None)
-            self._head_by_group = None if head.groups is None else (
+            # interval bounds over the L2 ball of radius r (_interval_margin): the first linear map's
+            # pre-activations move by at most r |row| (its rows in raw input space), by its groups
+            first = self.body[0] if len(self.body) else head
+            first_rows = W_head if len(self.body) == 0 else first.W.detach().to(torch.float64) @ A
+            self._first_norms_by_group = (None if first.groups is None else
+                                          first.groups.gather(torch.linalg.vector_norm(first_rows, dim=-1), 0.0))
+            # after a body, the head's rows by class group (-inf bias in the padding): its bounds
+            # come out in the group layout, with no gather
+            self._head_by_group = None if head.groups is None or len(self.body) == 0 else (
                 head.groups.rows(W).reshape(-1, W.shape[1]),
                 head.groups.gather(head.b.detach().to(torch.float64)).reshape(-1))
             K, N = head.n_outputs, W.shape[0]
@@ -436,7 +440,7 @@ class HJModel(nn.Module):
             return Evaluation.concat([self.evaluate(x[r], tau_t[r], top_k, outputs) for r in blocks])
         wanted = set(output_names(self.task) if outputs is None else outputs)
         head, eps = self.head, self.head.eps
-        h, gibbs_body, a = self.trace(x)                             # a: (n, N)
+        h, gibbs_body, a, first = self._trace(x)                     # a: (n, N)
         N = a.shape[-1]
         k = min(top_k, N)
         res: dict[str, Tensor] = {}
@@ -480,7 +484,6 @@ class HJModel(nn.Module):
         if "certified_radius" in wanted:
             r = self._certified_radius(a, gibbs_body, c, yhat, tau_t, grouped)
             if self.task == "classification" and head.groups is not None:
-                first = a if not self.body else F.preactivations(self.preprocess(x), self.body[0].W, self.body[0].b)
                 r = torch.maximum(r, self._interval_radius(first, grouped, c, r))
             res["certified_radius"] = r
 
@@ -574,8 +577,9 @@ class HJModel(nn.Module):
 
     def _interval_radius(self, first: Tensor, grouped, c: Tensor, r0: Tensor) -> Tensor:
         """The interval-bound-propagation (IBP) radius of the decision c over the L2 ball, searched
-        above the closed-form radius r0 (:func:`functional.grid_root`, up to ``IBP_REACH`` x r0): the served radius is the larger of the two, so it is never below the bound IBP
-        computes on the same graph (DESIGN section 3). Rows where r0 is 0 or infinite keep r0.
+        above the closed-form radius r0 (:func:`functional.grid_root`, up to ``IBP_REACH`` x r0):
+        the served radius is the larger of the two, so it is never below the bound IBP computes on
+        the same graph (DESIGN section 3). Rows where r0 is 0 or infinite keep r0.
 
         ``first``: the first linear map's pre-activations (n, M) (the head's, ``grouped[0]`` by
         class, when there is no body); over the ball each moves by at most r |row| (rows in raw
@@ -589,8 +593,7 @@ class HJModel(nn.Module):
         the search costs a few batched evaluations over those rows, not over the batch."""
         if not self.body:
             a_g = grouped[0]                                             # (n, K, S)
-            a_c = a_g.gather(1, c.view(-1, 1, 1).expand(-1, 1, a_g.shape[-1])).squeeze(1)   # (n, S)
-            rows_of = (a_g, a_c, c)
+            rows_of = (a_g, F.take_class(a_g, c), c)
         else:
             # the first layer's pre-activations by group, laid out once
             rows_of = (self.body[0].groups.gather(first), c)
@@ -611,7 +614,7 @@ class HJModel(nn.Module):
         groups, eps = self.head.groups, self.head.eps
         if not self.body:
             a_g, a_c, c = rows_of
-            norms_g = self._grouped_norms                                # (K, S), 0 in the padding
+            norms_g = self._first_norms_by_group                         # (K, S), 0 in the padding
             lo_c = a_c - r.unsqueeze(-1) * norms_g[c]
             hi_g = a_g + r.view(-1, 1, 1) * norms_g
         else:
@@ -622,11 +625,9 @@ class HJModel(nn.Module):
             for layer in layers[1:]:
                 lo, hi = F.interval_affine(lo, hi, layer.W.to(lo.dtype), layer.b.to(lo.dtype))
                 lo, hi = F.interval_lse_layer(lo, hi, layer.groups, layer.eps)
-            # the head's rows come laid out by class group (-inf bias in the padding), so its
-            # bounds need no gather
             W_g, b_g = self._head_by_group
             lo_g, hi_g = (t.view(-1, *groups.shape) for t in F.interval_affine(lo, hi, W_g, b_g))
-            lo_c = lo_g.gather(1, c.view(-1, 1, 1).expand(-1, 1, lo_g.shape[-1])).squeeze(1)
+            lo_c = F.take_class(lo_g, c)
         own = F.lse(lo_c, eps)                                           # (m,)
         other = F.lse(hi_g, eps).scatter(1, c.unsqueeze(-1), -math.inf).amax(-1)
         return F.interval_margin(own, other, ROUNDING)

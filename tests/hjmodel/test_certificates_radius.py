@@ -645,3 +645,21 @@ def test_groups_layout_round_trips():
     assert back.tolist() == [[0, 1, 0, 3, 0], [5, 6, 0, 8, 0]]          # neuron 2 is in no group
     with pytest.raises(ValueError, match="disjoint"):
         F.Groups.of(torch.tensor([[1, 1], [1, 0]], dtype=torch.bool))
+    assert not g.contiguous
+
+
+def test_contiguous_groups_gather_and_spread_as_the_indexed_table():
+    """Equal groups one after another take the reshape path; it equals the padded index path."""
+    mask = torch.zeros(4, 12, dtype=torch.bool)
+    for k in range(4):
+        mask[k, 3 * k:3 * k + 3] = True
+    g = F.Groups.of(mask)
+    assert g.contiguous
+    indexed = F.Groups(g.slots, g.valid, g.place)
+    indexed.contiguous = False
+    a = torch.randn(5, 7, 12, dtype=DT)
+    assert torch.equal(g.gather(a), indexed.gather(a))
+    v = torch.randn(5, 4, 3, dtype=DT)
+    assert torch.equal(g.spread(v), indexed.spread(v))
+    shuffled = F.Groups.of(mask[:, torch.randperm(12, generator=torch.Generator().manual_seed(0))])
+    assert not shuffled.contiguous                 # same sizes, other order: the indexed path

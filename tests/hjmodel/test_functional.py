@@ -690,7 +690,7 @@ def test_logsumexp_agrees_between_torch_and_the_onnx_runtime(tmp_path):
 
     inf = math.inf
     a = torch.tensor([[-900.0, -inf, -905.0], [-inf, -950.0, -inf], [-3.0, -inf, -inf], [-inf, -inf, -inf],
-                      [0.0, -2000.0, -3000.0], [1e3, 999.0, -1e4]], dtype=torch.float64)
+                      [0.0, -2000.0, -3000.0], [1e3, 999.0, -1e4], [inf, 1.0, -inf]], dtype=torch.float64)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.onnx.export(Both(), (a,), str(tmp_path / "lse.onnx"), input_names=["a"], output_names=["lse", "amb"],
@@ -700,6 +700,7 @@ def test_logsumexp_agrees_between_torch_and_the_onnx_runtime(tmp_path):
     for g, w in zip(got, want):
         np.testing.assert_array_equal(g, w.numpy())
     assert float(want[0][1]) == -950.0 and float(want[1][4]) == -2000.0   # finite where it should be
+    assert float(want[0][3]) == -inf and float(want[0][6]) == inf         # empty row; a +inf entry
     np.testing.assert_allclose(want[0].numpy()[[0, 2, 5]],
                                (0.5 * torch.logsumexp(a / 0.5, dim=-1)).numpy()[[0, 2, 5]], rtol=1e-15)
 
