@@ -62,6 +62,7 @@ class OnnxModel(MLModel):
     async def load(self) -> bool:
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = opts.inter_op_num_threads = 1
+        opts.add_session_config_entry("session.set_denormal_as_zero", "1")   # as hjserve's sessions
         self.sess = ort.InferenceSession(self.settings.parameters.uri, opts, providers=["CPUExecutionProvider"])
         self.feed_names = [i.name for i in self.sess.get_inputs()]
         return True
@@ -86,6 +87,7 @@ class OnnxModel(Model):
         super().__init__(name)
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = opts.inter_op_num_threads = 1
+        opts.add_session_config_entry("session.set_denormal_as_zero", "1")   # as hjserve's sessions
         self.sess = ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
         self.feed_names = [i.name for i in self.sess.get_inputs()]
         self.ready = True

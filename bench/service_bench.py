@@ -178,9 +178,7 @@ def main() -> None:
 
         from service.rest.batch import default_chunk_rows
 
-        opts = ort.SessionOptions()
-        opts.inter_op_num_threads = 1
-        sess = ort.InferenceSession(str(version_dir / "model.onnx"), opts, providers=["CPUExecutionProvider"])
+        sess = ort.InferenceSession(str(version_dir / "model.onnx"), serving.session_options(), providers=["CPUExecutionProvider"])
         chunk = default_chunk_rows(spec, 64)   # the default max_batch_size
         t0 = time.perf_counter()
         for start in range(0, len(x), chunk):

@@ -27,6 +27,7 @@ from .serving import (
     onnx_feeds,
     output_names,
     select_outputs,
+    session_options,
     spec_of,
 )
 
@@ -92,10 +93,7 @@ class Predictor:
         if self.backend == "onnx":
             import onnxruntime as ort
 
-            options = ort.SessionOptions()
-            options.intra_op_num_threads = self.threads
-            options.inter_op_num_threads = 1
-            session = ort.InferenceSession(str(Path(self.artifact) / ONNX_FILE), options,
+            session = ort.InferenceSession(str(Path(self.artifact) / ONNX_FILE), session_options(self.threads),
                                            providers=["CPUExecutionProvider"])
             names = [o.name for o in session.get_outputs()]
 

@@ -239,6 +239,47 @@ def _positive_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 1
 
 
+def session_options(threads: int = 0) -> Any:
+    """``onnxruntime.SessionOptions`` for a served graph (the service, the offline predictor,
+    ``hjmodel verify``, the tests and benchmarks all open sessions with these): sequential, one
+    inter-op thread, ``threads`` intra-op threads (0: onnxruntime's default), and subnormal numbers
+    flushed to zero (``session.set_denormal_as_zero``).
+
+    The flush is for speed: far from the reference points (an OOD input) many terms of the served
+    log-sum-exps fall below 2.2e-308, where the exp kernel takes a slow path -- a memory model's graph
+    took 62 ms instead of 44 ms for 256 such rows. It cannot loosen a certificate: every flushed
+    quantity is below 2.3e-308 in magnitude, terms of sums whose largest term is exp(0) = 1 (every
+    log-sum-exp is max-shifted), so results move by less than N x 2.3e-308 relative, some 290 orders of
+    magnitude inside the certificates' rounding floor; a margin or gradient that small becomes 0,
+    which gives radius 0. The served-bits soundness tests (tests/hjmodel/test_served_precision.py)
+    attack sessions opened with these options. The modes are a property of the thread: see
+    :func:`flush_subnormals` for a session run on another thread than the one that opened it."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.inter_op_num_threads = 1
+    if threads > 0:
+        options.intra_op_num_threads = threads
+    options.add_session_config_entry("session.set_denormal_as_zero", "1")
+    return options
+
+
+def flush_subnormals() -> bool:
+    """Flush subnormal numbers to zero on the calling thread (the processor's FTZ / DAZ modes, as
+    ``session.set_denormal_as_zero`` does; through ``torch.set_flush_denormal``), so a served graph
+    run on this thread by onnxruntime or torch gets the speed :func:`session_options` is for.
+
+    Needed where a session runs on another thread than the one that opened it: onnxruntime sets
+    the modes on the *opening* thread (and threads started from it afterwards), not at ``run``.
+    The service calls it on each backend's thread (service.batching). False where the processor
+    has no such mode (nothing changes)."""
+    import torch
+
+    return bool(torch.set_flush_denormal(True))
+
+
 def onnx_feeds(session: Any, x: Any, tau: Any = 0.1, baseline: Any = None) -> dict[str, Any]:
     """The feeds of a served ONNX graph for rows ``x`` (n, d): ``input`` as float32 and, when the
     graph takes them, ``tau`` as float64 ``(n, 1)`` (one value is repeated for every row; a graph

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from hjmodel import serving
 from service.backends.base import Backend
 from service.errors import BackendError, HJServeError, InternalError, Overloaded, RequestTimeout
 
@@ -71,7 +72,10 @@ class DynamicBatcher:
         self._wakeup: asyncio.Event | None = None
         self._worker: asyncio.Task | None = None
         self._closing = False
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"hjserve-{name}")
+        # the backend's thread flushes subnormals (hjmodel.serving.session_options says why and why
+        # no certificate loosens); onnxruntime set it only on the loading thread
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"hjserve-{name}",
+                                            initializer=serving.flush_subnormals)
 
     @property
     def queue_size(self) -> int:

@@ -73,12 +73,7 @@ def load_onnx(version_dir: Path, *, device: str = "auto", threads: int = 0) -> O
     if device == "cuda" and _CUDA not in available:
         raise ModelLoadFailed("device 'cuda' requested but onnxruntime has no CUDAExecutionProvider")
     providers = [_CUDA, _CPU] if device in ("auto", "cuda") and _CUDA in available else [_CPU]
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    options.inter_op_num_threads = 1
-    if threads > 0:
-        options.intra_op_num_threads = threads
+    options = serving.session_options(threads)
     try:
         session = ort.InferenceSession(str(path), sess_options=options, providers=providers)
         explain_path = path.parent / serving.EXPLAIN_FILE

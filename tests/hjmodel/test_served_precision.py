@@ -27,9 +27,7 @@ ROWS = 60
 def _session(version_dir):
     import onnxruntime as ort
 
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = 1
-    return ort.InferenceSession(str(version_dir / ONNX_FILE), opts, providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(str(version_dir / ONNX_FILE), serving.session_options(1), providers=["CPUExecutionProvider"])
 
 
 def _served(sess, x32: np.ndarray) -> dict[str, np.ndarray]:
@@ -206,3 +204,44 @@ def test_attack_inside_the_served_radius_in_served_bits(demo_repository, name, f
             cls = _served(sess, q)["prediction"]
             bad = inside & (cls != out["prediction"])
             assert not bad.any(), (name, factor, target, it, np.flatnonzero(bad)[:5])
+
+
+_UNFLUSHED = """
+import sys, numpy as np, onnxruntime as ort
+from hjmodel import serving
+options = ort.SessionOptions()
+options.intra_op_num_threads = 1
+sess = ort.InferenceSession(sys.argv[1], options, providers=["CPUExecutionProvider"])
+x = np.load(sys.argv[2])
+names = [o.name for o in sess.get_outputs()]
+np.savez(sys.argv[3], **dict(zip(names, sess.run(names, serving.onnx_feeds(sess, x, 0.1)))))
+"""
+
+
+@pytest.mark.parametrize("name", ["digits_lse", "digits_memory", "digits_deep"])
+def test_flushing_subnormals_changes_no_served_answer(demo_repository, name, tmp_path):
+    """The served sessions flush subnormals to zero (``serving.session_options``, for speed on OOD
+    inputs). On inputs far from the data -- where the OOD score's and the memory head's exponentials
+    underflow -- every output of the flushed session equals that of a session in a fresh process
+    that keeps subnormals (the processor's mode is per thread and sticks, so not in this process)
+    to the rounding of its dtype (decisions and flags exactly), and no certificate grows."""
+    import subprocess
+    import sys
+
+    version = demo_repository / name / "1"
+    rng = np.random.default_rng(0)
+    d = load_model(version).n_features
+    x32 = np.concatenate([np.abs(rng.standard_normal((40, d))) * 3, rng.standard_normal((40, d)) * 40,
+                          _scaled_digits(None, 1.0, 40)]).astype(np.float32)
+    np.save(tmp_path / "x.npy", x32)
+    subprocess.run([sys.executable, "-c", _UNFLUSHED, str(version / ONNX_FILE), str(tmp_path / "x.npy"),
+                    str(tmp_path / "want.npz")], check=True, timeout=120)
+    want = dict(np.load(tmp_path / "want.npz"))
+    got = _served(_session(version), x32)
+    assert set(got) == set(want)
+    for key, value in want.items():
+        if value.dtype.kind in "biu":
+            assert np.array_equal(got[key], value), key
+        else:
+            np.testing.assert_allclose(got[key], value, rtol=4 * np.finfo(value.dtype).eps, atol=0, err_msg=key)
+    assert (got["certified_radius"] <= want["certified_radius"]).all()

@@ -166,3 +166,23 @@ def test_wait_for_room_waits_instead_of_failing():
         return results
 
     assert len(asyncio.run(main())) == 10
+
+
+def test_the_backend_thread_flushes_subnormals():
+    """The backend's thread runs with subnormals flushed to zero (hjmodel.serving.session_options:
+    onnxruntime's far-from-data speed), whatever the thread that started it: the event loop's thread
+    here keeps IEEE subnormals."""
+    import torch
+
+    torch.set_flush_denormal(False)                 # this thread: the processor's default
+    product = np.float64(1e-300) * np.float64(1e-10)
+    assert product == 1e-310                        # a subnormal, kept here
+
+    async def main():
+        batcher = _batcher(FakeBackend())
+        try:
+            return await batcher.run_exclusive(lambda: np.float64(1e-300) * np.float64(1e-10))
+        finally:
+            await batcher.close()
+
+    assert asyncio.run(main()) == 0.0
