@@ -29,6 +29,7 @@ from .serving import (
     explain_outputs_for,
     outputs_for,
 )
+from .train import FALSE_FLAG_LEVEL, false_flag_interval
 
 __all__ = [
     "ExplainModule",
@@ -58,6 +59,10 @@ def model_spec(model: HJModel) -> dict:
         "reference_eps": ref.eps, "regime_factor": ref.regime_factor,
         "n_normaliser": int(ref.norm_unsupported.numel()), "n_conformal": int(ref.combined.numel()),
     }
+    if ref.alpha is not None and ref.combined.numel():
+        # where one deployment's realised false-flag rate lands (over the draw of its calibration rows)
+        mean, lo, hi = false_flag_interval(ref.alpha, int(ref.combined.numel()))
+        calibration["false_flag_rate"] = {"mean": mean, "low": lo, "high": hi, "level": FALSE_FLAG_LEVEL}
     support = {}
     if head.mode == "values":
         # memory kind: attributions point at training examples (ids into the training dataset)

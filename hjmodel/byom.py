@@ -54,7 +54,8 @@ def to_hjmodel(network, *, task: str | None = None, class_names=None, feature_na
 
 
 def export(network, calibration_data, out: str | Path, *, reference_data=None, task: str | None = None,
-           class_names=None, feature_names=None, alpha: float = 0.05, reference_size: int = 1000, seed: int = 0,
+           class_names=None, feature_names=None, alpha: float = 0.05, alpha_tolerance: float | None = None,
+           reference_size: int = 1000, seed: int = 0,
            formats: tuple[str, ...] = ("onnx", "torch")) -> HJModel:
     """Write a serving artifact of ``network`` into the version directory ``out``; returns the model.
 
@@ -64,7 +65,8 @@ def export(network, calibration_data, out: str | Path, *, reference_data=None, t
     ``calibration_data`` (a seeded split) serves as reference and the other half calibrates. The OOD
     gate's validity rests on the calibration rows being exchangeable with future in-distribution
     inputs. Raises :class:`~hjmodel.errors.CalibrationError` when ``alpha`` cannot be reached with the
-    calibration rows given."""
+    calibration rows given, or (``alpha_tolerance``) when they are too few for one deployment's
+    false-flag rate to lie within alpha +- alpha_tolerance (:func:`hjmodel.train.false_flag_interval`)."""
     model = to_hjmodel(network, task=task, class_names=class_names, feature_names=feature_names)
     X, y = (calibration_data if isinstance(calibration_data, tuple) else (calibration_data, None))
     X = torch.as_tensor(np.asarray(X, dtype=np.float64))
@@ -78,7 +80,8 @@ def export(network, calibration_data, out: str | Path, *, reference_data=None, t
         X_ref = torch.as_tensor(np.asarray(reference_data, dtype=np.float64))
         X_cal, y_cal = X, y
     model.refresh()
-    cfg = TrainConfig(kind=model.kind, alpha=alpha, reference_size=reference_size, seed=seed, progress=False)
+    cfg = TrainConfig(kind=model.kind, alpha=alpha, alpha_tolerance=alpha_tolerance, reference_size=reference_size,
+                      seed=seed, progress=False)
     calibrate(model, X_ref, X_cal, cfg)
     metrics = {"alpha": alpha, "n_reference": int(len(X_ref)), "n_calibration": int(len(X_cal))}
     if y_cal is not None:

@@ -23,8 +23,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
     cfg = TrainConfig(kind=args.kind, eps=args.eps, t=args.t, preprocess=args.preprocess, pieces=args.pieces,
                       hidden=args.hidden, head=args.head, epochs=args.epochs, lr=args.lr, seed=args.seed, anneal=args.anneal,
-                      alpha=args.alpha, memory_size=args.memory_size, support=args.support,
-                      progress=not args.quiet)
+                      alpha=args.alpha, alpha_tolerance=args.alpha_tolerance, memory_size=args.memory_size,
+                      support=args.support, progress=not args.quiet)
     model, report = train(load_dataset(args.data, target=args.target, task=args.task), cfg)
     out = save_artifact(model, args.out, tuple(args.formats))
     print(json.dumps({"artifact": str(out), "metrics": report.metrics, "seconds": round(report.seconds, 2)},
@@ -106,8 +106,8 @@ def _calibration(args: argparse.Namespace):
 
 
 def _export_options(args: argparse.Namespace) -> dict:
-    return {"task": args.task, "class_names": args.class_names, "alpha": args.alpha, "seed": args.seed,
-            "formats": tuple(args.formats)}
+    return {"task": args.task, "class_names": args.class_names, "alpha": args.alpha,
+            "alpha_tolerance": args.alpha_tolerance, "seed": args.seed, "formats": tuple(args.formats)}
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
@@ -164,6 +164,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--lr", type=float, default=0.02)
     p.add_argument("--anneal", type=float, default=1.0, help="start at ANNEAL*eps and anneal down to eps")
     p.add_argument("--alpha", type=float, default=0.05, help="target false-flag rate of the OOD gate")
+    p.add_argument("--alpha-tolerance", type=float,
+                   help="refuse calibration rows too few for one deployment's false-flag rate to lie within "
+                        "alpha +- this (95%% of calibration draws); the interval is reported either way")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--formats", nargs="+", choices=["onnx", "torch"], default=["onnx", "torch"])
     p.add_argument("--quiet", action="store_true")
@@ -193,6 +196,9 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--task", choices=["classification", "regression"])
         p.add_argument("--class-names", nargs="+")
         p.add_argument("--alpha", type=float, default=0.05, help="target false-flag rate of the OOD gate")
+        p.add_argument("--alpha-tolerance", type=float,
+                       help="refuse calibration rows too few for one deployment's false-flag rate to lie within "
+                            "alpha +- this (95%% of calibration draws); the interval is reported either way")
         p.add_argument("--seed", type=int, default=0)
         p.add_argument("--formats", nargs="+", choices=["onnx", "torch"], default=["onnx", "torch"])
 

@@ -165,6 +165,9 @@ class ArtifactSpec:
     class_names: tuple[str, ...]
     feature_names: tuple[str, ...]
     alpha: float | None
+    #: (low, high): where one deployment's realised false-flag rate lies, 95% of calibration draws
+    #: (``calibration.false_flag_rate``; None in artifacts written before it was recorded)
+    false_flag_rate: tuple[float, float] | None
     support_ids: tuple[Any, ...] | None
     support_labels: tuple[Any, ...] | None
     input_mean: tuple[float, ...] | None
@@ -208,6 +211,10 @@ class ArtifactSpec:
         alpha = calibration.get("alpha")
         if alpha is not None and not (_number(alpha) and 0 < alpha < 1):
             raise ArtifactError(f"{where}: calibration.alpha must be in (0, 1)")
+        rate = calibration.get("false_flag_rate")
+        if rate is not None and not (isinstance(rate, dict) and all(
+                _number(rate.get(k)) and 0 <= rate[k] <= 1 for k in ("low", "high"))):
+            raise ArtifactError(f"{where}: calibration.false_flag_rate must hold low and high in [0, 1]")
         features = spec.get("feature_names") or []
         if not isinstance(features, list):
             raise ArtifactError(f"{where}: feature_names must be a list")
@@ -221,6 +228,7 @@ class ArtifactSpec:
                    top_k_max=int(top), class_names=tuple(str(n) for n in names),
                    feature_names=tuple(str(n) for n in features),
                    alpha=None if alpha is None else float(alpha),
+                   false_flag_rate=None if rate is None else (float(rate["low"]), float(rate["high"])),
                    support_ids=tuple(ids) if isinstance(ids, list) else None,
                    support_labels=tuple(labels) if isinstance(labels, list) else None,
                    input_mean=None if mean is None else tuple(float(v) for v in mean),

@@ -21,7 +21,7 @@ from .errors import CalibrationError, DataError
 from .models import GibbsHead, HJModel, LSEGroupLayer, OODReference, Preprocess
 from .serving import KINDS
 
-__all__ = ["TrainConfig", "TrainReport", "calibrate", "train"]
+__all__ = ["TrainConfig", "TrainReport", "calibrate", "conformal_rows_needed", "false_flag_interval", "train"]
 
 
 @dataclass
@@ -48,6 +48,9 @@ class TrainConfig:
     test_fraction: float = 0.2
     calibration_fraction: float = 0.2
     alpha: float = 0.05                  #: target false-flag rate of the OOD gate
+    #: refuse a calibration split whose deployment's realised false-flag rate is not within alpha
+    #: +- this with 95% probability (:func:`false_flag_interval`); None: report the interval only
+    alpha_tolerance: float | None = None
     reference_size: int = 1000           #: OOD reference measure size
     exclude_classes: list[int] = field(default_factory=list)  #: drop these classes (OOD studies)
     progress: bool = True
@@ -220,6 +223,8 @@ def train(data: Dataset, cfg: TrainConfig | None = None) -> tuple[HJModel, Train
     metrics = evaluate_metrics(model, X[te], y_all[te], task)
     metrics["ood_false_flag_rate_test"] = float(model.served(X[te], ("ood_flag",))["ood_flag"].double().mean())
     metrics["alpha"] = cfg.alpha
+    # where this deployment's realised false-flag rate lies (95% of calibration draws)
+    metrics["ood_false_flag_rate_95"] = list(false_flag_interval(cfg.alpha, len(ca))[1:])
     model.meta["provenance"] = {
         "dataset": data.name, "data_sha256": data.sha256, "train_config": asdict(cfg),
         "n_train": int(len(tr)), "n_calibration": int(len(ca)), "n_test": int(len(te)),
@@ -340,6 +345,7 @@ def calibrate(model: HJModel, X_train: torch.Tensor, X_cal: torch.Tensor, cfg: T
     the calibration rows can produce: such a gate could never fire."""
     n_cal = int(X_cal.shape[0])
     _check_alpha(cfg.alpha, n_cal)
+    _check_tolerance(cfg.alpha, cfg.alpha_tolerance, n_cal)
     gen = torch.Generator().manual_seed(cfg.seed + 1)
     with torch.no_grad():
         H_tr, classes = _features_and_classes(model, X_train)
@@ -376,6 +382,66 @@ def _features_and_classes(model: HJModel, X: torch.Tensor) -> tuple[torch.Tensor
 
 #: multiples of eps/4 (the gauge of earlier versions) that :func:`calibrate` searches for t
 GAUGE_GRID = torch.logspace(-4, 1, 41, dtype=torch.float64)
+
+
+#: probability of the false-flag interval reported for a deployment
+FALSE_FLAG_LEVEL = 0.95
+
+
+def false_flag_interval(alpha: float, n: int, level: float = FALSE_FLAG_LEVEL) -> tuple[float, float, float]:
+    """The false-flag rate one deployment realises: (mean, low, high), the central ``level``
+    interval over the draw of its ``n`` conformal calibration rows.
+
+    The gate flags p <= alpha, p = (1 + #{calibration T >= T(x)}) / (1 + n): it flags exactly the
+    inputs whose T exceeds the k-th largest calibration statistic, k = floor(alpha (n + 1)). For
+    exchangeable in-distribution rows (continuous T) the probability mass above that order statistic
+    is Beta(k, n + 1 - k) distributed: its mean k / (n + 1) <= alpha is the split-conformal guarantee,
+    its spread is how far one deployment's alert volume can land from it. sd ~ sqrt(alpha / n):
+    +-1.5 pp at alpha = 0.05 takes ~850 rows, at alpha = 0.01 ~180 (:func:`conformal_rows_needed`)."""
+    from scipy.stats import beta
+
+    k = math.floor(alpha * (n + 1) + 1e-9)
+    if k < 1:
+        return 0.0, 0.0, 0.0
+    tail = (1.0 - level) / 2.0
+    dist = beta(k, n + 1 - k)
+    return k / (n + 1), float(dist.ppf(tail)), float(dist.ppf(1.0 - tail))
+
+
+def conformal_rows_needed(alpha: float, tolerance: float, level: float = FALSE_FLAG_LEVEL) -> int | None:
+    """The fewest conformal rows n such that every n' >= n keeps one deployment's false-flag
+    interval (:func:`false_flag_interval`) inside alpha +- ``tolerance`` (checked up to 16 x the
+    normal approximation's alpha (1 - alpha) (3 / tolerance)^2 rows; None: not below that)."""
+    from scipy.stats import beta
+
+    limit = max(1000, int(16 * alpha * (1 - alpha) * (3 / tolerance) ** 2))
+    n = np.arange(1, limit + 1)
+    k = np.floor(alpha * (n + 1) + 1e-9)
+    ok = k >= 1
+    tail = (1.0 - level) / 2.0
+    a, b = np.maximum(k, 1), np.maximum(n + 1 - k, 1)
+    ok &= beta.ppf(tail, a, b) >= alpha - tolerance
+    ok &= beta.ppf(1.0 - tail, a, b) <= alpha + tolerance
+    bad = np.flatnonzero(~ok)
+    if len(bad) == 0:
+        return 1
+    return None if bad[-1] + 1 >= limit else int(n[bad[-1] + 1])
+
+
+def _check_tolerance(alpha: float, tolerance: float | None, n: int) -> None:
+    if tolerance is None:
+        return
+    if not 0 < tolerance < 1:
+        raise CalibrationError(f"alpha_tolerance must be in (0, 1), got {tolerance}")
+    _, lo, hi = false_flag_interval(alpha, n)
+    if lo >= alpha - tolerance and hi <= alpha + tolerance:
+        return
+    need = conformal_rows_needed(alpha, tolerance)
+    raise CalibrationError(
+        f"with {n} conformal calibration rows one deployment's false-flag rate at alpha={alpha} lies in "
+        f"[{lo:.4f}, {hi:.4f}] ({FALSE_FLAG_LEVEL:.0%} of calibration draws), not within +-{tolerance}; that needs "
+        + (f"at least {need} conformal rows" if need else "more rows than can be checked")
+        + ": raise calibration_fraction or calibrate on more in-distribution data (--calibration)")
 
 
 def _check_alpha(alpha: float, n: int) -> None:

@@ -232,6 +232,7 @@ class DataPlane:
             "kind": spec.kind, "task": spec.task, "eps": spec.eps, "t": spec.t,
             "top_k_max": k, "default_top_k": min(s.default_top_k, k), "default_tau": s.default_tau,
             "class_names": list(spec.class_names) or None, "alpha": spec.alpha,
+            "false_flag_rate_95": None if spec.false_flag_rate is None else list(spec.false_flag_rate),
             "default_outputs": self.default_outputs(mv), "device": mv.backend.device,
             "model_control_mode": s.model_control_mode,
         }

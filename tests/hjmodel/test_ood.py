@@ -248,3 +248,73 @@ def test_surprisal_orders_within_a_rank_level_and_never_across():
     assert bool(((T - level) >= 0).all() and ((T - level) < 0.5 * math.log1p(1 / 500)).all())
     beyond = T[-3:]
     assert bool((beyond[1:] > beyond[:-1]).all())  # still ordered far beyond the extreme point
+
+
+# ------------------------------------------------------------------ one deployment's false-flag rate
+
+def _blobs(n: int, seed: int, centers: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, len(centers), n)
+    return centers[y] + rng.standard_normal((n, centers.shape[1])), y
+
+
+def test_false_flag_interval_is_where_deployments_land():
+    """``train.false_flag_interval``: over the draw of a deployment's n conformal rows, its realised
+    false-flag rate is Beta(k, n + 1 - k), k = floor(alpha (n + 1)). Measured with the gate itself:
+    one trained model, 400 calibrations on fresh in-distribution draws of n rows (what `calibrate`
+    stores), each deployment's rate on 40,000 further rows -- the draws' mean and central 95% land
+    where the interval says, and 95% of deployments inside it."""
+    from hjmodel.data import Dataset
+    from hjmodel.models import _rank_p
+    from hjmodel.train import false_flag_interval
+
+    centers = np.random.default_rng(7).standard_normal((3, 6)) * 3
+    X, y = _blobs(1500, 0, centers)
+    model, _ = train(Dataset(X, y, "classification", "blobs", ["a", "b", "c"], []),
+                     TrainConfig(kind="lse", pieces=2, epochs=10, progress=False, seed=0))
+    pool, _ = _blobs(120_000, 1, centers)
+    with torch.no_grad():
+        out = model.evaluate(torch.as_tensor(pool), outputs=())
+        T = model.combined_statistic(out.h, out.log_probs).numpy()
+    rng = np.random.default_rng(2)
+    for alpha, n in ((0.05, 200), (0.01, 300)):
+        rates = []
+        for draw in range(400):
+            idx = rng.choice(len(pool), size=n + 40_000, replace=False)
+            cal, test = torch.as_tensor(np.sort(T[idx[:n]])), torch.as_tensor(T[idx[n:]])
+            rates.append(float((_rank_p(cal, test) <= alpha).double().mean()))
+            if draw == 0:   # the shortcut is the served rule: the graph's own flags on some rows
+                model.reference.combined = cal
+                model.reference.alpha = alpha
+                rows = torch.as_tensor(pool[idx[n:n + 2000]])
+                served = model.evaluate(rows, outputs=("ood_flag",))["ood_flag"].numpy()
+                assert np.array_equal(served, (_rank_p(cal, test[:2000]) <= alpha).numpy())
+        rates = np.array(rates)
+        mean, lo, hi = false_flag_interval(alpha, n)
+        sd = math.sqrt(mean * (1 - mean) / (n + 2))
+        assert abs(rates.mean() - mean) < 4 * sd / math.sqrt(len(rates)) + 0.002, (alpha, rates.mean(), mean)
+        inside = ((rates >= lo - 0.001) & (rates <= hi + 0.001)).mean()
+        assert 0.92 <= inside <= 0.985, (alpha, inside, lo, hi)
+        assert np.quantile(rates, 0.975) == pytest.approx(hi, abs=0.25 * (hi - lo)), (alpha, lo, hi)
+
+
+def test_too_few_calibration_rows_for_a_tolerance_are_refused_with_the_rows_needed():
+    """alpha_tolerance: digits' 20% calibration split (~360 rows) cannot hold one deployment's
+    false-flag rate within 5% +- 1.5 pp (that takes ~900 rows): training says so and how many rows
+    it takes; at alpha = 0.01 it can, and the interval is reported in the metrics and the spec."""
+    from hjmodel.artifact import model_spec
+    from hjmodel.train import conformal_rows_needed, false_flag_interval
+
+    data = load_dataset("digits")
+    cfg = TrainConfig(kind="lse", pieces=2, epochs=1, progress=False, seed=0, alpha_tolerance=0.015)
+    need = conformal_rows_needed(0.05, 0.015)
+    assert 850 <= need <= 950
+    with pytest.raises(ValueError, match=f"at least {need} conformal rows"):
+        train(data, cfg)
+    model, report = train(data, replace(cfg, alpha=0.01))
+    n = model.reference.combined.numel()
+    _, lo, hi = false_flag_interval(0.01, n)
+    assert 0.01 - 0.015 <= lo < 0.01 < hi <= 0.01 + 0.015
+    assert report.metrics["ood_false_flag_rate_95"] == pytest.approx([lo, hi])
+    rate = model_spec(model)["calibration"]["false_flag_rate"]
+    assert (rate["low"], rate["high"], rate["level"]) == pytest.approx((lo, hi, 0.95))
