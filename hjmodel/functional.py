@@ -196,8 +196,10 @@ class Groups:
 def take_class(t: Tensor, c: Tensor) -> Tensor:
     """Each row's entry (or row of entries) of its class c: (n, K), (n,) -> (n,); (n, K, q) -> (n, q)."""
     if t.ndim == 2:
-        return t.gather(1, c.unsqueeze(-1)).squeeze(1)
-    return t.gather(1, c.view(-1, 1, 1).expand(-1, 1, t.shape[-1])).squeeze(1)
+        return t.gather(1, c.unsqueeze(-1)).select(1, 0)
+    # select, not squeeze: a squeeze of an axis whose size the exporter cannot prove is 1 exports as an
+    # If node (a subgraph call per evaluation)
+    return t.gather(1, c.view(-1, 1, 1).expand(-1, 1, t.shape[-1])).select(1, 0)
 
 
 def group_gradients(pi_g: Tensor, W_g: Tensor) -> Tensor:

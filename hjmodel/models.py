@@ -777,7 +777,7 @@ class HJModel(nn.Module):
         j = e.argmin(-1)
         out["hj_initial_value"] = g[j]
         out["hj_value"] = -F.lse(-e, eps)
-        out["hopf_lax_value"] = e.gather(1, j[:, None]).squeeze(1)
+        out["hopf_lax_value"] = e.gather(1, j[:, None]).select(1, 0)
         if len(self.body) == 0:
             out["hj_support_point"] = self.preprocess.mu + y[j] @ self._A_pinv.T   # (n, d)
         # eps what-if: every LSE at eps -> 0 (max), the Gibbs average at its dominant support point
