@@ -11,7 +11,7 @@ Backends and rows (one thread each, so numbers are per core):
   graph asked only for ``prediction``; *predict only*: a graph exported from the bare forward;
   *all diagnostics, far rows*: every output for rows far from the data (|N(0, 1)| x 3 per pixel,
   OOD traffic), where the graph's exponentials underflow, in the served session (subnormals
-  flushed, ``serving.session_options``) and, side by side, in one that keeps them.
+  flushed, ``serving.open_session``) and, side by side, in one that keeps them.
 
 Each cell is the median of 7 timing repeats, each repeat averaging enough calls to last >= 0.2 s.
 Usage: ``python bench/hjmodel_bench.py [--models DIR]``.
@@ -85,13 +85,7 @@ KEPT.submit(lambda: None).result()
 
 
 def _session(path: Path, flush: bool = True):
-    import onnxruntime as ort
-
-    options = serving_contract.session_options(1)
-    if not flush:
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = options.inter_op_num_threads = 1
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    return serving_contract.open_session(path, threads=1, flush_subnormals=flush)
 
 
 def bench_model(directory: Path, data_name: str, work: Path) -> list[dict]:
@@ -129,7 +123,7 @@ def bench_model(directory: Path, data_name: str, work: Path) -> list[dict]:
         t[("onnxruntime", "prediction fetched")] = _time(lambda feed=feed: full_sess.run(["prediction"], feed))
         t[("onnxruntime", "predict only")] = _time(lambda xn=xn: bare_sess.run(None, {"input": xn}))
         # rows far from the data (OOD traffic), where exponentials underflow: the served session
-        # flushes subnormals (serving.session_options); side by side, one that does not
+        # flushes subnormals (serving.open_session); side by side, one that does not
         far_feed = serving_contract.onnx_feeds(full_sess, far[:batch], 0.1)
         t[("onnxruntime", "all diagnostics, far rows")] = _time(lambda f=far_feed: full_sess.run(None, f))
         t[("onnxruntime", "all diagnostics, far rows, subnormals kept")] = KEPT.submit(
@@ -157,6 +151,9 @@ def main() -> int:
     if models is None:
         raise SystemExit("no demo repository: run `python -m hjmodel.demo --out models` first")
     torch.set_num_threads(1)
+    # this thread runs the served graphs as the service's backend thread does: subnormals flushed
+    # (KEPT, started before, keeps them)
+    serving_contract.flush_subnormals()
     rows = []
     with tempfile.TemporaryDirectory() as work:
         for name in MODELS:
@@ -180,7 +177,7 @@ def main() -> int:
     L += ["", "Notes: `HJModel.predict` is the forward pass alone (it matches *predict only*); onnxruntime "
           "computes the whole served graph even when only `prediction` is fetched. *far rows* are "
           "|N(0, 1)| x 3 per feature (OOD traffic), where the graph's exponentials underflow: the served "
-          "session flushes subnormals to zero (`hjmodel.serving.session_options`); *subnormals kept* is "
+          "session flushes subnormals to zero (`hjmodel.serving.open_session`); *subnormals kept* is "
           "the same graph in a session that does not, on a thread that never flushed -- the flush is "
           "what keeps OOD traffic as cheap as in-distribution traffic."]
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -174,11 +174,10 @@ def main() -> None:
                 module(torch.from_numpy(x[start:start + 256]), torch.tensor([0.1], dtype=torch.float64))
         inproc_s = time.perf_counter() - t0
         # the stricter baseline: the server's own runtime in process, on the server's chunk size
-        import onnxruntime as ort
 
         from service.rest.batch import default_chunk_rows
 
-        sess = ort.InferenceSession(str(version_dir / "model.onnx"), serving.session_options(), providers=["CPUExecutionProvider"])
+        sess = serving.open_session(version_dir / "model.onnx")
         chunk = default_chunk_rows(spec, 64)   # the default max_batch_size
         t0 = time.perf_counter()
         for start in range(0, len(x), chunk):

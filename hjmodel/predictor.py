@@ -25,9 +25,9 @@ from .serving import (
     ONNX_FILE,
     TOP_K_MAX,
     onnx_feeds,
+    open_session,
     output_names,
     select_outputs,
-    session_options,
     spec_of,
 )
 
@@ -91,10 +91,7 @@ class Predictor:
 
     def _open(self):
         if self.backend == "onnx":
-            import onnxruntime as ort
-
-            session = ort.InferenceSession(str(Path(self.artifact) / ONNX_FILE), session_options(self.threads),
-                                           providers=["CPUExecutionProvider"])
+            session = open_session(Path(self.artifact) / ONNX_FILE, threads=self.threads)
             names = [o.name for o in session.get_outputs()]
 
             def run_onnx(x: np.ndarray) -> dict[str, np.ndarray]:

@@ -17,8 +17,9 @@ The service only moves these tensors; every number is computed by hjmodel.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from .errors import ArtifactError
@@ -248,20 +249,8 @@ def _positive_int(value: object) -> bool:
 
 
 def session_options(threads: int = 0) -> Any:
-    """``onnxruntime.SessionOptions`` for a served graph (the service, the offline predictor,
-    ``hjmodel verify``, the tests and benchmarks all open sessions with these): sequential, one
-    inter-op thread, ``threads`` intra-op threads (0: onnxruntime's default), and subnormal numbers
-    flushed to zero (``session.set_denormal_as_zero``).
-
-    The flush is for speed: far from the reference points (an OOD input) many terms of the served
-    log-sum-exps fall below 2.2e-308, where the exp kernel takes a slow path -- a memory model's graph
-    took 62 ms instead of 44 ms for 256 such rows. It cannot loosen a certificate: every flushed
-    quantity is below 2.3e-308 in magnitude, terms of sums whose largest term is exp(0) = 1 (every
-    log-sum-exp is max-shifted), so results move by less than N x 2.3e-308 relative, some 290 orders of
-    magnitude inside the certificates' rounding floor; a margin or gradient that small becomes 0,
-    which gives radius 0. The served-bits soundness tests (tests/hjmodel/test_served_precision.py)
-    attack sessions opened with these options. The modes are a property of the thread: see
-    :func:`flush_subnormals` for a session run on another thread than the one that opened it."""
+    """``onnxruntime.SessionOptions`` for a served graph: sequential, one inter-op thread,
+    ``threads`` intra-op threads (0: onnxruntime's default). Open sessions with :func:`open_session`."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -270,14 +259,48 @@ def session_options(threads: int = 0) -> Any:
     options.inter_op_num_threads = 1
     if threads > 0:
         options.intra_op_num_threads = threads
-    options.add_session_config_entry("session.set_denormal_as_zero", "1")
     return options
+
+
+def open_session(path: str | Path, *, threads: int = 0, providers: Sequence[str] = ("CPUExecutionProvider",),
+                 flush_subnormals: bool = False) -> Any:
+    """An ``onnxruntime.InferenceSession`` of a served graph (the service, the offline predictor,
+    ``hjmodel verify``, the tests and benchmarks all open theirs here), with :func:`session_options`.
+
+    ``flush_subnormals``: onnxruntime's own threads flush subnormal numbers to zero
+    (``session.set_denormal_as_zero``); the thread that *runs* the session must do so itself
+    (:func:`flush_subnormals`: the processor's mode is per thread, and onnxruntime sets it on the
+    thread that opens a session -- for good -- not at ``run``). The session is therefore opened on a
+    short-lived thread of its own, so the caller's thread keeps its arithmetic: the predictor and
+    ``verify`` run in their callers' threads and leave the flush off; the service, whose backend
+    threads are its own, turns it on.
+
+    The flush is for speed: far from the reference points (an OOD input) many terms of the served
+    log-sum-exps fall below 2.2e-308, where the exp kernel takes a slow path -- a memory model's graph
+    took 61 ms instead of 44 ms for 256 such rows (bench/results/hjmodel_bench.md, *far rows*). It
+    cannot loosen a certificate: every flushed quantity is below 2.3e-308 in magnitude, a term of a
+    sum whose largest term is exp(0) = 1 (every log-sum-exp is max-shifted), so results move by less
+    than N x 2.3e-308 relative, some 290 orders of magnitude inside the certificates' rounding floor;
+    a margin or gradient that small becomes 0, which gives radius 0. Of the rounded float32 outputs, a
+    radius below float32's normal range rounds to 0 (still a lower bound) and the p-value, rounded up,
+    is at least 1 / (1 + n). The served-bits soundness tests (tests/hjmodel/test_served_precision.py)
+    attack flushed sessions run on a flushing thread."""
+    import onnxruntime as ort
+
+    options = session_options(threads)
+    if not flush_subnormals:
+        return ort.InferenceSession(str(path), options, providers=list(providers))
+    options.add_session_config_entry("session.set_denormal_as_zero", "1")
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=1) as opener:
+        return opener.submit(ort.InferenceSession, str(path), options, providers=list(providers)).result()
 
 
 def flush_subnormals() -> bool:
     """Flush subnormal numbers to zero on the calling thread (the processor's FTZ / DAZ modes, as
     ``session.set_denormal_as_zero`` does; through ``torch.set_flush_denormal``), so a served graph
-    run on this thread by onnxruntime or torch gets the speed :func:`session_options` is for.
+    run on this thread by onnxruntime or torch gets the speed :func:`open_session` says it is for.
 
     Needed where a session runs on another thread than the one that opened it: onnxruntime sets
     the modes on the *opening* thread (and threads started from it afterwards), not at ``run``.

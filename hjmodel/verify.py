@@ -25,7 +25,7 @@ def served_outputs(directory: str | Path, x32, tau: float = 0.1, threads: int = 
     """(torch ServingModule outputs, ONNX graph outputs (empty without model.onnx)) for float32 rows,
     both as the server would compute them."""
     from .artifact import load_serving_module
-    from .serving import onnx_feeds, session_options
+    from .serving import onnx_feeds, open_session
 
     directory = Path(directory)
     x32 = torch.as_tensor(np.asarray(x32, dtype=np.float32))
@@ -34,9 +34,8 @@ def served_outputs(directory: str | Path, x32, tau: float = 0.1, threads: int = 
         torch_out = {k: v.numpy() for k, v in load_serving_module(directory)(x32, tau_t).items()}
     onnx_out: dict = {}
     if (directory / ONNX_FILE).exists():
-        import onnxruntime as ort
 
-        sess = ort.InferenceSession(str(directory / ONNX_FILE), session_options(threads), providers=["CPUExecutionProvider"])
+        sess = open_session(directory / ONNX_FILE, threads=threads)
         onnx_out = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, onnx_feeds(sess, x32.numpy(), tau))))
     return torch_out, onnx_out
 

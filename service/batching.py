@@ -72,7 +72,7 @@ class DynamicBatcher:
         self._wakeup: asyncio.Event | None = None
         self._worker: asyncio.Task | None = None
         self._closing = False
-        # the backend's thread flushes subnormals (hjmodel.serving.session_options says why and why
+        # the backend's thread flushes subnormals (hjmodel.serving.open_session says why and why
         # no certificate loosens); onnxruntime set it only on the loading thread
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"hjserve-{name}",
                                             initializer=serving.flush_subnormals)

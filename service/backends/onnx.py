@@ -73,11 +73,10 @@ def load_onnx(version_dir: Path, *, device: str = "auto", threads: int = 0) -> O
     if device == "cuda" and _CUDA not in available:
         raise ModelLoadFailed("device 'cuda' requested but onnxruntime has no CUDAExecutionProvider")
     providers = [_CUDA, _CPU] if device in ("auto", "cuda") and _CUDA in available else [_CPU]
-    options = serving.session_options(threads)
-    try:
-        session = ort.InferenceSession(str(path), sess_options=options, providers=providers)
+    try:   # the backend's thread flushes subnormals too (service.batching)
+        session = serving.open_session(path, threads=threads, providers=providers, flush_subnormals=True)
         explain_path = path.parent / serving.EXPLAIN_FILE
-        explain = (ort.InferenceSession(str(explain_path), sess_options=options, providers=providers)
+        explain = (serving.open_session(explain_path, threads=threads, providers=providers, flush_subnormals=True)
                    if explain_path.is_file() else None)
     except Exception as exc:  # corrupt or invalid graph
         raise ModelLoadFailed(f"onnxruntime cannot load {path.name} / {serving.EXPLAIN_FILE}: {exc}") from None

@@ -11,6 +11,7 @@ Also: every served float32 output is finite for any finite float32 input (satura
 from __future__ import annotations
 
 import math
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
@@ -24,16 +25,22 @@ pytestmark = pytest.mark.slow
 ROWS = 60
 
 
-def _session(version_dir):
-    import onnxruntime as ort
+#: the served graph runs as in the service: a session opened with the subnormal flush, run on a thread
+#: that flushes (serving.open_session); a thread of its own, so this process's other tests keep IEEE
+#: subnormals
+_SERVING_THREAD = ThreadPoolExecutor(max_workers=1, initializer=serving.flush_subnormals)
 
-    return ort.InferenceSession(str(version_dir / ONNX_FILE), serving.session_options(1), providers=["CPUExecutionProvider"])
+
+def _session(version_dir):
+    return serving.open_session(version_dir / ONNX_FILE, threads=1, flush_subnormals=True)
 
 
 def _served(sess, x32: np.ndarray) -> dict[str, np.ndarray]:
-    feeds = serving.onnx_feeds(sess, x32, 0.1)
-    names = [o.name for o in sess.get_outputs()]
-    return dict(zip(names, sess.run(names, feeds), strict=True))
+    def run():
+        feeds = serving.onnx_feeds(sess, x32, 0.1)
+        names = [o.name for o in sess.get_outputs()]
+        return dict(zip(names, sess.run(names, feeds), strict=True))
+    return _SERVING_THREAD.submit(run).result()
 
 
 def _scaled_digits(model, factor: float, n: int) -> np.ndarray:
@@ -220,11 +227,12 @@ np.savez(sys.argv[3], **dict(zip(names, sess.run(names, serving.onnx_feeds(sess,
 
 @pytest.mark.parametrize("name", ["digits_lse", "digits_memory", "digits_deep"])
 def test_flushing_subnormals_changes_no_served_answer(demo_repository, name, tmp_path):
-    """The served sessions flush subnormals to zero (``serving.session_options``, for speed on OOD
+    """The served sessions flush subnormals to zero (``serving.open_session``, for speed on OOD
     inputs). On inputs far from the data -- where the OOD score's and the memory head's exponentials
     underflow -- every output of the flushed session equals that of a session in a fresh process
     that keeps subnormals (the processor's mode is per thread and sticks, so not in this process)
-    to the rounding of its dtype (decisions and flags exactly), and no certificate grows."""
+    to the rounding of its dtype (decisions and flags exactly; an output below the dtype's normal
+    range, e.g. a probability of 1e-39, is served as 0), and no certificate grows."""
     import subprocess
     import sys
 
@@ -243,5 +251,16 @@ def test_flushing_subnormals_changes_no_served_answer(demo_repository, name, tmp
         if value.dtype.kind in "biu":
             assert np.array_equal(got[key], value), key
         else:
-            np.testing.assert_allclose(got[key], value, rtol=4 * np.finfo(value.dtype).eps, atol=0, err_msg=key)
+            # a value below the dtype's normal range is itself flushed (probabilities, weights ~1e-39)
+            np.testing.assert_allclose(got[key], value, rtol=4 * np.finfo(value.dtype).eps,
+                                       atol=np.finfo(value.dtype).tiny, err_msg=key)
     assert (got["certified_radius"] <= want["certified_radius"]).all()
+
+
+def test_opening_a_flushing_session_leaves_the_callers_arithmetic_alone(demo_repository):
+    """onnxruntime sets the flush on the thread that opens a session, for good; ``open_session``
+    opens it on a thread of its own, so a library caller's arithmetic keeps IEEE subnormals."""
+    torch.set_flush_denormal(False)
+    assert np.float64(1e-300) * np.float64(1e-10) == 1e-310
+    serving.open_session(demo_repository / "digits_memory" / "1" / ONNX_FILE, threads=1, flush_subnormals=True)
+    assert np.float64(1e-300) * np.float64(1e-10) == 1e-310

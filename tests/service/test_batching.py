@@ -169,7 +169,7 @@ def test_wait_for_room_waits_instead_of_failing():
 
 
 def test_the_backend_thread_flushes_subnormals():
-    """The backend's thread runs with subnormals flushed to zero (hjmodel.serving.session_options:
+    """The backend's thread runs with subnormals flushed to zero (hjmodel.serving.open_session:
     onnxruntime's far-from-data speed), whatever the thread that started it: the event loop's thread
     here keeps IEEE subnormals."""
     import torch
