@@ -395,8 +395,12 @@ def hopf_cole_value_in_group(z: Tensor, y: Tensor, g: Tensor, t: float, eps: flo
     # product alone, and the exponentials are taken over the row's group
     c = y.mean(0, keepdim=True)
     zc, yc = z - c, y - c
-    q = zc @ (yc / (2.0 * t)).T - (g + (yc * yc).sum(-1) / (4.0 * t))      # (n, M)
-    q = torch.cat([q, torch.full_like(q[:, :1], -math.inf)], -1)          # padding slot M: empty
+    # q_j = zc . yc_j / (2t) - (g_j + |yc_j|^2 / (4t)), and an empty padding slot M (-inf), as one
+    # matrix product with a bias (one Gemm in the served graph: the (n, M) subtraction and the copy
+    # that appended the padding column cost as much as the product itself)
+    offset = torch.cat([-(g + (yc * yc).sum(-1) / (4.0 * t)), yc.new_full((1,), -math.inf)])      # (M + 1,)
+    coef = torch.cat([yc.T / (2.0 * t), yc.new_zeros(yc.shape[1], 1)], 1)                        # (p, M + 1)
+    q = torch.addmm(offset, zc, coef)                                                              # (n, M + 1)
     index = groups.slots.to(z.device).index_select(0, group)              # (n, S)
     return (zc * zc).sum(-1) / (4.0 * t) - lse(q.gather(-1, index), eps)
 
