@@ -89,3 +89,18 @@ def test_demo_batch_attribution_binary(demo_server, demo_repository):
     assert len(records) == len(x)
     for name in ("prediction", "certified_radius", "ood_score", "energy_gap"):
         _close(np.asarray([rec[name] for rec in records], dtype=want[name].dtype), want[name], name)
+
+
+@pytest.mark.parametrize("model", DEMO_MODELS)
+def test_demo_model_config_states_the_false_flag_interval(demo_server, demo_repository, model):
+    """The model config carries where one deployment's false-flag rate lies (training's interval for
+    its calibration rows, hjmodel.train.false_flag_interval): around the artifact's alpha."""
+    from hjmodel.train import false_flag_interval
+
+    version_dir = _latest(demo_repository, model)
+    cal = read_spec(version_dir).raw["calibration"]
+    with demo_server.client() as c:
+        params = c.get(f"/v2/models/{version_dir.parent.name}/config").json()["parameters"]
+    low, high = json.loads(params["false_flag_rate_95"]["string_value"])
+    assert low < float(json.loads(params["alpha"]["string_value"])) < high
+    assert (low, high) == pytest.approx(false_flag_interval(cal["alpha"], cal["n_conformal"])[1:])
