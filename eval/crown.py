@@ -186,6 +186,7 @@ def main() -> int:
     ap.add_argument("--models", default=str(ROOT / "models"))
     ap.add_argument("--methods", default="CROWN,IBP,CROWN-IBP", help="auto_LiRPA methods (alpha-CROWN: slow)")
     ap.add_argument("--out", default="CROWN.md")
+    ap.add_argument("--only", nargs="*", help="these demo models only (default: every one)")
     args = ap.parse_args()
     if not TARGET.exists():
         print(__doc__)
@@ -201,6 +202,8 @@ def main() -> int:
     dtype = torch.float32 if any(m.startswith("alpha") for m in methods) else torch.float64
     rows, per_input = [], {}
     for name, dataset in MODELS.items():
+        if args.only and name not in args.only:
+            continue
         model = load_model(Path(args.models) / name / "1").double().eval()
         data = load_dataset(dataset)
         split = held_out(model, data.X)
