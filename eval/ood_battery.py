@@ -49,7 +49,7 @@ from sklearn.metrics import roc_auc_score
 from hjmodel import TrainConfig, load_dataset, train
 from hjmodel import functional as F
 from hjmodel.artifact import ServingModule
-from hjmodel.train import calibrate
+from hjmodel.train import calibrate, false_flag_interval
 
 from .common import machine, md_table
 
@@ -278,11 +278,13 @@ mean over the {2 * seeds} models of a kind (two class splits x {seeds} seeds).
             floor = math.sqrt(a * (1 - a) * (1 / n_test + 1 / n_conf))
             half = int(np.mean([r["n_conformal"] + r["n_test"] for r in rk])) // 2
             exact = math.floor(a * (half + 1)) / (half + 1)
-            rows.append([kind, a, int(n_conf), float(np.mean(own)), float(np.min(own)), float(np.max(own)),
-                         float(np.mean(res)), exact, float(np.std(res)), floor, len(res)])
-    out.append(md_table(["kind", "alpha", "conformal rows", "models: mean", "models: min", "models: max",
-                         "re-splits: mean", "re-splits: exact conformal rate", "re-splits: sd",
-                         "sd of a perfect gate (binomial)", "re-splits"], rows))
+            _, low, high = false_flag_interval(a, int(round(n_conf)))
+            rows.append([kind, a, int(n_conf), f"[{low:.4f}, {high:.4f}]", float(np.mean(own)), float(np.min(own)),
+                         float(np.max(own)), float(np.mean(res)), exact, float(np.std(res)), floor, len(res)])
+    out.append(md_table(["kind", "alpha", "conformal rows", "one deployment, 95% (what training reports)",
+                         "models: mean", "models: min", "models: max", "re-splits: mean",
+                         "re-splits: exact conformal rate", "re-splits: sd", "sd of a perfect gate (binomial)",
+                         "re-splits"], rows))
     out.append("""
 The gate's false-flag rate is a split-conformal guarantee in expectation over the calibration draw:
 its mean over models and re-splits is what alpha controls -- for n conformal rows exactly
@@ -290,8 +292,11 @@ floor(alpha (n + 1)) / (n + 1) (ties aside), the "exact conformal rate" column f
 halves, which the measured means match. One deployment's realised rate scatters
 around alpha by the binomial spread of a finite calibration split (and the measured rate by that
 of a finite test split); the last column is that spread for a gate that is exactly calibrated, so a
-measured sd near it means the gate adds no error of its own. More calibration rows
-(`TrainConfig.calibration_fraction`) narrow it as 1/sqrt(n).
+measured sd near it means the gate adds no error of its own. The fourth column is where one
+deployment's own rate lies over its calibration draw (`hjmodel.train.false_flag_interval`, reported
+by training; the models' min and max above also carry their test split's noise). More calibration
+rows (`TrainConfig.calibration_fraction`, or `--alpha-tolerance` to require them) narrow it as
+1/sqrt(n); `eval/OOD_DEPLOYMENTS.md` measures single deployments where rows are unlimited.
 
 ![AUROC by category](ood_battery_auroc.png)
 
