@@ -34,7 +34,6 @@ def served_outputs(directory: str | Path, x32, tau: float = 0.1, threads: int = 
         torch_out = {k: v.numpy() for k, v in load_serving_module(directory)(x32, tau_t).items()}
     onnx_out: dict = {}
     if (directory / ONNX_FILE).exists():
-
         sess = open_session(directory / ONNX_FILE, threads=threads)
         onnx_out = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, onnx_feeds(sess, x32.numpy(), tau))))
     return torch_out, onnx_out
