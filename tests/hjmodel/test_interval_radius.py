@@ -139,3 +139,35 @@ def test_ibp_margin_with_infinite_bounds_never_certifies():
     m = F.interval_margin(own, other, ROUNDING)
     assert not bool(m[0] > 0) and not bool(m[1] > 0) and not bool(m[3] > 0)
     np.testing.assert_allclose(float(m[2]), 1.0 - ROUNDING * 3.0)
+
+
+@pytest.mark.parametrize(("name", "dataset"), CASES)
+def test_exported_search_runs_only_on_gathered_rows_and_serves_the_same_radii(demo_repository, name, dataset):
+    """The exported graph runs the IBP search inside an If on "any row gathered" (artifact
+    ``_skip_empty_search``; traced, it ran on empty tensors). Its radii equal the torch serving
+    module's bit for bit, one row at a time (mostly nothing gathered) and as one batch, on test rows and
+    on rows scaled x3 (where IBP gathers different rows)."""
+    import onnx
+
+    from hjmodel import serving
+    from hjmodel.artifact import ONNX_FILE, load_serving_module
+
+    version = demo_repository / name / "1"
+    graph = onnx.load(str(version / ONNX_FILE)).graph
+    skip = [n for n in graph.node if n.op_type == "If" and n.name == "skip_empty_search"]
+    assert len(skip) == 1
+    branches = {a.name: a.g for a in skip[0].attribute}
+    assert len(branches["then_branch"].node) > 100        # the search moved into the branch
+    assert [n.op_type for n in branches["else_branch"].node] == ["Identity"]
+    model = load_model(version)
+    X = load_dataset(dataset).X[held_out(model, load_dataset(dataset).X)][:40]
+    module, sess = load_serving_module(version).eval(), serving.open_session(version / ONNX_FILE, threads=1)
+    for x in (X, 3.0 * X):
+        x32 = x.astype(np.float32)
+        with torch.no_grad():
+            want = module(torch.from_numpy(x32), torch.tensor([0.1], dtype=torch.float64))["certified_radius"].numpy()
+        whole = sess.run(["certified_radius"], serving.onnx_feeds(sess, x32, 0.1))[0]
+        rows = np.concatenate([sess.run(["certified_radius"], serving.onnx_feeds(sess, x32[i:i + 1], 0.1))[0]
+                               for i in range(len(x32))])
+        np.testing.assert_array_equal(whole, want)
+        np.testing.assert_array_equal(rows, want)
