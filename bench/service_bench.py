@@ -162,7 +162,19 @@ def main() -> None:
                         first = first or line
                         lines += 1
                 batch_s = time.perf_counter() - t0
+                # the same job with layout=columns: one line of columns per graph call (rows counted
+                # from each line's "rows" range, as the row layout's lines are counted, unparsed)
+                t0 = time.perf_counter()
+                col_rows = 0
+                with c.stream("POST", f"/v2/models/{name}/batch-attribution", content=head + raw,
+                              params={"layout": "columns"},
+                              headers={"Inference-Header-Content-Length": str(len(head))}) as r:
+                    for line in r.iter_lines():
+                        lo, hi = json.loads(line[:line.index("]") + 1] + "}")["rows"]
+                        col_rows += hi - lo
+                batch_cols_s = time.perf_counter() - t0
             assert lines == args.rows, (lines, r.status_code, (first or "")[:300])
+            assert col_rows == args.rows, col_rows
         import torch
 
         from hjmodel.artifact import load_serving_module
@@ -207,6 +219,9 @@ def main() -> None:
         f"| batch attribution, same rows (rows/s) | in-process onnxruntime session on the same "
         f"`model.onnx`, {chunk}-row chunks (the server's runtime and chunk size): {args.rows / inproc_ort_s:.0f} | "
         f"hjserve: {args.rows / batch_s:.0f} | {inproc_ort_s / batch_s:.2f} |",
+        f"| batch attribution, same rows, `layout=columns` (one line of columns per graph call; rows/s) | "
+        f"in-process onnxruntime as above: {args.rows / inproc_ort_s:.0f} | hjserve: {args.rows / batch_cols_s:.0f} | "
+        f"{inproc_ort_s / batch_cols_s:.2f} |",
         "",
         f"Errors: bare {r['bare']['errors']}, infer {r['infer']['errors']}, all diagnostics "
         f"{r['all_diag']['errors']}, predictions only {r['pred_only']['errors']}. Concurrency-{args.concurrency} "

@@ -130,16 +130,17 @@ async def all_stats(request: Request) -> Response:
 
 
 async def batch_latest(request: Request, model_name: str, top_k: int | None = None, tau: float | None = None,
-                       chunk_rows: int | None = None, timeout: int | None = None) -> Response:
+                       chunk_rows: int | None = None, timeout: int | None = None,
+                       layout: str | None = None) -> Response:
     return await batch.batch_attribution(request, model_name, None, top_k=top_k, tau=tau, chunk_rows=chunk_rows,
-                                         timeout=timeout)
+                                         timeout=timeout, layout=layout)
 
 
 async def batch_version(request: Request, model_name: str, model_version: str, top_k: int | None = None,
                         tau: float | None = None, chunk_rows: int | None = None,
-                        timeout: int | None = None) -> Response:
+                        timeout: int | None = None, layout: str | None = None) -> Response:
     return await batch.batch_attribution(request, model_name, model_version, top_k=top_k, tau=tau,
-                                         chunk_rows=chunk_rows, timeout=timeout)
+                                         chunk_rows=chunk_rows, timeout=timeout, layout=layout)
 
 
 async def metrics_endpoint(request: Request) -> Response:

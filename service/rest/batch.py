@@ -3,7 +3,9 @@
 The body is spooled (memory up to a few MiB, then a temporary file), read lazily by a source of
 :mod:`service.codecs.batch`, computed by the dataplane's :class:`~service.dataplane.Attribution`
 job, and each answered row is written as one JSON line ``{"row": i, "class": name?, "<output>":
-value, ...}``. Error contract: a failure before the first block is a plain 4xx/5xx error response
+value, ...}`` -- or, with ``layout=columns``, each graph call's block as one line of columns
+``{"rows": [first, end), "class": [...]?, "<output>": [one value per row], ...}`` (no per-row
+objects to build or parse: the fast form for bulk jobs). Error contract: a failure before the first block is a plain 4xx/5xx error response
 with no rows; after it the status is 200 and the stream ends with one line ``{"error", "error_type",
 "row": i}`` -- every row before ``i`` has been answered, none from ``i`` on.
 """
@@ -28,7 +30,10 @@ from service.errors import HJServeError, InvalidParameter, PayloadTooLarge, erro
 from service.rest.common import dataplane_of, settings_of
 from service.types import RowBlock
 
-__all__ = ["batch_attribution", "ndjson_lines"]
+__all__ = ["batch_attribution", "column_line", "ndjson_lines"]
+
+#: the ``layout`` query parameter: one line per row (default) or one line of columns per block
+LAYOUTS = ("rows", "columns")
 
 #: Bodies are spooled: in memory up to this size, then in a temporary file.
 _SPOOL_BYTES = 8 * 1024 * 1024
@@ -92,16 +97,31 @@ def ndjson_lines(block: RowBlock) -> bytes:
     return b"\n".join(lines) + b"\n" if lines else b""
 
 
+def column_line(block: RowBlock) -> bytes:
+    """The block as one NDJSON line of columns, ``{"rows": [first, end), "class": [...]?, "<output>":
+    [...]}``, each column serialised by orjson straight from its numpy array (float32 values that read
+    back exactly as the float32 they are, as in :func:`ndjson_lines`; a block that somehow is not
+    finite by the standard encoder)."""
+    finite = all(np.isfinite(o.array).all() for o in block.outputs if o.array.dtype.kind == "f")
+    item: dict[str, Any] = {"rows": [block.start, block.start + block.rows]}
+    if block.classes is not None:
+        item["class"] = list(block.classes)
+    for o in block.outputs:
+        item[o.name] = np.ascontiguousarray(o.array) if finite else o.array.tolist()
+    return (_dump_numpy(item) if finite else codecs.dumps(item)) + b"\n"
+
+
 def _dump_numpy(item: dict[str, Any]) -> bytes:
     return orjson.dumps(item, option=orjson.OPT_SERIALIZE_NUMPY)
 
 
-async def _stream(job: Attribution, on_close) -> AsyncIterator[bytes]:
-    """The job's blocks as NDJSON; a failure after the first block becomes the last line."""
+async def _stream(job: Attribution, on_close, encode=ndjson_lines) -> AsyncIterator[bytes]:
+    """The job's blocks as NDJSON (``encode``: :func:`ndjson_lines` or :func:`column_line`); a failure
+    after the first block becomes the last line."""
     blocks = job.blocks()
     try:
         async for block in blocks:
-            yield ndjson_lines(block)
+            yield encode(block)
     except HJServeError as exc:
         line = {**error_body(exc.message, lookup(exc).error_type), "row": job.rows_done}
         yield codecs.dumps(line) + b"\n"
@@ -126,11 +146,15 @@ def default_chunk_rows(spec: dict, max_batch_size: int) -> int:
 
 async def batch_attribution(request: Request, model_name: str, model_version: str | None = None, *,
                             top_k: int | None = None, tau: float | None = None, chunk_rows: int | None = None,
-                            timeout: int | None = None) -> Response:
+                            timeout: int | None = None, layout: str | None = None) -> Response:
     """Rows in (JSON, NDJSON or V2 binary), NDJSON rows out (see the module's error contract). Query
     parameters ``top_k``, ``tau``, ``timeout`` (microseconds) override the body's; ``chunk_rows`` sets
     how many rows go to the backend in one graph call (default :func:`default_chunk_rows`, at most
-    16 x max_batch_size)."""
+    16 x max_batch_size); ``layout`` is ``rows`` (default: one line per row) or ``columns`` (one
+    line of columns per graph call)."""
+    if layout not in (None, *LAYOUTS):
+        raise InvalidParameter(f"layout must be one of {list(LAYOUTS)}, got {layout!r}")
+    encode = column_line if layout == "columns" else ndjson_lines
     settings = settings_of(request)
     dataplane = dataplane_of(request)
     query = _query_params(top_k, tau, chunk_rows, timeout)
@@ -162,5 +186,5 @@ async def batch_attribution(request: Request, model_name: str, model_version: st
     except BaseException:
         spool.close()
         raise
-    return _ClosingStream(_stream(job, spool.close), media_type="application/x-ndjson",
+    return _ClosingStream(_stream(job, spool.close, encode), media_type="application/x-ndjson",
                           headers={"X-Model-Version": job.version})

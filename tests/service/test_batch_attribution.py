@@ -134,3 +134,28 @@ def test_batch_job_chunk_is_one_graph_call(server, rows):
         stats = c.get("/v2/models/clf/versions/1/stats").json()["model_stats"][0]["batch_stats"]
     sizes = {entry["batch_size"] for entry in stats}
     assert 150 in sizes and max(sizes) <= 16 * 64, sizes
+
+
+def test_batch_attribution_in_columns_equals_the_row_layout(server, rows):
+    """``layout=columns``: one line of columns per graph call, the same values as one line per row
+    (every output, the class names, the row ranges contiguous from 0); an unknown layout is a 400."""
+    body, headers = _bodies(rows)["binary"]
+    with server.client() as c:
+        # the same graph calls (chunk_rows) in both: a float32 output may differ in its last bit
+        # between batch sizes
+        by_row = [json.loads(line) for line in
+                  c.post(PATH, content=body, headers=headers, params={"chunk_rows": 256}).text.splitlines()]
+        r = c.post(PATH, content=body, headers=headers, params={"layout": "columns", "chunk_rows": 256})
+        assert r.status_code == 200 and r.headers["content-type"].startswith("application/x-ndjson")
+        blocks = [json.loads(line) for line in r.text.splitlines()]
+        bad = c.post(PATH, content=body, headers=headers, params={"layout": "tables"})
+    assert len(blocks) == -(-ROWS // 256)
+    assert [b["rows"] for b in blocks] == [[i, min(i + 256, ROWS)] for i in range(0, ROWS, 256)]
+    for name in [*serving.output_names("classification"), "class"]:
+        got, want = [v for b in blocks for v in b[name]], [rec[name] for rec in by_row]
+        if serving.spec_of("classification", name).datatype == "FP32" if name != "class" else False:
+            # both read back as the float32 the graph returned (the text may differ in its last digit)
+            np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32), err_msg=name)
+        else:
+            assert got == want, name
+    assert bad.status_code == 400 and "layout" in bad.json()["error"]

@@ -255,7 +255,7 @@ def test_openapi_documents_the_real_statuses(server):
                 "/ErrorResponse"), (path, method)
             names = {p["name"] for p in op.get("parameters", []) if p["in"] == "query"}
             if "batch-attribution" in path:
-                assert names == {"top_k", "tau", "chunk_rows", "timeout"}
+                assert names == {"top_k", "tau", "chunk_rows", "timeout", "layout"}
             else:
                 assert not names, (path, method, names)
 
