@@ -73,7 +73,7 @@ class DynamicBatcher:
         self._worker: asyncio.Task | None = None
         self._closing = False
         # the backend's thread flushes subnormals (hjmodel.serving.open_session says why and why
-        # no certificate loosens); onnxruntime set it only on the loading thread
+        # no certificate loosens); onnxruntime sets it only on the thread that opens a session
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"hjserve-{name}",
                                             initializer=serving.flush_subnormals)
 

@@ -81,7 +81,7 @@ def ndjson_lines(block: RowBlock) -> bytes:
     graph saturates to the float32 range -- and a block that somehow is not is written by the
     standard encoder (NaN / Infinity, as in V2 replies). ``bench/results/service.md`` measures the
     job against the in-process predictor."""
-    finite = all(np.isfinite(o.array).all() for o in block.outputs if o.array.dtype.kind == "f")
+    finite = _finite(block)
     # float columns as numpy rows (orjson writes float32 in its shortest form), others as Python values
     columns = [(o.name, list(o.array) if finite and o.array.dtype.kind == "f" else o.array.tolist())
                for o in block.outputs]
@@ -102,13 +102,18 @@ def column_line(block: RowBlock) -> bytes:
     [...]}``, each column serialised by orjson straight from its numpy array (float32 values that read
     back exactly as the float32 they are, as in :func:`ndjson_lines`; a block that somehow is not
     finite by the standard encoder)."""
-    finite = all(np.isfinite(o.array).all() for o in block.outputs if o.array.dtype.kind == "f")
+    finite = _finite(block)
     item: dict[str, Any] = {"rows": [block.start, block.start + block.rows]}
     if block.classes is not None:
         item["class"] = list(block.classes)
     for o in block.outputs:
         item[o.name] = np.ascontiguousarray(o.array) if finite else o.array.tolist()
     return (_dump_numpy(item) if finite else codecs.dumps(item)) + b"\n"
+
+
+def _finite(block: RowBlock) -> bool:
+    """Whether every float output of the block is finite (orjson's numpy path writes only those)."""
+    return all(np.isfinite(o.array).all() for o in block.outputs if o.array.dtype.kind == "f")
 
 
 def _dump_numpy(item: dict[str, Any]) -> bytes:

@@ -311,6 +311,8 @@ def test_too_few_calibration_rows_for_a_tolerance_are_refused_with_the_rows_need
     assert 850 <= need <= 950
     with pytest.raises(ValueError, match=f"at least {need} conformal rows"):
         train(data, cfg)
+    with pytest.raises(ValueError, match="alpha_tolerance must be in"):
+        train(data, replace(cfg, alpha_tolerance=0.0))
     model, report = train(data, replace(cfg, alpha=0.01))
     n = model.reference.combined.numel()
     _, lo, hi = false_flag_interval(0.01, n)

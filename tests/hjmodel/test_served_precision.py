@@ -214,11 +214,9 @@ def test_attack_inside_the_served_radius_in_served_bits(demo_repository, name, f
 
 
 _UNFLUSHED = """
-import sys, numpy as np, onnxruntime as ort
+import sys, numpy as np
 from hjmodel import serving
-options = ort.SessionOptions()
-options.intra_op_num_threads = 1
-sess = ort.InferenceSession(sys.argv[1], options, providers=["CPUExecutionProvider"])
+sess = serving.open_session(sys.argv[1], threads=1)
 x = np.load(sys.argv[2])
 names = [o.name for o in sess.get_outputs()]
 np.savez(sys.argv[3], **dict(zip(names, sess.run(names, serving.onnx_feeds(sess, x, 0.1)))))

@@ -159,3 +159,24 @@ def test_batch_attribution_in_columns_equals_the_row_layout(server, rows):
         else:
             assert got == want, name
     assert bad.status_code == 400 and "layout" in bad.json()["error"]
+
+
+def test_both_layouts_encode_a_non_finite_block_with_the_standard_encoder():
+    """The graph saturates every float output, but a block that is not finite must still be written
+    (as V2 replies write it: NaN / Infinity), in either layout, with the same values."""
+    import math
+
+    from service.rest.batch import column_line, ndjson_lines
+    from service.types import InferOutput, RowBlock
+
+    values = np.array([1.5, np.nan, np.inf], dtype=np.float32)
+    block = RowBlock(start=10, rows=3, outputs=[InferOutput("energy_gap", "FP32", values),
+                                                InferOutput("prediction", "INT64", np.array([0, 2, 1]))],
+                     classes=["a", "c", "b"])
+    rows = [json.loads(line) for line in ndjson_lines(block).splitlines()]
+    (cols,) = [json.loads(line) for line in column_line(block).splitlines()]
+    assert [r["row"] for r in rows] == [10, 11, 12] and cols["rows"] == [10, 13]
+    for got in ([r["energy_gap"] for r in rows], cols["energy_gap"]):
+        assert got[0] == 1.5 and math.isnan(got[1]) and got[2] == math.inf
+    assert [r["prediction"] for r in rows] == cols["prediction"] == [0, 2, 1]
+    assert [r["class"] for r in rows] == cols["class"] == ["a", "c", "b"]
