@@ -46,6 +46,7 @@ __all__ = [
     "hessian",
     "hj_reading",
     "hopf_cole_value",
+    "hopf_cole_tables",
     "hopf_cole_value_in_group",
     "hopf_lax_value",
     "hybrid_radius",
@@ -384,29 +385,44 @@ def hopf_cole_value(z: Tensor, y: Tensor, g: Tensor, t: float, eps: float,
     return -lse(e, eps)
 
 
-def hopf_cole_value_in_group(z: Tensor, y: Tensor, g: Tensor, t: float, eps: float, groups: Groups,
-                             group: Tensor) -> Tensor:
-    """:func:`hopf_cole_value` with row i summing over the support points of group ``group[i]`` of
-    ``groups`` only (a :class:`Groups` table over the points): the masked form's value, with the
-    exponentials taken over one group per row instead of every point.  -> (n,); +inf for an empty
-    group."""
-    # -(g_j + |z - y_j|^2/(4t)) = q_j(z) - |z - c|^2/(4t) about the centre c of the points, with q
-    # affine in z (one matrix product); the row term leaves the log-sum-exp: the (n, M) work is the
-    # product alone, and the exponentials are taken over the row's group
+def hopf_cole_tables(y: Tensor, g: Tensor, t: float) -> tuple[Tensor, Tensor, Tensor]:
+    """The input-independent part of :func:`hopf_cole_value_in_group` for points y (M, p), initial
+    values g (M,) and time t: (centre c (1, p), coefficients (p, M + 1), offsets (M + 1,)).
+
+    -(g_j + |z - y_j|^2/(4t)) = q_j(z) - |z - c|^2/(4t) about the centre c of the points, with
+    q_j(z) = (z - c) . (y_j - c) / (2t) - (g_j + |y_j - c|^2 / (4t)) affine in z: one matrix product
+    with a bias (one Gemm in the served graph; the (n, M) subtraction and the copy that appended the
+    padding column cost as much as the product itself), and an empty padding slot M (offset -inf)
+    for the groups' padding. Computed once per reference (:meth:`hjmodel.models.OODReference.hopf_cole_tables`):
+    eager torch would otherwise redo this (M, p) work on every call."""
     c = y.mean(0, keepdim=True)
-    zc, yc = z - c, y - c
-    # q_j = zc . yc_j / (2t) - (g_j + |yc_j|^2 / (4t)), and an empty padding slot M (-inf), as one
-    # matrix product with a bias (one Gemm in the served graph: the (n, M) subtraction and the copy
-    # that appended the padding column cost as much as the product itself)
+    yc = y - c
     offset = torch.cat([-(g + (yc * yc).sum(-1) / (4.0 * t)), yc.new_full((1,), -math.inf)])      # (M + 1,)
     coef = torch.cat([yc.T / (2.0 * t), yc.new_zeros(yc.shape[1], 1)], 1)                        # (p, M + 1)
+    return c, coef, offset
+
+
+def hopf_cole_value_in_group(z: Tensor, tables: tuple[Tensor, Tensor, Tensor], t: float, eps: float,
+                             groups: Groups, group: Tensor) -> Tensor:
+    """:func:`hopf_cole_value` with row i summing over the support points of group ``group[i]`` of
+    ``groups`` only (a :class:`Groups` table over the points): the masked form's value, with the
+    exponentials taken over one group per row instead of every point. ``tables``: the points'
+    :func:`hopf_cole_tables`.  -> (n,); +inf for an empty group."""
+    # the row term |z - c|^2/(4t) leaves the log-sum-exp: the (n, M) work is the product alone, and
+    # the exponentials are taken over the row's group
+    c, coef, offset = tables
+    zc = z - c
     q = torch.addmm(offset, zc, coef)                                                              # (n, M + 1)
     index = groups.slots.to(z.device).index_select(0, group)              # (n, S)
     return (zc * zc).sum(-1) / (4.0 * t) - lse(q.gather(-1, index), eps)
 
 
-def count_at_least(sorted_ref: Tensor, s: Tensor) -> Tensor:
+def count_at_least(sorted_ref: Tensor, s: Tensor, unrolled: bool | None = None) -> Tensor:
     """#{j: sorted_ref_j >= s_i} for ascending ``sorted_ref`` (m,) and scores s (n,) -> (n,) long.
+
+    ``unrolled`` (default: only while exporting to ONNX): the form below, for the served graph;
+    otherwise one ``torch.searchsorted`` (eager torch pays per operation, ~20 of them here; the test
+    holds both forms to the direct count).
 
     A binary search unrolled to floor(log2 m) + 1 steps of (n,) gathers, so the served graph does
     O(n log m) work rather than an (n, m) comparison; NaN scores count 0 (no reference is >= NaN).
@@ -419,6 +435,9 @@ def count_at_least(sorted_ref: Tensor, s: Tensor) -> Tensor:
     below = torch.zeros_like(s, dtype=torch.long)              # all of sorted_ref[:below] are < s
     if m == 0:
         return below
+    if not (torch.onnx.is_in_onnx_export() if unrolled is None else unrolled):
+        below = torch.searchsorted(sorted_ref, s, side="left")   # #{ref < s}
+        return torch.where(torch.isnan(s), 0, m - below)
     step = 1 << (m.bit_length() - 1)                           # the largest power of two <= m
     padded = torch.cat([sorted_ref, torch.full((2 * step - 1 - m,), math.inf, dtype=sorted_ref.dtype,
                                                device=sorted_ref.device)])

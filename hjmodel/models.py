@@ -219,6 +219,19 @@ class OODReference:
         self.__dict__["_class_groups"] = (key, value)
         return value
 
+    def hopf_cole_tables(self, like: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """:func:`~hjmodel.functional.hopf_cole_tables` of the points (initial values 0) at the gauge
+        t, in the dtype and on the device of ``like``; cached for the current ``points`` and ``t``
+        (like :meth:`class_groups`)."""
+        key = (self.points, self.points._version, self.t, like.dtype, like.device)
+        cached = self.__dict__.get("_hopf_cole_tables")
+        if cached is not None and cached[0][0] is key[0] and cached[0][1:] == key[1:]:
+            return cached[1]
+        pts = self.points.to(like)
+        value = F.hopf_cole_tables(pts, pts.new_zeros(pts.shape[0]), self.t)
+        self.__dict__["_hopf_cole_tables"] = (key, value)
+        return value
+
 
 @dataclass(frozen=True)
 class Evaluation:
@@ -601,6 +614,8 @@ class HJModel(nn.Module):
         start = torch.where(usable, r0, 0.0)
         gains = usable & (self._interval_margin(rows_of, start) > 0)
         rows = gains.nonzero().squeeze(-1)                               # where IBP may beat r0
+        if rows.numel() == 0 and not torch.onnx.is_in_onnx_export():
+            return r0      # the served graph skips the search likewise (artifact._skip_empty_search)
         # every gathered row once per grid radius (functional.grid_root evaluates a grid at once)
         grid_rows = rows.repeat_interleave(IBP_POINTS)
         sub = tuple(t.index_select(0, grid_rows) for t in rows_of)
@@ -666,14 +681,14 @@ class HJModel(nn.Module):
         ``leave_out`` (n,): row i's own reference point (its position, -1: none) is left out -- the
         exact leave-one-out score of a training row."""
         ref = self.reference
-        pts = ref.points.to(h.dtype)
-        M = pts.shape[0]
         by_class = ref.class_groups(self.n_outputs) if classes is not None and leave_out is None else None
         if by_class is not None:
             # every class has reference points: the exponentials of the row's class only
             groups, log_count = by_class
-            u = F.hopf_cole_value_in_group(h, pts, torch.zeros(M, dtype=h.dtype), ref.t, ref.eps, groups, classes)
+            u = F.hopf_cole_value_in_group(h, ref.hopf_cole_tables(h), ref.t, ref.eps, groups, classes)
             return u / ref.eps + log_count.to(h.dtype).index_select(0, classes)
+        pts = ref.points.to(h.dtype)
+        M = pts.shape[0]
         member = None
         if classes is not None and ref.labels.numel():
             member = ref.labels.unsqueeze(0) == classes.unsqueeze(-1)                      # (n, M)
