@@ -72,6 +72,7 @@ __all__ = [
 _NEG_INF = -math.inf
 _EXACT_LIMIT = 1 << 22  # elements of an exact (n, m, d) difference tensor
 _TANGENT_ITERS = 4      # regula falsi / Newton steps of tangent_radius (converges in ~2)
+_TANGENT_F32_MIN = 16   # negative sides at least this wide search tangent_radius's root in float32
 
 
 # --------------------------------------------------------------------------------------------
@@ -657,7 +658,8 @@ def sign_margin(ak: Tensor, pos: Tensor, neg: Tensor, eps: float,
 
 
 def tangent_radius(ak: Tensor, pos: Tensor, neg: Tensor, W: Tensor, eps: float,
-                   rounding: float | None = None, iters: int = _TANGENT_ITERS) -> Tensor:
+                   rounding: float | None = None, iters: int = _TANGENT_ITERS,
+                   float32_search: bool | None = None) -> Tensor:
     """A local certificate of the margin s+ - s- that is sharp for kernel-like (memory) layers.
 
     s+ is convex, so s+(z + delta) >= s+(z) + g . delta with g = grad s+(z) = sum_pos pi+_j w_j; the
@@ -671,63 +673,112 @@ def tangent_radius(ak: Tensor, pos: Tensor, neg: Tensor, W: Tensor, eps: float,
     is the distance to the bisecting hyperplane.
 
     ak: (n, K, N) pre-activations (with shifts), pos/neg: (n, K, N), W: (N, p) rows in the coordinates
-    of the certificate. Returns (n, K); 0 where the margin is not positive, +inf for an empty
-    negative side."""
-    return _tangent(ak, neg, W, eps, *_two_groups(ak, pos, neg, eps, rounding), iters=iters)
+    of the certificate. ``float32_search``: see :func:`_tangent_solve`. Returns (n, K); 0 where the
+    margin is not positive, +inf for an empty negative side."""
+    return _tangent(ak, neg, W, eps, *_two_groups(ak, pos, neg, eps, rounding), iters=iters,
+                    float32_search=float32_search)
 
 
-def _tangent(ak, neg, W, eps, target, sq0, pip, piq, finite, iters: int) -> Tensor:
+def _tangent(ak, neg, W, eps, target, sq0, pip, piq, finite, iters: int, float32_search: bool | None = None) -> Tensor:
     """:func:`tangent_radius` from the already evaluated groups (:func:`_two_groups`)."""
     g = pip @ W                                                     # (n, K, p)
     c2 = (W * W).sum(-1) - 2.0 * (g @ W.transpose(-1, -2)) + (g * g).sum(-1, keepdim=True)
-    return _tangent_solve(ak, neg, c2.clamp_min(0.0).sqrt(), eps, target, sq0, finite, iters)
+    return _tangent_solve(ak, neg, c2.clamp_min(0.0).sqrt(), eps, target, sq0, finite, iters, float32_search)
 
 
-def _tangent_solve(ak, neg, c, eps, target, sq0, finite, iters: int) -> Tensor:
-    """The root of phi(r) = target - eps LSE_neg(a_j + c_j r) of :func:`tangent_radius`, given the
-    distances c_j = |w_j - g| (broadcast with ``ak``)."""
-    # phi(r) = target - s-(r)
+def _tangent_bracket(ak, neg, c, target) -> Tensor:
+    """The upper end of the root's bracket in :func:`_tangent_solve`: min_j (target - a_j) / c_j over
+    the negative side's moving neurons (the ball on which each of them alone stays below target),
+    clamped at 0; +inf when none moves."""
     gap = torch.where(neg & (c > 0), (target.unsqueeze(-1) - ak) / torch.where(c > 0, c, 1.0), math.inf)
-    hi = gap.amin(-1).clamp_min(0.0)
-    hi = torch.where(hi < math.inf, hi, 0.0)       # no moving neuron: handled below
+    return gap.amin(-1).clamp_min(0.0)
+
+
+def _tangent_solve(ak, neg, c, eps, target, sq0, finite, iters: int, float32_search: bool | None = None) -> Tensor:
+    """The root of phi(r) = target - eps LSE_neg(a_j + c_j r) of :func:`tangent_radius`, given the
+    distances c_j = |w_j - g| (broadcast with ``ak``).
+
+    Regula falsi from below and Newton from above, in eps units about target,
+    phi(r) / eps = -LSE_neg((a_j - target) / eps + c_j r / eps), so that the terms near the root are
+    of order one. With a wide negative side (at least ``_TANGENT_F32_MIN`` neurons: memory heads) the
+    search runs in float32 and only its answer is proven, in float64 (:func:`_tangent_check`): a
+    float32 exponential costs onnxruntime about a fifteenth of a float64 one (in the served
+    sessions, which flush subnormals), and this search was the largest part of a memory model's
+    graph; there soundness rests on the check alone, so the search may be as rough as it likes, and
+    each chord steps back 2^-18 relative, several times float32's error in phi near the root, so that
+    a chord just short of it is still accepted. With a narrow one (lse and deep heads: a handful of
+    neurons per class) the extra nodes would cost more than they save, the search runs in float64 and
+    every accepted chord is itself the proof (phi >= 0 in float64, with the rounding slack of
+    ``target`` as in every other certificate). ``float32_search`` makes the choice (None: by the
+    width of ``ak``; a model passes its own, so that every layout of its certificate searches alike)."""
+    f32 = ak.shape[-1] >= _TANGENT_F32_MIN if float32_search is None else float32_search
+    cast = float32_saturate if f32 else (lambda t: t)
+    hi = _tangent_bracket(ak, neg, c, target)
+    hi = cast(torch.where(hi < math.inf, hi, 0.0))                 # no moving neuron: handled below
     lo = torch.zeros_like(hi)
 
-    # the negative side's exponents a_j / eps (-inf outside it) and slopes c_j / eps, once: each
-    # evaluation of phi is then one pass to form the exponents, a max-shifted sum of exponentials
-    # and, only where the slope is needed (at hi), one weighted sum
-    ak_e, c_e = torch.where(neg, ak / eps, -math.inf), c / eps
+    # the negative side's exponents about target (-inf outside it, which the saturating cast would
+    # make -FLOAT32_MAX) and slopes, in eps units, once: each evaluation of phi is then one pass to
+    # form the exponents, a max-shifted sum of exponentials and, only where the slope is needed (at
+    # hi), one weighted sum
+    ak_e = torch.where(neg, cast((ak - target.unsqueeze(-1)) / eps), -math.inf)
+    c_e = cast(c / eps)
 
     def phi(r: Tensor, slope: bool = True) -> tuple[Tensor, Tensor | None]:
         v = ak_e + c_e * r.unsqueeze(-1)
         top = _finite_shift(v.amax(-1))
         e = torch.exp(v - top.unsqueeze(-1))
         total = e.sum(-1)
-        value = eps * (top + torch.log(total))                      # s-(r); -inf for an empty side
+        value = -(top + torch.log(total))                           # phi / eps; +inf for an empty side
         if not slope:
-            return target - value, None
-        return target - value, -eps * (e * c_e).sum(-1) / torch.where(total > 0, total, 1.0)
+            return value, None
+        return value, -(e * c_e).sum(-1) / torch.where(total > 0, total, 1.0)
 
     # phi is concave: the chord from lo (phi >= 0) to hi (phi <= 0) lies below it, so the chord's
-    # root is a sound new lo; Newton's step from hi stays at or right of the root (tangent above).
-    phi_lo = target - sq0
+    # root is a new lo; Newton's step from hi stays at or right of the root (tangent above). Each
+    # chord stays clear of the root by 1e-6 of its step and, in float32, by 2^-18 of itself: by more
+    # than the precision's error in phi there, so that acceptance is robust to rounding
+    phi_lo = cast((target - sq0) / eps)
     for _ in range(iters):
         phi_hi, dphi_hi = phi(hi)
         denom = phi_lo - phi_hi
         chord = lo + phi_lo * (hi - lo) / torch.where(denom > 0, denom, 1.0)
         chord = torch.where(denom > 0, torch.minimum(torch.maximum(chord, lo), hi), lo)
-        chord = lo + (chord - lo) * (1.0 - 1e-6)  # stay clear of the root: acceptance is robust to rounding
+        chord = lo + (chord - lo) * (1.0 - 1e-6)
+        if f32:
+            chord = torch.maximum(lo, chord * (1.0 - 2.0 ** -18))
         newton = hi - phi_hi / torch.where(dphi_hi < 0, dphi_hi, -1.0)
         hi = torch.where(dphi_hi < 0, torch.minimum(torch.maximum(newton, chord), hi), hi)
         phi_c, _ = phi(chord, slope=False)
         better = phi_c >= 0
         lo = torch.where(better, chord, lo)
         phi_lo = torch.where(better, phi_c, phi_lo)
+    r = _tangent_check(ak, neg, c, eps, target, sq0, hi.to(ak.dtype)) if f32 else lo
     # no neuron of the negative side moves relative to g: the margin is constant on every ball
     static = ~(neg & (c > 0)).any(-1)
     positive = (target - sq0 > 0) & finite
-    r = torch.where(static & positive, math.inf, lo)
+    r = torch.where(static & positive, math.inf, r)
     r = torch.where(positive, r, 0.0)
     return torch.where(~neg.any(-1), math.inf, r)
+
+
+def _tangent_check(ak, neg, c, eps, target, sq0, r: Tensor) -> Tensor:
+    """A radius of :func:`tangent_radius` proven in float64 from an estimate r of the root of
+    phi(r) = target - eps LSE_neg(a_j + c_j r). Two candidates are checked in one evaluation: r
+    lowered by 2^-20 relative, and r raised by 2^-8. A candidate where phi >= 0 is sound as it
+    stands; one past the root (phi < 0 < phi(0) = target - s-) gives the root of the chord between
+    (0, phi(0)) and it, which is sound because phi is concave and so lies above that chord -- a
+    regula falsi step, with no further exponential. The larger result is served. The raised
+    candidate covers an estimate that float32 left short of the root (a margin of a few float32
+    steps, where its error in phi is a good part of phi itself): phi is nearly linear there, and the
+    chord from 0 lands on the root. Rows with phi(0) <= 0 are the caller's (radius 0). Every phi here
+    carries the rounding slack of ``target``, far above float64's rounding of the evaluations, as in
+    every other certificate."""
+    cand = torch.stack([r * (1.0 - 2.0 ** -20), r * (1.0 + 2.0 ** -3)])             # (2, ...)
+    phi_r = target - lse(torch.where(neg, ak + c * cand.unsqueeze(-1), -math.inf), eps)
+    fall = (target - sq0) - phi_r
+    chord = cand * (target - sq0) / torch.where(fall > 0, fall, 1.0) * (1.0 - 2.0 ** -20)
+    return torch.where(phi_r >= 0, cand, torch.where(fall > 0, chord, 0.0)).amax(0)
 
 
 def _pair_hybrid(m: Tensor, grad: Tensor, c: Tensor, L: Tensor, kappa: Tensor, pullback, lip: float,
@@ -745,7 +796,7 @@ def _pair_hybrid(m: Tensor, grad: Tensor, c: Tensor, L: Tensor, kappa: Tensor, p
 def gibbs_margin_radius(a: Tensor, W: Tensor, eps: float, c: Tensor, pos: Tensor, neg: Tensor,
                         shift: Tensor, L: Tensor, kappa: Tensor, rounding: float | None = None,
                         pullback=None, lip: float = 1.0, curv: float = 0.0,
-                        tangent_rows: Tensor | None = None) -> tuple[Tensor, Tensor]:
+                        tangent_rows: Tensor | None = None, float32_search: bool | None = None) -> tuple[Tensor, Tensor]:
     """Certified L2 radius of the decision ``c`` against every other class (DESIGN section 3).
 
     For each pair (c, k) the decision margin is m_k = s+ - s- (:func:`sign_margin`) over ``pos[c, k]``
@@ -773,7 +824,8 @@ def gibbs_margin_radius(a: Tensor, W: Tensor, eps: float, c: Tensor, pos: Tensor
     m, never = target - sq0, ~Q.any(-1)
     r = _pair_hybrid(m, (pip - piq) @ W, c, L, kappa, pullback, lip, curv)
     if tangent_rows is not None:
-        r = torch.maximum(r, _tangent(ak, Q, tangent_rows, eps, *groups, iters=_TANGENT_ITERS) / lip)
+        r = torch.maximum(r, _tangent(ak, Q, tangent_rows, eps, *groups, iters=_TANGENT_ITERS,
+                                      float32_search=float32_search) / lip)
     inf = torch.full_like(r, math.inf)
     r = torch.where(never, inf, r)
     r = torch.where(torch.nn.functional.one_hot(c, K).bool(), inf, r)
@@ -783,7 +835,7 @@ def gibbs_margin_radius(a: Tensor, W: Tensor, eps: float, c: Tensor, pos: Tensor
 def grouped_margin_radius(a_g: Tensor, s: Tensor, pi_g: Tensor, valid: Tensor, c: Tensor, W_g: Tensor,
                           eps: float, L: Tensor, kappa: Tensor, rounding: float | None = None,
                           pullback=None, lip: float = 1.0, curv: float = 0.0,
-                          tangent_g: Tensor | None = None) -> tuple[Tensor, Tensor]:
+                          tangent_g: Tensor | None = None, float32_search: bool | None = None) -> tuple[Tensor, Tensor]:
     """:func:`gibbs_margin_radius` when each class is one group of neurons: the margin of pair (c, k)
     is s_c - s_k, the LSE of group c minus that of group k (an lse head; a memory head with one-hot
     labels, whose sign reduction has exactly these groups and no shift). The same certificate, but
@@ -816,7 +868,8 @@ def grouped_margin_radius(a_g: Tensor, s: Tensor, pi_g: Tensor, valid: Tensor, c
         cross = (tangent_g @ g.T).permute(2, 0, 1)                                          # (n, K, S)
         c2 = (tangent_g * tangent_g).sum(-1) - 2.0 * cross + (g * g).sum(-1)[:, None, None]
         dist = c2.clamp_min(0.0).sqrt()
-        r = torch.maximum(r, _tangent_solve(a_g, valid, dist, eps, target, sq0, finite, _TANGENT_ITERS) / lip)
+        r = torch.maximum(r, _tangent_solve(a_g, valid, dist, eps, target, sq0, finite, _TANGENT_ITERS,
+                                            float32_search) / lip)
     r = torch.where(never | own, math.inf, r)
     return r.min(-1).values, r
 

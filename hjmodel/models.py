@@ -380,6 +380,9 @@ class HJModel(nn.Module):
                     pos, neg, shift = F.sign_reduction_biases(torch.zeros(N, dtype=torch.float64), u, head.eps)
                 L, kappa = F.certificate_tables(W_head, pos, neg, head.eps)
                 self._pair = (pos.contiguous(), neg.contiguous(), shift.contiguous(), L, kappa)
+                # the tangent radius's root search runs in float32 when a pair's negative side is
+                # wide (functional._tangent_solve), the same in the grouped and the masked layout
+                self._tangent_float32 = int(neg.sum(-1).max()) >= F._TANGENT_F32_MIN
                 # one group per class (lse heads; memory heads with one-hot labels): the O(n N) form,
                 # with the rows by group in the certificate's coordinates (raw input space without a
                 # body, so the gradients need no pullback; h space with one)
@@ -583,9 +586,11 @@ class HJModel(nn.Module):
                 rows = self._grouped
                 return F.grouped_margin_radius(a_g, s, pi_g, head.groups.valid.to(a.device), c, rows, head.eps,
                                                L, kappa, rounding=ROUNDING, pullback=pullback if self.body else None,
-                                               lip=lip, curv=curv, tangent_g=rows)[0]
+                                               lip=lip, curv=curv, tangent_g=rows,
+                                               float32_search=self._tangent_float32)[0]
             return F.gibbs_margin_radius(a, head.W, head.eps, c, pos, neg, shift, L, kappa, rounding=ROUNDING,
-                                         pullback=pullback, lip=lip, curv=curv, tangent_rows=self._W_tangent)[0]
+                                         pullback=pullback, lip=lip, curv=curv, tangent_rows=self._W_tangent,
+                                         float32_search=self._tangent_float32)[0]
         return self._regression_radius(a, pullback, yhat, tau, lip, curv)
 
     def _interval_radius(self, first: Tensor, grouped, c: Tensor, r0: Tensor) -> Tensor:

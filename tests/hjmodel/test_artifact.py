@@ -43,7 +43,10 @@ def test_onnx_matches_torch_on_every_output(name, batch, demo_repository):
     magnitude (for entries that are sums with cancellation, e.g. saliency near 0). Discrete outputs
     (class, top-k indices) must be identical; the OOD outputs are counts of calibration scores >=
     the row's statistic, so they may differ only on rows that exactly tie a stored calibration
-    score (:func:`_calibration_ties`)."""
+    score (:func:`_calibration_ties`). One exception: a memory model's tangent radius searches its
+    root in float32 (functional._tangent_solve) and proves the estimate in float64; the two
+    runtimes' float32 exponentials differ in the last bit, so their estimates -- each proven -- may
+    differ by a few float32 steps: ``certified_radius`` agrees to 2^-19 relative."""
     directory = demo_repository / name / "1"
     model = load_model(directory)
     x32 = _parity_inputs(name, batch)
@@ -64,7 +67,8 @@ def test_onnx_matches_torch_on_every_output(name, batch, demo_repository):
             a64, b64 = a.astype(np.float64), b.astype(np.float64)
             assert np.isfinite(a64).all() and np.isfinite(b64).all(), o.name
             scale = float(np.abs(b64).max()) if b64.size else 0.0
-            tol = 2.0 ** -22 * np.abs(b64) + 2.0 ** -40 * scale
+            rel = 2.0 ** -19 if o.name == "certified_radius" else 2.0 ** -22
+            tol = rel * np.abs(b64) + 2.0 ** -40 * scale
             err = np.abs(a64 - b64)
             assert (err <= tol).all(), f"{name}.{o.name}: max err {err.max():.3e}"
         else:

@@ -144,9 +144,10 @@ def test_ibp_margin_with_infinite_bounds_never_certifies():
 @pytest.mark.parametrize(("name", "dataset"), CASES)
 def test_exported_search_runs_only_on_gathered_rows_and_serves_the_same_radii(demo_repository, name, dataset):
     """The exported graph runs the IBP search inside an If on "any row gathered" (artifact
-    ``_skip_empty_search``; traced, it ran on empty tensors). Its radii equal the torch serving
-    module's bit for bit, one row at a time (mostly nothing gathered) and as one batch, on test rows and
-    on rows scaled x3 (where IBP gathers different rows)."""
+    ``_skip_empty_search``; traced, it ran on empty tensors). Its radii, one row at a time (mostly
+    nothing gathered) and as one batch, equal the torch serving module's bit for bit (to float32's
+    search precision where the tangent root is searched in float32), on test rows and on rows
+    scaled x3 (where IBP gathers different rows)."""
     import onnx
 
     from hjmodel import serving
@@ -160,6 +161,9 @@ def test_exported_search_runs_only_on_gathered_rows_and_serves_the_same_radii(de
     assert len(branches["then_branch"].node) > 100        # the search moved into the branch
     assert [n.op_type for n in branches["else_branch"].node] == ["Identity"]
     model = load_model(version)
+    # a wide class group: the tangent root's float32 search, whose estimate (proven in float64) may
+    # differ between the runtimes by a few float32 steps (tests/hjmodel/test_artifact.py)
+    float32_search = model._tangent_float32
     X = load_dataset(dataset).X[held_out(model, load_dataset(dataset).X)][:40]
     module, sess = load_serving_module(version).eval(), serving.open_session(version / ONNX_FILE, threads=1)
     for x in (X, 3.0 * X):
@@ -169,5 +173,9 @@ def test_exported_search_runs_only_on_gathered_rows_and_serves_the_same_radii(de
         whole = sess.run(["certified_radius"], serving.onnx_feeds(sess, x32, 0.1))[0]
         rows = np.concatenate([sess.run(["certified_radius"], serving.onnx_feeds(sess, x32[i:i + 1], 0.1))[0]
                                for i in range(len(x32))])
-        np.testing.assert_array_equal(whole, want)
-        np.testing.assert_array_equal(rows, want)
+        if float32_search:      # float32 sums may also round differently with the batch's size
+            np.testing.assert_allclose(whole, want, rtol=2.0 ** -19, atol=0)
+            np.testing.assert_allclose(rows, want, rtol=2.0 ** -19, atol=0)
+        else:
+            np.testing.assert_array_equal(whole, want)
+            np.testing.assert_array_equal(rows, want)

@@ -195,7 +195,9 @@ def test_evaluate_takes_one_tau_per_row(regression_models):
 @pytest.mark.parametrize("case", [*DEMO_CASES, "deep-memory-classification"])
 def test_grouped_certificate_equals_the_masked_one(case, demo_repository, regression_models):
     """The served certificate's O(n N) grouped form (one group per class) against the general
-    (n, K, N) masked form of the same pairs, on every kind with a classification head."""
+    (n, K, N) masked form of the same pairs, on every kind with a classification head. Where the
+    tangent radius searches its root in float32 (memory heads' wide classes), the two layouts' sums
+    round differently there, and the proven radii agree to a few float32 steps."""
     _, model, x, _, _ = load_case(case, demo_repository, regression_models)
     x = x[:64]
     assert model.head.groups is not None and model._grouped is not None
@@ -203,5 +205,5 @@ def test_grouped_certificate_equals_the_masked_one(case, demo_repository, regres
     _, gibbs_body, a = model.trace(x)
     masked = model._certified_radius(a, gibbs_body, ev.decision, None, None, grouped=None)
     grouped = model._certified_radius(a, gibbs_body, ev.decision, None, None, grouped=model.head.grouped(a))
-    assert torch.allclose(grouped, masked, rtol=1e-9, atol=0.0)
+    assert torch.allclose(grouped, masked, rtol=2.0 ** -19 if model._tangent_float32 else 1e-9, atol=0.0)
     assert bool((ev["certified_radius"] >= grouped).all())     # served: the larger of it and IBP
