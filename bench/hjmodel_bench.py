@@ -113,7 +113,7 @@ def bench_model(directory: Path, data_name: str, work: Path) -> list[dict]:
             want = serving(x32, tau)["prediction"].numpy()
             assert np.allclose(bare(x32).numpy(), want, rtol=1e-6)
         assert np.allclose(bare_sess.run(None, {"input": xn})[0], want, rtol=1e-6)
-        with torch.no_grad():
+        with torch.inference_mode():      # as the service's torch backend runs it
             t = {
                 ("torch", "all diagnostics"): _time(lambda x32=x32: serving(x32, tau)),
                 ("torch", "HJModel.predict"): _time(lambda x32=x32: model.predict(x32)),

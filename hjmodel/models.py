@@ -211,11 +211,12 @@ class OODReference:
         if cached is not None and cached[0][0] is key[0] and cached[0][1:] == key[1:]:
             return cached[1]
         value = None
-        if self.labels.numel():
-            member = torch.nn.functional.one_hot(self.labels, n_classes).T.bool()     # (K, M)
-            count = member.sum(-1)
-            if bool((count > 0).all()):
-                value = (F.Groups.of(member), torch.log(count.to(torch.float64)))
+        with torch.inference_mode(False):   # cached: never an inference tensor, whoever asks first
+            if self.labels.numel():
+                member = torch.nn.functional.one_hot(self.labels, n_classes).T.bool()     # (K, M)
+                count = member.sum(-1)
+                if bool((count > 0).all()):
+                    value = (F.Groups.of(member), torch.log(count.to(torch.float64)))
         self.__dict__["_class_groups"] = (key, value)
         return value
 
@@ -227,8 +228,9 @@ class OODReference:
         cached = self.__dict__.get("_hopf_cole_tables")
         if cached is not None and cached[0][0] is key[0] and cached[0][1:] == key[1:]:
             return cached[1]
-        pts = self.points.to(like)
-        value = F.hopf_cole_tables(pts, pts.new_zeros(pts.shape[0]), self.t)
+        with torch.inference_mode(False):   # cached: never an inference tensor, whoever asks first
+            pts = self.points.to(like)
+            value = F.hopf_cole_tables(pts, pts.new_zeros(pts.shape[0]), self.t)
         self.__dict__["_hopf_cole_tables"] = (key, value)
         return value
 

@@ -29,7 +29,7 @@ class TorchBackend:
         import torch
 
         try:
-            with torch.no_grad():
+            with torch.inference_mode():
                 x = torch.from_numpy(np.ascontiguousarray(input, dtype=np.float32)).to(self.device)
                 t = torch.as_tensor(np.asarray(tau, dtype=np.float64).reshape(-1, 1), device=self.device)
                 out = self._module(x, t)
@@ -45,7 +45,7 @@ class TorchBackend:
         if self._explain is None:
             raise BackendError("this artifact has no explanation outputs")
         try:
-            with torch.no_grad():
+            with torch.inference_mode():
                 x = torch.from_numpy(np.ascontiguousarray(input, dtype=np.float32)).to(self.device)
                 t = torch.as_tensor(np.asarray(tau, dtype=np.float64).reshape(-1, 1), device=self.device)
                 base = torch.as_tensor(np.ascontiguousarray(baseline, dtype=np.float32), device=self.device)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 import tritonclient.http as httpclient
 from svc_helpers import assert_outputs_close, reference_outputs, run_server
 
@@ -37,6 +38,14 @@ def test_backend_honours_the_contract(hj_repo, backend, model):
     for o in serving.outputs_for(spec.task):
         assert np.asarray(got[o.name]).dtype == DATATYPES[o.datatype], o.name
         _close(np.asarray(got[o.name]), want[o.name], o.name)
+    if backend == "torch":
+        # the torch backend runs under inference mode; the reference's caches it filled are ordinary
+        # tensors, which autograd can still use on the same model (they are filled by whoever asks first)
+        cached = [v for k, v in vars(loaded._module.model.reference).items() if k.startswith("_") and v]
+        tensors = [t for _, value in cached for t in (value if isinstance(value, tuple) else ())
+                   if isinstance(t, torch.Tensor)]
+        assert spec.task == "regression" or tensors
+        assert not any(t.is_inference() for t in tensors)
     loaded.close()
 
 
