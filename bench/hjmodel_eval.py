@@ -291,7 +291,11 @@ def write(path: Path, models: Path, sound: list[dict], oods: list[dict], par: li
           "largest difference in float32 ulps of the entry (entries below 1e-6 x the output's largest magnitude "
           "counted in ulps at that floor). Discrete outputs (class, top-k indices): entries that differ. "
           "OOD outputs: rows whose p-value / flag / component differ -- all of them rows whose score exactly "
-          "ties a stored calibration score (the calibration points themselves; *tie rows*).", "",
+          "ties a stored calibration score (the calibration points themselves; *tie rows*). A memory "
+          "model's `certified_radius` is the one float output that may differ by more than a rounding "
+          "step: its tangent root is searched in float32 and proven in float64, and the two runtimes' "
+          "float32 exponentials differ in the last bit, so their (each proven) radii differ by a few "
+          "float32 steps (docs/DESIGN.md section 3).", "",
           "| model | kind | max FP32 diff (ulp) | discrete diffs | OOD rows differing | tie rows | verify | Thm 4.1 rel err |",
           "|---|---|---|---|---|---|---|---|"]
     for p in par:
