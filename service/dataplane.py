@@ -17,7 +17,6 @@ import asyncio
 import contextlib
 import math
 import time
-from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -602,16 +601,13 @@ class DataPlane:
 
 class Attribution:
     """One batch attribution job: row chunks in, :class:`~service.types.RowBlock` s out, in order,
-    with the next chunks computing while a block is written.
+    with one chunk computing while the next is read and the previous one is written.
 
     Error contract (nothing accepted is dropped): a failure before the first block -- a bad request,
     no rows, a bad row among the first chunk -- raises from :meth:`start`, before any answer. After
     that, :meth:`blocks` answers every row before the failing one and then raises the error;
     :attr:`rows_done` is the first row *not* answered. The job is one request in the metrics and
     statistics (all its rows); chunks wait for queue room instead of failing."""
-
-    #: chunks computing (or queued) while a block is written
-    IN_FLIGHT = 2
 
     def __init__(self, plane: DataPlane, mv: ModelVersion, source: Iterator[Chunk], parameters: dict[str, Any],
                  outputs: list[str]):
@@ -658,42 +654,36 @@ class Attribution:
         return RowBlock(self.rows_done, done.rows, self.plane.select(mv, done.outputs, done.options), classes)
 
     async def blocks(self) -> AsyncIterator[RowBlock]:
-        """The answered rows, block by block (after :meth:`start`); see the class's error contract.
-
-        Up to ``IN_FLIGHT`` chunks compute while a block is written, so the backend always has the
-        next chunk when it finishes one, however long the client takes to read a block."""
+        """The answered rows, block by block (after :meth:`start`); see the class's error contract."""
         metrics = self.mv.metrics
         metrics.batch_jobs.inc()
-        pending: deque[asyncio.Task] = deque()
-        read_error: HJServeError | None = None
-        exhausted = False
+        pending: asyncio.Task | None = None
         try:
             done = self._first
             while done is not None:
-                while not exhausted and len(pending) < self.IN_FLIGHT:
-                    try:
-                        nxt = await self._next_chunk()
-                    except HJServeError as exc:   # a bad row: answer what was computed, then say so
-                        nxt, read_error = None, exc
-                    if nxt is None:
-                        exhausted = True
-                    else:
-                        pending.append(asyncio.ensure_future(self._compute(nxt)))
+                read_error: HJServeError | None = None
+                try:
+                    nxt = await self._next_chunk()
+                except HJServeError as exc:   # a bad row: answer what was computed, then say so
+                    nxt, read_error = None, exc
+                if nxt is not None:
+                    pending = asyncio.ensure_future(self._compute(nxt))
                 yield self._block(done)
                 self.rows_done += done.rows
-                if not pending:
-                    if read_error is not None:
-                        raise read_error
+                if read_error is not None:
+                    raise read_error
+                if pending is None:
                     break
-                done = await pending.popleft()
+                done = await pending
+                pending = None
             self._account.succeed()
         except HJServeError as exc:
             self._account.fail(exc)
             raise
         finally:  # synchronous only: this may run inside a cancelled scope (client hung up)
-            for task in pending:
-                task.cancel()
-                task.add_done_callback(_consume)
+            if pending is not None:
+                pending.cancel()
+                pending.add_done_callback(_consume)
             metrics.batch_jobs.dec()
 
 
