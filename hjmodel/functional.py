@@ -717,12 +717,17 @@ def _tangent_solve(ak, neg, c, eps, target, sq0, finite, iters: int, float32_sea
     hi = cast(torch.where(hi < math.inf, hi, 0.0))                 # no moving neuron: handled below
     lo = torch.zeros_like(hi)
 
-    # the negative side's exponents about target (-inf outside it, which the saturating cast would
-    # make -FLOAT32_MAX) and slopes, in eps units, once: each evaluation of phi is then one pass to
-    # form the exponents, a max-shifted sum of exponentials and, only where the slope is needed (at
-    # hi), one weighted sum
-    ak_e = torch.where(neg, cast((ak - target.unsqueeze(-1)) / eps), -math.inf)
-    c_e = cast(c / eps)
+    # the negative side's exponents about target (-inf outside it) and slopes, in eps units, once:
+    # each evaluation of phi is then one pass to form the exponents, a max-shifted sum of
+    # exponentials and, only where the slope is needed (at hi), one weighted sum. The float32 search
+    # shares the float64 exponents a_j / eps and slopes with its check; the cast keeps -inf (only the
+    # top of the range is clamped: a float32 +inf exponent would poison the shift)
+    if f32:
+        ak_eps, c_eps = torch.where(neg, ak / eps, -math.inf), c / eps
+        ak_e = (ak_eps - (target / eps).unsqueeze(-1)).clamp(max=FLOAT32_MAX).to(torch.float32)
+        c_e = float32_saturate(c_eps)
+    else:
+        ak_e, c_e = torch.where(neg, (ak - target.unsqueeze(-1)) / eps, -math.inf), c / eps
 
     def phi(r: Tensor, slope: bool = True) -> tuple[Tensor, Tensor | None]:
         v = ak_e + c_e * r.unsqueeze(-1)
@@ -753,7 +758,7 @@ def _tangent_solve(ak, neg, c, eps, target, sq0, finite, iters: int, float32_sea
         better = phi_c >= 0
         lo = torch.where(better, chord, lo)
         phi_lo = torch.where(better, phi_c, phi_lo)
-    r = _tangent_check(ak, neg, c, eps, target, sq0, hi.to(ak.dtype)) if f32 else lo
+    r = _tangent_check(ak_eps, c_eps, eps, target, sq0, hi.to(ak.dtype)) if f32 else lo
     # no neuron of the negative side moves relative to g: the margin is constant on every ball
     static = ~(neg & (c > 0)).any(-1)
     positive = (target - sq0 > 0) & finite
@@ -762,20 +767,20 @@ def _tangent_solve(ak, neg, c, eps, target, sq0, finite, iters: int, float32_sea
     return torch.where(~neg.any(-1), math.inf, r)
 
 
-def _tangent_check(ak, neg, c, eps, target, sq0, r: Tensor) -> Tensor:
+def _tangent_check(ak_eps: Tensor, c_eps: Tensor, eps: float, target: Tensor, sq0: Tensor, r: Tensor) -> Tensor:
     """A radius of :func:`tangent_radius` proven in float64 from an estimate r of the root of
-    phi(r) = target - eps LSE_neg(a_j + c_j r). Two candidates are checked in one evaluation: r
-    lowered by 2^-20 relative, and r raised by 2^-8. A candidate where phi >= 0 is sound as it
-    stands; one past the root (phi < 0 < phi(0) = target - s-) gives the root of the chord between
-    (0, phi(0)) and it, which is sound because phi is concave and so lies above that chord -- a
-    regula falsi step, with no further exponential. The larger result is served. The raised
-    candidate covers an estimate that float32 left short of the root (a margin of a few float32
-    steps, where its error in phi is a good part of phi itself): phi is nearly linear there, and the
-    chord from 0 lands on the root. Rows with phi(0) <= 0 are the caller's (radius 0). Every phi here
-    carries the rounding slack of ``target``, far above float64's rounding of the evaluations, as in
-    every other certificate."""
+    phi(r) = target - eps LSE_neg(a_j + c_j r), given the negative side's a_j / eps (-inf outside it)
+    and c_j / eps. Two candidates are checked in one evaluation: r lowered by 2^-20 relative, and r
+    raised by 2^-3. A candidate where phi >= 0 is sound as it stands; one past the root
+    (phi < 0 < phi(0) = target - s-) gives the root of the chord between (0, phi(0)) and it, which is
+    sound because phi is concave and so lies above that chord -- a regula falsi step, with no
+    further exponential. The larger result is served. The raised candidate covers an estimate that
+    float32 left short of the root (a margin of a few float32 steps, where its error in phi is a good
+    part of phi itself): phi is nearly linear there, and the chord from 0 lands close to the root.
+    Rows with phi(0) <= 0 are the caller's (radius 0). Every phi here carries the rounding slack of
+    ``target``, far above float64's rounding of the evaluations, as in every other certificate."""
     cand = torch.stack([r * (1.0 - 2.0 ** -20), r * (1.0 + 2.0 ** -3)])             # (2, ...)
-    phi_r = target - lse(torch.where(neg, ak + c * cand.unsqueeze(-1), -math.inf), eps)
+    phi_r = target - eps * logsumexp(ak_eps + c_eps * cand.unsqueeze(-1))
     fall = (target - sq0) - phi_r
     chord = cand * (target - sq0) / torch.where(fall > 0, fall, 1.0) * (1.0 - 2.0 ** -20)
     return torch.where(phi_r >= 0, cand, torch.where(fall > 0, chord, 0.0)).amax(0)

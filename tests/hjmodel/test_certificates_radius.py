@@ -635,20 +635,24 @@ def test_tangent_search_in_float32_is_sound_and_as_tight_as_in_float64(seed, wid
     assert close[True] >= close[False] - 0.05, close
 
 
+def _check_args(ak, neg, c, eps):
+    return torch.where(neg, ak / eps, -math.inf), c / eps, eps
+
+
 @pytest.mark.parametrize("seed", range(100))
 def test_tangent_check_proves_an_estimate_from_either_side(seed):
     """functional._tangent_check: an estimate past the root falls back to the chord from 0, which
     is sound and positive; one short of it is kept (lowered by 2^-20) or bettered."""
     ak, neg, c, eps, target, sq0, margin, root = _tangent_phi_problem(seed)
     for over in (1 + 1e-7, 1 + 1e-3, 1.5, 10.0, 1 - 1e-2, 0.5):
-        got = F._tangent_check(ak, neg, c, eps, target, sq0, root * over)
+        got = F._tangent_check(*_check_args(ak, neg, c, eps), target, sq0, root * over)
         assert bool((margin(got) > 0).all()) and bool((got > 0).all()) and bool((got <= root * (1 + 1e-6)).all())
         if over < 1:
             assert bool((got >= root * over * (1 - 2.0 ** -20)).all())
     # an estimate far short of a nearly linear phi (a small margin): the raised candidate's chord
     # lands close to the root
     small = (target - sq0) < 1e-3 * eps
-    got = F._tangent_check(ak, neg, c, eps, target, sq0, root * 0.9)
+    got = F._tangent_check(*_check_args(ak, neg, c, eps), target, sq0, root * 0.9)
     assert bool((got[small] >= 0.99 * root[small]).all())
 
 
