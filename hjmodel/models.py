@@ -167,11 +167,12 @@ class GibbsHead(nn.Module):
     def log_probabilities(self, a: Tensor, s: Tensor | None = None) -> Tensor:
         """Class log-probabilities for training and serving.  (n, N) -> (n, K).
 
-        lse: log softmax(s / eps). memory (one-hot V): log sum_{j in class k} pi_j. ``s``: the class
-        groups' LSE values when already computed (:meth:`grouped`)."""
+        lse: log softmax(s / eps). memory (one-hot V): log sum_{j in class k} pi_j, which is the same
+        log softmax(s / eps) when the classes partition the support points (``groups``: one-hot
+        labels). ``s``: the class groups' LSE values when already computed (:meth:`grouped`)."""
         if s is None:
             s = F.group_lse(a, self.groups if self.groups is not None else self.V.T > 0.5, self.eps)
-        if self.mode == "groups":
+        if self.mode == "groups" or self.groups is not None:
             return torch.log_softmax(s / self.eps, dim=-1)
         return (s - F.lse(a, self.eps).unsqueeze(-1)) / self.eps
 
@@ -481,14 +482,18 @@ class HJModel(nn.Module):
             pi = head.groups.spread(grouped[2] * own)
         else:
             pi = pi_all = F.gibbs(a, eps)                            # decisive Gibbs weights: all neurons
-            yhat = pi_all @ head.V
+            # one-hot labels: the classes partition the support points, so sum_{j in k} pi_j is
+            # softmax(s / eps)_k over the class groups' LSEs -- (n, K) work, and the decision is the
+            # argmax of the very s the certificate's margins compare
+            yhat = (torch.softmax(grouped[1] / eps, dim=-1) if grouped is not None and self.task == "classification"
+                    else pi_all @ head.V)
             if self.task == "classification":
                 probs = yhat
                 c = yhat.argmax(-1)
             else:
                 c = torch.zeros(n, dtype=torch.long)
-            keep = torch.ones_like(a, dtype=torch.bool)
-        n_keep = keep.sum(-1)
+            keep = None                                              # every neuron decides
+        n_keep = keep.sum(-1) if keep is not None else torch.full_like(c, N)
         log_probs = (head.log_probabilities(a, None if grouped is None else grouped[1])
                      if self.task == "classification" else None)
 
@@ -519,8 +524,7 @@ class HJModel(nn.Module):
             res["attribution_entropy"] = F.attribution_entropy(pi)
         dominant = None
         if wanted & {"energy_gap", "hallucination_flag"}:
-            a_keep = torch.where(keep, a, -math.inf)
-            delta, dominant = F.energy_gap(a_keep)
+            delta, dominant = F.energy_gap(a if keep is None else torch.where(keep, a, -math.inf))
             delta = torch.where(delta.abs() < math.inf, delta, 1e30)
             res["energy_gap"] = delta / eps
 
@@ -559,7 +563,8 @@ class HJModel(nn.Module):
     def _values_grad(self, pi: Tensor, c: Tensor) -> Tensor:
         """grad_h of yhat_c = sum_j pi_j V_jc: Cov_pi(w, V_c)/eps.  -> (n, p)."""
         head = self.head
-        v = head.V[:, c].T if head.V.shape[1] else torch.zeros_like(pi)   # (n, N)
+        # row c of V^T (a constant of the graph): one gather of contiguous rows, no (N, n) transpose
+        v = head.V.T.index_select(0, c) if head.V.shape[1] else torch.zeros_like(pi)   # (n, N)
         vbar = (pi * v).sum(-1, keepdim=True)
         return ((pi * (v - vbar)) @ head.W) / head.eps
 
