@@ -172,7 +172,7 @@ class GibbsHead(nn.Module):
         labels). ``s``: the class groups' LSE values when already computed (:meth:`grouped`)."""
         if s is None:
             s = F.group_lse(a, self.groups if self.groups is not None else self.V.T > 0.5, self.eps)
-        if self.mode == "groups" or self.groups is not None:
+        if self.groups is not None:
             return torch.log_softmax(s / self.eps, dim=-1)
         return (s - F.lse(a, self.eps).unsqueeze(-1)) / self.eps
 
@@ -530,7 +530,7 @@ class HJModel(nn.Module):
 
         # ---- saliency: gradient of the decisive output in raw input space
         if "saliency" in wanted:
-            grad_h = F.gradient(pi, head.W) if head.mode == "groups" else self._values_grad(pi, c)
+            grad_h = F.gradient(pi, head.W) if head.mode == "groups" else self._values_grad(pi, c, yhat)
             res["saliency"] = self._pullback(grad_h, gibbs_body)
 
         # ---- OOD and hallucination
@@ -560,12 +560,15 @@ class HJModel(nn.Module):
             v = layer.groups.spread(v.unsqueeze(-1) * P) @ layer.W.to(v.dtype)
         return v @ self.preprocess.A
 
-    def _values_grad(self, pi: Tensor, c: Tensor) -> Tensor:
-        """grad_h of yhat_c = sum_j pi_j V_jc: Cov_pi(w, V_c)/eps.  -> (n, p)."""
+    def _values_grad(self, pi: Tensor, c: Tensor, yhat: Tensor) -> Tensor:
+        """grad_h of yhat_c = sum_j pi_j V_jc: Cov_pi(w, V_c)/eps, with the mean V_c under pi read
+        off the outputs ``yhat`` (n, K).  -> (n, p)."""
         head = self.head
+        if not head.V.shape[1]:
+            return torch.zeros_like(pi) @ head.W
         # row c of V^T (a constant of the graph): one gather of contiguous rows, no (N, n) transpose
-        v = head.V.T.index_select(0, c) if head.V.shape[1] else torch.zeros_like(pi)   # (n, N)
-        vbar = (pi * v).sum(-1, keepdim=True)
+        v = head.V.T.index_select(0, c)                                  # (n, N)
+        vbar = yhat.gather(1, c.unsqueeze(-1))                           # sum_j pi_j V_jc
         return ((pi * (v - vbar)) @ head.W) / head.eps
 
     def _label_sensitivity(self, pi: Tensor, c: Tensor, yhat: Tensor) -> Tensor:
@@ -970,5 +973,6 @@ def _output_gradient(model: HJModel, x: Tensor, c: Tensor) -> Tensor:
         pi = F.masked_lse_gibbs(a, head.mask[c], head.eps)[1]
         grad_h = F.gradient(pi, head.W)
     else:
-        grad_h = model._values_grad(F.gibbs(a, head.eps), c)
+        pi = F.gibbs(a, head.eps)
+        grad_h = model._values_grad(pi, c, pi @ head.V)
     return model._pullback(grad_h, gibbs_body)
