@@ -141,6 +141,16 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def gate_and_output_arguments(p: argparse.ArgumentParser) -> None:
+    """The OOD gate's and the artifact's options, shared by ``train`` and the export commands."""
+    p.add_argument("--alpha", type=float, default=0.05, help="target false-flag rate of the OOD gate")
+    p.add_argument("--alpha-tolerance", type=float,
+                   help="refuse calibration rows too few for one deployment's false-flag rate to lie within "
+                        "alpha +- this (95%% of calibration draws); the interval is reported either way")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--formats", nargs="+", choices=["onnx", "torch"], default=["onnx", "torch"])
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="hjmodel", description="LSE networks with Hamilton-Jacobi diagnostics")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -163,12 +173,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--epochs", type=int, default=150)
     p.add_argument("--lr", type=float, default=0.02)
     p.add_argument("--anneal", type=float, default=1.0, help="start at ANNEAL*eps and anneal down to eps")
-    p.add_argument("--alpha", type=float, default=0.05, help="target false-flag rate of the OOD gate")
-    p.add_argument("--alpha-tolerance", type=float,
-                   help="refuse calibration rows too few for one deployment's false-flag rate to lie within "
-                        "alpha +- this (95%% of calibration draws); the interval is reported either way")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--formats", nargs="+", choices=["onnx", "torch"], default=["onnx", "torch"])
+    gate_and_output_arguments(p)
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=_cmd_train)
 
@@ -195,12 +200,7 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--out", required=True, help="version directory to write, e.g. models/mymodel/1")
         p.add_argument("--task", choices=["classification", "regression"])
         p.add_argument("--class-names", nargs="+")
-        p.add_argument("--alpha", type=float, default=0.05, help="target false-flag rate of the OOD gate")
-        p.add_argument("--alpha-tolerance", type=float,
-                       help="refuse calibration rows too few for one deployment's false-flag rate to lie within "
-                            "alpha +- this (95%% of calibration draws); the interval is reported either way")
-        p.add_argument("--seed", type=int, default=0)
-        p.add_argument("--formats", nargs="+", choices=["onnx", "torch"], default=["onnx", "torch"])
+        gate_and_output_arguments(p)
 
     p = sub.add_parser("export", help="a state dict of W, b, eps (+ groups / V, mu, A) -> a serving artifact")
     p.add_argument("--state", required=True, help=".npz or torch file (weights_only) with W, b, eps, ...")

@@ -565,7 +565,7 @@ class HJModel(nn.Module):
         off the outputs ``yhat`` (n, K).  -> (n, p)."""
         head = self.head
         if not head.V.shape[1]:
-            return torch.zeros_like(pi) @ head.W
+            return pi.new_zeros(pi.shape[0], head.W.shape[1])
         # row c of V^T (a constant of the graph): one gather of contiguous rows, no (N, n) transpose
         v = head.V.T.index_select(0, c)                                  # (n, N)
         vbar = yhat.gather(1, c.unsqueeze(-1))                           # sum_j pi_j V_jc

@@ -153,7 +153,7 @@ def test_batch_attribution_in_columns_equals_the_row_layout(server, rows):
     assert [b["rows"] for b in blocks] == [[i, min(i + 256, ROWS)] for i in range(0, ROWS, 256)]
     for name in [*serving.output_names("classification"), "class"]:
         got, want = [v for b in blocks for v in b[name]], [rec[name] for rec in by_row]
-        if serving.spec_of("classification", name).datatype == "FP32" if name != "class" else False:
+        if name != "class" and serving.spec_of("classification", name).datatype == "FP32":
             # both read back as the float32 the graph returned (the text may differ in its last digit)
             np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32), err_msg=name)
         else:
