@@ -8,7 +8,9 @@ executes code from a file: ``torch.load(weights_only=True)``, JSON, and ONNX pro
 
 from __future__ import annotations
 
+import contextlib
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -342,6 +344,22 @@ def _skip_empty_search(proto) -> bool:
     return True
 
 
+@contextlib.contextmanager
+def _exact_constants() -> Iterator[None]:
+    """Turn off TorchScript's common-subexpression elimination while exporting: it merges float64
+    scalar constants that are equal in float32 (torch 2.13: ``x * (1 + 2**-40)`` followed by ``1.0 + y``
+    exports both constants as 1 + 2**-40), which would silently change rounding allowances and
+    directed-rounding factors of the certificates, and exact values such as the p-values' 1 + count.
+    onnxruntime eliminates common subexpressions itself when it loads the graph, comparing constants
+    exactly. Test: tests/hjmodel/test_artifact.py."""
+    cse = torch._C._jit_pass_cse
+    torch._C._jit_pass_cse = lambda graph: False
+    try:
+        yield
+    finally:
+        torch._C._jit_pass_cse = cse
+
+
 def _export(module: nn.Module, inputs: dict[str, Tensor], path: Path, spec: dict, opset: int) -> Path:
     """Trace ``module`` (batched inputs ``inputs``, outputs ``module.specs``) to ONNX with the spec
     embedded as metadata."""
@@ -356,7 +374,7 @@ def _export(module: nn.Module, inputs: dict[str, Tensor], path: Path, spec: dict
     # lost the If around the IBP search: 1.8x slower at batch 1)
     with torch.no_grad():
         module(*inputs.values())
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), _exact_constants():
         warnings.simplefilter("ignore")
         torch.onnx.export(_TupleOutputs(module).eval(), tuple(inputs.values()), str(path),
                           input_names=list(inputs), output_names=names,
