@@ -369,6 +369,15 @@ class HJModel(nn.Module):
                                           first.groups.gather(torch.linalg.vector_norm(first_rows, dim=-1), 0.0))
             # after a body, the head's rows by class group (-inf bias in the padding): its bounds
             # come out in the group layout, with no gather
+            # one body layer under a class-grouped head: the linearised-body radius (its rows by unit
+            # in raw input space, their validity, their curvature constants)
+            # one body layer: its rows by unit in raw input space (its Jacobian is then one batched
+            # product, F.unit_jacobian) and their tables for the linearised-body radius
+            self._unit_rows = self._unit_tables = None
+            if len(self.body) == 1:
+                unit = self.body[0].groups
+                self._unit_rows = unit.rows(first_rows)
+                self._unit_tables = F.unit_tables(self._unit_rows, unit.valid, self.body[0].eps)
             self._head_by_group = None if head.groups is None or len(self.body) == 0 else (
                 head.groups.rows(W).reshape(-1, W.shape[1]),
                 head.groups.gather(head.b.detach().to(torch.float64)).reshape(-1))
@@ -460,6 +469,7 @@ class HJModel(nn.Module):
         wanted = set(output_names(self.task) if outputs is None else outputs)
         head, eps = self.head, self.head.eps
         h, gibbs_body, a, first = self._trace(x)                     # a: (n, N)
+        J = self._body_jacobian(gibbs_body) if wanted & {"certified_radius", "saliency"} else None
         N = a.shape[-1]
         k = min(top_k, N)
         res: dict[str, Tensor] = {}
@@ -505,7 +515,7 @@ class HJModel(nn.Module):
 
         # ---- certificate (raw input space)
         if "certified_radius" in wanted:
-            r = self._certified_radius(a, gibbs_body, c, yhat, tau_t, grouped)
+            r = self._certified_radius(a, gibbs_body, c, yhat, tau_t, grouped, J)
             if self.task == "classification" and head.groups is not None:
                 r = torch.maximum(r, self._interval_radius(first, grouped, c, r))
             res["certified_radius"] = r
@@ -531,7 +541,7 @@ class HJModel(nn.Module):
         # ---- saliency: gradient of the decisive output in raw input space
         if "saliency" in wanted:
             grad_h = F.gradient(pi, head.W) if head.mode == "groups" else self._values_grad(pi, c, yhat)
-            res["saliency"] = self._pullback(grad_h, gibbs_body)
+            res["saliency"] = self._pullback(grad_h, gibbs_body, J)
 
         # ---- OOD and hallucination
         ambiguity = None
@@ -552,8 +562,19 @@ class HJModel(nn.Module):
                           log_probs=log_probs, ambiguity=ambiguity)
 
     # ---------------------------------------------------------------- pieces
-    def _pullback(self, v: Tensor, gibbs_body: list[Tensor]) -> Tensor:
-        """Vector-Jacobian product through the body and the preprocessing: (..., p) -> (..., d)."""
+    def _body_jacobian(self, gibbs_body: list[Tensor]) -> Tensor | None:
+        """The body's Jacobian in raw input space (n, H, d) when it has one layer, else None."""
+        if self._unit_rows is None:
+            return None
+        return F.unit_jacobian(gibbs_body[0], self._unit_rows.to(gibbs_body[0].device))
+
+    def _pullback(self, v: Tensor, gibbs_body: list[Tensor], J: Tensor | None = None) -> Tensor:
+        """Vector-Jacobian product through the body and the preprocessing: (n, [K,] p) -> (n, [K,] d).
+        With one body layer, a product with its Jacobian in raw input space (``J``: (n, H, d), or
+        formed here by :func:`functional.unit_jacobian`)."""
+        if self._unit_rows is not None:
+            J = self._body_jacobian(gibbs_body) if J is None else J
+            return (v.unsqueeze(1) @ J).select(1, 0) if v.ndim == 2 else v @ J
         for layer, P in zip(reversed(self.body), reversed(gibbs_body)):
             # v: (n, [K,] H); P: (n, H, S) by group: piece m of unit h gets v_h P_hm
             P = P.reshape(P.shape[0], *([1] * (v.ndim - 2)), *P.shape[1:])
@@ -582,22 +603,34 @@ class HJModel(nn.Module):
             return F.label_sensitivity_exponent(pi, g, yhat[:, 0], head.eps)
         return F.label_sensitivity_values(pi)
 
-    def _certified_radius(self, a, gibbs_body, c, yhat, tau, grouped=None) -> Tensor:
+    def _certified_radius(self, a, gibbs_body, c, yhat, tau, grouped=None, J=None) -> Tensor:
+        """The certified radius (DESIGN section 3) before the interval-bound search. ``J``: the body's
+        Jacobian when it has one layer (:meth:`_body_jacobian`)."""
         head = self.head
         lip, curv = self._feature_lip, self._feature_curv
 
         def pullback(v: Tensor) -> Tensor:
-            return self._pullback(v, gibbs_body)
+            return self._pullback(v, gibbs_body, J)
 
         if self.task == "classification":
             pos, neg, shift, L, kappa = self._pair
             if grouped is not None and self._grouped is not None:
                 a_g, s, pi_g = grouped
                 rows = self._grouped
-                return F.grouped_margin_radius(a_g, s, pi_g, head.groups.valid.to(a.device), c, rows, head.eps,
-                                               L, kappa, rounding=ROUNDING, pullback=pullback if self.body else None,
-                                               lip=lip, curv=curv, tangent_g=rows,
-                                               float32_search=self._tangent_float32)[0]
+                valid = head.groups.valid.to(a.device)
+                # one body layer: every neuron's gradient in x, for the hybrid radius (no pullback) and
+                # the linearised-body radius, whose bounds keep the input's directions through the body
+                wJ, G = (None, None) if J is None else F.neuron_gradients(J, pi_g, rows)
+                r = F.grouped_margin_radius(a_g, s, pi_g, valid, c, rows, head.eps,
+                                            L, kappa, rounding=ROUNDING, pullback=pullback if self.body else None,
+                                            lip=lip, curv=curv, tangent_g=rows,
+                                            float32_search=self._tangent_float32, grads_x=G)[0]
+                if J is not None:
+                    tables = tuple(t.to(a.device) for t in self._unit_tables)
+                    D = F.unit_spread(gibbs_body[0], tables, self.body[0].groups.valid.to(a.device))
+                    r = torch.maximum(r, F.linearised_body_radius(wJ, G, D, tables[3], a_g, s, pi_g, valid, c, rows,
+                                                                  head.eps, rounding=ROUNDING))
+                return r
             return F.gibbs_margin_radius(a, head.W, head.eps, c, pos, neg, shift, L, kappa, rounding=ROUNDING,
                                          pullback=pullback, lip=lip, curv=curv, tangent_rows=self._W_tangent,
                                          float32_search=self._tangent_float32)[0]

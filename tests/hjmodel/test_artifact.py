@@ -90,6 +90,36 @@ def test_exporting_a_loaded_artifact_reproduces_it(name, demo_repository, tmp_pa
             assert (tmp_path / file).read_bytes() == (version / file).read_bytes(), file
 
 
+def test_export_keeps_float64_constants_that_float32_cannot_tell_apart(tmp_path):
+    """TorchScript's common-subexpression elimination (torch 2.13) merges scalar constants that are
+    equal in float32: exporting ``x * (1 + 2**-40)`` and then ``1.0 + x`` wrote 1 + 2**-40 for both.
+    In the served graphs that turned the conformal p-values' ``1 + count`` into 1 + 2**-40 once a
+    certificate used a 1 + 2**-40 rounding factor (a p-value exactly at alpha then failed to flag),
+    and it dropped the attribution order's -1e-300 tie-break to 0. Exports run under
+    ``artifact._exact_constants``: every constant keeps its value."""
+    import onnxruntime as ort
+    from onnx import numpy_helper
+
+    from hjmodel.artifact import _exact_constants
+
+    class Scalars(torch.nn.Module):
+        def forward(self, x):
+            return x * (1.0 + 2.0 ** -40), 1.0 + x, x * 0.1, x * (0.1 + 1e-12), -1e-300 * (x + 1.0)
+
+    path = tmp_path / "scalars.onnx"
+    with _exact_constants():
+        torch.onnx.export(Scalars(), (torch.zeros(2, dtype=torch.float64),), str(path), dynamo=False)
+    import onnx
+
+    graph = onnx.load(str(path)).graph
+    values = {float(numpy_helper.to_array(n.attribute[0].t)) for n in graph.node if n.op_type == "Constant"}
+    assert {1.0 + 2.0 ** -40, 1.0, 0.1, 0.1 + 1e-12, -1e-300} <= values
+    x = np.array([1.0, 3.0])
+    got = ort.InferenceSession(str(path)).run(None, {graph.input[0].name: x})
+    for a, b in zip(got, Scalars()(torch.from_numpy(x)), strict=True):
+        assert np.array_equal(a, b.numpy())
+
+
 @pytest.mark.parametrize("name", list(DEMO_DATA))
 def test_verify_passes_on_demo(name, demo_repository):
     report = verify(demo_repository / name / "1", n=128)

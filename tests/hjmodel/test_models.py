@@ -131,8 +131,8 @@ def test_certificate_sound_under_pgd(case, demo_repository, regression_models):
 #: about half the measured median of certified / attack radius (bench/results/hjmodel.md). Memory
 #: certificates owe their tightness to the tangent-plane radius (functional.tangent_radius): the
 #: hybrid radius alone is ~0.02 there (its global curvature bound D^2/(4 eps) is huge in W = y/(2t)).
-TIGHTNESS_FLOOR = {"lse-classification": 0.5, "memory-classification": 0.12, "deep-classification": 0.12,
-                   "deep-memory-classification": 0.05, "lse-regression": 0.8, "memory-regression": 0.25}
+TIGHTNESS_FLOOR = {"lse-classification": 0.5, "memory-classification": 0.12, "deep-classification": 0.45,
+                   "deep-memory-classification": 0.4, "lse-regression": 0.8, "memory-regression": 0.25}
 
 
 @pytest.mark.parametrize("case", ALL_CASES)
