@@ -903,7 +903,11 @@ def unit_tables(rows_g: Tensor, valid: Tensor, eps: float) -> tuple[Tensor, Tens
     most C_u r^2 on the ball of radius r. C is rounded up."""
     gram = rows_g @ rows_g.transpose(-1, -2)
     sq = torch.where(valid, gram.diagonal(dim1=-2, dim2=-1), 0.0)
-    slack = 256.0 * torch.finfo(rows_g.dtype).eps * sq.amax(-1)
+    # |a_p|^2 - 2 a_p . J_u + |J_u|^2 sums S- and d-term products of entries at most max |a|^2 (the
+    # Gram entries, and J_u a convex combination of the rows): each step errs by at most its length x
+    # float64's unit roundoff x max |a|^2, so 8 (S + d + 1) of them bound the whole expansion
+    S, d = rows_g.shape[-2], rows_g.shape[-1]
+    slack = 8.0 * (S + d + 1) * torch.finfo(rows_g.dtype).eps * sq.amax(-1)
     diam = torch.stack([diameter(rows_g[u][valid[u]]) if bool(valid[u].any()) else rows_g.new_zeros(())
                         for u in range(rows_g.shape[0])])
     return gram, sq, slack, diam * diam / (8.0 * eps) * _UP
