@@ -4,7 +4,8 @@ perturbation search, in float64 through the same differentiable forward as the s
 Public, so the tests, the benchmarks (``bench/hjmodel_eval.py``) and anyone certifying their own
 exported model use one implementation: ``pgd_l2(model, x, radius, decision)`` finds perturbations
 inside the given balls that change the decision (or move a regression output by more than tau);
-``minimal_attack_radius`` grows, then bisects the ball to the smallest radius at which it succeeds.
+``minimal_attack_radius`` grows, then bisects the ball to the smallest radius at which it succeeds;
+``served_bits_attack`` attacks the float32 graph a server runs, in the bits it returns.
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ from .data import Dataset
 from .models import HJModel
 from .train import TrainConfig, _split
 
-__all__ = ["DT", "SHRINK", "decision_scores", "features", "forward_outputs", "friedman", "held_out", "minimal_attack_radius", "pgd_l2"]
+__all__ = ["DT", "SHRINK", "decision_scores", "features", "forward_outputs", "friedman", "held_out", "minimal_attack_radius", "pgd_l2",
+           "served_bits_attack"]
 
 DT = torch.float64
 SHRINK = 0.999          #: attack ball radius as a fraction of the certified radius
@@ -223,6 +225,52 @@ def minimal_attack_radius(model: HJModel, x0: torch.Tensor, target: torch.Tensor
         hi[todo] = torch.where(ok, torch.minimum(nrm, hi[todo]), hi[todo])
         lo[todo] = torch.where(ok, lo[todo], mid[todo])
     return hi
+
+
+def served_bits_attack(model: HJModel, classify, x32: np.ndarray, radius: np.ndarray, decided: np.ndarray, *,
+                       steps: int = 20) -> np.ndarray:
+    """Float32 inputs strictly inside each row's served radius that the *served graph* classifies
+    differently: PGD-L2 on the float64 model's log-space margin, started at the gradient toward every
+    other class (targeted starts), each iterate rounded to float32, pulled back toward x in float32
+    where rounding left the ball, and classified by ``classify`` (float32 (n, d) -> (n,) classes: the
+    served graph itself, e.g. an onnxruntime session). ``x32``: (n, d) float32 inputs, ``radius``: the
+    served float32 radii, ``decided``: the served classes. Returns the rows where a violation was found
+    (bool (n,)); every such row is a counterexample to the served certificate."""
+    x = torch.from_numpy(np.asarray(x32, dtype=np.float32)).to(DT)
+    c = torch.from_numpy(np.asarray(decided)).long()
+    r = torch.from_numpy(np.asarray(radius, dtype=np.float64))
+    r64, x64 = r.numpy(), x.numpy()
+
+    def margin(z: torch.Tensor) -> torch.Tensor:   # best other class minus the decided one
+        lp = model.head.log_probabilities(model.head.preactivations(model.features(z)))
+        return lp.scatter(1, c[:, None], -math.inf).max(-1).values - lp.gather(1, c[:, None]).squeeze(1)
+
+    def unit(g: torch.Tensor) -> torch.Tensor:
+        return g / torch.linalg.vector_norm(g, dim=-1, keepdim=True).clamp_min(1e-300)
+
+    found = np.zeros(len(x), dtype=bool)
+    for target in range(model.n_outputs):
+        delta = torch.zeros_like(x, requires_grad=True)
+        lp = model.head.log_probabilities(model.head.preactivations(model.features(x + delta)))
+        tt = torch.full_like(c, target)
+        (g,) = torch.autograd.grad((lp.gather(1, tt[:, None]) - lp.gather(1, c[:, None])).sum(), delta)
+        delta = unit(g) * r[:, None]
+        for it in range(steps):
+            delta = delta.detach().requires_grad_(True)
+            (g,) = torch.autograd.grad(margin(x + delta).sum(), delta)
+            step = 0.1 * r * 0.05 ** (it / steps)
+            delta = delta.detach() + step[:, None] * unit(g)
+            delta = delta * (r / torch.linalg.vector_norm(delta, dim=-1).clamp_min(1e-300)).clamp(max=1.0)[:, None]
+            q = (x + delta).numpy().astype(np.float32)
+            dist = np.linalg.norm(q.astype(np.float64) - x64, axis=1)
+            for _ in range(4):   # rounding may leave the ball: shrink toward x, in float32
+                outside = dist >= r64
+                if not outside.any():
+                    break
+                q[outside] = (x64[outside] + 0.999 * (q[outside].astype(np.float64) - x64[outside])).astype(np.float32)
+                dist = np.linalg.norm(q.astype(np.float64) - x64, axis=1)
+            found |= (dist < r64) & (np.asarray(classify(q)) != np.asarray(decided))
+    return found
 
 
 def held_out(spec_or_model, X: np.ndarray) -> np.ndarray:

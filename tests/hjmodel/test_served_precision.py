@@ -19,6 +19,7 @@ import torch
 
 from hjmodel import serving
 from hjmodel.artifact import ONNX_FILE, load_model, load_serving_module
+from hjmodel.attacks import served_bits_attack
 from hjmodel.serving import outputs_for
 
 pytestmark = pytest.mark.slow
@@ -184,33 +185,20 @@ def test_attack_inside_the_served_radius_in_served_bits(demo_repository, name, f
     out = _served(sess, x32)
     c = torch.from_numpy(out["prediction"])
     r = torch.from_numpy(out["certified_radius"].astype(np.float64))
-    x = torch.from_numpy(x32).double()
-    loss = _margin(model, c)
-    for target in range(model.n_outputs):
-        delta = torch.zeros_like(x, requires_grad=True)
-        lp = model.head.log_probabilities(model.head.preactivations(model.features(x + delta)))
-        tt = torch.full_like(c, target)
-        (g,) = torch.autograd.grad((lp.gather(1, tt[:, None]) - lp.gather(1, c[:, None])).sum(), delta)
-        delta = g / g.norm(dim=-1, keepdim=True).clamp_min(1e-300) * r[:, None]
-        for it in range(20):
-            delta = delta.detach().requires_grad_(True)
-            (g,) = torch.autograd.grad(loss(x + delta).sum(), delta)
-            step = 0.1 * r * 0.05 ** (it / 20)
-            delta = delta.detach() + step[:, None] * g / g.norm(dim=-1, keepdim=True).clamp_min(1e-300)
-            delta = delta * (r / delta.norm(dim=-1).clamp_min(1e-300)).clamp(max=1.0)[:, None]
-            q = (x + delta).numpy().astype(np.float32)
-            dist = np.linalg.norm(q.astype(np.float64) - x32.astype(np.float64), axis=1)
-            for _ in range(4):   # rounding may leave the ball: shrink toward x, in float32
-                outside = dist >= r.numpy()
-                if not outside.any():
-                    break
-                q[outside] = (x32[outside].astype(np.float64) + 0.999 * (q[outside].astype(np.float64)
-                              - x32[outside].astype(np.float64))).astype(np.float32)
-                dist = np.linalg.norm(q.astype(np.float64) - x32.astype(np.float64), axis=1)
-            inside = dist < r.numpy()
-            cls = _served(sess, q)["prediction"]
-            bad = inside & (cls != out["prediction"])
-            assert not bad.any(), (name, factor, target, it, np.flatnonzero(bad)[:5])
+    found = served_bits_attack(model, lambda q: _served(sess, q)["prediction"], x32, r.numpy(), c.numpy())
+    assert not found.any(), (name, factor, np.flatnonzero(found)[:5])
+
+
+def test_served_bits_attack_finds_what_lies_beyond_the_radius(demo_repository):
+    """The attack has teeth: at twice the served radius of digits_lse (whose certificate is within a
+    few percent of the boundary) it finds a float32 input of another served class on most rows."""
+    version = demo_repository / "digits_lse" / "1"
+    model, sess = load_model(version).double().eval(), _session(version)
+    x32 = _scaled_digits(model, 1.0, 20)
+    out = _served(sess, x32)
+    r = 2.0 * out["certified_radius"].astype(np.float64)
+    found = served_bits_attack(model, lambda q: _served(sess, q)["prediction"], x32, r, out["prediction"])
+    assert found.mean() > 0.8, found.mean()
 
 
 _UNFLUSHED = """

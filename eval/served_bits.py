@@ -1,0 +1,141 @@
+"""Certificates in the bits the server returns, on inputs chosen to be hard for them.
+
+    python -m eval.served_bits [--rows 100]                        -> eval/SERVED_BITS.md
+
+For each classification demo model, the served graph (``model.onnx`` in an onnxruntime session opened
+as the service opens it) answers float32 inputs of six families: the held-out test split, the same
+rows scaled x0.3, x3 and x10 (x3 and x10 are where one neuron dominates each group and the
+certificates are nearly exact), noisy rows (Gaussian, sd 2 pixels / 0.5 feature sd), and the rows of
+all of these whose float64 decision margin is smallest (closest to the boundary). Per family:
+
+* **rounded up**: rows whose served float32 radius exceeds the float64 certificate of the same input
+  computed by the torch module (must be 0: the radius leaves the graph rounded toward zero; for memory
+  models, beyond 2^-19 relative -- their tangent root is searched in float32 and proven in float64
+  by each runtime, and the two proven radii differ by a few float32 steps);
+* **served-bits violations**: rows where ``hjmodel.attacks.served_bits_attack`` -- PGD-L2 with a
+  targeted start at every other class, every iterate rounded to float32 and classified by the served
+  graph itself -- found a float32 input strictly inside the served radius with another served class;
+* **float64 violations**: rows where ``hjmodel.attacks.pgd_l2`` (8 restarts x 60 steps, float64)
+  found a decision change inside 0.999 x the served radius.
+
+Every count must be 0. The tightness of the same radii is measured in ``eval/CROWN.md`` and
+``bench/results/hjmodel.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import platform
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from hjmodel import load_dataset, load_model, serving
+from hjmodel.artifact import ONNX_FILE
+from hjmodel.attacks import SHRINK, held_out, pgd_l2, served_bits_attack
+
+from .common import md_table
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+MODELS = {"digits_lse": "digits", "digits_memory": "digits", "digits_deep": "digits",
+          "breast_cancer_lse": "breast_cancer"}
+
+
+def families(X: np.ndarray, scale: np.ndarray, rows: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """The input families (float64, before the float32 cast)."""
+    base = X[:rows]
+    noisy = base + rng.normal(size=base.shape) * scale
+    return {"test x1": base, "x0.3": 0.3 * base, "x3": 3.0 * base, "x10": 10.0 * base, "noisy": noisy}
+
+
+def smallest_margin(model, pool: np.ndarray, rows: int) -> np.ndarray:
+    """The ``rows`` inputs of ``pool`` whose float64 log-probability margin is smallest."""
+    x = torch.from_numpy(pool.astype(np.float32)).double()
+    with torch.no_grad():
+        lp = model.head.log_probabilities(model.head.preactivations(model.features(x)))
+        top = lp.topk(2, dim=-1).values
+    return pool[np.argsort((top[:, 0] - top[:, 1]).numpy())[:rows]]
+
+
+def check(model, sess, x32: np.ndarray) -> dict:
+    names = [o.name for o in sess.get_outputs()]
+
+    def served(q: np.ndarray) -> dict[str, np.ndarray]:
+        return dict(zip(names, sess.run(names, serving.onnx_feeds(sess, q, 0.1)), strict=True))
+
+    out = served(x32)
+    c, r32 = out["prediction"], out["certified_radius"].astype(np.float64)
+    with torch.no_grad():
+        ev = model.evaluate(torch.from_numpy(x32).double(), outputs=("prediction", "certified_radius"))
+    same = ev["prediction"].numpy() == c
+    # a memory model's tangent root is searched in float32 and proven in float64 by each runtime, so
+    # onnxruntime's (proven) radius may exceed the torch module's by a few float32 steps (DESIGN
+    # section 3); every other radius is the same float64 computation, rounded down once
+    slack = 1.0 + (2.0 ** -19 if model.kind == "memory" else 0.0)
+    rounded_up = int(((r32 > ev["certified_radius"].numpy() * slack) & same).sum())
+    t0 = time.perf_counter()
+    bits = served_bits_attack(model, lambda q: served(q)["prediction"], x32, r32, c)
+    t_bits = time.perf_counter() - t0
+    x = torch.from_numpy(x32).double()
+    violated, _, _ = pgd_l2(model, x, SHRINK * torch.from_numpy(r32), torch.from_numpy(c).long(), restarts=8, steps=60)
+    return {"n": len(x32), "decision_differs": int((~same).sum()), "rounded_up": rounded_up,
+            "bits": int(bits.sum()), "f64": int(violated.sum()), "median_r": float(np.median(r32)),
+            "zero_r": int((r32 == 0).sum()), "seconds": t_bits}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--rows", type=int, default=200, help="rows per family (digits_memory: 60%% of it)")
+    ap.add_argument("--models", default=str(ROOT / "models"))
+    ap.add_argument("--out", default="SERVED_BITS.md")
+    args = ap.parse_args()
+    torch.set_num_threads(2)
+    serving.flush_subnormals()            # this thread runs the served graph, as the service's would
+    t_start = time.time()
+    table = []
+    for name, dataset in MODELS.items():
+        version = Path(args.models) / name / "1"
+        model = load_model(version).double().eval()
+        sess = serving.open_session(version / ONNX_FILE, threads=1, flush_subnormals=True)
+        data = load_dataset(dataset)
+        X = data.X[held_out(model, data.X)].astype(np.float64)
+        rows = int(args.rows * (0.6 if name == "digits_memory" else 1.0))
+        rng = np.random.default_rng(0)
+        scale = np.full(X.shape[1], 2.0) if dataset == "digits" else 0.5 * X.std(0)
+        fams = families(X, scale, rows, rng)
+        fams["smallest margin"] = smallest_margin(model, np.concatenate([X, *(v for v in fams.values())]), rows)
+        for fam, values in fams.items():
+            res = check(model, sess, values.astype(np.float32))
+            table.append([name, fam, res["n"], res["rounded_up"], res["bits"], res["f64"], res["decision_differs"],
+                          res["zero_r"], res["median_r"], res["seconds"]])
+            print(table[-1], flush=True)
+    total = sum(row[2] for row in table)
+    bad = sum(row[3] + row[4] + row[5] for row in table)
+    header = ["model", "inputs", "rows", "rounded up", "served-bits violations", "float64 violations",
+              "served class differs from float64 decision", "radius 0", "median served radius",
+              "served-bits attack s"]
+    text = f"""# Certificates in the served bits
+
+Generated by `python -m eval.served_bits --rows {args.rows}` on {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC
+({time.time() - t_start:.0f} s; {platform.machine()}, torch {torch.__version__}). What each column counts and how the
+inputs are chosen: the module docstring of `eval/served_bits.py`.
+
+**{bad} violations on {total} served answers** (the *rounded up* and both *violations* columns must be 0 on every row).
+
+{md_table(header, table)}
+
+*served class differs*: rows where the float32 served decision and the float64 model's decision of the
+same float32 input differ (ties within rounding; the served graph gives such rows radius 0, so they are
+not attacked in effect). *radius 0*: rows served with a zero radius (a decision within rounding of a tie).
+"""
+    (HERE / args.out).write_text(text)
+    print(text)
+    return 0 if bad == 0 else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
