@@ -931,17 +931,26 @@ def unit_spread(P: Tensor, tables: tuple[Tensor, Tensor, Tensor, Tensor], valid:
     return D2.clamp_min(0.0).sqrt() * _UP
 
 
-def neuron_gradients(J: Tensor, pi_g: Tensor, W_g: Tensor) -> tuple[Tensor, Tensor]:
+#: per-row elements (K x S x d) up to which linearised_body_radius forms every head neuron's gradient in
+#: x; a wider head (a memory head of many support points on a body) bounds their spread by norms
+LINEARISED_EXACT_ELEMENTS = 1 << 16
+
+
+def neuron_gradients(J: Tensor, pi_g: Tensor, W_g: Tensor, exact: bool = True) -> tuple[Tensor | None, Tensor]:
     """Through one body layer with Jacobian J (n, H, d): the gradient in x of every head neuron,
-    w_j J (n, K, S, d), and of every class group's LSE, G_k = sum_j pi_kj w_j J (n, K, d), for the
-    head's rows by group W_g (K, S, H) and within-group Gibbs weights pi_g (n, K, S)."""
+    w_j J (n, K, S, d) (None unless ``exact``: an (n, N, d) tensor), and of every class group's LSE,
+    G_k = sum_j pi_kj w_j J (n, K, d), for the head's rows by group W_g (K, S, H) and within-group
+    Gibbs weights pi_g (n, K, S)."""
     n, K, S = pi_g.shape
+    if not exact:
+        return None, group_gradients(pi_g, W_g) @ J
     wJ = (W_g.reshape(K * S, W_g.shape[-1]) @ J).view(n, K, S, J.shape[-1])
     return wJ, (pi_g.unsqueeze(-2) @ wJ).select(-2, 0)
 
 
-def linearised_body_radius(wJ: Tensor, G: Tensor, D: Tensor, C: Tensor, a_g: Tensor, s: Tensor, pi_g: Tensor,
-                           valid: Tensor, c: Tensor, W_g: Tensor, eps: float, rounding: float | None = None) -> Tensor:
+def linearised_body_radius(wJ: Tensor | None, G: Tensor, D: Tensor, C: Tensor, a_g: Tensor, s: Tensor,
+                           pi_g: Tensor, valid: Tensor, c: Tensor, W_g: Tensor, eps: float,
+                           rounding: float | None = None, J: Tensor | None = None) -> Tensor:
     """A certified radius of the decision ``c`` of a class-grouped head on one body LSE layer, from
     linear bounds that keep the input's directions (DESIGN section 3, "deep bodies").
 
@@ -956,7 +965,8 @@ def linearised_body_radius(wJ: Tensor, G: Tensor, D: Tensor, C: Tensor, a_g: Ten
 
         s_c - s_k >= s_c(h0) + g_c- . E(r) - eps LSE_{j in k}(a_j + r rho_j + w_j+ . E(r)) - r |G_c - G_k|
 
-    with rho_j = |w_j J - G_k|. Its first-order term is the margin's exact directional derivative (a
+    with rho_j = |w_j J - G_k| (or, when the head is too wide to form every w_j J, the upper bound
+    |w_j - g_k| ||J||_F, by the Gram expansion in h plus its rounding allowance). Its first-order term is the margin's exact directional derivative (a
     global Lipschitz bound of the body loses the directions); every later term only lowers it. The
     bound is concave in r (E is convex and increasing) and its root lies below the first-order radius
     min_k m_k / |G_c - G_k|: it is searched on a grid below that radius (one batched evaluation; 0 and
@@ -967,17 +977,27 @@ def linearised_body_radius(wJ: Tensor, G: Tensor, D: Tensor, C: Tensor, a_g: Ten
     sound whatever the search does. Two evaluations in all: few graph nodes, which is what a batch of
     one pays for.
 
-    wJ / G: (n, K, S, d) / (n, K, d) (:func:`neuron_gradients`), D: (n, H) (:func:`unit_spread`),
-    C: (H,) (:func:`unit_tables`); a_g / pi_g: (n, K, S) the head's
-    pre-activations and within-group Gibbs weights, s: (n, K) its class LSEs, valid: (K, S), W_g:
-    (K, S, H) the head's rows by group. Returns (n,)."""
+    wJ / G: (n, K, S, d) / (n, K, d) (:func:`neuron_gradients`; wJ None: the norm bound, from ``J``
+    (n, H, d)), D: (n, H) (:func:`unit_spread`),
+    C: (H,) (:func:`unit_tables`); a_g / pi_g: (n, K, S) the head's pre-activations and within-group
+    Gibbs weights, s: (n, K) its class LSEs, valid: (K, S), W_g: (K, S, H) the head's rows by group.
+    Returns (n,)."""
     if rounding is None:
         rounding = 64 * torch.finfo(s.dtype).eps
     n, K, S = a_g.shape
     W_flat = W_g.reshape(K * S, W_g.shape[-1])
-    rho = torch.linalg.vector_norm(wJ - G.unsqueeze(-2), dim=-1) * _UP           # (n, K, S)
+    g = group_gradients(pi_g, W_g)                                                # grad s_k in h: (n, K, H)
+    if wJ is not None:
+        rho = torch.linalg.vector_norm(wJ - G.unsqueeze(-2), dim=-1) * _UP       # (n, K, S)
+    else:   # |(w_j - g_k) J| <= |w_j - g_k| ||J||_2 <= |w_j - g_k| ||J||_F, with no (n, N, d) tensor
+        sq = (W_g * W_g).sum(-1)                                                  # (K, S)
+        wg = (W_g @ g.permute(1, 2, 0)).permute(2, 0, 1)                          # w_j . g_k: (n, K, S)
+        gg = (g * g).sum(-1, keepdim=True)
+        slack = 8.0 * (S + W_g.shape[-1] + 1) * torch.finfo(g.dtype).eps * sq.amax()
+        frob = torch.linalg.vector_norm(J.flatten(1), dim=-1).view(n, 1, 1)
+        rho = (sq - 2.0 * wg + gg + slack).clamp_min(0.0).sqrt() * frob * _UP
     lin = torch.linalg.vector_norm(take_class(G, c).unsqueeze(1) - G, dim=-1) * _UP   # (n, K)
-    g_neg = take_class(group_gradients(pi_g, W_g), c).clamp_max(0.0)             # (n, H)
+    g_neg = take_class(g, c).clamp_max(0.0)                                       # (n, H)
     W_pos = W_flat.clamp_min(0.0).T                                               # (H, K S)
     sc = s.gather(1, c.unsqueeze(-1))                                             # (n, 1)
     finite = (sc.abs() < math.inf) & (s.abs() < math.inf)

@@ -426,11 +426,15 @@ class HJModel(nn.Module):
     def row_elements(self) -> int:
         """Elements of the largest per-row tensor of an evaluation: the head's class-group table
         (K x largest group; (K, N) pair masks for a head without one, i.e. memory regression), a
-        body layer's (units x largest group) Gibbs weights, or the OOD reference points."""
+        body layer's (units x largest group) Gibbs weights, a one-layer body's Jacobian (units x d)
+        and its head neurons' gradients in x (K x S x d, when formed), or the OOD reference points."""
         head = self.head
         K, S = head.groups.shape if head.groups is not None else (max(1, self.n_outputs), head.W.shape[0])
-        return max([K * S, self.reference.points.shape[0],
-                    *[layer.groups.shape[0] * layer.groups.shape[1] for layer in self.body]])
+        body = [layer.groups.shape[0] * layer.groups.shape[1] for layer in self.body]
+        if self._unit_rows is not None:   # one body layer: its Jacobian, and every head neuron's gradient
+            H, d = self._unit_rows.shape[0], self.n_features
+            body += [H * d] + ([K * S * d] if K * S * d <= F.LINEARISED_EXACT_ELEMENTS else [])
+        return max([K * S, self.reference.points.shape[0], *body])
 
     def row_blocks(self, n: int) -> list[slice]:
         """Row blocks of a batch of n whose largest tensors stay within ``BLOCK_ELEMENTS`` elements
@@ -620,7 +624,8 @@ class HJModel(nn.Module):
                 valid = head.groups.valid.to(a.device)
                 # one body layer: every neuron's gradient in x, for the hybrid radius (no pullback) and
                 # the linearised-body radius, whose bounds keep the input's directions through the body
-                wJ, G = (None, None) if J is None else F.neuron_gradients(J, pi_g, rows)
+                exact = a_g.shape[1] * a_g.shape[2] * self.n_features <= F.LINEARISED_EXACT_ELEMENTS
+                wJ, G = (None, None) if J is None else F.neuron_gradients(J, pi_g, rows, exact)
                 r = F.grouped_margin_radius(a_g, s, pi_g, valid, c, rows, head.eps,
                                             L, kappa, rounding=ROUNDING, pullback=pullback if self.body else None,
                                             lip=lip, curv=curv, tangent_g=rows,
@@ -629,7 +634,7 @@ class HJModel(nn.Module):
                     tables = tuple(t.to(a.device) for t in self._unit_tables)
                     D = F.unit_spread(gibbs_body[0], tables, self.body[0].groups.valid.to(a.device))
                     r = torch.maximum(r, F.linearised_body_radius(wJ, G, D, tables[3], a_g, s, pi_g, valid, c, rows,
-                                                                  head.eps, rounding=ROUNDING))
+                                                                  head.eps, rounding=ROUNDING, J=J))
                 return r
             return F.gibbs_margin_radius(a, head.W, head.eps, c, pos, neg, shift, L, kappa, rounding=ROUNDING,
                                          pullback=pullback, lip=lip, curv=curv, tangent_rows=self._W_tangent,

@@ -54,22 +54,24 @@ def _deep_model(seed: int) -> tuple[HJModel, torch.Tensor]:
     return model, 1.5 * torch.randn(8, d, generator=gen, dtype=DT)
 
 
-def _pieces(model: HJModel, x: torch.Tensor) -> dict:
-    """Everything linearised_body_radius takes, as the model forms it."""
+def _pieces(model: HJModel, x: torch.Tensor, exact: bool = True) -> dict:
+    """Everything linearised_body_radius takes, as the model forms it (``exact``: every head neuron's
+    gradient in x, else the norm bound a wide head uses)."""
     h, gibbs_body, a, _ = model._trace(x)
     a_g, s, pi_g = model.head.grouped(a)
     J = model._body_jacobian(gibbs_body)
     unit = model.body[0].groups
     tables = model._unit_tables
-    wJ, G = F.neuron_gradients(J, pi_g, model._grouped)
+    wJ, G = F.neuron_gradients(J, pi_g, model._grouped, exact)
     return dict(J=J, D=F.unit_spread(gibbs_body[0], tables, unit.valid), C=tables[3], wJ=wJ, G=G, a_g=a_g, s=s,
                 pi_g=pi_g, c=s.argmax(-1))
 
 
-def _linearised(model: HJModel, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    q = _pieces(model, x)
+def _linearised(model: HJModel, x: torch.Tensor, exact: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    q = _pieces(model, x, exact)
     r = F.linearised_body_radius(q["wJ"], q["G"], q["D"], q["C"], q["a_g"], q["s"], q["pi_g"],
-                                 model.head.groups.valid, q["c"], model._grouped, model.head.eps, rounding=ROUNDING)
+                                 model.head.groups.valid, q["c"], model._grouped, model.head.eps, rounding=ROUNDING,
+                                 J=q["J"])
     return r, q["c"]
 
 
@@ -107,14 +109,18 @@ def test_pieces_match_autograd_and_brute_force(seed):
         assert float(q["C"][u]) == pytest.approx(diam ** 2 / (8 * layer.eps), rel=1e-9, abs=1e-300)
 
 
+@pytest.mark.parametrize("exact", (True, False))
 @pytest.mark.parametrize("seed", range(0, 100, 3))
-def test_linearised_radius_alone_is_sound_under_attack(seed):
-    """The radius by itself (not the max the model serves): PGD-L2 with restarts and targeted starts
-    inside it finds no input of another class."""
+def test_linearised_radius_alone_is_sound_under_attack(seed, exact):
+    """The radius by itself (not the max the model serves), with every head neuron's gradient formed
+    and with the norm bound a wide head uses: PGD-L2 with restarts and targeted starts inside it
+    finds no input of another class. The norm bound only lowers the radius."""
     model, x = _deep_model(seed)
-    r, c = _linearised(model, x)
+    r, c = _linearised(model, x, exact)
     assert bool((r >= 0).all()) and bool(torch.isfinite(r).all())
     assert float((r > 0).double().mean()) > 0.5
+    if not exact:
+        assert bool((r <= _linearised(model, x)[0] * (1 + 1e-12)).all())
     violated, _, _ = pgd_l2(model, x, SHRINK * r, c, restarts=8, steps=60, seed=seed)
     assert int(violated.sum()) == 0
 
@@ -154,3 +160,19 @@ def test_demo_deep_model_radius_is_half_the_attack_radius_or_more(demo_repositor
     ratio = served / r_att
     assert bool((ratio <= 1).all())
     assert float(ratio.median()) >= 0.5, float(ratio.median())
+
+
+def test_a_wide_head_bounds_the_neuron_gradients_instead_of_forming_them(demo_repository, monkeypatch):
+    """A head too wide to form every neuron's gradient in x (a memory head of many support points on a
+    body: K x S x d beyond ``functional.LINEARISED_EXACT_ELEMENTS``) takes the norm bound instead: no
+    (rows, N, d) tensor, a radius no larger than the exact one, still sound, and still most of it."""
+    model = load_model(demo_repository / "digits_deep" / "1")
+    data = load_dataset("digits")
+    x = torch.as_tensor(data.X[held_out(model, data.X)][:40], dtype=torch.float32).to(DT)
+    exact = model.evaluate(x, outputs=("prediction", "certified_radius"))
+    monkeypatch.setattr(F, "LINEARISED_EXACT_ELEMENTS", 0)
+    wide = model.evaluate(x, outputs=("certified_radius",))["certified_radius"]
+    r = exact["certified_radius"]
+    assert bool((wide <= r).all()) and float((wide / r).median()) > 0.5
+    violated, _, _ = pgd_l2(model, x, SHRINK * wide, exact["prediction"], restarts=4, steps=40)
+    assert int(violated.sum()) == 0
