@@ -6,7 +6,7 @@ realised false-flag rate, and ONNX / torch parity. Writes ``bench/results/hjmode
    radius (ball of radius 0.999 r) on every held-out input (>= 300 per kind): violations must be 0.
    Tightness: certified radius / smallest radius at which an attack finds a violation --
    classifiers: ``eval.certificates.strongest_attack_radius`` (the smaller of two minimal-perturbation
-   attacks, 8 restarts x 100 steps each, the radius eval/CROWN.md uses); regression: grow the ball
+   attacks, 14 restarts x 100 steps each, the radius eval/CROWN.md uses); regression: grow the ball
    until the attack succeeds, then 8 bisections, 4 restarts x 50 steps each.
 2. OOD: digits trained without classes 8 and 9 (lse and memory); AUROC of the conformal p-value
    (and of the combined statistic T) against the held-out classes, uniform noise, x3 scaling and a
@@ -245,7 +245,7 @@ def write(path: Path, models: Path, sound: list[dict], oods: list[dict], par: li
          "float32 certified radius (ball 0.999 r) on every held-out input. *Violations*: decision changes "
          "(classification) or an output moved by more than tau (regression). *Tightness*: certified radius / "
          "smallest radius at which an attack finds a violation (classifiers: the smaller of two minimal-perturbation "
-         "attacks, 8 x 100 PGD each, `eval.certificates.strongest_attack_radius`, as in eval/CROWN.md; regression: "
+         "attacks, 14 x 100 PGD each, `eval.certificates.strongest_attack_radius`, as in eval/CROWN.md; regression: "
          "grow, then 8 bisections of 4 x 50 PGD); "
          "*beaten*: points where the attack succeeded inside the certificate (must be 0). *Served agrees*: "
          "torch ServingModule and ONNX decisions (float32 input) equal the certificate's (float64) decision.", "",

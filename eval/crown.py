@@ -21,8 +21,8 @@ For each demo classifier (digits lse / memory / deep, breast_cancer lse), on the
 correctly classified inputs of its held-out test split: the served ``certified_radius`` (float32,
 rounded toward zero), CROWN, IBP, and the attack radius -- the smallest verified adversarial
 perturbation found by either of two minimal-perturbation attacks (an upper bound on the true minimal
-radius): ``hjmodel.attacks.minimal_attack_radius`` (8 restarts x 100 steps, targeted starts at the
-runner-up classes, 12 bisections) and ``eval.attacks.minimal_adversarial_radius`` (8 restarts x 100
+radius): ``hjmodel.attacks.minimal_attack_radius`` (14 restarts x 100 steps, targeted starts at the
+runner-up classes, 14 bisections) and ``eval.attacks.minimal_adversarial_radius`` (14 restarts x 100
 steps, 14 bisections), both on log-space class scores and both shrinking every adversarial
 direction along its ray. Tightness = radius / attack radius; time per input of one served
 evaluation vs one bisection of each method.
