@@ -367,10 +367,6 @@ class HJModel(nn.Module):
             first_rows = W_head if len(self.body) == 0 else first.W.detach().to(torch.float64) @ A
             self._first_norms_by_group = (None if first.groups is None else
                                           first.groups.gather(torch.linalg.vector_norm(first_rows, dim=-1), 0.0))
-            # after a body, the head's rows by class group (-inf bias in the padding): its bounds
-            # come out in the group layout, with no gather
-            # one body layer under a class-grouped head: the linearised-body radius (its rows by unit
-            # in raw input space, their validity, their curvature constants)
             # one body layer: its rows by unit in raw input space (its Jacobian is then one batched
             # product, F.unit_jacobian) and their tables for the linearised-body radius
             self._unit_rows = self._unit_tables = None
@@ -378,6 +374,8 @@ class HJModel(nn.Module):
                 unit = self.body[0].groups
                 self._unit_rows = unit.rows(first_rows)
                 self._unit_tables = F.unit_tables(self._unit_rows, unit.valid, self.body[0].eps)
+            # after a body, the head's rows by class group (-inf bias in the padding): its bounds
+            # come out in the group layout, with no gather
             self._head_by_group = None if head.groups is None or len(self.body) == 0 else (
                 head.groups.rows(W).reshape(-1, W.shape[1]),
                 head.groups.gather(head.b.detach().to(torch.float64)).reshape(-1))
@@ -432,9 +430,15 @@ class HJModel(nn.Module):
         K, S = head.groups.shape if head.groups is not None else (max(1, self.n_outputs), head.W.shape[0])
         body = [layer.groups.shape[0] * layer.groups.shape[1] for layer in self.body]
         if self._unit_rows is not None:   # one body layer: its Jacobian, and every head neuron's gradient
-            H, d = self._unit_rows.shape[0], self.n_features
-            body += [H * d] + ([K * S * d] if K * S * d <= F.LINEARISED_EXACT_ELEMENTS else [])
+            body += [self._unit_rows.shape[0] * self.n_features]
+            body += [K * S * self.n_features] if self._forms_neuron_gradients() else []
         return max([K * S, self.reference.points.shape[0], *body])
+
+    def _forms_neuron_gradients(self) -> bool:
+        """Whether the linearised-body radius forms every head neuron's gradient in x (K x S x d per
+        row, within ``functional.LINEARISED_EXACT_ELEMENTS``) or bounds their spread by norms."""
+        groups = self.head.groups
+        return groups is not None and groups.shape[0] * groups.shape[1] * self.n_features <= F.LINEARISED_EXACT_ELEMENTS
 
     def row_blocks(self, n: int) -> list[slice]:
         """Row blocks of a batch of n whose largest tensors stay within ``BLOCK_ELEMENTS`` elements
@@ -624,8 +628,7 @@ class HJModel(nn.Module):
                 valid = head.groups.valid.to(a.device)
                 # one body layer: every neuron's gradient in x, for the hybrid radius (no pullback) and
                 # the linearised-body radius, whose bounds keep the input's directions through the body
-                exact = a_g.shape[1] * a_g.shape[2] * self.n_features <= F.LINEARISED_EXACT_ELEMENTS
-                wJ, G = (None, None) if J is None else F.neuron_gradients(J, pi_g, rows, exact)
+                wJ, G = (None, None) if J is None else F.neuron_gradients(J, pi_g, rows, self._forms_neuron_gradients())
                 r = F.grouped_margin_radius(a_g, s, pi_g, valid, c, rows, head.eps,
                                             L, kappa, rounding=ROUNDING, pullback=pullback if self.body else None,
                                             lip=lip, curv=curv, tangent_g=rows,
