@@ -257,7 +257,7 @@ def write(path: Path, models: Path, sound: list[dict], oods: list[dict], par: li
                  f"{'yes' if r['agree'] else 'NO'} |")
     L += ["", "Radii are in raw input units (digits pixels 0..16; Friedman features 0..1; diabetes standardised "
           "features ~0.05 scale). The served radius is the largest of the hybrid radius, the tangent-plane "
-          "radius (functional.tangent_radius), for one-layer deep classifiers the linearised-body radius "
+          "radius (functional.tangent_radius), for deep classifiers the linearised-body radius "
           "(functional.linearised_body_radius) and, for classifiers, the IBP radius searched above them; for memory "
           "heads the hybrid radius alone is ~25x smaller (its "
           "global curvature bound D^2/(4 eps) is huge in W = y/(2t) coordinates).", "",

@@ -55,6 +55,7 @@ __all__ = [
     "label_sensitivity_exponent",
     "label_sensitivity_values",
     "linearised_body_radius",
+    "linearised_layer",
     "lipschitz_radius",
     "logsumexp",
     "lse",
@@ -948,9 +949,24 @@ def neuron_gradients(J: Tensor, pi_g: Tensor, W_g: Tensor, exact: bool = True) -
     return wJ, (pi_g.unsqueeze(-2) @ wJ).select(-2, 0)
 
 
+def linearised_layer(J: Tensor, P: Tensor, W: Tensor, groups: Groups, pre: Tensor, h: Tensor,
+                     eps: float) -> tuple[Tensor, tuple]:
+    """One body layer above the first, linearised at x for :func:`linearised_body_radius`: from the
+    layer below's Jacobian J (n, H', d), this layer's pieces' gradients in x A = W J by unit (its
+    weights W: (M, H'), ``groups`` its units), its own Jacobian (n, H, d) -- a convex combination of
+    them by its within-unit Gibbs weights P (n, H, S) -- and how far each piece's gradient lies from its
+    unit's, rho_p = |A_p - J_u| (n, H, S). ``pre`` (n, M) / ``h`` (n, H): its pre-activations and
+    outputs at x. Returns (its Jacobian, the layer's part of the bound)."""
+    A = W @ J                                                                     # (n, M, d)
+    A_g = groups.gather(A.transpose(1, 2), 0.0).permute(0, 2, 3, 1)               # (n, H, S, d)
+    J_up = (P.unsqueeze(-2) @ A_g).select(-2, 0)                                  # (n, H, d)
+    rho = torch.linalg.vector_norm(A_g - J_up.unsqueeze(-2), dim=-1) * _UP
+    return J_up, (groups.gather(pre), P, rho, h, W, groups, eps)
+
+
 def linearised_body_radius(wJ: Tensor | None, G: Tensor, D: Tensor, C: Tensor, a_g: Tensor, s: Tensor,
                            pi_g: Tensor, valid: Tensor, c: Tensor, W_g: Tensor, eps: float,
-                           rounding: float | None = None, J: Tensor | None = None) -> Tensor:
+                           rounding: float | None = None, J: Tensor | None = None, upper: tuple = ()) -> Tensor:
     """A certified radius of the decision ``c`` of a class-grouped head on one body LSE layer, from
     linear bounds that keep the input's directions (DESIGN section 3, "deep bodies").
 
@@ -965,7 +981,15 @@ def linearised_body_radius(wJ: Tensor | None, G: Tensor, D: Tensor, C: Tensor, a
 
         s_c - s_k >= s_c(h0) + g_c- . E(r) - eps LSE_{j in k}(a_j + r rho_j + w_j+ . E(r)) - r |G_c - G_k|
 
-    with rho_j = |w_j J - G_k| (or, when the head is too wide to form every w_j J, the upper bound
+    Bodies of more layers (``upper``: :func:`linearised_layer` of each layer above the first) carry
+    the same form up, with a lift that may be negative: if h = h0 + J d + e with lo <= e <= hi, the
+    next layer's pre-activations are z0 + A d + W e with W e in [W+ lo + W- hi, W+ hi + W- lo], so
+    its units (convex in z) get lo' = P . (W+ lo + W- hi) and hi' = eps LSE_p(z0_p + r rho_p +
+    (W+ hi + W- lo)_p) - h0 (rho_p = |A_p - J'_u|), and the head reads g_c+ . lo + g_c- . hi and
+    w_j+ . hi + w_j- . lo where one layer has lo = 0 and hi = E. Each stays concave (lo) or convex
+    (hi) in r, so the bound stays concave.
+
+    Here J is the top layer's Jacobian, and rho_j = |w_j J - G_k| (or, when the head is too wide to form every w_j J, the upper bound
     |w_j - g_k| ||J||_F, by the Gram expansion in h plus its rounding allowance). Its first-order term is the margin's exact directional derivative (a
     global Lipschitz bound of the body loses the directions); every later term only lowers it. The
     bound is concave in r (E is convex and increasing) and its root lies below the first-order radius
@@ -997,7 +1021,8 @@ def linearised_body_radius(wJ: Tensor | None, G: Tensor, D: Tensor, C: Tensor, a
         frob = torch.linalg.vector_norm(J.flatten(1), dim=-1).view(n, 1, 1)
         rho = (sq - 2.0 * wg + gg + slack).clamp_min(0.0).sqrt() * frob * _UP
     lin = torch.linalg.vector_norm(take_class(G, c).unsqueeze(1) - G, dim=-1) * _UP   # (n, K)
-    g_neg = take_class(g, c).clamp_max(0.0)                                       # (n, H)
+    g_c = take_class(g, c)
+    g_neg = g_c.clamp_max(0.0)                                                    # (n, H)
     W_pos = W_flat.clamp_min(0.0).T                                               # (H, K S)
     sc = s.gather(1, c.unsqueeze(-1))                                             # (n, 1)
     finite = (sc.abs() < math.inf) & (s.abs() < math.inf)
@@ -1008,8 +1033,20 @@ def linearised_body_radius(wJ: Tensor | None, G: Tensor, D: Tensor, C: Tensor, a
         """The bound at radii r (m, n) -> (m, n)."""
         rr = r.unsqueeze(-1)                                                      # (m, n, 1)
         E = torch.where(rr <= turn, C * rr * rr, D * rr - D * turn / 2.0)         # (m, n, H)
-        own = (g_neg * E).sum(-1, keepdim=True)                                   # (m, n, 1)
-        up = a_g + rr.unsqueeze(-1) * rho + (E @ W_pos).view(*E.shape[:-1], K, S)
+        if not upper:
+            own = (g_neg * E).sum(-1, keepdim=True)                               # (m, n, 1)
+            up = a_g + rr.unsqueeze(-1) * rho + (E @ W_pos).view(*E.shape[:-1], K, S)
+        else:
+            lo, hi = torch.zeros_like(E), E
+            for pre_g, P, rho_l, h0, W, groups, eps_l in upper:
+                Wp, Wn = W.clamp_min(0.0).T, W.clamp_max(0.0).T
+                z_lo = groups.gather(lo @ Wp + hi @ Wn, 0.0)                      # (m, n, H, S)
+                z_hi = groups.gather(hi @ Wp + lo @ Wn, 0.0)
+                U_l = lse(pre_g + rr.unsqueeze(-1) * rho_l + z_hi, eps_l)        # (m, n, H)
+                lo = (P * z_lo).sum(-1) - rounding * (P * z_lo.abs()).sum(-1)
+                hi = U_l - h0 + rounding * (U_l.abs() + h0.abs())
+            own = (g_c.clamp_min(0.0) * lo + g_neg * hi).sum(-1, keepdim=True)
+            up = a_g + rr.unsqueeze(-1) * rho + (hi @ W_pos + lo @ W_flat.clamp_max(0.0).T).view(*E.shape[:-1], K, S)
         U = masked_lse_gibbs(up, valid, eps)[0]                                   # (m, n, K)
         m = sc + own - U - rr * lin
         m = torch.where(skip, math.inf, m - rounding * (sc.abs() + own.abs() + U.abs() + rr * lin))

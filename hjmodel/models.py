@@ -323,18 +323,19 @@ class HJModel(nn.Module):
         head's pre-activations a (n, N)."""
         return self._trace(x)[:3]
 
-    def _trace(self, x: Tensor) -> tuple[Tensor, list[Tensor], Tensor, Tensor]:
+    def _trace(self, x: Tensor) -> tuple[Tensor, list[Tensor], Tensor, Tensor, list[tuple[Tensor, Tensor]]]:
         """:meth:`trace`, plus the first linear map's pre-activations (the first body layer's, or a
-        when there is no body), which the interval bounds start from. Each body layer's
+        when there is no body), which the interval bounds start from, and every body layer's
+        (pre-activations, outputs), which the linearised-body radius starts from. Each body layer's
         pre-activations are formed once; its outputs and Gibbs weights come from one group LSE."""
-        h, gibbs_body, first = self.preprocess(x), [], None
+        h, gibbs_body, layers = self.preprocess(x), [], []
         for layer in self.body:
             pre = F.preactivations(h, layer.W.to(h.dtype), layer.b.to(h.dtype))
-            first = pre if first is None else first
             h, pi = F.grouped_lse_gibbs(pre, layer.groups, layer.eps)
             gibbs_body.append(pi)
+            layers.append((pre, h))
         a = self.head.preactivations(h)
-        return h, gibbs_body, a, a if first is None else first
+        return h, gibbs_body, a, layers[0][0] if layers else a, layers
 
     def refresh(self) -> None:
         """Recompute the weight-only constants of the certificates (call after changing weights)."""
@@ -370,7 +371,7 @@ class HJModel(nn.Module):
             # one body layer: its rows by unit in raw input space (its Jacobian is then one batched
             # product, F.unit_jacobian) and their tables for the linearised-body radius
             self._unit_rows = self._unit_tables = None
-            if len(self.body) == 1:
+            if len(self.body) >= 1:
                 unit = self.body[0].groups
                 self._unit_rows = unit.rows(first_rows)
                 self._unit_tables = F.unit_tables(self._unit_rows, unit.valid, self.body[0].eps)
@@ -429,8 +430,8 @@ class HJModel(nn.Module):
         head = self.head
         K, S = head.groups.shape if head.groups is not None else (max(1, self.n_outputs), head.W.shape[0])
         body = [layer.groups.shape[0] * layer.groups.shape[1] for layer in self.body]
-        if self._unit_rows is not None:   # one body layer: its Jacobian, and every head neuron's gradient
-            body += [self._unit_rows.shape[0] * self.n_features]
+        if self._unit_rows is not None:   # the body's Jacobians (a layer's pieces' too), each head neuron's gradient
+            body += [layer.groups.shape[0] * layer.groups.shape[1] * self.n_features for layer in self.body]
             body += [K * S * self.n_features] if self._forms_neuron_gradients() else []
         return max([K * S, self.reference.points.shape[0], *body])
 
@@ -476,7 +477,7 @@ class HJModel(nn.Module):
             return Evaluation.concat([self.evaluate(x[r], tau_t[r], top_k, outputs) for r in blocks])
         wanted = set(output_names(self.task) if outputs is None else outputs)
         head, eps = self.head, self.head.eps
-        h, gibbs_body, a, first = self._trace(x)                     # a: (n, N)
+        h, gibbs_body, a, first, layers = self._trace(x)             # a: (n, N)
         J = self._body_jacobian(gibbs_body) if wanted & {"certified_radius", "saliency"} else None
         N = a.shape[-1]
         k = min(top_k, N)
@@ -523,7 +524,7 @@ class HJModel(nn.Module):
 
         # ---- certificate (raw input space)
         if "certified_radius" in wanted:
-            r = self._certified_radius(a, gibbs_body, c, yhat, tau_t, grouped, J)
+            r = self._certified_radius(a, gibbs_body, c, yhat, tau_t, grouped, J, layers)
             if self.task == "classification" and head.groups is not None:
                 r = torch.maximum(r, self._interval_radius(first, grouped, c, r))
             res["certified_radius"] = r
@@ -571,17 +572,32 @@ class HJModel(nn.Module):
 
     # ---------------------------------------------------------------- pieces
     def _body_jacobian(self, gibbs_body: list[Tensor]) -> Tensor | None:
-        """The body's Jacobian in raw input space (n, H, d) when it has one layer, else None."""
-        if self._unit_rows is None:
+        """The body's Jacobian in raw input space (n, H, d) when it has one layer, else None (deeper
+        bodies pull vectors back layer by layer, cheaper than forming the Jacobian)."""
+        if len(self.body) != 1:
             return None
         return F.unit_jacobian(gibbs_body[0], self._unit_rows.to(gibbs_body[0].device))
+
+    def _linearisation(self, gibbs_body: list[Tensor], layers: list[tuple[Tensor, Tensor]],
+                       J: Tensor | None) -> tuple[Tensor, tuple]:
+        """The body linearised at x for :func:`functional.linearised_body_radius`: the top layer's
+        Jacobian in raw input space and each layer above the first (:func:`functional.linearised_layer`).
+        ``J``: the first layer's Jacobian when already formed."""
+        if len(layers) != len(self.body):
+            raise ValueError("the linearisation needs every body layer's pre-activations and outputs")
+        J = F.unit_jacobian(gibbs_body[0], self._unit_rows.to(gibbs_body[0].device)) if J is None else J
+        upper = []
+        for layer, P, (pre, h) in zip(self.body[1:], gibbs_body[1:], layers[1:]):
+            J, part = F.linearised_layer(J, P, layer.W.to(J.dtype), layer.groups, pre, h, layer.eps)
+            upper.append(part)
+        return J, tuple(upper)
 
     def _pullback(self, v: Tensor, gibbs_body: list[Tensor], J: Tensor | None = None) -> Tensor:
         """Vector-Jacobian product through the body and the preprocessing: (n, [K,] p) -> (n, [K,] d).
         With one body layer, a product with its Jacobian in raw input space (``J``: (n, H, d), or
         formed here by :func:`functional.unit_jacobian`)."""
-        if self._unit_rows is not None:
-            J = self._body_jacobian(gibbs_body) if J is None else J
+        J = self._body_jacobian(gibbs_body) if J is None else J
+        if J is not None:
             return (v.unsqueeze(1) @ J).select(1, 0) if v.ndim == 2 else v @ J
         for layer, P in zip(reversed(self.body), reversed(gibbs_body)):
             # v: (n, [K,] H); P: (n, H, S) by group: piece m of unit h gets v_h P_hm
@@ -611,9 +627,11 @@ class HJModel(nn.Module):
             return F.label_sensitivity_exponent(pi, g, yhat[:, 0], head.eps)
         return F.label_sensitivity_values(pi)
 
-    def _certified_radius(self, a, gibbs_body, c, yhat, tau, grouped=None, J=None) -> Tensor:
+    def _certified_radius(self, a, gibbs_body, c, yhat, tau, grouped=None, J=None, layers=()) -> Tensor:
         """The certified radius (DESIGN section 3) before the interval-bound search. ``J``: the body's
-        Jacobian when it has one layer (:meth:`_body_jacobian`)."""
+        Jacobian when it has one layer (:meth:`_body_jacobian`); ``layers``: every body layer's
+        (pre-activations, outputs) (:meth:`_trace`), without which a deep classifier's radius leaves out
+        the linearised-body bound (the closed forms alone, as the masked layout computes them)."""
         head = self.head
         lip, curv = self._feature_lip, self._feature_curv
 
@@ -628,16 +646,18 @@ class HJModel(nn.Module):
                 valid = head.groups.valid.to(a.device)
                 # one body layer: every neuron's gradient in x, for the hybrid radius (no pullback) and
                 # the linearised-body radius, whose bounds keep the input's directions through the body
-                wJ, G = (None, None) if J is None else F.neuron_gradients(J, pi_g, rows, self._forms_neuron_gradients())
+                top, upper = (None, ()) if not (self.body and layers) else self._linearisation(gibbs_body, layers, J)
+                wJ, G = (None, None) if top is None else F.neuron_gradients(top, pi_g, rows,
+                                                                             self._forms_neuron_gradients())
                 r = F.grouped_margin_radius(a_g, s, pi_g, valid, c, rows, head.eps,
                                             L, kappa, rounding=ROUNDING, pullback=pullback if self.body else None,
                                             lip=lip, curv=curv, tangent_g=rows,
                                             float32_search=self._tangent_float32, grads_x=G)[0]
-                if J is not None:
+                if top is not None:
                     tables = tuple(t.to(a.device) for t in self._unit_tables)
                     D = F.unit_spread(gibbs_body[0], tables, self.body[0].groups.valid.to(a.device))
                     r = torch.maximum(r, F.linearised_body_radius(wJ, G, D, tables[3], a_g, s, pi_g, valid, c, rows,
-                                                                  head.eps, rounding=ROUNDING, J=J))
+                                                                  head.eps, rounding=ROUNDING, J=top, upper=upper))
                 return r
             return F.gibbs_margin_radius(a, head.W, head.eps, c, pos, neg, shift, L, kappa, rounding=ROUNDING,
                                          pullback=pullback, lip=lip, curv=curv, tangent_rows=self._W_tangent,
