@@ -50,6 +50,8 @@ from hjmodel.verify import DEMO_DATA, OOD_OUTPUTS, calibration_ties, parity_inpu
 #: a deep body under a memory head (Hopf-Cole predictor over learned features), as in the tests
 DEEP_MEMORY = TrainConfig(kind="deep", head="memory", hidden=[16], hidden_pieces=2, pieces=2, epochs=10,
                           memory_size=500, progress=False)
+#: a two-layer deep body (the certificate linearises it layer by layer), as in the tests
+DEEP_TWO = TrainConfig(kind="deep", hidden=[32, 32], epochs=10, progress=False)
 
 
 
@@ -85,6 +87,11 @@ def soundness(models: Path, work: Path, quick: bool) -> list[dict]:
     save_artifact(m, d)
     te = np.asarray(rep.splits["test"])
     cases.append(("deep body + memory head classification (trained here)", d, m, digits.X[te], digits.y[te], 0.0))
+    m, rep = train(digits, DEEP_TWO)
+    d = work / "deep_two"
+    save_artifact(m, d)
+    te = np.asarray(rep.splits["test"])
+    cases.append(("deep classification, two body layers (trained here)", d, m, digits.X[te], digits.y[te], 0.0))
     fr = friedman(2000)
     tau_fr = 0.5
     for case, cfg in (("lse regression", TrainConfig(kind="lse", pieces=8, epochs=40, progress=False)),
