@@ -961,13 +961,13 @@ def linearised_layer(J: Tensor, P: Tensor, W: Tensor, groups: Groups, pre: Tenso
     A_g = groups.gather(A.transpose(1, 2), 0.0).permute(0, 2, 3, 1)               # (n, H, S, d)
     J_up = (P.unsqueeze(-2) @ A_g).select(-2, 0)                                  # (n, H, d)
     rho = torch.linalg.vector_norm(A_g - J_up.unsqueeze(-2), dim=-1) * _UP
-    return J_up, (groups.gather(pre), P, rho, h, W, groups, eps)
+    return J_up, (groups.gather(pre), P, rho, h, W.clamp_min(0.0).T, W.clamp_max(0.0).T, groups, eps)
 
 
 def linearised_body_radius(wJ: Tensor | None, G: Tensor, D: Tensor, C: Tensor, a_g: Tensor, s: Tensor,
                            pi_g: Tensor, valid: Tensor, c: Tensor, W_g: Tensor, eps: float,
                            rounding: float | None = None, J: Tensor | None = None, upper: tuple = ()) -> Tensor:
-    """A certified radius of the decision ``c`` of a class-grouped head on one body LSE layer, from
+    """A certified radius of the decision ``c`` of a class-grouped head on a body of LSE layers, from
     linear bounds that keep the input's directions (DESIGN section 3, "deep bodies").
 
     Body unit u (pre-activations affine in x, rows a_p in raw input space) is convex, so on the ball
@@ -989,9 +989,10 @@ def linearised_body_radius(wJ: Tensor | None, G: Tensor, D: Tensor, C: Tensor, a
     w_j+ . hi + w_j- . lo where one layer has lo = 0 and hi = E. Each stays concave (lo) or convex
     (hi) in r, so the bound stays concave.
 
-    Here J is the top layer's Jacobian, and rho_j = |w_j J - G_k| (or, when the head is too wide to form every w_j J, the upper bound
-    |w_j - g_k| ||J||_F, by the Gram expansion in h plus its rounding allowance). Its first-order term is the margin's exact directional derivative (a
-    global Lipschitz bound of the body loses the directions); every later term only lowers it. The
+    Here J is the top layer's Jacobian, and rho_j = |w_j J - G_k| (or, when the head is too wide to
+    form every w_j J, the upper bound |w_j - g_k| ||J||_F, by the Gram expansion in h plus its rounding
+    allowance). Its first-order term is the margin's exact directional derivative (a global Lipschitz
+    bound of the body loses the directions); every later term only lowers it. The
     bound is concave in r (E is convex and increasing) and its root lies below the first-order radius
     min_k m_k / |G_c - G_k|: it is searched on a grid below that radius (one batched evaluation; 0 and
     eight radii geometric in [1/8, 1] of it) and refined by the chord between the largest radius
@@ -1002,10 +1003,9 @@ def linearised_body_radius(wJ: Tensor | None, G: Tensor, D: Tensor, C: Tensor, a
     one pays for.
 
     wJ / G: (n, K, S, d) / (n, K, d) (:func:`neuron_gradients`; wJ None: the norm bound, from ``J``
-    (n, H, d)), D: (n, H) (:func:`unit_spread`),
-    C: (H,) (:func:`unit_tables`); a_g / pi_g: (n, K, S) the head's pre-activations and within-group
-    Gibbs weights, s: (n, K) its class LSEs, valid: (K, S), W_g: (K, S, H) the head's rows by group.
-    Returns (n,)."""
+    (n, H, d)), D: (n, H) (:func:`unit_spread`), C: (H,) (:func:`unit_tables`); a_g / pi_g: (n, K, S)
+    the head's pre-activations and within-group Gibbs weights, s: (n, K) its class LSEs, valid:
+    (K, S), W_g: (K, S, H) the head's rows by group. Returns (n,)."""
     if rounding is None:
         rounding = 64 * torch.finfo(s.dtype).eps
     n, K, S = a_g.shape
@@ -1022,8 +1022,8 @@ def linearised_body_radius(wJ: Tensor | None, G: Tensor, D: Tensor, C: Tensor, a
         rho = (sq - 2.0 * wg + gg + slack).clamp_min(0.0).sqrt() * frob * _UP
     lin = torch.linalg.vector_norm(take_class(G, c).unsqueeze(1) - G, dim=-1) * _UP   # (n, K)
     g_c = take_class(g, c)
-    g_neg = g_c.clamp_max(0.0)                                                    # (n, H)
-    W_pos = W_flat.clamp_min(0.0).T                                               # (H, K S)
+    g_pos, g_neg = g_c.clamp_min(0.0), g_c.clamp_max(0.0)                         # (n, H)
+    W_pos, W_neg = W_flat.clamp_min(0.0).T, W_flat.clamp_max(0.0).T               # (H, K S)
     sc = s.gather(1, c.unsqueeze(-1))                                             # (n, 1)
     finite = (sc.abs() < math.inf) & (s.abs() < math.inf)
     skip = ~finite | ~valid.any(-1) | torch.nn.functional.one_hot(c, K).bool()    # (n, K): not a rival
@@ -1032,21 +1032,19 @@ def linearised_body_radius(wJ: Tensor | None, G: Tensor, D: Tensor, C: Tensor, a
     def bound(r: Tensor) -> Tensor:
         """The bound at radii r (m, n) -> (m, n)."""
         rr = r.unsqueeze(-1)                                                      # (m, n, 1)
-        E = torch.where(rr <= turn, C * rr * rr, D * rr - D * turn / 2.0)         # (m, n, H)
-        if not upper:
-            own = (g_neg * E).sum(-1, keepdim=True)                               # (m, n, 1)
-            up = a_g + rr.unsqueeze(-1) * rho + (E @ W_pos).view(*E.shape[:-1], K, S)
-        else:
-            lo, hi = torch.zeros_like(E), E
-            for pre_g, P, rho_l, h0, W, groups, eps_l in upper:
-                Wp, Wn = W.clamp_min(0.0).T, W.clamp_max(0.0).T
-                z_lo = groups.gather(lo @ Wp + hi @ Wn, 0.0)                      # (m, n, H, S)
-                z_hi = groups.gather(hi @ Wp + lo @ Wn, 0.0)
-                U_l = lse(pre_g + rr.unsqueeze(-1) * rho_l + z_hi, eps_l)        # (m, n, H)
-                lo = (P * z_lo).sum(-1) - rounding * (P * z_lo.abs()).sum(-1)
-                hi = U_l - h0 + rounding * (U_l.abs() + h0.abs())
-            own = (g_c.clamp_min(0.0) * lo + g_neg * hi).sum(-1, keepdim=True)
-            up = a_g + rr.unsqueeze(-1) * rho + (hi @ W_pos + lo @ W_flat.clamp_max(0.0).T).view(*E.shape[:-1], K, S)
+        # the lift e of the top layer lies in [lo, hi]; the first layer's lo is 0 (None: no terms)
+        lo, hi = None, torch.where(rr <= turn, C * rr * rr, D * rr - D * turn / 2.0)   # (m, n, H)
+        for pre_g, P, rho_l, h0, Wp, Wn, groups, eps_l in upper:
+            z_lo = groups.gather(hi @ Wn if lo is None else lo @ Wp + hi @ Wn, 0.0)   # (m, n, H, S)
+            z_hi = groups.gather(hi @ Wp if lo is None else hi @ Wp + lo @ Wn, 0.0)
+            U_l = lse(pre_g + rr.unsqueeze(-1) * rho_l + z_hi, eps_l)            # (m, n, H)
+            lo = (P * z_lo).sum(-1) - rounding * (P * z_lo.abs()).sum(-1)
+            hi = U_l - h0 + rounding * (U_l.abs() + h0.abs())
+        own = (g_neg * hi).sum(-1, keepdim=True)                                  # (m, n, 1)
+        lift = hi @ W_pos
+        if lo is not None:
+            own, lift = own + (g_pos * lo).sum(-1, keepdim=True), lift + lo @ W_neg
+        up = a_g + rr.unsqueeze(-1) * rho + lift.view(*lift.shape[:-1], K, S)
         U = masked_lse_gibbs(up, valid, eps)[0]                                   # (m, n, K)
         m = sc + own - U - rr * lin
         m = torch.where(skip, math.inf, m - rounding * (sc.abs() + own.abs() + U.abs() + rr * lin))
