@@ -41,6 +41,7 @@ __all__ = [
     "group_gibbs",
     "group_gradients",
     "group_lse",
+    "grouped_gibbs_entropy",
     "grouped_lse_gibbs",
     "grouped_margin_radius",
     "hessian",
@@ -255,6 +256,20 @@ def ambiguity(log_probs: Tensor) -> Tensor:
 def attribution_entropy(pi: Tensor) -> Tensor:
     """H(pi) = -sum pi log pi in [0, log N] (0 log 0 = 0).  (..., N) -> (...)."""
     return -(pi * torch.log(torch.where(pi > 0, pi, 1.0))).sum(-1)
+
+
+def grouped_gibbs_entropy(a_g: Tensor, pi_g: Tensor, log_p: Tensor, eps: float) -> Tensor:
+    """H(pi) of the Gibbs weights over every neuron from their class groups, with no logarithm per
+    neuron: pi_j = p_k pi_g[k, j] for neuron j of group k (p: the groups' softmax), so
+    H = sum_k p_k H_k - sum_k p_k log p_k, and within group k, whose top pre-activation m_k has the
+    weight 1 / Z_k, H_k = sum_j pi_g[k, j] (m_k - a_j) / eps - log max_j pi_g[k, j] (exact for the
+    top term, where (s_k - a_j) / eps would carry the rounding of s_k / eps). a_g, pi_g: (n, K, S) in
+    the :class:`Groups` layout (padding: -inf, 0); log_p: (n, K) log softmax(s / eps).  -> (n,);
+    equals :func:`attribution_entropy` of the weights."""
+    top = a_g.amax(-1, keepdim=True)
+    within = (pi_g * torch.where(pi_g > 0, top - a_g, 0.0)).sum(-1) / eps - torch.log(pi_g.amax(-1))
+    p = log_p.exp()
+    return (p * torch.where(p > 0, within - log_p, 0.0)).sum(-1).clamp_min(0.0)
 
 
 def energy_gap(a: Tensor) -> tuple[Tensor, Tensor]:
@@ -850,7 +865,7 @@ def grouped_margin_radius(a_g: Tensor, s: Tensor, pi_g: Tensor, valid: Tensor, c
                           eps: float, L: Tensor, kappa: Tensor, rounding: float | None = None,
                           pullback=None, lip: float = 1.0, curv: float = 0.0,
                           tangent_g: Tensor | None = None, float32_search: bool | None = None,
-                          grads_x: Tensor | None = None) -> tuple[Tensor, Tensor]:
+                          grads_x: Tensor | None = None, grads: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """:func:`gibbs_margin_radius` when each class is one group of neurons: the margin of pair (c, k)
     is s_c - s_k, the LSE of group c minus that of group k (an lse head; a memory head with one-hot
     labels, whose sign reduction has exactly these groups and no shift). The same certificate, but
@@ -862,7 +877,8 @@ def grouped_margin_radius(a_g: Tensor, s: Tensor, pi_g: Tensor, valid: Tensor, c
     (K, S, q) the rows in the certificate's coordinates for :func:`tangent_radius` (None: no
     tangent radius). L / kappa: (K, K) (:func:`certificate_tables` of the same pairs). ``grads_x``:
     every group's gradient already in the input's coordinates (n, K, d) (:func:`neuron_gradients`),
-    which then replaces the pullback of the hybrid radius's gradients. Returns (radius (n,),
+    which then replaces the pullback of the hybrid radius's gradients; ``grads``: every group's gradient
+    in W_g's coordinates (n, K, p) when the caller has it (:func:`group_gradients`). Returns (radius (n,),
     per-class radius (n, K) with +inf at k = c)."""
     K = s.shape[-1]
     if rounding is None:
@@ -875,7 +891,7 @@ def grouped_margin_radius(a_g: Tensor, s: Tensor, pi_g: Tensor, valid: Tensor, c
     m = target - sq0
     never = ~valid.any(-1)                                           # (K,): an empty group never wins
 
-    grads = group_gradients(pi_g, W_g)                               # grad s_k for every group
+    grads = group_gradients(pi_g, W_g) if grads is None else grads  # grad s_k for every group
     grad_c = take_class(grads, c)                                    # (n, p)
     if grads_x is None:
         r = _pair_hybrid(m, grad_c.unsqueeze(1) - grads, c, L, kappa, pullback, lip, curv)
@@ -1131,7 +1147,7 @@ def label_sensitivity_values(pi: Tensor) -> Tensor:
 
 def label_sensitivity_exponent(pi: Tensor, g: Tensor, yhat: Tensor, eps: float) -> Tensor:
     """d yhat / d g_j = pi_j (1 - (g_j - yhat)/eps) when the label g_j is also the value and enters
-    the exponent (Prop F.1).  pi: (n, N), g: (N,), yhat: (n,) -> (n, N)."""
+    the exponent (Prop F.1).  pi: (n, M), g: (M,) or (n, M) (the neurons' labels), yhat: (n,) -> (n, M)."""
     return pi * (1.0 - (g - yhat.unsqueeze(-1)) / eps)
 
 

@@ -487,6 +487,7 @@ class HJModel(nn.Module):
         # the class groups' pre-activations, LSE values and Gibbs weights (n, K, S): shared by the
         # outputs, the log-probabilities and the certificate
         grouped = head.grouped(a) if head.groups is not None else None
+        by_group = None        # a memory head's Gibbs weights in the groups' layout, when it has one
         if head.mode == "groups":
             s = grouped[1]                                           # (n, K)
             if self.task == "classification":
@@ -500,18 +501,25 @@ class HJModel(nn.Module):
             own = torch.nn.functional.one_hot(c, s.shape[-1]).to(a.dtype).unsqueeze(-1)
             pi = head.groups.spread(grouped[2] * own)
         else:
-            pi = pi_all = F.gibbs(a, eps)                            # decisive Gibbs weights: all neurons
-            # one-hot labels: the classes partition the support points, so sum_{j in k} pi_j is
-            # softmax(s / eps)_k over the class groups' LSEs -- (n, K) work, and the decision is the
-            # argmax of the very s the certificate's margins compare
-            yhat = (torch.softmax(grouped[1] / eps, dim=-1) if grouped is not None and self.task == "classification"
-                    else pi_all @ head.V)
-            if self.task == "classification":
-                probs = yhat
-                c = yhat.argmax(-1)
+            # every neuron decides (memory heads)
+            if grouped is not None and self.task == "classification":
+                # one-hot labels: the classes partition the support points, so sum_{j in k} pi_j is
+                # softmax(s / eps)_k over the class groups' LSEs -- (n, K) work, and the decision is the
+                # argmax of the very s the certificate's margins compare -- and a neuron's Gibbs weight
+                # is its weight within its class times the class's probability: the attributions stay
+                # in the groups' layout, with no (n, N) softmax
+                probs = yhat = torch.softmax(grouped[1] / eps, dim=-1)
+                by_group = grouped[2] * probs.unsqueeze(-1)                # (n, K, S)
+                pi = head.groups.spread(by_group)
             else:
-                c = torch.zeros(n, dtype=torch.long)
+                pi = F.gibbs(a, eps)
+                yhat = probs = pi @ head.V
+            c = yhat.argmax(-1) if self.task == "classification" else torch.zeros(n, dtype=torch.long)
             keep = None                                              # every neuron decides
+        # the class groups' gradients in the certificate's coordinates (n, K, q): shared by the
+        # certificate and a memory head's saliency
+        group_grads = (F.group_gradients(grouped[2], self._grouped)
+                       if self._grouped is not None and wanted & {"certified_radius", "saliency"} else None)
         n_keep = keep.sum(-1) if keep is not None else torch.full_like(c, N)
         log_probs = (head.log_probabilities(a, None if grouped is None else grouped[1])
                      if self.task == "classification" else None)
@@ -524,23 +532,31 @@ class HJModel(nn.Module):
 
         # ---- certificate (raw input space)
         if "certified_radius" in wanted:
-            r = self._certified_radius(a, gibbs_body, c, yhat, tau_t, grouped, J, layers)
+            r = self._certified_radius(a, gibbs_body, c, yhat, tau_t, grouped, J, layers, group_grads)
             if self.task == "classification" and head.groups is not None:
                 r = torch.maximum(r, self._interval_radius(first, grouped, c, r))
             res["certified_radius"] = r
 
         # ---- attribution, entropy, energy gap, label sensitivity
+        # the Gibbs weights as the attributions read them: (n, M) slots and each slot's neuron (None:
+        # slot j is neuron j; a memory head's groups' layout has padding slots, neuron N, weight 0)
+        weights, neuron = ((pi, None) if by_group is None else
+                           (by_group.reshape(n, -1), head.groups.slots.reshape(-1).to(a.device)))
         if wanted & {"attribution_index", "attribution_weight", "label_sensitivity"}:
             # weights below float32 resolution (zeros outside the decisive group, underflow, which
-            # runtimes may flush to zero differently) tie and are ordered by index, deterministically
-            idx = torch.arange(N, dtype=pi.dtype)
-            order = torch.where(pi >= 1e-37, pi, -1e-300 * (idx + 1.0))
-            i_top = torch.topk(order, k, dim=-1).indices
+            # runtimes may flush to zero differently) tie and are ordered by neuron index,
+            # deterministically (the padding, index N, after every neuron)
+            idx = (torch.arange(N, device=a.device) if neuron is None else neuron).to(pi.dtype)
+            order = torch.where(weights >= 1e-37, weights, -1e-300 * (idx + 1.0))
+            slot = torch.topk(order, k, dim=-1).indices
+            i_top = slot if neuron is None else neuron[slot]
+            w_top = weights.gather(1, slot)
             res["attribution_index"] = i_top
-            res["attribution_weight"] = pi.gather(1, i_top)
-            res["label_sensitivity"] = self._label_sensitivity(pi, c, yhat).gather(1, i_top)
+            res["attribution_weight"] = w_top
+            res["label_sensitivity"] = self._label_sensitivity(w_top, i_top, yhat)
         if "attribution_entropy" in wanted:
-            res["attribution_entropy"] = F.attribution_entropy(pi)
+            res["attribution_entropy"] = (F.attribution_entropy(pi) if by_group is None else
+                                          F.grouped_gibbs_entropy(grouped[0], grouped[2], log_probs, eps))
         dominant = None
         if wanted & {"energy_gap", "hallucination_flag"}:
             delta, dominant = F.energy_gap(a if keep is None else torch.where(keep, a, -math.inf))
@@ -549,8 +565,17 @@ class HJModel(nn.Module):
 
         # ---- saliency: gradient of the decisive output in raw input space
         if "saliency" in wanted:
-            grad_h = F.gradient(pi, head.W) if head.mode == "groups" else self._values_grad(pi, c, yhat)
-            res["saliency"] = self._pullback(grad_h, gibbs_body, J)
+            if group_grads is not None:
+                # from the class groups' gradients G_k (the certificate's coordinates: raw input space
+                # without a body): grad s_c = G_c (lse), grad yhat_c = p_c sum_k p_k (G_c - G_k) / eps
+                # (memory; one-hot labels)
+                G_c = F.take_class(group_grads, c)
+                grad = G_c if head.mode == "groups" else F.take_class(probs, c).unsqueeze(-1) * (
+                    probs.unsqueeze(1) @ (G_c.unsqueeze(1) - group_grads)).select(1, 0) / eps
+                res["saliency"] = self._pullback(grad, gibbs_body, J) if self.body else grad
+            else:
+                grad_h = F.gradient(pi, head.W) if head.mode == "groups" else self._values_grad(pi, c, yhat)
+                res["saliency"] = self._pullback(grad_h, gibbs_body, J)
 
         # ---- OOD and hallucination
         ambiguity = None
@@ -616,18 +641,19 @@ class HJModel(nn.Module):
         vbar = yhat.gather(1, c.unsqueeze(-1))                           # sum_j pi_j V_jc
         return ((pi * (v - vbar)) @ head.W) / head.eps
 
-    def _label_sensitivity(self, pi: Tensor, c: Tensor, yhat: Tensor) -> Tensor:
-        """d prediction / d label_j for every neuron (Prop F.1).  -> (n, N)."""
+    def _label_sensitivity(self, w: Tensor, index: Tensor, yhat: Tensor) -> Tensor:
+        """d prediction / d label_j (Prop F.1) of the neurons ``index`` (n, k), whose Gibbs weights are
+        ``w`` (n, k).  -> (n, k)."""
         head = self.head
         if head.mode == "groups":
             # lse kind: the neuron's initial value g_j = -b_j - t|w_j|^2 plays the label: df/dg_j = -pi_j
-            return -pi
+            return -w
         if head.labels_in_exponent and self.task == "regression":
-            g = head.V[:, 0]
-            return F.label_sensitivity_exponent(pi, g, yhat[:, 0], head.eps)
-        return F.label_sensitivity_values(pi)
+            g = head.V[:, 0].to(w.device)[index]
+            return F.label_sensitivity_exponent(w, g, yhat[:, 0], head.eps)
+        return F.label_sensitivity_values(w)
 
-    def _certified_radius(self, a, gibbs_body, c, yhat, tau, grouped=None, J=None, layers=()) -> Tensor:
+    def _certified_radius(self, a, gibbs_body, c, yhat, tau, grouped=None, J=None, layers=(), group_grads=None) -> Tensor:
         """The certified radius (DESIGN section 3) before the interval-bound search. ``J``: the body's
         Jacobian when it has one layer (:meth:`_body_jacobian`); ``layers``: every body layer's
         (pre-activations, outputs) (:meth:`_trace`), without which a deep classifier's radius leaves out
@@ -652,7 +678,8 @@ class HJModel(nn.Module):
                 r = F.grouped_margin_radius(a_g, s, pi_g, valid, c, rows, head.eps,
                                             L, kappa, rounding=ROUNDING, pullback=pullback if self.body else None,
                                             lip=lip, curv=curv, tangent_g=rows,
-                                            float32_search=self._tangent_float32, grads_x=G)[0]
+                                            float32_search=self._tangent_float32, grads_x=G,
+                                            grads=group_grads)[0]
                 if top is not None:
                     tables = tuple(t.to(a.device) for t in self._unit_tables)
                     D = F.unit_spread(gibbs_body[0], tables, self.body[0].groups.valid.to(a.device))

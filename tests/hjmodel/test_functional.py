@@ -442,6 +442,24 @@ def test_attribution_entropy(seed, layer, close):
     close(F.attribution_entropy(torch.eye(L.N, dtype=DT)), torch.zeros(L.N, dtype=DT), 0.0)
 
 
+@pytest.mark.parametrize("seed", SEEDS)
+def test_grouped_gibbs_entropy(seed, layer, close):
+    """H of the Gibbs weights over every neuron from their class groups (no logarithm per neuron)
+    equals -sum pi log pi of the weights, to float64's resolution in absolute terms also when one
+    neuron takes nearly all the weight (eps = 1e-4) and with empty groups and padding."""
+    L = layer(seed)
+    rng = np.random.default_rng(seed)
+    K = 4
+    label = torch.as_tensor(rng.integers(0, K - 1, L.N))          # group K - 1 stays empty
+    groups = F.Groups.of(label.unsqueeze(0) == torch.arange(K).unsqueeze(1))
+    for eps in (L.eps, 1e-4, 1e4):
+        a = F.preactivations(L.z, L.W, L.b)
+        s, pi_g = F.grouped_lse_gibbs(a, groups, eps)
+        H = F.grouped_gibbs_entropy(groups.gather(a), pi_g, torch.log_softmax(s / eps, -1), eps)
+        assert bool(torch.isfinite(H).all()) and bool((H >= 0).all())
+        close(H, F.attribution_entropy(F.gibbs(a, eps)), 1e-13)
+
+
 # --------------------------------------------------------------------------------------------
 # grouped / masked LSE
 # --------------------------------------------------------------------------------------------

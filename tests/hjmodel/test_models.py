@@ -27,6 +27,7 @@ import pytest
 import torch
 
 from hjmodel import TrainConfig, load_dataset, load_model, train
+from hjmodel import functional as F
 from hjmodel.attacks import (
     DT,
     SHRINK,
@@ -207,3 +208,68 @@ def test_grouped_certificate_equals_the_masked_one(case, demo_repository, regres
     grouped = model._certified_radius(a, gibbs_body, ev.decision, None, None, grouped=model.head.grouped(a))
     assert torch.allclose(grouped, masked, rtol=2.0 ** -19 if model._tangent_float32 else 1e-9, atol=0.0)
     assert bool((ev["certified_radius"] >= grouped).all())     # served: the larger of it and IBP
+
+
+@pytest.mark.parametrize("case", [*DEMO_CASES, "deep-memory-classification"])
+def test_served_attributions_are_their_definitions(case, demo_repository, regression_models):
+    """The served top-k attributions, their label sensitivities and entropy against their
+    definitions on the evaluation's Gibbs weights pi (n, N): the k largest weights, weights below
+    float32 resolution tied and ordered by neuron index; d prediction / d label_j (-pi_j for an lse
+    head, pi_j for a memory head); -sum pi log pi. Memory heads compute them in the class groups'
+    layout (a weight = the class's probability x the weight within the class), whose padding slots
+    must never be chosen: far rows, where most weights underflow and most of the top k are ties,
+    test that on the demo models."""
+    _, model, x, _, _ = load_case(case, demo_repository, regression_models)
+    rng = np.random.default_rng(0)
+    far = torch.as_tensor(np.abs(rng.normal(size=(64, x.shape[1]))), dtype=DT) * 3 * x.std(0)
+    ties = 0
+    for rows in (x[:128], far):
+        ev = model.evaluate(rows)
+        pi = ev.pi
+        N = pi.shape[1]
+        index = ev["attribution_index"]
+        order = torch.where(pi >= 1e-37, pi, -1e-300 * (torch.arange(N, dtype=DT) + 1.0))
+        want = torch.sort(order, dim=-1, descending=True, stable=True).indices[:, :index.shape[1]]
+        assert torch.equal(index, want)
+        assert torch.equal(ev["attribution_weight"], pi.gather(1, want))
+        sign = -1.0 if model.head.mode == "groups" else 1.0
+        assert torch.equal(ev["label_sensitivity"], sign * pi.gather(1, want))
+        torch.testing.assert_close(ev["attribution_entropy"], F.attribution_entropy(pi), rtol=1e-11, atol=1e-13)
+        ties += int((pi.gather(1, want) < 1e-37).sum())
+    # the tie-break was exercised (a deep body's features keep far rows near the support points)
+    assert ties > 0 or case == "deep-memory-classification"
+
+
+def test_memory_saliency_is_accurate_where_the_model_is_sure(demo_repository):
+    """A memory head's saliency, grad yhat_c = sum_j pi_j (v_jc - p_c) w_j / eps, against the same
+    sum in 80-bit extended precision (numpy longdouble), on the digits it is surest of: where
+    1 - p_c is below float64's resolution, computing v_jc - p_c as written loses every digit (1 - p_c
+    rounds to 0; the previous served form was 99.8% off at 1 - p_c = 5e-46); the served form
+    p_c sum_k p_k (G_c - G_k) / eps, G_k the class groups' gradients, does not cancel."""
+    if np.finfo(np.longdouble).eps >= np.finfo(np.float64).eps:
+        pytest.skip("numpy longdouble is float64 on this platform")
+    model = load_model(demo_repository / "digits_memory" / "1")
+    X = load_dataset("digits").X[:600]
+    ev = model.evaluate(torch.as_tensor(X, dtype=DT), outputs=("prediction", "probabilities", "saliency"))
+    L = np.longdouble
+    A = model.preprocess.A.detach().numpy().astype(L)
+    mu = model.preprocess.mu.detach().numpy().astype(L)
+    W = model.head.W.detach().numpy().astype(L)
+    b = model.head.b.detach().numpy().astype(L)
+    V = model.head.V.numpy() > 0.5
+    eps = L(model.head.eps)
+    sure = np.argsort(-ev["probabilities"].max(-1).values.numpy(), kind="stable")[:40]
+    smallest = L(1)
+    for i in sure:
+        a = W @ ((X[i].astype(L) - mu) @ A) + b
+        pi = np.exp((a - a.max()) / eps)
+        pi /= pi.sum()
+        c = int(ev["prediction"][i])
+        own = V[:, c]
+        rest = pi[~own].sum()                                   # 1 - p_c without cancellation
+        smallest = min(smallest, rest)
+        coef = np.where(own, pi * rest, -pi * pi[own].sum())    # pi_j (v_jc - p_c)
+        want = A @ (coef @ W / eps)                             # raw input space: h = (x - mu) A
+        got = ev["saliency"][i].numpy()
+        assert np.abs(got - want).max() <= 1e-10 * np.abs(want).max(), (i, float(rest))
+    assert smallest < 1e-30           # rows where the written-out form has no correct digit
