@@ -156,11 +156,11 @@ class GibbsHead(nn.Module):
             return F.group_lse(a, self.groups, self.eps)
         return F.gibbs(a, self.eps) @ self.V.to(a.dtype)
 
-    def grouped(self, a: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    def grouped(self, a: Tensor, a_g: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
         """Pre-activations by class group (n, K, S), the groups' LSE values s (n, K) and their
         within-group Gibbs weights (n, K, S) (``self.groups``' layout): what the outputs, the
-        log-probabilities and the certificate share."""
-        a_g = self.groups.gather(a)
+        log-probabilities and the certificate share. ``a_g``: the pre-activations already by group."""
+        a_g = self.groups.gather(a) if a_g is None else a_g
         s, pi_g = F.masked_lse_gibbs(a_g, self.groups.valid.to(a.device), self.eps)
         return a_g, s, pi_g
 
@@ -375,9 +375,10 @@ class HJModel(nn.Module):
                 unit = self.body[0].groups
                 self._unit_rows = unit.rows(first_rows)
                 self._unit_tables = F.unit_tables(self._unit_rows, unit.valid, self.body[0].eps)
-            # after a body, the head's rows by class group (-inf bias in the padding): its bounds
-            # come out in the group layout, with no gather
-            self._head_by_group = None if head.groups is None or len(self.body) == 0 else (
+            # the head's rows by class group (-inf bias in the padding), in h space: after a body its
+            # interval bounds, and groups that are not one block each their pre-activations, come
+            # out in the group layout with no gather
+            self._head_by_group = None if head.groups is None else (
                 head.groups.rows(W).reshape(-1, W.shape[1]),
                 head.groups.gather(head.b.detach().to(torch.float64)).reshape(-1))
             K, N = head.n_outputs, W.shape[0]
@@ -479,14 +480,20 @@ class HJModel(nn.Module):
         head, eps = self.head, self.head.eps
         h, gibbs_body, a, first, layers = self._trace(x)             # a: (n, N)
         J = self._body_jacobian(gibbs_body) if wanted & {"certified_radius", "saliency"} else None
-        N = a.shape[-1]
+        N = int(head.W.shape[0])                                    # a constant of an exported graph
         k = min(top_k, N)
         res: dict[str, Tensor] = {}
 
         # which Gibbs measure decides: the predicted class's group (lse) or all neurons (memory)
         # the class groups' pre-activations, LSE values and Gibbs weights (n, K, S): shared by the
         # outputs, the log-probabilities and the certificate
-        grouped = head.grouped(a) if head.groups is not None else None
+        grouped = None
+        if head.groups is not None:
+            # groups that are not one block each (a memory head's classes): the pre-activations by
+            # group come from the rows by group (one product, as cheap as a's), not from a gather of a
+            a_g = None if head.groups.contiguous else F.preactivations(
+                h, *(t.to(h.device) for t in self._head_by_group)).view(n, *head.groups.shape)
+            grouped = head.grouped(a, a_g)
         by_group = None        # a memory head's Gibbs weights in the groups' layout, when it has one
         if head.mode == "groups":
             s = grouped[1]                                           # (n, K)
@@ -559,7 +566,11 @@ class HJModel(nn.Module):
                                           F.grouped_gibbs_entropy(grouped[0], grouped[2], log_probs, eps))
         dominant = None
         if wanted & {"energy_gap", "hallucination_flag"}:
-            delta, dominant = F.energy_gap(a if keep is None else torch.where(keep, a, -math.inf))
+            if by_group is None:
+                delta, dominant = F.energy_gap(a if keep is None else torch.where(keep, a, -math.inf))
+            else:
+                delta, dominant = F.energy_gap(grouped[0].reshape(n, -1))        # the padding is -inf
+                dominant = neuron[dominant]
             delta = torch.where(delta.abs() < math.inf, delta, 1e30)
             res["energy_gap"] = delta / eps
 
