@@ -60,6 +60,7 @@ __all__ = [
     "lipschitz_radius",
     "logsumexp",
     "lse",
+    "lse_gibbs",
     "lse_layer",
     "masked_lse_gibbs",
     "neuron_gradients",
@@ -132,17 +133,23 @@ def gibbs(a: Tensor, eps: float) -> Tensor:
     return torch.softmax(a / eps, dim=-1)
 
 
-def masked_lse_gibbs(a: Tensor, mask: Tensor, eps: float) -> tuple[Tensor, Tensor]:
-    """LSE value and Gibbs weights of ``a`` restricted to ``mask`` (broadcast), along the last axis.
-
-    Max-shifted and NaN-free: an empty group has value -inf and weights 0. Returns (value, pi)."""
-    s = torch.where(mask, a / eps, _NEG_INF)
+def lse_gibbs(a: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+    """LSE value and Gibbs weights of ``a`` along the last axis, -inf entries empty (the padding of
+    the :class:`Groups` layout), max-shifted and NaN-free: an all -inf row has value -inf and weights 0.
+    Returns (value, pi)."""
+    s = a / eps
     top = _finite_shift(s.amax(-1))
     e = torch.exp(s - top.unsqueeze(-1))
     total = e.sum(-1)
     value = eps * (top + torch.log(total))
     pi = e / torch.where(total > 0, total, 1.0).unsqueeze(-1)
     return value, pi
+
+
+def masked_lse_gibbs(a: Tensor, mask: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+    """:func:`lse_gibbs` of ``a`` restricted to ``mask`` (broadcast), along the last axis.
+    Returns (value, pi)."""
+    return lse_gibbs(torch.where(mask, a, _NEG_INF), eps)
 
 
 class Groups:
@@ -228,8 +235,7 @@ def _as_groups(groups: Groups | Tensor) -> Groups:
 def grouped_lse_gibbs(a: Tensor, groups: Groups | Tensor, eps: float) -> tuple[Tensor, Tensor]:
     """Per-group LSE values (..., K) and within-group Gibbs weights (..., K, S) of pre-activations
     a (..., N), in the layout of :class:`Groups` (``groups``: a table or a (K, N) mask)."""
-    groups = _as_groups(groups)
-    return masked_lse_gibbs(groups.gather(a), groups.valid.to(a.device), eps)
+    return lse_gibbs(_as_groups(groups).gather(a), eps)            # the padding is -inf: empty
 
 
 def group_lse(a: Tensor, groups: Groups | Tensor, eps: float) -> Tensor:
@@ -267,7 +273,10 @@ def grouped_gibbs_entropy(a_g: Tensor, pi_g: Tensor, log_p: Tensor, eps: float) 
     the :class:`Groups` layout (padding: -inf, 0); log_p: (n, K) log softmax(s / eps).  -> (n,);
     equals :func:`attribution_entropy` of the weights."""
     top = a_g.amax(-1, keepdim=True)
-    within = (pi_g * torch.where(pi_g > 0, top - a_g, 0.0)).sum(-1) / eps - torch.log(pi_g.amax(-1))
+    # the padding's gap is +inf and its weight 0: the clip keeps 0 x gap = 0 (an empty group's NaN is
+    # masked below, its probability being 0)
+    gap = (top - a_g).clamp(max=torch.finfo(a_g.dtype).max)
+    within = (pi_g * gap).sum(-1) / eps - torch.log(pi_g.amax(-1))
     p = log_p.exp()
     return (p * torch.where(p > 0, within - log_p, 0.0)).sum(-1).clamp_min(0.0)
 
@@ -713,9 +722,10 @@ def _tangent(ak, neg, W, eps, target, sq0, pip, piq, finite, iters: int, float32
 def _tangent_bracket(ak, neg, c, target) -> Tensor:
     """The upper end of the root's bracket in :func:`_tangent_solve`: min_j (target - a_j) / c_j over
     the negative side's moving neurons (the ball on which each of them alone stays below target),
-    clamped at 0; +inf when none moves."""
-    gap = torch.where(neg & (c > 0), (target.unsqueeze(-1) - ak) / torch.where(c > 0, c, 1.0), math.inf)
-    return gap.amin(-1).clamp_min(0.0)
+    clamped at 0; +inf when none moves (a neuron at a_j = -inf never does: it adds nothing at any r).
+    ``neg`` None: ``ak`` is -inf outside the negative side."""
+    moving = c > 0 if neg is None else neg & (c > 0)
+    return torch.where(moving, (target.unsqueeze(-1) - ak) / c, math.inf).amin(-1).clamp_min(0.0)
 
 
 def _tangent_solve(ak, neg, c, eps, target, sq0, finite, iters: int, float32_search: bool | None = None) -> Tensor:
@@ -734,11 +744,15 @@ def _tangent_solve(ak, neg, c, eps, target, sq0, finite, iters: int, float32_sea
     neurons per class) the extra nodes would cost more than they save, the search runs in float64 and
     every accepted chord is itself the proof (phi >= 0 in float64, with the rounding slack of
     ``target`` as in every other certificate). ``float32_search`` makes the choice (None: by the
-    width of ``ak``; a model passes its own, so that every layout of its certificate searches alike)."""
+    width of ``ak``; a model passes its own, so that every layout of its certificate searches alike).
+    ``neg``: the negative side (a mask broadcast with ``ak``), or None where ``ak`` is -inf outside it
+    (the padding of the :class:`Groups` layout), which saves the masking passes."""
     f32 = ak.shape[-1] >= _TANGENT_F32_MIN if float32_search is None else float32_search
     cast = float32_saturate if f32 else (lambda t: t)
     hi = _tangent_bracket(ak, neg, c, target)
-    hi = cast(torch.where(hi < math.inf, hi, 0.0))                 # no moving neuron: handled below
+    # no neuron of the negative side moves relative to g: the margin is constant on every ball
+    static = hi == math.inf
+    hi = cast(torch.where(static, 0.0, hi))
     lo = torch.zeros_like(hi)
 
     # the negative side's exponents about target (-inf outside it) and slopes, in eps units, once:
@@ -747,11 +761,12 @@ def _tangent_solve(ak, neg, c, eps, target, sq0, finite, iters: int, float32_sea
     # shares the float64 exponents a_j / eps and slopes with its check; the cast keeps -inf (only the
     # top of the range is clamped: a float32 +inf exponent would poison the shift)
     if f32:
-        ak_eps, c_eps = torch.where(neg, ak / eps, -math.inf), c / eps
+        ak_eps, c_eps = (ak / eps if neg is None else torch.where(neg, ak / eps, -math.inf)), c / eps
         ak_e = (ak_eps - (target / eps).unsqueeze(-1)).clamp(max=FLOAT32_MAX).to(torch.float32)
         c_e = float32_saturate(c_eps)
     else:
-        ak_e, c_e = torch.where(neg, (ak - target.unsqueeze(-1)) / eps, -math.inf), c / eps
+        ak_e = (ak - target.unsqueeze(-1)) / eps
+        ak_e, c_e = (ak_e if neg is None else torch.where(neg, ak_e, -math.inf)), c / eps
 
     def phi(r: Tensor, slope: bool = True) -> tuple[Tensor, Tensor | None]:
         v = ak_e + c_e * r.unsqueeze(-1)
@@ -783,12 +798,10 @@ def _tangent_solve(ak, neg, c, eps, target, sq0, finite, iters: int, float32_sea
         lo = torch.where(better, chord, lo)
         phi_lo = torch.where(better, phi_c, phi_lo)
     r = _tangent_check(ak_eps, c_eps, eps, target, sq0, hi.to(ak.dtype)) if f32 else lo
-    # no neuron of the negative side moves relative to g: the margin is constant on every ball
-    static = ~(neg & (c > 0)).any(-1)
     positive = (target - sq0 > 0) & finite
     r = torch.where(static & positive, math.inf, r)
     r = torch.where(positive, r, 0.0)
-    return torch.where(~neg.any(-1), math.inf, r)
+    return r if neg is None else torch.where(~neg.any(-1), math.inf, r)
 
 
 def _tangent_check(ak_eps: Tensor, c_eps: Tensor, eps: float, target: Tensor, sq0: Tensor, r: Tensor) -> Tensor:
@@ -904,7 +917,7 @@ def grouped_margin_radius(a_g: Tensor, s: Tensor, pi_g: Tensor, valid: Tensor, c
         cross = (tangent_g @ g.T).permute(2, 0, 1)                                          # (n, K, S)
         c2 = (tangent_g * tangent_g).sum(-1) - 2.0 * cross + (g * g).sum(-1)[:, None, None]
         dist = c2.clamp_min(0.0).sqrt()
-        r = torch.maximum(r, _tangent_solve(a_g, valid, dist, eps, target, sq0, finite, _TANGENT_ITERS,
+        r = torch.maximum(r, _tangent_solve(a_g, None, dist, eps, target, sq0, finite, _TANGENT_ITERS,
                                             float32_search) / lip)
     r = torch.where(never | own, math.inf, r)
     return r.min(-1).values, r

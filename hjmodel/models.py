@@ -161,7 +161,7 @@ class GibbsHead(nn.Module):
         within-group Gibbs weights (n, K, S) (``self.groups``' layout): what the outputs, the
         log-probabilities and the certificate share. ``a_g``: the pre-activations already by group."""
         a_g = self.groups.gather(a) if a_g is None else a_g
-        s, pi_g = F.masked_lse_gibbs(a_g, self.groups.valid.to(a.device), self.eps)
+        s, pi_g = F.lse_gibbs(a_g, self.eps)                            # the padding is -inf: empty
         return a_g, s, pi_g
 
     def log_probabilities(self, a: Tensor, s: Tensor | None = None) -> Tensor:
