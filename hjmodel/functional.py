@@ -190,6 +190,15 @@ class Groups:
     def shape(self) -> tuple[int, int]:
         return tuple(self.slots.shape)
 
+    def to(self, device) -> Groups:
+        """The same table on ``device`` (itself when it is there)."""
+        if self.slots.device == torch.device(device):
+            return self
+        moved = object.__new__(Groups)
+        moved.slots, moved.valid, moved.place = (t.to(device) for t in (self.slots, self.valid, self.place))
+        moved.contiguous = self.contiguous
+        return moved
+
     def gather(self, a: Tensor, fill: float = _NEG_INF) -> Tensor:
         """(..., N) -> (..., K, S): each group's entries, ``fill`` in the padding."""
         if self.contiguous:

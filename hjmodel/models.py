@@ -295,6 +295,23 @@ class HJModel(nn.Module):
         self.meta = dict(meta or {})
         self.refresh()
 
+    def _apply(self, fn, recurse=True):
+        """``Module.to`` / ``.cuda`` move parameters and buffers; the weight-only constants that
+        :meth:`refresh` caches, the group tables of the head and the body layers, and the OOD
+        reference's tensors follow the parameters' device, so that a model moved to a GPU evaluates
+        there (their dtypes stay: the certificates' constants are float64 by design)."""
+        super()._apply(fn, recurse)
+        device = self.head.W.device
+        for owner in (self, self.head, *self.body, self.reference):
+            for name, value in list(vars(owner).items()):
+                moved = _on_device(value, device)
+                if moved is not value:
+                    object.__setattr__(owner, name, moved)
+        # the reference's lazily built tables are rebuilt on the new device when next asked for
+        for cache in ("_class_groups", "_hopf_cole_tables"):
+            self.reference.__dict__.pop(cache, None)
+        return self
+
     # ---------------------------------------------------------------- constants
     @property
     def n_features(self) -> int:
@@ -456,7 +473,7 @@ class HJModel(nn.Module):
         """The served outputs alone (no forward trace kept), in row blocks: for many rows of a model
         with many support points, where :meth:`evaluate`'s (n, N) trace would not fit."""
         x = torch.as_tensor(x).to(torch.float64)
-        tau_t = _per_row(tau, x.shape[0])
+        tau_t = _per_row(tau, x.shape[0], x.device)
         parts = [self.evaluate(x[r], tau=tau_t[r], top_k=top_k, outputs=outputs).outputs
                  for r in self.row_blocks(x.shape[0])]
         return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
@@ -472,7 +489,7 @@ class HJModel(nn.Module):
         and saliency are in raw input space. Returns an :class:`Evaluation`."""
         x = torch.as_tensor(x).to(torch.float64)
         n = x.shape[0]
-        tau_t = _per_row(tau, n)                                                # (n,)
+        tau_t = _per_row(tau, n, x.device)                                      # (n,)
         blocks = self.row_blocks(n)
         if len(blocks) > 1:
             return Evaluation.concat([self.evaluate(x[r], tau_t[r], top_k, outputs) for r in blocks])
@@ -501,7 +518,7 @@ class HJModel(nn.Module):
                 probs = torch.softmax(s / eps, dim=-1)
                 c = s.argmax(-1)
             else:
-                c = torch.zeros(n, dtype=torch.long)
+                c = torch.zeros(n, dtype=torch.long, device=a.device)
             keep = head.mask[c]                                      # (n, N)
             yhat = s
             # decisive Gibbs weights: the decided group's, zero elsewhere
@@ -521,7 +538,7 @@ class HJModel(nn.Module):
             else:
                 pi = F.gibbs(a, eps)
                 yhat = probs = pi @ head.V
-            c = yhat.argmax(-1) if self.task == "classification" else torch.zeros(n, dtype=torch.long)
+            c = yhat.argmax(-1) if self.task == "classification" else torch.zeros(n, dtype=torch.long, device=a.device)
             keep = None                                              # every neuron decides
         # the class groups' gradients in the certificate's coordinates (n, K, q): shared by the
         # certificate and a memory head's saliency
@@ -808,9 +825,9 @@ class HJModel(nn.Module):
             member = ref.labels.unsqueeze(0) == classes.unsqueeze(-1)                      # (n, M)
             member = member | ~member.any(-1, keepdim=True)
         if leave_out is not None and M > 1:
-            own = torch.arange(M).unsqueeze(0) == leave_out.unsqueeze(-1)
+            own = torch.arange(M, device=h.device).unsqueeze(0) == leave_out.unsqueeze(-1)
             member = ~own if member is None else member & ~own
-        g = torch.zeros(M, dtype=h.dtype)
+        g = torch.zeros(M, dtype=h.dtype, device=h.device)
         u = F.hopf_cole_value(h, pts, g, ref.t, ref.eps, mask=member) / ref.eps
         if member is None:                                  # -log of the mean, not of the sum
             return u + math.log(M)
@@ -887,7 +904,7 @@ class HJModel(nn.Module):
           every LSE) and ``eps_decision_changes`` (whether that limit changes the decision; regression:
           moves an output by more than tau)."""
         x = torch.as_tensor(x).to(torch.float64)
-        tau_t = _per_row(tau, x.shape[0])
+        tau_t = _per_row(tau, x.shape[0], x.device)
         ev = self.evaluate(x, tau=tau_t, outputs=("prediction",))
         head, eps, t = self.head, self.head.eps, self.head.t
         c, a, h = ev.decision, ev.a, ev.h
@@ -937,9 +954,24 @@ class HJModel(nn.Module):
         return _integrated_gradients(self, x, baseline, panels, order, decision)
 
 
-def _per_row(tau: float | Tensor, n: int) -> Tensor:
-    """A tolerance per row: (n,) float64 from one value or n values ((n,) or (n, 1))."""
-    tau_t = torch.as_tensor(tau, dtype=torch.float64).reshape(-1)
+def _on_device(value, device: torch.device):
+    """A cached constant (a tensor, a group table, or a tuple / list of them) on ``device``; anything
+    else (a module's own registries, numbers, caches keyed by device) as it is."""
+    if isinstance(value, nn.Parameter) or isinstance(value, dict):
+        return value
+    if isinstance(value, Tensor):
+        return value if value.device == device else value.to(device)
+    if isinstance(value, F.Groups):
+        return value.to(device)
+    if isinstance(value, (tuple, list)):
+        moved = [_on_device(v, device) for v in value]
+        return value if all(m is v for m, v in zip(moved, value)) else type(value)(moved)
+    return value
+
+
+def _per_row(tau: float | Tensor, n: int, device=None) -> Tensor:
+    """A tolerance per row: (n,) float64 from one value or n values ((n,) or (n, 1)), on ``device``."""
+    tau_t = torch.as_tensor(tau, dtype=torch.float64, device=device).reshape(-1)
     return tau_t.expand(n) if tau_t.numel() == 1 else tau_t
 
 
@@ -1047,7 +1079,7 @@ def _integrated_gradients(model: HJModel, x: Tensor, baseline: Tensor | None = N
     x0 = (model.preprocess.mu if baseline is None else torch.as_tensor(baseline, dtype=torch.float64)).expand_as(x)
     head = model.head
     if model.task == "regression":
-        c = torch.zeros(x.shape[0], dtype=torch.long)   # output 0 (DESIGN: the decisive output)
+        c = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)   # output 0 (DESIGN: the decisive output)
     else:
         c = model.predict(x) if decision is None else decision
     if closed_form and len(model.body) == 0 and head.mode == "groups":
