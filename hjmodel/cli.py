@@ -15,18 +15,29 @@ from .serving import KINDS
 
 __all__ = ["main"]
 
+#: ``hjmodel train`` notes (on stderr) a calibration split whose deployment's false-flag rate may land
+#: further than this from alpha (95% of calibration draws), unless ``--alpha-tolerance`` was given
+NOTE_TOLERANCE = 0.015
+
 
 def _cmd_train(args: argparse.Namespace) -> int:
     from .artifact import save_artifact
     from .data import load_dataset
-    from .train import TrainConfig, train
+    from .train import TrainConfig, conformal_rows_needed, train
 
     cfg = TrainConfig(kind=args.kind, eps=args.eps, t=args.t, preprocess=args.preprocess, pieces=args.pieces,
                       hidden=args.hidden, head=args.head, epochs=args.epochs, lr=args.lr, seed=args.seed, anneal=args.anneal,
                       alpha=args.alpha, alpha_tolerance=args.alpha_tolerance, memory_size=args.memory_size,
-                      support=args.support, progress=not args.quiet)
+                      support=args.support, calibration_fraction=args.calibration_fraction, progress=not args.quiet)
     model, report = train(load_dataset(args.data, target=args.target, task=args.task), cfg)
     out = save_artifact(model, args.out, tuple(args.formats))
+    lo, hi = report.metrics["ood_false_flag_rate_95"]
+    if args.alpha_tolerance is None and not (cfg.alpha - NOTE_TOLERANCE <= lo and hi <= cfg.alpha + NOTE_TOLERANCE):
+        n = len(report.splits["calibration"])
+        need = conformal_rows_needed(cfg.alpha, NOTE_TOLERANCE)
+        print(f"note: with {n} calibration rows one deployment's OOD false-flag rate at alpha={cfg.alpha} lies in "
+              f"[{lo:.3f}, {hi:.3f}] (95% of calibration draws); +-{NOTE_TOLERANCE} takes {need} rows "
+              f"(--calibration-fraction); --alpha-tolerance refuses fewer", file=sys.stderr)
     print(json.dumps({"artifact": str(out), "metrics": report.metrics, "seconds": round(report.seconds, 2)},
                      indent=2))
     return 0
@@ -173,6 +184,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--epochs", type=int, default=150)
     p.add_argument("--lr", type=float, default=0.02)
     p.add_argument("--anneal", type=float, default=1.0, help="start at ANNEAL*eps and anneal down to eps")
+    p.add_argument("--calibration-fraction", type=float, default=0.2,
+                   help="share of the rows held out to calibrate the OOD gate (the test split is another 0.2)")
     gate_and_output_arguments(p)
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=_cmd_train)

@@ -66,6 +66,9 @@ class TrainReport:
 
 
 def _split(n: int, cfg: TrainConfig, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    for name in ("test_fraction", "calibration_fraction"):
+        if not 0 < getattr(cfg, name) < 1:
+            raise DataError(f"{name} must be in (0, 1), got {getattr(cfg, name)}")
     idx = rng.permutation(n)
     n_test = int(round(cfg.test_fraction * n))
     n_cal = int(round(cfg.calibration_fraction * n))
@@ -146,6 +149,9 @@ def train(data: Dataset, cfg: TrainConfig | None = None) -> tuple[HJModel, Train
         y_all = np.array([remap[v] for v in y_all[keep]], dtype=np.int64)
         class_names = [class_names[k] for k in kept]
     tr, ca, te = _split(len(X_all), cfg, rng)
+    # the gate's requirements on the calibration split, before any training time is spent on it
+    _check_alpha(cfg.alpha, len(ca))
+    _check_tolerance(cfg.alpha, cfg.alpha_tolerance, len(ca), total=len(X_all))
     pre = _fit_preprocess(X_all[tr], cfg)
     X = torch.as_tensor(X_all, dtype=torch.float64)
     Z = pre(X)
@@ -429,7 +435,10 @@ def conformal_rows_needed(alpha: float, tolerance: float, level: float = FALSE_F
     return None if bad[-1] + 1 >= limit else int(n[bad[-1] + 1])
 
 
-def _check_tolerance(alpha: float, tolerance: float | None, n: int) -> None:
+def _check_tolerance(alpha: float, tolerance: float | None, n: int, total: int | None = None) -> None:
+    """Refuse ``n`` conformal rows too few for one deployment's false-flag rate to lie within alpha
+    +- ``tolerance`` (None: no requirement); ``total``: the rows training splits (the message then
+    names the calibration fraction that would do)."""
     if tolerance is None:
         return
     if not 0 < tolerance < 1:
@@ -438,10 +447,12 @@ def _check_tolerance(alpha: float, tolerance: float | None, n: int) -> None:
     if lo >= alpha - tolerance and hi <= alpha + tolerance:
         return
     need = conformal_rows_needed(alpha, tolerance)
+    fraction = (f" (calibration_fraction, --calibration-fraction, >= {math.ceil(100 * need / total) / 100:.2f} of "
+                f"these {total} rows)" if need and total else "")
     raise CalibrationError(
         f"with {n} conformal calibration rows one deployment's false-flag rate at alpha={alpha} lies in "
         f"[{lo:.4f}, {hi:.4f}] ({FALSE_FLAG_LEVEL:.0%} of calibration draws), not within +-{tolerance}; that needs "
-        + (f"at least {need} conformal rows" if need else "more rows than can be checked")
+        + (f"at least {need} conformal rows{fraction}" if need else "more rows than can be checked")
         + ": raise calibration_fraction or calibrate on more in-distribution data (--calibration)")
 
 

@@ -66,6 +66,25 @@ def test_train(trained):
     assert {p.name for p in out.iterdir()} == {"model.onnx", "explain.onnx", "model.pt", "model.json"}
 
 
+def test_train_takes_a_calibration_fraction_and_notes_a_wide_false_flag_interval(tiny_csv, tmp_path):
+    """--calibration-fraction sets the calibration split; with no --alpha-tolerance, a split too small
+    for one deployment's false-flag rate to stay within alpha +- 1.5 pp is noted on stderr (the
+    artifact is still written); with --alpha-tolerance it is refused with the fraction to use."""
+    out = tmp_path / "m" / "1"
+    proc = hjmodel("train", str(tiny_csv), "--out", str(out), "--epochs", "5", "--pieces", "2", "--quiet",
+                   "--calibration-fraction", "0.3")
+    assert proc.returncode == 0, proc.stderr
+    spec = _strict(hjmodel("inspect", str(out)).stdout)
+    assert spec["provenance"]["n_calibration"] == 36
+    assert "note: with 36 calibration rows" in proc.stderr and "takes 902 rows" in proc.stderr
+    proc = hjmodel("train", str(tiny_csv), "--out", str(tmp_path / "r" / "1"), "--epochs", "5", "--quiet",
+                   "--alpha-tolerance", "0.015")
+    _assert_clean_error(proc, "at least 902 conformal rows")
+    assert not (tmp_path / "r").exists()
+    proc = hjmodel("train", str(tiny_csv), "--out", str(tmp_path / "b" / "1"), "--calibration-fraction", "0")
+    _assert_clean_error(proc, "calibration_fraction must be in (0, 1)")
+
+
 def test_inspect(trained, capsys):
     out, _ = trained
     proc = hjmodel("inspect", str(out))

@@ -320,3 +320,33 @@ def test_too_few_calibration_rows_for_a_tolerance_are_refused_with_the_rows_need
     assert report.metrics["ood_false_flag_rate_95"] == pytest.approx([lo, hi])
     rate = model_spec(model)["calibration"]["false_flag_rate"]
     assert (rate["low"], rate["high"], rate["level"]) == pytest.approx((lo, hi, 0.95))
+
+
+def test_a_tolerance_is_checked_before_training_and_met_with_the_fraction_it_names(monkeypatch):
+    """The refusal comes before any training time is spent, names the calibration fraction that
+    would hold the tolerance on this dataset, and training with that fraction holds it."""
+    import importlib
+    import re
+
+    from hjmodel.errors import DataError
+    from hjmodel.train import false_flag_interval
+
+    training = importlib.import_module("hjmodel.train")      # the module (hjmodel.train is also the function)
+
+    data = load_dataset("digits")
+    cfg = TrainConfig(kind="lse", pieces=2, epochs=1, progress=False, seed=0, alpha_tolerance=0.015)
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("training started before the calibration split was checked")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(training, "_fit_preprocess", no_training)
+        with pytest.raises(ValueError, match=r"--calibration-fraction, >= 0\.\d\d of these 1797 rows") as refused:
+            train(data, cfg)
+    fraction = float(re.search(r">= (0\.\d\d) of these", str(refused.value)).group(1))
+    model, report = train(data, replace(cfg, calibration_fraction=fraction))
+    _, lo, hi = false_flag_interval(0.05, model.reference.combined.numel())
+    assert 0.05 - 0.015 <= lo and hi <= 0.05 + 0.015
+    assert report.metrics["ood_false_flag_rate_95"] == pytest.approx([lo, hi])
+    with pytest.raises(DataError, match="calibration_fraction must be in"):
+        train(data, replace(cfg, calibration_fraction=1.2))
