@@ -480,19 +480,23 @@ class HJModel(nn.Module):
 
     @torch.no_grad()
     def evaluate(self, x: Tensor, tau: float | Tensor = 0.1, top_k: int = TOP_K_MAX,
-                 outputs: tuple[str, ...] | None = None) -> Evaluation:
+                 outputs: tuple[str, ...] | None = None, *, rows_by_group: bool = True) -> Evaluation:
         """The served outputs of DESIGN section 3, in float64, for raw inputs x: (n, d).
 
         ``tau``: the regression tolerance, one value or one per row ((n,) or (n, 1)). ``outputs``:
         the contract names wanted (None: every one); only the work they need is done, so
         ``outputs=()`` is the forward trace alone. Names follow :mod:`hjmodel.serving`; certificates
-        and saliency are in raw input space. Returns an :class:`Evaluation`."""
+        and saliency are in raw input space. ``rows_by_group``: a head whose class groups are not one
+        block each (memory) forms its pre-activations by group from its rows by group (False: by a
+        gather of a, for a caller that forms a anyway -- an exported graph then holds one copy of the
+        rows). Returns an :class:`Evaluation`."""
         x = torch.as_tensor(x).to(torch.float64)
         n = x.shape[0]
         tau_t = _per_row(tau, n, x.device)                                      # (n,)
         blocks = self.row_blocks(n)
         if len(blocks) > 1:
-            return Evaluation.concat([self.evaluate(x[r], tau_t[r], top_k, outputs) for r in blocks])
+            return Evaluation.concat([self.evaluate(x[r], tau_t[r], top_k, outputs, rows_by_group=rows_by_group)
+                                      for r in blocks])
         wanted = set(output_names(self.task) if outputs is None else outputs)
         head, eps = self.head, self.head.eps
         h, gibbs_body, a, first, layers = self._trace(x)             # a: (n, N)
@@ -508,9 +512,11 @@ class HJModel(nn.Module):
         if head.groups is not None:
             # groups that are not one block each (a memory head's classes): the pre-activations by
             # group come from the rows by group (one product, as cheap as a's), not from a gather of a
-            a_g = None if head.groups.contiguous else F.preactivations(
+            a_g = None if head.groups.contiguous or not rows_by_group else F.preactivations(
                 h, *(t.to(h.device) for t in self._head_by_group)).view(n, *head.groups.shape)
             grouped = head.grouped(a, a_g)
+            if a_g is not None:
+                a = head.groups.spread(a_g)          # the trace's a, consistent with the decision's a_g
         by_group = None        # a memory head's Gibbs weights in the groups' layout, when it has one
         if head.mode == "groups":
             s = grouped[1]                                           # (n, K)
@@ -905,7 +911,7 @@ class HJModel(nn.Module):
           moves an output by more than tau)."""
         x = torch.as_tensor(x).to(torch.float64)
         tau_t = _per_row(tau, x.shape[0], x.device)
-        ev = self.evaluate(x, tau=tau_t, outputs=("prediction",))
+        ev = self.evaluate(x, tau=tau_t, outputs=("prediction",), rows_by_group=False)   # a is read below
         head, eps, t = self.head, self.head.eps, self.head.t
         c, a, h = ev.decision, ev.a, ev.h
         keep = head.mask[c] if head.mode == "groups" else torch.ones_like(a, dtype=torch.bool)
