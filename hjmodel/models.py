@@ -340,18 +340,19 @@ class HJModel(nn.Module):
         head's pre-activations a (n, N)."""
         return self._trace(x)[:3]
 
-    def _trace(self, x: Tensor) -> tuple[Tensor, list[Tensor], Tensor, Tensor, list[tuple[Tensor, Tensor]]]:
+    def _trace(self, x: Tensor, head: bool = True) -> tuple[Tensor, list[Tensor], Tensor, Tensor, list[tuple[Tensor, Tensor]]]:
         """:meth:`trace`, plus the first linear map's pre-activations (the first body layer's, or a
         when there is no body), which the interval bounds start from, and every body layer's
         (pre-activations, outputs), which the linearised-body radius starts from. Each body layer's
-        pre-activations are formed once; its outputs and Gibbs weights come from one group LSE."""
+        pre-activations are formed once; its outputs and Gibbs weights come from one group LSE.
+        ``head`` False: the head's pre-activations are left to the caller (a is None)."""
         h, gibbs_body, layers = self.preprocess(x), [], []
         for layer in self.body:
             pre = F.preactivations(h, layer.W.to(h.dtype), layer.b.to(h.dtype))
             h, pi = F.grouped_lse_gibbs(pre, layer.groups, layer.eps)
             gibbs_body.append(pi)
             layers.append((pre, h))
-        a = self.head.preactivations(h)
+        a = self.head.preactivations(h) if head else None
         return h, gibbs_body, a, layers[0][0] if layers else a, layers
 
     def refresh(self) -> None:
@@ -499,7 +500,10 @@ class HJModel(nn.Module):
                                       for r in blocks])
         wanted = set(output_names(self.task) if outputs is None else outputs)
         head, eps = self.head, self.head.eps
-        h, gibbs_body, a, first, layers = self._trace(x)             # a: (n, N)
+        # a head whose class groups are not one block each (memory): its pre-activations by group
+        # come from the rows by group (one product, as cheap as a's), not from a gather of a
+        by_rows = rows_by_group and head.groups is not None and not head.groups.contiguous
+        h, gibbs_body, a, first, layers = self._trace(x, head=not by_rows)    # a: (n, N)
         J = self._body_jacobian(gibbs_body) if wanted & {"certified_radius", "saliency"} else None
         N = int(head.W.shape[0])                                    # a constant of an exported graph
         k = min(top_k, N)
@@ -510,13 +514,12 @@ class HJModel(nn.Module):
         # outputs, the log-probabilities and the certificate
         grouped = None
         if head.groups is not None:
-            # groups that are not one block each (a memory head's classes): the pre-activations by
-            # group come from the rows by group (one product, as cheap as a's), not from a gather of a
-            a_g = None if head.groups.contiguous or not rows_by_group else F.preactivations(
+            a_g = None if not by_rows else F.preactivations(
                 h, *(t.to(h.device) for t in self._head_by_group)).view(n, *head.groups.shape)
             grouped = head.grouped(a, a_g)
-            if a_g is not None:
+            if by_rows:
                 a = head.groups.spread(a_g)          # the trace's a, consistent with the decision's a_g
+                first = first if self.body else a
         by_group = None        # a memory head's Gibbs weights in the groups' layout, when it has one
         if head.mode == "groups":
             s = grouped[1]                                           # (n, K)
