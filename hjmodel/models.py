@@ -676,6 +676,11 @@ class HJModel(nn.Module):
         # row c of V^T (a constant of the graph): one gather of contiguous rows, no (N, n) transpose
         v = head.V.T.index_select(0, c)                                  # (n, N)
         vbar = yhat.gather(1, c.unsqueeze(-1))                           # sum_j pi_j V_jc
+        if head.groups is not None:
+            # one-hot labels: v_j - p_c is 1 - p_c = sum_{k != c} p_k (summed, not subtracted: it stays
+            # accurate where the model is sure, and 1 - p_c would round to 0) or -p_c
+            rest = yhat.scatter(1, c.unsqueeze(-1), 0.0).sum(-1, keepdim=True)
+            return ((pi * torch.where(v > 0.5, rest, -vbar)) @ head.W) / head.eps
         return ((pi * (v - vbar)) @ head.W) / head.eps
 
     def _label_sensitivity(self, w: Tensor, index: Tensor, yhat: Tensor) -> Tensor:

@@ -21,7 +21,8 @@ from .errors import CalibrationError, DataError
 from .models import GibbsHead, HJModel, LSEGroupLayer, OODReference, Preprocess
 from .serving import KINDS
 
-__all__ = ["TrainConfig", "TrainReport", "calibrate", "conformal_rows_needed", "false_flag_interval", "train"]
+__all__ = ["TrainConfig", "TrainReport", "calibrate", "check_tolerance", "conformal_rows_needed",
+           "false_flag_interval", "train"]
 
 
 @dataclass
@@ -151,7 +152,7 @@ def train(data: Dataset, cfg: TrainConfig | None = None) -> tuple[HJModel, Train
     tr, ca, te = _split(len(X_all), cfg, rng)
     # the gate's requirements on the calibration split, before any training time is spent on it
     _check_alpha(cfg.alpha, len(ca))
-    _check_tolerance(cfg.alpha, cfg.alpha_tolerance, len(ca), total=len(X_all))
+    check_tolerance(cfg.alpha, cfg.alpha_tolerance, len(ca), total=len(X_all))
     pre = _fit_preprocess(X_all[tr], cfg)
     X = torch.as_tensor(X_all, dtype=torch.float64)
     Z = pre(X)
@@ -351,7 +352,7 @@ def calibrate(model: HJModel, X_train: torch.Tensor, X_cal: torch.Tensor, cfg: T
     the calibration rows can produce: such a gate could never fire."""
     n_cal = int(X_cal.shape[0])
     _check_alpha(cfg.alpha, n_cal)
-    _check_tolerance(cfg.alpha, cfg.alpha_tolerance, n_cal)
+    check_tolerance(cfg.alpha, cfg.alpha_tolerance, n_cal)
     gen = torch.Generator().manual_seed(cfg.seed + 1)
     with torch.no_grad():
         H_tr, classes = _features_and_classes(model, X_train)
@@ -435,7 +436,7 @@ def conformal_rows_needed(alpha: float, tolerance: float, level: float = FALSE_F
     return None if bad[-1] + 1 >= limit else int(n[bad[-1] + 1])
 
 
-def _check_tolerance(alpha: float, tolerance: float | None, n: int, total: int | None = None) -> None:
+def check_tolerance(alpha: float, tolerance: float | None, n: int, total: int | None = None) -> None:
     """Refuse ``n`` conformal rows too few for one deployment's false-flag rate to lie within alpha
     +- ``tolerance`` (None: no requirement); ``total``: the rows training splits (the message then
     names the calibration fraction that would do)."""

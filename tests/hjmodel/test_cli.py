@@ -76,7 +76,8 @@ def test_train_takes_a_calibration_fraction_and_notes_a_wide_false_flag_interval
     assert proc.returncode == 0, proc.stderr
     spec = _strict(hjmodel("inspect", str(out)).stdout)
     assert spec["provenance"]["n_calibration"] == 36
-    assert "note: with 36 calibration rows" in proc.stderr and "takes 902 rows" in proc.stderr
+    assert "note: with 36 conformal calibration rows" in proc.stderr
+    assert "at least 902 conformal rows" in proc.stderr and "--alpha-tolerance refuses" in proc.stderr
     proc = hjmodel("train", str(tiny_csv), "--out", str(tmp_path / "r" / "1"), "--epochs", "5", "--quiet",
                    "--alpha-tolerance", "0.015")
     _assert_clean_error(proc, "at least 902 conformal rows")
