@@ -1,23 +1,30 @@
 """Dynamic batching per model version.
 
-Requests queue in a bounded FIFO; a worker task takes the first request, waits at most
-``max_queue_delay`` for more rows, up to ``max_batch_size`` rows, and runs the backend in its own
-thread so the event loop stays free. Requests with different ``tau`` share a batch: tau is a batched
-input of the graph (one value per row).
+Each model version has one backend thread, and that thread is the batcher: requests are put on a
+FIFO queue from the event loop; the thread takes the first, waits at most ``max_queue_delay`` for
+more rows, up to ``max_batch_size`` rows, runs the backend, and hands the batch's results back to
+the event loop in one callback, which splits them to their requests. The event loop never waits for
+a graph, and a request costs one hand-off to the thread and one back (the thread blocks on the
+queue itself: no batching task on the loop, no executor between them). Requests with different
+``tau`` share a batch: tau is a batched input of the graph (one value per row). Requests that name
+an explanation output carry their integrated-gradients baseline: the explanation graph runs on their
+rows in the same turn of the thread, right after the batch, so explanations batch across requests
+like everything else.
+
 A full queue rejects at once (:class:`~service.errors.Overloaded`, sent as 503 + ``Retry-After``);
-a request that waits longer than its timeout fails with :class:`~service.errors.RequestTimeout`.
-Every request ends with a result or an error: nothing hangs and nothing is dropped silently.
+a request that waits longer than its timeout fails with :class:`~service.errors.RequestTimeout`, and
+if it has not started by then it never runs. Every request ends with a result or an error: nothing
+hangs and nothing is dropped silently.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
+import queue
+import threading
 import time
-from collections import deque
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -50,12 +57,18 @@ class _Job:
     rows: np.ndarray
     tau: float
     future: asyncio.Future
+    baseline: np.ndarray | None = None   # (d,) float32: the rows also go through the explanation graph
     enqueued: float = field(default_factory=time.perf_counter)
 
 
+#: Put on the queue by :meth:`DynamicBatcher.close` after the last request: the thread finishes
+#: every request before it, then exits.
+_STOP = object()
+
+
 class DynamicBatcher:
-    """Batches requests for one backend. ``on_batch(rows, compute_s)`` and ``on_queue(size)`` feed
-    metrics."""
+    """Batches requests for one backend on the backend's own thread. ``on_batch(rows, compute_s)``
+    and ``on_queue(size)`` feed metrics (called on the event loop)."""
 
     def __init__(self, backend: Backend, *, max_batch_size: int, max_queue_delay_s: float,
                  max_queue_size: int, retry_after_s: int = 1, name: str = "model",
@@ -66,30 +79,30 @@ class DynamicBatcher:
         self.max_queue_delay_s = max_queue_delay_s
         self.max_queue_size = max_queue_size
         self.retry_after_s = retry_after_s
+        self.name = name
         self._on_batch = on_batch or (lambda rows, seconds: None)
         self._on_queue = on_queue or (lambda size: None)
-        self._pending: deque[_Job] = deque()
-        self._wakeup: asyncio.Event | None = None
-        self._worker: asyncio.Task | None = None
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._carry: object | None = None   # the thread's: a job taken that did not fit its batch, or _STOP
+        self._thread: threading.Thread | None = None
+        self._stopped: asyncio.Future | None = None
         self._closing = False
-        # the backend's thread flushes subnormals (hjmodel.serving.open_session says why and why
-        # no certificate loosens); onnxruntime sets it only on the thread that opens a session
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"hjserve-{name}",
-                                            initializer=serving.flush_subnormals)
 
     @property
     def queue_size(self) -> int:
         """Requests waiting (not yet in a running batch)."""
-        return len(self._pending)
+        return self._queue.qsize() + (isinstance(self._carry, _Job))
 
-    async def infer(self, rows: np.ndarray, tau: float, *, timeout_s: float,
-                    wait_for_room: bool = False) -> BatchResult:
+    async def infer(self, rows: np.ndarray, tau: float, *, timeout_s: float, wait_for_room: bool = False,
+                    baseline: np.ndarray | None = None) -> BatchResult:
         """Run ``rows`` (float32 (n, d), n <= max_batch_size) through the batcher.
 
         With ``wait_for_room`` a full queue makes the caller wait (batch jobs) instead of failing.
+        With ``baseline`` ((d,) float32) the result also holds the explanation outputs of ``rows``
+        (``Backend.explain`` from that baseline), computed in the same turn of the backend's thread.
         """
         deadline = time.monotonic() + timeout_s
-        while len(self._pending) >= self.max_queue_size and not self._closing:
+        while self.queue_size >= self.max_queue_size and not self._closing:
             if not wait_for_room:
                 raise Overloaded(f"queue full ({self.max_queue_size} requests waiting); retry later",
                                  retry_after_s=self.retry_after_s)
@@ -99,108 +112,157 @@ class DynamicBatcher:
         if self._closing:
             raise BatcherClosed()
         loop = asyncio.get_running_loop()
-        if self._worker is None:
-            self._wakeup = asyncio.Event()
-            self._worker = loop.create_task(self._run(), name="hjserve-batcher")
-        job = _Job(rows, float(tau), loop.create_future())
-        self._pending.append(job)
-        self._on_queue(len(self._pending))
-        self._wakeup.set()
+        if self._thread is None:
+            self._start(loop)
+        job = _Job(rows, float(tau), loop.create_future(), baseline)
+        self._queue.put(job)
+        self._on_queue(self.queue_size)
+        timer = loop.call_later(max(0.0, deadline - time.monotonic()), _expire, job.future, timeout_s)
         try:
-            done, _ = await asyncio.wait({job.future}, timeout=max(0.0, deadline - time.monotonic()))
-        except asyncio.CancelledError:
-            job.future.cancel()
-            raise
-        if not done:
-            job.future.cancel()
-            raise RequestTimeout(f"no result within the request timeout of {timeout_s:g} s")
-        return job.future.result()
-
-    async def run_exclusive(self, fn, *args):
-        """``fn(*args)`` on the backend's thread, between batches (the explanation graph: a per-request
-        computation that must not run beside a batch on the same backend)."""
-        if self._closing:
-            raise BatcherClosed()
-        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+            return await job.future   # a cancelled caller cancels the job: the thread skips it
+        finally:
+            timer.cancel()
 
     async def close(self) -> None:
         """Stop taking requests, finish the queued ones, then release the backend."""
         self._closing = True
-        if self._worker is not None:
-            self._wakeup.set()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._worker
-        self._executor.shutdown(wait=False)
+        if self._thread is not None:
+            self._queue.put(_STOP)
+            await self._stopped
         self.backend.close()
 
-    # -- worker -----------------------------------------------------------------------------------
+    # -- the backend's thread ---------------------------------------------------------------------
 
-    def _take_batch(self) -> list[_Job]:
-        """Pop the jobs of the next batch: FIFO, at most max_batch_size rows (a first job may be
-        that large alone)."""
+    def _start(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._stopped = loop.create_future()
+        self._thread = threading.Thread(target=self._serve, args=(loop,), name=f"hjserve-{self.name}",
+                                        daemon=True)
+        self._thread.start()
+
+    def _serve(self, loop: asyncio.AbstractEventLoop) -> None:
+        """The thread: batches until :data:`_STOP`. It flushes subnormals first
+        (:func:`hjmodel.serving.open_session` says why and why no certificate loosens; onnxruntime
+        sets the mode only on the thread that opens a session)."""
+        serving.flush_subnormals()
+        try:
+            while (batch := self._take()) is not None:
+                if batch:
+                    self._run(loop, batch)
+        except RuntimeError:   # the event loop closed under the thread (a process exiting)
+            return
+        finally:
+            if not loop.is_closed():
+                loop.call_soon_threadsafe(_settle, self._stopped)
+
+    def _take(self) -> list[_Job] | None:
+        """The jobs of the next batch, FIFO, at most ``max_batch_size`` rows (a first job may be that
+        large alone), waiting at most ``max_queue_delay_s`` after the first for more; jobs already
+        done (timed out or cancelled) are dropped. None once :data:`_STOP` is reached."""
         batch: list[_Job] = []
-        rows = 0
-        while self._pending:
-            job = self._pending[0]
-            if job.future.done():   # timed out or cancelled while waiting
-                self._pending.popleft()
+        rows, deadline = 0, 0.0
+        while True:
+            if self._carry is not None:
+                job, self._carry = self._carry, None
+            elif not batch:
+                job = self._queue.get()
+            else:
+                try:
+                    remaining = deadline - time.perf_counter()
+                    job = self._queue.get(timeout=remaining) if remaining > 0 else self._queue.get_nowait()
+                except queue.Empty:
+                    return batch
+            if job is _STOP:
+                if not batch:
+                    return None
+                self._carry = _STOP
+                return batch
+            if job.future.done():
                 continue
             if batch and rows + len(job.rows) > self.max_batch_size:
-                break
-            batch.append(self._pending.popleft())
-            rows += len(job.rows)
-        return batch
-
-    def _ready_rows(self) -> int:
-        return sum(len(j.rows) for j in self._pending if not j.future.done())
-
-    async def _run(self) -> None:
-        loop = asyncio.get_running_loop()
-        while True:
-            while not self._pending:
-                if self._closing:
-                    return
-                self._wakeup.clear()
-                await self._wakeup.wait()
-            first = self._pending[0].enqueued
-            while (not self._closing and self._ready_rows() < self.max_batch_size
-                   and (remaining := first + self.max_queue_delay_s - time.perf_counter()) > 0):
-                self._wakeup.clear()
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wakeup.wait(), remaining)
-            batch = self._take_batch()
-            self._on_queue(len(self._pending))
+                self._carry = job
+                return batch
             if not batch:
-                continue
-            await self._execute(loop, batch)
+                deadline = job.enqueued + self.max_queue_delay_s
+            batch.append(job)
+            rows += len(job.rows)
+            if rows >= self.max_batch_size:
+                return batch
 
-    async def _execute(self, loop: asyncio.AbstractEventLoop, batch: list[_Job]) -> None:
+    def _run(self, loop: asyncio.AbstractEventLoop, batch: list[_Job]) -> None:
         start = time.perf_counter()
-        rows = batch[0].rows if len(batch) == 1 else np.concatenate([j.rows for j in batch])
-        tau = np.concatenate([np.full(len(j.rows), j.tau) for j in batch])
         try:
-            outputs = await loop.run_in_executor(self._executor, self.backend.infer, rows, tau)
-            n = len(rows)
-            for name, value in outputs.items():
-                if np.ndim(value) == 0 or len(value) != n:
-                    raise BackendError(
-                        f"output '{name}' has shape {list(np.shape(value))}, expected {n} rows")
+            rows = batch[0].rows if len(batch) == 1 else np.concatenate([j.rows for j in batch])
+            tau = np.concatenate([np.full(len(j.rows), j.tau) for j in batch])
+            result: tuple | HJServeError = self._compute(batch, rows, tau)
         except HJServeError as exc:
-            error: HJServeError = exc
-        except Exception as exc:  # a backend must not raise anything else; never kill the worker
+            result = exc
+        except Exception as exc:  # a backend must not raise anything else; never kill the thread
             log.exception("backend failed")
-            error = InternalError(f"inference failed: {type(exc).__name__}: {exc}")
+            result = InternalError(f"inference failed: {type(exc).__name__}: {exc}")
+        loop.call_soon_threadsafe(self._deliver, batch, result, start, time.perf_counter() - start)
+
+    def _compute(self, batch: list[_Job], rows: np.ndarray,
+                 tau: np.ndarray) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+        """On the backend's thread: the batch through ``backend.infer``, then the rows of the jobs
+        that carry a baseline through ``backend.explain`` (at most ``max_batch_size`` rows a call:
+        its memory grows with the rows, as integrated gradients evaluate each at a whole path of
+        points). -> (the batch's outputs, the explanation outputs: one row per explained row, in job
+        order)."""
+        outputs = self.backend.infer(rows, tau)
+        _check_rows(outputs, len(rows))
+        explained = [(offset, job) for offset, job in zip(_offsets(batch), batch) if job.baseline is not None]
+        if not explained:
+            return outputs, {}
+        if len(explained) == len(batch):
+            x, t = rows, tau
         else:
-            compute = time.perf_counter() - start
-            self._on_batch(n, compute)
-            offset = 0
+            x = np.concatenate([rows[o:o + len(j.rows)] for o, j in explained])
+            t = np.concatenate([tau[o:o + len(j.rows)] for o, j in explained])
+        base = np.concatenate([np.broadcast_to(j.baseline, j.rows.shape) for _, j in explained])
+        size = self.max_batch_size
+        parts = [self.backend.explain(x[i:i + size], t[i:i + size], base[i:i + size]) for i in range(0, len(x), size)]
+        extra = parts[0] if len(parts) == 1 else {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+        _check_rows(extra, len(x))
+        return outputs, extra
+
+    def _deliver(self, batch: list[_Job], result: tuple | HJServeError, start: float, compute: float) -> None:
+        """On the event loop: each job's slice of the batch's outputs (or the batch's error)."""
+        self._on_queue(self.queue_size)
+        if isinstance(result, HJServeError):
             for job in batch:
-                k = len(job.rows)
                 if not job.future.done():
-                    part = {name: value[offset:offset + k] for name, value in outputs.items()}
-                    job.future.set_result(BatchResult(part, start - job.enqueued, compute, n))
-                offset += k
+                    job.future.set_exception(result)
             return
-        for job in batch:
+        batched, explained = result
+        n = sum(len(j.rows) for j in batch)
+        self._on_batch(n, compute)
+        done = 0   # explained rows before this job
+        for offset, job in zip(_offsets(batch), batch):
+            k = len(job.rows)
+            part = {name: value[offset:offset + k] for name, value in batched.items()}
+            if job.baseline is not None:
+                part.update({name: value[done:done + k] for name, value in explained.items()})
+                done += k
             if not job.future.done():
-                job.future.set_exception(error)
+                job.future.set_result(BatchResult(part, start - job.enqueued, compute, n))
+
+
+def _expire(future: asyncio.Future, timeout_s: float) -> None:
+    if not future.done():
+        future.set_exception(RequestTimeout(f"no result within the request timeout of {timeout_s:g} s"))
+
+
+def _settle(future: asyncio.Future) -> None:
+    if not future.done():
+        future.set_result(None)
+
+
+def _offsets(batch: list[_Job]) -> list[int]:
+    """Each job's first row in the batch."""
+    return np.cumsum([0] + [len(j.rows) for j in batch[:-1]]).tolist()
+
+
+def _check_rows(outputs: dict[str, np.ndarray], n: int) -> None:
+    for name, value in outputs.items():
+        if np.ndim(value) == 0 or len(value) != n:
+            raise BackendError(f"output '{name}' has shape {list(np.shape(value))}, expected {n} rows")

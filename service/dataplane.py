@@ -38,7 +38,6 @@ from service.errors import (
     ModelLoadFailed,
     ModelNotReady,
     Overloaded,
-    RequestTimeout,
     UnknownInput,
     UnknownOutput,
     lookup,
@@ -466,20 +465,16 @@ class DataPlane:
         """Rows through the serving version: resolve the version, resolve options and validate rows
         against *that* version (``prepare``), send the rows through its batcher in
         ``max_batch_size`` chunks (``whole``: as one job -- a batch job's chunk, whose size the job
-        bounds, runs as one graph call), record every computed row's diagnostics in the metrics. A
-        version swapped mid-request (its batcher closed) is retried on the new load."""
+        bounds, runs as one graph call), with the request's baseline when it names an explanation
+        output (the batcher then runs the explanation graph on its rows in the same backend call),
+        record every computed row's diagnostics in the metrics. A version swapped mid-request (its
+        batcher closed) is retried on the new load."""
         for _ in range(3):
             mv = self.repository.get(name, version)
             options, rows = prepare(mv)
             try:
                 outputs, queue_s, compute_s = await self._batches(mv, rows, options, wait_for_room,
                                                                   len(rows) if whole else None)
-                if options.explains:   # the explanation graph, only for requests that name its outputs
-                    started = time.perf_counter()
-                    with tracing.span("explain"):
-                        extra = await self._explain(mv, rows, options)
-                    outputs = {**outputs, **extra}
-                    compute_s += time.perf_counter() - started
             except BatcherClosed:
                 continue
             if tracing.enabled():   # the batch's measured times, as this request's queue / compute spans
@@ -490,29 +485,14 @@ class DataPlane:
             return Prediction(mv, options, outputs, queue_s, compute_s, len(rows))
         raise ModelNotReady(f"model '{name}' was swapped repeatedly during the request; retry")
 
-    async def _explain(self, mv: ModelVersion, rows: np.ndarray, options: InferOptions) -> dict[str, np.ndarray]:
-        """The explanation graph on ``rows``, ``max_batch_size`` rows at a time on the backend's thread
-        (its memory grows with the rows: integrated gradients evaluate every row at a whole path of
-        points), within the request's timeout."""
-        size = self.settings.max_batch_size
-        deadline = time.monotonic() + options.timeout_s
-        parts = []
-        for i in range(0, len(rows), size):
-            if time.monotonic() > deadline:
-                raise RequestTimeout(f"the explanation did not finish within the request timeout of "
-                                     f"{options.timeout_s:g} s ({i} of {len(rows)} rows done)")
-            chunk = rows[i:i + size]
-            parts.append(await mv.batcher.run_exclusive(mv.backend.explain, chunk, np.full(len(chunk), options.tau),
-                                                        np.broadcast_to(options.baseline, chunk.shape)))
-        return parts[0] if len(parts) == 1 else {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
-
     async def _batches(self, mv: ModelVersion, rows: np.ndarray, options: InferOptions,
                        wait_for_room: bool, size: int | None = None) -> tuple[dict[str, np.ndarray], float, float]:
         size = size or self.settings.max_batch_size
         chunks = [rows[i:i + size] for i in range(0, len(rows), size)]
         # the queue limit admits a request by its first chunk; its later chunks wait for room (a
         # request larger than the queue would otherwise never run)
-        coros = [mv.batcher.infer(c, options.tau, timeout_s=options.timeout_s, wait_for_room=wait_for_room or i > 0)
+        coros = [mv.batcher.infer(c, options.tau, timeout_s=options.timeout_s, wait_for_room=wait_for_room or i > 0,
+                                  baseline=options.baseline)
                  for i, c in enumerate(chunks)]
         if len(coros) == 1:
             results = [await coros[0]]

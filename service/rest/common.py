@@ -68,11 +68,11 @@ def presented_key(request: Request) -> str | None:
     return key_from(request.headers.get("authorization"), request.headers.get("x-api-key"))
 
 
-async def require_api_key(request: Request) -> None:
+def require_api_key(request: Request) -> None:
     """Inference and model routes: :func:`service.auth.check_api_key`."""
     check_api_key(settings_of(request), presented_key(request))
 
 
-async def require_admin(request: Request) -> None:
+def require_admin(request: Request) -> None:
     """Repository routes (index, load, unload): :func:`service.auth.check_admin`."""
     check_admin(settings_of(request), presented_key(request))

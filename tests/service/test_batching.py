@@ -178,11 +178,90 @@ def test_the_backend_thread_flushes_subnormals():
     product = np.float64(1e-300) * np.float64(1e-10)
     assert product == 1e-310                        # a subnormal, kept here
 
+    class Tiny(FakeBackend):
+        def infer(self, input, tau):
+            return {"product": np.full(len(input), np.float64(1e-300) * np.float64(1e-10))}
+
     async def main():
-        batcher = _batcher(FakeBackend())
+        batcher = _batcher(Tiny())
         try:
-            return await batcher.run_exclusive(lambda: np.float64(1e-300) * np.float64(1e-10))
+            return await batcher.infer(_rows(1), 0.1, timeout_s=5)
         finally:
             await batcher.close()
 
-    assert asyncio.run(main()) == 0.0
+    assert asyncio.run(main()).outputs["product"][0] == 0.0
+
+
+class ExplainingBackend(FakeBackend):
+    """FakeBackend with an explanation graph: ``gap = input - baseline`` and each row's tau; records
+    the rows of every explanation call and the thread of every call."""
+
+    def __init__(self, explain_rows: int | None = None, **kw):
+        super().__init__(**kw)
+        self.explained: list[int] = []
+        self.threads: set[int] = set()
+        self.explain_rows = explain_rows   # rows to return instead of the rows given (a broken backend)
+
+    def infer(self, input, tau):
+        self.threads.add(threading.get_ident())
+        return super().infer(input, tau)
+
+    def explain(self, input, tau, baseline):
+        self.threads.add(threading.get_ident())
+        self.explained.append(len(input))
+        n = len(input) if self.explain_rows is None else self.explain_rows
+        return {"gap": (input - baseline)[:n], "explain_tau": np.asarray(tau)[:n]}
+
+
+def test_explanations_run_with_their_batch_and_split_back_to_their_requests():
+    """Jobs with a baseline get the explanation outputs of exactly their rows (from their own
+    baseline and tau), computed in the same batch as jobs without one, which get none."""
+    backend = ExplainingBackend()
+
+    async def main():
+        b = _batcher(backend, max_queue_delay_s=0.05)
+        jobs = [b.infer(_rows(2, 10 * i), 0.1 * (i + 1), timeout_s=5,
+                        baseline=None if i % 2 else np.full(2, float(i), np.float32)) for i in range(4)]
+        results = await asyncio.gather(*jobs)
+        await b.close()
+        return results
+
+    results = asyncio.run(main())
+    assert backend.batches == [(8, (0.1, 0.2, 0.30000000000000004, 0.4))]   # one batch, all four jobs
+    assert backend.explained == [4]                                        # one explanation call: jobs 0 and 2
+    for i, r in enumerate(results):
+        np.testing.assert_array_equal(r.outputs["double"], _rows(2, 10 * i) * 2)
+        if i % 2:
+            assert "gap" not in r.outputs and "explain_tau" not in r.outputs
+        else:
+            np.testing.assert_array_equal(r.outputs["gap"], _rows(2, 10 * i) - i)
+            np.testing.assert_allclose(r.outputs["explain_tau"], [0.1 * (i + 1)] * 2)
+    assert len(backend.threads) == 1 and threading.get_ident() not in backend.threads
+
+
+def test_explanations_run_at_most_max_batch_size_rows_a_call():
+    """A job larger than max_batch_size (a batch job's chunk runs whole) is explained in
+    max_batch_size-row calls: the explanation graph's memory grows with its rows."""
+    backend = ExplainingBackend()
+
+    async def main():
+        b = _batcher(backend, max_batch_size=4, max_queue_delay_s=0)
+        result = await b.infer(_rows(10), 0.5, timeout_s=5, baseline=np.zeros(2, np.float32))
+        await b.close()
+        return result
+
+    result = asyncio.run(main())
+    assert backend.batches == [(10, (0.5,))] and backend.explained == [4, 4, 2]
+    np.testing.assert_array_equal(result.outputs["gap"], _rows(10))
+
+
+def test_an_explanation_with_the_wrong_rows_is_a_backend_error():
+    async def main():
+        b = _batcher(ExplainingBackend(explain_rows=1), max_queue_delay_s=0)
+        try:
+            await b.infer(_rows(3), 0.5, timeout_s=5, baseline=np.zeros(2, np.float32))
+        finally:
+            await b.close()
+
+    with pytest.raises(BackendError, match=r"output 'gap' has shape \[1, 2\], expected 3 rows"):
+        asyncio.run(main())
