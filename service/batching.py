@@ -239,7 +239,7 @@ class DynamicBatcher:
         done = 0   # explained rows before this job
         for offset, job in zip(_offsets(batch), batch):
             k = len(job.rows)
-            part = {name: value[offset:offset + k] for name, value in batched.items()}
+            part = batched if k == n else {name: value[offset:offset + k] for name, value in batched.items()}
             if job.baseline is not None:
                 part.update({name: value[done:done + k] for name, value in explained.items()})
                 done += k
@@ -259,7 +259,11 @@ def _settle(future: asyncio.Future) -> None:
 
 def _offsets(batch: list[_Job]) -> list[int]:
     """Each job's first row in the batch."""
-    return np.cumsum([0] + [len(j.rows) for j in batch[:-1]]).tolist()
+    offsets, row = [], 0
+    for job in batch:
+        offsets.append(row)
+        row += len(job.rows)
+    return offsets
 
 
 def _check_rows(outputs: dict[str, np.ndarray], n: int) -> None:

@@ -8,6 +8,7 @@ asked for those outputs (the graph computes them anyway).
 from __future__ import annotations
 
 import math
+from collections import Counter as Tally
 from collections.abc import Sequence
 
 import numpy as np
@@ -151,15 +152,13 @@ class VersionMetrics:
         flag = outputs.get("ood_flag")
         if flag is not None:
             flagged = np.asarray(flag, dtype=bool).ravel()
-            component = outputs.get("ood_component")
-            if component is None:
-                comp = np.zeros_like(flagged, dtype=np.int64)
-            else:
-                comp = np.asarray(component).ravel()
-            for i, counter in enumerate(self.ood):
-                count = int(np.count_nonzero(flagged & (comp == i)))
-                if count:
-                    counter.inc(count)
+            if flagged.any():   # most traffic flags nothing: one check, not one count per component
+                component = outputs.get("ood_component")
+                comp = [0] * int(flagged.sum()) if component is None else np.asarray(component).ravel()[flagged].tolist()
+                for i, counter in enumerate(self.ood):
+                    count = comp.count(i)
+                    if count:
+                        counter.inc(count)
         hall = outputs.get("hallucination_flag")
         if hall is not None:
             count = int(np.count_nonzero(hall))
@@ -170,11 +169,10 @@ class VersionMetrics:
             if key in outputs:
                 _observe(hist, outputs[key])
         if task == "classification" and self.classes and "prediction" in outputs:
-            pred = np.asarray(outputs["prediction"]).ravel().astype(np.int64)
-            valid = pred[(pred >= 0) & (pred < len(self.classes))]
-            for k, count in enumerate(np.bincount(valid, minlength=len(self.classes)).tolist()):
-                if count:
-                    self.classes[k].inc(count)
+            k = len(self.classes)
+            counts = Tally(c for c in np.asarray(outputs["prediction"]).ravel().tolist() if 0 <= c < k)
+            for c, count in counts.items():
+                self.classes[int(c)].inc(count)
 
 
 def render() -> tuple[bytes, str]:

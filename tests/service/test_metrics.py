@@ -14,14 +14,28 @@ def _value(metric, **labels) -> float:
 
 
 def test_record_rows_counts_flags_by_component_and_classes():
-    m = VersionMetrics("mtest", "1", ("a", "b"))
-    before = {c: _value(metrics.OOD_FLAGS, model="mtest", version="1", component=c) for c in metrics.OOD_COMPONENTS}
-    m.record_rows({"prediction": np.array([0, 1, 1]), "ood_flag": np.array([True, True, False]),
-                   "ood_component": np.array([0, 1, 1]), "hallucination_flag": np.array([True, False, False]),
-                   "certified_radius": np.array([0.1, 0.2, np.inf])}, "classification")
-    after = {c: _value(metrics.OOD_FLAGS, model="mtest", version="1", component=c) for c in metrics.OOD_COMPONENTS}
-    assert [after[c] - before[c] for c in metrics.OOD_COMPONENTS] == [1, 1]
-    assert _value(metrics.CLASS_PREDICTIONS, model="mtest", version="1", **{"class": "b"}) >= 2
+    m = VersionMetrics("mtest", "1", ("a", "b", "c"))
+    labels = {"model": "mtest", "version": "1"}
+
+    def snapshot():
+        return ([_value(metrics.OOD_FLAGS, **labels, component=c) for c in metrics.OOD_COMPONENTS],
+                [_value(metrics.CLASS_PREDICTIONS, **labels, **{"class": k}) for k in "abc"],
+                _value(metrics.HALLUCINATION_FLAGS, **labels), _value(metrics.PREDICTIONS, **labels))
+
+    def recorded(outputs):
+        before = snapshot()
+        m.record_rows(outputs, "classification")
+        after = snapshot()
+        return ([a - b for a, b in zip(after[0], before[0])], [a - b for a, b in zip(after[1], before[1])],
+                after[2] - before[2], after[3] - before[3])
+
+    assert recorded({"prediction": np.array([0, 1, 1, 7, -1]), "ood_flag": np.array([True, True, False, True, True]),
+                     "ood_component": np.array([0, 1, 1, 1, 5]),
+                     "hallucination_flag": np.array([True, False, False, True, False]),
+                     "certified_radius": np.array([0.1, 0.2, np.inf, 0.0, 0.3])}) == ([1, 2], [1, 2, 0], 2, 5)
+    # nothing flagged; no component output (every flag is the first component's)
+    assert recorded({"prediction": np.array([2]), "ood_flag": np.array([False])}) == ([0, 0], [0, 0, 1], 0, 1)
+    assert recorded({"prediction": np.array([2, 2]), "ood_flag": np.array([True, True])}) == ([2, 0], [0, 0, 2], 0, 2)
 
 
 def test_requests_are_counted_in_prometheus_and_triton_statistics_together():
