@@ -8,7 +8,10 @@ Servers (each a real process on loopback, onnxruntime with one thread, batch 1, 
   graph for ``prediction`` and ``probabilities``, encode), no parallel workers;
 * **KServe ModelServer 0.21.0**, the same runtime as a ``kserve.Model``, one worker;
 * **hjserve**, the same ``model.onnx`` (its repository holds only this model), asked for its four
-  default outputs and, separately, for every diagnostic;
+  default outputs; for every diagnostic of the serving graph (its 14 outputs: certificate, OOD,
+  attributions, saliency, ...); and for every output (``diagnostics: true``: the serving graph's and
+  the explanation graph's -- integrated gradients, the dominant neuron's HJ reading -- which the
+  server runs as a second graph);
 * **bare**: a uvicorn + Starlette endpoint that reads the body and returns hjserve's all-diagnostics
   reply as a constant (the HTTP floor on this machine).
 
@@ -43,6 +46,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.service_bench import closed_loop  # noqa: E402
+from hjmodel import serving  # noqa: E402
 from service.testing import free_port, run_server, stop_process  # noqa: E402
 
 OUT = ROOT / "bench" / "results" / "competitors.md"
@@ -164,7 +168,8 @@ def main() -> int:
     version = Path(args.model_dir).resolve()
     name = version.parent.name
     onnx_file = version / "model.onnx"
-    d = json.loads((version / "model.json").read_text())["n_features"]
+    spec = json.loads((version / "model.json").read_text())
+    d, task = spec["n_features"], spec["task"]
     ml_python = ensure_venv(ROOT / ".venv-mlserver", MLSERVER)
     ks_python = ensure_venv(ROOT / ".venv-kserve", KSERVE)
     row = np.abs(np.random.default_rng(0).standard_normal(d)).astype(np.float32).tolist()
@@ -172,6 +177,7 @@ def main() -> int:
     bodies = {
         "two": json.dumps({"inputs": inp, "outputs": [{"name": "prediction"}, {"name": "probabilities"}]}).encode(),
         "four": json.dumps({"inputs": inp}).encode(),     # hjserve's default outputs
+        "graph": json.dumps({"inputs": inp, "parameters": {"diagnostics": list(serving.output_names(task))}}).encode(),
         "all": json.dumps({"inputs": inp, "parameters": {"diagnostics": True}}).encode(),
     }
     path = f"/v2/models/{name}/infer"
@@ -216,6 +222,7 @@ def main() -> int:
         targets = {"MLServer 1.7.1 (prediction + probabilities)": (ml_url, "two"),
                    "KServe 0.21.0 (prediction + probabilities)": (ks_url, "two"),
                    "hjserve, four default outputs": (hj.url, "four"),
+                   "hjserve, every serving-graph diagnostic": (hj.url, "graph"),
                    "hjserve, all diagnostics": (hj.url, "all"),
                    "bare constant (hjserve's all-diagnostics reply)": (bare_url, "all")}
         for label, (url, body) in targets.items():   # every server answers the request it will be timed on
@@ -253,11 +260,11 @@ Errors over all requests: {errors}. Setup and method: the module docstring.
     for label in labels:
         L.append(f"| {label} | " + " | ".join(f"{med[(label, c)]['rps']:.0f} | {med[(label, c)]['p50_ms']:.2f}"
                                              for c in CONCURRENCY) + " |")
-    ml, ks, four, every, bare = labels
+    ml, ks, four, graph, every, bare = labels
     L += ["", "**Ratios of throughput** (goal of issue 14: hjserve with all diagnostics >= 1.5x MLServer and KServe "
           "returning predictions only, and >= 0.5x the bare endpoint)", "",
           "| ratio | " + " | ".join(f"c={c}" for c in CONCURRENCY) + " |", "|---|" + "---|" * len(CONCURRENCY)]
-    for num, den in ((four, ml), (four, ks), (every, ml), (every, ks), (every, bare)):
+    for num, den in ((four, ml), (four, ks), (graph, ml), (graph, ks), (every, ml), (every, ks), (every, bare)):
         L.append(f"| {num} / {den} | " + " | ".join(f"{med[(num, c)]['rps'] / med[(den, c)]['rps']:.2f}x"
                                                    for c in CONCURRENCY) + " |")
     return "\n".join(L) + "\n"

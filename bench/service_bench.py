@@ -246,9 +246,11 @@ def main() -> None:
         f"latency p50/p99: bare {r['bare']['p50_ms']:.1f}/{r['bare']['p99_ms']:.1f} ms, hjserve "
         f"{r['infer']['p50_ms']:.1f}/{r['infer']['p99_ms']:.1f} ms.",
         "",
-        "Reading: the graph computes every diagnostic on every request, so 'all diagnostics' costs only "
-        "the extra JSON encoding; the throughput gap to the bare endpoint is validation, batching and "
-        "encoding in Python.",
+        "Reading: the serving graph computes every diagnostic on every request; 'all diagnostics' "
+        "(`diagnostics: true`) also asks for the explanation outputs, which run the second graph "
+        "(integrated gradients, ...) in the same turn of the backend's thread, and the JSON of every "
+        "output. The throughput gap to the bare endpoint is validation, batching and encoding in Python; "
+        "`bench/results/competitors.md` breaks the request path down against MLServer and KServe.",
     ]
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text("\n".join(lines_md) + "\n")
