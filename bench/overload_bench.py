@@ -299,8 +299,10 @@ connection protocol itself, as soon as their request head is parsed (`service/re
 is read or decoded and FastAPI is never entered (~50 us of the event loop per rejection). The in-flight
 slot of an admitted request is reserved at that same moment, not inside the app: one event-loop turn
 parses hundreds of heads before any of their tasks runs, and a check inside the app let most of them
-through to be rejected the expensive way (goodput 0.4-0.5 at 10x before that change). Goodput above 1x
-capacity is the dynamic batcher at work: under more concurrency than the closed loop's, batches grow.
+through to be rejected the expensive way (goodput 0.4-0.5 at 10x before that change). Goodput can
+exceed 1x capacity: under more concurrency than the closed loop's, batches grow. With batches of up to
+16 rows a cheap graph's capacity is bounded by the event loop's per-request work on the server's one
+core, not by the graph (`bench/results/request_path.md` breaks that work down).
 """
     out.write_text(text)
     print(text)
