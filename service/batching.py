@@ -20,6 +20,7 @@ hangs and nothing is dropped silently.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import queue
 import threading
@@ -144,14 +145,13 @@ class DynamicBatcher:
         (:func:`hjmodel.serving.open_session` says why and why no certificate loosens; onnxruntime
         sets the mode only on the thread that opens a session)."""
         serving.flush_subnormals()
-        try:
-            while (batch := self._take()) is not None:
-                if batch:
-                    self._run(loop, batch)
-        except RuntimeError:   # the event loop closed under the thread (a process exiting)
-            return
-        finally:
-            if not loop.is_closed():
+        # RuntimeError: the event loop closed under the thread (a process exiting without close())
+        with contextlib.suppress(RuntimeError):
+            try:
+                while (batch := self._take()) is not None:
+                    if batch:
+                        self._run(loop, batch)
+            finally:
                 loop.call_soon_threadsafe(_settle, self._stopped)
 
     def _take(self) -> list[_Job] | None:
