@@ -102,12 +102,13 @@ def reject_unknown_query(request: Request) -> None:
 
 
 class GuardedRoute(APIRoute):
-    """An APIRoute whose request checks run before FastAPI reads any parameter: the unknown-query
-    check, then the route's own (API key or admin key). They are plain calls rather than FastAPI
-    dependencies, which cost more to solve than the checks themselves on every request."""
+    """An APIRoute whose request checks run before FastAPI reads any parameter: the route's own
+    (API key or admin key), then the unknown-query check, so a request without a key learns nothing
+    about its parameters. They are plain calls rather than FastAPI dependencies, which cost more to
+    solve than the checks themselves on every request."""
 
     def __init__(self, path: str, endpoint: Callable, *, checks: Sequence[Callable[[Request], None]] = (), **kw):
-        self.checks = (reject_unknown_query, *checks)   # get_route_handler runs inside APIRoute.__init__
+        self.checks = (*checks, reject_unknown_query)   # get_route_handler runs inside APIRoute.__init__
         super().__init__(path, endpoint, **kw)
 
     def get_route_handler(self) -> Callable:

@@ -81,6 +81,21 @@ def test_keys_on_the_app(client, settings_overrides):
     assert client.get("/v2/health/ready").status_code == 200   # health stays open
 
 
+@pytest.mark.parametrize("settings_overrides", [{"api_keys": "k1", "admin_key": "root"}])
+def test_route_checks_come_before_any_parameter_is_read(client, settings_overrides):
+    """A request without a key learns nothing about its parameters (401 before a typed query
+    parameter is parsed or an unknown one refused); with the key the same queries are 400s."""
+    bad = "/v2/models/fclf/batch-attribution?top_k=notanint"
+    r = client.post(bad, content="[1, 2, 3, 4]", headers={"content-type": "application/x-ndjson"})
+    assert r.status_code == 401 and r.json()["error_type"] == "unauthorized"
+    r = client.post(bad, content="[1, 2, 3, 4]", headers={"content-type": "application/x-ndjson", "x-api-key": "k1"})
+    assert r.status_code == 400
+    assert client.get("/v2/models/fclf?x=1").status_code == 401
+    r = client.get("/v2/models/fclf?x=1", headers={"x-api-key": "k1"})
+    assert r.status_code == 400 and "unknown query parameter" in r.json()["error"]
+    assert client.post("/v2/repository/index?x=1", headers={"x-api-key": "k1"}).status_code == 403
+
+
 @pytest.mark.parametrize("settings_overrides", [{"model_control_mode": "poll", "repository_poll_s": 60}])
 def test_poll_mode_refuses_load_calls_over_http(client, settings_overrides):
     r = client.post("/v2/repository/models/fclf/load")
