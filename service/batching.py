@@ -189,62 +189,85 @@ class DynamicBatcher:
                 return batch
 
     def _run(self, loop: asyncio.AbstractEventLoop, batch: list[_Job]) -> None:
-        start = time.perf_counter()
-        try:
-            rows = batch[0].rows if len(batch) == 1 else np.concatenate([j.rows for j in batch])
-            tau = np.concatenate([np.full(len(j.rows), j.tau) for j in batch])
-            result: tuple | HJServeError = self._compute(batch, rows, tau)
-        except HJServeError as exc:
-            result = exc
-        except Exception as exc:  # a backend must not raise anything else; never kill the thread
-            log.exception("backend failed")
-            result = InternalError(f"inference failed: {type(exc).__name__}: {exc}")
-        loop.call_soon_threadsafe(self._deliver, batch, result, start, time.perf_counter() - start)
-
-    def _compute(self, batch: list[_Job], rows: np.ndarray,
-                 tau: np.ndarray) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
         """On the backend's thread: the batch through ``backend.infer``, then the rows of the jobs
-        that carry a baseline through ``backend.explain`` (at most ``max_batch_size`` rows a call:
-        its memory grows with the rows, as integrated gradients evaluate each at a whole path of
-        points). -> (the batch's outputs, the explanation outputs: one row per explained row, in job
-        order)."""
-        outputs = self.backend.infer(rows, tau)
-        _check_rows(outputs, len(rows))
+        that carry a baseline through ``backend.explain``; both results (or errors) go to the event
+        loop in one callback. An explanation's failure reaches only the requests that asked for one."""
+        start = time.perf_counter()
+        rows = batch[0].rows if len(batch) == 1 else np.concatenate([j.rows for j in batch])
+        tau = np.concatenate([np.full(len(j.rows), j.tau) for j in batch])
+        outputs = _guarded(self.backend.infer, "inference", len(rows), rows, tau)
+        explained: dict[str, np.ndarray] | HJServeError = {}
+        if not isinstance(outputs, HJServeError) and any(j.baseline is not None for j in batch):
+            try:
+                explained = self._explain(batch, rows, tau)
+            except Exception as exc:   # the gathering around the calls: never expected
+                log.exception("explanation failed")
+                explained = InternalError(f"the explanation failed: {type(exc).__name__}: {exc}")
+        loop.call_soon_threadsafe(self._deliver, batch, outputs, explained, start, time.perf_counter() - start)
+
+    def _explain(self, batch: list[_Job], rows: np.ndarray, tau: np.ndarray) -> dict[str, np.ndarray] | HJServeError:
+        """The explanation outputs of the rows of the jobs that carry a baseline (one row per
+        explained row, in job order), at most ``max_batch_size`` rows a call: the explanation
+        graph's memory grows with its rows (integrated gradients evaluate each at a whole path of
+        points)."""
         explained = [(offset, job) for offset, job in zip(_offsets(batch), batch) if job.baseline is not None]
-        if not explained:
-            return outputs, {}
         if len(explained) == len(batch):
             x, t = rows, tau
         else:
             x = np.concatenate([rows[o:o + len(j.rows)] for o, j in explained])
             t = np.concatenate([tau[o:o + len(j.rows)] for o, j in explained])
         base = np.concatenate([np.broadcast_to(j.baseline, j.rows.shape) for _, j in explained])
-        size = self.max_batch_size
-        parts = [self.backend.explain(x[i:i + size], t[i:i + size], base[i:i + size]) for i in range(0, len(x), size)]
-        extra = parts[0] if len(parts) == 1 else {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
-        _check_rows(extra, len(x))
-        return outputs, extra
+        size, parts = self.max_batch_size, []
+        for i in range(0, len(x), size):
+            part = _guarded(self.backend.explain, "the explanation", len(x[i:i + size]), x[i:i + size],
+                            t[i:i + size], base[i:i + size])
+            if isinstance(part, HJServeError):
+                return part
+            parts.append(part)
+        return parts[0] if len(parts) == 1 else {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
-    def _deliver(self, batch: list[_Job], result: tuple | HJServeError, start: float, compute: float) -> None:
-        """On the event loop: each job's slice of the batch's outputs (or the batch's error)."""
+    def _deliver(self, batch: list[_Job], outputs: dict[str, np.ndarray] | HJServeError,
+                 explained: dict[str, np.ndarray] | HJServeError, start: float, compute: float) -> None:
+        """On the event loop: each job's slice of the batch's outputs (and of the explanation outputs
+        when it asked for them), or the error that kept it from them."""
         self._on_queue(self.queue_size)
-        if isinstance(result, HJServeError):
+        if isinstance(outputs, HJServeError):
             for job in batch:
                 if not job.future.done():
-                    job.future.set_exception(result)
+                    job.future.set_exception(outputs)
             return
-        batched, explained = result
         n = sum(len(j.rows) for j in batch)
         self._on_batch(n, compute)
         done = 0   # explained rows before this job
         for offset, job in zip(_offsets(batch), batch):
             k = len(job.rows)
-            part = batched if k == n else {name: value[offset:offset + k] for name, value in batched.items()}
+            if job.future.done():
+                done += k if job.baseline is not None else 0
+                continue
+            if job.baseline is not None and isinstance(explained, HJServeError):
+                job.future.set_exception(explained)
+                continue
+            part = outputs if k == n else {name: value[offset:offset + k] for name, value in outputs.items()}
             if job.baseline is not None:
-                part.update({name: value[done:done + k] for name, value in explained.items()})
+                part = {**part, **{name: value[done:done + k] for name, value in explained.items()}}
                 done += k
-            if not job.future.done():
-                job.future.set_result(BatchResult(part, start - job.enqueued, compute, n))
+            job.future.set_result(BatchResult(part, start - job.enqueued, compute, n))
+
+
+def _guarded(fn: Callable, what: str, n: int, *args) -> dict[str, np.ndarray] | HJServeError:
+    """``fn(*args)``'s outputs, checked to have ``n`` rows each, or the error to answer instead: a
+    backend raises only :class:`HJServeError`; anything else is a bug, logged, and the thread lives on."""
+    try:
+        outputs = fn(*args)
+        for name, value in outputs.items():
+            if np.ndim(value) == 0 or len(value) != n:
+                raise BackendError(f"output '{name}' has shape {list(np.shape(value))}, expected {n} rows")
+        return outputs
+    except HJServeError as exc:
+        return exc
+    except Exception as exc:
+        log.exception("backend failed")
+        return InternalError(f"{what} failed: {type(exc).__name__}: {exc}")
 
 
 def _expire(future: asyncio.Future, timeout_s: float) -> None:
@@ -264,9 +287,3 @@ def _offsets(batch: list[_Job]) -> list[int]:
         offsets.append(row)
         row += len(job.rows)
     return offsets
-
-
-def _check_rows(outputs: dict[str, np.ndarray], n: int) -> None:
-    for name, value in outputs.items():
-        if np.ndim(value) == 0 or len(value) != n:
-            raise BackendError(f"output '{name}' has shape {list(np.shape(value))}, expected {n} rows")

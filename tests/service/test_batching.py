@@ -265,3 +265,28 @@ def test_an_explanation_with_the_wrong_rows_is_a_backend_error():
 
     with pytest.raises(BackendError, match=r"output 'gap' has shape \[1, 2\], expected 3 rows"):
         asyncio.run(main())
+
+
+@pytest.mark.parametrize(("fail", "error"), [(BackendError("explain boom"), BackendError),
+                                             (ValueError("bug"), InternalError)])
+def test_an_explanation_failure_reaches_only_the_requests_that_asked_for_one(fail, error):
+    """A request that names no explanation output never fails because another request in its batch
+    asked for one and the explanation graph failed."""
+    class Failing(ExplainingBackend):
+        def explain(self, input, tau, baseline):
+            raise fail
+
+    async def main():
+        b = _batcher(Failing(), max_queue_delay_s=0.05)
+        results = await asyncio.gather(
+            b.infer(_rows(2), 0.1, timeout_s=5, baseline=np.zeros(2, np.float32)),
+            b.infer(_rows(1, 10), 0.1, timeout_s=5),
+            b.infer(_rows(1, 20), 0.1, timeout_s=5, baseline=np.zeros(2, np.float32)), return_exceptions=True)
+        ok = await b.infer(_rows(1), 0.1, timeout_s=5)   # the thread lives on
+        await b.close()
+        return results, ok
+
+    (first, plain, third), ok = asyncio.run(main())
+    assert isinstance(first, error) and isinstance(third, error)
+    np.testing.assert_array_equal(plain.outputs["double"], _rows(1, 10) * 2)
+    assert "gap" not in plain.outputs and ok.outputs["double"].shape == (1, 2)
