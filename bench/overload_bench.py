@@ -9,8 +9,8 @@
    200s and of 503s, statuses (only 200 and 503 may appear; every request must be answered) and
    the server's peak RSS.
 
-The load generator is a minimal asyncio HTTP/1.1 client over raw sockets (pre-encoded requests), run
-in this process; server and generator share this machine's cores, so the ratios, not the absolute
+The load generator is ``bench/loadgen.py``'s minimal asyncio HTTP/1.1 client over raw sockets
+(pre-encoded requests), run in this process; server and generator share this machine's cores, so the ratios, not the absolute
 rates, are the result. Writes ``bench/results/overload.md`` and ``overload.json``.
 
     python bench/overload_bench.py [--models models/digits_lse/1 models/digits_memory/1] [--seconds 6]
@@ -35,58 +35,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.loadgen import Pool, request_bytes  # noqa: E402
 from service.testing import copy_version, run_server  # noqa: E402
-
-
-def _request(host: str, path: str, body: bytes) -> bytes:
-    head = (f"POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
-            f"Content-Length: {len(body)}\r\n\r\n").encode()
-    return head + body
-
-
-async def _read_response(reader: asyncio.StreamReader) -> tuple[int, bool]:
-    """(status, connection kept alive) of one response."""
-    head = await reader.readuntil(b"\r\n\r\n")
-    lines = head.split(b"\r\n")
-    status = int(lines[0].split()[1])
-    length, close = 0, False
-    for line in lines[1:]:
-        name, _, value = line.partition(b":")
-        name = name.strip().lower()
-        if name == b"content-length":
-            length = int(value)
-        elif name == b"connection" and value.strip().lower() == b"close":
-            close = True
-    if length:
-        await reader.readexactly(length)
-    return status, not close
-
-
-class Pool:
-    """At most ``limit`` keep-alive connections, opened on demand; a request that finds none idle
-    waits for one (as a client's connection pool does), so its latency includes that wait."""
-
-    def __init__(self, host: str, port: int, limit: int):
-        self.host, self.port = host, port
-        self.idle: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
-        self.slots = asyncio.Semaphore(limit)
-
-    async def send(self, payload: bytes) -> int:
-        async with self.slots:
-            conn = self.idle.pop() if self.idle else await asyncio.open_connection(self.host, self.port)
-            reader, writer = conn
-            try:
-                writer.write(payload)
-                await writer.drain()
-                status, alive = await _read_response(reader)
-            except (ConnectionError, asyncio.IncompleteReadError):
-                writer.close()
-                return 0                # connection lost: counted as unanswered
-            if alive:
-                self.idle.append(conn)
-            else:
-                writer.close()
-            return status
 
 
 async def _closed_loop(host: str, port: int, payload: bytes, concurrency: int, seconds: float) -> float:
@@ -203,7 +153,7 @@ def _measure(model_dir: Path, args) -> dict:
         with run_server(repo, Path(tmp), **settings) as server:
             pinned = _pin(server.proc.pid)
             host, port = server.host_port.split(":")
-            payload = _request(server.host_port, "/v2/models/m/infer", body)
+            payload = request_bytes(server.host_port, "/v2/models/m/infer", body)
             _run(_closed_loop(host, int(port), payload, args.concurrency, 1.0))   # warm up
             capacity = _run(_closed_loop(host, int(port), payload, args.concurrency, args.seconds))
             print(f"{model_dir}: capacity (closed loop, c={args.concurrency}): {capacity:.0f} req/s", flush=True)

@@ -1,0 +1,111 @@
+"""A minimal HTTP/1.1 load generator: pre-encoded requests over raw asyncio sockets.
+
+Its cost per request is a small fraction of a general-purpose client's (no request building, no
+header objects), which matters where the client shares the machine's cores with the server it
+measures. Used by ``bench/overload_bench.py`` (open and closed loops) and ``bench/competitors.py``
+(the one client for every server). Responses with ``Content-Length`` or chunked bodies are read
+whole, so a connection is never reused mid-response.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import statistics
+import time
+
+import numpy as np
+
+__all__ = ["Pool", "closed_loop", "request_bytes"]
+
+
+def request_bytes(host: str, path: str, body: bytes, content_type: str = "application/json") -> bytes:
+    """One POST request, ready to write."""
+    head = (f"POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: {content_type}\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n").encode()
+    return head + body
+
+
+async def read_response(reader: asyncio.StreamReader) -> tuple[int, bool]:
+    """(status, connection kept alive) of one response, its body read and dropped."""
+    head = await reader.readuntil(b"\r\n\r\n")
+    lines = head.split(b"\r\n")
+    status = int(lines[0].split()[1])
+    length, close, chunked = 0, False, False
+    for line in lines[1:]:
+        name, _, value = line.partition(b":")
+        name, value = name.strip().lower(), value.strip().lower()
+        if name == b"content-length":
+            length = int(value)
+        elif name == b"connection" and value == b"close":
+            close = True
+        elif name == b"transfer-encoding" and value.endswith(b"chunked"):
+            chunked = True
+    if chunked:
+        while True:
+            size = int((await reader.readuntil(b"\r\n")).split(b";")[0], 16)
+            await reader.readexactly(size + 2)     # the chunk and its CRLF (the last: just CRLF)
+            if size == 0:
+                break
+    elif length:
+        await reader.readexactly(length)
+    return status, not close
+
+
+class Pool:
+    """At most ``limit`` keep-alive connections, opened on demand; a request that finds none idle
+    waits for one (as a client's connection pool does), so its latency includes that wait."""
+
+    def __init__(self, host: str, port: int, limit: int):
+        self.host, self.port = host, port
+        self.idle: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
+        self.slots = asyncio.Semaphore(limit)
+
+    async def send(self, payload: bytes) -> int:
+        """The status of ``payload``'s response; 0 when the connection was lost (unanswered)."""
+        async with self.slots:
+            conn = self.idle.pop() if self.idle else await asyncio.open_connection(self.host, self.port)
+            reader, writer = conn
+            try:
+                writer.write(payload)
+                await writer.drain()
+                status, alive = await read_response(reader)
+            except (ConnectionError, asyncio.IncompleteReadError):
+                writer.close()
+                return 0
+            if alive:
+                self.idle.append(conn)
+            else:
+                writer.close()
+            return status
+
+    def close(self) -> None:
+        for _, writer in self.idle:
+            writer.close()
+        self.idle.clear()
+
+
+async def closed_loop(host: str, port: int, payload: bytes, seconds: float, concurrency: int,
+                      warmup: int = 20) -> dict:
+    """``concurrency`` keep-alive connections sending ``payload`` back to back for ``seconds``:
+    req/s, p50 and p99 latency (ms), errors (non-200 answers and lost connections), requests made."""
+    pool = Pool(host, port, concurrency)
+    for _ in range(warmup):
+        await pool.send(payload)
+    latencies: list[float] = []
+    errors = 0
+    stop = time.perf_counter() + seconds
+
+    async def worker():
+        nonlocal errors
+        while time.perf_counter() < stop:
+            t0 = time.perf_counter()
+            status = await pool.send(payload)
+            latencies.append(time.perf_counter() - t0)
+            errors += status != 200
+
+    start = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    elapsed = time.perf_counter() - start
+    pool.close()
+    return {"rps": len(latencies) / elapsed, "p50_ms": 1e3 * statistics.median(latencies),
+            "p99_ms": 1e3 * float(np.quantile(latencies, 0.99)), "errors": errors, "n": len(latencies)}
