@@ -5,13 +5,14 @@
 
 A real server process (``python -m service``, onnxruntime with one thread, batch 1, JSON) is started
 with timers wrapped around the functions that own each stage of a V2 inference request, and the
-closed-loop client of ``bench/service_bench.py`` drives it at concurrency 1. Each stage is the mean
+closed-loop client of ``bench/loadgen.py`` (raw sockets, pre-encoded requests) drives it at
+concurrency 1. Each stage is the mean
 wall time per request (microseconds) on the thread that runs it:
 
 * *middleware, routing, route checks, admission*: from the outermost app middleware to the start of
   the body read (``service.rest.v2.read_body``);
-* *body read*: the app starts when the request head is parsed, and httpx (like most clients) writes
-  the head and the body in two writes, so this includes waiting for the client's second write;
+* *body read*: from the start of the read to the whole body (the client writes head and body
+  at once, so this is the body's way through uvicorn and the body-timeout middleware);
 * *decode* (``codecs.decode_infer_request``: JSON, validation of the wire model);
 * *dataplane before the batcher*: options and row validation against the serving version;
 * *hand-off to the backend thread and back*: ``DynamicBatcher.infer`` minus the graphs it waits for;
@@ -55,7 +56,7 @@ OUT = ROOT / "bench" / "results" / "request_path.md"
 #: (key, label) in request order.
 STAGES = [
     ("framework", "middleware, routing, route checks, admission"),
-    ("body", "body read (waits for the body: the client writes head and body separately)"),
+    ("body", "body read"),
     ("decode", "decode (JSON, wire-model validation)"),
     ("prepare", "dataplane before the batcher (options, row validation)"),
     ("handoff", "hand-off to the backend thread and back"),
@@ -161,7 +162,7 @@ def run(repo: Path, log_dir: Path, body: bytes, path: str, seconds: float, *, in
     (client result, stage totals or {})."""
     import httpx
 
-    from bench.service_bench import closed_loop
+    from bench.loadgen import closed_loop, request_bytes
     from service.testing import free_port, stop_process
 
     port = free_port()
@@ -184,7 +185,8 @@ def run(repo: Path, log_dir: Path, body: bytes, path: str, seconds: float, *, in
             if proc.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError((log_dir / f"server-{port}.log").read_text())
             time.sleep(0.1)
-        result = asyncio.run(closed_loop(url, path, body, seconds, 1))   # (its 20 warm-up requests are timed too)
+        payload = request_bytes(f"127.0.0.1:{port}", path, body)
+        result = asyncio.run(closed_loop("127.0.0.1", port, payload, seconds, 1))   # its warm-up is timed too
         # SIGINT: uvicorn shuts down and re-raises it as KeyboardInterrupt, so the timers' atexit
         # hook runs (after SIGTERM uvicorn re-raises a signal that ends the process without it)
         proc.send_signal(signal.SIGINT)
