@@ -193,8 +193,13 @@ class DynamicBatcher:
         that carry a baseline through ``backend.explain``; both results (or errors) go to the event
         loop in one callback. An explanation's failure reaches only the requests that asked for one."""
         start = time.perf_counter()
-        rows = batch[0].rows if len(batch) == 1 else np.concatenate([j.rows for j in batch])
-        tau = np.concatenate([np.full(len(j.rows), j.tau) for j in batch])
+        try:
+            rows = batch[0].rows if len(batch) == 1 else np.concatenate([j.rows for j in batch])
+            tau = np.concatenate([np.full(len(j.rows), j.tau) for j in batch])
+        except Exception as exc:   # rows are validated against one version: never expected
+            log.exception("batch assembly failed")
+            loop.call_soon_threadsafe(self._deliver, batch, InternalError(f"batching failed: {exc}"), {}, start, 0.0)
+            return
         outputs = _guarded(self.backend.infer, "inference", len(rows), rows, tau)
         explained: dict[str, np.ndarray] | HJServeError = {}
         if not isinstance(outputs, HJServeError) and any(j.baseline is not None for j in batch):

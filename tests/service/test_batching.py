@@ -290,3 +290,21 @@ def test_an_explanation_failure_reaches_only_the_requests_that_asked_for_one(fai
     assert isinstance(first, error) and isinstance(third, error)
     np.testing.assert_array_equal(plain.outputs["double"], _rows(1, 10) * 2)
     assert "gap" not in plain.outputs and ok.outputs["double"].shape == (1, 2)
+
+
+def test_a_batch_that_cannot_be_assembled_fails_its_requests_and_the_thread_lives_on():
+    """Rows of different widths in one batch (never produced by the dataplane, which validates them
+    against one version) fail that batch with an internal error instead of killing the thread."""
+    backend = FakeBackend()
+
+    async def main():
+        b = _batcher(backend, max_queue_delay_s=0.05)
+        bad = await asyncio.gather(b.infer(_rows(1), 0.1, timeout_s=5),
+                                   b.infer(np.zeros((1, 3), np.float32), 0.1, timeout_s=5), return_exceptions=True)
+        ok = await b.infer(_rows(1), 0.1, timeout_s=5)
+        await b.close()
+        return bad, ok
+
+    bad, ok = asyncio.run(main())
+    assert all(isinstance(r, InternalError) for r in bad)
+    assert ok.outputs["double"].shape == (1, 2)
