@@ -207,3 +207,55 @@ def test_a_slow_explanation_ends_at_the_request_timeout(demo_repository):
         _explain_through(demo_repository, "digits_lse", x, slow, 1, timeout=400_000)   # 0.4 s
     assert time.monotonic() - started < 1.2      # not the 4 x 0.3 s the whole explanation takes
     assert calls == [1, 1]                       # the chunk running at the timeout finishes; no other starts
+
+
+def test_concurrent_requests_batch_together_and_each_gets_its_own_answer(demo_repository, tmp_path):
+    """A real server batching concurrent requests (max_queue_delay_ms lets them meet): requests with
+    and without explanation outputs, different baselines, top_k and tolerances share backend runs,
+    and each answer equals the same request sent alone -- the batcher's split of the batch's outputs
+    and of its explanation rows gives every request exactly its own rows and outputs."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import httpx
+
+    x = _digits(12, seed=11)
+    tabular = load_dataset("diabetes").X[:6]
+
+    def body(model, rows, outputs, **params):
+        return {"inputs": [{"name": "input", "shape": list(rows.shape), "datatype": "FP64",
+                            "data": rows.ravel().tolist()}],
+                "outputs": [{"name": o} for o in outputs], "parameters": params}
+
+    requests = []
+    for i in range(6):   # digits_memory: half ask for an explanation, from alternating baselines
+        rows = x[2 * i:2 * i + 1 + i % 2]
+        outputs = ["prediction", "certified_radius", "attribution_weight"]
+        if i % 2 == 0:
+            outputs += ["integrated_gradients", "label_flips"]
+        requests.append(("digits_memory", body("digits_memory", rows, outputs, top_k=1 + i,
+                                                baseline="zeros" if i % 4 == 0 else "mean")))
+    for i in range(6):   # diabetes_lse: each row its own tolerance; every other one explained
+        outputs = ["prediction", "certified_radius"] + (["integrated_gradients"] if i % 2 else [])
+        requests.append(("diabetes_lse", body("diabetes_lse", tabular[i:i + 1], outputs, tau=0.05 * (i + 1))))
+
+    with run_server(demo_repository, tmp_path, max_queue_delay_ms=50, intra_op_threads=1) as s:
+        with httpx.Client(base_url=s.url, timeout=30) as client:
+            def send(item):
+                model, payload = item
+                r = client.post(f"/v2/models/{model}/infer", json=payload)
+                assert r.status_code == 200, r.text
+                return {o["name"]: np.asarray(o["data"]).reshape(o["shape"]) for o in r.json()["outputs"]}
+
+            with ThreadPoolExecutor(len(requests)) as pool:
+                together = list(pool.map(send, requests))
+            alone = [send(item) for item in requests]
+            stats = client.get("/v2/models/digits_memory/stats").json()["model_stats"][0]
+    assert max(b["batch_size"] for b in stats["batch_stats"]) > 2          # requests did share runs
+    for (model, payload), got, ref in zip(requests, together, alone):
+        assert list(got) == [o["name"] for o in payload["outputs"]]        # its outputs, no others
+        for name in got:
+            assert got[name].shape == ref[name].shape, (model, name)
+            if got[name].dtype.kind in "iub":
+                np.testing.assert_array_equal(got[name], ref[name], err_msg=f"{model} {name}")
+            else:
+                np.testing.assert_allclose(got[name], ref[name], rtol=1e-5, atol=1e-6, err_msg=f"{model} {name}")
