@@ -27,38 +27,16 @@ import tempfile
 import time
 from pathlib import Path
 
-import httpx
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.loadgen import closed_loop, request_bytes  # noqa: E402
-from service.testing import free_port, stop_process  # noqa: E402
+from service.testing import run_server  # noqa: E402
 
 OUT = ROOT / "bench" / "results" / "ab_server.md"
 CONCURRENCY = (1, 4)
-
-
-def serve(tree: Path, repo: Path, log: Path) -> tuple[subprocess.Popen, int]:
-    port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("HJSERVE_")}
-    env.update({"HJSERVE_INTRA_OP_THREADS": "1", "PYTHONPATH": str(tree)})
-    with open(log, "ab") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "service", "--model-repository", str(repo), "--host",
-                                 "127.0.0.1", "--port", str(port), "--log-level", "warning"],
-                                cwd=tree, env=env, stdout=out, stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + 90
-    while True:
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/v2/health/ready", timeout=1).status_code == 200:
-                return proc, port
-        except httpx.TransportError:
-            pass
-        if proc.poll() is not None or time.monotonic() > deadline:
-            stop_process(proc)
-            raise RuntimeError(f"{tree}: the server did not start:\n{log.read_text()[-3000:]}")
-        time.sleep(0.1)
 
 
 def main() -> int:
@@ -93,8 +71,8 @@ def main() -> int:
             trees = {f"base {base}": worktree, f"this tree ({head}{' + changes' if dirty else ''})": ROOT}
             for p in range(args.passes):
                 for label, tree in (trees.items() if p % 2 == 0 else reversed(trees.items())):
-                    proc, port = serve(tree, repo, tmp / "server.log")
-                    try:
+                    with run_server(repo, tmp, root=tree, intra_op_threads=1) as server:
+                        port = int(server.host_port.split(":")[1])
                         for body_label, body in bodies.items():
                             payload = request_bytes(f"127.0.0.1:{port}", path, json.dumps(body).encode())
                             for c in CONCURRENCY:
@@ -103,8 +81,6 @@ def main() -> int:
                                     raise RuntimeError(f"{label}: {r['errors']} failed requests")
                                 results.setdefault((label, body_label, c), []).append(r["rps"])
                                 print(f"pass {p} {label} {body_label} c={c}: {r['rps']:.0f} req/s", flush=True)
-                    finally:
-                        stop_process(proc)
         finally:
             subprocess.run(["git", "worktree", "remove", "--force", str(worktree)], cwd=ROOT, check=False)
     labels = list(trees)

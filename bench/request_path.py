@@ -158,42 +158,23 @@ def serve_instrumented(argv: list[str]) -> None:
 
 def run(repo: Path, log_dir: Path, body: bytes, path: str, seconds: float, *, instrument: bool,
         log_level: str = "warning") -> tuple[dict, dict]:
-    """One server (instrumented or not), warmed up, then the closed loop at concurrency 1 ->
-    (client result, stage totals or {})."""
-    import httpx
-
+    """One server (instrumented or not), then the closed loop at concurrency 1 -> (client result,
+    stage totals or {})."""
     from bench.loadgen import closed_loop, request_bytes
-    from service.testing import free_port, stop_process
+    from service.testing import run_server
 
-    port = free_port()
-    stages = log_dir / f"stages-{port}.json"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("HJSERVE_")}
-    env.update({"HJSERVE_INTRA_OP_THREADS": "1", "HJSERVE_STAGES_OUT": str(stages), "PYTHONPATH": str(ROOT)})
-    args = ["--model-repository", str(repo), "--host", "127.0.0.1", "--port", str(port), "--log-level", log_level]
-    cmd = [sys.executable, __file__, "--serve", *args] if instrument else [sys.executable, "-m", "service", *args]
-    with open(log_dir / f"server-{port}.log", "wb") as out:
-        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
-    try:
-        url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 90
-        while True:
-            try:
-                if httpx.get(url + "/v2/health/ready", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError((log_dir / f"server-{port}.log").read_text())
-            time.sleep(0.1)
-        payload = request_bytes(f"127.0.0.1:{port}", path, body)
+    stages = log_dir / f"stages-{time.monotonic_ns()}.json"
+    main = (__file__, "--serve") if instrument else ("-m", "service")
+    with run_server(repo, log_dir, main=main, env={"HJSERVE_STAGES_OUT": str(stages)}, intra_op_threads=1,
+                    log_level=log_level) as server:
+        port = int(server.host_port.split(":")[1])
+        payload = request_bytes(server.host_port, path, body)
         result = asyncio.run(closed_loop("127.0.0.1", port, payload, seconds, 1))   # its warm-up is timed too
         # SIGINT: uvicorn shuts down and re-raises it as KeyboardInterrupt, so the timers' atexit
         # hook runs (after SIGTERM uvicorn re-raises a signal that ends the process without it)
-        proc.send_signal(signal.SIGINT)
+        server.proc.send_signal(signal.SIGINT)
         with contextlib.suppress(subprocess.TimeoutExpired):
-            proc.wait(timeout=30)
-    finally:
-        stop_process(proc)
+            server.proc.wait(timeout=30)
     totals = json.loads(stages.read_text()) if instrument else {}
     return result, totals
 

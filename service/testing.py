@@ -68,25 +68,31 @@ class Server:
 
 
 @contextlib.contextmanager
-def run_server(repo: Path, log_dir: Path, *, grpc: bool = False, **settings: object) -> Iterator[Server]:
+def run_server(repo: Path, log_dir: Path, *, grpc: bool = False, root: Path = ROOT,
+               main: tuple[str, ...] = ("-m", "service"), env: dict[str, str] | None = None,
+               **settings: object) -> Iterator[Server]:
     """Start a real server (uvicorn, and gRPC when ``grpc``) on free loopback ports with
-    ``HJSERVE_<KEY>`` settings; wait until it is live; stop it by PID afterwards."""
+    ``HJSERVE_<KEY>`` settings; wait until it is live; stop it by PID afterwards. ``root``: the
+    source tree it runs from (another revision's worktree, for a side-by-side benchmark); ``main``:
+    what Python runs, with the server's command line after it (an instrumented entry point);
+    ``env``: more environment variables."""
     import httpx
 
     port = free_port()
     grpc_port = free_port() if grpc else None
-    env = {k: v for k, v in os.environ.items() if not k.startswith("HJSERVE_")}
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("HJSERVE_")}
     level = str(settings.pop("log_level", "warning"))
-    env.update({f"HJSERVE_{k.upper()}": str(v) for k, v in settings.items()})
+    environ.update({f"HJSERVE_{k.upper()}": str(v) for k, v in settings.items()})
     if grpc_port is not None:
-        env["HJSERVE_GRPC_PORT"] = str(grpc_port)
-    env["PYTHONPATH"] = str(ROOT)
+        environ["HJSERVE_GRPC_PORT"] = str(grpc_port)
+    environ["PYTHONPATH"] = str(root)
+    environ.update(env or {})
     log = Path(log_dir) / f"server-{port}.log"
     with open(log, "wb") as out:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "service", "--model-repository", str(repo), "--host", "127.0.0.1",
+            [sys.executable, *main, "--model-repository", str(repo), "--host", "127.0.0.1",
              "--port", str(port), "--log-level", level],
-            cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
+            cwd=root, env=environ, stdout=out, stderr=subprocess.STDOUT)
     server = Server(f"http://127.0.0.1:{port}", f"127.0.0.1:{port}", proc, log, grpc_port)
     try:
         deadline = time.monotonic() + 90
