@@ -180,3 +180,31 @@ def test_both_layouts_encode_a_non_finite_block_with_the_standard_encoder():
         assert got[0] == 1.5 and math.isnan(got[1]) and got[2] == math.inf
     assert [r["prediction"] for r in rows] == cols["prediction"] == [0, 2, 1]
     assert [r["class"] for r in rows] == cols["class"] == ["a", "c", "b"]
+
+
+@pytest.mark.parametrize("rows", [1, 2, 7])
+def test_row_lines_are_byte_identical_to_one_object_per_row(rows):
+    """ndjson_lines cuts one serialisation per column into rows and formats each line from a
+    template; it writes exactly the bytes of the one-object-per-row encoder, for every datatype and
+    shape a block can hold, class names with quotes, backslashes, non-ASCII and '%', and float32
+    values from their smallest subnormal to their largest."""
+    from service.rest.batch import _ndjson_by_row, ndjson_lines
+    from service.types import InferOutput, RowBlock
+
+    rng = np.random.default_rng(rows)
+    tiny = np.float32(1e-45) * np.arange(1, rows + 1, dtype=np.float32)
+    outputs = [
+        InferOutput("prediction", "INT64", rng.integers(-5, 10**12, rows)),
+        InferOutput("probabilities", "FP32", rng.standard_normal((rows, 3)).astype(np.float32)),
+        InferOutput("certified_radius", "FP32", np.where(np.arange(rows) % 2, tiny, np.float32(3.4028235e38))),
+        InferOutput("ood_flag", "BOOL", np.arange(rows) % 2 == 0),
+        InferOutput("attribution_index", "INT64", rng.integers(0, 100, (rows, 4))),
+        InferOutput("empty", "FP32", np.zeros((rows, 0), np.float32)),
+        InferOutput("odd%name", "FP32", (rng.standard_normal(rows) * 1e-3).astype(np.float32)),
+    ]
+    classes = ['a "quoted" \\\\ class', "é ü 数字", "100%", "%d %s"][:rows] + ["z"] * max(0, rows - 4)
+    for block in (RowBlock(start=5, rows=rows, outputs=outputs, classes=classes),
+                  RowBlock(start=0, rows=rows, outputs=outputs[:3], classes=None)):
+        fast = ndjson_lines(block)
+        assert fast == _ndjson_by_row(block)
+        assert [json.loads(line)["row"] for line in fast.splitlines()] == list(range(block.start, block.start + rows))
