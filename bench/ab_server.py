@@ -32,7 +32,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.loadgen import closed_loop, request_bytes  # noqa: E402
+from bench.loadgen import post_loop  # noqa: E402
 from service.testing import run_server  # noqa: E402
 
 OUT = ROOT / "bench" / "results" / "ab_server.md"
@@ -72,11 +72,9 @@ def main() -> int:
             for p in range(args.passes):
                 for label, tree in (trees.items() if p % 2 == 0 else reversed(trees.items())):
                     with run_server(repo, tmp, root=tree, intra_op_threads=1) as server:
-                        port = int(server.host_port.split(":")[1])
                         for body_label, body in bodies.items():
-                            payload = request_bytes(f"127.0.0.1:{port}", path, json.dumps(body).encode())
                             for c in CONCURRENCY:
-                                r = asyncio.run(closed_loop("127.0.0.1", port, payload, args.seconds, c))
+                                r = asyncio.run(post_loop(server.url, path, json.dumps(body).encode(), args.seconds, c))
                                 if r["errors"]:
                                     raise RuntimeError(f"{label}: {r['errors']} failed requests")
                                 results.setdefault((label, body_label, c), []).append(r["rps"])

@@ -50,7 +50,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.loadgen import closed_loop, request_bytes  # noqa: E402
+from bench.loadgen import post_loop  # noqa: E402
 from hjmodel import serving  # noqa: E402
 from service.testing import free_port, run_server, stop_process  # noqa: E402
 
@@ -238,9 +238,7 @@ def main() -> int:
             for p in range(args.passes):
                 order = list(targets.items()) if p % 2 == 0 else list(reversed(targets.items()))
                 for label, (url, body) in order:
-                    host, port = url.removeprefix("http://").split(":")
-                    payload = request_bytes(f"{host}:{port}", path, bodies[body])
-                    r = asyncio.run(closed_loop(host, int(port), payload, args.seconds, c))
+                    r = asyncio.run(post_loop(url, path, bodies[body], args.seconds, c))
                     results.setdefault((label, c), []).append(r)
                     print(f"c={c} pass {p}: {label}: {r['rps']:.0f} req/s, p50 {r['p50_ms']:.2f} ms, "
                           f"errors {r['errors']}", flush=True)

@@ -15,7 +15,7 @@ import time
 
 import numpy as np
 
-__all__ = ["Pool", "closed_loop", "request_bytes"]
+__all__ = ["Pool", "closed_loop", "post_loop", "request_bytes"]
 
 
 def request_bytes(host: str, path: str, body: bytes, content_type: str = "application/json") -> bytes:
@@ -109,3 +109,9 @@ async def closed_loop(host: str, port: int, payload: bytes, seconds: float, conc
     pool.close()
     return {"rps": len(latencies) / elapsed, "p50_ms": 1e3 * statistics.median(latencies),
             "p99_ms": 1e3 * float(np.quantile(latencies, 0.99)), "errors": errors, "n": len(latencies)}
+
+
+async def post_loop(url: str, path: str, body: bytes, seconds: float, concurrency: int) -> dict:
+    """:func:`closed_loop` POSTing JSON ``body`` to ``url`` (``http://host:port``) + ``path``."""
+    host, port = url.removeprefix("http://").rstrip("/").rsplit(":", 1)
+    return await closed_loop(host, int(port), request_bytes(f"{host}:{port}", path, body), seconds, concurrency)

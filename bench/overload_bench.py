@@ -35,24 +35,14 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.loadgen import Pool, request_bytes  # noqa: E402
+from bench.loadgen import Pool, closed_loop, request_bytes  # noqa: E402
 from service.testing import copy_version, run_server  # noqa: E402
 
 
-async def _closed_loop(host: str, port: int, payload: bytes, concurrency: int, seconds: float) -> float:
-    pool = Pool(host, port, concurrency)
-    done = 0
-    stop = time.perf_counter() + seconds
-
-    async def worker():
-        nonlocal done
-        while time.perf_counter() < stop:
-            if await pool.send(payload) == 200:
-                done += 1
-
-    started = time.perf_counter()
-    await asyncio.gather(*(worker() for _ in range(concurrency)))
-    return done / (time.perf_counter() - started)
+async def _capacity(host: str, port: int, payload: bytes, concurrency: int, seconds: float) -> float:
+    """200s per second of :func:`bench.loadgen.closed_loop` (503s and lost connections do not count)."""
+    r = await closed_loop(host, port, payload, seconds, concurrency)
+    return r["rps"] * (r["n"] - r["errors"]) / max(r["n"], 1)
 
 
 async def _open_loop(host: str, port: int, payload: bytes, rate: float, seconds: float,
@@ -154,8 +144,8 @@ def _measure(model_dir: Path, args) -> dict:
             pinned = _pin(server.proc.pid)
             host, port = server.host_port.split(":")
             payload = request_bytes(server.host_port, "/v2/models/m/infer", body)
-            _run(_closed_loop(host, int(port), payload, args.concurrency, 1.0))   # warm up
-            capacity = _run(_closed_loop(host, int(port), payload, args.concurrency, args.seconds))
+            _run(_capacity(host, int(port), payload, args.concurrency, 1.0))   # warm up
+            capacity = _run(_capacity(host, int(port), payload, args.concurrency, args.seconds))
             print(f"{model_dir}: capacity (closed loop, c={args.concurrency}): {capacity:.0f} req/s", flush=True)
             wrk = _wrk(server, payload_body=body, connections=256, seconds=args.seconds)
             for factor in (1, 3, 10):

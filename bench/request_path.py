@@ -160,16 +160,14 @@ def run(repo: Path, log_dir: Path, body: bytes, path: str, seconds: float, *, in
         log_level: str = "warning") -> tuple[dict, dict]:
     """One server (instrumented or not), then the closed loop at concurrency 1 -> (client result,
     stage totals or {})."""
-    from bench.loadgen import closed_loop, request_bytes
+    from bench.loadgen import post_loop
     from service.testing import run_server
 
     stages = log_dir / f"stages-{time.monotonic_ns()}.json"
     main = (__file__, "--serve") if instrument else ("-m", "service")
     with run_server(repo, log_dir, main=main, env={"HJSERVE_STAGES_OUT": str(stages)}, intra_op_threads=1,
                     log_level=log_level) as server:
-        port = int(server.host_port.split(":")[1])
-        payload = request_bytes(server.host_port, path, body)
-        result = asyncio.run(closed_loop("127.0.0.1", port, payload, seconds, 1))   # its warm-up is timed too
+        result = asyncio.run(post_loop(server.url, path, body, seconds, 1))   # its warm-up is timed too
         # SIGINT: uvicorn shuts down and re-raises it as KeyboardInterrupt, so the timers' atexit
         # hook runs (after SIGTERM uvicorn re-raises a signal that ends the process without it)
         server.proc.send_signal(signal.SIGINT)

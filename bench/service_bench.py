@@ -7,7 +7,8 @@
    same rows.
 
 Usage: ``python bench/service_bench.py [--model-dir models/digits_lse/1] [--seconds 5]``; writes
-``bench/results/service.md``. Client and servers share this machine's cores.
+``bench/results/service.md``. Client and servers share this machine's cores; 1 and 2 are driven by
+``bench/loadgen.py``'s closed loop (raw sockets, pre-encoded requests: the client's own cost is small).
 """
 
 from __future__ import annotations
@@ -18,7 +19,6 @@ import json
 import os
 import platform
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -32,6 +32,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.loadgen import post_loop  # noqa: E402
 from service.testing import free_port, run_server  # noqa: E402
 
 BARE_APP = """
@@ -60,31 +61,6 @@ def _model_dir(arg: str | None, tmp: Path) -> Path:
         warnings.simplefilter("ignore")
         model, _ = train(load_dataset("digits"), TrainConfig(epochs=5, progress=False))
         return save_artifact(model, tmp / "digits_lse" / "1")
-
-
-async def closed_loop(url: str, path: str, body: bytes, seconds: float, concurrency: int) -> dict:
-    """``concurrency`` keep-alive clients POSTing ``body`` back to back for ``seconds``: req/s, p50 and
-    p99 latency (ms), errors (non-200) and requests made (the client ``bench/competitors.py`` shares)."""
-    latencies: list[float] = []
-    errors = 0
-    stop = time.perf_counter() + seconds
-    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-    async with httpx.AsyncClient(base_url=url, limits=limits, timeout=30) as client:
-        async def worker():
-            nonlocal errors
-            while time.perf_counter() < stop:
-                t0 = time.perf_counter()
-                r = await client.post(path, content=body, headers={"content-type": "application/json"})
-                latencies.append(time.perf_counter() - t0)
-                errors += r.status_code != 200
-
-        for _ in range(20):  # warm up
-            await client.post(path, content=body, headers={"content-type": "application/json"})
-        start = time.perf_counter()
-        await asyncio.gather(*(worker() for _ in range(concurrency)))
-        elapsed = time.perf_counter() - start
-    return {"rps": len(latencies) / elapsed, "p50_ms": 1e3 * statistics.median(latencies),
-            "p99_ms": 1e3 * float(np.quantile(latencies, 0.99)), "errors": errors, "n": len(latencies)}
 
 
 def _start_bare(log_dir: Path):
@@ -138,16 +114,16 @@ def main() -> None:
         results: dict[str, dict] = {}
         bare, bare_url = _start_bare(tmp)
         try:
-            results["bare"] = asyncio.run(closed_loop(bare_url, "/v2/models/m/infer", one, args.seconds,
+            results["bare"] = asyncio.run(post_loop(bare_url, "/v2/models/m/infer", one, args.seconds,
                                                       args.concurrency))
         finally:
             bare.terminate()
             bare.wait(10)
         with run_server(repo, tmp) as s:
             path = f"/v2/models/{name}/infer"
-            results["infer"] = asyncio.run(closed_loop(s.url, path, one, args.seconds, args.concurrency))
-            results["all_diag"] = asyncio.run(closed_loop(s.url, path, every, args.seconds, 1))
-            results["pred_only"] = asyncio.run(closed_loop(s.url, path, preds, args.seconds, 1))
+            results["infer"] = asyncio.run(post_loop(s.url, path, one, args.seconds, args.concurrency))
+            results["all_diag"] = asyncio.run(post_loop(s.url, path, every, args.seconds, 1))
+            results["pred_only"] = asyncio.run(post_loop(s.url, path, preds, args.seconds, 1))
             x = np.abs(rng.standard_normal((args.rows, d))).astype(np.float32) * 3
             raw = x.tobytes()
             head = json.dumps({"inputs": [{"name": "input", "shape": list(x.shape), "datatype": "FP32",

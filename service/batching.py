@@ -193,29 +193,33 @@ class DynamicBatcher:
         that carry a baseline through ``backend.explain``; both results (or errors) go to the event
         loop in one callback. An explanation's failure reaches only the requests that asked for one."""
         start = time.perf_counter()
+        offsets = _offsets(batch)
         try:
             rows = batch[0].rows if len(batch) == 1 else np.concatenate([j.rows for j in batch])
             tau = np.concatenate([np.full(len(j.rows), j.tau) for j in batch])
         except Exception as exc:   # rows are validated against one version: never expected
             log.exception("batch assembly failed")
-            loop.call_soon_threadsafe(self._deliver, batch, InternalError(f"batching failed: {exc}"), {}, start, 0.0)
+            loop.call_soon_threadsafe(self._deliver, batch, offsets, InternalError(f"batching failed: {exc}"), {},
+                                      start, 0.0)
             return
         outputs = _guarded(self.backend.infer, "inference", len(rows), rows, tau)
         explained: dict[str, np.ndarray] | HJServeError = {}
         if not isinstance(outputs, HJServeError) and any(j.baseline is not None for j in batch):
             try:
-                explained = self._explain(batch, rows, tau)
+                explained = self._explain(batch, offsets, rows, tau)
             except Exception as exc:   # the gathering around the calls: never expected
                 log.exception("explanation failed")
                 explained = InternalError(f"the explanation failed: {type(exc).__name__}: {exc}")
-        loop.call_soon_threadsafe(self._deliver, batch, outputs, explained, start, time.perf_counter() - start)
+        loop.call_soon_threadsafe(self._deliver, batch, offsets, outputs, explained, start,
+                                  time.perf_counter() - start)
 
-    def _explain(self, batch: list[_Job], rows: np.ndarray, tau: np.ndarray) -> dict[str, np.ndarray] | HJServeError:
+    def _explain(self, batch: list[_Job], offsets: list[int], rows: np.ndarray,
+                 tau: np.ndarray) -> dict[str, np.ndarray] | HJServeError:
         """The explanation outputs of the rows of the jobs that carry a baseline (one row per
         explained row, in job order), at most ``max_batch_size`` rows a call: the explanation
         graph's memory grows with its rows (integrated gradients evaluate each at a whole path of
         points)."""
-        explained = [(offset, job) for offset, job in zip(_offsets(batch), batch) if job.baseline is not None]
+        explained = [(offset, job) for offset, job in zip(offsets, batch) if job.baseline is not None]
         if len(explained) == len(batch):
             x, t = rows, tau
         else:
@@ -231,7 +235,7 @@ class DynamicBatcher:
             parts.append(part)
         return parts[0] if len(parts) == 1 else {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
-    def _deliver(self, batch: list[_Job], outputs: dict[str, np.ndarray] | HJServeError,
+    def _deliver(self, batch: list[_Job], offsets: list[int], outputs: dict[str, np.ndarray] | HJServeError,
                  explained: dict[str, np.ndarray] | HJServeError, start: float, compute: float) -> None:
         """On the event loop: each job's slice of the batch's outputs (and of the explanation outputs
         when it asked for them), or the error that kept it from them."""
@@ -241,10 +245,10 @@ class DynamicBatcher:
                 if not job.future.done():
                     job.future.set_exception(outputs)
             return
-        n = sum(len(j.rows) for j in batch)
+        n = offsets[-1] + len(batch[-1].rows)
         self._on_batch(n, compute)
         done = 0   # explained rows before this job
-        for offset, job in zip(_offsets(batch), batch):
+        for offset, job in zip(offsets, batch):
             k = len(job.rows)
             if job.future.done():
                 done += k if job.baseline is not None else 0
