@@ -274,74 +274,116 @@ class _TupleOutputs(nn.Module):
         return tuple(out[o.name] for o in self.serving.specs)
 
 
-def _skip_empty_search(proto) -> bool:
-    """Run the IBP radius search (:meth:`HJModel._interval_radius`) only when a row was gathered for
-    it: the traced graph executes its ~300 nodes on empty tensors otherwise, which is a quarter of a
-    classifier's batch-1 time. The nodes between the search's one NonZero (the gathered rows) and the
-    ScatterND that writes the found radii back move into the then-branch of an If on "any row
-    gathered"; the else-branch passes the closed-form radii through. The tracing exporter cannot
-    write an If itself. Returns False, leaving ``proto`` as it was, when the graph does not have that
-    shape (no search: regression, no class groups)."""
+def _reads(node) -> list[str]:
+    """The values a node reads: its inputs and, for a node with subgraphs (an If), every outer value
+    those read (a subgraph names outer values without listing them as inputs)."""
+    names = list(node.input)
+    for attr in node.attribute:
+        for sub in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
+            for inner in sub.node:
+                names.extend(_reads(inner))
+    return names
+
+
+def _gathered_searches(model: HJModel) -> tuple[bool, ...]:
+    """The searches of ``model``'s serving graph that run on gathered rows, in the order the graph
+    computes them, and for each whether it goes inside an If on "anything gathered"
+    (:func:`_skip_empty_searches`). A class-grouped classifier of more than two classes has two:
+
+    - the tangent radius's root search over the class pairs that can decide the certificate
+      (:func:`hjmodel.functional._pruned_tangent`). Wrapped only after a body: there the tangent
+      radius, divided by the body's global Lipschitz constant, rarely beats the hybrid radius with
+      its exact gradient (0.7% of the demo deep model's test rows need it), while a head on the input
+      searches one or more pairs of nearly every row, and an If that runs costs onnxruntime more
+      (~15 us) than the few nodes it would skip.
+    - the IBP radius search over the rows where IBP may beat the closed form
+      (:meth:`HJModel._interval_radius`): wrapped (most single rows gather nothing)."""
+    if model.task != "classification" or model.head.groups is None:
+        return ()
+    # two classes: one rival, which is always searched, with no gathering (grouped_margin_radius)
+    return (True,) if model.n_outputs == 2 else (bool(model.body), True)
+
+
+def _skip_empty_searches(proto, wrap: tuple[bool, ...]) -> int:
+    """Put each gathered search of the serving graph marked in ``wrap`` (one flag per NonZero, in
+    graph order: :func:`_gathered_searches`) inside an If, so that it runs only when it gathered
+    something: traced, a search executes its hundreds of nodes on empty tensors when nothing was
+    gathered. A graph with another number of NonZero nodes is left as it was.
+
+    A search is the nodes between its NonZero (the gathered indices) and the first scatter that
+    writes its results back with those indices into data that does not depend on them; they move
+    into the then-branch of an If on "any index gathered", and the else-branch passes the scatter's
+    data through (what writing nothing leaves). The tracing exporter cannot write an If itself. A NonZero whose dependants do not have
+    that shape (a value of the search used elsewhere) is left as it was. Returns the number of
+    searches wrapped."""
+    import onnx
     from onnx import TensorProto, helper
 
     g = proto.graph
-    nz = [n for n in g.node if n.op_type == "NonZero"]
-    if len(nz) != 1:
-        return False
-    nz = nz[0]
-    tainted, dependent = set(nz.output), []
-    for n in g.node:                     # topological order
-        if any(i in tainted for i in n.input):
-            dependent.append(n)
-            tainted.update(n.output)
-    sinks = [n for n in dependent if n.op_type == "ScatterND"]
-    if len(sinks) != 1:
-        return False
-    sink = sinks[0]
-    # the search: the dependent nodes the ScatterND needs
-    producer = {o: n for n in dependent for o in n.output}
-    need, stack = set(), [sink]
-    while stack:
-        n = stack.pop()
-        if id(n) in need:
+    searches = [n.output[0] for n in g.node if n.op_type == "NonZero"]
+    if len(searches) != len(wrap):
+        return 0
+    # the element type of every value, for the branches' outputs (the scatter's data type)
+    inferred = onnx.shape_inference.infer_shapes(proto).graph
+    elem = {v.name: v.type.tensor_type.elem_type for v in [*inferred.value_info, *inferred.input, *inferred.output]}
+    wrapped = 0
+    for k, name in enumerate(searches):
+        if not wrap[k]:
             continue
-        need.add(id(n))
-        stack.extend(producer[i] for i in n.input if i in producer)
-    search = [n for n in dependent if id(n) in need]
-    produced = {o for n in search for o in n.output}
-    escaping = {i for n in g.node if id(n) not in need for i in n.input if i in produced}
-    escaping |= {o.name for o in g.output if o.name in produced}
-    result = sink.output[0]
-    if escaping != {result}:
-        return False
-    r0 = sink.input[0]
-    # "any row gathered" right after the NonZero; the If where the ScatterND was (every outer value
-    # the search reads is produced before it)
-    size, zero, cond = "skip_search_rows", "skip_search_zero", "skip_search_any"
-    gate = [helper.make_node("Size", [nz.output[0]], [size]),
-            helper.make_node("Constant", [], [zero], value=helper.make_tensor("zero", TensorProto.INT64, [], [0])),
-            helper.make_node("Greater", [size, zero], [cond])]
-    sink.output[0] = "skip_search_found"
-
-    def radii(name: str):   # the branches' one output: the radii, float64 (n,)
-        return helper.make_tensor_value_info(name, TensorProto.DOUBLE, None)
-
-    then_g = helper.make_graph(search, "search", [], [radii("skip_search_found")])
-    else_g = helper.make_graph([helper.make_node("Identity", [r0], ["skip_search_none"])], "none", [],
-                               [radii("skip_search_none")])
-    if_node = helper.make_node("If", [cond], [result], then_branch=then_g, else_branch=else_g, name="skip_empty_search")
-    order = []
-    for n in g.node:
-        if id(n) in need:
-            if n is sink:
-                order.append(if_node)
+        nz = next(n for n in g.node if n.op_type == "NonZero" and n.output[0] == name)
+        tainted, dependent = {name}, []
+        for n in g.node:                     # topological order
+            if any(i in tainted for i in _reads(n)):
+                dependent.append(n)
+                tainted.update(n.output)
+        sink = next((n for n in dependent if n.op_type in ("ScatterND", "ScatterElements")
+                     and n.input[1] in tainted and n.input[0] not in tainted), None)
+        if sink is None:
             continue
-        order.append(n)
-        if n is nz:
-            order.extend(gate)
-    del g.node[:]
-    g.node.extend(order)
-    return True
+        # the search: the dependent nodes the ScatterND needs
+        producer = {o: n for n in dependent for o in n.output}
+        need, stack = set(), [sink]
+        while stack:
+            n = stack.pop()
+            if id(n) in need:
+                continue
+            need.add(id(n))
+            stack.extend(producer[i] for i in _reads(n) if i in producer)
+        search = [n for n in dependent if id(n) in need]
+        produced = {o for n in search for o in n.output}
+        escaping = {i for n in g.node if id(n) not in need for i in _reads(n) if i in produced}
+        escaping |= {o.name for o in g.output if o.name in produced}
+        result = sink.output[0]
+        if escaping != {result}:
+            continue
+        data = sink.input[0]
+        # "any index gathered" right after the NonZero; the If where the ScatterND was (every outer
+        # value the search reads is produced before it)
+        tag = f"skip_search_{k}"
+        size, zero, cond, found, none = (f"{tag}_{s}" for s in ("size", "zero", "any", "found", "none"))
+        gate = [helper.make_node("Size", [name], [size]),
+                helper.make_node("Constant", [], [zero], value=helper.make_tensor(zero, TensorProto.INT64, [], [0])),
+                helper.make_node("Greater", [size, zero], [cond])]
+        sink.output[0] = found
+        dtype = elem.get(data) or TensorProto.DOUBLE
+        then_g = helper.make_graph(search, "search", [], [helper.make_tensor_value_info(found, dtype, None)])
+        else_g = helper.make_graph([helper.make_node("Identity", [data], [none])], "none", [],
+                                   [helper.make_tensor_value_info(none, dtype, None)])
+        if_node = helper.make_node("If", [cond], [result], then_branch=then_g, else_branch=else_g,
+                                   name=f"skip_empty_search_{k}")
+        order = []
+        for n in g.node:
+            if id(n) in need:
+                if n is sink:
+                    order.append(if_node)
+                continue
+            order.append(n)
+            if n is nz:
+                order.extend(gate)
+        del g.node[:]
+        g.node.extend(order)
+        wrapped += 1
+    return wrapped
 
 
 @contextlib.contextmanager
@@ -360,9 +402,10 @@ def _exact_constants() -> Iterator[None]:
         torch._C._jit_pass_cse = cse
 
 
-def _export(module: nn.Module, inputs: dict[str, Tensor], path: Path, spec: dict, opset: int) -> Path:
+def _export(module: nn.Module, inputs: dict[str, Tensor], path: Path, spec: dict, opset: int,
+            wrap: tuple[bool, ...] = ()) -> Path:
     """Trace ``module`` (batched inputs ``inputs``, outputs ``module.specs``) to ONNX with the spec
-    embedded as metadata."""
+    embedded as metadata; ``wrap``: its gathered searches (:func:`_skip_empty_searches`)."""
     import warnings
 
     import onnx
@@ -381,7 +424,7 @@ def _export(module: nn.Module, inputs: dict[str, Tensor], path: Path, spec: dict
                           dynamic_axes={**{n: {0: "batch"} for n in inputs}, **{n: {0: "batch"} for n in names}},
                           opset_version=opset, dynamo=False)
     proto = onnx.load(str(path))
-    _skip_empty_search(proto)
+    _skip_empty_searches(proto, wrap)
     entry = proto.metadata_props.add()
     entry.key, entry.value = ONNX_SPEC_KEY, json.dumps(spec, sort_keys=True)
     proto.producer_name = "hjmodel"
@@ -398,7 +441,7 @@ def export_onnx(model: HJModel, path: str | Path, opset: int = 17) -> Path:
     spec = model_spec(model)
     x = torch.zeros(2, model.n_features, dtype=torch.float32)
     tau = torch.full((2, 1), 0.1, dtype=torch.float64)   # one tolerance per row: a batched input
-    _export(ServingModule(model), {"input": x, "tau": tau}, path, spec, opset)
+    _export(ServingModule(model), {"input": x, "tau": tau}, path, spec, opset, _gathered_searches(model))
     explain = ExplainModule(model)
     if explain.specs:
         baseline = model.preprocess.mu.to(torch.float32).expand(2, -1).contiguous()

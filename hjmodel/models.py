@@ -760,7 +760,7 @@ class HJModel(nn.Module):
         gains = usable & (self._interval_margin(rows_of, start) > 0)
         rows = gains.nonzero().squeeze(-1)                               # where IBP may beat r0
         if rows.numel() == 0 and not torch.onnx.is_in_onnx_export():
-            return r0      # the served graph skips the search likewise (artifact._skip_empty_search)
+            return r0      # the served graph skips the search likewise (artifact._skip_empty_searches)
         # every gathered row once per grid radius (functional.grid_root evaluates a grid at once)
         grid_rows = rows.repeat_interleave(IBP_POINTS)
         sub = tuple(t.index_select(0, grid_rows) for t in rows_of)

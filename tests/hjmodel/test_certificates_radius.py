@@ -667,8 +667,13 @@ def _both_forms(a, W, eps, c, mask, pos, neg, shift, L, kappa, tangent):
     s, pi_g = F.masked_lse_gibbs(a_g, groups.valid, eps)
     rows = groups.rows(W)
     dense = F.gibbs_margin_radius(a, W, eps, c, pos, neg, shift, L, kappa, tangent_rows=W if tangent else None)
+    # every pair searched, as the masked form does (pruning changes only the per-class radii of the
+    # pairs it skips: test_pruned_tangent_search_gives_the_same_certificate)
     grouped = F.grouped_margin_radius(a_g, s, pi_g, groups.valid, c, rows, eps, L, kappa,
-                                      tangent_g=rows if tangent else None)
+                                      tangent_g=rows if tangent else None, prune=False)
+    pruned = F.grouped_margin_radius(a_g, s, pi_g, groups.valid, c, rows, eps, L, kappa,
+                                     tangent_g=rows if tangent else None)[0]
+    assert torch.equal(pruned, grouped[0])
     return dense, grouped
 
 
@@ -701,6 +706,46 @@ def test_grouped_form_equals_sign_reduction_for_one_hot_memory(seed, tangent):
     assert torch.equal(torch.isinf(per_d), torch.isinf(per_g))
     fin = torch.isfinite(per_d)
     assert torch.allclose(per_g[fin], per_d[fin], rtol=1e-9, atol=1e-12), (per_d, per_g)
+
+
+@pytest.mark.parametrize("seed", range(150))
+def test_pruned_tangent_search_gives_the_same_certificate(seed):
+    """grouped_margin_radius searches the tangent radius only for the class pairs that can decide
+    the certificate (functional._pruned_tangent): the certificate is the same, bit for bit, as with
+    every pair searched, for many classes, uneven and empty groups, a feature map's Lipschitz factor,
+    both search precisions, tied rows (margin 0) and far rows; a skipped pair's per-class radius is
+    its hybrid radius, never above the searched one. Fails if a pair that decides is skipped."""
+    gen = _gen(seed, 11)
+    K = int(torch.randint(3, 13, (), generator=gen))
+    d = int(torch.randint(2, 9, (), generator=gen))
+    extra = torch.randint(0, K, (int(torch.randint(0, 4 * K, (), generator=gen)),), generator=gen)
+    groups_of = torch.cat([torch.arange(K - 1 if seed % 5 == 0 else K), extra])   # every 5th: an empty group
+    mask = groups_of[None, :] == torch.arange(K)[:, None]
+    N = groups_of.numel()
+    W = torch.randn(N, d, generator=gen, dtype=DT) * float(_loguniform(gen, -1.0, 1.0))
+    b = torch.randn(N, generator=gen, dtype=DT) * 0.5
+    eps = float(_loguniform(gen, -1.5, 0.5))
+    z = torch.randn(48, d, generator=gen, dtype=DT)
+    z = torch.cat([z, z[:8] * 6.0, torch.zeros(2, d, dtype=DT)])        # far rows; rows at the origin
+    lip = 1.0 if seed % 3 else float(_loguniform(gen, 0.0, 2.0))
+    groups = F.Groups.of(mask)
+    a = F.preactivations(z, W, b)
+    if seed % 7 == 0:                                                    # exact ties between two groups
+        a[:, mask[1]] = a[:, mask[0]].amax(-1, keepdim=True) if bool(mask[1].any()) else a[:, mask[1]]
+    a_g = groups.gather(a)
+    sv, pi_g = F.masked_lse_gibbs(a_g, groups.valid, eps)
+    c = sv.argmax(-1)
+    rows = groups.rows(W)
+    _, _, _, L, kappa = _grouped_tables(mask, W, eps)
+    for f32 in (False, True):
+        args = (a_g, sv, pi_g, groups.valid, c, rows, eps, L, kappa)
+        kw = dict(tangent_g=rows, lip=lip, float32_search=f32)
+        full, per_full = F.grouped_margin_radius(*args, **kw, prune=False)
+        pruned, per_pruned = F.grouped_margin_radius(*args, **kw)
+        assert torch.equal(pruned, full), (f32, pruned, full)
+        assert bool((per_pruned <= per_full).all())
+        hybrid = F.grouped_margin_radius(*args, lip=lip)[1]                 # no tangent radius
+        assert bool(((per_pruned == per_full) | (per_pruned == hybrid)).all())
 
 
 def test_groups_layout_round_trips():

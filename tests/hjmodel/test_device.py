@@ -3,10 +3,12 @@
 CI has no GPU, so the device is torch's ``meta`` device: its tensors carry shapes and a device but no
 data, and every operation checks that its operands share one device -- exactly the mistake a model
 moved to ``cuda`` would make at its first mixed operation (a constant cached by ``refresh`` left on
-the CPU). Meta tensors cannot answer data-dependent questions, so two steps that ask one are given
-their answer: the OOD reference's class table (built from label counts) is built on the CPU and
-moved, and the interval-bound search (which gathers the rows where IBP can win, a ``nonzero``) is
-skipped. ``eval/gpu.py`` runs the real thing on CUDA when a GPU is present.
+the CPU). Meta tensors cannot answer data-dependent questions, so the steps that ask one are given
+an answer: the OOD reference's class table (built from label counts) is built on the CPU and
+moved, and the gathered searches (the tangent search over the class pairs that can decide the
+certificate, the interval-bound search over the rows where IBP can win: a ``nonzero`` each) gather
+every element (torch's ``meta_nonzero_assume_all_nonzero``). ``eval/gpu.py`` runs the real thing on
+CUDA when a GPU is present.
 """
 
 from __future__ import annotations
@@ -53,14 +55,22 @@ def _tensors(value, seen=None):
         yield from _tensors(vars(value), seen)
 
 
+@pytest.fixture
+def gather_all():
+    """A nonzero on the meta device gathers every element (docstring)."""
+    import torch.fx.experimental._config as fx_config
+
+    with fx_config.patch(meta_nonzero_assume_all_nonzero=True):
+        yield
+
+
 def _moved(model):
-    """``model`` moved to the meta device, with the two data-dependent steps answered (docstring)."""
+    """``model`` moved to the meta device, with its class table answered (docstring)."""
     groups = model.reference.class_groups(model.n_outputs) if model.task == "classification" else None
     model = model.to(META)
     if groups is not None:
         moved = (groups[0].to(META), groups[1].to(META))
         model.reference.class_groups = lambda n_classes: moved
-        model._interval_radius = lambda first, grouped, c, r0: r0
     return model
 
 
@@ -78,7 +88,7 @@ def test_every_cached_constant_follows_the_model(name, demo_repository, memory_r
 
 
 @pytest.mark.parametrize("name", [*DEMOS, "memory_regression"])
-def test_a_moved_model_evaluates_on_its_device(name, demo_repository, memory_regression):
+def test_a_moved_model_evaluates_on_its_device(name, demo_repository, memory_regression, gather_all):
     """evaluate (every output), explain, the serving and explanation modules: every operation's
     operands on the model's device, every output there."""
     model = _moved(_model(name, demo_repository, memory_regression))

@@ -143,11 +143,13 @@ def test_ibp_margin_with_infinite_bounds_never_certifies():
 
 @pytest.mark.parametrize(("name", "dataset"), CASES)
 def test_exported_search_runs_only_on_gathered_rows_and_serves_the_same_radii(demo_repository, name, dataset):
-    """The exported graph runs the IBP search inside an If on "any row gathered" (artifact
-    ``_skip_empty_search``; traced, it ran on empty tensors). Its radii, one row at a time (mostly
-    nothing gathered) and as one batch, equal the torch serving module's bit for bit (to float32's
-    search precision where the tangent root is searched in float32), on test rows and on rows
-    scaled x3 (where IBP gathers different rows)."""
+    """The exported graph runs its gathered searches -- the tangent radius's over the class pairs
+    that can decide the certificate (more than two classes), the IBP radius's over the rows where IBP
+    may beat the closed form -- on gathered rows, the IBP one and, after a body, the tangent one
+    inside an If on "anything gathered" (artifact ``_skip_empty_searches``; traced, they ran on
+    empty tensors). Its radii, one row at a time (mostly nothing gathered) and as one batch, equal
+    the torch serving module's bit for bit (to float32's search precision where the tangent root is
+    searched in float32), on test rows and on rows scaled x3 (where other rows are gathered)."""
     import onnx
 
     from hjmodel import serving
@@ -155,12 +157,18 @@ def test_exported_search_runs_only_on_gathered_rows_and_serves_the_same_radii(de
 
     version = demo_repository / name / "1"
     graph = onnx.load(str(version / ONNX_FILE)).graph
-    skip = [n for n in graph.node if n.op_type == "If" and n.name == "skip_empty_search"]
-    assert len(skip) == 1
-    branches = {a.name: a.g for a in skip[0].attribute}
-    assert len(branches["then_branch"].node) > 100        # the search moved into the branch
-    assert [n.op_type for n in branches["else_branch"].node] == ["Identity"]
     model = load_model(version)
+    searches = 1 if model.n_outputs == 2 else 2
+    assert sum(n.op_type == "NonZero" for n in graph.node) == searches
+    wrapped = {f"skip_empty_search_{searches - 1}"}           # the IBP search
+    if searches == 2 and model.body:
+        wrapped.add("skip_empty_search_0")                    # the tangent search, after a body
+    skip = [n for n in graph.node if n.op_type == "If"]
+    assert {n.name for n in skip} == wrapped
+    for node in skip:
+        branches = {a.name: a.g for a in node.attribute}
+        assert len(branches["then_branch"].node) > 40        # the search moved into the branch
+        assert [n.op_type for n in branches["else_branch"].node] == ["Identity"]
     # a wide class group: the tangent root's float32 search, whose estimate (proven in float64) may
     # differ between the runtimes by a few float32 steps (tests/hjmodel/test_artifact.py)
     float32_search = model._tangent_float32
