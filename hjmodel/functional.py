@@ -467,28 +467,30 @@ def count_at_least(sorted_ref: Tensor, s: Tensor, unrolled: bool | None = None) 
     otherwise one ``torch.searchsorted`` (eager torch pays per operation, ~20 of them here; the test
     holds both forms to the direct count).
 
-    A binary search unrolled to floor(log2 m) + 1 steps of (n,) gathers, so the served graph does
-    O(n log m) work rather than an (n, m) comparison; NaN scores count 0 (no reference is >= NaN).
-    Branchless, by powers of two: ``below`` counts the references known to lie below s and tries to
-    add 2^k, 2^(k-1), ..., 1 in turn (the steps sum to >= m); the reference is padded with +inf to the
-    largest index a step can reach, so no bound check is needed. Each step is an add, a gather, a
-    comparison and a select in the exported graph (halving an interval cost ~15 nodes a step: the
-    exporter writes integer floor division out as Div, Mod, Xor, Not, Equal, Where)."""
+    A two-level search, so the served graph does O(n sqrt m) work rather than an (n, m) comparison,
+    in a dozen nodes; NaN scores count 0 (no reference is >= NaN). The reference, padded with +inf to
+    B (C + 1) entries (B = ceil(sqrt m) per block, C blocks, and one more block of +inf), is read as
+    blocks: the blocks whose last entry lies below s are the ones wholly below it (the reference is
+    ascending), and one gather of the next block, whose entries below s are counted, finishes the
+    count of references below s. The blocks' last entries are weight-only constants of the graph.
+    (An unrolled binary search took floor(log2 m) + 1 steps of an add, a gather, a comparison and a
+    select: ~75 nodes per count for a thousand references, a fifth of a classifier's batch-1 time
+    in `bench/results/graph_profile.md`.)"""
     m = int(sorted_ref.shape[0])                               # a Python number, also when exporting
-    below = torch.zeros_like(s, dtype=torch.long)              # all of sorted_ref[:below] are < s
     if m == 0:
-        return below
+        return torch.zeros_like(s, dtype=torch.long)
     if not (torch.onnx.is_in_onnx_export() if unrolled is None else unrolled):
         below = torch.searchsorted(sorted_ref, s, side="left")   # #{ref < s}
         return torch.where(torch.isnan(s), 0, m - below)
-    step = 1 << (m.bit_length() - 1)                           # the largest power of two <= m
-    padded = torch.cat([sorted_ref, torch.full((2 * step - 1 - m,), math.inf, dtype=sorted_ref.dtype,
+    B = math.isqrt(m - 1) + 1                                  # ceil(sqrt m): B * B >= m
+    C = -(-m // B)                                             # blocks holding the reference
+    padded = torch.cat([sorted_ref, torch.full((B * (C + 1) - m,), math.inf, dtype=sorted_ref.dtype,
                                                device=sorted_ref.device)])
-    while step:
-        # is sorted_ref[below + step - 1] < s, i.e. are below + step references below s?
-        ref = padded.index_select(0, (below + (step - 1)).reshape(-1)).reshape(s.shape)
-        below = torch.where(ref < s, below + step, below)
-        step >>= 1
+    last = padded[B - 1:B * C:B]                                         # (C,) each block's last entry
+    blocks = (last < s.unsqueeze(-1)).sum(-1)                            # (n,) blocks wholly below s
+    offsets = torch.arange(B, device=s.device)
+    block = padded.index_select(0, (blocks.unsqueeze(-1) * B + offsets).reshape(-1)).reshape(*s.shape, B)
+    below = blocks * B + (block < s.unsqueeze(-1)).sum(-1)
     return torch.where(torch.isnan(s), 0, m - below)
 
 
