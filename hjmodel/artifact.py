@@ -357,17 +357,18 @@ def _skip_empty_searches(proto, wrap: tuple[bool, ...]) -> int:
         if escaping != {result}:
             continue
         data = sink.input[0]
-        # "any index gathered" right after the NonZero; the If where the ScatterND was (every outer
+        # "any index gathered" right after the NonZero; the If where the scatter was (every outer
         # value the search reads is produced before it)
         tag = f"skip_search_{k}"
         size, zero, cond, found, none = (f"{tag}_{s}" for s in ("size", "zero", "any", "found", "none"))
-        gate = [helper.make_node("Size", [name], [size]),
-                helper.make_node("Constant", [], [zero], value=helper.make_tensor(zero, TensorProto.INT64, [], [0])),
-                helper.make_node("Greater", [size, zero], [cond])]
+        gate = [helper.make_node("Size", [name], [size], name=size),
+                helper.make_node("Constant", [], [zero], name=zero,
+                                 value=helper.make_tensor(zero, TensorProto.INT64, [], [0])),
+                helper.make_node("Greater", [size, zero], [cond], name=cond)]
         sink.output[0] = found
         dtype = elem.get(data) or TensorProto.DOUBLE
         then_g = helper.make_graph(search, "search", [], [helper.make_tensor_value_info(found, dtype, None)])
-        else_g = helper.make_graph([helper.make_node("Identity", [data], [none])], "none", [],
+        else_g = helper.make_graph([helper.make_node("Identity", [data], [none], name=none)], "none", [],
                                    [helper.make_tensor_value_info(none, dtype, None)])
         if_node = helper.make_node("If", [cond], [result], then_branch=then_g, else_branch=else_g,
                                    name=f"skip_empty_search_{k}")
