@@ -20,6 +20,7 @@ def main() -> int:
     args = ap.parse_args()
     runs = [
         ["bench/hjmodel_bench.py", "--models", args.models],
+        ["bench/graph_profile.py", "--models", args.models],
         ["bench/hjmodel_eval.py", "--models", args.models],
         ["bench/service_bench.py", "--model-dir", str(Path(args.models) / "digits_lse" / "1")],
         ["bench/request_path.py", "--model-dir", str(Path(args.models) / "digits_lse" / "1")],
