@@ -43,7 +43,8 @@ EXPORT = ("import sys; from hjmodel.artifact import load_model, export_onnx; "
           "export_onnx(load_model(sys.argv[1]), sys.argv[2])")
 
 
-def _export(tree: Path, version: Path, target: Path) -> None:
+def export_with(tree: Path, version: Path, target: Path) -> None:
+    """Export ``version``'s trained artifact to ``target`` with the hjmodel of the git tree ``tree``."""
     subprocess.run([sys.executable, "-c", EXPORT, str(version), str(target)], cwd=tree, check=True,
                    env={**os.environ, "PYTHONPATH": str(tree)}, capture_output=True)
 
@@ -98,7 +99,7 @@ def main() -> int:
                 sessions = {}
                 for label, tree in zip(labels, (worktree, ROOT), strict=True):
                     target = tmp / label.split()[0] / name / "model.onnx"
-                    _export(tree, version, target)
+                    export_with(tree, version, target)
                     sessions[label] = open_session(target, threads=1)
                 outputs = _compare(sessions, X[:512])
                 nodes = {label: _nodes(tmp / label.split()[0] / name / "model.onnx") for label in labels}
