@@ -918,8 +918,8 @@ def grouped_margin_radius(a_g: Tensor, s: Tensor, pi_g: Tensor, valid: Tensor, c
     in W_g's coordinates (n, K, p) when the caller has it (:func:`group_gradients`). ``prune``: search
     the tangent radius only for the pairs that can decide the radius (:func:`_pruned_tangent`): the
     same radius, but an unsearched pair's per-class radius is its hybrid radius alone (sound, and
-    possibly below the searched one); False searches every pair, as the masked form does. Returns (radius (n,), per-class radius (n, K) with
-    +inf at k = c)."""
+    possibly below the searched one); False searches every pair, as the masked form does. Returns
+    (radius (n,), per-class radius (n, K) with +inf at k = c)."""
     K = s.shape[-1]
     if rounding is None:
         rounding = 64 * torch.finfo(s.dtype).eps
@@ -939,14 +939,13 @@ def grouped_margin_radius(a_g: Tensor, s: Tensor, pi_g: Tensor, valid: Tensor, c
         r = _pair_hybrid(m, take_class(grads_x, c).unsqueeze(1) - grads_x, c, L, kappa, None, lip, curv)
     rival = ~(never | own)
     if tangent_g is not None:
-        # (one rival, K = 2: the pair always decides, nothing to prune)
         # g = grad s_c in the certificate's coordinates; c_j = |t_j - g| for every neuron (the rows
         # are used in their one (K, S, q) layout only, so an exported graph stores them once)
         g = grad_c if tangent_g is W_g else take_class(group_gradients(pi_g, tangent_g), c)   # (n, q)
         cross = (tangent_g @ g.T).permute(2, 0, 1)                                          # (n, K, S)
         c2 = (tangent_g * tangent_g).sum(-1) - 2.0 * cross + (g * g).sum(-1)[:, None, None]
         dist = c2.clamp_min(0.0).sqrt()
-        if not prune or K == 2:
+        if not prune or K == 2:             # two classes: the one rival always decides, nothing to prune
             t = _tangent_solve(a_g, None, dist, eps, target, sq0, finite, _TANGENT_ITERS, float32_search)
         else:
             t = _pruned_tangent(a_g, dist, eps, target, sq0, finite, float32_search, r, rival, lip)
