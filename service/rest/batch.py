@@ -85,7 +85,9 @@ def ndjson_lines(block: RowBlock) -> bytes:
     ``bench/results/service.md`` measures the job against the in-process predictor."""
     if not block.rows or not _finite(block) or any(o.array.ndim > 2 for o in block.outputs):
         return _ndjson_by_row(block)
-    fields = [b',"%s":%%s' % o.name.replace("%", "%%").encode() for o in block.outputs]
+    # a 2-D column's rows are written between the template's brackets: its pieces are their insides
+    fields = [(b',"%s":[%%s]' if o.array.ndim == 2 else b',"%s":%%s') % o.name.replace("%", "%%").encode()
+              for o in block.outputs]
     columns = [_pieces(o.array, block.rows) for o in block.outputs]
     if block.classes is not None:
         fields.insert(0, b',"class":%s')
@@ -97,14 +99,14 @@ def ndjson_lines(block: RowBlock) -> bytes:
 
 
 def _pieces(array: np.ndarray, rows: int) -> list[bytes]:
-    """The JSON text of each row of a 1-D or 2-D numeric column, cut from one orjson serialisation
-    of the whole column (numbers, ``true`` / ``false`` and brackets only: no commas or brackets
-    inside a value)."""
+    """The JSON text of each row of a 1-D numeric column, or of the inside of each row's brackets of
+    a 2-D one, cut from one orjson serialisation of the whole column (numbers, ``true`` / ``false``
+    and brackets only: no commas or brackets inside a value)."""
     raw = orjson.dumps(np.ascontiguousarray(array), option=orjson.OPT_SERIALIZE_NUMPY)
     if array.ndim == 1:
         pieces = raw[1:-1].split(b",")
     else:
-        pieces = [b"[" + piece + b"]" for piece in raw[2:-2].split(b"],[")]
+        pieces = raw[2:-2].split(b"],[")
     if len(pieces) != rows:
         raise ValueError(f"column of {len(pieces)} rows in a block of {rows}")
     return pieces

@@ -3,7 +3,11 @@ counted once, in one place."""
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
+import pytest
+from prometheus_client import CollectorRegistry, Histogram
 
 from service import metrics
 from service.metrics import VersionMetrics
@@ -47,3 +51,39 @@ def test_requests_are_counted_in_prometheus_and_triton_statistics_together():
     assert stats["inference_stats"]["fail"]["count"] == 1
     assert _value(metrics.INFERENCE_FAILURES, model="mtest2", version="1", reason="overloaded") == 1
     assert _value(metrics.INFERENCE_REQUESTS, model="mtest2", version="1", outcome="success") == 1
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_a_block_of_rows_is_observed_as_one_observe_per_row(seed):
+    """metrics._observe counts a block's values per bucket with numpy: the exposition -- every
+    bucket, the count and the sum -- is what one ``observe`` per finite value gives, for values on
+    the bucket bounds exactly (a value equal to a bound counts in that bucket), between them, beyond
+    the last finite bound, negative, and non-finite ones (skipped); one value, and none."""
+    rng = np.random.default_rng(seed)
+    bounds = metrics._RADIUS_BUCKETS
+    finite_bounds = np.array([b for b in bounds if math.isfinite(b)])
+    n = int(rng.integers(0, 400)) if seed else 0
+    values = np.concatenate([rng.choice(finite_bounds, n // 4),                     # on a bound
+                             rng.uniform(-1.0, 2.0 * finite_bounds.max(), n - n // 4),
+                             [np.nan, np.inf, -np.inf][: seed % 4]]).astype(rng.choice([np.float32, np.float64]))
+    if seed == 1:
+        values = values[:1]
+    rng.shuffle(values)
+    registries = CollectorRegistry(), CollectorRegistry()
+    blocked, one_by_one = (Histogram("h", "h", buckets=bounds, registry=r) for r in registries)
+    metrics._observe(blocked, values)
+    for v in np.asarray(values, dtype=np.float64).tolist():
+        if math.isfinite(v):
+            one_by_one.observe(v)
+
+    def samples(registry):
+        return {(s.name, s.labels.get("le")): s.value for m in registry.collect() for s in m.samples
+                if not s.name.endswith("_created")}
+
+    got, want = samples(registries[0]), samples(registries[1])
+    assert got.keys() == want.keys()
+    for key, value in want.items():
+        if key[0] == "h_sum":       # a sum of the block at once, not value by value: to rounding
+            assert got[key] == pytest.approx(value, rel=1e-12, abs=1e-12)
+        else:
+            assert got[key] == value, key
