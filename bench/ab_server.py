@@ -74,14 +74,14 @@ def main() -> int:
         subprocess.run(["git", "worktree", "add", "-q", "--detach", str(worktree), base], cwd=ROOT, check=True)
         try:
             trees = {f"base {base}": worktree, f"this tree ({head}{' + changes' if dirty else ''})": ROOT}
-            repos = {}
-            for i, (label, tree) in enumerate(trees.items()):
-                repos[label] = repo = tmp / f"repo{i}"
-                shutil.copytree(version, repo / name / "1")
-                if args.export:
-                    export_with(tree, version, repo / name / "1" / "model.onnx")
-                elif i:
-                    repos[label] = repos[next(iter(trees))]          # one artifact for both
+            # one repository for both, or (--export) one per tree with its own graphs
+            repos = {label: tmp / (f"repo{i}" if args.export else "repo") for i, label in enumerate(trees)}
+            for label, tree in trees.items():
+                target = repos[label] / name / "1"
+                if not target.exists():
+                    shutil.copytree(version, target)
+                    if args.export:
+                        export_with(tree, version, target / "model.onnx")
             for p in range(args.passes):
                 for label, tree in (trees.items() if p % 2 == 0 else reversed(trees.items())):
                     with run_server(repos[label], tmp, root=tree, intra_op_threads=1) as server:

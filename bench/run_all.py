@@ -24,6 +24,7 @@ def main() -> int:
         ["bench/hjmodel_eval.py", "--models", args.models],
         ["bench/service_bench.py", "--model-dir", str(Path(args.models) / "digits_lse" / "1")],
         ["bench/request_path.py", "--model-dir", str(Path(args.models) / "digits_lse" / "1")],
+        ["bench/loop_work.py", "--model-dir", str(Path(args.models) / "digits_lse" / "1")],
         ["bench/distributed_bench.py", "--model-dir", str(Path(args.models) / "digits_lse" / "1")],
     ]
     failed = 0

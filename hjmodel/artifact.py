@@ -293,9 +293,10 @@ def _gathered_searches(model: HJModel) -> tuple[bool, ...]:
     - the tangent radius's root search over the class pairs that can decide the certificate
       (:func:`hjmodel.functional._pruned_tangent`). Wrapped only after a body: there the tangent
       radius, divided by the body's global Lipschitz constant, rarely beats the hybrid radius with
-      its exact gradient (0.7% of the demo deep model's test rows need it), while a head on the input
-      searches one or more pairs of nearly every row, and an If that runs costs onnxruntime more
-      (~15 us) than the few nodes it would skip.
+      its exact gradient (under one pair in a hundred rows of the demo deep model's data), while a
+      head on the input searches one or more pairs of nearly every row, and an If that runs costs
+      onnxruntime more than the few nodes it would skip. Measured both ways by ``bench/ab_graph.py
+      --wraps`` (``bench/results/ab_graph_wraps.md``).
     - the IBP radius search over the rows where IBP may beat the closed form
       (:meth:`HJModel._interval_radius`): wrapped (most single rows gather nothing)."""
     if model.task != "classification" or model.head.groups is None:
@@ -313,9 +314,10 @@ def _skip_empty_searches(proto, wrap: tuple[bool, ...]) -> int:
     A search is the nodes between its NonZero (the gathered indices) and the first scatter that
     writes its results back with those indices into data that does not depend on them; they move
     into the then-branch of an If on "any index gathered", and the else-branch passes the scatter's
-    data through (what writing nothing leaves). The tracing exporter cannot write an If itself. A NonZero whose dependants do not have
-    that shape (a value of the search used elsewhere) is left as it was. Returns the number of
-    searches wrapped."""
+    data through (what writing nothing leaves). The tracing exporter cannot write an If itself. A
+    NonZero whose dependants do not have that shape (a value of the search used elsewhere) is left as
+    it was. Returns the number of searches wrapped (tests/hjmodel/test_interval_radius.py checks
+    which Ifs each demo model's graph has)."""
     import onnx
     from onnx import TensorProto, helper
 
@@ -340,7 +342,7 @@ def _skip_empty_searches(proto, wrap: tuple[bool, ...]) -> int:
                      and n.input[1] in tainted and n.input[0] not in tainted), None)
         if sink is None:
             continue
-        # the search: the dependent nodes the ScatterND needs
+        # the search: the dependent nodes the scatter needs
         producer = {o: n for n in dependent for o in n.output}
         need, stack = set(), [sink]
         while stack:

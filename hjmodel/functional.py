@@ -967,8 +967,8 @@ def _pruned_tangent(a_g: Tensor, dist: Tensor, eps: float, target: Tensor, sq0: 
     reaches U (its term is at least U either way, and the certificate at most U). Skipping a pair only
     lowers its term, so the certificate stays sound whatever is skipped; these rules skip none that
     could decide it. The search's exponentials then run on the needed pairs alone, gathered (about
-    two of nine pairs per row on the demo lse model, one in a hundred rows on the deep one), and the
-    found radii are written back."""
+    two of nine pairs per row on the demo lse model, under one pair in a hundred rows on the deep
+    one), and the found radii are written back."""
     bracket = _tangent_bracket(a_g, None, dist, target)                                # (n, K)
     reach = bracket * (1.0 + 2.0 ** -10) / lip
     bound = torch.where(rival, torch.maximum(hybrid, reach), math.inf).amin(-1, keepdim=True)
@@ -978,7 +978,7 @@ def _pruned_tangent(a_g: Tensor, dist: Tensor, eps: float, target: Tensor, sq0: 
     pairs = need.reshape(-1).nonzero().squeeze(-1)                                     # (m,)
     t = torch.zeros_like(target).reshape(-1)
     if pairs.numel() == 0 and not torch.onnx.is_in_onnx_export():
-        return t.view_as(target)    # the served graph skips the search likewise (artifact._skip_empty_searches)
+        return t.view_as(target)    # after a body the served graph skips it too (artifact._gathered_searches)
 
     def sel(x: Tensor) -> Tensor:   # (n, K, ...) -> the needed pairs' (m, ...)
         return (x.reshape(-1) if x.dim() == 2 else x.flatten(0, 1)).index_select(0, pairs)

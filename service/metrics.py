@@ -96,8 +96,9 @@ def _observe(hist, values: np.ndarray) -> None:
     record it: each value counted in the first bucket whose upper bound it does not exceed, and added
     to the sum. A block of rows (a batch job's chunk, a dynamic batch) is counted per bucket with
     numpy and written with one increment per bucket hit and one to the sum: one ``observe`` per row
-    took a lock and a Python loop over the buckets each time, 0.8 ms per 1,024 rows per histogram --
-    2.4 ms of the event loop per chunk of a batch job, against 0.02 ms per histogram now. This reads the
+    took a lock and a Python loop over the buckets each time, ~2.6 ms of the event loop for the three
+    histograms of a 1,024-row batch-job chunk, against ~0.1 ms now (``bench/results/loop_work.md``,
+    side by side). This reads the
     histogram's own bucket and sum values (prometheus_client's ``Histogram._buckets`` / ``_sum`` /
     ``_upper_bounds``); a histogram without them is observed value by value. Test: the exposition
     equals per-value ``observe``'s (tests/service/test_metrics.py)."""

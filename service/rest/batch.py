@@ -82,6 +82,8 @@ def ndjson_lines(block: RowBlock) -> bytes:
     over them: no per-row objects (:func:`_ndjson_by_row` writes the same bytes, an object per row).
     Every float output is finite -- the graph saturates to the float32 range -- and a block that
     somehow is not is written by the standard encoder (NaN / Infinity, as in V2 replies).
+    ``bench/results/loop_work.md`` times it against the object-per-row encoder on real outputs (only
+    ~6% faster: the shortest-form float32 printing both share is most of the cost);
     ``bench/results/service.md`` measures the job against the in-process predictor."""
     if not block.rows or not _finite(block) or any(o.array.ndim > 2 for o in block.outputs):
         return _ndjson_by_row(block)

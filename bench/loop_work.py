@@ -1,0 +1,127 @@
+"""The event loop's own work on one chunk of a batch attribution job, against its baselines.
+
+    python bench/loop_work.py [--model-dir models/digits_lse/1] [--rows 1024] [--repeats 15]
+        -> bench/results/loop_work.md
+
+A batch job's chunk is computed on the version's backend thread; the event loop then records the
+chunk's diagnostic metrics and encodes its NDJSON, while the next chunk computes. When the loop's
+part takes longer than the graph, the backend waits. Measured on one chunk of real served outputs
+(the model's ``model.onnx`` on its own data set, every output):
+
+* diagnostic histograms (``certified_radius``, ``energy_gap``, ``ood_score``): ``metrics._observe``
+  (one count per bucket with numpy) against one ``Histogram.observe`` per finite value, the
+  prometheus_client call it replaces, into fresh histograms with the service's buckets;
+* the row layout (``service.rest.batch.ndjson_lines``: each column serialised once and cut) against
+  the one-object-per-row encoder it writes the same bytes as (``_ndjson_by_row``), and the column
+  layout (``column_line``).
+
+Each cell is the median over ``--repeats`` alternating timings; ratios are against the baseline.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import math
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from hjmodel import load_dataset, serving  # noqa: E402
+from service import metrics  # noqa: E402
+from service.rest.batch import _ndjson_by_row, column_line, ndjson_lines  # noqa: E402
+from service.types import InferOutput, RowBlock  # noqa: E402
+
+OUT = ROOT / "bench" / "results" / "loop_work.md"
+HISTOGRAMS = (("certified_radius", metrics._RADIUS_BUCKETS), ("energy_gap", metrics._GAP_BUCKETS),
+              ("ood_score", metrics._OOD_BUCKETS))
+
+
+def _ms(fn, repeats: int) -> list[float]:
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - start) * 1e3)
+    return times
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model-dir", default=str(ROOT / "models" / "digits_lse" / "1"))
+    ap.add_argument("--rows", type=int, default=1024)
+    ap.add_argument("--repeats", type=int, default=15)
+    args = ap.parse_args()
+    from prometheus_client import CollectorRegistry, Histogram
+
+    version = Path(args.model_dir)
+    spec = json.loads((version / "model.json").read_text())
+    X = load_dataset(spec["provenance"]["dataset"]).X.astype(np.float32)
+    X = np.resize(X, (args.rows, X.shape[1]))
+    session = serving.open_session(version / serving.ONNX_FILE, threads=1)
+    names = [o.name for o in session.get_outputs()]
+    outputs = dict(zip(names, session.run(None, serving.onnx_feeds(session, X, 0.1)), strict=True))
+
+    one_by_one, by_block = ([Histogram(n, n, buckets=b, registry=CollectorRegistry()) for n, b in HISTOGRAMS]
+                            for _ in range(2))
+
+    def per_value():
+        for h, (name, _) in zip(one_by_one, HISTOGRAMS, strict=True):
+            for v in np.asarray(outputs[name], dtype=np.float64).ravel().tolist():
+                if math.isfinite(v):
+                    h.observe(v)
+
+    def blocked():
+        for h, (name, _) in zip(by_block, HISTOGRAMS, strict=True):
+            metrics._observe(h, outputs[name])
+
+    datatypes = {o.name: o.datatype for o in serving.outputs_for(spec["task"])}
+    block = RowBlock(start=0, rows=args.rows, classes=[str(c) for c in outputs["prediction"].tolist()],
+                     outputs=[InferOutput(n, datatypes[n], outputs[n]) for n in names if n in datatypes])
+    assert ndjson_lines(block) == _ndjson_by_row(block)
+    pairs = {
+        "diagnostic histograms (3), one chunk": (("one observe per value", per_value),
+                                                 ("metrics._observe", blocked)),
+        "row layout NDJSON, one chunk": (("one object per row (_ndjson_by_row)", lambda: _ndjson_by_row(block)),
+                                         ("ndjson_lines", lambda: ndjson_lines(block))),
+        "column layout NDJSON, one chunk": (("one object per row (_ndjson_by_row)", lambda: _ndjson_by_row(block)),
+                                            ("column_line", lambda: column_line(block))),
+    }
+    rows = []
+    for what, ((base_label, base), (new_label, new)) in pairs.items():
+        base(), new()
+        b_times, n_times = [], []
+        for _ in range(args.repeats):
+            b_times += _ms(base, 1)
+            n_times += _ms(new, 1)
+        b, n = statistics.median(b_times), statistics.median(n_times)
+        rows.append(f"| {what} | {base_label}: {b:.2f} | {new_label}: {n:.2f} | {n / b:.3f}x |")
+        print(rows[-1], flush=True)
+    lines = [
+        "# The event loop's work on one batch-job chunk",
+        "",
+        f"Generated by `python bench/loop_work.py --rows {args.rows} --repeats {args.repeats}` on "
+        f"{dt.datetime.now().isoformat(timespec='seconds')}; `{version.parent.name}`, {args.rows} rows of "
+        f"real served outputs; {platform.platform()}, Python {platform.python_version()}; what is timed: "
+        "the docstring of `bench/loop_work.py`.",
+        "",
+        "| work | baseline ms | measured ms | ratio |",
+        "|---|---|---|---|",
+        *rows,
+        "",
+    ]
+    OUT.write_text("\n".join(lines))
+    print(f"wrote {OUT}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
