@@ -479,8 +479,8 @@ class DataPlane:
                 continue
             if tracing.enabled():   # the batch's measured times, as this request's queue / compute spans
                 end = time.perf_counter()
-                tracing.record("queue", end - compute_s - queue_s, end - compute_s, **{"hjserve.rows": len(rows)})
-                tracing.record("compute", end - compute_s, end, **{"hjserve.backend": mv.backend.name})
+                tracing.record(("queue", end - compute_s - queue_s, end - compute_s, {"hjserve.rows": len(rows)}),
+                               ("compute", end - compute_s, end, {"hjserve.backend": mv.backend.name}))
             mv.metrics.record_rows(outputs, mv.task)
             return Prediction(mv, options, outputs, queue_s, compute_s, len(rows))
         raise ModelNotReady(f"model '{name}' was swapped repeatedly during the request; retry")

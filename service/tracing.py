@@ -5,7 +5,7 @@ caller's trace when it sends W3C ``traceparent`` (header or gRPC metadata), with
 ``decode``, ``queue``, ``compute`` and ``encode``. Queue and compute happen in the model version's
 batcher, shared by the requests of one batch; their spans are recorded on each request from the
 batch's measured times. The trace id is written on the request's access-log line and returned in
-the ``X-Trace-ID`` header (gRPC: ``x-trace-id`` initial metadata).
+the ``X-Trace-ID`` header (gRPC: ``x-trace-id`` trailing metadata).
 
 Off by default; when off, or when OpenTelemetry is not installed, every function here is a cheap
 no-op. Modes: ``on`` uses the process's tracer provider (set by the host, by
@@ -81,14 +81,18 @@ def span(name: str, **attributes: Any) -> Iterator[Any]:
         yield current
 
 
-def record(name: str, start_s: float, end_s: float, **attributes: Any) -> None:
-    """A finished child span from measured ``time.perf_counter()`` instants (queue and compute in
-    the batcher, which serves several requests at once)."""
+def record(*spans: tuple[str, float, float, Mapping[str, Any]]) -> None:
+    """Finished child spans ``(name, start_s, end_s, attributes)`` from measured
+    ``time.perf_counter()`` instants (queue and compute in the batcher, which serves several requests
+    at once). One conversion to the wall clock for all of them: two readings of the two clocks differ
+    by however long the thread was held between them, which could put one span's end after the next
+    one's start."""
     if _tracer is None:
         return
     offset = time.time_ns() - int(time.perf_counter() * 1e9)   # perf_counter -> wall clock
-    current = _tracer.start_span(name, start_time=offset + int(start_s * 1e9), attributes=_clean(attributes))
-    current.end(end_time=offset + int(end_s * 1e9))
+    for name, start_s, end_s, attributes in spans:
+        current = _tracer.start_span(name, start_time=offset + int(start_s * 1e9), attributes=_clean(attributes))
+        current.end(end_time=offset + int(end_s * 1e9))
 
 
 def trace_id() -> str | None:

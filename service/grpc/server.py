@@ -11,7 +11,10 @@ metrics. Each RPC decodes its message, calls one dataplane operation and encodes
 - Admission: an inference RPC beyond a model version's ``max_queue_size`` in-flight requests is
   refused with UNAVAILABLE at once, like HTTP's 503.
 - One access-log line per RPC (logger ``hjserve.access``), with the client's ``x-request-id``
-  metadata or a new id, returned in the initial metadata.
+  metadata or a new id, returned (with ``x-trace-id`` when tracing) in the trailing metadata of
+  every answer, error or not. Trailing, not initial: grpc.aio sends custom initial metadata only as
+  an operation of its own ahead of the reply, which cost 7% of ModelInfer's throughput at
+  concurrency 1 and 11-17% at 8 (perf_analyzer, side by side); the trailers travel with the status.
 """
 
 from __future__ import annotations
@@ -111,8 +114,8 @@ class GRPCServer:
                                                                          "hjserve.request_id": request_id})
             span = span_context.__enter__()
             trace_id = tracing.trace_id()
-            initial = [("x-request-id", request_id)] + ([("x-trace-id", trace_id)] if trace_id else [])
-            await context.send_initial_metadata(tuple(initial))
+            ids = (("x-request-id", request_id),) + ((("x-trace-id", trace_id),) if trace_id else ())
+            context.set_trailing_metadata(ids)
             try:
                 key = key_from(meta.get("authorization"), meta.get("x-api-key"))
                 if access == "key":
@@ -123,7 +126,7 @@ class GRPCServer:
             except HJServeError as exc:
                 mapping = lookup(exc)
                 code = mapping.grpc
-                trailing = [("error-type", mapping.error_type)]
+                trailing = [*ids, ("error-type", mapping.error_type)]
                 retry = getattr(exc, "retry_after_s", None)
                 if retry is not None:
                     trailing.append(("retry-after", str(retry)))
@@ -135,7 +138,7 @@ class GRPCServer:
                 code = "INTERNAL"
                 mapping = lookup(InternalError)
                 await context.abort(grpc.StatusCode.INTERNAL, "internal server error",
-                                    (("error-type", mapping.error_type),))
+                                    (*ids, ("error-type", mapping.error_type)))
             finally:
                 if span is not None:
                     span.set_attribute("rpc.grpc.status_code", code)

@@ -173,6 +173,7 @@ def test_bad_requests_get_the_mapped_status_never_internal(gserver, mutate, code
     assert fragment in info.value.details()
     trailing = dict(info.value.trailing_metadata() or ())
     assert trailing.get("error-type"), trailing
+    assert len(trailing.get("x-request-id", "")) == 32, trailing    # the server's id, on errors too
     with grpc.insecure_channel(gserver.grpc_target) as channel:   # and the server still serves
         live = channel.unary_unary(METHOD + "ServerLive", request_serializer=pb.ServerLiveRequest.SerializeToString,
                                    response_deserializer=pb.ServerLiveResponse.FromString)
@@ -236,7 +237,11 @@ def test_keys_limits_and_overload(tiny_repo, tmp_path):
             request.inputs.add(name="input", datatype="FP32", shape=[1, D])
             request.raw_input_contents.append(_x(1).tobytes())
             reply = call.with_call(request, metadata=(("x-api-key", "k1"), ("x-request-id", "job-7")), timeout=10)
-            assert ("x-request-id", "job-7") in reply[1].initial_metadata()
+            assert ("x-request-id", "job-7") in reply[1].trailing_metadata()
+            # an id the server does not take (over 128 characters) is replaced by a new one
+            reply = call.with_call(request, metadata=(("x-api-key", "k1"), ("x-request-id", "j" * 200)), timeout=10)
+            given = dict(reply[1].trailing_metadata())["x-request-id"]
+            assert given != "j" * 200 and len(given) == 32
         with s.client() as http:
             text = http.get("/metrics").text
         assert 'hjserve_grpc_requests_total{code="UNAVAILABLE",method="ModelInfer"}' in text
@@ -265,7 +270,7 @@ def test_an_unexpected_failure_is_internal_and_never_a_stack_trace(tiny_repo):
         def invocation_metadata(self):
             return ()
 
-        async def send_initial_metadata(self, metadata):
+        def set_trailing_metadata(self, metadata):
             pass
 
         async def abort(self, code, details, trailing):
@@ -281,4 +286,4 @@ def test_an_unexpected_failure_is_internal_and_never_a_stack_trace(tiny_repo):
     with pytest.raises(Aborted):
         asyncio.run(server._wrap("ServerLive", broken, "none")(pb.ServerLiveRequest(), context))
     assert context.code == grpc.StatusCode.INTERNAL and context.details == "internal server error"
-    assert context.trailing == {"error-type": "internal_error"}
+    assert context.trailing["error-type"] == "internal_error" and set(context.trailing) == {"error-type", "x-request-id"}
