@@ -1,7 +1,7 @@
 """The served request path of this tree against an earlier revision, side by side on this machine.
 
     python bench/ab_server.py --base REV [--model-dir models/digits_lse/1] [--seconds 4] [--passes 3]
-                              [--export] [--out bench/results/ab_server.md]
+                              [--export] [--protocol rest|grpc] [--out bench/results/ab_server.md]
         -> bench/results/ab_server.md
 
 The earlier revision is checked out into a temporary git worktree; both servers (``python -m
@@ -13,7 +13,10 @@ so machine noise shared by both cancels as far as alternation allows. Only the s
 both run this tree's Python environment and the same artifact (built by this tree). With
 ``--export`` each tree serves the graphs its own exporter writes from the same trained artifact
 (``model.pt``, as ``bench/ab_graph.py`` does), so the service and the graphs both differ: the whole
-effect of a revision on a served request.
+effect of a revision on a served request. With ``--protocol grpc`` the same requests go as
+``ModelInfer`` calls (raw input contents) through ``bench/loadgen.py``'s gRPC loop (grpcio's asyncio
+client: heavier than the raw-socket HTTP client, and on the same two cores, so it dilutes a
+server-side difference rather than inflating it).
 """
 
 from __future__ import annotations
@@ -37,11 +40,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.ab_graph import export_with  # noqa: E402
-from bench.loadgen import post_loop  # noqa: E402
+from bench.loadgen import grpc_loop, post_loop  # noqa: E402
 from service.testing import run_server  # noqa: E402
 
 OUT = ROOT / "bench" / "results" / "ab_server.md"
 CONCURRENCY = (1, 4)
+GRPC_INFER = "/inference.GRPCInferenceService/ModelInfer"
 
 
 def main() -> int:
@@ -51,6 +55,7 @@ def main() -> int:
     ap.add_argument("--seconds", type=float, default=4.0)
     ap.add_argument("--passes", type=int, default=3)
     ap.add_argument("--export", action="store_true", help="each tree serves the graphs its exporter writes")
+    ap.add_argument("--protocol", choices=("rest", "grpc"), default="rest")
     ap.add_argument("--out", default=str(OUT))
     args = ap.parse_args()
     base = subprocess.run(["git", "rev-parse", "--short", args.base], cwd=ROOT, check=True, capture_output=True,
@@ -67,6 +72,18 @@ def main() -> int:
     bodies = {"four default outputs": {"inputs": inp},
               "every output (diagnostics: true)": {"inputs": inp, "parameters": {"diagnostics": True}}}
     path = f"/v2/models/{name}/infer"
+    if args.protocol == "grpc":
+        from service.grpc import inference_pb2 as pb
+
+        def message(diagnostics: bool) -> bytes:
+            request = pb.ModelInferRequest(model_name=name)
+            request.inputs.add(name="input", datatype="FP32", shape=[1, len(row)])
+            request.raw_input_contents.append(np.asarray([row], np.float32).tobytes())
+            if diagnostics:
+                request.parameters["diagnostics"].bool_param = True
+            return request.SerializeToString()
+
+        messages = {label: message("parameters" in body) for label, body in bodies.items()}
     results: dict[tuple[str, str, int], list[float]] = {}
     with tempfile.TemporaryDirectory() as tmpdir:
         tmp = Path(tmpdir)
@@ -84,10 +101,16 @@ def main() -> int:
                         export_with(tree, version, target / "model.onnx")
             for p in range(args.passes):
                 for label, tree in (trees.items() if p % 2 == 0 else reversed(trees.items())):
-                    with run_server(repos[label], tmp, root=tree, intra_op_threads=1) as server:
+                    with run_server(repos[label], tmp, root=tree, intra_op_threads=1,
+                                    grpc=args.protocol == "grpc") as server:
                         for body_label, body in bodies.items():
                             for c in CONCURRENCY:
-                                r = asyncio.run(post_loop(server.url, path, json.dumps(body).encode(), args.seconds, c))
+                                if args.protocol == "grpc":
+                                    r = asyncio.run(grpc_loop(f"127.0.0.1:{server.grpc_port}", GRPC_INFER,
+                                                              messages[body_label], args.seconds, c))
+                                else:
+                                    r = asyncio.run(post_loop(server.url, path, json.dumps(body).encode(),
+                                                              args.seconds, c))
                                 if r["errors"]:
                                     raise RuntimeError(f"{label}: {r['errors']} failed requests")
                                 results.setdefault((label, body_label, c), []).append(r["rps"])
@@ -99,8 +122,8 @@ def main() -> int:
             else "both serving this tree's artifact: only the service code differs")
     L = [f"""# The served request path against an earlier revision
 
-Generated by `python bench/ab_server.py --base {args.base}{' --export' if args.export else ''}` on {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}:
-`{name}`, onnxruntime with one thread, batch 1, JSON, `bench/loadgen.py`'s closed loop, {args.passes}
+Generated by `python bench/ab_server.py --base {args.base}{' --export' if args.export else ''}{' --protocol grpc' if args.protocol == 'grpc' else ''}` on {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}:
+`{name}`, onnxruntime with one thread, batch 1, {'gRPC ModelInfer (raw contents)' if args.protocol == 'grpc' else 'JSON'}, `bench/loadgen.py`'s closed loop, {args.passes}
 alternating passes of {args.seconds:g} s per server, request and concurrency; medians. {platform.machine()},
 {os.cpu_count()} cores shared by the client and the server (load average at the end {os.getloadavg()[0]:.1f});
 {what}.

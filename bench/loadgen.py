@@ -4,7 +4,8 @@ Its cost per request is a small fraction of a general-purpose client's (no reque
 header objects), which matters where the client shares the machine's cores with the server it
 measures. Used by ``bench/overload_bench.py`` (open and closed loops) and ``bench/competitors.py``
 (the one client for every server). Responses with ``Content-Length`` or chunked bodies are read
-whole, so a connection is never reused mid-response.
+whole, so a connection is never reused mid-response. :func:`grpc_loop` is the same closed loop over
+one gRPC channel (grpcio's asyncio client, the request serialised once).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import time
 
 import numpy as np
 
-__all__ = ["Pool", "closed_loop", "post_loop", "request_bytes"]
+__all__ = ["Pool", "closed_loop", "grpc_loop", "post_loop", "request_bytes"]
 
 
 def request_bytes(host: str, path: str, body: bytes, content_type: str = "application/json") -> bytes:
@@ -89,8 +90,36 @@ async def closed_loop(host: str, port: int, payload: bytes, seconds: float, conc
     """``concurrency`` keep-alive connections sending ``payload`` back to back for ``seconds``:
     req/s, p50 and p99 latency (ms), errors (non-200 answers and lost connections), requests made."""
     pool = Pool(host, port, concurrency)
+    try:
+        return await _loop(lambda: pool.send(payload), seconds, concurrency, warmup)
+    finally:
+        pool.close()
+
+
+async def grpc_loop(target: str, method: str, request: bytes, seconds: float, concurrency: int,
+                    warmup: int = 20) -> dict:
+    """:func:`closed_loop` over one gRPC channel to ``target`` (``host:port``): ``concurrency`` calls
+    of ``method`` (``/package.Service/Method``) in flight, each sending the serialised ``request``;
+    a call that fails counts as an error."""
+    import grpc
+
+    async with grpc.aio.insecure_channel(target) as channel:
+        call = channel.unary_unary(method)          # bytes in, bytes out: no (de)serialising in the loop
+
+        async def send() -> int:
+            try:
+                await call(request, timeout=30)
+                return 200
+            except grpc.aio.AioRpcError:
+                return 500
+
+        return await _loop(send, seconds, concurrency, warmup)
+
+
+async def _loop(send, seconds: float, concurrency: int, warmup: int) -> dict:
+    """``concurrency`` workers awaiting ``send()`` (-> an HTTP-like status) back to back for ``seconds``."""
     for _ in range(warmup):
-        await pool.send(payload)
+        await send()
     latencies: list[float] = []
     errors = 0
     stop = time.perf_counter() + seconds
@@ -99,14 +128,13 @@ async def closed_loop(host: str, port: int, payload: bytes, seconds: float, conc
         nonlocal errors
         while time.perf_counter() < stop:
             t0 = time.perf_counter()
-            status = await pool.send(payload)
+            status = await send()
             latencies.append(time.perf_counter() - t0)
             errors += status != 200
 
     start = time.perf_counter()
     await asyncio.gather(*(worker() for _ in range(concurrency)))
     elapsed = time.perf_counter() - start
-    pool.close()
     return {"rps": len(latencies) / elapsed, "p50_ms": 1e3 * statistics.median(latencies),
             "p99_ms": 1e3 * float(np.quantile(latencies, 0.99)), "errors": errors, "n": len(latencies)}
 

@@ -45,13 +45,11 @@ HISTOGRAMS = (("certified_radius", metrics._RADIUS_BUCKETS), ("energy_gap", metr
               ("ood_score", metrics._OOD_BUCKETS))
 
 
-def _ms(fn, repeats: int) -> list[float]:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - start) * 1e3)
-    return times
+def _ms(fn) -> float:
+    """Milliseconds one call of ``fn`` takes."""
+    start = time.perf_counter()
+    fn()
+    return (time.perf_counter() - start) * 1e3
 
 
 def main() -> int:
@@ -98,11 +96,8 @@ def main() -> int:
     rows = []
     for what, ((base_label, base), (new_label, new)) in pairs.items():
         base(), new()
-        b_times, n_times = [], []
-        for _ in range(args.repeats):
-            b_times += _ms(base, 1)
-            n_times += _ms(new, 1)
-        b, n = statistics.median(b_times), statistics.median(n_times)
+        times = [(_ms(base), _ms(new)) for _ in range(args.repeats)]    # alternating, one call each
+        b, n = (statistics.median(column) for column in zip(*times))
         rows.append(f"| {what} | {base_label}: {b:.2f} | {new_label}: {n:.2f} | {n / b:.3f}x |")
         print(rows[-1], flush=True)
     lines = [

@@ -332,7 +332,9 @@ def _skip_empty_searches(proto, wrap: tuple[bool, ...]) -> int:
     for k, name in enumerate(searches):
         if not wrap[k]:
             continue
-        nz = next(n for n in g.node if n.op_type == "NonZero" and n.output[0] == name)
+        nz = next((n for n in g.node if n.op_type == "NonZero" and n.output[0] == name), None)
+        if nz is None:                       # moved into an earlier search's If: it runs only there
+            continue
         tainted, dependent = {name}, []
         for n in g.node:                     # topological order
             if any(i in tainted for i in _reads(n)):

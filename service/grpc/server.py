@@ -13,8 +13,9 @@ metrics. Each RPC decodes its message, calls one dataplane operation and encodes
 - One access-log line per RPC (logger ``hjserve.access``), with the client's ``x-request-id``
   metadata or a new id, returned (with ``x-trace-id`` when tracing) in the trailing metadata of
   every answer, error or not. Trailing, not initial: grpc.aio sends custom initial metadata only as
-  an operation of its own ahead of the reply; without it ModelInfer had 1.02-1.07x the throughput at
-  concurrency 1 and 1.08-1.17x at 8 (perf_analyzer, side by side); the trailers travel with the status.
+  an operation of its own ahead of the reply; without it ModelInfer has 1.06-1.12x the throughput
+  (``bench/ab_server.py --protocol grpc``, side by side: ``bench/results/ab_server_grpc.md``); the
+  trailers travel with the status.
 """
 
 from __future__ import annotations
