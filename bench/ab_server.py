@@ -1,7 +1,7 @@
 """The served request path of this tree against an earlier revision, side by side on this machine.
 
     python bench/ab_server.py --base REV [--model-dir models/digits_lse/1] [--seconds 4] [--passes 3]
-                              [--export] [--protocol rest|grpc] [--out bench/results/ab_server.md]
+                              [--export] [--protocol rest|grpc|batch] [--out bench/results/ab_server.md]
         -> bench/results/ab_server.md
 
 The earlier revision is checked out into a temporary git worktree; both servers (``python -m
@@ -16,7 +16,9 @@ both run this tree's Python environment and the same artifact (built by this tre
 effect of a revision on a served request. With ``--protocol grpc`` the same requests go as
 ``ModelInfer`` calls (raw input contents) through ``bench/loadgen.py``'s gRPC loop (grpcio's asyncio
 client: heavier than the raw-socket HTTP client, and on the same two cores, so it dilutes a
-server-side difference rather than inflating it).
+server-side difference rather than inflating it). With ``--protocol batch`` each server runs
+batch-attribution jobs instead (``bench/loadgen.py``'s :func:`batch_job`: 20,000 V2 binary rows in,
+NDJSON out, in the row and the column layout), repeated for ``--seconds``; the cells are rows/s.
 """
 
 from __future__ import annotations
@@ -40,12 +42,30 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.ab_graph import export_with  # noqa: E402
-from bench.loadgen import grpc_loop, post_loop  # noqa: E402
+from bench.loadgen import batch_job, grpc_loop, post_loop  # noqa: E402
 from service.testing import run_server  # noqa: E402
 
 OUT = ROOT / "bench" / "results" / "ab_server.md"
 CONCURRENCY = (1, 4)
 GRPC_INFER = "/inference.GRPCInferenceService/ModelInfer"
+BATCH_ROWS = 20_000
+LAYOUTS = ("rows", "columns")
+
+
+def _jobs(url: str, name: str, x: np.ndarray, layout: str, seconds: float) -> float:
+    """Rows/s of back-to-back batch jobs on ``x`` for at least ``seconds`` (and two jobs), after one
+    warm-up job."""
+    import httpx
+
+    with httpx.Client(base_url=url, timeout=600) as client:
+        batch_job(client, name, x[:1024], layout)
+        rows, t0 = 0, time.perf_counter()
+        while (elapsed := time.perf_counter() - t0) < seconds or rows < 2 * len(x):
+            answered = batch_job(client, name, x, layout)
+            if answered != len(x):
+                raise RuntimeError(f"a {layout} job answered {answered} of {len(x)} rows")
+            rows += answered
+    return rows / elapsed
 
 
 def main() -> int:
@@ -55,7 +75,7 @@ def main() -> int:
     ap.add_argument("--seconds", type=float, default=4.0)
     ap.add_argument("--passes", type=int, default=3)
     ap.add_argument("--export", action="store_true", help="each tree serves the graphs its exporter writes")
-    ap.add_argument("--protocol", choices=("rest", "grpc"), default="rest")
+    ap.add_argument("--protocol", choices=("rest", "grpc", "batch"), default="rest")
     ap.add_argument("--out", default=str(OUT))
     args = ap.parse_args()
     base = subprocess.run(["git", "rev-parse", "--short", args.base], cwd=ROOT, check=True, capture_output=True,
@@ -84,6 +104,9 @@ def main() -> int:
             return request.SerializeToString()
 
         messages = {label: message("parameters" in body) for label, body in bodies.items()}
+    batch_x = np.abs(np.random.default_rng(1).standard_normal((BATCH_ROWS, spec["n_features"]))).astype(np.float32) * 3
+    cells = ([(f"batch job, layout={layout}", layout) for layout in LAYOUTS] if args.protocol == "batch"
+             else [(label, c) for label in bodies for c in CONCURRENCY])
     results: dict[tuple[str, str, int], list[float]] = {}
     with tempfile.TemporaryDirectory() as tmpdir:
         tmp = Path(tmpdir)
@@ -103,37 +126,47 @@ def main() -> int:
                 for label, tree in (trees.items() if p % 2 == 0 else reversed(trees.items())):
                     with run_server(repos[label], tmp, root=tree, intra_op_threads=1,
                                     grpc=args.protocol == "grpc") as server:
-                        for body_label, body in bodies.items():
-                            for c in CONCURRENCY:
+                        for body_label, c in cells:
+                            if args.protocol == "batch":
+                                rps = _jobs(server.url, name, batch_x, c, args.seconds)
+                            else:
                                 if args.protocol == "grpc":
                                     r = asyncio.run(grpc_loop(f"127.0.0.1:{server.grpc_port}", GRPC_INFER,
                                                               messages[body_label], args.seconds, c))
                                 else:
-                                    r = asyncio.run(post_loop(server.url, path, json.dumps(body).encode(),
+                                    r = asyncio.run(post_loop(server.url, path, json.dumps(bodies[body_label]).encode(),
                                                               args.seconds, c))
                                 if r["errors"]:
                                     raise RuntimeError(f"{label}: {r['errors']} failed requests")
-                                results.setdefault((label, body_label, c), []).append(r["rps"])
-                                print(f"pass {p} {label} {body_label} c={c}: {r['rps']:.0f} req/s", flush=True)
+                                rps = r["rps"]
+                            results.setdefault((label, body_label, c), []).append(rps)
+                            print(f"pass {p} {label} {body_label} {c}: {rps:.0f}/s", flush=True)
         finally:
             subprocess.run(["git", "worktree", "remove", "--force", str(worktree)], cwd=ROOT, check=False)
     labels = list(trees)
     what = ("each tree serving the graphs its own exporter writes from the same trained artifact" if args.export
             else "both serving this tree's artifact: only the service code differs")
+    flags = (" --export" if args.export else "") + (f" --protocol {args.protocol}" if args.protocol != "rest" else "")
+    if args.protocol == "batch":
+        method = (f"batch attribution, {BATCH_ROWS:,} V2 binary rows per job in the server's default chunks, "
+                  f"`bench/loadgen.py`'s `batch_job` back to back for at least {args.seconds:g} s per server and layout")
+        unit, key = "rows/s", "layout"
+    else:
+        method = (f"batch 1, {'gRPC ModelInfer (raw contents)' if args.protocol == 'grpc' else 'JSON'}, "
+                  f"`bench/loadgen.py`'s closed loop for {args.seconds:g} s per server, request and concurrency")
+        unit, key = "req/s", "concurrency"
     L = [f"""# The served request path against an earlier revision
 
-Generated by `python bench/ab_server.py --base {args.base}{' --export' if args.export else ''}{' --protocol grpc' if args.protocol == 'grpc' else ''}` on {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}:
-`{name}`, onnxruntime with one thread, batch 1, {'gRPC ModelInfer (raw contents)' if args.protocol == 'grpc' else 'JSON'}, `bench/loadgen.py`'s closed loop, {args.passes}
-alternating passes of {args.seconds:g} s per server, request and concurrency; medians. {platform.machine()},
+Generated by `python bench/ab_server.py --base {args.base}{flags}` on {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}:
+`{name}`, onnxruntime with one thread, {method}; {args.passes} alternating passes, medians. {platform.machine()},
 {os.cpu_count()} cores shared by the client and the server (load average at the end {os.getloadavg()[0]:.1f});
 {what}.
 
-| request | concurrency | {labels[0]} req/s | {labels[1]} req/s | ratio |
+| request | {key} | {labels[0]} {unit} | {labels[1]} {unit} | ratio |
 |---|---|---|---|---|"""]
-    for body_label in bodies:
-        for c in CONCURRENCY:
-            a, b = (statistics.median(results[(label, body_label, c)]) for label in labels)
-            L.append(f"| {body_label} | {c} | {a:.0f} | {b:.0f} | {b / a:.2f}x |")
+    for body_label, c in cells:
+        a, b = (statistics.median(results[(label, body_label, c)]) for label in labels)
+        L.append(f"| {body_label} | {c} | {a:.0f} | {b:.0f} | {b / a:.2f}x |")
     Path(args.out).write_text("\n".join(L) + "\n")
     print(Path(args.out).read_text())
     return 0

@@ -5,18 +5,24 @@ header objects), which matters where the client shares the machine's cores with 
 measures. Used by ``bench/overload_bench.py`` (open and closed loops) and ``bench/competitors.py``
 (the one client for every server). Responses with ``Content-Length`` or chunked bodies are read
 whole, so a connection is never reused mid-response. :func:`grpc_loop` is the same closed loop over
-one gRPC channel (grpcio's asyncio client, the request serialised once).
+one gRPC channel (grpcio's asyncio client, the request serialised once). :func:`batch_job` runs one
+batch-attribution job (V2 binary rows in, NDJSON out) and counts the rows answered in the raw bytes.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
+import re
 import statistics
 import time
 
 import numpy as np
 
-__all__ = ["Pool", "closed_loop", "grpc_loop", "post_loop", "request_bytes"]
+__all__ = ["Pool", "batch_job", "closed_loop", "grpc_loop", "post_loop", "request_bytes"]
+
+#: a column line's leading row range, {"rows":[first,end]
+_ROWS_RANGE = re.compile(rb'\{"rows":\[(\d+),(\d+)\]')
 
 
 def request_bytes(host: str, path: str, body: bytes, content_type: str = "application/json") -> bytes:
@@ -143,3 +149,29 @@ async def post_loop(url: str, path: str, body: bytes, seconds: float, concurrenc
     """:func:`closed_loop` POSTing JSON ``body`` to ``url`` (``http://host:port``) + ``path``."""
     host, port = url.removeprefix("http://").rstrip("/").rsplit(":", 1)
     return await closed_loop(host, int(port), request_bytes(f"{host}:{port}", path, body), seconds, concurrency)
+
+
+def batch_job(client, name: str, x: np.ndarray, layout: str = "rows") -> int:
+    """POST ``x`` (float32 (n, d)) as one batch-attribution job with ``client`` (an ``httpx.Client``
+    on the server's URL), read the NDJSON answer as it streams and return the rows answered: lines
+    counted in the bytes (``layout=rows``) or the leading ``"rows"`` ranges of the column lines
+    (``layout=columns``) -- no per-line decoding, which would be most of what the client did."""
+    raw = np.ascontiguousarray(x, np.float32).tobytes()
+    head = json.dumps({"inputs": [{"name": "input", "shape": list(x.shape), "datatype": "FP32",
+                                   "parameters": {"binary_data_size": len(raw)}}]}).encode()
+    rows, tail = 0, b""
+    with client.stream("POST", f"/v2/models/{name}/batch-attribution", content=head + raw,
+                       params={"layout": layout},
+                       headers={"Inference-Header-Content-Length": str(len(head))}) as r:
+        if r.status_code != 200:
+            raise RuntimeError(f"batch job failed: {r.status_code} {r.read()[:300]!r}")
+        for chunk in r.iter_bytes():
+            if layout == "rows":
+                rows += chunk.count(b"\n")
+                continue
+            buf = tail + chunk
+            for m in _ROWS_RANGE.finditer(buf):
+                if m.end() > len(tail):     # not counted with the previous chunk
+                    rows += int(m[2]) - int(m[1])
+            tail = buf[-64:]
+    return rows

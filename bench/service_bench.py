@@ -3,8 +3,10 @@
 1. V2 infer throughput (JSON, batch 1, concurrency 16) vs a bare uvicorn endpoint returning a
    constant (the HTTP + client floor on this machine).
 2. Latency (concurrency 1) with every diagnostic output vs predictions only.
-3. Batch attribution rows/s (V2 binary in, NDJSON out) vs in-process ``load_serving_module`` on the
-   same rows.
+3. Batch attribution rows/s (V2 binary in, NDJSON out; ``bench/loadgen.py``'s ``batch_job``) in the
+   row and the column layout vs the same rows in process: ``load_serving_module`` (torch), an
+   onnxruntime session, the documented ``Predictor``. Every one is warmed up, then all run in turn
+   ``--repeats`` times (medians), so a burst of load on the shared machine reaches each alike.
 
 Usage: ``python bench/service_bench.py [--model-dir models/digits_lse/1] [--seconds 5]``; writes
 ``bench/results/service.md``. Client and servers share this machine's cores; 1 and 2 are driven by
@@ -18,24 +20,23 @@ import asyncio
 import json
 import os
 import platform
-import re
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-#: a column line's leading row range, {"rows":[first,end]
-ROWS_RANGE = re.compile(rb'\{"rows":\[(\d+),(\d+)\]')
 sys.path.insert(0, str(ROOT))
 
-from bench.loadgen import post_loop  # noqa: E402
+from bench.loadgen import batch_job, post_loop  # noqa: E402
 from service.testing import free_port, run_server  # noqa: E402
 
 BARE_APP = """
@@ -83,12 +84,60 @@ def _start_bare(log_dir: Path):
     return proc, url
 
 
+def _batch_runs(client: httpx.Client, name: str, version_dir: Path, spec: dict,
+                x: np.ndarray) -> tuple[dict[str, Callable[[], None]], int]:
+    """The batch measurements, each a warmed-up callable over all of ``x``: the server's job in the
+    row and the column layout, and the in-process baselines (torch serving module in 256-row
+    chunks; an onnxruntime session and the documented Predictor on the server's chunk size), and
+    that chunk size."""
+    import torch
+
+    from hjmodel import serving
+    from hjmodel.artifact import load_serving_module
+    from hjmodel.predictor import Predictor
+    from service.rest.batch import default_chunk_rows
+
+    module = load_serving_module(version_dir).eval()
+    # as the server runs it: subnormals flushed (its batcher thread and sessions do; these rows
+    # are far from the data, where that matters), the session's default threads
+    serving.flush_subnormals()
+    sess = serving.open_session(version_dir / "model.onnx", flush_subnormals=True)
+    chunk = default_chunk_rows(spec, 64)   # the default max_batch_size
+    # the documented in-process predictor (onnxruntime, one thread, the server's default outputs
+    # and slicing), on the same chunks
+    predictor = Predictor(version_dir)
+
+    def job(layout: str) -> None:
+        answered = batch_job(client, name, x, layout)
+        assert answered == len(x), (layout, answered)
+
+    def in_torch() -> None:
+        with torch.inference_mode():     # as the service's torch backend runs it
+            for start in range(0, len(x), 256):
+                module(torch.from_numpy(x[start:start + 256]), torch.tensor([0.1], dtype=torch.float64))
+
+    def in_ort() -> None:
+        for start in range(0, len(x), chunk):
+            sess.run(None, serving.onnx_feeds(sess, x[start:start + chunk], 0.1))
+
+    def in_predictor() -> None:
+        for start in range(0, len(x), chunk):
+            predictor(x[start:start + chunk])
+
+    for layout in ("rows", "columns"):   # warm-up
+        batch_job(client, name, x[:4096], layout)
+    in_torch(), in_ort(), in_predictor()
+    return {"rows": lambda: job("rows"), "columns": lambda: job("columns"), "torch": in_torch, "ort": in_ort,
+            "predictor": in_predictor}, chunk
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model-dir", help="a version directory (default: models/digits_lse/<latest>)")
     parser.add_argument("--seconds", type=float, default=5.0)
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--rows", type=int, default=20000)
+    parser.add_argument("--repeats", type=int, default=5, help="alternating runs of each batch measurement (medians)")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "service.md"))
     args = parser.parse_args()
 
@@ -128,69 +177,17 @@ def main() -> None:
             results["all_diag"] = asyncio.run(post_loop(s.url, path, every, args.seconds, 1))
             results["pred_only"] = asyncio.run(post_loop(s.url, path, preds, args.seconds, 1))
             x = np.abs(rng.standard_normal((args.rows, d))).astype(np.float32) * 3
-            raw = x.tobytes()
-            head = json.dumps({"inputs": [{"name": "input", "shape": list(x.shape), "datatype": "FP32",
-                                           "parameters": {"binary_data_size": len(raw)}}]}).encode()
-            with httpx.Client(base_url=s.url, timeout=600) as c:
-                t0 = time.perf_counter()
-                lines = 0
-                with c.stream("POST", f"/v2/models/{name}/batch-attribution", content=head + raw,
-                              headers={"Inference-Header-Content-Length": str(len(head))}) as r:
-                    first = b""
-                    for chunk in r.iter_bytes():   # lines counted in the bytes: no per-line decoding
-                        first = first or chunk[:300]
-                        lines += chunk.count(b"\n")
-                batch_s = time.perf_counter() - t0
-                # the same job with layout=columns: one line of columns per graph call (rows counted
-                # from each line's leading "rows" range, found in the raw bytes as the row layout's
-                # lines are counted: decoding megabyte lines to text was most of what the client did)
-                t0 = time.perf_counter()
-                col_rows, tail = 0, b""
-                with c.stream("POST", f"/v2/models/{name}/batch-attribution", content=head + raw,
-                              params={"layout": "columns"},
-                              headers={"Inference-Header-Content-Length": str(len(head))}) as r:
-                    for chunk in r.iter_bytes():
-                        buf = tail + chunk
-                        for m in ROWS_RANGE.finditer(buf):
-                            if m.end() > len(tail):     # not counted with the previous chunk
-                                col_rows += int(m[2]) - int(m[1])
-                        tail = buf[-64:]
-                batch_cols_s = time.perf_counter() - t0
-            assert lines == args.rows, (lines, r.status_code, first)
-            assert col_rows == args.rows, col_rows
-        import torch
-
-        from hjmodel.artifact import load_serving_module
-
-        module = load_serving_module(version_dir).eval()
-        t0 = time.perf_counter()
-        with torch.inference_mode():     # as the service's torch backend runs it
-            for start in range(0, len(x), 256):
-                module(torch.from_numpy(x[start:start + 256]), torch.tensor([0.1], dtype=torch.float64))
-        inproc_s = time.perf_counter() - t0
-        # the stricter baseline: the server's own runtime in process, on the server's chunk size
-
-        from hjmodel.predictor import Predictor
-        from service.rest.batch import default_chunk_rows
-
-        # as the server runs it: subnormals flushed (its batcher thread and sessions do; these rows
-        # are far from the data, where that matters), the session's default threads, warmed up
-        serving.flush_subnormals()
-        sess = serving.open_session(version_dir / "model.onnx", flush_subnormals=True)
-        chunk = default_chunk_rows(spec, 64)   # the default max_batch_size
-        sess.run(None, serving.onnx_feeds(sess, x[:chunk], 0.1))
-        t0 = time.perf_counter()
-        for start in range(0, len(x), chunk):
-            sess.run(None, serving.onnx_feeds(sess, x[start:start + chunk], 0.1))
-        inproc_ort_s = time.perf_counter() - t0
-        # the documented in-process predictor (hjmodel.predictor.Predictor: onnxruntime, one thread,
-        # the server's default outputs and slicing), on the same chunks
-        predictor = Predictor(version_dir)
-        predictor(x[:chunk])
-        t0 = time.perf_counter()
-        for start in range(0, len(x), chunk):
-            predictor(x[start:start + chunk])
-        inproc_pred_s = time.perf_counter() - t0
+            times: dict[str, list[float]] = {}
+            with httpx.Client(base_url=s.url, timeout=600) as client:
+                runs, chunk = _batch_runs(client, name, version_dir, spec, x)
+                for _ in range(args.repeats):   # alternating, so machine noise reaches every one alike
+                    for label, run in runs.items():
+                        t0 = time.perf_counter()
+                        run()
+                        times.setdefault(label, []).append(time.perf_counter() - t0)
+        med = {label: statistics.median(t) for label, t in times.items()}
+        batch_s, batch_cols_s = med["rows"], med["columns"]
+        inproc_s, inproc_ort_s, inproc_pred_s = med["torch"], med["ort"], med["predictor"]
 
     r = results
     lines_md = [
@@ -199,8 +196,9 @@ def main() -> None:
         f"Model `{name}` (kind {spec['kind']}, d={d}); {platform.processor() or platform.machine()}, "
         f"{os.cpu_count()} cores shared by client and server (load average at the end "
         f"{os.getloadavg()[0]:.1f}: other work on the machine skews absolute numbers, compare the ratios); "
-        f"{args.seconds:g} s per measurement. "
-        "Generated by `python bench/service_bench.py`.",
+        f"{args.seconds:g} s per load measurement; each batch measurement the median of {args.repeats} "
+        "alternating runs after a warm-up. "
+        f"Generated by `python bench/service_bench.py` on {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}.",
         "",
         "| measurement | baseline | result | ratio |",
         "|---|---|---|---|",

@@ -14,6 +14,7 @@ resolved against that same version, the swap retry, the batcher -- and is counte
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import math
 import time
@@ -579,6 +580,10 @@ class DataPlane:
         return Attribution(self, mv, source, parameters, outputs)
 
 
+#: chunks of a batch job computing (or queued at the backend) behind the block being handed out
+CHUNKS_IN_FLIGHT = 2
+
+
 class Attribution:
     """One batch attribution job: row chunks in, :class:`~service.types.RowBlock` s out, in order,
     with one chunk computing while the next is read and the previous one is written.
@@ -634,36 +639,48 @@ class Attribution:
         return RowBlock(self.rows_done, done.rows, self.plane.select(mv, done.outputs, done.options), classes)
 
     async def blocks(self) -> AsyncIterator[RowBlock]:
-        """The answered rows, block by block (after :meth:`start`); see the class's error contract."""
+        """The answered rows, block by block (after :meth:`start`); see the class's error contract.
+
+        Up to :data:`CHUNKS_IN_FLIGHT` chunks after the one handed out are already with the backend:
+        the graph runs while the caller encodes and writes a block (work that does not yield the
+        loop), and the backend's thread finds the next chunk queued when it finishes one instead of
+        waiting for the loop to read and validate it."""
         metrics = self.mv.metrics
         metrics.batch_jobs.inc()
-        pending: asyncio.Task | None = None
+        pending: collections.deque[asyncio.Task] = collections.deque()
+        read_error: HJServeError | None = None
+        exhausted = False
         try:
             done = self._first
             while done is not None:
-                read_error: HJServeError | None = None
-                try:
-                    nxt = await self._next_chunk()
-                except HJServeError as exc:   # a bad row: answer what was computed, then say so
-                    nxt, read_error = None, exc
-                if nxt is not None:
-                    pending = asyncio.ensure_future(self._compute(nxt))
+                while not exhausted and read_error is None and len(pending) < CHUNKS_IN_FLIGHT:
+                    try:
+                        nxt = await self._next_chunk()
+                    except HJServeError as exc:   # a bad row: answer what was computed, then say so
+                        read_error = exc
+                        break
+                    if nxt is None:
+                        exhausted = True
+                        break
+                    pending.append(asyncio.ensure_future(self._compute(nxt)))
+                    # one turn of the loop: the task validates the chunk and puts it on the backend's
+                    # queue now, not when the caller next yields the loop (after its encoding)
+                    await asyncio.sleep(0)
                 yield self._block(done)
                 self.rows_done += done.rows
-                if read_error is not None:
-                    raise read_error
-                if pending is None:
+                if not pending:
+                    if read_error is not None:
+                        raise read_error
                     break
-                done = await pending
-                pending = None
+                done = await pending.popleft()
             self._account.succeed()
         except HJServeError as exc:
             self._account.fail(exc)
             raise
         finally:  # synchronous only: this may run inside a cancelled scope (client hung up)
-            if pending is not None:
-                pending.cancel()
-                pending.add_done_callback(_consume)
+            for task in pending:
+                task.cancel()
+                task.add_done_callback(_consume)
             metrics.batch_jobs.dec()
 
 

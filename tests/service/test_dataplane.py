@@ -12,11 +12,12 @@ from fakes import D, FakeLoader, write_model
 
 from service import metrics
 from service.codecs import ndjson_source
-from service.dataplane import DataPlane
+from service.dataplane import CHUNKS_IN_FLIGHT, DataPlane
 from service.errors import (
     EmptyBatch,
     InvalidDatatype,
     InvalidParameter,
+    InvalidValue,
     ModelLoadFailed,
     ModelNotFound,
     UnknownInput,
@@ -177,6 +178,51 @@ def test_batch_attribution_is_one_request_in_the_statistics(dataplane):
     assert isinstance(stats, ModelStatsResponse)
     entry = stats.model_stats[0]
     assert entry.inference_stats["success"]["count"] == 1 and entry.inference_count == 10
+
+
+def test_batch_attribution_submits_the_next_chunk_before_it_hands_out_a_block(dataplane):
+    """The pipeline: while the caller encodes block i (synchronous work on the event loop, ~6 ms per
+    1,024 rows), the next CHUNKS_IN_FLIGHT chunks are already with the backend. Chunk i + 1 used to
+    be only *scheduled* -- its task first ran when the caller next yielded the loop, after the
+    encoding -- so the graph and the encoding ran one after the other instead of side by side."""
+    async def body():
+        mv = dataplane.repository.get("fclf", "1")
+        submitted = []
+        infer = mv.batcher.infer
+
+        async def spy(rows, *args, **kwargs):   # the real batcher, its calls recorded as they start
+            submitted.append(len(rows))
+            return await infer(rows, *args, **kwargs)
+        mv.batcher.infer = spy
+        job = dataplane.attribute("fclf", "1", _ndjson(10), {}, [])
+        await job.start()
+        seen = []
+        async for block in job.blocks():
+            seen.append((block.start, len(submitted)))   # no await between the yield and this
+        return seen
+    # blocks 0, 4, 8: with block 0 out, chunks 1 and 2 are submitted too (all three there are)
+    assert CHUNKS_IN_FLIGHT == 2 and _run(dataplane, body) == [(0, 3), (4, 3), (8, 3)]
+
+
+def test_a_chunk_that_fails_while_later_ones_are_in_flight_ends_the_job_after_the_rows_before_it(dataplane):
+    """Chunk 1 fails its checks (FP64 beyond the float32 range) while chunk 2 is already submitted:
+    the job answers chunk 0, raises, and cancels chunk 2 (never answered; the job counts as one failure)."""
+    rows = np.ones((4, D))
+    chunks = [(rows, "FP64"), (np.full((4, D), 1e300), "FP64"), (rows, "FP64"), (rows, "FP64")]
+
+    async def body():
+        job = dataplane.attribute("fclf", "1", iter(chunks), {}, [])
+        await job.start()
+        seen = []
+        with pytest.raises(InvalidValue):
+            async for block in job.blocks():
+                seen.append(block.start)
+        await asyncio.sleep(0.05)   # the cancelled chunk settles
+        return job, seen, dataplane.model_stats("fclf", "1")
+    job, seen, stats = _run(dataplane, body)
+    assert seen == [0] and job.rows_done == 4
+    entry = stats.model_stats[0]
+    assert entry.inference_stats["fail"]["count"] == 1 and entry.inference_stats["success"]["count"] == 0
 
 
 def test_batch_attribution_answers_every_row_before_a_bad_one(dataplane):
