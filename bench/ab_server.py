@@ -18,7 +18,9 @@ effect of a revision on a served request. With ``--protocol grpc`` the same requ
 client: heavier than the raw-socket HTTP client, and on the same two cores, so it dilutes a
 server-side difference rather than inflating it). With ``--protocol batch`` each server runs
 batch-attribution jobs instead (``bench/loadgen.py``'s :func:`batch_job`: 20,000 V2 binary rows in,
-NDJSON out, in the row and the column layout), repeated for ``--seconds``; the cells are rows/s.
+NDJSON out, in the row and the column layout), repeated for ``--seconds``, in rows/s; and the latency
+of online requests (the closed loop at concurrency 1, four default outputs) while row-layout jobs
+run back to back, p50 and p99 in ms (the ratio: lower is better there).
 """
 
 from __future__ import annotations
@@ -68,6 +70,30 @@ def _jobs(url: str, name: str, x: np.ndarray, layout: str, seconds: float) -> fl
     return rows / elapsed
 
 
+def _online_during_jobs(url: str, name: str, x: np.ndarray, body: bytes, seconds: float) -> dict:
+    """The closed loop's result at concurrency 1 (online requests) while a thread runs row-layout
+    batch jobs on ``x`` back to back."""
+    import threading
+
+    import httpx
+
+    stop = threading.Event()
+
+    def jobs() -> None:
+        with httpx.Client(base_url=url, timeout=600) as client:
+            while not stop.is_set():
+                batch_job(client, name, x, "rows")
+
+    thread = threading.Thread(target=jobs)
+    thread.start()
+    try:
+        time.sleep(0.5)   # the first job under way
+        return asyncio.run(post_loop(url, f"/v2/models/{name}/infer", body, seconds, 1))
+    finally:
+        stop.set()
+        thread.join()
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--base", required=True, help="the git revision to compare with")
@@ -105,7 +131,9 @@ def main() -> int:
 
         messages = {label: message("parameters" in body) for label, body in bodies.items()}
     batch_x = np.abs(np.random.default_rng(1).standard_normal((BATCH_ROWS, spec["n_features"]))).astype(np.float32) * 3
-    cells = ([(f"batch job, layout={layout}", layout) for layout in LAYOUTS] if args.protocol == "batch"
+    during = "online request (c=1, four default outputs) during row-layout batch jobs"
+    cells = ([(f"batch job, layout={layout}", "rows/s") for layout in LAYOUTS]
+             + [(during, "p50 ms"), (during, "p99 ms")] if args.protocol == "batch"
              else [(label, c) for label in bodies for c in CONCURRENCY])
     results: dict[tuple[str, str, int], list[float]] = {}
     with tempfile.TemporaryDirectory() as tmpdir:
@@ -127,8 +155,15 @@ def main() -> int:
                     with run_server(repos[label], tmp, root=tree, intra_op_threads=1,
                                     grpc=args.protocol == "grpc") as server:
                         for body_label, c in cells:
-                            if args.protocol == "batch":
-                                rps = _jobs(server.url, name, batch_x, c, args.seconds)
+                            if c == "p50 ms":
+                                r = _online_during_jobs(server.url, name, batch_x, json.dumps(bodies[
+                                    "four default outputs"]).encode(), args.seconds)
+                                rps = r["p50_ms"]
+                                results.setdefault((label, body_label, "p99 ms"), []).append(r["p99_ms"])
+                            elif c == "p99 ms":
+                                continue   # measured with p50
+                            elif args.protocol == "batch":
+                                rps = _jobs(server.url, name, batch_x, body_label.split("=")[-1], args.seconds)
                             else:
                                 if args.protocol == "grpc":
                                     r = asyncio.run(grpc_loop(f"127.0.0.1:{server.grpc_port}", GRPC_INFER,
@@ -140,7 +175,7 @@ def main() -> int:
                                     raise RuntimeError(f"{label}: {r['errors']} failed requests")
                                 rps = r["rps"]
                             results.setdefault((label, body_label, c), []).append(rps)
-                            print(f"pass {p} {label} {body_label} {c}: {rps:.0f}/s", flush=True)
+                            print(f"pass {p} {label} {body_label} {c}: {rps:.1f}", flush=True)
         finally:
             subprocess.run(["git", "worktree", "remove", "--force", str(worktree)], cwd=ROOT, check=False)
     labels = list(trees)
@@ -149,12 +184,13 @@ def main() -> int:
     flags = (" --export" if args.export else "") + (f" --protocol {args.protocol}" if args.protocol != "rest" else "")
     if args.protocol == "batch":
         method = (f"batch attribution, {BATCH_ROWS:,} V2 binary rows per job in the server's default chunks, "
-                  f"`bench/loadgen.py`'s `batch_job` back to back for at least {args.seconds:g} s per server and layout")
-        unit, key = "rows/s", "layout"
+                  f"`bench/loadgen.py`'s `batch_job` back to back for at least {args.seconds:g} s per server and layout, "
+                  f"then {args.seconds:g} s of online requests while row-layout jobs run")
+        unit, key = "", "unit"
     else:
         method = (f"batch 1, {'gRPC ModelInfer (raw contents)' if args.protocol == 'grpc' else 'JSON'}, "
                   f"`bench/loadgen.py`'s closed loop for {args.seconds:g} s per server, request and concurrency")
-        unit, key = "req/s", "concurrency"
+        unit, key = " req/s", "concurrency"
     L = [f"""# The served request path against an earlier revision
 
 Generated by `python bench/ab_server.py --base {args.base}{flags}` on {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}:
@@ -162,11 +198,12 @@ Generated by `python bench/ab_server.py --base {args.base}{flags}` on {time.strf
 {os.cpu_count()} cores shared by the client and the server (load average at the end {os.getloadavg()[0]:.1f});
 {what}.
 
-| request | {key} | {labels[0]} {unit} | {labels[1]} {unit} | ratio |
+| request | {key} | {labels[0]}{unit} | {labels[1]}{unit} | ratio |
 |---|---|---|---|---|"""]
     for body_label, c in cells:
         a, b = (statistics.median(results[(label, body_label, c)]) for label in labels)
-        L.append(f"| {body_label} | {c} | {a:.0f} | {b:.0f} | {b / a:.2f}x |")
+        L.append(f"| {body_label} | {c} | {a:.{2 if 'ms' in str(c) else 0}f} | {b:.{2 if 'ms' in str(c) else 0}f} | "
+                 f"{b / a:.2f}x |")
     Path(args.out).write_text("\n".join(L) + "\n")
     print(Path(args.out).read_text())
     return 0

@@ -11,6 +11,11 @@ an explanation output carry their integrated-gradients baseline: the explanation
 rows in the same turn of the thread, right after the batch, so explanations batch across requests
 like everything else.
 
+Batch-job chunks are *bulk* jobs: the thread takes every online request already queued before the
+next bulk chunk, so a running batch job delays an online request by at most the chunk computing when
+it arrived (its queued chunks wait), and under online traffic that never lets the queue empty, a bulk
+chunk that has waited :data:`BULK_MAX_WAIT_S` goes next anyway (batch jobs always make progress).
+
 A full queue rejects at once (:class:`~service.errors.Overloaded`, sent as 503 + ``Retry-After``);
 a request that waits longer than its timeout fails with :class:`~service.errors.RequestTimeout`, and
 if it has not started by then it never runs. Every request ends with a result or an error: nothing
@@ -20,6 +25,7 @@ hangs and nothing is dropped silently.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 import queue
@@ -34,7 +40,10 @@ from hjmodel import serving
 from service.backends.base import Backend
 from service.errors import BackendError, HJServeError, InternalError, Overloaded, RequestTimeout
 
-__all__ = ["BatchResult", "BatcherClosed", "DynamicBatcher"]
+__all__ = ["BULK_MAX_WAIT_S", "BatchResult", "BatcherClosed", "DynamicBatcher"]
+
+#: Longest a bulk job (a batch job's chunk) waits behind online requests before it goes next anyway
+BULK_MAX_WAIT_S = 0.25
 
 log = logging.getLogger(__name__)
 
@@ -59,11 +68,12 @@ class _Job:
     tau: float
     future: asyncio.Future
     baseline: np.ndarray | None = None   # (d,) float32: the rows also go through the explanation graph
+    bulk: bool = False                   # a batch job's chunk: online requests queued before it go first
     enqueued: float = field(default_factory=time.perf_counter)
 
 
 #: Put on the queue by :meth:`DynamicBatcher.close` after the last request: the thread finishes
-#: every request before it, then exits.
+#: every request before it (online and bulk), then exits.
 _STOP = object()
 
 
@@ -84,7 +94,10 @@ class DynamicBatcher:
         self._on_batch = on_batch or (lambda rows, seconds: None)
         self._on_queue = on_queue or (lambda size: None)
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
-        self._carry: object | None = None   # the thread's: a job taken that did not fit its batch, or _STOP
+        # the thread's: jobs it has taken off the queue and not yet run, in arrival order per kind
+        self._online: collections.deque[_Job] = collections.deque()
+        self._bulk: collections.deque[_Job] = collections.deque()
+        self._stop_seen = False
         self._thread: threading.Thread | None = None
         self._stopped: asyncio.Future | None = None
         self._closing = False
@@ -92,15 +105,17 @@ class DynamicBatcher:
     @property
     def queue_size(self) -> int:
         """Requests waiting (not yet in a running batch)."""
-        return self._queue.qsize() + (isinstance(self._carry, _Job))
+        return self._queue.qsize() + len(self._online) + len(self._bulk)
 
     async def infer(self, rows: np.ndarray, tau: float, *, timeout_s: float, wait_for_room: bool = False,
-                    baseline: np.ndarray | None = None) -> BatchResult:
+                    baseline: np.ndarray | None = None, bulk: bool = False) -> BatchResult:
         """Run ``rows`` (float32 (n, d), n <= max_batch_size) through the batcher.
 
         With ``wait_for_room`` a full queue makes the caller wait (batch jobs) instead of failing.
         With ``baseline`` ((d,) float32) the result also holds the explanation outputs of ``rows``
         (``Backend.explain`` from that baseline), computed in the same turn of the backend's thread.
+        ``bulk`` (a batch job's chunk): online requests queued before it run first (the module says
+        how long it may wait for them).
         """
         deadline = time.monotonic() + timeout_s
         while self.queue_size >= self.max_queue_size and not self._closing:
@@ -115,7 +130,7 @@ class DynamicBatcher:
         loop = asyncio.get_running_loop()
         if self._thread is None:
             self._start(loop)
-        job = _Job(rows, float(tau), loop.create_future(), baseline)
+        job = _Job(rows, float(tau), loop.create_future(), baseline, bulk)
         self._queue.put(job)
         self._on_queue(self.queue_size)
         timer = loop.call_later(max(0.0, deadline - time.monotonic()), _expire, job.future, timeout_s)
@@ -155,31 +170,26 @@ class DynamicBatcher:
                 loop.call_soon_threadsafe(_settle, self._stopped)
 
     def _take(self) -> list[_Job] | None:
-        """The jobs of the next batch, FIFO, at most ``max_batch_size`` rows (a first job may be that
-        large alone), waiting at most ``max_queue_delay_s`` after the first for more; jobs already
-        done (timed out or cancelled) are dropped. None once :data:`_STOP` is reached."""
+        """The jobs of the next batch, at most ``max_batch_size`` rows (a first job may be that large
+        alone), waiting at most ``max_queue_delay_s`` after the first for more; online jobs first,
+        each kind FIFO (:meth:`_next`); jobs already done (timed out or cancelled) are dropped. None
+        once every job before :data:`_STOP` has run."""
         batch: list[_Job] = []
         rows, deadline = 0, 0.0
         while True:
-            if self._carry is not None:
-                job, self._carry = self._carry, None
-            elif not batch:
-                job = self._queue.get()
-            else:
-                try:
-                    remaining = deadline - time.perf_counter()
-                    job = self._queue.get(timeout=remaining) if remaining > 0 else self._queue.get_nowait()
-                except queue.Empty:
+            job = self._next()
+            if job is None:
+                if self._stop_seen:
+                    return batch or None
+                if batch and not self._wait(deadline - time.perf_counter()):
                     return batch
-            if job is _STOP:
                 if not batch:
-                    return None
-                self._carry = _STOP
-                return batch
+                    self._wait(None)
+                continue
             if job.future.done():
                 continue
             if batch and rows + len(job.rows) > self.max_batch_size:
-                self._carry = job
+                (self._bulk if job.bulk else self._online).appendleft(job)   # the next batch's first
                 return batch
             if not batch:
                 deadline = job.enqueued + self.max_queue_delay_s
@@ -187,6 +197,33 @@ class DynamicBatcher:
             rows += len(job.rows)
             if rows >= self.max_batch_size:
                 return batch
+
+    def _next(self) -> _Job | None:
+        """The next job to run among those queued now (None when there is none): the oldest online
+        job, unless the oldest bulk job has waited :data:`BULK_MAX_WAIT_S` or there is no online one."""
+        while True:   # sort what the queue holds now into the thread's two lists
+            try:
+                self._sort(self._queue.get_nowait())
+            except queue.Empty:
+                break
+        if self._bulk and (not self._online or time.perf_counter() - self._bulk[0].enqueued >= BULK_MAX_WAIT_S):
+            return self._bulk.popleft()
+        return self._online.popleft() if self._online else None
+
+    def _wait(self, timeout: float | None) -> bool:
+        """Block until the queue holds something (sorted in) or ``timeout`` seconds pass (False)."""
+        try:
+            item = self._queue.get() if timeout is None else self._queue.get(timeout=max(timeout, 0.0))
+        except queue.Empty:
+            return False
+        self._sort(item)
+        return True
+
+    def _sort(self, item: object) -> None:
+        if item is _STOP:
+            self._stop_seen = True
+        else:
+            (self._bulk if item.bulk else self._online).append(item)
 
     def _run(self, loop: asyncio.AbstractEventLoop, batch: list[_Job]) -> None:
         """On the backend's thread: the batch through ``backend.infer``, then the rows of the jobs

@@ -461,12 +461,12 @@ class DataPlane:
 
     # -- the one run path -------------------------------------------------------------------------
 
-    async def _run(self, name: str, version: str | None, prepare: Prepare, *,
-                   wait_for_room: bool = False, whole: bool = False) -> Prediction:
+    async def _run(self, name: str, version: str | None, prepare: Prepare, *, bulk: bool = False) -> Prediction:
         """Rows through the serving version: resolve the version, resolve options and validate rows
         against *that* version (``prepare``), send the rows through its batcher in
-        ``max_batch_size`` chunks (``whole``: as one job -- a batch job's chunk, whose size the job
-        bounds, runs as one graph call), with the request's baseline when it names an explanation
+        ``max_batch_size`` chunks (``bulk``: a batch job's chunk, whose size the job bounds, as one
+        job -- one graph call -- that waits for queue room and lets online requests go first), with
+        the request's baseline when it names an explanation
         output (the batcher then runs the explanation graph on its rows in the same backend call),
         record every computed row's diagnostics in the metrics. A version swapped mid-request (its
         batcher closed) is retried on the new load."""
@@ -474,8 +474,7 @@ class DataPlane:
             mv = self.repository.get(name, version)
             options, rows = prepare(mv)
             try:
-                outputs, queue_s, compute_s = await self._batches(mv, rows, options, wait_for_room,
-                                                                  len(rows) if whole else None)
+                outputs, queue_s, compute_s = await self._batches(mv, rows, options, bulk)
             except BatcherClosed:
                 continue
             if tracing.enabled():   # the batch's measured times, as this request's queue / compute spans
@@ -487,13 +486,13 @@ class DataPlane:
         raise ModelNotReady(f"model '{name}' was swapped repeatedly during the request; retry")
 
     async def _batches(self, mv: ModelVersion, rows: np.ndarray, options: InferOptions,
-                       wait_for_room: bool, size: int | None = None) -> tuple[dict[str, np.ndarray], float, float]:
-        size = size or self.settings.max_batch_size
+                       bulk: bool) -> tuple[dict[str, np.ndarray], float, float]:
+        size = len(rows) if bulk else self.settings.max_batch_size
         chunks = [rows[i:i + size] for i in range(0, len(rows), size)]
         # the queue limit admits a request by its first chunk; its later chunks wait for room (a
         # request larger than the queue would otherwise never run)
-        coros = [mv.batcher.infer(c, options.tau, timeout_s=options.timeout_s, wait_for_room=wait_for_room or i > 0,
-                                  baseline=options.baseline)
+        coros = [mv.batcher.infer(c, options.tau, timeout_s=options.timeout_s, wait_for_room=bulk or i > 0,
+                                  baseline=options.baseline, bulk=bulk)
                  for i, c in enumerate(chunks)]
         if len(coros) == 1:
             results = [await coros[0]]
@@ -615,7 +614,7 @@ class Attribution:
 
         # the chunk (chunk_rows, at most 16 x max_batch_size) is one graph call: per-call overhead
         # is amortised over the job's rows
-        done = await self.plane._run(self.mv.name, self.version, prepare, wait_for_room=True, whole=True)
+        done = await self.plane._run(self.mv.name, self.version, prepare, bulk=True)
         self.mv = done.mv
         self.mv.metrics.batch_rows.inc(done.rows)
         self._account.add(done)

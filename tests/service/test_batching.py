@@ -26,9 +26,11 @@ class FakeBackend:
         self.batches: list[tuple[int, float]] = []
         self.gate = threading.Event()
         self.gate.set()
+        self.entered = threading.Event()   # set once a batch has reached infer
         self.closed = False
 
     def infer(self, input, tau):
+        self.entered.set()
         self.gate.wait(10)
         if self.delay:
             time.sleep(self.delay)
@@ -308,3 +310,54 @@ def test_a_batch_that_cannot_be_assembled_fails_its_requests_and_the_thread_live
     bad, ok = asyncio.run(main())
     assert all(isinstance(r, InternalError) for r in bad)
     assert ok.outputs["double"].shape == (1, 2)
+
+
+def _bulk_then_online(monkeypatch, max_wait_s: float):
+    """Bulk chunk 0 computing (the gate closed), bulk chunks 1-2 and then two online requests
+    queued behind it; returns the batches in the order the backend ran them."""
+    import service.batching as batching
+
+    monkeypatch.setattr(batching, "BULK_MAX_WAIT_S", max_wait_s)
+    backend = FakeBackend()
+    backend.gate.clear()
+
+    async def main():
+        b = _batcher(backend, max_queue_delay_s=0)
+        bulk = [asyncio.ensure_future(b.infer(_rows(8), 0.1, timeout_s=5, bulk=True))]
+        assert await asyncio.to_thread(backend.entered.wait, 5)   # chunk 0 computing, held at the gate
+        bulk += [asyncio.ensure_future(b.infer(_rows(8), 0.1, timeout_s=5, bulk=True)) for _ in range(2)]
+        online = [asyncio.ensure_future(b.infer(_rows(2), 0.9, timeout_s=5)) for _ in range(2)]
+        await asyncio.sleep(0.01)
+        assert b.queue_size == 4
+        backend.gate.set()
+        results = await asyncio.gather(*bulk, *online)
+        await b.close()
+        return results
+
+    results = asyncio.run(main())
+    assert [len(r.outputs["double"]) for r in results] == [8, 8, 8, 2, 2]
+    return backend.batches
+
+
+def test_online_requests_go_before_queued_bulk_chunks(monkeypatch):
+    """A batch job's queued chunks wait for the online requests queued after them (both online
+    requests in one batch), so a running job delays an online request by one chunk at most."""
+    assert _bulk_then_online(monkeypatch, 60.0) == [(8, (0.1,)), (4, (0.9,)), (8, (0.1,)), (8, (0.1,))]
+
+
+def test_a_bulk_chunk_that_waited_long_enough_goes_first(monkeypatch):
+    """Online traffic cannot starve a batch job: past BULK_MAX_WAIT_S its chunk goes next."""
+    assert _bulk_then_online(monkeypatch, 0.0) == [(8, (0.1,)), (8, (0.1,)), (8, (0.1,)), (4, (0.9,))]
+
+
+def test_close_runs_the_queued_bulk_chunks_too():
+    backend = FakeBackend(delay=0.01)
+
+    async def main():
+        b = _batcher(backend, max_batch_size=2, max_queue_delay_s=0)
+        jobs = [asyncio.ensure_future(b.infer(_rows(2), 0.1, timeout_s=5, bulk=i % 2 == 0)) for i in range(6)]
+        await asyncio.sleep(0)
+        await b.close()
+        return await asyncio.gather(*jobs)
+
+    assert len(asyncio.run(main())) == 6
