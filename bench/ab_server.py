@@ -1,12 +1,13 @@
 """The served request path of this tree against an earlier revision, side by side on this machine.
 
-    python bench/ab_server.py --base REV [--model-dir models/digits_lse/1] [--seconds 4] [--passes 3]
-                              [--export] [--protocol rest|grpc|batch] [--out bench/results/ab_server.md]
-        -> bench/results/ab_server.md
+    python bench/ab_server.py --base REV [--model-dir models/digits_lse/1 ...] [--seconds 4] [--passes 3]
+                              [--export] [--protocol rest|grpc|batch] [--intra-op-threads 1]
+                              [--out bench/results/ab_server.md]
+        -> bench/results/ab_server.md (a section per model version)
 
 The earlier revision is checked out into a temporary git worktree; both servers (``python -m
-service``, onnxruntime with one thread) serve the same model version from one repository, one at a
-time, alternating ``--passes`` times; each is driven by ``bench/loadgen.py``'s closed loop at
+service``, onnxruntime with one thread unless ``--intra-op-threads`` says otherwise) serve the same
+model version from one repository, one at a time, alternating ``--passes`` times; each is driven by ``bench/loadgen.py``'s closed loop at
 concurrency 1 and 4 with the server's four default outputs and with every output
 (``diagnostics: true``). Cells are medians over passes and the ratio is this tree's over the base's,
 so machine noise shared by both cancels as far as alternation allows. Only the service code differs:
@@ -97,11 +98,14 @@ def _online_during_jobs(url: str, name: str, x: np.ndarray, body: bytes, seconds
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--base", required=True, help="the git revision to compare with")
-    ap.add_argument("--model-dir", default=str(ROOT / "models" / "digits_lse" / "1"))
+    ap.add_argument("--model-dir", nargs="+", default=[str(ROOT / "models" / "digits_lse" / "1")],
+                    help="one or more model versions, each compared in turn (a section of the report each)")
     ap.add_argument("--seconds", type=float, default=4.0)
     ap.add_argument("--passes", type=int, default=3)
     ap.add_argument("--export", action="store_true", help="each tree serves the graphs its exporter writes")
     ap.add_argument("--protocol", choices=("rest", "grpc", "batch"), default="rest")
+    ap.add_argument("--intra-op-threads", type=int, default=1,
+                    help="the servers' HJSERVE_INTRA_OP_THREADS (0: onnxruntime's default, one per core)")
     ap.add_argument("--out", default=str(OUT))
     args = ap.parse_args()
     base = subprocess.run(["git", "rev-parse", "--short", args.base], cwd=ROOT, check=True, capture_output=True,
@@ -110,7 +114,22 @@ def main() -> int:
                           text=True).stdout.strip()
     dirty = bool(subprocess.run(["git", "status", "--porcelain", "service", *(["hjmodel"] if args.export else [])],
                                 cwd=ROOT, capture_output=True, text=True).stdout.strip())
-    version = Path(args.model_dir).resolve()
+    sections = [_compare(args, Path(model_dir).resolve(), base, head, dirty) for model_dir in args.model_dir]
+    Path(args.out).write_text("\n\n".join(sections) + "\n")
+    print(Path(args.out).read_text())
+    return 0
+
+
+def _shown(path: Path) -> str:
+    """``path`` relative to the repository when it lies inside it."""
+    try:
+        return str(path.resolve().relative_to(ROOT))
+    except ValueError:
+        return str(path)
+
+
+def _compare(args: argparse.Namespace, version: Path, base: str, head: str, dirty: bool) -> str:
+    """Both servers side by side on one model version; the report's section for it."""
     name = version.parent.name
     spec = json.loads((version / "model.json").read_text())
     row = np.abs(np.random.default_rng(0).standard_normal(spec["n_features"])).astype(np.float32).tolist()
@@ -152,7 +171,7 @@ def main() -> int:
                         export_with(tree, version, target / "model.onnx")
             for p in range(args.passes):
                 for label, tree in (trees.items() if p % 2 == 0 else reversed(trees.items())):
-                    with run_server(repos[label], tmp, root=tree, intra_op_threads=1,
+                    with run_server(repos[label], tmp, root=tree, intra_op_threads=args.intra_op_threads,
                                     grpc=args.protocol == "grpc") as server:
                         for body_label, c in cells:
                             if c == "p50 ms":
@@ -182,6 +201,10 @@ def main() -> int:
     what = ("each tree serving the graphs its own exporter writes from the same trained artifact" if args.export
             else "both serving this tree's artifact: only the service code differs")
     flags = (" --export" if args.export else "") + (f" --protocol {args.protocol}" if args.protocol != "rest" else "")
+    if args.intra_op_threads != 1:
+        flags += f" --intra-op-threads {args.intra_op_threads}"
+    if args.model_dir != [str(ROOT / "models" / "digits_lse" / "1")]:
+        flags += " --model-dir " + " ".join(_shown(Path(m)) for m in args.model_dir)
     if args.protocol == "batch":
         method = (f"batch attribution, {BATCH_ROWS:,} V2 binary rows per job in the server's default chunks, "
                   f"`bench/loadgen.py`'s `batch_job` back to back for at least {args.seconds:g} s per server and layout, "
@@ -191,10 +214,12 @@ def main() -> int:
         method = (f"batch 1, {'gRPC ModelInfer (raw contents)' if args.protocol == 'grpc' else 'JSON'}, "
                   f"`bench/loadgen.py`'s closed loop for {args.seconds:g} s per server, request and concurrency")
         unit, key = " req/s", "concurrency"
-    L = [f"""# The served request path against an earlier revision
+    threads = ("one thread" if args.intra_op_threads == 1 else "its default threads (one per core)"
+               if args.intra_op_threads == 0 else f"{args.intra_op_threads} threads")
+    L = [f"""# The served request path against an earlier revision: `{name}`
 
 Generated by `python bench/ab_server.py --base {args.base}{flags}` on {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}:
-`{name}`, onnxruntime with one thread, {method}; {args.passes} alternating passes, medians. {platform.machine()},
+`{name}`, onnxruntime with {threads}, {method}; {args.passes} alternating passes, medians. {platform.machine()},
 {os.cpu_count()} cores shared by the client and the server (load average at the end {os.getloadavg()[0]:.1f});
 {what}.
 
@@ -204,9 +229,7 @@ Generated by `python bench/ab_server.py --base {args.base}{flags}` on {time.strf
         a, b = (statistics.median(results[(label, body_label, c)]) for label in labels)
         L.append(f"| {body_label} | {c} | {a:.{2 if 'ms' in str(c) else 0}f} | {b:.{2 if 'ms' in str(c) else 0}f} | "
                  f"{b / a:.2f}x |")
-    Path(args.out).write_text("\n".join(L) + "\n")
-    print(Path(args.out).read_text())
-    return 0
+    return "\n".join(L)
 
 
 if __name__ == "__main__":

@@ -6,7 +6,9 @@
 3. Batch attribution rows/s (V2 binary in, NDJSON out; ``bench/loadgen.py``'s ``batch_job``) in the
    row and the column layout vs the same rows in process: ``load_serving_module`` (torch), an
    onnxruntime session, the documented ``Predictor``. Every one is warmed up, then all run in turn
-   ``--repeats`` times (medians), so a burst of load on the shared machine reaches each alike.
+   ``--repeats`` times (medians), so a burst of load on the shared machine reaches each alike. The
+   jobs run on the server as deployed by default (onnxruntime's own thread count, one per core) and
+   on a second server with one thread per operator, as the in-process baselines have.
 
 Usage: ``python bench/service_bench.py [--model-dir models/digits_lse/1] [--seconds 5]``; writes
 ``bench/results/service.md``. Client and servers share this machine's cores; 1 and 2 are driven by
@@ -87,7 +89,7 @@ def _start_bare(log_dir: Path):
 def _batch_runs(client: httpx.Client, name: str, version_dir: Path, spec: dict,
                 x: np.ndarray) -> tuple[dict[str, Callable[[], None]], int]:
     """The batch measurements, each a warmed-up callable over all of ``x``: the server's job in the
-    row and the column layout, and the in-process baselines (torch serving module in 256-row
+    row and the column layout (:func:`_jobs`), and the in-process baselines (torch serving module in 256-row
     chunks; an onnxruntime session and the documented Predictor on the server's chunk size), and
     that chunk size."""
     import torch
@@ -107,10 +109,6 @@ def _batch_runs(client: httpx.Client, name: str, version_dir: Path, spec: dict,
     # and slicing), on the same chunks
     predictor = Predictor(version_dir)
 
-    def job(layout: str) -> None:
-        answered = batch_job(client, name, x, layout)
-        assert answered == len(x), (layout, answered)
-
     def in_torch() -> None:
         with torch.inference_mode():     # as the service's torch backend runs it
             for start in range(0, len(x), 256):
@@ -124,11 +122,19 @@ def _batch_runs(client: httpx.Client, name: str, version_dir: Path, spec: dict,
         for start in range(0, len(x), chunk):
             predictor(x[start:start + chunk])
 
-    for layout in ("rows", "columns"):   # warm-up
+    in_torch(), in_ort(), in_predictor()   # warm-up
+    return {**_jobs(client, name, x), "torch": in_torch, "ort": in_ort, "predictor": in_predictor}, chunk
+
+
+def _jobs(client: httpx.Client, name: str, x: np.ndarray) -> dict[str, Callable[[], None]]:
+    """The server's batch job on ``x`` in the row and the column layout, warmed up."""
+    def job(layout: str) -> None:
+        answered = batch_job(client, name, x, layout)
+        assert answered == len(x), (layout, answered)
+
+    for layout in ("rows", "columns"):
         batch_job(client, name, x[:4096], layout)
-    in_torch(), in_ort(), in_predictor()
-    return {"rows": lambda: job("rows"), "columns": lambda: job("columns"), "torch": in_torch, "ort": in_ort,
-            "predictor": in_predictor}, chunk
+    return {"rows": lambda: job("rows"), "columns": lambda: job("columns")}
 
 
 def main() -> None:
@@ -178,15 +184,21 @@ def main() -> None:
             results["pred_only"] = asyncio.run(post_loop(s.url, path, preds, args.seconds, 1))
             x = np.abs(rng.standard_normal((args.rows, d))).astype(np.float32) * 3
             times: dict[str, list[float]] = {}
-            with httpx.Client(base_url=s.url, timeout=600) as client:
+            # the batch jobs on this server (onnxruntime's default threads, as deployed by default) and
+            # on a second one with one thread per operator, as the in-process baselines run
+            with run_server(repo, tmp, intra_op_threads=1) as s1, \
+                    httpx.Client(base_url=s.url, timeout=600) as client, \
+                    httpx.Client(base_url=s1.url, timeout=600) as client1:
                 runs, chunk = _batch_runs(client, name, version_dir, spec, x)
+                one_thread = {f"{k} 1t": v for k, v in _jobs(client1, name, x).items()}
                 for _ in range(args.repeats):   # alternating, so machine noise reaches every one alike
-                    for label, run in runs.items():
+                    for label, run in {**runs, **one_thread}.items():
                         t0 = time.perf_counter()
                         run()
                         times.setdefault(label, []).append(time.perf_counter() - t0)
         med = {label: statistics.median(t) for label, t in times.items()}
         batch_s, batch_cols_s = med["rows"], med["columns"]
+        batch1_s, batch1_cols_s = med["rows 1t"], med["columns 1t"]
         inproc_s, inproc_ort_s, inproc_pred_s = med["torch"], med["ort"], med["predictor"]
 
     r = results
@@ -215,6 +227,12 @@ def main() -> None:
         f"{args.rows / batch_s:.0f} | {inproc_pred_s / batch_s:.2f} |",
         f"| batch attribution, same rows, `layout=columns` (rows/s) | the in-process Predictor as above: "
         f"{args.rows / inproc_pred_s:.0f} | hjserve: {args.rows / batch_cols_s:.0f} | {inproc_pred_s / batch_cols_s:.2f} |",
+        f"| batch attribution, same rows, server with one onnxruntime thread as the Predictor (rows/s) | the "
+        f"in-process Predictor as above: {args.rows / inproc_pred_s:.0f} | hjserve: {args.rows / batch1_s:.0f} | "
+        f"{inproc_pred_s / batch1_s:.2f} |",
+        f"| batch attribution, same rows, one onnxruntime thread, `layout=columns` (rows/s) | the in-process "
+        f"Predictor as above: {args.rows / inproc_pred_s:.0f} | hjserve: {args.rows / batch1_cols_s:.0f} | "
+        f"{inproc_pred_s / batch1_cols_s:.2f} |",
         f"| batch attribution, same rows (rows/s) | in-process onnxruntime session on the same "
         f"`model.onnx`, {chunk}-row chunks (the server's runtime and chunk size): {args.rows / inproc_ort_s:.0f} | "
         f"hjserve: {args.rows / batch_s:.0f} | {inproc_ort_s / batch_s:.2f} |",

@@ -171,14 +171,17 @@ async def _stream(job: Attribution, on_close, encode=ndjson_lines) -> AsyncItera
         on_close()
 
 
-#: per-row elements x rows of one default batch-job graph call (2^22: ~32 MB per float64 tensor)
-CHUNK_ELEMENTS = 1 << 22
+#: per-row elements x rows of one default batch-job graph call (2^19: a 4 MiB float64 tensor; at
+#: 2^22, 32 MiB, calls ran slower per row and an online request waited twice as long behind one,
+#: bench/results/ab_chunk_rows.md)
+CHUNK_ELEMENTS = 1 << 19
 
 
 def default_chunk_rows(spec: dict, max_batch_size: int) -> int:
     """Rows per graph call of a batch job: as many as keep the graph's largest per-row tensors (head
-    neurons, reference points, body pieces; :data:`CHUNK_ELEMENTS` in all) -- the per-call overhead
-    is then spread over many rows -- between 4 and 16 x ``max_batch_size``."""
+    neurons, reference points, body pieces; :data:`CHUNK_ELEMENTS` in all) near the cache,
+    between 4 and 16 x ``max_batch_size`` (the floor spreads the per-call overhead over enough rows;
+    a smaller chunk also shortens the wait of an online request behind a running job)."""
     st, cal = spec.get("structure") or {}, spec.get("calibration") or {}
     sizes = [st.get("n_neurons"), cal.get("reference_size"), *[b.get("pieces") for b in st.get("body") or []]]
     widest = max([int(v) for v in sizes if isinstance(v, int) and v > 0] or [1])

@@ -113,15 +113,19 @@ def test_client_disconnect_mid_stream_frees_the_job(server, rows):
 
 def test_default_chunk_rows_follows_the_model_size():
     """A batch job's graph calls hold as many rows as keep the widest per-row tensor (neurons,
-    reference points, body pieces) within the element budget, between 4 and 16 x max_batch_size."""
+    reference points, body pieces) within the element budget (a 4 MiB float64 tensor), between 4
+    and 16 x max_batch_size."""
     from service.rest.batch import CHUNK_ELEMENTS, default_chunk_rows
 
-    small = {"structure": {"n_neurons": 80, "body": []}, "calibration": {"reference_size": 1000}}
+    assert CHUNK_ELEMENTS * 8 == 4 << 20
+    small = {"structure": {"n_neurons": 8, "body": []}, "calibration": {"reference_size": 200}}
     assert default_chunk_rows(small, 64) == 16 * 64
+    demo = {"structure": {"n_neurons": 80, "body": []}, "calibration": {"reference_size": 1000}}
+    assert default_chunk_rows(demo, 64) == CHUNK_ELEMENTS // 1000 == 524   # the digits demos (it was 1024)
     wide = {"structure": {"n_neurons": 60000, "body": []}, "calibration": {"reference_size": 1000}}
     assert default_chunk_rows(wide, 64) == 4 * 64
-    deep = {"structure": {"n_neurons": 40, "body": [{"pieces": 8192}]}, "calibration": {"reference_size": 1000}}
-    assert default_chunk_rows(deep, 64) == CHUNK_ELEMENTS // 8192
+    mid = {"structure": {"n_neurons": 40, "body": [{"pieces": 700}]}, "calibration": {"reference_size": 100}}
+    assert default_chunk_rows(mid, 64) == CHUNK_ELEMENTS // 700 == 748
     assert default_chunk_rows({}, 8) == 16 * 8           # a spec without sizes: the largest chunk
 
 
