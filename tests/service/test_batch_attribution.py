@@ -111,6 +111,39 @@ def test_client_disconnect_mid_stream_frees_the_job(server, rows):
         assert c.post("/v1/models/clf:predict", json={"instances": rows[:2].tolist()}).status_code == 200
 
 
+def test_concurrent_jobs_and_online_requests_are_each_answered_whole(server, tiny_repo, rows):
+    """Two batch jobs (30 chunks each, two of them queued at a time as bulk jobs) and two clients
+    of online requests (which go before the queued chunks) at once on the real server: each job's
+    answer is byte for byte the one it gets alone (its chunks of 100 rows, above max_batch_size,
+    always run alone, so every graph call is the same), every online request is answered with the
+    in-process prediction."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    body, headers = _bodies(rows)["binary"]
+    params = {"chunk_rows": 100}
+    want = reference_outputs(tiny_repo / "clf" / "1", rows[:40])["prediction"]
+
+    def job() -> bytes:
+        with server.client() as c:
+            r = c.post(PATH, content=body, headers=headers, params=params)
+            assert r.status_code == 200
+            return r.content
+
+    def online(offset: int) -> list[int]:
+        with server.client() as c:
+            return [c.post("/v2/models/clf/versions/1/infer", json={"inputs": [
+                {"name": "input", "shape": [1, D], "datatype": "FP32", "data": rows[i].tolist()}]}).json()[
+                "outputs"][0]["data"][0] for i in range(offset, offset + 20)]
+
+    alone = job()
+    with ThreadPoolExecutor(4) as pool:
+        jobs = [pool.submit(job) for _ in range(2)]
+        answers = [pool.submit(online, offset) for offset in (0, 20)]
+        assert [j.result(timeout=120) for j in jobs] == [alone, alone]
+        assert answers[0].result(timeout=120) + answers[1].result(timeout=120) == want.tolist()
+    assert len(alone.splitlines()) == ROWS
+
+
 def test_default_chunk_rows_follows_the_model_size():
     """A batch job's graph calls hold as many rows as keep the widest per-row tensor (neurons,
     reference points, body pieces) within the element budget (a 4 MiB float64 tensor), between 4
