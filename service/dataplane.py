@@ -466,9 +466,9 @@ class DataPlane:
         against *that* version (``prepare``), send the rows through its batcher in
         ``max_batch_size`` chunks (``bulk``: a batch job's chunk, whose size the job bounds, as one
         job -- one graph call -- that waits for queue room and lets online requests go first), with
-        the request's baseline when it names an explanation
-        output (the batcher then runs the explanation graph on its rows in the same backend call),
-        record every computed row's diagnostics in the metrics. A version swapped mid-request (its
+        the request's baseline when it names an explanation output (the batcher then runs the
+        explanation graph on its rows in the same backend call), record every computed row's
+        diagnostics in the metrics. A version swapped mid-request (its
         batcher closed) is retried on the new load."""
         for _ in range(3):
             mv = self.repository.get(name, version)
@@ -585,7 +585,7 @@ CHUNKS_IN_FLIGHT = 2
 
 class Attribution:
     """One batch attribution job: row chunks in, :class:`~service.types.RowBlock` s out, in order,
-    with one chunk computing while the next is read and the previous one is written.
+    with up to :data:`CHUNKS_IN_FLIGHT` chunks with the backend while a block is written.
 
     Error contract (nothing accepted is dropped): a failure before the first block -- a bad request,
     no rows, a bad row among the first chunk -- raises from :meth:`start`, before any answer. After
