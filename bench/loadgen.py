@@ -155,7 +155,8 @@ def batch_job(client, name: str, x: np.ndarray, layout: str = "rows") -> int:
     """POST ``x`` (float32 (n, d)) as one batch-attribution job with ``client`` (an ``httpx.Client``
     on the server's URL), read the NDJSON answer as it streams and return the rows answered: lines
     counted in the bytes (``layout=rows``) or the leading ``"rows"`` ranges of the column lines
-    (``layout=columns``) -- no per-line decoding, which would be most of what the client did."""
+    (``layout=columns``) -- no per-line decoding, which would be most of what the client did. A job
+    that answers another number of rows than ``x`` has (an error line, a cut stream) raises."""
     raw = np.ascontiguousarray(x, np.float32).tobytes()
     head = json.dumps({"inputs": [{"name": "input", "shape": list(x.shape), "datatype": "FP32",
                                    "parameters": {"binary_data_size": len(raw)}}]}).encode()
@@ -174,4 +175,6 @@ def batch_job(client, name: str, x: np.ndarray, layout: str = "rows") -> int:
                 if m.end() > len(tail):     # not counted with the previous chunk
                     rows += int(m[2]) - int(m[1])
             tail = buf[-64:]
+    if rows != len(x):
+        raise RuntimeError(f"a {layout} batch job answered {rows} of {len(x)} rows")
     return rows

@@ -12,9 +12,9 @@ rows in the same turn of the thread, right after the batch, so explanations batc
 like everything else.
 
 Batch-job chunks are *bulk* jobs: the thread takes every online request already queued before the
-next bulk chunk, so a running batch job delays an online request by at most the chunk computing when
-it arrived (its queued chunks wait), and under online traffic that never lets the queue empty, a bulk
-chunk that has waited :data:`BULK_MAX_WAIT_S` goes next anyway (batch jobs always make progress).
+next bulk chunk, so a running batch job delays an online request by the chunk computing when it
+arrived (its queued chunks wait). The exception keeps batch jobs moving under online traffic that
+never lets the queue empty: a bulk chunk that has waited :data:`BULK_MAX_WAIT_S` goes next anyway.
 
 A full queue rejects at once (:class:`~service.errors.Overloaded`, sent as 503 + ``Retry-After``);
 a request that waits longer than its timeout fails with :class:`~service.errors.RequestTimeout`, and
