@@ -4,6 +4,8 @@
         -> bench/results/ab_graph.md
     python bench/ab_graph.py --wraps [--models models] [--passes 5]
         -> bench/results/ab_graph_wraps.md
+    python bench/ab_graph.py --base REV --graph explain [--models models] [--passes 5]
+        -> bench/results/ab_graph_explain.md
 
 Every demo model's trained artifact (``model.pt``) is exported to ONNX by this tree's
 ``hjmodel.artifact.export_onnx`` and by a base exporter, each run in a subprocess with this tree's
@@ -15,6 +17,8 @@ points and the rows are the same.
   If on "anything gathered", and with none (``artifact._gathered_searches`` overridden): what the
   choice that export makes per model -- which searches are wrapped -- is worth against either
   uniform choice. The outputs are the same by construction, and the table checks it.
+* ``--graph explain``: the explanation graph (``explain.onnx``, written by the same export) instead
+  of the serving graph, fed the preprocessing mean as its integrated-gradients baseline.
 
 Both graphs run in the served session (``hjmodel.serving.open_session``, one thread), every output
 fetched, on the model's own data set: a batch of one (the next row each call, through the first 200
@@ -44,10 +48,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from hjmodel import load_dataset  # noqa: E402
-from hjmodel.serving import onnx_feeds, open_session  # noqa: E402
+from hjmodel.serving import EXPLAIN_FILE, onnx_feeds, open_session  # noqa: E402
 
 OUT = ROOT / "bench" / "results" / "ab_graph.md"
 OUT_WRAPS = ROOT / "bench" / "results" / "ab_graph_wraps.md"
+OUT_EXPLAIN = ROOT / "bench" / "results" / "ab_graph_explain.md"
 MODELS = ("digits_lse", "digits_memory", "digits_deep", "breast_cancer_lse", "diabetes_lse")
 EXPORT = ("import sys; from hjmodel.artifact import load_model, export_onnx; "
           "export_onnx(load_model(sys.argv[1]), sys.argv[2])")
@@ -75,11 +80,11 @@ def _per_call(run, calls: int) -> float:
     return (time.perf_counter() - start) / calls * 1e3
 
 
-def _compare(sessions: dict[str, object], X: np.ndarray) -> str:
+def _compare(sessions: dict[str, object], X: np.ndarray, baseline: np.ndarray | None = None) -> str:
     """'identical', or the outputs that differ and their largest difference."""
     differ = []
     for x in (X, 3.0 * X):
-        outs = [s.run(None, onnx_feeds(s, x, 0.1)) for s in sessions.values()]
+        outs = [s.run(None, onnx_feeds(s, x, 0.1, baseline)) for s in sessions.values()]
         names = [o.name for o in next(iter(sessions.values())).get_outputs()]
         for name, a, b in zip(names, *outs, strict=True):
             if not np.array_equal(a, b, equal_nan=True):
@@ -93,6 +98,8 @@ def main() -> int:
     which = ap.add_mutually_exclusive_group(required=True)
     which.add_argument("--base", help="the git revision whose exporter to compare with")
     which.add_argument("--wraps", action="store_true", help="compare with every / no gathered search in an If")
+    ap.add_argument("--graph", choices=("serving", "explain"), default="serving",
+                    help="the serving graph (model.onnx) or the explanation graph (explain.onnx)")
     ap.add_argument("--models", default=str(ROOT / "models"))
     ap.add_argument("--passes", type=int, default=5)
     args = ap.parse_args()
@@ -129,26 +136,32 @@ def _compare_exports(args, tmp: Path, exporters: dict[str, tuple[Path, str | Non
     side by side. One row per model and batch size."""
     labels = list(exporters)
     rows = []
+    explain = args.graph == "explain"
     for name in MODELS:
         version = Path(args.models) / name / "1"
         spec = json.loads((version / "model.json").read_text())
         X = load_dataset(spec["provenance"]["dataset"]).X.astype(np.float32)
+        # the explanation graph's baseline: the preprocessing mean (the served default)
+        base = np.asarray(spec["input_mean"], dtype=np.float32) if explain else None
         sessions, nodes = {}, {}
         for label, (tree, wraps) in exporters.items():
             target = tmp / "".join(ch if ch.isalnum() else "_" for ch in label) / name / "model.onnx"
             export_with(tree, version, target, wraps)
-            sessions[label], nodes[label] = open_session(target, threads=1), _nodes(target)
-        outputs = _compare(sessions, X[:512])
-        feeds1 = {label: [onnx_feeds(s, X[i:i + 1], 0.1) for i in range(200)] for label, s in sessions.items()}
-        feeds256 = {label: onnx_feeds(s, X[:256], 0.1) for label, s in sessions.items()}
+            graph = target.with_name(EXPLAIN_FILE) if explain else target
+            sessions[label], nodes[label] = open_session(graph, threads=1), _nodes(graph)
+        outputs = _compare(sessions, X[:512], base)
+        feeds1 = {label: [onnx_feeds(s, X[i:i + 1], 0.1, base) for i in range(200)] for label, s in sessions.items()}
+        feeds256 = {label: onnx_feeds(s, X[:256], 0.1, base) for label, s in sessions.items()}
+        # the explanation graph costs up to a second per 256 rows: fewer calls
+        calls1, calls256 = (100, 3) if explain else (400, 20)
         times: dict[tuple[str, int], list[float]] = {}
         for p in range(args.passes):
             for label in (labels if p % 2 == 0 else labels[::-1]):
                 s, one, many = sessions[label], feeds1[label], feeds256[label]
                 times.setdefault((label, 1), []).append(
-                    _per_call(lambda i, s=s, one=one: s.run(None, one[i % 200]), 400))
+                    _per_call(lambda i, s=s, one=one: s.run(None, one[i % 200]), calls1))
                 times.setdefault((label, 256), []).append(
-                    _per_call(lambda i, s=s, many=many: s.run(None, many), 20))
+                    _per_call(lambda i, s=s, many=many: s.run(None, many), calls256))
         for batch in (1, 256):
             b, t = (statistics.median(times[(label, batch)]) for label in labels)
             rows.append((name, batch, b, t, t / b, nodes[labels[0]], nodes[labels[1]], outputs))
@@ -166,11 +179,13 @@ def _write(tables: dict[str, list[tuple]], this: str, args, seconds: float) -> N
     import onnxruntime
     import torch
 
-    command = "--wraps" if args.wraps else f"--base {args.base}"
+    command = ("--wraps" if args.wraps else f"--base {args.base}") + (
+        " --graph explain" if args.graph == "explain" else "")
+    graph = "The explanation graph" if args.graph == "explain" else "The served graph"
     lines = [
-        "# The served graph: this tree's export against " + ("the same exporter with every / no gathered "
-                                                             "search in an If" if args.wraps
-                                                             else "an earlier revision's"),
+        f"# {graph}: this tree's export against " + ("the same exporter with every / no gathered "
+                                                     "search in an If" if args.wraps
+                                                     else "an earlier revision's"),
         "",
         f"Generated by `python bench/ab_graph.py {command} --passes {args.passes}` on "
         f"{dt.datetime.now().isoformat(timespec='seconds')} ({seconds:.0f} s); {platform.platform()}, "
@@ -187,7 +202,7 @@ def _write(tables: dict[str, list[tuple]], this: str, args, seconds: float) -> N
         lines.append("")
     lines += ["*ratio*: this tree's milliseconds per call over the base's (below 1: faster). *graph nodes*: "
               "top-level nodes (a search moved into an If counts as one).", ""]
-    out = OUT_WRAPS if args.wraps else OUT
+    out = OUT_WRAPS if args.wraps else OUT_EXPLAIN if args.graph == "explain" else OUT
     out.write_text("\n".join(lines))
     print(f"wrote {out}")
 

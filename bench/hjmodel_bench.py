@@ -12,6 +12,9 @@ Backends and rows (one thread each, so numbers are per core):
   *all diagnostics, far rows*: every output for rows far from the data (|N(0, 1)| x 3 per pixel,
   OOD traffic), where the graph's exponentials underflow, in the served session (subnormals
   flushed, ``serving.open_session``) and, side by side, in one that keeps them.
+* both -- *explanation outputs*: the explanation graph (``ExplainModule`` / ``explain.onnx``: the
+  integrated gradients from the training mean, label flips, the HJ reading, the eps what-if), which
+  the service runs only for requests that name those outputs; its ratio is to the same *predict only*.
 
 Each cell is the median of 7 timing repeats, each repeat averaging enough calls to last >= 0.2 s.
 Usage: ``python bench/hjmodel_bench.py [--models DIR]``.
@@ -39,7 +42,7 @@ sys.path.insert(0, str(ROOT))
 
 from hjmodel import load_dataset, load_model, load_serving_module  # noqa: E402
 from hjmodel import serving as serving_contract  # noqa: E402
-from hjmodel.artifact import ONNX_FILE  # noqa: E402
+from hjmodel.artifact import ONNX_FILE, ExplainModule, read_spec  # noqa: E402
 
 MODELS = {"digits_lse": ("lse classification", "digits"), "digits_memory": ("memory classification", "digits"),
           "digits_deep": ("deep classification", "digits"), "diabetes_lse": ("lse regression", "diabetes")}
@@ -99,6 +102,9 @@ def bench_model(directory: Path, data_name: str, work: Path) -> list[dict]:
                           output_names=["prediction"], dynamic_axes={"input": {0: "batch"}, "prediction": {0: "batch"}},
                           opset_version=17, dynamo=False)
     full_sess, bare_sess = _session(directory / ONNX_FILE), _session(bare_path)
+    explain_sess = _session(directory / serving_contract.EXPLAIN_FILE)
+    explain = ExplainModule(load_model(directory)).eval()
+    mean = np.asarray(read_spec(directory)["input_mean"], dtype=np.float32)
     kept_sess = KEPT.submit(_session, directory / ONNX_FILE, False).result()
     far = (np.abs(np.random.default_rng(0).standard_normal((max(BATCHES), model.n_features))) * 3).astype(np.float32)
     X = load_dataset(data_name).X
@@ -118,10 +124,14 @@ def bench_model(directory: Path, data_name: str, work: Path) -> list[dict]:
                 ("torch", "all diagnostics"): _time(lambda x32=x32: serving(x32, tau)),
                 ("torch", "HJModel.predict"): _time(lambda x32=x32: model.predict(x32)),
                 ("torch", "predict only"): _time(lambda x32=x32: bare(x32)),
+                ("torch", "explanation outputs"): _time(lambda x32=x32, t=tau.expand(batch, 1), base=torch.as_tensor(
+                    mean).expand(batch, -1): explain(x32, t, base)),
             }
         t[("onnxruntime", "all diagnostics")] = _time(lambda feed=feed: full_sess.run(None, feed))
         t[("onnxruntime", "prediction fetched")] = _time(lambda feed=feed: full_sess.run(["prediction"], feed))
         t[("onnxruntime", "predict only")] = _time(lambda xn=xn: bare_sess.run(None, {"input": xn}))
+        explain_feed = serving_contract.onnx_feeds(explain_sess, xn, 0.1, mean)
+        t[("onnxruntime", "explanation outputs")] = _time(lambda f=explain_feed: explain_sess.run(None, f))
         # rows far from the data (OOD traffic), where exponentials underflow: the served session
         # flushes subnormals (serving.open_session); side by side, one that does not
         far_feed = serving_contract.onnx_feeds(full_sess, far[:batch], 0.1)

@@ -340,15 +340,17 @@ class HJModel(nn.Module):
         head's pre-activations a (n, N)."""
         return self._trace(x)[:3]
 
-    def _trace(self, x: Tensor, head: bool = True) -> tuple[Tensor, list[Tensor], Tensor, Tensor, list[tuple[Tensor, Tensor]]]:
+    def _trace(self, x: Tensor | None, head: bool = True, first: Tensor | None = None
+               ) -> tuple[Tensor, list[Tensor], Tensor, Tensor, list[tuple[Tensor, Tensor]]]:
         """:meth:`trace`, plus the first linear map's pre-activations (the first body layer's, or a
         when there is no body), which the interval bounds start from, and every body layer's
         (pre-activations, outputs), which the linearised-body radius starts from. Each body layer's
         pre-activations are formed once; its outputs and Gibbs weights come from one group LSE.
-        ``head`` False: the head's pre-activations are left to the caller (a is None)."""
-        h, gibbs_body, layers = self.preprocess(x), [], []
-        for layer in self.body:
-            pre = F.preactivations(h, layer.W.to(h.dtype), layer.b.to(h.dtype))
+        ``head`` False: the head's pre-activations are left to the caller (a is None). ``first``: the
+        first body layer's pre-activations (..., N1) formed by the caller, in place of x's."""
+        h, gibbs_body, layers = self.preprocess(x) if first is None else None, [], []
+        for i, layer in enumerate(self.body):
+            pre = first if i == 0 and first is not None else F.preactivations(h, layer.W.to(h.dtype), layer.b.to(h.dtype))
             h, pi = F.grouped_lse_gibbs(pre, layer.groups, layer.eps)
             gibbs_body.append(pi)
             layers.append((pre, h))
@@ -670,18 +672,39 @@ class HJModel(nn.Module):
     def _values_grad(self, pi: Tensor, c: Tensor, yhat: Tensor) -> Tensor:
         """grad_h of yhat_c = sum_j pi_j V_jc: Cov_pi(w, V_c)/eps, with the mean V_c under pi read
         off the outputs ``yhat`` (n, K).  -> (n, p)."""
+        return (self._values_coef(pi, c, yhat) @ self.head.W) / self.head.eps
+
+    def _values_coef(self, pi: Tensor, c: Tensor, yhat: Tensor, weights: Tensor | None = None) -> Tensor:
+        """The coefficients pi_j (V_jc - yhat_c) of the head's rows in eps grad_h yhat_c, for Gibbs
+        weights ``pi`` (n, [q,] N), outputs ``yhat`` (n, [q,] K) and classes ``c`` (n,).  -> (n, [q,] N).
+
+        With ``weights`` (q,): ``pi`` (n, q, N) and ``yhat`` (n, q, K) are taken at q nodes of a path,
+        and the result is the coefficients' weighted sum over the nodes, formed as one batched
+        product per row (the (n, q, N) weights are read once)."""
         head = self.head
         if not head.V.shape[1]:
-            return pi.new_zeros(pi.shape[0], head.W.shape[1])
+            return torch.zeros_like(pi if weights is None else pi[:, 0])
         # row c of V^T (a constant of the graph): one gather of contiguous rows, no (N, n) transpose
         v = head.V.T.index_select(0, c)                                  # (n, N)
-        vbar = yhat.gather(1, c.unsqueeze(-1))                           # sum_j pi_j V_jc
+        at_c = c.unsqueeze(-1) if yhat.ndim == 2 else c.view(-1, 1, 1).expand(-1, yhat.shape[1], 1)
+        vbar = yhat.gather(yhat.ndim - 1, at_c)                          # sum_j pi_j V_jc
+        if weights is None and pi.ndim == 3:
+            v = v.unsqueeze(1)                                           # the same row at every node
         if head.groups is not None:
             # one-hot labels: v_j - p_c is 1 - p_c = sum_{k != c} p_k (summed, not subtracted: it stays
             # accurate where the model is sure, and 1 - p_c would round to 0) or -p_c
-            rest = yhat.scatter(1, c.unsqueeze(-1), 0.0).sum(-1, keepdim=True)
-            return ((pi * torch.where(v > 0.5, rest, -vbar)) @ head.W) / head.eps
-        return ((pi * (v - vbar)) @ head.W) / head.eps
+            rest = yhat.scatter(yhat.ndim - 1, at_c, 0.0).sum(-1, keepdim=True)
+            if weights is None:
+                return pi * torch.where(v > 0.5, rest, -vbar)
+            # (n, 2, q) @ (n, q, N): the sums over the nodes of pi_qj rest_q and of pi_qj p_qc
+            both = torch.cat([weights.view(1, 1, -1) * rest.transpose(1, 2),
+                              weights.view(1, 1, -1) * vbar.transpose(1, 2)], 1) @ pi
+            return torch.where(v > 0.5, both[:, 0], -both[:, 1])
+        if weights is None:
+            return pi * (v - vbar)
+        both = torch.cat([weights.view(1, 1, -1).expand(vbar.shape[0], 1, -1),
+                          weights.view(1, 1, -1) * vbar.transpose(1, 2)], 1) @ pi
+        return v * both[:, 0] - both[:, 1]
 
     def _label_sensitivity(self, w: Tensor, index: Tensor, yhat: Tensor) -> Tensor:
         """d prediction / d label_j (Prop F.1) of the neurons ``index`` (n, k), whose Gibbs weights are
@@ -1086,9 +1109,10 @@ def _integrated_gradients(model: HJModel, x: Tensor, baseline: Tensor | None = N
                           panels: int = 32, order: int = 8, decision: Tensor | None = None,
                           closed_form: bool = True) -> Tensor:
     """Integrated gradients of the decisive output in raw input space, from ``baseline`` (default:
-    the preprocessing mean, i.e. z0 = 0). Exact closed form for kinds lse/memory-classification
-    via :func:`functional.integrated_gradients` (pre-activations are affine along the path);
-    for deep bodies and memory regression, Gauss-Legendre quadrature of the closed-form gradient."""
+    the preprocessing mean, i.e. z0 = 0). With ``closed_form``, kind lse (a grouped head on the input)
+    takes the adaptive quadrature of :func:`functional.integrated_gradients`, exact to rounding;
+    otherwise the fixed rule of ``panels`` x ``order`` Gauss-Legendre nodes along the first linear
+    map's affine pre-activations (:func:`_affine_path_ig`)."""
     x = torch.as_tensor(x, dtype=torch.float64)
     x0 = (model.preprocess.mu if baseline is None else torch.as_tensor(baseline, dtype=torch.float64)).expand_as(x)
     head = model.head
@@ -1101,23 +1125,61 @@ def _integrated_gradients(model: HJModel, x: Tensor, baseline: Tensor | None = N
         b = head.b.detach() - W @ model.preprocess.mu
         return F.integrated_gradients(x, x0, W, b, head.eps, mask=head.mask, output=c, panels=panels, order=order)
     nodes, weights = F.gauss_legendre(panels, order, x.dtype, x.device)
-    q, n = nodes.shape[0], x.shape[0]
-    points = (x0.unsqueeze(0) + nodes[:, None, None] * (x - x0).unsqueeze(0)).reshape(q * n, -1)
-    # the closed-form gradient of the output decided at x, at every node of the path at once
-    grads = _output_gradient(model, points, c.repeat(q))
-    total = torch.einsum("q,qnd->nd", weights, grads.reshape(q, n, -1))
-    return (x - x0) * total
+    return _affine_path_ig(model, x, x0, c, nodes, weights)
 
 
-def _output_gradient(model: HJModel, x: Tensor, c: Tensor) -> Tensor:
-    """Closed-form gradient of output c (the group's LSE value for lse heads, yhat_c for memory
-    heads) in raw input space; for regression c = 0 this is the served saliency."""
-    head = model.head
-    _, gibbs_body, a = model.trace(x)
+def _affine_path_ig(model: HJModel, x: Tensor, x0: Tensor, c: Tensor, nodes: Tensor, weights: Tensor) -> Tensor:
+    """Integrated gradients of output ``c`` by the rule ``nodes``, ``weights`` (q,) on [0, 1].
+
+    Along the path x0 + s (x - x0) the first linear map's pre-activations (the head's, or the first
+    body layer's) are affine, a(s) = a0 + s da, and the output's gradient in raw input space is a
+    combination of that map's rows, coef(s) W A (:func:`_head_gradient`, pulled back). So the rule integrates
+    the coefficients alone, (n, q, N) per row and node, with no d-wide product per node, and forms
+    the gradient once: IG = (x - x0) * ((sum_q w_q coef(s_q)) W A) -- the same sum as the gradient
+    taken at every node, in another order. A head on the input: its Gibbs weights' coefficients
+    (an lse head's only over the decided class's group, in the :class:`~hjmodel.functional.Groups`
+    layout); after a body: the layers above run on the path's (n, q, N1) pre-activations, and the
+    head's gradient is pulled back to the first layer's pieces."""
+    head, pre = model.head, model.preprocess
+    A = pre.A.to(x.dtype)
+    dz = (x - x0) @ A.T                                                            # (n, p): the linear part alone
+    s = nodes.view(1, -1, 1)                                                       # (1, q, 1)
+    if model.body:
+        first = model.body[0]
+        W = first.W.to(x.dtype)
+        pre0 = F.preactivations(pre(x0), W, first.b.to(x.dtype))                   # (n, N1)
+        path = torch.stack([torch.ones_like(nodes), nodes], 1) @ torch.stack([pre0, dz @ W.T], 1)   # (n, q, N1)
+        _, gibbs_body, a = model._trace(None, first=path)[:3]                      # (n, q, N)
+        v = _head_gradient(model, a, c)                                            # (n, q, H): grad in h
+        # the pullback of HJModel._pullback, layer by layer, stopped at the first layer's pieces
+        for layer, P in zip(reversed(model.body[1:]), reversed(gibbs_body[1:])):
+            v = layer.groups.spread(v.unsqueeze(-1) * P) @ layer.W.to(v.dtype)
+        coef = first.groups.spread(v.unsqueeze(-1) * gibbs_body[0])               # (n, q, N1)
+        return (x - x0) * (((weights @ coef) @ W) @ A)
+    W = head.W.to(x.dtype)
+    a0 = head.preactivations(pre(x0))                                              # (n, N)
+    da = dz @ W.T                                                                  # (n, N)
     if head.mode == "groups":
-        pi = F.masked_lse_gibbs(a, head.mask[c], head.eps)[1]
-        grad_h = F.gradient(pi, head.W)
+        groups = head.groups
+        a0_c = F.take_class(groups.gather(a0), c).unsqueeze(1)                     # (n, 1, S), -inf padding
+        da_c = F.take_class(groups.gather(da, fill=0.0), c).unsqueeze(1)
+        pi = F.lse_gibbs(a0_c + s * da_c, head.eps)[1]                             # (n, q, S)
+        at_c = torch.nn.functional.one_hot(c, groups.shape[0]).to(pi.dtype)       # (n, K)
+        grad_h = groups.spread(at_c.unsqueeze(-1) * (weights @ pi).unsqueeze(1)) @ W
     else:
-        pi = F.gibbs(a, head.eps)
-        grad_h = model._values_grad(pi, c, pi @ head.V)
-    return model._pullback(grad_h, gibbs_body)
+        # softmax(a / eps), the path's (n, q, N) pre-activations as one product [1, s] @ [a0; da] / eps
+        ends = torch.stack([a0 / head.eps, da / head.eps], 1)                     # (n, 2, N)
+        pi = torch.softmax(torch.stack([torch.ones_like(nodes), nodes], 1) @ ends, -1)
+        grad_h = (model._values_coef(pi, c, pi @ head.V.to(x.dtype), weights) @ W) / head.eps
+    return (x - x0) * (grad_h @ A)
+
+
+def _head_gradient(model: HJModel, a: Tensor, c: Tensor) -> Tensor:
+    """Gradient in h of output c (the group's LSE value for lse heads, yhat_c for memory heads) at
+    the head's pre-activations a: (n, N), or (n, q, N) for q points per row (c: (n,)).  -> (n, [q,] p)."""
+    head = model.head
+    if head.mode == "groups":
+        keep = head.mask[c] if a.ndim == 2 else head.mask[c].unsqueeze(1)
+        return F.gradient(F.masked_lse_gibbs(a, keep, head.eps)[1], head.W)
+    pi = F.gibbs(a, head.eps)
+    return model._values_grad(pi, c, pi @ head.V)

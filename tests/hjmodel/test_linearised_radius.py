@@ -166,7 +166,10 @@ def test_linearised_radius_is_tight_and_part_of_the_served_radius(depth):
         r, c = _linearised(model, x)
         served = model.evaluate(x, outputs=("prediction", "certified_radius"))
         assert torch.equal(served["prediction"], c)
-        assert bool((served["certified_radius"] >= r).all())
+        # at least the linearised radius, to rounding: evaluate forms it among the batch's other work,
+        # and on some processors (an AMD EPYC) the BLAS kernels of those other shapes round it up to
+        # 4e-16 relative differently (its soundness is the attacks' to check, above and below)
+        assert bool((served["certified_radius"] >= r * (1 - 1e-12)).all())
         r_att = minimal_attack_radius(model, x, c, r, restarts=4, steps=40, bisections=6, seed=seed)
         found = (r_att < math.inf) & (r > 0)
         assert bool((r[found] <= r_att[found]).all())

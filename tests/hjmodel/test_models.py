@@ -246,9 +246,10 @@ def test_memory_saliency_is_accurate_where_the_model_is_sure(demo_repository):
     reference's 1 - p_c, summed over the other classes, still carries every digit), on the digits it
     is surest of: where 1 - p_c is below float64's resolution, computing v_jc - p_c as written loses
     every digit (1 - p_c rounds to 0; the previous served form was 99.8% off at 1 - p_c = 5e-46). The
-    served form p_c sum_k p_k (G_c - G_k) / eps (G_k the class groups' gradients) and the closed-form
-    output gradient the integrated-gradients quadrature takes (``_output_gradient``) do not cancel."""
-    from hjmodel.models import _output_gradient
+    served form p_c sum_k p_k (G_c - G_k) / eps (G_k the class groups' gradients) and the gradient
+    the integrated gradients' rule sums over its nodes (``_affine_path_ig``, read at one node s = 1
+    of weight 1 from x0 = x - 1, where IG is the gradient at x) do not cancel."""
+    from hjmodel.models import _affine_path_ig
 
     model = load_model(demo_repository / "digits_memory" / "1")
     X = load_dataset("digits").X[:600]
@@ -261,7 +262,9 @@ def test_memory_saliency_is_accurate_where_the_model_is_sure(demo_repository):
     V = model.head.V.numpy() > 0.5
     eps = L(model.head.eps)
     sure = np.argsort(-ev["probabilities"].max(-1).values.numpy(), kind="stable")[:40]
-    quadrature = _output_gradient(model, torch.as_tensor(X[sure], dtype=DT), ev["prediction"][sure]).detach().numpy()
+    x = torch.as_tensor(X[sure], dtype=DT)
+    one = torch.ones(1, dtype=DT)
+    quadrature = _affine_path_ig(model, x, x - 1.0, ev["prediction"][sure], one, one).detach().numpy()
     smallest = L(1)
     for row, i in enumerate(sure):
         a = W @ ((X[i].astype(L) - mu) @ A) + b
