@@ -21,7 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from . import functional as F
-from .serving import KINDS, OOD_COMPONENTS, TASKS, TOP_K_MAX, output_names
+from .serving import IG_ORDER, IG_PANELS, KINDS, OOD_COMPONENTS, TASKS, TOP_K_MAX, output_names
 
 __all__ = ["Evaluation", "GibbsHead", "HJModel", "LSEGroupLayer", "OODReference", "Preprocess"]
 
@@ -31,8 +31,6 @@ ROUNDING = 64 * torch.finfo(torch.float64).eps
 #: 5 rounds -- within 8^(1/16) - 1 = 14% after the first, 2e-6 (relative) below IBP's radius after the fifth
 IBP_REACH, IBP_POINTS, IBP_ROUNDS = 8.0, 16, 5
 
-#: The served integrated gradients' quadrature: IG_PANELS equal panels of IG_ORDER Gauss-Legendre nodes.
-IG_PANELS, IG_ORDER = 16, 8
 #: elements of the largest (rows, K, N) block the torch path builds at once (2^24: 128 MB in float64);
 #: larger batches are evaluated in row blocks (:meth:`HJModel.row_blocks`)
 BLOCK_ELEMENTS = 1 << 24

@@ -141,6 +141,27 @@ def explain_outputs_for(task: str, kind: str) -> tuple[OutputSpec, ...]:
     return tuple(o for o in EXPLAIN_OUTPUTS if task in o.tasks and kind in _EXPLAIN_KINDS.get(o.name, KINDS))
 
 
+#: The integrated gradients' rule, the same in torch and ONNX: IG_PANELS equal panels of IG_ORDER
+#: Gauss-Legendre nodes on the path from the baseline.
+IG_PANELS, IG_ORDER = 16, 8
+
+#: Elements of the explanation graph's largest per-row tensors in one call (2^24: 128 MiB in float64).
+EXPLAIN_ELEMENTS = 1 << 24
+
+
+def explain_rows_per_call(structure: Mapping[str, Any] | None, most: int) -> int:
+    """Rows per call of an artifact's explanation graph: its integrated gradients hold (rows,
+    IG_PANELS x IG_ORDER, width) float64 tensors -- width the first linear map's, the first body
+    layer's pieces or else the head's neurons (a memory model: one per support point) -- so a call
+    stays within :data:`EXPLAIN_ELEMENTS`; at most ``most``, at least 1. ``structure``: the spec's
+    (missing widths count as 1)."""
+    st = structure if isinstance(structure, Mapping) else {}
+    body = st.get("body") if isinstance(st.get("body"), list) else []
+    width = body[0].get("pieces") if body and isinstance(body[0], Mapping) else st.get("n_neurons")
+    width = int(width) if isinstance(width, int) and width > 0 else 1
+    return max(1, min(most, EXPLAIN_ELEMENTS // (IG_PANELS * IG_ORDER * width)))
+
+
 _SPECS = {(task, o.name): o for o in (*OUTPUTS, *EXPLAIN_OUTPUTS) for task in o.tasks}
 
 

@@ -84,9 +84,12 @@ class DynamicBatcher:
     def __init__(self, backend: Backend, *, max_batch_size: int, max_queue_delay_s: float,
                  max_queue_size: int, retry_after_s: int = 1, name: str = "model",
                  on_batch: Callable[[int, float], None] | None = None,
-                 on_queue: Callable[[int], None] | None = None):
+                 on_queue: Callable[[int], None] | None = None, explain_rows: int | None = None):
         self.backend = backend
         self.max_batch_size = max_batch_size
+        #: rows per explanation-graph call (default max_batch_size; the repository sets the model's
+        #: own, :func:`hjmodel.serving.explain_rows_per_call`)
+        self.explain_rows = max(1, explain_rows or max_batch_size)
         self.max_queue_delay_s = max_queue_delay_s
         self.max_queue_size = max_queue_size
         self.retry_after_s = retry_after_s
@@ -253,9 +256,9 @@ class DynamicBatcher:
     def _explain(self, batch: list[_Job], offsets: list[int], rows: np.ndarray,
                  tau: np.ndarray) -> dict[str, np.ndarray] | HJServeError:
         """The explanation outputs of the rows of the jobs that carry a baseline (one row per
-        explained row, in job order), at most ``max_batch_size`` rows a call: the explanation
-        graph's memory grows with its rows (integrated gradients evaluate each at a whole path of
-        points)."""
+        explained row, in job order), at most ``explain_rows`` rows a call: the explanation
+        graph's memory grows with its rows (the integrated gradients hold a whole path of points
+        per row)."""
         explained = [(offset, job) for offset, job in zip(offsets, batch) if job.baseline is not None]
         if len(explained) == len(batch):
             x, t = rows, tau
@@ -263,7 +266,7 @@ class DynamicBatcher:
             x = np.concatenate([rows[o:o + len(j.rows)] for o, j in explained])
             t = np.concatenate([tau[o:o + len(j.rows)] for o, j in explained])
         base = np.concatenate([np.broadcast_to(j.baseline, j.rows.shape) for _, j in explained])
-        size, parts = self.max_batch_size, []
+        size, parts = self.explain_rows, []
         for i in range(0, len(x), size):
             part = _guarded(self.backend.explain, "the explanation", len(x[i:i + size]), x[i:i + size],
                             t[i:i + size], base[i:i + size])

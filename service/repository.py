@@ -243,7 +243,8 @@ class ModelRepository:
         batcher = DynamicBatcher(
             backend, max_batch_size=s.max_batch_size, max_queue_delay_s=s.max_queue_delay_ms / 1000.0,
             max_queue_size=s.max_queue_size, retry_after_s=s.retry_after_s, name=f"{name}-{version}",
-            on_batch=metrics.on_batch, on_queue=metrics.queue_size.set)
+            on_batch=metrics.on_batch, on_queue=metrics.queue_size.set,
+            explain_rows=serving.explain_rows_per_call(spec.raw.get("structure"), s.max_batch_size))
         return ModelVersion(name, version, path, spec, backend, batcher, metrics, names)
 
     async def load_all(self) -> None:

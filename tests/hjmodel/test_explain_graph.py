@@ -6,6 +6,7 @@ against the model at vanishing eps; and ONNX against torch."""
 from __future__ import annotations
 
 import copy
+import json
 import math
 
 import numpy as np
@@ -239,3 +240,22 @@ def test_integrated_gradients_against_autograd_on_random_models(seed):
     terms = float(torch.stack(rows).prod()) * (2.0 * float(model.head.V.abs().max()) / model.head.eps
                                                if model.head.mode == "values" else 1.0)
     torch.testing.assert_close(served, want, rtol=1e-9, atol=1e-12 * terms * float((x - x0).abs().max()))
+
+
+def test_explanation_calls_stay_within_their_element_budget(demo_repository):
+    """Rows per explanation call (the service's batcher takes them from the spec) keep the integrated
+    gradients' (rows, nodes, width) tensors within serving.EXPLAIN_ELEMENTS: width the first body
+    layer's pieces, or the head's neurons; never below one row, never above the batch."""
+    nodes = serving.IG_PANELS * serving.IG_ORDER
+    for name in DEMO:
+        structure = json.loads((demo_repository / name / "1" / serving.SPEC_FILE).read_text())["structure"]
+        model = load_model(demo_repository / name / "1")
+        width = model.body[0].W.shape[0] if model.body else model.head.W.shape[0]
+        rows = serving.explain_rows_per_call(structure, 10_000)
+        assert rows * nodes * width <= serving.EXPLAIN_ELEMENTS, name
+        assert rows == 10_000 or (rows + 1) * nodes * width > serving.EXPLAIN_ELEMENTS, name
+        assert serving.explain_rows_per_call(structure, 4) == min(4, rows)
+    assert serving.explain_rows_per_call({"n_neurons": 60_000, "body": []}, 64) == 2
+    assert serving.explain_rows_per_call({"n_neurons": 10 ** 9}, 64) == 1
+    assert serving.explain_rows_per_call({"n_neurons": 60_000, "body": [{"pieces": 192}]}, 64) == 64
+    assert serving.explain_rows_per_call(None, 64) == serving.explain_rows_per_call(["not", "a", "dict"], 64) == 64

@@ -257,6 +257,23 @@ def test_explanations_run_at_most_max_batch_size_rows_a_call():
     np.testing.assert_array_equal(result.outputs["gap"], _rows(10))
 
 
+def test_explanations_run_at_most_the_models_explain_rows_a_call():
+    """The model's own bound on rows per explanation call (``explain_rows``: a memory model of many
+    support points explains a few rows at a time) splits even a request below max_batch_size; the
+    rows come back whole and in order."""
+    backend = ExplainingBackend()
+
+    async def main():
+        b = _batcher(backend, max_batch_size=8, max_queue_delay_s=0, explain_rows=3)
+        result = await b.infer(_rows(7), 0.5, timeout_s=5, baseline=np.zeros(2, np.float32))
+        await b.close()
+        return result
+
+    result = asyncio.run(main())
+    assert backend.batches == [(7, (0.5,))] and backend.explained == [3, 3, 1]
+    np.testing.assert_array_equal(result.outputs["gap"], _rows(7))
+
+
 def test_an_explanation_with_the_wrong_rows_is_a_backend_error():
     async def main():
         b = _batcher(ExplainingBackend(explain_rows=1), max_queue_delay_s=0)

@@ -35,6 +35,21 @@ def test_versions_carry_the_typed_spec(repository):
     assert reg.spec.task == "regression" and reg.n_features == 4
 
 
+def test_a_versions_explanations_run_in_calls_sized_by_its_first_layer(fake_root, loader, settings):
+    """The batcher of a loaded version explains at most the rows the model's first linear map allows
+    (hjmodel.serving.explain_rows_per_call): a memory model with 60,000 support points two rows a
+    call, a small one max_batch_size."""
+    spec = json.loads((fake_root / "fclf" / "1" / "model.json").read_text())
+    spec["structure"] = {"n_neurons": 60_000, "body": []}
+    (fake_root / "fclf" / "1" / "model.json").write_text(json.dumps(spec))
+
+    async def body():
+        return repository.get("fclf", "1").batcher.explain_rows, repository.get("freg", "1").batcher.explain_rows
+    repository = ModelRepository(settings, loader=loader)
+    wide, small = _with_repository(repository, body)
+    assert wide == 2 and small == settings.max_batch_size
+
+
 def test_a_bad_spec_is_reported_and_takes_nothing_down(fake_root, loader):
     spec = json.loads((fake_root / "fclf" / "1" / "model.json").read_text())
     spec["n_outputs"] = 0
