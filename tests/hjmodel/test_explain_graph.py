@@ -148,24 +148,29 @@ def test_explain_graph_onnx_matches_torch(demo_repository, name):
             np.testing.assert_allclose(got[key], w, rtol=2e-5, atol=1e-6 * max(1.0, float(np.abs(w).max())), err_msg=key)
 
 
-@pytest.mark.parametrize("name", ["digits_deep", "digits_memory", "diabetes_lse"])
-def test_integrated_gradients_against_autograd(demo_repository, name):
-    """Per coordinate, against autograd's gradient of the decisive output integrated by the same rule
-    (independent of the closed-form gradient the served IG uses)."""
-    from hjmodel.models import IG_ORDER, IG_PANELS
-
-    model = load_model(demo_repository / name / "1")
-    x = _rows(name, 4, 7)
-    c = model.evaluate(x, outputs=()).decision
-    x0 = model.preprocess.mu.expand_as(x)
-    nodes, weights = F.gauss_legendre(IG_PANELS, IG_ORDER)
+def _autograd_ig(model, x: torch.Tensor, x0: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """Integrated gradients of output c by the served rule (serving.IG_PANELS x IG_ORDER nodes), each
+    node's gradient by autograd through the model's plain forward pass: independent of the closed
+    forms the served IG uses."""
+    nodes, weights = F.gauss_legendre(serving.IG_PANELS, serving.IG_ORDER)
     total = torch.zeros_like(x)
     for alpha, w in zip(nodes.tolist(), weights.tolist()):
         point = (x0 + alpha * (x - x0)).clone().requires_grad_(True)
         out = model.head.outputs(model.head.preactivations(model.features(point))).gather(1, c[:, None]).sum()
         (grad,) = torch.autograd.grad(out, point)
         total += w * grad
-    autograd_ig = (x - x0) * total
+    return (x - x0) * total
+
+
+@pytest.mark.parametrize("name", ["digits_deep", "digits_memory", "diabetes_lse"])
+def test_integrated_gradients_against_autograd(demo_repository, name):
+    """Per coordinate, against autograd's gradient of the decisive output integrated by the same rule
+    (independent of the closed-form gradient the served IG uses)."""
+    model = load_model(demo_repository / name / "1")
+    x = _rows(name, 4, 7)
+    c = model.evaluate(x, outputs=()).decision
+    x0 = model.preprocess.mu.expand_as(x)
+    autograd_ig = _autograd_ig(model, x, x0, c)
     served = model.explain(x)["integrated_gradients"]
     torch.testing.assert_close(served, autograd_ig, rtol=1e-9, atol=1e-9 * float(autograd_ig.abs().max()))
 
@@ -221,18 +226,9 @@ def test_integrated_gradients_against_autograd_on_random_models(seed):
     coordinate, in float64, it equals autograd's gradient of the decisive output integrated by the
     same rule, on random lse heads, memory classifiers and regressions, and bodies of one and two
     layers under lse and memory heads (20 seeds each)."""
-    from hjmodel.models import IG_ORDER, IG_PANELS
-
     model, x, x0 = _random_model(seed)
     c = model.evaluate(x, outputs=()).decision if model.task == "classification" else torch.zeros(6, dtype=torch.long)
-    nodes, weights = F.gauss_legendre(IG_PANELS, IG_ORDER)
-    total = torch.zeros_like(x)
-    for alpha, w in zip(nodes.tolist(), weights.tolist()):
-        point = (x0 + alpha * (x - x0)).clone().requires_grad_(True)
-        out = model.head.outputs(model.head.preactivations(model.features(point))).gather(1, c[:, None]).sum()
-        (grad,) = torch.autograd.grad(out, point)
-        total += w * grad
-    want = (x - x0) * total
+    want = _autograd_ig(model, x, x0, c)
     served = model.explain(x, baseline=x0)["integrated_gradients"]
     # the size of the gradient's terms, whose rounding either side may leave where they cancel (a
     # sure memory head's sum_j pi_j (v_jc - p_c) w_j / eps): every map's largest row, 2 |V| / eps
