@@ -189,7 +189,10 @@ def main() -> int:
           "|N(0, 1)| x 3 per feature (OOD traffic), where the graph's exponentials underflow: the served "
           "session flushes subnormals to zero (`hjmodel.serving.open_session`); *subnormals kept* is "
           "the same graph in a session that does not, on a thread that never flushed -- the flush is "
-          "what keeps OOD traffic as cheap as in-distribution traffic."]
+          "what keeps OOD traffic as cheap as in-distribution traffic. *explanation outputs* is the "
+          "explanation graph (`explain.onnx` / `ExplainModule`: integrated gradients from the training mean, "
+          "label flips, the HJ reading, the eps what-if), which the service runs only for requests that "
+          "name those outputs; its ratio is to the same backend's *predict only*."]
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text("\n".join(L) + "\n")
     print(f"wrote {args.out}")
