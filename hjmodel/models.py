@@ -21,7 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from . import functional as F
-from .serving import IG_ORDER, IG_PANELS, KINDS, OOD_COMPONENTS, TASKS, TOP_K_MAX, output_names
+from .serving import IG_ORDER, IG_PANELS, KINDS, OOD_COMPONENTS, TASKS, TOP_K_MAX, explain_rows, output_names
 
 __all__ = ["Evaluation", "GibbsHead", "HJModel", "LSEGroupLayer", "OODReference", "Preprocess"]
 
@@ -940,12 +940,20 @@ class HJModel(nn.Module):
           moves an output by more than tau)."""
         x = torch.as_tensor(x).to(torch.float64)
         tau_t = _per_row(tau, x.shape[0], x.device)
+        x0 = self.preprocess.mu.expand_as(x) if baseline is None else torch.as_tensor(baseline).to(torch.float64)
+        # row blocks, so the integrated gradients' (rows, nodes, width) tensors stay within
+        # serving.EXPLAIN_ELEMENTS (one block when exporting: the graph takes the batch whole)
+        step = explain_rows(self.body[0].W.shape[0] if self.body else self.head.W.shape[0], x.shape[0])
+        if step < x.shape[0] and not torch.onnx.is_in_onnx_export():
+            x0 = x0.expand_as(x)
+            parts = [self.explain(x[i:i + step], tau_t[i:i + step], x0[i:i + step], top_k, panels, order)
+                     for i in range(0, x.shape[0], step)]
+            return {key: torch.cat([part[key] for part in parts]) for key in parts[0]}
         ev = self.evaluate(x, tau=tau_t, outputs=("prediction",), rows_by_group=False)   # a is read below
         head, eps, t = self.head, self.head.eps, self.head.t
         c, a, h = ev.decision, ev.a, ev.h
         keep = head.mask[c] if head.mode == "groups" else torch.ones_like(a, dtype=torch.bool)
         out: dict[str, Tensor] = {}
-        x0 = self.preprocess.mu.expand_as(x) if baseline is None else torch.as_tensor(baseline).to(torch.float64)
         out["integrated_gradients"] = _integrated_gradients(self, x, x0.expand_as(x), panels, order, decision=c,
                                                             closed_form=False)
         if self.task == "classification" and head.mode == "values":

@@ -149,17 +149,22 @@ IG_PANELS, IG_ORDER = 16, 8
 EXPLAIN_ELEMENTS = 1 << 24
 
 
+def explain_rows(width: int, most: int) -> int:
+    """Rows per call of an explanation graph whose first linear map is ``width`` wide (the first body
+    layer's pieces, or else the head's neurons: a memory model's support points): its integrated
+    gradients hold (rows, IG_PANELS x IG_ORDER, width) float64 tensors, so a call stays within
+    :data:`EXPLAIN_ELEMENTS`; at most ``most``, at least 1. The service's batcher explains in calls
+    of this size, and :meth:`hjmodel.HJModel.explain` in row blocks of it."""
+    return max(1, min(most, EXPLAIN_ELEMENTS // (IG_PANELS * IG_ORDER * max(1, width))))
+
+
 def explain_rows_per_call(structure: Mapping[str, Any] | None, most: int) -> int:
-    """Rows per call of an artifact's explanation graph: its integrated gradients hold (rows,
-    IG_PANELS x IG_ORDER, width) float64 tensors -- width the first linear map's, the first body
-    layer's pieces or else the head's neurons (a memory model: one per support point) -- so a call
-    stays within :data:`EXPLAIN_ELEMENTS`; at most ``most``, at least 1. ``structure``: the spec's
-    (missing widths count as 1)."""
+    """:func:`explain_rows` for the model an artifact's spec ``structure`` describes (missing widths
+    count as 1)."""
     st = structure if isinstance(structure, Mapping) else {}
     body = st.get("body") if isinstance(st.get("body"), list) else []
     width = body[0].get("pieces") if body and isinstance(body[0], Mapping) else st.get("n_neurons")
-    width = int(width) if isinstance(width, int) and width > 0 else 1
-    return max(1, min(most, EXPLAIN_ELEMENTS // (IG_PANELS * IG_ORDER * width)))
+    return explain_rows(int(width) if isinstance(width, int) and width > 0 else 1, most)
 
 
 _SPECS = {(task, o.name): o for o in (*OUTPUTS, *EXPLAIN_OUTPUTS) for task in o.tasks}

@@ -255,3 +255,32 @@ def test_explanation_calls_stay_within_their_element_budget(demo_repository):
     assert serving.explain_rows_per_call({"n_neurons": 10 ** 9}, 64) == 1
     assert serving.explain_rows_per_call({"n_neurons": 60_000, "body": [{"pieces": 192}]}, 64) == 64
     assert serving.explain_rows_per_call(None, 64) == serving.explain_rows_per_call(["not", "a", "dict"], 64) == 64
+
+
+@pytest.mark.parametrize("name", ["digits_memory", "digits_deep", "diabetes_lse"])
+def test_explain_runs_many_rows_in_blocks_with_the_same_answers(demo_repository, name, monkeypatch):
+    """HJModel.explain on more rows than one call may hold (serving.explain_rows) runs in row blocks,
+    each row with its own tau and baseline, and answers what the whole batch does in one call."""
+    model = load_model(demo_repository / name / "1")
+    x = _rows(name, 10, 8)
+    tau = torch.linspace(0.1, 1.0, 10, dtype=DT)
+    base = model.preprocess.mu + 0.1 * torch.arange(10, dtype=DT)[:, None]
+    whole = model.explain(x, tau=tau, baseline=base)
+    width = model.body[0].W.shape[0] if model.body else model.head.W.shape[0]
+    monkeypatch.setattr(serving, "EXPLAIN_ELEMENTS", 3 * serving.IG_PANELS * serving.IG_ORDER * width)
+    assert serving.explain_rows(width, 10) == 3
+    calls = []
+    explain = type(model).explain
+
+    def counted(self, rows, *args, **kw):
+        calls.append(len(rows))
+        return explain(self, rows, *args, **kw)
+    monkeypatch.setattr(type(model), "explain", counted)
+    blocked = model.explain(x, tau=tau, baseline=base)
+    assert calls == [10, 3, 3, 3, 1]
+    assert whole.keys() == blocked.keys()
+    for key, value in whole.items():
+        if value.dtype.is_floating_point:
+            torch.testing.assert_close(blocked[key], value, rtol=1e-10, atol=1e-12 * float(value.abs().max()))
+        else:
+            assert torch.equal(blocked[key], value), key
