@@ -6,6 +6,7 @@
         -> bench/results/ab_graph_wraps.md
     python bench/ab_graph.py --base REV --graph explain [--models models] [--passes 5]
         -> bench/results/ab_graph_explain.md
+    (--out PATH: the report elsewhere)
 
 Every demo model's trained artifact (``model.pt``) is exported to ONNX by this tree's
 ``hjmodel.artifact.export_onnx`` and by a base exporter, each run in a subprocess with this tree's
@@ -102,6 +103,7 @@ def main() -> int:
                     help="the serving graph (model.onnx) or the explanation graph (explain.onnx)")
     ap.add_argument("--models", default=str(ROOT / "models"))
     ap.add_argument("--passes", type=int, default=5)
+    ap.add_argument("--out", help="the report's path (default: by mode, the module docstring)")
     args = ap.parse_args()
 
     def rev(r: str) -> str:
@@ -180,7 +182,8 @@ def _write(tables: dict[str, list[tuple]], this: str, args, seconds: float) -> N
     import torch
 
     command = ("--wraps" if args.wraps else f"--base {args.base}") + (
-        " --graph explain" if args.graph == "explain" else "")
+        " --graph explain" if args.graph == "explain" else "") + (
+        f" --out {args.out}" if args.out else "")
     graph = "The explanation graph" if args.graph == "explain" else "The served graph"
     lines = [
         f"# {graph}: this tree's export against " + ("the same exporter with every / no gathered "
@@ -202,7 +205,7 @@ def _write(tables: dict[str, list[tuple]], this: str, args, seconds: float) -> N
         lines.append("")
     lines += ["*ratio*: this tree's milliseconds per call over the base's (below 1: faster). *graph nodes*: "
               "top-level nodes (a search moved into an If counts as one).", ""]
-    out = OUT_WRAPS if args.wraps else OUT_EXPLAIN if args.graph == "explain" else OUT
+    out = Path(args.out) if args.out else OUT_WRAPS if args.wraps else OUT_EXPLAIN if args.graph == "explain" else OUT
     out.write_text("\n".join(lines))
     print(f"wrote {out}")
 

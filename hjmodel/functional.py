@@ -1339,27 +1339,36 @@ def label_flip_plan(pi: Tensor, labels: Tensor, c: Tensor, n_classes: int, k: in
     """:func:`fewest_label_flips` with the plan: (count (n,), target class (n,), the first ``k``
     examples to relabel (n, k), in the order the greedy takes them, -1 past the count).
 
-    Exportable (a loop over the K classes, a sort, a cumulative sum). Count is N + 1 and the plan all
-    -1 when no relabelling flips the decision."""
+    Exportable (a loop over the K classes, one sort, cumulative sums). Count is N + 1 and the plan
+    all -1 when no relabelling flips the decision.
+
+    One sort serves every class: relabelling example j to class k gains 2 pi_j for an example of
+    the decided class, pi_j otherwise, and nothing for an example already of class k; so class k's
+    greedy order is the order of all gains with class k's examples left out. Its count is the number
+    of examples of another class up to where the gains' running sum, class k's left out, first
+    reaches the margin (at least one: a margin of 0 takes one example); its plan, the ``k`` largest
+    gains outside class k (a partial selection)."""
     n, N = pi.shape
     onehot = torch.nn.functional.one_hot(labels.clamp_min(0), n_classes).to(pi.dtype)
     yhat = pi @ onehot                                                       # (n, K)
     margin = yhat.gather(1, c[:, None]) - yhat                                # (n, K)
-    in_c = labels.unsqueeze(0) == c.unsqueeze(1)                              # (n, N)
+    gain = torch.where(labels.unsqueeze(0) == c.unsqueeze(1), 2.0 * pi, pi)   # (n, N)
+    ordered, order = torch.sort(gain, dim=-1, descending=True)
+    sorted_labels = labels.index_select(0, order.reshape(-1)).reshape(n, N)
     best = torch.full((n,), N + 1, dtype=torch.long, device=pi.device)
     target = c.clone()
     plan = torch.full((n, k), -1, dtype=torch.long, device=pi.device)
     for cls in range(n_classes):
-        in_k = labels == cls
-        gain = torch.where(in_c, 2.0 * pi, pi).masked_fill(in_k.unsqueeze(0), 0.0)
-        ordered, order = torch.sort(gain, dim=-1, descending=True)
-        ok = ordered.cumsum(-1) >= margin[:, cls:cls + 1]
-        count = torch.where(ok.any(-1), ok.to(torch.long).argmax(-1) + 1, N + 1)
+        other = sorted_labels != cls                                          # (n, N) in sorted order
+        ok = (ordered * other).cumsum(-1) >= margin[:, cls:cls + 1]
+        first = ok.to(torch.long).argmax(-1, keepdim=True)                    # where the sum first reaches it
+        taken = other.to(torch.long).cumsum(-1).gather(1, first).select(1, 0).clamp_min(1)
+        count = torch.where(ok.any(-1), taken, N + 1)
         count = torch.where(c == cls, N + 1, count)
         better = count < best
         best = torch.where(better, count, best)
         target = torch.where(better, cls, target)
-        first = order[:, :k]
-        taken = torch.arange(k, device=pi.device).unsqueeze(0) < count.unsqueeze(1)
-        plan = torch.where(better.unsqueeze(1), torch.where(taken, first, -1), plan)
+        top = torch.topk(gain.masked_fill((labels == cls).unsqueeze(0), -1.0), k, dim=-1).indices
+        taken_k = torch.arange(k, device=pi.device).unsqueeze(0) < count.unsqueeze(1)
+        plan = torch.where(better.unsqueeze(1), torch.where(taken_k, top, -1), plan)
     return best, target, plan

@@ -740,3 +740,58 @@ def test_count_at_least_is_the_comparison_count(seed, unrolled):
                    torch.tensor([math.nan, math.inf, -math.inf], dtype=torch.float64)])
     want = (ref.unsqueeze(0) >= s.unsqueeze(-1)).sum(-1)
     assert torch.equal(F.count_at_least(ref, s, unrolled=unrolled), want)
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_label_flip_plan_against_the_per_class_greedy(seed):
+    """label_flip_plan (one sort for every class) against fewest_label_flips (a sort per class), and
+    its plan by relabelling: the first ``count`` examples, relabelled to the target, flip the decision
+    (yhat_target >= yhat_c), one fewer does not (beyond the first), none is already of the target
+    class, and -1 fills the rest. Half the seeds quantise the weights, so gains tie and margins are 0."""
+    gen = torch.Generator().manual_seed(seed)
+    N = int(torch.randint(1, 12, (), generator=gen))
+    K = int(torch.randint(2, 5, (), generator=gen))
+    n, k = 4, min(5, N)
+    conc = 10 ** (2 * torch.rand((), generator=gen) - 1)
+    pi = torch.softmax(torch.randn(n, N, generator=gen, dtype=DT) / conc, -1)
+    if seed % 2:
+        pi = torch.round(pi * 8) + 1
+        pi = pi / pi.sum(-1, keepdim=True)
+    labels = torch.randint(0, K, (N,), generator=gen)
+    onehot = torch.nn.functional.one_hot(labels, K).to(DT)
+    c = (pi @ onehot).argmax(-1)
+    count, target, plan = F.label_flip_plan(pi, labels, c, K, k)
+    want_count, want_target = F.fewest_label_flips(pi, labels, c, K)
+    assert torch.equal(count, want_count) and torch.equal(target, want_target)
+    for i in range(n):
+        m, t = int(count[i]), int(target[i])
+        if m > N:
+            assert bool((plan[i] == -1).all())
+            continue
+        taken = plan[i, :min(m, k)]
+        assert bool((plan[i, min(m, k):] == -1).all()) and bool((taken >= 0).all())
+        assert not bool((labels[taken] == t).any()) and len(set(taken.tolist())) == len(taken)
+        if m <= k:
+            assert _overtakes(pi[i], labels, taken, t, int(c[i]), K)
+            # at least one: a tie already there (margin 0) is no flip, argmax keeps the lower class c
+            assert m == 1 or not _overtakes(pi[i], labels, taken[:m - 1], t, int(c[i]), K)
+
+
+def _overtakes(pi_row, labels, relabel, target: int, c: int, K: int) -> bool:
+    """Whether relabelling the examples ``relabel`` to ``target`` makes it reach class c's output."""
+    new = labels.clone()
+    new[relabel] = target
+    yhat = pi_row @ torch.nn.functional.one_hot(new, K).to(DT)
+    return bool(yhat[target] >= yhat[c])
+
+
+def test_label_flip_plan_takes_one_example_at_a_tie():
+    """A tie with the decided class (margin 0; argmax keeps the lower class) needs one relabelling,
+    also when the largest gain is an example of the target class itself (which cannot count)."""
+    pi = torch.tensor([[0.1, 0.1, 0.1, 0.3, 0.1]], dtype=DT) / 0.7
+    labels = torch.tensor([0, 0, 0, 1, 2])
+    c = torch.tensor([0])
+    count, target, plan = F.label_flip_plan(pi, labels, c, 3, 3)
+    assert torch.equal(count, F.fewest_label_flips(pi, labels, c, 3)[0])
+    assert int(count[0]) == 1 and int(target[0]) == 1 and int(plan[0, 0]) in (0, 1, 2)
+    assert _overtakes(pi[0], labels, plan[0, :1], 1, 0, 3)
