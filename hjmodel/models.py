@@ -845,7 +845,8 @@ class HJModel(nn.Module):
         distance to the class the model claims); None, or a reference without labels (regression,
         legacy artifacts): every reference point. A class with no reference point falls back to all.
         ``leave_out`` (n,): row i's own reference point (its position, -1: none) is left out -- the
-        exact leave-one-out score of a training row."""
+        exact leave-one-out score of a training row (whose class, if that point was its only one,
+        falls back to every other point, as the score over the reduced reference would)."""
         ref = self.reference
         by_class = ref.class_groups(self.n_outputs) if classes is not None and leave_out is None else None
         if by_class is not None:
@@ -856,12 +857,18 @@ class HJModel(nn.Module):
         pts = ref.points.to(h.dtype)
         M = pts.shape[0]
         member = None
+        others = (torch.arange(M, device=h.device).unsqueeze(0) != leave_out.unsqueeze(-1)
+                  if leave_out is not None and M > 1 else None)                           # (n, M)
         if classes is not None and ref.labels.numel():
             member = ref.labels.unsqueeze(0) == classes.unsqueeze(-1)                      # (n, M)
-            member = member | ~member.any(-1, keepdim=True)
-        if leave_out is not None and M > 1:
-            own = torch.arange(M, device=h.device).unsqueeze(0) == leave_out.unsqueeze(-1)
-            member = ~own if member is None else member & ~own
+            if others is not None:
+                member = member & others
+            # a class with no reference point -- or none left once the row's own is out -- falls
+            # back to every (other) point
+            empty = ~member.any(-1, keepdim=True)
+            member = member | (empty if others is None else empty & others)
+        elif others is not None:
+            member = others
         g = torch.zeros(M, dtype=h.dtype, device=h.device)
         u = F.hopf_cole_value(h, pts, g, ref.t, ref.eps, mask=member) / ref.eps
         if member is None:                                  # -log of the mean, not of the sum

@@ -4,6 +4,7 @@ third-party ONNX import, the CLI twins, and the README tutorial end to end."""
 from __future__ import annotations
 
 import json
+import math
 import re
 import subprocess
 import sys
@@ -127,6 +128,9 @@ class _Grouped(torch.nn.Module):
         super().__init__()
         g = torch.Generator().manual_seed(3)
         self.lin, self.K, self.P, self.eps = torch.nn.Linear(d, K * P), K, P, eps
+        with torch.no_grad():   # its own weights, not the global generator's (whose state depends on test order)
+            self.lin.weight.copy_(torch.randn(K * P, d, generator=g) / math.sqrt(d))
+            self.lin.bias.copy_(0.1 * torch.randn(K * P, generator=g))
         self.mu, self.sd = torch.randn(d, generator=g), torch.rand(d, generator=g) + 0.5
 
     def forward(self, x):

@@ -215,6 +215,28 @@ def test_leave_one_out_score_is_the_score_without_that_reference_point(ood_setup
                           rtol=1e-12, atol=0)
 
 
+def test_leave_one_out_of_a_class_with_one_reference_point_falls_back_to_every_other_point(ood_setup):
+    """A reference point alone in its class: left out, its class has no point, so (as the served
+    score does for such a class) it is scored against every other point -- finite, where it was +inf
+    and the artifact then refused to load ('reference.norm_unsupported holds NaN or Inf': a random
+    third-party network imported in CI decided one class for a single training row)."""
+    model, *_ = ood_setup
+    lonely = copy.deepcopy(model)
+    ref = lonely.reference
+    M, j = ref.points.shape[0], 7
+    ref.labels = torch.zeros(M, dtype=torch.long)
+    ref.labels[j] = 1                                                  # class 1: point j alone
+    rows = torch.tensor([j, 0, 3])
+    got = lonely.ood_unsupported(ref.points[rows], ref.labels[rows], rows)
+    assert bool(torch.isfinite(got).all())
+    for k, i in enumerate(rows.tolist()):
+        trimmed = copy.deepcopy(lonely)
+        keep = torch.arange(M) != i
+        trimmed.reference.points, trimmed.reference.labels = ref.points[keep], ref.labels[keep]
+        want = trimmed.ood_unsupported(ref.points[i:i + 1], ref.labels[i:i + 1])[0]
+        assert abs(float(got[k] - want)) <= 1e-10 * max(1.0, abs(float(want))), (i, float(got[k]), float(want))
+
+
 def test_ood_score_is_the_soft_distance_to_the_decided_class(ood_setup):
     """u/eps of a row equals -log mean exp(-|h - y_j|^2/(4 t eps)) over the reference points of the
     class the model decided, computed here point by point in float64; a row whose class has no
