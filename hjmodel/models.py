@@ -1156,13 +1156,16 @@ def _affine_path_ig(model: HJModel, x: Tensor, x0: Tensor, c: Tensor, nodes: Ten
     head, pre = model.head, model.preprocess
     A = pre.A.to(x.dtype)
     dz = (x - x0) @ A.T                                                            # (n, p): the linear part alone
-    s = nodes.view(1, -1, 1)                                                       # (1, q, 1)
+    ends = torch.stack([torch.ones_like(nodes), nodes], 1)                         # (q, 2): a(s) = [1, s] @ [a0; da]
+
+    def along(a0: Tensor, da: Tensor) -> Tensor:                                   # (n, N) ends -> (n, q, N)
+        return ends @ torch.stack([a0, da], 1)
+
     if model.body:
         first = model.body[0]
         W = first.W.to(x.dtype)
         pre0 = F.preactivations(pre(x0), W, first.b.to(x.dtype))                   # (n, N1)
-        path = torch.stack([torch.ones_like(nodes), nodes], 1) @ torch.stack([pre0, dz @ W.T], 1)   # (n, q, N1)
-        _, gibbs_body, a = model._trace(None, first=path)[:3]                      # (n, q, N)
+        _, gibbs_body, a = model._trace(None, first=along(pre0, dz @ W.T))[:3]     # (n, q, N)
         v = _head_gradient(model, a, c)                                            # (n, q, H): grad in h
         # the pullback of HJModel._pullback, layer by layer, stopped at the first layer's pieces
         for layer, P in zip(reversed(model.body[1:]), reversed(gibbs_body[1:])):
@@ -1176,23 +1179,21 @@ def _affine_path_ig(model: HJModel, x: Tensor, x0: Tensor, c: Tensor, nodes: Ten
         groups = head.groups
         a0_c = F.take_class(groups.gather(a0), c).unsqueeze(1)                     # (n, 1, S), -inf padding
         da_c = F.take_class(groups.gather(da, fill=0.0), c).unsqueeze(1)
-        pi = F.lse_gibbs(a0_c + s * da_c, head.eps)[1]                             # (n, q, S)
+        pi = F.lse_gibbs(a0_c + nodes.view(1, -1, 1) * da_c, head.eps)[1]          # (n, q, S)
         at_c = torch.nn.functional.one_hot(c, groups.shape[0]).to(pi.dtype)       # (n, K)
         grad_h = groups.spread(at_c.unsqueeze(-1) * (weights @ pi).unsqueeze(1)) @ W
     else:
-        # softmax(a / eps), the path's (n, q, N) pre-activations as one product [1, s] @ [a0; da] / eps
-        ends = torch.stack([a0 / head.eps, da / head.eps], 1)                     # (n, 2, N)
-        pi = torch.softmax(torch.stack([torch.ones_like(nodes), nodes], 1) @ ends, -1)
+        # softmax(a / eps), the division on the path's (n, N) ends rather than on (n, q, N)
+        pi = torch.softmax(along(a0 / head.eps, da / head.eps), -1)
         grad_h = (model._values_coef(pi, c, pi @ head.V.to(x.dtype), weights) @ W) / head.eps
     return (x - x0) * (grad_h @ A)
 
 
 def _head_gradient(model: HJModel, a: Tensor, c: Tensor) -> Tensor:
     """Gradient in h of output c (the group's LSE value for lse heads, yhat_c for memory heads) at
-    the head's pre-activations a: (n, N), or (n, q, N) for q points per row (c: (n,)).  -> (n, [q,] p)."""
+    the head's pre-activations a (n, q, N): q points per row, c (n,).  -> (n, q, p)."""
     head = model.head
     if head.mode == "groups":
-        keep = head.mask[c] if a.ndim == 2 else head.mask[c].unsqueeze(1)
-        return F.gradient(F.masked_lse_gibbs(a, keep, head.eps)[1], head.W)
+        return F.gradient(F.masked_lse_gibbs(a, head.mask[c].unsqueeze(1), head.eps)[1], head.W)
     pi = F.gibbs(a, head.eps)
     return model._values_grad(pi, c, pi @ head.V)
