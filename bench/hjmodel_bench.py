@@ -4,7 +4,9 @@ per model kind, for both backends, batch sizes 1 and 256. Writes ``bench/results
 Backends and rows (one thread each, so numbers are per core):
 
 * torch -- *all diagnostics*: ``ServingModule(input, tau)`` (``HJModel.evaluate`` with every served
-  output, float32 in / out); *HJModel.predict*: the library's predict (the forward pass only,
+  output, float32 in / out) as the service's torch backend runs it, its TorchScript trace
+  (``hjmodel.artifact.TracedModule``); *all diagnostics, eager*: the module itself, side by side;
+  *HJModel.predict*: the library's predict (the forward pass only,
   no diagnostics); *predict only*: the bare forward
   ``model.features`` -> ``head.outputs`` -> argmax (the baseline of the ratio).
 * onnxruntime -- *all diagnostics*: ``model.onnx``, every output; *prediction fetched*: the same
@@ -14,7 +16,11 @@ Backends and rows (one thread each, so numbers are per core):
   flushed, ``serving.open_session``) and, side by side, in one that keeps them.
 * both -- *explanation outputs*: the explanation graph (``ExplainModule`` / ``explain.onnx``: the
   integrated gradients from the training mean, label flips, the HJ reading, the eps what-if), which
-  the service runs only for requests that name those outputs; its ratio is to the same *predict only*.
+  the service runs only for requests that name those outputs; its ratio is to the same *predict only*
+  (torch: traced, and *explanation outputs, eager*).
+
+A second table reads the torch backend against onnxruntime: the traced (served) and eager torch
+calls over onnxruntime's, for every diagnostic and for the explanation outputs.
 
 Each cell is the median of 7 timing repeats, each repeat averaging enough calls to last >= 0.2 s.
 Usage: ``python bench/hjmodel_bench.py [--models DIR]``.
@@ -24,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import math
 import os
 import platform
 import statistics
@@ -42,7 +49,7 @@ sys.path.insert(0, str(ROOT))
 
 from hjmodel import load_dataset, load_model, load_serving_module  # noqa: E402
 from hjmodel import serving as serving_contract  # noqa: E402
-from hjmodel.artifact import ONNX_FILE, ExplainModule, read_spec  # noqa: E402
+from hjmodel.artifact import ONNX_FILE, ExplainModule, TracedModule, read_spec  # noqa: E402
 
 MODELS = {"digits_lse": ("lse classification", "digits"), "digits_memory": ("memory classification", "digits"),
           "digits_deep": ("deep classification", "digits"), "diabetes_lse": ("lse regression", "diabetes")}
@@ -104,6 +111,7 @@ def bench_model(directory: Path, data_name: str, work: Path) -> list[dict]:
     full_sess, bare_sess = _session(directory / ONNX_FILE), _session(bare_path)
     explain_sess = _session(directory / serving_contract.EXPLAIN_FILE)
     explain = ExplainModule(load_model(directory)).eval()
+    traced, traced_explain = TracedModule(serving), TracedModule(explain)
     mean = np.asarray(read_spec(directory)["input_mean"], dtype=np.float32)
     kept_sess = KEPT.submit(_session, directory / ONNX_FILE, False).result()
     far = (np.abs(np.random.default_rng(0).standard_normal((max(BATCHES), model.n_features))) * 3).astype(np.float32)
@@ -120,12 +128,16 @@ def bench_model(directory: Path, data_name: str, work: Path) -> list[dict]:
             assert np.allclose(bare(x32).numpy(), want, rtol=1e-6)
         assert np.allclose(bare_sess.run(None, {"input": xn})[0], want, rtol=1e-6)
         with torch.inference_mode():      # as the service's torch backend runs it
+            t_b, base_b = tau.expand(batch, 1), torch.as_tensor(mean).expand(batch, -1)
             t = {
-                ("torch", "all diagnostics"): _time(lambda x32=x32: serving(x32, tau)),
+                ("torch", "all diagnostics"): _time(lambda x32=x32, t_b=t_b: traced(x32, t_b)),
+                ("torch", "all diagnostics, eager"): _time(lambda x32=x32, t_b=t_b: serving(x32, t_b)),
                 ("torch", "HJModel.predict"): _time(lambda x32=x32: model.predict(x32)),
                 ("torch", "predict only"): _time(lambda x32=x32: bare(x32)),
-                ("torch", "explanation outputs"): _time(lambda x32=x32, t=tau.expand(batch, 1), base=torch.as_tensor(
-                    mean).expand(batch, -1): explain(x32, t, base)),
+                ("torch", "explanation outputs"): _time(
+                    lambda x32=x32, t_b=t_b, base_b=base_b: traced_explain(x32, t_b, base_b)),
+                ("torch", "explanation outputs, eager"): _time(
+                    lambda x32=x32, t_b=t_b, base_b=base_b: explain(x32, t_b, base_b)),
             }
         t[("onnxruntime", "all diagnostics")] = _time(lambda feed=feed: full_sess.run(None, feed))
         t[("onnxruntime", "prediction fetched")] = _time(lambda feed=feed: full_sess.run(["prediction"], feed))
@@ -143,7 +155,8 @@ def bench_model(directory: Path, data_name: str, work: Path) -> list[dict]:
             for (b, what), sec in t.items():
                 if b == backend:
                     rows.append({"model": directory.parent.name, "batch": batch, "backend": backend, "what": what,
-                                 "ms": sec * 1e3, "ratio": sec / base})
+                                 "ms": sec * 1e3, "ratio": sec / base,
+                                 "vs_ort": sec / t.get(("onnxruntime", what.removesuffix(", eager")), math.nan)})
         print(directory.parent.name, batch, {f"{b}/{w}": round(s * 1e3, 3) for (b, w), s in t.items()}, flush=True)
     return rows
 
@@ -184,6 +197,14 @@ def main() -> int:
     for r in rows:
         L.append(f"| {r['model']} | {MODELS[r['model']][0]} | {r['batch']} | {r['backend']} | {r['what']} | "
                  f"{r['ms']:.3f} | {r['ratio']:.1f}x |")
+    L += ["", "**The torch backend against onnxruntime** (the same call's time over onnxruntime's; issue 14's "
+          "goal: within 2x)", "", "| model | batch | all diagnostics, traced (served) | all diagnostics, eager | "
+          "explanation outputs, traced (served) | explanation outputs, eager |", "|---|---|---|---|---|---|"]
+    vs = {(r["model"], r["batch"], r["what"]): r["vs_ort"] for r in rows if r["backend"] == "torch"}
+    for name, batch in dict.fromkeys((r["model"], r["batch"]) for r in rows):
+        L.append(f"| {name} | {batch} | " + " | ".join(
+            f"{vs[(name, batch, what)]:.2f}x" for what in ("all diagnostics", "all diagnostics, eager",
+                                                           "explanation outputs", "explanation outputs, eager")) + " |")
     L += ["", "Notes: `HJModel.predict` is the forward pass alone (it matches *predict only*); onnxruntime "
           "computes the whole served graph even when only `prediction` is fetched. *far rows* are "
           "|N(0, 1)| x 3 per feature (OOD traffic), where the graph's exponentials underflow: the served "

@@ -36,6 +36,7 @@ from .train import FALSE_FLAG_LEVEL, false_flag_interval
 __all__ = [
     "ExplainModule",
     "ServingModule",
+    "TracedModule",
     "export_onnx",
     "load_model",
     "load_serving_module",
@@ -274,6 +275,56 @@ class _TupleOutputs(nn.Module):
         return tuple(out[o.name] for o in self.serving.specs)
 
 
+def example_inputs(module: ServingModule | ExplainModule, rows: int = 2) -> dict[str, Tensor]:
+    """The inputs a graph of ``module`` is recorded with (an ONNX export, a trace): ``rows`` rows of
+    zeros, tolerance 0.1 per row (a batched input), and the preprocessing mean as the baseline. The
+    graph does not depend on them: every branch on a batch's size or contents takes its
+    batch-independent form while recording (:func:`functional.static_graph`)."""
+    model = module.model
+    inputs = {"input": torch.zeros(rows, model.n_features, dtype=torch.float32, device=model.preprocess.mu.device),
+              "tau": torch.full((rows, 1), 0.1, dtype=torch.float64, device=model.preprocess.mu.device)}
+    if isinstance(module, ExplainModule):
+        inputs["baseline"] = model.preprocess.mu.to(torch.float32).expand(rows, -1).contiguous()
+    return inputs
+
+
+class TracedModule:
+    """A :class:`ServingModule` or :class:`ExplainModule` recorded once as a TorchScript graph and run
+    by TorchScript's interpreter: the same aten operations eager torch runs, in the batch-independent
+    form the ONNX graph has (:func:`functional.static_graph`), without Python between them. At batch 1
+    eager torch spends most of a call dispatching ~600 small operations from Python; the graph takes
+    about half the time (``bench/results/hjmodel_bench.md``). Called like the module: positional inputs
+    in ``example_inputs`` order -> dict of the served outputs.
+
+    The interpreter runs with its optimisation passes off, in every call's thread (the switch is
+    per thread): its constant pooling and common-subexpression elimination merge float64 constants
+    that are equal in float32 (seen: ``-1e-300`` became ``0``), which would silently change rounding
+    allowances and directed-rounding factors of the certificates -- the hazard ``_exact_constants``
+    guards the ONNX export against; with them on, the demo models served other OOD p-values and
+    attribution ties. Test: tests/hjmodel/test_trace.py (bit-identical to eager torch on every demo
+    model, whichever rows recorded the graph; float32-equal constants stay apart)."""
+
+    def __init__(self, module: ServingModule | ExplainModule, inputs: dict[str, Tensor] | None = None):
+        import warnings
+
+        self.model, self.specs = module.model, module.specs
+        self.names = tuple(o.name for o in module.specs)
+        inputs = tuple((example_inputs(module) if inputs is None else inputs).values())
+        with torch.no_grad():
+            module(*inputs)           # lazily built weight-only tables enter the graph as constants
+        with warnings.catch_warnings(), torch.no_grad(), torch.jit.optimized_execution(False), _exact_constants():
+            warnings.simplefilter("ignore")
+            self.graph = torch.jit.trace(_TupleOutputs(module).eval(), inputs, check_trace=False)
+            # the first call fixes each recorded function's executable graph, unoptimised; left to a
+            # later caller, anything that reads the graph with the switch on (``inlined_graph``)
+            # would have it optimised and cached first
+            self.graph(*inputs)
+
+    def __call__(self, *inputs: Tensor) -> dict[str, Tensor]:
+        with torch.no_grad(), torch.jit.optimized_execution(False):
+            return dict(zip(self.names, self.graph(*inputs), strict=True))
+
+
 def _reads(node) -> list[str]:
     """The values a node reads: its inputs and, for a node with subgraphs (an If), every outer value
     those read (a subgraph names outer values without listing them as inputs)."""
@@ -444,13 +495,11 @@ def export_onnx(model: HJModel, path: str | Path, opset: int = 17) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     spec = model_spec(model)
-    x = torch.zeros(2, model.n_features, dtype=torch.float32)
-    tau = torch.full((2, 1), 0.1, dtype=torch.float64)   # one tolerance per row: a batched input
-    _export(ServingModule(model), {"input": x, "tau": tau}, path, spec, opset, _gathered_searches(model))
+    serving = ServingModule(model)
+    _export(serving, example_inputs(serving), path, spec, opset, _gathered_searches(model))
     explain = ExplainModule(model)
     if explain.specs:
-        baseline = model.preprocess.mu.to(torch.float32).expand(2, -1).contiguous()
-        _export(explain, {"input": x, "tau": tau, "baseline": baseline}, path.parent / EXPLAIN_FILE, spec, opset)
+        _export(explain, example_inputs(explain), path.parent / EXPLAIN_FILE, spec, opset)
     return path
 
 

@@ -71,6 +71,7 @@ __all__ = [
     "sign_margin",
     "sign_reduction_biases",
     "squared_distances",
+    "static_graph",
     "tangent_radius",
     "unit_jacobian",
     "unit_spread",
@@ -89,6 +90,15 @@ _TANGENT_F32_MIN = 16   # negative sides at least this wide search tangent_radiu
 # --------------------------------------------------------------------------------------------
 # the layer
 # --------------------------------------------------------------------------------------------
+
+
+def static_graph() -> bool:
+    """Whether the caller is recording one graph for every batch (an ONNX export, or the TorchScript
+    trace that the torch backend serves, :class:`hjmodel.artifact.TracedModule`) rather than running
+    eagerly. Code that branches on a batch's size or contents (skipping an empty search, row blocks,
+    exact small-problem forms) takes its one batch-independent form then: a trace would otherwise bake
+    the example batch's branch into the graph."""
+    return torch.onnx.is_in_onnx_export() or torch.jit.is_tracing()
 
 
 def preactivations(z: Tensor, W: Tensor, b: Tensor) -> Tensor:
@@ -530,7 +540,7 @@ def squared_distances(x: Tensor, y: Tensor) -> Tensor:
     batch is dynamic), expand |x|^2 - 2 x.y + |y|^2 about the centre of y (O(n m) memory; relative
     accuracy ~1e-16 |x - c|^2) and clamp at 0."""
     n, m, d = x.shape[-2], y.shape[-2], x.shape[-1]
-    if not torch.onnx.is_in_onnx_export() and n * m * d <= _EXACT_LIMIT:
+    if not static_graph() and n * m * d <= _EXACT_LIMIT:
         diff = x.unsqueeze(-2) - y.unsqueeze(-3)
         return (diff * diff).sum(-1)
     c = y.mean(-2, keepdim=True)
@@ -977,7 +987,7 @@ def _pruned_tangent(a_g: Tensor, dist: Tensor, eps: float, target: Tensor, sq0: 
     # the exported graph (flatten() of a matrix traces to four shape nodes)
     pairs = need.reshape(-1).nonzero().squeeze(-1)                                     # (m,)
     t = torch.zeros_like(target).reshape(-1)
-    if pairs.numel() == 0 and not torch.onnx.is_in_onnx_export():
+    if pairs.numel() == 0 and not static_graph():
         return t.view_as(target)    # after a body the served graph skips it too (artifact._gathered_searches)
 
     def sel(x: Tensor) -> Tensor:   # (n, K, ...) -> the needed pairs' (m, ...)

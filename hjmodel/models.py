@@ -464,7 +464,7 @@ class HJModel(nn.Module):
         """Row blocks of a batch of n whose largest tensors stay within ``BLOCK_ELEMENTS`` elements
         (one block when exporting: the ONNX graph takes the batch whole)."""
         step = max(1, BLOCK_ELEMENTS // self.row_elements)
-        if n <= step or torch.onnx.is_in_onnx_export():
+        if n <= step or F.static_graph():
             return [slice(0, n)]
         return [slice(i, min(i + step, n)) for i in range(0, n, step)]
 
@@ -780,7 +780,7 @@ class HJModel(nn.Module):
         start = torch.where(usable, r0, 0.0)
         gains = usable & (self._interval_margin(rows_of, start) > 0)
         rows = gains.nonzero().squeeze(-1)                               # where IBP may beat r0
-        if rows.numel() == 0 and not torch.onnx.is_in_onnx_export():
+        if rows.numel() == 0 and not F.static_graph():
             return r0      # the served graph skips the search likewise (artifact._skip_empty_searches)
         # every gathered row once per grid radius (functional.grid_root evaluates a grid at once)
         grid_rows = rows.repeat_interleave(IBP_POINTS)
@@ -951,7 +951,7 @@ class HJModel(nn.Module):
         # row blocks, so the integrated gradients' (rows, nodes, width) tensors stay within
         # serving.EXPLAIN_ELEMENTS (one block when exporting: the graph takes the batch whole)
         step = explain_rows(self.body[0].W.shape[0] if self.body else self.head.W.shape[0], x.shape[0])
-        if step < x.shape[0] and not torch.onnx.is_in_onnx_export():
+        if step < x.shape[0] and not F.static_graph():
             x0 = x0.expand_as(x)
             parts = [self.explain(x[i:i + step], tau_t[i:i + step], x0[i:i + step], top_k, panels, order)
                      for i in range(0, x.shape[0], step)]

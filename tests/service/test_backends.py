@@ -49,6 +49,29 @@ def test_backend_honours_the_contract(hj_repo, backend, model):
     loaded.close()
 
 
+def test_the_torch_backend_serves_the_trace_and_the_module_when_tracing_fails(hj_repo, monkeypatch, caplog):
+    from hjmodel.artifact import ExplainModule, ServingModule, TracedModule
+
+    version = hj_repo / "iris" / "1"
+    x = _rows(read_spec(version), n=5)
+    traced = load_backend(version, preference="torch", device="cpu")
+    assert isinstance(traced._module, TracedModule) and isinstance(traced._explain, TracedModule)
+
+    def refuse(module, inputs=None):
+        raise RuntimeError("no TorchScript here")
+
+    monkeypatch.setattr("hjmodel.artifact.TracedModule", refuse)
+    with caplog.at_level("WARNING", logger="service.backends.torch"):
+        eager = load_backend(version, preference="torch", device="cpu")
+    assert isinstance(eager._module, ServingModule) and isinstance(eager._explain, ExplainModule)
+    assert "serving ServingModule eagerly, tracing failed: RuntimeError: no TorchScript here" in caplog.text
+    tau, base = np.full(5, 0.2), np.zeros_like(x)
+    for a, b in ((traced.infer(x, tau), eager.infer(x, tau)), (traced.explain(x, tau, base), eager.explain(x, tau, base))):
+        assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+    traced.close()
+    eager.close()
+
+
 def test_backend_choice_and_load_errors(hj_repo, tmp_path):
     assert choose_backend(hj_repo / "iris" / "1", "auto") == "onnx"
     (tmp_path / "pt").mkdir()

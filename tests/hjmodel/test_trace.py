@@ -1,0 +1,121 @@
+"""The torch backend's TorchScript trace (hjmodel.artifact.TracedModule) answers what eager torch does,
+bit for bit, on every demo model -- the served certificates included -- at batch sizes other than the
+one it was recorded with, and keeps float64 constants apart that are equal in float32."""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from sklearn.datasets import load_breast_cancer, load_diabetes, load_digits
+
+from hjmodel import functional as F
+from hjmodel.artifact import ExplainModule, TracedModule, example_inputs, load_serving_module
+
+DATA = {"digits_lse": load_digits, "digits_memory": load_digits, "digits_deep": load_digits,
+        "breast_cancer_lse": load_breast_cancer, "diabetes_lse": load_diabetes}
+
+
+def _rows(name: str, n: int, seed: int) -> torch.Tensor:
+    """n rows: the dataset's own rows, some scaled far out (OOD, wide radii), one row of zeros."""
+    X = DATA[name](return_X_y=True)[0]
+    rng = np.random.default_rng(seed)
+    x = X[rng.choice(len(X), n, replace=False)].copy()
+    x[::3] *= rng.uniform(2.0, 30.0, size=(len(x[::3]), 1))
+    x[-1] = 0.0
+    return torch.tensor(x, dtype=torch.float32)
+
+
+def _assert_identical(got: dict, want: dict) -> None:
+    assert set(got) == set(want)
+    for key in want:
+        assert got[key].dtype == want[key].dtype, key
+        assert torch.equal(got[key], want[key]), (key, (got[key] != want[key]).nonzero()[:5])
+
+
+@pytest.fixture(scope="module", params=sorted(DATA))
+def served(request, demo_repository):
+    module = load_serving_module(demo_repository / request.param / "1").eval()
+    return request.param, module, TracedModule(module)
+
+
+@pytest.mark.parametrize("n", [1, 3, 64])
+def test_the_trace_answers_what_eager_torch_does(served, n):
+    name, module, traced = served
+    x = _rows(name, n, seed=n)
+    tau = torch.full((n, 1), 0.1, dtype=torch.float64).uniform_(0.05, 0.5, generator=torch.Generator().manual_seed(n))
+    with torch.no_grad():
+        want = module(x, tau)
+    for _ in range(4):   # TorchScript's executor profiles the first calls and may plan anew after them
+        _assert_identical(traced(x, tau), want)
+    if n == 64:
+        # the certificate's searches ran on some of these rows and were skipped on others
+        assert (want["certified_radius"] > 0).any()
+    # the interpreter's switch is per thread: a call from a thread that never set it
+    with ThreadPoolExecutor(1) as pool:
+        _assert_identical(pool.submit(traced, x, tau).result(), want)
+
+
+def test_the_trace_does_not_depend_on_the_batch_it_was_recorded_with(served):
+    # recorded on batches where data-dependent searches are empty -- rows of NaN (radius 0: no
+    # interval-bound search), the dataset's first two rows (on digits_deep: no tangent search) -- a
+    # trace that kept eager torch's skip of an empty search would skip it on every later batch too
+    name, module, _ = served
+    x = _rows(name, 64, seed=11)
+    tau = torch.full((64, 1), 0.1, dtype=torch.float64)
+    with torch.no_grad():
+        want = module(x, tau)
+    nan = example_inputs(module)
+    nan["input"] = torch.full_like(nan["input"], float("nan"))
+    first = {"input": torch.tensor(DATA[name](return_X_y=True)[0][:2], dtype=torch.float32),
+             "tau": torch.full((2, 1), 0.1, dtype=torch.float64)}
+    recorded = _operations(TracedModule(module))
+    for example in (nan, first):
+        traced = TracedModule(module, example)
+        assert _operations(traced) == recorded      # the same graph, whichever rows recorded it
+        _assert_identical(traced(x, tau), want)
+
+
+def _operations(traced: TracedModule) -> list[str]:
+    """The recorded graph's operations (inlined with the optimiser's switch on, as a reader would: the
+    trace's first call fixed its executable graphs unoptimised, so this changes none of its answers)."""
+    graph = traced.graph.graph.copy()
+    torch._C._jit_pass_inline(graph)
+    return [node.kind() for node in graph.nodes()]
+
+
+def test_the_traced_explanation_answers_what_eager_torch_does(served):
+    name, module, _ = served
+    explain = ExplainModule(module.model).eval()
+    traced = TracedModule(explain)
+    x = _rows(name, 3, seed=7)
+    tau = torch.full((3, 1), 0.2, dtype=torch.float64)
+    base = example_inputs(explain, rows=3)["baseline"]
+    with torch.no_grad():
+        want = explain(x, tau, base)
+    for _ in range(3):
+        _assert_identical(traced(x, tau, base), want)
+
+
+class _Constants(torch.nn.Module):
+    """Products by float64 constants that are equal in float32 (1 + 2**-40 and 1; -1e-300 and 0)."""
+
+    specs = tuple(SimpleNamespace(name=k) for k in ("up", "one", "tiny", "zero"))
+    model = None
+
+    def forward(self, x):
+        return {"up": x * F._UP, "one": x * 1.0, "tiny": (x + 1.0) * -1e-300, "zero": x * 0.0}
+
+
+def test_float32_equal_constants_stay_apart_in_the_trace():
+    # TorchScript's optimising executor pools such constants (torch 2.13: x * 0.0 computed x * -1e-300);
+    # a directed-rounding factor merged with 1 would silently loosen a certificate
+    module = _Constants()
+    x = torch.arange(3, dtype=torch.float64)
+    traced = TracedModule(module, {"x": x})
+    for _ in range(5):
+        _assert_identical(traced(x), module(x))
+    assert traced(x)["up"][1].item() == F._UP and traced(x)["tiny"][0].item() == -1e-300
