@@ -19,7 +19,7 @@ import torch
 
 from hjmodel import TrainConfig, load_model, train
 from hjmodel import functional as F
-from hjmodel.artifact import ExplainModule, ServingModule
+from hjmodel.artifact import ExplainModule, ServingModule, TracedModule
 from hjmodel.attacks import friedman
 from hjmodel.serving import output_names
 
@@ -89,7 +89,8 @@ def test_every_cached_constant_follows_the_model(name, demo_repository, memory_r
 
 @pytest.mark.parametrize("name", [*DEMOS, "memory_regression"])
 def test_a_moved_model_evaluates_on_its_device(name, demo_repository, memory_regression, gather_all):
-    """evaluate (every output), explain, the serving and explanation modules: every operation's
+    """evaluate (every output), explain, the serving and explanation modules and their traces (the
+    torch backend's, whose batch-independent branches eager torch does not take): every operation's
     operands on the model's device, every output there."""
     model = _moved(_model(name, demo_repository, memory_regression))
     x = torch.zeros(3, model.n_features, dtype=torch.float64, device=META)
@@ -103,6 +104,12 @@ def test_a_moved_model_evaluates_on_its_device(name, demo_repository, memory_reg
     explain = ExplainModule(model)
     if explain.specs:
         assert all(v.device == META for v in explain(x.to(torch.float32), tau, x.to(torch.float32)).values())
+    # the torch backend's trace: the batch-independent form (functional.static_graph) on the device
+    traced = TracedModule(ServingModule(model))
+    assert all(v.device == META for v in traced(x.to(torch.float32), tau).values())
+    if explain.specs:
+        traced = TracedModule(explain)
+        assert all(v.device == META for v in traced(x.to(torch.float32), tau, x.to(torch.float32)).values())
 
 
 def test_moving_to_the_device_it_is_on_changes_nothing(demo_repository):
