@@ -1,7 +1,8 @@
 """GPU checks: ``python -m eval.gpu`` writes eval/RESULTS_gpu.md when CUDA is present.
 
 ONNX Runtime (CUDAExecutionProvider) and torch-cuda parity against CPU on every served output, the
-same artifacts timed on both devices (batch 1 / 64 / 1024), a float64 ``HJModel.evaluate`` on cuda,
+same artifacts timed on both devices (batch 1 / 64 / 1024), the torch backend's trace on cuda
+(bit-identical to the cuda module, and timed), a float64 ``HJModel.evaluate`` on cuda,
 and the in-process benchmarks (``bench/hjmodel_*.py``, run with HJSERVE_DEVICE=cuda) when present.
 On a machine without a GPU it says so and exits 0."""
 
@@ -69,7 +70,7 @@ def main() -> int:
     import onnxruntime as ort
 
     from hjmodel import serving
-    from hjmodel.artifact import ONNX_FILE, ServingModule, save_artifact
+    from hjmodel.artifact import ONNX_FILE, ServingModule, TracedModule, save_artifact
     from hjmodel.data import load_dataset
     from hjmodel.serving import outputs_for
 
@@ -106,7 +107,7 @@ def main() -> int:
                 parity_rows.append([name, f"onnxruntime {prov}", "PASS" if ok else "FAIL", detail])
             except Exception as e:  # noqa: BLE001 (report every failure as a row)
                 parity_rows.append([name, f"onnxruntime {prov}", "ERROR", str(e)[:200]])
-        gpu_mod = None
+        gpu_mod = gpu_trace = None
         if cuda:
             try:
                 gpu_mod = ServingModule(model).to("cuda")
@@ -118,6 +119,21 @@ def main() -> int:
                 gpu_mod = None
                 parity_rows.append([name, "torch cuda (serving module)", "ERROR", str(e)[:200]])
                 errors.append(traceback.format_exc())
+            if gpu_mod is not None:
+                try:   # the torch backend serves the module's trace: the same answers, bit for bit
+                    gpu_trace = TracedModule(gpu_mod)
+                    xg, tg = X.cuda(), torch.as_tensor(tau).cuda().expand(X.shape[0], 1)
+                    with torch.no_grad():
+                        want = gpu_mod(xg, tg)
+                    got = gpu_trace(xg, tg)
+                    same = [k for k in want if torch.equal(got[k], want[k])]
+                    parity_rows.append([name, "torch cuda trace (as served) vs the cuda module",
+                                        "PASS" if len(same) == len(want) else "FAIL",
+                                        f"{len(same)} of {len(want)} outputs bit-identical"])
+                except Exception as e:  # noqa: BLE001
+                    gpu_trace = None
+                    parity_rows.append([name, "torch cuda trace (as served)", "ERROR", str(e)[:200]])
+                    errors.append(traceback.format_exc())
             try:
                 mg = get_model(name, ds, replace(cfg))[0].to("cuda")
                 with torch.no_grad():
@@ -146,12 +162,22 @@ def main() -> int:
                     row.append(1e3 * _time(run_gpu))
                 else:
                     row.append(float("nan"))
+                if gpu_trace is not None:
+                    xg, tg = xb.cuda(), torch.as_tensor(tau).cuda().expand(bs, 1)
+
+                    def run_trace():
+                        out = gpu_trace(xg, tg)  # noqa: B023 (called at once)
+                        torch.cuda.synchronize()
+                        return out
+                    row.append(1e3 * _time(run_trace))
+                else:
+                    row.append(float("nan"))
             time_rows.append(row)
     lines.append("## Parity vs CPU (every served output; FP32 rtol 1e-4 / atol 1e-5, discrete outputs <= 2% differ)\n")
     lines.append(md_table(["model", "runtime", "result", "detail (max abs diff per output)"], parity_rows))
     lines.append("\n## Latency per call (ms, median of 20; input float32, all diagnostics)\n")
-    lines.append(md_table(["model", "batch", "ORT CPU (baseline)", "ORT CUDA", "torch CPU (baseline)", "torch CUDA"],
-                          time_rows))
+    lines.append(md_table(["model", "batch", "ORT CPU (baseline)", "ORT CUDA", "torch CPU (baseline)", "torch CUDA",
+                           "torch CUDA trace (as served)"], time_rows))
     benches = sorted((Path(__file__).resolve().parents[1] / "bench").glob("hjmodel_*.py"))
     if benches:
         lines.append("\n## In-process benchmarks (bench/hjmodel_*.py with HJSERVE_DEVICE=cuda)\n")
