@@ -250,6 +250,10 @@ class ServingModule(nn.Module):
         out = self.model.evaluate(input, tau=tau, top_k=TOP_K_MAX)
         return {o.name: served_form(o.name, out[o.name], o.datatype) for o in self.specs}
 
+    def blocks(self, n: int) -> list[slice]:
+        """The row blocks ``forward`` evaluates n rows in (:meth:`HJModel.row_blocks`)."""
+        return self.model.row_blocks(n)
+
 
 class ExplainModule(nn.Module):
     """forward(input: float32 (B, d), tau: float64 (B, 1), baseline: float32 (B, d)) -> dict of the
@@ -263,6 +267,10 @@ class ExplainModule(nn.Module):
     def forward(self, input: Tensor, tau: Tensor, baseline: Tensor) -> dict[str, Tensor]:  # noqa: A002
         out = self.model.explain(input, tau=tau, baseline=baseline.to(torch.float64), top_k=TOP_K_MAX)
         return {o.name: served_form(o.name, out[o.name], o.datatype) for o in self.specs}
+
+    def blocks(self, n: int) -> list[slice]:
+        """The row blocks ``forward`` explains n rows in (:meth:`HJModel.explain_blocks`)."""
+        return self.model.explain_blocks(n)
 
 
 class _TupleOutputs(nn.Module):
@@ -294,7 +302,9 @@ class TracedModule:
     form the ONNX graph has (:func:`functional.static_graph`), without Python between them. At batch 1
     eager torch spends most of a call dispatching ~600 small operations from Python; the graph takes
     about half the time (``bench/results/hjmodel_bench.md``). Called like the module: positional inputs
-    in ``example_inputs`` order -> dict of the served outputs.
+    in ``example_inputs`` order -> dict of the served outputs; a batch runs in the module's own row
+    blocks (``module.blocks``: the graph, like an exported one, takes whatever it is given whole), so
+    its tensors stay within the bounds eager torch keeps.
 
     The interpreter runs with its optimisation passes off, in every call's thread (the switch is
     per thread): its constant pooling and common-subexpression elimination merge float64 constants
@@ -307,7 +317,7 @@ class TracedModule:
     def __init__(self, module: ServingModule | ExplainModule, inputs: dict[str, Tensor] | None = None):
         import warnings
 
-        self.model, self.specs = module.model, module.specs
+        self.model, self.specs, self.blocks = module.model, module.specs, module.blocks
         self.names = tuple(o.name for o in module.specs)
         inputs = tuple((example_inputs(module) if inputs is None else inputs).values())
         with torch.no_grad():
@@ -321,8 +331,15 @@ class TracedModule:
             self.graph(*inputs)
 
     def __call__(self, *inputs: Tensor) -> dict[str, Tensor]:
+        # the module's own row blocks (the graph would take the batch whole, as an exported one does):
+        # a large batch stays within the memory eager torch would use
+        blocks = self.blocks(inputs[0].shape[0])
         with torch.no_grad(), torch.jit.optimized_execution(False):
-            return dict(zip(self.names, self.graph(*inputs), strict=True))
+            if len(blocks) == 1:
+                return dict(zip(self.names, self.graph(*inputs), strict=True))
+            n = inputs[0].shape[0]
+            parts = [self.graph(*(t[r] if t.shape[0] == n else t for t in inputs)) for r in blocks]
+        return {name: torch.cat([part[i] for part in parts]) for i, name in enumerate(self.names)}
 
 
 def _reads(node) -> list[str]:

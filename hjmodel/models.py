@@ -468,6 +468,15 @@ class HJModel(nn.Module):
             return [slice(0, n)]
         return [slice(i, min(i + step, n)) for i in range(0, n, step)]
 
+    def explain_blocks(self, n: int) -> list[slice]:
+        """Row blocks of :meth:`explain` on n rows: the integrated gradients' (rows, nodes, width)
+        tensors stay within ``serving.EXPLAIN_ELEMENTS`` (:func:`serving.explain_rows`; one block when
+        exporting: the graph takes the batch whole)."""
+        step = explain_rows(self.body[0].W.shape[0] if self.body else self.head.W.shape[0], n)
+        if n <= step or F.static_graph():
+            return [slice(0, n)]
+        return [slice(i, min(i + step, n)) for i in range(0, n, step)]
+
     @torch.no_grad()
     def served(self, x: Tensor, outputs: tuple[str, ...] | None = None, tau: float | Tensor = 0.1,
                top_k: int = TOP_K_MAX) -> dict[str, Tensor]:
@@ -948,13 +957,10 @@ class HJModel(nn.Module):
         x = torch.as_tensor(x).to(torch.float64)
         tau_t = _per_row(tau, x.shape[0], x.device)
         x0 = self.preprocess.mu.expand_as(x) if baseline is None else torch.as_tensor(baseline).to(torch.float64)
-        # row blocks, so the integrated gradients' (rows, nodes, width) tensors stay within
-        # serving.EXPLAIN_ELEMENTS (one block when exporting: the graph takes the batch whole)
-        step = explain_rows(self.body[0].W.shape[0] if self.body else self.head.W.shape[0], x.shape[0])
-        if step < x.shape[0] and not F.static_graph():
+        blocks = self.explain_blocks(x.shape[0])
+        if len(blocks) > 1:
             x0 = x0.expand_as(x)
-            parts = [self.explain(x[i:i + step], tau_t[i:i + step], x0[i:i + step], top_k, panels, order)
-                     for i in range(0, x.shape[0], step)]
+            parts = [self.explain(x[r], tau_t[r], x0[r], top_k, panels, order) for r in blocks]
             return {key: torch.cat([part[key] for part in parts]) for key in parts[0]}
         ev = self.evaluate(x, tau=tau_t, outputs=("prediction",), rows_by_group=False)   # a is read below
         head, eps, t = self.head, self.head.eps, self.head.t

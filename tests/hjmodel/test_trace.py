@@ -14,6 +14,7 @@ from sklearn.datasets import load_breast_cancer, load_diabetes, load_digits
 
 from hjmodel import functional as F
 from hjmodel.artifact import ExplainModule, TracedModule, example_inputs, load_serving_module
+from hjmodel.serving import IG_ORDER, IG_PANELS
 
 DATA = {"digits_lse": load_digits, "digits_memory": load_digits, "digits_deep": load_digits,
         "breast_cancer_lse": load_breast_cancer, "diabetes_lse": load_diabetes}
@@ -100,11 +101,39 @@ def test_the_traced_explanation_answers_what_eager_torch_does(served):
         _assert_identical(traced(x, tau, base), want)
 
 
+def test_the_trace_runs_a_large_batch_in_the_modules_row_blocks(served, monkeypatch):
+    # blocks of a few rows (as a model with 60,000 support points gets at a few hundred): the trace
+    # is called on each block, never on the batch whole, and answers what eager torch does in blocks
+    name, module, traced = served
+    monkeypatch.setattr("hjmodel.models.BLOCK_ELEMENTS", 5 * module.model.row_elements)
+    monkeypatch.setattr("hjmodel.serving.EXPLAIN_ELEMENTS", 3 * IG_PANELS * IG_ORDER * _first_width(module.model))
+    explain = ExplainModule(module.model).eval()
+    traced_explain = TracedModule(explain)
+    x = _rows(name, 17, seed=5)
+    tau = torch.full((17, 1), 0.1, dtype=torch.float64)
+    base = example_inputs(explain, rows=17)["baseline"]
+    for graph, module_, inputs, most in ((traced, module, (x, tau), 5), (traced_explain, explain, (x, tau, base), 3)):
+        sizes, recorded = [], graph.graph
+        monkeypatch.setattr(graph, "graph", lambda *a, sizes=sizes, recorded=recorded:
+                            sizes.append(a[0].shape[0]) or recorded(*a))
+        with torch.no_grad():
+            want = module_(*inputs)
+        _assert_identical(graph(*inputs), want)
+        assert sum(sizes) == 17 and max(sizes) == most, sizes
+
+
+def _first_width(model) -> int:
+    return model.body[0].W.shape[0] if model.body else model.head.W.shape[0]
+
+
 class _Constants(torch.nn.Module):
     """Products by float64 constants that are equal in float32 (1 + 2**-40 and 1; -1e-300 and 0)."""
 
     specs = tuple(SimpleNamespace(name=k) for k in ("up", "one", "tiny", "zero"))
     model = None
+
+    def blocks(self, n):
+        return [slice(0, n)]
 
     def forward(self, x):
         return {"up": x * F._UP, "one": x * 1.0, "tiny": (x + 1.0) * -1e-300, "zero": x * 0.0}
