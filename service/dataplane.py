@@ -234,6 +234,7 @@ class DataPlane:
             "class_names": list(spec.class_names) or None, "alpha": spec.alpha,
             "false_flag_rate_95": None if spec.false_flag_rate is None else list(spec.false_flag_rate),
             "default_outputs": self.default_outputs(mv), "device": mv.backend.device,
+            "execution": mv.backend.execution,
             "model_control_mode": s.model_control_mode,
         }
         return ModelConfigResponse(

@@ -22,6 +22,9 @@ class Backend(Protocol):
     name: str
     device: str
     platform: str
+    #: How its graphs run, for operators (the model config's ``execution`` parameter): ``onnxruntime``;
+    #: ``torchscript`` (the torch backend's traces) or ``torch eager`` (tracing failed: logged at load).
+    execution: str
     #: The explanation outputs this version can compute (``hjmodel.serving.EXPLAIN_OUTPUTS``; empty for
     #: artifacts without an explanation graph).
     explain_outputs: tuple[str, ...]

@@ -20,6 +20,7 @@ class OnnxBackend:
 
     name = "onnx"
     platform = "onnxruntime_onnx"
+    execution = "onnxruntime"
 
     def __init__(self, session, device: str, explain_session=None):
         self._session = session

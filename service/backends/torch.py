@@ -18,15 +18,24 @@ log = logging.getLogger(__name__)
 
 
 class TorchBackend:
-    """The serving ``nn.Module`` of a ``model.pt`` + ``model.json`` artifact."""
+    """The serving ``nn.Module`` of a ``model.pt`` + ``model.json`` artifact, as its trace."""
 
     name = "torch"
     platform = "pytorch_torch"
 
     def __init__(self, module, device: str, explain_module=None):
+        import torch
+
         self._module = module
         self._explain = explain_module
         self.device = device
+
+        def runs(m) -> str:   # a TracedModule, or the nn.Module itself when tracing failed
+            return "torch eager" if isinstance(m, torch.nn.Module) else "torchscript"
+
+        self.execution = runs(module)
+        if explain_module is not None and runs(explain_module) != self.execution:
+            self.execution += f" (explanations: {runs(explain_module)})"
         self.explain_outputs = tuple(o.name for o in explain_module.specs) if explain_module is not None else ()
 
     def infer(self, input: np.ndarray, tau: np.ndarray) -> dict[str, np.ndarray]:

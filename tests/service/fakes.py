@@ -43,6 +43,7 @@ class FakeBackend:
     name = "fake"
     device = "cpu"
     platform = "fake_platform"
+    execution = "numpy"
 
     def __init__(self, spec: serving.ArtifactSpec, seed: int, delay: float = 0.0):
         rng = np.random.default_rng(seed)

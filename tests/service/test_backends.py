@@ -56,6 +56,7 @@ def test_the_torch_backend_serves_the_trace_and_the_module_when_tracing_fails(hj
     x = _rows(read_spec(version), n=5)
     traced = load_backend(version, preference="torch", device="cpu")
     assert isinstance(traced._module, TracedModule) and isinstance(traced._explain, TracedModule)
+    assert traced.execution == "torchscript"
 
     def refuse(module, inputs=None):
         raise RuntimeError("no TorchScript here")
@@ -64,6 +65,7 @@ def test_the_torch_backend_serves_the_trace_and_the_module_when_tracing_fails(hj
     with caplog.at_level("WARNING", logger="service.backends.torch"):
         eager = load_backend(version, preference="torch", device="cpu")
     assert isinstance(eager._module, ServingModule) and isinstance(eager._explain, ExplainModule)
+    assert eager.execution == "torch eager"
     assert "serving ServingModule eagerly, tracing failed: RuntimeError: no TorchScript here" in caplog.text
     tau, base = np.full(5, 0.2), np.zeros_like(x)
     for a, b in ((traced.infer(x, tau), eager.infer(x, tau)), (traced.explain(x, tau, base), eager.explain(x, tau, base))):
@@ -92,7 +94,10 @@ def test_server_on_each_backend_matches_in_process(hj_repo, tmp_path, backend):
         try:
             for model in MODELS:
                 spec = read_spec(hj_repo / model / "1")
-                assert client.get_model_config(model)["backend"] == backend
+                config = client.get_model_config(model)
+                assert config["backend"] == backend
+                assert config["parameters"]["execution"]["string_value"] == {"onnx": "onnxruntime",
+                                                                             "torch": "torchscript"}[backend]
                 x = _rows(spec, n=7, seed=3)
                 inp = httpclient.InferInput("input", list(x.shape), "FP32")
                 inp.set_data_from_numpy(x, binary_data=True)
