@@ -44,6 +44,19 @@ def _time(fn, repeat=20) -> float:
     return float(np.median(ts))
 
 
+def _time_cuda(module, x: torch.Tensor, tau: torch.Tensor) -> float:
+    """Milliseconds per call of ``module`` (None: NaN) on cuda copies of x, tau, synchronised."""
+    if module is None:
+        return float("nan")
+    xg, tg = x.cuda(), tau.cuda()
+
+    def run():
+        out = module(xg, tg)
+        torch.cuda.synchronize()
+        return out
+    return 1e3 * _time(run)
+
+
 def _compare(a: dict, b: dict, specs) -> tuple[bool, str]:
     worst = []
     ok = True
@@ -152,26 +165,8 @@ def main() -> int:
                 row.append(1e3 * _time(lambda s=s: s.run(names, serving.onnx_feeds(s, xb.numpy(), tau))) if s else float("nan"))  # noqa: B023 (called at once)
             with torch.no_grad():
                 row.append(1e3 * _time(lambda: cpu_mod(xb, torch.as_tensor(tau))))  # noqa: B023 (called at once)
-                if gpu_mod is not None:
-                    xg, tg = xb.cuda(), torch.as_tensor(tau).cuda()
-
-                    def run_gpu():
-                        out = gpu_mod(xg, tg)  # noqa: B023 (called at once)
-                        torch.cuda.synchronize()
-                        return out
-                    row.append(1e3 * _time(run_gpu))
-                else:
-                    row.append(float("nan"))
-                if gpu_trace is not None:
-                    xg, tg = xb.cuda(), torch.as_tensor(tau).cuda().expand(bs, 1)
-
-                    def run_trace():
-                        out = gpu_trace(xg, tg)  # noqa: B023 (called at once)
-                        torch.cuda.synchronize()
-                        return out
-                    row.append(1e3 * _time(run_trace))
-                else:
-                    row.append(float("nan"))
+                tg = torch.as_tensor(tau).expand(bs, 1)
+                row += [_time_cuda(gpu_mod, xb, tg), _time_cuda(gpu_trace, xb, tg)]
             time_rows.append(row)
     lines.append("## Parity vs CPU (every served output; FP32 rtol 1e-4 / atol 1e-5, discrete outputs <= 2% differ)\n")
     lines.append(md_table(["model", "runtime", "result", "detail (max abs diff per output)"], parity_rows))
