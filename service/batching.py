@@ -8,8 +8,9 @@ a graph, and a request costs one hand-off to the thread and one back (the thread
 queue itself: no batching task on the loop, no executor between them). Requests with different
 ``tau`` share a batch: tau is a batched input of the graph (one value per row). Requests that name
 an explanation output carry their integrated-gradients baseline: the explanation graph runs on their
-rows in the same turn of the thread, right after the batch, so explanations batch across requests
-like everything else.
+rows in the same turn, on the version's second thread while the serving graph runs on the first
+(the graphs do not depend on each other), so explanations batch across requests like everything
+else and a request asking for both waits for the longer graph, not for their sum.
 
 Batch-job chunks are *bulk* jobs: the thread takes every online request already queued before the
 next bulk chunk, so a running batch job delays an online request by the chunk computing when it
@@ -32,6 +33,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -102,6 +104,9 @@ class DynamicBatcher:
         self._bulk: collections.deque[_Job] = collections.deque()
         self._stop_seen = False
         self._thread: threading.Thread | None = None
+        #: the explanation's thread (started with the backend's): a batch's explanation graph runs
+        #: there while the serving graph runs on the backend's thread
+        self._explainer: ThreadPoolExecutor | None = None
         self._stopped: asyncio.Future | None = None
         self._closing = False
 
@@ -116,7 +121,7 @@ class DynamicBatcher:
 
         With ``wait_for_room`` a full queue makes the caller wait (batch jobs) instead of failing.
         With ``baseline`` ((d,) float32) the result also holds the explanation outputs of ``rows``
-        (``Backend.explain`` from that baseline), computed in the same turn of the backend's thread.
+        (``Backend.explain`` from that baseline), computed in the same turn, beside the serving graph.
         ``bulk`` (a batch job's chunk): online requests queued before it run first (the module says
         how long it may wait for them).
         """
@@ -154,6 +159,8 @@ class DynamicBatcher:
 
     def _start(self, loop: asyncio.AbstractEventLoop) -> None:
         self._stopped = loop.create_future()
+        self._explainer = ThreadPoolExecutor(1, thread_name_prefix=f"hjserve-{self.name}-explain",
+                                             initializer=serving.flush_subnormals)
         self._thread = threading.Thread(target=self._serve, args=(loop,), name=f"hjserve-{self.name}",
                                         daemon=True)
         self._thread.start()
@@ -170,6 +177,7 @@ class DynamicBatcher:
                     if batch:
                         self._run(loop, batch)
             finally:
+                self._explainer.shutdown(wait=True)
                 loop.call_soon_threadsafe(_settle, self._stopped)
 
     def _take(self) -> list[_Job] | None:
@@ -229,9 +237,11 @@ class DynamicBatcher:
             (self._bulk if item.bulk else self._online).append(item)
 
     def _run(self, loop: asyncio.AbstractEventLoop, batch: list[_Job]) -> None:
-        """On the backend's thread: the batch through ``backend.infer``, then the rows of the jobs
-        that carry a baseline through ``backend.explain``; both results (or errors) go to the event
-        loop in one callback. An explanation's failure reaches only the requests that asked for one."""
+        """On the backend's thread: the batch through ``backend.infer`` while the rows of the jobs
+        that carry a baseline go through ``backend.explain`` on the explanation's thread (the two
+        graphs do not depend on each other: a request asking for both waits for the longer, not for
+        their sum); both results (or errors) go to the event loop in one callback. An explanation's
+        failure reaches only the requests that asked for one."""
         start = time.perf_counter()
         offsets = _offsets(batch)
         try:
@@ -242,11 +252,13 @@ class DynamicBatcher:
             loop.call_soon_threadsafe(self._deliver, batch, offsets, InternalError(f"batching failed: {exc}"), {},
                                       start, 0.0)
             return
+        pending = (self._explainer.submit(self._explain, batch, offsets, rows, tau)
+                   if any(j.baseline is not None for j in batch) else None)
         outputs = _guarded(self.backend.infer, "inference", len(rows), rows, tau)
         explained: dict[str, np.ndarray] | HJServeError = {}
-        if not isinstance(outputs, HJServeError) and any(j.baseline is not None for j in batch):
+        if pending is not None:
             try:
-                explained = self._explain(batch, offsets, rows, tau)
+                explained = pending.result()
             except Exception as exc:   # the gathering around the calls: never expected
                 log.exception("explanation failed")
                 explained = InternalError(f"the explanation failed: {type(exc).__name__}: {exc}")

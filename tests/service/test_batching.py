@@ -201,15 +201,15 @@ class ExplainingBackend(FakeBackend):
     def __init__(self, explain_rows: int | None = None, **kw):
         super().__init__(**kw)
         self.explained: list[int] = []
-        self.threads: set[int] = set()
+        self.threads: dict[str, set[int]] = {"infer": set(), "explain": set()}
         self.explain_rows = explain_rows   # rows to return instead of the rows given (a broken backend)
 
     def infer(self, input, tau):
-        self.threads.add(threading.get_ident())
+        self.threads["infer"].add(threading.get_ident())
         return super().infer(input, tau)
 
     def explain(self, input, tau, baseline):
-        self.threads.add(threading.get_ident())
+        self.threads["explain"].add(threading.get_ident())
         self.explained.append(len(input))
         n = len(input) if self.explain_rows is None else self.explain_rows
         return {"gap": (input - baseline)[:n], "explain_tau": np.asarray(tau)[:n]}
@@ -238,7 +238,33 @@ def test_explanations_run_with_their_batch_and_split_back_to_their_requests():
         else:
             np.testing.assert_array_equal(r.outputs["gap"], _rows(2, 10 * i) - i)
             np.testing.assert_allclose(r.outputs["explain_tau"], [0.1 * (i + 1)] * 2)
-    assert len(backend.threads) == 1 and threading.get_ident() not in backend.threads
+    infer, explain = backend.threads["infer"], backend.threads["explain"]
+    assert len(infer) == len(explain) == 1 and infer != explain and threading.get_ident() not in infer | explain
+
+
+def test_a_batchs_explanation_runs_while_its_serving_graph_runs():
+    """The two graphs of one batch run at the same time (a request asking for both waits for the
+    longer, not the sum): here each waits for the other to have started, which serial runs never do."""
+    both = threading.Barrier(2, timeout=5)
+
+    class Overlapping(ExplainingBackend):
+        def infer(self, input, tau):
+            both.wait()
+            return super().infer(input, tau)
+
+        def explain(self, input, tau, baseline):
+            both.wait()
+            return super().explain(input, tau, baseline)
+
+    async def main():
+        b = _batcher(Overlapping(), max_queue_delay_s=0)
+        result = await b.infer(_rows(3), 0.1, timeout_s=10, baseline=np.zeros(2, np.float32))
+        await b.close()
+        return result
+
+    result = asyncio.run(main())
+    np.testing.assert_array_equal(result.outputs["double"], _rows(3) * 2)
+    np.testing.assert_array_equal(result.outputs["gap"], _rows(3))
 
 
 def test_explanations_run_at_most_max_batch_size_rows_a_call():
