@@ -15,8 +15,11 @@ wall time per request (microseconds) on the thread that runs it:
   at once, so this is the body's way through uvicorn and the body-timeout middleware);
 * *decode* (``codecs.decode_infer_request``: JSON, validation of the wire model);
 * *dataplane before the batcher*: options and row validation against the serving version;
-* *hand-off to the backend thread and back*: ``DynamicBatcher.infer`` minus the graphs it waits for;
-* *serving graph* and *explanation graph*: the backend's calls on its own thread;
+* *hand-off to the backend thread and back*: ``DynamicBatcher.infer`` minus the backend's turn it
+  waits for and the split;
+* *the backend's turn* (``DynamicBatcher._run``, wall time): the serving graph on the backend's
+  thread with the explanation graph beside it on the version's second thread; the two graphs'
+  own times are shown under it (they overlap, so they are not added);
 * *split to requests* (``DynamicBatcher._deliver``), *select* (top-k, datatypes), *diagnostic
   metrics* (``VersionMetrics.record_rows``), *encode* (``codecs.encode_infer_response``);
 * *response through the middleware to the socket*;
@@ -24,7 +27,7 @@ wall time per request (microseconds) on the thread that runs it:
   loopback socket, the client itself; the bare-endpoint row of ``bench/results/competitors.md``
   measures that floor with nothing behind it).
 
-Stages overlap nowhere at concurrency 1, so they add up to the client's mean latency (the timers
+Apart from the two graphs inside the turn, stages overlap nowhere at concurrency 1, so they add up to the client's mean latency (the timers
 cost a few microseconds each). A second run of the same server without timers gives the uninstrumented
 req/s next to it, and a third with ``--log-level info`` the cost of the access log.
 """
@@ -60,8 +63,7 @@ STAGES = [
     ("decode", "decode (JSON, wire-model validation)"),
     ("prepare", "dataplane before the batcher (options, row validation)"),
     ("handoff", "hand-off to the backend thread and back"),
-    ("graph", "serving graph (backend thread)"),
-    ("explain", "explanation graph (backend thread)"),
+    ("turn", "the backend's turn: serving graph, explanation graph beside it (wall time)"),
     ("deliver", "split to requests (event loop)"),
     ("select", "select outputs (top-k, datatypes)"),
     ("metrics", "diagnostic metrics (record_rows)"),
@@ -144,6 +146,7 @@ def serve_instrumented(argv: list[str]) -> None:
     dataplane.DataPlane.select = timed("select", dataplane.DataPlane.select)
     batching.DynamicBatcher.infer = timed_async("batcher", batching.DynamicBatcher.infer)
     batching.DynamicBatcher._deliver = timed("deliver", batching.DynamicBatcher._deliver)
+    batching.DynamicBatcher._run = timed("turn", batching.DynamicBatcher._run)
     onnx.OnnxBackend.infer = timed("graph", onnx.OnnxBackend.infer)
     onnx.OnnxBackend.explain = timed("explain", onnx.OnnxBackend.explain)
     metrics.VersionMetrics.record_rows = timed("metrics", metrics.VersionMetrics.record_rows)
@@ -222,8 +225,8 @@ def report(columns: dict[str, dict], name: str, args) -> str:
     for label, c in columns.items():
         t, n = c["totals"], max(c["totals"]["requests"], 1)
         us = {k: 1e6 * t.get(k, 0.0) / n for k in ("framework", "body", "decode", "select", "metrics", "encode",
-                                                  "send", "deliver", "graph", "explain", "app")}
-        us["handoff"] = 1e6 * (t["batcher"] - t.get("graph", 0.0) - t.get("explain", 0.0)) / n - us["deliver"]
+                                                  "send", "deliver", "turn", "graph", "explain", "app")}
+        us["handoff"] = 1e6 * (t["batcher"] - t.get("turn", 0.0)) / n - us["deliver"]
         us["prepare"] = 1e6 * (t["dataplane"] - t["batcher"]) / n - us["select"] - us["metrics"]
         us["client"] = 1e6 / c["timed"]["rps"]   # mean latency at concurrency 1
         us["other"] = us["app"] - sum(us[k] for k, _ in STAGES)
@@ -239,6 +242,9 @@ each stage; method in the module docstring.
 | stage | """ + " | ".join(labels) + " |", "|---|" + "---|" * len(labels)]
     for key, label in STAGES:
         L.append(f"| {label} | " + " | ".join(f"{per[c][key]:.0f}" for c in labels) + " |")
+    L.append("| of the turn: the serving graph | " + " | ".join(f"{per[c]['graph']:.0f}" for c in labels) + " |")
+    L.append("| of the turn: the explanation graph (second thread, beside the serving graph) | "
+             + " | ".join(f"{per[c]['explain']:.0f}" for c in labels) + " |")
     L.append("| other (between the stages: spans, response objects, accounting) | "
              + " | ".join(f"{per[c]['other']:.0f}" for c in labels) + " |")
     L.append("| **in the app** (measured) | " + " | ".join(f"**{per[c]['app']:.0f}**" for c in labels)
@@ -251,10 +257,10 @@ each stage; method in the module docstring.
     L.append("| req/s, no timers | " + " | ".join(f"{columns[c]['plain']['rps']:.0f}" for c in labels) + " |")
     L.append("| req/s, no timers, access log on (`--log-level info`) | "
              + " | ".join(f"{columns[c]['logged']['rps']:.0f}" for c in labels) + " |")
-    graph = {c: per[c]["graph"] + per[c]["explain"] for c in labels}
+    graph = {c: per[c]["turn"] for c in labels}
     python = {c: per[c]["app"] - graph[c] for c in labels}
     L += ["", "Reading: " + "; ".join(
-        f"{c}: the graphs take {graph[c]:.0f} us of the app's {per[c]['app']:.0f} us, Python around them "
+        f"{c}: the backend's turn (the graphs) takes {graph[c]:.0f} us of the app's {per[c]['app']:.0f} us, Python around it "
         f"{python[c]:.0f} us" for c in labels) + ". The graphs here run slower than in a tight loop "
         "(`bench/results/hjmodel_bench.md`) because the request's Python work between two calls evicts "
         "their data from the caches."]
