@@ -312,7 +312,11 @@ class TracedModule:
     allowances and directed-rounding factors of the certificates -- the hazard ``_exact_constants``
     guards the ONNX export against; with them on, the demo models served other OOD p-values and
     attribution ties. Test: tests/hjmodel/test_trace.py (bit-identical to eager torch on every demo
-    model, whichever rows recorded the graph; float32-equal constants stay apart)."""
+    model, whichever rows recorded the graph; float32-equal constants stay apart). One form differs from
+    eager torch's: for a small batch eager torch forms the OOD reference's squared distances from
+    exact differences, the trace (like the ONNX graph) by the centred expansion
+    (:func:`functional.squared_distances`); they differ in float64's last bits, and the served float32
+    outputs were the same in every test."""
 
     def __init__(self, module: ServingModule | ExplainModule, inputs: dict[str, Tensor] | None = None):
         import warnings

@@ -76,3 +76,13 @@ def close():
     """The :func:`assert_close` helper."""
     return assert_close
 
+
+@pytest.fixture(scope="module")
+def memory_regression():
+    """A small memory regression model (~3 s to train): its certificate takes the general
+    (n, K, N) masked form, which no demo model has. One per test module (test_device moves its own
+    to another device)."""
+    from hjmodel import TrainConfig, train
+    from hjmodel.attacks import friedman
+
+    return train(friedman(400), TrainConfig(kind="memory", memory_size=120, progress=False))[0]

@@ -17,20 +17,13 @@ import numpy as np
 import pytest
 import torch
 
-from hjmodel import TrainConfig, load_model, train
 from hjmodel import functional as F
+from hjmodel import load_model
 from hjmodel.artifact import ExplainModule, ServingModule, TracedModule
-from hjmodel.attacks import friedman
 from hjmodel.serving import output_names
 
 META = torch.device("meta")
 DEMOS = ["digits_lse", "digits_memory", "digits_deep", "diabetes_lse", "breast_cancer_lse"]
-
-
-@pytest.fixture(scope="module")
-def memory_regression():
-    """A small memory regression model: its certificate takes the general (n, K, N) masked form."""
-    return train(friedman(400), TrainConfig(kind="memory", memory_size=120, progress=False))[0]
 
 
 def _model(name, demo_repository, memory_regression):

@@ -13,7 +13,7 @@ import torch
 from sklearn.datasets import load_breast_cancer, load_diabetes, load_digits
 
 from hjmodel import functional as F
-from hjmodel.artifact import ExplainModule, TracedModule, example_inputs, load_serving_module
+from hjmodel.artifact import ExplainModule, ServingModule, TracedModule, example_inputs, load_serving_module
 from hjmodel.serving import IG_ORDER, IG_PANELS
 
 DATA = {"digits_lse": load_digits, "digits_memory": load_digits, "digits_deep": load_digits,
@@ -58,6 +58,20 @@ def test_the_trace_answers_what_eager_torch_does(served, n):
     # the interpreter's switch is per thread: a call from a thread that never set it
     with ThreadPoolExecutor(1) as pool:
         _assert_identical(pool.submit(traced, x, tau).result(), want)
+
+
+def test_the_trace_answers_what_eager_torch_does_for_a_memory_regression(memory_regression):
+    # a kind no demo model has: the certificate's general (n, K, N) masked form, the OOD score over
+    # every reference point (the expanded distances of the batch-independent form)
+    serving, explain = ServingModule(memory_regression).eval(), ExplainModule(memory_regression).eval()
+    gen = torch.Generator().manual_seed(3)
+    x = 2.0 * torch.randn(37, memory_regression.n_features, generator=gen)
+    tau = torch.full((37, 1), 0.3, dtype=torch.float64)
+    base = torch.zeros_like(x)
+    with torch.no_grad():
+        want, want_explain = serving(x, tau), explain(x, tau, base)
+    _assert_identical(TracedModule(serving)(x, tau), want)
+    _assert_identical(TracedModule(explain)(x, tau, base), want_explain)
 
 
 def test_the_trace_does_not_depend_on_the_batch_it_was_recorded_with(served):
