@@ -326,7 +326,7 @@ class TracedModule:
         inputs = tuple((example_inputs(module) if inputs is None else inputs).values())
         with torch.no_grad():
             module(*inputs)           # lazily built weight-only tables enter the graph as constants
-        with warnings.catch_warnings(), torch.no_grad(), torch.jit.optimized_execution(False), _exact_constants():
+        with warnings.catch_warnings(), torch.no_grad(), torch.jit.optimized_execution(False):
             warnings.simplefilter("ignore")
             self.graph = torch.jit.trace(_TupleOutputs(module).eval(), inputs, check_trace=False)
             # the first call fixes each recorded function's executable graph, unoptimised; left to a
