@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -37,6 +38,7 @@ __all__ = [
     "ExplainModule",
     "ServingModule",
     "TracedModule",
+    "traced_or_eager",
     "export_onnx",
     "load_model",
     "load_serving_module",
@@ -50,6 +52,8 @@ __all__ = [
 
 _TORCH_DTYPES = {"FP32": torch.float32, "INT64": torch.long, "BOOL": torch.bool}
 
+
+log = logging.getLogger(__name__)
 
 # ------------------------------------------------------------------------------------ spec
 
@@ -344,6 +348,19 @@ class TracedModule:
             n = inputs[0].shape[0]
             parts = [self.graph(*(t[r] if t.shape[0] == n else t for t in inputs)) for r in blocks]
         return {name: torch.cat([part[i] for part in parts]) for i, name in enumerate(self.names)}
+
+
+def traced_or_eager(module: ServingModule | ExplainModule, label: str = "") -> TracedModule | ServingModule | ExplainModule:
+    """``module`` as its :class:`TracedModule` (the same answers, bit for bit, in about half the time
+    at small batches), or ``module`` itself, with a logged warning saying why, if tracing fails (a
+    torch without TorchScript, an operation the tracer cannot record). How the torch backend and
+    :class:`hjmodel.predictor.Predictor` run a model; ``label`` names it in the warning."""
+    try:
+        return TracedModule(module)
+    except Exception as exc:  # the eager module still answers; say why it is slower
+        log.warning("%s: running %s eagerly, tracing failed: %s: %s", label or "model", type(module).__name__,
+                    type(exc).__name__, str(exc)[:300])
+        return module
 
 
 def _reads(node) -> list[str]:

@@ -99,10 +99,10 @@ class Predictor:
             return run_onnx
         import torch
 
-        from .artifact import load_serving_module
+        from .artifact import load_serving_module, traced_or_eager
 
         torch.set_num_threads(self.threads)
-        module = load_serving_module(self.artifact).eval()
+        module = traced_or_eager(load_serving_module(self.artifact).eval(), str(self.artifact))
 
         def run_torch(x: np.ndarray) -> dict[str, np.ndarray]:
             with torch.no_grad():

@@ -3,7 +3,6 @@ its TorchScript trace (:class:`hjmodel.artifact.TracedModule`; eager torch when 
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 
 import numpy as np
@@ -13,8 +12,6 @@ from hjmodel.errors import InputError
 from service.errors import BackendError, InvalidValue, ModelLoadFailed
 
 __all__ = ["TorchBackend", "load_torch"]
-
-log = logging.getLogger(__name__)
 
 
 class TorchBackend:
@@ -88,29 +85,16 @@ def load_torch(version_dir: Path, *, device: str = "auto", threads: int = 0) -> 
     if threads > 0:
         torch.set_num_threads(threads)
     try:
-        from hjmodel.artifact import ExplainModule
+        from hjmodel.artifact import ExplainModule, traced_or_eager
 
         module = load_serving_module(version_dir)
         module = module.to(target).eval()
         explain = ExplainModule(module.model).to(target).eval()
         explain = explain if explain.specs else None
-        module, explain = _traced(module, version_dir), explain and _traced(explain, version_dir)
+        module, explain = traced_or_eager(module, str(version_dir)), explain and traced_or_eager(explain, str(version_dir))
     except ArtifactError as exc:
         raise ModelLoadFailed(f"invalid torch artifact: {exc}") from None
     except Exception as exc:
         raise ModelLoadFailed(f"cannot load torch artifact: {type(exc).__name__}: {exc}") from None
     return TorchBackend(module, target, explain)
 
-
-def _traced(module, version_dir: Path):
-    """``module`` as its TorchScript trace, which answers what the module does (bit for bit: tests/
-    hjmodel/test_trace.py) in about half the time at small batches; the module itself, logged, if
-    tracing fails (a torch without TorchScript, an operation the tracer cannot record)."""
-    from hjmodel.artifact import TracedModule
-
-    try:
-        return TracedModule(module)
-    except Exception as exc:  # the eager module still serves; say why it is slower
-        log.warning("%s: serving %s eagerly, tracing failed: %s: %s", version_dir, type(module).__name__,
-                    type(exc).__name__, str(exc)[:300])
-        return module

@@ -62,11 +62,11 @@ def test_the_torch_backend_serves_the_trace_and_the_module_when_tracing_fails(hj
         raise RuntimeError("no TorchScript here")
 
     monkeypatch.setattr("hjmodel.artifact.TracedModule", refuse)
-    with caplog.at_level("WARNING", logger="service.backends.torch"):
+    with caplog.at_level("WARNING", logger="hjmodel.artifact"):
         eager = load_backend(version, preference="torch", device="cpu")
     assert isinstance(eager._module, ServingModule) and isinstance(eager._explain, ExplainModule)
     assert eager.execution == "torch eager"
-    assert "serving ServingModule eagerly, tracing failed: RuntimeError: no TorchScript here" in caplog.text
+    assert f"{version}: running ServingModule eagerly, tracing failed: RuntimeError: no TorchScript here" in caplog.text
     tau, base = np.full(5, 0.2), np.zeros_like(x)
     for a, b in ((traced.infer(x, tau), eager.infer(x, tau)), (traced.explain(x, tau, base), eager.explain(x, tau, base))):
         assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
