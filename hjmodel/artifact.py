@@ -341,11 +341,11 @@ class TracedModule:
     def __call__(self, *inputs: Tensor) -> dict[str, Tensor]:
         # the module's own row blocks (the graph would take the batch whole, as an exported one does):
         # a large batch stays within the memory eager torch would use
-        blocks = self.blocks(inputs[0].shape[0])
+        n = inputs[0].shape[0]
+        blocks = self.blocks(n)
         with torch.no_grad(), torch.jit.optimized_execution(False):
             if len(blocks) == 1:
                 return dict(zip(self.names, self.graph(*inputs), strict=True))
-            n = inputs[0].shape[0]
             parts = [self.graph(*(t[r] if t.shape[0] == n else t for t in inputs)) for r in blocks]
         return {name: torch.cat([part[i] for part in parts]) for i, name in enumerate(self.names)}
 

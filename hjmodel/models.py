@@ -463,19 +463,13 @@ class HJModel(nn.Module):
     def row_blocks(self, n: int) -> list[slice]:
         """Row blocks of a batch of n whose largest tensors stay within ``BLOCK_ELEMENTS`` elements
         (one block when exporting: the ONNX graph takes the batch whole)."""
-        step = max(1, BLOCK_ELEMENTS // self.row_elements)
-        if n <= step or F.static_graph():
-            return [slice(0, n)]
-        return [slice(i, min(i + step, n)) for i in range(0, n, step)]
+        return _blocks(n, max(1, BLOCK_ELEMENTS // self.row_elements))
 
     def explain_blocks(self, n: int) -> list[slice]:
         """Row blocks of :meth:`explain` on n rows: the integrated gradients' (rows, nodes, width)
         tensors stay within ``serving.EXPLAIN_ELEMENTS`` (:func:`serving.explain_rows`; one block when
         exporting: the graph takes the batch whole)."""
-        step = explain_rows(self.body[0].W.shape[0] if self.body else self.head.W.shape[0], n)
-        if n <= step or F.static_graph():
-            return [slice(0, n)]
-        return [slice(i, min(i + step, n)) for i in range(0, n, step)]
+        return _blocks(n, explain_rows(self.body[0].W.shape[0] if self.body else self.head.W.shape[0], n))
 
     @torch.no_grad()
     def served(self, x: Tensor, outputs: tuple[str, ...] | None = None, tau: float | Tensor = 0.1,
@@ -1145,6 +1139,14 @@ def _integrated_gradients(model: HJModel, x: Tensor, baseline: Tensor | None = N
         return F.integrated_gradients(x, x0, W, b, head.eps, mask=head.mask, output=c, panels=panels, order=order)
     nodes, weights = F.gauss_legendre(panels, order, x.dtype, x.device)
     return _affine_path_ig(model, x, x0, c, nodes, weights)
+
+
+def _blocks(n: int, step: int) -> list[slice]:
+    """n rows in blocks of ``step``; one block while recording a graph (:func:`functional.static_graph`),
+    which takes the batch whole."""
+    if n <= step or F.static_graph():
+        return [slice(0, n)]
+    return [slice(i, min(i + step, n)) for i in range(0, n, step)]
 
 
 def _affine_path_ig(model: HJModel, x: Tensor, x0: Tensor, c: Tensor, nodes: Tensor, weights: Tensor) -> Tensor:

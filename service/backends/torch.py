@@ -91,10 +91,10 @@ def load_torch(version_dir: Path, *, device: str = "auto", threads: int = 0) -> 
         module = module.to(target).eval()
         explain = ExplainModule(module.model).to(target).eval()
         explain = explain if explain.specs else None
-        module, explain = traced_or_eager(module, str(version_dir)), explain and traced_or_eager(explain, str(version_dir))
+        module = traced_or_eager(module, str(version_dir))
+        explain = explain and traced_or_eager(explain, str(version_dir))
     except ArtifactError as exc:
         raise ModelLoadFailed(f"invalid torch artifact: {exc}") from None
     except Exception as exc:
         raise ModelLoadFailed(f"cannot load torch artifact: {type(exc).__name__}: {exc}") from None
     return TorchBackend(module, target, explain)
-
