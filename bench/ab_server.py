@@ -4,6 +4,11 @@
                               [--export] [--protocol rest|grpc|batch] [--intra-op-threads 1]
                               [--out bench/results/ab_server.md]
         -> bench/results/ab_server.md (a section per model version)
+    python bench/ab_server.py --backends [...] --out bench/results/ab_server_backends.md
+
+With ``--backends`` the two sides are this tree's two backends instead (``HJSERVE_BACKEND=onnx``
+against ``torch``, which serves the model's TorchScript trace), on the same artifact: what choosing
+the torch backend costs a served request.
 
 The earlier revision is checked out into a temporary git worktree; both servers (``python -m
 service``, onnxruntime with one thread unless ``--intra-op-threads`` says otherwise) serve the same
@@ -96,7 +101,9 @@ def _online_during_jobs(url: str, name: str, x: np.ndarray, body: bytes, seconds
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--base", required=True, help="the git revision to compare with")
+    ap.add_argument("--base", help="the git revision to compare with")
+    ap.add_argument("--backends", action="store_true",
+                    help="instead of a revision: this tree's torch backend against its onnxruntime backend")
     ap.add_argument("--model-dir", nargs="+", default=[str(ROOT / "models" / "digits_lse" / "1")],
                     help="one or more model versions, each compared in turn (a section of the report each)")
     ap.add_argument("--seconds", type=float, default=4.0)
@@ -107,8 +114,10 @@ def main() -> int:
                     help="the servers' HJSERVE_INTRA_OP_THREADS (0: onnxruntime's default, one per core)")
     ap.add_argument("--out", default=str(OUT))
     args = ap.parse_args()
-    base = subprocess.run(["git", "rev-parse", "--short", args.base], cwd=ROOT, check=True, capture_output=True,
-                          text=True).stdout.strip()
+    if bool(args.base) == args.backends:
+        ap.error("give --base REV or --backends")
+    base = args.base and subprocess.run(["git", "rev-parse", "--short", args.base], cwd=ROOT, check=True,
+                                        capture_output=True, text=True).stdout.strip()
     head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, check=True, capture_output=True,
                           text=True).stdout.strip()
     dirty = bool(subprocess.run(["git", "status", "--porcelain", "service", *(["hjmodel"] if args.export else [])],
@@ -154,12 +163,18 @@ def _compare(args: argparse.Namespace, version: Path, base: str, head: str, dirt
              + [(during, "p50 ms"), (during, "p99 ms")] if args.protocol == "batch"
              else [(label, c) for label in bodies for c in CONCURRENCY])
     results: dict[tuple[str, str, int], list[float]] = {}
+    this = f"this tree ({head}{' + changes' if dirty else ''})"
     with tempfile.TemporaryDirectory() as tmpdir:
         tmp = Path(tmpdir)
         worktree = tmp / "base"
-        subprocess.run(["git", "worktree", "add", "-q", "--detach", str(worktree), base], cwd=ROOT, check=True)
+        if args.backends:   # one tree, two backends
+            trees = {f"onnxruntime backend, {this}": ROOT, "torch backend (TorchScript trace)": ROOT}
+            backend = dict(zip(trees, ("onnx", "torch")))
+        else:
+            subprocess.run(["git", "worktree", "add", "-q", "--detach", str(worktree), base], cwd=ROOT, check=True)
+            trees = {f"base {base}": worktree, this: ROOT}
+            backend = dict.fromkeys(trees, "auto")
         try:
-            trees = {f"base {base}": worktree, f"this tree ({head}{' + changes' if dirty else ''})": ROOT}
             # one repository for both, or (--export) one per tree with its own graphs
             repos = {label: tmp / (f"repo{i}" if args.export else "repo") for i, label in enumerate(trees)}
             for label, tree in trees.items():
@@ -171,7 +186,7 @@ def _compare(args: argparse.Namespace, version: Path, base: str, head: str, dirt
             for p in range(args.passes):
                 for label, tree in (trees.items() if p % 2 == 0 else reversed(trees.items())):
                     with run_server(repos[label], tmp, root=tree, intra_op_threads=args.intra_op_threads,
-                                    grpc=args.protocol == "grpc") as server:
+                                    grpc=args.protocol == "grpc", backend=backend[label]) as server:
                         for body_label, c in cells:
                             if c == "p50 ms":
                                 r = _online_during_jobs(server.url, name, batch_x, json.dumps(bodies[
@@ -195,11 +210,15 @@ def _compare(args: argparse.Namespace, version: Path, base: str, head: str, dirt
                             results.setdefault((label, body_label, c), []).append(rps)
                             print(f"pass {p} {label} {body_label} {c}: {rps:.1f}", flush=True)
         finally:
-            subprocess.run(["git", "worktree", "remove", "--force", str(worktree)], cwd=ROOT, check=False)
+            if worktree.exists():
+                subprocess.run(["git", "worktree", "remove", "--force", str(worktree)], cwd=ROOT, check=False)
     labels = list(trees)
-    what = ("each tree serving the graphs its own exporter writes from the same trained artifact" if args.export
+    what = ("both serving this tree's artifact, through onnxruntime and through torch: only the backend differs"
+            if args.backends else
+            "each tree serving the graphs its own exporter writes from the same trained artifact" if args.export
             else "both serving this tree's artifact: only the service code differs")
-    flags = (" --export" if args.export else "") + (f" --protocol {args.protocol}" if args.protocol != "rest" else "")
+    flags = ("--backends" if args.backends else f"--base {args.base}") + (" --export" if args.export else "") + (
+        f" --protocol {args.protocol}" if args.protocol != "rest" else "")
     if args.intra_op_threads != 1:
         flags += f" --intra-op-threads {args.intra_op_threads}"
     if args.model_dir != [str(ROOT / "models" / "digits_lse" / "1")]:
@@ -215,10 +234,12 @@ def _compare(args: argparse.Namespace, version: Path, base: str, head: str, dirt
         unit, key = " req/s", "concurrency"
     threads = ("one thread" if args.intra_op_threads == 1 else "its default threads (one per core)"
                if args.intra_op_threads == 0 else f"{args.intra_op_threads} threads")
-    L = [f"""# The served request path against an earlier revision: `{name}`
+    title = "through the torch backend against onnxruntime" if args.backends else "against an earlier revision"
+    runtime = f"onnxruntime and torch with {threads}" if args.backends else f"onnxruntime with {threads}"
+    L = [f"""# The served request path {title}: `{name}`
 
-Generated by `python bench/ab_server.py --base {args.base}{flags}` on {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}:
-`{name}`, onnxruntime with {threads}, {method}; {args.passes} alternating passes, medians. {platform.machine()},
+Generated by `python bench/ab_server.py {flags}` on {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}:
+`{name}`, {runtime}, {method}; {args.passes} alternating passes, medians. {platform.machine()},
 {os.cpu_count()} cores shared by the client and the server (load average at the end {os.getloadavg()[0]:.1f});
 {what}.
 
