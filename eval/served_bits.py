@@ -1,9 +1,12 @@
 """Certificates in the bits the server returns, on inputs chosen to be hard for them.
 
-    python -m eval.served_bits [--rows 100]                        -> eval/SERVED_BITS.md
+    python -m eval.served_bits [--rows 100] [--backends onnx,torch]  -> eval/SERVED_BITS.md
 
-For each classification demo model, the served graph (``model.onnx`` in an onnxruntime session opened
-as the service opens it) answers float32 inputs of six families: the held-out test split, the same
+For each classification demo model and each backend the service can serve it with -- ``onnx``: the
+served graph (``model.onnx`` in an onnxruntime session opened as the service opens it); ``torch``:
+the torch backend's TorchScript trace of the serving module (``artifact.traced_or_eager``, as
+``service/backends/torch.py`` runs it, on a thread that flushes subnormals like the backend's) --
+the served outputs of float32 inputs of six families are checked: the held-out test split, the same
 rows scaled x0.3, x3 and x10 (x3 and x10 are where one neuron dominates each group and the
 certificates are nearly exact), noisy rows (Gaussian, sd 2 pixels / 0.5 feature sd), and the rows of
 all of these whose float64 decision margin is smallest (closest to the boundary). Per family:
@@ -13,8 +16,9 @@ all of these whose float64 decision margin is smallest (closest to the boundary)
   models, beyond 2^-19 relative -- their tangent root is searched in float32 and proven in float64
   by each runtime, and the two proven radii differ by a few float32 steps);
 * **served-bits violations**: rows where ``hjmodel.attacks.served_bits_attack`` -- PGD-L2 with a
-  targeted start at every other class, every iterate rounded to float32 and classified by the served
-  graph itself -- found a float32 input strictly inside the served radius with another served class;
+  targeted start at every other class, every iterate rounded to float32 and classified by the same
+  backend's served graph -- found a float32 input strictly inside the served radius with another
+  served class;
 * **float64 violations**: rows where ``hjmodel.attacks.pgd_l2`` (8 restarts x 60 steps, float64)
   found a decision change inside 0.999 x the served radius.
 
@@ -34,7 +38,7 @@ import numpy as np
 import torch
 
 from hjmodel import load_dataset, load_model, serving
-from hjmodel.artifact import ONNX_FILE
+from hjmodel.artifact import ONNX_FILE, load_serving_module, traced_or_eager
 from hjmodel.attacks import SHRINK, held_out, pgd_l2, served_bits_attack
 
 from .common import md_table
@@ -61,12 +65,25 @@ def smallest_margin(model, pool: np.ndarray, rows: int) -> np.ndarray:
     return pool[np.argsort((top[:, 0] - top[:, 1]).numpy())[:rows]]
 
 
-def check(model, sess, x32: np.ndarray) -> dict:
-    names = [o.name for o in sess.get_outputs()]
+def server(version: Path, backend: str):
+    """float32 (n, d) -> the served outputs (numpy) of ``version`` through ``backend``, as the
+    service computes them."""
+    if backend == "onnx":
+        sess = serving.open_session(version / ONNX_FILE, threads=1, flush_subnormals=True)
+        names = [o.name for o in sess.get_outputs()]
+        return lambda q: dict(zip(names, sess.run(names, serving.onnx_feeds(sess, q, 0.1)), strict=True))
+    graph = traced_or_eager(load_serving_module(version).eval(), str(version))
 
     def served(q: np.ndarray) -> dict[str, np.ndarray]:
-        return dict(zip(names, sess.run(names, serving.onnx_feeds(sess, q, 0.1)), strict=True))
+        with torch.inference_mode():
+            out = graph(torch.from_numpy(np.ascontiguousarray(q, dtype=np.float32)),
+                        torch.full((len(q), 1), 0.1, dtype=torch.float64))
+        return {k: v.numpy() for k, v in out.items()}
 
+    return served
+
+
+def check(model, served, x32: np.ndarray) -> dict:
     out = served(x32)
     c, r32 = out["prediction"], out["certified_radius"].astype(np.float64)
     with torch.no_grad():
@@ -92,7 +109,9 @@ def main() -> int:
     ap.add_argument("--rows", type=int, default=200, help="rows per family (digits_memory: 60%% of it)")
     ap.add_argument("--models", default=str(ROOT / "models"))
     ap.add_argument("--out", default="SERVED_BITS.md")
+    ap.add_argument("--backends", default="onnx,torch", help="comma-separated: onnx, torch")
     args = ap.parse_args()
+    backends = args.backends.split(",")
     torch.set_num_threads(2)
     serving.flush_subnormals()            # this thread runs the served graph, as the service's would
     t_start = time.time()
@@ -100,7 +119,7 @@ def main() -> int:
     for name, dataset in MODELS.items():
         version = Path(args.models) / name / "1"
         model = load_model(version).double().eval()
-        sess = serving.open_session(version / ONNX_FILE, threads=1, flush_subnormals=True)
+        served = {backend: server(version, backend) for backend in backends}
         data = load_dataset(dataset)
         X = data.X[held_out(model, data.X)].astype(np.float64)
         rows = int(args.rows * (0.6 if name == "digits_memory" else 1.0))
@@ -108,19 +127,20 @@ def main() -> int:
         scale = np.full(X.shape[1], 2.0) if dataset == "digits" else 0.5 * X.std(0)
         fams = families(X, scale, rows, rng)
         fams["smallest margin"] = smallest_margin(model, np.concatenate([X, *(v for v in fams.values())]), rows)
-        for fam, values in fams.items():
-            res = check(model, sess, values.astype(np.float32))
-            table.append([name, fam, res["n"], res["rounded_up"], res["bits"], res["f64"], res["decision_differs"],
-                          res["zero_r"], res["median_r"], res["seconds"]])
-            print(table[-1], flush=True)
-    total = sum(row[2] for row in table)
-    bad = sum(row[3] + row[4] + row[5] for row in table)
-    header = ["model", "inputs", "rows", "rounded up", "served-bits violations", "float64 violations",
+        for backend in backends:
+            for fam, values in fams.items():
+                res = check(model, served[backend], values.astype(np.float32))
+                table.append([name, backend, fam, res["n"], res["rounded_up"], res["bits"], res["f64"],
+                              res["decision_differs"], res["zero_r"], res["median_r"], res["seconds"]])
+                print(table[-1], flush=True)
+    total = sum(row[3] for row in table)
+    bad = sum(row[4] + row[5] + row[6] for row in table)
+    header = ["model", "backend", "inputs", "rows", "rounded up", "served-bits violations", "float64 violations",
               "served class differs from float64 decision", "radius 0", "median served radius",
               "served-bits attack s"]
     text = f"""# Certificates in the served bits
 
-Generated by `python -m eval.served_bits --rows {args.rows}` on {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC
+Generated by `python -m eval.served_bits --rows {args.rows} --backends {args.backends}` on {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC
 ({time.time() - t_start:.0f} s; {platform.machine()}, torch {torch.__version__}). What each column counts and how the
 inputs are chosen: the module docstring of `eval/served_bits.py`.
 

@@ -189,6 +189,36 @@ def test_attack_inside_the_served_radius_in_served_bits(demo_repository, name, f
     assert not found.any(), (name, factor, np.flatnonzero(found)[:5])
 
 
+@pytest.mark.parametrize("name", ["digits_lse", "digits_memory", "digits_deep", "breast_cancer_lse"])
+def test_attack_inside_the_torch_backends_served_radius_in_its_served_bits(demo_repository, name):
+    """The same attack against the torch backend (its TorchScript trace, on a flushing thread as the
+    backend's): its served float32 radius and class come from other kernels than onnxruntime's, so
+    its bits are attacked in their own right (inputs x3: one neuron dominates each group and the
+    certificates are nearly exact)."""
+    from sklearn.datasets import load_breast_cancer
+
+    from hjmodel.artifact import TracedModule
+
+    version = demo_repository / name / "1"
+    model, traced = load_model(version).double().eval(), TracedModule(load_serving_module(version).eval())
+
+    def served(q: np.ndarray) -> dict[str, np.ndarray]:
+        def run():
+            with torch.inference_mode():
+                out = traced(torch.from_numpy(q), torch.full((len(q), 1), 0.1, dtype=torch.float64))
+            return {k: v.numpy() for k, v in out.items()}
+        return _SERVING_THREAD.submit(run).result()
+
+    n = 20 if name == "digits_memory" else 40
+    base = (load_breast_cancer().data[-n:] if name.startswith("breast") else
+            _scaled_digits(model, 1.0, n).astype(np.float64))
+    x32 = (base * 3.0).astype(np.float32)
+    out = served(x32)
+    found = served_bits_attack(model, lambda q: served(q)["prediction"], x32,
+                               out["certified_radius"].astype(np.float64), out["prediction"])
+    assert not found.any(), (name, np.flatnonzero(found)[:5])
+
+
 def test_served_bits_attack_finds_what_lies_beyond_the_radius(demo_repository):
     """The attack has teeth: at twice the served radius of digits_lse (whose certificate is within a
     few percent of the boundary) it finds a float32 input of another served class on most rows."""
