@@ -252,8 +252,9 @@ def _flags(args) -> str:
     """The command line's options that differ from the defaults, as the report names them."""
     given = [f"--{k.replace('_', '-')} {v}" for k, v in (("seconds", args.seconds), ("passes", args.passes))
              if v != {"seconds": 5.0, "passes": 2}[k]]
-    if Path(args.out).resolve() != OUT.resolve():
-        given.append(f"--out {Path(args.out).resolve().relative_to(ROOT) if Path(args.out).resolve().is_relative_to(ROOT) else args.out}")
+    out = Path(args.out).resolve()
+    if out != OUT.resolve():
+        given.append(f"--out {out.relative_to(ROOT) if out.is_relative_to(ROOT) else out}")
     return "".join(" " + g for g in given)
 
 
