@@ -1,6 +1,6 @@
 """Where a request's time goes: the served request path, stage by stage, at concurrency 1.
 
-    python bench/request_path.py [--model-dir models/digits_lse/1] [--seconds 8]
+    python bench/request_path.py [--model-dir models/digits_lse/1] [--seconds 4] [--passes 3]
         -> bench/results/request_path.md
 
 A real server process (``python -m service``, onnxruntime with one thread, batch 1, JSON) is started
@@ -29,7 +29,10 @@ wall time per request (microseconds) on the thread that runs it:
 
 Apart from the two graphs inside the turn, stages overlap nowhere at concurrency 1, so they add up to the client's mean latency (the timers
 cost a few microseconds each). A second run of the same server without timers gives the uninstrumented
-req/s next to it, and a third with ``--log-level info`` the cost of the access log.
+req/s next to it, and a third with ``--log-level info`` the cost of the access log. The three
+requests are measured in ``--passes`` alternating passes (each pass: every request's three runs), and
+every cell is the median over passes: on a machine shared with other jobs one pass may fall into a
+slow spell that a single run would report as the request's cost.
 """
 
 from __future__ import annotations
@@ -44,6 +47,7 @@ import os
 import platform
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -183,7 +187,8 @@ def run(repo: Path, log_dir: Path, body: bytes, path: str, seconds: float, *, in
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model-dir", default=str(ROOT / "models" / "digits_lse" / "1"))
-    ap.add_argument("--seconds", type=float, default=8.0)
+    ap.add_argument("--seconds", type=float, default=4.0)
+    ap.add_argument("--passes", type=int, default=3, help="alternating passes over the three requests; medians")
     args = ap.parse_args()
     import numpy as np
 
@@ -201,43 +206,51 @@ def main() -> int:
         "all diagnostics (diagnostics: true)": {"inputs": inp, "parameters": {"diagnostics": True}},
     }
     path = f"/v2/models/{name}/infer"
-    columns: dict[str, dict] = {}
+    columns: dict[str, list[dict]] = {label: [] for label in bodies}
     with tempfile.TemporaryDirectory() as tmpdir:
         tmp = Path(tmpdir)
         repo = tmp / "repo"
         shutil.copytree(version, repo / name / "1")
-        for label, obj in bodies.items():
-            body = json.dumps(obj).encode()
-            timed, totals = run(repo, tmp, body, path, args.seconds, instrument=True)
-            plain, _ = run(repo, tmp, body, path, args.seconds, instrument=False)
-            logged, _ = run(repo, tmp, body, path, args.seconds, instrument=False, log_level="info")
-            columns[label] = {"timed": timed, "totals": totals, "plain": plain, "logged": logged}
-            print(f"{label}: {plain['rps']:.0f} req/s uninstrumented, {logged['rps']:.0f} with the access log",
-                  flush=True)
+        for p in range(args.passes):
+            for label, obj in (list(bodies.items()) if p % 2 == 0 else list(bodies.items())[::-1]):
+                body = json.dumps(obj).encode()
+                timed, totals = run(repo, tmp, body, path, args.seconds, instrument=True)
+                plain, _ = run(repo, tmp, body, path, args.seconds, instrument=False)
+                logged, _ = run(repo, tmp, body, path, args.seconds, instrument=False, log_level="info")
+                columns[label].append({"timed": timed, "totals": totals, "plain": plain, "logged": logged})
+                print(f"pass {p} {label}: {plain['rps']:.0f} req/s uninstrumented, {logged['rps']:.0f} with the "
+                      "access log", flush=True)
     OUT.write_text(report(columns, name, args))
     print(OUT.read_text())
     return 0
 
 
-def report(columns: dict[str, dict], name: str, args) -> str:
-    labels = list(columns)
-    per = {}
-    for label, c in columns.items():
-        t, n = c["totals"], max(c["totals"]["requests"], 1)
-        us = {k: 1e6 * t.get(k, 0.0) / n for k in ("framework", "body", "decode", "select", "metrics", "encode",
-                                                  "send", "deliver", "turn", "graph", "explain", "app")}
-        us["handoff"] = 1e6 * (t["batcher"] - t.get("turn", 0.0)) / n - us["deliver"]
-        us["prepare"] = 1e6 * (t["dataplane"] - t["batcher"]) / n - us["select"] - us["metrics"]
-        us["client"] = 1e6 / c["timed"]["rps"]   # mean latency at concurrency 1
-        us["other"] = us["app"] - sum(us[k] for k, _ in STAGES)
-        per[label] = us
+def _stages(c: dict) -> dict[str, float]:
+    """One pass of one request: microseconds per request by stage (and the client's mean latency)."""
+    t, n = c["totals"], max(c["totals"]["requests"], 1)
+    us = {k: 1e6 * t.get(k, 0.0) / n for k in ("framework", "body", "decode", "select", "metrics", "encode",
+                                              "send", "deliver", "turn", "graph", "explain", "app")}
+    us["handoff"] = 1e6 * (t["batcher"] - t.get("turn", 0.0)) / n - us["deliver"]
+    us["prepare"] = 1e6 * (t["dataplane"] - t["batcher"]) / n - us["select"] - us["metrics"]
+    us["client"] = 1e6 / c["timed"]["rps"]   # mean latency at concurrency 1
+    us["other"] = us["app"] - sum(us[k] for k, _ in STAGES)
+    return us
+
+
+def report(passes: dict[str, list[dict]], name: str, args) -> str:
+    """Medians over passes of every stage and every run's req/s."""
+    labels = list(passes)
+    per = {label: {k: statistics.median(s[k] for s in map(_stages, runs)) for k in _stages(runs[0])}
+           for label, runs in passes.items()}
+    columns = {label: {run: {"rps": statistics.median(r[run]["rps"] for r in runs)}
+                       for run in ("timed", "plain", "logged")} for label, runs in passes.items()}
     L = [f"""# The request path, stage by stage
 
 Generated by `python bench/request_path.py` on {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}:
 `{name}`, onnxruntime with one thread, batch 1, JSON, a closed-loop client at concurrency 1 for
-{args.seconds:g} s per run; {platform.machine()}, {os.cpu_count()} cores shared by the client and the server
-(load average at the end {os.getloadavg()[0]:.1f}). Mean microseconds per request on the thread that runs
-each stage; method in the module docstring.
+{args.seconds:g} s per run, {args.passes} alternating passes, medians; {platform.machine()}, {os.cpu_count()} cores
+shared by the client and the server (load average at the end {os.getloadavg()[0]:.1f}). Mean microseconds per
+request on the thread that runs each stage; method in the module docstring.
 
 | stage | """ + " | ".join(labels) + " |", "|---|" + "---|" * len(labels)]
     for key, label in STAGES:
