@@ -55,6 +55,8 @@ from hjmodel import serving  # noqa: E402
 from service.testing import free_port, run_server, stop_process  # noqa: E402
 
 OUT = ROOT / "bench" / "results" / "competitors.md"
+#: the measurement's defaults (the report names the options that differ)
+DEFAULTS = {"seconds": 5.0, "passes": 2}
 MLSERVER = ("mlserver==1.7.1",)
 KSERVE = ("kserve==0.21.0",)
 CONCURRENCY = (1, 4, 16)
@@ -167,8 +169,8 @@ def start(cmd: list[str], cwd: Path, ready: str) -> subprocess.Popen:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model-dir", default=str(ROOT / "models" / "digits_lse" / "1"))
-    ap.add_argument("--seconds", type=float, default=5.0)
-    ap.add_argument("--passes", type=int, default=2)
+    ap.add_argument("--seconds", type=float, default=DEFAULTS["seconds"])
+    ap.add_argument("--passes", type=int, default=DEFAULTS["passes"])
     ap.add_argument("--out", default=str(OUT))
     args = ap.parse_args()
     version = Path(args.model_dir).resolve()
@@ -250,8 +252,7 @@ def main() -> int:
 
 def _flags(args) -> str:
     """The command line's options that differ from the defaults, as the report names them."""
-    given = [f"--{k.replace('_', '-')} {v}" for k, v in (("seconds", args.seconds), ("passes", args.passes))
-             if v != {"seconds": 5.0, "passes": 2}[k]]
+    given = [f"--{k} {getattr(args, k)}" for k, default in DEFAULTS.items() if getattr(args, k) != default]
     out = Path(args.out).resolve()
     if out != OUT.resolve():
         given.append(f"--out {out.relative_to(ROOT) if out.is_relative_to(ROOT) else out}")

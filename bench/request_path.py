@@ -240,8 +240,10 @@ def _stages(c: dict) -> dict[str, float]:
 def report(passes: dict[str, list[dict]], name: str, args) -> str:
     """Medians over passes of every stage and every run's req/s."""
     labels = list(passes)
-    per = {label: {k: statistics.median(s[k] for s in map(_stages, runs)) for k in _stages(runs[0])}
-           for label, runs in passes.items()}
+    per = {}
+    for label, runs in passes.items():
+        stages = [_stages(run) for run in runs]
+        per[label] = {k: statistics.median(s[k] for s in stages) for k in stages[0]}
     columns = {label: {run: {"rps": statistics.median(r[run]["rps"] for r in runs)}
                        for run in ("timed", "plain", "logged")} for label, runs in passes.items()}
     L = [f"""# The request path, stage by stage

@@ -2,11 +2,10 @@
 
     python -m eval.served_bits [--rows 100] [--backends onnx,torch]  -> eval/SERVED_BITS.md
 
-For each classification demo model and each backend the service can serve it with -- ``onnx``: the
-served graph (``model.onnx`` in an onnxruntime session opened as the service opens it); ``torch``:
-the torch backend's TorchScript trace of the serving module (``artifact.traced_or_eager``, as
-``service/backends/torch.py`` runs it, on a thread that flushes subnormals like the backend's) --
-the served outputs of float32 inputs of six families are checked: the held-out test split, the same
+For each classification demo model and each backend the service can serve it with (``onnx``: the
+served graph in onnxruntime; ``torch``: the serving module's TorchScript trace), the service's own
+backend object (``service.backends.load_backend``, the server's default threads, on a thread that
+flushes subnormals like the backend's) answers float32 inputs of six families: the held-out test split, the same
 rows scaled x0.3, x3 and x10 (x3 and x10 are where one neuron dominates each group and the
 certificates are nearly exact), noisy rows (Gaussian, sd 2 pixels / 0.5 feature sd), and the rows of
 all of these whose float64 decision margin is smallest (closest to the boundary). Per family:
@@ -38,8 +37,8 @@ import numpy as np
 import torch
 
 from hjmodel import load_dataset, load_model, serving
-from hjmodel.artifact import ONNX_FILE, load_serving_module, traced_or_eager
 from hjmodel.attacks import SHRINK, held_out, pgd_l2, served_bits_attack
+from service.backends import load_backend
 
 from .common import md_table
 
@@ -66,21 +65,9 @@ def smallest_margin(model, pool: np.ndarray, rows: int) -> np.ndarray:
 
 
 def server(version: Path, backend: str):
-    """float32 (n, d) -> the served outputs (numpy) of ``version`` through ``backend``, as the
-    service computes them."""
-    if backend == "onnx":
-        sess = serving.open_session(version / ONNX_FILE, threads=1, flush_subnormals=True)
-        names = [o.name for o in sess.get_outputs()]
-        return lambda q: dict(zip(names, sess.run(names, serving.onnx_feeds(sess, q, 0.1)), strict=True))
-    graph = traced_or_eager(load_serving_module(version).eval(), str(version))
-
-    def served(q: np.ndarray) -> dict[str, np.ndarray]:
-        with torch.inference_mode():
-            out = graph(torch.from_numpy(np.ascontiguousarray(q, dtype=np.float32)),
-                        torch.full((len(q), 1), 0.1, dtype=torch.float64))
-        return {k: v.numpy() for k, v in out.items()}
-
-    return served
+    """float32 (n, d) -> the served outputs of ``version``: the service's ``backend`` itself."""
+    served = load_backend(version, preference=backend, device="cpu")
+    return lambda q: served.infer(q, np.full(len(q), 0.1))
 
 
 def check(model, served, x32: np.ndarray) -> dict:
