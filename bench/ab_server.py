@@ -2,7 +2,7 @@
 
     python bench/ab_server.py --base REV [--model-dir models/digits_lse/1 ...] [--seconds 4] [--passes 3]
                               [--export] [--protocol rest|grpc|batch] [--intra-op-threads 1]
-                              [--out bench/results/ab_server.md]
+                              [--outputs prediction,probabilities] [--out bench/results/ab_server.md]
         -> bench/results/ab_server.md (a section per model version)
     python bench/ab_server.py --backends [...] --out bench/results/ab_server_backends.md
 
@@ -14,7 +14,7 @@ The earlier revision is checked out into a temporary git worktree; both servers 
 service``, onnxruntime with one thread unless ``--intra-op-threads`` says otherwise) serve the same
 model version from one repository, one at a time, alternating ``--passes`` times; each is driven by ``bench/loadgen.py``'s closed loop at
 concurrency 1 and 4 with the server's four default outputs and with every output
-(``diagnostics: true``). Cells are medians over passes and the ratio is this tree's over the base's,
+(``diagnostics: true``), and with ``--outputs`` a third request naming those outputs. Cells are medians over passes and the ratio is this tree's over the base's,
 so machine noise shared by both cancels as far as alternation allows. Only the service code differs:
 both run this tree's Python environment and the same artifact (built by this tree). With
 ``--export`` each tree serves the graphs its own exporter writes from the same trained artifact
@@ -112,8 +112,11 @@ def main() -> int:
     ap.add_argument("--protocol", choices=("rest", "grpc", "batch"), default="rest")
     ap.add_argument("--intra-op-threads", type=int, default=1,
                     help="the servers' HJSERVE_INTRA_OP_THREADS (0: onnxruntime's default, one per core)")
+    ap.add_argument("--outputs", help="comma-separated output names: one more request naming them (REST)")
     ap.add_argument("--out", default=str(OUT))
     args = ap.parse_args()
+    if args.outputs and args.protocol != "rest":
+        ap.error("--outputs names the outputs of a REST request")
     if bool(args.base) == args.backends:
         ap.error("give --base REV or --backends")
     base = args.base and subprocess.run(["git", "rev-parse", "--short", args.base], cwd=ROOT, check=True,
@@ -144,6 +147,9 @@ def _compare(args: argparse.Namespace, version: Path, base: str, head: str, dirt
     inp = [{"name": "input", "shape": [1, len(row)], "datatype": "FP32", "data": row}]
     bodies = {"four default outputs": {"inputs": inp},
               "every output (diagnostics: true)": {"inputs": inp, "parameters": {"diagnostics": True}}}
+    if args.outputs:   # REST only: one more request, naming these outputs
+        names = [n.strip() for n in args.outputs.split(",") if n.strip()]
+        bodies[" + ".join(names)] = {"inputs": inp, "outputs": [{"name": n} for n in names]}
     path = f"/v2/models/{name}/infer"
     if args.protocol == "grpc":
         from service.grpc import inference_pb2 as pb
@@ -221,6 +227,8 @@ def _compare(args: argparse.Namespace, version: Path, base: str, head: str, dirt
         f" --protocol {args.protocol}" if args.protocol != "rest" else "")
     if args.intra_op_threads != 1:
         flags += f" --intra-op-threads {args.intra_op_threads}"
+    if args.outputs:
+        flags += f" --outputs {args.outputs}"
     if args.model_dir != [str(ROOT / "models" / "digits_lse" / "1")]:
         flags += " --model-dir " + " ".join(_shown(Path(m)) for m in args.model_dir)
     if args.protocol == "batch":

@@ -288,10 +288,11 @@ def session_options(threads: int = 0) -> Any:
     return options
 
 
-def open_session(path: str | Path, *, threads: int = 0, providers: Sequence[str] = ("CPUExecutionProvider",),
+def open_session(path: str | Path | bytes, *, threads: int = 0, providers: Sequence[str] = ("CPUExecutionProvider",),
                  flush_subnormals: bool = False) -> Any:
     """An ``onnxruntime.InferenceSession`` of a served graph (the service, the offline predictor,
     ``hjmodel verify``, the tests and benchmarks all open theirs here), with :func:`session_options`.
+    ``path``: the graph's file, or the serialised graph itself.
 
     ``flush_subnormals``: onnxruntime's own threads flush subnormal numbers to zero
     (``session.set_denormal_as_zero``); the thread that *runs* the session must do so itself
@@ -314,13 +315,14 @@ def open_session(path: str | Path, *, threads: int = 0, providers: Sequence[str]
     import onnxruntime as ort
 
     options = session_options(threads)
+    source = bytes(path) if isinstance(path, (bytes, bytearray)) else str(path)
     if not flush_subnormals:
-        return ort.InferenceSession(str(path), options, providers=list(providers))
+        return ort.InferenceSession(source, options, providers=list(providers))
     options.add_session_config_entry("session.set_denormal_as_zero", "1")
     from concurrent.futures import ThreadPoolExecutor
 
     with ThreadPoolExecutor(max_workers=1) as opener:
-        return opener.submit(ort.InferenceSession, str(path), options, providers=list(providers)).result()
+        return opener.submit(ort.InferenceSession, source, options, providers=list(providers)).result()
 
 
 def flush_subnormals() -> bool:

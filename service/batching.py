@@ -71,6 +71,7 @@ class _Job:
     future: asyncio.Future
     baseline: np.ndarray | None = None   # (d,) float32: the rows also go through the explanation graph
     bulk: bool = False                   # a batch job's chunk: online requests queued before it go first
+    outputs: frozenset[str] | None = None   # the serving outputs it needs (None: every one)
     enqueued: float = field(default_factory=time.perf_counter)
 
 
@@ -116,8 +117,12 @@ class DynamicBatcher:
         return self._queue.qsize() + len(self._online) + len(self._bulk)
 
     async def infer(self, rows: np.ndarray, tau: float, *, timeout_s: float, wait_for_room: bool = False,
-                    baseline: np.ndarray | None = None, bulk: bool = False) -> BatchResult:
+                    baseline: np.ndarray | None = None, bulk: bool = False,
+                    outputs: frozenset[str] | None = None) -> BatchResult:
         """Run ``rows`` (float32 (n, d), n <= max_batch_size) through the batcher.
+
+        ``outputs``: the serving outputs the caller needs (None: every one); a batch asks the backend
+        for those its requests need together, and a request's result holds at least its own.
 
         With ``wait_for_room`` a full queue makes the caller wait (batch jobs) instead of failing.
         With ``baseline`` ((d,) float32) the result also holds the explanation outputs of ``rows``
@@ -138,7 +143,7 @@ class DynamicBatcher:
         loop = asyncio.get_running_loop()
         if self._thread is None:
             self._start(loop)
-        job = _Job(rows, float(tau), loop.create_future(), baseline, bulk)
+        job = _Job(rows, float(tau), loop.create_future(), baseline, bulk, outputs)
         self._queue.put(job)
         self._on_queue(self.queue_size)
         timer = loop.call_later(max(0.0, deadline - time.monotonic()), _expire, job.future, timeout_s)
@@ -237,7 +242,8 @@ class DynamicBatcher:
             (self._bulk if item.bulk else self._online).append(item)
 
     def _run(self, loop: asyncio.AbstractEventLoop, batch: list[_Job]) -> None:
-        """On the backend's thread: the batch through ``backend.infer`` while the rows of the jobs
+        """On the backend's thread: the batch through ``backend.infer`` (the outputs its jobs need
+        together) while the rows of the jobs
         that carry a baseline go through ``backend.explain`` on the explanation's thread (the two
         graphs do not depend on each other: a request asking for both waits for the longer, not for
         their sum); both results (or errors) go to the event loop in one callback. An explanation's
@@ -254,7 +260,8 @@ class DynamicBatcher:
             return
         pending = (self._explainer.submit(self._explain, batch, offsets, rows, tau)
                    if any(j.baseline is not None for j in batch) else None)
-        outputs = _guarded(self.backend.infer, "inference", len(rows), rows, tau)
+        wanted = None if any(j.outputs is None for j in batch) else frozenset().union(*(j.outputs for j in batch))
+        outputs = _guarded(self.backend.infer, "inference", len(rows), rows, tau, wanted)
         explained: dict[str, np.ndarray] | HJServeError = {}
         if pending is not None:
             try:

@@ -90,6 +90,15 @@ class InferOptions:
     tau: float
     timeout_s: float
     baseline: np.ndarray | None = None
+    #: the serving outputs computed for the rows: the requested ones and the monitored ones
+    #: (setting ``monitored_outputs``); None: every one
+    computed: frozenset[str] | None = None
+
+    def monitored(self, outputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """The outputs of a batch that the request's own rows had computed (a batch computes what its
+        requests need together): what the diagnostic metrics record, the same whichever requests
+        shared its batch."""
+        return outputs if self.computed is None else {k: v for k, v in outputs.items() if k in self.computed}
 
     @property
     def explains(self) -> bool:
@@ -156,6 +165,8 @@ class DataPlane:
         self._poller: asyncio.Task | None = None
         names = [n.strip() for n in settings.default_outputs.split(",") if n.strip()]
         self._default_outputs = None if names == ["all"] else tuple(names)
+        names = [n.strip() for n in settings.monitored_outputs.split(",") if n.strip()]
+        self._monitored = None if names == ["all"] or not settings.pruned_graphs else frozenset(names)
 
     # -- life -------------------------------------------------------------------------------------
 
@@ -236,6 +247,9 @@ class DataPlane:
             "default_outputs": self.default_outputs(mv), "device": mv.backend.device,
             "execution": mv.backend.execution,
             "model_control_mode": s.model_control_mode,
+            # computed for every row; the rest only for the batches that ask (setting pruned_graphs)
+            "monitored_outputs": self.monitored_outputs(mv),
+            "pruned_graphs": [list(names) for names in getattr(getattr(mv.backend, "pruned", None), "built", ())],
         }
         return ModelConfigResponse(
             name=name, platform=mv.backend.platform, backend=mv.backend.name,
@@ -355,6 +369,12 @@ class DataPlane:
         names = set(mv.output_names)
         return [n for n in self._default_outputs if n in names]
 
+    def monitored_outputs(self, mv: ModelVersion) -> list[str]:
+        """Serving outputs computed for every row whatever its request asks (setting
+        ``monitored_outputs``; every one when graphs are not pruned)."""
+        return [n for n in serving.output_names(mv.task)
+                if self._monitored is None or n in self._monitored or n == "prediction"]
+
     def resolve_options(self, mv: ModelVersion, params: dict[str, Any], requested: list[str]) -> InferOptions:
         """Validate request parameters (protocol types: numbers may arrive as strings, as gRPC's
         ``InferParameter`` carries them) and the requested output names against ``mv``."""
@@ -392,7 +412,12 @@ class DataPlane:
             baseline = self._baseline(mv, params.get("baseline", "mean"))
         elif "baseline" in params:
             self._baseline(mv, params["baseline"])   # validated even when unused
-        return InferOptions(tuple(outputs), int(top_k), float(tau), timeout, baseline)
+        computed = None
+        if self._monitored is not None:
+            served = serving.output_names(mv.task)
+            computed = frozenset(self.monitored_outputs(mv)).union(n for n in outputs if n in served)
+            computed = None if len(computed) == len(served) else computed
+        return InferOptions(tuple(outputs), int(top_k), float(tau), timeout, baseline, computed)
 
     @staticmethod
     def _baseline(mv: ModelVersion, value: Any) -> np.ndarray:
@@ -482,7 +507,7 @@ class DataPlane:
                 end = time.perf_counter()
                 tracing.record(("queue", end - compute_s - queue_s, end - compute_s, {"hjserve.rows": len(rows)}),
                                ("compute", end - compute_s, end, {"hjserve.backend": mv.backend.name}))
-            mv.metrics.record_rows(outputs, mv.task)
+            mv.metrics.record_rows(options.monitored(outputs), mv.task)
             return Prediction(mv, options, outputs, queue_s, compute_s, len(rows))
         raise ModelNotReady(f"model '{name}' was swapped repeatedly during the request; retry")
 
@@ -493,7 +518,7 @@ class DataPlane:
         # the queue limit admits a request by its first chunk; its later chunks wait for room (a
         # request larger than the queue would otherwise never run)
         coros = [mv.batcher.infer(c, options.tau, timeout_s=options.timeout_s, wait_for_room=bulk or i > 0,
-                                  baseline=options.baseline, bulk=bulk)
+                                  baseline=options.baseline, bulk=bulk, outputs=options.computed)
                  for i, c in enumerate(chunks)]
         if len(coros) == 1:
             results = [await coros[0]]
@@ -509,7 +534,10 @@ class DataPlane:
         if len(results) == 1:
             outputs = results[0].outputs
         else:
-            outputs = {k: np.concatenate([r.outputs[k] for r in results]) for k in results[0].outputs}
+            # each chunk's batch computed at least the request's outputs (batches shared with other
+            # requests computed more): the outputs every chunk has
+            outputs = {k: np.concatenate([r.outputs[k] for r in results]) for k in results[0].outputs
+                       if all(k in r.outputs for r in results)}
         return outputs, max(r.queue_s for r in results), sum(r.compute_s for r in results)
 
     @contextlib.contextmanager

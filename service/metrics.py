@@ -74,7 +74,7 @@ OOD_FLAGS = Counter("hjserve_ood_flags", "Rows flagged out-of-distribution, by t
                     (*_MV, "component"))
 HALLUCINATION_FLAGS = Counter("hjserve_hallucination_flags",
                               "Rows flagged as hallucinations (unsupported and in the extrapolation regime).", _MV)
-CERTIFIED_RADIUS = Histogram("hjserve_certified_radius", "Certified L2 radius per predicted row.", _MV,
+CERTIFIED_RADIUS = Histogram("hjserve_certified_radius", "Certified L2 radius per predicted row whose request asked for it (setting monitored_outputs).", _MV,
                              buckets=_RADIUS_BUCKETS)
 ENERGY_GAP = Histogram("hjserve_energy_gap", "Energy gap Delta/eps per predicted row.", _MV, buckets=_GAP_BUCKETS)
 OOD_SCORE = Histogram("hjserve_ood_score", "OOD score (Hopf-Cole value u, diffusion units) per predicted row.",

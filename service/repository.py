@@ -213,7 +213,8 @@ class ModelRepository:
     def _load_version(self, name: str, version: int, path: Path) -> ModelVersion:
         """Blocking: load one version directory (runs in a worker thread)."""
         s = self.settings
-        backend = self._loader(path, preference=s.backend, device=s.device, threads=s.intra_op_threads)
+        backend = self._loader(path, preference=s.backend, device=s.device, threads=s.intra_op_threads,
+                               pruned_graphs=s.pruned_graphs)
         try:
             spec = read_spec(path)
             names = serving.output_names(spec.task)

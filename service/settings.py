@@ -66,6 +66,21 @@ class Settings(BaseSettings):
     ``default_outputs`` parameter of its config. Requests can always name outputs or use the
     ``diagnostics`` parameter."""
 
+    monitored_outputs: str = "prediction,ood_flag,ood_component,ood_score,hallucination_flag,energy_gap"
+    """Serving outputs computed for every row, whether its request asks for them or not, for the
+    diagnostic metrics (``hjserve_ood_flags_total``, ``hjserve_hallucination_flags_total``,
+    ``hjserve_predictions_total`` and the OOD score and energy gap histograms; ``prediction`` always): ``all`` or a comma-separated list of output names. The
+    rest of a row's diagnostics is computed only when its batch asks for them (``pruned_graphs``), so
+    the certified-radius histogram observes the rows whose requests asked for the radius -- every
+    request that names no outputs, by default -- unless ``certified_radius`` is listed here."""
+
+    pruned_graphs: int = Field(8, ge=0)
+    """Graphs cut down to the outputs a batch needs that each model version may build (onnxruntime
+    runs every node of a graph whichever outputs are fetched): a batch that needs no certified radius
+    skips its ~70% of the graph. Each is built the first time a set of outputs is asked for, on a
+    thread of its own (that batch runs the whole graph; the values are the same bit for bit), and
+    holds the constants it reads. 0: every batch runs the whole graph."""
+
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """Where models run: ``cuda`` when available under ``auto``, else ``cpu``. ``cuda`` fails a model's
     load when no GPU runtime is present."""
@@ -157,6 +172,17 @@ class Settings(BaseSettings):
     @classmethod
     def _parse_keys(cls, value: object) -> object:
         return _split_keys(value)
+
+    @field_validator("monitored_outputs")
+    @classmethod
+    def _known_outputs(cls, value: str) -> str:
+        from hjmodel.serving import OUTPUTS
+
+        names = [n.strip() for n in value.split(",") if n.strip()]
+        unknown = [n for n in names if n not in {o.name for o in OUTPUTS}]
+        if names != ["all"] and unknown:
+            raise ValueError(f"unknown output(s) {unknown}: 'all' or names of the serving outputs")
+        return value
 
     @field_validator("log_level", mode="before")
     @classmethod

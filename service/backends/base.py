@@ -2,21 +2,29 @@
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Callable, Collection
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
-__all__ = ["Backend", "BackendFactory"]
+__all__ = ["Backend", "BackendFactory", "OutputGraphs"]
+
+log = logging.getLogger(__name__)
 
 
 @runtime_checkable
 class Backend(Protocol):
     """A loaded model version.
 
-    ``infer(input: float32 (B, d), tau: float64 (B,)) -> {output name: array with leading dim B}``
-    computes every output of the serving contract (``tau``: each row's regression tolerance) (``hjmodel.serving.outputs_for(task)``). Implementations are
-    thread-safe for one caller at a time and raise only :class:`service.errors.BackendError`.
+    ``infer(input: float32 (B, d), tau: float64 (B,), outputs=None) -> {output name: array with
+    leading dim B}`` computes the outputs of the serving contract (``tau``: each row's regression
+    tolerance) (``hjmodel.serving.outputs_for(task)``): every one, or with ``outputs`` at least
+    those (a backend may compute only what they need: :class:`OutputGraphs`; the values are the
+    same either way). Implementations are thread-safe for one caller at a time and raise only
+    :class:`service.errors.BackendError`.
     """
 
     name: str
@@ -29,7 +37,8 @@ class Backend(Protocol):
     #: artifacts without an explanation graph).
     explain_outputs: tuple[str, ...]
 
-    def infer(self, input: np.ndarray, tau: np.ndarray) -> dict[str, np.ndarray]: ...
+    def infer(self, input: np.ndarray, tau: np.ndarray,
+              outputs: Collection[str] | None = None) -> dict[str, np.ndarray]: ...
 
     def explain(self, input: np.ndarray, tau: np.ndarray, baseline: np.ndarray) -> dict[str, np.ndarray]:
         """The explanation outputs for ``input`` (B, d), ``tau`` (B,), ``baseline`` (B, d) float32."""
@@ -39,6 +48,69 @@ class Backend(Protocol):
 
 
 class BackendFactory(Protocol):
-    """Loads a version directory; raises :class:`service.errors.ModelLoadFailed` on any failure."""
+    """Loads a version directory; raises :class:`service.errors.ModelLoadFailed` on any failure.
+    ``pruned_graphs``: at most this many :class:`OutputGraphs` (0: always the whole graph)."""
 
-    def __call__(self, version_dir: Path, *, device: str, threads: int) -> Backend: ...
+    def __call__(self, version_dir: Path, *, device: str, threads: int, pruned_graphs: int = 0) -> Backend: ...
+
+
+class OutputGraphs:
+    """A version's graphs that compute only some of its serving outputs, built on demand.
+
+    onnxruntime runs every node of a graph whichever outputs are fetched, and a trace records every
+    output, so a batch that needs a few outputs would pay for all of them: the certified radius alone
+    is some 70% of a classifier's graph (``bench/results/pruned_graphs.md``). :meth:`get` returns the
+    graph of exactly the outputs asked for when it has been built; otherwise None -- the caller runs
+    the whole graph, which computes the same values bit for bit -- and the first time, it starts
+    building that graph (``build(names)``) on a thread of its own, so no batch waits for a build.
+    At most ``limit`` graphs are built per version (each holds the constants it reads: at most the
+    whole graph's); output sets beyond them, and a set whose build failed (logged), run the whole
+    graph. Called from one thread (the version's batcher); builds publish from theirs."""
+
+    def __init__(self, names: Collection[str], build: Callable[[tuple[str, ...]], Any], limit: int,
+                 label: str = "model"):
+        self.names = tuple(names)
+        self._build, self._limit, self._label = build, limit, label
+        self._graphs: dict[frozenset[str], Any] = {}
+        self._started: set[frozenset[str]] = set()
+        self._builder: ThreadPoolExecutor | None = None
+
+    @property
+    def built(self) -> tuple[tuple[str, ...], ...]:
+        """The output sets with a graph, each in contract order (for tests and operators)."""
+        return tuple(tuple(n for n in self.names if n in key) for key in list(self._graphs))
+
+    def get(self, outputs: Collection[str] | None) -> tuple[Any, tuple[str, ...]] | None:
+        """(graph, its output names in contract order) for exactly ``outputs``, when built; None
+        when the whole graph should run (every output wanted, or no graph of these yet)."""
+        if outputs is None or not self._limit:
+            return None
+        key = frozenset(outputs) & frozenset(self.names)
+        if len(key) == len(self.names) or not key:
+            return None
+        graph = self._graphs.get(key)
+        if graph is not None:
+            return graph, tuple(n for n in self.names if n in key)
+        if key not in self._started and len(self._started) < self._limit:
+            self._started.add(key)
+            if self._builder is None:
+                self._builder = ThreadPoolExecutor(1, thread_name_prefix=f"hjserve-{self._label}-prune")
+            self._builder.submit(self._make, key)
+        return None
+
+    def _make(self, key: frozenset[str]) -> None:
+        names = tuple(n for n in self.names if n in key)
+        try:
+            graph = self._build(names)
+            if self._limit:   # not closed meanwhile
+                self._graphs[key] = graph
+        except Exception as exc:   # the whole graph still answers these outputs
+            log.warning("%s: no graph of the outputs %s (the whole graph serves them): %s: %s",
+                        self._label, list(names), type(exc).__name__, str(exc)[:300])
+
+    def close(self) -> None:
+        """Stop building (a build under way finishes on its thread and is dropped)."""
+        self._limit = 0
+        if self._builder is not None:
+            self._builder.shutdown(wait=False, cancel_futures=True)
+        self._graphs.clear()

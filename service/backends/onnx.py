@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import hashlib
+from collections.abc import Collection
 from pathlib import Path
 
 import numpy as np
 
 from hjmodel import serving
+from service.backends.base import OutputGraphs
 from service.errors import BackendError, ModelLoadFailed
 
 __all__ = ["OnnxBackend", "load_onnx"]
@@ -16,37 +19,42 @@ _CPU = "CPUExecutionProvider"
 
 
 class OnnxBackend:
-    """An ``onnxruntime.InferenceSession`` over ``model.onnx``."""
+    """An ``onnxruntime.InferenceSession`` over ``model.onnx``; ``pruned``: sessions of the graph cut
+    down to the outputs a batch needs (:class:`OutputGraphs` of :func:`hjmodel.artifact.prune_graph`)."""
 
     name = "onnx"
     platform = "onnxruntime_onnx"
     execution = "onnxruntime"
 
-    def __init__(self, session, device: str, explain_session=None):
+    def __init__(self, session, device: str, explain_session=None, pruned: OutputGraphs | None = None):
         self._session = session
         self._explain = explain_session
         self.device = device
         self._output_names = [o.name for o in session.get_outputs()]
+        self.pruned = pruned
         # a graph exported before tau had a batch dimension takes one tau per run
         self._tau_per_run = any(i.name == "tau" and len(i.shape) == 1 for i in session.get_inputs())
         self.explain_outputs = tuple(o.name for o in explain_session.get_outputs()) if explain_session else ()
         meta = session.get_modelmeta().custom_metadata_map
         self.metadata: dict[str, str] = dict(meta)
 
-    def infer(self, input: np.ndarray, tau: np.ndarray) -> dict[str, np.ndarray]:
+    def infer(self, input: np.ndarray, tau: np.ndarray, outputs: Collection[str] | None = None) -> dict[str, np.ndarray]:
         tau = np.asarray(tau, dtype=np.float64).reshape(-1)
         if self._tau_per_run and len(np.unique(tau)) > 1:   # legacy graph: one run per tau value
-            parts = [(tau == value, self.infer(input[tau == value], tau[tau == value])) for value in np.unique(tau)]
+            parts = [(tau == value, self.infer(input[tau == value], tau[tau == value], outputs))
+                     for value in np.unique(tau)]
             out = {name: np.empty((len(input), *v.shape[1:]), dtype=v.dtype) for name, v in parts[0][1].items()}
             for mask, values in parts:
                 for name, v in values.items():
                     out[name][mask] = v
             return out
+        pruned = self.pruned.get(outputs) if self.pruned is not None else None
+        session, names = pruned if pruned is not None else (self._session, self._output_names)
         try:
-            values = self._session.run(self._output_names, serving.onnx_feeds(self._session, input, tau))
+            values = session.run(names, serving.onnx_feeds(session, input, tau))
         except Exception as exc:  # onnxruntime raises its own pybind11 exception types
             raise BackendError(f"onnxruntime failed: {exc}") from None
-        return dict(zip(self._output_names, values, strict=True))
+        return dict(zip(names, values, strict=True))
 
     def explain(self, input: np.ndarray, tau: np.ndarray, baseline: np.ndarray) -> dict[str, np.ndarray]:
         if self._explain is None:
@@ -58,11 +66,14 @@ class OnnxBackend:
         return dict(zip(self.explain_outputs, values, strict=True))
 
     def close(self) -> None:
+        if self.pruned is not None:
+            self.pruned.close()
         self._session = self._explain = None
 
 
-def load_onnx(version_dir: Path, *, device: str = "auto", threads: int = 0) -> OnnxBackend:
-    """Open ``version_dir/model.onnx`` on ``device`` (auto|cpu|cuda)."""
+def load_onnx(version_dir: Path, *, device: str = "auto", threads: int = 0, pruned_graphs: int = 0) -> OnnxBackend:
+    """Open ``version_dir/model.onnx`` on ``device`` (auto|cpu|cuda), with up to ``pruned_graphs``
+    sessions of the graph cut down to fewer outputs, opened when a batch first needs them."""
     path = Path(version_dir) / serving.ONNX_FILE
     if not path.is_file():
         raise ModelLoadFailed(f"{path} does not exist")
@@ -75,6 +86,9 @@ def load_onnx(version_dir: Path, *, device: str = "auto", threads: int = 0) -> O
         raise ModelLoadFailed("device 'cuda' requested but onnxruntime has no CUDAExecutionProvider")
     providers = [_CUDA, _CPU] if device in ("auto", "cuda") and _CUDA in available else [_CPU]
     try:   # the backend's thread flushes subnormals too (service.batching)
+        # a pruned graph is cut from the file when it is needed (the graph is not kept in memory),
+        # and only from the bytes read here, before the session (a file replaced since: none is cut)
+        digest = hashlib.sha256(path.read_bytes()).digest() if pruned_graphs else b""
         session = serving.open_session(path, threads=threads, providers=providers, flush_subnormals=True)
         explain_path = path.parent / serving.EXPLAIN_FILE
         explain = (serving.open_session(explain_path, threads=threads, providers=providers, flush_subnormals=True)
@@ -84,4 +98,17 @@ def load_onnx(version_dir: Path, *, device: str = "auto", threads: int = 0) -> O
     used = session.get_providers()
     if device == "cuda" and _CUDA not in used:
         raise ModelLoadFailed("device 'cuda' requested but the CUDA execution provider failed to start")
-    return OnnxBackend(session, "cuda" if _CUDA in used else "cpu", explain)
+
+    def prune(outputs: tuple[str, ...]):
+        from hjmodel.artifact import prune_graph
+
+        graph = path.read_bytes()
+        if hashlib.sha256(graph).digest() != digest:
+            raise ModelLoadFailed(f"{path.name} changed since it was loaded")
+        return serving.open_session(prune_graph(graph, outputs), threads=threads, providers=providers,
+                                    flush_subnormals=True)
+
+    names = [o.name for o in session.get_outputs()]
+    label = f"{path.parent.parent.name}-{path.parent.name}"
+    pruned = OutputGraphs(names, prune, pruned_graphs, label) if pruned_graphs else None
+    return OnnxBackend(session, "cuda" if _CUDA in used else "cpu", explain, pruned)

@@ -3,29 +3,33 @@ its TorchScript trace (:class:`hjmodel.artifact.TracedModule`; eager torch when 
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from pathlib import Path
 
 import numpy as np
 
 from hjmodel import serving
 from hjmodel.errors import InputError
+from service.backends.base import OutputGraphs
 from service.errors import BackendError, InvalidValue, ModelLoadFailed
 
 __all__ = ["TorchBackend", "load_torch"]
 
 
 class TorchBackend:
-    """The serving ``nn.Module`` of a ``model.pt`` + ``model.json`` artifact, as its trace."""
+    """The serving ``nn.Module`` of a ``model.pt`` + ``model.json`` artifact, as its trace;
+    ``pruned``: traces of the module cut down to the outputs a batch needs (:class:`OutputGraphs`)."""
 
     name = "torch"
     platform = "pytorch_torch"
 
-    def __init__(self, module, device: str, explain_module=None):
+    def __init__(self, module, device: str, explain_module=None, pruned: OutputGraphs | None = None):
         import torch
 
         self._module = module
         self._explain = explain_module
         self.device = device
+        self.pruned = pruned
 
         def runs(m) -> str:   # a TracedModule, or the nn.Module itself when tracing failed
             return "torch eager" if isinstance(m, torch.nn.Module) else "torchscript"
@@ -35,14 +39,16 @@ class TorchBackend:
             self.execution += f" (explanations: {runs(explain_module)})"
         self.explain_outputs = tuple(o.name for o in explain_module.specs) if explain_module is not None else ()
 
-    def infer(self, input: np.ndarray, tau: np.ndarray) -> dict[str, np.ndarray]:
+    def infer(self, input: np.ndarray, tau: np.ndarray, outputs: Collection[str] | None = None) -> dict[str, np.ndarray]:
         import torch
 
+        pruned = self.pruned.get(outputs) if self.pruned is not None else None
+        module = pruned[0] if pruned is not None else self._module
         try:
             with torch.inference_mode():
                 x = torch.from_numpy(np.ascontiguousarray(input, dtype=np.float32)).to(self.device)
                 t = torch.as_tensor(np.asarray(tau, dtype=np.float64).reshape(-1, 1), device=self.device)
-                out = self._module(x, t)
+                out = module(x, t)
             return {name: value.detach().cpu().numpy() for name, value in out.items()}
         except Exception as exc:
             if isinstance(exc, InputError):  # hjmodel's own input validation, translated at this boundary
@@ -65,11 +71,14 @@ class TorchBackend:
             raise BackendError(f"torch failed on the explanation: {exc}") from None
 
     def close(self) -> None:
+        if self.pruned is not None:
+            self.pruned.close()
         self._module = self._explain = None
 
 
-def load_torch(version_dir: Path, *, device: str = "auto", threads: int = 0) -> TorchBackend:
-    """Rebuild the serving module of ``version_dir`` on ``device`` (auto|cpu|cuda)."""
+def load_torch(version_dir: Path, *, device: str = "auto", threads: int = 0, pruned_graphs: int = 0) -> TorchBackend:
+    """Rebuild the serving module of ``version_dir`` on ``device`` (auto|cpu|cuda), with up to
+    ``pruned_graphs`` traces of it cut down to fewer outputs, recorded when a batch first needs them."""
     version_dir = Path(version_dir)
     if not (version_dir / serving.TORCH_FILE).is_file():
         raise ModelLoadFailed(f"{version_dir / serving.TORCH_FILE} does not exist")
@@ -85,10 +94,14 @@ def load_torch(version_dir: Path, *, device: str = "auto", threads: int = 0) -> 
     if threads > 0:
         torch.set_num_threads(threads)
     try:
-        from hjmodel.artifact import ExplainModule, traced_or_eager
+        from hjmodel.artifact import ExplainModule, ServingModule, traced_or_eager
 
         module = load_serving_module(version_dir)
         module = module.to(target).eval()
+        model, label = module.model, f"{version_dir.parent.name}-{version_dir.name}"
+        names = [o.name for o in module.specs]
+        pruned = (OutputGraphs(names, lambda outputs: traced_or_eager(ServingModule(model, outputs), label),
+                               pruned_graphs, label) if pruned_graphs else None)
         explain = ExplainModule(module.model).to(target).eval()
         explain = explain if explain.specs else None
         module = traced_or_eager(module, str(version_dir))
@@ -97,4 +110,4 @@ def load_torch(version_dir: Path, *, device: str = "auto", threads: int = 0) -> 
         raise ModelLoadFailed(f"invalid torch artifact: {exc}") from None
     except Exception as exc:
         raise ModelLoadFailed(f"cannot load torch artifact: {type(exc).__name__}: {exc}") from None
-    return TorchBackend(module, target, explain)
+    return TorchBackend(module, target, explain, pruned)

@@ -76,6 +76,43 @@ def test_onnx_matches_torch_on_every_output(name, batch, demo_repository):
 
 
 @pytest.mark.parametrize("name", list(DEMO_DATA))
+def test_a_graph_pruned_to_some_outputs_answers_them_bit_for_bit(name, demo_repository):
+    """prune_graph keeps the nodes the named outputs need and nothing else: the same values, bit for
+    bit, as the whole graph, from a fraction of its nodes (onnxruntime runs every node of a graph
+    whichever outputs are fetched)."""
+    import onnx
+
+    from hjmodel.artifact import prune_graph
+    from hjmodel.serving import onnx_feeds, open_session
+
+    graph = (demo_repository / name / "1" / ONNX_FILE).read_bytes()
+    whole = open_session(graph, threads=1)
+    names = [o.name for o in whole.get_outputs()]
+    x32 = _parity_inputs(name, 64)
+    tau = np.linspace(0.05, 0.5, 64)
+    want = dict(zip(names, whole.run(names, onnx_feeds(whole, x32, tau))))
+    rng = np.random.default_rng(len(name))
+    nodes = len(onnx.load_from_string(graph).graph.node)
+    for subset in [["prediction"], ["ood_flag", "prediction"], [n for n in names if n != "certified_radius"],
+                   [n for n in names if rng.random() < 0.5] or ["saliency"]]:
+        cut = prune_graph(graph, subset)
+        session = open_session(cut, threads=1)
+        assert [o.name for o in session.get_outputs()] == [n for n in names if n in subset]   # contract order
+        assert [i.name for i in session.get_inputs()] == [i.name for i in whole.get_inputs()]
+        got = dict(zip(subset, session.run(subset, onnx_feeds(session, x32, tau))))
+        for key in subset:
+            assert got[key].dtype == want[key].dtype and got[key].tobytes() == want[key].tobytes(), key
+        kept = len(onnx.load_from_string(cut).graph.node)
+        if subset == ["prediction"]:
+            assert kept * 10 < nodes
+        assert kept < nodes
+        if "certified_radius" not in subset and "probabilities" in names:   # a classifier's radius: most of it
+            assert kept * 2 < nodes, (subset, kept, nodes)
+    with pytest.raises(ArtifactError, match="no output"):
+        prune_graph(graph, ["prediction", "nonsense"])
+
+
+@pytest.mark.parametrize("name", list(DEMO_DATA))
 def test_exporting_a_loaded_artifact_reproduces_it(name, demo_repository, tmp_path):
     """A model fresh from load_model exports the same graphs, byte for byte, as the model that
     wrote the artifact: its lazily built tables (the OOD reference's class groups and affine tables)

@@ -102,6 +102,30 @@ def _operations(traced: TracedModule) -> list[str]:
     return [node.kind() for node in graph.nodes()]
 
 
+def test_a_trace_of_some_outputs_answers_what_the_whole_trace_does(served):
+    """``ServingModule(model, outputs)`` -- what a server traces for batches that need fewer outputs
+    (service.backends.base.OutputGraphs) -- records only the work those outputs need and answers
+    them bit for bit as the whole module's trace does."""
+    name, module, traced = served
+    x = _rows(name, 64, seed=11)
+    tau = torch.empty((64, 1), dtype=torch.float64).uniform_(0.05, 0.5, generator=torch.Generator().manual_seed(11))
+    want = traced(x, tau)
+    names = [o.name for o in module.specs]
+    rng = np.random.default_rng(len(name))
+    subsets = [("prediction",), ("prediction", "ood_flag"), tuple(n for n in names if n != "certified_radius"),
+               tuple(n for n in names if rng.random() < 0.5) or ("certified_radius",)]
+    sizes = {}
+    for subset in subsets:
+        part = TracedModule(ServingModule(module.model, subset))
+        assert part.names == subset
+        _assert_identical(part(x, tau), {k: want[k] for k in subset})
+        sizes[subset] = len(_operations(part))
+    whole = len(_operations(traced))
+    assert sizes[("prediction",)] * 5 < whole and max(sizes.values()) < whole
+    if "probabilities" in names:   # a classifier's certified radius is most of its graph
+        assert sizes[subsets[2]] * 2 < whole
+
+
 def test_the_traced_explanation_answers_what_eager_torch_does(served):
     name, module, _ = served
     explain = ExplainModule(module.model).eval()

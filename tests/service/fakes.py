@@ -51,15 +51,17 @@ class FakeBackend:
         self.W = rng.normal(size=(spec.n_features, spec.n_outputs))
         self.b = rng.normal(size=spec.n_outputs)
         self.batches: list[tuple[int, tuple[float, ...]]] = []
+        self.asked: list[frozenset[str] | None] = []   # the outputs each run was asked for
         self.gate = threading.Event()
         self.gate.set()
         self.closed = False
 
-    def infer(self, input: np.ndarray, tau: np.ndarray) -> dict[str, np.ndarray]:  # noqa: A002 (V2 name)
+    def infer(self, input: np.ndarray, tau: np.ndarray, outputs=None) -> dict[str, np.ndarray]:  # noqa: A002 (V2 name)
         self.gate.wait(10)
         if self.delay:
             time.sleep(self.delay)
         self.batches.append((len(input), tuple(np.unique(tau).tolist())))
+        self.asked.append(outputs)
         x = input.astype(np.float64)
         n, k = len(x), serving.TOP_K_MAX
         logits = x @ self.W + self.b
@@ -103,7 +105,8 @@ class FakeLoader:
         self.backends: dict[tuple[str, int], FakeBackend] = {}
         self.loads = 0
 
-    def __call__(self, version_dir: Path, *, preference: str, device: str, threads: int) -> FakeBackend:
+    def __call__(self, version_dir: Path, *, preference: str, device: str, threads: int,
+                 pruned_graphs: int = 0) -> FakeBackend:
         from service.repository import read_spec
 
         version_dir = Path(version_dir)

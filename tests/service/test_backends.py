@@ -3,6 +3,10 @@ end, all on real hjmodel artifacts compared with ``hjmodel.artifact.load_serving
 
 from __future__ import annotations
 
+import logging
+import threading
+import time
+
 import numpy as np
 import pytest
 import torch
@@ -11,6 +15,7 @@ from svc_helpers import assert_outputs_close, reference_outputs, run_server
 
 from hjmodel import serving
 from service.backends import choose_backend, load_backend
+from service.backends.base import OutputGraphs
 from service.codecs import DATATYPES
 from service.errors import ModelLoadFailed
 from service.repository import read_spec
@@ -110,6 +115,110 @@ def test_server_on_each_backend_matches_in_process(hj_repo, tmp_path, backend):
                     _close(result.as_numpy(name), want[name], f"{model}/{name}")
         finally:
             client.close()
+
+
+def _until(condition, what: str, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.01)
+
+
+def _bits(a: np.ndarray) -> bytes:
+    return np.ascontiguousarray(a).tobytes()
+
+
+@pytest.mark.parametrize("backend", ["onnx", "torch"])
+@pytest.mark.parametrize("model", MODELS)
+def test_a_batch_runs_a_graph_of_only_the_outputs_it_needs(hj_repo, backend, model):
+    """The first batch needing a set of outputs runs the whole graph while a graph of just those is
+    built off its thread; later batches run that graph and get the same values, bit for bit; at most
+    ``pruned_graphs`` sets get one."""
+    version = hj_repo / model / "1"
+    spec = read_spec(version)
+    loaded = load_backend(version, preference=backend, device="cpu", pruned_graphs=2)
+    x, tau = _rows(spec, n=33, seed=5), np.linspace(0.05, 0.5, 33)
+    names = serving.output_names(spec.task)
+    whole = loaded.infer(x, tau)
+    assert set(whole) == set(names) and loaded.pruned.built == ()
+    assert set(loaded.infer(x, tau, frozenset(names))) == set(names) and loaded.pruned.built == ()
+    for subset in [("prediction", "ood_flag"), tuple(n for n in names if n != "certified_radius")]:
+        first = loaded.infer(x, tau, frozenset(subset))
+        assert set(first) == set(names)                    # no graph of these yet: the whole graph
+        _until(lambda wanted=subset: wanted in loaded.pruned.built, f"no graph of {subset} was built")
+        got = loaded.infer(x, tau, frozenset(subset))
+        assert set(got) == set(subset)
+        for name in subset:
+            assert got[name].dtype == whole[name].dtype and _bits(got[name]) == _bits(whole[name]), name
+    third = loaded.infer(x, tau, frozenset({"prediction", "certified_radius"}))
+    time.sleep(0.3)
+    assert set(third) == set(names) and len(loaded.pruned.built) == 2   # past the limit: the whole graph
+    loaded.close()
+
+
+def test_the_server_answers_a_few_outputs_from_a_graph_of_them(hj_repo, tmp_path):
+    """Served: a request for two outputs is answered, bit for bit as by the whole graph, and the
+    model config shows the graph its batches now run (those outputs and the monitored ones)."""
+    import json
+
+    model = "iris"
+    spec = read_spec(hj_repo / model / "1")
+    names = serving.output_names(spec.task)
+    with run_server(hj_repo, tmp_path) as s:
+        client = httpclient.InferenceServerClient(url=s.host_port)
+        try:
+            x = _rows(spec, n=9, seed=8)
+            inp = httpclient.InferInput("input", list(x.shape), "FP32")
+            inp.set_data_from_numpy(x, binary_data=True)
+
+            def infer(wanted):
+                result = client.infer(model, [inp], outputs=[httpclient.InferRequestedOutput(n, binary_data=True)
+                                                             for n in wanted])
+                return {n: result.as_numpy(n) for n in wanted}
+
+            def parameter(key):
+                return json.loads(client.get_model_config(model)["parameters"][key]["string_value"])
+
+            whole = infer(names)
+            few = ["prediction", "probabilities"]
+            answers = [infer(few)]
+            monitored = parameter("monitored_outputs")
+            graph = [n for n in names if n in {*few, *monitored}]
+            assert "ood_flag" in monitored and "certified_radius" not in graph
+            _until(lambda: parameter("pruned_graphs") == [graph], "the server built no graph of the outputs")
+            answers.append(infer(few))
+            for answer in answers:
+                for n in few:
+                    assert _bits(answer[n]) == _bits(whole[n]), n
+        finally:
+            client.close()
+
+
+def test_output_graphs_are_built_off_the_callers_thread_and_a_failed_build_falls_back(caplog):
+    started, release, threads = threading.Event(), threading.Event(), []
+
+    def build(names):
+        threads.append(threading.current_thread())
+        started.set()
+        release.wait(10)
+        if names == ("b",):
+            raise RuntimeError("cannot cut")
+        return f"graph {names}"
+
+    graphs = OutputGraphs(("a", "b", "c"), build, limit=2, label="clf-1")
+    assert graphs.get(None) is None and graphs.get({"a", "b", "c"}) is None and not threads   # the whole graph
+    assert graphs.get({"a", "unknown"}) is None        # the caller does not wait for the build
+    assert started.wait(10) and threads[0] is not threading.current_thread()
+    release.set()
+    _until(lambda: graphs.built == (("a",),), "graph a was not built")
+    assert graphs.get({"a"}) == ("graph ('a',)", ("a",))
+    with caplog.at_level(logging.WARNING):
+        assert graphs.get({"b"}) is None
+        _until(lambda: "cannot cut" in caplog.text, "the failed build was not logged")
+    assert graphs.get({"b"}) is None and graphs.built == (("a",),)   # not retried: the whole graph
+    assert graphs.get({"c"}) is None and len(threads) == 2            # past the limit: never built
+    graphs.close()
+    assert graphs.get({"a"}) is None and graphs.built == ()
 
 
 def test_a_legacy_graph_with_one_tau_per_batch_still_serves_mixed_batches(tmp_path):

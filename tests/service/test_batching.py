@@ -29,7 +29,7 @@ class FakeBackend:
         self.entered = threading.Event()   # set once a batch has reached infer
         self.closed = False
 
-    def infer(self, input, tau):
+    def infer(self, input, tau, outputs=None):
         self.entered.set()
         self.gate.wait(10)
         if self.delay:
@@ -181,7 +181,7 @@ def test_the_backend_thread_flushes_subnormals():
     assert product == 1e-310                        # a subnormal, kept here
 
     class Tiny(FakeBackend):
-        def infer(self, input, tau):
+        def infer(self, input, tau, outputs=None):
             return {"product": np.full(len(input), np.float64(1e-300) * np.float64(1e-10))}
 
     async def main():
@@ -204,7 +204,7 @@ class ExplainingBackend(FakeBackend):
         self.threads: dict[str, set[int]] = {"infer": set(), "explain": set()}
         self.explain_rows = explain_rows   # rows to return instead of the rows given (a broken backend)
 
-    def infer(self, input, tau):
+    def infer(self, input, tau, outputs=None):
         self.threads["infer"].add(threading.get_ident())
         return super().infer(input, tau)
 
@@ -248,7 +248,7 @@ def test_a_batchs_explanation_runs_while_its_serving_graph_runs():
     both = threading.Barrier(2, timeout=5)
 
     class Overlapping(ExplainingBackend):
-        def infer(self, input, tau):
+        def infer(self, input, tau, outputs=None):
             both.wait()
             return super().infer(input, tau)
 

@@ -281,3 +281,42 @@ def test_poll_mode_refuses_explicit_load_and_unload(fake_root, loader):
     for op in (plane.load_model, plane.unload_model):
         with pytest.raises(ModelLoadFailed, match="poll"):
             _run(plane, lambda op=op: op("fclf"))
+
+
+@pytest.mark.parametrize("overrides, computed", [
+    ({}, {"prediction", "ood_flag", "ood_component", "ood_score", "hallucination_flag", "energy_gap",
+          "probabilities"}),
+    ({"monitored_outputs": "ood_flag, certified_radius"}, {"prediction", "ood_flag", "certified_radius",
+                                                            "probabilities"}),
+    ({"monitored_outputs": "all"}, None),
+    ({"pruned_graphs": 0}, None),
+])
+def test_a_request_computes_its_outputs_and_the_monitored_ones(fake_root, overrides, computed):
+    """The backend is asked for the request's outputs and those the metrics watch; the metrics record
+    only those, whatever else its batch computed: the OOD flags of a request that did not ask for
+    them are counted, the radius it did not ask for is not observed (unless monitored)."""
+    from prometheus_client import REGISTRY
+
+    loader = FakeLoader()
+    settings = Settings(model_repository=fake_root, max_queue_delay_ms=0.0, **overrides)
+    plane = DataPlane(settings, ModelRepository(settings, loader=loader))
+    labels = {"model": "fclf", "version": "2"}
+
+    def observed() -> tuple[float, float]:
+        return (REGISTRY.get_sample_value("hjserve_certified_radius_count", labels) or 0.0,
+                sum(REGISTRY.get_sample_value("hjserve_ood_flags_total", {**labels, "component": c}) or 0.0
+                    for c in metrics.OOD_COMPONENTS))
+
+    async def body():
+        before = observed()
+        x = 10.0 * np.random.default_rng(4).normal(size=(6, D)).astype(np.float32)   # the fake flags |x| > 10
+        request = InferRequest(inputs=[InferInput("input", "FP32", x.shape, x)], outputs=[RequestedOutput("probabilities")])
+        response = await plane.infer("fclf", None, request)
+        assert [o.name for o in response.outputs] == ["probabilities"]
+        asked = loader.backends[("fclf", 2)].asked[-1]
+        assert asked == (None if computed is None else frozenset(computed))
+        radius, flags = (a - b for a, b in zip(observed(), before))
+        assert flags == 6 and radius == (6 if computed is None or "certified_radius" in computed else 0)
+        await plane.infer("fclf", None, _request(n=2))      # the default outputs hold the radius
+        assert observed()[0] - before[0] == radius + 2
+    _run(plane, body)

@@ -26,6 +26,14 @@ def test_settings_from_environment(monkeypatch):
     assert "root" not in repr(s)
 
 
+def test_monitored_outputs_must_be_serving_outputs():
+    assert Settings(monitored_outputs="all").monitored_outputs == "all"
+    assert Settings(monitored_outputs="ood_flag, certified_radius").monitored_outputs
+    for bad in ("ood_flags", "all,prediction", "integrated_gradients"):   # a typo; an explanation output
+        with pytest.raises(ValueError, match="unknown output"):
+            Settings(monitored_outputs=bad)
+
+
 def test_settings_json_list_and_validation(monkeypatch):
     monkeypatch.setenv("HJSERVE_API_KEYS", '["a", "b"]')
     assert len(Settings().api_keys) == 2
