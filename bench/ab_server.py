@@ -5,10 +5,13 @@
                               [--outputs prediction,probabilities] [--out bench/results/ab_server.md]
         -> bench/results/ab_server.md (a section per model version)
     python bench/ab_server.py --backends [...] --out bench/results/ab_server_backends.md
+    python bench/ab_server.py --versus pruned_graphs=0 [...]
 
 With ``--backends`` the two sides are this tree's two backends instead (``HJSERVE_BACKEND=onnx``
 against ``torch``, which serves the model's TorchScript trace), on the same artifact: what choosing
-the torch backend costs a served request.
+the torch backend costs a served request. With ``--versus NAME=VALUE`` both sides are this tree and
+the first runs with the setting ``HJSERVE_NAME=VALUE`` (e.g. ``pruned_graphs=0``): what one setting
+changes, with no other difference.
 
 The earlier revision is checked out into a temporary git worktree; both servers (``python -m
 service``, onnxruntime with one thread unless ``--intra-op-threads`` says otherwise) serve the same
@@ -104,6 +107,8 @@ def main() -> int:
     ap.add_argument("--base", help="the git revision to compare with")
     ap.add_argument("--backends", action="store_true",
                     help="instead of a revision: this tree's torch backend against its onnxruntime backend")
+    ap.add_argument("--versus", metavar="NAME=VALUE",
+                    help="this tree against itself with one setting changed (HJSERVE_NAME=VALUE) on the first side")
     ap.add_argument("--model-dir", nargs="+", default=[str(ROOT / "models" / "digits_lse" / "1")],
                     help="one or more model versions, each compared in turn (a section of the report each)")
     ap.add_argument("--seconds", type=float, default=4.0)
@@ -117,8 +122,8 @@ def main() -> int:
     args = ap.parse_args()
     if args.outputs and args.protocol != "rest":
         ap.error("--outputs names the outputs of a REST request")
-    if bool(args.base) == args.backends:
-        ap.error("give --base REV or --backends")
+    if sum(map(bool, (args.base, args.backends, args.versus))) != 1:
+        ap.error("give one of --base REV, --backends, --versus NAME=VALUE")
     base = args.base and subprocess.run(["git", "rev-parse", "--short", args.base], cwd=ROOT, check=True,
                                         capture_output=True, text=True).stdout.strip()
     head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, check=True, capture_output=True,
@@ -173,9 +178,15 @@ def _compare(args: argparse.Namespace, version: Path, base: str, head: str, dirt
     with tempfile.TemporaryDirectory() as tmpdir:
         tmp = Path(tmpdir)
         worktree = tmp / "base"
+        extra: dict[str, dict[str, str]] = {}   # more settings of a side
         if args.backends:   # one tree, two backends
             trees = {f"onnxruntime backend, {this}": ROOT, "torch backend (TorchScript trace)": ROOT}
             backend = dict(zip(trees, ("onnx", "torch")))
+        elif args.versus:   # one tree; the first side with one setting changed
+            key, _, value = args.versus.partition("=")
+            trees = {f"{this}, HJSERVE_{key.upper()}={value}": ROOT, this: ROOT}
+            backend = dict.fromkeys(trees, "auto")
+            extra = {next(iter(trees)): {key: value}}
         else:
             subprocess.run(["git", "worktree", "add", "-q", "--detach", str(worktree), base], cwd=ROOT, check=True)
             trees = {f"base {base}": worktree, this: ROOT}
@@ -192,7 +203,8 @@ def _compare(args: argparse.Namespace, version: Path, base: str, head: str, dirt
             for p in range(args.passes):
                 for label, tree in (trees.items() if p % 2 == 0 else reversed(trees.items())):
                     with run_server(repos[label], tmp, root=tree, intra_op_threads=args.intra_op_threads,
-                                    grpc=args.protocol == "grpc", backend=backend[label]) as server:
+                                    grpc=args.protocol == "grpc", backend=backend[label],
+                                    **extra.get(label, {})) as server:
                         for body_label, c in cells:
                             if c == "p50 ms":
                                 r = _online_during_jobs(server.url, name, batch_x, json.dumps(bodies[
@@ -221,10 +233,11 @@ def _compare(args: argparse.Namespace, version: Path, base: str, head: str, dirt
     labels = list(trees)
     what = ("both serving this tree's artifact, through onnxruntime and through torch: only the backend differs"
             if args.backends else
+            f"both this tree serving its artifact: only the setting {args.versus} differs" if args.versus else
             "each tree serving the graphs its own exporter writes from the same trained artifact" if args.export
             else "both serving this tree's artifact: only the service code differs")
-    flags = ("--backends" if args.backends else f"--base {args.base}") + (" --export" if args.export else "") + (
-        f" --protocol {args.protocol}" if args.protocol != "rest" else "")
+    flags = ("--backends" if args.backends else f"--versus {args.versus}" if args.versus else f"--base {args.base}")
+    flags += (" --export" if args.export else "") + (f" --protocol {args.protocol}" if args.protocol != "rest" else "")
     if args.intra_op_threads != 1:
         flags += f" --intra-op-threads {args.intra_op_threads}"
     if args.outputs:
@@ -242,7 +255,8 @@ def _compare(args: argparse.Namespace, version: Path, base: str, head: str, dirt
         unit, key = " req/s", "concurrency"
     threads = ("one thread" if args.intra_op_threads == 1 else "its default threads (one per core)"
                if args.intra_op_threads == 0 else f"{args.intra_op_threads} threads")
-    title = "through the torch backend against onnxruntime" if args.backends else "against an earlier revision"
+    title = ("through the torch backend against onnxruntime" if args.backends else
+             f"with and without {args.versus}" if args.versus else "against an earlier revision")
     runtime = f"onnxruntime and torch with {threads}" if args.backends else f"onnxruntime with {threads}"
     L = [f"""# The served request path {title}: `{name}`
 

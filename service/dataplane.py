@@ -166,7 +166,11 @@ class DataPlane:
         names = [n.strip() for n in settings.default_outputs.split(",") if n.strip()]
         self._default_outputs = None if names == ["all"] else tuple(names)
         names = [n.strip() for n in settings.monitored_outputs.split(",") if n.strip()]
-        self._monitored = None if names == ["all"] or not settings.pruned_graphs else frozenset(names)
+        monitored = None if names == ["all"] or not settings.pruned_graphs else frozenset(names) | {"prediction"}
+        # per task: (its serving outputs, those computed for every row; None: every one)
+        self._computed = {task: (frozenset(serving.output_names(task)),
+                                 None if monitored is None else monitored & frozenset(serving.output_names(task)))
+                          for task in serving.TASKS}
 
     # -- life -------------------------------------------------------------------------------------
 
@@ -371,9 +375,9 @@ class DataPlane:
 
     def monitored_outputs(self, mv: ModelVersion) -> list[str]:
         """Serving outputs computed for every row whatever its request asks (setting
-        ``monitored_outputs``; every one when graphs are not pruned)."""
-        return [n for n in serving.output_names(mv.task)
-                if self._monitored is None or n in self._monitored or n == "prediction"]
+        ``monitored_outputs``, and ``prediction``; every one when graphs are not pruned)."""
+        monitored = self._computed[mv.task][1]
+        return [n for n in serving.output_names(mv.task) if monitored is None or n in monitored]
 
     def resolve_options(self, mv: ModelVersion, params: dict[str, Any], requested: list[str]) -> InferOptions:
         """Validate request parameters (protocol types: numbers may arrive as strings, as gRPC's
@@ -412,10 +416,9 @@ class DataPlane:
             baseline = self._baseline(mv, params.get("baseline", "mean"))
         elif "baseline" in params:
             self._baseline(mv, params["baseline"])   # validated even when unused
-        computed = None
-        if self._monitored is not None:
-            served = serving.output_names(mv.task)
-            computed = frozenset(self.monitored_outputs(mv)).union(n for n in outputs if n in served)
+        served, computed = self._computed[mv.task]
+        if computed is not None:
+            computed = computed | (served & frozenset(outputs))
             computed = None if len(computed) == len(served) else computed
         return InferOptions(tuple(outputs), int(top_k), float(tau), timeout, baseline, computed)
 

@@ -81,6 +81,12 @@ class Settings(BaseSettings):
     thread of its own (that batch runs the whole graph; the values are the same bit for bit), and
     holds the constants it reads. 0: every batch runs the whole graph."""
 
+    pruned_graph_mb: float = Field(256.0, ge=0.0)
+    """Most megabytes of graph the pruned graphs of one model version hold together: an onnxruntime
+    session copies the constants its graph reads (a large memory model's support points are most of
+    its file); a torch trace shares the module's tensors and counts nothing. A graph that does not
+    fit is not kept (logged): its batches run the whole graph."""
+
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """Where models run: ``cuda`` when available under ``auto``, else ``cpu``. ``cuda`` fails a model's
     load when no GPU runtime is present."""

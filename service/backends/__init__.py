@@ -11,16 +11,20 @@ from service.errors import ModelLoadFailed
 __all__ = ["BACKENDS", "Backend", "BackendFactory", "choose_backend", "load_backend"]
 
 
-def _onnx(version_dir: Path, *, device: str, threads: int, pruned_graphs: int = 0) -> Backend:
+def _onnx(version_dir: Path, *, device: str, threads: int, pruned_graphs: int = 0,
+          pruned_graph_bytes: int = 256 << 20) -> Backend:
     from service.backends.onnx import load_onnx
 
-    return load_onnx(version_dir, device=device, threads=threads, pruned_graphs=pruned_graphs)
+    return load_onnx(version_dir, device=device, threads=threads, pruned_graphs=pruned_graphs,
+                     pruned_graph_bytes=pruned_graph_bytes)
 
 
-def _torch(version_dir: Path, *, device: str, threads: int, pruned_graphs: int = 0) -> Backend:
+def _torch(version_dir: Path, *, device: str, threads: int, pruned_graphs: int = 0,
+           pruned_graph_bytes: int = 256 << 20) -> Backend:
     from service.backends.torch import load_torch
 
-    return load_torch(version_dir, device=device, threads=threads, pruned_graphs=pruned_graphs)
+    return load_torch(version_dir, device=device, threads=threads, pruned_graphs=pruned_graphs,
+                      pruned_graph_bytes=pruned_graph_bytes)
 
 
 #: Backend name -> loader.
@@ -42,8 +46,10 @@ def choose_backend(version_dir: Path, preference: str) -> str:
 
 
 def load_backend(version_dir: Path, *, preference: str = "auto", device: str = "auto",
-                 threads: int = 0, pruned_graphs: int = 0) -> Backend:
+                 threads: int = 0, pruned_graphs: int = 0, pruned_graph_bytes: int = 256 << 20) -> Backend:
     """Load ``version_dir`` with the chosen backend; raises ModelLoadFailed. ``pruned_graphs``: the
-    most graphs cut down to fewer outputs it may build (:class:`~service.backends.base.OutputGraphs`)."""
+    most graphs cut down to fewer outputs it may build, holding at most ``pruned_graph_bytes``
+    together (:class:`~service.backends.base.OutputGraphs`)."""
     return BACKENDS[choose_backend(version_dir, preference)](version_dir, device=device, threads=threads,
-                                                             pruned_graphs=pruned_graphs)
+                                                             pruned_graphs=pruned_graphs,
+                                                             pruned_graph_bytes=pruned_graph_bytes)

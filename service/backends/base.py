@@ -49,9 +49,11 @@ class Backend(Protocol):
 
 class BackendFactory(Protocol):
     """Loads a version directory; raises :class:`service.errors.ModelLoadFailed` on any failure.
-    ``pruned_graphs``: at most this many :class:`OutputGraphs` (0: always the whole graph)."""
+    ``pruned_graphs``: at most this many :class:`OutputGraphs` (0: always the whole graph), holding
+    at most ``pruned_graph_bytes``."""
 
-    def __call__(self, version_dir: Path, *, device: str, threads: int, pruned_graphs: int = 0) -> Backend: ...
+    def __call__(self, version_dir: Path, *, device: str, threads: int, pruned_graphs: int = 0,
+                 pruned_graph_bytes: int = 0) -> Backend: ...
 
 
 class OutputGraphs:
@@ -62,15 +64,18 @@ class OutputGraphs:
     is some 70% of a classifier's graph (``bench/results/pruned_graphs.md``). :meth:`get` returns the
     graph of exactly the outputs asked for when it has been built; otherwise None -- the caller runs
     the whole graph, which computes the same values bit for bit -- and the first time, it starts
-    building that graph (``build(names)``) on a thread of its own, so no batch waits for a build.
-    At most ``limit`` graphs are built per version (each holds the constants it reads: at most the
-    whole graph's); output sets beyond them, and a set whose build failed (logged), run the whole
-    graph. Called from one thread (the version's batcher); builds publish from theirs."""
+    building that graph on a thread of its own (``build(names) -> (graph, bytes it holds)``), so no
+    batch waits for a build. At most ``limit`` graphs are built per version, holding at most
+    ``max_bytes`` together (an onnxruntime session copies the constants its graph reads: a memory
+    model's support points; a trace shares the module's tensors); output sets beyond them, and a
+    set whose build failed (logged), run the whole graph. Called from one thread (the version's
+    batcher); builds publish from theirs."""
 
-    def __init__(self, names: Collection[str], build: Callable[[tuple[str, ...]], Any], limit: int,
-                 label: str = "model"):
+    def __init__(self, names: Collection[str], build: Callable[[tuple[str, ...]], tuple[Any, int]], limit: int,
+                 max_bytes: int = 1 << 62, label: str = "model"):
         self.names = tuple(names)
         self._build, self._limit, self._label = build, limit, label
+        self._max_bytes, self._bytes = max_bytes, 0
         self._graphs: dict[frozenset[str], Any] = {}
         self._started: set[frozenset[str]] = set()
         self._builder: ThreadPoolExecutor | None = None
@@ -101,8 +106,12 @@ class OutputGraphs:
     def _make(self, key: frozenset[str]) -> None:
         names = tuple(n for n in self.names if n in key)
         try:
-            graph = self._build(names)
-            if self._limit:   # not closed meanwhile
+            graph, size = self._build(names)
+            if self._bytes + size > self._max_bytes:
+                log.info("%s: no room for a graph of the outputs %s (%d bytes; %d of %d used): the whole "
+                         "graph serves them", self._label, list(names), size, self._bytes, self._max_bytes)
+            elif self._limit:   # not closed meanwhile
+                self._bytes += size
                 self._graphs[key] = graph
         except Exception as exc:   # the whole graph still answers these outputs
             log.warning("%s: no graph of the outputs %s (the whole graph serves them): %s: %s",

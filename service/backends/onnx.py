@@ -71,9 +71,11 @@ class OnnxBackend:
         self._session = self._explain = None
 
 
-def load_onnx(version_dir: Path, *, device: str = "auto", threads: int = 0, pruned_graphs: int = 0) -> OnnxBackend:
+def load_onnx(version_dir: Path, *, device: str = "auto", threads: int = 0, pruned_graphs: int = 0,
+              pruned_graph_bytes: int = 256 << 20) -> OnnxBackend:
     """Open ``version_dir/model.onnx`` on ``device`` (auto|cpu|cuda), with up to ``pruned_graphs``
-    sessions of the graph cut down to fewer outputs, opened when a batch first needs them."""
+    sessions of the graph cut down to fewer outputs (their graphs ``pruned_graph_bytes`` together),
+    opened when a batch first needs them."""
     path = Path(version_dir) / serving.ONNX_FILE
     if not path.is_file():
         raise ModelLoadFailed(f"{path} does not exist")
@@ -105,10 +107,10 @@ def load_onnx(version_dir: Path, *, device: str = "auto", threads: int = 0, prun
         graph = path.read_bytes()
         if hashlib.sha256(graph).digest() != digest:
             raise ModelLoadFailed(f"{path.name} changed since it was loaded")
-        return serving.open_session(prune_graph(graph, outputs), threads=threads, providers=providers,
-                                    flush_subnormals=True)
+        cut = prune_graph(graph, outputs)
+        return serving.open_session(cut, threads=threads, providers=providers, flush_subnormals=True), len(cut)
 
     names = [o.name for o in session.get_outputs()]
     label = f"{path.parent.parent.name}-{path.parent.name}"
-    pruned = OutputGraphs(names, prune, pruned_graphs, label) if pruned_graphs else None
+    pruned = OutputGraphs(names, prune, pruned_graphs, pruned_graph_bytes, label) if pruned_graphs else None
     return OnnxBackend(session, "cuda" if _CUDA in used else "cpu", explain, pruned)

@@ -76,7 +76,8 @@ class TorchBackend:
         self._module = self._explain = None
 
 
-def load_torch(version_dir: Path, *, device: str = "auto", threads: int = 0, pruned_graphs: int = 0) -> TorchBackend:
+def load_torch(version_dir: Path, *, device: str = "auto", threads: int = 0, pruned_graphs: int = 0,
+               pruned_graph_bytes: int = 256 << 20) -> TorchBackend:
     """Rebuild the serving module of ``version_dir`` on ``device`` (auto|cpu|cuda), with up to
     ``pruned_graphs`` traces of it cut down to fewer outputs, recorded when a batch first needs them."""
     version_dir = Path(version_dir)
@@ -100,8 +101,9 @@ def load_torch(version_dir: Path, *, device: str = "auto", threads: int = 0, pru
         module = module.to(target).eval()
         model, label = module.model, f"{version_dir.parent.name}-{version_dir.name}"
         names = [o.name for o in module.specs]
-        pruned = (OutputGraphs(names, lambda outputs: traced_or_eager(ServingModule(model, outputs), label),
-                               pruned_graphs, label) if pruned_graphs else None)
+        # a trace holds the module's own tensors (no copy): it takes none of the byte budget
+        pruned = (OutputGraphs(names, lambda outputs: (traced_or_eager(ServingModule(model, outputs), label), 0),
+                               pruned_graphs, pruned_graph_bytes, label) if pruned_graphs else None)
         explain = ExplainModule(module.model).to(target).eval()
         explain = explain if explain.specs else None
         module = traced_or_eager(module, str(version_dir))

@@ -106,7 +106,7 @@ class FakeLoader:
         self.loads = 0
 
     def __call__(self, version_dir: Path, *, preference: str, device: str, threads: int,
-                 pruned_graphs: int = 0) -> FakeBackend:
+                 pruned_graphs: int = 0, pruned_graph_bytes: int = 0) -> FakeBackend:
         from service.repository import read_spec
 
         version_dir = Path(version_dir)

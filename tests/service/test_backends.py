@@ -203,7 +203,7 @@ def test_output_graphs_are_built_off_the_callers_thread_and_a_failed_build_falls
         release.wait(10)
         if names == ("b",):
             raise RuntimeError("cannot cut")
-        return f"graph {names}"
+        return f"graph {names}", 10
 
     graphs = OutputGraphs(("a", "b", "c"), build, limit=2, label="clf-1")
     assert graphs.get(None) is None and graphs.get({"a", "b", "c"}) is None and not threads   # the whole graph
@@ -219,6 +219,15 @@ def test_output_graphs_are_built_off_the_callers_thread_and_a_failed_build_falls
     assert graphs.get({"c"}) is None and len(threads) == 2            # past the limit: never built
     graphs.close()
     assert graphs.get({"a"}) is None and graphs.built == ()
+
+    # the byte budget: a graph that does not fit is not kept
+    tight = OutputGraphs(("a", "b", "c"), lambda names: (names, 60), limit=8, max_bytes=100, label="clf-1")
+    for key in ({"a"}, {"b"}, {"c"}):
+        tight.get(key)
+    _until(lambda: len(tight._started) == 3 and tight._builder._work_queue.empty(), "builds did not run")
+    time.sleep(0.2)
+    assert tight.built == (("a",),) and tight.get({"b"}) is None and tight.get({"a"}) == (("a",), ("a",))
+    tight.close()
 
 
 def test_a_legacy_graph_with_one_tau_per_batch_still_serves_mixed_batches(tmp_path):
