@@ -90,8 +90,15 @@ class Predictor:
             return self._runner(x)
 
     def _open(self):
+        """The graph of the outputs asked for (and ``prediction``, for class names): the whole
+        graph's values, bit for bit, without the work the others need (an onnxruntime session runs
+        every node of its graph whichever outputs are fetched: :func:`hjmodel.artifact.prune_graph`)."""
+        from .artifact import prune_graph
+
+        wanted = [n for n in output_names(self.task) if n in self.outputs or n == "prediction"]
         if self.backend == "onnx":
-            session = open_session(Path(self.artifact) / ONNX_FILE, threads=self.threads)
+            graph = (Path(self.artifact) / ONNX_FILE).read_bytes()
+            session = open_session(prune_graph(graph, wanted), threads=self.threads)
             names = [o.name for o in session.get_outputs()]
 
             def run_onnx(x: np.ndarray) -> dict[str, np.ndarray]:
@@ -99,10 +106,11 @@ class Predictor:
             return run_onnx
         import torch
 
-        from .artifact import load_serving_module, traced_or_eager
+        from .artifact import ServingModule, load_serving_module, traced_or_eager
 
         torch.set_num_threads(self.threads)
-        module = traced_or_eager(load_serving_module(self.artifact).eval(), str(self.artifact))
+        module = traced_or_eager(ServingModule(load_serving_module(self.artifact).model, wanted).eval(),
+                                 str(self.artifact))
 
         def run_torch(x: np.ndarray) -> dict[str, np.ndarray]:
             with torch.no_grad():

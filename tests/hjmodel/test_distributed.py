@@ -71,6 +71,22 @@ def test_predictor_answers_exactly_what_the_server_answers(artifact, rows, demo_
         np.testing.assert_array_equal(got, mine[name], err_msg=name)
 
 
+@pytest.mark.parametrize("backend", ["onnx", "torch"])
+def test_a_predictor_of_some_outputs_runs_their_graph_and_answers_as_the_whole_one(artifact, rows, backend):
+    """A predictor asked for a few outputs runs a graph of just those (and the prediction, for class
+    names): the same values, bit for bit, as a predictor of every output."""
+    few = ["ood_flag", "probabilities"]
+    whole = Predictor(artifact, outputs="all", top_k=3, backend=backend).predict(rows[:64])
+    predictor = Predictor(artifact, outputs=few, top_k=3, backend=backend)
+    part = predictor.predict(rows[:64])
+    assert sorted(part) == sorted([*few, "class"])
+    for name in few:
+        assert part[name].tobytes() == whole[name].tobytes(), name
+    assert list(part["class"]) == list(whole["class"])
+    raw = predictor._runner(rows[:2].astype(np.float32))     # the graph computed nothing else
+    assert sorted(raw) == sorted(["prediction", "probabilities", "ood_flag"])
+
+
 def test_predictor_batches_keep_other_columns(artifact, rows):
     predictor = Predictor(artifact, outputs=["prediction", "certified_radius"])
     as_dict = predictor({"input": rows[:5], "id": np.arange(5) + 100})

@@ -224,8 +224,7 @@ def test_output_graphs_are_built_off_the_callers_thread_and_a_failed_build_falls
     tight = OutputGraphs(("a", "b", "c"), lambda names: (names, 60), limit=8, max_bytes=100, label="clf-1")
     for key in ({"a"}, {"b"}, {"c"}):
         tight.get(key)
-    _until(lambda: len(tight._started) == 3 and tight._builder._work_queue.empty(), "builds did not run")
-    time.sleep(0.2)
+    tight._builder.submit(lambda: None).result(10)   # one builder thread, in order: the three builds ran
     assert tight.built == (("a",),) and tight.get({"b"}) is None and tight.get({"a"}) == (("a",), ("a",))
     tight.close()
 
