@@ -97,8 +97,9 @@ class Predictor:
 
         wanted = [n for n in output_names(self.task) if n in self.outputs or n == "prediction"]
         if self.backend == "onnx":
-            graph = (Path(self.artifact) / ONNX_FILE).read_bytes()
-            session = open_session(prune_graph(graph, wanted), threads=self.threads)
+            path = Path(self.artifact) / ONNX_FILE
+            every = len(wanted) == len(output_names(self.task))
+            session = open_session(path if every else prune_graph(path.read_bytes(), wanted), threads=self.threads)
             names = [o.name for o in session.get_outputs()]
 
             def run_onnx(x: np.ndarray) -> dict[str, np.ndarray]:

@@ -5,14 +5,14 @@ from __future__ import annotations
 from pathlib import Path
 
 from hjmodel import serving
-from service.backends.base import Backend, BackendFactory
+from service.backends.base import PRUNED_GRAPH_BYTES, Backend, BackendFactory
 from service.errors import ModelLoadFailed
 
 __all__ = ["BACKENDS", "Backend", "BackendFactory", "choose_backend", "load_backend"]
 
 
 def _onnx(version_dir: Path, *, device: str, threads: int, pruned_graphs: int = 0,
-          pruned_graph_bytes: int = 256 << 20) -> Backend:
+          pruned_graph_bytes: int = PRUNED_GRAPH_BYTES) -> Backend:
     from service.backends.onnx import load_onnx
 
     return load_onnx(version_dir, device=device, threads=threads, pruned_graphs=pruned_graphs,
@@ -20,7 +20,7 @@ def _onnx(version_dir: Path, *, device: str, threads: int, pruned_graphs: int = 
 
 
 def _torch(version_dir: Path, *, device: str, threads: int, pruned_graphs: int = 0,
-           pruned_graph_bytes: int = 256 << 20) -> Backend:
+           pruned_graph_bytes: int = PRUNED_GRAPH_BYTES) -> Backend:
     from service.backends.torch import load_torch
 
     return load_torch(version_dir, device=device, threads=threads, pruned_graphs=pruned_graphs,
@@ -46,7 +46,7 @@ def choose_backend(version_dir: Path, preference: str) -> str:
 
 
 def load_backend(version_dir: Path, *, preference: str = "auto", device: str = "auto",
-                 threads: int = 0, pruned_graphs: int = 0, pruned_graph_bytes: int = 256 << 20) -> Backend:
+                 threads: int = 0, pruned_graphs: int = 0, pruned_graph_bytes: int = PRUNED_GRAPH_BYTES) -> Backend:
     """Load ``version_dir`` with the chosen backend; raises ModelLoadFailed. ``pruned_graphs``: the
     most graphs cut down to fewer outputs it may build, holding at most ``pruned_graph_bytes``
     together (:class:`~service.backends.base.OutputGraphs`)."""

@@ -10,9 +10,12 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
-__all__ = ["Backend", "BackendFactory", "OutputGraphs"]
+__all__ = ["PRUNED_GRAPH_BYTES", "Backend", "BackendFactory", "OutputGraphs"]
 
 log = logging.getLogger(__name__)
+
+#: Default byte budget of a version's :class:`OutputGraphs` (the setting ``pruned_graph_mb``'s default).
+PRUNED_GRAPH_BYTES = 256 << 20
 
 
 @runtime_checkable
@@ -53,7 +56,7 @@ class BackendFactory(Protocol):
     at most ``pruned_graph_bytes``."""
 
     def __call__(self, version_dir: Path, *, device: str, threads: int, pruned_graphs: int = 0,
-                 pruned_graph_bytes: int = 0) -> Backend: ...
+                 pruned_graph_bytes: int = PRUNED_GRAPH_BYTES) -> Backend: ...
 
 
 class OutputGraphs:
@@ -74,28 +77,29 @@ class OutputGraphs:
     def __init__(self, names: Collection[str], build: Callable[[tuple[str, ...]], tuple[Any, int]], limit: int,
                  max_bytes: int = 1 << 62, label: str = "model"):
         self.names = tuple(names)
+        self._all = frozenset(self.names)
         self._build, self._limit, self._label = build, limit, label
         self._max_bytes, self._bytes = max_bytes, 0
-        self._graphs: dict[frozenset[str], Any] = {}
+        self._graphs: dict[frozenset[str], tuple[Any, tuple[str, ...]]] = {}   # key -> (graph, its names)
         self._started: set[frozenset[str]] = set()
         self._builder: ThreadPoolExecutor | None = None
 
     @property
     def built(self) -> tuple[tuple[str, ...], ...]:
         """The output sets with a graph, each in contract order (for tests and operators)."""
-        return tuple(tuple(n for n in self.names if n in key) for key in list(self._graphs))
+        return tuple(names for _, names in list(self._graphs.values()))
 
     def get(self, outputs: Collection[str] | None) -> tuple[Any, tuple[str, ...]] | None:
         """(graph, its output names in contract order) for exactly ``outputs``, when built; None
         when the whole graph should run (every output wanted, or no graph of these yet)."""
         if outputs is None or not self._limit:
             return None
-        key = frozenset(outputs) & frozenset(self.names)
-        if len(key) == len(self.names) or not key:
+        key = self._all.intersection(outputs)
+        if len(key) == len(self._all) or not key:
             return None
-        graph = self._graphs.get(key)
-        if graph is not None:
-            return graph, tuple(n for n in self.names if n in key)
+        built = self._graphs.get(key)
+        if built is not None:
+            return built
         if key not in self._started and len(self._started) < self._limit:
             self._started.add(key)
             if self._builder is None:
@@ -112,7 +116,7 @@ class OutputGraphs:
                          "graph serves them", self._label, list(names), size, self._bytes, self._max_bytes)
             elif self._limit:   # not closed meanwhile
                 self._bytes += size
-                self._graphs[key] = graph
+                self._graphs[key] = (graph, names)
         except Exception as exc:   # the whole graph still answers these outputs
             log.warning("%s: no graph of the outputs %s (the whole graph serves them): %s: %s",
                         self._label, list(names), type(exc).__name__, str(exc)[:300])

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from hjmodel import serving
-from service.backends.base import OutputGraphs
+from service.backends.base import PRUNED_GRAPH_BYTES, OutputGraphs
 from service.errors import BackendError, ModelLoadFailed
 
 __all__ = ["OnnxBackend", "load_onnx"]
@@ -26,12 +26,12 @@ class OnnxBackend:
     platform = "onnxruntime_onnx"
     execution = "onnxruntime"
 
-    def __init__(self, session, device: str, explain_session=None, pruned: OutputGraphs | None = None):
+    def __init__(self, session, device: str, explain_session=None):
         self._session = session
         self._explain = explain_session
         self.device = device
         self._output_names = [o.name for o in session.get_outputs()]
-        self.pruned = pruned
+        self.pruned: OutputGraphs | None = None   # load_onnx's, with pruned_graphs > 0
         # a graph exported before tau had a batch dimension takes one tau per run
         self._tau_per_run = any(i.name == "tau" and len(i.shape) == 1 for i in session.get_inputs())
         self.explain_outputs = tuple(o.name for o in explain_session.get_outputs()) if explain_session else ()
@@ -40,16 +40,20 @@ class OnnxBackend:
 
     def infer(self, input: np.ndarray, tau: np.ndarray, outputs: Collection[str] | None = None) -> dict[str, np.ndarray]:
         tau = np.asarray(tau, dtype=np.float64).reshape(-1)
+        pruned = self.pruned.get(outputs) if self.pruned is not None else None
+        session, names = pruned if pruned is not None else (self._session, self._output_names)
         if self._tau_per_run and len(np.unique(tau)) > 1:   # legacy graph: one run per tau value
-            parts = [(tau == value, self.infer(input[tau == value], tau[tau == value], outputs))
+            parts = [(tau == value, self._run(session, names, input[tau == value], tau[tau == value]))
                      for value in np.unique(tau)]
             out = {name: np.empty((len(input), *v.shape[1:]), dtype=v.dtype) for name, v in parts[0][1].items()}
             for mask, values in parts:
                 for name, v in values.items():
                     out[name][mask] = v
             return out
-        pruned = self.pruned.get(outputs) if self.pruned is not None else None
-        session, names = pruned if pruned is not None else (self._session, self._output_names)
+        return self._run(session, names, input, tau)
+
+    @staticmethod
+    def _run(session, names: list[str] | tuple[str, ...], input: np.ndarray, tau: np.ndarray) -> dict[str, np.ndarray]:
         try:
             values = session.run(names, serving.onnx_feeds(session, input, tau))
         except Exception as exc:  # onnxruntime raises its own pybind11 exception types
@@ -72,7 +76,7 @@ class OnnxBackend:
 
 
 def load_onnx(version_dir: Path, *, device: str = "auto", threads: int = 0, pruned_graphs: int = 0,
-              pruned_graph_bytes: int = 256 << 20) -> OnnxBackend:
+              pruned_graph_bytes: int = PRUNED_GRAPH_BYTES) -> OnnxBackend:
     """Open ``version_dir/model.onnx`` on ``device`` (auto|cpu|cuda), with up to ``pruned_graphs``
     sessions of the graph cut down to fewer outputs (their graphs ``pruned_graph_bytes`` together),
     opened when a batch first needs them."""
@@ -110,7 +114,8 @@ def load_onnx(version_dir: Path, *, device: str = "auto", threads: int = 0, prun
         cut = prune_graph(graph, outputs)
         return serving.open_session(cut, threads=threads, providers=providers, flush_subnormals=True), len(cut)
 
-    names = [o.name for o in session.get_outputs()]
-    label = f"{path.parent.parent.name}-{path.parent.name}"
-    pruned = OutputGraphs(names, prune, pruned_graphs, pruned_graph_bytes, label) if pruned_graphs else None
-    return OnnxBackend(session, "cuda" if _CUDA in used else "cpu", explain, pruned)
+    backend = OnnxBackend(session, "cuda" if _CUDA in used else "cpu", explain)
+    if pruned_graphs:
+        backend.pruned = OutputGraphs(backend._output_names, prune, pruned_graphs, pruned_graph_bytes,
+                                      f"{path.parent.parent.name}-{path.parent.name}")
+    return backend

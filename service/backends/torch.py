@@ -10,7 +10,7 @@ import numpy as np
 
 from hjmodel import serving
 from hjmodel.errors import InputError
-from service.backends.base import OutputGraphs
+from service.backends.base import PRUNED_GRAPH_BYTES, OutputGraphs
 from service.errors import BackendError, InvalidValue, ModelLoadFailed
 
 __all__ = ["TorchBackend", "load_torch"]
@@ -77,7 +77,7 @@ class TorchBackend:
 
 
 def load_torch(version_dir: Path, *, device: str = "auto", threads: int = 0, pruned_graphs: int = 0,
-               pruned_graph_bytes: int = 256 << 20) -> TorchBackend:
+               pruned_graph_bytes: int = PRUNED_GRAPH_BYTES) -> TorchBackend:
     """Rebuild the serving module of ``version_dir`` on ``device`` (auto|cpu|cuda), with up to
     ``pruned_graphs`` traces of it cut down to fewer outputs, recorded when a batch first needs them."""
     version_dir = Path(version_dir)

@@ -4,6 +4,7 @@ end, all on real hjmodel artifacts compared with ``hjmodel.artifact.load_serving
 from __future__ import annotations
 
 import logging
+import shutil
 import threading
 import time
 
@@ -192,6 +193,44 @@ def test_the_server_answers_a_few_outputs_from_a_graph_of_them(hj_repo, tmp_path
                     assert _bits(answer[n]) == _bits(whole[n]), n
         finally:
             client.close()
+
+
+def test_no_graph_is_cut_from_a_model_file_changed_since_its_load(tmp_path, hj_repo, caplog):
+    """The sessions a version serves come from the file as it was loaded: a file replaced since
+    gives no pruned graph (logged); the whole graph, loaded before, answers."""
+    version = tmp_path / "iris" / "1"
+    shutil.copytree(hj_repo / "iris" / "1", version)
+    spec = read_spec(version)
+    loaded = load_backend(version, preference="onnx", device="cpu", pruned_graphs=2)
+    x, tau = _rows(spec, n=4), np.full(4, 0.1)
+    whole = loaded.infer(x, tau)
+    (version / serving.ONNX_FILE).write_bytes((hj_repo / "iris_memory" / "1" / serving.ONNX_FILE).read_bytes())
+    with caplog.at_level(logging.WARNING):
+        got = loaded.infer(x, tau, frozenset({"prediction"}))
+        _until(lambda: "changed since it was loaded" in caplog.text, "the refused build was not logged")
+    assert loaded.pruned.built == () and set(loaded.infer(x, tau, frozenset({"prediction"}))) == set(whole)
+    assert _bits(got["prediction"]) == _bits(whole["prediction"])
+    loaded.close()
+
+
+def test_a_legacy_graph_runs_one_graph_for_all_its_tau_parts(tmp_path):
+    """A legacy graph (one tau per run) runs a batch per tau value: every part comes from the same
+    graph, whole or pruned, and the pruned parts answer what the whole graph does."""
+    from svc_helpers import export_tiny
+
+    export_tiny(tmp_path / "legacy" / "1", "regression", seed=3, batched_tau=False)
+    legacy = load_backend(tmp_path / "legacy" / "1", preference="onnx", device="cpu", pruned_graphs=1)
+    x = np.random.default_rng(0).normal(size=(5, 4)).astype(np.float32)
+    tau = np.array([0.1, 0.7, 0.1, 0.3, 0.7])
+    wanted = frozenset({"prediction", "certified_radius"})
+    whole = legacy.infer(x, tau)
+    assert set(legacy.infer(x, tau, wanted)) == set(whole)
+    _until(lambda: legacy.pruned.built, "no graph was built")
+    got = legacy.infer(x, tau, wanted)
+    assert set(got) == wanted
+    for name in wanted:
+        assert _bits(got[name]) == _bits(whole[name]), name
+    legacy.close()
 
 
 def test_output_graphs_are_built_off_the_callers_thread_and_a_failed_build_falls_back(caplog):

@@ -24,12 +24,14 @@ class FakeBackend:
         self.delay = delay
         self.fail = fail
         self.batches: list[tuple[int, float]] = []
+        self.asked: list[frozenset[str] | None] = []   # the outputs each run was asked for
         self.gate = threading.Event()
         self.gate.set()
         self.entered = threading.Event()   # set once a batch has reached infer
         self.closed = False
 
     def infer(self, input, tau, outputs=None):
+        self.asked.append(outputs)
         self.entered.set()
         self.gate.wait(10)
         if self.delay:
@@ -67,6 +69,29 @@ def test_requests_are_batched_and_split_back_in_order():
         np.testing.assert_array_equal(r.outputs["double"], 2 * _rows(2, 10 * i))
         assert r.batch_rows == 8
     assert backend.batches == [(8, (0.5,))] and backend.closed
+
+
+@pytest.mark.parametrize("wants, asked", [
+    ([frozenset({"a"}), frozenset({"b", "c"}), frozenset({"a"})], frozenset({"a", "b", "c"})),
+    ([frozenset({"a"}), None], None),             # one request wants every output: the batch does
+])
+def test_a_batch_asks_the_backend_for_the_outputs_its_requests_need_together(wants, asked):
+    backend = FakeBackend()
+    backend.gate.clear()
+
+    async def main():
+        b = _batcher(backend, max_queue_delay_s=0.0)
+        first = asyncio.ensure_future(b.infer(_rows(1), 0.5, timeout_s=5, outputs=frozenset({"z"})))
+        while not backend.entered.is_set():   # the first batch holds the thread; the rest queue up
+            await asyncio.sleep(0.001)
+        rest = [asyncio.ensure_future(b.infer(_rows(1), 0.5, timeout_s=5, outputs=w)) for w in wants]
+        await asyncio.sleep(0.05)
+        backend.gate.set()
+        await asyncio.gather(first, *rest)
+        await b.close()
+
+    asyncio.run(main())
+    assert backend.asked == [frozenset({"z"}), asked] and [n for n, _ in backend.batches] == [1, len(wants)]
 
 
 def test_requests_with_different_tau_share_batches_and_respect_max_batch_size():
