@@ -10,7 +10,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
-__all__ = ["PRUNED_GRAPH_BYTES", "Backend", "BackendFactory", "OutputGraphs"]
+__all__ = ["Backend", "BackendFactory", "OutputGraphs", "PRUNED_GRAPH_BYTES"]
 
 log = logging.getLogger(__name__)
 
