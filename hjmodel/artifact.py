@@ -325,9 +325,15 @@ class TracedModule:
     eager torch's: for a small batch eager torch forms the OOD reference's squared distances from
     exact differences, the trace (like the ONNX graph) by the centred expansion
     (:func:`functional.squared_distances`); they differ in float64's last bits, and the served float32
-    outputs were the same in every test."""
+    outputs were the same in every test.
 
-    def __init__(self, module: ServingModule | ExplainModule, inputs: dict[str, Tensor] | None = None):
+    ``fold`` (default): the weights are recorded as constants and the operations that read them alone
+    are done once, at load (:func:`_fold_constants`); ``fold=False`` records the module as it is (its
+    weights read as attributes, every operation run per call): the side-by-side baseline of
+    ``bench/ab_trace.py``."""
+
+    def __init__(self, module: ServingModule | ExplainModule, inputs: dict[str, Tensor] | None = None,
+                 fold: bool = True):
         import warnings
 
         self.model, self.specs, self.blocks = module.model, module.specs, module.blocks
@@ -335,9 +341,20 @@ class TracedModule:
         inputs = tuple((example_inputs(module) if inputs is None else inputs).values())
         with torch.no_grad():
             module(*inputs)           # lazily built weight-only tables enter the graph as constants
+        outputs = _TupleOutputs(module).eval()
+
+        def served(*xs: Tensor):
+            return outputs(*xs)
+
         with warnings.catch_warnings(), torch.no_grad(), torch.jit.optimized_execution(False):
             warnings.simplefilter("ignore")
-            self.graph = torch.jit.trace(_TupleOutputs(module).eval(), inputs, check_trace=False)
+            if fold:
+                # a function, not the module, is traced: the weights enter the graph as constants, not
+                # as attribute reads, so the work that depends on them alone can be done once, here
+                with _weights_as_constants(module):
+                    self.graph = _fold_constants(torch.jit.trace(served, inputs, check_trace=False))
+            else:
+                self.graph = torch.jit.trace(outputs, inputs, check_trace=False)
             # the first call fixes each recorded function's executable graph, unoptimised; left to a
             # later caller, anything that reads the graph with the switch on (``inlined_graph``)
             # would have it optimised and cached first
@@ -353,6 +370,55 @@ class TracedModule:
                 return dict(zip(self.names, self.graph(*inputs), strict=True))
             parts = [self.graph(*(t[r] if t.shape[0] == n else t for t in inputs)) for r in blocks]
         return {name: torch.cat([part[i] for part in parts]) for i, name in enumerate(self.names)}
+
+
+@contextlib.contextmanager
+def _weights_as_constants(module: nn.Module) -> Iterator[None]:
+    """The module's parameters without ``requires_grad`` while it is traced (the tracer takes only
+    such tensors as graph constants), as they were afterwards."""
+    flagged = [p for p in module.parameters() if p.requires_grad]
+    for p in flagged:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p in flagged:
+            p.requires_grad_(True)
+
+
+#: Most bytes of tensor constants that :func:`_fold_constants` may add to a graph: a folded value
+#: is held for the graph's life, where the unfolded graph computes it per call and lets it go.
+FOLDED_BYTES = 64 << 20
+
+
+def _constant_bytes(graph) -> int:
+    return sum(node.t("value").nbytes for node in graph.nodes()
+               if node.kind() == "prim::Constant" and node.hasAttribute("value") and node.kindOf("value") == "t")
+
+
+def _fold_constants(function):
+    """The traced ``function`` with the operations that read constants alone (the weights and the
+    tables built from them: casts, gathers of index tables, products of weights) done once, now,
+    as onnxruntime does for the exported graph when it opens a session: TorchScript's
+    constant-propagation and dead-code passes, nothing else (its constant *pooling* merges float64
+    constants that are equal in float32; :class:`TracedModule` says why that must not run). Each
+    folded value is what the same aten kernel computes when the graph runs, so the answers stay
+    bit for bit; at batch 1 a served graph runs ~13% fewer operations (``bench/results/hjmodel_bench.md``).
+    The traced function itself when folding would add more than :data:`FOLDED_BYTES` of constants
+    (a model with very many support points), or when this torch's passes fail (logged)."""
+    try:
+        graph = function.graph.copy()
+        before = _constant_bytes(graph)
+        torch._C._jit_pass_constant_propagation(graph)
+        torch._C._jit_pass_dce(graph)
+        added = _constant_bytes(graph) - before
+        if added > FOLDED_BYTES:
+            log.info("trace: folding its constants would add %d MiB; left unfolded", added >> 20)
+            return function
+        return torch._C._create_function_from_graph(function.name, graph)
+    except Exception as exc:   # a private pass of TorchScript: the unfolded trace answers the same
+        log.warning("trace: constant folding failed, left unfolded: %s: %s", type(exc).__name__, str(exc)[:300])
+        return function
 
 
 def traced_or_eager(module: ServingModule | ExplainModule, label: str = "") -> TracedModule | ServingModule | ExplainModule:

@@ -126,6 +126,36 @@ def test_a_trace_of_some_outputs_answers_what_the_whole_trace_does(served):
         assert sizes[subsets[2]] * 2 < whole
 
 
+def test_folding_the_weight_only_operations_removes_them_and_changes_no_bit(served):
+    # the trace records the weights as constants; what reads them alone (casts, index tables, products
+    # of weights) is computed once at load -- by the kernels the unfolded graph would run per call
+    name, module, traced = served
+    unfolded = TracedModule(module, fold=False)
+    assert len(_operations(traced)) < 0.95 * len(_operations(unfolded))
+    flags = [p.requires_grad for p in module.parameters()]
+    assert any(flags)      # as loaded: tracing takes the flags off while it records, and puts them back
+    TracedModule(module)
+    assert flags == [p.requires_grad for p in module.parameters()]
+    x = _rows(name, 33, seed=3)
+    tau = torch.empty((33, 1), dtype=torch.float64).uniform_(0.05, 0.5, generator=torch.Generator().manual_seed(3))
+    _assert_identical(traced(x, tau), unfolded(x, tau))
+    explain = ExplainModule(module.model).eval()
+    base = example_inputs(explain, rows=33)["baseline"]
+    _assert_identical(TracedModule(explain)(x, tau, base), TracedModule(explain, fold=False)(x, tau, base))
+
+
+def test_a_fold_that_would_hold_too_many_bytes_is_not_made(served, monkeypatch, caplog):
+    name, module, folded = served
+    monkeypatch.setattr("hjmodel.artifact.FOLDED_BYTES", -(1 << 40))   # no fold is small enough
+    with caplog.at_level("INFO", logger="hjmodel.artifact"):
+        traced = TracedModule(module)
+    assert "left unfolded" in caplog.text
+    assert len(_operations(traced)) > len(_operations(folded))
+    x = _rows(name, 9, seed=4)
+    tau = torch.full((9, 1), 0.1, dtype=torch.float64)
+    _assert_identical(traced(x, tau), folded(x, tau))
+
+
 def test_the_traced_explanation_answers_what_eager_torch_does(served):
     name, module, _ = served
     explain = ExplainModule(module.model).eval()
