@@ -6,6 +6,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from fakes import D
+from fastapi import APIRouter, Request
+from fastapi.responses import Response
 
 from service.errors import ERROR_TABLE, BodyTimeout, HJServeError, Overloaded, Unauthorized, lookup
 from service.rest.guards import error_parts, http_headers
@@ -127,3 +129,42 @@ def test_one_access_line_per_request_with_rows_and_timings(client, caplog):
     assert infer["rows"] == 3 and infer["queue_ms"] >= 0 and infer["compute_ms"] > 0 and infer["status"] == 200
     assert batch["rows"] == 7 and batch["request_id"] == "job-1" and batch["model"] == "fclf"
     assert missing["rows"] == 0 and "queue_ms" not in missing and missing["status"] == 404
+
+
+def test_routes_with_nothing_to_read_call_their_endpoint_directly():
+    # FastAPI's handler solves an empty set of dependencies on every request (the largest cost of
+    # the route before the endpoint runs); a route whose endpoint reads only the request and string
+    # path parameters and returns a Response is called directly; every other route keeps FastAPI's
+    from service.rest.app import ROUTES, _direct_handler
+
+    direct = {r.path for r in ROUTES if _direct_handler(r) is not None}
+    assert {"/v2/models/{model_name}/infer", "/v2/models/{model_name}/versions/{model_version}/infer",
+            "/v1/models/{model_name}:predict", "/v2/models/{model_name}/config"} <= direct
+    assert not any(p.endswith("/batch-attribution") for p in direct)   # query parameters: FastAPI reads them
+    router = APIRouter()
+
+    @router.get("/a/{n}")
+    async def typed(request: Request, n: int) -> Response:      # FastAPI converts and validates n
+        return Response()
+
+    @router.get("/b")
+    async def model(request: Request) -> dict:                  # FastAPI serialises the answer
+        return {}
+
+    @router.get("/c/{n}")
+    def blocking(request: Request, n: str) -> Response:         # FastAPI runs it on a thread
+        return Response()
+
+    assert [_direct_handler(r) for r in router.routes] == [None, None, None]
+
+
+def test_a_direct_route_answers_with_its_path_parameters_and_checks(client, settings_overrides):
+    assert client.get("/v2/models/fclf/versions/2").json()["name"] == "fclf"
+    assert client.get("/v2/models/fclf/versions/9").status_code == 404     # the version reached the endpoint
+    assert client.get("/v2/models/nope/versions/1").status_code == 404
+    x = np.zeros((1, D)).tolist()
+    r = client.post("/v2/models/fclf/versions/1/infer",
+                    json={"inputs": [{"name": "input", "shape": [1, D], "datatype": "FP64", "data": x}]})
+    assert r.status_code == 200 and r.json()["model_version"] == "1"
+    r = client.get("/v2/models/fclf/versions/1/ready?x=1")
+    assert r.status_code == 400 and "unknown query parameter" in r.json()["error"]
