@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import threading
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -339,15 +340,14 @@ class TracedModule:
         self.model, self.specs, self.blocks = module.model, module.specs, module.blocks
         self.names = tuple(o.name for o in module.specs)
         inputs = tuple((example_inputs(module) if inputs is None else inputs).values())
-        with torch.no_grad():
-            module(*inputs)           # lazily built weight-only tables enter the graph as constants
         outputs = _TupleOutputs(module).eval()
 
         def served(*xs: Tensor):
             return outputs(*xs)
 
-        with warnings.catch_warnings(), torch.no_grad(), torch.jit.optimized_execution(False):
+        with _RECORDING, warnings.catch_warnings(), torch.no_grad(), torch.jit.optimized_execution(False):
             warnings.simplefilter("ignore")
+            module(*inputs)           # lazily built weight-only tables enter the graph as constants
             if fold:
                 # a function, not the module, is traced: the weights enter the graph as constants, not
                 # as attribute reads, so the work that depends on them alone can be done once, here
@@ -372,10 +372,19 @@ class TracedModule:
         return {name: torch.cat([part[i] for part in parts]) for i, name in enumerate(self.names)}
 
 
+#: Held while a :class:`TracedModule` records: two recordings at once on two threads fail (seen: one
+#: recording's shape arithmetic failing inside another's; the weight-only tables a model builds on
+#: first use would be built inside one thread's recording and read by another's), a server records on
+#: more than one (models loading; modules of fewer outputs built on a thread of their own,
+#: service.backends.base.OutputGraphs), and modules of one model share its weights, whose flags a
+#: recording takes off and puts back.
+_RECORDING = threading.Lock()
+
+
 @contextlib.contextmanager
 def _weights_as_constants(module: nn.Module) -> Iterator[None]:
     """The module's parameters without ``requires_grad`` while it is traced (the tracer takes only
-    such tensors as graph constants), as they were afterwards."""
+    such tensors as graph constants), as they were afterwards. Under :data:`_RECORDING`."""
     flagged = [p for p in module.parameters() if p.requires_grad]
     for p in flagged:
         p.requires_grad_(False)

@@ -144,6 +144,22 @@ def test_folding_the_weight_only_operations_removes_them_and_changes_no_bit(serv
     _assert_identical(TracedModule(explain)(x, tau, base), TracedModule(explain, fold=False)(x, tau, base))
 
 
+def test_modules_sharing_weights_are_recorded_on_several_threads_at_once(served):
+    # a server records modules of fewer outputs on a thread of its own while others may record too:
+    # each recording takes the shared weights' flags off and puts them back without racing another
+    name, module, traced = served
+    flags = [p.requires_grad for p in module.parameters()]
+    subsets = [("prediction",), ("prediction", "ood_flag"), ("certified_radius",), ("energy_gap", "prediction")]
+    with ThreadPoolExecutor(4) as pool:
+        parts = list(pool.map(lambda subset: TracedModule(ServingModule(module.model, subset)), subsets))
+    assert flags == [p.requires_grad for p in module.parameters()]
+    x = _rows(name, 5, seed=2)
+    tau = torch.full((5, 1), 0.1, dtype=torch.float64)
+    want = traced(x, tau)
+    for subset, part in zip(subsets, parts):
+        _assert_identical(part(x, tau), {k: want[k] for k in subset if k in want})
+
+
 def test_a_fold_that_would_hold_too_many_bytes_is_not_made(served, monkeypatch, caplog):
     name, module, folded = served
     monkeypatch.setattr("hjmodel.artifact.FOLDED_BYTES", -(1 << 40))   # no fold is small enough
