@@ -372,12 +372,12 @@ class TracedModule:
         return {name: torch.cat([part[i] for part in parts]) for i, name in enumerate(self.names)}
 
 
-#: Held while a :class:`TracedModule` records: two recordings at once on two threads fail (seen: one
-#: recording's shape arithmetic failing inside another's; the weight-only tables a model builds on
-#: first use would be built inside one thread's recording and read by another's), a server records on
-#: more than one (models loading; modules of fewer outputs built on a thread of their own,
-#: service.backends.base.OutputGraphs), and modules of one model share its weights, whose flags a
-#: recording takes off and puts back.
+#: Held while a :class:`TracedModule` records. Recordings of the weights as constants on two threads
+#: at once fail (seen: one recording's shape arithmetic failing inside another's, for modules sharing a
+#: model: one thread puts back the flags another took off, and tables a model builds on first use
+#: would be built inside one thread's recording and read by another's), and a server records on more
+#: than one thread (models loading; modules of fewer outputs built on a thread of their own,
+#: service.backends.base.OutputGraphs).
 _RECORDING = threading.Lock()
 
 
