@@ -329,7 +329,8 @@ class TracedModule:
     outputs were the same in every test.
 
     ``fold`` (default): the weights are recorded as constants and the operations that read them alone
-    are done once, at load (:func:`_fold_constants`); ``fold=False`` records the module as it is (its
+    are done once, at load (:func:`_fold_constants`; ``folded_bytes``: the memory the values folded
+    hold beyond the module's own tensors); ``fold=False`` records the module as it is (its
     weights read as attributes, every operation run per call): the side-by-side baseline of
     ``bench/ab_trace.py``."""
 
@@ -352,9 +353,9 @@ class TracedModule:
                 # a function, not the module, is traced: the weights enter the graph as constants, not
                 # as attribute reads, so the work that depends on them alone can be done once, here
                 with _weights_as_constants(module):
-                    self.graph = _fold_constants(torch.jit.trace(served, inputs, check_trace=False))
+                    self.graph, self.folded_bytes = _fold_constants(torch.jit.trace(served, inputs, check_trace=False))
             else:
-                self.graph = torch.jit.trace(outputs, inputs, check_trace=False)
+                self.graph, self.folded_bytes = torch.jit.trace(outputs, inputs, check_trace=False), 0
             # the first call fixes each recorded function's executable graph, unoptimised; left to a
             # later caller, anything that reads the graph with the switch on (``inlined_graph``)
             # would have it optimised and cached first
@@ -400,34 +401,41 @@ def _weights_as_constants(module: nn.Module) -> Iterator[None]:
 FOLDED_BYTES = 64 << 20
 
 
-def _constant_bytes(graph) -> int:
-    return sum(node.t("value").nbytes for node in graph.nodes()
-               if node.kind() == "prim::Constant" and node.hasAttribute("value") and node.kindOf("value") == "t")
+def _constant_storages(graph) -> dict[int, int]:
+    """The memory a graph's tensor constants hold: bytes by storage (a constant that is a view of
+    another, or of a weight, holds nothing more)."""
+    held = {}
+    for node in graph.nodes():
+        if node.kind() == "prim::Constant" and node.hasAttribute("value") and node.kindOf("value") == "t":
+            storage = node.t("value").untyped_storage()
+            held[storage.data_ptr()] = storage.nbytes()
+    return held
 
 
-def _fold_constants(function):
-    """The traced ``function`` with the operations that read constants alone (the weights and the
-    tables built from them: casts, gathers of index tables, products of weights) done once, now,
-    as onnxruntime does for the exported graph when it opens a session: TorchScript's
-    constant-propagation and dead-code passes, nothing else (its constant *pooling* merges float64
-    constants that are equal in float32; :class:`TracedModule` says why that must not run). Each
-    folded value is what the same aten kernel computes when the graph runs, so the answers stay
-    bit for bit; at batch 1 a served graph runs ~13% fewer operations (``bench/results/hjmodel_bench.md``).
-    The traced function itself when folding would add more than :data:`FOLDED_BYTES` of constants
-    (a model with very many support points), or when this torch's passes fail (logged)."""
+def _fold_constants(function) -> tuple[object, int]:
+    """(the traced ``function`` with the operations that read constants alone -- the weights and the
+    tables built from them: casts, gathers of index tables, products of weights -- done once, now,
+    the bytes of new constants that holds). As onnxruntime does for the exported graph when it
+    opens a session: TorchScript's constant-propagation and dead-code passes, nothing else (its
+    constant *pooling* merges float64 constants that are equal in float32; :class:`TracedModule` says
+    why that must not run). Each folded value is what the same aten kernel computes when the graph
+    runs, so the answers stay bit for bit; a served graph runs 100-340 fewer operations
+    (``bench/results/ab_trace.md``). The traced function itself (0 bytes) when folding would add more
+    than :data:`FOLDED_BYTES` of constants (a model with very many support points), or when this
+    torch's passes fail (logged)."""
     try:
         graph = function.graph.copy()
-        before = _constant_bytes(graph)
+        before = _constant_storages(graph)
         torch._C._jit_pass_constant_propagation(graph)
         torch._C._jit_pass_dce(graph)
-        added = _constant_bytes(graph) - before
+        added = sum(size for ptr, size in _constant_storages(graph).items() if ptr not in before)
         if added > FOLDED_BYTES:
             log.info("trace: folding its constants would add %d MiB; left unfolded", added >> 20)
-            return function
-        return torch._C._create_function_from_graph(function.name, graph)
+            return function, 0
+        return torch._C._create_function_from_graph(function.name, graph), added
     except Exception as exc:   # a private pass of TorchScript: the unfolded trace answers the same
         log.warning("trace: constant folding failed, left unfolded: %s: %s", type(exc).__name__, str(exc)[:300])
-        return function
+        return function, 0
 
 
 def traced_or_eager(module: ServingModule | ExplainModule, label: str = "") -> TracedModule | ServingModule | ExplainModule:

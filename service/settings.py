@@ -84,7 +84,8 @@ class Settings(BaseSettings):
     pruned_graph_mb: float = Field(256.0, ge=0.0)
     """Most megabytes of graph the pruned graphs of one model version hold together: an onnxruntime
     session copies the constants its graph reads (a large memory model's support points are most of
-    its file); a torch trace shares the module's tensors and counts nothing. A graph that does not
+    its file); a torch trace shares the module's tensors and counts only the values it folded at load
+    (``TracedModule.folded_bytes``). A graph that does not
     fit is not kept (logged): its batches run the whole graph."""
 
     device: Literal["auto", "cpu", "cuda"] = "auto"

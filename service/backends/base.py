@@ -70,7 +70,8 @@ class OutputGraphs:
     building that graph on a thread of its own (``build(names) -> (graph, bytes it holds)``), so no
     batch waits for a build. At most ``limit`` graphs are built per version, holding at most
     ``max_bytes`` together (an onnxruntime session copies the constants its graph reads: a memory
-    model's support points; a trace shares the module's tensors); output sets beyond them, and a
+    model's support points; a trace shares the module's tensors, and holds the values it folded at
+    load); output sets beyond them, and a
     set whose build failed (logged), run the whole graph. Called from one thread (the version's
     batcher); builds publish from theirs."""
 

@@ -101,8 +101,9 @@ def load_torch(version_dir: Path, *, device: str = "auto", threads: int = 0, pru
         module = module.to(target).eval()
         model, label = module.model, f"{version_dir.parent.name}-{version_dir.name}"
         names = [o.name for o in module.specs]
-        # a trace holds the module's own tensors (no copy): it takes none of the byte budget
-        pruned = (OutputGraphs(names, lambda outputs: (traced_or_eager(ServingModule(model, outputs), label), 0),
+        # a trace holds the module's own tensors (no copy) and the values it folded at load: only
+        # those take the byte budget
+        pruned = (OutputGraphs(names, lambda outputs: _with_bytes(traced_or_eager(ServingModule(model, outputs), label)),
                                pruned_graphs, pruned_graph_bytes, label) if pruned_graphs else None)
         explain = ExplainModule(module.model).to(target).eval()
         explain = explain if explain.specs else None
@@ -113,3 +114,9 @@ def load_torch(version_dir: Path, *, device: str = "auto", threads: int = 0, pru
     except Exception as exc:
         raise ModelLoadFailed(f"cannot load torch artifact: {type(exc).__name__}: {exc}") from None
     return TorchBackend(module, target, explain, pruned)
+
+
+def _with_bytes(module) -> tuple[object, int]:
+    """(a graph of fewer outputs, the bytes it holds beyond the model's tensors: a trace's folded
+    constants, nothing for the eager module)."""
+    return module, getattr(module, "folded_bytes", 0)

@@ -232,3 +232,32 @@ def test_float32_equal_constants_stay_apart_in_the_trace():
     for _ in range(5):
         _assert_identical(traced(x), module(x))
     assert traced(x)["up"][1].item() == F._UP and traced(x)["tiny"][0].item() == -1e-300
+
+
+class _Weights(torch.nn.Module):
+    """x @ W.to(float64) (a no-op cast: the folded value is W itself) and x @ (2 W) (a new tensor)."""
+
+    specs = (SimpleNamespace(name="same"), SimpleNamespace(name="doubled"))
+    model = None
+
+    def __init__(self):
+        super().__init__()
+        self.W = torch.nn.Parameter(torch.randn(64, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(0)))
+
+    def blocks(self, n):
+        return [slice(0, n)]
+
+    def forward(self, x):
+        return {"same": x @ self.W.to(torch.float64), "doubled": x @ (self.W * 2.0)}
+
+
+def test_a_trace_counts_the_memory_its_folded_values_hold_and_only_that():
+    # the torch backend charges a graph of fewer outputs what it holds beyond the model's own tensors
+    # (service.backends.base.OutputGraphs' byte budget): the doubled weight, not the weight itself
+    module = _Weights()
+    x = torch.randn(3, 64, dtype=torch.float64)
+    traced = TracedModule(module, {"x": x})
+    assert traced.folded_bytes == module.W.nbytes
+    assert TracedModule(module, {"x": x}, fold=False).folded_bytes == 0
+    _assert_identical(traced(x), module(x))
+    assert module.W.requires_grad
