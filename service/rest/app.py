@@ -130,15 +130,18 @@ class GuardedRoute(APIRoute):
 def _direct_handler(route: APIRoute) -> Callable | None:
     """``endpoint(request, **path parameters)`` for a route whose endpoint takes nothing FastAPI would
     read or validate -- the request and string path parameters, no query, header, cookie or body
-    parameter, no dependency -- and returns a ``Response`` itself (nothing to serialise): FastAPI's
-    request handler would do the same call after solving an empty set of dependencies, which cost
-    more than the rest of the route on every inference request. None for any other route (FastAPI's
-    handler). The OpenAPI schema is FastAPI's either way (it reads the route, not the handler)."""
+    parameter, no dependency, nothing else FastAPI injects -- and returns a ``Response`` itself
+    (nothing to serialise): FastAPI's request handler would make the same call after solving an empty
+    set of dependencies, 15-30 us a request (``bench/results/route_overhead.md``). None for any other
+    route (FastAPI's handler). The OpenAPI schema is FastAPI's either way (it reads the route, not
+    the handler)."""
     d = route.dependant
     try:
+        taken = set(inspect.signature(route.endpoint).parameters)
         if (d.query_params or d.header_params or d.cookie_params or d.body_params or d.dependencies
                 or d.request_param_name is None or route.response_model is not None
-                or any(p.field_info.annotation is not str for p in d.path_params)
+                or taken != {d.request_param_name, *(p.name for p in d.path_params)}
+                or any(p.field_info.annotation is not str or p.alias != p.name for p in d.path_params)
                 or not inspect.iscoroutinefunction(route.endpoint)):
             return None
         returns = typing.get_type_hints(route.endpoint).get("return")
