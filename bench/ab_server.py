@@ -202,9 +202,9 @@ def _compare(args: argparse.Namespace, version: Path, base: str, head: str, dirt
                         export_with(tree, version, target / "model.onnx")
             for p in range(args.passes):
                 for label, tree in (trees.items() if p % 2 == 0 else reversed(trees.items())):
-                    with run_server(repos[label], tmp, root=tree, intra_op_threads=args.intra_op_threads,
-                                    grpc=args.protocol == "grpc", backend=backend[label],
-                                    **extra.get(label, {})) as server:
+                    settings = {"intra_op_threads": args.intra_op_threads, **extra.get(label, {})}
+                    with run_server(repos[label], tmp, root=tree, grpc=args.protocol == "grpc", backend=backend[label],
+                                    **settings) as server:
                         for body_label, c in cells:
                             if c == "p50 ms":
                                 r = _online_during_jobs(server.url, name, batch_x, json.dumps(bodies[
@@ -255,6 +255,8 @@ def _compare(args: argparse.Namespace, version: Path, base: str, head: str, dirt
         unit, key = " req/s", "concurrency"
     threads = ("one thread" if args.intra_op_threads == 1 else "its default threads (one per core)"
                if args.intra_op_threads == 0 else f"{args.intra_op_threads} threads")
+    if args.versus and args.versus.partition("=")[0].lower() == "intra_op_threads":
+        threads += f" (the first side: HJSERVE_{args.versus.upper()})"
     title = ("through the torch backend against onnxruntime" if args.backends else
              f"with and without {args.versus}" if args.versus else "against an earlier revision")
     runtime = f"onnxruntime and torch with {threads}" if args.backends else f"onnxruntime with {threads}"
