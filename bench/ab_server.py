@@ -54,6 +54,7 @@ sys.path.insert(0, str(ROOT))
 
 from bench.ab_graph import export_with  # noqa: E402
 from bench.loadgen import batch_job, grpc_loop, post_loop  # noqa: E402
+from service.settings import split_names  # noqa: E402
 from service.testing import run_server  # noqa: E402
 
 OUT = ROOT / "bench" / "results" / "ab_server.md"
@@ -153,7 +154,7 @@ def _compare(args: argparse.Namespace, version: Path, base: str, head: str, dirt
     bodies = {"four default outputs": {"inputs": inp},
               "every output (diagnostics: true)": {"inputs": inp, "parameters": {"diagnostics": True}}}
     if args.outputs:   # REST only: one more request, naming these outputs
-        names = [n.strip() for n in args.outputs.split(",") if n.strip()]
+        names = split_names(args.outputs)
         bodies[" + ".join(names)] = {"inputs": inp, "outputs": [{"name": n} for n in names]}
     path = f"/v2/models/{name}/infer"
     if args.protocol == "grpc":

@@ -38,7 +38,7 @@ sys.path.insert(0, str(ROOT))
 from bench import report  # noqa: E402
 from hjmodel import serving  # noqa: E402
 from hjmodel.artifact import ServingModule, TracedModule, load_serving_module, prune_graph  # noqa: E402
-from service.settings import Settings  # noqa: E402
+from service.settings import Settings, split_names  # noqa: E402
 
 OUT = ROOT / "bench" / "results" / "pruned_graphs.md"
 MODELS = ("digits_lse", "digits_memory", "digits_deep", "diabetes_lse")
@@ -69,7 +69,7 @@ def _nodes(graph: bytes) -> int:
 def output_sets(task: str) -> dict[str, tuple[str, ...]]:
     """The timed output sets (contract order), each with the default monitored outputs added."""
     names = serving.output_names(task)
-    monitored = {n.strip() for n in Settings.model_fields["monitored_outputs"].default.split(",")}
+    monitored = set(split_names(Settings.model_fields["monitored_outputs"].default))
     sets = {"default outputs": set(serving.DEFAULT_OUTPUTS),
             "all but the radius": set(names) - {"certified_radius"},
             "prediction + probabilities": {"prediction", "probabilities"}}

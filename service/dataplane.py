@@ -46,7 +46,7 @@ from service.errors import (
 from service.explain import EXPLAIN_OUTPUTS, PREDICT_OUTPUTS, explain_rows, predict_rows
 from service.logs import CURRENT_REQUEST
 from service.repository import ModelRepository, ModelVersion
-from service.settings import Settings
+from service.settings import Settings, split_names
 from service.types import (
     ConfigTensor,
     InferOutput,
@@ -163,9 +163,9 @@ class DataPlane:
         self.settings = settings
         self.repository = repository
         self._poller: asyncio.Task | None = None
-        names = [n.strip() for n in settings.default_outputs.split(",") if n.strip()]
+        names = split_names(settings.default_outputs)
         self._default_outputs = None if names == ["all"] else tuple(names)
-        names = [n.strip() for n in settings.monitored_outputs.split(",") if n.strip()]
+        names = split_names(settings.monitored_outputs)
         monitored = None if names == ["all"] or not settings.pruned_graphs else frozenset(names) | {"prediction"}
         # per task: (its serving outputs, those computed for every row; None: every one)
         self._computed = {task: (frozenset(serving.output_names(task)),
@@ -453,7 +453,7 @@ class DataPlane:
         if diag is False:
             return outputs
         if isinstance(diag, str) and diag.strip():
-            return outputs + [n.strip() for n in diag.split(",") if n.strip() and n.strip() not in outputs]
+            return outputs + [n for n in split_names(diag) if n not in outputs]
         if isinstance(diag, list) and diag and all(isinstance(n, str) for n in diag):
             return outputs + [n for n in diag if n not in outputs]
         raise InvalidParameter(

@@ -12,7 +12,12 @@ from typing import Annotated, Literal
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-__all__ = ["Settings"]
+__all__ = ["Settings", "split_names"]
+
+
+def split_names(text: str) -> list[str]:
+    """The names of a comma-separated list (outputs, keys), stripped, empty ones dropped."""
+    return [part.strip() for part in text.split(",") if part.strip()]
 
 
 def _split_keys(value: object) -> object:
@@ -23,7 +28,7 @@ def _split_keys(value: object) -> object:
             return []
         if text.startswith("["):
             return json.loads(text)
-        return [part.strip() for part in text.split(",") if part.strip()]
+        return split_names(text)
     return value
 
 
@@ -185,7 +190,7 @@ class Settings(BaseSettings):
     def _known_outputs(cls, value: str) -> str:
         from hjmodel.serving import OUTPUTS
 
-        names = [n.strip() for n in value.split(",") if n.strip()]
+        names = split_names(value)
         unknown = [n for n in names if n not in {o.name for o in OUTPUTS}]
         if names != ["all"] and unknown:
             raise ValueError(f"unknown output(s) {unknown}: 'all' or names of the serving outputs")

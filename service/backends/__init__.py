@@ -11,20 +11,16 @@ from service.errors import ModelLoadFailed
 __all__ = ["BACKENDS", "Backend", "BackendFactory", "choose_backend", "load_backend"]
 
 
-def _onnx(version_dir: Path, *, device: str, threads: int, pruned_graphs: int = 0,
-          pruned_graph_bytes: int = PRUNED_GRAPH_BYTES) -> Backend:
+def _onnx(version_dir: Path, **settings) -> Backend:
     from service.backends.onnx import load_onnx
 
-    return load_onnx(version_dir, device=device, threads=threads, pruned_graphs=pruned_graphs,
-                     pruned_graph_bytes=pruned_graph_bytes)
+    return load_onnx(version_dir, **settings)
 
 
-def _torch(version_dir: Path, *, device: str, threads: int, pruned_graphs: int = 0,
-           pruned_graph_bytes: int = PRUNED_GRAPH_BYTES) -> Backend:
+def _torch(version_dir: Path, **settings) -> Backend:
     from service.backends.torch import load_torch
 
-    return load_torch(version_dir, device=device, threads=threads, pruned_graphs=pruned_graphs,
-                      pruned_graph_bytes=pruned_graph_bytes)
+    return load_torch(version_dir, **settings)
 
 
 #: Backend name -> loader.

@@ -67,16 +67,17 @@ class OutputGraphs:
     is some 70% of a classifier's graph (``bench/results/pruned_graphs.md``). :meth:`get` returns the
     graph of exactly the outputs asked for when it has been built; otherwise None -- the caller runs
     the whole graph, which computes the same values bit for bit -- and the first time, it starts
-    building that graph on a thread of its own (``build(names) -> (graph, bytes it holds)``), so no
-    batch waits for a build. At most ``limit`` graphs are built per version, holding at most
-    ``max_bytes`` together (an onnxruntime session copies the constants its graph reads: a memory
-    model's support points; a trace shares the module's tensors, and holds the values it folded at
-    load); output sets beyond them, and a
-    set whose build failed (logged), run the whole graph. Called from one thread (the version's
+    building that graph on a thread of its own, so no batch waits for a build: ``build(names) ->
+    (bytes it will hold, open)``, and ``open()`` -> the graph, called only if those bytes fit (a cut
+    of a large memory model's graph keeps its support points: no session of it is opened just to be
+    dropped). At most ``limit`` graphs are built per version, holding at most ``max_bytes``
+    together (an onnxruntime session copies the constants its graph reads; a trace shares the
+    module's tensors and holds the values it folded at load); output sets beyond them, and a set
+    whose build failed (logged), run the whole graph. Called from one thread (the version's
     batcher); builds publish from theirs."""
 
-    def __init__(self, names: Collection[str], build: Callable[[tuple[str, ...]], tuple[Any, int]], limit: int,
-                 max_bytes: int = 1 << 62, label: str = "model"):
+    def __init__(self, names: Collection[str], build: Callable[[tuple[str, ...]], tuple[int, Callable[[], Any]]],
+                 limit: int, max_bytes: int = 1 << 62, label: str = "model"):
         self.names = tuple(names)
         self._all = frozenset(self.names)
         self._build, self._limit, self._label = build, limit, label
@@ -111,11 +112,13 @@ class OutputGraphs:
     def _make(self, key: frozenset[str]) -> None:
         names = tuple(n for n in self.names if n in key)
         try:
-            graph, size = self._build(names)
+            size, open_graph = self._build(names)
             if self._bytes + size > self._max_bytes:
                 log.info("%s: no room for a graph of the outputs %s (%d bytes; %d of %d used): the whole "
                          "graph serves them", self._label, list(names), size, self._bytes, self._max_bytes)
-            elif self._limit:   # not closed meanwhile
+                return
+            graph = open_graph()
+            if self._limit:   # not closed meanwhile
                 self._bytes += size
                 self._graphs[key] = (graph, names)
         except Exception as exc:   # the whole graph still answers these outputs

@@ -94,7 +94,7 @@ def load_onnx(version_dir: Path, *, device: str = "auto", threads: int = 0, prun
     try:   # the backend's thread flushes subnormals too (service.batching)
         # a pruned graph is cut from the file when it is needed (the graph is not kept in memory),
         # and only from the bytes read here, before the session (a file replaced since: none is cut)
-        digest = hashlib.sha256(path.read_bytes()).digest() if pruned_graphs else b""
+        digest = _sha256(path) if pruned_graphs else b""
         session = serving.open_session(path, threads=threads, providers=providers, flush_subnormals=True)
         explain_path = path.parent / serving.EXPLAIN_FILE
         explain = (serving.open_session(explain_path, threads=threads, providers=providers, flush_subnormals=True)
@@ -112,10 +112,19 @@ def load_onnx(version_dir: Path, *, device: str = "auto", threads: int = 0, prun
         if hashlib.sha256(graph).digest() != digest:
             raise ModelLoadFailed(f"{path.name} changed since it was loaded")
         cut = prune_graph(graph, outputs)
-        return serving.open_session(cut, threads=threads, providers=providers, flush_subnormals=True), len(cut)
+        return len(cut), lambda: serving.open_session(cut, threads=threads, providers=providers, flush_subnormals=True)
 
     backend = OnnxBackend(session, "cuda" if _CUDA in used else "cpu", explain)
     if pruned_graphs:
         backend.pruned = OutputGraphs(backend._output_names, prune, pruned_graphs, pruned_graph_bytes,
                                       f"{path.parent.parent.name}-{path.parent.name}")
     return backend
+
+
+def _sha256(path: Path) -> bytes:
+    """The file's SHA-256, read in blocks (a graph may be most of a GiB: it is not held in memory)."""
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while block := f.read(1 << 20):
+            digest.update(block)
+    return digest.digest()

@@ -3,7 +3,7 @@ its TorchScript trace (:class:`hjmodel.artifact.TracedModule`; eager torch when 
 
 from __future__ import annotations
 
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from pathlib import Path
 
 import numpy as np
@@ -116,7 +116,7 @@ def load_torch(version_dir: Path, *, device: str = "auto", threads: int = 0, pru
     return TorchBackend(module, target, explain, pruned)
 
 
-def _with_bytes(module) -> tuple[object, int]:
-    """(a graph of fewer outputs, the bytes it holds beyond the model's tensors: a trace's folded
-    constants, nothing for the eager module)."""
-    return module, getattr(module, "folded_bytes", 0)
+def _with_bytes(module) -> tuple[int, Callable[[], object]]:
+    """(the bytes a graph of fewer outputs holds beyond the model's tensors -- a trace's folded
+    constants, nothing for the eager module --, the graph) as :class:`OutputGraphs` builds take them."""
+    return getattr(module, "folded_bytes", 0), lambda: module

@@ -172,6 +172,23 @@ def test_a_fold_that_would_hold_too_many_bytes_is_not_made(served, monkeypatch, 
     _assert_identical(traced(x, tau), folded(x, tau))
 
 
+def test_a_fold_that_fails_leaves_the_trace_unfolded_and_says_why(served, monkeypatch, caplog):
+    # the passes are TorchScript internals: where they fail, the recording answers unfolded
+    name, module, folded = served
+
+    def broken(graph):
+        raise RuntimeError("no such pass")
+
+    monkeypatch.setattr(torch._C, "_jit_pass_constant_propagation", broken)
+    with caplog.at_level("WARNING", logger="hjmodel.artifact"):
+        traced = TracedModule(module)
+    assert "constant folding failed" in caplog.text and "no such pass" in caplog.text
+    assert traced.folded_bytes == 0 and len(_operations(traced)) > len(_operations(folded))
+    x = _rows(name, 9, seed=6)
+    tau = torch.full((9, 1), 0.1, dtype=torch.float64)
+    _assert_identical(traced(x, tau), folded(x, tau))
+
+
 def test_the_traced_explanation_answers_what_eager_torch_does(served):
     name, module, _ = served
     explain = ExplainModule(module.model).eval()

@@ -242,7 +242,7 @@ def test_output_graphs_are_built_off_the_callers_thread_and_a_failed_build_falls
         release.wait(10)
         if names == ("b",):
             raise RuntimeError("cannot cut")
-        return f"graph {names}", 10
+        return 10, lambda: f"graph {names}"
 
     graphs = OutputGraphs(("a", "b", "c"), build, limit=2, label="clf-1")
     assert graphs.get(None) is None and graphs.get({"a", "b", "c"}) is None and not threads   # the whole graph
@@ -259,12 +259,15 @@ def test_output_graphs_are_built_off_the_callers_thread_and_a_failed_build_falls
     graphs.close()
     assert graphs.get({"a"}) is None and graphs.built == ()
 
-    # the byte budget: a graph that does not fit is not kept
-    tight = OutputGraphs(("a", "b", "c"), lambda names: (names, 60), limit=8, max_bytes=100, label="clf-1")
+    # the byte budget: a graph that does not fit is not kept -- nor opened
+    opened = []
+    tight = OutputGraphs(("a", "b", "c"), lambda names: (60, lambda: opened.append(names) or names), limit=8,
+                         max_bytes=100, label="clf-1")
     for key in ({"a"}, {"b"}, {"c"}):
         tight.get(key)
     tight._builder.submit(lambda: None).result(10)   # one builder thread, in order: the three builds ran
     assert tight.built == (("a",),) and tight.get({"b"}) is None and tight.get({"a"}) == (("a",), ("a",))
+    assert opened == [("a",)]
     tight.close()
 
 
