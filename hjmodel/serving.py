@@ -274,9 +274,17 @@ def _positive_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 1
 
 
-def session_options(threads: int = 0) -> Any:
+def session_options(threads: int = 0, *, spinning: bool = False) -> Any:
     """``onnxruntime.SessionOptions`` for a served graph: sequential, one inter-op thread,
-    ``threads`` intra-op threads (0: onnxruntime's default). Open sessions with :func:`open_session`."""
+    ``threads`` intra-op threads (0: onnxruntime's default, one per core). Open sessions with
+    :func:`open_session`.
+
+    ``spinning``: whether the intra-op threads busy-wait for work between operators (onnxruntime's
+    default) instead of sleeping. Off unless asked for: a spinning pool keeps its cores busy between
+    a graph's operators and between calls, and a server shares those cores with its event loop, its
+    other models and, on small machines, its clients -- served on two cores, the default thread count
+    with spinning answered batch-attribution jobs at 0.7x the rows/s of the same threads without it
+    (``bench/results/ab_server_spinning.md``). With one thread there is no pool and nothing spins."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -285,14 +293,17 @@ def session_options(threads: int = 0) -> Any:
     options.inter_op_num_threads = 1
     if threads > 0:
         options.intra_op_num_threads = threads
+    options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
     return options
 
 
 def open_session(path: str | Path | bytes, *, threads: int = 0, providers: Sequence[str] = ("CPUExecutionProvider",),
-                 flush_subnormals: bool = False) -> Any:
+                 flush_subnormals: bool = False, spinning: bool = False) -> Any:
     """An ``onnxruntime.InferenceSession`` of a served graph (the service, the offline predictor,
     ``hjmodel verify``, the tests and benchmarks all open theirs here), with :func:`session_options`.
     ``path``: the graph's file, or the serialised graph itself.
+
+    ``spinning``: see :func:`session_options` (off: idle intra-op threads sleep).
 
     ``flush_subnormals``: onnxruntime's own threads flush subnormal numbers to zero
     (``session.set_denormal_as_zero``); the thread that *runs* the session must do so itself
@@ -314,7 +325,7 @@ def open_session(path: str | Path | bytes, *, threads: int = 0, providers: Seque
     attack flushed sessions run on a flushing thread."""
     import onnxruntime as ort
 
-    options = session_options(threads)
+    options = session_options(threads, spinning=spinning)
     source = bytes(path) if isinstance(path, (bytes, bytearray)) else str(path)
     if not flush_subnormals:
         return ort.InferenceSession(source, options, providers=list(providers))

@@ -42,10 +42,11 @@ def choose_backend(version_dir: Path, preference: str) -> str:
 
 
 def load_backend(version_dir: Path, *, preference: str = "auto", device: str = "auto",
-                 threads: int = 0, pruned_graphs: int = 0, pruned_graph_bytes: int = PRUNED_GRAPH_BYTES) -> Backend:
+                 threads: int = 0, spinning: bool = False, pruned_graphs: int = 0,
+                 pruned_graph_bytes: int = PRUNED_GRAPH_BYTES) -> Backend:
     """Load ``version_dir`` with the chosen backend; raises ModelLoadFailed. ``pruned_graphs``: the
     most graphs cut down to fewer outputs it may build, holding at most ``pruned_graph_bytes``
     together (:class:`~service.backends.base.OutputGraphs`)."""
     return BACKENDS[choose_backend(version_dir, preference)](version_dir, device=device, threads=threads,
-                                                             pruned_graphs=pruned_graphs,
+                                                             spinning=spinning, pruned_graphs=pruned_graphs,
                                                              pruned_graph_bytes=pruned_graph_bytes)

@@ -55,8 +55,8 @@ class BackendFactory(Protocol):
     ``pruned_graphs``: at most this many :class:`OutputGraphs` (0: always the whole graph), holding
     at most ``pruned_graph_bytes``."""
 
-    def __call__(self, version_dir: Path, *, device: str, threads: int, pruned_graphs: int = 0,
-                 pruned_graph_bytes: int = PRUNED_GRAPH_BYTES) -> Backend: ...
+    def __call__(self, version_dir: Path, *, device: str, threads: int, spinning: bool = False,
+                 pruned_graphs: int = 0, pruned_graph_bytes: int = PRUNED_GRAPH_BYTES) -> Backend: ...
 
 
 class OutputGraphs:

@@ -75,9 +75,10 @@ class OnnxBackend:
         self._session = self._explain = None
 
 
-def load_onnx(version_dir: Path, *, device: str = "auto", threads: int = 0, pruned_graphs: int = 0,
-              pruned_graph_bytes: int = PRUNED_GRAPH_BYTES) -> OnnxBackend:
-    """Open ``version_dir/model.onnx`` on ``device`` (auto|cpu|cuda), with up to ``pruned_graphs``
+def load_onnx(version_dir: Path, *, device: str = "auto", threads: int = 0, spinning: bool = False,
+              pruned_graphs: int = 0, pruned_graph_bytes: int = PRUNED_GRAPH_BYTES) -> OnnxBackend:
+    """Open ``version_dir/model.onnx`` on ``device`` (auto|cpu|cuda), ``threads`` intra-op threads
+    (spinning between operators only if ``spinning``: :func:`hjmodel.serving.session_options`), with up to ``pruned_graphs``
     sessions of the graph cut down to fewer outputs (their graphs ``pruned_graph_bytes`` together),
     opened when a batch first needs them."""
     path = Path(version_dir) / serving.ONNX_FILE
@@ -95,9 +96,11 @@ def load_onnx(version_dir: Path, *, device: str = "auto", threads: int = 0, prun
         # a pruned graph is cut from the file when it is needed (the graph is not kept in memory),
         # and only from the bytes read here, before the session (a file replaced since: none is cut)
         digest = _sha256(path) if pruned_graphs else b""
-        session = serving.open_session(path, threads=threads, providers=providers, flush_subnormals=True)
+        session = serving.open_session(path, threads=threads, spinning=spinning, providers=providers,
+                                    flush_subnormals=True)
         explain_path = path.parent / serving.EXPLAIN_FILE
-        explain = (serving.open_session(explain_path, threads=threads, providers=providers, flush_subnormals=True)
+        explain = (serving.open_session(explain_path, threads=threads, spinning=spinning, providers=providers,
+                                    flush_subnormals=True)
                    if explain_path.is_file() else None)
     except Exception as exc:  # corrupt or invalid graph
         raise ModelLoadFailed(f"onnxruntime cannot load {path.name} / {serving.EXPLAIN_FILE}: {exc}") from None
@@ -112,7 +115,8 @@ def load_onnx(version_dir: Path, *, device: str = "auto", threads: int = 0, prun
         if hashlib.sha256(graph).digest() != digest:
             raise ModelLoadFailed(f"{path.name} changed since it was loaded")
         cut = prune_graph(graph, outputs)
-        return len(cut), lambda: serving.open_session(cut, threads=threads, providers=providers, flush_subnormals=True)
+        return len(cut), lambda: serving.open_session(cut, threads=threads, spinning=spinning, providers=providers,
+                                    flush_subnormals=True)
 
     backend = OnnxBackend(session, "cuda" if _CUDA in used else "cpu", explain)
     if pruned_graphs:

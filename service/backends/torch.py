@@ -76,10 +76,12 @@ class TorchBackend:
         self._module = self._explain = None
 
 
-def load_torch(version_dir: Path, *, device: str = "auto", threads: int = 0, pruned_graphs: int = 0,
-               pruned_graph_bytes: int = PRUNED_GRAPH_BYTES) -> TorchBackend:
+def load_torch(version_dir: Path, *, device: str = "auto", threads: int = 0, spinning: bool = False,
+               pruned_graphs: int = 0, pruned_graph_bytes: int = PRUNED_GRAPH_BYTES) -> TorchBackend:
     """Rebuild the serving module of ``version_dir`` on ``device`` (auto|cpu|cuda), with up to
-    ``pruned_graphs`` traces of it cut down to fewer outputs, recorded when a batch first needs them."""
+    ``pruned_graphs`` traces of it cut down to fewer outputs, recorded when a batch first needs them.
+    ``spinning`` is onnxruntime's and not used here: torch's intra-op threads are OpenMP's, whose
+    wait is set for the whole process by ``OMP_WAIT_POLICY`` before it starts."""
     version_dir = Path(version_dir)
     if not (version_dir / serving.TORCH_FILE).is_file():
         raise ModelLoadFailed(f"{version_dir / serving.TORCH_FILE} does not exist")

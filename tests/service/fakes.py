@@ -105,7 +105,7 @@ class FakeLoader:
         self.backends: dict[tuple[str, int], FakeBackend] = {}
         self.loads = 0
 
-    def __call__(self, version_dir: Path, *, preference: str, device: str, threads: int,
+    def __call__(self, version_dir: Path, *, preference: str, device: str, threads: int, spinning: bool = False,
                  pruned_graphs: int = 0, pruned_graph_bytes: int = 0) -> FakeBackend:
         from service.repository import read_spec
 

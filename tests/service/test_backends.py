@@ -129,6 +129,26 @@ def _bits(a: np.ndarray) -> bytes:
     return np.ascontiguousarray(a).tobytes()
 
 
+@pytest.mark.parametrize("spinning", [False, True])
+def test_onnxruntime_threads_spin_only_when_asked(hj_repo, spinning):
+    """Every session the onnxruntime backend opens -- the serving graph, the explanation graph and a
+    graph of fewer outputs -- has the thread count it was given, and its intra-op threads busy-wait
+    between operators only with ``spinning`` (onnxruntime's own default is to spin)."""
+    version = hj_repo / "iris" / "1"
+    spec = read_spec(version)
+    loaded = load_backend(version, preference="onnx", device="cpu", threads=2, spinning=spinning, pruned_graphs=1)
+    x, tau = _rows(spec, n=4), np.full(4, 0.1)
+    loaded.infer(x, tau, frozenset({"prediction"}))
+    _until(lambda: ("prediction",) in loaded.pruned.built, "no graph of the prediction was built")
+    sessions = [loaded._session, loaded._explain, loaded.pruned.get(frozenset({"prediction"}))[0]]
+    assert all(s is not None for s in sessions)
+    for session in sessions:
+        options = session.get_session_options()
+        assert options.intra_op_num_threads == 2
+        assert options.get_session_config_entry("session.intra_op.allow_spinning") == ("1" if spinning else "0")
+    loaded.close()
+
+
 @pytest.mark.parametrize("backend", ["onnx", "torch"])
 @pytest.mark.parametrize("model", MODELS)
 def test_a_batch_runs_a_graph_of_only_the_outputs_it_needs(hj_repo, backend, model):

@@ -50,6 +50,19 @@ def test_a_versions_explanations_run_in_calls_sized_by_its_first_layer(fake_root
     assert wide == 2 and small == settings.max_batch_size
 
 
+@pytest.mark.parametrize("threads, spinning", [(0, False), (3, True)])
+def test_the_thread_settings_reach_every_load(fake_root, loader, threads, spinning):
+    """HJSERVE_INTRA_OP_THREADS / _SPINNING are passed to the backend loader of every version."""
+    seen = []
+
+    def recording(version_dir, **kwargs):
+        seen.append((kwargs["threads"], kwargs["spinning"]))
+        return loader(version_dir, **kwargs)
+    settings = Settings(model_repository=fake_root, intra_op_threads=threads, intra_op_spinning=spinning)
+    _with_repository(ModelRepository(settings, loader=recording), lambda: asyncio.sleep(0))
+    assert seen and set(seen) == {(threads, spinning)}
+
+
 def test_a_bad_spec_is_reported_and_takes_nothing_down(fake_root, loader):
     spec = json.loads((fake_root / "fclf" / "1" / "model.json").read_text())
     spec["n_outputs"] = 0
