@@ -181,3 +181,20 @@ def test_kserve_grpc_overlay_routes_grpc_v2_to_the_runtimes_grpc_port() -> None:
     args = c["command"] + c["args"]
     assert model["ports"] == [{"name": "h2c", "containerPort": int(args[args.index("--grpc-port") + 1]),
                                "protocol": "TCP"}]
+
+
+@pytest.mark.parametrize("name", sorted(BUILDS))
+def test_onnxruntime_threads_follow_the_containers_cpu_limit(name: str) -> None:
+    """onnxruntime's default thread count is the node's cores, not the container's CPU limit: every
+    manifest sizes the graphs' pools from the limit instead (the Downward API, rounded up)."""
+    docs = by_kind(name)
+    if "Deployment" in docs:
+        c = _container(docs["Deployment"])
+        assert "HJSERVE_INTRA_OP_THREADS" not in docs["ConfigMap"]["data"]   # env would win anyway
+    else:
+        (c,) = docs["ServingRuntime"]["spec"]["containers"]
+    assert "cpu" in c["resources"]["limits"]
+    (threads,) = [e for e in c["env"] if e["name"] == "HJSERVE_INTRA_OP_THREADS"]
+    ref = threads["valueFrom"]["resourceFieldRef"]
+    assert ref["resource"] == "limits.cpu" and str(ref["divisor"]) == "1"
+    assert ref.get("containerName", c["name"]) == c["name"]
