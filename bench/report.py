@@ -1,6 +1,6 @@
 """The results file of an in-process side-by-side benchmark: a title, one line saying how and where it
-was generated, a table. Shared by ``bench/pruned_graphs.py``, ``bench/ab_trace.py`` and
-``bench/route_overhead.py``."""
+was generated, a table. Shared by ``bench/pruned_graphs.py``, ``bench/ab_trace.py``,
+``bench/route_overhead.py`` and ``bench/session_threads.py``."""
 
 from __future__ import annotations
 

@@ -21,6 +21,7 @@ def main() -> int:
     runs = [
         ["bench/hjmodel_bench.py", "--models", args.models],
         ["bench/graph_profile.py", "--models", args.models],
+        ["bench/session_threads.py", "--models", args.models],
         ["bench/hjmodel_eval.py", "--models", args.models],
         ["bench/service_bench.py", "--model-dir", str(Path(args.models) / "digits_lse" / "1")],
         ["bench/request_path.py", "--model-dir", str(Path(args.models) / "digits_lse" / "1")],

@@ -107,8 +107,9 @@ class Settings(BaseSettings):
     intra_op_spinning: bool = False
     """Whether onnxruntime's intra-op threads busy-wait for work between operators (its own default)
     instead of sleeping. Off: the spinning threads take cores the event loop, the other models and
-    co-located clients need (``bench/results/ab_server_spinning.md``); turn it on for a model with
-    cores of its own, where it shortens each wake-up. Nothing spins with ``intra_op_threads=1``."""
+    co-located clients need (``bench/results/ab_server_spinning*.md``); turn it on for a model with
+    cores of its own, where it saves each operator a wake-up (``bench/results/session_threads.md``).
+    Nothing spins with ``intra_op_threads=1``."""
 
     max_batch_size: int = Field(64, ge=1)
     """Largest number of rows the dynamic batcher sends to a backend at once (advertised in the model
