@@ -110,26 +110,30 @@ def test_diameter():
     assert float(F.diameter(W[:1])) == 0.0
 
 
-@pytest.mark.parametrize(("N", "p", "offset"), [(300, 7, 0.0), (1200, 64, 0.0), (500, 784, 0.0), (1200, 64, 1e7)])
-def test_group_distance_bounds_are_upper_bounds_without_n_by_n_memory(N, p, offset):
+@pytest.mark.parametrize(("N", "p", "offset", "G"), [(300, 7, 0.0, 5), (1200, 64, 0.0, 5), (500, 784, 0.0, 5),
+                                                     (1200, 64, 1e7, 5), (900, 16, 0.0, 100)])
+def test_group_distance_bounds_are_upper_bounds_without_n_by_n_memory(N, p, offset, G):
     """Every group pair's bound is >= the max over exact differences (computed here block by block)
     and within 1e-11 relative of it -- also where the Gram expansion cancels (all rows 1e7 from the
-    origin, spread 1) -- and the certificate tables read off it match brute force."""
+    origin, spread 1), and with more groups than are reduced by slices -- symmetric, 0 for an empty
+    group and on the diagonal of a one-row group; and the certificate tables read off it match brute
+    force."""
     gen = torch.Generator().manual_seed(N + p)
     W = offset + torch.randn(N, p, generator=gen, dtype=DT)
-    G = 5
-    group = torch.randint(0, G, (N,), generator=gen)
+    group = torch.randint(0, G - 1, (N,), generator=gen)
+    group[group == 1] = G - 1                                # group 1 is empty, the last is not
+    group[group == 2] = 0
+    group[5] = 2                                             # group 2 is one row
     got = F.group_distance_bounds(W, group, G, chunk=256)
-    exact = torch.zeros(G, G, dtype=DT)
+    assert torch.equal(got, got.T) and not bool(got[1].any()) and float(got[2, 2]) == 0.0
+    exact = torch.zeros(G, G, dtype=DT)                     # 0 where a group is empty
     for i in range(0, N, 128):
         d2 = ((W[i:i + 128, None] - W[None]) ** 2).sum(-1)
-        for a in range(G):
-            rows = group[i:i + 128] == a
-            if rows.any():
-                for b_ in range(G):
-                    exact[a, b_] = torch.maximum(exact[a, b_], d2[rows][:, group == b_].max())
+        by_col = torch.zeros(len(d2), G, dtype=DT).scatter_reduce_(1, group.expand(len(d2), N), d2, "amax")
+        exact.scatter_reduce_(0, group[i:i + 128, None].expand(-1, G), by_col, "amax")
     assert bool((got >= exact).all())
-    assert float(((got - exact) / exact).max()) <= 1e-11
+    nonempty = exact > 0
+    assert float(((got - exact)[nonempty] / exact[nonempty]).max()) <= 1e-11
     mask = torch.nn.functional.one_hot(group, G).T.bool()
     pos, neg = mask[:, None, :].expand(G, G, N), mask[None, :, :].expand(G, G, N)
     L, kappa = F.certificate_tables(W, pos, neg, 0.5)
