@@ -101,5 +101,5 @@ def test_queue_capacity_rule_matches_configured_max_queue_size() -> None:
     assert compose["services"]["hjserve"]["environment"]["HJSERVE_MAX_QUEUE_SIZE"] == expected
     assert load_yaml(K8S_DIR / "base" / "configmap.yaml")["data"]["HJSERVE_MAX_QUEUE_SIZE"] == expected
     runtime = load_yaml(KSERVE_DIR / "servingruntime.yaml")
-    env = {e["name"]: e["value"] for c in runtime["spec"]["containers"] for e in c.get("env", [])}
+    env = {e["name"]: e.get("value") for c in runtime["spec"]["containers"] for e in c.get("env", [])}
     assert env["HJSERVE_MAX_QUEUE_SIZE"] == expected
