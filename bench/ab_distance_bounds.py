@@ -56,7 +56,7 @@ def main() -> int:
     args = ap.parse_args()
     torch.set_num_threads(1)
     base = functional_at(args.base)
-    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    head = report.revision()
     start, rows = time.perf_counter(), []
     for p in map(int, split_names(args.dims)):
         for n in map(int, split_names(args.sizes)):

@@ -19,7 +19,6 @@ recording runs (graph nodes other than constants). Usage: ``python bench/ab_trac
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -31,7 +30,6 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench import report  # noqa: E402
-from bench.pruned_graphs import _per_call  # noqa: E402
 from hjmodel import serving  # noqa: E402
 from hjmodel.artifact import TracedModule, load_serving_module  # noqa: E402
 
@@ -58,12 +56,8 @@ def bench_model(directory: Path, repeats: int) -> list[tuple]:
         xt, tt = torch.from_numpy(x), torch.full((n, 1), 0.1, dtype=torch.float64)
         calls = {"unfolded": lambda a=xt, t=tt: unfolded(a, t), "folded": lambda a=xt, t=tt: folded(a, t),
                  "onnxruntime": lambda f=feeds: session.run(None, f)}
-        times: dict[str, list[float]] = {k: [] for k in calls}
         with torch.inference_mode():      # as the service's torch backend runs it
-            for _ in range(repeats):
-                for key, call in calls.items():
-                    times[key].append(_per_call(call))
-        ms = {k: statistics.median(v) * 1e3 for k, v in times.items()}
+            ms = {k: s * 1e3 for k, s in report.alternate(calls, repeats).items()}
         rows.append((directory.parent.name, n, *ops, ms["unfolded"], ms["folded"], ms["onnxruntime"]))
         print(rows[-1], flush=True)
     return rows

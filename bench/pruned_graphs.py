@@ -23,7 +23,6 @@ DIR] [--repeats 5]``.
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -43,23 +42,6 @@ from service.settings import Settings, split_names  # noqa: E402
 OUT = ROOT / "bench" / "results" / "pruned_graphs.md"
 MODELS = ("digits_lse", "digits_memory", "digits_deep", "diabetes_lse")
 BATCHES = (1, 256)
-
-
-def _per_call(fn, min_seconds: float = 0.1) -> float:
-    """Median of 5 of the mean seconds per call over >= ``min_seconds``."""
-    fn()
-    t0, n = time.perf_counter(), 0
-    while time.perf_counter() - t0 < 0.02:
-        fn()
-        n += 1
-    calls = max(1, int(min_seconds / max((time.perf_counter() - t0) / n, 1e-7)))
-    samples = []
-    for _ in range(5):
-        t = time.perf_counter()
-        for _ in range(calls):
-            fn()
-        samples.append((time.perf_counter() - t) / calls)
-    return statistics.median(samples)
 
 
 def _nodes(graph: bytes) -> int:
@@ -96,12 +78,9 @@ def bench_model(directory: Path, repeats: int) -> list[tuple]:
                                      lambda s=session, k=list(subset), f=feeds: s.run(k, f)),
                      "torch trace": (lambda a=xt, t=tt: whole_trace(a, t), lambda m=trace, a=xt, t=tt: m(a, t))}
             for backend, (whole, pruned) in calls.items():
-                times: dict[str, list[float]] = {"whole": [], "pruned": []}
                 with torch.inference_mode():
-                    for _ in range(repeats):
-                        times["whole"].append(_per_call(whole))
-                        times["pruned"].append(_per_call(pruned))
-                a, b = (statistics.median(times[k]) * 1e3 for k in ("whole", "pruned"))
+                    seconds = report.alternate({"whole": whole, "pruned": pruned}, repeats)
+                a, b = seconds["whole"] * 1e3, seconds["pruned"] * 1e3
                 rows.append((directory.parent.name, label, len(subset), _nodes(cut), _nodes(graph), n, backend, a, b))
                 print(rows[-1], flush=True)
     return rows

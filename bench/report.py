@@ -1,15 +1,53 @@
 """The results file of an in-process side-by-side benchmark: a title, one line saying how and where it
-was generated, a table. Shared by ``bench/pruned_graphs.py``, ``bench/ab_trace.py``,
-``bench/route_overhead.py`` and ``bench/session_threads.py``."""
+was generated, a table -- and the timing they share (:func:`alternate`). Used by
+``bench/pruned_graphs.py``, ``bench/ab_trace.py``, ``bench/route_overhead.py``,
+``bench/session_threads.py`` and ``bench/ab_distance_bounds.py``."""
 
 from __future__ import annotations
 
 import datetime as dt
 import os
 import platform
+import statistics
+import subprocess
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def per_call(fn: Callable[[], object], min_seconds: float = 0.1) -> float:
+    """Median of 5 of the mean seconds per call of ``fn`` over >= ``min_seconds``."""
+    fn()
+    t0, n = time.perf_counter(), 0
+    while time.perf_counter() - t0 < 0.02:
+        fn()
+        n += 1
+    calls = max(1, int(min_seconds / max((time.perf_counter() - t0) / n, 1e-7)))
+    samples = []
+    for _ in range(5):
+        t = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        samples.append((time.perf_counter() - t) / calls)
+    return statistics.median(samples)
+
+
+def alternate(calls: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
+    """Seconds per call of each of ``calls``, timed in turn (:func:`per_call`) for ``repeats`` rounds:
+    the median over rounds, so a slow spell of a shared machine falls on every side alike."""
+    times: dict[str, list[float]] = {key: [] for key in calls}
+    for _ in range(repeats):
+        for key, call in calls.items():
+            times[key].append(per_call(call))
+    return {key: statistics.median(t) for key, t in times.items()}
+
+
+def revision(rev: str = "HEAD") -> str:
+    """``rev``'s short commit hash in this repository."""
+    return subprocess.run(["git", "rev-parse", "--short", rev], cwd=ROOT, check=True, capture_output=True,
+                          text=True).stdout.strip()
 
 
 def machine() -> str:

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -32,7 +31,6 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench import report  # noqa: E402
-from bench.pruned_graphs import _per_call  # noqa: E402
 from hjmodel import serving  # noqa: E402
 
 OUT = ROOT / "bench" / "results" / "session_threads.md"
@@ -51,11 +49,9 @@ def bench_graph(path: Path, repeats: int) -> list[tuple]:
     for n in BATCHES:
         x = np.abs(np.random.default_rng(n).standard_normal((n, n_features))).astype(np.float32) * 4
         feeds = {i.name: (x if i.name == "input" else np.zeros_like(x)) for i in first.get_inputs()}
-        times: dict[str, list[float]] = {label: [] for label in sessions}
-        for _ in range(repeats):
-            for label, session in sessions.items():
-                times[label].append(_per_call(lambda s=session, f=feeds: s.run(None, f)))
-        ms = [statistics.median(times[label]) * 1e3 for label, _ in CONFIGS]
+        seconds = report.alternate({label: lambda s=session, f=feeds: s.run(None, f)
+                                    for label, session in sessions.items()}, repeats)
+        ms = [seconds[label] * 1e3 for label, _ in CONFIGS]
         rows.append((path.parent.parent.name, path.name, n, *ms))
         print(rows[-1], flush=True)
     return rows

@@ -282,14 +282,9 @@ def session_options(threads: int = 0, *, spinning: bool = False) -> Any:
     ``spinning``: whether the intra-op threads busy-wait for work between operators (onnxruntime's
     default) instead of sleeping. Off unless asked for: a spinning pool keeps its cores busy between
     a graph's operators and between calls, and a server shares those cores with its event loop, its
-    other models and, on small machines, its clients. Served on two cores with the default thread
-    count, spinning answered a ``digits_lse`` batch-attribution job at 0.75-0.8x the rows/s of the same
-    threads sleeping, and online requests during such jobs took 1.2-1.9x as long (p50 and p99, lse
-    and memory models); one-row requests alone came out either way within this machine's noise
-    (``bench/results/ab_server_spinning*.md``). The price is on cores nothing else wants: in process,
-    sleeping threads ran 64-row serving graphs 1.2-1.6x slower than spinning ones, each parallel
-    operator waking them (``bench/results/session_threads.md``). With one thread there is no pool and
-    nothing spins."""
+    other models and, on small machines, its clients (served: ``bench/results/ab_server_spinning*.md``);
+    on cores nothing else wants, spinning is faster (in process: ``bench/results/session_threads.md``).
+    docs/ARCHITECTURE.md gives both measurements. With one thread there is no pool and nothing spins."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()

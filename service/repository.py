@@ -214,7 +214,8 @@ class ModelRepository:
         """Blocking: load one version directory (runs in a worker thread)."""
         s = self.settings
         backend = self._loader(path, preference=s.backend, device=s.device, threads=s.intra_op_threads,
-                               spinning=s.intra_op_spinning, pruned_graphs=s.pruned_graphs, pruned_graph_bytes=int(s.pruned_graph_mb * 2**20))
+                               spinning=s.intra_op_spinning, pruned_graphs=s.pruned_graphs,
+                               pruned_graph_bytes=int(s.pruned_graph_mb * 2**20))
         try:
             spec = read_spec(path)
             names = serving.output_names(spec.task)
