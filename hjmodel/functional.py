@@ -44,6 +44,7 @@ __all__ = [
     "grouped_gibbs_entropy",
     "grouped_lse_gibbs",
     "grouped_margin_radius",
+    "grouped_nll",
     "hessian",
     "hj_reading",
     "hopf_cole_value",
@@ -265,6 +266,48 @@ def group_lse(a: Tensor, groups: Groups | Tensor, eps: float) -> Tensor:
     if isinstance(groups, Groups):
         return lse(groups.gather(a), eps)            # the padding is -inf: empty
     return masked_lse_gibbs(a.unsqueeze(-2), groups, eps)[0]
+
+
+def grouped_nll(a_g: Tensor, labels: Tensor, eps: float, leave: Tensor | None = None) -> Tensor:
+    """The training loss of a classifier whose class scores are group LSEs: the mean over rows of
+    -log p_y, p = softmax(s / eps), s_k = eps LSE_{j in group k}(a_j / eps), from pre-activations by
+    group a_g (n, K, S) (-inf in the padding: empty), labels (n,) long. ``leave`` (n,) long: one
+    slot of each row's flattened (K * S) layout to leave out (its support point may not explain its
+    own row), K * S or more for none.
+
+    Its gradient is the closed form (Prop F.1's Gibbs weights): d loss / d a_g[i, k, s] =
+    (p_ik - [k = y_i]) pi_iks / (n eps), with pi the Gibbs weights within group k -- one pass over
+    the (n, K, S) tensor, where autograd through the LSEs and the log-softmax takes a dozen (and,
+    through a gather of a, an (n, N) scatter). ``tests/hjmodel/test_functional.py`` checks value and
+    gradient against autograd in float64."""
+    return _GroupedNLL.apply(a_g, labels, float(eps), leave)
+
+
+class _GroupedNLL(torch.autograd.Function):
+    """:func:`grouped_nll` with its closed-form gradient."""
+
+    @staticmethod
+    def forward(ctx, a_g: Tensor, labels: Tensor, eps: float, leave: Tensor | None) -> Tensor:
+        n, K, S = a_g.shape
+        s = a_g / eps                                       # a new tensor: left-out slots are set in it
+        if leave is not None:
+            hit = (leave < K * S).nonzero().squeeze(-1)
+            s.view(n, K * S)[hit, leave[hit]] = -math.inf
+        top = _finite_shift(s.amax(-1))
+        pi = torch.exp(s.sub_(top.unsqueeze(-1)))
+        total = pi.sum(-1)
+        log_p = torch.log_softmax(top + torch.log(total), dim=-1)   # (n, K): log softmax(s / eps)
+        pi.div_(torch.where(total > 0, total, 1.0).unsqueeze(-1))   # within-group Gibbs weights
+        coef = log_p.exp()
+        coef[torch.arange(n, device=a_g.device), labels] -= 1.0    # p_ik - [k = y_i]
+        ctx.eps = eps
+        ctx.save_for_backward(pi, coef)
+        return -log_p.gather(1, labels.unsqueeze(-1)).mean()
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        pi, coef = ctx.saved_tensors
+        return pi * (coef * (grad / (pi.shape[0] * ctx.eps))).unsqueeze(-1), None, None, None
 
 
 def group_gibbs(a: Tensor, mask: Tensor, eps: float) -> Tensor:

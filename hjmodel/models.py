@@ -148,6 +148,19 @@ class GibbsHead(nn.Module):
     def preactivations(self, h: Tensor) -> Tensor:
         return F.preactivations(h, self.W.to(h.dtype), self.b.to(h.dtype))
 
+    def preactivations_by_group(self, h: Tensor, rows: Tensor | None = None) -> Tensor:
+        """The pre-activations by class group (n, K, S), -inf in the padding, differentiable in the
+        weights: a reshape of a when the groups are one block each (lse heads), else one product
+        with the rows by group (``rows``: ``groups.rows(W)`` when the caller keeps them -- a memory
+        head's rows are fixed while it trains) and the biases gathered by group, never a gather of
+        an (n, N) tensor."""
+        groups = self.groups
+        if groups.contiguous:
+            return groups.gather(self.preactivations(h))
+        rows = groups.rows(self.W) if rows is None else rows
+        b_g = groups.gather(self.b.to(h.dtype)).reshape(-1)
+        return torch.addmm(b_g, h, rows.to(h.dtype).reshape(-1, rows.shape[-1]).T).view(h.shape[0], *groups.shape)
+
     def outputs(self, a: Tensor) -> Tensor:
         """Raw outputs: group LSE values s (lse) or Gibbs averages yhat (memory).  (n, N) -> (n, K)."""
         if self.mode == "groups":
@@ -162,12 +175,13 @@ class GibbsHead(nn.Module):
         s, pi_g = F.lse_gibbs(a_g, self.eps)                            # the padding is -inf: empty
         return a_g, s, pi_g
 
-    def log_probabilities(self, a: Tensor, s: Tensor | None = None) -> Tensor:
+    def log_probabilities(self, a: Tensor | None, s: Tensor | None = None) -> Tensor:
         """Class log-probabilities for training and serving.  (n, N) -> (n, K).
 
         lse: log softmax(s / eps). memory (one-hot V): log sum_{j in class k} pi_j, which is the same
         log softmax(s / eps) when the classes partition the support points (``groups``: one-hot
-        labels). ``s``: the class groups' LSE values when already computed (:meth:`grouped`)."""
+        labels). ``s``: the class groups' LSE values when already computed (:meth:`grouped`; ``a`` is
+        then not read where the head has groups)."""
         if s is None:
             s = F.group_lse(a, self.groups if self.groups is not None else self.V.T > 0.5, self.eps)
         if self.groups is not None:
@@ -517,8 +531,7 @@ class HJModel(nn.Module):
         # outputs, the log-probabilities and the certificate
         grouped = None
         if head.groups is not None:
-            a_g = None if not by_rows else F.preactivations(
-                h, *(t.to(h.device) for t in self._head_by_group)).view(n, *head.groups.shape)
+            a_g = self._head_by_rows(h) if by_rows else None
             grouped = head.grouped(a, a_g)
             if by_rows:
                 a = head.groups.spread(a_g)          # the trace's a, consistent with the decision's a_g
@@ -634,6 +647,32 @@ class HJModel(nn.Module):
         served = {name: res[name] for name in output_names(self.task) if name in wanted and name in res}
         return Evaluation(outputs=served, h=h, a=a, pi=pi, decision=c, n_keep=n_keep, dominant=dominant,
                           log_probs=log_probs, ambiguity=ambiguity)
+
+    def _head_by_rows(self, h: Tensor) -> Tensor:
+        """The head's pre-activations by class group (n, K, S) from its rows by group (the weight
+        constants of :meth:`refresh`): one product, no gather of a."""
+        rows, b_g = (t.to(h.device) for t in self._head_by_group)
+        return F.preactivations(h, rows, b_g).view(h.shape[0], *self.head.groups.shape)
+
+    @torch.no_grad()
+    def decisions(self, x: Tensor) -> tuple[Tensor, Tensor | None]:
+        """Head features h (n, p) and class log-probabilities (n, K) (None: regression) of raw
+        inputs, in row blocks: :meth:`evaluate`'s forward trace up to the decision, the same numbers,
+        without the Gibbs weights, the (n, N) pre-activations and the rest of the trace -- what
+        calibration asks of every training row (an O(n N p) product for a memory head)."""
+        x = torch.as_tensor(x).to(torch.float64)
+        head, classify = self.head, self.task == "classification"
+        by_rows = head.groups is not None and not head.groups.contiguous
+        H, log_p = [], []
+        for rows in self.row_blocks(x.shape[0]):
+            h, _, a, _, _ = self._trace(x[rows], head=classify and not by_rows)
+            H.append(h)
+            if classify and head.groups is None:
+                log_p.append(head.log_probabilities(a))
+            elif classify:   # s as evaluate's head.grouped computes it
+                a_g = self._head_by_rows(h) if by_rows else head.groups.gather(a)
+                log_p.append(head.log_probabilities(a, F.lse(a_g, head.eps)))
+        return torch.cat(H), (torch.cat(log_p) if log_p else None)
 
     # ---------------------------------------------------------------- pieces
     def _body_jacobian(self, gibbs_body: list[Tensor]) -> Tensor | None:

@@ -125,10 +125,6 @@ def _fit(model: HJModel, X: torch.Tensor, y: torch.Tensor, cfg: TrainConfig, par
         m.eps = e
 
 
-def _forward_a(model: HJModel, X: torch.Tensor) -> torch.Tensor:
-    return model.head.preactivations(model.features(X))
-
-
 def train(data: Dataset, cfg: TrainConfig | None = None) -> tuple[HJModel, TrainReport]:
     """Train a model of ``cfg.kind`` on ``data`` and calibrate it; returns (model, report)."""
     cfg = cfg or TrainConfig()
@@ -178,12 +174,13 @@ def train(data: Dataset, cfg: TrainConfig | None = None) -> tuple[HJModel, Train
         d_in = units
     tr_t = torch.as_tensor(tr)
 
-    loo = {"pos_of": None}  # leave-one-out: a support point may not explain itself
+    # leave-one-out (a support point may not explain itself) and a memory head's fixed rows by group
+    loo = {"pos_of": None, "rows": None}
     if cfg.kind == "memory":
         supp = tr_t[_support(cfg, Z[tr_t], y[tr_t] if task == "classification" else None, gen)]
         head = _memory_head(Z[supp], y[supp], supp, K, task, eps, cfg.t)
         params = [head.b]
-        loo["pos_of"] = _positions(supp, len(X_all))
+        loo["pos_of"], loo["rows"] = _positions(supp, len(X_all)), _fixed_rows(head)
     else:
         t = cfg.t if cfg.t is not None else 0.5
         N = K * cfg.pieces
@@ -199,13 +196,20 @@ def train(data: Dataset, cfg: TrainConfig | None = None) -> tuple[HJModel, Train
     model = HJModel(cfg.kind, task, pre, body, head, ref, meta)
 
     def loss_fn(xb, yb, sel):
-        a = _forward_a(model, xb)
-        pos_of = loo["pos_of"]
-        if pos_of is not None:
-            a = _leave_out(a, pos_of[tr_t[sel]])
+        head, pos_of = model.head, loo["pos_of"]
+        positions = None if pos_of is None else pos_of[tr_t[sel]]
+        if task == "classification" and head.groups is not None:
+            # by class group, with the loss's closed-form gradient: no (n, N) tensor or its scatter
+            a_g = head.preactivations_by_group(model.features(xb), loo["rows"])
+            leave = None if positions is None else torch.where(
+                positions >= 0, head.groups.place[positions.clamp_min(0)], head.groups.slots.numel())
+            return F.grouped_nll(a_g, yb, head.eps, leave)
+        a = head.preactivations(model.features(xb))
+        if positions is not None:
+            a = _leave_out(a, positions)
         if task == "classification":
-            return torch.nn.functional.nll_loss(model.head.log_probabilities(a), yb)
-        return torch.nn.functional.mse_loss(model.head.outputs(a), yb)
+            return torch.nn.functional.nll_loss(head.log_probabilities(a), yb)
+        return torch.nn.functional.mse_loss(head.outputs(a), yb)
 
     if cfg.epochs > 0:
         _fit(model, X[tr], y[tr], cfg if cfg.kind != "memory" else _memory_cfg(cfg), params, loss_fn, gen)
@@ -220,7 +224,7 @@ def train(data: Dataset, cfg: TrainConfig | None = None) -> tuple[HJModel, Train
         model.head = _memory_head(H, y[supp], supp, K, task, eps_m, None)
         for layer in model.body:
             layer.requires_grad_(False)
-        loo["pos_of"] = _positions(supp, len(X_all))
+        loo["pos_of"], loo["rows"] = _positions(supp, len(X_all)), _fixed_rows(model.head)
         _fit(model, X[tr], y[tr], _memory_cfg(cfg), [model.head.b], loss_fn, gen)
     with torch.no_grad():
         if task == "regression":
@@ -264,6 +268,11 @@ def _positions(supp: torch.Tensor, n: int) -> torch.Tensor:
     pos_of = torch.full((n,), -1, dtype=torch.long)
     pos_of[supp] = torch.arange(len(supp))
     return pos_of
+
+
+def _fixed_rows(head: GibbsHead) -> torch.Tensor | None:
+    """A memory head's rows by class group (its W does not train), for the training loss."""
+    return None if head.groups is None else head.groups.rows(head.W.detach())
 
 
 def _memory_cfg(cfg: TrainConfig) -> TrainConfig:
@@ -368,23 +377,14 @@ def calibrate(model: HJModel, X_train: torch.Tensor, X_cal: torch.Tensor, cfg: T
         loo_u = [model.ood_unsupported(H_tr[i:i + 2048], None if classes is None else classes[i:i + 2048],
                                        own[i:i + 2048]) for i in range(0, H_tr.shape[0], 2048)]
         ref.norm_unsupported = torch.sort(torch.cat(loo_u)).values
-        T = []
-        for rows in model.row_blocks(n_cal):
-            out = model.evaluate(X_cal[rows], outputs=())              # the forward trace only
-            T.append(model.combined_statistic(out.h, out.log_probs))
+        T = [model.combined_statistic(*model.decisions(X_cal[rows])) for rows in model.row_blocks(n_cal)]
         ref.combined = torch.sort(torch.cat(T)).values
 
 
 def _features_and_classes(model: HJModel, X: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Head features (n, p) and decided classes (n,) (None: regression), in row blocks: the (n, N)
-    pre-activations of many rows against many support points are never held at once."""
-    H, classes = [], []
-    for rows in model.row_blocks(X.shape[0]):
-        out = model.evaluate(X[rows].to(torch.float64), outputs=())
-        H.append(out.h)
-        if out.log_probs is not None:
-            classes.append(out.log_probs.argmax(-1))
-    return torch.cat(H), (torch.cat(classes) if classes else None)
+    """Head features (n, p) and decided classes (n,) (None: regression)."""
+    H, log_p = model.decisions(X)
+    return H, (None if log_p is None else log_p.argmax(-1))
 
 
 #: multiples of eps/4 (the gauge of earlier versions) that :func:`calibrate` searches for t

@@ -334,6 +334,42 @@ def _random_mask(gen, K, N, allow_empty=True):
     return groups[None, :] == torch.arange(K)[:, None]
 
 
+@pytest.mark.parametrize("seed", SEEDS)
+def test_grouped_nll_and_its_gradient_match_autograd(seed, layer, close):
+    """The training loss of grouped LSE classes with its closed-form gradient, against autograd
+    through torch.logsumexp per group and the log-softmax, each row's left-out neuron -inf: groups
+    of unequal sizes (padding), rows with and without a left-out slot, eps from tiny to large."""
+    L = layer(seed, N=(6, 20))
+    K, n = 4, L.z.shape[0]
+    mask = _random_mask(L.gen, K, L.N, allow_empty=False)
+    groups = F.Groups.of(mask)
+    member = mask.long().argmax(0)                                   # each neuron's group
+    labels = torch.randint(0, K, (n,), generator=L.gen)
+    # half of the rows leave out one neuron of their own class (when it has another)
+    out = torch.full((n,), -1, dtype=torch.long)
+    for i in range(0, n, 2):
+        own = mask[labels[i]].nonzero()[:, 0]
+        if len(own) > 1:
+            out[i] = own[int(torch.randint(0, len(own), (), generator=L.gen))]
+    for eps, scale in ((L.eps, 1.0), (1e-3, 1e3), (1e3, 1e2)):
+        a = F.preactivations(L.z * scale, L.W, L.b).requires_grad_(True)
+        kept = torch.where(torch.nn.functional.one_hot(out.clamp_min(0), L.N).bool() & (out >= 0)[:, None],
+                           -math.inf, a)
+        s = torch.stack([eps * torch.logsumexp(kept[:, member == k] / eps, -1) for k in range(K)], -1)
+        reference = torch.nn.functional.nll_loss(torch.log_softmax(s / eps, -1), labels)
+        (g_ref,) = torch.autograd.grad(reference, a)
+        leave = torch.where(out >= 0, groups.place[out.clamp_min(0)], groups.slots.numel())
+        loss = F.grouped_nll(groups.gather(a), labels, eps, leave)
+        (g,) = torch.autograd.grad(loss, a)
+        close(loss.detach(), reference.detach(), 1e-12)
+        close(g, g_ref, 1e-12, scale=float(g_ref.abs().max()))
+        assert bool((g[(out >= 0).nonzero()[:, 0], out[out >= 0]] == 0).all())   # left out: no gradient
+        # no slot left out is the same as leave=None
+        plain = F.grouped_nll(groups.gather(a.detach()), labels, eps)
+        full = torch.nn.functional.nll_loss(torch.log_softmax(F.group_lse(a.detach(), groups, eps) / eps, -1), labels)
+        close(plain, full, 1e-12)
+
+
 @pytest.mark.parametrize("seed", STRIDED)
 def test_integrated_gradients_grouped(seed, layer, close):
     L = layer(seed, N=(4, 12), log10_eps=(-0.3, 0.5), z_scale=1.0)

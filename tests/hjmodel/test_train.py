@@ -251,6 +251,26 @@ def test_row_blocks_change_nothing(name, demo_repository, monkeypatch):
         assert same(value, whole[key]), key
 
 
+@pytest.mark.parametrize("name", ["digits_lse", "digits_memory", "digits_deep", "diabetes_lse", "memory regression"])
+def test_decisions_are_evaluates_forward_trace(name, demo_repository, memory_regression, monkeypatch):
+    """``decisions`` (what calibration asks of every training row) answers the features and class
+    log-probabilities :meth:`evaluate` computes, bit for bit, in one block and in row blocks (both
+    in the same blocks: BLAS may round the last bits differently at another batch size)."""
+    import hjmodel.models as models
+
+    model = memory_regression if name == "memory regression" else load_model(demo_repository / name / "1").double()
+    X = torch.as_tensor(np.random.default_rng(6).normal(8.0, 5.0, (23, model.n_features)))
+    for block in (None, 4):
+        if block:
+            monkeypatch.setattr(models, "BLOCK_ELEMENTS", block * model.row_elements)
+            assert len(model.row_blocks(23)) == 6
+        whole = model.evaluate(X, outputs=())
+        h, log_p = model.decisions(X)
+        assert torch.equal(h, whole.h)
+        assert (log_p is None) == (whole.log_probs is None) == (model.task == "regression")
+        assert log_p is None or torch.equal(log_p, whole.log_probs)
+
+
 def test_kcenter_is_the_greedy_covering():
     """Greedy k-center against a brute-force check of its definition: each pick is the row farthest
     from the rows picked before it, the first the row nearest the mean; its covering radius is at
