@@ -33,12 +33,13 @@ OUT = ROOT / "bench" / "results" / "ab_training.md"
 def child(tree: str, kind: str, N: int, d: int, min_steps: int, save: str) -> None:
     """Train one configuration with ``tree``'s hjmodel; print its times as JSON, save its weights."""
     sys.path[:0] = [tree, str(ROOT)]
+    import importlib
     import math
     import warnings
 
     import torch
 
-    import hjmodel.train as train_module
+    train_module = importlib.import_module("hjmodel.train")   # (hjmodel.train, the attribute, is the function)
     from bench.scaling_bench import synthetic
     from hjmodel import TrainConfig, train
 

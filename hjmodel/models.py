@@ -292,10 +292,13 @@ class HJModel(nn.Module):
     """An LSE network of kind ``lse``, ``memory`` or ``deep`` with every HJ diagnostic.
 
     ``task`` is ``"classification"`` or ``"regression"``. ``meta`` carries class names, feature
-    names, provenance and metrics into the artifact."""
+    names, provenance and metrics into the artifact. ``constants`` False leaves :meth:`refresh`'s
+    weight-only constants to the caller, who calls it before evaluating: the trainer, once the
+    weights are trained (a memory head's certificate tables of the untrained weights would be
+    thrown away: a minute at 60,000 support points in d = 784)."""
 
     def __init__(self, kind: str, task: str, preprocess: Preprocess, body: list[LSEGroupLayer],
-                 head: GibbsHead, reference: OODReference, meta: dict | None = None):
+                 head: GibbsHead, reference: OODReference, meta: dict | None = None, *, constants: bool = True):
         super().__init__()
         if kind not in KINDS:
             raise ValueError(f"unknown kind {kind!r}")
@@ -305,7 +308,8 @@ class HJModel(nn.Module):
         self.preprocess, self.body, self.head = preprocess, nn.ModuleList(body), head
         self.reference = reference
         self.meta = dict(meta or {})
-        self.refresh()
+        if constants:
+            self.refresh()
 
     def _apply(self, fn, recurse=True):
         """``Module.to`` / ``.cuda`` move parameters and buffers; the weight-only constants that

@@ -193,7 +193,7 @@ def train(data: Dataset, cfg: TrainConfig | None = None) -> tuple[HJModel, Train
 
     ref = OODReference(points=torch.zeros(1, d_in, dtype=torch.float64), t=1.0, eps=1.0, alpha=cfg.alpha)
     meta = {"class_names": class_names, "feature_names": data.feature_names}
-    model = HJModel(cfg.kind, task, pre, body, head, ref, meta)
+    model = HJModel(cfg.kind, task, pre, body, head, ref, meta, constants=False)   # refreshed once trained
 
     def loss_fn(xb, yb, sel):
         head, pos_of = model.head, loo["pos_of"]
