@@ -128,7 +128,7 @@ def main() -> int:
                  f"torch {torch.__version__}, one thread, each training in its own process; this tree at {head}, "
                  f"base {base_rev}; what is timed and compared: the module docstring.",
                  ("kind", "N", "d", "base train s (fit + calibrate)", "this tree train s (fit + calibrate)",
-                  "this / base: train", "fit", "calibrate", "largest |b| difference",
+                  "this / base: train", "fit", "calibrate", "largest difference of the trained biases",
                   "largest conformal statistic difference", "accuracy base / this", "rounds"),
                  ((kind, str(N), str(d),
                    f"{m['base']['train_s']:.1f} ({m['base']['fit']:.1f} + {m['base']['calibrate']:.1f})",

@@ -1,7 +1,7 @@
 """The results file of an in-process side-by-side benchmark: a title, one line saying how and where it
 was generated, a table -- and the timing they share (:func:`alternate`). Used by
 ``bench/pruned_graphs.py``, ``bench/ab_trace.py``, ``bench/route_overhead.py``,
-``bench/session_threads.py`` and ``bench/ab_distance_bounds.py``."""
+``bench/session_threads.py``, ``bench/ab_distance_bounds.py`` and ``bench/ab_training.py``."""
 
 from __future__ import annotations
 

@@ -289,7 +289,7 @@ class _GroupedNLL(torch.autograd.Function):
     @staticmethod
     def forward(ctx, a_g: Tensor, labels: Tensor, eps: float, leave: Tensor | None) -> Tensor:
         n, K, S = a_g.shape
-        s = a_g / eps                                       # a new tensor: left-out slots are set in it
+        s = (a_g / eps).contiguous()            # a new tensor (left-out slots are set in it), viewable
         if leave is not None:
             hit = (leave < K * S).nonzero().squeeze(-1)
             s.view(n, K * S)[hit, leave[hit]] = -math.inf

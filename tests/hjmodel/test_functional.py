@@ -364,6 +364,10 @@ def test_grouped_nll_and_its_gradient_match_autograd(seed, layer, close):
         close(loss.detach(), reference.detach(), 1e-12)
         close(g, g_ref, 1e-12, scale=float(g_ref.abs().max()))
         assert bool((g[(out >= 0).nonzero()[:, 0], out[out >= 0]] == 0).all())   # left out: no gradient
+        # a non-contiguous layout of the same numbers leaves the same slots out
+        strided = groups.gather(a.detach()).transpose(0, 1).contiguous().transpose(0, 1)
+        assert not strided.is_contiguous()
+        assert torch.equal(F.grouped_nll(strided, labels, eps, leave), loss.detach())
         # no slot left out is the same as leave=None
         plain = F.grouped_nll(groups.gather(a.detach()), labels, eps)
         full = torch.nn.functional.nll_loss(torch.log_softmax(F.group_lse(a.detach(), groups, eps) / eps, -1), labels)
