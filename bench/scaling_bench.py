@@ -193,7 +193,7 @@ def main() -> int:
     ap.add_argument("--sizes", default="1000,5000,20000,60000")
     ap.add_argument("--dims", default="64,784")
     ap.add_argument("--kinds", default="lse,memory,deep")
-    ap.add_argument("--epochs", type=int, default=3)
+    ap.add_argument("--epochs", type=int, default=2)
     ap.add_argument("--min-steps", type=int, default=50, help="at least this many optimiser steps (more epochs "
                                                                  "where N is small)")
     ap.add_argument("--one", nargs=3, metavar=("KIND", "N", "D"), help=argparse.SUPPRESS)
