@@ -40,6 +40,7 @@ def child(tree: str, kind: str, N: int, d: int, min_steps: int, save: str) -> No
     import torch
 
     train_module = importlib.import_module("hjmodel.train")   # (hjmodel.train, the attribute, is the function)
+    from bench import report
     from bench.scaling_bench import synthetic
     from hjmodel import TrainConfig, train
 
@@ -47,18 +48,8 @@ def child(tree: str, kind: str, N: int, d: int, min_steps: int, save: str) -> No
     torch.set_num_threads(1)
     warnings.simplefilter("ignore")
     spent = {"fit": 0.0, "calibrate": 0.0}
-
-    def timed(name, fn):
-        def run(*args, **kwargs):
-            t = time.perf_counter()
-            try:
-                return fn(*args, **kwargs)
-            finally:
-                spent[name] += time.perf_counter() - t
-        return run
-
-    train_module._fit = timed("fit", train_module._fit)
-    train_module.calibrate = timed("calibrate", train_module.calibrate)
+    train_module._fit = report.timed(spent, "fit", train_module._fit)
+    train_module.calibrate = report.timed(spent, "calibrate", train_module.calibrate)
     data = synthetic(int(round(N / 0.8)), d)
     epochs = max(2, math.ceil(min_steps / math.ceil(N / TrainConfig().batch_size)))
     cfg = TrainConfig(kind=kind, epochs=epochs, memory_size=N, test_fraction=0.1, calibration_fraction=0.1,

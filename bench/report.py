@@ -6,6 +6,7 @@ was generated, a table -- and the timing they share (:func:`alternate`). Used by
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import os
 import platform
 import statistics
@@ -32,6 +33,20 @@ def per_call(fn: Callable[[], object], min_seconds: float = 0.1) -> float:
             fn()
         samples.append((time.perf_counter() - t) / calls)
     return statistics.median(samples)
+
+
+def timed(totals: dict[str, float], key: str, fn: Callable) -> Callable:
+    """``fn`` (a function) wrapped to add the seconds of each call to ``totals[key]``: where a
+    process spends its time, stage by stage (``request_path.py``'s server, ``ab_training.py``'s
+    training steps and calibration)."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        start = time.perf_counter()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            totals[key] += time.perf_counter() - start
+    return wrapper
 
 
 def alternate(calls: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:

@@ -78,6 +78,7 @@ STAGES = [
 
 def serve_instrumented(argv: list[str]) -> None:
     """``python -m service`` with timers; writes ``$HJSERVE_STAGES_OUT`` (JSON) at exit."""
+    from bench import report
     from service import batching, codecs, dataplane, metrics
     from service.backends import onnx
     from service.rest import app, v2
@@ -87,14 +88,7 @@ def serve_instrumented(argv: list[str]) -> None:
     requests = [0]
 
     def timed(key, fn):
-        @functools.wraps(fn)
-        def wrapper(*args, **kwargs):
-            start = time.perf_counter()
-            try:
-                return fn(*args, **kwargs)
-            finally:
-                total[key] += time.perf_counter() - start
-        return wrapper
+        return report.timed(total, key, fn)
 
     def timed_async(key, fn):
         @functools.wraps(fn)

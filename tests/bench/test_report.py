@@ -1,0 +1,40 @@
+"""bench/report.py's stage timer, which request_path.py's server and ab_training.py's trainings
+read their breakdowns from."""
+
+from __future__ import annotations
+
+import importlib.util
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def report():
+    spec = importlib.util.spec_from_file_location("bench_report", ROOT / "bench" / "report.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_timed_adds_every_calls_seconds_and_keeps_answers_and_errors(report):
+    totals: dict[str, float] = defaultdict(float)
+
+    def nap(seconds: float, fail: bool = False) -> float:
+        """a stage"""
+        time.sleep(seconds)
+        if fail:
+            raise ValueError("stage failed")
+        return seconds
+
+    stage = report.timed(totals, "nap", nap)
+    assert stage.__name__ == "nap" and stage.__doc__ == "a stage"
+    assert stage(0.02) == 0.02
+    with pytest.raises(ValueError, match="stage failed"):
+        stage(0.03, fail=True)            # a failing call's time counts too
+    assert 0.05 <= totals["nap"] < 0.5
+    assert set(totals) == {"nap"}
