@@ -5,7 +5,7 @@ dimension d, for every kind. Writes ``bench/results/scaling.md``.
         [--epochs 2] [--min-steps 50] [--keep bench/results/scaling.md]
 
 ``--keep`` carries an earlier report's rows into this run (a new row replaces the one of its kind, N
-and d), so a slow configuration -- the memory head at N = 60,000 takes 20-30 min -- need not be rerun
+and d), so a slow configuration -- the memory head at N = 60,000 takes 7-20 min -- need not be rerun
 with the others; each row names the commit it was measured on.
 
 Data: synthetic, 10 classes, class means drawn N(0, 1) per coordinate, rows = mean + N(0, 1.5^2)

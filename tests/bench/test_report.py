@@ -3,22 +3,15 @@ read their breakdowns from."""
 
 from __future__ import annotations
 
-import importlib.util
 import time
 from collections import defaultdict
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
-
 
 @pytest.fixture(scope="module")
-def report():
-    spec = importlib.util.spec_from_file_location("bench_report", ROOT / "bench" / "report.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def report(load_bench):
+    return load_bench("report")
 
 
 def test_timed_adds_every_calls_seconds_and_keeps_answers_and_errors(report):

@@ -1,22 +1,14 @@
 """bench/scaling_bench.py's report carries its rows, so that ``--keep`` adds new measurements to an
-earlier run's without rerunning it (its N = 60,000 memory rows take 20-30 min each)."""
+earlier run's without rerunning it (its N = 60,000 memory rows take 7-20 min each)."""
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pytest
-
-ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
-def scaling():
-    spec = importlib.util.spec_from_file_location("scaling_bench", ROOT / "bench" / "scaling_bench.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def scaling(load_bench):
+    return load_bench("scaling_bench")
 
 
 def _row(kind: str, N: int, d: int, **extra) -> dict:
