@@ -22,7 +22,6 @@ DIR] [--repeats 5]``.
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from pathlib import Path
@@ -87,11 +86,7 @@ def bench_model(directory: Path, repeats: int) -> list[tuple]:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--models", default=str(ROOT / "models"))
-    ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--out", default=str(OUT))
-    args = ap.parse_args()
+    args = report.arguments(__doc__, OUT, repeats=5).parse_args()
     torch.set_num_threads(1)
     serving.flush_subnormals()   # the served sessions' thread does (service.batching)
     start = time.perf_counter()

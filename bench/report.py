@@ -1,10 +1,12 @@
 """The results file of an in-process side-by-side benchmark: a title, one line saying how and where it
 was generated, a table -- and the timing they share (:func:`alternate`). Used by
 ``bench/pruned_graphs.py``, ``bench/ab_trace.py``, ``bench/route_overhead.py``,
-``bench/session_threads.py``, ``bench/ab_distance_bounds.py`` and ``bench/ab_training.py``."""
+``bench/session_threads.py``, ``bench/ab_distance_bounds.py`` and ``bench/ab_training.py``; the
+command line of the first four (:func:`arguments`)."""
 
 from __future__ import annotations
 
+import argparse
 import datetime as dt
 import functools
 import os
@@ -57,6 +59,17 @@ def alternate(calls: dict[str, Callable[[], object]], repeats: int) -> dict[str,
         for key, call in calls.items():
             times[key].append(per_call(call))
     return {key: statistics.median(t) for key, t in times.items()}
+
+
+def arguments(doc: str, out: Path, repeats: int) -> argparse.ArgumentParser:
+    """The command line the in-process benches over the demo models share: ``--models`` (the
+    repository, default ``models/``), ``--repeats`` (rounds of :func:`alternate`) and ``--out`` (the
+    results file); a script adds its own before parsing. ``doc``: the script's docstring."""
+    ap = argparse.ArgumentParser(description=doc.split("\n")[0])
+    ap.add_argument("--models", default=str(ROOT / "models"))
+    ap.add_argument("--repeats", type=int, default=repeats)
+    ap.add_argument("--out", default=str(out))
+    return ap
 
 
 def revision(rev: str = "HEAD") -> str:

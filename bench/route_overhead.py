@@ -19,7 +19,6 @@ Usage: ``python bench/route_overhead.py [--models DIR] [--repeats 15] [--calls 3
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import statistics
@@ -103,11 +102,8 @@ async def measure(models: Path, repeats: int, calls: int) -> list[tuple]:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--models", default=str(ROOT / "models"))
-    ap.add_argument("--repeats", type=int, default=15)
+    ap = report.arguments(__doc__, OUT, repeats=15)
     ap.add_argument("--calls", type=int, default=300)
-    ap.add_argument("--out", default=str(OUT))
     args = ap.parse_args()
     import uvloop
 

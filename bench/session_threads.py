@@ -19,7 +19,6 @@ spinning; served, the event loop, the other models and co-located clients share 
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import time
@@ -58,11 +57,7 @@ def bench_graph(path: Path, repeats: int) -> list[tuple]:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--models", default=str(ROOT / "models"))
-    ap.add_argument("--repeats", type=int, default=7)
-    ap.add_argument("--out", default=str(OUT))
-    args = ap.parse_args()
+    args = report.arguments(__doc__, OUT, repeats=7).parse_args()
     serving.flush_subnormals()   # the backend's thread does (service.batching)
     start = time.perf_counter()
     rows = [r for m in MODELS for graph in (serving.ONNX_FILE, serving.EXPLAIN_FILE)

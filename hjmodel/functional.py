@@ -616,9 +616,8 @@ def group_distance_bounds(W: Tensor, group: Tensor, n_groups: int, chunk: int = 
     added to each group pair's maximum, which is then rounded up: a bound, and within ~1e-13
     relative of the exact maximum."""
     N, p = W.shape
-    table = W.new_zeros(n_groups, n_groups)
     if N < 2:
-        return table
+        return W.new_zeros(n_groups, n_groups)
     order = torch.argsort(group, stable=True)
     group = group[order]
     X = W[order] - W.mean(0, keepdim=True)
@@ -655,7 +654,7 @@ def group_distance_bounds(W: Tensor, group: Tensor, n_groups: int, chunk: int = 
     found = found + 2.0 * (p + 4) * 2.0 ** -53 * (top.unsqueeze(1) + top.unsqueeze(0)) ** 2
     found = torch.nextafter(found.clamp_min(0.0), torch.tensor(math.inf, dtype=found.dtype))
     found = found.diagonal_scatter(torch.where(counts == 1, 0.0, found.diagonal()))   # |w_i - w_i| = 0
-    return torch.where(seen, found, table)
+    return torch.where(seen, found, 0.0)
 
 
 def _groups_of(masks: Tensor) -> tuple[Tensor, int]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from collections.abc import Collection
 from pathlib import Path
@@ -78,9 +79,9 @@ class OnnxBackend:
 def load_onnx(version_dir: Path, *, device: str = "auto", threads: int = 0, spinning: bool = False,
               pruned_graphs: int = 0, pruned_graph_bytes: int = PRUNED_GRAPH_BYTES) -> OnnxBackend:
     """Open ``version_dir/model.onnx`` on ``device`` (auto|cpu|cuda), ``threads`` intra-op threads
-    (spinning between operators only if ``spinning``: :func:`hjmodel.serving.session_options`), with up to ``pruned_graphs``
-    sessions of the graph cut down to fewer outputs (their graphs ``pruned_graph_bytes`` together),
-    opened when a batch first needs them."""
+    (spinning between operators only if ``spinning``: :func:`hjmodel.serving.session_options`), with
+    up to ``pruned_graphs`` sessions of the graph cut down to fewer outputs (their graphs
+    ``pruned_graph_bytes`` together), opened when a batch first needs them."""
     path = Path(version_dir) / serving.ONNX_FILE
     if not path.is_file():
         raise ModelLoadFailed(f"{path} does not exist")
@@ -92,16 +93,17 @@ def load_onnx(version_dir: Path, *, device: str = "auto", threads: int = 0, spin
     if device == "cuda" and _CUDA not in available:
         raise ModelLoadFailed("device 'cuda' requested but onnxruntime has no CUDAExecutionProvider")
     providers = [_CUDA, _CPU] if device in ("auto", "cuda") and _CUDA in available else [_CPU]
-    try:   # the backend's thread flushes subnormals too (service.batching)
+    # every session of this version (serving, explanation, pruned graphs) opens with the same options;
+    # the backend's thread flushes subnormals too (service.batching)
+    open_graph = functools.partial(serving.open_session, threads=threads, spinning=spinning, providers=providers,
+                                   flush_subnormals=True)
+    try:
         # a pruned graph is cut from the file when it is needed (the graph is not kept in memory),
         # and only from the bytes read here, before the session (a file replaced since: none is cut)
         digest = _sha256(path) if pruned_graphs else b""
-        session = serving.open_session(path, threads=threads, spinning=spinning, providers=providers,
-                                    flush_subnormals=True)
+        session = open_graph(path)
         explain_path = path.parent / serving.EXPLAIN_FILE
-        explain = (serving.open_session(explain_path, threads=threads, spinning=spinning, providers=providers,
-                                    flush_subnormals=True)
-                   if explain_path.is_file() else None)
+        explain = open_graph(explain_path) if explain_path.is_file() else None
     except Exception as exc:  # corrupt or invalid graph
         raise ModelLoadFailed(f"onnxruntime cannot load {path.name} / {serving.EXPLAIN_FILE}: {exc}") from None
     used = session.get_providers()
@@ -115,8 +117,7 @@ def load_onnx(version_dir: Path, *, device: str = "auto", threads: int = 0, spin
         if hashlib.sha256(graph).digest() != digest:
             raise ModelLoadFailed(f"{path.name} changed since it was loaded")
         cut = prune_graph(graph, outputs)
-        return len(cut), lambda: serving.open_session(cut, threads=threads, spinning=spinning, providers=providers,
-                                    flush_subnormals=True)
+        return len(cut), lambda: open_graph(cut)
 
     backend = OnnxBackend(session, "cuda" if _CUDA in used else "cpu", explain)
     if pruned_graphs:

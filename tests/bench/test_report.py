@@ -31,3 +31,11 @@ def test_timed_adds_every_calls_seconds_and_keeps_answers_and_errors(report):
         stage(0.03, fail=True)            # a failing call's time counts too
     assert 0.05 <= totals["nap"] < 0.5
     assert set(totals) == {"nap"}
+
+
+def test_arguments_are_the_shared_command_line(report, tmp_path):
+    ap = report.arguments("The title line.\nMore.", tmp_path / "out.md", repeats=7)
+    assert ap.description == "The title line."
+    args = ap.parse_args([])
+    assert (args.models, args.repeats, args.out) == (str(report.ROOT / "models"), 7, str(tmp_path / "out.md"))
+    assert ap.parse_args(["--repeats", "3", "--models", "m"]).repeats == 3
