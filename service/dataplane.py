@@ -18,7 +18,7 @@ import collections
 import contextlib
 import math
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -296,13 +296,24 @@ class DataPlane:
     def repository_index(self, ready_only: bool = False) -> list[RepositoryIndexItem]:
         return [RepositoryIndexItem(**item) for item in self.repository.index(ready_only)]
 
-    async def load_model(self, name: str) -> None:
-        """(Re)load every version of ``name``; refused in ``poll`` mode (the poller owns loading)."""
+    async def load_model(self, name: str, parameters: Mapping[str, Any] | None = None) -> None:
+        """(Re)load every version of ``name`` from its folder as it is; refused in ``poll`` mode (the
+        poller owns loading). Triton's load parameters (a ``config`` or ``file:...`` override) are
+        refused, never ignored."""
         self._explicit_control("load")
+        if parameters:
+            raise InvalidParameter(f"load parameters {sorted(parameters)[:5]} are not supported: a model loads "
+                                   "from its repository folder as it is (no config or file overrides)")
         await self.repository.load(name)
 
-    async def unload_model(self, name: str) -> None:
+    async def unload_model(self, name: str, parameters: Mapping[str, Any] | None = None) -> None:
+        """Unload every version of ``name``. ``unload_dependents`` (Triton's client always sends it)
+        is accepted as a boolean: there are no ensembles, so nothing depends on a model."""
         self._explicit_control("unload")
+        rest = dict(parameters or {})
+        if not isinstance(rest.pop("unload_dependents", False), bool) or rest:
+            raise InvalidParameter(f"unload takes only the boolean parameter unload_dependents, got "
+                                   f"{sorted(parameters or {})[:5]}")
         await self.repository.unload(name)
 
     def _explicit_control(self, what: str) -> None:
@@ -402,7 +413,8 @@ class DataPlane:
             if micros is None or micros <= 0:
                 raise InvalidParameter(f"parameter timeout must be a positive integer (microseconds), "
                                        f"got {params['timeout']!r}")
-            timeout = min(timeout, micros / 1e6)
+            if micros < timeout * 1e6:   # compared before dividing: an integer past float64's range is no error
+                timeout = micros / 1e6
         outputs = list(requested) or self._diagnostic_outputs(mv, params.get("diagnostics", False))
         unknown = [n for n in outputs if n not in mv.output_names]
         if unknown:
@@ -436,7 +448,7 @@ class DataPlane:
             value = [v for v in value.replace(",", " ").split() if v]
         try:
             row = np.asarray(value, dtype=np.float64)
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):   # OverflowError: an integer past float64's range
             row = None
         if row is None or row.shape != (d,) or not np.isfinite(row).all() or np.abs(row).max(initial=0) > 3.4e38:
             raise InvalidParameter(f'parameter baseline must be "mean", "zeros" or {d} finite numbers')
@@ -750,11 +762,15 @@ def _integer(value: Any) -> int | None:
 
 
 def _real(value: Any) -> float | None:
-    """A number parameter: an int or float, or a string of one."""
+    """A number parameter: an int or float, or a string of one (an integer past float64's range is
+    +-inf, as the string of one parses)."""
     if isinstance(value, bool):
         return None
     if isinstance(value, (int, float)):
-        return float(value)
+        try:
+            return float(value)
+        except OverflowError:
+            return math.inf if value > 0 else -math.inf
     if isinstance(value, str):
         with contextlib.suppress(ValueError):
             return float(value.strip())

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictInt
 
 __all__ = [
     "ConfigTensor",
@@ -29,6 +29,7 @@ __all__ = [
     "ModelStatsResponse",
     "RepositoryIndexItem",
     "RepositoryIndexRequest",
+    "RepositoryModelRequest",
     "RequestInput",
     "RequestOutput",
     "RequestedOutput",
@@ -49,7 +50,7 @@ class RequestInput(_Wire):
     """One input tensor of a V2 inference request (JSON ``data`` or binary ``binary_data_size``)."""
 
     name: str
-    shape: list[int]
+    shape: list[StrictInt]   # not true, 1.0 or "1" read as 1
     datatype: str
     parameters: Parameters | None = None
     data: Any = None
@@ -128,6 +129,17 @@ class RepositoryIndexRequest(_Wire):
     """``POST /v2/repository/index`` body: ``ready`` lists only ready models."""
 
     ready: bool | None = None
+
+
+class RepositoryModelRequest(BaseModel):
+    """``POST /v2/repository/models/{name}/load`` and ``.../unload`` body (optional). A model loads
+    from its repository folder as it is: Triton's load parameters (``config``, ``file:...``
+    overrides) are refused, never ignored; unload takes ``unload_dependents`` (hjserve has no
+    ensembles, so it changes nothing)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    parameters: dict[str, Any] | None = None
 
 
 class RepositoryIndexItem(_Wire):

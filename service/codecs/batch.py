@@ -13,7 +13,7 @@ from typing import IO, Any
 
 import numpy as np
 
-from service.codecs.tensors import DATATYPES, infer_request_from, parse_header_length, parse_json
+from service.codecs.tensors import DATATYPES, check_shape, infer_request_from, parse_header_length, parse_json
 from service.errors import (
     BadRequest,
     HJServeError,
@@ -22,6 +22,7 @@ from service.errors import (
     InvalidJSON,
     InvalidParameter,
     InvalidShape,
+    InvalidValue,
     PayloadTooLarge,
     UnknownInput,
 )
@@ -53,10 +54,10 @@ def ndjson_source(body: IO[bytes], chunk_rows: int, max_rows: int, max_line_byte
         try:
             array = _rows_array(rows)
         except HJServeError:
-            bad = next((k for k, row in enumerate(rows) if not _numeric(row)), 0)
+            bad, error = next((k, e) for k, row in enumerate(rows) if (e := _row_error(row)) is not None)
             if yielded and bad:
                 yield _rows_array(rows[:bad]), "FP64"
-            raise InvalidDatatype(f"NDJSON line {lines[bad]}: a row must be a flat list of numbers") from None
+            raise type(error)(f"NDJSON line {lines[bad]}: {error.message}") from None
         yielded = True
         yield array, "FP64"
 
@@ -76,6 +77,9 @@ def ndjson_source(body: IO[bytes], chunk_rows: int, max_rows: int, max_line_byte
             except InvalidJSON as exc:
                 raise InvalidJSON(f"NDJSON line {number}: {exc.message}") from None
             if isinstance(item, dict):
+                if item.keys() - {"input"}:   # nothing a line carries is dropped unread
+                    raise InvalidJSON(f"NDJSON line {number}: unknown key(s) {sorted(item.keys() - {'input'})}; "
+                                      "a line is [x1, ..., xd] or {\"input\": [...]}")
                 item = item.get("input")
             if not isinstance(item, list):
                 raise InvalidJSON(f"NDJSON line {number}: expected a JSON array of features or {{\"input\": [...]}}")
@@ -98,11 +102,13 @@ def ndjson_source(body: IO[bytes], chunk_rows: int, max_rows: int, max_line_byte
         yield from flush()
 
 
-def _numeric(row: list[Any]) -> bool:
+def _row_error(row: Any) -> HJServeError | None:
+    """What :func:`_rows_array` refuses in this one row, or None."""
     try:
-        return np.asarray(row, dtype=np.float64).ndim == 1
-    except (TypeError, ValueError):
-        return False
+        _rows_array([row])
+    except HJServeError as exc:
+        return exc
+    return None
 
 
 def _rows_array(rows: list[Any]) -> np.ndarray:
@@ -110,8 +116,10 @@ def _rows_array(rows: list[Any]) -> np.ndarray:
         raise InvalidShape("every row must be a list of the same number of features")
     try:
         array = np.asarray(rows, dtype=np.float64)
-    except (TypeError, ValueError) as exc:
-        raise InvalidDatatype(f"rows must hold numbers: {str(exc)[:200]}") from None
+    except OverflowError:   # an integer past float64's range (JSON has no bound on them)
+        raise InvalidValue("a row holds a number outside the float32 range") from None
+    except (TypeError, ValueError):
+        raise InvalidDatatype("a row must be a flat list of numbers") from None
     if array.ndim != 2:   # nested lists inside a row are not features: never flattened silently
         raise InvalidShape("every row must be a flat list of numbers")
     return array
@@ -124,6 +132,8 @@ def json_source(obj: Any, chunk_rows: int, max_rows: int) -> tuple[Iterator[Chun
     params: dict[str, Any] = {}
     outputs: list[str] = []
     if isinstance(obj, dict) and "inputs" in obj:
+        if "instances" in obj:
+            raise InvalidJSON('a body holds its rows in "inputs" (a V2 request) or in "instances", not both')
         request = infer_request_from(obj)
         if len(request.inputs) != 1 or request.inputs[0].name != "input":
             raise UnknownInput("expected exactly one input named 'input'")
@@ -137,6 +147,9 @@ def json_source(obj: Any, chunk_rows: int, max_rows: int) -> tuple[Iterator[Chun
         if not isinstance(rows, list):
             raise InvalidJSON('expected {"instances": [[...], ...]}, a list of rows or a V2 request')
         if isinstance(obj, dict):
+            if obj.keys() - {"instances", "parameters"}:   # nothing in the body is dropped unread
+                raise InvalidJSON(f"unknown key(s) {sorted(obj.keys() - {'instances', 'parameters'})}; expected "
+                                  '{"instances": [[...], ...], "parameters": {...}}')
             params = _parameters(obj.get("parameters"))
         array, datatype = (_rows_array(rows) if rows else np.zeros((0, 0))), "FP64"
     if len(array) > max_rows:
@@ -175,7 +188,7 @@ def binary_source(body: IO[bytes], total: int, header_length: str, chunk_rows: i
     if size is None or len(tensor.shape) != 2:
         raise InvalidHeader("the binary input needs binary_data_size and shape [rows, d]")
     itemsize = DATATYPES[tensor.datatype].itemsize
-    n, d = tensor.shape
+    n, d = check_shape(tensor.shape, "input")
     if size != n * d * itemsize or length + size != total:
         raise InvalidHeader(f"binary_data_size {size} does not match shape {tensor.shape} "
                             f"of {tensor.datatype} and the {total - length} bytes after the header")

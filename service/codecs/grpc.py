@@ -21,7 +21,7 @@ from service.errors import BadRequest, InvalidDatatype, InvalidHeader, InvalidSh
 from service.grpc import inference_pb2 as pb
 from service.types import InferInput, InferRequest, InferResponse, RequestedOutput
 
-__all__ = ["decode_infer_request", "encode_infer_response", "parameter_value", "to_message"]
+__all__ = ["decode_infer_request", "encode_infer_response", "parameter_value", "parameters", "to_message"]
 
 #: V2 datatype -> the ``InferTensorContents`` field that carries it.
 _CONTENTS = {
@@ -37,7 +37,8 @@ def parameter_value(param: pb.InferParameter | pb.ModelRepositoryParameter) -> A
     return None if choice is None else getattr(param, choice)
 
 
-def _parameters(entries) -> dict[str, Any]:
+def parameters(entries) -> dict[str, Any]:
+    """A protocol parameter map (a request's, an output's, a repository request's) as Python values."""
     return {key: parameter_value(value) for key, value in entries.items()}
 
 
@@ -76,8 +77,8 @@ def decode_infer_request(request: pb.ModelInferRequest) -> InferRequest:
         else:
             array = _from_contents(tensor, shape)
         inputs.append(InferInput(tensor.name, tensor.datatype, shape, array))
-    outputs = [RequestedOutput(out.name, None, _parameters(out.parameters)) for out in request.outputs]
-    params = _parameters(request.parameters)
+    outputs = [RequestedOutput(out.name, None, parameters(out.parameters)) for out in request.outputs]
+    params = parameters(request.parameters)
     params.pop("binary_data_output", None)   # a REST notion: gRPC outputs are always raw
     return InferRequest(inputs=inputs, outputs=outputs, parameters=params, id=request.id or None)
 

@@ -208,9 +208,9 @@ class GRPCServer:
                                pb.RepositoryIndexResponse())
 
     async def load(self, request: pb.RepositoryModelLoadRequest, context) -> pb.RepositoryModelLoadResponse:
-        await self.dataplane.load_model(request.model_name)
+        await self.dataplane.load_model(request.model_name, wire.parameters(request.parameters))
         return pb.RepositoryModelLoadResponse()
 
     async def unload(self, request: pb.RepositoryModelUnloadRequest, context) -> pb.RepositoryModelUnloadResponse:
-        await self.dataplane.unload_model(request.model_name)
+        await self.dataplane.unload_model(request.model_name, wire.parameters(request.parameters))
         return pb.RepositoryModelUnloadResponse()

@@ -44,6 +44,7 @@ from service.types import (
     MetadataServerResponse,
     RepositoryIndexItem,
     RepositoryIndexRequest,
+    RepositoryModelRequest,
     V1Request,
 )
 
@@ -54,7 +55,7 @@ log = logging.getLogger("service")
 _KEY = (require_api_key,)
 _ADMIN = (require_admin,)
 _WIRE_MODELS = (ErrorResponse, InferenceRequest, InferenceResponse, MetadataModelResponse, MetadataServerResponse,
-                RepositoryIndexItem, RepositoryIndexRequest, V1Request)
+                RepositoryIndexItem, RepositoryIndexRequest, RepositoryModelRequest, V1Request)
 
 
 def _body(model: str, *types: str) -> dict[str, Any]:
@@ -228,9 +229,10 @@ ROUTES: list[APIRoute] = [
     _route(_MV + "/batch-attribution", batch_version, "POST", deps=_KEY, tags=["batch"], doc=_BATCH_DOC),
     _route("/v2/repository/index", repository.index, "POST", deps=_ADMIN, tags=["repository"],
            doc=_body("RepositoryIndexRequest")),
-    _route("/v2/repository/models/{model_name}/load", repository.load, "POST", deps=_ADMIN, tags=["repository"]),
+    _route("/v2/repository/models/{model_name}/load", repository.load, "POST", deps=_ADMIN, tags=["repository"],
+           doc=_body("RepositoryModelRequest")),
     _route("/v2/repository/models/{model_name}/unload", repository.unload, "POST", deps=_ADMIN,
-           tags=["repository"]),
+           tags=["repository"], doc=_body("RepositoryModelRequest")),
     _route("/v1/models/{model_name}", v1.model_status, deps=_KEY, tags=["v1"]),
     _route("/v1/models/{model_name}:predict", v1.predict, "POST", deps=_KEY, tags=["v1"], doc=_body("V1Request")),
     _route("/v1/models/{model_name}:explain", v1.explain, "POST", deps=_KEY, tags=["v1"], doc=_body("V1Request")),

@@ -21,17 +21,20 @@ def _v2(shape=(1, D), datatype="FP32", data=None, name="input", **extra) -> dict
     return body
 
 
-def _binary(values: np.ndarray, *, size: int | None = None, header_delta: int = 0, datatype="FP32"):
+def _binary(values: np.ndarray, *, size: int | None = None, header_delta: int = 0, datatype="FP32", shape=None):
     raw = np.ascontiguousarray(values).tobytes()
-    head = json.dumps({"inputs": [{"name": "input", "shape": list(values.shape), "datatype": datatype,
+    shape = list(values.shape if shape is None else shape)
+    head = json.dumps({"inputs": [{"name": "input", "shape": shape, "datatype": datatype,
                                    "parameters": {"binary_data_size": len(raw) if size is None else size}}]}).encode()
     return head + raw, {HEADER_LENGTH: str(len(head) + header_delta)}
 
 
 INFER = "/v2/models/clf/infer"
 BATCH = "/v2/models/clf/batch-attribution"
+LOAD = "/v2/repository/models/clf/load"
 NDJSON = {"content-type": "application/x-ndjson"}
 INF_ROWS = np.array([[1, 2, np.inf, 4]], np.float32)
+HUGE = 10 ** 400   # an integer JSON allows and no float holds
 DEEP = b"[" * 100_000 + b"]" * 100_000   # far past the JSON parser's recursion limit
 DEEP_500 = b"[" * 500 + b"1.0" + b"]" * 500     # parses: rejected further on, still with a 4xx
 DEEP_SMALL = b"[" * 5_000 + b"]" * 5_000         # within the 64 KiB repository-body limit
@@ -147,6 +150,36 @@ CASES = [
     ("version-zero-padded", "GET", "/v2/models/clf/versions/01", None, 404, "model_not_found", "no version"),
     ("load-unknown", "POST", "/v2/repository/models/nope/load", None, 404, "model_not_found", "no model directory"),
     ("index-bad-body", "POST", "/v2/repository/index", {"ready": "maybe"}, 400, "bad_request", "index"),
+    # integers past float64's range, and shapes that are not integers: each answered 500 (or was
+    # silently read as another value, or dropped) on bcbf411
+    ("tau-huge-int", "POST", INFER, _v2(parameters={"tau": HUGE}), 400, "invalid_parameter", "tau"),
+    ("alpha-huge-int", "POST", INFER, _v2(parameters={"alpha": HUGE}), 400, "invalid_parameter", "alpha"),
+    ("baseline-huge-ints", "POST", INFER, _v2(parameters={"diagnostics": True, "baseline": [HUGE] * D}), 400,
+     "invalid_parameter", "baseline"),
+    ("v1-tau-huge-int", "POST", "/v1/models/clf:predict", {"instances": [[1, 2, 3, 4]], "parameters": {"tau": HUGE}},
+     400, "invalid_parameter", "tau"),
+    ("batch-tau-huge-int", "POST", BATCH, {"instances": [[1, 2, 3, 4]], "parameters": {"tau": HUGE}}, 400,
+     "invalid_parameter", "tau"),
+    ("batch-rows-huge-int", "POST", BATCH, {"instances": [[1, 2, HUGE, 4]]}, 400, "invalid_value", "float32 range"),
+    ("ndjson-huge-int", "POST", BATCH, (b"[1,2,3,4]\n[1,2,%d,4]\n" % HUGE, NDJSON), 400, "invalid_value",
+     "float32 range"),
+    ("ndjson-unknown-key", "POST", BATCH, (b'{"input":[1,2,3,4],"tau":0.5}\n', NDJSON), 400, "invalid_json",
+     "'tau'"),
+    ("batch-two-forms", "POST", BATCH, {**_v2(), "instances": [[1, 2, 3, 4]]}, 400, "invalid_json", "instances"),
+    ("shape-bool", "POST", INFER, _v2(shape=(True, D), data=[1.0] * D), 400, "bad_request", "shape"),
+    ("shape-string", "POST", INFER, _v2(shape=("1", D), data=[1.0] * D), 400, "bad_request", "shape"),
+    ("batch-binary-negative-shape", "POST", BATCH, _binary(np.ones((1, D), np.float32), shape=(-1, -D)), 400,
+     "invalid_shape", "non-negative"),
+    # Triton's load overrides, read and dropped on bcbf411 (200, the files on disk loaded as they were)
+    ("load-config-override", "POST", LOAD, {"parameters": {"config": "{}"}}, 400, "invalid_parameter", "config"),
+    ("load-file-override", "POST", LOAD, {"parameters": {"config": "{}", "file:1/model.onnx": "AAAA"}}, 400,
+     "invalid_parameter", "file:1/model.onnx"),
+    ("load-not-json", "POST", LOAD, b"reload please", 400, "invalid_json", "malformed JSON"),
+    ("load-unknown-key", "POST", LOAD, {"config": "{}"}, 400, "bad_request", "config"),
+    ("unload-unknown-parameter", "POST", "/v2/repository/models/reg/unload", {"parameters": {"force": True}}, 400,
+     "invalid_parameter", "force"),
+    ("unload-dependents-not-bool", "POST", "/v2/repository/models/reg/unload",
+     {"parameters": {"unload_dependents": "yes"}}, 400, "invalid_parameter", "unload_dependents"),
 ]
 
 
@@ -195,3 +228,27 @@ def test_server_still_serves_after_bad_input(server):
     assert r.status_code == 200
     assert 'status="500"' not in metrics
     assert 'hjserve_inference_failures_total{model="clf",reason="invalid_shape",version="2"}' in metrics
+
+
+@pytest.mark.parametrize("timeout", [HUGE, str(HUGE)], ids=["json-integer", "string"])
+def test_a_timeout_past_float64_is_the_servers_own(inproc, timeout):
+    """Triton's ``timeout`` only ever shortens the server's: a positive integer too large for a float
+    (as JSON, or as the string gRPC parameters carry) is no error -- it answered 500 on bcbf411."""
+    r = _send(inproc, "POST", INFER, _v2(parameters={"timeout": timeout}))
+    assert r.status_code == 200, r.text
+
+
+def test_tritons_client_loads_and_unloads_and_hears_why_an_override_is_refused(triton):
+    """tritonclient's unload always sends ``unload_dependents``; its load sends ``{}``, or the
+    overrides hjserve refuses (a config override was ignored on bcbf411: 200, nothing changed)."""
+    from tritonclient.utils import InferenceServerException
+
+    triton.unload_model("reg")
+    assert not triton.is_model_ready("reg")
+    triton.load_model("reg")
+    assert triton.is_model_ready("reg")
+    with pytest.raises(InferenceServerException, match="not supported"):
+        triton.load_model("reg", config=json.dumps({"max_batch_size": 1}))
+    with pytest.raises(InferenceServerException, match="not supported"):
+        triton.load_model("reg", config="{}", files={"file:1/model.onnx": b"not a graph"})
+    assert triton.is_model_ready("reg")

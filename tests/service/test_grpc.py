@@ -204,6 +204,11 @@ def test_keys_limits_and_overload(tiny_repo, tmp_path):
             client.load_model("reg", headers={"authorization": "Bearer root"})
             with pytest.raises(InferenceServerException, match="INVALID_ARGUMENT"):
                 client.load_model("broken", headers={"authorization": "Bearer root"})
+            with pytest.raises(InferenceServerException, match="not supported"):   # never ignored
+                client.load_model("reg", config="{}", headers={"authorization": "Bearer root"})
+            client.unload_model("reg", headers={"authorization": "Bearer root"})   # sends unload_dependents
+            assert not client.is_model_ready("reg", headers={"x-api-key": "k1"})
+            client.load_model("reg", headers={"authorization": "Bearer root"})
             assert client.is_model_ready("clf", headers={"x-api-key": "k1"})
             big = np.zeros((4096, D), np.float32)   # 64 KiB of input: over the message limit
             with pytest.raises(InferenceServerException, match="RESOURCE_EXHAUSTED"):
