@@ -62,17 +62,22 @@ from service.types import (
     ModelStatistics,
     ModelStatsResponse,
     RepositoryIndexItem,
+    RequestedOutput,
     RowBlock,
     V1Request,
     V1Response,
 )
 
-__all__ = ["Attribution", "DataPlane", "EXTENSIONS", "InferOptions", "SERVER_NAME"]
+__all__ = ["Attribution", "DataPlane", "EXTENSIONS", "InferOptions", "REQUEST_PARAMETERS", "SERVER_NAME"]
 
 SERVER_NAME = "hjserve"
 
 #: Protocol extensions this server implements.
 EXTENSIONS = ("binary_tensor_data", "model_configuration", "model_repository", "parameters", "statistics")
+
+#: The request parameters this server reads (every protocol: V2 REST and gRPC, V1, batch jobs);
+#: the codecs consume their own (``binary_data_output``, ``binary_data_size``) before.
+REQUEST_PARAMETERS = ("top_k", "tau", "alpha", "diagnostics", "baseline", "timeout")
 
 _INPUT_DATATYPES = ("FP32", "FP64")
 _EXPLAIN_NAMES = frozenset(o.name for o in serving.EXPLAIN_OUTPUTS)
@@ -392,7 +397,13 @@ class DataPlane:
 
     def resolve_options(self, mv: ModelVersion, params: dict[str, Any], requested: list[str]) -> InferOptions:
         """Validate request parameters (protocol types: numbers may arrive as strings, as gRPC's
-        ``InferParameter`` carries them) and the requested output names against ``mv``."""
+        ``InferParameter`` carries them) and the requested output names against ``mv``. A parameter
+        this server does not read is refused, never ignored: a misspelt ``tau``, or Triton's
+        ``sequence_id`` / ``priority``, which would promise what is not done."""
+        unknown = sorted(set(params) - set(REQUEST_PARAMETERS))
+        if unknown:
+            raise InvalidParameter(f"unknown parameter(s) {unknown[:5]}: a request takes {list(REQUEST_PARAMETERS)} "
+                                   "(no sequences or priorities)")
         s = self.settings
         top_k = _integer(params.get("top_k", min(s.default_top_k, mv.top_k_max)))
         if top_k is None or not 1 <= top_k <= mv.top_k_max:
@@ -576,9 +587,7 @@ class DataPlane:
                 params = request.parameters if tau is None else {**request.parameters, "tau": tau}
                 options = self.resolve_options(mv, params, [o.name for o in request.outputs])
                 for out in request.outputs:
-                    if "class_count" in out.parameters:
-                        raise InvalidParameter("the classification extension (class_count) is not supported; "
-                                               "request the 'probabilities' output")
+                    _check_output_parameters(out)
                 return options, self.check_rows(mv, tensor.array, tensor.datatype, tensor.shape, tensor.name)
 
             done = await self._run(name, version, prepare)
@@ -747,6 +756,21 @@ def _inputs_of(request: InferRequest):
     if values is None or values.size == 0 or not np.all(values == values[0]):
         raise InvalidParameter("input 'tau' must hold one number (the same for every row)")
     return inputs["input"], float(values[0])
+
+
+def _check_output_parameters(out: RequestedOutput) -> None:
+    """A requested output takes no parameters but the codec's ``binary_data``: Triton's
+    classification extension (``classification``; ``class_count`` in its HTTP client's API) and
+    shared-memory outputs are refused, never ignored (a client would read raw probabilities as
+    class labels, or its shared-memory region unwritten)."""
+    if not out.parameters:
+        return
+    named = sorted({"classification", "class_count"} & out.parameters.keys())
+    if named:
+        raise InvalidParameter(f"output '{out.name}': the classification extension ({named[0]}) is not "
+                               "supported; request the 'probabilities' output")
+    raise InvalidParameter(f"output '{out.name}': unknown parameter(s) {sorted(out.parameters)[:5]} "
+                           "(an output takes only binary_data; no shared memory)")
 
 
 def _integer(value: Any) -> int | None:

@@ -13,7 +13,14 @@ from typing import IO, Any
 
 import numpy as np
 
-from service.codecs.tensors import DATATYPES, check_shape, infer_request_from, parse_header_length, parse_json
+from service.codecs.tensors import (
+    DATATYPES,
+    check_input_parameters,
+    check_shape,
+    infer_request_from,
+    parse_header_length,
+    parse_json,
+)
 from service.errors import (
     BadRequest,
     HJServeError,
@@ -182,6 +189,7 @@ def binary_source(body: IO[bytes], total: int, header_length: str, chunk_rows: i
     if len(wire.inputs) != 1 or wire.inputs[0].name != "input":
         raise UnknownInput("expected exactly one input named 'input'")
     tensor = wire.inputs[0]
+    check_input_parameters(tensor.parameters, "input")
     size = (tensor.parameters or {}).get("binary_data_size")
     if tensor.datatype not in ("FP32", "FP64"):
         raise InvalidDatatype(f"input must be FP32 or FP64, got {tensor.datatype}")

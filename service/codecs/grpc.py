@@ -16,7 +16,7 @@ import numpy as np
 from google.protobuf import json_format
 from pydantic import BaseModel
 
-from service.codecs.tensors import DATATYPES, check_shape, decode_raw, encode_raw
+from service.codecs.tensors import DATATYPES, check_input_parameters, check_shape, decode_raw, encode_raw
 from service.errors import BadRequest, InvalidDatatype, InvalidHeader, InvalidShape
 from service.grpc import inference_pb2 as pb
 from service.types import InferInput, InferRequest, InferResponse, RequestedOutput
@@ -70,6 +70,7 @@ def decode_infer_request(request: pb.ModelInferRequest) -> InferRequest:
         if tensor.datatype not in DATATYPES:
             raise InvalidDatatype(f"input '{tensor.name}': unknown datatype {tensor.datatype!r}")
         shape = check_shape(list(tensor.shape), tensor.name)
+        check_input_parameters(tensor.parameters, tensor.name, known=())
         if raw:
             if tensor.HasField("contents"):
                 raise BadRequest(f"input '{tensor.name}' has both contents and raw_input_contents")

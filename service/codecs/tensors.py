@@ -19,7 +19,14 @@ import numpy as np
 import orjson
 from pydantic import ValidationError
 
-from service.errors import BadRequest, InvalidDatatype, InvalidHeader, InvalidJSON, InvalidShape
+from service.errors import (
+    BadRequest,
+    InvalidDatatype,
+    InvalidHeader,
+    InvalidJSON,
+    InvalidParameter,
+    InvalidShape,
+)
 from service.types import (
     InferenceRequest,
     InferInput,
@@ -33,6 +40,7 @@ __all__ = [
     "DATATYPES",
     "HEADER_LENGTH",
     "JSON_CONTENT_TYPE",
+    "check_input_parameters",
     "check_shape",
     "decode_infer_request",
     "decode_raw",
@@ -196,6 +204,15 @@ def check_shape(shape: Sequence[Any], name: str) -> tuple[int, ...]:
     return tuple(shape)
 
 
+def check_input_parameters(params: Any, name: str, known: tuple[str, ...] = ("binary_data_size",)) -> None:
+    """An input's parameters: none but the transport's own (REST: ``binary_data_size``; gRPC: none).
+    Triton's shared-memory inputs (``shared_memory_region``, ...) are refused, never ignored: the
+    tensor would be read from ``data`` while the client meant its region."""
+    unknown = sorted(set(params or ()) - set(known))
+    if unknown:
+        raise InvalidParameter(f"input '{name}': unknown parameter(s) {unknown[:5]} (no shared memory)")
+
+
 def _from_json_data(data: Any, datatype: str, shape: tuple[int, ...], name: str) -> np.ndarray:
     count = math.prod(shape)
     if datatype == "BYTES":
@@ -262,6 +279,7 @@ def decode_tensor(tensor: dict[str, Any] | Any, binary: memoryview, offset: int)
         raise InvalidDatatype(f"input '{name}': unknown datatype {datatype!r}")
     shape = check_shape(get("shape"), name)
     params = get("parameters") or {}
+    check_input_parameters(params, name)
     size = params.get("binary_data_size") if isinstance(params, dict) else None
     data = get("data")
     if size is not None:

@@ -21,11 +21,13 @@ def _v2(shape=(1, D), datatype="FP32", data=None, name="input", **extra) -> dict
     return body
 
 
-def _binary(values: np.ndarray, *, size: int | None = None, header_delta: int = 0, datatype="FP32", shape=None):
+def _binary(values: np.ndarray, *, size: int | None = None, header_delta: int = 0, datatype="FP32", shape=None,
+            **parameters):
     raw = np.ascontiguousarray(values).tobytes()
     shape = list(values.shape if shape is None else shape)
+    parameters["binary_data_size"] = len(raw) if size is None else size
     head = json.dumps({"inputs": [{"name": "input", "shape": shape, "datatype": datatype,
-                                   "parameters": {"binary_data_size": len(raw) if size is None else size}}]}).encode()
+                                   "parameters": parameters}]}).encode()
     return head + raw, {HEADER_LENGTH: str(len(head) + header_delta)}
 
 
@@ -180,6 +182,27 @@ CASES = [
      "invalid_parameter", "force"),
     ("unload-dependents-not-bool", "POST", "/v2/repository/models/reg/unload",
      {"parameters": {"unload_dependents": "yes"}}, 400, "invalid_parameter", "unload_dependents"),
+    # parameters nothing reads, answered 200 as if absent on bcbf411: a misspelt tau, Triton's
+    # sequences and priorities, its classification extension as its clients spell it, shared memory
+    ("param-misspelt", "POST", INFER, _v2(parameters={"tua": 0.5}), 400, "invalid_parameter", "'tua'"),
+    ("param-sequence", "POST", INFER, _v2(parameters={"sequence_id": 7, "sequence_start": True}), 400,
+     "invalid_parameter", "sequence_id"),
+    ("param-priority", "POST", INFER, _v2(parameters={"priority": 1}), 400, "invalid_parameter", "priority"),
+    ("v1-param-misspelt", "POST", "/v1/models/clf:predict", {"instances": [[1, 2, 3, 4]], "parameters": {"topk": 2}},
+     400, "invalid_parameter", "'topk'"),
+    ("batch-param-misspelt", "POST", BATCH, {"instances": [[1, 2, 3, 4]], "parameters": {"topk": 2}}, 400,
+     "invalid_parameter", "'topk'"),
+    ("output-classification", "POST", INFER, _v2(outputs=[{"name": "probabilities",
+                                                            "parameters": {"classification": 2}}]), 400,
+     "invalid_parameter", "classification extension"),
+    ("output-shared-memory", "POST", INFER, _v2(outputs=[{"name": "probabilities", "parameters": {
+        "shared_memory_region": "r", "shared_memory_byte_size": 40}}]), 400, "invalid_parameter",
+     "shared_memory_region"),
+    ("input-shared-memory", "POST", INFER, {"inputs": [{**_v2()["inputs"][0], "parameters": {
+        "shared_memory_region": "r", "shared_memory_byte_size": 4 * D}}]}, 400, "invalid_parameter",
+     "shared_memory_region"),
+    ("batch-binary-input-parameter", "POST", BATCH, _binary(np.ones((1, D), np.float32), shared_memory_region="r"),
+     400, "invalid_parameter", "shared_memory_region"),
 ]
 
 
@@ -252,3 +275,22 @@ def test_tritons_client_loads_and_unloads_and_hears_why_an_override_is_refused(t
     with pytest.raises(InferenceServerException, match="not supported"):
         triton.load_model("reg", config="{}", files={"file:1/model.onnx": b"not a graph"})
     assert triton.is_model_ready("reg")
+
+
+def test_tritons_client_hears_what_is_not_supported(triton):
+    """Triton's HTTP client spells the classification extension ``classification`` (hjserve
+    refused only ``class_count``: the client got probabilities where it expected labels) and sends
+    ``priority`` / ``sequence_id`` only when set; each is refused with its reason."""
+    from tritonclient.http import InferInput, InferRequestedOutput
+    from tritonclient.utils import InferenceServerException
+
+    x = np.ones((1, D), np.float32)
+    inp = InferInput("input", list(x.shape), "FP32")
+    inp.set_data_from_numpy(x)
+    assert triton.infer("clf", [inp]).as_numpy("prediction").shape == (1,)   # the client's defaults pass
+    with pytest.raises(InferenceServerException, match="classification extension"):
+        triton.infer("clf", [inp], outputs=[InferRequestedOutput("probabilities", class_count=2)])
+    with pytest.raises(InferenceServerException, match="priority"):
+        triton.infer("clf", [inp], priority=1)
+    with pytest.raises(InferenceServerException, match="sequence_id"):
+        triton.infer("clf", [inp], sequence_id=3, sequence_start=True)

@@ -206,6 +206,14 @@ def test_keys_limits_and_overload(tiny_repo, tmp_path):
                 client.load_model("broken", headers={"authorization": "Bearer root"})
             with pytest.raises(InferenceServerException, match="not supported"):   # never ignored
                 client.load_model("reg", config="{}", headers={"authorization": "Bearer root"})
+            x = np.ones((1, D), np.float32)
+            inp = tg.InferInput("input", list(x.shape), "FP32")
+            inp.set_data_from_numpy(x)
+            with pytest.raises(InferenceServerException, match="classification extension"):   # was ignored
+                client.infer("clf", [inp], outputs=[tg.InferRequestedOutput("probabilities", class_count=2)],
+                             headers={"x-api-key": "k1"})
+            with pytest.raises(InferenceServerException, match="priority"):   # was ignored
+                client.infer("clf", [inp], priority=1, headers={"x-api-key": "k1"})
             client.unload_model("reg", headers={"authorization": "Bearer root"})   # sends unload_dependents
             assert not client.is_model_ready("reg", headers={"x-api-key": "k1"})
             client.load_model("reg", headers={"authorization": "Bearer root"})
