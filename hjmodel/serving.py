@@ -16,6 +16,7 @@ The service only moves these tensors; every number is computed by hjmodel.
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -230,7 +231,7 @@ class ArtifactSpec:
             raise ArtifactError(f"{where}: top_k_max must be a positive integer")
         names = spec.get("class_names") or []
         if spec["task"] == "classification" and (
-                not isinstance(names, list) or len(names) != spec["n_outputs"]):
+                not isinstance(names, list) or len(names) != spec["n_outputs"] or not all(map(_name, names))):
             raise ArtifactError(f"{where}: class_names must list n_outputs names")
         calibration = spec["calibration"]
         if not isinstance(calibration, dict):
@@ -245,6 +246,16 @@ class ArtifactSpec:
         features = spec.get("feature_names") or []
         if not isinstance(features, list):
             raise ArtifactError(f"{where}: feature_names must be a list")
+        if features and (len(features) != spec["n_features"] or not all(map(_name, features))):
+            raise ArtifactError(f"{where}: feature_names must list n_features names (or none)")
+        structure = spec["structure"]
+        if not isinstance(structure, dict):
+            raise ArtifactError(f"{where}: structure must be a JSON object")
+        body = structure.get("body", [])
+        if not (isinstance(body, list) and all(isinstance(b, dict) for b in body)):
+            raise ArtifactError(f"{where}: structure.body must be a list of objects")
+        if "n_neurons" in structure and not _positive_int(structure["n_neurons"]):
+            raise ArtifactError(f"{where}: structure.n_neurons must be a positive integer")
         ids, labels = spec.get("support_ids"), spec.get("support_labels")
         mean = spec.get("input_mean")
         if mean is not None and not (isinstance(mean, list) and len(mean) == spec["n_features"]
@@ -264,6 +275,32 @@ class ArtifactSpec:
     def outputs(self) -> tuple[OutputSpec, ...]:
         """The contract outputs of this model (:func:`outputs_for` its task)."""
         return outputs_for(self.task)
+
+
+def spec_mismatch(spec: Mapping[str, Any], embedded: str | None) -> str | None:
+    """Why a graph's embedded spec (the JSON text of its :data:`ONNX_SPEC_KEY` metadata, None when
+    it has none) is not ``spec`` -- the artifact's ``model.json`` -- or None when it is. A graph is
+    self-contained (its calibration thresholds, eps, class order are constants in it), so a server
+    that read its claims (alpha, class names, kind) from another spec would serve claims the graph
+    does not keep."""
+    if embedded is None:
+        return f"it carries no {ONNX_SPEC_KEY!r} metadata"
+    try:
+        other = json.loads(embedded)
+    except ValueError:
+        return f"its {ONNX_SPEC_KEY!r} metadata is not JSON"
+    if not isinstance(other, dict):
+        return f"its {ONNX_SPEC_KEY!r} metadata is not a JSON object"
+
+    def canonical(value: object) -> str:
+        return json.dumps(value, sort_keys=True)
+    differ = sorted(k for k in spec.keys() | other.keys() if canonical(spec.get(k)) != canonical(other.get(k)))
+    return f"they differ in {differ[:6]}" if differ else None
+
+
+def _name(value: object) -> bool:
+    """A class or feature name: a string, or an integer (written as its decimal string)."""
+    return isinstance(value, str) or (isinstance(value, int) and not isinstance(value, bool))
 
 
 def _number(value: object) -> bool:

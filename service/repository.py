@@ -218,6 +218,11 @@ class ModelRepository:
                                pruned_graph_bytes=int(s.pruned_graph_mb * 2**20))
         try:
             spec = read_spec(path)
+            for file, embedded in backend.embedded_specs.items():
+                why = serving.spec_mismatch(spec.raw, embedded)
+                if why is not None:
+                    raise ModelLoadFailed(f"{file} was exported with another spec than the artifact's ({why}): "
+                                          "its claims would not be the graph's; export the model again")
             names = serving.output_names(spec.task)
             probe = backend.infer(np.zeros((1, spec.n_features), dtype=np.float32), np.full(1, s.default_tau))
             missing = [n for n in names if n not in probe]

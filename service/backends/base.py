@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
@@ -39,6 +39,10 @@ class Backend(Protocol):
     #: The explanation outputs this version can compute (``hjmodel.serving.EXPLAIN_OUTPUTS``; empty for
     #: artifacts without an explanation graph).
     explain_outputs: tuple[str, ...]
+    #: The spec each of its graph files was exported with ({file name: the JSON text of its
+    #: ``hjmodel.serving.ONNX_SPEC_KEY`` metadata, or None}); empty where the model is built from
+    #: ``model.json`` itself (torch). The repository serves a graph only beside that same spec.
+    embedded_specs: Mapping[str, str | None]
 
     def infer(self, input: np.ndarray, tau: np.ndarray,
               outputs: Collection[str] | None = None) -> dict[str, np.ndarray]: ...

@@ -36,8 +36,9 @@ class OnnxBackend:
         # a graph exported before tau had a batch dimension takes one tau per run
         self._tau_per_run = any(i.name == "tau" and len(i.shape) == 1 for i in session.get_inputs())
         self.explain_outputs = tuple(o.name for o in explain_session.get_outputs()) if explain_session else ()
-        meta = session.get_modelmeta().custom_metadata_map
-        self.metadata: dict[str, str] = dict(meta)
+        self.embedded_specs = {serving.ONNX_FILE: _embedded_spec(session)}
+        if explain_session is not None:
+            self.embedded_specs[serving.EXPLAIN_FILE] = _embedded_spec(explain_session)
 
     def infer(self, input: np.ndarray, tau: np.ndarray, outputs: Collection[str] | None = None) -> dict[str, np.ndarray]:
         tau = np.asarray(tau, dtype=np.float64).reshape(-1)
@@ -124,6 +125,11 @@ def load_onnx(version_dir: Path, *, device: str = "auto", threads: int = 0, spin
         backend.pruned = OutputGraphs(backend._output_names, prune, pruned_graphs, pruned_graph_bytes,
                                       f"{path.parent.parent.name}-{path.parent.name}")
     return backend
+
+
+def _embedded_spec(session) -> str | None:
+    """The JSON text of the spec a graph was exported with (its metadata), or None."""
+    return session.get_modelmeta().custom_metadata_map.get(serving.ONNX_SPEC_KEY)
 
 
 def _sha256(path: Path) -> bytes:

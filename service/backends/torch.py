@@ -22,6 +22,7 @@ class TorchBackend:
 
     name = "torch"
     platform = "pytorch_torch"
+    embedded_specs: dict[str, str | None] = {}   # the module is built from model.json itself
 
     def __init__(self, module, device: str, explain_module=None, pruned: OutputGraphs | None = None):
         import torch

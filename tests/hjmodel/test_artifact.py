@@ -5,6 +5,7 @@ save/load round trips, and every way a broken or hostile artifact must be refuse
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -305,9 +306,29 @@ def test_missing_spec_key(artifact):
     _raises(artifact, r"spec lacks 'calibration'")
 
 
+@pytest.mark.parametrize(("changes", "message"), [
+    ({"class_names": [{"name": "a"}] * 3}, "class_names must list n_outputs names"),
+    ({"feature_names": ["only one"]}, "feature_names must list n_features names"),
+    ({"structure": "lse"}, "structure must be a JSON object"),
+    ({"structure": {"body": ["x"]}}, "structure.body must be a list of objects"),
+    ({"structure": {"n_neurons": -5}}, "structure.n_neurons must be a positive integer"),
+])
+def test_spec_fields_the_server_reads_are_validated(artifact, changes, message):
+    """Each of these loaded on bcbf411, and one (a body entry that is not an object) answered 500 on
+    every batch job of the model."""
+    spec = json.loads((artifact / SPEC_FILE).read_text())
+    if "class_names" in changes:
+        changes = {"class_names": changes["class_names"][:1] * len(spec["class_names"])}
+    if "structure" in changes and isinstance(changes["structure"], dict):
+        changes = {"structure": {**spec["structure"], **changes["structure"]}}
+    _edit_spec(artifact, **changes)
+    with pytest.raises(ArtifactError, match=re.escape(message)):
+        read_spec(artifact)
+
+
 def test_spec_feature_count_mismatch(artifact):
     _edit_spec(artifact, n_features=7)
-    _raises(artifact, r"input_mean must list n_features finite numbers")   # the spec validator sees it first
+    _raises(artifact, r"feature_names must list n_features names")   # the spec validator sees it first
 
 
 def test_spec_output_count_mismatch(artifact):

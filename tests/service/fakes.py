@@ -44,6 +44,7 @@ class FakeBackend:
     device = "cpu"
     platform = "fake_platform"
     execution = "numpy"
+    embedded_specs: dict[str, str | None] = {}
 
     def __init__(self, spec: serving.ArtifactSpec, seed: int, delay: float = 0.0):
         rng = np.random.default_rng(seed)

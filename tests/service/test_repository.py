@@ -130,3 +130,54 @@ def test_poll_keeps_serving_when_a_changed_version_fails_to_load(fake_root, load
         finally:
             poller.cancel()
     _with_repository(repository, body)
+
+
+def _embedded_spec(version_dir) -> dict:
+    import onnx
+
+    from hjmodel.serving import ONNX_SPEC_KEY
+
+    meta = {p.key: p.value for p in onnx.load(str(version_dir / "model.onnx"), load_external_data=False).metadata_props}
+    return json.loads(meta[ONNX_SPEC_KEY])
+
+
+@pytest.mark.parametrize("edit", ["none", "alpha", "eps", "class_names"])
+def test_a_graph_serves_only_beside_the_spec_it_was_exported_with(tmp_path, edit):
+    """The ONNX graph carries its spec; model.json must say the same. On bcbf411 a model.json edited
+    by hand (its calibration's alpha: the server then accepted alpha=0.01 and called the flag
+    calibrated at it, while the graph's threshold was fitted at 0.05), or a graph copied from another
+    model, loaded and served with the other spec's claims (see the next test)."""
+    from svc_helpers import export_tiny
+
+    version = tmp_path / "m" / "1"
+    export_tiny(version, "classification", seed=0)
+    spec = _embedded_spec(version)
+    if edit == "alpha":
+        spec["calibration"]["alpha"] = 0.01
+    elif edit == "eps":
+        spec["eps"] = spec["eps"] * 2
+    elif edit == "class_names":
+        spec["class_names"] = list(reversed(spec["class_names"]))
+    (version / "model.json").write_text(json.dumps(spec))
+    repository = ModelRepository(Settings(model_repository=tmp_path))
+
+    async def body():
+        if edit == "none":
+            return repository.get("m").spec.alpha
+        with pytest.raises(ModelNotReady, match="model.onnx was exported with another spec"):
+            repository.get("m")
+    _with_repository(repository, body)
+
+
+def test_a_graph_copied_from_another_model_is_refused(hj_repo, tmp_path):
+    """iris_memory's graph in a copy of iris's folder: it loaded on bcbf411 and served a memory
+    model's numbers as the lse model's (kind, structure, calibration all from model.json)."""
+    shutil.copytree(hj_repo / "iris" / "1", tmp_path / "iris" / "1")
+    for file in ("model.onnx", "explain.onnx"):
+        shutil.copy(hj_repo / "iris_memory" / "1" / file, tmp_path / "iris" / "1" / file)
+    repository = ModelRepository(Settings(model_repository=tmp_path, backend="onnx"))
+
+    async def body():
+        with pytest.raises(ModelNotReady, match=r"model.onnx was exported with another spec .*differ in .*'kind'"):
+            repository.get("iris")
+    _with_repository(repository, body)
