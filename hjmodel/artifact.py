@@ -9,8 +9,10 @@ executes code from a file: ``torch.load(weights_only=True)``, JSON, and ONNX pro
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
+import re
 import threading
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -22,6 +24,7 @@ from . import functional as F
 from .errors import ArtifactError
 from .models import GibbsHead, HJModel, LSEGroupLayer, OODReference, Preprocess
 from .serving import (
+    CHECKSUM_FILE,
     EXPLAIN_FILE,
     ONNX_FILE,
     ONNX_SPEC_KEY,
@@ -41,6 +44,8 @@ __all__ = [
     "TracedModule",
     "traced_or_eager",
     "export_onnx",
+    "verify_checksums",
+    "write_checksums",
     "load_model",
     "load_serving_module",
     "model_spec",
@@ -664,14 +669,80 @@ def export_onnx(model: HJModel, path: str | Path, opset: int = 17) -> Path:
 
 
 def save_artifact(model: HJModel, directory: str | Path, formats: tuple[str, ...] = ("onnx", "torch")) -> Path:
-    """Write the model in the requested formats into a version directory."""
+    """Write the model in the requested formats into a version directory, and last its checksum
+    manifest (:func:`write_checksums`)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
+    (directory / CHECKSUM_FILE).unlink(missing_ok=True)   # a stale one would describe other files
     if "torch" in formats:
         save_torch(model, directory)
     if "onnx" in formats:
         export_onnx(model, directory / ONNX_FILE)
+    write_checksums(directory)
     return directory
+
+
+# ------------------------------------------------------------------------------------ checksums
+
+#: The files a checksum manifest covers (every file an artifact is read from).
+_CHECKED_FILES = (EXPLAIN_FILE, SPEC_FILE, ONNX_FILE, TORCH_FILE)
+_MANIFEST_LINE = re.compile(r"([0-9a-f]{64}) [ *](\S+)")
+_MANIFEST_MAX_BYTES = 64 * 1024
+
+
+def _sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while block := f.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_checksums(directory: str | Path) -> Path:
+    """Write ``SHA256SUMS`` over the artifact files ``directory`` holds (``sha256sum``'s format)."""
+    directory = Path(directory)
+    lines = [f"{_sha256_file(directory / name)}  {name}\n" for name in _CHECKED_FILES if (directory / name).is_file()]
+    partial = directory / (CHECKSUM_FILE + ".partial")
+    partial.write_text("".join(lines))
+    partial.replace(directory / CHECKSUM_FILE)
+    return directory / CHECKSUM_FILE
+
+
+def verify_checksums(directory: str | Path) -> bool:
+    """Check an artifact's files against its ``SHA256SUMS``: True when every one matches, False
+    when the artifact has no manifest (written before manifests: nothing to check). Raises
+    :class:`ArtifactError` for a malformed manifest, a listed file that is missing or differs, and
+    an artifact file the manifest does not list (a file changed, truncated, bit-flipped or swapped
+    in since it was written: a graph that still parses would serve other numbers, and other
+    certificates, under this artifact's name)."""
+    directory = Path(directory)
+    manifest = directory / CHECKSUM_FILE
+    if not manifest.is_file():
+        return False
+    where = f"{directory}/{CHECKSUM_FILE}"
+    with manifest.open("rb") as f:
+        raw = f.read(_MANIFEST_MAX_BYTES + 1)
+    if len(raw) > _MANIFEST_MAX_BYTES:
+        raise ArtifactError(f"{where}: larger than {_MANIFEST_MAX_BYTES} bytes")
+    listed: dict[str, str] = {}
+    for number, line in enumerate(raw.decode("utf-8", "replace").splitlines(), 1):
+        match = _MANIFEST_LINE.fullmatch(line.strip())
+        if not line.strip():
+            continue
+        if match is None or match[2] not in _CHECKED_FILES or match[2] in listed:
+            raise ArtifactError(f"{where}: line {number} is not '<sha256>  <artifact file>' "
+                                f"(one of {list(_CHECKED_FILES)}, once)")
+        listed[match[2]] = match[1]
+    unlisted = [name for name in _CHECKED_FILES if name not in listed and (directory / name).is_file()]
+    if unlisted:
+        raise ArtifactError(f"{where}: does not list {unlisted}, which the artifact holds")
+    for name, want in listed.items():
+        if not (directory / name).is_file():
+            raise ArtifactError(f"{where}: lists {name}, which is missing")
+        if _sha256_file(directory / name) != want:
+            raise ArtifactError(f"{directory}/{name}: its SHA-256 is not the one {CHECKSUM_FILE} records "
+                                "(changed since the artifact was written)")
+    return True
 
 
 def read_spec(path: str | Path) -> dict:
@@ -719,16 +790,20 @@ def _onnx_spec(path: Path) -> dict:
         raise ArtifactError(f"{path}: {ONNX_SPEC_KEY} metadata is not valid JSON") from e
 
 
-def load_model(path: str | Path) -> HJModel:
-    """Load an :class:`HJModel` from a version directory (or its ``model.pt`` / ``model.json``)."""
+def load_model(path: str | Path, *, verify: bool = True) -> HJModel:
+    """Load an :class:`HJModel` from a version directory (or its ``model.pt`` / ``model.json``),
+    its files checked against the artifact's checksum manifest first (:func:`verify_checksums`;
+    ``verify=False`` for a caller that just did)."""
     path = Path(path)
     if not path.is_dir():
         path = path.parent
     if not (path / TORCH_FILE).exists():
         raise ArtifactError(f"{path}: no {TORCH_FILE} (torch artifact) here")
+    if verify:
+        verify_checksums(path)
     return _load_torch(path)
 
 
-def load_serving_module(path: str | Path) -> ServingModule:
+def load_serving_module(path: str | Path, *, verify: bool = True) -> ServingModule:
     """The torch serving module of a version directory: same outputs as its ONNX graph."""
-    return ServingModule(load_model(path))
+    return ServingModule(load_model(path, verify=verify))

@@ -38,6 +38,12 @@ SPEC_FORMAT = "hjmodel/1"
 #: the explanation graph (optional: artifacts written before it have none).
 ONNX_FILE, TORCH_FILE, SPEC_FILE, EXPLAIN_FILE = "model.onnx", "model.pt", "model.json", "explain.onnx"
 
+#: The artifact's checksum manifest: ``sha256sum``'s format (``<hex digest>  <file>`` per line, so
+#: ``sha256sum -c SHA256SUMS`` checks a copy by hand), over every one of the files above that the
+#: version holds; written last by :func:`hjmodel.artifact.save_artifact`, verified at every load
+#: (:func:`hjmodel.artifact.verify_checksums`).
+CHECKSUM_FILE = "SHA256SUMS"
+
 #: Model kinds and tasks (DESIGN section 2).
 KINDS = ("lse", "memory", "deep")
 TASKS = ("classification", "regression")

@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 from . import functional as F
-from .artifact import ONNX_FILE, load_model
+from .artifact import ONNX_FILE, load_model, verify_checksums
 from .serving import outputs_for
 
 __all__ = ["DEMO_DATA", "OOD_OUTPUTS", "calibration_ties", "parity_inputs", "served_outputs", "verify"]
@@ -80,7 +80,9 @@ def _inputs(model, n: int, seed: int) -> torch.Tensor:
 def verify(path: str | Path, n: int = 256, seed: int = 0) -> dict:
     """Theorem 4.1 identity of the head (u = |h|^2/(4t) - f) and torch/ONNX parity on every output."""
     path = Path(path)
-    model = load_model(path)
+    directory = path if path.is_dir() else path.parent
+    checked = verify_checksums(directory)   # raises ArtifactError on a file that changed
+    model = load_model(path, verify=False)
     x = _inputs(model, n, seed)
     head = model.head
     with torch.no_grad():
@@ -90,9 +92,9 @@ def verify(path: str | Path, n: int = 256, seed: int = 0) -> dict:
         u = F.hopf_cole_value(h, y, g, head.t, head.eps)
         scale = 1.0 + (h * h).sum(-1) / (4 * head.t) + f.abs()
         thm41 = float(((u - ((h * h).sum(-1) / (4 * head.t) - f)).abs() / scale).max())
-    report: dict = {"artifact": str(path), "n": n, "theorem_4_1_max_rel_error": thm41,
+    report: dict = {"artifact": str(path), "n": n, "checksums": "verified" if checked else "no manifest",
+                    "theorem_4_1_max_rel_error": thm41,
                     "theorem_4_1_ok": thm41 < 1e-10}
-    directory = path if path.is_dir() else path.parent
     if (directory / ONNX_FILE).exists():
         want, got = served_outputs(directory, x.to(torch.float32), 0.1)
         parity = {}

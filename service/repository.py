@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from hjmodel import serving
-from hjmodel.artifact import read_artifact_spec
+from hjmodel.artifact import read_artifact_spec, verify_checksums
 from hjmodel.errors import ArtifactError
 from hjmodel.serving import ArtifactSpec
 from service.backends import Backend, load_backend
@@ -213,6 +213,10 @@ class ModelRepository:
     def _load_version(self, name: str, version: int, path: Path) -> ModelVersion:
         """Blocking: load one version directory (runs in a worker thread)."""
         s = self.settings
+        try:   # before anything reads them: a file changed since the artifact was written is not served
+            verify_checksums(path)
+        except ArtifactError as exc:
+            raise ModelLoadFailed(f"invalid artifact: {exc}") from None
         backend = self._loader(path, preference=s.backend, device=s.device, threads=s.intra_op_threads,
                                spinning=s.intra_op_spinning, pruned_graphs=s.pruned_graphs,
                                pruned_graph_bytes=int(s.pruned_graph_mb * 2**20))

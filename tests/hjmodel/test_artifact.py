@@ -25,8 +25,9 @@ from hjmodel import (
     save_artifact,
     train,
 )
-from hjmodel.artifact import ONNX_FILE, SPEC_FILE, TORCH_FILE, model_spec, served_form
-from hjmodel.serving import outputs_for
+from hjmodel.artifact import ONNX_FILE, SPEC_FILE, TORCH_FILE, model_spec, served_form, verify_checksums
+from hjmodel.predictor import Predictor
+from hjmodel.serving import CHECKSUM_FILE, EXPLAIN_FILE, outputs_for
 from hjmodel.verify import DEMO_DATA, OOD_OUTPUTS, served_outputs, verify
 from hjmodel.verify import calibration_ties as _calibration_ties
 from hjmodel.verify import parity_inputs as _parity_inputs
@@ -219,9 +220,11 @@ def test_round_trip_identical_outputs(name, small_artifacts, tmp_path):
 
 @pytest.fixture
 def artifact(small_artifacts, tmp_path) -> Path:
-    """A fresh copy of the small lse artifact to break."""
+    """A fresh copy of the small lse artifact to break, without its checksum manifest (which would
+    refuse every edit before the check under test sees it; the manifest has tests of its own)."""
     target = tmp_path / "1"
     shutil.copytree(small_artifacts["lse"], target)
+    (target / CHECKSUM_FILE).unlink()
     return target
 
 
@@ -453,3 +456,75 @@ def test_read_spec_missing(tmp_path):
         read_spec(tmp_path)
     with pytest.raises(ArtifactError, match=r"no such file"):
         read_spec(tmp_path / SPEC_FILE)
+
+
+# -- the checksum manifest ---------------------------------------------------------------------------
+
+
+def test_a_saved_artifact_lists_every_file_in_a_manifest_sha256sum_reads(small_artifacts):
+    directory = small_artifacts["lse"]
+    listed = sorted(line.split()[1] for line in (directory / CHECKSUM_FILE).read_text().splitlines())
+    assert listed == sorted([EXPLAIN_FILE, ONNX_FILE, SPEC_FILE, TORCH_FILE])
+    check = subprocess.run(["sha256sum", "--check", "--strict", CHECKSUM_FILE], cwd=directory,
+                           capture_output=True, text=True)
+    assert check.returncode == 0, check.stdout + check.stderr
+    assert verify_checksums(directory) is True
+
+
+def _scale_one_weight(path: Path) -> None:
+    """One float of the graph's largest initializer times 1.001: the graph still parses and runs."""
+    import onnx
+    from onnx import numpy_helper
+
+    proto = onnx.load(str(path))
+    init = max(proto.graph.initializer, key=lambda t: numpy_helper.to_array(t).size)
+    values = numpy_helper.to_array(init).copy()
+    values.flat[values.size // 2] *= 1.001
+    init.CopyFrom(numpy_helper.from_array(values, init.name))
+    onnx.save(proto, str(path))
+
+
+@pytest.mark.parametrize("file", [ONNX_FILE, EXPLAIN_FILE, TORCH_FILE, SPEC_FILE])
+def test_a_file_changed_since_it_was_written_is_refused(small_artifacts, tmp_path, file):
+    """A weight scaled by 1.001 in a graph that still parses, a tensor of model.pt, the metrics of
+    model.json: each loaded on bcbf411 (where nothing recorded what the files were)."""
+    directory = tmp_path / "1"
+    shutil.copytree(small_artifacts["lse"], directory)
+    if file.endswith(".onnx"):
+        _scale_one_weight(directory / file)
+    elif file == TORCH_FILE:
+        _edit_state(directory, lambda s: s["head.b"].mul_(1.001))
+    else:
+        _edit_spec(directory, metrics={"accuracy": 1.0})
+    message = "SHA-256 is not the one SHA256SUMS records"
+    with pytest.raises(ArtifactError, match=message):
+        verify_checksums(directory)
+    with pytest.raises(ArtifactError, match=message):
+        load_model(directory)
+    with pytest.raises(ArtifactError, match=message):
+        Predictor(directory)
+
+
+@pytest.mark.parametrize(("manifest", "message"), [
+    ("{digest}  ../../etc/passwd\n", "line 1 is not"),
+    ("{digest}  model.pt\n{digest}  model.pt\n", "line 2 is not"),
+    ("not a digest  model.pt\n", "line 1 is not"),
+    ("", "does not list"),
+])
+def test_a_malformed_manifest_is_refused(small_artifacts, tmp_path, manifest, message):
+    directory = tmp_path / "1"
+    shutil.copytree(small_artifacts["lse"], directory)
+    (directory / CHECKSUM_FILE).write_text(manifest.format(digest="0" * 64))
+    with pytest.raises(ArtifactError, match=message):
+        verify_checksums(directory)
+
+
+def test_a_listed_file_that_is_gone_is_refused_and_no_manifest_is_nothing_to_check(small_artifacts, tmp_path):
+    directory = tmp_path / "1"
+    shutil.copytree(small_artifacts["lse"], directory)
+    (directory / EXPLAIN_FILE).unlink()
+    with pytest.raises(ArtifactError, match="lists explain.onnx, which is missing"):
+        verify_checksums(directory)
+    (directory / CHECKSUM_FILE).unlink()     # an artifact written before manifests
+    assert verify_checksums(directory) is False
+    load_model(directory)

@@ -63,7 +63,7 @@ def test_train(trained):
     out, report = trained
     assert report["artifact"] == str(out)
     assert report["metrics"]["accuracy"] > 0.8 and report["metrics"]["n"] == 24
-    assert {p.name for p in out.iterdir()} == {"model.onnx", "explain.onnx", "model.pt", "model.json"}
+    assert {p.name for p in out.iterdir()} == {"model.onnx", "explain.onnx", "model.pt", "model.json", "SHA256SUMS"}
 
 
 def test_train_takes_a_calibration_fraction_and_notes_a_wide_false_flag_interval(tiny_csv, tmp_path):

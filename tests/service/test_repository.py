@@ -175,9 +175,39 @@ def test_a_graph_copied_from_another_model_is_refused(hj_repo, tmp_path):
     shutil.copytree(hj_repo / "iris" / "1", tmp_path / "iris" / "1")
     for file in ("model.onnx", "explain.onnx"):
         shutil.copy(hj_repo / "iris_memory" / "1" / file, tmp_path / "iris" / "1" / file)
+    (tmp_path / "iris" / "1" / "SHA256SUMS").unlink()   # the manifest would refuse it first (next test)
     repository = ModelRepository(Settings(model_repository=tmp_path, backend="onnx"))
 
     async def body():
         with pytest.raises(ModelNotReady, match=r"model.onnx was exported with another spec .*differ in .*'kind'"):
             repository.get("iris")
     _with_repository(repository, body)
+
+
+@pytest.mark.parametrize("backend", ["onnx", "torch"])
+def test_a_weight_changed_since_the_artifact_was_written_is_not_served(hj_repo, tmp_path, backend):
+    """One weight of iris's graph (and of model.pt) times 1.001: the files still parse and run, and
+    on bcbf411 the version loaded and served other probabilities and certificates under its name.
+    The checksum manifest refuses it; the other model still serves."""
+    import torch
+    from onnx import load, numpy_helper, save
+
+    for name in ("iris", "diabetes"):
+        shutil.copytree(hj_repo / name / "1", tmp_path / name / "1")
+    version = tmp_path / "iris" / "1"
+    proto = load(str(version / "model.onnx"))
+    init = max(proto.graph.initializer, key=lambda t: numpy_helper.to_array(t).size)
+    values = numpy_helper.to_array(init).copy()
+    values.flat[0] *= 1.001
+    init.CopyFrom(numpy_helper.from_array(values, init.name))
+    save(proto, str(version / "model.onnx"))
+    state = torch.load(version / "model.pt", weights_only=True)
+    state["head.b"].mul_(1.001)
+    torch.save(state, version / "model.pt")
+    repository = ModelRepository(Settings(model_repository=tmp_path, backend=backend))
+
+    async def body():
+        with pytest.raises(ModelNotReady, match="SHA-256 is not the one SHA256SUMS records"):
+            repository.get("iris")
+        return repository.get("diabetes").version
+    assert _with_repository(repository, body) == 1
