@@ -63,7 +63,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                 access_log=False, log_config=None,   # hjserve.access writes the access lines
                 timeout_graceful_shutdown=10, loop="uvloop",
                 http=guarded_protocol(settings.header_timeout_s, load_shedder(app.state.dataplane),
-                                      settings.retry_after_s),
+                                      settings.retry_after_s, settings.max_header_bytes),
                 limit_concurrency=settings.max_connections, timeout_keep_alive=settings.keep_alive_s)
 
 

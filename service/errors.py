@@ -20,6 +20,7 @@ __all__ = [
     "ErrorMapping",
     "Forbidden",
     "HJServeError",
+    "HeadersTooLarge",
     "InternalError",
     "InvalidDatatype",
     "InvalidHeader",
@@ -137,6 +138,11 @@ class PayloadTooLarge(HJServeError):
     """The request body exceeds ``max_body_bytes`` (or the batch exceeds ``batch_max_rows``)."""
 
 
+class HeadersTooLarge(HJServeError):
+    """The request head (request line and headers) exceeds ``max_header_bytes`` (the connection
+    is closed)."""
+
+
 class Overloaded(HJServeError):
     """The model's queue is full; retry after ``retry_after_s`` seconds (REST: ``Retry-After``;
     gRPC: ``retry-after`` trailing metadata)."""
@@ -191,6 +197,7 @@ ERROR_TABLE: dict[type[HJServeError], ErrorMapping] = {
     MethodNotAllowed: ErrorMapping(405, "method_not_allowed", "UNIMPLEMENTED"),
     BodyTimeout: ErrorMapping(408, "body_timeout", "DEADLINE_EXCEEDED"),
     PayloadTooLarge: ErrorMapping(413, "payload_too_large", "RESOURCE_EXHAUSTED"),
+    HeadersTooLarge: ErrorMapping(431, "headers_too_large", "RESOURCE_EXHAUSTED"),
     ModelLoadFailed: ErrorMapping(400, "model_load_failed", "INVALID_ARGUMENT"),
     ModelNotReady: ErrorMapping(503, "model_not_ready", "UNAVAILABLE"),
     Overloaded: ErrorMapping(503, "overloaded", "UNAVAILABLE"),

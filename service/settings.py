@@ -140,6 +140,10 @@ class Settings(BaseSettings):
     max_line_bytes: int = Field(1024 * 1024, ge=16)
     """Longest NDJSON line of a batch-attribution body (413 for that line, before it is parsed)."""
 
+    max_header_bytes: int = Field(64 * 1024, ge=1024)
+    """Largest request head (request line and headers) in bytes: beyond it the connection gets 431
+    ``headers_too_large`` and is closed while the head is still arriving, so none is buffered whole."""
+
     header_timeout_s: float = Field(10.0, gt=0.0)
     """Longest time a connection may take to send a complete request head (request line and
     headers), counted from when it opened or got its previous response; then it is closed."""

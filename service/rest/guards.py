@@ -3,7 +3,10 @@
 * :class:`GuardedProtocol` -- uvicorn's httptools protocol, plus
 
   - a deadline for the request head: a connection that has not sent a complete request line and
-    headers ``header_timeout_s`` after it opened (or after its previous response) is closed.
+    headers ``header_timeout_s`` after it opened (or after its previous response) is closed;
+  - a size limit for the request head: past ``max_header_bytes`` received while a head is
+    incomplete, the connection gets 431 and is closed (httptools buffers an unfinished header, so
+    without it one header line could grow without bound within the deadline);
     uvicorn's own keep-alive timer is cancelled by any byte received, so without this a client
     sending one header byte every few seconds would hold its connection forever;
   - load shedding and admission: as soon as the head of an inference request is parsed, ``shed``
@@ -33,7 +36,16 @@ from uvicorn.protocols.http.flow_control import service_unavailable
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from service.codecs import dumps
-from service.errors import BadRequest, BodyTimeout, HJServeError, Overloaded, Unauthorized, error_body, lookup
+from service.errors import (
+    BadRequest,
+    BodyTimeout,
+    HeadersTooLarge,
+    HJServeError,
+    Overloaded,
+    Unauthorized,
+    error_body,
+    lookup,
+)
 
 __all__ = ["ADMITTED", "BodyTimeoutMiddleware", "GuardedProtocol", "Shed", "error_parts", "guarded_protocol", "http_headers",
            "raw_error"]
@@ -128,11 +140,43 @@ class GuardedProtocol(HttpToolsProtocol):
     """httptools protocol with a request-head deadline and load shedding before the app."""
 
     header_timeout_s: float = 10.0
+    max_header_bytes: int = 64 * 1024
     shed: Shed | None = None
     #: The answer beyond ``max_connections`` (uvicorn's own is plain text).
     connections_full = staticmethod(_connections_full(1))
 
+    def data_received(self, data: bytes) -> None:
+        """Parse ``data``; a read that leaves a head incomplete counts toward its size, unless a
+        request ended or a head completed within it (its bytes are not all the new head's: such a
+        read is left out, so a head is cut off within the limit plus one read)."""
+        boundaries = self._boundaries
+        super().data_received(data)
+        if not self._in_head or self._boundaries != boundaries or self.transport.is_closing():
+            return
+        self._head_bytes += len(data)
+        if self._head_bytes > type(self).max_header_bytes:
+            self._refuse_head()
+
+    def _refuse_head(self) -> None:
+        limit = type(self).max_header_bytes
+        self.transport.write(raw_error(HeadersTooLarge(
+            f"the request head exceeds {limit} bytes (HJSERVE_MAX_HEADER_BYTES)"), close=True))
+        self.transport.close()
+
+    def on_message_complete(self) -> None:
+        super().on_message_complete()
+        self._in_head, self._head_bytes = True, 0   # the next bytes begin the next head
+        self._boundaries += 1
+
     def on_headers_complete(self) -> None:
+        self._in_head = False
+        self._boundaries += 1
+        # a whole head that arrived within a read or two is measured exactly here (the request line
+        # and each header line as sent, less trailing blanks), before any app sees it
+        if len(self.url) + sum(len(n) + len(v) + 4 for n, v in self.headers) + 16 > type(self).max_header_bytes:
+            self._refuse_head()
+            self.cycle = _ANSWERED   # the body that follows is parsed and dropped
+            return
         shed = type(self).shed
         previous = self.cycle
         self._admitted = None
@@ -166,6 +210,7 @@ class GuardedProtocol(HttpToolsProtocol):
         self._admitted: Callable[[], None] | None = None   # the slot shed() reserved for the next task
         self._head_deadline = 0.0
         self._head_timer: asyncio.TimerHandle | None = None
+        self._in_head, self._head_bytes, self._boundaries = True, 0, 0
         super().connection_made(transport)
         self._arm_head_timer()
 
@@ -201,9 +246,10 @@ class GuardedProtocol(HttpToolsProtocol):
 
 
 def guarded_protocol(header_timeout_s: float, shed: Shed | None = None,
-                     retry_after_s: int = 1) -> type[GuardedProtocol]:
-    """The protocol class uvicorn instantiates per connection, with this deadline and shedder."""
+                     retry_after_s: int = 1, max_header_bytes: int = 64 * 1024) -> type[GuardedProtocol]:
+    """The protocol class uvicorn instantiates per connection, with these limits and shedder."""
     return type("GuardedProtocol", (GuardedProtocol,), {"header_timeout_s": header_timeout_s,
+                                                       "max_header_bytes": max_header_bytes,
                                                        "shed": staticmethod(shed) if shed else None,
                                                        "connections_full": staticmethod(_connections_full(retry_after_s))})
 
