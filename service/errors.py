@@ -40,6 +40,7 @@ __all__ = [
     "Unauthorized",
     "UnknownInput",
     "UnknownOutput",
+    "UnsupportedEncoding",
     "ValidationFailed",
     "error_body",
     "lookup",
@@ -138,6 +139,10 @@ class PayloadTooLarge(HJServeError):
     """The request body exceeds ``max_body_bytes`` (or the batch exceeds ``batch_max_rows``)."""
 
 
+class UnsupportedEncoding(HJServeError):
+    """The body's ``Content-Encoding`` is not one the server decodes (identity, gzip, deflate)."""
+
+
 class HeadersTooLarge(HJServeError):
     """The request head (request line and headers) exceeds ``max_header_bytes`` (the connection
     is closed)."""
@@ -198,6 +203,7 @@ ERROR_TABLE: dict[type[HJServeError], ErrorMapping] = {
     BodyTimeout: ErrorMapping(408, "body_timeout", "DEADLINE_EXCEEDED"),
     PayloadTooLarge: ErrorMapping(413, "payload_too_large", "RESOURCE_EXHAUSTED"),
     HeadersTooLarge: ErrorMapping(431, "headers_too_large", "RESOURCE_EXHAUSTED"),
+    UnsupportedEncoding: ErrorMapping(415, "unsupported_encoding", "INVALID_ARGUMENT"),
     ModelLoadFailed: ErrorMapping(400, "model_load_failed", "INVALID_ARGUMENT"),
     ModelNotReady: ErrorMapping(503, "model_not_ready", "UNAVAILABLE"),
     Overloaded: ErrorMapping(503, "overloaded", "UNAVAILABLE"),

@@ -27,7 +27,7 @@ from service import codecs
 from service.codecs import binary_source, json_source, ndjson_source
 from service.dataplane import Attribution
 from service.errors import HJServeError, InvalidParameter, PayloadTooLarge, error_body, lookup
-from service.rest.common import dataplane_of, settings_of
+from service.rest.common import body_decoder, dataplane_of, settings_of
 from service.types import RowBlock
 
 __all__ = ["batch_attribution", "column_line", "ndjson_lines"]
@@ -59,14 +59,18 @@ def _query_params(top_k: int | None, tau: float | None, chunk_rows: int | None,
 
 
 async def _spool(request: Request, limit: int):
+    """The body, decoded (:func:`~service.rest.common.body_decoder`), in a spool; (spool, size)."""
+    decode = body_decoder(request, limit)
     spool = tempfile.SpooledTemporaryFile(max_size=_SPOOL_BYTES)  # noqa: SIM115 - closed by the response
-    size = 0
+    sent = size = 0
     try:
         async for chunk in request.stream():
-            size += len(chunk)
-            if size > limit:
+            sent += len(chunk)
+            if sent > limit:
                 raise PayloadTooLarge(f"request body exceeds the limit of {limit} bytes")
-            spool.write(chunk)
+            if chunk:
+                size += spool.write(decode(chunk))
+        size += spool.write(decode(b""))
     except BaseException:
         spool.close()
         raise

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import zlib
+from collections.abc import Callable
 from typing import Any
 
 from fastapi import Request
@@ -11,12 +13,12 @@ from pydantic import BaseModel
 from service.auth import check_admin, check_api_key, key_from
 from service.codecs import dumps
 from service.dataplane import DataPlane
-from service.errors import PayloadTooLarge
+from service.errors import BadRequest, PayloadTooLarge, UnsupportedEncoding
 from service.rest.guards import ADMITTED
 from service.settings import Settings
 
-__all__ = ["admission", "json_response", "presented_key", "read_body", "require_admin", "require_api_key",
-           "wire_response"]
+__all__ = ["admission", "body_decoder", "json_response", "presented_key", "read_body", "require_admin",
+           "require_api_key", "wire_response"]
 
 
 def json_response(content: Any, status_code: int = 200, headers: dict[str, str] | None = None) -> Response:
@@ -48,18 +50,51 @@ def admission(request: Request, model_name: str, model_version: str | None = Non
     return dataplane_of(request).admit(model_name, model_version, reserved=bool(request.scope.get(ADMITTED)))
 
 
+def body_decoder(request: Request, limit: int) -> Callable[[bytes], bytes]:
+    """``decode(chunk) -> bytes`` for the request's ``Content-Encoding``, fed the body's non-empty
+    chunks in order and then ``b""`` once (the end): identity, or gzip / deflate (what Triton's HTTP client
+    sends with ``request_compression_algorithm``) inflated at most ``limit`` bytes in all -- a
+    compressed body is never inflated past the limit it must meet (413), so a small bomb costs no
+    memory. Another encoding is a 415; a corrupt or truncated stream a 400."""
+    encoding = request.headers.get("content-encoding", "").strip().lower()
+    if encoding in ("", "identity"):
+        return lambda chunk: chunk
+    if encoding not in ("gzip", "x-gzip", "deflate"):
+        raise UnsupportedEncoding(f"Content-Encoding {encoding!r} is not supported (identity, gzip, deflate)")
+    inflater = zlib.decompressobj(zlib.MAX_WBITS | 32)   # a gzip or a zlib stream ("deflate" in HTTP)
+    produced = 0
+
+    def decode(chunk: bytes) -> bytes:
+        nonlocal produced
+        try:
+            out = inflater.decompress(chunk, limit - produced + 1) if chunk else inflater.flush()
+        except zlib.error as exc:
+            raise BadRequest(f"the {encoding} body is corrupt: {exc}") from None
+        produced += len(out)
+        if produced > limit:
+            raise PayloadTooLarge(f"request body exceeds the limit of {limit} bytes once decompressed")
+        if not chunk and (not inflater.eof or inflater.unused_data):
+            raise BadRequest(f"the {encoding} body is truncated or followed by other data")
+        return out
+    return decode
+
+
 async def read_body(request: Request, limit: int) -> bytes:
-    """The whole body, or PayloadTooLarge as soon as it exceeds ``limit`` bytes."""
+    """The whole body (decoded: :func:`body_decoder`), or PayloadTooLarge as soon as it exceeds
+    ``limit`` bytes, sent or decoded."""
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise PayloadTooLarge(f"request body of {declared} bytes exceeds the limit of {limit} bytes")
+    decode = body_decoder(request, limit)
     chunks: list[bytes] = []
     size = 0
     async for chunk in request.stream():
         size += len(chunk)
         if size > limit:
             raise PayloadTooLarge(f"request body exceeds the limit of {limit} bytes")
-        chunks.append(chunk)
+        if chunk:
+            chunks.append(decode(chunk))
+    chunks.append(decode(b""))
     return b"".join(chunks)
 
 
