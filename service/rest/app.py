@@ -85,7 +85,9 @@ _ERRORS = {
     400: "Bad request: malformed body, wrong shape/datatype/value, invalid parameter or model name",
     401: "Missing or invalid API key", 403: "The key is not allowed on this route",
     404: "Unknown model, version or route", 408: "The request body did not arrive in time",
-    413: "Body, stream, line or row count over its limit",
+    413: "Body, stream, line or row count over its limit (a compressed body: once inflated)",
+    415: "A Content-Encoding other than identity, gzip or deflate",
+    431: "The request head (line and headers) over max_header_bytes (the connection is closed)",
     503: "Overloaded (Retry-After) or the model is not ready", 504: "No result within the request timeout",
     500: "Internal error (a bug: never expected)",
 }
