@@ -95,9 +95,14 @@ _ERROR_RESPONSES = {status: {"model": ErrorResponse, "description": text} for st
 
 
 def reject_unknown_query(request: Request) -> None:
-    """A query parameter the route does not declare is refused (400), not silently ignored."""
+    """A query parameter the route does not declare, or one given twice, is refused (400), not
+    silently ignored (of ``?top_k=1&top_k=2`` one value would be dropped)."""
     if not request.scope.get("query_string"):
         return
+    keys = [key for key, _ in request.query_params.multi_items()]
+    repeated = sorted({key for key in keys if keys.count(key) > 1})
+    if repeated:
+        raise InvalidParameter(f"query parameter(s) {repeated[:8]} given more than once")
     route = request.scope.get("route")
     declared = {p.alias for p in route.dependant.query_params} if isinstance(route, APIRoute) else set()
     unknown = sorted(set(request.query_params) - declared)

@@ -269,6 +269,9 @@ def test_unintended_query_parameters_are_refused(server):
             assert r.status_code == 400 and r.json()["error_type"] == "invalid_parameter", (path, r.text)
         r = c.post("/v2/models/clf/infer?model_version=1", json=_row_body())
         assert r.status_code == 400, r.text
+        # a declared one given twice: one value was silently dropped on bcbf411
+        r = c.post("/v2/models/clf/batch-attribution?top_k=1&top_k=2", json={"instances": [[1, 2, 3, 4]]})
+        assert r.status_code == 400 and "given more than once" in r.json()["error"], r.text
         assert c.get("/v2/models/stats").status_code == 200
 
 
