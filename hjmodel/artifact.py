@@ -44,6 +44,7 @@ __all__ = [
     "TracedModule",
     "traced_or_eager",
     "export_onnx",
+    "file_sha256",
     "verify_checksums",
     "write_checksums",
     "load_model",
@@ -690,7 +691,8 @@ _MANIFEST_LINE = re.compile(r"([0-9a-f]{64}) [ *](\S+)")
 _MANIFEST_MAX_BYTES = 64 * 1024
 
 
-def _sha256_file(path: Path) -> str:
+def file_sha256(path: Path) -> str:
+    """A file's SHA-256 (hex), read in blocks (a graph may be GiBs: it is never held in memory)."""
     digest = hashlib.sha256()
     with path.open("rb") as f:
         while block := f.read(1 << 20):
@@ -701,7 +703,7 @@ def _sha256_file(path: Path) -> str:
 def write_checksums(directory: str | Path) -> Path:
     """Write ``SHA256SUMS`` over the artifact files ``directory`` holds (``sha256sum``'s format)."""
     directory = Path(directory)
-    lines = [f"{_sha256_file(directory / name)}  {name}\n" for name in _CHECKED_FILES if (directory / name).is_file()]
+    lines = [f"{file_sha256(directory / name)}  {name}\n" for name in _CHECKED_FILES if (directory / name).is_file()]
     partial = directory / (CHECKSUM_FILE + ".partial")
     partial.write_text("".join(lines))
     partial.replace(directory / CHECKSUM_FILE)
@@ -739,7 +741,7 @@ def verify_checksums(directory: str | Path) -> bool:
     for name, want in listed.items():
         if not (directory / name).is_file():
             raise ArtifactError(f"{where}: lists {name}, which is missing")
-        if _sha256_file(directory / name) != want:
+        if file_sha256(directory / name) != want:
             raise ArtifactError(f"{directory}/{name}: its SHA-256 is not the one {CHECKSUM_FILE} records "
                                 "(changed since the artifact was written)")
     return True

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from hjmodel import serving
+from hjmodel.artifact import file_sha256
 from service.backends.base import PRUNED_GRAPH_BYTES, OutputGraphs
 from service.errors import BackendError, ModelLoadFailed
 
@@ -101,7 +102,7 @@ def load_onnx(version_dir: Path, *, device: str = "auto", threads: int = 0, spin
     try:
         # a pruned graph is cut from the file when it is needed (the graph is not kept in memory),
         # and only from the bytes read here, before the session (a file replaced since: none is cut)
-        digest = _sha256(path) if pruned_graphs else b""
+        digest = file_sha256(path) if pruned_graphs else ""
         session = open_graph(path)
         explain_path = path.parent / serving.EXPLAIN_FILE
         explain = open_graph(explain_path) if explain_path.is_file() else None
@@ -115,7 +116,7 @@ def load_onnx(version_dir: Path, *, device: str = "auto", threads: int = 0, spin
         from hjmodel.artifact import prune_graph
 
         graph = path.read_bytes()
-        if hashlib.sha256(graph).digest() != digest:
+        if hashlib.sha256(graph).hexdigest() != digest:
             raise ModelLoadFailed(f"{path.name} changed since it was loaded")
         cut = prune_graph(graph, outputs)
         return len(cut), lambda: open_graph(cut)
@@ -132,10 +133,3 @@ def _embedded_spec(session) -> str | None:
     return session.get_modelmeta().custom_metadata_map.get(serving.ONNX_SPEC_KEY)
 
 
-def _sha256(path: Path) -> bytes:
-    """The file's SHA-256, read in blocks (a graph may be most of a GiB: it is not held in memory)."""
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        while block := f.read(1 << 20):
-            digest.update(block)
-    return digest.digest()
