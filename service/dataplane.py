@@ -322,9 +322,10 @@ class DataPlane:
         await self.repository.unload(name)
 
     def _explicit_control(self, what: str) -> None:
-        if self.settings.model_control_mode != "explicit":
-            raise ModelLoadFailed(f"explicit model {what} is not allowed: model_control_mode is "
-                                  f"'{self.settings.model_control_mode}' (the repository is polled)")
+        mode = self.settings.model_control_mode
+        if mode != "explicit":
+            why = "the repository is polled" if mode == "poll" else "set HJSERVE_MODEL_CONTROL_MODE=explicit to allow it"
+            raise ModelLoadFailed(f"explicit model {what} is not allowed: model_control_mode is '{mode}' ({why})")
 
     # -- admission --------------------------------------------------------------------------------
 

@@ -55,9 +55,12 @@ class Settings(BaseSettings):
     grpc_max_message_bytes: int = Field(64 * 1024 * 1024, ge=1024)
     """Largest gRPC message received or sent (the gRPC twin of ``max_body_bytes``)."""
 
-    model_control_mode: Literal["explicit", "poll"] = "explicit"
-    """How the model repository changes, as in Triton: ``explicit`` -- every model on disk loads at
-    startup, then only the repository extension's load / unload calls change what is served;
+    model_control_mode: Literal["none", "explicit", "poll"] = "none"
+    """How the model repository changes, as in Triton: ``none`` (the default, as Triton's) -- every
+    model on disk loads at startup and what is served never changes (load / unload calls are
+    refused: a server nobody configured cannot be emptied by an anonymous unload); ``explicit`` --
+    every model on disk loads at startup, then only the repository extension's load / unload calls
+    change what is served (give them an ``admin_key``);
     ``poll`` -- the repository is rescanned every ``repository_poll_s`` seconds: a new model or
     version folder is loaded, a changed one reloaded, a removed one unloaded (load / unload calls
     are then refused, like Triton's)."""

@@ -38,8 +38,9 @@ def hj_repo(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def server(tiny_repo: Path, tmp_path_factory) -> Iterator[Server]:
-    """The shared server over the tiny repository (1 MiB body limit)."""
-    with run_server(tiny_repo, tmp_path_factory.mktemp("logs"), max_body_bytes=1024 * 1024) as s:
+    """The shared server over the tiny repository (1 MiB body limit; load / unload allowed)."""
+    with run_server(tiny_repo, tmp_path_factory.mktemp("logs"), max_body_bytes=1024 * 1024,
+                    model_control_mode="explicit") as s:
         yield s
 
 
@@ -76,7 +77,8 @@ def settings_overrides() -> dict:
 def settings(fake_root: Path, settings_overrides: dict):
     from service.settings import Settings
 
-    return Settings(model_repository=fake_root, max_queue_delay_ms=0.0, **settings_overrides)
+    return Settings(model_repository=fake_root, max_queue_delay_ms=0.0,
+                    **{"model_control_mode": "explicit", **settings_overrides})
 
 
 @pytest.fixture

@@ -105,6 +105,21 @@ def test_poll_mode_refuses_load_calls_over_http(client, settings_overrides):
     assert client.get("/v2/models/fclf/config").json()["parameters"]["model_control_mode"]["string_value"] == "poll"
 
 
+@pytest.mark.parametrize("settings_overrides", [{"model_control_mode": "none"}])
+def test_by_default_nothing_loads_or_unloads_after_startup(client, settings_overrides):
+    """Triton's default mode: what loaded at startup is served, and an anonymous client cannot empty
+    the server (on bcbf411 the default was explicit, and with no keys configured -- the default --
+    anyone reaching the port could unload every model). The index still answers."""
+    from service.settings import Settings
+
+    assert Settings.model_fields["model_control_mode"].default == "none"
+    for op in ("unload", "load"):
+        r = client.post(f"/v2/repository/models/fclf/{op}")
+        assert r.status_code == 400 and "HJSERVE_MODEL_CONTROL_MODE=explicit" in r.json()["error"], r.text
+    assert client.get("/v2/models/fclf/ready").status_code == 200
+    assert {m["name"] for m in client.post("/v2/repository/index").json()} >= {"fclf", "freg"}
+
+
 def test_batch_attribution_streams_ndjson_rows(client):
     lines = "\n".join("[0.5, 1, 2, 3]" for _ in range(5))
     r = client.post("/v2/models/fclf/versions/1/batch-attribution?chunk_rows=2", content=lines,

@@ -235,7 +235,7 @@ def inproc(tiny_repo):
     from service.rest.app import create_app
     from service.settings import Settings
 
-    settings = Settings(model_repository=tiny_repo, max_body_bytes=1024 * 1024)
+    settings = Settings(model_repository=tiny_repo, max_body_bytes=1024 * 1024, model_control_mode="explicit")
     app = create_app(DataPlane(settings, ModelRepository(settings)))
     with TestClient(app, raise_server_exceptions=False) as client:
         yield client

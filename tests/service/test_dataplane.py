@@ -117,7 +117,7 @@ def test_default_outputs_is_a_setting_reported_in_the_config(fake_root, loader, 
 def test_options_and_rows_are_resolved_against_the_version_that_runs(fake_root, loader):
     """A version swapped between two requests is fully re-resolved: a new build with another number
     of features refuses the old rows instead of running them against stale options."""
-    settings = Settings(model_repository=fake_root)
+    settings = Settings(model_repository=fake_root, model_control_mode="explicit")
     plane = DataPlane(settings, ModelRepository(settings, loader=loader))
 
     async def body():
@@ -254,7 +254,7 @@ def test_a_reload_during_a_request_is_retried_on_the_new_load(fake_root):
     """The version swap: the old load's batcher closes while a request waits in it; the request is
     answered by the new load (same version number), not failed."""
     loader = FakeLoader()
-    settings = Settings(model_repository=fake_root, max_batch_size=1)
+    settings = Settings(model_repository=fake_root, max_batch_size=1, model_control_mode="explicit")
     plane = DataPlane(settings, ModelRepository(settings, loader=loader))
 
     async def body():

@@ -28,7 +28,8 @@ VERSIONS = ["1", "2", "9", "0", "01", "-1", "latest", "1e3", "²"]
 
 @pytest.fixture(scope="module")
 def fuzz_server(tiny_repo, tmp_path_factory):
-    with run_server(tiny_repo, tmp_path_factory.mktemp("fuzz"), max_body_bytes=256 * 1024) as s:
+    with run_server(tiny_repo, tmp_path_factory.mktemp("fuzz"), max_body_bytes=256 * 1024,
+                    model_control_mode="explicit") as s:
         yield s
 
 

@@ -189,7 +189,8 @@ def test_unknown_methods_are_unimplemented(gserver):
 def test_keys_limits_and_overload(tiny_repo, tmp_path):
     """Same keys as HTTP (metadata), the message size limit, and overload as UNAVAILABLE with a
     retry-after trailer, on a server with max_queue_size 1."""
-    with run_server(tiny_repo, tmp_path, grpc=True, api_keys="k1", admin_key="root", max_queue_size=1,
+    with run_server(tiny_repo, tmp_path, grpc=True, api_keys="k1", admin_key="root", model_control_mode="explicit",
+                    max_queue_size=1,
                     max_batch_size=1, grpc_max_message_bytes=64 * 1024) as s:
         client = tg.InferenceServerClient(s.grpc_target)
         try:

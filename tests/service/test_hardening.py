@@ -45,7 +45,7 @@ def escape_layout(tiny_repo, tmp_path):
 
 
 def test_model_names_never_leave_the_repository(escape_layout, tmp_path):
-    with run_server(escape_layout, tmp_path) as s, s.client() as c:
+    with run_server(escape_layout, tmp_path, model_control_mode="explicit") as s, s.client() as c:
         for name in ("%2e%2e", "%2e", "..%2f..", "evil"):
             r = c.post(f"/v2/repository/models/{name}/load")
             assert r.status_code in (400, 404), (name, r.status_code, r.text)
@@ -61,7 +61,7 @@ def test_model_names_never_leave_the_repository(escape_layout, tmp_path):
 
 
 def test_admin_routes_are_never_more_open_than_inference(tiny_repo, tmp_path):
-    with run_server(tiny_repo, tmp_path, api_keys="k1,k2") as s, s.client() as c:
+    with run_server(tiny_repo, tmp_path, api_keys="k1,k2", model_control_mode="explicit") as s, s.client() as c:
         assert c.post("/v2/repository/models/clf/load").status_code == 401
         assert c.post("/v2/repository/models/clf/unload").status_code == 401
         assert c.post("/v2/repository/index").status_code == 401
@@ -70,7 +70,7 @@ def test_admin_routes_are_never_more_open_than_inference(tiny_repo, tmp_path):
         ok = {"authorization": "Bearer k2"}
         assert c.post("/v2/repository/index", headers=ok).status_code == 200
         assert c.post("/v2/repository/models/clf/load", headers=ok).status_code == 200
-    with run_server(tiny_repo, tmp_path, api_keys="k1", admin_key="root") as s, s.client() as c:
+    with run_server(tiny_repo, tmp_path, api_keys="k1", admin_key="root", model_control_mode="explicit") as s, s.client() as c:
         assert c.post("/v2/repository/index", headers={"x-api-key": "k1"}).status_code == 403
         assert c.post("/v2/repository/index", headers={"x-api-key": "root"}).status_code == 200
 
@@ -237,7 +237,7 @@ def test_batch_job_survives_a_reload_of_its_version(tiny_repo, tmp_path):
     copy_version(tiny_repo / "clf" / "1", repo / "clf" / "1")
     n = 40_000
     body = _ndjson(n)
-    with run_server(repo, tmp_path, max_batch_size=16) as s, s.client() as c:
+    with run_server(repo, tmp_path, max_batch_size=16, model_control_mode="explicit") as s, s.client() as c:
         reloads = []
 
         def reload_repeatedly():

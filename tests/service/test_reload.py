@@ -28,7 +28,7 @@ def test_reload_under_traffic_has_zero_failures(tiny_repo, tmp_path):
                 with lock:
                     results.append((r.status_code, r.json().get("model_version", r.text)))
 
-    with run_server(repo, tmp_path, max_queue_delay_ms=1) as s, s.client() as admin:
+    with run_server(repo, tmp_path, max_queue_delay_ms=1, model_control_mode="explicit") as s, s.client() as admin:
         threads = [threading.Thread(target=client_loop, args=(s.url,)) for _ in range(6)]
         for t in threads:
             t.start()
@@ -65,7 +65,7 @@ def test_reload_under_traffic_has_zero_failures(tiny_repo, tmp_path):
 def test_unload_and_load(tiny_repo, tmp_path):
     repo = tmp_path / "repo"
     copy_version(tiny_repo / "reg" / "1", repo / "reg" / "1")
-    with run_server(repo, tmp_path) as s, s.client() as c:
+    with run_server(repo, tmp_path, model_control_mode="explicit") as s, s.client() as c:
         assert c.get("/v2/models/reg/ready").status_code == 200
         assert c.post("/v2/repository/models/reg/unload").status_code == 200
         r = c.post("/v2/models/reg/infer", json=BODY)
