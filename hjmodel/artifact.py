@@ -728,9 +728,9 @@ def verify_checksums(directory: str | Path) -> bool:
         raise ArtifactError(f"{where}: larger than {_MANIFEST_MAX_BYTES} bytes")
     listed: dict[str, str] = {}
     for number, line in enumerate(raw.decode("utf-8", "replace").splitlines(), 1):
-        match = _MANIFEST_LINE.fullmatch(line.strip())
         if not line.strip():
             continue
+        match = _MANIFEST_LINE.fullmatch(line.strip())
         if match is None or match[2] not in _CHECKED_FILES or match[2] in listed:
             raise ArtifactError(f"{where}: line {number} is not '<sha256>  <artifact file>' "
                                 f"(one of {list(_CHECKED_FILES)}, once)")

@@ -302,8 +302,9 @@ class DataPlane:
         return [RepositoryIndexItem(**item) for item in self.repository.index(ready_only)]
 
     async def load_model(self, name: str, parameters: Mapping[str, Any] | None = None) -> None:
-        """(Re)load every version of ``name`` from its folder as it is; refused in ``poll`` mode (the
-        poller owns loading). Triton's load parameters (a ``config`` or ``file:...`` override) are
+        """(Re)load every version of ``name`` from its folder as it is; refused unless
+        ``model_control_mode`` is ``explicit`` (in ``none`` nothing changes after startup, in ``poll``
+        the poller owns loading). Triton's load parameters (a ``config`` or ``file:...`` override) are
         refused, never ignored."""
         self._explicit_control("load")
         if parameters:

@@ -61,7 +61,8 @@ def ndjson_source(body: IO[bytes], chunk_rows: int, max_rows: int, max_line_byte
         try:
             array = _rows_array(rows)
         except HJServeError:
-            bad, error = next((k, e) for k, row in enumerate(rows) if (e := _row_error(row)) is not None)
+            bad, error = next(((k, e) for k, row in enumerate(rows) if (e := _row_error(row)) is not None),
+                              (0, InvalidDatatype("a row must be a flat list of numbers")))
             if yielded and bad:
                 yield _rows_array(rows[:bad]), "FP64"
             raise type(error)(f"NDJSON line {lines[bad]}: {error.message}") from None
