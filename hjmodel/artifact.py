@@ -45,6 +45,7 @@ __all__ = [
     "traced_or_eager",
     "export_onnx",
     "file_sha256",
+    "recorded_sha256",
     "verify_checksums",
     "write_checksums",
     "load_model",
@@ -718,9 +719,36 @@ def verify_checksums(directory: str | Path) -> bool:
     in since it was written: a graph that still parses would serve other numbers, and other
     certificates, under this artifact's name)."""
     directory = Path(directory)
+    listed = _manifest(directory)
+    if listed is None:
+        return False
+    where = f"{directory}/{CHECKSUM_FILE}"
+    unlisted = [name for name in _CHECKED_FILES if name not in listed and (directory / name).is_file()]
+    if unlisted:
+        raise ArtifactError(f"{where}: does not list {unlisted}, which the artifact holds")
+    for name, want in listed.items():
+        if not (directory / name).is_file():
+            raise ArtifactError(f"{where}: lists {name}, which is missing")
+        if file_sha256(directory / name) != want:
+            raise ArtifactError(f"{directory}/{name}: its SHA-256 is not the one {CHECKSUM_FILE} records "
+                                "(changed since the artifact was written)")
+    return True
+
+
+def recorded_sha256(directory: str | Path, name: str) -> str | None:
+    """The SHA-256 the artifact's manifest records for file ``name`` (None without a manifest or an
+    entry): after :func:`verify_checksums`, the digest of the file as it was loaded, without hashing
+    it again."""
+    listed = _manifest(Path(directory))
+    return None if listed is None else listed.get(name)
+
+
+def _manifest(directory: Path) -> dict[str, str] | None:
+    """{file: hex digest} of ``directory``'s ``SHA256SUMS`` (None when it has none); raises
+    :class:`ArtifactError` when it is malformed."""
     manifest = directory / CHECKSUM_FILE
     if not manifest.is_file():
-        return False
+        return None
     where = f"{directory}/{CHECKSUM_FILE}"
     with manifest.open("rb") as f:
         raw = f.read(_MANIFEST_MAX_BYTES + 1)
@@ -735,16 +763,7 @@ def verify_checksums(directory: str | Path) -> bool:
             raise ArtifactError(f"{where}: line {number} is not '<sha256>  <artifact file>' "
                                 f"(one of {list(_CHECKED_FILES)}, once)")
         listed[match[2]] = match[1]
-    unlisted = [name for name in _CHECKED_FILES if name not in listed and (directory / name).is_file()]
-    if unlisted:
-        raise ArtifactError(f"{where}: does not list {unlisted}, which the artifact holds")
-    for name, want in listed.items():
-        if not (directory / name).is_file():
-            raise ArtifactError(f"{where}: lists {name}, which is missing")
-        if file_sha256(directory / name) != want:
-            raise ArtifactError(f"{directory}/{name}: its SHA-256 is not the one {CHECKSUM_FILE} records "
-                                "(changed since the artifact was written)")
-    return True
+    return listed
 
 
 def read_spec(path: str | Path) -> dict:

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from hjmodel import serving
-from hjmodel.artifact import file_sha256
+from hjmodel.artifact import file_sha256, recorded_sha256
 from service.backends.base import PRUNED_GRAPH_BYTES, OutputGraphs
 from service.errors import BackendError, ModelLoadFailed
 
@@ -101,8 +101,9 @@ def load_onnx(version_dir: Path, *, device: str = "auto", threads: int = 0, spin
                                    flush_subnormals=True)
     try:
         # a pruned graph is cut from the file when it is needed (the graph is not kept in memory),
-        # and only from the bytes read here, before the session (a file replaced since: none is cut)
-        digest = file_sha256(path) if pruned_graphs else ""
+        # and only from the bytes loaded here (a file replaced since: none is cut); the manifest's
+        # digest, which the repository checked the file against just before, spares a second hash
+        digest = (recorded_sha256(path.parent, serving.ONNX_FILE) or file_sha256(path)) if pruned_graphs else ""
         session = open_graph(path)
         explain_path = path.parent / serving.EXPLAIN_FILE
         explain = open_graph(explain_path) if explain_path.is_file() else None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import inspect
 import logging
 import re
@@ -99,8 +100,8 @@ def reject_unknown_query(request: Request) -> None:
     silently ignored (of ``?top_k=1&top_k=2`` one value would be dropped)."""
     if not request.scope.get("query_string"):
         return
-    keys = [key for key, _ in request.query_params.multi_items()]
-    repeated = sorted({key for key in keys if keys.count(key) > 1})
+    counts = collections.Counter(key for key, _ in request.query_params.multi_items())
+    repeated = sorted(key for key, n in counts.items() if n > 1)
     if repeated:
         raise InvalidParameter(f"query parameter(s) {repeated[:8]} given more than once")
     route = request.scope.get("route")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TypeVar
 
 from fastapi import Request
 from fastapi.responses import Response
@@ -16,35 +16,32 @@ from service.types import RepositoryIndexRequest, RepositoryModelRequest
 __all__ = ["index", "load", "unload"]
 
 _LIMIT = 64 * 1024
+_Body = TypeVar("_Body", RepositoryIndexRequest, RepositoryModelRequest)
 
 
 async def index(request: Request) -> Response:
-    body = await read_body(request, _LIMIT)
-    ready_only = False
-    if body.strip():
-        try:
-            ready_only = bool(RepositoryIndexRequest.model_validate(parse_json(body)).ready)
-        except ValidationError as exc:
-            raise BadRequest(f"invalid index request: {exc.errors()[0]['msg']}") from None
-    return wire_response(dataplane_of(request).repository_index(ready_only))
+    body = await _body(request, RepositoryIndexRequest, "index")
+    return wire_response(dataplane_of(request).repository_index(bool(body and body.ready)))
 
 
 async def load(request: Request, model_name: str) -> Response:
-    await dataplane_of(request).load_model(model_name, await _parameters(request))
+    body = await _body(request, RepositoryModelRequest, "repository")
+    await dataplane_of(request).load_model(model_name, body.parameters if body else None)
     return json_response({})
 
 
 async def unload(request: Request, model_name: str) -> Response:
-    await dataplane_of(request).unload_model(model_name, await _parameters(request))
+    body = await _body(request, RepositoryModelRequest, "repository")
+    await dataplane_of(request).unload_model(model_name, body.parameters if body else None)
     return json_response({})
 
 
-async def _parameters(request: Request) -> dict[str, Any]:
-    """The ``parameters`` of a load / unload body (none when the body is empty)."""
-    body = await read_body(request, _LIMIT)
-    if not body.strip():
-        return {}
+async def _body(request: Request, model: type[_Body], what: str) -> _Body | None:
+    """A repository route's optional JSON body as ``model`` (None when the body is empty)."""
+    raw = await read_body(request, _LIMIT)
+    if not raw.strip():
+        return None
     try:
-        return RepositoryModelRequest.model_validate(parse_json(body)).parameters or {}
+        return model.model_validate(parse_json(raw))
     except ValidationError as exc:
-        raise BadRequest(f"invalid repository request: {first_error(exc)}") from None
+        raise BadRequest(f"invalid {what} request: {first_error(exc)}") from None

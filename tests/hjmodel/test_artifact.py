@@ -510,6 +510,7 @@ def test_a_file_changed_since_it_was_written_is_refused(small_artifacts, tmp_pat
     ("{digest}  model.pt\n{digest}  model.pt\n", "line 2 is not"),
     ("not a digest  model.pt\n", "line 1 is not"),
     ("", "does not list"),
+    ("#" * (65 * 1024), "larger than"),
 ])
 def test_a_malformed_manifest_is_refused(small_artifacts, tmp_path, manifest, message):
     directory = tmp_path / "1"
@@ -528,3 +529,24 @@ def test_a_listed_file_that_is_gone_is_refused_and_no_manifest_is_nothing_to_che
     (directory / CHECKSUM_FILE).unlink()     # an artifact written before manifests
     assert verify_checksums(directory) is False
     load_model(directory)
+
+
+def test_the_manifest_records_what_a_loader_may_reuse(small_artifacts):
+    """recorded_sha256: the digest the server's graph-cutting guard takes instead of hashing the
+    verified graph again (equal to the file's own)."""
+    from hjmodel.artifact import file_sha256, recorded_sha256
+
+    directory = small_artifacts["lse"]
+    assert recorded_sha256(directory, ONNX_FILE) == file_sha256(directory / ONNX_FILE)
+    assert recorded_sha256(directory, "other.bin") is None
+
+
+def test_spec_mismatch_names_why():
+    from hjmodel.serving import ONNX_SPEC_KEY, spec_mismatch
+
+    spec = {"kind": "lse", "eps": 0.5, "metrics": {"nan": float("nan")}}
+    assert spec_mismatch(spec, json.dumps(spec)) is None          # NaN equal to itself in JSON text
+    assert spec_mismatch(spec, None) == f"it carries no {ONNX_SPEC_KEY!r} metadata"
+    assert "is not JSON" in spec_mismatch(spec, "{oops")
+    assert "not a JSON object" in spec_mismatch(spec, "[]")
+    assert spec_mismatch(spec, json.dumps({**spec, "eps": 0.25, "extra": 1})) == "they differ in ['eps', 'extra']"
