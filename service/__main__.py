@@ -21,7 +21,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--max-batch-size", type=int)
     p.add_argument("--max-queue-delay-ms", type=float)
     p.add_argument("--max-queue-size", type=int)
-    p.add_argument("--model-control-mode", choices=["explicit", "poll"])
+    p.add_argument("--model-control-mode", choices=["none", "explicit", "poll"])
     p.add_argument("--tracing", choices=["off", "on", "otlp", "console"])
     p.add_argument("--log-level", choices=["critical", "error", "warning", "info", "debug", "trace"])
     return p

@@ -21,6 +21,7 @@ __all__ = [
     "Forbidden",
     "HJServeError",
     "HeadersTooLarge",
+    "InsufficientStorage",
     "InternalError",
     "InvalidDatatype",
     "InvalidHeader",
@@ -37,6 +38,7 @@ __all__ = [
     "Overloaded",
     "PayloadTooLarge",
     "RequestTimeout",
+    "SpoolFull",
     "Unauthorized",
     "UnknownInput",
     "UnknownOutput",
@@ -157,6 +159,15 @@ class Overloaded(HJServeError):
         self.retry_after_s = retry_after_s
 
 
+class SpoolFull(Overloaded):
+    """The batch bodies being answered already hold ``max_spool_bytes`` between them; retry after
+    ``retry_after_s`` seconds."""
+
+
+class InsufficientStorage(HJServeError):
+    """The server could not store a request body: a write to its spool failed (a full disk)."""
+
+
 class RequestTimeout(HJServeError):
     """The request did not get its result within the request timeout."""
 
@@ -206,8 +217,10 @@ ERROR_TABLE: dict[type[HJServeError], ErrorMapping] = {
     UnsupportedEncoding: ErrorMapping(415, "unsupported_encoding", "INVALID_ARGUMENT"),
     ModelLoadFailed: ErrorMapping(400, "model_load_failed", "INVALID_ARGUMENT"),
     ModelNotReady: ErrorMapping(503, "model_not_ready", "UNAVAILABLE"),
+    SpoolFull: ErrorMapping(503, "spool_full", "UNAVAILABLE"),
     Overloaded: ErrorMapping(503, "overloaded", "UNAVAILABLE"),
     RequestTimeout: ErrorMapping(504, "timeout", "DEADLINE_EXCEEDED"),
+    InsufficientStorage: ErrorMapping(507, "insufficient_storage", "RESOURCE_EXHAUSTED"),
     BackendError: ErrorMapping(500, "backend_error", "INTERNAL"),
     InternalError: ErrorMapping(500, "internal_error", "INTERNAL"),
     HJServeError: ErrorMapping(500, "internal_error", "INTERNAL"),

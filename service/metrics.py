@@ -82,6 +82,9 @@ OOD_SCORE = Histogram("hjserve_ood_score", "OOD score (Hopf-Cole value u, diffus
 CLASS_PREDICTIONS = Counter("hjserve_class_predictions", "Predicted rows per class name.", (*_MV, "class"))
 BATCH_ROWS = Counter("hjserve_batch_rows", "Rows processed by batch attribution jobs.", _MV)
 BATCH_JOBS_IN_PROGRESS = Gauge("hjserve_batch_jobs_in_progress", "Batch attribution jobs running.", _MV)
+BATCH_SPOOL_BYTES = Gauge("hjserve_batch_spool_bytes",
+                          "Bytes the batch-attribution bodies being received and answered hold now, in memory "
+                          "and spool files (limit: HJSERVE_MAX_SPOOL_BYTES).")
 MODEL_READY = Gauge("hjserve_model_ready", "1 when the model version is loaded and serving, else 0.", _MV)
 HTTP_REQUESTS = Counter("hjserve_http_requests", "HTTP requests by route template, method and status.",
                         ("route", "method", "status"))

@@ -140,6 +140,19 @@ class Settings(BaseSettings):
     """Largest streamed batch-attribution body (NDJSON or V2 binary), spooled to a temporary file
     while it arrives (413 beyond it)."""
 
+    max_spool_bytes: int = Field(4 * 1024 * 1024 * 1024, ge=1)
+    """Most bytes the batch-attribution bodies being received and answered may hold at once, all
+    jobs together (each body is spooled: its first 8 MiB in memory, the rest in a file under
+    ``spool_dir``; the bytes count until the job ends). A job that would take the total past it gets
+    503 ``spool_full`` with ``Retry-After``; a body larger than the limit alone, 413. Keep it below
+    the free space of ``spool_dir`` -- in Kubernetes below the ``/tmp`` volume's ``sizeLimit``, past
+    which the kubelet evicts the pod."""
+
+    spool_dir: Path | None = None
+    """Directory of the batch bodies' spool files (unset: the system's temporary directory,
+    ``$TMPDIR`` or ``/tmp``); must exist. A write that fails there (a full disk) answers 507
+    ``insufficient_storage``."""
+
     max_line_bytes: int = Field(1024 * 1024, ge=16)
     """Longest NDJSON line of a batch-attribution body (413 for that line, before it is parsed)."""
 
@@ -208,6 +221,13 @@ class Settings(BaseSettings):
         unknown = [n for n in names if n not in {o.name for o in OUTPUTS}]
         if names != ["all"] and unknown:
             raise ValueError(f"unknown output(s) {unknown}: 'all' or names of the serving outputs")
+        return value
+
+    @field_validator("spool_dir")
+    @classmethod
+    def _existing_dir(cls, value: Path | None) -> Path | None:
+        if value is not None and not value.is_dir():
+            raise ValueError(f"spool_dir {str(value)!r} is not an existing directory")
         return value
 
     @field_validator("log_level", mode="before")

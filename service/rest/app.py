@@ -89,7 +89,9 @@ _ERRORS = {
     413: "Body, stream, line or row count over its limit (a compressed body: once inflated)",
     415: "A Content-Encoding other than identity, gzip or deflate",
     431: "The request head (line and headers) over max_header_bytes (the connection is closed)",
-    503: "Overloaded (Retry-After) or the model is not ready", 504: "No result within the request timeout",
+    503: "Overloaded or the batch spool full (Retry-After), or the model is not ready",
+    504: "No result within the request timeout",
+    507: "A batch body could not be stored (the spool's disk is full)",
     500: "Internal error (a bug: never expected)",
 }
 _ERROR_RESPONSES = {status: {"model": ErrorResponse, "description": text} for status, text in _ERRORS.items()}
@@ -458,6 +460,7 @@ def create_app(dataplane: DataPlane, transports: Sequence[Transport] = ()) -> Fa
                               "Hamilton-Jacobi diagnostics. Every error is {error, error_type}.")
     app.state.settings = settings
     app.state.dataplane = dataplane
+    app.state.spool_budget = batch.SpoolBudget(settings.max_spool_bytes, settings.retry_after_s)
     app.add_exception_handler(HJServeError, _on_service_error)
     app.add_exception_handler(StarletteHTTPException, _on_http_error)
     app.add_exception_handler(RequestValidationError, _on_validation_error)

@@ -1,6 +1,7 @@
 """Batch attribution route: JSON, NDJSON or V2 binary rows in, NDJSON rows streamed out.
 
-The body is spooled (memory up to a few MiB, then a temporary file), read lazily by a source of
+The body is spooled (:class:`Spool`: memory up to a few MiB, then a temporary file in
+``spool_dir``; all jobs' spools together within ``max_spool_bytes``, :class:`SpoolBudget`), read lazily by a source of
 :mod:`service.codecs.batch`, computed by the dataplane's :class:`~service.dataplane.Attribution`
 job, and each answered row is written as one JSON line ``{"row": i, "class": name?, "<output>":
 value, ...}`` -- or, with ``layout=columns``, each graph call's block as one line of columns
@@ -12,6 +13,7 @@ with no rows; after it the status is 200 and the stream ends with one line ``{"e
 
 from __future__ import annotations
 
+import logging
 import tempfile
 from collections.abc import AsyncIterator
 from typing import Any
@@ -26,17 +28,84 @@ from starlette.concurrency import run_in_threadpool
 from service import codecs
 from service.codecs import binary_source, json_source, ndjson_source
 from service.dataplane import Attribution
-from service.errors import HJServeError, InvalidParameter, PayloadTooLarge, error_body, lookup
+from service.errors import (
+    HJServeError,
+    InsufficientStorage,
+    InvalidParameter,
+    PayloadTooLarge,
+    SpoolFull,
+    error_body,
+    lookup,
+)
+from service.metrics import BATCH_SPOOL_BYTES
 from service.rest.common import body_decoder, dataplane_of, settings_of
 from service.types import RowBlock
 
-__all__ = ["batch_attribution", "column_line", "ndjson_lines"]
+__all__ = ["Spool", "SpoolBudget", "batch_attribution", "column_line", "ndjson_lines"]
 
 #: the ``layout`` query parameter: one line per row (default) or one line of columns per block
 LAYOUTS = ("rows", "columns")
 
 #: Bodies are spooled: in memory up to this size, then in a temporary file.
 _SPOOL_BYTES = 8 * 1024 * 1024
+
+
+logger = logging.getLogger(__name__)
+
+
+class SpoolBudget:
+    """The bytes all batch bodies hold at once (``max_spool_bytes``), shared by an app's jobs and
+    exported as ``hjserve_batch_spool_bytes``. Used from the event loop only (spools are written and
+    closed there), so it takes no lock."""
+
+    def __init__(self, limit: int, retry_after_s: int = 1):
+        self.limit, self.retry_after_s, self.used = limit, retry_after_s, 0
+
+    def check(self, held: int, more: int) -> None:
+        """Whether a body holding ``held`` bytes may hold ``more``: 413 when it alone would exceed the
+        limit (it never fits), 503 ``spool_full`` when the other jobs' bytes leave no room now."""
+        if held + more > self.limit:
+            raise PayloadTooLarge(f"the batch body exceeds HJSERVE_MAX_SPOOL_BYTES ({self.limit} bytes), "
+                                  "the most all batch bodies may hold at once")
+        if self.used + more > self.limit:
+            raise SpoolFull(f"the batch jobs being answered hold {self.used} of HJSERVE_MAX_SPOOL_BYTES "
+                            f"({self.limit}) bytes: retry later", retry_after_s=self.retry_after_s)
+
+    def take(self, held: int, more: int) -> None:
+        self.check(held, more)
+        self.used += more
+        BATCH_SPOOL_BYTES.set(self.used)
+
+    def give(self, n: int) -> None:
+        self.used -= n
+        BATCH_SPOOL_BYTES.set(self.used)
+
+
+class Spool:
+    """One batch body: its first :data:`_SPOOL_BYTES` in memory, the rest in an unnamed temporary
+    file in ``directory``; every byte written counts against ``budget`` until :meth:`close`. A write
+    that fails (a full disk) is :class:`~service.errors.InsufficientStorage`."""
+
+    def __init__(self, budget: SpoolBudget, directory: str | None = None):
+        self.file = tempfile.SpooledTemporaryFile(max_size=_SPOOL_BYTES, dir=directory)  # noqa: SIM115 - closed by close()
+        self.budget, self.held = budget, 0
+
+    def write(self, data: bytes) -> int:
+        if not data:
+            return 0
+        self.budget.take(self.held, len(data))
+        self.held += len(data)
+        try:
+            return self.file.write(data)
+        except OSError as exc:
+            logger.error("batch body spool write failed: %s", exc)
+            raise InsufficientStorage(f"the server could not spool the batch body ({exc.strerror}): "
+                                      "retry later or send a smaller body") from None
+
+    def close(self) -> None:
+        self.file.close()
+        self.budget.give(self.held)
+        self.held = 0
 
 
 class _ClosingStream(StreamingResponse):
@@ -58,10 +127,18 @@ def _query_params(top_k: int | None, tau: float | None, chunk_rows: int | None,
     return {k: v for k, v in given.items() if v is not None}
 
 
-async def _spool(request: Request, limit: int):
-    """The body, decoded (:func:`~service.rest.common.body_decoder`), in a spool; (spool, size)."""
+async def _spool(request: Request, limit: int) -> tuple[Spool, int]:
+    """The body, decoded (:func:`~service.rest.common.body_decoder`), in a :class:`Spool` within
+    the app's :class:`SpoolBudget` (a declared ``Content-Length`` is checked before any byte is
+    read); (spool, size)."""
+    budget: SpoolBudget = request.app.state.spool_budget
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and "content-encoding" not in request.headers:
+        if int(declared) > limit:
+            raise PayloadTooLarge(f"request body of {declared} bytes exceeds the limit of {limit} bytes")
+        budget.check(0, int(declared))
     decode = body_decoder(request, limit)
-    spool = tempfile.SpooledTemporaryFile(max_size=_SPOOL_BYTES)  # noqa: SIM115 - closed by the response
+    spool = Spool(budget, request.app.state.settings.spool_dir)
     sent = size = 0
     try:
         async for chunk in request.stream():
@@ -74,7 +151,7 @@ async def _spool(request: Request, limit: int):
     except BaseException:
         spool.close()
         raise
-    spool.seek(0)
+    spool.file.seek(0)
     return spool, size
 
 
@@ -222,11 +299,11 @@ async def batch_attribution(request: Request, model_name: str, model_version: st
         outputs: list[str] = []
         if header is not None:
             source, params, outputs = await run_in_threadpool(
-                binary_source, spool, size, header, chunk_rows, settings.batch_max_rows)
+                binary_source, spool.file, size, header, chunk_rows, settings.batch_max_rows)
         elif streamed:
-            source = ndjson_source(spool, chunk_rows, settings.batch_max_rows, settings.max_line_bytes)
+            source = ndjson_source(spool.file, chunk_rows, settings.batch_max_rows, settings.max_line_bytes)
         else:
-            obj = codecs.parse_json(await run_in_threadpool(spool.read))
+            obj = codecs.parse_json(await run_in_threadpool(spool.file.read))
             source, params, outputs = json_source(obj, chunk_rows, settings.batch_max_rows)
         params.update(query)
         job = dataplane.attribute(model_name, model_version, source, params, outputs)

@@ -105,6 +105,29 @@ def test_deployment_probes_resources_and_config(name: str) -> None:
     assert c["securityContext"]["allowPrivilegeEscalation"] is False
 
 
+def _bytes(quantity: str) -> int:
+    """A Kubernetes quantity of bytes ("1Gi", "512M", "1000")."""
+    units = {"Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12}
+    for unit, factor in units.items():
+        if quantity.endswith(unit):
+            return int(float(quantity[: -len(unit)]) * factor)
+    return int(quantity)
+
+
+@pytest.mark.parametrize("name", ["cpu", "gpu"])
+def test_batch_spool_fits_the_tmp_volume(name: str) -> None:
+    """Batch bodies spill to /tmp, an emptyDir with a sizeLimit past which the kubelet evicts the pod
+    (every model with it): the server's total spool limit keeps the spool well below it (a legal job
+    under the default 4 GiB limit once could fill the 1 GiB volume)."""
+    docs = by_kind(name)
+    pod = docs["Deployment"]["spec"]["template"]["spec"]
+    (mount,) = [m for m in _container(docs["Deployment"])["volumeMounts"] if m["mountPath"] == "/tmp"]
+    (volume,) = [v for v in pod["volumes"] if v["name"] == mount["name"]]
+    cm = docs["ConfigMap"]["data"]
+    assert cm.get("HJSERVE_SPOOL_DIR", "/tmp").startswith("/tmp")
+    assert int(cm["HJSERVE_MAX_SPOOL_BYTES"]) <= 0.8 * _bytes(volume["emptyDir"]["sizeLimit"])
+
+
 def test_gpu_overlay() -> None:
     docs = by_kind("gpu")
     c = _container(docs["Deployment"])

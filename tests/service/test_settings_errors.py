@@ -80,3 +80,16 @@ def test_all_is_sorted_and_exported(module):
     assert list(names) == sorted(names)
     for name in names:
         assert hasattr(module, name), f"{module.__name__}.{name}"
+
+
+def test_command_line_choices_are_the_settings_values():
+    """Each ``hjserve`` option with choices offers exactly its setting's values (``--model-control-mode``
+    once lacked ``none``, the default, so the default could not be named on the command line)."""
+    from typing import get_args
+
+    from service.__main__ import _parser
+
+    options = [a for a in _parser()._actions if a.choices is not None]
+    assert {a.dest for a in options} >= {"model_control_mode", "device", "backend", "log_level", "tracing"}
+    for action in options:
+        assert sorted(action.choices) == sorted(get_args(Settings.model_fields[action.dest].annotation)), action.dest
