@@ -27,6 +27,7 @@ import numpy as np
 from hjmodel import serving
 from service import __version__, tracing
 from service.batching import BatcherClosed
+from service.budget import ByteBudget
 from service.codecs import Chunk, dumps
 from service.errors import (
     BadRequest,
@@ -39,12 +40,14 @@ from service.errors import (
     ModelLoadFailed,
     ModelNotReady,
     Overloaded,
+    RequestMemoryFull,
     UnknownInput,
     UnknownOutput,
     lookup,
 )
 from service.explain import EXPLAIN_OUTPUTS, PREDICT_OUTPUTS, explain_rows, predict_rows
 from service.logs import CURRENT_REQUEST
+from service.metrics import REQUEST_MEMORY_BYTES
 from service.repository import ModelRepository, ModelVersion
 from service.settings import Settings, split_names
 from service.types import (
@@ -167,6 +170,10 @@ class DataPlane:
     def __init__(self, settings: Settings, repository: ModelRepository):
         self.settings = settings
         self.repository = repository
+        #: what the inference bodies being read and decoded take (REST and gRPC; :mod:`service.budget`)
+        self.request_memory = ByteBudget(settings.max_request_memory_bytes, "HJSERVE_MAX_REQUEST_MEMORY_BYTES",
+                                         "inference bodies", REQUEST_MEMORY_BYTES, full=RequestMemoryFull,
+                                         retry_after_s=settings.retry_after_s)
         self._poller: asyncio.Task | None = None
         names = split_names(settings.default_outputs)
         self._default_outputs = None if names == ["all"] else tuple(names)

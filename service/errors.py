@@ -37,6 +37,7 @@ __all__ = [
     "NotFound",
     "Overloaded",
     "PayloadTooLarge",
+    "RequestMemoryFull",
     "RequestTimeout",
     "SpoolFull",
     "Unauthorized",
@@ -159,6 +160,11 @@ class Overloaded(HJServeError):
         self.retry_after_s = retry_after_s
 
 
+class RequestMemoryFull(Overloaded):
+    """The inference bodies being decoded already take ``max_request_memory_bytes`` between them;
+    retry after ``retry_after_s`` seconds."""
+
+
 class SpoolFull(Overloaded):
     """The batch bodies being answered already hold ``max_spool_bytes`` between them; retry after
     ``retry_after_s`` seconds."""
@@ -218,6 +224,7 @@ ERROR_TABLE: dict[type[HJServeError], ErrorMapping] = {
     ModelLoadFailed: ErrorMapping(400, "model_load_failed", "INVALID_ARGUMENT"),
     ModelNotReady: ErrorMapping(503, "model_not_ready", "UNAVAILABLE"),
     SpoolFull: ErrorMapping(503, "spool_full", "UNAVAILABLE"),
+    RequestMemoryFull: ErrorMapping(503, "request_memory_full", "UNAVAILABLE"),
     Overloaded: ErrorMapping(503, "overloaded", "UNAVAILABLE"),
     RequestTimeout: ErrorMapping(504, "timeout", "DEADLINE_EXCEEDED"),
     InsufficientStorage: ErrorMapping(507, "insufficient_storage", "RESOURCE_EXHAUSTED"),

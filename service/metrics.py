@@ -85,6 +85,9 @@ BATCH_JOBS_IN_PROGRESS = Gauge("hjserve_batch_jobs_in_progress", "Batch attribut
 BATCH_SPOOL_BYTES = Gauge("hjserve_batch_spool_bytes",
                           "Bytes the batch-attribution bodies being received and answered hold now, in memory "
                           "and spool files (limit: HJSERVE_MAX_SPOOL_BYTES).")
+REQUEST_MEMORY_BYTES = Gauge("hjserve_request_memory_bytes",
+                             "Memory the inference bodies being read and decoded take now, as estimated "
+                             "before parsing (limit: HJSERVE_MAX_REQUEST_MEMORY_BYTES).")
 MODEL_READY = Gauge("hjserve_model_ready", "1 when the model version is loaded and serving, else 0.", _MV)
 HTTP_REQUESTS = Counter("hjserve_http_requests", "HTTP requests by route template, method and status.",
                         ("route", "method", "status"))

@@ -62,7 +62,9 @@ class GRPCServer:
 
     async def start(self) -> None:
         size = self.settings.grpc_max_message_bytes
-        self._server = aio.server(options=[("grpc.max_receive_message_length", size),
+        # at most max_connections calls at once (REST's limit too): each may hold a message of up to
+        # grpc_max_message_bytes before its handler runs
+        self._server = aio.server(maximum_concurrent_rpcs=self.settings.max_connections, options=[("grpc.max_receive_message_length", size),
                                            ("grpc.max_send_message_length", size)])
         self._server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler(SERVICE_NAME, self._handlers())])
         host = f"[{self.host}]" if ":" in self.host else self.host
@@ -193,7 +195,8 @@ class GRPCServer:
 
     async def model_infer(self, request: pb.ModelInferRequest, context) -> pb.ModelInferResponse:
         name, version = request.model_name, request.model_version or None
-        with self.dataplane.admit(name, version):
+        with self.dataplane.admit(name, version), self.dataplane.request_memory.hold() as memory:
+            memory.take(wire.decode_memory(request))
             with tracing.span("decode"):
                 decoded = wire.decode_infer_request(request)
             response = await self.dataplane.infer(name, version, decoded)

@@ -460,7 +460,7 @@ def create_app(dataplane: DataPlane, transports: Sequence[Transport] = ()) -> Fa
                               "Hamilton-Jacobi diagnostics. Every error is {error, error_type}.")
     app.state.settings = settings
     app.state.dataplane = dataplane
-    app.state.spool_budget = batch.SpoolBudget(settings.max_spool_bytes, settings.retry_after_s)
+    app.state.spool_budget = batch.spool_budget(settings)
     app.add_exception_handler(HJServeError, _on_service_error)
     app.add_exception_handler(StarletteHTTPException, _on_http_error)
     app.add_exception_handler(RequestValidationError, _on_validation_error)

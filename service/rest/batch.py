@@ -1,7 +1,7 @@
 """Batch attribution route: JSON, NDJSON or V2 binary rows in, NDJSON rows streamed out.
 
 The body is spooled (:class:`Spool`: memory up to a few MiB, then a temporary file in
-``spool_dir``; all jobs' spools together within ``max_spool_bytes``, :class:`SpoolBudget`), read lazily by a source of
+``spool_dir``; all jobs' spools together within ``max_spool_bytes``, :func:`spool_budget`), read lazily by a source of
 :mod:`service.codecs.batch`, computed by the dataplane's :class:`~service.dataplane.Attribution`
 job, and each answered row is written as one JSON line ``{"row": i, "class": name?, "<output>":
 value, ...}`` -- or, with ``layout=columns``, each graph call's block as one line of columns
@@ -26,6 +26,7 @@ from fastapi.responses import Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
 from service import codecs
+from service.budget import ByteBudget
 from service.codecs import binary_source, json_source, ndjson_source
 from service.dataplane import Attribution
 from service.errors import (
@@ -41,7 +42,7 @@ from service.metrics import BATCH_SPOOL_BYTES
 from service.rest.common import body_decoder, dataplane_of, settings_of
 from service.types import RowBlock
 
-__all__ = ["Spool", "SpoolBudget", "batch_attribution", "column_line", "ndjson_lines"]
+__all__ = ["Spool", "batch_attribution", "column_line", "ndjson_lines", "spool_budget"]
 
 #: the ``layout`` query parameter: one line per row (default) or one line of columns per block
 LAYOUTS = ("rows", "columns")
@@ -53,32 +54,10 @@ _SPOOL_BYTES = 8 * 1024 * 1024
 logger = logging.getLogger(__name__)
 
 
-class SpoolBudget:
-    """The bytes all batch bodies hold at once (``max_spool_bytes``), shared by an app's jobs and
-    exported as ``hjserve_batch_spool_bytes``. Used from the event loop only (spools are written and
-    closed there), so it takes no lock."""
-
-    def __init__(self, limit: int, retry_after_s: int = 1):
-        self.limit, self.retry_after_s, self.used = limit, retry_after_s, 0
-
-    def check(self, held: int, more: int) -> None:
-        """Whether a body holding ``held`` bytes may hold ``more``: 413 when it alone would exceed the
-        limit (it never fits), 503 ``spool_full`` when the other jobs' bytes leave no room now."""
-        if held + more > self.limit:
-            raise PayloadTooLarge(f"the batch body exceeds HJSERVE_MAX_SPOOL_BYTES ({self.limit} bytes), "
-                                  "the most all batch bodies may hold at once")
-        if self.used + more > self.limit:
-            raise SpoolFull(f"the batch jobs being answered hold {self.used} of HJSERVE_MAX_SPOOL_BYTES "
-                            f"({self.limit}) bytes: retry later", retry_after_s=self.retry_after_s)
-
-    def take(self, held: int, more: int) -> None:
-        self.check(held, more)
-        self.used += more
-        BATCH_SPOOL_BYTES.set(self.used)
-
-    def give(self, n: int) -> None:
-        self.used -= n
-        BATCH_SPOOL_BYTES.set(self.used)
+def spool_budget(settings) -> ByteBudget:
+    """The app's budget of batch bodies (``max_spool_bytes``; 503 ``spool_full`` when it is taken)."""
+    return ByteBudget(settings.max_spool_bytes, "HJSERVE_MAX_SPOOL_BYTES", "batch bodies", BATCH_SPOOL_BYTES,
+                      full=SpoolFull, retry_after_s=settings.retry_after_s)
 
 
 class Spool:
@@ -86,15 +65,14 @@ class Spool:
     file in ``directory``; every byte written counts against ``budget`` until :meth:`close`. A write
     that fails (a full disk) is :class:`~service.errors.InsufficientStorage`."""
 
-    def __init__(self, budget: SpoolBudget, directory: str | None = None):
+    def __init__(self, budget: ByteBudget, directory: str | None = None):
         self.file = tempfile.SpooledTemporaryFile(max_size=_SPOOL_BYTES, dir=directory)  # noqa: SIM115 - closed by close()
-        self.budget, self.held = budget, 0
+        self.hold = budget.hold()
 
     def write(self, data: bytes) -> int:
         if not data:
             return 0
-        self.budget.take(self.held, len(data))
-        self.held += len(data)
+        self.hold.take(len(data))
         try:
             return self.file.write(data)
         except OSError as exc:
@@ -104,8 +82,7 @@ class Spool:
 
     def close(self) -> None:
         self.file.close()
-        self.budget.give(self.held)
-        self.held = 0
+        self.hold.release()
 
 
 class _ClosingStream(StreamingResponse):
@@ -131,7 +108,7 @@ async def _spool(request: Request, limit: int) -> tuple[Spool, int]:
     """The body, decoded (:func:`~service.rest.common.body_decoder`), in a :class:`Spool` within
     the app's :class:`SpoolBudget` (a declared ``Content-Length`` is checked before any byte is
     read); (spool, size)."""
-    budget: SpoolBudget = request.app.state.spool_budget
+    budget: ByteBudget = request.app.state.spool_budget
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and "content-encoding" not in request.headers:
         if int(declared) > limit:
@@ -294,6 +271,11 @@ async def batch_attribution(request: Request, model_name: str, model_version: st
     ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
     streamed = header is not None or "ndjson" in ctype or "jsonl" in ctype
     spool, size = await _spool(request, settings.max_stream_bytes if streamed else settings.max_body_bytes)
+    memory = dataplane.request_memory.hold()   # a JSON body's parsed rows, held until the job ends
+
+    def close() -> None:
+        spool.close()
+        memory.release()
     try:
         params: dict[str, Any] = {}
         outputs: list[str] = []
@@ -303,13 +285,14 @@ async def batch_attribution(request: Request, model_name: str, model_version: st
         elif streamed:
             source = ndjson_source(spool.file, chunk_rows, settings.batch_max_rows, settings.max_line_bytes)
         else:
+            memory.take(codecs.PARSE_BYTES_PER_BYTE * size)
             obj = codecs.parse_json(await run_in_threadpool(spool.file.read))
             source, params, outputs = json_source(obj, chunk_rows, settings.batch_max_rows)
         params.update(query)
         job = dataplane.attribute(model_name, model_version, source, params, outputs)
         await job.start()
     except BaseException:
-        spool.close()
+        close()
         raise
-    return _ClosingStream(_stream(job, spool.close, encode), media_type="application/x-ndjson",
+    return _ClosingStream(_stream(job, close, encode), media_type="application/x-ndjson",
                           headers={"X-Model-Version": job.version})

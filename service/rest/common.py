@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from fastapi import Request
@@ -11,14 +12,15 @@ from fastapi.responses import Response
 from pydantic import BaseModel
 
 from service.auth import check_admin, check_api_key, key_from
-from service.codecs import dumps
+from service.budget import Hold
+from service.codecs import PARSE_BYTES_PER_BYTE, dumps, parse_header_length
 from service.dataplane import DataPlane
 from service.errors import BadRequest, PayloadTooLarge, UnsupportedEncoding
 from service.rest.guards import ADMITTED
 from service.settings import Settings
 
-__all__ = ["admission", "body_decoder", "json_response", "presented_key", "read_body", "require_admin",
-           "require_api_key", "wire_response"]
+__all__ = ["admission", "body_decoder", "hold_parse", "json_response", "presented_key", "read_body", "request_memory",
+           "require_admin", "require_api_key", "wire_response"]
 
 
 def json_response(content: Any, status_code: int = 200, headers: dict[str, str] | None = None) -> Response:
@@ -79,9 +81,25 @@ def body_decoder(request: Request, limit: int) -> Callable[[bytes], bytes]:
     return decode
 
 
-async def read_body(request: Request, limit: int) -> bytes:
+@contextlib.contextmanager
+def request_memory(request: Request) -> Iterator[Hold]:
+    """A hold on the dataplane's request-memory budget (``max_request_memory_bytes``) for one
+    inference request, given back when the request is answered."""
+    with dataplane_of(request).request_memory.hold() as hold:
+        yield hold
+
+
+def hold_parse(hold: Hold, body: bytes, header_length: str | None = None) -> None:
+    """Take what parsing the body's JSON part may add to the twice its size :func:`read_body` took
+    (:data:`~service.codecs.PARSE_BYTES_PER_BYTE` per byte in all), before it is parsed."""
+    json_bytes = parse_header_length(header_length, len(body)) if header_length is not None else len(body)
+    hold.take((PARSE_BYTES_PER_BYTE - 2) * (len(body) if json_bytes is None else json_bytes))
+
+
+async def read_body(request: Request, limit: int, hold: Hold | None = None) -> bytes:
     """The whole body (decoded: :func:`body_decoder`), or PayloadTooLarge as soon as it exceeds
-    ``limit`` bytes, sent or decoded."""
+    ``limit`` bytes, sent or decoded. ``hold`` takes twice each decoded chunk as it arrives (the
+    chunks and their join)."""
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise PayloadTooLarge(f"request body of {declared} bytes exceeds the limit of {limit} bytes")
@@ -94,7 +112,11 @@ async def read_body(request: Request, limit: int) -> bytes:
             raise PayloadTooLarge(f"request body exceeds the limit of {limit} bytes")
         if chunk:
             chunks.append(decode(chunk))
+            if hold is not None:
+                hold.take(2 * len(chunks[-1]))
     chunks.append(decode(b""))
+    if hold is not None:
+        hold.take(2 * len(chunks[-1]))
     return b"".join(chunks)
 
 

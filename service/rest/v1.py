@@ -6,16 +6,27 @@ from fastapi import Request
 from fastapi.responses import Response
 from pydantic import ValidationError
 
+from service.budget import Hold
 from service.codecs import first_error, parse_json
 from service.errors import InvalidJSON, ValidationFailed
-from service.rest.common import admission, dataplane_of, read_body, settings_of, wire_response
+from service.rest.common import (
+    admission,
+    dataplane_of,
+    hold_parse,
+    read_body,
+    request_memory,
+    settings_of,
+    wire_response,
+)
 from service.types import V1Request
 
 __all__ = ["explain", "model_status", "predict"]
 
 
-async def _decode(request: Request) -> V1Request:
-    obj = parse_json(await read_body(request, settings_of(request).max_body_bytes))
+async def _decode(request: Request, memory: Hold) -> V1Request:
+    body = await read_body(request, settings_of(request).max_body_bytes, memory)
+    hold_parse(memory, body)
+    obj = parse_json(body)
     if not isinstance(obj, dict):
         raise InvalidJSON('the body must be a JSON object {"instances": [[...], ...]}')
     try:
@@ -25,14 +36,14 @@ async def _decode(request: Request) -> V1Request:
 
 
 async def predict(request: Request, model_name: str) -> Response:
-    with admission(request, model_name):   # 503 before the body is read
-        answer = await dataplane_of(request).explain(model_name, await _decode(request), detail=False)
+    with admission(request, model_name), request_memory(request) as memory:   # 503 before the body is read
+        answer = await dataplane_of(request).explain(model_name, await _decode(request, memory), detail=False)
     return wire_response(answer)
 
 
 async def explain(request: Request, model_name: str) -> Response:
-    with admission(request, model_name):
-        answer = await dataplane_of(request).explain(model_name, await _decode(request), detail=True)
+    with admission(request, model_name), request_memory(request) as memory:
+        answer = await dataplane_of(request).explain(model_name, await _decode(request, memory), detail=True)
     return wire_response(answer)
 
 

@@ -9,7 +9,15 @@ from starlette.concurrency import run_in_threadpool
 
 from service import codecs, tracing
 from service.errors import ModelNotReady
-from service.rest.common import admission, dataplane_of, read_body, settings_of, wire_response
+from service.rest.common import (
+    admission,
+    dataplane_of,
+    hold_parse,
+    read_body,
+    request_memory,
+    settings_of,
+    wire_response,
+)
 
 __all__ = ["infer", "live", "model_config", "model_index", "model_metadata", "model_ready", "model_stats", "ready",
            "server_metadata"]
@@ -55,9 +63,11 @@ async def model_stats(request: Request, model_name: str | None = None,
 
 async def infer(request: Request, model_name: str, model_version: str | None = None) -> Response:
     dataplane = dataplane_of(request)
-    with admission(request, model_name, model_version):   # 503 before the body is read
-        body = await read_body(request, settings_of(request).max_body_bytes)
+    # 503 before the body is read; the body's memory held until the answer
+    with admission(request, model_name, model_version), request_memory(request) as memory:
+        body = await read_body(request, settings_of(request).max_body_bytes, memory)
         header = request.headers.get(codecs.HEADER_LENGTH)
+        hold_parse(memory, body, header)
         with tracing.span("decode", **{"hjserve.body_bytes": len(body)}):
             if len(body) > _OFFLOAD_BYTES:
                 decoded = await run_in_threadpool(codecs.decode_infer_request, body, header)

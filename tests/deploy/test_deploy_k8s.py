@@ -128,6 +128,29 @@ def test_batch_spool_fits_the_tmp_volume(name: str) -> None:
     assert int(cm["HJSERVE_MAX_SPOOL_BYTES"]) <= 0.8 * _bytes(volume["emptyDir"]["sizeLimit"])
 
 
+def _settings_and_memory_limit(name: str) -> tuple[dict[str, str], int]:
+    """The HJSERVE_* settings a build gives the server, and its container's memory limit."""
+    docs = by_kind(name)
+    if name.startswith("kserve"):
+        (c,) = docs["ServingRuntime"]["spec"]["containers"]
+        env = {e["name"]: e["value"] for e in c["env"] if "value" in e}
+        return env, _bytes(docs["InferenceService"]["spec"]["predictor"]["model"]["resources"]["limits"]["memory"])
+    return docs["ConfigMap"]["data"], _bytes(_container(docs["Deployment"])["resources"]["limits"]["memory"])
+
+
+@pytest.mark.parametrize("name", sorted(BUILDS))
+def test_request_memory_fits_the_memory_limit(name: str) -> None:
+    """What inference bodies may take in memory (the server's estimate) stays below the container's
+    memory limit with 512 MiB left for the process and its models, and one largest JSON body fits it
+    (else every such body would be refused). The defaults (4 GiB, 64 MiB bodies) would not fit 2Gi."""
+    from service.codecs import PARSE_BYTES_PER_BYTE
+
+    cm, limit = _settings_and_memory_limit(name)
+    budget = int(cm["HJSERVE_MAX_REQUEST_MEMORY_BYTES"])
+    assert budget + 2**29 <= limit
+    assert PARSE_BYTES_PER_BYTE * int(cm["HJSERVE_MAX_BODY_BYTES"]) <= budget
+
+
 def test_gpu_overlay() -> None:
     docs = by_kind("gpu")
     c = _container(docs["Deployment"])

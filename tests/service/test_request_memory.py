@@ -1,0 +1,158 @@
+"""The memory inference bodies take while read and decoded has one bound for all requests
+(``max_request_memory_bytes``), on REST V2 / V1, the JSON batch body and gRPC.
+
+Before it, nothing bounded it but ``max_body_bytes`` per request: the JSON parser takes up to ~31x
+a body's size (nested empty lists: ~46x; a 64 MiB body of them ~3 GB), so one legal request could take the
+shipped Kubernetes pod (2 GiB) past its memory limit, and a few concurrent ones any machine."""
+
+from __future__ import annotations
+
+import socket
+import time
+import tracemalloc
+
+import grpc
+import numpy as np
+import pytest
+from svc_helpers import run_server
+from tiny_model import D
+
+from service.codecs import PARSE_BYTES_PER_BYTE, parse_json
+from service.errors import InvalidJSON
+
+MB = 1_000_000
+INFER = "/v2/models/clf/versions/1/infer"
+
+
+def _json_body(rows: int) -> dict:
+    return {"inputs": [{"name": "input", "shape": [rows, D], "datatype": "FP32",
+                        "data": np.random.default_rng(0).standard_normal(rows * D).round(4).tolist()}]}
+
+
+@pytest.mark.parametrize("unit", [b"[[]]", b"[]", b"{}", b"[[1]]", b'""', b"1", b"1.5", b"-1e-05", b"[[[]]]",
+                                  b'{"a":[]}', b"true", b"[{}]", b'{"":{}}', b"[" * 10 + b"]" * 10,
+                                  b"[" * 500 + b"]" * 500])
+def test_the_parser_stays_within_its_memory_factor(unit):
+    """The factor the budget charges is the parser's worst case: hostile shapes measured."""
+    body = b'{"inputs":[{"name":"input","shape":[1],"datatype":"FP32","data":[' + b",".join([unit] * (2_000_000 // len(unit))) + b"]}]}"
+    tracemalloc.start()
+    try:
+        parsed = parse_json(body)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    del parsed
+    assert peak + len(body) <= PARSE_BYTES_PER_BYTE * len(body), (unit, peak / len(body))
+
+
+def test_deep_nesting_is_refused_within_the_factor():
+    body = b"[" * 200_000 + b"]" * 200_000
+    tracemalloc.start()
+    try:
+        with pytest.raises(InvalidJSON):
+            parse_json(body)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak <= PARSE_BYTES_PER_BYTE * len(body)
+
+
+def _memory(server) -> float:
+    with server.client() as c:
+        text = c.get("/metrics").text
+    (value,) = [float(line.split()[1]) for line in text.splitlines()
+                if line.startswith("hjserve_request_memory_bytes ")]
+    return value
+
+
+def test_a_body_too_large_to_decode_is_413_on_every_route(tiny_repo, tmp_path):
+    """max_request_memory_bytes 8 MB: a 300 kB JSON body would take ~9.6 MB to parse (413, naming
+    the setting), the same rows in binary ~0.5 MB (200)."""
+    import tritonclient.http as httpclient
+
+    x = np.random.default_rng(0).standard_normal((10_000, D)).astype(np.float32)
+    body = _json_body(10_000)
+    with run_server(tiny_repo, tmp_path, max_request_memory_bytes=8 * MB) as s, s.client() as c:
+        json_v2 = c.post(INFER, json=body)
+        v1 = c.post("/v1/models/clf:predict", json={"instances": x.tolist()})
+        batch = c.post("/v2/models/clf/versions/1/batch-attribution", json={"instances": x.tolist()})
+        client = httpclient.InferenceServerClient(s.host_port)
+        tensor = httpclient.InferInput("input", list(x.shape), "FP32")
+        tensor.set_data_from_numpy(x, binary_data=True)
+        binary = client.infer("clf", [tensor], model_version="1")
+        client.close()
+        after = _memory(s)
+    for r in (json_v2, v1, batch):
+        assert r.status_code == 413 and r.json()["error_type"] == "payload_too_large", (r.request.url, r.text)
+        assert "HJSERVE_MAX_REQUEST_MEMORY_BYTES" in r.json()["error"]
+    assert binary.as_numpy("prediction").shape == (10_000,)
+    assert after == 0
+
+
+def test_concurrent_bodies_share_one_memory_budget(tiny_repo, tmp_path):
+    """A body arriving slowly holds twice what has arrived: another request that would take the
+    total past the limit gets 503 request_memory_full + Retry-After (not read further), and is
+    served once the first is answered."""
+    with run_server(tiny_repo, tmp_path, max_request_memory_bytes=8 * MB, retry_after_s=2) as s, s.client() as c:
+        host, port = s.host_port.split(":")
+        held = socket.create_connection((host, int(port)), timeout=60)
+        held.sendall(f"POST {INFER} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     f"Content-Length: {3 * MB + 10}\r\n\r\n".encode())
+        held.sendall(b" " * 3 * MB)                # 3 MB of leading whitespace: 6 MB held
+        deadline = time.monotonic() + 20
+        while _memory(s) < 6 * MB:
+            assert time.monotonic() < deadline, _memory(s)
+            time.sleep(0.05)
+        refused = c.post(INFER, json=_json_body(2000))         # ~70 kB body: ~3.4 MB more
+        held.sendall(b"{" + b" " * 9)    # finish: 3 MB of JSON to parse would take 144 MB -> 413
+        head = b""
+        while b"\r\n" not in head:
+            head += held.recv(4096)
+        held.close()
+        deadline = time.monotonic() + 20
+        while _memory(s) != 0:
+            assert time.monotonic() < deadline, _memory(s)
+            time.sleep(0.05)
+        served = c.post(INFER, json=_json_body(100))
+    assert refused.status_code == 503 and refused.json()["error_type"] == "request_memory_full", refused.text
+    assert refused.headers["retry-after"] == "2"
+    assert int(head.split()[1]) == 413
+    assert served.status_code == 200
+
+
+def test_grpc_messages_count_against_the_budget(tiny_repo, tmp_path):
+    import tritonclient.grpc as grpcclient
+
+    x = np.random.default_rng(0).standard_normal((300_000, D)).astype(np.float32)   # 4.8 MB raw
+    with run_server(tiny_repo, tmp_path, grpc=True, max_request_memory_bytes=8 * MB) as s:
+        client = grpcclient.InferenceServerClient(s.grpc_target)
+        tensor = grpcclient.InferInput("input", list(x.shape), "FP32")
+        tensor.set_data_from_numpy(x)
+        with pytest.raises(grpcclient.InferenceServerException) as refused:
+            client.infer("clf", [tensor], model_version="1")
+        small = grpcclient.InferInput("input", [100, D], "FP32")
+        small.set_data_from_numpy(x[:100])
+        served = client.infer("clf", [small], model_version="1")
+        client.close()
+        after = _memory(s)
+    assert refused.value.status() == str(grpc.StatusCode.RESOURCE_EXHAUSTED)
+    assert "HJSERVE_MAX_REQUEST_MEMORY_BYTES" in refused.value.message()
+    assert served.as_numpy("prediction").shape == (100,)
+    assert after == 0
+
+
+def test_grpc_decode_memory_counts_every_kind_of_content():
+    """Counted from the fields' lengths (no serialisation): raw tensors twice, typed values 48 bytes
+    each (decoded through Python numbers), BYTES values twice."""
+    from service.codecs.grpc import decode_memory
+    from service.grpc import inference_pb2 as pb
+
+    request = pb.ModelInferRequest(model_name="clf")
+    request.raw_input_contents.append(b"\0" * 1000)
+    typed = request.inputs.add(name="a", datatype="FP32", shape=[250])
+    typed.contents.fp32_contents.extend([0.5] * 250)
+    ints = request.inputs.add(name="b", datatype="INT64", shape=[10])
+    ints.contents.int64_contents.extend(range(10))
+    strings = request.inputs.add(name="c", datatype="BYTES", shape=[2])
+    strings.contents.bytes_contents.extend([b"abc", b"de"])
+    assert decode_memory(request) == 2 * 1000 + 48 * 260 + 2 * 5
