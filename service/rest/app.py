@@ -300,6 +300,7 @@ class HTTPMetricsMiddleware:
         given = next((v for k, v in scope.get("headers", ()) if k == b"x-request-id"), b"").decode("latin-1")
         request_id = given if _REQUEST_ID.fullmatch(given) else uuid.uuid4().hex
         method = scope.get("method", "")
+        ui = scope.get("path", "").startswith("/ui")
         carrier = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope.get("headers", ())} \
             if tracing.enabled() else {}
 
@@ -313,7 +314,7 @@ class HTTPMetricsMiddleware:
                 nonlocal status
                 if message["type"] == "http.response.start":
                     status = message["status"]
-                    extra = [(b"x-request-id", request_id.encode())]
+                    extra = [(b"x-request-id", request_id.encode()), *(_UI_HEADERS if ui else _SECURITY_HEADERS)]
                     if trace_id:
                         extra.append((b"x-trace-id", trace_id.encode()))
                     message = {**message, "headers": [*message.get("headers", ()), *extra]}
@@ -338,6 +339,18 @@ class HTTPMetricsMiddleware:
                         "duration_ms": round((time.perf_counter() - started) * 1000.0, 3), **record.fields(),
                         **({"trace_id": trace_id} if trace_id else {})}})
                 CURRENT_REQUEST.reset(token)
+
+
+#: On every response: no content sniffing (an error body is never read as HTML), and no page of this
+#: server inside another site's frame (the diagnostics page holds an API key field: clickjacking).
+_SECURITY_HEADERS = ((b"x-content-type-options", b"nosniff"), (b"x-frame-options", b"DENY"),
+                     (b"referrer-policy", b"no-referrer"), (b"content-security-policy", b"frame-ancestors 'none'"))
+#: The diagnostics page's (/ui/) policy is stricter: its own script, styles and the API only -- no
+#: inline script or style, no other origin (``service/ui/`` is written for it; the browser test
+#: fails on any violation).
+_UI_HEADERS = (*_SECURITY_HEADERS[:-1], (
+    b"content-security-policy", b"default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+                                b"connect-src 'self'; frame-ancestors 'none'; base-uri 'none'; form-action 'none'"))
 
 
 #: Routes whose requests are shed before the app when their model version is full:

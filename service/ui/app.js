@@ -115,8 +115,11 @@ function bars(probabilities) {
   for (const [name, p] of entries) {
     const row = document.createElement("div");
     row.className = "bar";
-    row.innerHTML = `<span></span><i style="width:${Math.max(1, 160 * p)}px"></i><span>${fmt(p, 3)}</span>`;
-    row.firstChild.textContent = name;
+    const label = document.createElement("span"), bar = document.createElement("i"), value = document.createElement("span");
+    label.textContent = name;
+    bar.style.width = `${Math.max(1, 160 * p)}px`;   // CSSOM, not a style attribute: allowed by the page's CSP
+    value.textContent = fmt(p, 3);
+    row.append(label, bar, value);
     box.appendChild(row);
   }
 }

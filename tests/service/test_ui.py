@@ -23,6 +23,7 @@ def browser(tmp_path_factory):
 
     options = webdriver.ChromeOptions()
     options.binary_location = CHROMIUM
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})   # console messages, read by _no_violations
     profile = tmp_path_factory.mktemp("chromium-profile")
     for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
@@ -40,6 +41,13 @@ def browser(tmp_path_factory):
 def demo_server(demo_repository, tmp_path_factory):
     with run_server(demo_repository, tmp_path_factory.mktemp("ui-logs")) as server:
         yield server
+
+
+def _no_violations(driver) -> None:
+    """Nothing the page did was refused by its Content-Security-Policy, and no script error."""
+    messages = [e["message"] for e in driver.get_log("browser")]
+    bad = [m for m in messages if "Content Security Policy" in m or "Uncaught" in m]
+    assert not bad, bad
 
 
 def _wait(driver, predicate, timeout=30):
@@ -74,6 +82,7 @@ def test_the_page_explains_a_prediction(browser, demo_server, tmp_path):
     assert browser.find_element(By.ID, "whatif").text.startswith("0 (")
     assert "the decision in the eps -> 0" in browser.find_element(By.ID, "whatif-meaning").text
     assert "Hopf–Lax" in browser.find_element(By.ID, "hj").text
+    _no_violations(browser)
     shot = tmp_path / "ui.png"
     assert browser.save_screenshot(str(shot)) and shot.stat().st_size > 10_000
     keep = os.environ.get("HJSERVE_UI_SCREENSHOT")
@@ -109,3 +118,18 @@ def test_the_page_draws_and_reports_errors(browser, demo_server):
     browser.find_element(By.ID, "explain").click()
     _wait(browser, lambda d: d.find_element(By.ID, "error").is_displayed())
     assert "must hold 10 finite numbers" in browser.find_element(By.ID, "error").text
+    _no_violations(browser)
+
+
+def test_the_page_is_served_with_its_policy(demo_server):
+    """The page's own Content-Security-Policy (no inline script or style, no other origin, no frame);
+    every other response: nosniff and no framing."""
+    with demo_server.client() as c:
+        page, script, api = c.get("/ui/"), c.get("/ui/app.js"), c.get("/v2/models/nope")
+    for r in (page, script):
+        policy = r.headers["content-security-policy"]
+        assert "default-src 'none'" in policy and "script-src 'self'" in policy and "frame-ancestors 'none'" in policy
+        assert "unsafe-inline" not in policy
+    assert api.status_code == 404 and api.headers["content-security-policy"] == "frame-ancestors 'none'"
+    for r in (page, script, api):
+        assert r.headers["x-content-type-options"] == "nosniff" and r.headers["x-frame-options"] == "DENY"
