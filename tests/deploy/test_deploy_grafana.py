@@ -104,14 +104,28 @@ def test_template_variables() -> None:
     assert variables["version"]["includeAll"] and variables["version"]["allValue"] == ".*"
 
 
+def _labelled_by_model() -> set[str]:
+    """Sample names of the metrics with a ``model`` label (the others are per process)."""
+    from prometheus_client.metrics import MetricWrapperBase
+
+    import service.metrics as metrics
+
+    names = set()
+    for value in vars(metrics).values():
+        if isinstance(value, MetricWrapperBase) and "model" in value._labelnames:
+            names |= {value._name + s for s in ("", "_total", "_bucket", "_sum", "_count")}
+    return names
+
+
 def test_queries_follow_the_variables_and_rate_interval() -> None:
+    by_model = _labelled_by_model()
     for panel, t in dashboard_targets(load_dashboard()):
         expr = t["expr"]
         for window in re.findall(r"\[([^\]]+)\]", expr):
             assert window == "$__rate_interval", f"{panel['title']}: fixed window [{window}]"
         for selector in re.findall(r"(hjserve_[a-z_]+)(\{[^}]*\})?", expr):
             name, labels = selector
-            if name == "hjserve_http_requests_total":  # has no model label
+            if name not in by_model:   # per process (HTTP requests, request memory, spool)
                 continue
             assert 'model=~"$model"' in labels and 'version=~"$version"' in labels, f"{panel['title']}: {name}{labels}"
 
@@ -147,6 +161,8 @@ def test_dashboard_covers_what_operators_watch() -> None:
     panel_with("hjserve_batch_size_bucket", kind="heatmap")
     panel_with("hjserve_batch_rows_total")
     panel_with("hjserve_model_ready")
+    memory = panel_with("hjserve_request_memory_bytes", "hjserve_batch_spool_bytes")
+    assert panels[memory]["fieldConfig"]["defaults"]["unit"] == "bytes"
 
 
 def test_heatmaps_use_histogram_buckets_per_le() -> None:
