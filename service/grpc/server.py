@@ -64,7 +64,8 @@ class GRPCServer:
         size = self.settings.grpc_max_message_bytes
         # at most max_connections calls at once (REST's limit too): each may hold a message of up to
         # grpc_max_message_bytes before its handler runs
-        self._server = aio.server(maximum_concurrent_rpcs=self.settings.max_connections, options=[("grpc.max_receive_message_length", size),
+        self._server = aio.server(maximum_concurrent_rpcs=self.settings.max_connections,
+                                  options=[("grpc.max_receive_message_length", size),
                                            ("grpc.max_send_message_length", size)])
         self._server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler(SERVICE_NAME, self._handlers())])
         host = f"[{self.host}]" if ":" in self.host else self.host

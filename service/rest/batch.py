@@ -106,8 +106,8 @@ def _query_params(top_k: int | None, tau: float | None, chunk_rows: int | None,
 
 async def _spool(request: Request, limit: int) -> tuple[Spool, int]:
     """The body, decoded (:func:`~service.rest.common.body_decoder`), in a :class:`Spool` within
-    the app's :class:`SpoolBudget` (a declared ``Content-Length`` is checked before any byte is
-    read); (spool, size)."""
+    the app's :func:`spool_budget` (a declared ``Content-Length`` is checked against it before any
+    byte is read); (spool, size)."""
     budget: ByteBudget = request.app.state.spool_budget
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and "content-encoding" not in request.headers:
