@@ -55,6 +55,13 @@ class Settings(BaseSettings):
     grpc_max_message_bytes: int = Field(64 * 1024 * 1024, ge=1024)
     """Largest gRPC message received or sent (the gRPC twin of ``max_body_bytes``)."""
 
+    grpc_max_connection_age_s: float = Field(600.0, gt=0.0)
+    """A gRPC connection is asked to go away (GOAWAY; clients reconnect) after this long, and closed
+    ``body_timeout_s + request_timeout_s`` later with whatever calls it still holds. At most
+    ``max_connections`` calls run at once, counted from when they open -- before their message has
+    arrived -- so without this a call that never sends its message would hold its slot forever
+    (the gRPC twin of ``body_timeout_s``; the ±10% jitter is grpc's)."""
+
     model_control_mode: Literal["none", "explicit", "poll"] = "none"
     """How the model repository changes, as in Triton: ``none`` (the default, as Triton's) -- every
     model on disk loads at startup and what is served never changes (load / unload calls are

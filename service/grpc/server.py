@@ -64,9 +64,15 @@ class GRPCServer:
         size = self.settings.grpc_max_message_bytes
         # at most max_connections calls at once (REST's limit too): each may hold a message of up to
         # grpc_max_message_bytes before its handler runs
-        self._server = aio.server(maximum_concurrent_rpcs=self.settings.max_connections,
+        s = self.settings
+        # no call holds a slot past the connection's age and grace: one that never sends its
+        # message would otherwise hold it forever
+        age_ms, grace_ms = int(s.grpc_max_connection_age_s * 1000), int((s.body_timeout_s + s.request_timeout_s) * 1000)
+        self._server = aio.server(maximum_concurrent_rpcs=s.max_connections,
                                   options=[("grpc.max_receive_message_length", size),
-                                           ("grpc.max_send_message_length", size)])
+                                           ("grpc.max_send_message_length", size),
+                                           ("grpc.max_connection_age_ms", age_ms),
+                                           ("grpc.max_connection_age_grace_ms", grace_ms)])
         self._server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler(SERVICE_NAME, self._handlers())])
         host = f"[{self.host}]" if ":" in self.host else self.host
         self.port = self._server.add_insecure_port(f"{host}:{self.port}")

@@ -301,3 +301,48 @@ def test_an_unexpected_failure_is_internal_and_never_a_stack_trace(tiny_repo):
         asyncio.run(server._wrap("ServerLive", broken, "none")(pb.ServerLiveRequest(), context))
     assert context.code == grpc.StatusCode.INTERNAL and context.details == "internal server error"
     assert context.trailing["error-type"] == "internal_error" and set(context.trailing) == {"error-type", "x-request-id"}
+
+
+def test_calls_that_never_send_their_message_do_not_hold_slots_forever(tiny_repo, tmp_path):
+    """At most max_connections calls at once, counted from when a call opens -- before its message
+    arrives. Two calls that open and never send (max_connections=2) lock out every other call until
+    their connection's age and grace (grpc_max_connection_age_s, then body_timeout_s +
+    request_timeout_s) close them; then calls are served again."""
+    import threading
+    import time
+
+    stop = threading.Event()
+
+    def never():
+        stop.wait(60)
+        return
+        yield
+
+    with run_server(tiny_repo, tmp_path, grpc=True, max_connections=2, grpc_max_connection_age_s=1,
+                    body_timeout_s=1, request_timeout_s=1) as s:
+        channels, idle = [], []
+        for _ in range(2):
+            channel = grpc.insecure_channel(s.grpc_target, options=[("grpc.use_local_subchannel_pool", 1)])
+            call = channel.stream_unary("/inference.GRPCInferenceService/ModelInfer",
+                                        request_serializer=pb.ModelInferRequest.SerializeToString,
+                                        response_deserializer=pb.ModelInferResponse.FromString)
+            channels.append(channel)
+            idle.append(call.future(never()))
+        time.sleep(0.5)
+        probe = grpc.insecure_channel(s.grpc_target)
+        live = probe.unary_unary("/inference.GRPCInferenceService/ServerLive",
+                                 request_serializer=pb.ServerLiveRequest.SerializeToString,
+                                 response_deserializer=pb.ServerLiveResponse.FromString)
+        try:
+            with pytest.raises(grpc.RpcError) as locked:
+                live(pb.ServerLiveRequest(), timeout=5)
+            assert locked.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            deadline = time.monotonic() + 30
+            while not all(f.done() for f in idle):
+                assert time.monotonic() < deadline, "the idle calls still hold their slots"
+                time.sleep(0.2)
+            assert live(pb.ServerLiveRequest(), timeout=5).live
+        finally:
+            stop.set()
+            for channel in (*channels, probe):
+                channel.close()
