@@ -32,14 +32,21 @@ _CONTENTS = {
 }
 
 
-#: Memory per typed ``contents`` value while it is decoded: numpy reads the repeated field through
-#: Python numbers (a float object and its slot, 32 bytes), then holds it (8 at most).
-_CONTENT_VALUE_BYTES = 48
+#: The numpy type each typed ``contents`` field carries (narrower datatypes ride in a wider field:
+#: INT8 / INT16 in ``int_contents``, UINT8 / UINT16 in ``uint_contents``).
+_FIELD_DTYPES = {"bool_contents": np.bool_, "int_contents": np.int32, "int64_contents": np.int64,
+                 "uint_contents": np.uint32, "uint64_contents": np.uint64, "fp32_contents": np.float32,
+                 "fp64_contents": np.float64}
+
+#: Memory per typed ``contents`` value once decoded: read value by value into the field's own type,
+#: then narrowed to the datatype's (8 bytes each at most).
+_CONTENT_VALUE_BYTES = 16
 
 
 def decode_memory(request: pb.ModelInferRequest) -> int:
-    """What holding and decoding ``request`` may take in memory: its raw tensors twice (the message's
-    bytes, the arrays), :data:`_CONTENT_VALUE_BYTES` per typed value, BYTES values twice -- counted
+    """What holding and decoding ``request`` may take in memory beyond the message: its raw tensors
+    twice (the message's bytes, the arrays), :data:`_CONTENT_VALUE_BYTES` per typed value, BYTES values
+    twice -- counted
     from the fields' lengths, not by serialising the message (``ByteSize`` does: 44 ms for 16 MB)."""
     total = 2 * sum(len(raw) for raw in request.raw_input_contents)
     for tensor in request.inputs:
@@ -73,8 +80,12 @@ def _from_contents(tensor: pb.ModelInferRequest.InferInputTensor, shape: tuple[i
         array = np.empty(count, dtype=object)
         array[:] = list(values)
         return array.reshape(shape)
-    with np.errstate(over="ignore"):
-        array = np.asarray(values, dtype=DATATYPES[tensor.datatype])
+    # read in the field's own type (fromiter: ~1.8x asarray's speed, no list), then narrowed: a value
+    # the datatype cannot hold is refused, never wrapped
+    wide = np.fromiter(values, dtype=_FIELD_DTYPES[field], count=count)
+    array = wide.astype(DATATYPES[tensor.datatype], copy=False)
+    if wide.dtype.kind in "iu" and not np.array_equal(array, wide):
+        raise InvalidDatatype(f"input '{tensor.name}': contents out of range for {tensor.datatype}")
     return array.reshape(shape)
 
 

@@ -146,6 +146,13 @@ def test_typed_contents_are_decoded_like_raw_bytes(gserver, gclient):
     np.testing.assert_array_equal(probs, _grpc_infer(gclient, "clf", x, outputs=["probabilities"]).as_numpy("probabilities"))
 
 
+def _typed(request: pb.ModelInferRequest, datatype: str, field: str, values: list) -> None:
+    """Send the first input as typed ``contents`` of ``datatype`` instead of raw bytes."""
+    del request.raw_input_contents[:]
+    request.inputs[0].datatype = datatype
+    getattr(request.inputs[0].contents, field).extend(values)
+
+
 @pytest.mark.parametrize("mutate, code, fragment", [
     (lambda r: setattr(r, "model_name", "nope"), grpc.StatusCode.NOT_FOUND, "unknown model"),
     (lambda r: setattr(r, "model_name", "../../etc"), grpc.StatusCode.INVALID_ARGUMENT, "invalid model name"),
@@ -161,6 +168,11 @@ def test_typed_contents_are_decoded_like_raw_bytes(gserver, gclient):
     (lambda r: r.parameters["top_k"].__setattr__("int64_param", 999), grpc.StatusCode.INVALID_ARGUMENT, "top_k"),
     (lambda r: (r.inputs[0].shape.__setitem__(0, 0), r.raw_input_contents.__setitem__(0, b"")),
      grpc.StatusCode.INVALID_ARGUMENT, "no rows"),
+    # typed contents wider than their datatype (int_contents carries INT8 / INT16 as int32): was INTERNAL
+    (lambda r: _typed(r, "INT8", "int_contents", [300] + [1] * (2 * D - 1)), grpc.StatusCode.INVALID_ARGUMENT,
+     "out of range for INT8"),
+    (lambda r: _typed(r, "UINT16", "uint_contents", [70_000] + [1] * (2 * D - 1)), grpc.StatusCode.INVALID_ARGUMENT,
+     "out of range for UINT16"),
 ])
 def test_bad_requests_get_the_mapped_status_never_internal(gserver, mutate, code, fragment):
     request = pb.ModelInferRequest(model_name="clf")

@@ -142,8 +142,8 @@ def test_grpc_messages_count_against_the_budget(tiny_repo, tmp_path):
 
 
 def test_grpc_decode_memory_counts_every_kind_of_content():
-    """Counted from the fields' lengths (no serialisation): raw tensors twice, typed values 48 bytes
-    each (decoded through Python numbers), BYTES values twice."""
+    """Counted from the fields' lengths (no serialisation): raw tensors twice, typed values 16 bytes
+    each (the field's type and the datatype's), BYTES values twice."""
     from service.codecs.grpc import decode_memory
     from service.grpc import inference_pb2 as pb
 
@@ -155,4 +155,4 @@ def test_grpc_decode_memory_counts_every_kind_of_content():
     ints.contents.int64_contents.extend(range(10))
     strings = request.inputs.add(name="c", datatype="BYTES", shape=[2])
     strings.contents.bytes_contents.extend([b"abc", b"de"])
-    assert decode_memory(request) == 2 * 1000 + 48 * 260 + 2 * 5
+    assert decode_memory(request) == 2 * 1000 + 16 * 260 + 2 * 5
