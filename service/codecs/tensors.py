@@ -205,10 +205,26 @@ def deserialize_bytes(raw: memoryview | bytes) -> np.ndarray:
     return out
 
 
+#: The most dimensions a tensor may have (numpy holds 64; a model input here has 2).
+MAX_DIMS = 32
+#: The most elements the non-zero dimensions of a shape may multiply to: numpy refuses even an empty
+#: array whose other dimensions overflow its sizes (``[0, 2**62]``), and no body within the limits
+#: carries more.
+MAX_ELEMENTS = 2**40
+
+
 def check_shape(shape: Sequence[Any], name: str) -> tuple[int, ...]:
+    """A tensor's shape as a tuple of non-negative integers that numpy can hold (InvalidShape
+    otherwise: at most :data:`MAX_DIMS` dimensions, the non-zero ones multiplying to at most
+    :data:`MAX_ELEMENTS`, so a shape never reaches numpy that would fail there)."""
     if not isinstance(shape, (list, tuple)) or not all(
             isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in shape):
         raise InvalidShape(f"input '{name}': shape must be a list of non-negative integers, got {shape!r}")
+    if len(shape) > MAX_DIMS:
+        raise InvalidShape(f"input '{name}': {len(shape)} dimensions, more than the {MAX_DIMS} a tensor may have")
+    if math.prod(s for s in shape if s) > MAX_ELEMENTS:
+        raise InvalidShape(f"input '{name}': shape {list(shape)[:8]} is too large "
+                           f"(its non-zero dimensions multiply past {MAX_ELEMENTS})")
     return tuple(shape)
 
 

@@ -173,6 +173,14 @@ def _typed(request: pb.ModelInferRequest, datatype: str, field: str, values: lis
      "out of range for INT8"),
     (lambda r: _typed(r, "UINT16", "uint_contents", [70_000] + [1] * (2 * D - 1)), grpc.StatusCode.INVALID_ARGUMENT,
      "out of range for UINT16"),
+    # shapes numpy cannot hold, even empty: was INTERNAL
+    (lambda r: (r.inputs[0].ClearField("shape"), r.inputs[0].shape.extend([0, 2**62]),
+                r.raw_input_contents.__setitem__(0, b"")),
+     grpc.StatusCode.INVALID_ARGUMENT, "too large"),
+    (lambda r: (_typed(r, "FP32", "fp32_contents", []), r.inputs[0].shape.extend([2**62, 0])),
+     grpc.StatusCode.INVALID_ARGUMENT, "too large"),
+    (lambda r: (_typed(r, "FP32", "fp32_contents", [1.0]), r.inputs[0].ClearField("shape"),
+                r.inputs[0].shape.extend([1] * 100)), grpc.StatusCode.INVALID_ARGUMENT, "dimensions"),
 ])
 def test_bad_requests_get_the_mapped_status_never_internal(gserver, mutate, code, fragment):
     request = pb.ModelInferRequest(model_name="clf")
