@@ -156,3 +156,29 @@ def test_grpc_decode_memory_counts_every_kind_of_content():
     strings = request.inputs.add(name="c", datatype="BYTES", shape=[2])
     strings.contents.bytes_contents.extend([b"abc", b"de"])
     assert decode_memory(request) == 2 * 1000 + 16 * 260 + 2 * 5
+
+
+def _peak_mb(pid: int) -> tuple[float, float]:
+    """(VmRSS, VmHWM) of a process, MB."""
+    values = {}
+    for line in open(f"/proc/{pid}/status"):
+        if line.startswith(("VmRSS:", "VmHWM:")):
+            values[line.split(":")[0]] = int(line.split()[1]) / 1024
+    return values["VmRSS"], values["VmHWM"]
+
+
+def test_ndjson_lines_are_never_held_as_parsed_json(tiny_repo, tmp_path):
+    """Each NDJSON line becomes its row of numbers as it is read: 40 lines of ~1 MB of nested empty
+    lists (within max_line_bytes, one width) are refused at the first, never held parsed together.
+    On 5e8e564 a chunk's lines were held as Python lists until the chunk was full -- ~40 MB of
+    objects per such line, some 1.7 GB here, and up to a chunk (256+ lines) of them per job."""
+    line = b"[" + b",".join([b"[[[]]]"] * 140_000) + b"]\n"     # ~0.98 MB
+    with run_server(tiny_repo, tmp_path) as s, s.client() as c:
+        c.post(INFER, json=_json_body(1))                       # warm up
+        before, _ = _peak_mb(s.proc.pid)
+        r = c.post("/v2/models/clf/versions/1/batch-attribution", content=line * 40,
+                   headers={"content-type": "application/x-ndjson"})
+        _, peak = _peak_mb(s.proc.pid)
+    assert r.status_code == 400 and r.json()["error_type"] == "invalid_shape", r.text
+    assert "NDJSON line 1" in r.json()["error"]
+    assert peak - before < 300, (before, peak)
