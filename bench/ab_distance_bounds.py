@@ -18,10 +18,8 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import subprocess
 import sys
 import time
-import types
 from pathlib import Path
 
 import torch
@@ -37,15 +35,6 @@ OUT = ROOT / "bench" / "results" / "ab_distance_bounds.md"
 GROUPS = 10
 
 
-def functional_at(rev: str) -> types.ModuleType:
-    """``hjmodel/functional.py`` as it was at ``rev``, as a module of its own."""
-    source = subprocess.run(["git", "show", f"{rev}:hjmodel/functional.py"], cwd=ROOT, check=True,
-                            capture_output=True, text=True).stdout
-    module = types.ModuleType(f"functional_{rev}")
-    exec(compile(source, f"{rev}:hjmodel/functional.py", "exec"), module.__dict__)
-    return module
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--base", required=True, help="the git revision to compare with")
@@ -55,7 +44,7 @@ def main() -> int:
     ap.add_argument("--out", default=str(OUT))
     args = ap.parse_args()
     torch.set_num_threads(1)
-    base = functional_at(args.base)
+    base = report.module_at(args.base, "hjmodel/functional.py")
     head = report.revision()
     start, rows = time.perf_counter(), []
     for p in map(int, split_names(args.dims)):

@@ -15,11 +15,9 @@ the peak traced allocation (tracemalloc) while one side reads one chunk. Usage:
 from __future__ import annotations
 
 import io
-import subprocess
 import sys
 import time
 import tracemalloc
-import types
 from pathlib import Path
 
 import numpy as np
@@ -32,16 +30,6 @@ from service.codecs import batch  # noqa: E402
 
 OUT = ROOT / "bench" / "results" / "ab_ndjson_source.md"
 CHUNK = 1024
-
-
-def _baseline_module(rev: str) -> types.ModuleType:
-    """``service/codecs/batch.py`` as it was at ``rev``, loaded beside this tree's."""
-    source = subprocess.run(["git", "show", f"{rev}:service/codecs/batch.py"], cwd=ROOT, check=True,
-                            capture_output=True, text=True).stdout
-    module = types.ModuleType("baseline_batch")
-    module.__dict__["__name__"] = "baseline_batch"
-    exec(compile(source, f"{rev}:service/codecs/batch.py", "exec"), module.__dict__)
-    return module
 
 
 def _body(rows: int, d: int) -> bytes:
@@ -69,7 +57,7 @@ def main() -> None:
     ap.add_argument("--rows", type=int, default=20_000)
     args = ap.parse_args()
     started = time.perf_counter()
-    old = _baseline_module(args.baseline).ndjson_source
+    old = report.module_at(args.baseline, "service/codecs/batch.py").ndjson_source
     new = batch.ndjson_source
     table = []
     for d in (64, 784):

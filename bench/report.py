@@ -1,7 +1,8 @@
 """The results file of an in-process side-by-side benchmark: a title, one line saying how and where it
 was generated, a table -- and the timing they share (:func:`alternate`). Used by
 ``bench/pruned_graphs.py``, ``bench/ab_trace.py``, ``bench/route_overhead.py``,
-``bench/session_threads.py``, ``bench/ab_distance_bounds.py`` and ``bench/ab_training.py``; the
+``bench/session_threads.py``, ``bench/ab_distance_bounds.py``, ``bench/ab_training.py`` and
+``bench/ab_ndjson_source.py`` (a baseline module: :func:`module_at`); the
 command line of the first four (:func:`arguments`)."""
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import platform
 import statistics
 import subprocess
 import time
+import types
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
@@ -70,6 +72,16 @@ def arguments(doc: str, out: Path, repeats: int) -> argparse.ArgumentParser:
     ap.add_argument("--repeats", type=int, default=repeats)
     ap.add_argument("--out", default=str(out))
     return ap
+
+
+def module_at(rev: str, path: str) -> types.ModuleType:
+    """The Python file ``path`` (relative to the repository) as it was at commit ``rev``, loaded as a
+    module of its own beside this tree's: the baseline side of a side-by-side benchmark."""
+    source = subprocess.run(["git", "show", f"{rev}:{path}"], cwd=ROOT, check=True, capture_output=True,
+                            text=True).stdout
+    module = types.ModuleType(f"{Path(path).stem}_{rev}")
+    exec(compile(source, f"{rev}:{path}", "exec"), module.__dict__)
+    return module
 
 
 def revision(rev: str = "HEAD") -> str:

@@ -105,31 +105,28 @@ def ndjson_source(body: IO[bytes], chunk_rows: int, max_rows: int, max_line_byte
         yield from flush()
 
 
-def _row(item: list) -> np.ndarray:
-    """One row as float64 features: what :func:`_rows_array` refuses in a row, refused here."""
+def _numbers(value: Any, ndim: int) -> np.ndarray:
+    """``value`` as float64 numbers of ``ndim`` dimensions: one row (1) or rows (2)."""
     try:
-        row = np.asarray(item, dtype=np.float64)
+        array = np.asarray(value, dtype=np.float64)
     except OverflowError:   # an integer past float64's range (JSON has no bound on them)
         raise InvalidValue("a row holds a number outside the float32 range") from None
     except (TypeError, ValueError):
         raise InvalidDatatype("a row must be a flat list of numbers") from None
-    if row.ndim != 1:   # nested lists inside a row are not features: never flattened silently
+    if array.ndim != ndim:   # nested lists inside a row are not features: never flattened silently
         raise InvalidShape("every row must be a flat list of numbers")
-    return row
+    return array
+
+
+def _row(item: list) -> np.ndarray:
+    """One row as float64 features: what :func:`_rows_array` refuses in a row, refused here."""
+    return _numbers(item, 1)
 
 
 def _rows_array(rows: list[Any]) -> np.ndarray:
     if len({len(r) if isinstance(r, list) else -1 for r in rows}) != 1:
         raise InvalidShape("every row must be a list of the same number of features")
-    try:
-        array = np.asarray(rows, dtype=np.float64)
-    except OverflowError:   # an integer past float64's range (JSON has no bound on them)
-        raise InvalidValue("a row holds a number outside the float32 range") from None
-    except (TypeError, ValueError):
-        raise InvalidDatatype("a row must be a flat list of numbers") from None
-    if array.ndim != 2:   # nested lists inside a row are not features: never flattened silently
-        raise InvalidShape("every row must be a flat list of numbers")
-    return array
+    return _numbers(rows, 2)
 
 
 def json_source(obj: Any, chunk_rows: int, max_rows: int) -> tuple[Iterator[Chunk], dict[str, Any], list[str]]:

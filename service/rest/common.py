@@ -19,8 +19,8 @@ from service.errors import BadRequest, PayloadTooLarge, UnsupportedEncoding
 from service.rest.guards import ADMITTED
 from service.settings import Settings
 
-__all__ = ["admission", "body_decoder", "hold_parse", "json_response", "presented_key", "read_body", "request_memory",
-           "require_admin", "require_api_key", "wire_response"]
+__all__ = ["admission", "body_decoder", "json_response", "presented_key", "read_body", "read_inference_body",
+           "request_memory", "require_admin", "require_api_key", "wire_response"]
 
 
 def json_response(content: Any, status_code: int = 200, headers: dict[str, str] | None = None) -> Response:
@@ -89,11 +89,15 @@ def request_memory(request: Request) -> Iterator[Hold]:
         yield hold
 
 
-def hold_parse(hold: Hold, body: bytes, header_length: str | None = None) -> None:
-    """Take what parsing the body's JSON part may add to the twice its size :func:`read_body` took
-    (:data:`~service.codecs.PARSE_BYTES_PER_BYTE` per byte in all), before it is parsed."""
-    json_bytes = parse_header_length(header_length, len(body)) if header_length is not None else len(body)
-    hold.take((PARSE_BYTES_PER_BYTE - 2) * (len(body) if json_bytes is None else json_bytes))
+async def read_inference_body(request: Request, memory: Hold, header_length: str | None = None) -> bytes:
+    """An inference body (V2 or V1, at most ``max_body_bytes``) with its memory held in ``memory``:
+    twice the body as it arrives (:func:`read_body`), then, before it is parsed, what parsing its
+    JSON part (all of it, or the part ``header_length`` names) may add:
+    :data:`~service.codecs.PARSE_BYTES_PER_BYTE` per byte in all."""
+    body = await read_body(request, settings_of(request).max_body_bytes, memory)
+    json_bytes = parse_header_length(header_length, len(body))
+    memory.take((PARSE_BYTES_PER_BYTE - 2) * (len(body) if json_bytes is None else json_bytes))
+    return body
 
 
 async def read_body(request: Request, limit: int, hold: Hold | None = None) -> bytes:

@@ -9,24 +9,14 @@ from pydantic import ValidationError
 from service.budget import Hold
 from service.codecs import first_error, parse_json
 from service.errors import InvalidJSON, ValidationFailed
-from service.rest.common import (
-    admission,
-    dataplane_of,
-    hold_parse,
-    read_body,
-    request_memory,
-    settings_of,
-    wire_response,
-)
+from service.rest.common import admission, dataplane_of, read_inference_body, request_memory, wire_response
 from service.types import V1Request
 
 __all__ = ["explain", "model_status", "predict"]
 
 
 async def _decode(request: Request, memory: Hold) -> V1Request:
-    body = await read_body(request, settings_of(request).max_body_bytes, memory)
-    hold_parse(memory, body)
-    obj = parse_json(body)
+    obj = parse_json(await read_inference_body(request, memory))
     if not isinstance(obj, dict):
         raise InvalidJSON('the body must be a JSON object {"instances": [[...], ...]}')
     try:

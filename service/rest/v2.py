@@ -9,15 +9,7 @@ from starlette.concurrency import run_in_threadpool
 
 from service import codecs, tracing
 from service.errors import ModelNotReady
-from service.rest.common import (
-    admission,
-    dataplane_of,
-    hold_parse,
-    read_body,
-    request_memory,
-    settings_of,
-    wire_response,
-)
+from service.rest.common import admission, dataplane_of, read_inference_body, request_memory, wire_response
 
 __all__ = ["infer", "live", "model_config", "model_index", "model_metadata", "model_ready", "model_stats", "ready",
            "server_metadata"]
@@ -65,9 +57,8 @@ async def infer(request: Request, model_name: str, model_version: str | None = N
     dataplane = dataplane_of(request)
     # 503 before the body is read; the body's memory held until the answer
     with admission(request, model_name, model_version), request_memory(request) as memory:
-        body = await read_body(request, settings_of(request).max_body_bytes, memory)
         header = request.headers.get(codecs.HEADER_LENGTH)
-        hold_parse(memory, body, header)
+        body = await read_inference_body(request, memory, header)
         with tracing.span("decode", **{"hjserve.body_bytes": len(body)}):
             if len(body) > _OFFLOAD_BYTES:
                 decoded = await run_in_threadpool(codecs.decode_infer_request, body, header)
