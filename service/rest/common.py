@@ -6,6 +6,7 @@ import contextlib
 import zlib
 from collections.abc import Callable, Iterator
 from typing import Any
+from urllib.parse import urlsplit
 
 from fastapi import Request
 from fastapi.responses import Response
@@ -15,12 +16,12 @@ from service.auth import check_admin, check_api_key, key_from
 from service.budget import Hold
 from service.codecs import PARSE_BYTES_PER_BYTE, dumps, parse_header_length
 from service.dataplane import DataPlane
-from service.errors import BadRequest, PayloadTooLarge, UnsupportedEncoding
+from service.errors import BadRequest, Forbidden, PayloadTooLarge, UnsupportedEncoding
 from service.rest.guards import ADMITTED
 from service.settings import Settings
 
 __all__ = ["admission", "body_decoder", "json_response", "presented_key", "read_body", "read_inference_body",
-           "request_memory", "require_admin", "require_api_key", "wire_response"]
+           "request_memory", "require_admin", "require_api_key", "same_origin", "wire_response"]
 
 
 def json_response(content: Any, status_code: int = 200, headers: dict[str, str] | None = None) -> Response:
@@ -135,5 +136,21 @@ def require_api_key(request: Request) -> None:
 
 
 def require_admin(request: Request) -> None:
-    """Repository routes (index, load, unload): :func:`service.auth.check_admin`."""
+    """Repository routes (index, load, unload): no other site's page (:func:`same_origin`), then
+    :func:`service.auth.check_admin`."""
+    if not same_origin(request):
+        raise Forbidden(f"cross-origin request refused: a page of {request.headers['origin']!r} may not call the "
+                        "repository routes of this server")
     check_admin(settings_of(request), presented_key(request))
+
+
+def same_origin(request: Request) -> bool:
+    """Whether the request comes from no browser page of another site: a browser names the page's
+    origin in ``Origin`` on every cross-origin POST, even one it sends without a CORS preflight (no
+    body, or ``text/plain``), whose answer the page cannot read but whose effect happens. No
+    ``Origin`` (Triton's clients, curl) or this server's own host passes; ``null`` (a sandboxed or
+    local page) does not."""
+    origin = request.headers.get("origin")
+    if origin is None:
+        return True
+    return urlsplit(origin).netloc.lower() == request.headers.get("host", "").lower() != ""

@@ -120,6 +120,22 @@ def test_by_default_nothing_loads_or_unloads_after_startup(client, settings_over
     assert {m["name"] for m in client.post("/v2/repository/index").json()} >= {"fclf", "freg"}
 
 
+@pytest.mark.parametrize("origin", ["http://evil.example", "null", "http://testserver.evil.example"])
+def test_repository_routes_refuse_other_sites_pages(client, origin):
+    """A page on another site can send a POST to a server it cannot read (no preflight for a bodiless
+    or text/plain POST): with no keys configured, on 48b0357 any site a developer visited could unload
+    the models of an hjserve on their machine in explicit mode. A browser names the page's origin;
+    one that is not this server's is refused, before the key check. Clients that send no Origin
+    (Triton's, curl) and the server's own pages pass."""
+    for op in ("unload", "load"):
+        r = client.post(f"/v2/repository/models/fclf/{op}", headers={"origin": origin})
+        assert r.status_code == 403 and "cross-origin" in r.json()["error"], r.text
+    assert client.post("/v2/repository/index", headers={"origin": origin}).status_code == 403
+    assert client.get("/v2/models/fclf/ready").status_code == 200
+    assert client.post("/v2/repository/models/fclf/unload", headers={"origin": "http://testserver"}).status_code == 200
+    assert client.post("/v2/repository/models/fclf/load").status_code == 200
+
+
 def test_batch_attribution_streams_ndjson_rows(client):
     lines = "\n".join("[0.5, 1, 2, 3]" for _ in range(5))
     r = client.post("/v2/models/fclf/versions/1/batch-attribution?chunk_rows=2", content=lines,
