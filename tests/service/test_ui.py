@@ -133,3 +133,52 @@ def test_the_page_is_served_with_its_policy(demo_server):
     assert api.status_code == 404 and api.headers["content-security-policy"] == "frame-ancestors 'none'"
     for r in (page, script, api):
         assert r.headers["x-content-type-options"] == "nosniff" and r.headers["x-frame-options"] == "DENY"
+
+
+def test_another_sites_page_cannot_unload_models(browser, tiny_repo, tmp_path):
+    """The attack itself, in a real browser: a page served from another origin (a second port) sends
+    the POSTs a browser allows without a preflight -- bodiless and text/plain, in no-cors mode -- to
+    an hjserve in explicit mode with no keys. They arrive (counted as 403s) and change nothing."""
+    import http.server
+    import threading
+    import time
+
+    import httpx
+
+    with run_server(tiny_repo, tmp_path, model_control_mode="explicit") as s:
+        target = s.url + "/v2/repository/models/clf/unload"
+        page = tmp_path / "site"
+        page.mkdir()
+        (page / "index.html").write_text(f"""<!doctype html><body><script>
+Promise.allSettled([
+  fetch("{target}", {{method: "POST", mode: "no-cors"}}),
+  fetch("{target}", {{method: "POST", mode: "no-cors", headers: {{"content-type": "text/plain"}}, body: "{{}}"}}),
+]).then(() => {{ document.body.dataset.state = "sent"; }});
+</script></body>""")
+
+        class Quiet(http.server.SimpleHTTPRequestHandler):
+            def __init__(self, *a, **kw):
+                super().__init__(*a, directory=str(page), **kw)
+
+            def log_message(self, *a):
+                pass
+
+        site = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Quiet)
+        threading.Thread(target=site.serve_forever, daemon=True).start()
+        try:
+            browser.get(f"http://127.0.0.1:{site.server_address[1]}/")
+            _wait(browser, lambda d: d.find_element("tag name", "body").get_attribute("data-state") == "sent")
+            deadline = time.monotonic() + 10
+            refused = 0.0
+            while refused < 2 and time.monotonic() < deadline:
+                metrics = httpx.get(s.url + "/metrics").text
+                refused = sum(float(line.rsplit(" ", 1)[1]) for line in metrics.splitlines()
+                              if line.startswith("hjserve_http_requests_total{") and "/unload" in line
+                              and 'status="403"' in line)
+                time.sleep(0.1)
+            ready = httpx.get(s.url + "/v2/models/clf/versions/1/ready")
+        finally:
+            site.shutdown()
+            site.server_close()
+    assert refused == 2, metrics   # the browser sent both, with the page's Origin
+    assert ready.status_code == 200
