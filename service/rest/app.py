@@ -343,12 +343,13 @@ class HTTPMetricsMiddleware:
 
 #: On every response: no content sniffing (an error body is never read as HTML), and no page of this
 #: server inside another site's frame (the diagnostics page holds an API key field: clickjacking).
-_SECURITY_HEADERS = ((b"x-content-type-options", b"nosniff"), (b"x-frame-options", b"DENY"),
-                     (b"referrer-policy", b"no-referrer"), (b"content-security-policy", b"frame-ancestors 'none'"))
+_BASE_HEADERS = ((b"x-content-type-options", b"nosniff"), (b"x-frame-options", b"DENY"),
+                 (b"referrer-policy", b"no-referrer"))
+_SECURITY_HEADERS = (*_BASE_HEADERS, (b"content-security-policy", b"frame-ancestors 'none'"))
 #: The diagnostics page's (/ui/) policy is stricter: its own script, styles and the API only -- no
 #: inline script or style, no other origin (``service/ui/`` is written for it; the browser test
 #: fails on any violation).
-_UI_HEADERS = (*_SECURITY_HEADERS[:-1], (
+_UI_HEADERS = (*_BASE_HEADERS, (
     b"content-security-policy", b"default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
                                 b"connect-src 'self'; frame-ancestors 'none'; base-uri 'none'; form-action 'none'"))
 
