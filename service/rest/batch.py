@@ -39,7 +39,7 @@ from service.errors import (
     lookup,
 )
 from service.metrics import BATCH_SPOOL_BYTES
-from service.rest.common import body_decoder, dataplane_of, settings_of
+from service.rest.common import body_decoder, dataplane_of, declared_length, settings_of
 from service.types import RowBlock
 
 __all__ = ["Spool", "batch_attribution", "column_line", "ndjson_lines", "spool_budget"]
@@ -109,11 +109,9 @@ async def _spool(request: Request, limit: int) -> tuple[Spool, int]:
     the app's :func:`spool_budget` (a declared ``Content-Length`` is checked against it before any
     byte is read); (spool, size)."""
     budget: ByteBudget = request.app.state.spool_budget
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and "content-encoding" not in request.headers:
-        if int(declared) > limit:
-            raise PayloadTooLarge(f"request body of {declared} bytes exceeds the limit of {limit} bytes")
-        budget.check(0, int(declared))
+    declared = declared_length(request, limit)
+    if declared is not None and "content-encoding" not in request.headers:   # what it will hold, as sent
+        budget.check(0, declared)
     decode = body_decoder(request, limit)
     spool = Spool(budget, request.app.state.settings.spool_dir)
     sent = size = 0

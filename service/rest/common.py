@@ -20,7 +20,7 @@ from service.errors import BadRequest, Forbidden, PayloadTooLarge, UnsupportedEn
 from service.rest.guards import ADMITTED
 from service.settings import Settings
 
-__all__ = ["admission", "body_decoder", "json_response", "presented_key", "read_body", "read_inference_body",
+__all__ = ["admission", "body_decoder", "declared_length", "json_response", "presented_key", "read_body", "read_inference_body",
            "request_memory", "require_admin", "require_api_key", "same_origin", "wire_response"]
 
 
@@ -101,13 +101,22 @@ async def read_inference_body(request: Request, memory: Hold, header_length: str
     return body
 
 
+def declared_length(request: Request, limit: int) -> int | None:
+    """The body's declared ``Content-Length`` (None when absent or not a number), refused at once
+    (PayloadTooLarge) when it exceeds ``limit``: no byte of such a body is read."""
+    declared = request.headers.get("content-length")
+    if declared is None or not declared.isdigit():
+        return None
+    if int(declared) > limit:
+        raise PayloadTooLarge(f"request body of {declared} bytes exceeds the limit of {limit} bytes")
+    return int(declared)
+
+
 async def read_body(request: Request, limit: int, hold: Hold | None = None) -> bytes:
     """The whole body (decoded: :func:`body_decoder`), or PayloadTooLarge as soon as it exceeds
     ``limit`` bytes, sent or decoded. ``hold`` takes twice each decoded chunk as it arrives (the
     chunks and their join)."""
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise PayloadTooLarge(f"request body of {declared} bytes exceeds the limit of {limit} bytes")
+    declared_length(request, limit)
     decode = body_decoder(request, limit)
     chunks: list[bytes] = []
     size = 0
