@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import logging
 from collections.abc import Collection
 from pathlib import Path
 
@@ -18,6 +19,8 @@ __all__ = ["OnnxBackend", "load_onnx"]
 
 _CUDA = "CUDAExecutionProvider"
 _CPU = "CPUExecutionProvider"
+
+log = logging.getLogger(__name__)
 
 
 class OnnxBackend:
@@ -110,8 +113,16 @@ def load_onnx(version_dir: Path, *, device: str = "auto", threads: int = 0, spin
     except Exception as exc:  # corrupt or invalid graph
         raise ModelLoadFailed(f"onnxruntime cannot load {path.name} / {serving.EXPLAIN_FILE}: {exc}") from None
     used = session.get_providers()
-    if device == "cuda" and _CUDA not in used:
-        raise ModelLoadFailed("device 'cuda' requested but the CUDA execution provider failed to start")
+    if _CUDA in providers and _CUDA not in used:
+        # an onnxruntime-gpu build lists its CUDA provider even where the CUDA libraries it was built
+        # for cannot load (docs/GPU.md); onnxruntime then opens the session on the CPU
+        if device == "cuda":
+            raise ModelLoadFailed("device 'cuda' requested but the CUDA execution provider failed to start "
+                                  "(are the CUDA and cuDNN libraries onnxruntime-gpu was built for on the "
+                                  "library path? docs/GPU.md)")
+        log.warning("%s: onnxruntime lists the CUDA execution provider but it did not start (the CUDA and "
+                    "cuDNN libraries onnxruntime-gpu was built for are not on the library path?): serving "
+                    "on the CPU", path.parent)
 
     def prune(outputs: tuple[str, ...]):
         from hjmodel.artifact import prune_graph

@@ -93,6 +93,33 @@ def test_backend_choice_and_load_errors(hj_repo, tmp_path):
         load_backend(tmp_path / "pt", preference="onnx")
 
 
+def test_a_cuda_provider_that_fails_to_start_is_an_error_or_a_logged_fall_back(hj_repo, monkeypatch, caplog):
+    """An onnxruntime-gpu build lists the CUDA provider even where its CUDA libraries cannot load (an
+    onnxruntime-gpu built for CUDA 13 on a CUDA 12 image: docs/GPU.md); the session then opens on the
+    CPU alone. Here the CPU build lists it and each session opens as that one would, on the CPU
+    (real sessions; only the provider list they were asked for is cut to what would start):
+    device=cuda refuses the model, device=auto serves it on the CPU and says why in the log."""
+    import onnxruntime as ort
+
+    version = hj_repo / "iris" / "1"
+    listed = ["CUDAExecutionProvider", *ort.get_available_providers()]
+    monkeypatch.setattr(ort, "get_available_providers", lambda: listed)
+    opened = serving.open_session
+
+    def without_cuda(path, *, providers=("CPUExecutionProvider",), **kw):
+        assert providers[0] == "CUDAExecutionProvider"      # it was asked for
+        return opened(path, providers=[p for p in providers if p != "CUDAExecutionProvider"], **kw)
+
+    monkeypatch.setattr(serving, "open_session", without_cuda)
+    with pytest.raises(ModelLoadFailed, match="CUDA execution provider failed to start"):
+        load_backend(version, preference="onnx", device="cuda")
+    with caplog.at_level("WARNING", logger="service.backends.onnx"):
+        backend = load_backend(version, preference="onnx", device="auto")
+    assert backend.device == "cpu"
+    assert f"{version}: onnxruntime lists the CUDA execution provider but it did not start" in caplog.text
+    backend.close()
+
+
 @pytest.mark.parametrize("backend", ["onnx", "torch"])
 def test_server_on_each_backend_matches_in_process(hj_repo, tmp_path, backend):
     with run_server(hj_repo, tmp_path, backend=backend) as s:
