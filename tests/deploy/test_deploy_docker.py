@@ -97,6 +97,18 @@ def test_cuda_image() -> None:
     runs = " ".join(a for i, a in instructions if i == "RUN")
     assert 'pip install ".[gpu]"' in runs and "pip uninstall -y onnxruntime " in runs
     assert "CUDAExecutionProvider" in runs
+    # onnxruntime-gpu is built for one CUDA major (PyPI: 1.27 and later for CUDA 13, 1.18-1.26 for CUDA
+    # 12), and the provider lists itself even where that CUDA's libraries are missing (it then runs
+    # on the CPU): an unpinned onnxruntime-gpu on a CUDA 12 image was 1.31 (CUDA 13) -- docs/GPU.md
+    ort = arg_default(instructions, "ONNXRUNTIME_GPU_VERSION")
+    assert re.fullmatch(r"\d+\.\d+\.\d+", ort), ort
+    assert ('"onnxruntime-gpu==${ONNXRUNTIME_GPU_VERSION}"' in runs
+            and "onnxruntime-gpu>" not in runs), "the image installs the pinned onnxruntime-gpu"
+    ort_cuda = 13 if tuple(map(int, ort.split(".")[:2])) >= (1, 27) else 12
+    assert ort_cuda == int(cuda[0]), f"onnxruntime-gpu {ort} is built for CUDA {ort_cuda}, the image is CUDA {cuda[0]}"
+    # and the build fails if the provider's libraries do not resolve (all but the driver's libcuda,
+    # which only a GPU host has)
+    assert "libonnxruntime_providers_cuda.so" in runs and "ldd" in runs and "libcuda.so.1" in runs
     env = " ".join(a for i, a in final_stage(instructions) if i == "ENV")
     assert "HJSERVE_DEVICE=auto" in env
 
