@@ -53,7 +53,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.ab_graph import export_with  # noqa: E402
-from bench.loadgen import batch_job, grpc_loop, post_loop  # noqa: E402
+from bench.loadgen import batch_job, batch_throughput, grpc_loop, post_loop  # noqa: E402
 from service.settings import split_names  # noqa: E402
 from service.testing import run_server  # noqa: E402
 
@@ -62,19 +62,6 @@ CONCURRENCY = (1, 4)
 GRPC_INFER = "/inference.GRPCInferenceService/ModelInfer"
 BATCH_ROWS = 20_000
 LAYOUTS = ("rows", "columns")
-
-
-def _jobs(url: str, name: str, x: np.ndarray, layout: str, seconds: float) -> float:
-    """Rows/s of back-to-back batch jobs on ``x`` for at least ``seconds`` (and two jobs), after one
-    warm-up job."""
-    import httpx
-
-    with httpx.Client(base_url=url, timeout=600) as client:
-        batch_job(client, name, x[:1024], layout)
-        rows, t0 = 0, time.perf_counter()
-        while (elapsed := time.perf_counter() - t0) < seconds or rows < 2 * len(x):
-            rows += batch_job(client, name, x, layout)
-    return rows / elapsed
 
 
 def _online_during_jobs(url: str, name: str, x: np.ndarray, body: bytes, seconds: float) -> dict:
@@ -215,7 +202,7 @@ def _compare(args: argparse.Namespace, version: Path, base: str, head: str, dirt
                             elif c == "p99 ms":
                                 continue   # measured with p50
                             elif args.protocol == "batch":
-                                rps = _jobs(server.url, name, batch_x, body_label.split("=")[-1], args.seconds)
+                                rps = batch_throughput(server.url, name, batch_x, body_label.split("=")[-1], args.seconds)
                             else:
                                 if args.protocol == "grpc":
                                     r = asyncio.run(grpc_loop(f"127.0.0.1:{server.grpc_port}", GRPC_INFER,

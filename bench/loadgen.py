@@ -19,7 +19,7 @@ import time
 
 import numpy as np
 
-__all__ = ["Pool", "batch_job", "closed_loop", "grpc_loop", "post_loop", "request_bytes"]
+__all__ = ["Pool", "batch_job", "batch_throughput", "closed_loop", "grpc_loop", "post_loop", "request_bytes"]
 
 #: a column line's leading row range, {"rows":[first,end]
 _ROWS_RANGE = re.compile(rb'\{"rows":\[(\d+),(\d+)\]')
@@ -178,3 +178,16 @@ def batch_job(client, name: str, x: np.ndarray, layout: str = "rows") -> int:
     if rows != len(x):
         raise RuntimeError(f"a {layout} batch job answered {rows} of {len(x)} rows")
     return rows
+
+
+def batch_throughput(url: str, name: str, x: np.ndarray, layout: str, seconds: float) -> float:
+    """Rows/s of back-to-back :func:`batch_job` runs on ``x`` for at least ``seconds`` (and two
+    jobs), after one warm-up job of its first 1,024 rows."""
+    import httpx
+
+    with httpx.Client(base_url=url, timeout=600) as client:
+        batch_job(client, name, x[:1024], layout)
+        rows, t0 = 0, time.perf_counter()
+        while (elapsed := time.perf_counter() - t0) < seconds or rows < 2 * len(x):
+            rows += batch_job(client, name, x, layout)
+    return rows / elapsed

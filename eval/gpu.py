@@ -1,196 +1,363 @@
-"""GPU checks: ``python -m eval.gpu`` writes eval/RESULTS_gpu.md when CUDA is present.
+"""The CUDA paths, checked and timed: ``python -m eval.gpu`` writes eval/RESULTS_gpu.md where a GPU is present.
 
-ONNX Runtime (CUDAExecutionProvider) and torch-cuda parity against CPU on every served output, the
-same artifacts timed on both devices (batch 1 / 64 / 1024), the torch backend's trace on cuda
-(bit-identical to the cuda module, and timed), a float64 ``HJModel.evaluate`` on cuda,
-and the in-process benchmarks (``bench/hjmodel_*.py``, run with HJSERVE_DEVICE=cuda) when present.
-On a machine without a GPU it says so and exits 0."""
+    python -m eval.gpu [--models models] [--out eval/RESULTS_gpu.md] [--rows 60] [--seconds 4]
+        [--budget-s 420] [--device cuda]
+
+What it runs, each part against the CPU in the same run (on a machine without a GPU it says so and
+exits 0; ``--device cpu`` runs every part with the CPU in the GPU's place, to try the script itself):
+
+1. **Environment**: the GPU, driver, torch and its CUDA, onnxruntime and its providers, the TF32 switches
+   (TF32 would change float32 matrix products; the served graphs compute their diagnostics in float64).
+2. **Parity**: every bundled model through the service's own backends (``service.backends.load_backend``)
+   opened on the GPU -- onnxruntime's CUDA execution provider and the torch trace on cuda -- against
+   the onnxruntime CPU backend, every served output and the explanation outputs, on
+   ``hjmodel.verify.parity_inputs`` rows. A backend that opens on another device is an error row.
+3. **Certificates in the bits the GPU serves**: ``eval.served_bits.run`` with the backends on the GPU
+   (its input families, the served-bits attack and the float64 PGD on the CPU), ``--rows`` per family.
+4. **Latency**: each backend's ``infer`` with every output at batch 1 / 64 / 1024 on the CPU and on the
+   GPU, and the bare forward pass (``bench.hjmodel_bench.PredictOnly``) on the GPU: the ratio issue 14
+   asks of the CPU, read on the GPU. Host copies are inside every GPU time (the service pays them).
+5. **The real server on the GPU**: ``python -m service`` with ``HJSERVE_DEVICE`` = the GPU and each
+   backend (``max_batch_size`` 1024), one V2 request with every diagnostic checked against the CPU
+   backend, then the closed-loop load of ``bench.loadgen`` at concurrency 1 / 16 / 64 (batch-1
+   requests, every diagnostic) and batch-attribution jobs of 20,000 rows, beside the same server on
+   the CPU.
+
+The report is rewritten after every part, so a run stopped by its time limit keeps what it measured;
+``--budget-s`` bounds the whole run (parts that would start after it are skipped and say so).
+"""
 
 from __future__ import annotations
 
+import argparse
+import asyncio
+import contextlib
 import datetime
+import json
 import os
+import platform
+import shutil
 import subprocess
 import sys
 import tempfile
 import time
 import traceback
-from dataclasses import replace
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from .common import EVAL_DIR, MODELS, get_model, machine, md_table, set_threads
+from .common import EVAL_DIR, md_table
 
-NAMES = ("digits_lse", "digits_memory", "digits_deep", "diabetes_lse")
+ROOT = EVAL_DIR.parent
+BATCHES = (1, 64, 1024)
+CONCURRENCY = (1, 16, 64)
+BATCH_ROWS = 20_000
+BATCH_MODELS = ("digits_lse", "digits_deep", "digits_memory")
+#: the servers' max_batch_size: batch jobs run in chunks of it, where a GPU pays (part 4)
+BATCH_CHUNK = 1024
+BACKENDS = ("onnx", "torch")
+TAU = 0.1
 
 
-def _ort_cuda() -> bool:
-    try:
-        import onnxruntime as ort
-        return "CUDAExecutionProvider" in ort.get_available_providers()
-    except ImportError:
-        return False
-
-
-def _time(fn, repeat=20) -> float:
+def _median_ms(fn: Callable[[], object], min_seconds: float = 0.15, repeats: int = 5) -> float:
+    """Median milliseconds per call over ``repeats`` timings of enough calls to last ``min_seconds``."""
     fn()
-    ts = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t0)
-    return float(np.median(ts))
+    t0 = time.perf_counter()
+    fn()
+    per = max(time.perf_counter() - t0, 1e-6)
+    calls = max(1, int(min_seconds / per))
+    samples = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        samples.append((time.perf_counter() - t) / calls)
+    return 1e3 * float(np.median(samples))
 
 
-def _time_cuda(module, x: torch.Tensor, tau: torch.Tensor) -> float:
-    """Milliseconds per call of ``module`` (None: NaN) on cuda copies of x, tau, synchronised."""
-    if module is None:
-        return float("nan")
-    xg, tg = x.cuda(), tau.cuda()
-
-    def run():
-        out = module(xg, tg)
-        torch.cuda.synchronize()
-        return out
-    return 1e3 * _time(run)
-
-
-def _compare(a: dict, b: dict, specs) -> tuple[bool, str]:
-    worst = []
-    ok = True
-    for s in specs:
-        x, y = np.asarray(a[s.name]), np.asarray(b[s.name])
-        if s.datatype == "FP32":
+def compare(got: dict, want: dict) -> tuple[bool, str]:
+    """Served outputs ``got`` against ``want``: float outputs within rtol 1e-4 / atol 1e-5 (NaN where
+    NaN), discrete ones (classes, flags, counts) differing on at most 2% of the rows (ties within
+    rounding). Returns (pass, the worst difference per output)."""
+    ok, worst = True, []
+    for name in want:
+        x, y = np.asarray(got[name]), np.asarray(want[name])
+        if x.shape != y.shape:
+            ok = False
+            worst.append(f"{name} shape {x.shape} != {y.shape}")
+        elif np.issubdtype(y.dtype, np.floating):
             good = np.allclose(x, y, rtol=1e-4, atol=1e-5, equal_nan=True)
-            worst.append(f"{s.name} {float(np.nanmax(np.abs(x.astype(np.float64) - y))):.1e}")
+            diff = np.abs(x.astype(np.float64) - y)
+            worst.append(f"{name} {float(np.nanmax(diff)) if np.isfinite(diff).any() else 0.0:.1e}")
+            ok &= bool(good)
         else:
-            frac = float((x != y).mean())
-            good = frac <= 0.02
-            worst.append(f"{s.name} {frac:.3f} differ")
-        ok &= bool(good)
+            rows = (x != y).reshape(len(y), -1).any(axis=1) if y.ndim else np.array([x != y])
+            worst.append(f"{name} {float(rows.mean()):.3f} differ")
+            ok &= bool(rows.mean() <= 0.02)
     return ok, "; ".join(worst)
 
 
-def main() -> int:
-    cuda = torch.cuda.is_available()
-    if not cuda and not _ort_cuda():
-        print("eval.gpu: no GPU present (torch.cuda.is_available() is False and onnxruntime has no "
-              "CUDAExecutionProvider); nothing to do.")
-        return 0
-    set_threads()
+class Report:
+    """The markdown report, rewritten whole after every part."""
+
+    def __init__(self, path: Path, head: str):
+        self.path, self.parts = path, [head]
+
+    def add(self, text: str) -> None:
+        self.parts.append(text)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.path.write_text("\n".join(self.parts) + "\n")
+        print(text, flush=True)
+
+
+def environment(device: str) -> str:
     import onnxruntime as ort
 
-    from hjmodel import serving
-    from hjmodel.artifact import ONNX_FILE, ServingModule, TracedModule, save_artifact
-    from hjmodel.data import load_dataset
-    from hjmodel.serving import outputs_for
+    lines = [f"- Machine: {platform.machine()}, {os.cpu_count()} CPU cores, Python {platform.python_version()}."]
+    if device == "cuda":
+        smi = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version,memory.total", "--format=csv,noheader"],
+                             capture_output=True, text=True, check=False).stdout.strip()
+        lines.append(f"- GPU: {torch.cuda.get_device_name(0)} (capability {torch.cuda.get_device_capability(0)}); "
+                     f"nvidia-smi: {smi or 'n/a'}.")
+        lines.append(f"- torch {torch.__version__} (CUDA {torch.version.cuda}); TF32 matmul "
+                     f"{torch.backends.cuda.matmul.allow_tf32}, cudnn {torch.backends.cudnn.allow_tf32}, "
+                     f"float32 matmul precision '{torch.get_float32_matmul_precision()}'.")
+    else:
+        lines.append(f"- No GPU: the CPU stands in for it (`--device cpu`, a dry run of the script); torch {torch.__version__}.")
+    lines.append(f"- onnxruntime {ort.__version__}, providers {ort.get_available_providers()}.")
+    return "\n".join(lines) + "\n"
 
-    lines = ["# hjserve GPU results\n",
-             f"Generated by `python -m eval.gpu` on {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC}.\n",
-             f"- Machine: {machine()}; GPU: {torch.cuda.get_device_name(0) if cuda else 'n/a (torch)'}; "
-             f"onnxruntime {ort.__version__} providers {ort.get_available_providers()}.\n",
-             "Baseline for every GPU number: the same artifact on CPU in the same run.\n"]
-    parity_rows, time_rows, errors = [], [], []
-    tmp = Path(tempfile.mkdtemp(prefix="hjgpu-"))
-    for name in NAMES:
-        ds, cfg = MODELS[name]
-        model, splits, _, _ = get_model(name, ds, replace(cfg))
-        d = save_artifact(model, tmp / name / "1", ("onnx", "torch"))
-        data = load_dataset(ds)
-        X = torch.as_tensor(data.X[np.asarray(splits["test"])], dtype=torch.float32)
-        reps = int(np.ceil(1024 / X.shape[0]))
-        Xb = X.repeat(reps, 1)[:1024]
-        tau = np.array([0.1])
-        specs = outputs_for(model.task)
-        names = [s.name for s in specs]
-        cpu_mod = ServingModule(model)
-        with torch.no_grad():
-            ref = {k: v.numpy() for k, v in cpu_mod(X, torch.as_tensor(tau)).items()}
-        sessions = {}
-        for prov in ("CPUExecutionProvider", "CUDAExecutionProvider"):
+
+def bundled(models: Path) -> list[Path]:
+    """The version directories of the bundled demo models (``make models``)."""
+    return sorted(p.parent for p in Path(models).glob("*/1/model.json"))
+
+
+def _open(version: Path, backend: str, device: str):
+    from service.backends import load_backend
+
+    served = load_backend(version, preference=backend, device=device)
+    if served.device != device:
+        raise RuntimeError(f"the {backend} backend opened on {served.device}, not {device}")
+    return served
+
+
+def parity(models: Path, device: str, rows: int = 256) -> str:
+    from hjmodel.artifact import read_spec
+    from hjmodel.verify import DEMO_DATA, parity_inputs
+
+    table = []
+    for version in bundled(models):
+        name = version.parent.name
+        x = parity_inputs(name, rows) if name in DEMO_DATA else None
+        if x is None:
+            continue
+        tau = np.full(len(x), TAU)
+        base = np.broadcast_to(np.asarray(read_spec(version)["input_mean"], dtype=np.float32), x.shape).copy()
+        ref = _open(version, "onnx", "cpu")
+        want, want_explain = ref.infer(x, tau), ref.explain(x[:32], tau[:32], base[:32])
+        for backend in BACKENDS:
             try:
-                s = ort.InferenceSession(str(Path(d) / ONNX_FILE), providers=[prov])
-                if prov not in s.get_providers():
-                    raise RuntimeError(f"{prov} not active (got {s.get_providers()})")
-                sessions[prov] = s
-                got = dict(zip(names, s.run(names, serving.onnx_feeds(s, X.numpy(), tau))))
-                ok, detail = _compare(got, ref, specs)
-                parity_rows.append([name, f"onnxruntime {prov}", "PASS" if ok else "FAIL", detail])
-            except Exception as e:  # noqa: BLE001 (report every failure as a row)
-                parity_rows.append([name, f"onnxruntime {prov}", "ERROR", str(e)[:200]])
-        gpu_mod = gpu_trace = None
-        if cuda:
-            try:
-                gpu_mod = ServingModule(model).to("cuda")
-                with torch.no_grad():
-                    got = {k: v.cpu().numpy() for k, v in gpu_mod(X.cuda(), torch.as_tensor(tau).cuda()).items()}
-                ok, detail = _compare(got, ref, specs)
-                parity_rows.append([name, "torch cuda (serving module)", "PASS" if ok else "FAIL", detail])
-            except Exception as e:  # noqa: BLE001
-                gpu_mod = None
-                parity_rows.append([name, "torch cuda (serving module)", "ERROR", str(e)[:200]])
-                errors.append(traceback.format_exc())
-            if gpu_mod is not None:
-                try:   # the torch backend serves the module's trace: the same answers, bit for bit
-                    gpu_trace = TracedModule(gpu_mod)
-                    xg, tg = X.cuda(), torch.as_tensor(tau).cuda().expand(X.shape[0], 1)
-                    with torch.no_grad():
-                        want = gpu_mod(xg, tg)
-                    got = gpu_trace(xg, tg)
-                    same = [k for k in want if torch.equal(got[k], want[k])]
-                    parity_rows.append([name, "torch cuda trace (as served) vs the cuda module",
-                                        "PASS" if len(same) == len(want) else "FAIL",
-                                        f"{len(same)} of {len(want)} outputs bit-identical"])
-                except Exception as e:  # noqa: BLE001
-                    gpu_trace = None
-                    parity_rows.append([name, "torch cuda trace (as served)", "ERROR", str(e)[:200]])
-                    errors.append(traceback.format_exc())
-            try:
-                mg = get_model(name, ds, replace(cfg))[0].to("cuda")
-                with torch.no_grad():
-                    og = mg.evaluate(X.double().cuda(), outputs=("certified_radius", "saliency"))
-                    oc = model.evaluate(X.double(), outputs=("certified_radius", "saliency"))
-                err = max(float((og[k].cpu() - oc[k]).abs().max()) for k in og)
-                parity_rows.append([name, "torch cuda HJModel.evaluate (float64)", "PASS" if err < 1e-9 else "FAIL",
-                                    f"max abs diff {err:.1e}"])
-            except Exception as e:  # noqa: BLE001
-                parity_rows.append([name, "torch cuda HJModel.evaluate (float64)", "ERROR", str(e)[:200]])
-        for bs in (1, 64, 1024):
-            xb = Xb[:bs]
-            row = [name, bs]
-            for prov in ("CPUExecutionProvider", "CUDAExecutionProvider"):
-                s = sessions.get(prov)
-                row.append(1e3 * _time(lambda s=s: s.run(names, serving.onnx_feeds(s, xb.numpy(), tau))) if s else float("nan"))  # noqa: B023 (called at once)
-            with torch.no_grad():
-                row.append(1e3 * _time(lambda: cpu_mod(xb, torch.as_tensor(tau))))  # noqa: B023 (called at once)
-                tg = torch.as_tensor(tau).expand(bs, 1)
-                row += [_time_cuda(gpu_mod, xb, tg), _time_cuda(gpu_trace, xb, tg)]
-            time_rows.append(row)
-    lines.append("## Parity vs CPU (every served output; FP32 rtol 1e-4 / atol 1e-5, discrete outputs <= 2% differ)\n")
-    lines.append(md_table(["model", "runtime", "result", "detail (max abs diff per output)"], parity_rows))
-    lines.append("\n## Latency per call (ms, median of 20; input float32, all diagnostics)\n")
-    lines.append(md_table(["model", "batch", "ORT CPU (baseline)", "ORT CUDA", "torch CPU (baseline)", "torch CUDA",
-                           "torch CUDA trace (as served)"], time_rows))
-    benches = sorted((Path(__file__).resolve().parents[1] / "bench").glob("hjmodel_*.py"))
-    if benches:
-        lines.append("\n## In-process benchmarks (bench/hjmodel_*.py with HJSERVE_DEVICE=cuda)\n")
-        for b in benches:
-            env = dict(os.environ, HJSERVE_DEVICE="cuda")
-            try:
-                p = subprocess.run([sys.executable, str(b)], cwd=b.parents[1], env=env, capture_output=True,
-                                   text=True, timeout=300)
-                text = (p.stdout + p.stderr)[-4000:]
-                lines.append(f"### {b.name} (exit {p.returncode})\n\n```\n{text}\n```\n")
-            except subprocess.TimeoutExpired:
-                lines.append(f"### {b.name}: timed out after 300 s\n")
-    if errors:
-        lines.append("\n## Errors\n\n```\n" + "\n".join(errors)[-4000:] + "\n```\n")
-    (EVAL_DIR / "RESULTS_gpu.md").write_text("\n".join(lines) + "\n")
-    print((EVAL_DIR / "RESULTS_gpu.md").read_text())
-    return 0
+                served = _open(version, backend, device)
+                ok, detail = compare(served.infer(x, tau), want)
+                table.append([name, backend, "served outputs", "PASS" if ok else "FAIL", detail])
+                ok, detail = compare(served.explain(x[:32], tau[:32], base[:32]), want_explain)
+                table.append([name, backend, "explanation outputs", "PASS" if ok else "FAIL", detail])
+                served.close()
+            except Exception as exc:  # noqa: BLE001 (every failure is a row of the report)
+                table.append([name, backend, "open / run", "ERROR", f"{type(exc).__name__}: {str(exc)[:300]}"])
+        ref.close()
+    return ("## Parity: the service's backends on the GPU against onnxruntime on the CPU\n\n"
+            f"{rows} rows per model (`hjmodel.verify.parity_inputs`: dataset rows, every other one noisy), "
+            "tau 0.1; the explanation outputs on the first 32 from the training mean. Float outputs: rtol 1e-4 / "
+            "atol 1e-5; discrete outputs: at most 2% of rows differ (decisions within rounding of a tie).\n\n"
+            + md_table(["model", "backend on the GPU", "outputs", "result", "max abs difference per output"], table))
+
+
+def served_bits(models: Path, device: str, rows: int, deadline: float) -> str:
+    from hjmodel import serving
+
+    from .served_bits import HEADER, run
+
+    serving.flush_subnormals()
+    t0 = time.monotonic()
+    table = run(models, list(BACKENDS), rows, device=device, deadline=deadline)
+    total = sum(r[3] for r in table)
+    bad = sum(r[4] + r[5] + r[6] for r in table)
+    done = sorted({r[0] for r in table})
+    return ("## Certificates in the bits the GPU serves\n\n"
+            f"`eval.served_bits.run(..., device='{device}')`, {rows} rows per family ({time.monotonic() - t0:.0f} s; "
+            f"models done: {', '.join(done)}). **{bad} violations on {total} served answers** (the *rounded up* "
+            "and both *violations* columns must be 0). Columns: `eval/served_bits.py`.\n\n"
+            + md_table(HEADER, table))
+
+
+def latency(models: Path, device: str) -> str:
+    from bench.hjmodel_bench import PredictOnly
+    from hjmodel import load_model
+    from hjmodel.verify import DEMO_DATA, parity_inputs
+
+    table = []
+    for version in bundled(models):
+        name = version.parent.name
+        if name not in DEMO_DATA:
+            continue
+        pool = parity_inputs(name, max(BATCHES))
+        opened = {}
+        for dev in ("cpu", device):
+            for backend in BACKENDS:
+                try:
+                    opened[(backend, dev)] = _open(version, backend, dev)
+                except Exception as exc:  # noqa: BLE001
+                    print(f"{name} {backend} {dev}: {exc}", flush=True)
+        bare = PredictOnly(load_model(version)).to(device).eval()
+        for batch in BATCHES:
+            x, tau = pool[:batch], np.full(batch, TAU)
+            row = [name, batch]
+            for key in (("onnx", "cpu"), ("onnx", device), ("torch", "cpu"), ("torch", device)):
+                served = opened.get(key)
+                row.append(_median_ms(lambda s=served, x=x, tau=tau: s.infer(x, tau)) if served else float("nan"))
+            with torch.inference_mode():
+                bare_ms = _median_ms(lambda x=x, f=bare: f(torch.from_numpy(x).to(device)).cpu())
+            row += [bare_ms, float(np.nanmin([row[3], row[5]])) / bare_ms]
+            table.append(row)
+            print(row, flush=True)
+        for served in opened.values():
+            served.close()
+    return ("## Latency per call, every output (ms, median of 5)\n\n"
+            "Each backend's `infer` as the service calls it (input and outputs copied between host and device "
+            "inside the time), CPU threads: onnxruntime's and torch's defaults (all cores). *Bare forward*: "
+            "`bench.hjmodel_bench.PredictOnly` on the GPU (features, head, argmax; the same float64 arithmetic), "
+            "its input and prediction copied likewise; *ratio*: the faster GPU backend over it.\n\n"
+            + md_table(["model", "batch", "onnx CPU", "onnx GPU", "torch CPU", "torch GPU", "bare forward GPU",
+                        "ratio: all outputs / bare (GPU)"], table))
+
+
+def served(models: Path, device: str, seconds: float, deadline: float) -> str:
+    from bench import loadgen
+    from hjmodel.verify import DEMO_DATA, parity_inputs
+    from service.testing import run_server
+
+    name = "digits_lse"
+    version = Path(models) / name / "1"
+    x = parity_inputs(name, 8)
+    one = json.dumps({"inputs": [{"name": "input", "shape": [1, x.shape[1]], "datatype": "FP32",
+                                  "data": x[0].tolist()}], "parameters": {"diagnostics": True}}).encode()
+    ref = _open(version, "onnx", "cpu")
+    want = ref.infer(x, np.full(len(x), TAU))
+    ref.close()
+    batch_x = {m: parity_inputs(m, BATCH_ROWS) for m in BATCH_MODELS}
+    checks, load, jobs = [], [], []
+    env = {"PYTHONPATH": os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])}
+    with tempfile.TemporaryDirectory() as tmp:
+        repo = Path(tmp) / "repo"
+        for model in bundled(models):
+            if model.parent.name in DEMO_DATA:
+                shutil.copytree(model, repo / model.parent.name / "1")
+        for backend in BACKENDS:
+            for dev in (device, "cpu"):
+                if time.monotonic() > deadline:
+                    checks.append([backend, dev, "SKIPPED", "the run's time budget was spent"])
+                    continue
+                try:
+                    with (run_server(repo, Path(tmp), env=env, device=dev, backend=backend,
+                                     max_batch_size=BATCH_CHUNK) as srv, srv.client() as c):
+                        config = c.get(f"/v2/models/{name}/config").json()
+                        top_k = int(config["parameters"]["top_k_max"]["string_value"])   # as the backend's
+                        body = json.dumps({"inputs": [{"name": "input", "shape": list(x.shape), "datatype": "FP32",
+                                                       "data": x.ravel().tolist()}],
+                                           "parameters": {"diagnostics": True, "top_k": top_k}})
+                        reply = c.post(f"/v2/models/{name}/infer", content=body,
+                                       headers={"Content-Type": "application/json"})
+                        reply.raise_for_status()
+                        got = {o["name"]: np.asarray(o["data"]).reshape(o["shape"]) for o in reply.json()["outputs"]}
+                        ok, detail = compare({k: got[k] for k in want if k in got}, {k: want[k] for k in want if k in got})
+                        missing = sorted(set(want) - set(got))
+                        where = config["parameters"]["device"]["string_value"], config["backend"]
+                        checks.append([backend, dev, "PASS" if ok and not missing and where == (dev, backend) else "FAIL",
+                                       f"serves on {where[0]} ({where[1]}); {detail}"
+                                       + (f"; missing {missing}" if missing else "")])
+                        port = int(srv.url.rsplit(":", 1)[1])
+                        payload = loadgen.request_bytes(srv.host_port, f"/v2/models/{name}/infer", one)
+                        for conc in CONCURRENCY:
+                            r = asyncio.run(loadgen.closed_loop("127.0.0.1", port, payload, seconds, conc))
+                            load.append([backend, dev, conc, r["rps"], r["p50_ms"], r["p99_ms"], r["errors"]])
+                            print(load[-1], flush=True)
+                        for model, rows in batch_x.items():
+                            jobs.append([model, backend, dev,
+                                         loadgen.batch_throughput(srv.url, model, rows, "columns", seconds)])
+                            print(jobs[-1], flush=True)
+                except Exception as exc:  # noqa: BLE001
+                    checks.append([backend, dev, "ERROR", f"{type(exc).__name__}: {str(exc)[-400:]}"])
+    ratios = []
+    for backend in BACKENDS:
+        for conc in CONCURRENCY:
+            rps = {r[1]: r[3] for r in load if r[0] == backend and r[2] == conc}
+            if device in rps and "cpu" in rps and rps["cpu"]:
+                ratios.append([backend, f"closed loop, concurrency {conc}", rps[device] / rps["cpu"]])
+        for model in BATCH_MODELS:
+            rows = {r[2]: r[3] for r in jobs if r[0] == model and r[1] == backend}
+            if device in rows and "cpu" in rows and rows["cpu"]:
+                ratios.append([backend, f"batch attribution, {model}", rows[device] / rows["cpu"]])
+    return ("## The real server on the GPU\n\n"
+            f"`python -m service` (`service.testing.run_server`) with `HJSERVE_DEVICE` and `HJSERVE_BACKEND` as below, "
+            f"the bundled models. One V2 request of 8 `{name}` rows with every diagnostic, against the onnxruntime CPU "
+            "backend in process:\n\n"
+            + md_table(["backend", "device", "result", "detail"], checks)
+            + f"\n\nClosed loop (`bench.loadgen.closed_loop`, {seconds:g} s per point, keep-alive connections, one "
+            "row per request, every diagnostic), GPU and CPU servers one after the other on this machine:\n\n"
+            + md_table(["backend", "device", "concurrency", "req/s", "p50 ms", "p99 ms", "errors"], load)
+            + f"\n\nBatch attribution (`bench.loadgen.batch_throughput`: jobs of {BATCH_ROWS:,} rows, V2 binary in, "
+            f"NDJSON columns out, back to back for {seconds:g} s after a warm-up job):\n\n"
+            + md_table(["model", "backend", "device", "rows/s"], jobs)
+            + "\n\nGPU over CPU (req/s, rows/s):\n\n" + md_table(["backend", "load", "ratio"], ratios))
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--models", default=str(ROOT / "models"))
+    ap.add_argument("--out", default=str(EVAL_DIR / "RESULTS_gpu.md"))
+    ap.add_argument("--rows", type=int, default=60, help="served-bits rows per input family")
+    ap.add_argument("--seconds", type=float, default=4.0, help="closed-loop seconds per concurrency")
+    ap.add_argument("--budget-s", type=float, default=420.0, help="no part starts after this many seconds")
+    ap.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
+    ap.add_argument("--parts", default="environment,parity,served_bits,latency,served")
+    args = ap.parse_args()
+    start = time.monotonic()
+    deadline = start + args.budget_s
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("eval.gpu: no GPU present (torch.cuda.is_available() is False); nothing to do.")
+        return 0
+    models = Path(args.models)
+    report = Report(Path(args.out), "# hjserve on the GPU\n\nGenerated by `python -m eval.gpu` on "
+                    f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC. Every GPU number has its "
+                    "CPU baseline from the same run on the same machine. What each part does: the module docstring "
+                    "of `eval/gpu.py`.\n")
+    parts = {
+        "environment": lambda: "## Environment\n\n" + environment(args.device),
+        "parity": lambda: parity(models, args.device),
+        "served_bits": lambda: served_bits(models, args.device, args.rows, deadline),
+        "latency": lambda: latency(models, args.device),
+        "served": lambda: served(models, args.device, args.seconds, deadline),
+    }
+    failed = False
+    for part in args.parts.split(","):
+        if time.monotonic() > deadline:
+            report.add(f"## {part}\n\nSkipped: the run's time budget ({args.budget_s:g} s) was spent.\n")
+            continue
+        t0 = time.monotonic()
+        try:
+            text = parts[part]()
+        except Exception:  # noqa: BLE001 (a part that breaks is reported; the next one still runs)
+            failed = True
+            text = f"## {part}: ERROR\n\n```\n{traceback.format_exc()[-3000:]}\n```\n"
+        report.add(text + f"\n*({part}: {time.monotonic() - t0:.0f} s)*\n")
+    with contextlib.suppress(Exception):
+        report.add(f"Total {time.monotonic() - start:.0f} s.")
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    sys.exit(main())

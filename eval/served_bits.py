@@ -12,8 +12,12 @@ all of these whose float64 decision margin is smallest (closest to the boundary)
 
 * **rounded up**: rows whose served float32 radius exceeds the float64 certificate of the same input
   computed by the torch module (must be 0: the radius leaves the graph rounded toward zero; for memory
-  models, beyond 2^-19 relative -- their tangent root is searched in float32 and proven in float64
-  by each runtime, and the two proven radii differ by a few float32 steps);
+  and deep models, beyond 2^-19 relative -- their radius is a point a search found and each runtime
+  proved with its own float64 evaluation of the bound (a memory head's tangent root, searched in
+  float32; a deep body's linearised-bound chord), so two runtimes' proven radii may differ by
+  rounding: a few float32 steps for memory, ~2e-8 relative for deep between onnxruntime and torch
+  on an AVX-512 CPU and on CUDA, eval/RESULTS_gpu.md). *largest excess* shows how far the worst
+  served radius lies above the torch module's;
 * **served-bits violations**: rows where ``hjmodel.attacks.served_bits_attack`` -- PGD-L2 with a
   targeted start at every other class, every iterate rounded to float32 and classified by the same
   backend's served graph -- found a float32 input strictly inside the served radius with another
@@ -64,9 +68,11 @@ def smallest_margin(model, pool: np.ndarray, rows: int) -> np.ndarray:
     return pool[np.argsort((top[:, 0] - top[:, 1]).numpy())[:rows]]
 
 
-def server(version: Path, backend: str):
-    """float32 (n, d) -> the served outputs of ``version``: the service's ``backend`` itself."""
-    served = load_backend(version, preference=backend, device="cpu")
+def server(version: Path, backend: str, device: str = "cpu"):
+    """float32 (n, d) -> the served outputs of ``version``: the service's ``backend`` itself, on ``device``."""
+    served = load_backend(version, preference=backend, device=device)
+    if served.device != device:
+        raise RuntimeError(f"{version}: the {backend} backend opened on {served.device}, not {device}")
     return lambda q: served.infer(q, np.full(len(q), 0.1))
 
 
@@ -76,11 +82,15 @@ def check(model, served, x32: np.ndarray) -> dict:
     with torch.no_grad():
         ev = model.evaluate(torch.from_numpy(x32).double(), outputs=("prediction", "certified_radius"))
     same = ev["prediction"].numpy() == c
-    # a memory model's tangent root is searched in float32 and proven in float64 by each runtime, so
-    # onnxruntime's (proven) radius may exceed the torch module's by a few float32 steps (DESIGN
-    # section 3); every other radius is the same float64 computation, rounded down once
-    slack = 1.0 + (2.0 ** -19 if model.kind == "memory" else 0.0)
-    rounded_up = int(((r32 > ev["certified_radius"].numpy() * slack) & same).sum())
+    # a memory model's tangent root (searched in float32) and a deep model's linearised-bound chord
+    # are points a search found, each proven by the runtime's own float64 evaluation of the bound, so
+    # one runtime's (proven) radius may exceed the torch module's by rounding (DESIGN section 3);
+    # every other radius is the same closed-form float64 computation, rounded down once
+    slack = 1.0 + (2.0 ** -19 if model.kind in ("memory", "deep") else 0.0)
+    r64 = ev["certified_radius"].numpy()
+    rounded_up = int(((r32 > r64 * slack) & same).sum())
+    # the largest relative excess of a served radius over the float64 one (0: none exceeds it)
+    excess = float(np.max(np.where(same & (r64 > 0), r32 / np.where(r64 > 0, r64, 1.0) - 1.0, 0.0), initial=0.0))
     t0 = time.perf_counter()
     bits = served_bits_attack(model, lambda q: served(q)["prediction"], x32, r32, c)
     t_bits = time.perf_counter() - t0
@@ -88,7 +98,42 @@ def check(model, served, x32: np.ndarray) -> dict:
     violated, _, _ = pgd_l2(model, x, SHRINK * torch.from_numpy(r32), torch.from_numpy(c).long(), restarts=8, steps=60)
     return {"n": len(x32), "decision_differs": int((~same).sum()), "rounded_up": rounded_up,
             "bits": int(bits.sum()), "f64": int(violated.sum()), "median_r": float(np.median(r32)),
-            "zero_r": int((r32 == 0).sum()), "seconds": t_bits}
+            "zero_r": int((r32 == 0).sum()), "seconds": t_bits, "excess": max(excess, 0.0)}
+
+
+HEADER = ["model", "backend", "inputs", "rows", "rounded up", "served-bits violations", "float64 violations",
+          "served class differs from float64 decision", "radius 0", "median served radius",
+          "served-bits attack s", "largest excess over float64"]
+
+
+def run(models: Path, backends: list[str], rows: int, device: str = "cpu", deadline: float = float("inf"),
+        names: tuple[str, ...] = tuple(MODELS)) -> list[list]:
+    """One table row (``HEADER``) per model of ``names``, backend and input family; the backends run
+    on ``device`` (the float64 model and its attacks on the CPU). Stops starting new models after
+    ``deadline`` (``time.monotonic()``)."""
+    table = []
+    for name in names:
+        dataset = MODELS[name]
+        if time.monotonic() > deadline:
+            break
+        version = Path(models) / name / "1"
+        model = load_model(version).double().eval()
+        served = {backend: server(version, backend, device) for backend in backends}
+        data = load_dataset(dataset)
+        X = data.X[held_out(model, data.X)].astype(np.float64)
+        n = int(rows * (0.6 if name == "digits_memory" else 1.0))
+        rng = np.random.default_rng(0)
+        scale = np.full(X.shape[1], 2.0) if dataset == "digits" else 0.5 * X.std(0)
+        fams = families(X, scale, n, rng)
+        fams["smallest margin"] = smallest_margin(model, np.concatenate([X, *(v for v in fams.values())]), n)
+        for backend in backends:
+            for fam, values in fams.items():
+                res = check(model, served[backend], values.astype(np.float32))
+                table.append([name, backend, fam, res["n"], res["rounded_up"], res["bits"], res["f64"],
+                              res["decision_differs"], res["zero_r"], res["median_r"], res["seconds"],
+                              res["excess"]])
+                print(table[-1], flush=True)
+    return table
 
 
 def main() -> int:
@@ -102,29 +147,9 @@ def main() -> int:
     torch.set_num_threads(2)
     serving.flush_subnormals()            # this thread runs the served graph, as the service's would
     t_start = time.time()
-    table = []
-    for name, dataset in MODELS.items():
-        version = Path(args.models) / name / "1"
-        model = load_model(version).double().eval()
-        served = {backend: server(version, backend) for backend in backends}
-        data = load_dataset(dataset)
-        X = data.X[held_out(model, data.X)].astype(np.float64)
-        rows = int(args.rows * (0.6 if name == "digits_memory" else 1.0))
-        rng = np.random.default_rng(0)
-        scale = np.full(X.shape[1], 2.0) if dataset == "digits" else 0.5 * X.std(0)
-        fams = families(X, scale, rows, rng)
-        fams["smallest margin"] = smallest_margin(model, np.concatenate([X, *(v for v in fams.values())]), rows)
-        for backend in backends:
-            for fam, values in fams.items():
-                res = check(model, served[backend], values.astype(np.float32))
-                table.append([name, backend, fam, res["n"], res["rounded_up"], res["bits"], res["f64"],
-                              res["decision_differs"], res["zero_r"], res["median_r"], res["seconds"]])
-                print(table[-1], flush=True)
+    table = run(Path(args.models), backends, args.rows)
     total = sum(row[3] for row in table)
     bad = sum(row[4] + row[5] + row[6] for row in table)
-    header = ["model", "backend", "inputs", "rows", "rounded up", "served-bits violations", "float64 violations",
-              "served class differs from float64 decision", "radius 0", "median served radius",
-              "served-bits attack s"]
     text = f"""# Certificates in the served bits
 
 Generated by `python -m eval.served_bits --rows {args.rows} --backends {args.backends}` on {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC
@@ -133,7 +158,7 @@ inputs are chosen: the module docstring of `eval/served_bits.py`.
 
 **{bad} violations on {total} served answers** (the *rounded up* and both *violations* columns must be 0 on every row).
 
-{md_table(header, table)}
+{md_table(HEADER, table)}
 
 *served class differs*: rows where the float32 served decision and the float64 model's decision of the
 same float32 input differ (ties within rounding; the served graph gives such rows radius 0, so they are

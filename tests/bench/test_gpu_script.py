@@ -1,0 +1,58 @@
+"""``eval/gpu.py``, the GPU checks: run here with the CPU in the GPU's place, so the script a GPU lease
+runs once is known to work before the lease starts, and its comparison is known to fail when it should."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from eval.gpu import compare
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_compare_fails_on_what_parity_must_not_allow():
+    rng = np.random.default_rng(0)
+    radius = rng.uniform(0.1, 2.0, 100).astype(np.float32)
+    classes = rng.integers(0, 10, 100)
+    want = {"certified_radius": radius, "prediction": classes}
+    assert compare({"certified_radius": radius * (1 + 1e-6), "prediction": classes}, want)[0]
+    assert not compare({"certified_radius": radius + 1e-3, "prediction": classes}, want)[0]
+    one = classes.copy()
+    one[0] = (one[0] + 1) % 10                       # a tie within rounding: 1% of rows may differ
+    assert compare({"certified_radius": radius, "prediction": one}, want)[0]
+    three = classes.copy()
+    three[:3] = (three[:3] + 1) % 10
+    assert not compare({"certified_radius": radius, "prediction": three}, want)[0]
+    ok, detail = compare({"certified_radius": radius[:50], "prediction": classes}, want)
+    assert not ok and "shape" in detail
+    nan = radius.copy()
+    nan[5] = np.nan
+    assert compare({"certified_radius": nan, "prediction": classes}, {**want, "certified_radius": nan})[0]
+    assert not compare({"certified_radius": radius, "prediction": classes}, {**want, "certified_radius": nan})[0]
+
+
+def test_the_gpu_script_runs_with_the_cpu_in_the_gpus_place(demo_repository, tmp_path):
+    out = tmp_path / "RESULTS_gpu.md"
+    run = subprocess.run([sys.executable, "-m", "eval.gpu", "--device", "cpu", "--parts", "environment,parity",
+                          "--models", str(demo_repository), "--out", str(out)],
+                         cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+    text = out.read_text()
+    rows = [line for line in text.splitlines() if line.startswith("| ") and ("PASS" in line or "FAIL" in line
+                                                                            or "ERROR" in line)]
+    models = sorted(p.parent.name for p in demo_repository.glob("*/1"))
+    # every bundled model, both backends, the served and the explanation outputs
+    assert len(rows) == 4 * len(models) and all("| PASS |" in line for line in rows), rows
+    assert "No GPU: the CPU stands in for it" in text
+
+
+def test_without_a_gpu_it_says_so_and_writes_nothing(tmp_path):
+    out = tmp_path / "RESULTS_gpu.md"
+    run = subprocess.run([sys.executable, "-m", "eval.gpu", "--out", str(out)], cwd=ROOT, capture_output=True,
+                         text=True, timeout=120)
+    assert run.returncode == 0 and "no GPU present" in run.stdout, run.stdout + run.stderr
+    assert not out.exists()
