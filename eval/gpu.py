@@ -42,7 +42,6 @@ import sys
 import tempfile
 import time
 import traceback
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -59,22 +58,6 @@ BATCH_MODELS = ("digits_lse", "digits_deep", "digits_memory")
 BATCH_CHUNK = 1024
 BACKENDS = ("onnx", "torch")
 TAU = 0.1
-
-
-def _median_ms(fn: Callable[[], object], min_seconds: float = 0.15, repeats: int = 5) -> float:
-    """Median milliseconds per call over ``repeats`` timings of enough calls to last ``min_seconds``."""
-    fn()
-    t0 = time.perf_counter()
-    fn()
-    per = max(time.perf_counter() - t0, 1e-6)
-    calls = max(1, int(min_seconds / per))
-    samples = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        for _ in range(calls):
-            fn()
-        samples.append((time.perf_counter() - t) / calls)
-    return 1e3 * float(np.median(samples))
 
 
 def compare(got: dict, want: dict) -> tuple[bool, str]:
@@ -195,7 +178,7 @@ def served_bits(models: Path, device: str, rows: int, deadline: float) -> str:
 
 
 def latency(models: Path, device: str) -> str:
-    from bench.hjmodel_bench import PredictOnly
+    from bench.hjmodel_bench import PredictOnly, _time
     from hjmodel import load_model
     from hjmodel.verify import DEMO_DATA, parity_inputs
 
@@ -218,9 +201,9 @@ def latency(models: Path, device: str) -> str:
             row = [name, batch]
             for key in (("onnx", "cpu"), ("onnx", device), ("torch", "cpu"), ("torch", device)):
                 served = opened.get(key)
-                row.append(_median_ms(lambda s=served, x=x, tau=tau: s.infer(x, tau)) if served else float("nan"))
+                row.append(1e3 * _time(lambda s=served, x=x, tau=tau: s.infer(x, tau), 0.15, 5) if served else float("nan"))
             with torch.inference_mode():
-                bare_ms = _median_ms(lambda x=x, f=bare: f(torch.from_numpy(x).to(device)).cpu())
+                bare_ms = 1e3 * _time(lambda x=x, f=bare: f(torch.from_numpy(x).to(device)).cpu(), 0.15, 5)
             row += [bare_ms, float(np.nanmin([row[3], row[5]])) / bare_ms]
             table.append(row)
             print(row, flush=True)
