@@ -15,8 +15,8 @@ all of these whose float64 decision margin is smallest (closest to the boundary)
   and deep models, beyond 2^-19 relative -- their radius is a point a search found and each runtime
   proved with its own float64 evaluation of the bound (a memory head's tangent root, searched in
   float32; a deep body's linearised-bound chord), so two runtimes' proven radii may differ by
-  rounding: a few float32 steps for memory, ~2e-8 relative for deep between onnxruntime and torch
-  on an AVX-512 CPU and on CUDA, eval/RESULTS_gpu.md). *largest excess* shows how far the worst
+  rounding: a few float32 steps for memory; for deep, up to 2.1e-8 relative between onnxruntime and
+  torch on the 16-core CPU and the GPU of eval/RESULTS_gpu.md, none on this 2-core machine). *largest excess* shows how far the worst
   served radius lies above the torch module's;
 * **served-bits violations**: rows where ``hjmodel.attacks.served_bits_attack`` -- PGD-L2 with a
   targeted start at every other class, every iterate rounded to float32 and classified by the same
