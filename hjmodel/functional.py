@@ -1139,7 +1139,8 @@ def linearised_layer(J: Tensor, P: Tensor, W: Tensor, groups: Groups, pre: Tenso
 
 def linearised_body_radius(wJ: Tensor | None, G: Tensor, D: Tensor, C: Tensor, a_g: Tensor, s: Tensor,
                            pi_g: Tensor, valid: Tensor, c: Tensor, W_g: Tensor, eps: float,
-                           rounding: float | None = None, J: Tensor | None = None, upper: tuple = ()) -> Tensor:
+                           rounding: float | None = None, J: Tensor | None = None, upper: tuple = (),
+                           prove: Tensor | None = None) -> Tensor:
     """A certified radius of the decision ``c`` of a class-grouped head on a body of LSE layers, from
     linear bounds that keep the input's directions (DESIGN section 3, "deep bodies").
 
@@ -1178,7 +1179,11 @@ def linearised_body_radius(wJ: Tensor | None, G: Tensor, D: Tensor, C: Tensor, a
     wJ / G: (n, K, S, d) / (n, K, d) (:func:`neuron_gradients`; wJ None: the norm bound, from ``J``
     (n, H, d)), D: (n, H) (:func:`unit_spread`), C: (H,) (:func:`unit_tables`); a_g / pi_g: (n, K, S)
     the head's pre-activations and within-group Gibbs weights, s: (n, K) its class LSEs, valid:
-    (K, S), W_g: (K, S, H) the head's rows by group. Returns (n,)."""
+    (K, S), W_g: (K, S, H) the head's rows by group. Returns (n,).
+
+    ``prove`` (n,): no search; each row's radius is ``prove`` where the bound, evaluated at it, is
+    positive (the ball of that radius certified, as for a searched radius), else 0 -- the float64
+    re-proof of a radius another runtime found (:meth:`HJModel.evaluate`'s ``prove``)."""
     if rounding is None:
         rounding = 64 * torch.finfo(s.dtype).eps
     n, K, S = a_g.shape
@@ -1229,6 +1234,11 @@ def linearised_body_radius(wJ: Tensor | None, G: Tensor, D: Tensor, C: Tensor, a
     m0 = torch.where(skip, math.inf, sc - s)
     hi = torch.where(skip, math.inf, m0 / lin).amin(-1)
     ok = (m0.amin(-1) > 0) & (hi < math.inf)
+    if prove is not None:
+        at = prove.to(s.dtype)
+        fit = ok & (at >= 0) & (at < math.inf)                                    # NaN: not >= 0
+        proven = fit & (bound(torch.where(fit, at, 0.0).unsqueeze(0))[0] > 0)
+        return torch.where(proven, at, 0.0)
     hi = torch.where(ok, hi, 1.0)
     grid = _LINEARISED_GRID.to(hi).unsqueeze(-1) * hi                             # (G, n), ascending
     f = bound(grid)

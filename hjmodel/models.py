@@ -502,7 +502,8 @@ class HJModel(nn.Module):
 
     @torch.no_grad()
     def evaluate(self, x: Tensor, tau: float | Tensor = 0.1, top_k: int = TOP_K_MAX,
-                 outputs: tuple[str, ...] | None = None, *, rows_by_group: bool = True) -> Evaluation:
+                 outputs: tuple[str, ...] | None = None, *, rows_by_group: bool = True,
+                 prove: Tensor | None = None) -> Evaluation:
         """The served outputs of DESIGN section 3, in float64, for raw inputs x: (n, d).
 
         ``tau``: the regression tolerance, one value or one per row ((n,) or (n, 1)). ``outputs``:
@@ -511,13 +512,22 @@ class HJModel(nn.Module):
         and saliency are in raw input space. ``rows_by_group``: a head whose class groups are not one
         block each (memory) forms its pre-activations by group from its rows by group (False: by a
         gather of a, for a caller that forms a anyway -- an exported graph then holds one copy of the
-        rows). Returns an :class:`Evaluation`."""
+        rows). Returns an :class:`Evaluation`.
+
+        ``prove`` (n,): radii found elsewhere (another runtime's served radii, say) to re-prove in
+        float64: ``certified_radius`` is then ``prove`` on the rows where this model certifies it --
+        at most the radius it computes itself, or (deep classifiers) a radius at which its
+        linearised-body bound, evaluated there, is positive -- and 0 on the others. A searched radius
+        is a point each runtime proves with its own evaluation of the bound, so two runtimes' radii
+        may differ by rounding (DESIGN section 3); this tells a radius the reference arithmetic also
+        proves from one it does not. The other outputs are unchanged."""
         x = torch.as_tensor(x).to(torch.float64)
         n = x.shape[0]
         tau_t = _per_row(tau, n, x.device)                                      # (n,)
         blocks = self.row_blocks(n)
         if len(blocks) > 1:
-            return Evaluation.concat([self.evaluate(x[r], tau_t[r], top_k, outputs, rows_by_group=rows_by_group)
+            return Evaluation.concat([self.evaluate(x[r], tau_t[r], top_k, outputs, rows_by_group=rows_by_group,
+                                                    prove=None if prove is None else prove[r])
                                       for r in blocks])
         wanted = set(output_names(self.task) if outputs is None else outputs)
         head, eps = self.head, self.head.eps
@@ -585,10 +595,12 @@ class HJModel(nn.Module):
 
         # ---- certificate (raw input space)
         if "certified_radius" in wanted:
-            r = self._certified_radius(a, gibbs_body, c, yhat, tau_t, grouped, J, layers, group_grads)
+            proof = None if prove is None else torch.as_tensor(prove, dtype=torch.float64, device=x.device).reshape(n)
+            r = self._certified_radius(a, gibbs_body, c, yhat, tau_t, grouped, J, layers, group_grads, proof)
             if self.task == "classification" and head.groups is not None:
                 r = torch.maximum(r, self._interval_radius(first, grouped, c, r))
-            res["certified_radius"] = r
+            # a radius is certified with every smaller one (each bound covers the whole ball)
+            res["certified_radius"] = r if proof is None else torch.where((proof >= 0) & (proof <= r), proof, 0.0)
 
         # ---- attribution, entropy, energy gap, label sensitivity
         # the Gibbs weights as the attributions read them: (n, M) slots and each slot's neuron (None:
@@ -762,11 +774,14 @@ class HJModel(nn.Module):
             return F.label_sensitivity_exponent(w, g, yhat[:, 0], head.eps)
         return F.label_sensitivity_values(w)
 
-    def _certified_radius(self, a, gibbs_body, c, yhat, tau, grouped=None, J=None, layers=(), group_grads=None) -> Tensor:
+    def _certified_radius(self, a, gibbs_body, c, yhat, tau, grouped=None, J=None, layers=(), group_grads=None,
+                          prove: Tensor | None = None) -> Tensor:
         """The certified radius (DESIGN section 3) before the interval-bound search. ``J``: the body's
         Jacobian when it has one layer (:meth:`_body_jacobian`); ``layers``: every body layer's
         (pre-activations, outputs) (:meth:`_trace`), without which a deep classifier's radius leaves out
-        the linearised-body bound (the closed forms alone, as the masked layout computes them)."""
+        the linearised-body bound (the closed forms alone, as the masked layout computes them).
+        ``prove``: radii to re-prove (:meth:`evaluate`): a deep classifier's radius is then at least
+        ``prove`` where its linearised-body bound is positive there."""
         head = self.head
         lip, curv = self._feature_lip, self._feature_curv
 
@@ -792,8 +807,11 @@ class HJModel(nn.Module):
                 if top is not None:
                     tables = tuple(t.to(a.device) for t in self._unit_tables)
                     D = F.unit_spread(gibbs_body[0], tables, self.body[0].groups.valid.to(a.device))
-                    r = torch.maximum(r, F.linearised_body_radius(wJ, G, D, tables[3], a_g, s, pi_g, valid, c, rows,
-                                                                  head.eps, rounding=ROUNDING, J=top, upper=upper))
+                    args = (wJ, G, D, tables[3], a_g, s, pi_g, valid, c, rows, head.eps)
+                    r = torch.maximum(r, F.linearised_body_radius(*args, rounding=ROUNDING, J=top, upper=upper))
+                    if prove is not None:
+                        r = torch.maximum(r, F.linearised_body_radius(*args, rounding=ROUNDING, J=top, upper=upper,
+                                                                      prove=prove))
                 return r
             return F.gibbs_margin_radius(a, head.W, head.eps, c, pos, neg, shift, L, kappa, rounding=ROUNDING,
                                          pullback=pullback, lip=lip, curv=curv, tangent_rows=self._W_tangent,
