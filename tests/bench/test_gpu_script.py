@@ -56,3 +56,35 @@ def test_without_a_gpu_it_says_so_and_writes_nothing(tmp_path):
                          text=True, timeout=120)
     assert run.returncode == 0 and "no GPU present" in run.stdout, run.stdout + run.stderr
     assert not out.exists()
+
+
+def test_served_bits_counts_a_radius_above_float64_only_when_the_re_proof_fails(demo_repository):
+    """eval.served_bits.check on digits_deep with the served radius moved up: by one float32 step (at
+    most 1.2e-7 relative; onnxruntime's lay up to 2.1e-8 above torch's on the GPU machine) every row
+    is re-proven and none counts as rounded up; by 5% (past the linearised bound's root) rows count.
+    The served graph is the real onnxruntime backend; only its radius is moved."""
+    import torch
+
+    from eval.served_bits import check, server
+    from hjmodel import load_dataset, load_model, serving
+    from hjmodel.attacks import held_out
+
+    version = demo_repository / "digits_deep" / "1"
+    model = load_model(version).double().eval()
+    data = load_dataset("digits")
+    x32 = data.X[held_out(model, data.X)][:16].astype(np.float32)
+    served = server(version, "onnx")
+    serving.flush_subnormals()
+
+    def moved(move):
+        def run(q):
+            out = dict(served(q))
+            out["certified_radius"] = move(out["certified_radius"])
+            return out
+        return run
+
+    torch.manual_seed(0)
+    near = check(model, moved(lambda r: np.nextafter(r, np.float32(np.inf))), x32)
+    assert near["rounded_up"] == 0 and near["reproven"] == len(x32) and near["excess"] > 0, near
+    far = check(model, moved(lambda r: (r.astype(np.float64) * 1.05).astype(np.float32)), x32)
+    assert far["rounded_up"] > 0, far
