@@ -981,7 +981,7 @@ def grouped_margin_radius(a_g: Tensor, s: Tensor, pi_g: Tensor, valid: Tensor, c
                           pullback=None, lip: float = 1.0, curv: float = 0.0,
                           tangent_g: Tensor | None = None, float32_search: bool | None = None,
                           grads_x: Tensor | None = None, grads: Tensor | None = None,
-                          prune: bool = True) -> tuple[Tensor, Tensor]:
+                          prune: bool = True, prove: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """:func:`gibbs_margin_radius` when each class is one group of neurons: the margin of pair (c, k)
     is s_c - s_k, the LSE of group c minus that of group k (an lse head; a memory head with one-hot
     labels, whose sign reduction has exactly these groups and no shift). The same certificate, but
@@ -998,7 +998,12 @@ def grouped_margin_radius(a_g: Tensor, s: Tensor, pi_g: Tensor, valid: Tensor, c
     the tangent radius only for the pairs that can decide the radius (:func:`_pruned_tangent`): the
     same radius, but an unsearched pair's per-class radius is its hybrid radius alone (sound, and
     possibly below the searched one); False searches every pair, as the masked form does. Returns
-    (radius (n,), per-class radius (n, K) with +inf at k = c)."""
+    (radius (n,), per-class radius (n, K) with +inf at k = c).
+
+    ``prove`` (n,): no tangent search; a rival's radius is ``prove`` where it is at most the pair's
+    hybrid radius or the pair's tangent bound phi, evaluated at it (times ``lip``, rounded up), is
+    non-negative -- as :func:`_tangent_check` accepts a radius -- else 0: the float64 re-proof of a
+    radius another runtime found (:meth:`HJModel.evaluate`'s ``prove``)."""
     K = s.shape[-1]
     if rounding is None:
         rounding = 64 * torch.finfo(s.dtype).eps
@@ -1024,6 +1029,15 @@ def grouped_margin_radius(a_g: Tensor, s: Tensor, pi_g: Tensor, valid: Tensor, c
         cross = (tangent_g @ g.T).permute(2, 0, 1)                                          # (n, K, S)
         c2 = (tangent_g * tangent_g).sum(-1) - 2.0 * cross + (g * g).sum(-1)[:, None, None]
         dist = c2.clamp_min(0.0).sqrt()
+        if prove is not None:
+            at = prove.to(s.dtype)
+            fit = (at >= 0) & (at < math.inf)                                           # NaN: not >= 0
+            z = torch.where(fit, at, 0.0) * lip * (1.0 + 4.0 * torch.finfo(s.dtype).eps)   # rounded up
+            phi = target - eps * torch.logsumexp((a_g + dist * z[:, None, None]) / eps, dim=-1)   # (n, K)
+            held = (fit[:, None] & ((at[:, None] <= r) | (phi >= 0))) | ~rival
+            proven = held.all(-1) & fit & (finite & (m > 0)).where(rival, True).all(-1)
+            per = torch.where(rival, torch.where(proven[:, None], at[:, None], 0.0), math.inf)
+            return torch.where(proven, at, 0.0), per
         if not prune or K == 2:             # two classes: the one rival always decides, nothing to prune
             t = _tangent_solve(a_g, None, dist, eps, target, sq0, finite, _TANGENT_ITERS, float32_search)
         else:

@@ -13,6 +13,7 @@ in raw input space (the preprocessing is folded into the first linear map for th
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field
 
@@ -516,8 +517,9 @@ class HJModel(nn.Module):
 
         ``prove`` (n,): radii found elsewhere (another runtime's served radii, say) to re-prove in
         float64: ``certified_radius`` is then ``prove`` on the rows where this model certifies it --
-        at most the radius it computes itself, or (deep classifiers) a radius at which its
-        linearised-body bound, evaluated there, is positive -- and 0 on the others. A searched radius
+        at most the radius it computes itself, or a radius at which its searched bounds, evaluated
+        there, hold (a class-grouped head's tangent bound for every rival, within each pair's hybrid
+        radius otherwise; a deep classifier's linearised-body bound) -- and 0 on the others. A searched radius
         is a point each runtime proves with its own evaluation of the bound, so two runtimes' radii
         may differ by rounding (DESIGN section 3); this tells a radius the reference arithmetic also
         proves from one it does not. The other outputs are unchanged."""
@@ -780,8 +782,9 @@ class HJModel(nn.Module):
         Jacobian when it has one layer (:meth:`_body_jacobian`); ``layers``: every body layer's
         (pre-activations, outputs) (:meth:`_trace`), without which a deep classifier's radius leaves out
         the linearised-body bound (the closed forms alone, as the masked layout computes them).
-        ``prove``: radii to re-prove (:meth:`evaluate`): a deep classifier's radius is then at least
-        ``prove`` where its linearised-body bound is positive there."""
+        ``prove``: radii to re-prove (:meth:`evaluate`): a class-grouped classifier's radius is then at
+        least ``prove`` where every rival's tangent (or hybrid) bound holds there, or a deep one's
+        linearised-body bound."""
         head = self.head
         lip, curv = self._feature_lip, self._feature_curv
 
@@ -799,11 +802,14 @@ class HJModel(nn.Module):
                 top, upper = (None, ()) if not (self.body and layers) else self._linearisation(gibbs_body, layers, J)
                 wJ, G = (None, None) if top is None else F.neuron_gradients(top, pi_g, rows,
                                                                              self._forms_neuron_gradients())
-                r = F.grouped_margin_radius(a_g, s, pi_g, valid, c, rows, head.eps,
+                margins = functools.partial(F.grouped_margin_radius, a_g, s, pi_g, valid, c, rows, head.eps,
                                             L, kappa, rounding=ROUNDING, pullback=pullback if self.body else None,
                                             lip=lip, curv=curv, tangent_g=rows,
                                             float32_search=self._tangent_float32, grads_x=G,
-                                            grads=group_grads)[0]
+                                            grads=group_grads)
+                r = margins()[0]
+                if prove is not None:
+                    r = torch.maximum(r, margins(prove=prove)[0])
                 if top is not None:
                     tables = tuple(t.to(a.device) for t in self._unit_tables)
                     D = F.unit_spread(gibbs_body[0], tables, self.body[0].groups.valid.to(a.device))

@@ -280,3 +280,42 @@ def test_opening_a_flushing_session_leaves_the_callers_arithmetic_alone(demo_rep
     assert np.float64(1e-300) * np.float64(1e-10) == 1e-310
     serving.open_session(demo_repository / "digits_memory" / "1" / ONNX_FILE, threads=1, flush_subnormals=True)
     assert np.float64(1e-300) * np.float64(1e-10) == 1e-310
+
+
+@pytest.mark.parametrize("name", ["digits_lse", "digits_memory", "digits_deep", "breast_cancer_lse"])
+def test_the_float64_re_proof_of_a_served_radius(demo_repository, name):
+    """``HJModel.evaluate(prove=r)``: the float64 model re-proves a radius another runtime served --
+    its own radius and any smaller one, NaN / inf / negative never, nor the distance at which the
+    attack found another class; and (memory: a tangent root searched in float32, deep: a chord) radii
+    a float32 step above its own on most rows, as a runtime with other rounding may serve them."""
+    from sklearn.datasets import load_breast_cancer
+
+    from hjmodel import functional as F
+    from hjmodel.attacks import minimal_attack_radius
+
+    model = load_model(demo_repository / name / "1").double().eval()
+    n = 30
+    base = load_breast_cancer().data[-n:] if name.startswith("breast") else _scaled_digits(model, 1.0, n)
+    x = torch.from_numpy(np.asarray(base, dtype=np.float32)).double()
+
+    def proven(at: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return model.evaluate(x, outputs=("certified_radius",), prove=at)["certified_radius"]
+
+    with torch.no_grad():
+        ev = model.evaluate(x, outputs=("prediction", "certified_radius"))
+    r, c = ev["certified_radius"], ev["prediction"]
+    assert bool((r > 0).all())
+    assert torch.equal(proven(r), r) and torch.equal(proven(0.5 * r), 0.5 * r)
+    bad = torch.tensor([math.nan, math.inf, -1.0], dtype=torch.float64).repeat(n)[:n]
+    assert bool((proven(bad) == 0).all())
+    r_att = minimal_attack_radius(model, x, c, r, restarts=4, steps=40, bisections=6)
+    found = r_att < math.inf
+    assert bool(found.any()) and bool((proven(r_att)[found] == 0).all())
+    step = torch.from_numpy(np.nextafter(F.float32_down(r).numpy().astype(np.float32), np.float32(np.inf))
+                            .astype(np.float64))
+    share = float((proven(step) > 0).double().mean())
+    if model.kind in ("memory", "deep"):
+        assert share > 0.8, share
+    else:   # a closed form, or a float64 search that runs to its root: nothing above it is proven
+        assert share < 0.5, share
