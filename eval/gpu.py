@@ -42,6 +42,7 @@ import sys
 import tempfile
 import time
 import traceback
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -164,9 +165,11 @@ def served_bits(models: Path, device: str, rows: int, deadline: float) -> str:
 
     from .served_bits import HEADER, run
 
-    serving.flush_subnormals()
     t0 = time.monotonic()
-    table = run(models, list(BACKENDS), rows, device=device, deadline=deadline)
+    # on a thread that flushes subnormals, as the service's backend threads do (the mode is per
+    # thread: the other parts keep this one's arithmetic)
+    with ThreadPoolExecutor(max_workers=1, initializer=serving.flush_subnormals) as flushing:
+        table = flushing.submit(run, models, list(BACKENDS), rows, device=device, deadline=deadline).result()
     total = sum(r[3] for r in table)
     bad = sum(r[4] + r[5] + r[6] for r in table)
     done = sorted({r[0] for r in table})
