@@ -195,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("artifact")
     p.set_defaults(func=_cmd_inspect)
 
-    p = sub.add_parser("verify", help="check the Thm 4.1 identity and torch/ONNX parity")
+    p = sub.add_parser("verify", help="check the Thm 4.1 identity, torch/ONNX parity and that every radius the ONNX graph serves is proven in float64")
     p.add_argument("artifact")
     p.add_argument("--n", type=int, default=256)
     p.add_argument("--seed", type=int, default=0)

@@ -11,7 +11,8 @@ from . import functional as F
 from .artifact import ONNX_FILE, load_model, verify_checksums
 from .serving import outputs_for
 
-__all__ = ["DEMO_DATA", "OOD_OUTPUTS", "calibration_ties", "parity_inputs", "served_outputs", "verify"]
+__all__ = ["DEMO_DATA", "OOD_OUTPUTS", "calibration_ties", "parity_inputs", "served_outputs", "served_radius_check",
+           "verify"]
 
 #: The demo models and the dataset each was trained on (``hjmodel.demo``).
 DEMO_DATA = {"digits_lse": "digits", "digits_memory": "digits", "digits_deep": "digits",
@@ -77,8 +78,33 @@ def _inputs(model, n: int, seed: int) -> torch.Tensor:
     return model.preprocess.mu + z @ torch.linalg.pinv(model.preprocess.A).T
 
 
+def served_radius_check(model, x32: torch.Tensor, served: dict, tau: float = 0.1) -> dict:
+    """Every served ``certified_radius`` of float32 rows ``x32`` at most the float64 model's own or
+    re-proven by it (:meth:`HJModel.evaluate`'s ``prove``; a searched radius is proven by each
+    runtime's own arithmetic and may lie a little above another's). Rows whose served decision differs
+    from the float64 one (ties within rounding) are left out. Returns the counts: ``above_float64``,
+    ``re_proven``, ``unproven`` (must be 0) and the largest relative excess."""
+    x = torch.as_tensor(x32).to(torch.float64)
+    r = np.asarray(served["certified_radius"], dtype=np.float64)
+    with torch.no_grad():
+        ev = model.evaluate(x, tau=tau, outputs=("prediction", "certified_radius"))
+    r64 = ev["certified_radius"].numpy()
+    same = (np.asarray(served["prediction"]) == ev["prediction"].numpy() if model.task == "classification"
+            else np.ones(len(r), dtype=bool))
+    above = (r > r64) & same
+    proven = np.zeros(0)
+    if above.any():
+        with torch.no_grad():
+            proven = model.evaluate(x[torch.from_numpy(above)], tau=tau, outputs=("certified_radius",),
+                                    prove=torch.from_numpy(r[above]))["certified_radius"].numpy()
+    excess = np.where(above, r / np.where(r64 > 0, r64, 1.0) - 1.0, 0.0)
+    return {"rows": len(r), "above_float64": int(above.sum()), "re_proven": int((proven > 0).sum()),
+            "unproven": int((proven == 0).sum()), "largest_excess": float(excess.max(initial=0.0))}
+
+
 def verify(path: str | Path, n: int = 256, seed: int = 0) -> dict:
-    """Theorem 4.1 identity of the head (u = |h|^2/(4t) - f) and torch/ONNX parity on every output."""
+    """Theorem 4.1 identity of the head (u = |h|^2/(4t) - f), torch/ONNX parity on every output, and
+    every certified radius the ONNX graph serves proven in float64 (:func:`served_radius_check`)."""
     path = Path(path)
     directory = path if path.is_dir() else path.parent
     checked = verify_checksums(directory)   # raises ArtifactError on a file that changed
@@ -96,7 +122,8 @@ def verify(path: str | Path, n: int = 256, seed: int = 0) -> dict:
                     "theorem_4_1_max_rel_error": thm41,
                     "theorem_4_1_ok": thm41 < 1e-10}
     if (directory / ONNX_FILE).exists():
-        want, got = served_outputs(directory, x.to(torch.float32), 0.1)
+        x32 = x.to(torch.float32)
+        want, got = served_outputs(directory, x32, 0.1)
         parity = {}
         for spec in outputs_for(model.task):
             a, b = got[spec.name], want[spec.name]
@@ -108,5 +135,8 @@ def verify(path: str | Path, n: int = 256, seed: int = 0) -> dict:
             parity[spec.name] = ok
         report["onnx_parity"] = parity
         report["onnx_parity_ok"] = all(parity.values())
-    report["ok"] = report["theorem_4_1_ok"] and report.get("onnx_parity_ok", True)
+        report["onnx_radius"] = served_radius_check(model, x32, got)
+        report["onnx_radius_ok"] = report["onnx_radius"]["unproven"] == 0
+    report["ok"] = (report["theorem_4_1_ok"] and report.get("onnx_parity_ok", True)
+                    and report.get("onnx_radius_ok", True))
     return report

@@ -165,6 +165,32 @@ def test_verify_passes_on_demo(name, demo_repository):
     assert report["ok"], report
     assert report["theorem_4_1_max_rel_error"] < 1e-10
     assert report["onnx_parity_ok"] and all(report["onnx_parity"].values())
+    # every radius onnxruntime serves is at most the float64 model's, or re-proven by it in float64
+    radius = report["onnx_radius"]
+    assert radius["unproven"] == 0 and radius["above_float64"] == radius["re_proven"], radius
+
+
+def test_verify_fails_a_runtime_whose_radii_the_float64_model_cannot_prove(demo_repository, monkeypatch):
+    """A runtime that served radii 1% too large (past what the bounds hold, though within parity's
+    tolerance of 1e-4 only for tiny radii) fails ``verify``; one float32 step too large on a memory
+    model (a searched root another runtime may well prove) is re-proven and passes."""
+    import hjmodel.verify as V
+
+    served = V.served_outputs
+
+    def scaled(move):
+        def run(directory, x32, tau=0.1, threads=1):
+            want, got = served(directory, x32, tau, threads)
+            return want, {**got, "certified_radius": move(got["certified_radius"])}
+        return run
+
+    version = demo_repository / "digits_memory" / "1"
+    monkeypatch.setattr(V, "served_outputs", scaled(lambda r: (r.astype(np.float64) * 1.01).astype(np.float32)))
+    report = V.verify(version, n=64)
+    assert not report["ok"] and report["onnx_radius"]["unproven"] > 0, report["onnx_radius"]
+    monkeypatch.setattr(V, "served_outputs", scaled(lambda r: np.nextafter(r, np.float32(np.inf))))
+    report = V.verify(version, n=64)
+    assert report["onnx_radius"]["re_proven"] > 0, report["onnx_radius"]
 
 
 # ------------------------------------------------------------------------------------ round trip
