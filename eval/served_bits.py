@@ -46,6 +46,7 @@ import torch
 
 from hjmodel import load_dataset, load_model, serving
 from hjmodel.attacks import SHRINK, held_out, pgd_l2, served_bits_attack
+from hjmodel.verify import served_radius_check
 from service.backends import load_backend
 
 from .common import md_table
@@ -83,32 +84,21 @@ def server(version: Path, backend: str, device: str = "cpu"):
 def check(model, served, x32: np.ndarray) -> dict:
     out = served(x32)
     c, r32 = out["prediction"], out["certified_radius"].astype(np.float64)
-    with torch.no_grad():
-        ev = model.evaluate(torch.from_numpy(x32).double(), outputs=("prediction", "certified_radius"))
-    same = ev["prediction"].numpy() == c
     # a searched radius is a point each runtime proves with its own float64 evaluation of the bound,
     # so one runtime's radius may exceed the torch module's by rounding (DESIGN section 3): a radius
-    # above the module's own counts only if the module does not re-prove it either (prove=: its
-    # bounds evaluated at that radius)
-    r64 = ev["certified_radius"].numpy()
-    above = (r32 > r64) & same
-    if above.any():
-        with torch.no_grad():
-            again = model.evaluate(torch.from_numpy(x32[above]).double(), outputs=("certified_radius",),
-                                   prove=torch.from_numpy(r32[above]).double())["certified_radius"].numpy()
-        above[above] = again == 0                                    # not re-proven
-    reproven = int(((r32 > r64) & same).sum() - above.sum())
-    rounded_up = int(above.sum())
-    # the largest relative excess of a served radius over the float64 one (0: none exceeds it)
-    excess = float(np.max(np.where(same & (r64 > 0), r32 / np.where(r64 > 0, r64, 1.0) - 1.0, 0.0), initial=0.0))
+    # above the module's own counts only if the module does not re-prove it either
+    radius = served_radius_check(model, x32, out)
+    with torch.no_grad():
+        decided = model.evaluate(torch.from_numpy(x32).double(), outputs=("prediction",))["prediction"].numpy()
     t0 = time.perf_counter()
     bits = served_bits_attack(model, lambda q: served(q)["prediction"], x32, r32, c)
     t_bits = time.perf_counter() - t0
     x = torch.from_numpy(x32).double()
     violated, _, _ = pgd_l2(model, x, SHRINK * torch.from_numpy(r32), torch.from_numpy(c).long(), restarts=8, steps=60)
-    return {"n": len(x32), "decision_differs": int((~same).sum()), "rounded_up": rounded_up,
+    return {"n": len(x32), "decision_differs": int((decided != c).sum()), "rounded_up": radius["unproven"],
             "bits": int(bits.sum()), "f64": int(violated.sum()), "median_r": float(np.median(r32)),
-            "zero_r": int((r32 == 0).sum()), "seconds": t_bits, "excess": max(excess, 0.0), "reproven": reproven}
+            "zero_r": int((r32 == 0).sum()), "seconds": t_bits, "excess": radius["largest_excess"],
+            "reproven": radius["re_proven"]}
 
 
 HEADER = ["model", "backend", "inputs", "rows", "rounded up", "served-bits violations", "float64 violations",
