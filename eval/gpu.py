@@ -49,6 +49,7 @@ import numpy as np
 import torch
 
 from .common import EVAL_DIR, md_table
+from .served_bits import open_backend
 
 ROOT = EVAL_DIR.parent
 BATCHES = (1, 64, 1024)
@@ -62,24 +63,21 @@ TAU = 0.1
 
 
 def compare(got: dict, want: dict) -> tuple[bool, str]:
-    """Served outputs ``got`` against ``want``: float outputs within rtol 1e-4 / atol 1e-5 (NaN where
-    NaN), discrete ones (classes, flags, counts) differing on at most 2% of the rows (ties within
-    rounding). Returns (pass, the worst difference per output)."""
+    """Served outputs ``got`` against ``want``, each by ``hjmodel.verify.outputs_agree`` (the parity
+    ``hjmodel verify`` holds runtimes to). Returns (pass, the worst difference per output)."""
+    from hjmodel.verify import outputs_agree
+
     ok, worst = True, []
     for name in want:
         x, y = np.asarray(got[name]), np.asarray(want[name])
+        ok &= outputs_agree(x, y)
         if x.shape != y.shape:
-            ok = False
             worst.append(f"{name} shape {x.shape} != {y.shape}")
         elif np.issubdtype(y.dtype, np.floating):
-            good = np.allclose(x, y, rtol=1e-4, atol=1e-5, equal_nan=True)
             diff = np.abs(x.astype(np.float64) - y)
             worst.append(f"{name} {float(np.nanmax(diff)) if np.isfinite(diff).any() else 0.0:.1e}")
-            ok &= bool(good)
         else:
-            rows = (x != y).reshape(len(y), -1).any(axis=1) if y.ndim else np.array([x != y])
-            worst.append(f"{name} {float(rows.mean()):.3f} differ")
-            ok &= bool(rows.mean() <= 0.02)
+            worst.append(f"{name} {float((x != y).reshape(len(y), -1).any(axis=1).mean()):.3f} differ")
     return ok, "; ".join(worst)
 
 
@@ -119,15 +117,6 @@ def bundled(models: Path) -> list[Path]:
     return sorted(p.parent for p in Path(models).glob("*/1/model.json"))
 
 
-def _open(version: Path, backend: str, device: str):
-    from service.backends import load_backend
-
-    served = load_backend(version, preference=backend, device=device)
-    if served.device != device:
-        raise RuntimeError(f"the {backend} backend opened on {served.device}, not {device}")
-    return served
-
-
 def parity(models: Path, device: str, rows: int = 256) -> str:
     from hjmodel.artifact import read_spec
     from hjmodel.verify import DEMO_DATA, parity_inputs
@@ -140,11 +129,11 @@ def parity(models: Path, device: str, rows: int = 256) -> str:
             continue
         tau = np.full(len(x), TAU)
         base = np.broadcast_to(np.asarray(read_spec(version)["input_mean"], dtype=np.float32), x.shape).copy()
-        ref = _open(version, "onnx", "cpu")
+        ref = open_backend(version, "onnx", "cpu")
         want, want_explain = ref.infer(x, tau), ref.explain(x[:32], tau[:32], base[:32])
         for backend in BACKENDS:
             try:
-                served = _open(version, backend, device)
+                served = open_backend(version, backend, device)
                 ok, detail = compare(served.infer(x, tau), want)
                 table.append([name, backend, "served outputs", "PASS" if ok else "FAIL", detail])
                 ok, detail = compare(served.explain(x[:32], tau[:32], base[:32]), want_explain)
@@ -195,7 +184,7 @@ def latency(models: Path, device: str) -> str:
         for dev in ("cpu", device):
             for backend in BACKENDS:
                 try:
-                    opened[(backend, dev)] = _open(version, backend, dev)
+                    opened[(backend, dev)] = open_backend(version, backend, dev)
                 except Exception as exc:  # noqa: BLE001
                     print(f"{name} {backend} {dev}: {exc}", flush=True)
         bare = PredictOnly(load_model(version)).to(device).eval()
@@ -231,7 +220,7 @@ def served(models: Path, device: str, seconds: float, deadline: float) -> str:
     x = parity_inputs(name, 8)
     one = json.dumps({"inputs": [{"name": "input", "shape": [1, x.shape[1]], "datatype": "FP32",
                                   "data": x[0].tolist()}], "parameters": {"diagnostics": True}}).encode()
-    ref = _open(version, "onnx", "cpu")
+    ref = open_backend(version, "onnx", "cpu")
     want = ref.infer(x, np.full(len(x), TAU))
     ref.close()
     batch_x = {m: parity_inputs(m, BATCH_ROWS) for m in BATCH_MODELS}

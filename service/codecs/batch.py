@@ -44,7 +44,7 @@ def ndjson_source(body: IO[bytes], chunk_rows: int, max_rows: int, max_line_byte
     """One row per line: ``[x1, ..., xd]`` or ``{"input": [...]}``; blank lines are skipped. A line
     longer than ``max_line_bytes`` is refused before it is parsed (it is never held in memory whole).
 
-    Each line becomes its row of float64 numbers as soon as it is parsed (:func:`_row`), so a pending
+    Each line becomes its row of float64 numbers as soon as it is parsed (:func:`_numbers`), so a pending
     chunk holds d numbers per row, never a line's parsed JSON: a line of ``max_line_bytes`` can take
     ~46x its size to parse (nested empty lists), and a chunk of such lines held as Python objects took
     gigabytes. On a bad line after at least one full chunk, the good rows read before it are yielded
@@ -87,7 +87,7 @@ def ndjson_source(body: IO[bytes], chunk_rows: int, max_rows: int, max_line_byte
             if total + 1 > max_rows:
                 raise PayloadTooLarge(f"more than {max_rows} rows (HJSERVE_BATCH_MAX_ROWS)")
             try:
-                row = _row(item)
+                row = _numbers(item, 1)
             except HJServeError as exc:
                 raise type(exc)(f"NDJSON line {number}: {exc.message}") from None
             del item
@@ -116,11 +116,6 @@ def _numbers(value: Any, ndim: int) -> np.ndarray:
     if array.ndim != ndim:   # nested lists inside a row are not features: never flattened silently
         raise InvalidShape("every row must be a flat list of numbers")
     return array
-
-
-def _row(item: list) -> np.ndarray:
-    """One row as float64 features: what :func:`_rows_array` refuses in a row, refused here."""
-    return _numbers(item, 1)
 
 
 def _rows_array(rows: list[Any]) -> np.ndarray:
