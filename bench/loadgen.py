@@ -151,17 +151,29 @@ async def post_loop(url: str, path: str, body: bytes, seconds: float, concurrenc
     return await closed_loop(host, int(port), request_bytes(f"{host}:{port}", path, body), seconds, concurrency)
 
 
-def batch_job(client, name: str, x: np.ndarray, layout: str = "rows") -> int:
-    """POST ``x`` (float32 (n, d)) as one batch-attribution job with ``client`` (an ``httpx.Client``
-    on the server's URL), read the NDJSON answer as it streams and return the rows answered: lines
-    counted in the bytes (``layout=rows``) or the leading ``"rows"`` ranges of the column lines
-    (``layout=columns``) -- no per-line decoding, which would be most of what the client did. A job
-    that answers another number of rows than ``x`` has (an error line, a cut stream) raises."""
+def batch_body(x: np.ndarray, outputs: list[str] | None = None) -> tuple[bytes, bytes]:
+    """The V2 binary body of a batch-attribution job over ``x`` (float32 (n, d)): (JSON head, head +
+    rows). ``outputs``: the output names the head asks for; None asks for none, and the job answers
+    every output of the serving graph (the endpoint's default)."""
     raw = np.ascontiguousarray(x, np.float32).tobytes()
-    head = json.dumps({"inputs": [{"name": "input", "shape": list(x.shape), "datatype": "FP32",
-                                   "parameters": {"binary_data_size": len(raw)}}]}).encode()
+    wire: dict = {"inputs": [{"name": "input", "shape": list(x.shape), "datatype": "FP32",
+                              "parameters": {"binary_data_size": len(raw)}}]}
+    if outputs is not None:
+        wire["outputs"] = [{"name": n} for n in outputs]
+    head = json.dumps(wire).encode()
+    return head, head + raw
+
+
+def batch_job(client, name: str, x: np.ndarray, layout: str = "rows", outputs: list[str] | None = None) -> int:
+    """POST ``x`` (float32 (n, d)) as one batch-attribution job with ``client`` (an ``httpx.Client``
+    on the server's URL; ``outputs`` as :func:`batch_body`), read the NDJSON answer as it streams and
+    return the rows answered: lines counted in the bytes (``layout=rows``) or the leading ``"rows"``
+    ranges of the column lines (``layout=columns``) -- no per-line decoding, which would be most of
+    what the client did. A job that answers another number of rows than ``x`` has (an error line, a
+    cut stream) raises."""
+    head, body = batch_body(x, outputs)
     rows, tail = 0, b""
-    with client.stream("POST", f"/v2/models/{name}/batch-attribution", content=head + raw,
+    with client.stream("POST", f"/v2/models/{name}/batch-attribution", content=body,
                        params={"layout": layout},
                        headers={"Inference-Header-Content-Length": str(len(head))}) as r:
         if r.status_code != 200:

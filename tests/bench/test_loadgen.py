@@ -1,0 +1,64 @@
+"""``bench/loadgen.py``'s batch-job client against a real server: it counts every answered row in both
+layouts, asks for the outputs it names (the service benchmark compares a job and the in-process
+``Predictor`` on the same outputs), and raises on a job that fails."""
+
+from __future__ import annotations
+
+import json
+
+import httpx
+import numpy as np
+import pytest
+
+from service.codecs import HEADER_LENGTH
+from service.testing import run_server
+
+ASKED = ["prediction", "certified_radius", "ood_flag"]
+
+
+@pytest.fixture(scope="module")
+def loadgen(load_bench):
+    return load_bench("loadgen")
+
+
+@pytest.fixture(scope="module")
+def client(demo_repository, tmp_path_factory):
+    with run_server(demo_repository, tmp_path_factory.mktemp("logs")) as s, \
+            httpx.Client(base_url=s.url, timeout=120) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def rows():
+    return np.abs(np.random.default_rng(3).standard_normal((700, 64))).astype(np.float32) * 3
+
+
+def _lines(client, x, head_and_body) -> list[dict]:
+    head, body = head_and_body
+    r = client.post("/v2/models/digits_lse/batch-attribution", content=body,
+                    headers={HEADER_LENGTH: str(len(head))}, params={"chunk_rows": 256})
+    assert r.status_code == 200, r.text[:300]
+    return [json.loads(line) for line in r.text.splitlines()]
+
+
+def test_batch_job_counts_every_row_in_both_layouts(loadgen, client, rows):
+    for layout in ("rows", "columns"):
+        assert loadgen.batch_job(client, "digits_lse", rows, layout) == len(rows)
+        assert loadgen.batch_job(client, "digits_lse", rows, layout, outputs=ASKED) == len(rows)
+
+
+def test_batch_body_asks_for_the_outputs_it_names(loadgen, client, rows):
+    every = _lines(client, rows, loadgen.batch_body(rows))
+    named = _lines(client, rows, loadgen.batch_body(rows, ASKED))
+    assert len(every) == len(named) == len(rows)
+    assert set(named[0]) == {"row", "class", *ASKED}
+    assert {"saliency", "attribution_index", "ood_score"} <= set(every[0])   # no outputs named: every one
+    for a, b in zip(every, named, strict=True):
+        assert {k: a[k] for k in b} == b
+
+
+def test_batch_job_raises_on_a_failed_job(loadgen, client, rows):
+    with pytest.raises(RuntimeError, match="400"):
+        loadgen.batch_job(client, "digits_lse", rows, outputs=["no_such_output"])
+    with pytest.raises(RuntimeError, match="400"):
+        loadgen.batch_job(client, "digits_lse", rows[:, :10])
