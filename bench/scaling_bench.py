@@ -60,20 +60,16 @@ def synthetic(n_rows: int, d: int, seed: int = 0, classes: int = 10):
                    class_names=[str(c) for c in range(classes)], feature_names=[f"x{i}" for i in range(d)])
 
 
-def one(kind: str, N: int, d: int, epochs: int, min_steps: int = 0) -> dict:
-    """One configuration, in this process: ``epochs`` epochs, or as many as ``min_steps`` optimiser
-    steps take."""
+def build(kind: str, N: int, d: int, epochs: int, min_steps: int, out: Path) -> dict:
+    """Train a ``kind`` model on :func:`synthetic` data with ``N`` training rows in ``d`` dimensions
+    (``epochs`` epochs, or as many as ``min_steps`` optimiser steps take) and export it, both graphs,
+    into the version directory ``out``. Returns the model, the data and what it cost: ``epochs``
+    (as trained), ``accuracy``, ``train_s``, ``export_s``, ``artifact_mb``. Also the GPU script's
+    scaling part (``eval/gpu.py``)."""
     import math
 
-    import torch
+    from hjmodel import TrainConfig, save_artifact, train
 
-    from bench.hjmodel_bench import PredictOnly, _session, _time
-    from hjmodel import TrainConfig, load_model, save_artifact, train
-    from hjmodel.artifact import ONNX_FILE
-    from hjmodel.serving import onnx_feeds
-
-    torch.set_num_threads(1)
-    warnings.simplefilter("ignore")
     data = synthetic(int(round(N / 0.8)), d)
     epochs = max(epochs, math.ceil(min_steps / math.ceil(N / TrainConfig().batch_size)))
     cfg = TrainConfig(kind=kind, epochs=epochs, memory_size=N, test_fraction=0.1, calibration_fraction=0.1,
@@ -81,13 +77,29 @@ def one(kind: str, N: int, d: int, epochs: int, min_steps: int = 0) -> dict:
     t0 = time.perf_counter()
     model, report = train(data, cfg)
     train_s = time.perf_counter() - t0
-    trained_epochs = min(epochs, 30) if kind == "memory" else epochs
+    t0 = time.perf_counter()
+    save_artifact(model, out, ("onnx", "torch"))
+    export_s = time.perf_counter() - t0
+    return {"model": model, "data": data, "epochs": min(epochs, 30) if kind == "memory" else epochs,
+            "accuracy": report.metrics["accuracy"], "train_s": train_s, "export_s": export_s,
+            "artifact_mb": sum(f.stat().st_size for f in out.iterdir()) / 1e6}
+
+
+def one(kind: str, N: int, d: int, epochs: int, min_steps: int = 0) -> dict:
+    """One configuration, in this process (:func:`build`, then the measurements)."""
+    import torch
+
+    from bench.hjmodel_bench import PredictOnly, _session, _time
+    from hjmodel import load_model
+    from hjmodel.artifact import ONNX_FILE
+    from hjmodel.serving import onnx_feeds
+
+    torch.set_num_threads(1)
+    warnings.simplefilter("ignore")
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "m" / "1"
-        t0 = time.perf_counter()
-        save_artifact(model, out, ("onnx", "torch"))
-        export_s = time.perf_counter() - t0
-        size = sum(f.stat().st_size for f in out.iterdir())
+        built = build(kind, N, d, epochs, min_steps, out)
+        model, data = built["model"], built["data"]
         t0 = time.perf_counter()
         sess = _session(out / ONNX_FILE)
         load_model(out)
@@ -101,9 +113,8 @@ def one(kind: str, N: int, d: int, epochs: int, min_steps: int = 0) -> dict:
         lat1 = _time(lambda: sess.run(None, onnx_feeds(sess, X[:1], 0.1)), min_seconds=0.1, repeats=3)
         lat64 = _time(lambda: sess.run(None, onnx_feeds(sess, X, 0.1)), min_seconds=0.1, repeats=3)
         bare64 = _time(lambda: bare.run(None, {"input": X}), min_seconds=0.1, repeats=3)
-    return {"kind": kind, "N": N, "d": d, "revision": _revision(), "epochs": trained_epochs,
-            "accuracy": report.metrics["accuracy"],
-            "train_s": train_s, "export_s": export_s, "artifact_mb": size / 1e6, "load_s": load_s,
+    return {"kind": kind, "N": N, "d": d, "revision": _revision(),
+            **{k: built[k] for k in ("epochs", "accuracy", "train_s", "export_s", "artifact_mb")}, "load_s": load_s,
             "latency_b1_ms": lat1 * 1e3, "rows_per_s_b64": 64 / lat64, "bare_rows_per_s_b64": 64 / bare64,
             "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6}
 

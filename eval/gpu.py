@@ -22,6 +22,10 @@ exits 0; ``--device cpu`` runs every part with the CPU in the GPU's place, to tr
    backend, then the closed-loop load of ``bench.loadgen`` at concurrency 1 / 16 / 64 (batch-1
    requests, every diagnostic) and batch-attribution jobs of 20,000 rows, beside the same server on
    the CPU.
+6. **Scaling** (issue 14's benchmark on the GPU): models of each kind trained on synthetic data with N
+   training rows in d dimensions (``--scaling``, default N = 1,000 / 5,000 / 20,000, d = 64 / 784,
+   smallest first), each backend's ``infer`` at batch 1 and 1,024 on the CPU and on the GPU beside
+   the bare forward pass, and the growth exponents in N.
 
 The report is rewritten after every part, so a run stopped by its time limit keeps what it measured;
 ``--budget-s`` bounds the whole run (parts that would start after it are skipped and say so).
@@ -60,6 +64,11 @@ BATCH_MODELS = ("digits_lse", "digits_deep", "digits_memory")
 BATCH_CHUNK = 1024
 BACKENDS = ("onnx", "torch")
 TAU = 0.1
+#: the scaling part's configurations (``--scaling``: kinds, sizes N, dimensions d), smallest first so
+#: that a run cut by its budget drops the largest; N = 60,000 trains and exports for longer than a lease
+SCALING = "lse,memory,deep:1000,5000,20000:64,784"
+#: the scaling part's batches: one row (latency) and a GPU-sized batch (throughput)
+SCALING_BATCHES = (1, 1024)
 
 
 def compare(got: dict, want: dict) -> tuple[bool, str]:
@@ -290,6 +299,76 @@ def served(models: Path, device: str, seconds: float, deadline: float) -> str:
             + "\n\nGPU over CPU (req/s, rows/s):\n\n" + md_table(["backend", "load", "ratio"], ratios))
 
 
+def scaling(spec: str, device: str, deadline: float) -> str:
+    """Issue 14's scaling benchmark on the GPU: for each kind, N and d of ``spec`` (``kinds:sizes:dims``,
+    as :data:`SCALING`), :func:`bench.scaling_bench.build` trains and exports the model on the CPU,
+    then the service's backends open it on the CPU and on ``device`` and their ``infer`` with every
+    output is timed at :data:`SCALING_BATCHES`, beside the bare forward pass on ``device``; the growth
+    exponents in N are fitted as ``bench/scaling_bench.py`` fits the CPU's. Configurations that would
+    start after ``deadline`` are listed as skipped."""
+    from bench.hjmodel_bench import PredictOnly, _time
+    from bench.scaling_bench import _slope, build
+
+    kinds, sizes, dims = (part.split(",") for part in spec.split(":"))
+    configs = [(kind, int(n), int(d)) for n in sizes for d in dims for kind in kinds]
+    rows, skipped = [], []
+    for kind, n, d in configs:
+        if time.monotonic() > deadline:
+            skipped.append(f"{kind} N={n} d={d}")
+            continue
+        with tempfile.TemporaryDirectory() as tmp:
+            version = Path(tmp) / "m" / "1"
+            built = build(kind, n, d, 2, 50, version)
+            # the data's rows, repeated where there are fewer than the largest batch
+            x = np.resize(built["data"].X.astype(np.float32), (max(SCALING_BATCHES), d))
+            t0 = time.perf_counter()
+            opened = {(backend, device): open_backend(version, backend, device) for backend in BACKENDS}
+            load_s = time.perf_counter() - t0
+            if device != "cpu":   # the baseline (with --device cpu the device's own session is it)
+                opened[("onnx", "cpu")] = open_backend(version, "onnx", "cpu")
+            bare = PredictOnly(built["model"]).to(device).eval()
+            row = {"kind": kind, "N": n, "d": d, "accuracy": built["accuracy"], "train_s": built["train_s"],
+                   "export_s": built["export_s"], "artifact_mb": built["artifact_mb"], "load_s": load_s}
+            for batch in SCALING_BATCHES:
+                xb, tau = x[:batch], np.full(batch, TAU)
+                for (backend, dev), served in opened.items():
+                    row[f"{backend}_{dev}_{batch}"] = _time(lambda s=served, xb=xb, tau=tau: s.infer(xb, tau), 0.15, 3)
+                with torch.inference_mode():
+                    row[f"bare_{batch}"] = _time(lambda xb=xb, f=bare: f(torch.from_numpy(xb).to(device)).cpu(), 0.15, 3)
+            for served in opened.values():
+                served.close()
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    big = max(SCALING_BATCHES)
+
+    def best(r: dict, batch: int) -> float:   # the faster backend on the device, seconds per call
+        return min(r[f"{backend}_{device}_{batch}"] for backend in BACKENDS)
+    table = [[r["kind"], r["N"], r["d"], r["accuracy"], r["train_s"], r["export_s"], r["artifact_mb"], r["load_s"],
+              1e3 * r["onnx_cpu_1"], 1e3 * r[f"onnx_{device}_1"], 1e3 * r[f"torch_{device}_1"],
+              big / r[f"onnx_cpu_{big}"], big / r[f"onnx_{device}_{big}"], big / r[f"torch_{device}_{big}"],
+              big / r[f"bare_{big}"], best(r, big) / r[f"bare_{big}"]] for r in rows]
+    exponents = []
+    for kind in kinds:
+        for d in map(int, dims):
+            rs = sorted((r for r in rows if r["kind"] == kind and r["d"] == d), key=lambda r: r["N"])
+            if len(rs) >= 2:
+                ns = [r["N"] for r in rs]
+                exponents.append([kind, d, _slope(ns, [r[f"onnx_cpu_{big}"] for r in rs]),
+                                  _slope(ns, [best(r, big) for r in rs]), _slope(ns, [r[f"bare_{big}"] for r in rs])])
+    return (f"## Scaling with N and d on {device}\n\n"
+            "`bench.scaling_bench.build` (synthetic data, 10 classes, both graphs exported) trains each model on the "
+            f"CPU; the service's backends then open it (load s: both backends on {device}) and their `infer` with "
+            f"every output is timed (median of 3), host copies included; the bare forward pass "
+            f"(`bench.hjmodel_bench.PredictOnly`) on {device} likewise; CPU threads: the runtimes' defaults.\n\n"
+            + md_table(["kind", "N", "d", "accuracy", "train s", "export s", "artifact MB", "load s",
+                        "batch 1 ms, onnx CPU", f"batch 1 ms, onnx {device}", f"batch 1 ms, torch {device}",
+                        f"rows/s b{big}, onnx CPU", f"rows/s b{big}, onnx {device}", f"rows/s b{big}, torch {device}",
+                        f"bare forward rows/s b{big}, {device}", f"all diagnostics / bare, {device}"], table)
+            + f"\n\nGrowth exponents (slope of log seconds per batch-{big} call against log N):\n\n"
+            + md_table(["kind", "d", "onnx CPU", f"faster backend, {device}", f"bare forward, {device}"], exponents)
+            + (f"\n\nSkipped (the run's time budget was spent): {', '.join(skipped)}." if skipped else ""))
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--models", default=str(ROOT / "models"))
@@ -298,7 +377,8 @@ def main() -> int:
     ap.add_argument("--seconds", type=float, default=4.0, help="closed-loop seconds per concurrency")
     ap.add_argument("--budget-s", type=float, default=420.0, help="no part starts after this many seconds")
     ap.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
-    ap.add_argument("--parts", default="environment,parity,served_bits,latency,served")
+    ap.add_argument("--parts", default="environment,parity,served_bits,latency,served,scaling")
+    ap.add_argument("--scaling", default=SCALING, help="the scaling part's kinds:sizes:dims (default %(default)s)")
     args = ap.parse_args()
     start = time.monotonic()
     deadline = start + args.budget_s
@@ -316,6 +396,7 @@ def main() -> int:
         "served_bits": lambda: served_bits(models, args.device, args.rows, deadline),
         "latency": lambda: latency(models, args.device),
         "served": lambda: served(models, args.device, args.seconds, deadline),
+        "scaling": lambda: scaling(args.scaling, args.device, deadline),
     }
     failed = False
     for part in args.parts.split(","):

@@ -92,3 +92,36 @@ def test_served_bits_counts_a_radius_above_float64_only_when_the_re_proof_fails(
                               x32).result()
     assert near["rounded_up"] == 0 and near["reproven"] == len(x32) and near["excess"] > 0, near
     assert far["rounded_up"] > 0, far
+
+
+def test_the_scaling_part_builds_times_and_fits_every_kind(tmp_path):
+    out = tmp_path / "RESULTS_gpu.md"
+    run = subprocess.run([sys.executable, "-m", "eval.gpu", "--device", "cpu", "--parts", "scaling",
+                          "--scaling", "lse,memory,deep:150,300:6", "--out", str(out)],
+                         cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+    text = out.read_text()
+    assert "ERROR" not in text and "Skipped" not in text
+    table, exponents = text.split("Growth exponents")
+    measured = [line.split("|")[1:4] for line in table.splitlines() if line.startswith("| ") and "kind" not in line]
+    assert sorted((k.strip(), int(n), int(d)) for k, n, d in measured) == sorted(
+        (k, n, 6) for k in ("lse", "memory", "deep") for n in (150, 300))
+    for line in table.splitlines():
+        if line.startswith("| ") and "kind" not in line:   # every time a positive finite number
+            cells = [float(c) for c in line.strip("| \n").split("|")[3:]]
+            assert all(np.isfinite(c) and c > 0 for c in cells), line
+    fitted = [line for line in exponents.splitlines() if line.startswith("| ") and "kind" not in line]
+    assert len(fitted) == 3, exponents
+
+
+def test_the_scaling_part_stops_at_its_budget(tmp_path):
+    out = tmp_path / "RESULTS_gpu.md"
+    run = subprocess.run([sys.executable, "-m", "eval.gpu", "--device", "cpu", "--parts", "scaling",
+                          "--scaling", "lse:150,300:6", "--budget-s", "1", "--out", str(out)],
+                         cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+    text = out.read_text()
+    # the part starts inside the budget and its first configuration runs (it takes seconds); the
+    # second would start after the budget, so it is named, not measured
+    assert "| lse | 150 | 6 |" in text and "| lse | 300 | 6 |" not in text
+    assert "Skipped (the run's time budget was spent): lse N=300 d=6." in text

@@ -41,3 +41,19 @@ def test_a_report_older_than_the_rows_block_is_read_from_its_table(scaling):
 
 def test_json_lines_are_read_as_they_are(scaling):
     assert scaling.kept_rows('{"kind": "lse", "N": 1, "d": 2}\nnot a row\n') == [{"kind": "lse", "N": 1, "d": 2}]
+
+
+def test_one_configuration_measures_what_the_report_reads(scaling):
+    import json
+    import subprocess
+    import sys
+
+    run = subprocess.run([sys.executable, scaling.__file__, "--one", "deep", "150", "6"], capture_output=True,
+                         text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    row = json.loads(run.stdout.strip().splitlines()[-1])
+    assert set(_row("deep", 150, 6)) <= set(row) and row["epochs"] >= 2
+    assert all(row[k] > 0 for k in ("train_s", "export_s", "artifact_mb", "load_s", "latency_b1_ms",
+                                     "rows_per_s_b64", "bare_rows_per_s_b64", "peak_rss_gb"))
+    text = scaling.report([row, _row("deep", 300, 6)], 1.0)
+    assert scaling.kept_rows(text)[0] == row
