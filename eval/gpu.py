@@ -306,37 +306,21 @@ def scaling(spec: str, device: str, deadline: float) -> str:
     output is timed at :data:`SCALING_BATCHES`, beside the bare forward pass on ``device``; the growth
     exponents in N are fitted as ``bench/scaling_bench.py`` fits the CPU's. Configurations that would
     start after ``deadline`` are listed as skipped."""
-    from bench.hjmodel_bench import PredictOnly, _time
-    from bench.scaling_bench import _slope, build
+    from bench.scaling_bench import _slope
 
     kinds, sizes, dims = (part.split(",") for part in spec.split(":"))
     configs = [(kind, int(n), int(d)) for n in sizes for d in dims for kind in kinds]
-    rows, skipped = [], []
+    rows, skipped, failed = [], [], []
     for kind, n, d in configs:
         if time.monotonic() > deadline:
             skipped.append(f"{kind} N={n} d={d}")
             continue
-        with tempfile.TemporaryDirectory() as tmp:
-            version = Path(tmp) / "m" / "1"
-            built = build(kind, n, d, 2, 50, version)
-            # the data's rows, repeated where there are fewer than the largest batch
-            x = np.resize(built["data"].X.astype(np.float32), (max(SCALING_BATCHES), d))
-            t0 = time.perf_counter()
-            opened = {(backend, device): open_backend(version, backend, device) for backend in BACKENDS}
-            load_s = time.perf_counter() - t0
-            if device != "cpu":   # the baseline (with --device cpu the device's own session is it)
-                opened[("onnx", "cpu")] = open_backend(version, "onnx", "cpu")
-            bare = PredictOnly(built["model"]).to(device).eval()
-            row = {"kind": kind, "N": n, "d": d, "accuracy": built["accuracy"], "train_s": built["train_s"],
-                   "export_s": built["export_s"], "artifact_mb": built["artifact_mb"], "load_s": load_s}
-            for batch in SCALING_BATCHES:
-                xb, tau = x[:batch], np.full(batch, TAU)
-                for (backend, dev), served in opened.items():
-                    row[f"{backend}_{dev}_{batch}"] = _time(lambda s=served, xb=xb, tau=tau: s.infer(xb, tau), 0.15, 3)
-                with torch.inference_mode():
-                    row[f"bare_{batch}"] = _time(lambda xb=xb, f=bare: f(torch.from_numpy(xb).to(device)).cpu(), 0.15, 3)
-            for served in opened.values():
-                served.close()
+        try:
+            row = _scaling_row(kind, n, d, device)
+        except Exception as exc:  # noqa: BLE001 (one configuration that fails -- out of GPU memory, say -- is reported)
+            failed.append([kind, n, d, f"{type(exc).__name__}: {str(exc)[-300:]}"])
+            print(failed[-1], flush=True)
+            continue
         rows.append(row)
         print(json.dumps(row), flush=True)
     big = max(SCALING_BATCHES)
@@ -366,7 +350,40 @@ def scaling(spec: str, device: str, deadline: float) -> str:
                         f"bare forward rows/s b{big}, {device}", f"all diagnostics / bare, {device}"], table)
             + f"\n\nGrowth exponents (slope of log seconds per batch-{big} call against log N):\n\n"
             + md_table(["kind", "d", "onnx CPU", f"faster backend, {device}", f"bare forward, {device}"], exponents)
-            + (f"\n\nSkipped (the run's time budget was spent): {', '.join(skipped)}." if skipped else ""))
+            + (f"\n\nSkipped (the run's time budget was spent): {', '.join(skipped)}." if skipped else "")
+            + ("\n\nFailed:\n\n" + md_table(["kind", "N", "d", "error"], failed) if failed else ""))
+
+
+def _scaling_row(kind: str, n: int, d: int, device: str) -> dict:
+    """One configuration of :func:`scaling`: built, opened, timed (seconds per call by backend, device
+    and batch: ``<backend>_<device>_<batch>``, ``bare_<batch>``), every backend closed."""
+    from bench.hjmodel_bench import PredictOnly, _time
+    from bench.scaling_bench import build
+
+    with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as opened_stack:
+        version = Path(tmp) / "m" / "1"
+        built = build(kind, n, d, 2, 50, version)
+        # the data's rows, repeated where there are fewer than the largest batch
+        x = np.resize(built["data"].X.astype(np.float32), (max(SCALING_BATCHES), d))
+        opened = {}
+        t0 = time.perf_counter()
+        for backend in BACKENDS:
+            opened[(backend, device)] = served = open_backend(version, backend, device)
+            opened_stack.callback(served.close)
+        load_s = time.perf_counter() - t0
+        if device != "cpu":   # the baseline (with --device cpu the device's own session is it)
+            opened[("onnx", "cpu")] = served = open_backend(version, "onnx", "cpu")
+            opened_stack.callback(served.close)
+        bare = PredictOnly(built["model"]).to(device).eval()
+        row = {"kind": kind, "N": n, "d": d, "accuracy": built["accuracy"], "train_s": built["train_s"],
+               "export_s": built["export_s"], "artifact_mb": built["artifact_mb"], "load_s": load_s}
+        for batch in SCALING_BATCHES:
+            xb, tau = x[:batch], np.full(batch, TAU)
+            for (backend, dev), served in opened.items():
+                row[f"{backend}_{dev}_{batch}"] = _time(lambda s=served, xb=xb, tau=tau: s.infer(xb, tau), 0.15, 3)
+            with torch.inference_mode():
+                row[f"bare_{batch}"] = _time(lambda xb=xb, f=bare: f(torch.from_numpy(xb).to(device)).cpu(), 0.15, 3)
+    return row
 
 
 def main() -> int:

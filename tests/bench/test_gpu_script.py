@@ -125,3 +125,15 @@ def test_the_scaling_part_stops_at_its_budget(tmp_path):
     # second would start after the budget, so it is named, not measured
     assert "| lse | 150 | 6 |" in text and "| lse | 300 | 6 |" not in text
     assert "Skipped (the run's time budget was spent): lse N=300 d=6." in text
+
+
+def test_a_scaling_configuration_that_fails_is_reported_and_the_rest_run(tmp_path):
+    out = tmp_path / "RESULTS_gpu.md"
+    run = subprocess.run([sys.executable, "-m", "eval.gpu", "--device", "cpu", "--parts", "scaling",
+                          "--scaling", "no_such_kind,lse:150:6", "--out", str(out)],
+                         cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+    text = out.read_text()
+    assert "| lse | 150 | 6 |" in text
+    failed = text.split("Failed:")[1]
+    assert "| no_such_kind | 150 | 6 |" in failed
