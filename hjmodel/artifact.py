@@ -371,8 +371,8 @@ class TracedModule:
     def __call__(self, *inputs: Tensor) -> dict[str, Tensor]:
         # the module's own row blocks (the graph would take the batch whole, as an exported one does):
         # a large batch stays within the memory eager torch would use. Inference mode, whoever calls:
-        # it skips autograd's bookkeeping on each operation (no_grad keeps it), 0.82-0.84x the time at
-        # batch 1 on the demo models; the outputs are inference tensors (read them, do not train on them)
+        # it skips autograd's bookkeeping on each operation (no_grad keeps it): bench/results/ab_trace.md;
+        # the outputs are inference tensors (read them, do not train on them)
         n = inputs[0].shape[0]
         blocks = self.blocks(n)
         with torch.inference_mode(), torch.jit.optimized_execution(False):

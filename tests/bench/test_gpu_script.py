@@ -94,14 +94,20 @@ def test_served_bits_counts_a_radius_above_float64_only_when_the_re_proof_fails(
     assert far["rounded_up"] > 0, far
 
 
-def test_the_scaling_part_builds_times_and_fits_every_kind(tmp_path):
+
+def _scaling(tmp_path, spec: str, *extra: str) -> str:
+    """The report of ``eval.gpu``'s scaling part on ``spec`` with the CPU in the GPU's place."""
     out = tmp_path / "RESULTS_gpu.md"
     run = subprocess.run([sys.executable, "-m", "eval.gpu", "--device", "cpu", "--parts", "scaling",
-                          "--scaling", "lse,memory,deep:150,300:6", "--out", str(out)],
+                          "--scaling", spec, *extra, "--out", str(out)],
                          cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
-    text = out.read_text()
-    assert "ERROR" not in text and "Skipped" not in text
+    return out.read_text()
+
+
+def test_the_scaling_part_builds_times_and_fits_every_kind(tmp_path):
+    text = _scaling(tmp_path, "lse,memory,deep:150,300:6")
+    assert "ERROR" not in text and "Skipped" not in text and "Failed" not in text
     table, exponents = text.split("Growth exponents")
     measured = [line.split("|")[1:4] for line in table.splitlines() if line.startswith("| ") and "kind" not in line]
     assert sorted((k.strip(), int(n), int(d)) for k, n, d in measured) == sorted(
@@ -115,12 +121,7 @@ def test_the_scaling_part_builds_times_and_fits_every_kind(tmp_path):
 
 
 def test_the_scaling_part_stops_at_its_budget(tmp_path):
-    out = tmp_path / "RESULTS_gpu.md"
-    run = subprocess.run([sys.executable, "-m", "eval.gpu", "--device", "cpu", "--parts", "scaling",
-                          "--scaling", "lse:150,300:6", "--budget-s", "1", "--out", str(out)],
-                         cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
-    text = out.read_text()
+    text = _scaling(tmp_path, "lse:150,300:6", "--budget-s", "1")
     # the part starts inside the budget and its first configuration runs (it takes seconds); the
     # second would start after the budget, so it is named, not measured
     assert "| lse | 150 | 6 |" in text and "| lse | 300 | 6 |" not in text
@@ -128,12 +129,7 @@ def test_the_scaling_part_stops_at_its_budget(tmp_path):
 
 
 def test_a_scaling_configuration_that_fails_is_reported_and_the_rest_run(tmp_path):
-    out = tmp_path / "RESULTS_gpu.md"
-    run = subprocess.run([sys.executable, "-m", "eval.gpu", "--device", "cpu", "--parts", "scaling",
-                          "--scaling", "no_such_kind,lse:150:6", "--out", str(out)],
-                         cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
-    text = out.read_text()
+    text = _scaling(tmp_path, "no_such_kind,lse:150:6")
     assert "| lse | 150 | 6 |" in text
     failed = text.split("Failed:")[1]
     assert "| no_such_kind | 150 | 6 |" in failed

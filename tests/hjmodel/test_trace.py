@@ -224,9 +224,9 @@ def test_the_trace_runs_a_large_batch_in_the_modules_row_blocks(served, monkeypa
 
 
 def test_the_trace_runs_in_inference_mode_whoever_calls_it(served):
-    # inference mode skips autograd's bookkeeping on each of the graph's ~900 operations (0.82-0.84x
-    # the time of no_grad at batch 1 on the demo models); a caller that does not enter it (the
-    # Predictor, a script) gets it too, in one block or several, with the same answers
+    # inference mode skips autograd's bookkeeping on each of the graph's ~900 operations (timed against
+    # no_grad in bench/results/ab_trace.md); a caller that does not enter it (the Predictor, a
+    # script) gets it too, in one block or several, with the same answers
     name, module, traced = served
     x = _rows(name, 7, seed=2)
     tau = torch.full((7, 1), 0.1, dtype=torch.float64)
