@@ -58,6 +58,9 @@ def bench_model(directory: Path, repeats: int) -> list[tuple]:
         x = np.abs(np.random.default_rng(n).standard_normal((n, module.model.n_features))).astype(np.float32) * 4
         feeds = serving.onnx_feeds(session, x, 0.1)
         xt, tt = torch.from_numpy(x), torch.full((n, 1), 0.1, dtype=torch.float64)
+        if len(folded.blocks(n)) != 1:   # the baseline below calls the graph on the batch whole
+            raise AssertionError(f"{directory}: batch {n} runs in row blocks; the no_grad column would differ")
+
         def no_grad(a=xt, t=tt):   # the folded graph as a caller under no_grad ran it before
             with torch.no_grad(), torch.jit.optimized_execution(False):
                 return folded.graph(a, t)

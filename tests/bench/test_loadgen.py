@@ -33,7 +33,7 @@ def rows():
     return np.abs(np.random.default_rng(3).standard_normal((700, 64))).astype(np.float32) * 3
 
 
-def _lines(client, x, head_and_body) -> list[dict]:
+def _lines(client, head_and_body) -> list[dict]:
     head, body = head_and_body
     r = client.post("/v2/models/digits_lse/batch-attribution", content=body,
                     headers={HEADER_LENGTH: str(len(head))}, params={"chunk_rows": 256})
@@ -48,8 +48,8 @@ def test_batch_job_counts_every_row_in_both_layouts(loadgen, client, rows):
 
 
 def test_batch_body_asks_for_the_outputs_it_names(loadgen, client, rows):
-    every = _lines(client, rows, loadgen.batch_body(rows))
-    named = _lines(client, rows, loadgen.batch_body(rows, ASKED))
+    every = _lines(client, loadgen.batch_body(rows))
+    named = _lines(client, loadgen.batch_body(rows, ASKED))
     assert len(every) == len(named) == len(rows)
     assert set(named[0]) == {"row", "class", *ASKED}
     assert {"saliency", "attribution_index", "ood_score"} <= set(every[0])   # no outputs named: every one
