@@ -325,20 +325,23 @@ def scaling(spec: str, device: str, deadline: float) -> str:
         print(json.dumps(row), flush=True)
     big = max(SCALING_BATCHES)
 
-    def best(r: dict, batch: int) -> float:   # the faster backend on the device, seconds per call
-        return min(r[f"{backend}_{device}_{batch}"] for backend in BACKENDS)
+    def best(r: dict, batch: int) -> float:   # the faster backend on the device, seconds per call (NaN: neither ran)
+        times = [r[f"{backend}_{device}_{batch}"] for backend in BACKENDS]
+        return float("nan") if all(t != t for t in times) else float(np.nanmin(times))
     table = [[r["kind"], r["N"], r["d"], r["accuracy"], r["train_s"], r["export_s"], r["artifact_mb"], r["load_s"],
               1e3 * r["onnx_cpu_1"], 1e3 * r[f"onnx_{device}_1"], 1e3 * r[f"torch_{device}_1"],
               big / r[f"onnx_cpu_{big}"], big / r[f"onnx_{device}_{big}"], big / r[f"torch_{device}_{big}"],
               big / r[f"bare_{big}"], best(r, big) / r[f"bare_{big}"]] for r in rows]
+    unavailable = [[r["kind"], r["N"], r["d"], what] for r in rows for what in r["unavailable"]]
     exponents = []
     for kind in kinds:
         for d in map(int, dims):
             rs = sorted((r for r in rows if r["kind"] == kind and r["d"] == d), key=lambda r: r["N"])
             if len(rs) >= 2:
                 ns = [r["N"] for r in rs]
-                exponents.append([kind, d, _slope(ns, [r[f"onnx_cpu_{big}"] for r in rs]),
-                                  _slope(ns, [best(r, big) for r in rs]), _slope(ns, [r[f"bare_{big}"] for r in rs])])
+                series = ([r[f"onnx_cpu_{big}"] for r in rs], [best(r, big) for r in rs], [r[f"bare_{big}"] for r in rs])
+                exponents.append([kind, d, *(_slope(ns, ys) if np.all(np.isfinite(ys)) else float("nan")
+                                             for ys in series)])
     return (f"## Scaling with N and d on {device}\n\n"
             "`bench.scaling_bench.build` (synthetic data, 10 classes, both graphs exported) trains each model on the "
             f"CPU; the service's backends then open it (load s: both backends on {device}) and their `infer` with "
@@ -351,12 +354,15 @@ def scaling(spec: str, device: str, deadline: float) -> str:
             + f"\n\nGrowth exponents (slope of log seconds per batch-{big} call against log N):\n\n"
             + md_table(["kind", "d", "onnx CPU", f"faster backend, {device}", f"bare forward, {device}"], exponents)
             + (f"\n\nSkipped (the run's time budget was spent): {', '.join(skipped)}." if skipped else "")
-            + ("\n\nFailed:\n\n" + md_table(["kind", "N", "d", "error"], failed) if failed else ""))
+            + ("\n\nFailed:\n\n" + md_table(["kind", "N", "d", "error"], failed) if failed else "")
+            + ("\n\nNot measured (n/a above):\n\n" + md_table(["kind", "N", "d", "backend"], unavailable)
+               if unavailable else ""))
 
 
 def _scaling_row(kind: str, n: int, d: int, device: str) -> dict:
     """One configuration of :func:`scaling`: built, opened, timed (seconds per call by backend, device
-    and batch: ``<backend>_<device>_<batch>``, ``bare_<batch>``), every backend closed."""
+    and batch: ``<backend>_<device>_<batch>``, NaN for a backend that could not open or run there --
+    named in ``unavailable`` --, ``bare_<batch>``), every backend closed."""
     from bench.hjmodel_bench import PredictOnly, _time
     from bench.scaling_bench import build
 
@@ -365,25 +371,133 @@ def _scaling_row(kind: str, n: int, d: int, device: str) -> dict:
         built = build(kind, n, d, 2, 50, version)
         # the data's rows, repeated where there are fewer than the largest batch
         x = np.resize(built["data"].X.astype(np.float32), (max(SCALING_BATCHES), d))
+        row = {"kind": kind, "N": n, "d": d, "accuracy": built["accuracy"], "train_s": built["train_s"],
+               "export_s": built["export_s"], "artifact_mb": built["artifact_mb"], "unavailable": []}
         opened = {}
         t0 = time.perf_counter()
         for backend in BACKENDS:
-            opened[(backend, device)] = served = open_backend(version, backend, device)
+            try:
+                opened[(backend, device)] = served = open_backend(version, backend, device)
+            except Exception as exc:  # noqa: BLE001 (a backend that cannot open on the device is reported)
+                row["unavailable"].append(f"{backend} on {device}: {type(exc).__name__}: {str(exc)[-200:]}")
+                continue
             opened_stack.callback(served.close)
-        load_s = time.perf_counter() - t0
+        row["load_s"] = time.perf_counter() - t0
         if device != "cpu":   # the baseline (with --device cpu the device's own session is it)
             opened[("onnx", "cpu")] = served = open_backend(version, "onnx", "cpu")
             opened_stack.callback(served.close)
         bare = PredictOnly(built["model"]).to(device).eval()
-        row = {"kind": kind, "N": n, "d": d, "accuracy": built["accuracy"], "train_s": built["train_s"],
-               "export_s": built["export_s"], "artifact_mb": built["artifact_mb"], "load_s": load_s}
         for batch in SCALING_BATCHES:
             xb, tau = x[:batch], np.full(batch, TAU)
-            for (backend, dev), served in opened.items():
-                row[f"{backend}_{dev}_{batch}"] = _time(lambda s=served, xb=xb, tau=tau: s.infer(xb, tau), 0.15, 3)
+            for backend, dev in [(b, device) for b in BACKENDS] + ([("onnx", "cpu")] if device != "cpu" else []):
+                served, key = opened.get((backend, dev)), f"{backend}_{dev}_{batch}"
+                if served is None:
+                    row[key] = float("nan")
+                    continue
+                try:
+                    row[key] = _time(lambda s=served, xb=xb, tau=tau: s.infer(xb, tau), 0.15, 3)
+                except Exception as exc:  # noqa: BLE001 (one that opens and then fails to run, likewise)
+                    row[key] = float("nan")
+                    row["unavailable"].append(f"{backend} on {dev}, batch {batch}: {type(exc).__name__}: "
+                                              f"{str(exc)[-200:]}")
             with torch.inference_mode():
                 row[f"bare_{batch}"] = _time(lambda xb=xb, f=bare: f(torch.from_numpy(xb).to(device)).cpu(), 0.15, 3)
     return row
+
+
+def cuda_graphs(device: str, deadline: float) -> str:
+    """Whether a CUDA graph (a call recorded once, then replayed as one launch) can run a served graph:
+    the GPU's single-row cost is kernel launches (part 4), which a recorded call would pay once. For a
+    model of each kind (:func:`bench.scaling_bench.build`, N = 1,000, d = 64), at batch 1: onnxruntime's
+    CUDA provider with ``enable_cuda_graph`` (inputs and outputs bound to fixed device buffers, as it
+    requires), and ``torch.cuda.graph`` recording the service's torch trace. What each says when it
+    cannot, or, when it can, its time per call against the same runtime without the graph and whether
+    it gives the same answers."""
+    if device != "cuda":
+        return "## CUDA graphs\n\nNot applicable: CUDA graphs need a GPU (this run's device is the CPU).\n"
+    from bench.scaling_bench import build
+
+    table = []
+    for kind in ("lse", "deep", "memory"):
+        if time.monotonic() > deadline:
+            table.append([kind, "both", "skipped: the run's time budget was spent", float("nan"), float("nan"), ""])
+            continue
+        with tempfile.TemporaryDirectory() as tmp:
+            version = Path(tmp) / "m" / "1"
+            built = build(kind, 1000, 64, 2, 50, version)
+            x = built["data"].X[:1].astype(np.float32)
+            for runtime, attempt in (("onnxruntime", _ort_cuda_graph), ("torch trace", _torch_cuda_graph)):
+                try:
+                    table.append([kind, runtime, *attempt(version, x)])
+                except Exception as exc:  # noqa: BLE001 (what the runtime says is the finding)
+                    table.append([kind, runtime, f"cannot: {type(exc).__name__}: {' '.join(str(exc).split())[-300:]}",
+                                  float("nan"), float("nan"), ""])
+                print(table[-1], flush=True)
+    return ("## CUDA graphs at batch 1\n\nA model of each kind (`bench.scaling_bench.build`, N = 1,000, d = 64), "
+            "batch 1, every served output. *plain ms*: the runtime on cuda without a graph (onnxruntime: inputs "
+            "from the host; torch: inputs already on the device, synchronised); *graph ms*: the recorded call "
+            "replayed (inputs and outputs in fixed device buffers); *same answers*: every output equal, bit for "
+            "bit, to the plain call's.\n\n"
+            + md_table(["kind", "runtime", "CUDA graph", "plain ms", "graph ms", "same answers"], table))
+
+
+def _ort_cuda_graph(version: Path, x: np.ndarray) -> list:
+    """onnxruntime's CUDA provider with and without ``enable_cuda_graph`` on ``version`` at rows ``x``:
+    ["recorded", plain ms, graph ms, same answers]; raises what the runtime says when it cannot."""
+    import onnxruntime as ort
+
+    from bench.hjmodel_bench import _time
+    from hjmodel.artifact import ONNX_FILE
+    from hjmodel.serving import onnx_feeds
+
+    plain = ort.InferenceSession(str(version / ONNX_FILE), providers=["CUDAExecutionProvider"])
+    want = dict(zip([o.name for o in plain.get_outputs()], plain.run(None, onnx_feeds(plain, x, TAU))))
+    t_plain = _time(lambda: plain.run(None, onnx_feeds(plain, x, TAU)), 0.15, 3)
+    sess = ort.InferenceSession(str(version / ONNX_FILE), providers=[("CUDAExecutionProvider", {"enable_cuda_graph": "1"})])
+    binding = sess.io_binding()
+    for name, value in onnx_feeds(sess, x, TAU).items():
+        binding.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(value, "cuda", 0))
+    outs = {name: ort.OrtValue.ortvalue_from_shape_and_type(v.shape, v.dtype.type, "cuda", 0) for name, v in want.items()}
+    for name, value in outs.items():
+        binding.bind_ortvalue_output(name, value)
+    sess.run_with_iobinding(binding)   # the first run records the graph, later ones replay it
+    sess.run_with_iobinding(binding)
+    same = all(np.array_equal(outs[k].numpy(), want[k], equal_nan=True) for k in want)
+    t_graph = _time(lambda: sess.run_with_iobinding(binding), 0.15, 3)
+    return ["recorded", 1e3 * t_plain, 1e3 * t_graph, str(same)]
+
+
+def _torch_cuda_graph(version: Path, x: np.ndarray) -> list:
+    """The service's torch trace on cuda, plain and recorded by ``torch.cuda.graph``: as :func:`_ort_cuda_graph`."""
+    from bench.hjmodel_bench import _time
+    from hjmodel.artifact import load_serving_module, traced_or_eager
+
+    module = traced_or_eager(load_serving_module(version, verify=False).to("cuda").eval(), str(version))
+    xs = torch.from_numpy(x).to("cuda")
+    ts = torch.full((len(x), 1), TAU, dtype=torch.float64, device="cuda")
+
+    def call():
+        out = module(xs, ts)
+        torch.cuda.synchronize()
+        return out
+    want = {k: v.cpu().numpy() for k, v in call().items()}
+    t_plain = _time(call, 0.15, 3)
+    stream = torch.cuda.Stream()   # warm-up on a side stream, as torch.cuda.graph asks
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):
+            module(xs, ts)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        recorded = module(xs, ts)
+
+    def replay():
+        graph.replay()
+        torch.cuda.synchronize()
+    replay()
+    same = all(np.array_equal(recorded[k].cpu().numpy(), want[k], equal_nan=True) for k in want)
+    return ["recorded", 1e3 * t_plain, 1e3 * _time(replay, 0.15, 3), str(same)]
 
 
 def main() -> int:
@@ -414,6 +528,7 @@ def main() -> int:
         "latency": lambda: latency(models, args.device),
         "served": lambda: served(models, args.device, args.seconds, deadline),
         "scaling": lambda: scaling(args.scaling, args.device, deadline),
+        "cuda_graphs": lambda: cuda_graphs(args.device, deadline),
     }
     failed = False
     for part in args.parts.split(","):

@@ -133,3 +133,54 @@ def test_a_scaling_configuration_that_fails_is_reported_and_the_rest_run(tmp_pat
     assert "| lse | 150 | 6 |" in text
     failed = text.split("Failed:")[1]
     assert "| no_such_kind | 150 | 6 |" in failed
+
+
+def test_a_backend_that_cannot_open_or_run_on_the_device_is_named_and_the_others_measured(monkeypatch):
+    """A lease's onnxruntime may lack a working CUDA provider: the torch backend is still measured."""
+    import time
+
+    import eval.gpu as gpu
+
+    real = gpu.open_backend
+
+    class FailsToRun:
+        def __init__(self, served):
+            self.served = served
+
+        def infer(self, x, tau):
+            raise RuntimeError("no kernel image is available for execution on the device")
+
+        def close(self):
+            self.served.close()
+
+    torch_opened = []
+
+    def open_backend(version, backend, device="cpu"):
+        if backend != "torch":
+            return real(version, backend, device)
+        torch_opened.append(version)
+        if len(torch_opened) == 1:   # the first configuration: torch cannot open; the second: it cannot run
+            raise RuntimeError("the torch backend opened on cpu, not cuda")
+        return FailsToRun(real(version, backend, device))
+
+    monkeypatch.setattr(gpu, "open_backend", open_backend)
+    text = gpu.scaling("lse:150,300:6", "cpu", time.monotonic() + 600)
+    table, rest = text.split("Growth exponents")
+    rows = [line for line in table.splitlines() if line.startswith("| lse |")]
+    assert len(rows) == 2
+    for line in rows:   # onnx measured, torch n/a in both of its columns
+        cells = [c.strip() for c in line.strip("| ").split("|")]
+        assert cells[9] != "n/a" and cells[10] == "n/a" and cells[12] != "n/a" and cells[13] == "n/a", line
+    assert "| lse | 150 | 6 | torch on cpu: RuntimeError: the torch backend opened on cpu, not cuda |" in rest
+    assert "| lse | 300 | 6 | torch on cpu, batch 1: RuntimeError: no kernel image is available" in rest
+    assert "| lse | 300 | 6 | torch on cpu, batch 1024: RuntimeError: no kernel image" in rest
+    fitted = [line for line in rest.splitlines() if line.startswith("| lse | 6 |")]
+    assert len(fitted) == 1 and "n/a" not in fitted[0], fitted   # the faster backend: onnx's times
+
+
+def test_the_cuda_graph_part_says_it_needs_a_gpu():
+    import time
+
+    from eval.gpu import cuda_graphs
+
+    assert "Not applicable: CUDA graphs need a GPU" in cuda_graphs("cpu", time.monotonic() + 60)
