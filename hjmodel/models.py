@@ -35,6 +35,21 @@ IBP_REACH, IBP_POINTS, IBP_ROUNDS = 8.0, 16, 5
 #: elements of the largest (rows, K, N) block the torch path builds at once (2^24: 128 MB in float64);
 #: larger batches are evaluated in row blocks (:meth:`HJModel.row_blocks`)
 BLOCK_ELEMENTS = 1 << 24
+#: on a GPU a block's largest tensor may hold up to 2^28 elements (2 GiB in float64), within 1/16 of the
+#: device's free memory (a block holds several tensors of about that size): the graph is launch-bound
+#: there, so each block costs about a whole call's kernel launches (eval/RESULTS_gpu_scaling.md)
+GPU_BLOCK_ELEMENTS = 1 << 28
+
+
+def block_elements(device: torch.device, free_bytes: int | None = None) -> int:
+    """Elements the largest tensor of a row block may hold on ``device``: ``BLOCK_ELEMENTS`` on the CPU;
+    on a GPU up to ``GPU_BLOCK_ELEMENTS``, and no more than 1/16 of its free memory (``free_bytes``,
+    read from the device when not given) in float64, never less than the CPU's."""
+    if device.type != "cuda":
+        return BLOCK_ELEMENTS
+    if free_bytes is None:
+        free_bytes = torch.cuda.mem_get_info(device)[0]
+    return max(BLOCK_ELEMENTS, min(GPU_BLOCK_ELEMENTS, free_bytes // (8 * 16)))
 
 
 class Preprocess(nn.Module):
@@ -480,9 +495,9 @@ class HJModel(nn.Module):
         return groups is not None and groups.shape[0] * groups.shape[1] * self.n_features <= F.LINEARISED_EXACT_ELEMENTS
 
     def row_blocks(self, n: int) -> list[slice]:
-        """Row blocks of a batch of n whose largest tensors stay within ``BLOCK_ELEMENTS`` elements
-        (one block when exporting: the ONNX graph takes the batch whole)."""
-        return _blocks(n, max(1, BLOCK_ELEMENTS // self.row_elements))
+        """Row blocks of a batch of n whose largest tensors stay within :func:`block_elements` elements
+        on the model's device (one block when exporting: the ONNX graph takes the batch whole)."""
+        return _blocks(n, max(1, block_elements(self.head.W.device) // self.row_elements))
 
     def explain_blocks(self, n: int) -> list[slice]:
         """Row blocks of :meth:`explain` on n rows: the integrated gradients' (rows, nodes, width)

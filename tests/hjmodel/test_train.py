@@ -312,3 +312,20 @@ def test_kcenter_support_is_a_per_class_coreset():
     assert accs["kcenter"] > accs["random"] + 0.05, accs
     with pytest.raises(ValueError, match="support selection"):
         train(data, TrainConfig(kind="memory", memory_size=30, support="nearest", progress=False))
+
+
+def test_row_blocks_are_larger_on_a_gpu_within_its_free_memory(monkeypatch):
+    """On a GPU, where a block costs a whole call's kernel launches, a block may hold up to
+    GPU_BLOCK_ELEMENTS, within 1/16 of the free device memory in float64, never less than on the CPU
+    (bench/results/ab_gpu_blocks.md)."""
+    import hjmodel.models as models
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert models.block_elements(cpu) == models.BLOCK_ELEMENTS
+    assert models.block_elements(cpu, free_bytes=1 << 40) == models.BLOCK_ELEMENTS   # the CPU's never grows
+    assert models.block_elements(cuda, free_bytes=140 << 30) == models.GPU_BLOCK_ELEMENTS
+    assert models.block_elements(cuda, free_bytes=8 << 30) == (8 << 30) // (8 * 16)   # 1/16 of it in float64
+    assert models.block_elements(cuda, free_bytes=1 << 20) == models.BLOCK_ELEMENTS   # a nearly full GPU
+    # read from the device when not given
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (16 << 30, 80 << 30))
+    assert models.block_elements(cuda) == (16 << 30) // (8 * 16)
