@@ -26,6 +26,10 @@ exits 0; ``--device cpu`` runs every part with the CPU in the GPU's place, to tr
    training rows in d dimensions (``--scaling``, default N = 1,000 / 5,000 / 20,000, d = 64 / 784,
    smallest first), each backend's ``infer`` at batch 1 and 1,024 on the CPU and on the GPU beside
    the bare forward pass, and the growth exponents in N.
+7. **CUDA graphs**: whether onnxruntime's ``enable_cuda_graph`` and ``torch.cuda.graph`` (on the torch
+   trace) can record a served call of each kind at batch 1 -- what each runtime says when it cannot (for
+   torch, the operation that synchronises with the host), its time and bits against the plain call when
+   it can.
 
 The report is rewritten after every part, so a run stopped by its time limit keeps what it measured;
 ``--budget-s`` bounds the whole run (parts that would start after it are skipped and say so).
@@ -40,6 +44,7 @@ import datetime
 import json
 import os
 import platform
+import re
 import shutil
 import subprocess
 import sys
@@ -430,7 +435,7 @@ def cuda_graphs(device: str, deadline: float) -> str:
                 try:
                     table.append([kind, runtime, *attempt(version, x)])
                 except Exception as exc:  # noqa: BLE001 (what the runtime says is the finding)
-                    table.append([kind, runtime, f"cannot: {type(exc).__name__}: {' '.join(str(exc).split())[-300:]}",
+                    table.append([kind, runtime, f"cannot: {type(exc).__name__}: {' '.join(str(exc).split())[:300]}",
                                   float("nan"), float("nan"), ""])
                 print(table[-1], flush=True)
     return ("## CUDA graphs at batch 1\n\nA model of each kind (`bench.scaling_bench.build`, N = 1,000, d = 64), "
@@ -482,6 +487,15 @@ def _torch_cuda_graph(version: Path, x: np.ndarray) -> list:
         return out
     want = {k: v.cpu().numpy() for k, v in call().items()}
     t_plain = _time(call, 0.15, 3)
+    torch.cuda.set_sync_debug_mode("error")   # a host synchronisation (a data-dependent shape) stops a recording
+    try:
+        module(xs, ts)
+    except RuntimeError as exc:
+        frame = re.search(r"most recent call last\):\s*(\S+\(\d+\): \w+)", str(exc))
+        raise RuntimeError("the trace synchronises with the host at "
+                           + (Path(frame[1]).name if frame else " ".join(str(exc).split())[:200])) from None
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
     stream = torch.cuda.Stream()   # warm-up on a side stream, as torch.cuda.graph asks
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
@@ -508,7 +522,7 @@ def main() -> int:
     ap.add_argument("--seconds", type=float, default=4.0, help="closed-loop seconds per concurrency")
     ap.add_argument("--budget-s", type=float, default=420.0, help="no part starts after this many seconds")
     ap.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
-    ap.add_argument("--parts", default="environment,parity,served_bits,latency,served,scaling")
+    ap.add_argument("--parts", default="environment,parity,served_bits,latency,served,scaling,cuda_graphs")
     ap.add_argument("--scaling", default=SCALING, help="the scaling part's kinds:sizes:dims (default %(default)s)")
     args = ap.parse_args()
     start = time.monotonic()
