@@ -184,3 +184,17 @@ def test_the_cuda_graph_part_says_it_needs_a_gpu():
     from eval.gpu import cuda_graphs
 
     assert "Not applicable: CUDA graphs need a GPU" in cuda_graphs("cpu", time.monotonic() + 60)
+
+
+def test_the_gpu_row_block_comparison_runs_with_the_cpu_in_the_gpus_place(tmp_path):
+    """bench/ab_gpu_blocks.py, tried before a lease: on the CPU both arms take the CPU's blocks, so a
+    batch larger than one block runs in the same blocks and answers the same bits."""
+    out = tmp_path / "ab_gpu_blocks.md"
+    run = subprocess.run([sys.executable, "bench/ab_gpu_blocks.py", "--device", "cpu", "--configs",
+                          "deep:150:300", "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+    row = [line for line in out.read_text().splitlines() if line.startswith("| deep |")]
+    assert len(row) == 1, out.read_text()
+    cells = [c.strip() for c in row[0].strip("| ").split("|")]
+    assert cells[:3] == ["deep", "150", "300"] and cells[3] == cells[4] and int(cells[3]) > 1, cells
+    assert cells[-1] == "none" and "the CPU standing in" in out.read_text()
