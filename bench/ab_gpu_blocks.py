@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -40,16 +39,14 @@ def compare(kind: str, n: int, d: int, device: str = "cuda") -> list:
     """One configuration: [kind, N, d, blocks and ms with each budget, ratio, outputs equal]."""
     import hjmodel.models as models
     from bench.hjmodel_bench import _time
-    from bench.scaling_bench import build
+    from bench.scaling_bench import built
     from hjmodel.artifact import load_serving_module, traced_or_eager
 
     gpu = models.GPU_BLOCK_ELEMENTS
     arms = {"cpu": models.BLOCK_ELEMENTS, "gpu": gpu}
-    with tempfile.TemporaryDirectory() as tmp:
-        version = Path(tmp) / "m" / "1"
-        built = build(kind, n, d, 2, 50, version)
+    with built(kind, n, d) as (version, made):
         module = traced_or_eager(load_serving_module(version, verify=False).to(device).eval(), kind)
-        x = torch.from_numpy(np.resize(built["data"].X.astype(np.float32), (ROWS, d))).to(device)
+        x = torch.from_numpy(np.resize(made["data"].X.astype(np.float32), (ROWS, d))).to(device)
         t = torch.full((ROWS, 1), 0.1, dtype=torch.float64, device=device)
 
         def call():

@@ -29,6 +29,7 @@ head has one neuron per training row) and O(d) for lse and deep (fixed head size
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as dt
 import json
 import os
@@ -64,8 +65,8 @@ def build(kind: str, N: int, d: int, epochs: int, min_steps: int, out: Path) -> 
     """Train a ``kind`` model on :func:`synthetic` data with ``N`` training rows in ``d`` dimensions
     (``epochs`` epochs, or as many as ``min_steps`` optimiser steps take) and export it, both graphs,
     into the version directory ``out``. Returns the model, the data and what it cost: ``epochs``
-    (as trained), ``accuracy``, ``train_s``, ``export_s``, ``artifact_mb``. Also the GPU script's
-    scaling part (``eval/gpu.py``)."""
+    (as trained), ``accuracy``, ``train_s``, ``export_s``, ``artifact_mb``. Callers take it through
+    :func:`built`."""
     import math
 
     from hjmodel import TrainConfig, save_artifact, train
@@ -85,6 +86,16 @@ def build(kind: str, N: int, d: int, epochs: int, min_steps: int, out: Path) -> 
             "artifact_mb": sum(f.stat().st_size for f in out.iterdir()) / 1e6}
 
 
+@contextlib.contextmanager
+def built(kind: str, N: int, d: int, epochs: int = 2, min_steps: int = 50):
+    """:func:`build` into a temporary version directory: yields (the version directory, what
+    :func:`build` returns); the directory is removed afterwards. The benchmarks that time a freshly
+    built model (this script, ``eval/gpu.py``, ``bench/ab_gpu_blocks.py``) build it this way."""
+    with tempfile.TemporaryDirectory() as tmp:
+        version = Path(tmp) / "m" / "1"
+        yield version, build(kind, N, d, epochs, min_steps, version)
+
+
 def one(kind: str, N: int, d: int, epochs: int, min_steps: int = 0) -> dict:
     """One configuration, in this process (:func:`build`, then the measurements)."""
     import torch
@@ -96,15 +107,13 @@ def one(kind: str, N: int, d: int, epochs: int, min_steps: int = 0) -> dict:
 
     torch.set_num_threads(1)
     warnings.simplefilter("ignore")
-    with tempfile.TemporaryDirectory() as tmp:
-        out = Path(tmp) / "m" / "1"
-        built = build(kind, N, d, epochs, min_steps, out)
-        model, data = built["model"], built["data"]
+    with built(kind, N, d, epochs, min_steps) as (out, made):
+        model, data = made["model"], made["data"]
         t0 = time.perf_counter()
         sess = _session(out / ONNX_FILE)
         load_model(out)
         load_s = time.perf_counter() - t0
-        bare_path = Path(tmp) / "bare.onnx"
+        bare_path = out.parent.parent / "bare.onnx"
         torch.onnx.export(PredictOnly(model), (torch.zeros(2, d),), str(bare_path), input_names=["input"],
                           output_names=["prediction"], dynamic_axes={"input": {0: "batch"}, "prediction": {0: "batch"}},
                           opset_version=17, dynamo=False)
@@ -114,7 +123,7 @@ def one(kind: str, N: int, d: int, epochs: int, min_steps: int = 0) -> dict:
         lat64 = _time(lambda: sess.run(None, onnx_feeds(sess, X, 0.1)), min_seconds=0.1, repeats=3)
         bare64 = _time(lambda: bare.run(None, {"input": X}), min_seconds=0.1, repeats=3)
     return {"kind": kind, "N": N, "d": d, "revision": _revision(),
-            **{k: built[k] for k in ("epochs", "accuracy", "train_s", "export_s", "artifact_mb")}, "load_s": load_s,
+            **{k: made[k] for k in ("epochs", "accuracy", "train_s", "export_s", "artifact_mb")}, "load_s": load_s,
             "latency_b1_ms": lat1 * 1e3, "rows_per_s_b64": 64 / lat64, "bare_rows_per_s_b64": 64 / bare64,
             "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6}
 

@@ -369,15 +369,13 @@ def _scaling_row(kind: str, n: int, d: int, device: str) -> dict:
     and batch: ``<backend>_<device>_<batch>``, NaN for a backend that could not open or run there --
     named in ``unavailable`` --, ``bare_<batch>``), every backend closed."""
     from bench.hjmodel_bench import PredictOnly, _time
-    from bench.scaling_bench import build
+    from bench.scaling_bench import built
 
-    with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as opened_stack:
-        version = Path(tmp) / "m" / "1"
-        built = build(kind, n, d, 2, 50, version)
+    with built(kind, n, d) as (version, made), contextlib.ExitStack() as opened_stack:
         # the data's rows, repeated where there are fewer than the largest batch
-        x = np.resize(built["data"].X.astype(np.float32), (max(SCALING_BATCHES), d))
-        row = {"kind": kind, "N": n, "d": d, "accuracy": built["accuracy"], "train_s": built["train_s"],
-               "export_s": built["export_s"], "artifact_mb": built["artifact_mb"], "unavailable": []}
+        x = np.resize(made["data"].X.astype(np.float32), (max(SCALING_BATCHES), d))
+        row = {"kind": kind, "N": n, "d": d, "accuracy": made["accuracy"], "train_s": made["train_s"],
+               "export_s": made["export_s"], "artifact_mb": made["artifact_mb"], "unavailable": []}
         opened = {}
         t0 = time.perf_counter()
         for backend in BACKENDS:
@@ -391,7 +389,7 @@ def _scaling_row(kind: str, n: int, d: int, device: str) -> dict:
         if device != "cpu":   # the baseline (with --device cpu the device's own session is it)
             opened[("onnx", "cpu")] = served = open_backend(version, "onnx", "cpu")
             opened_stack.callback(served.close)
-        bare = PredictOnly(built["model"]).to(device).eval()
+        bare = PredictOnly(made["model"]).to(device).eval()
         for batch in SCALING_BATCHES:
             xb, tau = x[:batch], np.full(batch, TAU)
             for backend, dev in [(b, device) for b in BACKENDS] + ([("onnx", "cpu")] if device != "cpu" else []):
@@ -420,17 +418,15 @@ def cuda_graphs(device: str, deadline: float) -> str:
     it gives the same answers."""
     if device != "cuda":
         return "## CUDA graphs\n\nNot applicable: CUDA graphs need a GPU (this run's device is the CPU).\n"
-    from bench.scaling_bench import build
+    from bench.scaling_bench import built
 
     table = []
     for kind in ("lse", "deep", "memory"):
         if time.monotonic() > deadline:
             table.append([kind, "both", "skipped: the run's time budget was spent", float("nan"), float("nan"), ""])
             continue
-        with tempfile.TemporaryDirectory() as tmp:
-            version = Path(tmp) / "m" / "1"
-            built = build(kind, 1000, 64, 2, 50, version)
-            x = built["data"].X[:1].astype(np.float32)
+        with built(kind, 1000, 64) as (version, made):
+            x = made["data"].X[:1].astype(np.float32)
             for runtime, attempt in (("onnxruntime", _ort_cuda_graph), ("torch trace", _torch_cuda_graph)):
                 try:
                     table.append([kind, runtime, *attempt(version, x)])

@@ -36,19 +36,23 @@ IBP_REACH, IBP_POINTS, IBP_ROUNDS = 8.0, 16, 5
 #: larger batches are evaluated in row blocks (:meth:`HJModel.row_blocks`)
 BLOCK_ELEMENTS = 1 << 24
 #: on a GPU a block's largest tensor may hold up to 2^28 elements (2 GiB in float64), within 1/16 of the
-#: device's free memory (a block holds several tensors of about that size): the graph is launch-bound
-#: there, so each block costs about a whole call's kernel launches (eval/RESULTS_gpu_scaling.md)
+#: device's free memory: the graph is launch-bound there, so each block costs about a whole call's
+#: kernel launches (eval/RESULTS_gpu_scaling.md). A block's peak memory is at most ~11x its largest
+#: tensor's (measured on the CPU, which runs the same operations: tests/hjmodel/test_train.py)
 GPU_BLOCK_ELEMENTS = 1 << 28
 
 
 def block_elements(device: torch.device, free_bytes: int | None = None) -> int:
     """Elements the largest tensor of a row block may hold on ``device``: ``BLOCK_ELEMENTS`` on the CPU;
-    on a GPU up to ``GPU_BLOCK_ELEMENTS``, and no more than 1/16 of its free memory (``free_bytes``,
-    read from the device when not given) in float64, never less than the CPU's."""
+    on a GPU up to ``GPU_BLOCK_ELEMENTS``, and no more than 1/16 of its free memory in float64, never
+    less than the CPU's. ``free_bytes``: read from the device when not given -- what the driver has
+    free plus what torch's caching allocator holds but no tensor uses (an earlier block's memory,
+    which the next one reuses: counted as taken, it would shrink every later block)."""
     if device.type != "cuda":
         return BLOCK_ELEMENTS
     if free_bytes is None:
-        free_bytes = torch.cuda.mem_get_info(device)[0]
+        free_bytes = (torch.cuda.mem_get_info(device)[0] + torch.cuda.memory_reserved(device)
+                      - torch.cuda.memory_allocated(device))
     return max(BLOCK_ELEMENTS, min(GPU_BLOCK_ELEMENTS, free_bytes // (8 * 16)))
 
 

@@ -5,6 +5,9 @@ accuracy (read from the built demo repository and re-measured from the artifacts
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -326,6 +329,45 @@ def test_row_blocks_are_larger_on_a_gpu_within_its_free_memory(monkeypatch):
     assert models.block_elements(cuda, free_bytes=140 << 30) == models.GPU_BLOCK_ELEMENTS
     assert models.block_elements(cuda, free_bytes=8 << 30) == (8 << 30) // (8 * 16)   # 1/16 of it in float64
     assert models.block_elements(cuda, free_bytes=1 << 20) == models.BLOCK_ELEMENTS   # a nearly full GPU
-    # read from the device when not given
+    # read from the device when not given: the driver's free memory and what torch's cache holds unused
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (16 << 30, 80 << 30))
-    assert models.block_elements(cuda) == (16 << 30) // (8 * 16)
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 12 << 30)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: 4 << 30)
+    assert models.block_elements(cuda) == (24 << 30) // (8 * 16)
+
+
+_BLOCK_PEAK = """
+import re, sys, numpy as np, torch
+import hjmodel.models as models
+from hjmodel.artifact import load_serving_module, traced_or_eager
+
+def kib(field):   # this process's own memory (ru_maxrss would include the parent's from before exec)
+    return int(re.search(field + r":\\s+(\\d+)", open("/proc/self/status").read())[1])
+
+module = load_serving_module(sys.argv[1]).eval()
+run = traced_or_eager(module, "m") if sys.argv[2] == "trace" else module
+n = models.BLOCK_ELEMENTS // module.model.row_elements          # one full block
+assert len(module.blocks(n)) == 1
+x = torch.from_numpy(np.random.default_rng(0).normal(8, 5, (n, module.model.n_features)).astype(np.float32))
+t = torch.full((n, 1), 0.1, dtype=torch.float64)
+with torch.inference_mode():
+    run(x[:2], t[:2])                                            # tables built on first use, not the block's
+    open("/proc/self/clear_refs", "w").write("5")                # the peak from here on
+    before = kib("VmRSS")
+    run(x, t)
+print((kib("VmHWM") - before) * 1024 / (8 * models.BLOCK_ELEMENTS))
+"""
+
+
+@pytest.mark.parametrize("name", ["digits_memory", "digits_lse"])
+def test_a_full_row_block_peaks_well_within_sixteen_times_its_largest_tensor(name, demo_repository):
+    """The GPU's block budget (1/16 of free memory for the largest tensor) rests on a block's peak
+    memory staying below 16x its largest tensor in float64. The CPU runs the same operations: a
+    block filled to BLOCK_ELEMENTS, eager and traced, peaks at most ~11x (digits_memory eager, the
+    largest of the demo models), well inside 16."""
+    for mode in ("eager", "trace"):
+        run = subprocess.run([sys.executable, "-c", _BLOCK_PEAK, str(demo_repository / name / "1"), mode],
+                             capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        assert run.returncode == 0, run.stderr[-2000:]
+        ratio = float(run.stdout.strip().splitlines()[-1])
+        assert 0 < ratio < 16, (name, mode, ratio)
