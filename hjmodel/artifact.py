@@ -337,12 +337,15 @@ class TracedModule:
 
     ``fold`` (default): the weights are recorded as constants and the operations that read them alone
     are done once, at load (:func:`_fold_constants`; ``folded_bytes``: the memory the values folded
-    hold beyond the module's own tensors); ``fold=False`` records the module as it is (its
-    weights read as attributes, every operation run per call): the side-by-side baseline of
-    ``bench/ab_trace.py``."""
+    hold beyond the module's own tensors), and a serving graph's gathered searches run only when they
+    gathered something, as in the ONNX graph (:func:`_skip_empty_traced_searches`;
+    ``searches_skipped``: how many are wrapped so; ``skip_searches=False``: none, the side-by-side
+    baseline of ``bench/ab_trace_searches.py``); ``fold=False`` records the module as it is (its
+    weights read as attributes, every operation run per call, no search wrapped): the side-by-side
+    baseline of ``bench/ab_trace.py``."""
 
     def __init__(self, module: ServingModule | ExplainModule, inputs: dict[str, Tensor] | None = None,
-                 fold: bool = True):
+                 fold: bool = True, skip_searches: bool = True):
         import warnings
 
         self.model, self.specs, self.blocks = module.model, module.specs, module.blocks
@@ -361,8 +364,11 @@ class TracedModule:
                 # as attribute reads, so the work that depends on them alone can be done once, here
                 with _weights_as_constants(module):
                     self.graph, self.folded_bytes = _fold_constants(torch.jit.trace(served, inputs, check_trace=False))
+                wrap = _gathered_searches(self.model) if skip_searches and isinstance(module, ServingModule) else ()
+                self.graph, self.searches_skipped = _skip_empty_traced_searches(self.graph, wrap)
             else:
                 self.graph, self.folded_bytes = torch.jit.trace(outputs, inputs, check_trace=False), 0
+                self.searches_skipped = 0
             # the first call fixes each recorded function's executable graph, unoptimised; left to a
             # later caller, anything that reads the graph with the switch on (``inlined_graph``)
             # would have it optimised and cached first
@@ -525,6 +531,46 @@ def _gathered_searches(model: HJModel) -> tuple[bool, ...]:
     return (True,) if model.n_outputs == 2 else (bool(model.body), True)
 
 
+def _gathered_search(nodes: list, start, reads, writes, scatter, exits: Iterable = ()) -> tuple[list, object] | None:
+    """(the nodes of the gathered search that starts at ``start``, the scatter that ends it), or None:
+    the one definition of a search both graph forms wrap (:func:`_skip_empty_searches` for ONNX,
+    :func:`_skip_empty_traced_searches` for a TorchScript trace).
+
+    ``nodes``: a graph's nodes in topological order; ``start``: the gathered indices (a NonZero's
+    output); ``reads(node)`` / ``writes(node)``: the values a node reads (an If's branches' outer
+    values included) / writes; ``scatter(node)``: (data, indices) for a node that writes values back
+    by index, else None; ``exits``: the graph's outputs. A search is the nodes that depend on
+    ``start`` and that the first scatter writing back with those indices into data that does not
+    depend on them needs; None when there is no such scatter, or when a value of the search other
+    than the scatter's result is read elsewhere (so moving it into a branch would change the graph)."""
+    tainted, dependent = {start}, []
+    for n in nodes:                      # topological order
+        if any(i in tainted for i in reads(n)):
+            dependent.append(n)
+            tainted.update(writes(n))
+
+    def writes_back(n) -> bool:
+        pair = scatter(n)
+        return pair is not None and pair[1] in tainted and pair[0] not in tainted
+
+    sink = next((n for n in dependent if writes_back(n)), None)
+    if sink is None:
+        return None
+    producer = {o: n for n in dependent for o in writes(n)}
+    need, stack = set(), [sink]
+    while stack:
+        n = stack.pop()
+        if id(n) in need:
+            continue
+        need.add(id(n))
+        stack.extend(producer[i] for i in reads(n) if i in producer)
+    search = [n for n in dependent if id(n) in need]
+    produced = {o for n in search for o in writes(n)}
+    escaping = {i for n in nodes if id(n) not in need for i in reads(n) if i in produced}
+    escaping |= produced & set(exits)
+    return (search, sink) if escaping == set(writes(sink)) else None
+
+
 def _skip_empty_searches(proto, wrap: tuple[bool, ...]) -> int:
     """Put each gathered search of the serving graph marked in ``wrap`` (one flag per NonZero, in
     graph order: :func:`_gathered_searches`) inside an If, so that it runs only when it gathered
@@ -532,12 +578,12 @@ def _skip_empty_searches(proto, wrap: tuple[bool, ...]) -> int:
     gathered. A graph with another number of NonZero nodes is left as it was.
 
     A search is the nodes between its NonZero (the gathered indices) and the first scatter that
-    writes its results back with those indices into data that does not depend on them; they move
-    into the then-branch of an If on "any index gathered", and the else-branch passes the scatter's
-    data through (what writing nothing leaves). The tracing exporter cannot write an If itself. A
-    NonZero whose dependants do not have that shape (a value of the search used elsewhere) is left as
-    it was. Returns the number of searches wrapped (tests/hjmodel/test_interval_radius.py checks
-    which Ifs each demo model's graph has)."""
+    writes its results back with those indices into data that does not depend on them
+    (:func:`_gathered_search`); they move into the then-branch of an If on "any index gathered", and
+    the else-branch passes the scatter's data through (what writing nothing leaves). The tracing
+    exporter cannot write an If itself. A NonZero whose dependants do not have that shape (a value of
+    the search used elsewhere) is left as it was. Returns the number of searches wrapped
+    (tests/hjmodel/test_interval_radius.py checks which Ifs each demo model's graph has)."""
     import onnx
     from onnx import TensorProto, helper
 
@@ -548,6 +594,10 @@ def _skip_empty_searches(proto, wrap: tuple[bool, ...]) -> int:
     # the element type of every value, for the branches' outputs (the scatter's data type)
     inferred = onnx.shape_inference.infer_shapes(proto).graph
     elem = {v.name: v.type.tensor_type.elem_type for v in [*inferred.value_info, *inferred.input, *inferred.output]}
+
+    def scatter(n):
+        return (n.input[0], n.input[1]) if n.op_type in ("ScatterND", "ScatterElements") else None
+
     wrapped = 0
     for k, name in enumerate(searches):
         if not wrap[k]:
@@ -555,32 +605,13 @@ def _skip_empty_searches(proto, wrap: tuple[bool, ...]) -> int:
         nz = next((n for n in g.node if n.op_type == "NonZero" and n.output[0] == name), None)
         if nz is None:                       # moved into an earlier search's If: it runs only there
             continue
-        tainted, dependent = {name}, []
-        for n in g.node:                     # topological order
-            if any(i in tainted for i in _reads(n)):
-                dependent.append(n)
-                tainted.update(n.output)
-        sink = next((n for n in dependent if n.op_type in ("ScatterND", "ScatterElements")
-                     and n.input[1] in tainted and n.input[0] not in tainted), None)
-        if sink is None:
+        found_search = _gathered_search(list(g.node), name, _reads, lambda n: list(n.output), scatter,
+                                        exits=[o.name for o in g.output])
+        if found_search is None:
             continue
-        # the search: the dependent nodes the scatter needs
-        producer = {o: n for n in dependent for o in n.output}
-        need, stack = set(), [sink]
-        while stack:
-            n = stack.pop()
-            if id(n) in need:
-                continue
-            need.add(id(n))
-            stack.extend(producer[i] for i in _reads(n) if i in producer)
-        search = [n for n in dependent if id(n) in need]
-        produced = {o for n in search for o in n.output}
-        escaping = {i for n in g.node if id(n) not in need for i in _reads(n) if i in produced}
-        escaping |= {o.name for o in g.output if o.name in produced}
-        result = sink.output[0]
-        if escaping != {result}:
-            continue
-        data = sink.input[0]
+        search, sink = found_search
+        need = {id(n) for n in search}
+        result, data = sink.output[0], sink.input[0]
         # "any index gathered" right after the NonZero; the If where the scatter was (every outer
         # value the search reads is produced before it)
         tag = f"skip_search_{k}"
@@ -609,6 +640,77 @@ def _skip_empty_searches(proto, wrap: tuple[bool, ...]) -> int:
         g.node.extend(order)
         wrapped += 1
     return wrapped
+
+
+#: The TorchScript operations a gathered search writes its results back with, and the position of
+#: their indices (the data is the first input): ``scatter(self, dim, index, src)``,
+#: ``index_put(self, indices, values, accumulate)``.
+_TRACED_SCATTERS = {"aten::scatter": 2, "aten::index_put": 1}
+
+
+def _traced_reads(node) -> list[int]:
+    """The values (``Value.unique()``) a TorchScript node reads, its blocks' outer values included."""
+    values = [v.unique() for v in node.inputs()]
+    for block in node.blocks():
+        for inner in block.nodes():
+            values.extend(_traced_reads(inner))
+        values.extend(v.unique() for v in block.outputs())
+    return values
+
+
+def _skip_empty_traced_searches(function, wrap: tuple[bool, ...]) -> tuple[object, int]:
+    """(the traced ``function`` with each gathered search marked in ``wrap`` inside a ``prim::If`` on
+    "any index gathered", the number wrapped): what :func:`_skip_empty_searches` does for the ONNX
+    graph, so the trace, too, skips a search that gathered nothing instead of running its hundreds of
+    operations on empty tensors (the IBP search of a single row, mostly: ~30% of a classifier's
+    operations at batch 1). The same searches (:func:`_gathered_search`, ``wrap`` from
+    :func:`_gathered_searches`); the else-branch passes the scatter's data through, which is what
+    writing back nothing leaves, so the answers stay bit for bit (tests/hjmodel/test_trace.py). A
+    search that writes in place, or a graph with another number of ``nonzero`` operations, is left as
+    it was; ``function`` itself (0) when nothing is wrapped or this torch's graph API fails (logged)."""
+    try:
+        graph = function.graph.copy()
+        starts = [n for n in graph.nodes() if n.kind() == "aten::nonzero"]
+        if len(starts) != len(wrap):
+            return function, 0
+
+        def scatter(n):
+            at = _TRACED_SCATTERS.get(n.kind())
+            return None if at is None else (n.inputsAt(0).unique(), n.inputsAt(at).unique())
+
+        wrapped = 0
+        for k, start in enumerate(starts):
+            if not wrap[k]:
+                continue
+            nodes = [*graph.nodes(), graph.return_node()]      # the return node reads the graph's outputs
+            found = _gathered_search(nodes, start.output().unique(), _traced_reads,
+                                     lambda n: [v.unique() for v in n.outputs()], scatter)
+            if found is None or any("!" in n.schema() for n in found[0]):   # "!": writes an input in place
+                continue
+            search, sink = found
+            result, data = sink.output(), sink.inputsAt(0)
+            graph.setInsertPoint(sink)
+            size = graph.insertNode(graph.create("aten::numel", [start.output()], 1))
+            size.output().setType(torch._C.IntType.get())
+            gathered = graph.insertNode(graph.create("aten::gt", [size.output(), graph.insertConstant(0)], 1))
+            gathered.output().setType(torch._C.BoolType.get())
+            branch = graph.insertNode(graph.create("prim::If", [gathered.output()], 1))
+            branch.output().setType(result.type())
+            then_block, else_block = branch.addBlock(), branch.addBlock()
+            result.replaceAllUsesWith(branch.output())
+            for node in search:                                 # in order: each after what it reads
+                node.moveBefore(then_block.returnNode())
+            then_block.registerOutput(result)
+            else_block.registerOutput(data)
+            wrapped += 1
+        if not wrapped:
+            return function, 0
+        graph.lint()
+        return torch._C._create_function_from_graph(function.name, graph), wrapped
+    except Exception as exc:   # TorchScript's graph API: the unwrapped trace answers the same
+        log.warning("trace: wrapping its searches failed, left as recorded: %s: %s", type(exc).__name__,
+                    str(exc)[:300])
+        return function, 0
 
 
 @contextlib.contextmanager

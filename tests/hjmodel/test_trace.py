@@ -95,11 +95,77 @@ def test_the_trace_does_not_depend_on_the_batch_it_was_recorded_with(served):
 
 
 def _operations(traced: TracedModule) -> list[str]:
-    """The recorded graph's operations (inlined with the optimiser's switch on, as a reader would: the
-    trace's first call fixed its executable graphs unoptimised, so this changes none of its answers)."""
+    """The recorded graph's operations, those in its branches included (inlined with the optimiser's
+    switch on, as a reader would: the trace's first call fixed its executable graphs unoptimised, so
+    this changes none of its answers)."""
     graph = traced.graph.graph.copy()
     torch._C._jit_pass_inline(graph)
-    return [node.kind() for node in graph.nodes()]
+
+    def kinds(nodes) -> list[str]:
+        return [k for node in nodes for k in [node.kind(), *(k for b in node.blocks() for k in kinds(b.nodes()))]]
+
+    return kinds(graph.nodes())
+
+
+def _operations_run(traced: TracedModule, *inputs: torch.Tensor) -> int:
+    """How many aten operations one call of the trace runs (torch's profiler sees each one the
+    interpreter dispatches)."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        traced(*inputs)
+    return sum(1 for event in prof.events() if event.name.startswith("aten::"))
+
+
+def test_the_trace_skips_the_searches_the_onnx_graph_skips_when_they_gather_nothing(served, demo_repository):
+    """The gathered searches the exported graph puts in an If on "anything gathered"
+    (artifact._skip_empty_searches) sit in a prim::If in the trace too (artifact._skip_empty_traced_searches):
+    a row whose searches gather nothing skips their operations, and both branches answer bit for bit
+    what the trace without the Ifs does."""
+    import onnx
+
+    from hjmodel.artifact import ONNX_FILE, _gathered_searches
+
+    name, module, traced = served
+    onnx_ifs = [n for n in onnx.load(str(demo_repository / name / "1" / ONNX_FILE)).graph.node if n.op_type == "If"]
+    assert traced.searches_skipped == len(onnx_ifs) == sum(_gathered_searches(module.model))
+    assert _operations(traced).count("prim::If") == len(onnx_ifs)
+    plain = TracedModule(module, skip_searches=False)
+    assert plain.searches_skipped == 0 and "prim::If" not in _operations(plain)
+    assert sorted(k for k in _operations(traced) if k != "prim::If") == sorted(
+        [*_operations(plain), *["aten::numel", "aten::gt", "prim::Constant"] * len(onnx_ifs)])
+    tau1 = torch.full((1, 1), 0.1, dtype=torch.float64)
+    one = torch.tensor(DATA[name](return_X_y=True)[0][:1], dtype=torch.float32)  # its searches gather nothing
+    _assert_identical(traced(one, tau1), plain(one, tau1))
+    if onnx_ifs:
+        assert _operations_run(traced, one, tau1) < 0.85 * _operations_run(plain, one, tau1)
+    # the dataset and the dataset x10: each wrapped search gathers rows in some row block (the IBP
+    # search of digits_lse only far out, digits_deep's tangent search only): its branch ran there
+    X = torch.tensor(DATA[name](return_X_y=True)[0], dtype=torch.float32)
+    x = torch.cat([X, 10.0 * X])
+    tau = torch.full((len(x), 1), 0.1, dtype=torch.float64)
+    _assert_identical(traced(x, tau), plain(x, tau))
+    if onnx_ifs:
+        skipped_all = _operations_run(plain, one, tau1) - _operations_run(traced, one, tau1)
+        blocks = len(module.blocks(len(x)))
+        assert _operations_run(plain, x, tau) - _operations_run(traced, x, tau) < skipped_all * blocks
+
+
+def test_a_wrap_that_fails_leaves_the_searches_as_recorded_and_says_why(served, monkeypatch, caplog):
+    # TorchScript's graph API is internal: where moving a search into a branch fails, the trace
+    # answers as recorded, every search run
+    name, module, traced = served
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no such method")
+
+    monkeypatch.setattr("hjmodel.artifact._gathered_search", broken)
+    with caplog.at_level("WARNING", logger="hjmodel.artifact"):
+        unwrapped = TracedModule(module)
+    assert unwrapped.searches_skipped == 0 and "prim::If" not in _operations(unwrapped)
+    if traced.searches_skipped:
+        assert "wrapping its searches failed" in caplog.text and "no such method" in caplog.text
+    x = _rows(name, 9, seed=8)
+    tau = torch.full((9, 1), 0.1, dtype=torch.float64)
+    _assert_identical(unwrapped(x, tau), traced(x, tau))
 
 
 def test_a_trace_of_some_outputs_answers_what_the_whole_trace_does(served):
