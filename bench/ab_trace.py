@@ -4,9 +4,11 @@ runs them per call, and both against onnxruntime: in process, side by side. Writ
 
 ``hjmodel.artifact.TracedModule`` records the weights as graph constants and does the operations that
 read them alone once, when the model loads (``_fold_constants``: TorchScript's constant propagation,
-bit for bit the values the graph would compute per call); ``TracedModule(fold=False)`` records the
-module as it is, its weights read as attributes and every operation run per call -- the recording
-before folding. Issue 14 asks the torch backend to stay within 2x of onnxruntime's time.
+bit for bit the values the graph would compute per call) and skips a gathered search that gathered
+nothing (``_skip_empty_traced_searches``; measured alone by ``bench/ab_trace_searches.py``);
+``TracedModule(fold=False)`` records the module as it is, its weights read as attributes and every
+operation run per call -- the recording before either. Issue 14 asks the torch backend to stay within
+2x of onnxruntime's time.
 
 The folded recording is also timed called under ``torch.no_grad()`` instead of the inference mode
 ``TracedModule`` runs it in (the service's torch backend entered inference mode already; the offline
@@ -43,9 +45,15 @@ BATCHES = (1, 64, 256)
 
 
 def _operations(traced: TracedModule) -> int:
+    """The recording's operations other than constants, those inside its branches (the skipped
+    searches) included."""
     graph = traced.graph.graph.copy()
     torch._C._jit_pass_inline(graph)
-    return sum(1 for node in graph.nodes() if node.kind() != "prim::Constant")
+
+    def count(nodes) -> int:
+        return sum((node.kind() != "prim::Constant") + sum(count(b.nodes()) for b in node.blocks()) for node in nodes)
+
+    return count(graph.nodes())
 
 
 def bench_model(directory: Path, repeats: int) -> list[tuple]:
@@ -78,8 +86,7 @@ def bench_model(directory: Path, repeats: int) -> list[tuple]:
 
 def main() -> int:
     args = report.arguments(__doc__, OUT, repeats=9).parse_args()
-    torch.set_num_threads(1)
-    serving.flush_subnormals()   # the backend's thread does (service.batching)
+    report.as_served()
     start = time.perf_counter()
     rows = [r for m in MODELS for r in bench_model(Path(args.models) / m / "1", args.repeats)]
     report.write(args.out, "The torch trace with its weight-only operations folded at load, side by side",

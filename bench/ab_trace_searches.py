@@ -85,8 +85,7 @@ def bench_model(name: str, directory: Path, repeats: int) -> list[tuple]:
 
 def main() -> int:
     args = report.arguments(__doc__, OUT, repeats=7).parse_args()
-    torch.set_num_threads(1)
-    serving.flush_subnormals()   # the backend's thread does (service.batching)
+    report.as_served()
     start = time.perf_counter()
     rows = [r for m in DEMOS for r in bench_model(m, Path(args.models) / m / "1", args.repeats)]
     report.write(args.out, "The torch trace with its gathered searches skipped when empty, side by side",

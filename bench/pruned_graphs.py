@@ -87,8 +87,7 @@ def bench_model(directory: Path, repeats: int) -> list[tuple]:
 
 def main() -> int:
     args = report.arguments(__doc__, OUT, repeats=5).parse_args()
-    torch.set_num_threads(1)
-    serving.flush_subnormals()   # the served sessions' thread does (service.batching)
+    report.as_served()
     start = time.perf_counter()
     rows = [r for m in MODELS for r in bench_model(Path(args.models) / m / "1", args.repeats)]
     report.write(args.out, "A graph of only the outputs a batch needs, against the whole graph",

@@ -63,6 +63,17 @@ def alternate(calls: dict[str, Callable[[], object]], repeats: int) -> dict[str,
     return {key: statistics.median(t) for key, t in times.items()}
 
 
+def as_served() -> None:
+    """This thread set as a served model's backend thread is: torch on one thread, subnormals flushed
+    to zero (``service.batching``, ``hjmodel.serving.flush_subnormals``)."""
+    import torch
+
+    from hjmodel import serving
+
+    torch.set_num_threads(1)
+    serving.flush_subnormals()
+
+
 def arguments(doc: str, out: Path, repeats: int) -> argparse.ArgumentParser:
     """The command line the in-process benches over the demo models share: ``--models`` (the
     repository, default ``models/``), ``--repeats`` (rounds of :func:`alternate`) and ``--out`` (the
