@@ -1400,7 +1400,9 @@ FLOAT32_MAX = float(torch.finfo(torch.float32).max)
 #: Relative shrink that moves a float64 number below its float32 rounding: the float32 spacing at
 #: |x| is at most 2^-23 |x|, so round-to-nearest errs by at most 2^-24 |x| < 2^-22 |x|.
 _F32_NUDGE = 2.0 ** -22
-_F32_HALF_STEP = 2.0 ** -24
+#: Relative step below a normal float32 value y that rounds (to nearest) to y's float32 predecessor:
+#: 0.7 spacings of y's binade (|y| 2^-23 is 1-2 of them), :func:`float32_down`
+_F32_PRED_STEP = 0.7 * 2.0 ** -23
 _F32_SUBNORMAL_STEP = 2.0 ** -148
 
 
@@ -1416,18 +1418,21 @@ def float32_down(x: Tensor) -> Tensor:
     proven one.
 
     Round-to-nearest y is kept where it lands at or below x. Where it lands above, its float32
-    predecessor is taken, which is below x since x lies between the two: y - 2^-24 |y| rounds to it
-    for every normal y (the step lies between half and one spacing below y) but a negative power of
-    two, where that step is an exact half spacing and ties to even back to y; there y - 2^-23 |y| is
-    the predecessor exactly. Only subnormals are left, and x - max(2^-22 |x|, 2^-148) lands below x
-    (possibly one spacing lower than needed: still sound). Values above the float32 range saturate
-    to its largest finite value (smaller: still a lower bound); only x < -FLOAT32_MAX, which no
-    served bound reaches, has no float32 value below it. Exportable (Clip/Cast/Where/Mul only)."""
+    predecessor is taken, which is below x since x lies between the two: for every normal y,
+    y - 0.7 * 2^-23 |y| (float64, exact enough) rounds to it. Let u be the spacing of y's binade
+    (|y| in [2^e, 2^(e+1)), u = 2^(e-23)): the step s lies in [0.7 u, 1.4 u). Where the spacing
+    below y is u, y - u is the nearest float32 (0.4 u or closer; y and y - 2u are 0.6 u or more
+    away); where it is u/2 (|y| a power of two, y > 0), s = 0.7 u and y - u/2 is the nearest (0.2 u;
+    y - u is 0.3 u away). (An earlier form took two steps, 2^-24 |y| then 2^-23 |y|: the same value
+    for every normal y, one node pass more.) Only subnormals are left, and x - max(2^-22 |x|, 2^-148)
+    lands below x (possibly one spacing lower than needed: still sound; served bounds are never
+    subnormal, and the served sessions flush subnormals to zero anyway). Values above the float32 range saturate to its largest finite
+    value (smaller: still a lower bound); only x < -FLOAT32_MAX, which no served bound reaches, has
+    no float32 value below it. Exportable (Clip/Cast/Where/Mul only). Test: every binade's powers of
+    two and their neighbours, both signs (tests/hjmodel/test_functional.py)."""
     y = float32_saturate(x)
     y64 = y.to(x.dtype)
-    for step in (_F32_HALF_STEP, 2.0 * _F32_HALF_STEP):
-        pred = float32_saturate(y64 - y64.abs() * step)
-        y = torch.where(y.to(x.dtype) > x, pred, y)
+    y = torch.where(y64 > x, float32_saturate(y64 - y64.abs() * _F32_PRED_STEP), y)
     nudge = torch.clamp(x.abs() * _F32_NUDGE, min=_F32_SUBNORMAL_STEP)
     return torch.where(y.to(x.dtype) > x, float32_saturate(x - nudge), y)
 

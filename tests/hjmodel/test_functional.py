@@ -721,7 +721,11 @@ def test_float32_rounding_of_served_bounds():
     random normals, exact float32 values, powers of two, their neighbours, subnormals and zero."""
     gen = torch.Generator().manual_seed(0)
     f32 = torch.randn(20000, generator=gen).float() * torch.logspace(-30, 30, 20000).float()
-    powers = torch.tensor([2.0 ** k for k in range(-140, 120, 7)], dtype=torch.float32)
+    # every binade's power of two (where the spacing below is half the spacing above) and its neighbours
+    powers = torch.tensor([2.0 ** k for k in range(-149, 128)], dtype=torch.float32)
+    inf32 = torch.tensor(math.inf, dtype=torch.float32)
+    powers = torch.cat([powers, torch.nextafter(powers, inf32), torch.nextafter(powers, -inf32),
+                        torch.nextafter(torch.nextafter(powers, inf32), inf32)])
     edges = torch.cat([f32, powers, -powers, torch.tensor([0.0, 1e-45, -1e-45, 3.4e38], dtype=torch.float32)])
     x = torch.cat([edges.double(),                                       # exactly representable
                    edges.double() * (1 + 1e-12), edges.double() * (1 - 1e-12),
