@@ -680,7 +680,7 @@ def _skip_empty_traced_searches(function, wrap: tuple[bool, ...]) -> tuple[objec
 
         wrapped = 0
         for k, start in enumerate(starts):
-            if not wrap[k]:
+            if not wrap[k] or start.owningBlock().owningNode() is not None:   # in an earlier search's branch
                 continue
             nodes = [*graph.nodes(), graph.return_node()]      # the return node reads the graph's outputs
             found = _gathered_search(nodes, start.output().unique(), _traced_reads,
