@@ -17,8 +17,13 @@ the served onnxruntime session (one thread, subnormals flushed, as the service r
 turn (``--repeats`` rounds, each call's time the median-of-5 of enough calls to last 0.1 s; medians
 over rounds), after checking the two recordings answer the same bits on every row timed. Also the
 aten calls one call makes on the dataset's first row (torch's profiler counts each, the ones an
-operation makes inside another included). Usage:
-``python bench/ab_trace_searches.py [--models DIR] [--repeats 7]``.
+operation makes inside another included).
+
+``--device cuda`` records and runs the two traces on a GPU (each call synchronised before it is
+timed), where every skipped operation is a kernel launch; onnxruntime stays the served CPU session,
+the column to read beside them. ``--only`` / ``--batches`` narrow the run (a check before a lease:
+``--device cpu --only digits_lse --batches 1 --repeats 1``). Usage:
+``python bench/ab_trace_searches.py [--models DIR] [--repeats 7] [--device cpu] [--only M ...] [--batches 1 64 256]``.
 """
 
 from __future__ import annotations
@@ -50,32 +55,46 @@ def operations_run(traced: TracedModule, x: torch.Tensor, tau: torch.Tensor) -> 
     return sum(1 for event in prof.events() if event.name.startswith("aten::"))
 
 
-def bench_model(name: str, directory: Path, repeats: int) -> list[tuple]:
-    module = load_serving_module(directory).eval()
+def bench_model(name: str, directory: Path, repeats: int, batches_of: tuple[int, ...] = BATCHES,
+                device: str = "cpu") -> list[tuple]:
+    module = load_serving_module(directory).eval().to(device)
     skipped, always = TracedModule(module), TracedModule(module, skip_searches=False)
     if not skipped.searches_skipped:
         print(f"{name}: no gathered search to skip", flush=True)
         return []
     session = serving.open_session(directory / serving.ONNX_FILE, threads=1, flush_subnormals=True)
     X = load_dataset(DEMOS[name][0]).X.astype(np.float32)
-    first = (torch.from_numpy(X[:1]), torch.full((1, 1), 0.1, dtype=torch.float64))
-    ops = (operations_run(always, *first), operations_run(skipped, *first))
+
+    def on_device(b: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        return (torch.from_numpy(b).to(device), torch.full((len(b), 1), 0.1, dtype=torch.float64, device=device))
+
+    def synchronised(traced: TracedModule):
+        if device == "cpu":
+            return traced
+
+        def call(*xs):
+            out = traced(*xs)
+            torch.cuda.synchronize()
+            return out
+        return call
+
+    ops = (operations_run(always, *on_device(X[:1])), operations_run(skipped, *on_device(X[:1])))
     rows = []
-    for n in BATCHES:
+    for n in batches_of:
         count = 256 if n == 1 else len(X) // n
         batches = [X[i * n:(i + 1) * n] for i in range(count)]
-        inputs = [(torch.from_numpy(b), torch.full((n, 1), 0.1, dtype=torch.float64)) for b in batches]
+        inputs = [on_device(b) for b in batches]
         feeds = [serving.onnx_feeds(session, b, 0.1) for b in batches]
         for x, tau in inputs:
             for p, q in zip(skipped(x, tau).values(), always(x, tau).values(), strict=True):
-                if not np.array_equal(p.numpy(), q.numpy(), equal_nan=True):
+                if not np.array_equal(p.cpu().numpy(), q.cpu().numpy(), equal_nan=True):
                     raise AssertionError(f"{name}: the recordings answered different bits at batch {n}")
 
         def cycling(fn, items):
             it = itertools.cycle(items)
             return lambda: fn(*next(it))
 
-        calls = {"always": cycling(always, inputs), "skipped": cycling(skipped, inputs),
+        calls = {"always": cycling(synchronised(always), inputs), "skipped": cycling(synchronised(skipped), inputs),
                  "onnxruntime": cycling(lambda f: session.run(None, f), [(f,) for f in feeds])}
         ms = {k: s * 1e3 for k, s in report.alternate(calls, repeats).items()}
         rows.append((name, n, *ops, ms["always"], ms["skipped"], ms["onnxruntime"]))
@@ -84,13 +103,20 @@ def bench_model(name: str, directory: Path, repeats: int) -> list[tuple]:
 
 
 def main() -> int:
-    args = report.arguments(__doc__, OUT, repeats=7).parse_args()
+    ap = report.arguments(__doc__, OUT, repeats=7)
+    ap.add_argument("--device", default="cpu", help="where the two traces run (cpu, cuda)")
+    ap.add_argument("--only", nargs="*", choices=sorted(DEMOS), help="these demo models only")
+    ap.add_argument("--batches", nargs="*", type=int, default=list(BATCHES))
+    args = ap.parse_args()
     report.as_served()
     start = time.perf_counter()
-    rows = [r for m in DEMOS for r in bench_model(m, Path(args.models) / m / "1", args.repeats)]
+    rows = [r for m in (args.only or DEMOS)
+            for r in bench_model(m, Path(args.models) / m / "1", args.repeats, tuple(args.batches), args.device)]
+    where = "one thread" if args.device == "cpu" else f"the traces on {args.device}, onnxruntime on the CPU"
     report.write(args.out, "The torch trace with its gathered searches skipped when empty, side by side",
-                 f"python bench/ab_trace_searches.py --repeats {args.repeats}", start,
-                 f"torch {torch.__version__}, one thread; every served output; the model's own dataset rows; "
+                 f"python bench/ab_trace_searches.py --repeats {args.repeats}"
+                 + ("" if args.device == "cpu" else f" --device {args.device}"), start,
+                 f"torch {torch.__version__}, {where}; every served output; the model's own dataset rows; "
                  "what is timed: the module docstring.",
                  ("model", "batch", "aten calls on one row (profiler, nested included), always -> skipped",
                   "always ms", "skipped ms", "skipped / always", "onnxruntime ms", "skipped / onnxruntime",

@@ -198,3 +198,19 @@ def test_the_gpu_row_block_comparison_runs_with_the_cpu_in_the_gpus_place(tmp_pa
     cells = [c.strip() for c in row[0].strip("| ").split("|")]
     assert cells[:3] == ["deep", "150", "300"] and cells[3] == cells[4] and int(cells[3]) > 1, cells
     assert cells[-1] == "none" and "the CPU standing in" in out.read_text()
+
+
+def test_the_trace_searches_ab_runs_as_a_lease_would_run_it(demo_repository, tmp_path):
+    """bench/ab_trace_searches.py with --device (cpu here, cuda in a lease): the two recordings answer the
+    same bits on every row timed (the script checks), and the one that skips empty searches runs fewer
+    aten calls on a row whose searches gather nothing."""
+    out = tmp_path / "ab_trace_searches.md"
+    run = subprocess.run([sys.executable, "bench/ab_trace_searches.py", "--device", "cpu", "--only", "digits_deep",
+                          "--batches", "1", "--repeats", "1", "--models", str(demo_repository), "--out", str(out)],
+                         cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+    row = [line for line in out.read_text().splitlines() if line.startswith("| digits_deep |")]
+    assert len(row) == 1, out.read_text()
+    cells = [c.strip() for c in row[0].strip("| ").split("|")]
+    always, skipped = (int(v) for v in cells[2].split(" -> "))
+    assert cells[1] == "1" and skipped < 0.8 * always, cells
