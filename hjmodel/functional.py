@@ -1397,13 +1397,11 @@ def eps_star(X: Tensor) -> float:
 # ------------------------------------------------------------------ served precision
 #: Largest finite float32, as a float64 number.
 FLOAT32_MAX = float(torch.finfo(torch.float32).max)
-#: Relative shrink that moves a float64 number below its float32 rounding: the float32 spacing at
-#: |x| is at most 2^-23 |x|, so round-to-nearest errs by at most 2^-24 |x| < 2^-22 |x|.
-_F32_NUDGE = 2.0 ** -22
-#: Relative step below a normal float32 value y that rounds (to nearest) to y's float32 predecessor:
-#: 0.7 spacings of y's binade (|y| 2^-23 is 1-2 of them), :func:`float32_down`
+#: Step below a float32 value y that rounds (to nearest) to y's float32 predecessor: 0.7 spacings of
+#: y's binade (|y| 2^-23 is 1-2 of them) for a normal y, 0.7 of the subnormals' one spacing 2^-149
+#: below 2^-126 (:func:`float32_down`)
 _F32_PRED_STEP = 0.7 * 2.0 ** -23
-_F32_SUBNORMAL_STEP = 2.0 ** -148
+_F32_PRED_STEP_MIN = 0.7 * 2.0 ** -149
 
 
 def float32_saturate(x: Tensor) -> Tensor:
@@ -1418,23 +1416,26 @@ def float32_down(x: Tensor) -> Tensor:
     proven one.
 
     Round-to-nearest y is kept where it lands at or below x. Where it lands above, its float32
-    predecessor is taken, which is below x since x lies between the two: for every normal y,
-    y - 0.7 * 2^-23 |y| (float64, exact enough) rounds to it. Let u be the spacing of y's binade
-    (|y| in [2^e, 2^(e+1)), u = 2^(e-23)): the step s lies in [0.7 u, 1.4 u). Where the spacing
-    below y is u, y - u is the nearest float32 (0.4 u or closer; y and y - 2u are 0.6 u or more
-    away); where it is u/2 (|y| a power of two, y > 0), s = 0.7 u and y - u/2 is the nearest (0.2 u;
-    y - u is 0.3 u away). (An earlier form took two steps, 2^-24 |y| then 2^-23 |y|: the same value
-    for every normal y, one node pass more.) Only subnormals are left, and x - max(2^-22 |x|, 2^-148)
-    lands below x (possibly one spacing lower than needed: still sound; served bounds are never
-    subnormal, and the served sessions flush subnormals to zero anyway). Values above the float32 range saturate to its largest finite
-    value (smaller: still a lower bound); only x < -FLOAT32_MAX, which no served bound reaches, has
-    no float32 value below it. Exportable (Clip/Cast/Where/Mul only). Test: every binade's powers of
-    two and their neighbours, both signs (tests/hjmodel/test_functional.py)."""
+    predecessor is taken, which is below x since x lies between the two: y - s with
+    s = max(0.7 * 2^-23 |y|, 0.7 * 2^-149) (float64, exact enough) rounds to it. For a normal y let u
+    be the spacing of y's binade (|y| in [2^e, 2^(e+1)), u = 2^(e-23)): s lies in [0.7 u, 1.4 u).
+    Where the spacing below y is u, y - u is the nearest float32 (0.4 u or closer; y and y - 2u are
+    0.6 u or more away); where it is u/2 (|y| a power of two, y > 0), s = 0.7 u and y - u/2 is the
+    nearest (0.2 u; y - u is 0.3 u away). Below 2^-126 (subnormals, and a zero above a negative x)
+    the spacing is 2^-149 and s = 0.7 of it. (Earlier forms took two relative steps, then nudged x
+    itself down for subnormals: the same value for every normal y, a subnormal up to one spacing
+    lower, and more nodes.) A session that flushes subnormals to zero (the served ones) makes a
+    float32 subnormal 0, which is still below a positive x; below a negative x in the subnormal
+    range it is not (nor, for :func:`float32_up`, above a positive one; the earlier forms failed there
+    too): no served bound is there (a radius is >= 0, a p-value >= 1 / (1 + n)). Values
+    above the float32 range saturate to its largest finite value (smaller: still a lower bound); only
+    x < -FLOAT32_MAX, which no served bound reaches, has no float32 value below it. Exportable
+    (Clip/Cast/Where/Mul only). Test: every binade's powers of two and their neighbours, subnormals,
+    both signs (tests/hjmodel/test_functional.py)."""
     y = float32_saturate(x)
     y64 = y.to(x.dtype)
-    y = torch.where(y64 > x, float32_saturate(y64 - y64.abs() * _F32_PRED_STEP), y)
-    nudge = torch.clamp(x.abs() * _F32_NUDGE, min=_F32_SUBNORMAL_STEP)
-    return torch.where(y.to(x.dtype) > x, float32_saturate(x - nudge), y)
+    step = torch.clamp(y64.abs() * _F32_PRED_STEP, min=_F32_PRED_STEP_MIN)
+    return torch.where(y64 > x, float32_saturate(y64 - step), y)
 
 
 def float32_up(x: Tensor) -> Tensor:

@@ -718,7 +718,9 @@ def test_likelihood_gauge_maximises_the_leave_one_out_likelihood(seed):
 
 def test_float32_rounding_of_served_bounds():
     """float32_down is the largest float32 <= x, float32_up the smallest >= x (finite range), on
-    random normals, exact float32 values, powers of two, their neighbours, subnormals and zero."""
+    random normals, exact float32 values, powers of two, their neighbours, subnormals and zero
+    (IEEE subnormals: this thread does not flush them)."""
+    torch.set_flush_denormal(False)
     gen = torch.Generator().manual_seed(0)
     f32 = torch.randn(20000, generator=gen).float() * torch.logspace(-30, 30, 20000).float()
     # every binade's power of two (where the spacing below is half the spacing above) and its neighbours
@@ -734,11 +736,22 @@ def test_float32_rounding_of_served_bounds():
     assert down.dtype == up.dtype == torch.float32
     assert bool((down.double() <= x).all()) and bool((up.double() >= x).all())
     inf = torch.tensor(math.inf)
-    normal = x.abs() >= float(torch.finfo(torch.float32).tiny)
-    # tight: the next float32 in the safe direction's opposite is past x (normals; subnormals may be
-    # one spacing looser, still sound)
-    assert bool((torch.nextafter(down, inf).double() > x)[normal].all())
-    assert bool((torch.nextafter(up, -inf).double() < x)[normal].all())
+    finite = x.abs() <= float(torch.finfo(torch.float32).max)
+    # tight: the next float32 in the safe direction's opposite is past x (subnormals and zero too)
+    assert bool((torch.nextafter(down, inf).double() > x)[finite].all())
+    assert bool((torch.nextafter(up, -inf).double() < x)[finite].all())
+    # a thread that flushes subnormals to zero (the served backend's): a served lower bound (a radius,
+    # >= 0) in the subnormal range becomes 0 or a normal value below it, still a bound; an upper bound
+    # there (float32_up of a positive subnormal) would be flushed to 0 -- the one case the docstring
+    # excludes (a served p-value is >= 1 / (1 + n), never subnormal)
+    tiny = torch.cat([torch.tensor([0.0, 0.3, 0.7, 1.0, 1.5, 2.6, 1000.0, 8388607.5], dtype=torch.float64) * 2.0 ** -149,
+                      torch.rand(1000, generator=gen, dtype=torch.float64) * 2.0 ** -125])
+    try:
+        torch.set_flush_denormal(True)
+        down, up = F.float32_down(tiny), F.float32_up(1e-3 + tiny)
+    finally:
+        torch.set_flush_denormal(False)
+    assert bool((down.double() <= tiny).all()) and bool((up.double() >= 1e-3 + tiny).all())
     saturated = F.float32_saturate(torch.tensor([1e300, -1e300, math.nan], dtype=torch.float64))
     assert saturated[:2].isfinite().all() and saturated[2].isnan()
 
