@@ -666,12 +666,15 @@ def _skip_empty_traced_searches(function, wrap: tuple[bool, ...]) -> tuple[objec
     operations at batch 1). The same searches (:func:`_gathered_search`, ``wrap`` from
     :func:`_gathered_searches`); the else-branch passes the scatter's data through, which is what
     writing back nothing leaves, so the answers stay bit for bit (tests/hjmodel/test_trace.py). A
-    search that writes in place, or a graph with another number of ``nonzero`` operations, is left as
-    it was; ``function`` itself (0) when nothing is wrapped or this torch's graph API fails (logged)."""
+    graph that writes anything in place (the served ones write nothing so), or has another number of
+    ``nonzero`` operations, is left as it was; ``function`` itself (0) when nothing is wrapped or this
+    torch's graph API fails (logged)."""
     try:
         graph = function.graph.copy()
         starts = [n for n in graph.nodes() if n.kind() == "aten::nonzero"]
-        if len(starts) != len(wrap):
+        # "!": an operation that writes an input in place; with one anywhere, the else-branch's
+        # result (the scatter's data itself, not a copy) could be written through
+        if len(starts) != len(wrap) or any("!" in n.schema() for n in graph.nodes()):
             return function, 0
 
         def scatter(n):
@@ -685,7 +688,7 @@ def _skip_empty_traced_searches(function, wrap: tuple[bool, ...]) -> tuple[objec
             nodes = [*graph.nodes(), graph.return_node()]      # the return node reads the graph's outputs
             found = _gathered_search(nodes, start.output().unique(), _traced_reads,
                                      lambda n: [v.unique() for v in n.outputs()], scatter)
-            if found is None or any("!" in n.schema() for n in found[0]):   # "!": writes an input in place
+            if found is None:
                 continue
             search, sink = found
             result, data = sink.output(), sink.inputsAt(0)

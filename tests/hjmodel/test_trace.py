@@ -149,6 +149,37 @@ def test_the_trace_skips_the_searches_the_onnx_graph_skips_when_they_gather_noth
         assert _operations_run(plain, x, tau) - _operations_run(traced, x, tau) < skipped_all * blocks
 
 
+def _gathers(x: torch.Tensor) -> torch.Tensor:
+    rows = (x[:, 0] > 0).nonzero().squeeze(-1)                  # a gathered search over some rows
+    return (x * 2.0).index_put((rows,), x.index_select(0, rows).exp().sum(-1, keepdim=True).expand(-1, 3))
+
+
+def _gathers_then_writes_in_place(x: torch.Tensor) -> torch.Tensor:
+    return _gathers(x).mul_(3.0)
+
+
+def test_the_traced_search_wrap_on_a_small_graph_and_where_it_must_not_wrap():
+    """artifact._skip_empty_traced_searches on a recording of its own: a search from a nonzero to the
+    index_put that writes back into data not depending on it goes into a branch, and the recording
+    answers what eager torch does whether rows were gathered or not; a graph that writes anything in
+    place is left as recorded (the else-branch passes the data itself, which a later in-place write
+    would change)."""
+    from hjmodel.artifact import _skip_empty_traced_searches
+
+    x = torch.randn(6, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    x[:, 0] = torch.tensor([1.0, -1.0, 2.0, -2.0, 0.5, -0.5], dtype=torch.float64)
+    traced = torch.jit.trace(_gathers, (x,))
+    wrapped, count = _skip_empty_traced_searches(traced, (True,))
+    assert count == 1 and [n.kind() for n in wrapped.graph.nodes()].count("prim::If") == 1
+    none = -x.abs()                                             # nothing gathered: the else-branch
+    for rows in (x, none, x[:1], none[:1]):
+        assert torch.equal(wrapped(rows), _gathers(rows))
+    assert _skip_empty_traced_searches(traced, (False,)) == (traced, 0)
+    assert _skip_empty_traced_searches(traced, (True, True)) == (traced, 0)   # another number of searches
+    in_place = torch.jit.trace(_gathers_then_writes_in_place, (x,))
+    assert _skip_empty_traced_searches(in_place, (True,)) == (in_place, 0)
+
+
 def test_a_wrap_that_fails_leaves_the_searches_as_recorded_and_says_why(served, monkeypatch, caplog):
     # TorchScript's graph API is internal: where moving a search into a branch fails, the trace
     # answers as recorded, every search run
