@@ -16,8 +16,7 @@ them, one row per call; batch 64 and 256 cycle through the dataset in batches. T
 the served onnxruntime session (one thread, subnormals flushed, as the service runs it) are timed in
 turn (``--repeats`` rounds, each call's time the median-of-5 of enough calls to last 0.1 s; medians
 over rounds), after checking the two recordings answer the same bits on every row timed. Also the
-aten calls one call makes on the dataset's first row (torch's profiler counts each, the ones an
-operation makes inside another included).
+aten calls one call makes on the dataset's first row (``TracedModule.calls_made``).
 
 ``--device cuda`` records and runs the two traces on a GPU (each call synchronised before it is
 timed), where every skipped operation is a kernel launch; onnxruntime stays the served CPU session,
@@ -48,13 +47,6 @@ OUT = ROOT / "bench" / "results" / "ab_trace_searches.md"
 BATCHES = (1, 64, 256)
 
 
-def operations_run(traced: TracedModule, x: torch.Tensor, tau: torch.Tensor) -> int:
-    """The aten operations one call of ``traced`` runs (each one the interpreter dispatches)."""
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
-        traced(x, tau)
-    return sum(1 for event in prof.events() if event.name.startswith("aten::"))
-
-
 def bench_model(name: str, directory: Path, repeats: int, batches_of: tuple[int, ...] = BATCHES,
                 device: str = "cpu") -> list[tuple]:
     module = load_serving_module(directory).eval().to(device)
@@ -78,7 +70,7 @@ def bench_model(name: str, directory: Path, repeats: int, batches_of: tuple[int,
             return out
         return call
 
-    ops = (operations_run(always, *on_device(X[:1])), operations_run(skipped, *on_device(X[:1])))
+    ops = (always.calls_made(*on_device(X[:1])), skipped.calls_made(*on_device(X[:1])))
     rows = []
     for n in batches_of:
         count = 256 if n == 1 else len(X) // n

@@ -64,8 +64,8 @@ def alternate(calls: dict[str, Callable[[], object]], repeats: int) -> dict[str,
 
 
 def as_served() -> None:
-    """This thread set as a served model's backend thread is: torch on one thread, subnormals flushed
-    to zero (``service.batching``, ``hjmodel.serving.flush_subnormals``)."""
+    """Set this thread up as a served model's backend thread is set up: torch on one thread,
+    subnormals flushed to zero (``service.batching``, ``hjmodel.serving.flush_subnormals``)."""
     import torch
 
     from hjmodel import serving

@@ -374,6 +374,27 @@ class TracedModule:
             # would have it optimised and cached first
             self.graph(*inputs)
 
+    def operations(self) -> list[str]:
+        """The recorded graph's operations by kind, those in its branches (the skipped searches)
+        included, read from an inlined copy (the trace's first call fixed its executable graphs
+        unoptimised, so reading changes none of its answers): what the tests and
+        ``bench/ab_trace.py`` compare between recordings."""
+        graph = self.graph.graph.copy()
+        torch._C._jit_pass_inline(graph)
+
+        def kinds(nodes) -> list[str]:
+            return [k for node in nodes for k in [node.kind(), *(k for b in node.blocks() for k in kinds(b.nodes()))]]
+
+        return kinds(graph.nodes())
+
+    def calls_made(self, *inputs: Tensor) -> int:
+        """How many aten calls one call of the trace on ``inputs`` makes (torch's profiler counts each
+        one dispatched, the ones an operation makes inside another included): what a skipped search
+        saves (tests/hjmodel/test_trace.py, ``bench/ab_trace_searches.py``)."""
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            self(*inputs)
+        return sum(1 for event in prof.events() if event.name.startswith("aten::"))
+
     def __call__(self, *inputs: Tensor) -> dict[str, Tensor]:
         # the module's own row blocks (the graph would take the batch whole, as an exported one does):
         # a large batch stays within the memory eager torch would use. Inference mode, whoever calls:

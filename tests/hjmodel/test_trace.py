@@ -87,32 +87,11 @@ def test_the_trace_does_not_depend_on_the_batch_it_was_recorded_with(served):
     nan["input"] = torch.full_like(nan["input"], float("nan"))
     first = {"input": torch.tensor(DATA[name](return_X_y=True)[0][:2], dtype=torch.float32),
              "tau": torch.full((2, 1), 0.1, dtype=torch.float64)}
-    recorded = _operations(TracedModule(module))
+    recorded = TracedModule(module).operations()
     for example in (nan, first):
         traced = TracedModule(module, example)
-        assert _operations(traced) == recorded      # the same graph, whichever rows recorded it
+        assert traced.operations() == recorded      # the same graph, whichever rows recorded it
         _assert_identical(traced(x, tau), want)
-
-
-def _operations(traced: TracedModule) -> list[str]:
-    """The recorded graph's operations, those in its branches included (inlined with the optimiser's
-    switch on, as a reader would: the trace's first call fixed its executable graphs unoptimised, so
-    this changes none of its answers)."""
-    graph = traced.graph.graph.copy()
-    torch._C._jit_pass_inline(graph)
-
-    def kinds(nodes) -> list[str]:
-        return [k for node in nodes for k in [node.kind(), *(k for b in node.blocks() for k in kinds(b.nodes()))]]
-
-    return kinds(graph.nodes())
-
-
-def _operations_run(traced: TracedModule, *inputs: torch.Tensor) -> int:
-    """How many aten operations one call of the trace runs (torch's profiler sees each one the
-    interpreter dispatches)."""
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
-        traced(*inputs)
-    return sum(1 for event in prof.events() if event.name.startswith("aten::"))
 
 
 def test_the_trace_skips_the_searches_the_onnx_graph_skips_when_they_gather_nothing(served, demo_repository):
@@ -127,16 +106,16 @@ def test_the_trace_skips_the_searches_the_onnx_graph_skips_when_they_gather_noth
     name, module, traced = served
     onnx_ifs = [n for n in onnx.load(str(demo_repository / name / "1" / ONNX_FILE)).graph.node if n.op_type == "If"]
     assert traced.searches_skipped == len(onnx_ifs) == sum(_gathered_searches(module.model))
-    assert _operations(traced).count("prim::If") == len(onnx_ifs)
+    assert traced.operations().count("prim::If") == len(onnx_ifs)
     plain = TracedModule(module, skip_searches=False)
-    assert plain.searches_skipped == 0 and "prim::If" not in _operations(plain)
-    assert sorted(k for k in _operations(traced) if k != "prim::If") == sorted(
-        [*_operations(plain), *["aten::numel", "aten::gt", "prim::Constant"] * len(onnx_ifs)])
+    assert plain.searches_skipped == 0 and "prim::If" not in plain.operations()
+    assert sorted(k for k in traced.operations() if k != "prim::If") == sorted(
+        [*plain.operations(), *["aten::numel", "aten::gt", "prim::Constant"] * len(onnx_ifs)])
     tau1 = torch.full((1, 1), 0.1, dtype=torch.float64)
     one = torch.tensor(DATA[name](return_X_y=True)[0][:1], dtype=torch.float32)  # its searches gather nothing
     _assert_identical(traced(one, tau1), plain(one, tau1))
     if onnx_ifs:
-        assert _operations_run(traced, one, tau1) < 0.85 * _operations_run(plain, one, tau1)
+        assert traced.calls_made(one, tau1) < 0.85 * plain.calls_made(one, tau1)
     # the dataset and the dataset x10: each wrapped search gathers rows in some row block (the IBP
     # search of digits_lse only far out, digits_deep's tangent search only): its branch ran there
     X = torch.tensor(DATA[name](return_X_y=True)[0], dtype=torch.float32)
@@ -144,9 +123,9 @@ def test_the_trace_skips_the_searches_the_onnx_graph_skips_when_they_gather_noth
     tau = torch.full((len(x), 1), 0.1, dtype=torch.float64)
     _assert_identical(traced(x, tau), plain(x, tau))
     if onnx_ifs:
-        skipped_all = _operations_run(plain, one, tau1) - _operations_run(traced, one, tau1)
+        skipped_all = plain.calls_made(one, tau1) - traced.calls_made(one, tau1)
         blocks = len(module.blocks(len(x)))
-        assert _operations_run(plain, x, tau) - _operations_run(traced, x, tau) < skipped_all * blocks
+        assert plain.calls_made(x, tau) - traced.calls_made(x, tau) < skipped_all * blocks
 
 
 def _gathers(x: torch.Tensor) -> torch.Tensor:
@@ -156,6 +135,14 @@ def _gathers(x: torch.Tensor) -> torch.Tensor:
 
 def _gathers_then_writes_in_place(x: torch.Tensor) -> torch.Tensor:
     return _gathers(x).mul_(3.0)
+
+
+def _gathers_within_a_search(x: torch.Tensor) -> torch.Tensor:
+    rows = (x[:, 0] > 0).nonzero().squeeze(-1)
+    sub = x.index_select(0, rows)
+    inner = (sub[:, 1] > 0).nonzero().squeeze(-1)             # a second search inside the first
+    found = sub.index_put((inner,), sub.index_select(0, inner) * 2.0)
+    return (x * 2.0).index_put((rows,), found)
 
 
 def test_the_traced_search_wrap_on_a_small_graph_and_where_it_must_not_wrap():
@@ -178,6 +165,12 @@ def test_the_traced_search_wrap_on_a_small_graph_and_where_it_must_not_wrap():
     assert _skip_empty_traced_searches(traced, (True, True)) == (traced, 0)   # another number of searches
     in_place = torch.jit.trace(_gathers_then_writes_in_place, (x,))
     assert _skip_empty_traced_searches(in_place, (True,)) == (in_place, 0)
+    # the second search moves into the first one's branch with it, and runs only there
+    nested = torch.jit.trace(_gathers_within_a_search, (x,))
+    wrapped, count = _skip_empty_traced_searches(nested, (True, True))
+    assert count == 1 and [n.kind() for n in wrapped.graph.nodes()].count("prim::If") == 1
+    for rows in (x, none, x[:1], none[:1], torch.cat([x[:, :1], -x[:, 1:].abs()], 1)):
+        assert torch.equal(wrapped(rows), _gathers_within_a_search(rows))
 
 
 def test_a_wrap_that_fails_leaves_the_searches_as_recorded_and_says_why(served, monkeypatch, caplog):
@@ -191,7 +184,7 @@ def test_a_wrap_that_fails_leaves_the_searches_as_recorded_and_says_why(served, 
     monkeypatch.setattr("hjmodel.artifact._gathered_search", broken)
     with caplog.at_level("WARNING", logger="hjmodel.artifact"):
         unwrapped = TracedModule(module)
-    assert unwrapped.searches_skipped == 0 and "prim::If" not in _operations(unwrapped)
+    assert unwrapped.searches_skipped == 0 and "prim::If" not in unwrapped.operations()
     if traced.searches_skipped:
         assert "wrapping its searches failed" in caplog.text and "no such method" in caplog.text
     x = _rows(name, 9, seed=8)
@@ -216,8 +209,8 @@ def test_a_trace_of_some_outputs_answers_what_the_whole_trace_does(served):
         part = TracedModule(ServingModule(module.model, subset))
         assert part.names == subset
         _assert_identical(part(x, tau), {k: want[k] for k in subset})
-        sizes[subset] = len(_operations(part))
-    whole = len(_operations(traced))
+        sizes[subset] = len(part.operations())
+    whole = len(traced.operations())
     assert sizes[("prediction",)] * 5 < whole and max(sizes.values()) < whole
     if "probabilities" in names:   # a classifier's certified radius is most of its graph
         assert sizes[subsets[2]] * 2 < whole
@@ -228,7 +221,7 @@ def test_folding_the_weight_only_operations_removes_them_and_changes_no_bit(serv
     # of weights) is computed once at load -- by the kernels the unfolded graph would run per call
     name, module, traced = served
     unfolded = TracedModule(module, fold=False)
-    assert len(_operations(traced)) < 0.95 * len(_operations(unfolded))
+    assert len(traced.operations()) < 0.95 * len(unfolded.operations())
     flags = [p.requires_grad for p in module.parameters()]
     assert any(flags)      # as loaded: tracing takes the flags off while it records, and puts them back
     TracedModule(module)
@@ -263,7 +256,7 @@ def test_a_fold_that_would_hold_too_many_bytes_is_not_made(served, monkeypatch, 
     with caplog.at_level("INFO", logger="hjmodel.artifact"):
         traced = TracedModule(module)
     assert "left unfolded" in caplog.text
-    assert len(_operations(traced)) > len(_operations(folded))
+    assert len(traced.operations()) > len(folded.operations())
     x = _rows(name, 9, seed=4)
     tau = torch.full((9, 1), 0.1, dtype=torch.float64)
     _assert_identical(traced(x, tau), folded(x, tau))
@@ -280,7 +273,7 @@ def test_a_fold_that_fails_leaves_the_trace_unfolded_and_says_why(served, monkey
     with caplog.at_level("WARNING", logger="hjmodel.artifact"):
         traced = TracedModule(module)
     assert "constant folding failed" in caplog.text and "no such pass" in caplog.text
-    assert traced.folded_bytes == 0 and len(_operations(traced)) > len(_operations(folded))
+    assert traced.folded_bytes == 0 and len(traced.operations()) > len(folded.operations())
     x = _rows(name, 9, seed=6)
     tau = torch.full((9, 1), 0.1, dtype=torch.float64)
     _assert_identical(traced(x, tau), folded(x, tau))
