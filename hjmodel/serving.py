@@ -16,9 +16,11 @@ The service only moves these tensors; every number is computed by hjmodel.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
-from collections.abc import Mapping, Sequence
+import sys
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -391,6 +393,32 @@ def flush_subnormals() -> bool:
     import torch
 
     return bool(torch.set_flush_denormal(True))
+
+
+_SMALLEST_NORMAL, _HALF = sys.float_info.min, 0.5
+
+
+def flushing_subnormals() -> bool:
+    """Whether the calling thread flushes subnormal numbers to zero now (half the smallest normal
+    float64, computed on this thread, comes out 0)."""
+    return _SMALLEST_NORMAL * _HALF == 0.0   # variables: a literal product would be folded at compile time
+
+
+@contextlib.contextmanager
+def subnormals_flushed() -> Iterator[None]:
+    """:func:`flush_subnormals` on the calling thread for the block, the thread's own mode restored
+    after it: for a graph run on a thread that otherwise keeps subnormals (the service's event loop,
+    service.batching), in the mode its backend thread runs it in, so the answer is the same bits."""
+    import torch
+
+    if flushing_subnormals():
+        yield
+        return
+    torch.set_flush_denormal(True)
+    try:
+        yield
+    finally:
+        torch.set_flush_denormal(False)
 
 
 def onnx_feeds(session: Any, x: Any, tau: Any = 0.1, baseline: Any = None) -> dict[str, Any]:

@@ -21,6 +21,17 @@ A full queue rejects at once (:class:`~service.errors.Overloaded`, sent as 503 +
 a request that waits longer than its timeout fails with :class:`~service.errors.RequestTimeout`, and
 if it has not started by then it never runs. Every request ends with a result or an error: nothing
 hangs and nothing is dropped silently.
+
+A request that is *alone* -- the only inference request the server has in flight (the caller says so;
+:class:`service.dataplane.DataPlane` counts them), with no job of this version queued or computing, no
+explanation and at most :data:`INLINE_ROWS` rows -- runs its graph on the event loop itself when this
+version's recent small calls took at most ``inline_max_s`` and the batcher is not asked to wait for
+more rows (``max_queue_delay_s`` 0, the default: a delay asks every request to wait for company).
+The hand-off to the thread and back (two thread wake-ups, ~100 us on a shared two-core machine, a
+tenth of a batch-1 request) buys no overlap when nothing else is waiting, and nothing else waits on
+the loop for longer than about one such call. The graph runs in the same floating-point mode as on
+the thread (subnormals flushed for the call: :func:`hjmodel.serving.subnormals_flushed`), so the
+answer is the same bits either way.
 """
 
 from __future__ import annotations
@@ -42,10 +53,17 @@ from hjmodel import serving
 from service.backends.base import Backend
 from service.errors import BackendError, HJServeError, InternalError, Overloaded, RequestTimeout
 
-__all__ = ["BULK_MAX_WAIT_S", "BatchResult", "BatcherClosed", "DynamicBatcher"]
+__all__ = ["BULK_MAX_WAIT_S", "BatchResult", "BatcherClosed", "DynamicBatcher", "INLINE_ROWS"]
 
 #: Longest a bulk job (a batch job's chunk) waits behind online requests before it goes next anyway
 BULK_MAX_WAIT_S = 0.25
+
+#: Most rows a request may have to run on the event loop when it is alone (the module docstring); the
+#: calls of at most this many rows are the ones whose time decides whether it may
+INLINE_ROWS = 16
+
+#: Weight of the latest call in the running estimate of a small call's time
+_CALL_S_WEIGHT = 0.25
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +105,8 @@ class DynamicBatcher:
     def __init__(self, backend: Backend, *, max_batch_size: int, max_queue_delay_s: float,
                  max_queue_size: int, retry_after_s: int = 1, name: str = "model",
                  on_batch: Callable[[int, float], None] | None = None,
-                 on_queue: Callable[[int], None] | None = None, explain_rows: int | None = None):
+                 on_queue: Callable[[int], None] | None = None, explain_rows: int | None = None,
+                 inline_max_s: float = 0.0):
         self.backend = backend
         self.max_batch_size = max_batch_size
         #: rows per explanation-graph call (default max_batch_size; the repository sets the model's
@@ -110,6 +129,13 @@ class DynamicBatcher:
         self._explainer: ThreadPoolExecutor | None = None
         self._stopped: asyncio.Future | None = None
         self._closing = False
+        #: a request alone runs on the event loop when small calls took at most this (0: never)
+        self.inline_max_s = inline_max_s
+        #: jobs put on the queue and not yet settled (delivered, or dropped by the thread); the
+        #: event loop's count: the thread has nothing to do when it is 0
+        self._pending = 0
+        #: running estimate of a call of at most INLINE_ROWS rows, seconds (None: none measured yet)
+        self._call_s: float | None = None
 
     @property
     def queue_size(self) -> int:
@@ -118,7 +144,7 @@ class DynamicBatcher:
 
     async def infer(self, rows: np.ndarray, tau: float, *, timeout_s: float, wait_for_room: bool = False,
                     baseline: np.ndarray | None = None, bulk: bool = False,
-                    outputs: frozenset[str] | None = None) -> BatchResult:
+                    outputs: frozenset[str] | None = None, alone: bool = False) -> BatchResult:
         """Run ``rows`` (float32 (n, d), n <= max_batch_size) through the batcher.
 
         ``outputs``: the serving outputs the caller needs (None: every one); a batch asks the backend
@@ -128,7 +154,8 @@ class DynamicBatcher:
         With ``baseline`` ((d,) float32) the result also holds the explanation outputs of ``rows``
         (``Backend.explain`` from that baseline), computed in the same turn, beside the serving graph.
         ``bulk`` (a batch job's chunk): online requests queued before it run first (the module says
-        how long it may wait for them).
+        how long it may wait for them). ``alone``: no other inference request is in flight in the
+        server; the rows may then run on the event loop (the module docstring says when).
         """
         deadline = time.monotonic() + timeout_s
         while self.queue_size >= self.max_queue_size and not self._closing:
@@ -140,10 +167,13 @@ class DynamicBatcher:
             await asyncio.sleep(0.002)
         if self._closing:
             raise BatcherClosed()
+        if alone and baseline is None and not bulk and self._inline(len(rows)):
+            return self._run_inline(rows, float(tau), outputs, deadline, timeout_s)
         loop = asyncio.get_running_loop()
         if self._thread is None:
             self._start(loop)
         job = _Job(rows, float(tau), loop.create_future(), baseline, bulk, outputs)
+        self._pending += 1
         self._queue.put(job)
         self._on_queue(self.queue_size)
         timer = loop.call_later(max(0.0, deadline - time.monotonic()), _expire, job.future, timeout_s)
@@ -151,6 +181,36 @@ class DynamicBatcher:
             return await job.future   # a cancelled caller cancels the job: the thread skips it
         finally:
             timer.cancel()
+
+    def _inline(self, rows: int) -> bool:
+        """Whether a request of ``rows`` rows that is alone may run on the event loop now."""
+        return (self.inline_max_s > 0 and self.max_queue_delay_s == 0 and self._pending == 0
+                and rows <= INLINE_ROWS and self._call_s is not None and self._call_s <= self.inline_max_s)
+
+    def _run_inline(self, rows: np.ndarray, tau: float, outputs: frozenset[str] | None, deadline: float,
+                    timeout_s: float) -> BatchResult:
+        """On the event loop: ``rows`` through ``backend.infer`` as the thread would run them alone
+        (the same inputs, floating-point mode and checks), as a batch of their own."""
+        start = time.perf_counter()
+        with serving.subnormals_flushed():
+            result = _guarded(self.backend.infer, "inference", len(rows), rows, np.full(len(rows), tau), outputs)
+        compute = time.perf_counter() - start
+        self._timed(len(rows), compute)
+        if isinstance(result, HJServeError):
+            raise result
+        self._on_batch(len(rows), compute)
+        if time.monotonic() > deadline:   # as the thread's request would have: its answer comes too late
+            raise RequestTimeout(f"no result within the request timeout of {timeout_s:g} s")
+        return BatchResult(result, 0.0, compute, len(rows))
+
+    def _timed(self, rows: int, seconds: float) -> None:
+        """Fold a call's time into the estimate of a small call (calls of at most INLINE_ROWS rows)."""
+        if rows <= INLINE_ROWS:
+            self._call_s = seconds if self._call_s is None else self._call_s + _CALL_S_WEIGHT * (seconds - self._call_s)
+
+    def _settled(self, jobs: int) -> None:
+        """On the event loop: ``jobs`` of the queue's are done with (delivered or dropped)."""
+        self._pending -= jobs
 
     async def close(self) -> None:
         """Stop taking requests, finish the queued ones, then release the backend."""
@@ -163,6 +223,7 @@ class DynamicBatcher:
     # -- the backend's thread ---------------------------------------------------------------------
 
     def _start(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
         self._stopped = loop.create_future()
         self._explainer = ThreadPoolExecutor(1, thread_name_prefix=f"hjserve-{self.name}-explain",
                                              initializer=serving.flush_subnormals)
@@ -202,7 +263,8 @@ class DynamicBatcher:
                 if not batch:
                     self._wait(None)
                 continue
-            if job.future.done():
+            if job.future.done():   # timed out or cancelled while queued: never runs
+                self._loop.call_soon_threadsafe(self._settled, 1)
                 continue
             if batch and rows + len(job.rows) > self.max_batch_size:
                 (self._bulk if job.bulk else self._online).appendleft(job)   # the next batch's first
@@ -261,7 +323,9 @@ class DynamicBatcher:
         pending = (self._explainer.submit(self._explain, batch, offsets, rows, tau)
                    if any(j.baseline is not None for j in batch) else None)
         wanted = None if any(j.outputs is None for j in batch) else frozenset().union(*(j.outputs for j in batch))
+        served = time.perf_counter()
         outputs = _guarded(self.backend.infer, "inference", len(rows), rows, tau, wanted)
+        served = time.perf_counter() - served
         explained: dict[str, np.ndarray] | HJServeError = {}
         if pending is not None:
             try:
@@ -270,7 +334,7 @@ class DynamicBatcher:
                 log.exception("explanation failed")
                 explained = InternalError(f"the explanation failed: {type(exc).__name__}: {exc}")
         loop.call_soon_threadsafe(self._deliver, batch, offsets, outputs, explained, start,
-                                  time.perf_counter() - start)
+                                  time.perf_counter() - start, served)
 
     def _explain(self, batch: list[_Job], offsets: list[int], rows: np.ndarray,
                  tau: np.ndarray) -> dict[str, np.ndarray] | HJServeError:
@@ -295,9 +359,12 @@ class DynamicBatcher:
         return parts[0] if len(parts) == 1 else {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
     def _deliver(self, batch: list[_Job], offsets: list[int], outputs: dict[str, np.ndarray] | HJServeError,
-                 explained: dict[str, np.ndarray] | HJServeError, start: float, compute: float) -> None:
+                 explained: dict[str, np.ndarray] | HJServeError, start: float, compute: float,
+                 served_s: float = 0.0) -> None:
         """On the event loop: each job's slice of the batch's outputs (and of the explanation outputs
-        when it asked for them), or the error that kept it from them."""
+        when it asked for them), or the error that kept it from them. ``served_s``: the serving
+        graph's time alone (the explanation's, run beside it, left out)."""
+        self._settled(len(batch))
         self._on_queue(self.queue_size)
         if isinstance(outputs, HJServeError):
             for job in batch:
@@ -305,6 +372,7 @@ class DynamicBatcher:
                     job.future.set_exception(outputs)
             return
         n = offsets[-1] + len(batch[-1].rows)
+        self._timed(n, served_s)
         self._on_batch(n, compute)
         done = 0   # explained rows before this job
         for offset, job in zip(offsets, batch):

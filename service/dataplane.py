@@ -175,6 +175,8 @@ class DataPlane:
                                          "inference bodies", REQUEST_MEMORY_BYTES, full=RequestMemoryFull,
                                          retry_after_s=settings.retry_after_s)
         self._poller: asyncio.Task | None = None
+        #: inference requests in flight, every model version's together (admitted, not yet answered)
+        self.in_flight = 0
         names = split_names(settings.default_outputs)
         self._default_outputs = None if names == ["all"] else tuple(names)
         names = split_names(settings.monitored_outputs)
@@ -360,6 +362,7 @@ class DataPlane:
         if self._full(mv):
             return mv
         mv.in_flight += 1
+        self.in_flight += 1
         released = False
 
         def release() -> None:
@@ -367,6 +370,7 @@ class DataPlane:
             if not released:
                 released = True
                 mv.in_flight -= 1
+                self.in_flight -= 1
         return release
 
     @contextlib.contextmanager
@@ -384,10 +388,12 @@ class DataPlane:
                              f"{self.settings.max_queue_size}); retry later",
                              retry_after_s=self.settings.retry_after_s)
         mv.in_flight += 1
+        self.in_flight += 1
         try:
             yield mv
         finally:
             mv.in_flight -= 1
+            self.in_flight -= 1
 
     # -- options and rows -------------------------------------------------------------------------
 
@@ -552,8 +558,9 @@ class DataPlane:
         chunks = [rows[i:i + size] for i in range(0, len(rows), size)]
         # the queue limit admits a request by its first chunk; its later chunks wait for room (a
         # request larger than the queue would otherwise never run)
+        alone = self.in_flight == 1 and len(chunks) == 1   # the batcher may run it on the event loop
         coros = [mv.batcher.infer(c, options.tau, timeout_s=options.timeout_s, wait_for_room=bulk or i > 0,
-                                  baseline=options.baseline, bulk=bulk, outputs=options.computed)
+                                  baseline=options.baseline, bulk=bulk, outputs=options.computed, alone=alone)
                  for i, c in enumerate(chunks)]
         if len(coros) == 1:
             results = [await coros[0]]

@@ -255,7 +255,8 @@ class ModelRepository:
             backend, max_batch_size=s.max_batch_size, max_queue_delay_s=s.max_queue_delay_ms / 1000.0,
             max_queue_size=s.max_queue_size, retry_after_s=s.retry_after_s, name=f"{name}-{version}",
             on_batch=metrics.on_batch, on_queue=metrics.queue_size.set,
-            explain_rows=serving.explain_rows_per_call(spec.raw.get("structure"), s.max_batch_size))
+            explain_rows=serving.explain_rows_per_call(spec.raw.get("structure"), s.max_batch_size),
+            inline_max_s=s.inline_max_ms / 1000.0)
         return ModelVersion(name, version, path, spec, backend, batcher, metrics, names)
 
     async def load_all(self) -> None:

@@ -9,7 +9,8 @@ import time
 import numpy as np
 import pytest
 
-from service.batching import BatcherClosed, DynamicBatcher
+from hjmodel import serving
+from service.batching import INLINE_ROWS, BatcherClosed, DynamicBatcher
 from service.errors import BackendError, InternalError, Overloaded, RequestTimeout
 
 
@@ -429,3 +430,181 @@ def test_close_runs_the_queued_bulk_chunks_too():
         return await asyncio.gather(*jobs)
 
     assert len(asyncio.run(main())) == 6
+
+
+# -- a request alone runs on the event loop ----------------------------------------------------------
+
+
+class WhereBackend(FakeBackend):
+    """FakeBackend that records, for every call, its thread and whether it flushed subnormals."""
+
+    def __init__(self, **kw):
+        super().__init__(**kw)
+        self.calls: list[tuple[int, bool]] = []
+
+    def infer(self, input, tau, outputs=None):
+        self.calls.append((threading.get_ident(), serving.flushing_subnormals()))
+        return super().infer(input, tau, outputs)
+
+
+def _on_loop(backend: WhereBackend, i: int) -> bool:
+    return backend.calls[i][0] == threading.get_ident()
+
+
+def test_a_request_alone_runs_on_the_event_loop_once_its_models_small_calls_are_known_fast():
+    """The first call measures (the thread); then a request alone runs where it is, in the thread's
+    floating-point mode, the loop's own mode restored after it, with the same answer."""
+    backend = WhereBackend()
+    before = serving.flushing_subnormals()
+
+    async def main():
+        batcher = _batcher(backend, max_queue_delay_s=0.0, inline_max_s=1.0)
+        try:
+            first = await batcher.infer(_rows(2), 0.3, timeout_s=5, alone=True)
+            second = await batcher.infer(_rows(2), 0.3, timeout_s=5, alone=True)
+            return first, second
+        finally:
+            await batcher.close()
+
+    first, second = asyncio.run(main())
+    assert not _on_loop(backend, 0) and _on_loop(backend, 1)
+    assert [flushed for _, flushed in backend.calls] == [True, True]
+    assert serving.flushing_subnormals() == before
+    for name in ("double", "tau"):
+        np.testing.assert_array_equal(first.outputs[name], second.outputs[name])
+    assert second.queue_s == 0.0 and second.batch_rows == 2 and second.compute_s > 0
+
+
+@pytest.mark.parametrize("case", ["not alone", "explanation", "bulk", "too many rows", "slow calls", "off"])
+def test_a_request_runs_on_the_thread_unless_it_is_alone_small_fast_and_allowed(case):
+    backend = ExplainingBackend() if case == "explanation" else WhereBackend(delay=0.02 if case == "slow calls" else 0.0)
+    if case == "explanation":
+        backend.calls = []
+        plain = backend.infer
+
+        def infer(input, tau, outputs=None):
+            backend.calls.append((threading.get_ident(), serving.flushing_subnormals()))
+            return plain(input, tau, outputs)
+        backend.infer = infer
+
+    async def main():
+        batcher = _batcher(backend, max_batch_size=32, max_queue_delay_s=0.0,
+                           inline_max_s=0.0 if case == "off" else 0.01)
+        try:
+            await batcher.infer(_rows(1), 0.1, timeout_s=5, alone=True)   # measures
+            await batcher.infer(_rows(INLINE_ROWS + 1 if case == "too many rows" else 1), 0.1, timeout_s=5,
+                                alone=case != "not alone", bulk=case == "bulk",
+                                baseline=np.zeros(2, np.float32) if case == "explanation" else None)
+        finally:
+            await batcher.close()
+
+    asyncio.run(main())
+    assert len(backend.calls) == 2 and not _on_loop(backend, 1)
+
+
+def test_a_request_alone_waits_for_the_thread_while_it_has_work():
+    """A job queued or computing keeps a request alone on the thread (behind it, as any other); once
+    the thread's jobs are settled -- delivered, or dropped after their timeout -- it runs inline again."""
+    backend = WhereBackend()
+
+    async def main():
+        batcher = _batcher(backend, max_queue_delay_s=0.0, inline_max_s=1.0)
+        try:
+            await batcher.infer(_rows(1), 0.1, timeout_s=5)                       # measures
+            backend.gate.clear()
+            backend.entered.clear()
+            running = asyncio.ensure_future(batcher.infer(_rows(1), 0.1, timeout_s=5))
+            await asyncio.to_thread(backend.entered.wait, 5)                      # the thread is computing
+            expiring = asyncio.ensure_future(batcher.infer(_rows(1), 0.1, timeout_s=0.01))   # queued
+            alone = asyncio.ensure_future(batcher.infer(_rows(1), 0.1, timeout_s=5, alone=True))
+            with pytest.raises(RequestTimeout):
+                await expiring
+            backend.gate.set()
+            await running
+            await alone
+            assert not _on_loop(backend, 2)            # it went behind the running job, on the thread
+            for _ in range(100):                       # the timed-out job is dropped, then settled
+                if batcher._pending == 0:
+                    break
+                await asyncio.sleep(0.01)
+            await batcher.infer(_rows(1), 0.1, timeout_s=5, alone=True)
+            assert _on_loop(backend, 3)
+        finally:
+            backend.gate.set()
+            await batcher.close()
+
+    asyncio.run(main())
+    assert len(backend.calls) == 4
+
+
+@pytest.mark.parametrize(("fail", "error"), [(BackendError("bad input"), BackendError),
+                                             (RuntimeError("boom"), InternalError)])
+def test_a_request_run_on_the_event_loop_fails_as_on_the_thread(fail, error):
+    backend = WhereBackend()
+
+    async def main():
+        batcher = _batcher(backend, max_queue_delay_s=0.0, inline_max_s=1.0)
+        try:
+            await batcher.infer(_rows(1), 0.1, timeout_s=5, alone=True)
+            backend.fail = fail
+            with pytest.raises(error):
+                await batcher.infer(_rows(1), 0.1, timeout_s=5, alone=True)
+            backend.fail = None
+            return await batcher.infer(_rows(1), 0.1, timeout_s=5, alone=True)
+        finally:
+            await batcher.close()
+
+    assert asyncio.run(main()).batch_rows == 1
+    assert [_on_loop(backend, i) for i in range(3)] == [False, True, True]
+
+
+def test_a_request_run_on_the_event_loop_past_its_timeout_fails_with_a_timeout():
+    backend = WhereBackend()
+
+    async def main():
+        batcher = _batcher(backend, max_queue_delay_s=0.0, inline_max_s=1.0)
+        try:
+            await batcher.infer(_rows(1), 0.1, timeout_s=5, alone=True)
+            backend.delay = 0.05
+            with pytest.raises(RequestTimeout):
+                await batcher.infer(_rows(1), 0.1, timeout_s=0.01, alone=True)
+        finally:
+            await batcher.close()
+
+    asyncio.run(main())
+    assert _on_loop(backend, 1)
+
+
+def test_subnormals_flushed_sets_the_mode_for_the_block_and_restores_the_threads_own():
+    import torch
+
+    seen = []
+
+    def on_a_thread():
+        for mode in (False, True):
+            torch.set_flush_denormal(mode)
+            with serving.subnormals_flushed():
+                seen.append((mode, serving.flushing_subnormals(), np.float64(1e-300) * np.float64(1e-10)))
+            seen.append((mode, serving.flushing_subnormals()))
+
+    worker = threading.Thread(target=on_a_thread)
+    worker.start()
+    worker.join()
+    assert seen == [(False, True, 0.0), (False, False), (True, True, 0.0), (True, True)]
+
+
+def test_a_request_alone_still_waits_for_company_when_the_batcher_is_asked_to():
+    """With ``max_queue_delay_s`` set every request waits for more rows, as Triton's batcher does:
+    none runs on the event loop, alone or not."""
+    backend = WhereBackend()
+
+    async def main():
+        batcher = _batcher(backend, max_queue_delay_s=0.001, inline_max_s=1.0)
+        try:
+            for _ in range(3):
+                await batcher.infer(_rows(1), 0.1, timeout_s=5, alone=True)
+        finally:
+            await batcher.close()
+
+    asyncio.run(main())
+    assert not any(_on_loop(backend, i) for i in range(3))

@@ -320,3 +320,38 @@ def test_a_request_computes_its_outputs_and_the_monitored_ones(fake_root, overri
         await plane.infer("fclf", None, _request(n=2))      # the default outputs hold the radius
         assert observed()[0] - before[0] == radius + 2
     _run(plane, body)
+
+
+def test_a_request_is_alone_when_it_is_the_only_inference_request_in_flight(dataplane, monkeypatch):
+    """What the dataplane tells the batcher (which may then run the request on the event loop): alone
+    only when no other request holds a slot -- admitted or reserved by a connection, any model -- and the
+    request is one chunk; every slot is given back, a rejected one too."""
+    seen = []
+
+    async def body():
+        mv = dataplane.repository.get("fclf", None)
+        infer = mv.batcher.infer
+
+        async def recording(*args, **kwargs):
+            seen.append(kwargs["alone"])
+            return await infer(*args, **kwargs)
+
+        monkeypatch.setattr(mv.batcher, "infer", recording)
+
+        async def one(n: int = 3):
+            with dataplane.admit("fclf"):
+                return await dataplane.infer("fclf", None, _request(n))
+
+        await one()
+        release = dataplane.reserve("freg")                 # a request for another model, being read
+        await one()
+        release()
+        await one(dataplane.settings.max_batch_size + 1)     # two chunks: never alone
+        await one()
+        monkeypatch.setattr(dataplane.settings, "max_queue_size", 0)
+        with pytest.raises(Exception, match="in flight"):
+            await one()
+        return dataplane.in_flight
+
+    assert _run(dataplane, body) == 0
+    assert seen == [True, False, False, False, True]
