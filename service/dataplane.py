@@ -177,6 +177,8 @@ class DataPlane:
         self._poller: asyncio.Task | None = None
         #: inference requests in flight, every model version's together (admitted, not yet answered)
         self.in_flight = 0
+        #: of those, the ones whose transport keeps every request off the event loop (:meth:`admit`)
+        self._not_inline = 0
         names = split_names(settings.default_outputs)
         self._default_outputs = None if names == ["all"] else tuple(names)
         names = split_names(settings.monitored_outputs)
@@ -374,26 +376,32 @@ class DataPlane:
         return release
 
     @contextlib.contextmanager
-    def admit(self, name: str, version: str | None = None, *, reserved: bool = False) -> Iterator[ModelVersion]:
+    def admit(self, name: str, version: str | None = None, *, reserved: bool = False,
+              inline: bool = True) -> Iterator[ModelVersion]:
         """Admission control, before a request's body is read: at most ``max_queue_size`` requests
         per model version may be in flight (reading, decoding, queued or computing); beyond that
         the request is rejected at once (Overloaded) without reading or decoding its body.
-        ``reserved``: the transport already holds this request's slot (:meth:`reserve`)."""
+        ``reserved``: the transport already holds this request's slot (:meth:`reserve`).
+
+        ``inline=False``: the transport cannot show the server its other requests before the event
+        loop starts them (grpc.aio accepts one call at a time on the loop), so while this request is
+        in flight none runs on the event loop (service.batching): a gRPC request held there would
+        keep the calls behind it from being accepted at all (``bench/results/ab_server_inline_grpc.md``)."""
         mv = self.repository.get(name, version)
-        if reserved:
-            yield mv
-            return
-        if self._full(mv):
+        if not reserved and self._full(mv):
             raise Overloaded(f"model '{name}' has {mv.in_flight} requests in flight (max_queue_size "
                              f"{self.settings.max_queue_size}); retry later",
                              retry_after_s=self.settings.retry_after_s)
-        mv.in_flight += 1
-        self.in_flight += 1
+        held, kept_off = int(not reserved), int(not inline)
+        mv.in_flight += held
+        self.in_flight += held
+        self._not_inline += kept_off
         try:
             yield mv
         finally:
-            mv.in_flight -= 1
-            self.in_flight -= 1
+            mv.in_flight -= held
+            self.in_flight -= held
+            self._not_inline -= kept_off
 
     # -- options and rows -------------------------------------------------------------------------
 
@@ -558,7 +566,8 @@ class DataPlane:
         chunks = [rows[i:i + size] for i in range(0, len(rows), size)]
         # the queue limit admits a request by its first chunk; its later chunks wait for room (a
         # request larger than the queue would otherwise never run)
-        alone = self.in_flight == 1 and len(chunks) == 1   # the batcher may run it on the event loop
+        # the batcher may run it on the event loop (service.batching)
+        alone = self.in_flight == 1 and not self._not_inline and len(chunks) == 1
         coros = [mv.batcher.infer(c, options.tau, timeout_s=options.timeout_s, wait_for_room=bulk or i > 0,
                                   baseline=options.baseline, bulk=bulk, outputs=options.computed, alone=alone)
                  for i, c in enumerate(chunks)]

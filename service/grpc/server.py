@@ -202,7 +202,7 @@ class GRPCServer:
 
     async def model_infer(self, request: pb.ModelInferRequest, context) -> pb.ModelInferResponse:
         name, version = request.model_name, request.model_version or None
-        with self.dataplane.admit(name, version), self.dataplane.request_memory.hold() as memory:
+        with self.dataplane.admit(name, version, inline=False), self.dataplane.request_memory.hold() as memory:
             memory.take(wire.decode_memory(request))
             with tracing.span("decode"):
                 decoded = wire.decode_infer_request(request)

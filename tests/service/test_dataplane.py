@@ -324,8 +324,9 @@ def test_a_request_computes_its_outputs_and_the_monitored_ones(fake_root, overri
 
 def test_a_request_is_alone_when_it_is_the_only_inference_request_in_flight(dataplane, monkeypatch):
     """What the dataplane tells the batcher (which may then run the request on the event loop): alone
-    only when no other request holds a slot -- admitted or reserved by a connection, any model -- and the
-    request is one chunk; every slot is given back, a rejected one too."""
+    only when no other request holds a slot -- admitted or reserved by a connection, any model -- the
+    request is one chunk, and no request of a transport that keeps them off the loop (gRPC's) is in
+    flight, itself included; every slot is given back, a rejected one too."""
     seen = []
 
     async def body():
@@ -338,8 +339,8 @@ def test_a_request_is_alone_when_it_is_the_only_inference_request_in_flight(data
 
         monkeypatch.setattr(mv.batcher, "infer", recording)
 
-        async def one(n: int = 3):
-            with dataplane.admit("fclf"):
+        async def one(n: int = 3, inline: bool = True):
+            with dataplane.admit("fclf", inline=inline):
                 return await dataplane.infer("fclf", None, _request(n))
 
         await one()
@@ -347,11 +348,14 @@ def test_a_request_is_alone_when_it_is_the_only_inference_request_in_flight(data
         await one()
         release()
         await one(dataplane.settings.max_batch_size + 1)     # two chunks: never alone
+        await one(inline=False)                              # a gRPC call: never alone
+        with dataplane.admit("freg", inline=False):          # nor anything beside one
+            await one()
         await one()
         monkeypatch.setattr(dataplane.settings, "max_queue_size", 0)
         with pytest.raises(Exception, match="in flight"):
-            await one()
-        return dataplane.in_flight
+            await one(inline=False)
+        return dataplane.in_flight, dataplane._not_inline
 
-    assert _run(dataplane, body) == 0
-    assert seen == [True, False, False, False, True]
+    assert _run(dataplane, body) == (0, 0)
+    assert seen == [True, False, False, False, False, False, True]
