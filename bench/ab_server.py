@@ -2,7 +2,8 @@
 
     python bench/ab_server.py --base REV [--model-dir models/digits_lse/1 ...] [--seconds 4] [--passes 3]
                               [--export] [--protocol rest|grpc|batch] [--intra-op-threads 1]
-                              [--outputs prediction,probabilities] [--out bench/results/ab_server.md]
+                              [--outputs prediction,probabilities] [--concurrency 1 4]
+                              [--out bench/results/ab_server.md]
         -> bench/results/ab_server.md (a section per model version)
     python bench/ab_server.py --backends [...] --out bench/results/ab_server_backends.md
     python bench/ab_server.py --versus pruned_graphs=0 [...]
@@ -16,7 +17,7 @@ changes, with no other difference.
 The earlier revision is checked out into a temporary git worktree; both servers (``python -m
 service``, onnxruntime with one thread unless ``--intra-op-threads`` says otherwise) serve the same
 model version from one repository, one at a time, alternating ``--passes`` times; each is driven by ``bench/loadgen.py``'s closed loop at
-concurrency 1 and 4 with the server's four default outputs and with every output
+concurrency 1 and 4 (``--concurrency``) with the server's four default outputs and with every output
 (``diagnostics: true``), and with ``--outputs`` a third request naming those outputs. Cells are medians over passes and the ratio is this tree's over the base's,
 so machine noise shared by both cancels as far as alternation allows. Only the service code differs:
 both run this tree's Python environment and the same artifact (built by this tree). With
@@ -105,6 +106,8 @@ def main() -> int:
     ap.add_argument("--protocol", choices=("rest", "grpc", "batch"), default="rest")
     ap.add_argument("--intra-op-threads", type=int, default=1,
                     help="the servers' HJSERVE_INTRA_OP_THREADS (0: onnxruntime's default, one per core)")
+    ap.add_argument("--concurrency", type=int, nargs="+", default=list(CONCURRENCY),
+                    help="closed-loop concurrencies (REST and gRPC)")
     ap.add_argument("--outputs", help="comma-separated output names: one more request naming them (REST)")
     ap.add_argument("--out", default=str(OUT))
     args = ap.parse_args()
@@ -160,7 +163,7 @@ def _compare(args: argparse.Namespace, version: Path, base: str, head: str, dirt
     during = "online request (c=1, four default outputs) during row-layout batch jobs"
     cells = ([(f"batch job, layout={layout}", "rows/s") for layout in LAYOUTS]
              + [(during, "p50 ms"), (during, "p99 ms")] if args.protocol == "batch"
-             else [(label, c) for label in bodies for c in CONCURRENCY])
+             else [(label, c) for label in bodies for c in args.concurrency])
     results: dict[tuple[str, str, int], list[float]] = {}
     this = f"this tree ({head}{' + changes' if dirty else ''})"
     with tempfile.TemporaryDirectory() as tmpdir:
