@@ -23,15 +23,16 @@ if it has not started by then it never runs. Every request ends with a result or
 hangs and nothing is dropped silently.
 
 A request that is *alone* -- the only inference request the server has in flight (the caller says so;
-:class:`service.dataplane.DataPlane` counts them), with no job of this version queued or computing, no
-explanation and at most :data:`INLINE_ROWS` rows -- runs its graph on the event loop itself when this
+:class:`service.dataplane.DataPlane` counts them), with no job of this version queued or computing and
+at most :data:`INLINE_ROWS` rows -- runs its serving graph on the event loop itself when this
 version's recent small calls took at most ``inline_max_s`` and the batcher is not asked to wait for
-more rows (``max_queue_delay_s`` 0, the default: a delay asks every request to wait for company).
-The hand-off to the thread and back (two thread wake-ups, ~100 us on a shared two-core machine, a
-tenth of a batch-1 request) buys no overlap when nothing else is waiting, and nothing else waits on
-the loop for longer than about one such call. The graph runs in the same floating-point mode as on
-the thread (subnormals flushed for the call: :func:`hjmodel.serving.subnormals_flushed`), so the
-answer is the same bits either way.
+more rows (``max_queue_delay_s`` 0, the default: a delay asks every request to wait for company);
+its explanation graph, if it asked for one, runs on the version's explanation thread meanwhile, as
+beside a batch. The hand-off to the thread and back (two thread wake-ups, ~100 us on a shared
+two-core machine, a tenth of a batch-1 request) buys no overlap when nothing else is waiting, and
+nothing else waits on the loop for longer than about one such call. The graph runs in the same
+floating-point mode as on the thread (subnormals flushed for the call:
+:func:`hjmodel.serving.subnormals_flushed`), so the answer is the same bits either way.
 """
 
 from __future__ import annotations
@@ -167,8 +168,8 @@ class DynamicBatcher:
             await asyncio.sleep(0.002)
         if self._closing:
             raise BatcherClosed()
-        if alone and baseline is None and not bulk and self._inline(len(rows)):
-            return self._run_inline(rows, float(tau), outputs, deadline, timeout_s)
+        if alone and not bulk and self._inline(len(rows)):
+            return await self._run_inline(rows, float(tau), outputs, baseline, deadline, timeout_s)
         loop = asyncio.get_running_loop()
         if self._thread is None:
             self._start(loop)
@@ -187,17 +188,38 @@ class DynamicBatcher:
         return (self.inline_max_s > 0 and self.max_queue_delay_s == 0 and self._pending == 0
                 and rows <= INLINE_ROWS and self._call_s is not None and self._call_s <= self.inline_max_s)
 
-    def _run_inline(self, rows: np.ndarray, tau: float, outputs: frozenset[str] | None, deadline: float,
-                    timeout_s: float) -> BatchResult:
+    async def _run_inline(self, rows: np.ndarray, tau: float, outputs: frozenset[str] | None,
+                          baseline: np.ndarray | None, deadline: float, timeout_s: float) -> BatchResult:
         """On the event loop: ``rows`` through ``backend.infer`` as the thread would run them alone
-        (the same inputs, floating-point mode and checks), as a batch of their own."""
+        (the same inputs, floating-point mode and checks), as a batch of their own; with a
+        ``baseline``, their explanation graph on the version's explanation thread meanwhile, as
+        beside the thread's batch (:meth:`_explain`), awaited after the serving graph."""
         start = time.perf_counter()
+        taus = np.full(len(rows), tau)
+        pending = None
+        if baseline is not None:
+            if self._thread is None:
+                self._start(asyncio.get_running_loop())
+            pending = self._explainer.submit(self._explain, [_Job(rows, tau, None, baseline)], [0], rows, taus)
         with serving.subnormals_flushed():
-            result = _guarded(self.backend.infer, "inference", len(rows), rows, np.full(len(rows), tau), outputs)
-        compute = time.perf_counter() - start
-        self._timed(len(rows), compute)
+            served = time.perf_counter()
+            result = _guarded(self.backend.infer, "inference", len(rows), rows, taus, outputs)
+            served = time.perf_counter() - served
+        self._timed(len(rows), served)
         if isinstance(result, HJServeError):
             raise result
+        if pending is not None:
+            try:
+                explained = await asyncio.wait_for(asyncio.wrap_future(pending), max(0.0, deadline - time.monotonic()))
+            except TimeoutError:
+                raise RequestTimeout(f"no result within the request timeout of {timeout_s:g} s") from None
+            except Exception as exc:   # the gathering around the calls: never expected
+                log.exception("explanation failed")
+                raise InternalError(f"the explanation failed: {type(exc).__name__}: {exc}") from None
+            if isinstance(explained, HJServeError):
+                raise explained
+            result = {**result, **explained}
+        compute = time.perf_counter() - start
         self._on_batch(len(rows), compute)
         if time.monotonic() > deadline:   # as the thread's request would have: its answer comes too late
             raise RequestTimeout(f"no result within the request timeout of {timeout_s:g} s")

@@ -130,9 +130,9 @@ class Settings(BaseSettings):
     default) runs at once; batches still form from the requests that queue while a batch computes."""
 
     inline_max_ms: float = Field(1.0, ge=0.0)
-    """A REST request that is the only one in flight (no gRPC call either; at most 16 rows, no
-    explanation output) runs its graph on the event loop instead of the model's thread when the
-    model's recent small calls took at most this long: it saves the hand-off to the thread and back
+    """A REST request that is the only one in flight (no gRPC call either; at most 16 rows) runs its
+    serving graph on the event loop instead of the model's thread (an explanation graph still runs on
+    the explanation thread, meanwhile) when the model's recent small calls took at most this long: it saves the hand-off to the thread and back
     (two wake-ups, ~0.1 ms) when there is nothing to overlap, and holds the loop for about this long
     at most. Only with ``max_queue_delay_ms`` 0 (a delay asks every request to wait for company).
     0: always the thread (``bench/results/ab_server_inline.md``)."""

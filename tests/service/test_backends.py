@@ -336,9 +336,10 @@ def test_a_legacy_graph_with_one_tau_per_batch_still_serves_mixed_batches(tmp_pa
     assert radius[0] == radius[2] and radius[1] == radius[4] and radius[1] > radius[3] > radius[0]
 
 
+@pytest.mark.parametrize("explained", [False, True])
 @pytest.mark.parametrize("backend", ["onnx", "torch"])
 @pytest.mark.parametrize("model", MODELS)
-def test_a_request_run_on_the_event_loop_gets_the_bits_the_thread_serves(hj_repo, backend, model):
+def test_a_request_run_on_the_event_loop_gets_the_bits_the_thread_serves(hj_repo, backend, model, explained):
     """A request alone may run on the event loop (service.batching); it is answered in the
     floating-point mode of the model's thread, so bit for bit what the thread answers -- on rows far
     from the data, where flushing subnormals or keeping them changes served outputs (checked too)."""
@@ -349,33 +350,39 @@ def test_a_request_run_on_the_event_loop_gets_the_bits_the_thread_serves(hj_repo
     from service.batching import DynamicBatcher
 
     version = hj_repo / model / "1"
-    loaded = load_backend(version, preference=backend, device="cpu")
     threads = []
-    infer = loaded.infer
-
-    def recording(*args):
-        threads.append(threading.get_ident())
-        return infer(*args)
-
-    loaded.infer = recording
     x = np.concatenate([_rows(read_spec(version), 16) * scale for scale in (1, 2, 10, 30, 100)])
+    base = np.zeros(x.shape[1], np.float32) if explained else None   # with the explanation graph beside it
 
     async def served(inline_max_s: float) -> list[dict[str, np.ndarray]]:
+        loaded = load_backend(version, preference=backend, device="cpu")
+        infer = loaded.infer
+
+        def recording(*args):
+            threads.append(threading.get_ident())
+            return infer(*args)
+
+        loaded.infer = recording
         batcher = DynamicBatcher(loaded, max_batch_size=64, max_queue_delay_s=0.0, max_queue_size=8,
                                  inline_max_s=inline_max_s)
-        await batcher.infer(x[:1], 0.2, timeout_s=30, alone=True)   # a first call measures, on the thread
-        return [(await batcher.infer(x[i:i + 16], 0.2, timeout_s=30, alone=True)).outputs for i in range(0, len(x), 16)]
+        try:
+            await batcher.infer(x[:1], 0.2, timeout_s=30, alone=True)   # a first call measures, on the thread
+            return [(await batcher.infer(x[i:i + 16], 0.2, timeout_s=30, alone=True, baseline=base)).outputs
+                    for i in range(0, len(x), 16)]
+        finally:
+            await batcher.close()                                       # closes the backend too
 
     on_thread = asyncio.run(served(0.0))
     inline = asyncio.run(served(60.0))
     me = threading.get_ident()
     assert [t == me for t in threads] == [False] * 6 + [False] + [True] * 5
     for a, b in zip(on_thread, inline):
-        assert a.keys() == b.keys()
+        assert a.keys() == b.keys() and (("integrated_gradients" in a) == explained)
         for name in a:
             assert _bits(a[name]) == _bits(b[name]), name
     torch.set_flush_denormal(False)
-    kept = [infer(x[i:i + 16], np.full(16, 0.2), None) for i in range(0, len(x), 16)]
-    assert any(_bits(a[name]) != _bits(k[name]) for a, k in zip(on_thread, kept) for name in a), \
-        "no output depends on the mode on these rows: the test would not see a wrong one"
+    loaded = load_backend(version, preference=backend, device="cpu")
+    kept = [loaded.infer(x[i:i + 16], np.full(16, 0.2), None) for i in range(0, len(x), 16)]
     loaded.close()
+    assert any(_bits(a[name]) != _bits(k[name]) for a, k in zip(on_thread, kept) for name in k), \
+        "no output depends on the mode on these rows: the test would not see a wrong one"

@@ -475,17 +475,9 @@ def test_a_request_alone_runs_on_the_event_loop_once_its_models_small_calls_are_
     assert second.queue_s == 0.0 and second.batch_rows == 2 and second.compute_s > 0
 
 
-@pytest.mark.parametrize("case", ["not alone", "explanation", "bulk", "too many rows", "slow calls", "off"])
+@pytest.mark.parametrize("case", ["not alone", "bulk", "too many rows", "slow calls", "off"])
 def test_a_request_runs_on_the_thread_unless_it_is_alone_small_fast_and_allowed(case):
-    backend = ExplainingBackend() if case == "explanation" else WhereBackend(delay=0.02 if case == "slow calls" else 0.0)
-    if case == "explanation":
-        backend.calls = []
-        plain = backend.infer
-
-        def infer(input, tau, outputs=None):
-            backend.calls.append((threading.get_ident(), serving.flushing_subnormals()))
-            return plain(input, tau, outputs)
-        backend.infer = infer
+    backend = WhereBackend(delay=0.02 if case == "slow calls" else 0.0)
 
     async def main():
         batcher = _batcher(backend, max_batch_size=32, max_queue_delay_s=0.0,
@@ -493,8 +485,7 @@ def test_a_request_runs_on_the_thread_unless_it_is_alone_small_fast_and_allowed(
         try:
             await batcher.infer(_rows(1), 0.1, timeout_s=5, alone=True)   # measures
             await batcher.infer(_rows(INLINE_ROWS + 1 if case == "too many rows" else 1), 0.1, timeout_s=5,
-                                alone=case != "not alone", bulk=case == "bulk",
-                                baseline=np.zeros(2, np.float32) if case == "explanation" else None)
+                                alone=case != "not alone", bulk=case == "bulk")
         finally:
             await batcher.close()
 
@@ -608,3 +599,71 @@ def test_a_request_alone_still_waits_for_company_when_the_batcher_is_asked_to():
 
     asyncio.run(main())
     assert not any(_on_loop(backend, i) for i in range(3))
+
+
+class WhereExplainingBackend(ExplainingBackend):
+    """ExplainingBackend whose explanation can be held (``explain_gate``) or fail (``explain_fail``)."""
+
+    def __init__(self, **kw):
+        super().__init__(**kw)
+        self.explain_gate = threading.Event()
+        self.explain_gate.set()
+        self.explain_fail: Exception | None = None
+        self.loop_thread: int | None = None
+
+    def explain(self, input, tau, baseline):
+        self.explain_gate.wait(10)
+        if self.explain_fail is not None:
+            raise self.explain_fail
+        return super().explain(input, tau, baseline)
+
+
+def test_a_request_alone_with_explanations_runs_its_serving_graph_on_the_loop_and_the_explanation_beside_it():
+    """The explanation graph runs on the version's explanation thread while the serving graph runs
+    on the loop, as beside a batch on the thread; the answer is the same as the thread's."""
+    backend = WhereExplainingBackend()
+    base = np.array([1.0, -1.0], np.float32)
+
+    async def main():
+        batcher = _batcher(backend, max_queue_delay_s=0.0, inline_max_s=1.0)
+        try:
+            first = await batcher.infer(_rows(3), 0.4, timeout_s=5, alone=True, baseline=base)   # measures
+            threads = {k: set(v) for k, v in backend.threads.items()}
+            second = await batcher.infer(_rows(3), 0.4, timeout_s=5, alone=True, baseline=base)
+            return first, threads, second
+        finally:
+            await batcher.close()
+
+    first, threads, second = asyncio.run(main())
+    me = threading.get_ident()
+    assert me not in threads["infer"] and me in backend.threads["infer"]
+    assert me not in backend.threads["explain"] and backend.threads["explain"] == threads["explain"]
+    assert first.outputs.keys() == second.outputs.keys() == {"double", "tau", "gap", "explain_tau"}
+    for name in first.outputs:
+        np.testing.assert_array_equal(first.outputs[name], second.outputs[name])
+    np.testing.assert_array_equal(second.outputs["gap"], _rows(3) - base)
+
+
+@pytest.mark.parametrize(("fail", "error"), [(BackendError("bad rows"), BackendError),
+                                             (RuntimeError("boom"), InternalError), (None, RequestTimeout)])
+def test_a_request_alone_whose_explanation_fails_or_overruns_gets_that_error(fail, error):
+    backend = WhereExplainingBackend()
+    base = np.zeros(2, np.float32)
+
+    async def main():
+        batcher = _batcher(backend, max_queue_delay_s=0.0, inline_max_s=1.0)
+        try:
+            await batcher.infer(_rows(1), 0.1, timeout_s=5, alone=True, baseline=base)
+            backend.explain_fail = fail
+            if fail is None:
+                backend.explain_gate.clear()            # the explanation outlives the request's timeout
+            with pytest.raises(error):
+                await batcher.infer(_rows(1), 0.1, timeout_s=0.2, alone=True, baseline=base)
+            backend.explain_gate.set()
+            backend.explain_fail = None
+            return await batcher.infer(_rows(1), 0.1, timeout_s=5, alone=True, baseline=base)
+        finally:
+            backend.explain_gate.set()
+            await batcher.close()
+
+    assert asyncio.run(main()).outputs.keys() == {"double", "tau", "gap", "explain_tau"}
