@@ -10,7 +10,7 @@ concurrency 1. Each stage is the mean
 wall time per request (microseconds) on the thread that runs it:
 
 * *middleware, routing, route checks, admission*: from the outermost app middleware to the start of
-  the body read (``service.rest.v2.read_body``);
+  the body read (``service.rest.common.read_inference_body``, as ``service.rest.v2`` calls it);
 * *body read*: from the start of the read to the whole body (the client writes head and body
   at once, so this is the body's way through uvicorn and the body-timeout middleware);
 * *decode* (``codecs.decode_infer_request``: JSON, validation of the wire model);
@@ -79,8 +79,11 @@ STAGES = [
 ]
 
 
-def serve_instrumented(argv: list[str]) -> None:
-    """``python -m service`` with timers; writes ``$HJSERVE_STAGES_OUT`` (JSON) at exit."""
+def instrument() -> tuple[dict[str, float], list[int]]:
+    """Wrap the functions that own each stage with timers (in this process) -> (seconds per stage,
+    [inference requests seen]), filled as requests are served. Every wrapped name must exist:
+    ``tests/bench/test_request_path.py`` runs this, so a refactor that moves a stage fails a test
+    instead of the next benchmark run."""
     from bench import report
     from service import batching, codecs, dataplane, metrics
     from service.backends import onnx
@@ -103,13 +106,13 @@ def serve_instrumented(argv: list[str]) -> None:
                 total[key] += time.perf_counter() - start
         return wrapper
 
-    read_body = v2.read_body
+    read_body = v2.read_inference_body
 
-    async def body(request, limit):
+    async def body(*args, **kwargs):
         start = time.perf_counter()
         total["framework"] += start - mark["start"]
         try:
-            return await read_body(request, limit)
+            return await read_body(*args, **kwargs)
         finally:
             total["body"] += time.perf_counter() - start
 
@@ -139,7 +142,7 @@ def serve_instrumented(argv: list[str]) -> None:
             return await middleware(self, scope, receive, sending)
         return await middleware(self, scope, receive, send)
 
-    v2.read_body = body
+    v2.read_inference_body = body
     codecs.decode_infer_request = timed("decode", codecs.decode_infer_request)   # v2 looks both up per call
     codecs.encode_infer_response = encode_timed
     app.HTTPMetricsMiddleware.__call__ = outer
@@ -152,6 +155,12 @@ def serve_instrumented(argv: list[str]) -> None:
     onnx.OnnxBackend.infer = timed("graph", onnx.OnnxBackend.infer)
     onnx.OnnxBackend.explain = timed("explain", onnx.OnnxBackend.explain)
     metrics.VersionMetrics.record_rows = timed("metrics", metrics.VersionMetrics.record_rows)
+    return total, requests
+
+
+def serve_instrumented(argv: list[str]) -> None:
+    """``python -m service`` with timers; writes ``$HJSERVE_STAGES_OUT`` (JSON) at exit."""
+    total, requests = instrument()
 
     def dump() -> None:
         Path(os.environ["HJSERVE_STAGES_OUT"]).write_text(json.dumps({"requests": requests[0], **total}))
