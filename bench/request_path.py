@@ -69,7 +69,7 @@ STAGES = [
     ("body", "body read"),
     ("decode", "decode (JSON, wire-model validation)"),
     ("prepare", "dataplane before the batcher (options, row validation)"),
-    ("handoff", "hand-off to the backend thread and back"),
+    ("handoff", "hand-off to the backend thread and back (a request alone: the batcher's bookkeeping)"),
     ("turn", "the backend's turn: serving graph, explanation graph beside it (wall time)"),
     ("deliver", "split to requests (event loop)"),
     ("select", "select outputs (top-k, datatypes)"),
@@ -151,7 +151,7 @@ def instrument() -> tuple[dict[str, float], list[int]]:
     batching.DynamicBatcher.infer = timed_async("batcher", batching.DynamicBatcher.infer)
     batching.DynamicBatcher._deliver = timed("deliver", batching.DynamicBatcher._deliver)
     batching.DynamicBatcher._run = timed("turn", batching.DynamicBatcher._run)
-    batching.DynamicBatcher._run_inline = timed("turn", batching.DynamicBatcher._run_inline)
+    batching.DynamicBatcher._run_inline = timed_async("turn", batching.DynamicBatcher._run_inline)
     onnx.OnnxBackend.infer = timed("graph", onnx.OnnxBackend.infer)
     onnx.OnnxBackend.explain = timed("explain", onnx.OnnxBackend.explain)
     metrics.VersionMetrics.record_rows = timed("metrics", metrics.VersionMetrics.record_rows)
