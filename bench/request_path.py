@@ -19,10 +19,10 @@ wall time per request (microseconds) on the thread that runs it:
   waits for and the split;
 * *the backend's turn* (``DynamicBatcher._run``, wall time): the serving graph on the backend's
   thread with the explanation graph beside it on the version's second thread; the two graphs'
-  own times are shown under it (they overlap, so they are not added). A request alone, without
-  explanation outputs, runs its graph on the event loop instead (``DynamicBatcher._run_inline``,
-  ``HJSERVE_INLINE_MAX_MS``): that call is its turn, and its hand-off is what is left of the
-  batcher's bookkeeping;
+  own times are shown under it (they overlap, so they are not added). A request alone runs its
+  serving graph on the event loop instead, its explanation graph beside it on the second thread
+  (``DynamicBatcher._run_inline``, ``HJSERVE_INLINE_MAX_MS``): that call is its turn, and its
+  hand-off is what is left of the batcher's bookkeeping (it has no split);
 * *split to requests* (``DynamicBatcher._deliver``), *select* (top-k, datatypes), *diagnostic
   metrics* (``VersionMetrics.record_rows``), *encode* (``codecs.encode_infer_response``);
 * *response through the middleware to the socket*;
