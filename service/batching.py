@@ -209,8 +209,9 @@ class DynamicBatcher:
         if isinstance(result, HJServeError):
             raise result
         if pending is not None:
-            try:
-                explained = await asyncio.wait_for(asyncio.wrap_future(pending), max(0.0, deadline - time.monotonic()))
+            try:   # often done already: then no task and no turn of the loop to wait for it
+                explained = pending.result() if pending.done() else await asyncio.wait_for(
+                    asyncio.wrap_future(pending), max(0.0, deadline - time.monotonic()))
             except TimeoutError:
                 raise RequestTimeout(f"no result within the request timeout of {timeout_s:g} s") from None
             except Exception as exc:   # the gathering around the calls: never expected
