@@ -25,7 +25,8 @@ hangs and nothing is dropped silently.
 A request that is *alone* -- the only inference request the server has in flight (the caller says so;
 :class:`service.dataplane.DataPlane` counts them), with no job of this version queued or computing and
 at most :data:`INLINE_ROWS` rows -- runs its serving graph on the event loop itself when this
-version's recent small calls took at most ``inline_max_s`` and the batcher is not asked to wait for
+version's recent small calls for the same outputs took at most ``inline_max_s`` (a set not yet
+measured goes to the thread, which measures it) and the batcher is not asked to wait for
 more rows (``max_queue_delay_s`` 0, the default: a delay asks every request to wait for company);
 its explanation graph, if it asked for one, runs on the version's explanation thread meanwhile, as
 beside a batch. The hand-off to the thread and back (two thread wake-ups, ~100 us on a shared
@@ -65,6 +66,9 @@ INLINE_ROWS = 16
 
 #: Weight of the latest call in the running estimate of a small call's time
 _CALL_S_WEIGHT = 0.25
+
+#: Output sets whose small calls' time is kept (the least recently measured is forgotten first)
+_CALL_S_SETS = 64
 
 log = logging.getLogger(__name__)
 
@@ -135,8 +139,9 @@ class DynamicBatcher:
         #: jobs put on the queue and not yet settled (delivered, or dropped by the thread); the
         #: event loop's count: the thread has nothing to do when it is 0
         self._pending = 0
-        #: running estimate of a call of at most INLINE_ROWS rows, seconds (None: none measured yet)
-        self._call_s: float | None = None
+        #: running estimate of a call of at most INLINE_ROWS rows per set of outputs asked for (each
+        #: set runs a graph of its own: a cheap one's time says nothing of the whole graph's), seconds
+        self._call_s: dict[frozenset[str] | None, float] = {}
 
     @property
     def queue_size(self) -> int:
@@ -168,7 +173,7 @@ class DynamicBatcher:
             await asyncio.sleep(0.002)
         if self._closing:
             raise BatcherClosed()
-        if alone and not bulk and self._inline(len(rows)):
+        if alone and not bulk and self._inline(len(rows), outputs):
             return await self._run_inline(rows, float(tau), outputs, baseline, deadline, timeout_s)
         loop = asyncio.get_running_loop()
         if self._thread is None:
@@ -183,10 +188,13 @@ class DynamicBatcher:
         finally:
             timer.cancel()
 
-    def _inline(self, rows: int) -> bool:
-        """Whether a request of ``rows`` rows that is alone may run on the event loop now."""
-        return (self.inline_max_s > 0 and self.max_queue_delay_s == 0 and self._pending == 0
-                and rows <= INLINE_ROWS and self._call_s is not None and self._call_s <= self.inline_max_s)
+    def _inline(self, rows: int, outputs: frozenset[str] | None) -> bool:
+        """Whether a request of ``rows`` rows for ``outputs`` that is alone may run on the event loop
+        now: only once a call for the same outputs has been measured (on the thread first)."""
+        if self.inline_max_s <= 0 or self.max_queue_delay_s != 0 or self._pending or rows > INLINE_ROWS:
+            return False
+        estimate = self._call_s.get(outputs)
+        return estimate is not None and estimate <= self.inline_max_s
 
     async def _run_inline(self, rows: np.ndarray, tau: float, outputs: frozenset[str] | None,
                           baseline: np.ndarray | None, deadline: float, timeout_s: float) -> BatchResult:
@@ -205,7 +213,7 @@ class DynamicBatcher:
             served = time.perf_counter()
             result = _guarded(self.backend.infer, "inference", len(rows), rows, taus, outputs)
             served = time.perf_counter() - served
-        self._timed(len(rows), served)
+        self._timed(len(rows), outputs, served)
         if isinstance(result, HJServeError):
             raise result
         if pending is not None:
@@ -226,10 +234,15 @@ class DynamicBatcher:
             raise RequestTimeout(f"no result within the request timeout of {timeout_s:g} s")
         return BatchResult(result, 0.0, compute, len(rows))
 
-    def _timed(self, rows: int, seconds: float) -> None:
-        """Fold a call's time into the estimate of a small call (calls of at most INLINE_ROWS rows)."""
-        if rows <= INLINE_ROWS:
-            self._call_s = seconds if self._call_s is None else self._call_s + _CALL_S_WEIGHT * (seconds - self._call_s)
+    def _timed(self, rows: int, outputs: frozenset[str] | None, seconds: float) -> None:
+        """Fold a call's time into the estimate of a small call (at most INLINE_ROWS rows) for
+        ``outputs``; at most _CALL_S_SETS sets are kept (a client can name many)."""
+        if rows > INLINE_ROWS:
+            return
+        last = self._call_s.pop(outputs, None)          # re-inserted last: the dict's order is recency
+        if last is None and len(self._call_s) >= _CALL_S_SETS:
+            del self._call_s[next(iter(self._call_s))]
+        self._call_s[outputs] = seconds if last is None else last + _CALL_S_WEIGHT * (seconds - last)
 
     def _settled(self, jobs: int) -> None:
         """On the event loop: ``jobs`` of the queue's are done with (delivered or dropped)."""
@@ -345,7 +358,7 @@ class DynamicBatcher:
             return
         pending = (self._explainer.submit(self._explain, batch, offsets, rows, tau)
                    if any(j.baseline is not None for j in batch) else None)
-        wanted = None if any(j.outputs is None for j in batch) else frozenset().union(*(j.outputs for j in batch))
+        wanted = _wanted(batch)
         served = time.perf_counter()
         outputs = _guarded(self.backend.infer, "inference", len(rows), rows, tau, wanted)
         served = time.perf_counter() - served
@@ -395,7 +408,7 @@ class DynamicBatcher:
                     job.future.set_exception(outputs)
             return
         n = offsets[-1] + len(batch[-1].rows)
-        self._timed(n, served_s)
+        self._timed(n, _wanted(batch), served_s)
         self._on_batch(n, compute)
         done = 0   # explained rows before this job
         for offset, job in zip(offsets, batch):
@@ -411,6 +424,11 @@ class DynamicBatcher:
                 part = {**part, **{name: value[done:done + k] for name, value in explained.items()}}
                 done += k
             job.future.set_result(BatchResult(part, start - job.enqueued, compute, n))
+
+
+def _wanted(batch: list[_Job]) -> frozenset[str] | None:
+    """The serving outputs a batch's jobs need together (None: every one)."""
+    return None if any(j.outputs is None for j in batch) else frozenset().union(*(j.outputs for j in batch))
 
 
 def _guarded(fn: Callable, what: str, n: int, *args) -> dict[str, np.ndarray] | HJServeError:

@@ -667,3 +667,46 @@ def test_a_request_alone_whose_explanation_fails_or_overruns_gets_that_error(fai
             await batcher.close()
 
     assert asyncio.run(main()).outputs.keys() == {"double", "tau", "gap", "explain_tau"}
+
+
+def test_each_set_of_outputs_is_measured_on_the_thread_before_it_runs_on_the_loop():
+    """A set of outputs runs a graph of its own: a cheap set measured fast says nothing of the whole
+    graph, whose first small call therefore goes to the thread too; a slow set stays there."""
+    few = frozenset({"prediction"})
+
+    class Slow(WhereBackend):
+        def infer(self, input, tau, outputs=None):
+            self.delay = 0.0 if outputs == few else 0.02
+            return super().infer(input, tau, outputs)
+
+    backend = Slow()
+
+    async def main():
+        batcher = _batcher(backend, max_queue_delay_s=0.0, inline_max_s=0.01)
+        try:
+            for outputs in (few, few, None, None, few):
+                await batcher.infer(_rows(1), 0.1, timeout_s=5, alone=True, outputs=outputs)
+        finally:
+            await batcher.close()
+
+    asyncio.run(main())
+    assert [_on_loop(backend, i) for i in range(5)] == [False, True, False, False, True]
+
+
+def test_the_batcher_keeps_the_times_of_a_bounded_number_of_output_sets():
+    from service import batching
+
+    backend = WhereBackend()
+
+    async def main():
+        batcher = _batcher(backend, max_queue_delay_s=0.0, inline_max_s=1.0)
+        try:
+            for i in range(batching._CALL_S_SETS + 10):
+                await batcher.infer(_rows(1), 0.1, timeout_s=5, alone=True, outputs=frozenset({f"o{i}"}))
+            return dict(batcher._call_s)
+        finally:
+            await batcher.close()
+
+    kept = asyncio.run(main())
+    assert len(kept) == batching._CALL_S_SETS and frozenset({"o0"}) not in kept
+    assert frozenset({f"o{batching._CALL_S_SETS + 9}"}) in kept
