@@ -363,17 +363,20 @@ class DataPlane:
             return None
         if self._full(mv):
             return mv
-        mv.in_flight += 1
-        self.in_flight += 1
+        self._slot(mv, 1)
         released = False
 
         def release() -> None:
             nonlocal released
             if not released:
                 released = True
-                mv.in_flight -= 1
-                self.in_flight -= 1
+                self._slot(mv, -1)
         return release
+
+    def _slot(self, mv: ModelVersion, change: int) -> None:
+        """Take (1) or give back (-1) one of ``mv``'s in-flight slots, counted in the server's too."""
+        mv.in_flight += change
+        self.in_flight += change
 
     @contextlib.contextmanager
     def admit(self, name: str, version: str | None = None, *, reserved: bool = False,
@@ -393,14 +396,12 @@ class DataPlane:
                              f"{self.settings.max_queue_size}); retry later",
                              retry_after_s=self.settings.retry_after_s)
         held, kept_off = int(not reserved), int(not inline)
-        mv.in_flight += held
-        self.in_flight += held
+        self._slot(mv, held)
         self._not_inline += kept_off
         try:
             yield mv
         finally:
-            mv.in_flight -= held
-            self.in_flight -= held
+            self._slot(mv, -held)
             self._not_inline -= kept_off
 
     # -- options and rows -------------------------------------------------------------------------

@@ -132,10 +132,11 @@ class Settings(BaseSettings):
     inline_max_ms: float = Field(1.0, ge=0.0)
     """A REST request that is the only one in flight (no gRPC call either; at most 16 rows) runs its
     serving graph on the event loop instead of the model's thread (an explanation graph still runs on
-    the explanation thread, meanwhile) when the model's recent small calls took at most this long: it saves the hand-off to the thread and back
-    (two wake-ups, ~0.1 ms) when there is nothing to overlap, and holds the loop for about this long
-    at most. Only with ``max_queue_delay_ms`` 0 (a delay asks every request to wait for company).
-    0: always the thread (``bench/results/ab_server_inline.md``)."""
+    the explanation thread, meanwhile) when the model's recent small calls for the same outputs took
+    at most this long: it saves the hand-off to the thread and back (two wake-ups, ~0.1 ms) when
+    there is nothing to overlap, and holds the loop for about this long at most. Only with
+    ``max_queue_delay_ms`` 0 (a delay asks every request to wait for company). 0: always the thread
+    (``bench/results/ab_server_inline.md``)."""
 
     max_queue_size: int = Field(256, ge=1)
     """Requests (or request chunks) that may wait per model version; beyond it requests are rejected
