@@ -359,3 +359,38 @@ def test_a_request_is_alone_when_it_is_the_only_inference_request_in_flight(data
 
     assert _run(dataplane, body) == (0, 0)
     assert seen == [True, False, False, False, False, False, True]
+
+
+def test_a_grpc_call_alone_is_never_run_on_the_event_loop(dataplane, monkeypatch):
+    """grpc.aio accepts one call at a time on the event loop, so a call held there would keep the
+    next from being accepted or counted: the gRPC transport admits its calls with ``inline=False``
+    (bench/results/ab_server_inline_grpc.md), and the batcher is told none is alone."""
+    from service.grpc import inference_pb2 as pb
+    from service.grpc.server import GRPCServer
+
+    seen = []
+
+    async def body():
+        mv = dataplane.repository.get("fclf", None)
+        infer = mv.batcher.infer
+
+        async def recording(*args, **kwargs):
+            seen.append(kwargs["alone"])
+            return await infer(*args, **kwargs)
+
+        monkeypatch.setattr(mv.batcher, "infer", recording)
+        server = GRPCServer(dataplane, "127.0.0.1", 0)
+        x = np.zeros((1, D), np.float32)
+        request = pb.ModelInferRequest(model_name="fclf", raw_input_contents=[x.tobytes()], inputs=[
+            pb.ModelInferRequest.InferInputTensor(name="input", datatype="FP32", shape=[1, D])])
+        try:
+            for _ in range(2):
+                await server.model_infer(request, None)
+        finally:
+            await server.stop()
+        with dataplane.admit("fclf"):                       # the same request over REST: alone
+            await dataplane.infer("fclf", None, _request(1))
+        return dataplane.in_flight
+
+    assert _run(dataplane, body) == 0
+    assert seen == [False, False, True]
