@@ -609,7 +609,6 @@ class WhereExplainingBackend(ExplainingBackend):
         self.explain_gate = threading.Event()
         self.explain_gate.set()
         self.explain_fail: Exception | None = None
-        self.loop_thread: int | None = None
 
     def explain(self, input, tau, baseline):
         self.explain_gate.wait(10)

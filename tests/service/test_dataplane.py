@@ -322,22 +322,28 @@ def test_a_request_computes_its_outputs_and_the_monitored_ones(fake_root, overri
     _run(plane, body)
 
 
+def _record_alone(dataplane, monkeypatch) -> list[bool]:
+    """The ``alone`` the dataplane passes to ``fclf``'s batcher, call by call (run inside the loop)."""
+    seen: list[bool] = []
+    batcher = dataplane.repository.get("fclf", None).batcher
+    infer = batcher.infer
+
+    async def recording(*args, **kwargs):
+        seen.append(kwargs["alone"])
+        return await infer(*args, **kwargs)
+
+    monkeypatch.setattr(batcher, "infer", recording)
+    return seen
+
+
 def test_a_request_is_alone_when_it_is_the_only_inference_request_in_flight(dataplane, monkeypatch):
     """What the dataplane tells the batcher (which may then run the request on the event loop): alone
     only when no other request holds a slot -- admitted or reserved by a connection, any model -- the
     request is one chunk, and no request of a transport that keeps them off the loop (gRPC's) is in
     flight, itself included; every slot is given back, a rejected one too."""
-    seen = []
 
     async def body():
-        mv = dataplane.repository.get("fclf", None)
-        infer = mv.batcher.infer
-
-        async def recording(*args, **kwargs):
-            seen.append(kwargs["alone"])
-            return await infer(*args, **kwargs)
-
-        monkeypatch.setattr(mv.batcher, "infer", recording)
+        seen = _record_alone(dataplane, monkeypatch)
 
         async def one(n: int = 3, inline: bool = True):
             with dataplane.admit("fclf", inline=inline):
@@ -355,10 +361,9 @@ def test_a_request_is_alone_when_it_is_the_only_inference_request_in_flight(data
         monkeypatch.setattr(dataplane.settings, "max_queue_size", 0)
         with pytest.raises(Exception, match="in flight"):
             await one(inline=False)
-        return dataplane.in_flight, dataplane._not_inline
+        return dataplane.in_flight, dataplane._not_inline, seen
 
-    assert _run(dataplane, body) == (0, 0)
-    assert seen == [True, False, False, False, False, False, True]
+    assert _run(dataplane, body) == (0, 0, [True, False, False, False, False, False, True])
 
 
 def test_a_grpc_call_alone_is_never_run_on_the_event_loop(dataplane, monkeypatch):
@@ -368,17 +373,8 @@ def test_a_grpc_call_alone_is_never_run_on_the_event_loop(dataplane, monkeypatch
     from service.grpc import inference_pb2 as pb
     from service.grpc.server import GRPCServer
 
-    seen = []
-
     async def body():
-        mv = dataplane.repository.get("fclf", None)
-        infer = mv.batcher.infer
-
-        async def recording(*args, **kwargs):
-            seen.append(kwargs["alone"])
-            return await infer(*args, **kwargs)
-
-        monkeypatch.setattr(mv.batcher, "infer", recording)
+        seen = _record_alone(dataplane, monkeypatch)
         server = GRPCServer(dataplane, "127.0.0.1", 0)
         x = np.zeros((1, D), np.float32)
         request = pb.ModelInferRequest(model_name="fclf", raw_input_contents=[x.tobytes()], inputs=[
@@ -390,7 +386,6 @@ def test_a_grpc_call_alone_is_never_run_on_the_event_loop(dataplane, monkeypatch
             await server.stop()
         with dataplane.admit("fclf"):                       # the same request over REST: alone
             await dataplane.infer("fclf", None, _request(1))
-        return dataplane.in_flight
+        return dataplane.in_flight, seen
 
-    assert _run(dataplane, body) == 0
-    assert seen == [False, False, True]
+    assert _run(dataplane, body) == (0, [False, False, True])
