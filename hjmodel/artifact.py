@@ -342,10 +342,16 @@ class TracedModule:
     ``searches_skipped``: how many are wrapped so; ``skip_searches=False``: none, the side-by-side
     baseline of ``bench/ab_trace_searches.py``); ``fold=False`` records the module as it is (its
     weights read as attributes, every operation run per call, no search wrapped): the side-by-side
-    baseline of ``bench/ab_trace.py``."""
+    baseline of ``bench/ab_trace.py``.
+
+    A call of at most ``static_rows`` rows (default: :data:`STATIC_ROWS` for a serving graph on a CPU,
+    0 for an explanation graph, which a server runs beside the serving graph) runs the same graph on
+    TorchScript's static runtime instead (:class:`_StaticRuntime`: the same bits, ~0.8x the time at
+    batch 1, holding Python's lock while it runs); a larger one, or one made while another call is on
+    the runtime, on the interpreter."""
 
     def __init__(self, module: ServingModule | ExplainModule, inputs: dict[str, Tensor] | None = None,
-                 fold: bool = True, skip_searches: bool = True):
+                 fold: bool = True, skip_searches: bool = True, static_rows: int | None = None):
         import warnings
 
         self.model, self.specs, self.blocks = module.model, module.specs, module.blocks
@@ -373,6 +379,15 @@ class TracedModule:
             # later caller, anything that reads the graph with the switch on (``inlined_graph``)
             # would have it optimised and cached first
             self.graph(*inputs)
+        if static_rows is None:
+            static_rows = STATIC_ROWS if isinstance(module, ServingModule) else 0
+        if inputs[0].device.type != "cpu":     # the runtime's planned kernels are CPU ones
+            static_rows = 0
+        while static_rows > 0 and len(self.blocks(static_rows)) > 1:   # a static call is one row block
+            static_rows -= 1
+        self.static_rows = static_rows
+        self._static = _static_runtime(self.graph, inputs) if static_rows > 0 else None
+        self._static_free = threading.Lock()
 
     def operations(self) -> list[str]:
         """The recorded graph's operations by kind, those in its branches (the skipped searches)
@@ -392,7 +407,7 @@ class TracedModule:
         one dispatched, the ones an operation makes inside another included): what a skipped search
         saves (tests/hjmodel/test_trace.py, ``bench/ab_trace_searches.py``)."""
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
-            self(*inputs)
+            self._interpret(inputs)
         return sum(1 for event in prof.events() if event.name.startswith("aten::"))
 
     def __call__(self, *inputs: Tensor) -> dict[str, Tensor]:
@@ -400,6 +415,14 @@ class TracedModule:
         # a large batch stays within the memory eager torch would use. Inference mode, whoever calls:
         # it skips autograd's bookkeeping on each operation (no_grad keeps it): bench/results/ab_trace.md;
         # the outputs are inference tensors (read them, do not train on them)
+        if inputs[0].shape[0] <= self.static_rows and self._static is not None and self._static_free.acquire(blocking=False):
+            try:
+                return dict(zip(self.names, self._static.run(inputs), strict=True))
+            finally:
+                self._static_free.release()
+        return self._interpret(inputs)
+
+    def _interpret(self, inputs: tuple[Tensor, ...]) -> dict[str, Tensor]:
         n = inputs[0].shape[0]
         blocks = self.blocks(n)
         with torch.inference_mode(), torch.jit.optimized_execution(False):
@@ -407,6 +430,80 @@ class TracedModule:
                 return dict(zip(self.names, self.graph(*inputs), strict=True))
             parts = [self.graph(*(t[r] if t.shape[0] == n else t for t in inputs)) for r in blocks]
             return {name: torch.cat([part[i] for part in parts]) for i, name in enumerate(self.names)}
+
+
+#: A serving graph's calls of at most this many rows run on TorchScript's static runtime
+#: (:class:`_StaticRuntime`); larger ones on the interpreter, which lets go of Python's lock while it runs.
+STATIC_ROWS = 16
+
+
+class _StaticRuntime:
+    """A recorded graph on TorchScript's *static runtime* (``torch._C._jit_to_static_module``): the same
+    aten operations, run without the interpreter's per-instruction dispatch and with the graph's
+    intermediate tensors planned once per shape -- 0.74-0.81x the interpreter's time at batch 1 on the
+    demo models (``bench/results/ab_static_runtime.md``). It holds Python's lock for the whole call
+    (the interpreter releases it), so :class:`TracedModule` runs only small calls here
+    (``static_rows``): a thread beside it stops for at most one small call.
+
+    Every tensor constant of the recording is lifted into an input before the runtime sees the graph
+    (``lifted``, passed after the caller's inputs on every call): its preparation passes may merge or
+    rewrite constants, and a directed-rounding factor such as 1 + 2^-40 must stay apart from a 1 (the
+    hazard :class:`TracedModule` turns the interpreter's optimiser off for). A runtime that fails to
+    prepare, or answers its first call differently from the interpreter in any bit, is not used
+    (``None`` from :func:`_static_runtime`, logged); a call that raises is answered by the interpreter
+    (the same error, if the inputs are what is wrong). One call at a time: the runtime keeps one
+    planned arena, so a second concurrent caller runs the interpreter instead (``TracedModule``'s lock).
+    Bit for bit what the interpreter answers, on every demo model: tests/hjmodel/test_trace.py."""
+
+    def __init__(self, function, module, lifted: tuple[Tensor, ...]):
+        self.function, self.module, self.lifted = function, module, lifted
+
+    def run(self, inputs: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
+        try:
+            return self.module(*inputs, *self.lifted)
+        except Exception:
+            with torch.inference_mode(), torch.jit.optimized_execution(False):
+                return self.function(*inputs)
+
+
+def _same_bits(a: Tensor, b: Tensor) -> bool:
+    """Whether two tensors hold the same values bit for bit (NaNs and signed zeros included)."""
+    if a.dtype != b.dtype or a.shape != b.shape:
+        return False
+    if a.is_floating_point():
+        view = {torch.float64: torch.int64, torch.float32: torch.int32, torch.float16: torch.int16,
+                torch.bfloat16: torch.int16}[a.dtype]
+        a, b = a.contiguous().view(view), b.contiguous().view(view)
+    return torch.equal(a, b)
+
+
+def _static_runtime(function, inputs: tuple[Tensor, ...]) -> _StaticRuntime | None:
+    """``function`` (a recorded graph, run by the interpreter) on the static runtime, or None (logged)
+    when this torch cannot prepare it or its answer to ``inputs`` differs from the interpreter's in
+    any bit (:class:`_StaticRuntime`)."""
+    try:
+        graph = function.graph.copy()
+        torch._C._jit_pass_inline(graph)
+        lifted = []
+        for node in graph.findAllNodes("prim::Constant"):       # in the branches too
+            if node.output().type().kind() == "TensorType":
+                value = graph.addInput()
+                value.setType(node.output().type())
+                node.output().replaceAllUsesWith(value)
+                lifted.append(node.t("value"))
+                node.destroy()
+        static = _StaticRuntime(function, torch._C._jit_to_static_module(graph), tuple(lifted))
+        with torch.inference_mode(), torch.jit.optimized_execution(False):
+            want = function(*inputs)
+        got = static.module(*inputs, *static.lifted)
+        if len(got) != len(want) or not all(map(_same_bits, got, want)):
+            log.warning("trace: the static runtime answered otherwise than the interpreter; not used")
+            return None
+        return static
+    except Exception as exc:   # a private runtime of TorchScript: the interpreter answers the same
+        log.warning("trace: the static runtime cannot run this graph, not used: %s: %s", type(exc).__name__,
+                    str(exc)[:300])
+        return None
 
 
 #: Held while a :class:`TracedModule` records. Recordings of the weights as constants on two threads
@@ -474,13 +571,15 @@ def _fold_constants(function) -> tuple[object, int]:
         return function, 0
 
 
-def traced_or_eager(module: ServingModule | ExplainModule, label: str = "") -> TracedModule | ServingModule | ExplainModule:
+def traced_or_eager(module: ServingModule | ExplainModule, label: str = "",
+                    static_rows: int | None = None) -> TracedModule | ServingModule | ExplainModule:
     """``module`` as its :class:`TracedModule` (the same answers, bit for bit, in about half the time
-    at small batches), or ``module`` itself, with a logged warning saying why, if tracing fails (a
-    torch without TorchScript, an operation the tracer cannot record). How the torch backend and
-    :class:`hjmodel.predictor.Predictor` run a model; ``label`` names it in the warning."""
+    at small batches; ``static_rows`` as there), or ``module`` itself, with a logged warning saying
+    why, if tracing fails (a torch without TorchScript, an operation the tracer cannot record). How
+    the torch backend and :class:`hjmodel.predictor.Predictor` run a model; ``label`` names it in the
+    warning."""
     try:
-        return TracedModule(module)
+        return TracedModule(module, static_rows=static_rows)
     except Exception as exc:  # the eager module still answers; say why it is slower
         log.warning("%s: running %s eagerly, tracing failed: %s: %s", label or "model", type(module).__name__,
                     type(exc).__name__, str(exc)[:300])

@@ -219,7 +219,8 @@ class ModelRepository:
             raise ModelLoadFailed(f"invalid artifact: {exc}") from None
         backend = self._loader(path, preference=s.backend, device=s.device, threads=s.intra_op_threads,
                                spinning=s.intra_op_spinning, pruned_graphs=s.pruned_graphs,
-                               pruned_graph_bytes=int(s.pruned_graph_mb * 2**20))
+                               pruned_graph_bytes=int(s.pruned_graph_mb * 2**20),
+                               static_rows=s.torch_static_rows)
         try:
             spec = read_spec(path)
             for file, embedded in backend.embedded_specs.items():

@@ -96,6 +96,13 @@ class Settings(BaseSettings):
     thread of its own (that batch runs the whole graph; the values are the same bit for bit), and
     holds the constants it reads. 0: every batch runs the whole graph."""
 
+    torch_static_rows: int = Field(16, ge=0)
+    """The torch backend runs a call of at most this many rows on TorchScript's static runtime instead
+    of its interpreter: the same operations, bit for bit, in 0.74-0.85x the time at batch 1
+    (``bench/results/ab_static_runtime.md``). The runtime holds Python's lock while it runs, so the
+    event loop waits for such a call (at most one small call); 0: always the interpreter, which lets
+    the loop run beside the graph. onnxruntime's backend ignores it."""
+
     pruned_graph_mb: float = Field(256.0, ge=0.0)
     """Most megabytes of graph the pruned graphs of one model version hold together: an onnxruntime
     session copies the constants its graph reads (a large memory model's support points are most of

@@ -43,10 +43,12 @@ def choose_backend(version_dir: Path, preference: str) -> str:
 
 def load_backend(version_dir: Path, *, preference: str = "auto", device: str = "auto",
                  threads: int = 0, spinning: bool = False, pruned_graphs: int = 0,
-                 pruned_graph_bytes: int = PRUNED_GRAPH_BYTES) -> Backend:
+                 pruned_graph_bytes: int = PRUNED_GRAPH_BYTES, static_rows: int = 0) -> Backend:
     """Load ``version_dir`` with the chosen backend; raises ModelLoadFailed. ``pruned_graphs``: the
     most graphs cut down to fewer outputs it may build, holding at most ``pruned_graph_bytes``
-    together (:class:`~service.backends.base.OutputGraphs`)."""
+    together (:class:`~service.backends.base.OutputGraphs`); ``static_rows``: the torch backend's
+    (:func:`~service.backends.torch.load_torch`)."""
     return BACKENDS[choose_backend(version_dir, preference)](version_dir, device=device, threads=threads,
                                                              spinning=spinning, pruned_graphs=pruned_graphs,
-                                                             pruned_graph_bytes=pruned_graph_bytes)
+                                                             pruned_graph_bytes=pruned_graph_bytes,
+                                                             static_rows=static_rows)

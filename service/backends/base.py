@@ -57,10 +57,12 @@ class Backend(Protocol):
 class BackendFactory(Protocol):
     """Loads a version directory; raises :class:`service.errors.ModelLoadFailed` on any failure.
     ``pruned_graphs``: at most this many :class:`OutputGraphs` (0: always the whole graph), holding
-    at most ``pruned_graph_bytes``."""
+    at most ``pruned_graph_bytes``; ``static_rows``: calls of at most this many rows on TorchScript's
+    static runtime (torch only)."""
 
     def __call__(self, version_dir: Path, *, device: str, threads: int, spinning: bool = False,
-                 pruned_graphs: int = 0, pruned_graph_bytes: int = PRUNED_GRAPH_BYTES) -> Backend: ...
+                 pruned_graphs: int = 0, pruned_graph_bytes: int = PRUNED_GRAPH_BYTES,
+                 static_rows: int = 0) -> Backend: ...
 
 
 class OutputGraphs:

@@ -82,7 +82,8 @@ class OnnxBackend:
 
 
 def load_onnx(version_dir: Path, *, device: str = "auto", threads: int = 0, spinning: bool = False,
-              pruned_graphs: int = 0, pruned_graph_bytes: int = PRUNED_GRAPH_BYTES) -> OnnxBackend:
+              pruned_graphs: int = 0, pruned_graph_bytes: int = PRUNED_GRAPH_BYTES,
+              static_rows: int = 0) -> OnnxBackend:
     """Open ``version_dir/model.onnx`` on ``device`` (auto|cpu|cuda), ``threads`` intra-op threads
     (spinning between operators only if ``spinning``: :func:`hjmodel.serving.session_options`), with
     up to ``pruned_graphs`` sessions of the graph cut down to fewer outputs (their graphs

@@ -78,9 +78,12 @@ class TorchBackend:
 
 
 def load_torch(version_dir: Path, *, device: str = "auto", threads: int = 0, spinning: bool = False,
-               pruned_graphs: int = 0, pruned_graph_bytes: int = PRUNED_GRAPH_BYTES) -> TorchBackend:
+               pruned_graphs: int = 0, pruned_graph_bytes: int = PRUNED_GRAPH_BYTES,
+               static_rows: int = 0) -> TorchBackend:
     """Rebuild the serving module of ``version_dir`` on ``device`` (auto|cpu|cuda), with up to
-    ``pruned_graphs`` traces of it cut down to fewer outputs, recorded when a batch first needs them.
+    ``pruned_graphs`` traces of it cut down to fewer outputs, recorded when a batch first needs them;
+    serving calls of at most ``static_rows`` rows run on TorchScript's static runtime
+    (:class:`hjmodel.artifact.TracedModule`; on a CPU only).
     ``spinning`` is onnxruntime's and not used here: torch's intra-op threads are OpenMP's, whose
     wait is set for the whole process by ``OMP_WAIT_POLICY`` before it starts."""
     version_dir = Path(version_dir)
@@ -106,11 +109,13 @@ def load_torch(version_dir: Path, *, device: str = "auto", threads: int = 0, spi
         names = [o.name for o in module.specs]
         # a trace holds the module's own tensors (no copy) and the values it folded at load: only
         # those take the byte budget
-        pruned = (OutputGraphs(names, lambda outputs: _with_bytes(traced_or_eager(ServingModule(model, outputs), label)),
+        static_rows = static_rows if target == "cpu" else 0
+        pruned = (OutputGraphs(names, lambda outputs: _with_bytes(traced_or_eager(ServingModule(model, outputs), label,
+                                                                                  static_rows)),
                                pruned_graphs, pruned_graph_bytes, label) if pruned_graphs else None)
         explain = ExplainModule(module.model).to(target).eval()
         explain = explain if explain.specs else None
-        module = traced_or_eager(module, str(version_dir))
+        module = traced_or_eager(module, str(version_dir), static_rows)
         explain = explain and traced_or_eager(explain, str(version_dir))
     except ArtifactError as exc:
         raise ModelLoadFailed(f"invalid torch artifact: {exc}") from None

@@ -13,7 +13,14 @@ import torch
 from sklearn.datasets import load_breast_cancer, load_diabetes, load_digits
 
 from hjmodel import functional as F
-from hjmodel.artifact import ExplainModule, ServingModule, TracedModule, example_inputs, load_serving_module
+from hjmodel.artifact import (
+    STATIC_ROWS,
+    ExplainModule,
+    ServingModule,
+    TracedModule,
+    example_inputs,
+    load_serving_module,
+)
 from hjmodel.serving import IG_ORDER, IG_PANELS
 
 DATA = {"digits_lse": load_digits, "digits_memory": load_digits, "digits_deep": load_digits,
@@ -325,11 +332,13 @@ def test_the_trace_runs_in_inference_mode_whoever_calls_it(served):
     got = traced(x, tau)
     _assert_identical(got, want)
     assert all(v.is_inference() for v in got.values())
-    blocks, traced.blocks = traced.blocks, lambda n: [slice(0, 3), slice(3, n)]    # the row-blocks path
+    # the interpreter's row-blocks path (a call on the static runtime is one block by construction)
+    blocks, traced.blocks = traced.blocks, lambda n: [slice(0, 3), slice(3, n)]
+    static_rows, traced.static_rows = traced.static_rows, 0
     try:
         got = traced(x, tau)
     finally:
-        traced.blocks = blocks
+        traced.blocks, traced.static_rows = blocks, static_rows
     with torch.no_grad():   # eager torch on the same blocks (a product's rounding may depend on its rows)
         parts = [module(x[r], tau[r]) for r in (slice(0, 3), slice(3, 7))]
     _assert_identical(got, {k: torch.cat([p[k] for p in parts]) for k in want})
@@ -391,3 +400,112 @@ def test_a_trace_counts_the_memory_its_folded_values_hold_and_only_that():
     assert TracedModule(module, {"x": x}, fold=False).folded_bytes == 0
     _assert_identical(traced(x), module(x))
     assert module.W.requires_grad
+
+
+# ----------------------------------------------------------------------------- the static runtime
+
+def _spy_static(traced) -> list[int]:
+    """Count the calls ``traced`` answers on its static runtime (rows per call)."""
+    calls, run = [], traced._static.run
+
+    def counted(inputs):
+        calls.append(inputs[0].shape[0])
+        return run(inputs)
+    traced._static.run = counted
+    return calls
+
+
+@pytest.mark.parametrize("scale", [1.0, 5.0])
+def test_small_calls_run_on_the_static_runtime_bit_for_bit(served, scale):
+    # every row of the dataset (x5: far out, wide radii, the OOD flag up) in calls of STATIC_ROWS rows,
+    # on the static runtime and on the interpreter. With the recording's tensor constants left in its
+    # graph (not lifted into inputs) the runtime's preparation changed 114 digits_deep outputs here
+    name, module, _ = served
+    traced, interpreted = TracedModule(module), TracedModule(module, static_rows=0)
+    assert traced.static_rows == STATIC_ROWS and traced._static is not None and interpreted._static is None
+    calls = _spy_static(traced)
+    X = torch.tensor(DATA[name](return_X_y=True)[0], dtype=torch.float32) * scale
+    for start in range(0, len(X), STATIC_ROWS):
+        x = X[start:start + STATIC_ROWS]
+        tau = torch.full((len(x), 1), 0.1, dtype=torch.float64)
+        _assert_identical(traced(x, tau), interpreted(x, tau))
+    assert len(calls) == -(-len(X) // STATIC_ROWS)
+    x = X[:STATIC_ROWS + 1]                        # one row more: the interpreter
+    tau = torch.full((len(x), 1), 0.1, dtype=torch.float64)
+    _assert_identical(traced(x, tau), interpreted(x, tau))
+    assert len(calls) == -(-len(X) // STATIC_ROWS)
+
+
+def test_the_static_runtimes_answers_outlive_its_next_call(served):
+    # the runtime plans its intermediate tensors in one arena per shape: what it returned is the
+    # caller's, not overwritten by the next call
+    name, module, traced = served
+    x, y = _rows(name, 4, seed=5), _rows(name, 4, seed=6)
+    tau = torch.full((4, 1), 0.2, dtype=torch.float64)
+    first = traced(x, tau)
+    kept = {k: v.clone() for k, v in first.items()}
+    traced(y, tau)
+    traced(y * 3.0, tau)
+    _assert_identical(first, kept)
+    with torch.no_grad():
+        _assert_identical(first, module(x, tau))
+
+
+def test_a_call_made_while_the_runtime_is_busy_runs_on_the_interpreter(served):
+    # one planned arena: a second caller at the same time (the service never makes one, a script may)
+    # must not share it
+    name, module, traced = served
+    x = _rows(name, 3, seed=7)
+    tau = torch.full((3, 1), 0.1, dtype=torch.float64)
+    calls = _spy_static(traced)
+    with traced._static_free:
+        got = traced(x, tau)
+    assert calls == []
+    _assert_identical(got, traced(x, tau))
+    assert calls == [3]
+
+
+def test_a_static_call_that_raises_is_answered_by_the_interpreter(served, monkeypatch):
+    name, module, traced = served
+    x = _rows(name, 2, seed=8)
+    tau = torch.full((2, 1), 0.1, dtype=torch.float64)
+    want = traced(x, tau)
+
+    def fails(*inputs):
+        raise RuntimeError("result type Float can't be cast to the desired output type Long")
+    monkeypatch.setattr(traced._static, "module", fails)
+    _assert_identical(traced(x, tau), want)
+
+
+def test_a_runtime_that_answers_otherwise_is_not_used_and_says_why(served, monkeypatch, caplog):
+    import hjmodel.artifact as artifact
+
+    name, module, _ = served
+    prepare = torch._C._jit_to_static_module
+
+    def off_by_one(graph):
+        static = prepare(graph)
+        return lambda *inputs: tuple(t + 1 if t.is_floating_point() else t for t in static(*inputs))
+    monkeypatch.setattr(torch._C, "_jit_to_static_module", off_by_one)
+    with caplog.at_level("WARNING", logger=artifact.__name__):
+        traced = TracedModule(module)
+    assert traced._static is None and "answered otherwise than the interpreter" in caplog.text
+    x = _rows(name, 2, seed=9)
+    tau = torch.full((2, 1), 0.1, dtype=torch.float64)
+    with torch.no_grad():
+        _assert_identical(traced(x, tau), module(x, tau))
+
+
+def test_explanations_and_float32_equal_constants_on_the_static_runtime(served):
+    # an explanation graph runs beside the serving graph in a server: never on the runtime, which holds
+    # Python's lock; constants equal in float32 stay apart on the runtime too
+    name, module, _ = served
+    assert TracedModule(ExplainModule(module.model)).static_rows == 0
+    constants = _Constants()
+    x = torch.arange(3, dtype=torch.float64)
+    traced = TracedModule(constants, {"x": x}, static_rows=STATIC_ROWS)
+    assert traced._static is not None
+    calls = _spy_static(traced)
+    for _ in range(3):
+        _assert_identical(traced(x), constants(x))
+    assert traced(x)["up"][1].item() == F._UP and traced(x)["tiny"][0].item() == -1e-300 and len(calls) == 5

@@ -107,7 +107,7 @@ class FakeLoader:
         self.loads = 0
 
     def __call__(self, version_dir: Path, *, preference: str, device: str, threads: int, spinning: bool = False,
-                 pruned_graphs: int = 0, pruned_graph_bytes: int = 0) -> FakeBackend:
+                 pruned_graphs: int = 0, pruned_graph_bytes: int = 0, static_rows: int = 0) -> FakeBackend:
         from service.repository import read_spec
 
         version_dir = Path(version_dir)

@@ -60,11 +60,19 @@ def test_the_torch_backend_serves_the_trace_and_the_module_when_tracing_fails(hj
 
     version = hj_repo / "iris" / "1"
     x = _rows(read_spec(version), n=5)
-    traced = load_backend(version, preference="torch", device="cpu")
+    traced = load_backend(version, preference="torch", device="cpu", static_rows=16)
     assert isinstance(traced._module, TracedModule) and isinstance(traced._explain, TracedModule)
     assert traced.execution == "torchscript"
+    # HJSERVE_TORCH_STATIC_ROWS: small serving calls on the static runtime, never an explanation's
+    assert traced._module.static_rows == 16 and traced._module._static is not None
+    assert traced._explain.static_rows == 0
+    interpreted = load_backend(version, preference="torch", device="cpu", static_rows=0)
+    assert interpreted._module.static_rows == 0 and interpreted._module._static is None
+    served = interpreted.infer(x, np.full(5, 0.2))
+    assert all(np.array_equal(v, served[k]) for k, v in traced.infer(x, np.full(5, 0.2)).items())
+    interpreted.close()
 
-    def refuse(module, inputs=None):
+    def refuse(module, inputs=None, **options):
         raise RuntimeError("no TorchScript here")
 
     monkeypatch.setattr("hjmodel.artifact.TracedModule", refuse)

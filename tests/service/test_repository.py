@@ -50,17 +50,19 @@ def test_a_versions_explanations_run_in_calls_sized_by_its_first_layer(fake_root
     assert wide == 2 and small == settings.max_batch_size
 
 
-@pytest.mark.parametrize("threads, spinning", [(0, False), (3, True)])
-def test_the_thread_settings_reach_every_load(fake_root, loader, threads, spinning):
-    """HJSERVE_INTRA_OP_THREADS / _SPINNING are passed to the backend loader of every version."""
+@pytest.mark.parametrize("threads, spinning, static_rows", [(0, False, 16), (3, True, 0)])
+def test_the_thread_settings_reach_every_load(fake_root, loader, threads, spinning, static_rows):
+    """HJSERVE_INTRA_OP_THREADS / _SPINNING / HJSERVE_TORCH_STATIC_ROWS are passed to the backend
+    loader of every version."""
     seen = []
 
     def recording(version_dir, **kwargs):
-        seen.append((kwargs["threads"], kwargs["spinning"]))
+        seen.append((kwargs["threads"], kwargs["spinning"], kwargs["static_rows"]))
         return loader(version_dir, **kwargs)
-    settings = Settings(model_repository=fake_root, intra_op_threads=threads, intra_op_spinning=spinning)
+    settings = Settings(model_repository=fake_root, intra_op_threads=threads, intra_op_spinning=spinning,
+                        torch_static_rows=static_rows)
     _with_repository(ModelRepository(settings, loader=recording), lambda: asyncio.sleep(0))
-    assert seen and set(seen) == {(threads, spinning)}
+    assert seen and set(seen) == {(threads, spinning, static_rows)}
 
 
 def test_a_bad_spec_is_reported_and_takes_nothing_down(fake_root, loader):
