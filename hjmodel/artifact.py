@@ -407,7 +407,7 @@ class TracedModule:
         one dispatched, the ones an operation makes inside another included): what a skipped search
         saves (tests/hjmodel/test_trace.py, ``bench/ab_trace_searches.py``)."""
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
-            self._interpret(inputs)
+            self.interpret(*inputs)
         return sum(1 for event in prof.events() if event.name.startswith("aten::"))
 
     def __call__(self, *inputs: Tensor) -> dict[str, Tensor]:
@@ -420,9 +420,11 @@ class TracedModule:
                 return dict(zip(self.names, self._static.run(inputs), strict=True))
             finally:
                 self._static_free.release()
-        return self._interpret(inputs)
+        return self.interpret(*inputs)
 
-    def _interpret(self, inputs: tuple[Tensor, ...]) -> dict[str, Tensor]:
+    def interpret(self, *inputs: Tensor) -> dict[str, Tensor]:
+        """A call on the interpreter whatever its size: what a caller wants whose other threads must
+        run meanwhile (the torch backend's serving call with its explanation beside it)."""
         n = inputs[0].shape[0]
         blocks = self.blocks(n)
         with torch.inference_mode(), torch.jit.optimized_execution(False):

@@ -41,12 +41,13 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import functools
 import logging
 import queue
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -211,7 +212,7 @@ class DynamicBatcher:
             pending = self._explainer.submit(self._explain, [_Job(rows, tau, None, baseline)], [0], rows, taus)
         with serving.subnormals_flushed():
             served = time.perf_counter()
-            result = _guarded(self.backend.infer, "inference", len(rows), rows, taus, outputs)
+            result = _guarded(self._infer(pending), "inference", len(rows), rows, taus, outputs)
             served = time.perf_counter() - served
         self._timed(len(rows), outputs, served)
         if isinstance(result, HJServeError):
@@ -360,7 +361,7 @@ class DynamicBatcher:
                    if any(j.baseline is not None for j in batch) else None)
         wanted = _wanted(batch)
         served = time.perf_counter()
-        outputs = _guarded(self.backend.infer, "inference", len(rows), rows, tau, wanted)
+        outputs = _guarded(self._infer(pending), "inference", len(rows), rows, tau, wanted)
         served = time.perf_counter() - served
         explained: dict[str, np.ndarray] | HJServeError = {}
         if pending is not None:
@@ -371,6 +372,11 @@ class DynamicBatcher:
                 explained = InternalError(f"the explanation failed: {type(exc).__name__}: {exc}")
         loop.call_soon_threadsafe(self._deliver, batch, offsets, outputs, explained, start,
                                   time.perf_counter() - start, served)
+
+    def _infer(self, explaining: Future | None) -> Callable[..., dict[str, np.ndarray]]:
+        """``backend.infer``, told when an explanation graph runs beside it (``beside``: a backend
+        whose small calls would hold Python's lock runs this one so that the two overlap)."""
+        return self.backend.infer if explaining is None else functools.partial(self.backend.infer, beside=True)
 
     def _explain(self, batch: list[_Job], offsets: list[int], rows: np.ndarray,
                  tau: np.ndarray) -> dict[str, np.ndarray] | HJServeError:

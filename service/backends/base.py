@@ -44,8 +44,13 @@ class Backend(Protocol):
     #: ``model.json`` itself (torch). The repository serves a graph only beside that same spec.
     embedded_specs: Mapping[str, str | None]
 
-    def infer(self, input: np.ndarray, tau: np.ndarray,
-              outputs: Collection[str] | None = None) -> dict[str, np.ndarray]: ...
+    def infer(self, input: np.ndarray, tau: np.ndarray, outputs: Collection[str] | None = None, *,
+              beside: bool = False) -> dict[str, np.ndarray]:
+        """The serving outputs (``outputs``: at least these; None: every one) for ``input`` (B, d)
+        float32, ``tau`` (B,). ``beside``: the same rows' explanation graph runs on another thread
+        meanwhile, so this call must let go of Python's lock while it computes (onnxruntime always
+        does; the torch backend's static runtime does not, and is not used then)."""
+        ...
 
     def explain(self, input: np.ndarray, tau: np.ndarray, baseline: np.ndarray) -> dict[str, np.ndarray]:
         """The explanation outputs for ``input`` (B, d), ``tau`` (B,), ``baseline`` (B, d) float32."""

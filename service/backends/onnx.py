@@ -44,7 +44,9 @@ class OnnxBackend:
         if explain_session is not None:
             self.embedded_specs[serving.EXPLAIN_FILE] = _embedded_spec(explain_session)
 
-    def infer(self, input: np.ndarray, tau: np.ndarray, outputs: Collection[str] | None = None) -> dict[str, np.ndarray]:
+    def infer(self, input: np.ndarray, tau: np.ndarray, outputs: Collection[str] | None = None, *,
+              beside: bool = False) -> dict[str, np.ndarray]:
+        # ``beside``: nothing to change, a session's run lets go of Python's lock
         tau = np.asarray(tau, dtype=np.float64).reshape(-1)
         pruned = self.pruned.get(outputs) if self.pruned is not None else None
         session, names = pruned if pruned is not None else (self._session, self._output_names)

@@ -40,11 +40,16 @@ class TorchBackend:
             self.execution += f" (explanations: {runs(explain_module)})"
         self.explain_outputs = tuple(o.name for o in explain_module.specs) if explain_module is not None else ()
 
-    def infer(self, input: np.ndarray, tau: np.ndarray, outputs: Collection[str] | None = None) -> dict[str, np.ndarray]:
+    def infer(self, input: np.ndarray, tau: np.ndarray, outputs: Collection[str] | None = None, *,
+              beside: bool = False) -> dict[str, np.ndarray]:
         import torch
 
         pruned = self.pruned.get(outputs) if self.pruned is not None else None
         module = pruned[0] if pruned is not None else self._module
+        if beside and hasattr(module, "interpret"):
+            # an explanation graph runs meanwhile: the interpreter lets go of Python's lock, the static
+            # runtime would hold it and the explanation's thread would wait for the whole call
+            module = module.interpret
         try:
             with torch.inference_mode():
                 x = torch.from_numpy(np.ascontiguousarray(input, dtype=np.float32)).to(self.device)

@@ -57,7 +57,7 @@ class FakeBackend:
         self.gate.set()
         self.closed = False
 
-    def infer(self, input: np.ndarray, tau: np.ndarray, outputs=None) -> dict[str, np.ndarray]:  # noqa: A002 (V2 name)
+    def infer(self, input: np.ndarray, tau: np.ndarray, outputs=None, beside=False) -> dict[str, np.ndarray]:  # noqa: A002
         self.gate.wait(10)
         if self.delay:
             time.sleep(self.delay)

@@ -69,7 +69,13 @@ def test_the_torch_backend_serves_the_trace_and_the_module_when_tracing_fails(hj
     interpreted = load_backend(version, preference="torch", device="cpu", static_rows=0)
     assert interpreted._module.static_rows == 0 and interpreted._module._static is None
     served = interpreted.infer(x, np.full(5, 0.2))
+    static_calls, run = [], traced._module._static.run
+    traced._module._static.run = lambda inputs: static_calls.append(len(inputs[0])) or run(inputs)
     assert all(np.array_equal(v, served[k]) for k, v in traced.infer(x, np.full(5, 0.2)).items())
+    assert static_calls == [5]
+    # an explanation beside it: the interpreter, which lets the explanation's thread run meanwhile
+    assert all(np.array_equal(v, served[k]) for k, v in traced.infer(x, np.full(5, 0.2), beside=True).items())
+    assert static_calls == [5]
     interpreted.close()
 
     def refuse(module, inputs=None, **options):
@@ -366,9 +372,9 @@ def test_a_request_run_on_the_event_loop_gets_the_bits_the_thread_serves(hj_repo
         loaded = load_backend(version, preference=backend, device="cpu")
         infer = loaded.infer
 
-        def recording(*args):
+        def recording(*args, **kwargs):
             threads.append(threading.get_ident())
-            return infer(*args)
+            return infer(*args, **kwargs)
 
         loaded.infer = recording
         batcher = DynamicBatcher(loaded, max_batch_size=64, max_queue_delay_s=0.0, max_queue_size=8,

@@ -31,7 +31,7 @@ class FakeBackend:
         self.entered = threading.Event()   # set once a batch has reached infer
         self.closed = False
 
-    def infer(self, input, tau, outputs=None):
+    def infer(self, input, tau, outputs=None, beside=False):
         self.asked.append(outputs)
         self.entered.set()
         self.gate.wait(10)
@@ -207,7 +207,7 @@ def test_the_backend_thread_flushes_subnormals():
     assert product == 1e-310                        # a subnormal, kept here
 
     class Tiny(FakeBackend):
-        def infer(self, input, tau, outputs=None):
+        def infer(self, input, tau, outputs=None, beside=False):
             return {"product": np.full(len(input), np.float64(1e-300) * np.float64(1e-10))}
 
     async def main():
@@ -229,9 +229,11 @@ class ExplainingBackend(FakeBackend):
         self.explained: list[int] = []
         self.threads: dict[str, set[int]] = {"infer": set(), "explain": set()}
         self.explain_rows = explain_rows   # rows to return instead of the rows given (a broken backend)
+        self.beside: list[bool] = []       # each serving call's ``beside``
 
-    def infer(self, input, tau, outputs=None):
+    def infer(self, input, tau, outputs=None, beside=False):
         self.threads["infer"].add(threading.get_ident())
+        self.beside.append(beside)
         return super().infer(input, tau)
 
     def explain(self, input, tau, baseline):
@@ -257,6 +259,7 @@ def test_explanations_run_with_their_batch_and_split_back_to_their_requests():
     results = asyncio.run(main())
     assert backend.batches == [(8, (0.1, 0.2, 0.30000000000000004, 0.4))]   # one batch, all four jobs
     assert backend.explained == [4]                                        # one explanation call: jobs 0 and 2
+    assert backend.beside == [True]            # the serving call was told its explanation runs beside it
     for i, r in enumerate(results):
         np.testing.assert_array_equal(r.outputs["double"], _rows(2, 10 * i) * 2)
         if i % 2:
@@ -274,7 +277,7 @@ def test_a_batchs_explanation_runs_while_its_serving_graph_runs():
     both = threading.Barrier(2, timeout=5)
 
     class Overlapping(ExplainingBackend):
-        def infer(self, input, tau, outputs=None):
+        def infer(self, input, tau, outputs=None, beside=False):
             both.wait()
             return super().infer(input, tau)
 
@@ -291,6 +294,25 @@ def test_a_batchs_explanation_runs_while_its_serving_graph_runs():
     result = asyncio.run(main())
     np.testing.assert_array_equal(result.outputs["double"], _rows(3) * 2)
     np.testing.assert_array_equal(result.outputs["gap"], _rows(3))
+
+
+def test_a_serving_call_is_told_only_when_an_explanation_runs_beside_it():
+    """``beside``: the torch backend's small calls hold Python's lock unless told an explanation graph
+    runs meanwhile (then the two would not overlap); on the thread and on the loop alike."""
+    backend = ExplainingBackend()
+
+    async def main():
+        b = _batcher(backend, max_queue_delay_s=0, inline_max_s=1.0)
+        try:
+            await b.infer(_rows(2), 0.1, timeout_s=5)                       # the thread (measures)
+            await b.infer(_rows(2), 0.1, timeout_s=5, alone=True)           # the loop
+            await b.infer(_rows(2), 0.1, timeout_s=5, alone=True, baseline=np.zeros(2, np.float32))
+            await b.infer(_rows(2), 0.1, timeout_s=5, baseline=np.zeros(2, np.float32))
+        finally:
+            await b.close()
+
+    asyncio.run(main())
+    assert backend.beside == [False, False, True, True] and len(backend.threads["infer"]) == 2
 
 
 def test_explanations_run_at_most_max_batch_size_rows_a_call():
@@ -442,7 +464,7 @@ class WhereBackend(FakeBackend):
         super().__init__(**kw)
         self.calls: list[tuple[int, bool]] = []
 
-    def infer(self, input, tau, outputs=None):
+    def infer(self, input, tau, outputs=None, beside=False):
         self.calls.append((threading.get_ident(), serving.flushing_subnormals()))
         return super().infer(input, tau, outputs)
 
@@ -636,6 +658,7 @@ def test_a_request_alone_with_explanations_runs_its_serving_graph_on_the_loop_an
     first, threads, second = asyncio.run(main())
     me = threading.get_ident()
     assert me not in threads["infer"] and me in backend.threads["infer"]
+    assert backend.beside == [True, True]      # on the thread and on the loop, told the explanation is beside it
     assert me not in backend.threads["explain"] and backend.threads["explain"] == threads["explain"]
     assert first.outputs.keys() == second.outputs.keys() == {"double", "tau", "gap", "explain_tau"}
     for name in first.outputs:
@@ -674,7 +697,7 @@ def test_each_set_of_outputs_is_measured_on_the_thread_before_it_runs_on_the_loo
     few = frozenset({"prediction"})
 
     class Slow(WhereBackend):
-        def infer(self, input, tau, outputs=None):
+        def infer(self, input, tau, outputs=None, beside=False):
             self.delay = 0.0 if outputs == few else 0.02
             return super().infer(input, tau, outputs)
 
