@@ -344,7 +344,7 @@ class TracedModule:
     weights read as attributes, every operation run per call, no search wrapped): the side-by-side
     baseline of ``bench/ab_trace.py``.
 
-    A call of at most ``static_rows`` rows (default: :data:`STATIC_ROWS` for a serving graph on a CPU,
+    A call of at most ``static_rows`` rows (default: :data:`STATIC_ROWS` for a folded serving graph on a CPU,
     0 for an explanation graph, which a server runs beside the serving graph) runs the same graph on
     TorchScript's static runtime instead (:class:`_StaticRuntime`: the same bits, ~0.8x the time at
     batch 1, holding Python's lock while it runs); a larger one, or one made while another call is on
@@ -381,7 +381,8 @@ class TracedModule:
             self.graph(*inputs)
         if static_rows is None:
             static_rows = STATIC_ROWS if isinstance(module, ServingModule) else 0
-        if inputs[0].device.type != "cpu":     # the runtime's planned kernels are CPU ones
+        if inputs[0].device.type != "cpu" or not fold:
+            # the runtime's planned kernels are CPU ones; it cannot run a module's attribute reads
             static_rows = 0
         while static_rows > 0 and len(self.blocks(static_rows)) > 1:   # a static call is one row block
             static_rows -= 1
@@ -442,7 +443,7 @@ STATIC_ROWS = 16
 class _StaticRuntime:
     """A recorded graph on TorchScript's *static runtime* (``torch._C._jit_to_static_module``): the same
     aten operations, run without the interpreter's per-instruction dispatch and with the graph's
-    intermediate tensors planned once per shape -- 0.74-0.81x the interpreter's time at batch 1 on the
+    intermediate tensors planned once per shape -- 0.79-0.84x the interpreter's time at batch 1 on the
     demo models (``bench/results/ab_static_runtime.md``). It holds Python's lock for the whole call
     (the interpreter releases it), so :class:`TracedModule` runs only small calls here
     (``static_rows``): a thread beside it stops for at most one small call.
