@@ -345,8 +345,9 @@ class TracedModule:
     baseline of ``bench/ab_trace.py``.
 
     A call of at most ``static_rows`` rows (default: :data:`STATIC_ROWS` for a folded serving graph on a CPU,
-    0 for an explanation graph, which a server runs beside the serving graph) runs the same graph on
-    TorchScript's static runtime instead (:class:`_StaticRuntime`: the same bits, ~0.8x the time at
+    0 for an explanation graph, which a server runs beside the serving graph; then cut to the rows the
+    runtime ran within :data:`STATIC_CALL_S` at load: the attribute says how many) runs the same graph
+    on TorchScript's static runtime instead (:class:`_StaticRuntime`: the same bits, ~0.8x the time at
     batch 1, holding Python's lock while it runs); a larger one, or one made while another call is on
     the runtime, on the interpreter."""
 
@@ -386,8 +387,8 @@ class TracedModule:
             static_rows = 0
         while static_rows > 0 and len(self.blocks(static_rows)) > 1:   # a static call is one row block
             static_rows -= 1
-        self.static_rows = static_rows
         self._static = _static_runtime(self.graph, inputs) if static_rows > 0 else None
+        self.static_rows = 0 if self._static is None else self._static.rows_within(STATIC_CALL_S, static_rows, inputs)
         self._static_free = threading.Lock()
 
     def operations(self) -> list[str]:
@@ -438,6 +439,9 @@ class TracedModule:
 #: A serving graph's calls of at most this many rows run on TorchScript's static runtime
 #: (:class:`_StaticRuntime`); larger ones on the interpreter, which lets go of Python's lock while it runs.
 STATIC_ROWS = 16
+#: ... and only as many rows as the runtime took at most this long for when the graph was loaded: the
+#: longest a thread beside the call (a server's event loop) waits for it to let go of Python's lock
+STATIC_CALL_S = 1e-3
 
 
 class _StaticRuntime:
@@ -446,7 +450,7 @@ class _StaticRuntime:
     intermediate tensors planned once per shape -- 0.79-0.84x the interpreter's time at batch 1 on the
     demo models (``bench/results/ab_static_runtime.md``). It holds Python's lock for the whole call
     (the interpreter releases it), so :class:`TracedModule` runs only small calls here
-    (``static_rows``): a thread beside it stops for at most one small call.
+    (``static_rows``, :meth:`rows_within`): a thread beside it stops for about :data:`STATIC_CALL_S` at most.
 
     Every tensor constant of the recording is lifted into an input before the runtime sees the graph
     (``lifted``, passed after the caller's inputs on every call): its preparation passes may merge or
@@ -467,6 +471,32 @@ class _StaticRuntime:
         except Exception:
             with torch.inference_mode(), torch.jit.optimized_execution(False):
                 return self.function(*inputs)
+
+    def rows_within(self, budget_s: float, rows: int, inputs: tuple[Tensor, ...], clock=None) -> int:
+        """The most rows, of ``rows``, ``rows // 2``, ..., 1, whose call took at most ``budget_s``
+        (the best of three, after one that plans the shape) on ``inputs``' rows repeated; 0 if not
+        even one row's did. A model whose rows are costly (a memory head of tens of thousands of
+        support points: ~6 ms a row at N = 5,000, d = 784) therefore never holds Python's lock long,
+        and gains little there anyway (0.91-0.93x the interpreter's time at batch 1, 1.03-1.06x at
+        16 in a scratch run). Measured on a busy machine it only errs towards the interpreter.
+        ``clock``: seconds (default ``time.perf_counter``)."""
+        import time
+
+        clock = clock or time.perf_counter
+        n = inputs[0].shape[0]
+        while rows > 0:
+            pick = torch.arange(rows, device=inputs[0].device) % n
+            xs = tuple(t[pick] if t.dim() and t.shape[0] == n else t for t in inputs)
+            self.run(xs)
+            took = []
+            for _ in range(3):
+                start = clock()
+                self.run(xs)
+                took.append(clock() - start)
+            if min(took) <= budget_s:
+                return rows
+            rows //= 2
+        return 0
 
 
 def _same_bits(a: Tensor, b: Tensor) -> bool:

@@ -44,10 +44,18 @@ def _assert_identical(got: dict, want: dict) -> None:
         assert torch.equal(got[key], want[key]), (key, (got[key] != want[key]).nonzero()[:5])
 
 
+def _traced(module, **options) -> TracedModule:
+    """TracedModule(module), its static runtime taking all STATIC_ROWS rows however busy the machine
+    (at load it takes only as many as it runs within ``STATIC_CALL_S``: a test budget of a minute)."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr("hjmodel.artifact.STATIC_CALL_S", 60.0)
+        return TracedModule(module, **options)
+
+
 @pytest.fixture(scope="module", params=sorted(DATA))
 def served(request, demo_repository):
     module = load_serving_module(demo_repository / request.param / "1").eval()
-    return request.param, module, TracedModule(module)
+    return request.param, module, _traced(module)
 
 
 @pytest.mark.parametrize("n", [1, 3, 64])
@@ -421,19 +429,47 @@ def test_small_calls_run_on_the_static_runtime_bit_for_bit(served, scale):
     # on the static runtime and on the interpreter. With the recording's tensor constants left in its
     # graph (not lifted into inputs) the runtime's preparation changed 114 digits_deep outputs here
     name, module, _ = served
-    traced, interpreted = TracedModule(module), TracedModule(module, static_rows=0)
-    assert traced.static_rows == STATIC_ROWS and traced._static is not None and interpreted._static is None
+    traced, interpreted = _traced(module), TracedModule(module, static_rows=0)
+    rows = traced.static_rows
+    assert rows == STATIC_ROWS and traced._static is not None and interpreted._static is None
     calls = _spy_static(traced)
     X = torch.tensor(DATA[name](return_X_y=True)[0], dtype=torch.float32) * scale
-    for start in range(0, len(X), STATIC_ROWS):
-        x = X[start:start + STATIC_ROWS]
+    for start in range(0, len(X), rows):
+        x = X[start:start + rows]
         tau = torch.full((len(x), 1), 0.1, dtype=torch.float64)
         _assert_identical(traced(x, tau), interpreted(x, tau))
-    assert len(calls) == -(-len(X) // STATIC_ROWS)
-    x = X[:STATIC_ROWS + 1]                        # one row more: the interpreter
+    assert len(calls) == -(-len(X) // rows)
+    x = X[:rows + 1]                               # one row more: the interpreter
     tau = torch.full((len(x), 1), 0.1, dtype=torch.float64)
     _assert_identical(traced(x, tau), interpreted(x, tau))
-    assert len(calls) == -(-len(X) // STATIC_ROWS)
+    assert len(calls) == -(-len(X) // rows)
+
+
+def test_the_static_runtime_takes_only_as_many_rows_as_it_runs_within_its_budget(served, monkeypatch):
+    # it holds Python's lock: a call that takes longer than STATIC_CALL_S runs on the interpreter
+    import hjmodel.artifact as artifact
+
+    name, module, _ = served
+    monkeypatch.setattr(artifact, "STATIC_CALL_S", 0.0)
+    assert TracedModule(module).static_rows == 0
+    monkeypatch.setattr(artifact, "STATIC_CALL_S", 60.0)
+    assert TracedModule(module).static_rows == STATIC_ROWS
+    # a clock on which every call takes 0.5 ms a row: 16 and 8 rows are over 2.1 ms, 4 rows within
+    static, reads, rows = _traced(module)._static, [], []
+    run = static.run
+
+    def counted(inputs):
+        rows.append(inputs[0].shape[0])
+        return run(inputs)
+
+    def clock():            # read before and after each timed call
+        reads.append(None)
+        return 0.0 if len(reads) % 2 else rows[-1] * 5e-4
+    static.run = counted
+    inputs = tuple(example_inputs(module).values())
+    assert static.rows_within(2.1e-3, STATIC_ROWS, inputs, clock) == 4
+    assert sorted(set(rows)) == [4, 8, 16]
+    assert static.rows_within(1e-4, STATIC_ROWS, inputs, clock) == 0
 
 
 def test_the_static_runtimes_answers_outlive_its_next_call(served):
@@ -488,8 +524,9 @@ def test_a_runtime_that_answers_otherwise_is_not_used_and_says_why(served, monke
         return lambda *inputs: tuple(t + 1 if t.is_floating_point() else t for t in static(*inputs))
     monkeypatch.setattr(torch._C, "_jit_to_static_module", off_by_one)
     with caplog.at_level("WARNING", logger=artifact.__name__):
-        traced = TracedModule(module)
-    assert traced._static is None and "answered otherwise than the interpreter" in caplog.text
+        traced = _traced(module)
+    assert traced._static is None and traced.static_rows == 0
+    assert "answered otherwise than the interpreter" in caplog.text
     x = _rows(name, 2, seed=9)
     tau = torch.full((2, 1), 0.1, dtype=torch.float64)
     with torch.no_grad():
@@ -503,7 +540,7 @@ def test_explanations_and_float32_equal_constants_on_the_static_runtime(served):
     assert TracedModule(ExplainModule(module.model)).static_rows == 0
     constants = _Constants()
     x = torch.arange(3, dtype=torch.float64)
-    traced = TracedModule(constants, {"x": x}, static_rows=STATIC_ROWS)
+    traced = _traced(constants, inputs={"x": x}, static_rows=STATIC_ROWS)
     assert traced._static is not None
     calls = _spy_static(traced)
     for _ in range(3):

@@ -60,6 +60,7 @@ def test_the_torch_backend_serves_the_trace_and_the_module_when_tracing_fails(hj
 
     version = hj_repo / "iris" / "1"
     x = _rows(read_spec(version), n=5)
+    monkeypatch.setattr("hjmodel.artifact.STATIC_CALL_S", 60.0)    # all 16 rows, however busy the machine
     traced = load_backend(version, preference="torch", device="cpu", static_rows=16)
     assert isinstance(traced._module, TracedModule) and isinstance(traced._explain, TracedModule)
     assert traced.execution == "torchscript"
