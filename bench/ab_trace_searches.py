@@ -96,15 +96,13 @@ def bench_model(name: str, directory: Path, repeats: int, batches_of: tuple[int,
 
 
 def main() -> int:
-    ap = report.arguments(__doc__, OUT, repeats=7)
+    ap = report.arguments(__doc__, OUT, repeats=7, batches=BATCHES)
     ap.add_argument("--device", default="cpu", help="where the two traces run (cpu, cuda)")
-    ap.add_argument("--only", nargs="*", choices=sorted(DEMOS), help="these demo models only")
-    ap.add_argument("--batches", nargs="*", type=int, default=list(BATCHES))
     args = ap.parse_args()
     report.as_served()
     start = time.perf_counter()
-    rows = [r for m in (args.only or DEMOS)
-            for r in bench_model(m, Path(args.models) / m / "1", args.repeats, tuple(args.batches), args.device)]
+    rows = report.per_demo(args, lambda name, version: bench_model(name, version, args.repeats,
+                                                                    tuple(args.batches), args.device))
     where = "one thread" if args.device == "cpu" else f"the traces on {args.device}, onnxruntime on the CPU"
     report.write(args.out, "The torch trace with its gathered searches skipped when empty, side by side",
                  f"python bench/ab_trace_searches.py --repeats {args.repeats}"

@@ -74,15 +74,29 @@ def as_served() -> None:
     serving.flush_subnormals()
 
 
-def arguments(doc: str, out: Path, repeats: int) -> argparse.ArgumentParser:
+def arguments(doc: str, out: Path, repeats: int, batches: tuple[int, ...] | None = None) -> argparse.ArgumentParser:
     """The command line the in-process benches over the demo models share: ``--models`` (the
     repository, default ``models/``), ``--repeats`` (rounds of :func:`alternate`) and ``--out`` (the
-    results file); a script adds its own before parsing. ``doc``: the script's docstring."""
+    results file), and with ``batches`` ``--only`` (these demo models: :func:`per_demo`) and
+    ``--batches`` (default ``batches``); a script adds its own before parsing. ``doc``: the script's
+    docstring."""
     ap = argparse.ArgumentParser(description=doc.split("\n")[0])
     ap.add_argument("--models", default=str(ROOT / "models"))
     ap.add_argument("--repeats", type=int, default=repeats)
     ap.add_argument("--out", default=str(out))
+    if batches is not None:
+        from hjmodel.demo import DEMOS
+
+        ap.add_argument("--only", nargs="*", choices=sorted(DEMOS), help="these demo models only")
+        ap.add_argument("--batches", nargs="*", type=int, default=list(batches))
     return ap
+
+
+def per_demo(args: argparse.Namespace, bench_model: Callable[[str, Path], list]) -> list:
+    """``bench_model(name, version directory)``'s rows for each demo model (``--only`` those), in turn."""
+    from hjmodel.demo import DEMOS
+
+    return [row for name in (args.only or DEMOS) for row in bench_model(name, Path(args.models) / name / "1")]
 
 
 def module_at(rev: str, path: str) -> types.ModuleType:

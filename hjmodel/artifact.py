@@ -447,7 +447,7 @@ STATIC_CALL_S = 1e-3
 class _StaticRuntime:
     """A recorded graph on TorchScript's *static runtime* (``torch._C._jit_to_static_module``): the same
     aten operations, run without the interpreter's per-instruction dispatch and with the graph's
-    intermediate tensors planned once per shape -- 0.79-0.84x the interpreter's time at batch 1 on the
+    intermediate tensors planned once per shape -- 0.79-0.86x the interpreter's time at batch 1 on the
     demo models (``bench/results/ab_static_runtime.md``). It holds Python's lock for the whole call
     (the interpreter releases it), so :class:`TracedModule` runs only small calls here
     (``static_rows``, :meth:`rows_within`): a thread beside it stops for about :data:`STATIC_CALL_S` at most.

@@ -99,7 +99,7 @@ class Settings(BaseSettings):
     torch_static_rows: int = Field(16, ge=0)
     """The torch backend runs a call of at most this many rows (and no more than the runtime ran within
     1 ms when the model loaded: ``hjmodel.artifact.STATIC_CALL_S``) on TorchScript's static runtime
-    instead of its interpreter: the same operations, bit for bit, in 0.79-0.84x the time at batch 1
+    instead of its interpreter: the same operations, bit for bit, in 0.79-0.86x the time at batch 1
     (``bench/results/ab_static_runtime.md``). The runtime holds Python's lock while it runs, so the
     event loop waits for such a call (about 1 ms at most); 0: always the interpreter, which lets
     the loop run beside the graph. onnxruntime's backend ignores it."""

@@ -39,3 +39,20 @@ def test_arguments_are_the_shared_command_line(report, tmp_path):
     args = ap.parse_args([])
     assert (args.models, args.repeats, args.out) == (str(report.ROOT / "models"), 7, str(tmp_path / "out.md"))
     assert ap.parse_args(["--repeats", "3", "--models", "m"]).repeats == 3
+
+
+def test_the_demo_benches_take_only_and_batches_and_run_per_demo_model(report, tmp_path):
+    from hjmodel.demo import DEMOS
+
+    ap = report.arguments("Title.", tmp_path / "out.md", repeats=3, batches=(1, 4))
+    args = ap.parse_args([])
+    assert args.only is None and args.batches == [1, 4]
+    seen = report.per_demo(args, lambda name, version: [(name, version)])
+    assert [name for name, _ in seen] == list(DEMOS)
+    assert all(version == report.ROOT / "models" / name / "1" for name, version in seen)
+    args = ap.parse_args(["--only", "digits_deep", "--batches", "16", "--models", str(tmp_path)])
+    assert report.per_demo(args, lambda name, version: [version]) == [tmp_path / "digits_deep" / "1"]
+    assert args.batches == [16]
+    with pytest.raises(SystemExit):
+        ap.parse_args(["--only", "no_such_model"])
+    assert not hasattr(report.arguments("T.", tmp_path, 1).parse_args([]), "only")
