@@ -9,6 +9,7 @@ executes code from a file: ``torch.load(weights_only=True)``, JSON, and ONNX pro
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import logging
@@ -387,7 +388,12 @@ class TracedModule:
             static_rows = 0
         while static_rows > 0 and len(self.blocks(static_rows)) > 1:   # a static call is one row block
             static_rows -= 1
-        self._static = _static_runtime(self.graph, inputs) if static_rows > 0 else None
+        one = _repeated(inputs, 1)
+        if static_rows > 0 and _best_of(3, lambda: self.interpret(*one)) > 2 * STATIC_CALL_S:
+            # one row takes the interpreter (which lets go of Python's lock) too long for the runtime
+            # to fit: never prepared, so loading a costly model holds the lock for none of its calls
+            static_rows = 0
+        self._static = _static_runtime(self.graph, one) if static_rows > 0 else None
         self.static_rows = 0 if self._static is None else self._static.rows_within(STATIC_CALL_S, static_rows, inputs)
         self._static_free = threading.Lock()
 
@@ -473,30 +479,44 @@ class _StaticRuntime:
                 return self.function(*inputs)
 
     def rows_within(self, budget_s: float, rows: int, inputs: tuple[Tensor, ...], clock=None) -> int:
-        """The most rows, of ``rows``, ``rows // 2``, ..., 1, whose call took at most ``budget_s``
-        (the best of three, after one that plans the shape) on ``inputs``' rows repeated; 0 if not
-        even one row's did. A model whose rows are costly (a memory head of tens of thousands of
-        support points: ~6 ms a row at N = 5,000, d = 784) therefore never holds Python's lock long,
-        and gains little there anyway (0.91-0.93x the interpreter's time at batch 1, 1.03-1.06x at
-        16 in a scratch run). Measured on a busy machine it only errs towards the interpreter.
-        ``clock``: seconds (default ``time.perf_counter``)."""
-        import time
-
-        clock = clock or time.perf_counter
-        n = inputs[0].shape[0]
-        while rows > 0:
-            pick = torch.arange(rows, device=inputs[0].device) % n
-            xs = tuple(t[pick] if t.dim() and t.shape[0] == n else t for t in inputs)
+        """The most rows, of 1, 2, 4, ... up to ``rows`` (and ``rows`` itself), whose call took at
+        most ``budget_s`` (the best of three, after one that plans the shape) on ``inputs``' rows
+        repeated; 0 if one row's did not. Upwards, so that measuring holds Python's lock for about
+        twice the budget at most (the first size over it). A model whose rows are costly (a memory
+        head of tens of thousands of support points: ~6 ms a row at N = 5,000, d = 784) therefore
+        never holds the lock long, and gains little there anyway (0.91-0.93x the interpreter's time
+        at batch 1, 1.03-1.06x at 16 in a scratch run). Measured on a busy machine it only errs
+        towards the interpreter. ``clock``: seconds (default ``time.perf_counter``)."""
+        within, k = 0, 1
+        while k <= rows:
+            xs = _repeated(inputs, k)
             self.run(xs)
-            took = []
-            for _ in range(3):
-                start = clock()
-                self.run(xs)
-                took.append(clock() - start)
-            if min(took) <= budget_s:
-                return rows
-            rows //= 2
-        return 0
+            if _best_of(3, functools.partial(self.run, xs), clock) > budget_s:
+                break
+            within, k = k, (rows if k < rows < 2 * k else 2 * k)
+        return within
+
+
+def _repeated(inputs: tuple[Tensor, ...], rows: int) -> tuple[Tensor, ...]:
+    """``inputs`` with their rows repeated (or cut) to ``rows`` (a tensor whose first dimension is not
+    the batch's is passed as it is)."""
+    n = inputs[0].shape[0]
+    pick = torch.arange(rows, device=inputs[0].device) % n
+    return tuple(t[pick] if t.dim() and t.shape[0] == n else t for t in inputs)
+
+
+def _best_of(times: int, call, clock=None) -> float:
+    """The shortest of ``times`` timed calls of ``call``, in seconds of ``clock`` (default
+    ``time.perf_counter``)."""
+    import time
+
+    clock = clock or time.perf_counter
+    took = []
+    for _ in range(times):
+        start = clock()
+        call()
+        took.append(clock() - start)
+    return min(took)
 
 
 def _same_bits(a: Tensor, b: Tensor) -> bool:

@@ -451,10 +451,20 @@ def test_the_static_runtime_takes_only_as_many_rows_as_it_runs_within_its_budget
 
     name, module, _ = served
     monkeypatch.setattr(artifact, "STATIC_CALL_S", 0.0)
-    assert TracedModule(module).static_rows == 0
+    prepared = []
+    prepare = torch._C._jit_to_static_module
+    monkeypatch.setattr(torch._C, "_jit_to_static_module", lambda graph: prepared.append(1) or prepare(graph))
+    traced = TracedModule(module)
+    # one row's interpreter call is over twice the budget: the runtime is not even prepared (its calls
+    # at load would hold the lock), and the calls run on the interpreter
+    assert traced.static_rows == 0 and traced._static is None and prepared == []
+    monkeypatch.setattr(artifact, "STATIC_CALL_S", 60.0)
+    assert _traced(module)._static is not None and prepared == [1]
+    monkeypatch.setattr(artifact, "STATIC_CALL_S", 0.0)
     monkeypatch.setattr(artifact, "STATIC_CALL_S", 60.0)
     assert TracedModule(module).static_rows == STATIC_ROWS
-    # a clock on which every call takes 0.5 ms a row: 16 and 8 rows are over 2.1 ms, 4 rows within
+    # a clock on which every call takes 0.5 ms a row: 8 rows are over 2.1 ms, 4 rows within; measured
+    # upwards, so no call much over the budget is made
     static, reads, rows = _traced(module)._static, [], []
     run = static.run
 
@@ -468,8 +478,11 @@ def test_the_static_runtime_takes_only_as_many_rows_as_it_runs_within_its_budget
     static.run = counted
     inputs = tuple(example_inputs(module).values())
     assert static.rows_within(2.1e-3, STATIC_ROWS, inputs, clock) == 4
-    assert sorted(set(rows)) == [4, 8, 16]
-    assert static.rows_within(1e-4, STATIC_ROWS, inputs, clock) == 0
+    assert sorted(set(rows)) == [1, 2, 4, 8]
+    rows.clear()
+    assert static.rows_within(1e-4, STATIC_ROWS, inputs, clock) == 0 and set(rows) == {1}
+    rows.clear()
+    assert static.rows_within(60.0, 12, inputs, clock) == 12 and sorted(set(rows)) == [1, 2, 4, 8, 12]
 
 
 def test_the_static_runtimes_answers_outlive_its_next_call(served):
