@@ -470,11 +470,16 @@ class _StaticRuntime:
 
     def __init__(self, function, module, lifted: tuple[Tensor, ...]):
         self.function, self.module, self.lifted = function, module, lifted
+        self.failed = 0      # calls the interpreter answered because the runtime raised (the first logged)
 
     def run(self, inputs: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
         try:
             return self.module(*inputs, *self.lifted)
-        except Exception:
+        except Exception as exc:
+            self.failed += 1
+            if self.failed == 1:
+                log.warning("trace: the static runtime failed a call, the interpreter answers it: %s: %s",
+                            type(exc).__name__, str(exc)[:300])
             with torch.inference_mode(), torch.jit.optimized_execution(False):
                 return self.function(*inputs)
 

@@ -514,7 +514,7 @@ def test_a_call_made_while_the_runtime_is_busy_runs_on_the_interpreter(served):
     assert calls == [3]
 
 
-def test_a_static_call_that_raises_is_answered_by_the_interpreter(served, monkeypatch):
+def test_a_static_call_that_raises_is_answered_by_the_interpreter(served, monkeypatch, caplog):
     name, module, traced = served
     x = _rows(name, 2, seed=8)
     tau = torch.full((2, 1), 0.1, dtype=torch.float64)
@@ -523,7 +523,12 @@ def test_a_static_call_that_raises_is_answered_by_the_interpreter(served, monkey
     def fails(*inputs):
         raise RuntimeError("result type Float can't be cast to the desired output type Long")
     monkeypatch.setattr(traced._static, "module", fails)
-    _assert_identical(traced(x, tau), want)
+    failed = traced._static.failed
+    with caplog.at_level("WARNING", logger="hjmodel.artifact"):
+        _assert_identical(traced(x, tau), want)
+        _assert_identical(traced(x, tau), want)
+    assert traced._static.failed == failed + 2
+    assert caplog.text.count("the static runtime failed a call") == (1 if failed == 0 else 0)
 
 
 def test_a_runtime_that_answers_otherwise_is_not_used_and_says_why(served, monkeypatch, caplog):
