@@ -423,7 +423,8 @@ class TracedModule:
         # a large batch stays within the memory eager torch would use. Inference mode, whoever calls:
         # it skips autograd's bookkeeping on each operation (no_grad keeps it): bench/results/ab_trace.md;
         # the outputs are inference tensors (read them, do not train on them)
-        if inputs[0].shape[0] <= self.static_rows and self._static is not None and self._static_free.acquire(blocking=False):
+        # static_rows is 0 whenever there is no runtime (see __init__)
+        if inputs[0].shape[0] <= self.static_rows and self._static_free.acquire(blocking=False):
             try:
                 return dict(zip(self.names, self._static.run(inputs), strict=True))
             finally:

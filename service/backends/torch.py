@@ -114,7 +114,6 @@ def load_torch(version_dir: Path, *, device: str = "auto", threads: int = 0, spi
         names = [o.name for o in module.specs]
         # a trace holds the module's own tensors (no copy) and the values it folded at load: only
         # those take the byte budget
-        static_rows = static_rows if target == "cpu" else 0
         pruned = (OutputGraphs(names, lambda outputs: _with_bytes(traced_or_eager(ServingModule(model, outputs), label,
                                                                                   static_rows)),
                                pruned_graphs, pruned_graph_bytes, label) if pruned_graphs else None)

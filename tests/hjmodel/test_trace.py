@@ -564,3 +564,14 @@ def test_explanations_and_float32_equal_constants_on_the_static_runtime(served):
     for _ in range(3):
         _assert_identical(traced(x), constants(x))
     assert traced(x)["up"][1].item() == F._UP and traced(x)["tiny"][0].item() == -1e-300 and len(calls) == 5
+
+
+def test_a_trace_off_the_cpu_never_prepares_the_static_runtime(monkeypatch):
+    # its planned kernels are CPU ones: a trace on a GPU keeps the interpreter (the meta device stands
+    # in for one here, as in test_device.py)
+    prepared = []
+    monkeypatch.setattr(torch._C, "_jit_to_static_module", lambda graph: prepared.append(graph))
+    x = torch.arange(3, dtype=torch.float64, device="meta")
+    traced = _traced(_Constants(), inputs={"x": x}, static_rows=STATIC_ROWS)
+    assert traced.static_rows == 0 and traced._static is None and prepared == []
+    assert traced(x)["up"].device.type == "meta"
