@@ -1,9 +1,11 @@
 """Certificates in the bits the server returns, on inputs chosen to be hard for them.
 
-    python -m eval.served_bits [--rows 100] [--backends onnx,torch]  -> eval/SERVED_BITS.md
+    python -m eval.served_bits [--rows 100] [--backends onnx,torch,torch-static]  -> eval/SERVED_BITS.md
 
 For each classification demo model and each backend the service can serve it with (``onnx``: the
-served graph in onnxruntime; ``torch``: the serving module's TorchScript trace), the service's own
+served graph in onnxruntime; ``torch``: the serving module's TorchScript trace on its interpreter;
+``torch-static``: the same trace with the server's default of small calls on TorchScript's static
+runtime, every call cut into blocks of 1 to 16 rows, :func:`static_server`), the service's own
 backend object (``service.backends.load_backend``, the server's default threads, on a thread that
 flushes subnormals like the backend's) answers float32 inputs of six families: the held-out test split, the same
 rows scaled x0.3, x3 and x10 (x3 and x10 are where one neuron dominates each group and the
@@ -37,6 +39,8 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import itertools
+import math
 import platform
 import time
 from pathlib import Path
@@ -73,19 +77,55 @@ def smallest_margin(model, pool: np.ndarray, rows: int) -> np.ndarray:
     return pool[np.argsort((top[:, 0] - top[:, 1]).numpy())[:rows]]
 
 
-def open_backend(version: Path, backend: str, device: str = "cpu"):
-    """The service's own ``backend`` of ``version`` on ``device``; one that opens on another device
-    (a CUDA provider that did not start, under auto) is an error here."""
-    served = load_backend(version, preference=backend, device=device)
+def open_backend(version: Path, backend: str, device: str = "cpu", **options):
+    """The service's own ``backend`` of ``version`` on ``device`` (``options``: ``load_backend``'s);
+    one that opens on another device (a CUDA provider that did not start, under auto) is an error here."""
+    served = load_backend(version, preference=backend, device=device, **options)
     if served.device != device:
         raise RuntimeError(f"{version}: the {backend} backend opened on {served.device}, not {device}")
     return served
 
 
 def server(version: Path, backend: str, device: str = "cpu"):
-    """float32 (n, d) -> the served outputs of ``version``: the service's ``backend`` itself, on ``device``."""
+    """float32 (n, d) -> the served outputs of ``version``: the service's ``backend`` itself, on
+    ``device``. ``torch-static``: :func:`static_server`."""
+    if backend == "torch-static":
+        return static_server(version, device)
     served = open_backend(version, backend, device)
     return lambda q: served.infer(q, np.full(len(q), 0.1))
+
+
+def static_server(version: Path, device: str = "cpu"):
+    """The torch backend as the server loads it by default (``HJSERVE_TORCH_STATIC_ROWS``: small
+    calls on TorchScript's static runtime), every call cut into blocks of 1, 2, ..., 16 rows in turn:
+    each size the dynamic batcher can hand it, each answered by the static runtime. The load-time
+    budget that can cut the runtime's rows below 16 on a busy machine is lifted while loading, so that
+    every size is served there whatever this machine's load (it decides where a call runs, never its
+    bits). An error if the runtime does not take all 16 sizes or fails a call (the interpreter would
+    have answered it)."""
+    from hjmodel import artifact
+
+    budget, artifact.STATIC_CALL_S = artifact.STATIC_CALL_S, math.inf
+    try:
+        served = open_backend(version, "torch", device, static_rows=artifact.STATIC_ROWS)
+    finally:
+        artifact.STATIC_CALL_S = budget
+    rows = served.static_rows
+    if rows != artifact.STATIC_ROWS:
+        raise RuntimeError(f"{version}: the static runtime takes calls of up to {rows} rows, not {artifact.STATIC_ROWS}")
+    sizes = itertools.cycle(range(1, rows + 1))
+
+    def call(q: np.ndarray) -> dict[str, np.ndarray]:
+        parts, i = [], 0
+        while i < len(q):
+            block = q[i:i + next(sizes)]
+            parts.append(served.infer(block, np.full(len(block), 0.1)))
+            i += len(block)
+        if served.static_failed:
+            raise RuntimeError(f"{version}: the static runtime failed {served.static_failed} calls")
+        return {name: np.concatenate([part[name] for part in parts]) for name in parts[0]}
+
+    return call
 
 
 def check(model, served, x32: np.ndarray) -> dict:
@@ -147,7 +187,8 @@ def main() -> int:
     ap.add_argument("--rows", type=int, default=200, help="rows per family (digits_memory: 60%% of it)")
     ap.add_argument("--models", default=str(ROOT / "models"))
     ap.add_argument("--out", default="SERVED_BITS.md")
-    ap.add_argument("--backends", default="onnx,torch", help="comma-separated: onnx, torch")
+    ap.add_argument("--backends", default="onnx,torch,torch-static",
+                    help="comma-separated: onnx, torch, torch-static (module docstring)")
     args = ap.parse_args()
     backends = args.backends.split(",")
     torch.set_num_threads(2)

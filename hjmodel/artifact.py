@@ -397,6 +397,11 @@ class TracedModule:
         self.static_rows = 0 if self._static is None else self._static.rows_within(STATIC_CALL_S, static_rows, inputs)
         self._static_free = threading.Lock()
 
+    @property
+    def static_failed(self) -> int:
+        """Calls the static runtime raised on and the interpreter answered (0 without a runtime)."""
+        return 0 if self._static is None else self._static.failed
+
     def operations(self) -> list[str]:
         """The recorded graph's operations by kind, those in its branches (the skipped searches)
         included, read from an inlined copy (the trace's first call fixed its executable graphs

@@ -40,6 +40,17 @@ class TorchBackend:
             self.execution += f" (explanations: {runs(explain_module)})"
         self.explain_outputs = tuple(o.name for o in explain_module.specs) if explain_module is not None else ()
 
+    @property
+    def static_rows(self) -> int:
+        """Serving calls (of every output) of at most this many rows run on TorchScript's static
+        runtime; 0: none do (eager torch, a GPU, or the runtime not used)."""
+        return getattr(self._module, "static_rows", 0)
+
+    @property
+    def static_failed(self) -> int:
+        """Calls the static runtime raised on, which the interpreter answered."""
+        return getattr(self._module, "static_failed", 0)
+
     def infer(self, input: np.ndarray, tau: np.ndarray, outputs: Collection[str] | None = None, *,
               beside: bool = False) -> dict[str, np.ndarray]:
         import torch

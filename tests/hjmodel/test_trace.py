@@ -527,7 +527,7 @@ def test_a_static_call_that_raises_is_answered_by_the_interpreter(served, monkey
     with caplog.at_level("WARNING", logger="hjmodel.artifact"):
         _assert_identical(traced(x, tau), want)
         _assert_identical(traced(x, tau), want)
-    assert traced._static.failed == failed + 2
+    assert traced._static.failed == traced.static_failed == failed + 2
     assert caplog.text.count("the static runtime failed a call") == (1 if failed == 0 else 0)
 
 
@@ -543,7 +543,7 @@ def test_a_runtime_that_answers_otherwise_is_not_used_and_says_why(served, monke
     monkeypatch.setattr(torch._C, "_jit_to_static_module", off_by_one)
     with caplog.at_level("WARNING", logger=artifact.__name__):
         traced = _traced(module)
-    assert traced._static is None and traced.static_rows == 0
+    assert traced._static is None and traced.static_rows == traced.static_failed == 0
     assert "answered otherwise than the interpreter" in caplog.text
     x = _rows(name, 2, seed=9)
     tau = torch.full((2, 1), 0.1, dtype=torch.float64)

@@ -65,10 +65,10 @@ def test_the_torch_backend_serves_the_trace_and_the_module_when_tracing_fails(hj
     assert isinstance(traced._module, TracedModule) and isinstance(traced._explain, TracedModule)
     assert traced.execution == "torchscript"
     # HJSERVE_TORCH_STATIC_ROWS: small serving calls on the static runtime, never an explanation's
-    assert traced._module.static_rows == 16 and traced._module._static is not None
+    assert traced.static_rows == 16 and traced._module._static is not None
     assert traced._explain.static_rows == 0
     interpreted = load_backend(version, preference="torch", device="cpu", static_rows=0)
-    assert interpreted._module.static_rows == 0 and interpreted._module._static is None
+    assert interpreted.static_rows == 0 and interpreted._module._static is None
     served = interpreted.infer(x, np.full(5, 0.2))
     static_calls, run = [], traced._module._static.run
     traced._module._static.run = lambda inputs: static_calls.append(len(inputs[0])) or run(inputs)
@@ -77,6 +77,7 @@ def test_the_torch_backend_serves_the_trace_and_the_module_when_tracing_fails(hj
     # an explanation beside it: the interpreter, which lets the explanation's thread run meanwhile
     assert all(np.array_equal(v, served[k]) for k, v in traced.infer(x, np.full(5, 0.2), beside=True).items())
     assert static_calls == [5]
+    assert traced.static_failed == interpreted.static_failed == 0
     interpreted.close()
 
     def refuse(module, inputs=None, **options):
@@ -86,7 +87,7 @@ def test_the_torch_backend_serves_the_trace_and_the_module_when_tracing_fails(hj
     with caplog.at_level("WARNING", logger="hjmodel.artifact"):
         eager = load_backend(version, preference="torch", device="cpu")
     assert isinstance(eager._module, ServingModule) and isinstance(eager._explain, ExplainModule)
-    assert eager.execution == "torch eager"
+    assert eager.execution == "torch eager" and eager.static_rows == eager.static_failed == 0
     assert f"{version}: running ServingModule eagerly, tracing failed: RuntimeError: no TorchScript here" in caplog.text
     tau, base = np.full(5, 0.2), np.zeros_like(x)
     for a, b in ((traced.infer(x, tau), eager.infer(x, tau)), (traced.explain(x, tau, base), eager.explain(x, tau, base))):
