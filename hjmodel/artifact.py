@@ -394,7 +394,8 @@ class TracedModule:
             # to fit: never prepared, so loading a costly model holds the lock for none of its calls
             static_rows = 0
         self._static = _static_runtime(self.graph, one) if static_rows > 0 else None
-        self.static_rows = 0 if self._static is None else self._static.rows_within(STATIC_CALL_S, static_rows, inputs)
+        self.static_rows = 0 if self._static is None else self._static.agreeing_rows(
+            self._static.rows_within(STATIC_CALL_S, static_rows, inputs), inputs)
         self._static_free = threading.Lock()
 
     @property
@@ -469,7 +470,8 @@ class _StaticRuntime:
     rewrite constants, and a directed-rounding factor such as 1 + 2^-40 must stay apart from a 1 (the
     hazard :class:`TracedModule` turns the interpreter's optimiser off for). A runtime that fails to
     prepare, or answers its first call differently from the interpreter in any bit, is not used
-    (``None`` from :func:`_static_runtime`, logged); a call that raises is answered by the interpreter
+    (``None`` from :func:`_static_runtime`, logged), and it takes no call of a size it answered
+    differently at load (:meth:`agreeing_rows`); a call that raises is answered by the interpreter
     (the same error, if the inputs are what is wrong). One call at a time: the runtime keeps one
     planned arena, so a second concurrent caller runs the interpreter instead (``TracedModule``'s lock).
     Bit for bit what the interpreter answers, on every demo model: tests/hjmodel/test_trace.py."""
@@ -506,6 +508,29 @@ class _StaticRuntime:
                 break
             within, k = k, (rows if k < rows < 2 * k else 2 * k)
         return within
+
+
+    def agreeing_rows(self, rows: int, inputs: tuple[Tensor, ...]) -> int:
+        """The most rows k <= ``rows`` such that for every size 1, 2, ..., k the runtime answers
+        ``inputs``' rows repeated to that size bit for bit as the interpreter does (checked once
+        each, at load: the runtime plans per shape, so a shape it was never asked could differ);
+        the first size that differs, or raises, is logged."""
+        for k in range(1, rows + 1):
+            xs = _repeated(inputs, k)
+            with torch.inference_mode(), torch.jit.optimized_execution(False):
+                want = self.function(*xs)
+            try:
+                got = self.module(*xs, *self.lifted)
+                same = len(got) == len(want) and all(map(_same_bits, got, want))
+            except Exception as exc:   # whatever it is, the runtime does not take this size
+                log.warning("trace: the static runtime failed on %d rows: %s: %s", k, type(exc).__name__,
+                            str(exc)[:300])
+                return k - 1
+            if not same:
+                log.warning("trace: the static runtime answered %d rows otherwise than the interpreter; "
+                            "it takes calls of at most %d", k, k - 1)
+                return k - 1
+        return rows
 
 
 def _repeated(inputs: tuple[Tensor, ...], rows: int) -> tuple[Tensor, ...]:

@@ -551,6 +551,40 @@ def test_a_runtime_that_answers_otherwise_is_not_used_and_says_why(served, monke
         _assert_identical(traced(x, tau), module(x, tau))
 
 
+@pytest.mark.parametrize("fault", ["differs", "raises"])
+def test_the_runtime_takes_no_size_it_answered_otherwise_at_load(served, monkeypatch, caplog, fault):
+    """It plans per shape, so one size could answer otherwise than the interpreter while the first
+    call's agreed: every size it would take is checked once at load, and it takes the sizes below the
+    first that differs (or raises); a larger call runs on the interpreter."""
+    import hjmodel.artifact as artifact
+
+    name, module, _ = served
+    prepare = torch._C._jit_to_static_module
+
+    def wrong_at_five(graph):
+        static = prepare(graph)
+
+        def run(*inputs):
+            out = static(*inputs)
+            if inputs[0].shape[0] != 5:
+                return out
+            if fault == "raises":
+                raise RuntimeError("no plan for this shape")
+            return tuple(t + 1 if t.is_floating_point() else t for t in out)
+        return run
+    monkeypatch.setattr(torch._C, "_jit_to_static_module", wrong_at_five)
+    with caplog.at_level("WARNING", logger=artifact.__name__):
+        traced = _traced(module)
+    assert traced._static is not None and traced.static_rows == 4
+    assert "5 rows" in caplog.text
+    x = _rows(name, 5, seed=10)
+    tau = torch.full((5, 1), 0.1, dtype=torch.float64)
+    with torch.no_grad():
+        _assert_identical(traced(x, tau), module(x, tau))                     # 5 rows: the interpreter
+        _assert_identical(traced(x[:4], tau[:4]), module(x[:4], tau[:4]))     # 4: the runtime
+    assert traced.static_failed == 0
+
+
 def test_explanations_and_float32_equal_constants_on_the_static_runtime(served):
     # an explanation graph runs beside the serving graph in a server: never on the runtime, which holds
     # Python's lock; constants equal in float32 stay apart on the runtime too
