@@ -25,7 +25,7 @@ def _latest(repo: Path, model: str) -> Path:
 
 @pytest.fixture(scope="module")
 def demo_server(demo_repository, tmp_path_factory):
-    with run_server(demo_repository, tmp_path_factory.mktemp("demo-logs")) as s:
+    with run_server(demo_repository, tmp_path_factory.mktemp("demo-logs"), grpc=True) as s:
         yield s
 
 
@@ -104,3 +104,60 @@ def test_demo_model_config_states_the_false_flag_interval(demo_server, demo_repo
     low, high = json.loads(params["false_flag_rate_95"]["string_value"])
     assert low < float(json.loads(params["alpha"]["string_value"])) < high
     assert (low, high) == pytest.approx(false_flag_interval(cal["alpha"], cal["n_conformal"])[1:])
+
+
+def test_the_readmes_example_answers_what_the_readme_shows(demo_server):
+    """The README's curl request, sent as written to the demo server, answers the README's reply: the
+    same outputs, datatypes, shapes and discrete values, and floats within 1e-4 relative (the demo
+    models are trained at set-up, so a machine with other float kernels may differ in the last bits)."""
+    import re
+
+    import httpx
+    from svc_helpers import ROOT
+
+    readme = (ROOT / "README.md").read_text()
+    example = readme[readme.index("## Example"):]
+    curl = re.search(r"curl -s localhost:8000(\S+) .*?-d '(.*?)'\n```", example, re.S)
+    shown = json.loads(re.search(r"```json\n(.*?)\n```", example, re.S).group(1))
+    reply = httpx.post(demo_server.url + curl.group(1), content=curl.group(2),
+                       headers={"content-type": "application/json"}, timeout=30)
+    assert reply.status_code == 200, reply.text
+    got = reply.json()
+    assert {k: v for k, v in got.items() if k != "outputs"} == {k: v for k, v in shown.items() if k != "outputs"}
+    assert [(o["name"], o["datatype"], o["shape"]) for o in got["outputs"]] == \
+        [(o["name"], o["datatype"], o["shape"]) for o in shown["outputs"]]
+    for mine, theirs in zip(got["outputs"], shown["outputs"], strict=True):
+        if mine["datatype"].startswith("FP"):
+            np.testing.assert_allclose(mine["data"], theirs["data"], rtol=1e-4, atol=1e-9, err_msg=mine["name"])
+        else:
+            assert mine["data"] == theirs["data"], mine["name"]
+
+
+def test_the_readmes_grpc_example_answers_what_its_curl_example_does(demo_server):
+    """The README's tritonclient.grpc snippet, run as written against the demo server (its address
+    replaced by the test server's), answers the curl example's prediction and radius bit for bit
+    (the same row: digits' first), and the diagnostics it names."""
+    import io
+    import re
+    from contextlib import redirect_stdout
+
+    import httpx
+    from svc_helpers import ROOT
+
+    readme = (ROOT / "README.md").read_text()
+    example = readme[readme.index("## Example"):]
+    curl = re.search(r"curl -s localhost:8000(\S+) .*?-d '(.*?)'\n```", example, re.S)
+    snippet = re.search(r"The same request over gRPC.*?```python\n(.*?)\n```", example, re.S).group(1)
+    assert "127.0.0.1:8001" in snippet
+    namespace: dict = {}
+    with redirect_stdout(io.StringIO()):
+        exec(snippet.replace("127.0.0.1:8001", demo_server.grpc_target), namespace)   # the README's own code
+    result = namespace["result"]
+    rest = httpx.post(demo_server.url + curl.group(1), content=curl.group(2),
+                      headers={"content-type": "application/json"}, timeout=30).json()
+    by_name = {o["name"]: o for o in rest["outputs"]}
+    assert result.as_numpy("prediction").tolist() == by_name["prediction"]["data"]
+    radius = result.as_numpy("certified_radius")
+    assert radius.dtype == np.float32 and radius.astype(np.float64).tolist() == by_name["certified_radius"]["data"]
+    p_value, gap = result.as_numpy("ood_p_value"), result.as_numpy("energy_gap")
+    assert p_value.shape == gap.shape == (1,) and 0 < p_value[0] <= 1 and np.isfinite(gap[0])
