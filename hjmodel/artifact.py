@@ -509,6 +509,13 @@ class _StaticRuntime:
             within, k = k, (rows if k < rows < 2 * k else 2 * k)
         return within
 
+    def answers_as_interpreter(self, inputs: tuple[Tensor, ...]) -> bool:
+        """Whether the runtime's answer to ``inputs`` is the interpreter's, bit for bit (what the
+        runtime raises is raised)."""
+        with torch.inference_mode(), torch.jit.optimized_execution(False):
+            want = self.function(*inputs)
+        got = self.module(*inputs, *self.lifted)
+        return len(got) == len(want) and all(map(_same_bits, got, want))
 
     def agreeing_rows(self, rows: int, inputs: tuple[Tensor, ...]) -> int:
         """The most rows k <= ``rows`` such that for every size 1, 2, ..., k the runtime answers
@@ -516,12 +523,8 @@ class _StaticRuntime:
         each, at load: the runtime plans per shape, so a shape it was never asked could differ);
         the first size that differs, or raises, is logged."""
         for k in range(1, rows + 1):
-            xs = _repeated(inputs, k)
-            with torch.inference_mode(), torch.jit.optimized_execution(False):
-                want = self.function(*xs)
             try:
-                got = self.module(*xs, *self.lifted)
-                same = len(got) == len(want) and all(map(_same_bits, got, want))
+                same = self.answers_as_interpreter(_repeated(inputs, k))
             except Exception as exc:   # whatever it is, the runtime does not take this size
                 log.warning("trace: the static runtime failed on %d rows: %s: %s", k, type(exc).__name__,
                             str(exc)[:300])
@@ -582,10 +585,7 @@ def _static_runtime(function, inputs: tuple[Tensor, ...]) -> _StaticRuntime | No
                 lifted.append(node.t("value"))
                 node.destroy()
         static = _StaticRuntime(function, torch._C._jit_to_static_module(graph), tuple(lifted))
-        with torch.inference_mode(), torch.jit.optimized_execution(False):
-            want = function(*inputs)
-        got = static.module(*inputs, *static.lifted)
-        if len(got) != len(want) or not all(map(_same_bits, got, want)):
+        if not static.answers_as_interpreter(inputs):
             log.warning("trace: the static runtime answered otherwise than the interpreter; not used")
             return None
         return static
