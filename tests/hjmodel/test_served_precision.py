@@ -191,40 +191,32 @@ def test_attack_inside_the_served_radius_in_served_bits(demo_repository, name, f
 
 @pytest.mark.parametrize("runtime", ["interpreter", "static"])
 @pytest.mark.parametrize("name", ["digits_lse", "digits_memory", "digits_deep", "breast_cancer_lse"])
-def test_attack_inside_the_torch_backends_served_radius_in_its_served_bits(demo_repository, name, runtime,
-                                                                          monkeypatch):
+def test_attack_inside_the_torch_backends_served_radius_in_its_served_bits(demo_repository, name, runtime):
     """The same attack against the torch backend (its TorchScript trace, on a flushing thread as the
     backend's): its served float32 radius and class come from other kernels than onnxruntime's, so
     its bits are attacked in their own right (inputs x3: one neuron dominates each group and the
     certificates are nearly exact). On the interpreter, and on the static runtime that answers the
-    server's small calls: every call cut into blocks of 1, 2, ..., 16 rows in turn, each on the runtime
-    (its load-time budget lifted, so that all 16 sizes run there on a busy machine too)."""
-    import itertools
-
+    server's small calls (``eval.served_bits.static_server``: the backend as served, every call cut
+    into blocks of 1, 2, ..., 16 rows in turn, each on the runtime; an error if it took fewer)."""
     from sklearn.datasets import load_breast_cancer
 
-    from hjmodel.artifact import STATIC_ROWS, TracedModule
+    from eval.served_bits import static_server
+    from hjmodel.artifact import TracedModule
 
     version = demo_repository / name / "1"
     model = load_model(version).double().eval()
     if runtime == "static":
-        monkeypatch.setattr("hjmodel.artifact.STATIC_CALL_S", 60.0)
-    traced = TracedModule(load_serving_module(version).eval(), static_rows=STATIC_ROWS if runtime == "static" else 0)
-    assert traced.static_rows == (STATIC_ROWS if runtime == "static" else 0)
-    sizes = itertools.cycle(range(1, STATIC_ROWS + 1))
+        call = static_server(version)
+    else:
+        traced = TracedModule(load_serving_module(version).eval(), static_rows=0)
+
+        def call(q: np.ndarray) -> dict[str, np.ndarray]:
+            with torch.inference_mode():
+                out = traced(torch.from_numpy(q), torch.full((len(q), 1), 0.1, dtype=torch.float64))
+            return {k: v.numpy() for k, v in out.items()}
 
     def served(q: np.ndarray) -> dict[str, np.ndarray]:
-        def run():
-            parts, i = [], 0
-            with torch.inference_mode():
-                while i < len(q):
-                    block = torch.from_numpy(q[i:i + (next(sizes) if runtime == "static" else len(q))])
-                    parts.append(traced(block, torch.full((len(block), 1), 0.1, dtype=torch.float64)))
-                    i += len(block)
-            return {k: torch.cat([part[k] for part in parts]).numpy() for k in parts[0]}
-        out = _SERVING_THREAD.submit(run).result()
-        assert traced.static_failed == 0
-        return out
+        return _SERVING_THREAD.submit(call, q).result()
 
     n = 20 if name == "digits_memory" else 40
     base = (load_breast_cancer().data[-n:] if name.startswith("breast") else
