@@ -71,11 +71,8 @@ def beside(call, seconds: float = 0.5) -> float:
 def bench_model(name: str, directory: Path, repeats: int, batches_of: tuple[int, ...]) -> list[tuple]:
     module = load_serving_module(directory).eval()
     served_rows = TracedModule(module).static_rows
-    budget, artifact.STATIC_CALL_S = artifact.STATIC_CALL_S, float("inf")
-    try:
+    with artifact.static_call_budget(float("inf")):
         static = TracedModule(module)
-    finally:
-        artifact.STATIC_CALL_S = budget
     interpreted = TracedModule(module, static_rows=0)
     if static._static is None:
         print(f"{name}: the static runtime is not used (logged why)", flush=True)

@@ -105,11 +105,8 @@ def static_server(version: Path, device: str = "cpu"):
     have answered it)."""
     from hjmodel import artifact
 
-    budget, artifact.STATIC_CALL_S = artifact.STATIC_CALL_S, math.inf
-    try:
+    with artifact.static_call_budget(math.inf):
         served = open_backend(version, "torch", device, static_rows=artifact.STATIC_ROWS)
-    finally:
-        artifact.STATIC_CALL_S = budget
     rows = served.static_rows
     if rows != artifact.STATIC_ROWS:
         raise RuntimeError(f"{version}: the static runtime takes calls of up to {rows} rows, not {artifact.STATIC_ROWS}")

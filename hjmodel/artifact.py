@@ -480,9 +480,14 @@ class _StaticRuntime:
         self.function, self.module, self.lifted = function, module, lifted
         self.failed = 0      # calls the interpreter answered because the runtime raised (the first logged)
 
+    def call(self, inputs: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
+        """The runtime's answer to ``inputs`` (what it raises is raised)."""
+        return self.module(*inputs, *self.lifted)
+
     def run(self, inputs: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
+        """A caller's call: the runtime's answer, or the interpreter's if the runtime raises."""
         try:
-            return self.module(*inputs, *self.lifted)
+            return self.call(inputs)
         except Exception as exc:
             self.failed += 1
             if self.failed == 1:
@@ -499,12 +504,18 @@ class _StaticRuntime:
         head of tens of thousands of support points: ~6 ms a row at N = 5,000, d = 784) therefore
         never holds the lock long, and gains little there anyway (0.91-0.93x the interpreter's time
         at batch 1, 1.03-1.06x at 16 in a scratch run). Measured on a busy machine it only errs
-        towards the interpreter. ``clock``: seconds (default ``time.perf_counter``)."""
+        towards the interpreter. A size the runtime raises on ends the measurement (logged; it is no
+        caller's call, so not counted in ``failed``). ``clock``: seconds (default ``time.perf_counter``)."""
         within, k = 0, 1
         while k <= rows:
             xs = _repeated(inputs, k)
-            self.run(xs)
-            if _best_of(3, functools.partial(self.run, xs), clock) > budget_s:
+            try:
+                self.call(xs)
+                took = _best_of(3, functools.partial(self.call, xs), clock)
+            except Exception as exc:   # whatever it is, the runtime does not take this size
+                _log_static_failure(k, exc)
+                break
+            if took > budget_s:
                 break
             within, k = k, (rows if k < rows < 2 * k else 2 * k)
         return within
@@ -514,7 +525,7 @@ class _StaticRuntime:
         runtime raises is raised)."""
         with torch.inference_mode(), torch.jit.optimized_execution(False):
             want = self.function(*inputs)
-        got = self.module(*inputs, *self.lifted)
+        got = self.call(inputs)
         return len(got) == len(want) and all(map(_same_bits, got, want))
 
     def agreeing_rows(self, rows: int, inputs: tuple[Tensor, ...]) -> int:
@@ -526,14 +537,32 @@ class _StaticRuntime:
             try:
                 same = self.answers_as_interpreter(_repeated(inputs, k))
             except Exception as exc:   # whatever it is, the runtime does not take this size
-                log.warning("trace: the static runtime failed on %d rows: %s: %s", k, type(exc).__name__,
-                            str(exc)[:300])
+                _log_static_failure(k, exc)
                 return k - 1
             if not same:
                 log.warning("trace: the static runtime answered %d rows otherwise than the interpreter; "
                             "it takes calls of at most %d", k, k - 1)
                 return k - 1
         return rows
+
+
+def _log_static_failure(rows: int, exc: Exception) -> None:
+    log.warning("trace: the static runtime failed on %d rows, it takes fewer: %s: %s", rows, type(exc).__name__,
+                str(exc)[:300])
+
+
+@contextlib.contextmanager
+def static_call_budget(seconds: float) -> Iterator[None]:
+    """:data:`STATIC_CALL_S` set to ``seconds`` while open: the :class:`TracedModule` recordings made
+    inside measure the static runtime's rows against it (``math.inf``: every size up to their
+    ``static_rows``, however busy the machine -- for a benchmark or an evaluation of the runtime
+    itself). Where a call runs, never its bits; not for a server, whose other threads record too."""
+    global STATIC_CALL_S
+    kept, STATIC_CALL_S = STATIC_CALL_S, seconds
+    try:
+        yield
+    finally:
+        STATIC_CALL_S = kept
 
 
 def _repeated(inputs: tuple[Tensor, ...], rows: int) -> tuple[Tensor, ...]:

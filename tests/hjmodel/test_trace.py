@@ -20,6 +20,7 @@ from hjmodel.artifact import (
     TracedModule,
     example_inputs,
     load_serving_module,
+    static_call_budget,
 )
 from hjmodel.serving import IG_ORDER, IG_PANELS
 
@@ -47,8 +48,7 @@ def _assert_identical(got: dict, want: dict) -> None:
 def _traced(module, **options) -> TracedModule:
     """TracedModule(module), its static runtime taking all STATIC_ROWS rows however busy the machine
     (at load it takes only as many as it runs within ``STATIC_CALL_S``: a test budget of a minute)."""
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr("hjmodel.artifact.STATIC_CALL_S", 60.0)
+    with static_call_budget(60.0):
         return TracedModule(module, **options)
 
 
@@ -460,22 +460,24 @@ def test_the_static_runtime_takes_only_as_many_rows_as_it_runs_within_its_budget
     assert traced.static_rows == 0 and traced._static is None and prepared == []
     monkeypatch.setattr(artifact, "STATIC_CALL_S", 60.0)
     assert _traced(module)._static is not None and prepared == [1]
-    monkeypatch.setattr(artifact, "STATIC_CALL_S", 0.0)
-    monkeypatch.setattr(artifact, "STATIC_CALL_S", 60.0)
     assert TracedModule(module).static_rows == STATIC_ROWS
+    with pytest.raises(RuntimeError, match="while open"), static_call_budget(0.0):   # it comes back, whatever happens
+        assert TracedModule(module).static_rows == 0
+        raise RuntimeError("raised while open")
+    assert artifact.STATIC_CALL_S == 60.0
     # a clock on which every call takes 0.5 ms a row: 8 rows are over 2.1 ms, 4 rows within; measured
     # upwards, so no call much over the budget is made
     static, reads, rows = _traced(module)._static, [], []
-    run = static.run
+    call = static.call
 
     def counted(inputs):
         rows.append(inputs[0].shape[0])
-        return run(inputs)
+        return call(inputs)
 
     def clock():            # read before and after each timed call
         reads.append(None)
         return 0.0 if len(reads) % 2 else rows[-1] * 5e-4
-    static.run = counted
+    static.call = counted
     inputs = tuple(example_inputs(module).values())
     assert static.rows_within(2.1e-3, STATIC_ROWS, inputs, clock) == 4
     assert sorted(set(rows)) == [1, 2, 4, 8]
@@ -551,37 +553,40 @@ def test_a_runtime_that_answers_otherwise_is_not_used_and_says_why(served, monke
         _assert_identical(traced(x, tau), module(x, tau))
 
 
-@pytest.mark.parametrize("fault", ["differs", "raises"])
-def test_the_runtime_takes_no_size_it_answered_otherwise_at_load(served, monkeypatch, caplog, fault):
+@pytest.mark.parametrize(("fault", "bad", "takes"), [("differs", 5, 4), ("raises", 5, 4), ("differs", 4, 3),
+                                                   ("raises", 4, 2)])
+def test_the_runtime_takes_no_size_it_answered_otherwise_at_load(served, monkeypatch, caplog, fault, bad, takes):
     """It plans per shape, so one size could answer otherwise than the interpreter while the first
     call's agreed: every size it would take is checked once at load, and it takes the sizes below the
-    first that differs (or raises); a larger call runs on the interpreter."""
+    first that differs (or raises); a larger call runs on the interpreter. A size that raises while
+    the budget is measured (1, 2, 4, ...) ends the measurement there, and counts as no failed call:
+    ``static_failed`` counts calls the interpreter answered for a caller."""
     import hjmodel.artifact as artifact
 
     name, module, _ = served
     prepare = torch._C._jit_to_static_module
 
-    def wrong_at_five(graph):
+    def wrong_at(graph):
         static = prepare(graph)
 
         def run(*inputs):
             out = static(*inputs)
-            if inputs[0].shape[0] != 5:
+            if inputs[0].shape[0] != bad:
                 return out
             if fault == "raises":
                 raise RuntimeError("no plan for this shape")
             return tuple(t + 1 if t.is_floating_point() else t for t in out)
         return run
-    monkeypatch.setattr(torch._C, "_jit_to_static_module", wrong_at_five)
+    monkeypatch.setattr(torch._C, "_jit_to_static_module", wrong_at)
     with caplog.at_level("WARNING", logger=artifact.__name__):
         traced = _traced(module)
-    assert traced._static is not None and traced.static_rows == 4
-    assert "5 rows" in caplog.text
-    x = _rows(name, 5, seed=10)
-    tau = torch.full((5, 1), 0.1, dtype=torch.float64)
+    assert traced._static is not None and traced.static_rows == takes
+    assert f"{bad} rows" in caplog.text and traced.static_failed == 0
+    x = _rows(name, bad, seed=10)
+    tau = torch.full((bad, 1), 0.1, dtype=torch.float64)
     with torch.no_grad():
-        _assert_identical(traced(x, tau), module(x, tau))                     # 5 rows: the interpreter
-        _assert_identical(traced(x[:4], tau[:4]), module(x[:4], tau[:4]))     # 4: the runtime
+        _assert_identical(traced(x, tau), module(x, tau))                                 # the interpreter
+        _assert_identical(traced(x[:takes], tau[:takes]), module(x[:takes], tau[:takes]))   # the runtime
     assert traced.static_failed == 0
 
 
