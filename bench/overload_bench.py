@@ -36,7 +36,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.loadgen import Pool, closed_loop, request_bytes  # noqa: E402
-from service.testing import copy_version, run_server  # noqa: E402
+from service.testing import copy_version, memory_mib, run_server  # noqa: E402
 
 
 async def _capacity(host: str, port: int, payload: bytes, concurrency: int, seconds: float) -> float:
@@ -81,13 +81,6 @@ async def _open_loop(host: str, port: int, payload: bytes, rate: float, seconds:
             "p50_503_ms": pct(503, 50), "p99_503_ms": pct(503, 99)}
 
 
-def _rss_mb(pid: int) -> float:
-    for line in open(f"/proc/{pid}/status"):
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
-
-
 class PeakRSS:
     def __init__(self, pid: int):
         self.pid, self.peak, self._stop = pid, 0.0, threading.Event()
@@ -95,7 +88,7 @@ class PeakRSS:
 
     def _run(self):
         while not self._stop.is_set():
-            self.peak = max(self.peak, _rss_mb(self.pid))
+            self.peak = max(self.peak, memory_mib(self.pid).get("VmRSS", float("nan")))
             time.sleep(0.05)
 
     def __enter__(self):

@@ -32,16 +32,10 @@ sys.path.insert(0, str(ROOT))
 
 from bench import report  # noqa: E402
 from bench.loadgen import closed_loop, request_bytes  # noqa: E402
-from service.testing import run_server  # noqa: E402
+from service.testing import memory_mib, run_server  # noqa: E402
 
 OUT = ROOT / "bench" / "results" / "soak.md"
 DEMOS = {"digits_lse": 64, "digits_memory": 64, "digits_deep": 64, "breast_cancer_lse": 30, "diabetes_lse": 10}
-
-
-def resident_mib(pid: int) -> float:
-    """The process's resident memory (VmRSS), MiB."""
-    status = Path(f"/proc/{pid}/status").read_text()
-    return int(status.split("VmRSS:")[1].split()[0]) / 1024
 
 
 def requests(host_port: str) -> list[bytes]:
@@ -68,7 +62,7 @@ def soak(models: Path, backend: str, minutes: float) -> dict:
             for body in mix:
                 result = asyncio.run(closed_loop(host, int(port), body, 0.5, 4, warmup=0))
                 answered, errors = answered + result["n"], errors + result["errors"]
-            samples.append(((time.monotonic() - start) / 60, resident_mib(s.proc.pid)))
+            samples.append(((time.monotonic() - start) / 60, memory_mib(s.proc.pid)["VmRSS"]))
             print(f"{backend}: {samples[-1][0]:.1f} min, {samples[-1][1]:.1f} MiB, {answered} requests", flush=True)
     return {"samples": samples, "requests": answered, "errors": errors}
 

@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import math
 import platform
 import time
 from pathlib import Path
@@ -60,13 +59,6 @@ HEADER = ["model", "pooled rows", "attacked rows", "families of the attacked row
           "violations (screen)", "violations (targeted PGD)", "violations (uniform PGD)", "smallest fraction of the margin left (screen)",
           "smallest fraction of the margin left (strong)", "median fraction left, attacked rows (screen)",
           "median fraction left, attacked rows (strong)", "strong attack s"]
-
-
-def margins(model, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-    """log p_c(x) - max_{k != c} log p_k(x) (float64)."""
-    with torch.no_grad():
-        lp = decision_scores(model, x)
-    return lp.gather(1, c[:, None]).squeeze(1) - lp.scatter(1, c[:, None], -math.inf).amax(1)
 
 
 def served_outputs(version: Path, x32: np.ndarray, tau: float) -> dict[str, np.ndarray]:
@@ -105,7 +97,8 @@ def attack_model(name: str, models: Path, pool: int, rows: int, restarts: int, s
             target = forward_outputs(model, x)         # the float64 value the ball must stay within tau of
         keep = r > 0
     x, r, target, labels = x[keep], r[keep], target[keep], labels[keep.numpy()]
-    m0 = margins(model, x, target) if classifier else torch.full_like(r, tau)
+    with torch.no_grad():   # log p_c(x) - max_{k != c} log p_k(x): minus the decision loss at x; a regressor's: tau
+        m0 = -decision_loss(model, target)(x) if classifier else torch.full_like(r, tau)
     options = {"task": model.task, "tau": 0.0 if classifier else tau}
 
     screen_bad, _, screen_val = targeted_pgd(model, x, r, target, restarts=8, steps=100, seed=0, **options)

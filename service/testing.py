@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["Server", "copy_version", "free_port", "run_server", "stop_process"]
+__all__ = ["Server", "copy_version", "free_port", "memory_mib", "run_server", "stop_process"]
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -38,6 +38,16 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def memory_mib(pid: int) -> dict[str, float]:
+    """A running process's memory from ``/proc/<pid>/status``, MiB: ``VmRSS`` (resident now) and
+    ``VmHWM`` (its peak), as the kernel reports them (Linux)."""
+    values = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(("VmRSS:", "VmHWM:")):
+            values[line.split(":")[0]] = int(line.split()[1]) / 1024
+    return values
 
 
 def copy_version(src: Path, dst: Path) -> None:

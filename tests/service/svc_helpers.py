@@ -15,7 +15,7 @@ sys.path.insert(0, str(HERE.parent))   # tests/: shared helpers (also when impor
 
 import tiny_model  # noqa: E402
 
-from service.testing import Server, copy_version, free_port, run_server, stop_process  # noqa: E402,F401
+from service.testing import Server, copy_version, free_port, memory_mib, run_server, stop_process  # noqa: E402,F401
 
 
 def export_tiny(path: Path, task: str = "classification", seed: int = 0, batched_tau: bool = True) -> None:

@@ -106,23 +106,36 @@ def test_demo_model_config_states_the_false_flag_interval(demo_server, demo_repo
     assert (low, high) == pytest.approx(false_flag_interval(cal["alpha"], cal["n_conformal"])[1:])
 
 
+def _readme_example() -> str:
+    """The README's "Example" section, to the end of the file."""
+    from svc_helpers import ROOT
+
+    readme = (ROOT / "README.md").read_text()
+    return readme[readme.index("## Example"):]
+
+
+def _send_readme_curl(server, example: str) -> dict:
+    """The README's curl request, sent as written to ``server``: its JSON reply (asserted 200)."""
+    import re
+
+    import httpx
+
+    curl = re.search(r"curl -s localhost:8000(\S+) .*?-d '(.*?)'\n```", example, re.S)
+    reply = httpx.post(server.url + curl.group(1), content=curl.group(2),
+                       headers={"content-type": "application/json"}, timeout=30)
+    assert reply.status_code == 200, reply.text
+    return reply.json()
+
+
 def test_the_readmes_example_answers_what_the_readme_shows(demo_server):
     """The README's curl request, sent as written to the demo server, answers the README's reply: the
     same outputs, datatypes, shapes and discrete values, and floats within 1e-4 relative (the demo
     models are trained at set-up, so a machine with other float kernels may differ in the last bits)."""
     import re
 
-    import httpx
-    from svc_helpers import ROOT
-
-    readme = (ROOT / "README.md").read_text()
-    example = readme[readme.index("## Example"):]
-    curl = re.search(r"curl -s localhost:8000(\S+) .*?-d '(.*?)'\n```", example, re.S)
+    example = _readme_example()
     shown = json.loads(re.search(r"```json\n(.*?)\n```", example, re.S).group(1))
-    reply = httpx.post(demo_server.url + curl.group(1), content=curl.group(2),
-                       headers={"content-type": "application/json"}, timeout=30)
-    assert reply.status_code == 200, reply.text
-    got = reply.json()
+    got = _send_readme_curl(demo_server, example)
     assert {k: v for k, v in got.items() if k != "outputs"} == {k: v for k, v in shown.items() if k != "outputs"}
     assert [(o["name"], o["datatype"], o["shape"]) for o in got["outputs"]] == \
         [(o["name"], o["datatype"], o["shape"]) for o in shown["outputs"]]
@@ -141,21 +154,14 @@ def test_the_readmes_grpc_example_answers_what_its_curl_example_does(demo_server
     import re
     from contextlib import redirect_stdout
 
-    import httpx
-    from svc_helpers import ROOT
-
-    readme = (ROOT / "README.md").read_text()
-    example = readme[readme.index("## Example"):]
-    curl = re.search(r"curl -s localhost:8000(\S+) .*?-d '(.*?)'\n```", example, re.S)
+    example = _readme_example()
     snippet = re.search(r"The same request over gRPC.*?```python\n(.*?)\n```", example, re.S).group(1)
     assert "127.0.0.1:8001" in snippet
     namespace: dict = {}
     with redirect_stdout(io.StringIO()):
         exec(snippet.replace("127.0.0.1:8001", demo_server.grpc_target), namespace)   # the README's own code
     result = namespace["result"]
-    rest = httpx.post(demo_server.url + curl.group(1), content=curl.group(2),
-                      headers={"content-type": "application/json"}, timeout=30).json()
-    by_name = {o["name"]: o for o in rest["outputs"]}
+    by_name = {o["name"]: o for o in _send_readme_curl(demo_server, example)["outputs"]}
     assert result.as_numpy("prediction").tolist() == by_name["prediction"]["data"]
     radius = result.as_numpy("certified_radius")
     assert radius.dtype == np.float32 and radius.astype(np.float64).tolist() == by_name["certified_radius"]["data"]

@@ -13,17 +13,14 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import numpy as np
 import pytest
-from svc_helpers import copy_version, run_server
+from svc_helpers import copy_version, memory_mib, run_server
 from tiny_model import D
 
 NDJSON = {"content-type": "application/x-ndjson"}
 
 
 def _rss_mb(pid: int) -> float:
-    for line in open(f"/proc/{pid}/status"):
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    raise AssertionError("no VmRSS")
+    return memory_mib(pid)["VmRSS"]
 
 
 def _row_body(n: int = 1) -> dict:

@@ -14,7 +14,7 @@ import tracemalloc
 import grpc
 import numpy as np
 import pytest
-from svc_helpers import run_server
+from svc_helpers import memory_mib, run_server
 from tiny_model import D
 
 from service.codecs import PARSE_BYTES_PER_BYTE, parse_json
@@ -159,11 +159,8 @@ def test_grpc_decode_memory_counts_every_kind_of_content():
 
 
 def _peak_mb(pid: int) -> tuple[float, float]:
-    """(VmRSS, VmHWM) of a process, MB."""
-    values = {}
-    for line in open(f"/proc/{pid}/status"):
-        if line.startswith(("VmRSS:", "VmHWM:")):
-            values[line.split(":")[0]] = int(line.split()[1]) / 1024
+    """(VmRSS, VmHWM) of a process, MiB."""
+    values = memory_mib(pid)
     return values["VmRSS"], values["VmHWM"]
 
 
