@@ -11,7 +11,6 @@ import torch
 from scipy.stats import spearmanr
 
 from hjmodel import functional as F
-from hjmodel.models import _output_gradient
 
 from .common import md_table, timeit
 
@@ -56,8 +55,8 @@ def ig_vs_captum(model, X) -> dict:
 
 def saliency_vs_autograd(model, X) -> dict:
     c = _decision(model, X)
-    ours = _output_gradient(model, X, c).detach()
-    t_ours = timeit(lambda: _output_gradient(model, X, c)) / X.shape[0]
+    ours = model.output_gradient(X, c)
+    t_ours = timeit(lambda: model.output_gradient(X, c)) / X.shape[0]
 
     def auto():
         x = X.clone().requires_grad_(True)

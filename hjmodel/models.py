@@ -1089,6 +1089,16 @@ class HJModel(nn.Module):
         :func:`_integrated_gradients`)."""
         return _integrated_gradients(self, x, baseline, panels, order, decision)
 
+    @torch.no_grad()
+    def output_gradient(self, x: Tensor, c: Tensor) -> Tensor:
+        """Closed-form gradient of output ``c`` (n,) in raw input space: the group's LSE value for an
+        lse head, yhat_c for a memory head (a regression's c = 0). At the decided class this is the
+        served ``saliency``, which :meth:`evaluate` forms from the certificate's shared pieces (and,
+        for a sure memory classifier, in a form that keeps its digits where this one cancels).
+        (n, d) -> (n, d)."""
+        _, gibbs_body, a = self.trace(x)
+        return self._pullback(_head_gradient(self, a.unsqueeze(1), c).squeeze(1), gibbs_body)
+
 
 def _on_device(value, device: torch.device):
     """A cached constant (a tensor, a group table, or a tuple / list of them) on ``device``; anything

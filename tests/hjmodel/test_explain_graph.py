@@ -230,12 +230,37 @@ def test_integrated_gradients_against_autograd_on_random_models(seed):
     c = model.evaluate(x, outputs=()).decision if model.task == "classification" else torch.zeros(6, dtype=torch.long)
     want = _autograd_ig(model, x, x0, c)
     served = model.explain(x, baseline=x0)["integrated_gradients"]
-    # the size of the gradient's terms, whose rounding either side may leave where they cancel (a
-    # sure memory head's sum_j pi_j (v_jc - p_c) w_j / eps): every map's largest row, 2 |V| / eps
+    torch.testing.assert_close(served, want, rtol=1e-9,
+                               atol=1e-12 * _gradient_terms(model) * float((x - x0).abs().max()))
+
+
+def _gradient_terms(model) -> float:
+    """The size of an output gradient's terms, whose rounding either side may leave where they cancel
+    (a sure memory head's sum_j pi_j (v_jc - p_c) w_j / eps): every map's largest row, 2 |V| / eps."""
     rows = [torch.linalg.matrix_norm(model.preprocess.A, 2)] + [m.W.norm(dim=1).max() for m in (*model.body, model.head)]
-    terms = float(torch.stack(rows).prod()) * (2.0 * float(model.head.V.abs().max()) / model.head.eps
-                                               if model.head.mode == "values" else 1.0)
-    torch.testing.assert_close(served, want, rtol=1e-9, atol=1e-12 * terms * float((x - x0).abs().max()))
+    return float(torch.stack(rows).prod()) * (2.0 * float(model.head.V.abs().max()) / model.head.eps
+                                              if model.head.mode == "values" else 1.0)
+
+
+@pytest.mark.parametrize("seed", range(60))
+def test_output_gradient_against_autograd_for_every_class(seed):
+    """``HJModel.output_gradient`` (the closed form the evaluation compares Captum and autograd
+    with) is autograd's gradient of output c through the plain forward pass, for every class c, not
+    only the decided one; at the decided class it is the served saliency."""
+    model, x, _ = _random_model(seed)
+    outputs = model.head.outputs(model.head.preactivations(model.features(x)))
+    for k in range(outputs.shape[1]):
+        c = torch.full((x.shape[0],), k, dtype=torch.long)
+        point = x.clone().requires_grad_(True)
+        with torch.enable_grad():
+            out = model.head.outputs(model.head.preactivations(model.features(point)))[:, k].sum()
+            (want,) = torch.autograd.grad(out, point)
+        got = model.output_gradient(x, c)
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12 * _gradient_terms(model))
+    decided = model.evaluate(x, outputs=("saliency",))
+    c = decided.decision if model.task == "classification" else torch.zeros(x.shape[0], dtype=torch.long)
+    torch.testing.assert_close(model.output_gradient(x, c), decided["saliency"], rtol=1e-9,
+                               atol=1e-12 * _gradient_terms(model))
 
 
 def test_explanation_calls_stay_within_their_element_budget(demo_repository):
