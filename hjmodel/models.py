@@ -1092,10 +1092,10 @@ class HJModel(nn.Module):
     @torch.no_grad()
     def output_gradient(self, x: Tensor, c: Tensor) -> Tensor:
         """Closed-form gradient of output ``c`` (n,) in raw input space: the group's LSE value for an
-        lse head, yhat_c for a memory head (a regression's c = 0). At the decided class this is the
-        served ``saliency``, which :meth:`evaluate` forms from the certificate's shared pieces (and,
-        for a sure memory classifier, in a form that keeps its digits where this one cancels).
-        (n, d) -> (n, d)."""
+        lse head, yhat_c for a memory head (a regression's c = 0); a memory classifier's v_jc - p_c
+        is taken without cancellation (:meth:`_values_coef`), so it keeps its digits where the model
+        is sure. At the decided class this is the served ``saliency``, which :meth:`evaluate` forms
+        from the certificate's shared pieces instead. (n, d) -> (n, d)."""
         _, gibbs_body, a = self.trace(x)
         return self._pullback(_head_gradient(self, a.unsqueeze(1), c).squeeze(1), gibbs_body)
 
