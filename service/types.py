@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, StrictInt
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt
 
 __all__ = [
     "ConfigTensor",
@@ -46,7 +46,15 @@ class _Wire(BaseModel):
     model_config = ConfigDict(extra="allow", protected_namespaces=())
 
 
-class RequestInput(_Wire):
+class _Request(BaseModel):
+    """A body a client sends: a field nothing reads is refused, never dropped (a misspelt
+    ``parameters`` would otherwise be served with the defaults). The protocol's extension point is
+    ``parameters``, which the dataplane checks name by name."""
+
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+
+class RequestInput(_Request):
     """One input tensor of a V2 inference request (JSON ``data`` or binary ``binary_data_size``)."""
 
     name: str
@@ -56,14 +64,14 @@ class RequestInput(_Wire):
     data: Any = None
 
 
-class RequestOutput(_Wire):
+class RequestOutput(_Request):
     """One requested output (``parameters.binary_data`` asks for it in binary)."""
 
     name: str
     parameters: Parameters | None = None
 
 
-class InferenceRequest(_Wire):
+class InferenceRequest(_Request):
     """V2 inference request body (the JSON part when the binary extension is used)."""
 
     id: str | None = None
@@ -125,19 +133,17 @@ class MetadataModelResponse(_Wire):
     outputs: list[MetadataTensor]
 
 
-class RepositoryIndexRequest(_Wire):
+class RepositoryIndexRequest(_Request):
     """``POST /v2/repository/index`` body: ``ready`` lists only ready models."""
 
-    ready: bool | None = None
+    ready: StrictBool | None = None   # not "yes" or 1 read as true
 
 
-class RepositoryModelRequest(BaseModel):
+class RepositoryModelRequest(_Request):
     """``POST /v2/repository/models/{name}/load`` and ``.../unload`` body (optional). A model loads
     from its repository folder as it is: Triton's load parameters (``config``, ``file:...``
     overrides) are refused, never ignored; unload takes ``unload_dependents`` (hjserve has no
     ensembles, so it changes nothing)."""
-
-    model_config = ConfigDict(extra="forbid")
 
     parameters: dict[str, Any] | None = None
 
@@ -224,10 +230,10 @@ class V1Response(_Wire):
     explanations: list[dict[str, Any]] | None = None
 
 
-class V1Request(_Wire):
+class V1Request(_Request):
     """``POST /v1/models/{m}:predict`` / ``:explain`` body: rows of features."""
 
-    instances: list[list[float]]
+    instances: list[list[StrictFloat]]   # JSON numbers: not "1" or true read as 1.0
     parameters: Parameters | None = None
 
 

@@ -12,12 +12,16 @@ from collections.abc import Iterator
 from typing import IO, Any
 
 import numpy as np
+from pydantic import ValidationError
 
 from service.codecs.tensors import (
     DATATYPES,
     check_input_parameters,
     check_shape,
+    first_error,
+    holds_bool,
     infer_request_from,
+    may_hold_booleans,
     parse_header_length,
     parse_json,
 )
@@ -87,7 +91,7 @@ def ndjson_source(body: IO[bytes], chunk_rows: int, max_rows: int, max_line_byte
             if total + 1 > max_rows:
                 raise PayloadTooLarge(f"more than {max_rows} rows (HJSERVE_BATCH_MAX_ROWS)")
             try:
-                row = _numbers(item, 1)
+                row = _numbers(item, 1, may_hold_booleans(line))
             except HJServeError as exc:
                 raise type(exc)(f"NDJSON line {number}: {exc.message}") from None
             del item
@@ -105,27 +109,39 @@ def ndjson_source(body: IO[bytes], chunk_rows: int, max_rows: int, max_line_byte
         yield from flush()
 
 
-def _numbers(value: Any, ndim: int) -> np.ndarray:
-    """``value`` as float64 numbers of ``ndim`` dimensions: one row (1) or rows (2)."""
+def _numbers(value: Any, ndim: int, booleans: bool = True) -> np.ndarray:
+    """``value`` as float64 numbers of ``ndim`` dimensions: one row (1) or rows (2). JSON numbers
+    only: strings and booleans are not read as numbers (as a V2 FP32 tensor's data is not);
+    ``booleans`` False: the JSON text had no ``true`` or ``false`` (:func:`may_hold_booleans`)."""
     try:
-        array = np.asarray(value, dtype=np.float64)
-    except OverflowError:   # an integer past float64's range (JSON has no bound on them)
-        raise InvalidValue("a row holds a number outside the float32 range") from None
-    except (TypeError, ValueError):
+        raw = np.asarray(value)
+    except ValueError:   # ragged: a list beside a number
         raise InvalidDatatype("a row must be a flat list of numbers") from None
-    if array.ndim != ndim:   # nested lists inside a row are not features: never flattened silently
+    if raw.dtype.kind == "O":   # integers past int64 (JSON has no bound on them), or not numbers at all
+        flat = raw.ravel()
+        if not all(type(v) in (int, float) for v in flat):
+            raise InvalidDatatype("a row must be a flat list of numbers")
+        try:
+            raw = np.array(flat.tolist(), dtype=np.float64).reshape(raw.shape)
+        except OverflowError:   # past float64's range
+            raise InvalidValue("a row holds a number outside the float32 range") from None
+    elif raw.dtype.kind not in "iuf" or (booleans and holds_bool(value)):   # "1", true (beside numbers numpy reads 1)
+        raise InvalidDatatype("a row must be a flat list of numbers, not of strings or booleans")
+    if raw.ndim != ndim:   # nested lists inside a row are not features: never flattened silently
         raise InvalidShape("every row must be a flat list of numbers")
-    return array
+    return raw.astype(np.float64, copy=False)
 
 
-def _rows_array(rows: list[Any]) -> np.ndarray:
+def _rows_array(rows: list[Any], booleans: bool) -> np.ndarray:
     if len({len(r) if isinstance(r, list) else -1 for r in rows}) != 1:
         raise InvalidShape("every row must be a list of the same number of features")
-    return _numbers(rows, 2)
+    return _numbers(rows, 2, booleans)
 
 
-def json_source(obj: Any, chunk_rows: int, max_rows: int) -> tuple[Iterator[Chunk], dict[str, Any], list[str]]:
-    """A whole JSON body: ``{"instances": rows}``, ``[rows]`` or a V2 request (JSON data).
+def json_source(obj: Any, chunk_rows: int, max_rows: int,
+                booleans: bool = True) -> tuple[Iterator[Chunk], dict[str, Any], list[str]]:
+    """A whole JSON body: ``{"instances": rows}``, ``[rows]`` or a V2 request (JSON data);
+    ``booleans``: :func:`may_hold_booleans` of its text.
 
     Returns (chunks, parameters, requested outputs)."""
     params: dict[str, Any] = {}
@@ -133,7 +149,7 @@ def json_source(obj: Any, chunk_rows: int, max_rows: int) -> tuple[Iterator[Chun
     if isinstance(obj, dict) and "inputs" in obj:
         if "instances" in obj:
             raise InvalidJSON('a body holds its rows in "inputs" (a V2 request) or in "instances", not both')
-        request = infer_request_from(obj)
+        request = infer_request_from(obj, booleans=booleans)
         if len(request.inputs) != 1 or request.inputs[0].name != "input":
             raise UnknownInput("expected exactly one input named 'input'")
         tensor = request.inputs[0]
@@ -150,7 +166,7 @@ def json_source(obj: Any, chunk_rows: int, max_rows: int) -> tuple[Iterator[Chun
                 raise InvalidJSON(f"unknown key(s) {sorted(obj.keys() - {'instances', 'parameters'})}; expected "
                                   '{"instances": [[...], ...], "parameters": {...}}')
             params = _parameters(obj.get("parameters"))
-        array, datatype = (_rows_array(rows) if rows else np.zeros((0, 0))), "FP64"
+        array, datatype = (_rows_array(rows, booleans) if rows else np.zeros((0, 0))), "FP64"
     if len(array) > max_rows:
         raise PayloadTooLarge(f"{len(array)} rows exceed the limit of {max_rows}")
 
@@ -176,8 +192,8 @@ def binary_source(body: IO[bytes], total: int, header_length: str, chunk_rows: i
     head = parse_json(body.read(length))
     try:
         wire = InferenceRequest.model_validate(head)
-    except Exception as exc:
-        raise BadRequest(f"invalid inference request header: {exc}") from None
+    except ValidationError as exc:
+        raise BadRequest(f"invalid inference request header: {first_error(exc)}") from None
     if len(wire.inputs) != 1 or wire.inputs[0].name != "input":
         raise UnknownInput("expected exactly one input named 'input'")
     tensor = wire.inputs[0]

@@ -284,8 +284,10 @@ async def batch_attribution(request: Request, model_name: str, model_version: st
             source = ndjson_source(spool.file, chunk_rows, settings.batch_max_rows, settings.max_line_bytes)
         else:
             memory.take(codecs.PARSE_BYTES_PER_BYTE * size)
-            obj = codecs.parse_json(await run_in_threadpool(spool.file.read))
-            source, params, outputs = json_source(obj, chunk_rows, settings.batch_max_rows)
+            text = await run_in_threadpool(spool.file.read)
+            source, params, outputs = json_source(codecs.parse_json(text), chunk_rows, settings.batch_max_rows,
+                                                  codecs.may_hold_booleans(text))
+            del text
         params.update(query)
         job = dataplane.attribute(model_name, model_version, source, params, outputs)
         await job.start()

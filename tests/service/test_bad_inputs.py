@@ -23,12 +23,12 @@ def _v2(shape=(1, D), datatype="FP32", data=None, name="input", **extra) -> dict
 
 
 def _binary(values: np.ndarray, *, size: int | None = None, header_delta: int = 0, datatype="FP32", shape=None,
-            **parameters):
+            extra: dict | None = None, **parameters):
     raw = np.ascontiguousarray(values).tobytes()
     shape = list(values.shape if shape is None else shape)
     parameters["binary_data_size"] = len(raw) if size is None else size
     head = json.dumps({"inputs": [{"name": "input", "shape": shape, "datatype": datatype,
-                                   "parameters": parameters}]}).encode()
+                                   "parameters": parameters}], **(extra or {})}).encode()
     return head + raw, {HEADER_LENGTH: str(len(head) + header_delta)}
 
 
@@ -222,6 +222,36 @@ CASES = [
     ("batch-shape-zero-by-huge", "POST", BATCH, _v2(shape=(0, 2**62), data=[]), 400, "invalid_shape", "too large"),
     ("batch-binary-shape-zero-by-huge", "POST", BATCH, _binary(np.ones((0, 1), np.float32), shape=[0, 2**62]), 400,
      "invalid_shape", "too large"),
+    # fields nothing reads, and rows of strings or booleans read as numbers: 200 on f87d4bb, as if the
+    # field were absent (a misspelt "parameters" served the default top_k; "binary_data" beside an
+    # output's parameters answered in JSON) or the values numbers (V1 and the batch job's rows)
+    ("field-misspelt", "POST", INFER, _v2(paramters={"top_k": 2}), 400, "bad_request", "'paramters'"),
+    ("field-singular", "POST", INFER, _v2(output=[{"name": "prediction"}]), 400, "bad_request", "'output'"),
+    ("input-field-unknown", "POST", INFER, {"inputs": [{**_v2()["inputs"][0], "contents": [1]}]}, 400,
+     "bad_request", "'contents'"),
+    ("output-field-unknown", "POST", INFER, _v2(outputs=[{"name": "prediction", "binary_data": True}]), 400,
+     "bad_request", "'binary_data'"),
+    ("binary-header-field-unknown", "POST", INFER, _binary(np.ones((1, D), np.float32), extra={"paramters": {}}),
+     400, "bad_request", "'paramters'"),
+    ("booleans-among-floats", "POST", INFER, _v2(data=[1.0, True, 2.0, 3.0]), 400, "invalid_datatype", "'bool'"),
+    ("v1-field-unknown", "POST", "/v1/models/clf:predict", {"instances": [[1, 2, 3, 4]], "inputs": [[1, 2, 3, 4]]},
+     400, "validation_error", "'inputs'"),
+    ("v1-strings", "POST", "/v1/models/clf:predict", {"instances": [["1", "2", "3", "4"]]}, 400,
+     "validation_error", "number"),
+    ("v1-booleans", "POST", "/v1/models/clf:explain", {"instances": [[True, 2, 3, 4]]}, 400, "validation_error",
+     "number"),
+    ("batch-strings", "POST", BATCH, {"instances": [["1", "2", "3", "4"]]}, 400, "invalid_datatype", "numbers"),
+    ("batch-booleans", "POST", BATCH, b"[[1, 2, 3, false]]", 400, "invalid_datatype", "numbers"),
+    ("ndjson-strings", "POST", BATCH, (b'[1,2,3,4]\n["1",2,3,4]\n', NDJSON), 400, "invalid_datatype",
+     "NDJSON line 2"),
+    ("ndjson-booleans", "POST", BATCH, (b'{"input":[true,2,3,4]}\n', NDJSON), 400, "invalid_datatype", "numbers"),
+    ("batch-field-misspelt", "POST", BATCH, _v2(paramters={"top_k": 2}), 400, "bad_request", "'paramters'"),
+    ("batch-binary-header-field-unknown", "POST", BATCH, _binary(np.ones((1, D), np.float32),
+                                                                 extra={"output": [{"name": "prediction"}]}),
+     400, "bad_request", "'output'"),
+    ("index-ready-string", "POST", "/v2/repository/index", {"ready": "yes"}, 400, "bad_request", "ready"),
+    ("index-field-unknown", "POST", "/v2/repository/index", {"ready": True, "all": True}, 400, "bad_request",
+     "'all'"),
 ]
 
 

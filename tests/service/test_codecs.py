@@ -183,3 +183,19 @@ def test_json_floats_read_back_as_the_served_float32_values():
     assert np.array_equal(np.array(parsed["outputs"][0]["data"], dtype=np.float64), values.astype(np.float64))
     assert parsed["outputs"][1]["data"] == ints.tolist()
     assert parsed == json.loads(codecs.dumps(parsed))
+
+
+@pytest.mark.parametrize("encoding", ["utf-8", "utf-8-sig", "utf-16", "utf-16-le", "utf-32-be"])
+@pytest.mark.parametrize("datatype", ["FP32", "FP64", "INT64", "UINT8"])
+@pytest.mark.parametrize("data", [[1, True, 2, 3], [[1, 2], [False, 3]]], ids=["flat", "nested"])
+def test_booleans_among_numbers_are_refused_in_every_encoding(encoding, datatype, data):
+    """numpy reads true beside numbers as 1: the decoder looks for booleans, and skips looking only
+    in a UTF-8 text without the literals (json reads UTF-16 and UTF-32 too, where they are not ASCII)."""
+    body = json.dumps({"inputs": [{"name": "input", "shape": [2, 2], "datatype": datatype, "data": data}]})
+    with pytest.raises(InvalidDatatype, match="'bool'"):
+        codecs.decode_infer_request(body.encode(encoding))
+    assert codecs.may_hold_booleans(body.encode(encoding))
+    numeric = body.replace("true", "1").replace("false", "0")
+    assert codecs.may_hold_booleans(numeric.encode(encoding)) == (encoding not in ("utf-8", "utf-8-sig"))
+    expected = [1, 1, 2, 3] if data[0] == 1 else [1, 2, 0, 3]
+    assert codecs.decode_infer_request(numeric.encode(encoding)).inputs[0].array.ravel().tolist() == expected
