@@ -159,11 +159,11 @@ def instrument() -> tuple[dict[str, float], list[int]]:
 
 
 def serve_instrumented(argv: list[str]) -> None:
-    """``python -m service`` with timers; writes ``$HJSERVE_STAGES_OUT`` (JSON) at exit."""
+    """``python -m service`` with timers; writes ``$HJSERVE_TEST_STAGES_OUT`` (JSON) at exit."""
     total, requests = instrument()
 
     def dump() -> None:
-        Path(os.environ["HJSERVE_STAGES_OUT"]).write_text(json.dumps({"requests": requests[0], **total}))
+        Path(os.environ["HJSERVE_TEST_STAGES_OUT"]).write_text(json.dumps({"requests": requests[0], **total}))
 
     atexit.register(dump)
     from service.__main__ import main
@@ -179,7 +179,7 @@ def run(repo: Path, log_dir: Path, body: bytes, path: str, seconds: float, *, in
 
     stages = log_dir / f"stages-{time.monotonic_ns()}.json"
     main = (__file__, "--serve") if instrument else ("-m", "service")
-    with run_server(repo, log_dir, main=main, env={"HJSERVE_STAGES_OUT": str(stages)}, intra_op_threads=1,
+    with run_server(repo, log_dir, main=main, env={"HJSERVE_TEST_STAGES_OUT": str(stages)}, intra_op_threads=1,
                     log_level=log_level) as server:
         result = asyncio.run(post_loop(server.url, path, body, seconds, 1))   # its warm-up is timed too
         # SIGINT: uvicorn shuts down and re-raises it as KeyboardInterrupt, so the timers' atexit

@@ -49,6 +49,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     """Parse the command line (over environment settings) and serve until interrupted."""
     args = _parser().parse_args(argv)
     import uvicorn
+    from pydantic import ValidationError
 
     from service.logs import configure_logging
     from service.rest.app import load_shedder
@@ -56,7 +57,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     from service.settings import Settings
 
     overrides = {k: v for k, v in vars(args).items() if v is not None}
-    settings = Settings(**overrides)
+    try:
+        settings = Settings(**overrides)
+    except ValidationError as exc:   # a message and exit status 1, not a traceback
+        raise SystemExit(f"hjserve: {exc}") from None
     configure_logging(settings.log_level, settings.log_format)
     app = build(settings)
     uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level,

@@ -5,11 +5,14 @@ The docstring of each field is the configuration reference.
 
 from __future__ import annotations
 
+import difflib
 import json
+import os
+import re
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 __all__ = ["Settings", "split_names"]
@@ -32,10 +35,27 @@ def _split_keys(value: object) -> object:
     return value
 
 
+#: ``HJSERVE_*`` variables that name no setting and are not a mistake: the test suite's and the
+#: benchmarks' own (``HJSERVE_TEST_*``), and the service links Kubernetes writes into every pod of a
+#: namespace for each Service whose name starts with ``hjserve`` (``<NAME>_SERVICE_HOST``,
+#: ``<NAME>_SERVICE_PORT[_<port name>]``, ``<NAME>_PORT_<number>_<PROTOCOL>[_PROTO|_PORT|_ADDR]``, and
+#: ``<NAME>_PORT`` when it holds ``tcp://...``: :data:`_LINK_VALUE`).
+_NOT_SETTINGS = re.compile(r"HJSERVE_TEST_\w+|HJSERVE_(\w+_)?SERVICE_(HOST|PORT(_\w+)?)"
+                           r"|HJSERVE_(\w+_)?PORT_\d+_(TCP|UDP|SCTP)(_(PROTO|PORT|ADDR))?")
+_LINK_VALUE = re.compile(r"(tcp|udp|sctp)://", re.IGNORECASE)
+
+
+def _not_a_setting(name: str, value: str) -> bool:
+    return bool(_NOT_SETTINGS.fullmatch(name)
+                or (re.fullmatch(r"HJSERVE_(\w+_)?PORT", name) and _LINK_VALUE.match(value)))
+
+
 class Settings(BaseSettings):
     """Configuration of one hjserve process (environment prefix ``HJSERVE_``)."""
 
-    model_config = SettingsConfigDict(env_prefix="HJSERVE_", extra="ignore", validate_default=True)
+    # hide_input_in_errors: a refused setting is named, never printed with the others' values (the keys)
+    model_config = SettingsConfigDict(env_prefix="HJSERVE_", extra="ignore", validate_default=True,
+                                      hide_input_in_errors=True)
 
     model_repository: Path = Path("models")
     """Model repository root: ``<root>/<model_name>/<version>/`` with numeric version directories,
@@ -240,6 +260,31 @@ class Settings(BaseSettings):
     """``json``: one JSON object per log line (``ts``, ``level``, ``logger``, ``message``, and for
     access lines ``request_id``, ``method``, ``route``, ``model``, ``version``, ``status``,
     ``duration_ms``); ``text``: a readable line."""
+
+    @model_validator(mode="after")
+    def _every_variable_is_a_setting(self) -> Settings:
+        """An ``HJSERVE_*`` variable that names no setting is refused, not ignored: a misspelt
+        ``HJSERVE_API_KEY`` (for ``HJSERVE_API_KEYS``) would otherwise serve with no key at all."""
+        known = {f"HJSERVE_{name.upper()}" for name in type(self).model_fields}
+        unknown = sorted(name.upper() for name, value in os.environ.items()
+                         if name.upper().startswith("HJSERVE_") and name.upper() not in known
+                         and not _not_a_setting(name.upper(), value))
+        if unknown:
+            hints = [f"{name} (did you mean {close[0]}?)" if (close := difflib.get_close_matches(name, known, 1, 0.75))
+                     else name for name in unknown]
+            raise ValueError(f"environment variable(s) {', '.join(hints)} name no setting; every HJSERVE_ "
+                             "variable must (HJSERVE_TEST_* are the test suite's; Kubernetes' service links "
+                             "are ignored)")
+        return self
+
+    @field_validator("port", "grpc_port", mode="before")
+    @classmethod
+    def _not_a_service_link(cls, value: object) -> object:
+        if isinstance(value, str) and _LINK_VALUE.match(value.strip()):
+            raise ValueError(f"{value!r} is the address Kubernetes writes into HJSERVE_PORT (HJSERVE_GRPC_PORT) "
+                             "for a Service named hjserve (hjserve-grpc), not a port: set the port explicitly, or "
+                             "enableServiceLinks: false in the pod spec")
+        return value
 
     @field_validator("api_keys", mode="before")
     @classmethod

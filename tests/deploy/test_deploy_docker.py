@@ -120,7 +120,8 @@ def _settings_fields() -> set[str]:
 
 
 def test_every_hjserve_variable_is_a_setting() -> None:
-    """A misspelled HJSERVE_ variable would be ignored silently (extra="ignore")."""
+    """A misspelled HJSERVE_ variable would stop the server at startup (Settings refuses a variable
+    that names no setting): none in any manifest."""
     fields = _settings_fields()
     used: dict[str, str] = {}
     for path in [*DOCKERFILES.values(), COMPOSE_FILE, *K8S_DIR.rglob("*.yaml"), *KSERVE_DIR.rglob("*.yaml")]:

@@ -101,6 +101,7 @@ def test_deployment_probes_resources_and_config(name: str) -> None:
     assert int(cm["HJSERVE_PORT"]) == ports["http"]
     assert all(k.startswith("HJSERVE_") for k in cm)
     pod = dep["spec"]["template"]["spec"]
+    assert pod["enableServiceLinks"] is False   # the Service "hjserve" would write HJSERVE_PORT=tcp://...
     assert pod["securityContext"]["runAsNonRoot"] is True
     assert c["securityContext"]["allowPrivilegeEscalation"] is False
 

@@ -4,7 +4,7 @@ in the path. Invariants: no response >= 500 -- but the documented 503 ``model_no
 readiness state, not a failure: the fixture's corrupt model ``broken``, or a model the fuzzer
 unloaded itself) -- and every error body is exactly {error, error_type}.
 
-Bounded: a fixed number of examples per operation (``HJSERVE_FUZZ_EXAMPLES``, default 60), no
+Bounded: a fixed number of examples per operation (``HJSERVE_TEST_FUZZ_EXAMPLES``, default 60), no
 deadline, loopback only."""
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from hypothesis.errors import Unsatisfiable
 from schemathesis import GenerationMode
 from svc_helpers import run_server
 
-EXAMPLES = int(os.environ.get("HJSERVE_FUZZ_EXAMPLES", "60"))
+EXAMPLES = int(os.environ.get("HJSERVE_TEST_FUZZ_EXAMPLES", "60"))
 #: Path values to draw from: the fixture repository's real names and versions, plus hostile ones.
 MODEL_NAMES = ["clf", "reg", "broken", "nope", "..", ".", ".hidden", "a/../b", "clf\x00", "x" * 300, "ünï"]
 VERSIONS = ["1", "2", "9", "0", "01", "-1", "latest", "1e3", "²"]

@@ -8,7 +8,7 @@ client's, never an exception from the gRPC decoder that is not a mapped error.
 
 The schema fuzzer (``test_fuzz.py``) draws valid-looking shapes; this one found what it did not: a
 zero beside a huge dimension (``[0, 2**62]``) and more than 64 dimensions answered 500 / INTERNAL,
-and out-of-range typed gRPC contents INTERNAL. Fixed seeds; ``HJSERVE_FUZZ_EXAMPLES`` scales the
+and out-of-range typed gRPC contents INTERNAL. Fixed seeds; ``HJSERVE_TEST_FUZZ_EXAMPLES`` scales the
 number of cases (default 60: 2,400 REST requests, 12,000 gRPC messages)."""
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import random
 
 import pytest
 
-EXAMPLES = int(os.environ.get("HJSERVE_FUZZ_EXAMPLES", "60"))
+EXAMPLES = int(os.environ.get("HJSERVE_TEST_FUZZ_EXAMPLES", "60"))
 DATATYPES = ["BOOL", "INT8", "INT16", "INT32", "INT64", "UINT8", "UINT16", "UINT64", "FP16", "FP32", "FP64", "BF16",
              "BYTES", "X", ""]
 DIMS = [0, 1, 2, 3, 4, -1, 2**31, 2**62]

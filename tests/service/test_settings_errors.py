@@ -26,6 +26,57 @@ def test_settings_from_environment(monkeypatch):
     assert "root" not in repr(s)
 
 
+@pytest.mark.parametrize(("name", "meant"), [("HJSERVE_API_KEY", "HJSERVE_API_KEYS"),
+                                             ("HJSERVE_MAX_BATCHSIZE", "HJSERVE_MAX_BATCH_SIZE"),
+                                             ("hjserve_admin_keys", "HJSERVE_ADMIN_KEY")])
+def test_a_misspelt_setting_in_the_environment_is_refused(monkeypatch, name, meant):
+    """On f87d4bb HJSERVE_API_KEY=secret (for HJSERVE_API_KEYS) served with no key at all: pydantic-
+    settings reads the names it declares and nothing else."""
+    monkeypatch.setenv(name, "secret")
+    with pytest.raises(ValueError, match=rf"{name.upper()}.*did you mean {meant}"):
+        Settings()
+
+
+def test_what_the_environment_may_hold_besides_settings(monkeypatch):
+    """The test suite's own variables, and Kubernetes' service links for Services named hjserve...
+    (written into every pod of the namespace unless enableServiceLinks is false)."""
+    links = {"HJSERVE_TEST_MODELS": "/models", "HJSERVE_SERVICE_HOST": "10.0.0.1", "HJSERVE_SERVICE_PORT": "8000",
+             "HJSERVE_SERVICE_PORT_HTTP": "8000", "HJSERVE_PORT_8000_TCP": "tcp://10.0.0.1:8000",
+             "HJSERVE_PORT_8000_TCP_PROTO": "tcp", "HJSERVE_PORT_8000_TCP_PORT": "8000",
+             "HJSERVE_PORT_8000_TCP_ADDR": "10.0.0.1", "HJSERVE_PREDICTOR_SERVICE_HOST": "10.0.0.2",
+             "HJSERVE_PREDICTOR_PORT": "tcp://10.0.0.2:80", "HJSERVE_PREDICTOR_PORT_80_UDP_ADDR": "10.0.0.2"}
+    for key, value in links.items():
+        monkeypatch.setenv(key, value)
+    assert Settings().port == 8000
+    monkeypatch.setenv("HJSERVE_PREDICTOR_PORT", "80")   # not a link's value: a setting nothing reads
+    with pytest.raises(ValueError, match="HJSERVE_PREDICTOR_PORT"):
+        Settings()
+
+
+@pytest.mark.parametrize("name", ["HJSERVE_PORT", "HJSERVE_GRPC_PORT"])
+def test_a_service_link_in_a_port_setting_says_what_it_is(monkeypatch, name):
+    """A Service named hjserve (or hjserve-grpc) writes HJSERVE_PORT=tcp://...: a port setting that
+    holds one is explained, not just refused as a number that does not parse."""
+    monkeypatch.setenv(name, "tcp://10.0.0.1:8000")
+    with pytest.raises(ValueError, match="enableServiceLinks"):
+        Settings()
+
+
+def test_the_server_does_not_start_on_a_misspelt_setting(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if not k.upper().startswith("HJSERVE_")}
+    env.update(HJSERVE_API_KEYS="k-7f3a-client-secret", HJSERVE_ADMIN_KEYS="admin-9c1e-secret")
+    out = subprocess.run([sys.executable, "-m", "service", "--model-repository", str(tmp_path), "--port", "0"],
+                         env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 1
+    assert "HJSERVE_ADMIN_KEYS (did you mean HJSERVE_ADMIN_KEY?)" in out.stderr, out.stderr[-2000:]
+    assert "Traceback" not in out.stderr
+    assert "secret" not in out.stderr   # the refusal names variables, never prints their values
+
+
 def test_monitored_outputs_must_be_serving_outputs():
     assert Settings(monitored_outputs="all").monitored_outputs == "all"
     assert Settings(monitored_outputs="ood_flag, certified_radius").monitored_outputs

@@ -1,6 +1,6 @@
 """The diagnostics page in a real headless browser (Debian's Chromium, driven by selenium) against a
 real server on the demo models: the page loads, a prediction with its evidence renders from the
-public API, a drawn input is explained, and a screenshot is taken (``HJSERVE_UI_SCREENSHOT`` keeps a
+public API, a drawn input is explained, and a screenshot is taken (``HJSERVE_TEST_UI_SCREENSHOT`` keeps a
 copy, as docs/ui.png was made)."""
 
 from __future__ import annotations
@@ -85,7 +85,7 @@ def test_the_page_explains_a_prediction(browser, demo_server, tmp_path):
     _no_violations(browser)
     shot = tmp_path / "ui.png"
     assert browser.save_screenshot(str(shot)) and shot.stat().st_size > 10_000
-    keep = os.environ.get("HJSERVE_UI_SCREENSHOT")
+    keep = os.environ.get("HJSERVE_TEST_UI_SCREENSHOT")
     if keep:
         shutil.copy(shot, keep)
 
