@@ -144,3 +144,12 @@ def test_command_line_choices_are_the_settings_values():
     assert {a.dest for a in options} >= {"model_control_mode", "device", "backend", "log_level", "tracing"}
     for action in options:
         assert sorted(action.choices) == sorted(get_args(Settings.model_fields[action.dest].annotation)), action.dest
+
+
+def test_a_malformed_key_list_is_refused_without_its_keys(monkeypatch):
+    """A settings error names the field, never prints its value: on f87d4bb a key list that was not
+    valid JSON was printed whole in the error (and so in the log of a server that did not start)."""
+    monkeypatch.setenv("HJSERVE_API_KEYS", '["k-5d2e-secret", ')
+    with pytest.raises(ValueError) as info:
+        Settings()
+    assert "api_keys" in str(info.value) and "secret" not in str(info.value)
