@@ -4,7 +4,8 @@ Inputs arrive either as ``raw_input_contents`` (one little-endian byte string pe
 order: what Triton's client sends) or as typed ``contents``; outputs always leave as
 ``raw_output_contents`` (what Triton's server does and its clients read first). Parameters keep the
 protocol's types (bool, int64, string, double, uint64); the dataplane accepts numbers carried as
-strings.
+strings. Typed values in a ``contents`` field the datatype does not use are refused; REST's binary
+options (``binary_data``, ``binary_data_output``) must be booleans and change nothing here.
 """
 
 from __future__ import annotations
@@ -16,7 +17,14 @@ import numpy as np
 from google.protobuf import json_format
 from pydantic import BaseModel
 
-from service.codecs.tensors import DATATYPES, check_input_parameters, check_shape, decode_raw, encode_raw
+from service.codecs.tensors import (
+    DATATYPES,
+    bool_parameter,
+    check_input_parameters,
+    check_shape,
+    decode_raw,
+    encode_raw,
+)
 from service.errors import BadRequest, InvalidDatatype, InvalidHeader, InvalidShape
 from service.grpc import inference_pb2 as pb
 from service.types import InferInput, InferRequest, InferResponse, RequestedOutput
@@ -72,6 +80,9 @@ def _from_contents(tensor: pb.ModelInferRequest.InferInputTensor, shape: tuple[i
     field = _CONTENTS.get(tensor.datatype)
     if field is None:
         raise InvalidDatatype(f"input '{tensor.name}': datatype {tensor.datatype} cannot be sent as contents")
+    others = [f.name for f, _ in tensor.contents.ListFields() if f.name != field]
+    if others:   # values in a field the datatype does not use are refused, never dropped
+        raise InvalidDatatype(f"input '{tensor.name}': {tensor.datatype} values go in {field}, not {', '.join(others)}")
     values = getattr(tensor.contents, field)
     count = math.prod(shape)
     if len(values) != count:
@@ -108,9 +119,17 @@ def decode_infer_request(request: pb.ModelInferRequest) -> InferRequest:
         else:
             array = _from_contents(tensor, shape)
         inputs.append(InferInput(tensor.name, tensor.datatype, shape, array))
-    outputs = [RequestedOutput(out.name, None, parameters(out.parameters)) for out in request.outputs]
+    # binary_data / binary_data_output choose REST's binary extension: gRPC outputs are always raw, so
+    # they change nothing here, but are booleans as REST takes them (a client may send them on both)
+    outputs = []
+    for out in request.outputs:
+        oparams = parameters(out.parameters)
+        if "binary_data" in oparams:
+            bool_parameter(oparams.pop("binary_data"), f"output '{out.name}' binary_data")
+        outputs.append(RequestedOutput(out.name, None, oparams))
     params = parameters(request.parameters)
-    params.pop("binary_data_output", None)   # a REST notion: gRPC outputs are always raw
+    if "binary_data_output" in params:
+        bool_parameter(params.pop("binary_data_output"), "parameter binary_data_output")
     return InferRequest(inputs=inputs, outputs=outputs, parameters=params, id=request.id or None)
 
 

@@ -41,6 +41,7 @@ __all__ = [
     "HEADER_LENGTH",
     "JSON_CONTENT_TYPE",
     "PARSE_BYTES_PER_BYTE",
+    "bool_parameter",
     "check_input_parameters",
     "check_shape",
     "decode_infer_request",
@@ -341,7 +342,8 @@ def decode_tensor(tensor: dict[str, Any] | Any, binary: memoryview, offset: int,
     return _from_json_data(data, datatype, shape, name, booleans), offset
 
 
-def _bool_param(value: Any, what: str) -> bool:
+def bool_parameter(value: Any, what: str) -> bool:
+    """A parameter that must be a boolean (the binary extension's ``binary_data``, ``binary_data_output``)."""
     if not isinstance(value, bool):
         raise BadRequest(f"{what} must be a boolean, got {value!r}")
     return value
@@ -371,13 +373,13 @@ def infer_request_from(obj: Any, binary: memoryview = memoryview(b""), booleans:
         raise InvalidHeader(
             f"{len(binary) - offset} bytes of binary data are not claimed by any input's binary_data_size")
     params = dict(wire.parameters or {})
-    binary_output = _bool_param(params.pop("binary_data_output", False), "parameter binary_data_output")
+    binary_output = bool_parameter(params.pop("binary_data_output", False), "parameter binary_data_output")
     outputs = []
     for out in wire.outputs or []:
         oparams = dict(out.parameters or {})
         flag = oparams.pop("binary_data", None)
         outputs.append(RequestedOutput(
-            out.name, None if flag is None else _bool_param(flag, f"output '{out.name}' binary_data"),
+            out.name, None if flag is None else bool_parameter(flag, f"output '{out.name}' binary_data"),
             oparams))
     return InferRequest(inputs=inputs, outputs=outputs, parameters=params, id=wire.id,
                         binary_output=binary_output)

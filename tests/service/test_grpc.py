@@ -146,6 +146,27 @@ def test_typed_contents_are_decoded_like_raw_bytes(gserver, gclient):
     np.testing.assert_array_equal(probs, _grpc_infer(gclient, "clf", x, outputs=["probabilities"]).as_numpy("probabilities"))
 
 
+def test_the_rest_binary_options_are_booleans_that_change_nothing(gserver):
+    """binary_data (an output's) and binary_data_output (the request's) choose REST's binary
+    extension; gRPC outputs are always raw_output_contents. A client written for both transports may
+    send them: accepted when they are booleans, as REST takes them. On 869dbff an output's binary_data
+    was refused ("unknown parameter(s) ['binary_data'] (an output takes only binary_data ...)") and a
+    binary_data_output that was not a boolean was dropped unread."""
+    request = pb.ModelInferRequest(model_name="clf")
+    request.inputs.add(name="input", datatype="FP32", shape=[2, D])
+    request.raw_input_contents.append(_x(2).tobytes())
+    request.outputs.add(name="probabilities").parameters["binary_data"].bool_param = True
+    request.parameters["binary_data_output"].bool_param = False
+    reply = _raw_call(gserver.grpc_target, "ModelInfer", request, pb.ModelInferResponse)
+    assert [o.name for o in reply.outputs] == ["probabilities"] and len(reply.raw_output_contents) == 1
+    for where in (request.outputs[0].parameters["binary_data"], request.parameters["binary_data_output"]):
+        where.string_param = "yes"
+        with pytest.raises(grpc.RpcError) as info:
+            _raw_call(gserver.grpc_target, "ModelInfer", request, pb.ModelInferResponse)
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "must be a boolean" in info.value.details()
+        where.bool_param = True
+
+
 def _typed(request: pb.ModelInferRequest, datatype: str, field: str, values: list) -> None:
     """Send the first input as typed ``contents`` of ``datatype`` instead of raw bytes."""
     del request.raw_input_contents[:]
@@ -173,6 +194,12 @@ def _typed(request: pb.ModelInferRequest, datatype: str, field: str, values: lis
      "out of range for INT8"),
     (lambda r: _typed(r, "UINT16", "uint_contents", [70_000] + [1] * (2 * D - 1)), grpc.StatusCode.INVALID_ARGUMENT,
      "out of range for UINT16"),
+    # typed contents in a field the datatype does not use: 0 values for the shape, or beside the right
+    # field dropped unread (answered OK on 869dbff)
+    (lambda r: _typed(r, "FP32", "fp64_contents", [1.0] * 2 * D), grpc.StatusCode.INVALID_ARGUMENT,
+     "FP32 values go in fp32_contents, not fp64_contents"),
+    (lambda r: (_typed(r, "FP32", "fp32_contents", [1.0] * 2 * D), r.inputs[0].contents.bool_contents.append(True)),
+     grpc.StatusCode.INVALID_ARGUMENT, "FP32 values go in fp32_contents, not bool_contents"),
     # shapes numpy cannot hold, even empty: was INTERNAL
     (lambda r: (r.inputs[0].ClearField("shape"), r.inputs[0].shape.extend([0, 2**62]),
                 r.raw_input_contents.__setitem__(0, b"")),
