@@ -87,7 +87,7 @@ _ERRORS = {
     401: "Missing or invalid API key", 403: "The key is not allowed on this route",
     404: "Unknown model, version or route", 408: "The request body did not arrive in time",
     413: "Body, stream, line or row count over its limit (a compressed body: once inflated)",
-    415: "A Content-Encoding other than identity, gzip or deflate",
+    415: "A Content-Encoding other than identity, gzip or deflate, or a Transfer-Encoding other than chunked",
     431: "The request head (line and headers) over max_header_bytes (the connection is closed)",
     503: "Overloaded or the batch spool full (Retry-After), or the model is not ready",
     504: "No result within the request timeout",

@@ -43,6 +43,7 @@ from service.errors import (
     HJServeError,
     Overloaded,
     Unauthorized,
+    UnsupportedEncoding,
     error_body,
     lookup,
 )
@@ -176,6 +177,16 @@ class GuardedProtocol(HttpToolsProtocol):
         if len(self.url) + sum(len(n) + len(v) + 4 for n, v in self.headers) + 16 > type(self).max_header_bytes:
             self._refuse_head()
             self.cycle = _ANSWERED   # the body that follows is parsed and dropped
+            return
+        codings = [c.strip().lower() for n, v in self.headers if n == b"transfer-encoding" for c in v.split(b",")]
+        if codings and codings != [b"chunked"]:
+            # httptools reads the chunks whatever codings precede chunked: a body that says it is
+            # compressed would be read as if it were not (what a proxy that applies the coding reads)
+            self.transport.write(raw_error(UnsupportedEncoding(
+                f"Transfer-Encoding {b', '.join(codings).decode('latin-1')!r} is not supported: only chunked "
+                "(compress a body with Content-Encoding)"), close=True))
+            self.transport.close()
+            self.cycle = _ANSWERED
             return
         shed = type(self).shed
         previous = self.cycle

@@ -393,3 +393,22 @@ def test_protocol_level_errors_have_the_json_error_body(tiny_repo, tmp_path):
         time.sleep(0.2)
         with s.client() as c:
             assert c.get("/v2/health/live").status_code == 200
+
+
+def test_a_transfer_coding_other_than_chunked_is_refused(tiny_repo, tmp_path):
+    """httptools reads the chunks whatever codings precede ``chunked``: on bde07cc a body sent with
+    ``Transfer-Encoding: gzip, chunked`` was read as if it were not compressed (a proxy that applies
+    the coding and the server would read different bodies). Refused with a 415 and the connection
+    closed, as a Content-Encoding the server does not decode is; plain chunked is served."""
+    body = json.dumps(_row_body()).encode()
+    chunks = b"%x\r\n" % len(body) + body + b"\r\n0\r\n\r\n"
+    head = b"POST /v2/models/clf/infer HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+    with run_server(tiny_repo, tmp_path) as s:
+        for codings in (b"gzip, chunked", b"deflate,chunked", b"identity"):
+            answer = _raw_exchange(s.host_port, head + b"Transfer-Encoding: " + codings + b"\r\n\r\n" + chunks)
+            assert answer.startswith(b"HTTP/1.1 415") and b"unsupported_encoding" in answer, (codings, answer[:300])
+            assert b"connection: close" in answer.lower()
+        answer = _raw_exchange(s.host_port, head + b"Transfer-Encoding: chunked, chunked\r\n\r\n" + chunks)
+        assert answer.startswith(b"HTTP/1.1 400"), answer[:300]   # the parser's own refusal
+        answer = _raw_exchange(s.host_port, head + b"Transfer-Encoding: chunked\r\n\r\n" + chunks, timeout=2)
+        assert answer.startswith(b"HTTP/1.1 200"), answer[:300]
