@@ -451,6 +451,13 @@ class DataPlane:
             if micros < timeout * 1e6:   # compared before dividing: an integer past float64's range is no error
                 timeout = micros / 1e6
         outputs = list(requested) or self._diagnostic_outputs(mv, params.get("diagnostics", False))
+        if requested and "diagnostics" in params:   # read even so: never asking for what is not served
+            named = self._diagnostics_named(mv, params["diagnostics"])
+            if unknown := [n for n in named if n not in mv.output_names]:
+                raise UnknownOutput(f"unknown output(s) {unknown} for model '{mv.name}'; it has {list(mv.output_names)}")
+            if left := [n for n in named if n not in outputs]:
+                raise InvalidParameter(f"parameter diagnostics asks for {left[:5]}, which the request's outputs do not "
+                                       "name: name them there, or name no outputs")
         unknown = [n for n in outputs if n not in mv.output_names]
         if unknown:
             raise UnknownOutput(f"unknown output(s) {unknown} for model '{mv.name}'; it has {list(mv.output_names)}")
@@ -481,6 +488,8 @@ class DataPlane:
             return np.zeros(d, dtype=np.float32)
         if isinstance(value, str):
             value = [v for v in value.replace(",", " ").split() if v]
+        elif isinstance(value, list) and not all(type(v) in (int, float) for v in value):
+            value = None   # a list holds JSON numbers: not true read as 1, nor "1" (a string is gRPC's form)
         try:
             row = np.asarray(value, dtype=np.float64)
         except (TypeError, ValueError, OverflowError):   # OverflowError: an integer past float64's range
@@ -490,19 +499,27 @@ class DataPlane:
         return row.astype(np.float32)
 
     def _diagnostic_outputs(self, mv: ModelVersion, diag: Any) -> list[str]:
-        """The default outputs plus what the ``diagnostics`` parameter asks for: true / "all" (every
-        output), false, or output names (a list or a comma-separated string)."""
-        outputs = self.default_outputs(mv)
+        """The default outputs plus what the ``diagnostics`` parameter asks for
+        (:meth:`_diagnostics_named`)."""
+        outputs, named = self.default_outputs(mv), self._diagnostics_named(mv, diag)
+        if set(named) >= set(mv.output_names):   # every output: in the contract's order
+            return list(mv.output_names)
+        return outputs + [n for n in named if n not in outputs]
+
+    @staticmethod
+    def _diagnostics_named(mv: ModelVersion, diag: Any) -> list[str]:
+        """The outputs the ``diagnostics`` parameter asks for: true / "all" (every output), false
+        (none), or output names (a list or a comma-separated string)."""
         if isinstance(diag, str) and diag.strip().lower() in _TRUE + _FALSE:
             diag = diag.strip().lower() in _TRUE
         if diag is True or diag == "all":
             return list(mv.output_names)
         if diag is False:
-            return outputs
+            return []
         if isinstance(diag, str) and diag.strip():
-            return outputs + [n for n in split_names(diag) if n not in outputs]
+            return split_names(diag)
         if isinstance(diag, list) and diag and all(isinstance(n, str) for n in diag):
-            return outputs + [n for n in diag if n not in outputs]
+            return list(diag)
         raise InvalidParameter(
             "parameter diagnostics must be true, false, \"all\", or output names (list or comma-separated)")
 
