@@ -287,6 +287,9 @@ class ModelRepository:
                 if not version_dir.is_relative_to(self.root):
                     failed[v] = "the version directory resolves outside the model repository"
                     continue
+                if out := self._linked_out(version_dir):
+                    failed[v] = f"{out} resolves outside the model repository"
+                    continue
                 try:
                     loaded[v] = await asyncio.to_thread(self._load_version, name, v, version_dir)
                 except HJServeError as exc:
@@ -318,6 +321,14 @@ class ModelRepository:
         if failed:
             detail = "; ".join(f"version {v}: {r}" for v, r in sorted(failed.items()))
             raise ModelLoadFailed(f"failed to load '{name}': {detail}")
+
+    def _linked_out(self, version_dir: Path) -> str | None:
+        """The first file of a version directory that is a link leading out of the repository root
+        (None when none does): the loader would read it from there."""
+        for entry in sorted(version_dir.iterdir()):
+            if not entry.resolve().is_relative_to(self.root):
+                return entry.name
+        return None
 
     async def unload(self, name: str) -> None:
         """Stop serving every version of ``name`` (queued requests still finish)."""

@@ -57,6 +57,33 @@ def test_model_names_never_leave_the_repository(escape_layout, tmp_path):
         assert c.post("/v2/models/clf/infer", json=_row_body()).status_code == 200
 
 
+def test_a_file_that_links_out_of_the_repository_is_not_read(tiny_repo, tmp_path):
+    """The model and version directories were checked to resolve inside the root, the files in a
+    version directory were not: on 45cb679 a version whose files were symlinks to another directory
+    (here a copy of the same model outside the root) loaded and served from there. Now such a
+    version does not load, and says which file; a link that stays inside the repository still loads."""
+    root = tmp_path / "repo"
+    copy_version(tiny_repo / "clf" / "1", root / "clf" / "1")
+    copy_version(tiny_repo / "clf" / "1", tmp_path / "outside" / "1")
+    (root / "clf" / "2").mkdir()
+    for f in (tmp_path / "outside" / "1").iterdir():
+        (root / "clf" / "2" / f.name).symlink_to(f)
+    copy_version(tiny_repo / "clf" / "1", root / "shared" / "1")
+    (root / "shared" / "3").mkdir()
+    for f in (root / "shared" / "1").iterdir():   # links that stay inside the repository
+        (root / "shared" / "3" / f.name).symlink_to(f)
+    with run_server(root, tmp_path, model_control_mode="explicit") as s, s.client() as c:
+        index = {(i["name"], i.get("version")): i for i in c.post("/v2/repository/index").json()}
+        assert index[("clf", "1")]["state"] == "READY" and index[("shared", "3")]["state"] == "READY", index
+        assert index[("clf", "2")]["state"] == "UNAVAILABLE", index
+        assert "resolves outside the model repository" in index[("clf", "2")]["reason"], index
+        assert str(tmp_path) not in index[("clf", "2")]["reason"]   # no host paths to clients
+        assert c.post("/v2/models/clf/versions/2/infer", json=_row_body()).status_code in (404, 503)
+        assert c.post("/v2/models/clf/versions/1/infer", json=_row_body()).status_code == 200
+        r = c.post("/v2/repository/models/clf/load")
+        assert r.status_code == 400 and "resolves outside" in r.json()["error"], r.text
+
+
 def test_admin_routes_are_never_more_open_than_inference(tiny_repo, tmp_path):
     with run_server(tiny_repo, tmp_path, api_keys="k1,k2", model_control_mode="explicit") as s, s.client() as c:
         assert c.post("/v2/repository/models/clf/load").status_code == 401
