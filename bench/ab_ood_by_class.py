@@ -12,14 +12,14 @@ served; this script measures what it would buy, to weigh against adding a batch-
 graph (a trace cannot record one: the torch backend would need the branch spliced in after
 recording, as ``artifact._skip_empty_traced_searches`` does for the certificate's searches).
 
-For each classifier demo model whose reference has every class: both forms exported to ONNX (opset
+For each demo model whose reference has every class (the classifiers; ``--only`` some): both forms exported to ONNX (opset
 17) on their own and run by onnxruntime with one thread, subnormals flushed (as served), on rows of
 the model's dataset at their decided classes, batch 1, 16 and 256; ``report.alternate`` rounds,
 medians. The two must agree (checked to 1e-12 relative). The last columns put the difference in
 terms of the served graph: the whole graph's time at that batch (every output, timed in the same
 rounds), and the all-diagnostics ratio to the bare forward pass (``bench/hjmodel_bench.py``'s
 *predict only*, also timed here) as served and with the per-class form instead.
-Usage: ``python bench/ab_ood_by_class.py [--models DIR] [--repeats 5]``.
+Usage: ``python bench/ab_ood_by_class.py [--models DIR] [--repeats 5] [--only NAME ...] [--batches 1 16 256]``.
 """
 
 from __future__ import annotations
@@ -41,10 +41,9 @@ from bench.hjmodel_bench import PredictOnly  # noqa: E402
 from hjmodel import functional as F  # noqa: E402
 from hjmodel import load_dataset, load_model, serving  # noqa: E402
 from hjmodel.artifact import ONNX_FILE  # noqa: E402
+from hjmodel.demo import DEMOS  # noqa: E402
 
 OUT = ROOT / "bench" / "results" / "ab_ood_by_class.md"
-MODELS = {"digits_lse": "digits", "digits_memory": "digits", "digits_deep": "digits",
-          "breast_cancer_lse": "breast_cancer"}
 BATCHES = (1, 16, 256)
 
 
@@ -90,14 +89,14 @@ def _session(module: torch.nn.Module, example: tuple, names: list[str]):
     return serving.open_session(buf.getvalue(), threads=1, flush_subnormals=True)
 
 
-def bench_model(directory: Path, data_name: str, repeats: int) -> list[tuple]:
+def bench_model(name: str, directory: Path, repeats: int, batches: list[int]) -> list[tuple]:
     model = load_model(directory).double().eval()
     ref = model.reference
     by_class = ref.class_groups(model.n_outputs)
     if by_class is None:
-        print(f"{directory.parent.name}: no class-conditional reference, skipped")
+        print(f"{name}: no class-conditional reference, skipped")
         return []
-    X = load_dataset(data_name).X
+    X = load_dataset(DEMOS[name][0]).X
     with torch.no_grad():
         H = model.features(torch.as_tensor(X, dtype=torch.float64))
     whole = serving.open_session(directory / ONNX_FILE, threads=1, flush_subnormals=True)
@@ -108,7 +107,7 @@ def bench_model(directory: Path, data_name: str, repeats: int) -> list[tuple]:
     served, per_class = _session(InGroup(*args), example, ["z", "group"]), _session(ByClass(*args), example, ["z", "group"])
     bare = _session(PredictOnly(load_model(directory)), (torch.zeros(2, model.n_features),), ["input"])
     rows = []
-    for n in BATCHES:
+    for n in batches:
         pick = np.random.default_rng(n).choice(len(X), n, replace=False)
         feed = {"z": H[pick].numpy(), "group": decided[pick]}
         a, b = served.run(None, feed)[0], per_class.run(None, feed)[0]
@@ -119,17 +118,17 @@ def bench_model(directory: Path, data_name: str, repeats: int) -> list[tuple]:
                                 "by class": lambda f=feed: per_class.run(None, f),
                                 "whole graph": lambda f=whole_feed: whole.run(None, f),
                                 "bare": lambda x=x: bare.run(None, {"input": x})}, repeats)
-        rows.append((directory.parent.name, int(ref.points.shape[0]), int(by_class[0].slots.shape[1]), n,
+        rows.append((name, int(ref.points.shape[0]), int(by_class[0].slots.shape[1]), n,
                      sec["served"] * 1e6, sec["by class"] * 1e6, sec["whole graph"] * 1e6, sec["bare"] * 1e6))
         print(rows[-1], flush=True)
     return rows
 
 
 def main() -> int:
-    args = report.arguments(__doc__, OUT, repeats=5).parse_args()
+    args = report.arguments(__doc__, OUT, repeats=5, batches=BATCHES).parse_args()
     report.as_served()
     start = time.perf_counter()
-    rows = [r for name, data in MODELS.items() for r in bench_model(Path(args.models) / name / "1", data, args.repeats)]
+    rows = report.per_demo(args, lambda name, directory: bench_model(name, directory, args.repeats, args.batches))
 
     def cells(model, M, S, n, a, b, whole, bare):
         return (model, f"{M} / {S}", str(n), f"{a:.1f}", f"{b:.1f}", f"{b / a:.2f}x", f"{(a - b) / whole:+.1%}",
