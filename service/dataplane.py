@@ -451,16 +451,14 @@ class DataPlane:
             if micros < timeout * 1e6:   # compared before dividing: an integer past float64's range is no error
                 timeout = micros / 1e6
         outputs = list(requested) or self._diagnostic_outputs(mv, params.get("diagnostics", False))
-        if requested and "diagnostics" in params:   # read even so: never asking for what is not served
-            named = self._diagnostics_named(mv, params["diagnostics"])
-            if unknown := [n for n in named if n not in mv.output_names]:
-                raise UnknownOutput(f"unknown output(s) {unknown} for model '{mv.name}'; it has {list(mv.output_names)}")
-            if left := [n for n in named if n not in outputs]:
-                raise InvalidParameter(f"parameter diagnostics asks for {left[:5]}, which the request's outputs do not "
-                                       "name: name them there, or name no outputs")
-        unknown = [n for n in outputs if n not in mv.output_names]
+        # beside named outputs the diagnostics parameter is read too (never asking for what is not served)
+        named = self._diagnostics_named(mv, params["diagnostics"]) if requested and "diagnostics" in params else []
+        unknown = [n for n in (*outputs, *named) if n not in mv.output_names]
         if unknown:
             raise UnknownOutput(f"unknown output(s) {unknown} for model '{mv.name}'; it has {list(mv.output_names)}")
+        if left := [n for n in named if n not in outputs]:
+            raise InvalidParameter(f"parameter diagnostics asks for {left[:5]}, which the request's outputs do not "
+                                   "name: name them there, or name no outputs")
         if len(set(outputs)) != len(outputs):
             raise BadRequest("an output is requested twice")
         if mv.task == "classification":
