@@ -42,12 +42,12 @@ def _split_keys(value: object) -> object:
 #: ``<NAME>_PORT`` when it holds ``tcp://...``: :data:`_LINK_VALUE`).
 _NOT_SETTINGS = re.compile(r"HJSERVE_TEST_\w+|HJSERVE_(\w+_)?SERVICE_(HOST|PORT(_\w+)?)"
                            r"|HJSERVE_(\w+_)?PORT_\d+_(TCP|UDP|SCTP)(_(PROTO|PORT|ADDR))?")
+_LINK_PORT = re.compile(r"HJSERVE_(\w+_)?PORT")
 _LINK_VALUE = re.compile(r"(tcp|udp|sctp)://", re.IGNORECASE)
 
 
 def _not_a_setting(name: str, value: str) -> bool:
-    return bool(_NOT_SETTINGS.fullmatch(name)
-                or (re.fullmatch(r"HJSERVE_(\w+_)?PORT", name) and _LINK_VALUE.match(value)))
+    return bool(_NOT_SETTINGS.fullmatch(name) or (_LINK_PORT.fullmatch(name) and _LINK_VALUE.match(value)))
 
 
 class Settings(BaseSettings):

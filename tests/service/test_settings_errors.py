@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import os
 import pkgutil
+import subprocess
+import sys
 
 import pytest
 
@@ -63,10 +66,6 @@ def test_a_service_link_in_a_port_setting_says_what_it_is(monkeypatch, name):
 
 
 def test_the_server_does_not_start_on_a_misspelt_setting(tmp_path):
-    import os
-    import subprocess
-    import sys
-
     env = {k: v for k, v in os.environ.items() if not k.upper().startswith("HJSERVE_")}
     env.update(HJSERVE_API_KEYS="k-7f3a-client-secret", HJSERVE_ADMIN_KEYS="admin-9c1e-secret")
     out = subprocess.run([sys.executable, "-m", "service", "--model-repository", str(tmp_path), "--port", "0"],
