@@ -29,6 +29,7 @@ from .serving import (
     EXPLAIN_FILE,
     ONNX_FILE,
     ONNX_SPEC_KEY,
+    RADIUS_MARK,
     SPEC_FILE,
     SPEC_FORMAT,
     TOP_K_MAX,
@@ -100,6 +101,9 @@ def model_spec(model: HJModel) -> dict:
         "eps": head.eps,
         "t": head.t,
         "top_k_max": TOP_K_MAX,
+        # the served radius holds for what a client sent, not only for its float32 rounding
+        # (functional.input_rounding_radius); artifacts written before are not served
+        RADIUS_MARK: True,
         "outputs": [{"name": o.name, "datatype": o.datatype, "row_shape": list(o.row_shape), "doc": o.doc}
                     for o in outputs_for(model.task)],
         "explain_outputs": [o.name for o in explain_outputs_for(model.task, model.kind)],
@@ -265,7 +269,9 @@ class ServingModule(nn.Module):
         self._names = None if wanted is None else tuple(o.name for o in self.specs)
 
     def forward(self, input: Tensor, tau: Tensor) -> dict[str, Tensor]:  # noqa: A002 (V2 name)
-        out = self.model.evaluate(input, tau=tau, top_k=TOP_K_MAX, outputs=self._names)
+        out = dict(self.model.evaluate(input, tau=tau, top_k=TOP_K_MAX, outputs=self._names).outputs)
+        if "certified_radius" in out:   # certified around the float32 row: for what a client sent
+            out["certified_radius"] = F.input_rounding_radius(out["certified_radius"], input)
         return {o.name: served_form(o.name, out[o.name], o.datatype) for o in self.specs}
 
     def blocks(self, n: int) -> list[slice]:

@@ -5,7 +5,9 @@ Public, so the tests, the benchmarks (``bench/hjmodel_eval.py``) and anyone cert
 exported model use one implementation: ``pgd_l2(model, x, radius, decision)`` finds perturbations
 inside the given balls that change the decision (or move a regression output by more than tau);
 ``minimal_attack_radius`` grows, then bisects the ball to the smallest radius at which it succeeds;
-``served_bits_attack`` attacks the float32 graph a server runs, in the bits it returns.
+``served_bits_attack`` attacks the float32 graph a server runs, in the bits it returns;
+``input_rounding_attack`` attacks it as a client that sends float64 values does (the server rounds
+them to float32).
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from .models import HJModel
 from .train import TrainConfig, _split
 
 __all__ = ["DT", "SHRINK", "decision_scores", "features", "forward_outputs", "friedman", "held_out", "minimal_attack_radius", "pgd_l2",
-           "served_bits_attack"]
+           "input_rounding_attack", "served_bits_attack"]
 
 DT = torch.float64
 SHRINK = 0.999          #: attack ball radius as a fraction of the certified radius
@@ -271,6 +273,111 @@ def served_bits_attack(model: HJModel, classify, x32: np.ndarray, radius: np.nda
                 dist = np.linalg.norm(q.astype(np.float64) - x64, axis=1)
             found |= (dist < r64) & (np.asarray(classify(q)) != np.asarray(decided))
     return found
+
+
+def _rounding_cell(z32: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The float64 values that round to each float32 entry of ``z32`` (round to nearest), as closed
+    intervals strictly inside the open midpoints to the neighbours (a midpoint may round either way)."""
+    up = np.nextafter(z32, np.float32(np.inf)).astype(np.float64)
+    down = np.nextafter(z32, np.float32(-np.inf)).astype(np.float64)
+    z = z32.astype(np.float64)
+    return np.nextafter((z + down) / 2, np.inf), np.nextafter((z + up) / 2, -np.inf)
+
+
+def input_rounding_attack(model: HJModel, serve, x32: np.ndarray, *, iterations: int = 12,
+                          bisections: int = 48) -> dict[str, np.ndarray]:
+    """Attack a served radius as a client that sends float64 values does: the server rounds every
+    value to float32 before its graph runs, so a client may send any X that rounds to the row x it
+    asked about and any Y that rounds to a float32 point z of another served class; the radius the
+    server answers for X must then be at most |Y - X|. The smallest such |Y - X| is the distance
+    between the two rounding cells (boxes of half a float32 step per coordinate), which is below
+    |z - x| by up to sqrt(d) half-steps: a radius that holds for float32 perturbations of x alone
+    can fail here.
+
+    ``serve``: float64 (n, d) -> (served classes, served radii), the float32 rounding left to it (the
+    server's own, over the wire; or a graph fed ``q.astype(np.float32)``). ``x32``: float32 (n, d)
+    rows. For every row and rival class: a direction to the float64 boundary (the gradient of the
+    log-probability margin, then ``iterations`` steps of the tangent plane at the boundary point
+    along the current direction, each found by bisection), then a bisection of the served class
+    along that ray on float32 points, ``bisections`` steps; the float32 point z found just past the
+    boundary gives the nearest pair (X, Y) of the two cells, each checked to round to x and z.
+
+    Returns ``violated`` (n,) bool (|Y - X| below the radius served for X, Y served another class),
+    the served ``radius`` (n,), the smallest cell distance ``distance`` (n,) (+inf where no rival was
+    reached) and that pair's ``X``, ``Y`` (n, d) float64."""
+    x32 = np.asarray(x32, dtype=np.float32)
+    n, d = x32.shape
+    c, radius = (np.asarray(v) for v in serve(x32.astype(np.float64)))
+    radius = radius.astype(np.float64)
+    K = model.n_outputs
+    rows = np.repeat(np.arange(n), K)
+    keep = np.tile(np.arange(K), n) != c[rows]
+    rows, rival = rows[keep], np.tile(np.arange(K), n)[keep]
+    x = torch.from_numpy(x32[rows].astype(np.float64))
+    own, other = torch.from_numpy(c[rows]).long(), torch.from_numpy(rival).long()
+
+    def margin(z: torch.Tensor) -> torch.Tensor:   # >= 0: the rival scores at least the decided class
+        lp = model.head.log_probabilities(model.head.preactivations(model.features(z)))
+        return lp.gather(1, other[:, None]).squeeze(1) - lp.gather(1, own[:, None]).squeeze(1)
+
+    def gradient(z: torch.Tensor) -> torch.Tensor:
+        z = z.detach().requires_grad_(True)
+        (g,) = torch.autograd.grad(margin(z).sum(), z)
+        return g / torch.linalg.vector_norm(g, dim=1, keepdim=True).clamp_min(1e-300)
+
+    def crossing(u: torch.Tensor) -> torch.Tensor:   # float64 margin's first zero along x + t u
+        scale = torch.from_numpy(np.where(radius[rows] > 0, radius[rows], 1.0))
+        hi = 2.0 * scale
+        with torch.no_grad():
+            for _ in range(40):
+                short = margin(x + hi[:, None] * u) < 0
+                if not bool(short.any()):
+                    break
+                hi = torch.where(short, 2.0 * hi, hi)
+            lo = torch.zeros_like(hi)
+            for _ in range(60):
+                mid = 0.5 * (lo + hi)
+                past = margin(x + mid[:, None] * u) >= 0
+                hi, lo = torch.where(past, mid, hi), torch.where(past, lo, mid)
+        return hi
+
+    u = gradient(x)
+    for _ in range(iterations):
+        t = crossing(u)
+        normal = gradient(x + t[:, None] * u)
+        u = torch.where(((normal * u).sum(1) > 0)[:, None], normal, u)
+    t = crossing(u).numpy()
+    u = u.numpy()
+    x64 = x.numpy()
+    # the served class along the ray, on float32 points: the smallest step found past the boundary
+    lo, hi = 0.5 * t, 1.5 * t
+    past = serve(((x64 + hi[:, None] * u).astype(np.float32)).astype(np.float64))[0] != c[rows]
+    for _ in range(bisections):
+        mid = 0.5 * (lo + hi)
+        moved = serve(((x64 + mid[:, None] * u).astype(np.float32)).astype(np.float64))[0] != c[rows]
+        hi, lo = np.where(moved & past, mid, hi), np.where(moved & past, lo, mid)
+    z32 = (x64 + hi[:, None] * u).astype(np.float32)
+    (xl, xh), (zl, zh) = _rounding_cell(x32[rows]), _rounding_cell(z32)
+    X = np.clip(np.clip(x64, zl, zh), xl, xh)     # nearest points of the two boxes
+    Y = np.clip(X, zl, zh)
+    assert (X.astype(np.float32) == x32[rows]).all() and (Y.astype(np.float32) == z32).all()
+    dist = np.where(past, np.linalg.norm(Y - X, axis=1), np.inf)
+    out = {"violated": np.zeros(n, dtype=bool), "radius": radius, "distance": np.full(n, np.inf),
+           "X": x32.astype(np.float64), "Y": np.full((n, d), np.nan)}
+    inside = np.flatnonzero(past & (dist < radius[rows]))
+    if len(inside):   # what the server answers for the pairs themselves
+        cx, rx = serve(X[inside])
+        cy, _ = serve(Y[inside])
+        ok = (np.asarray(cx) == c[rows[inside]]) & (np.asarray(cy) != np.asarray(cx)) & \
+            (dist[inside] < np.asarray(rx, dtype=np.float64))
+        for j in inside[ok]:
+            out["violated"][rows[j]] = True
+    for i in range(n):
+        mine = np.flatnonzero((rows == i) & past)
+        if len(mine):
+            j = mine[np.argmin(dist[mine])]
+            out["distance"][i], out["X"][i], out["Y"][i] = dist[j], X[j], Y[j]
+    return out
 
 
 def held_out(spec_or_model, X: np.ndarray) -> np.ndarray:

@@ -51,6 +51,19 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_rebuild(args: argparse.Namespace) -> int:
+    """An artifact written again from its ``model.pt`` and ``model.json``, with this version's graphs
+    (e.g. one exported before its served radius allowed for input rounding)."""
+    from .artifact import load_model, save_artifact
+
+    source, out = Path(args.artifact).resolve(), Path(args.out).resolve()
+    if out == source:
+        raise HJModelError("--out must be another version directory: the source is read, not replaced")
+    save_artifact(load_model(source), out, formats=tuple(args.formats))
+    print(f"rebuilt {source} -> {out}")
+    return 0
+
+
 def _cmd_verify(args: argparse.Namespace) -> int:
     from .verify import verify
 
@@ -194,6 +207,12 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("inspect", help="print an artifact's spec")
     p.add_argument("artifact")
     p.set_defaults(func=_cmd_inspect)
+
+    p = sub.add_parser("rebuild", help="write an artifact again from its model.pt with this version's graphs")
+    p.add_argument("artifact", help="the version directory to read")
+    p.add_argument("--out", required=True, help="the version directory to write, e.g. models/mymodel/2")
+    p.add_argument("--formats", nargs="+", choices=["onnx", "torch"], default=["onnx", "torch"])
+    p.set_defaults(func=_cmd_rebuild)
 
     p = sub.add_parser("verify", help="check the Thm 4.1 identity, torch/ONNX parity and that every radius the ONNX graph serves is proven in float64")
     p.add_argument("artifact")

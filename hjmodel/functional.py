@@ -52,6 +52,7 @@ __all__ = [
     "hopf_cole_value_in_group",
     "hopf_lax_value",
     "hybrid_radius",
+    "input_rounding_radius",
     "integrated_gradients",
     "label_flip_plan",
     "label_sensitivity_exponent",
@@ -1442,6 +1443,43 @@ def float32_up(x: Tensor) -> Tensor:
     """float64 -> the float32 value >= x: the served form of an upper bound, e.g. a conformal
     p-value (rounding it up keeps P(p <= alpha) <= alpha). Mirror of :func:`float32_down`."""
     return -float32_down(-x)
+
+
+#: One client value's rounding on its way into a served graph: a decimal (JSON) read into float64,
+#: then float64 rounded to float32 (round to nearest): |fl32(fl64(t)) - t| <= ROUNDING_UNIT |t| +
+#: ROUNDING_FLOOR (2^-24 for the float32 step, 2^-53 for the float64 one with their product, below
+#: 2^-52; 2^-150 + 2^-1075 in the subnormal ranges, below 2^-149).
+ROUNDING_UNIT = 2.0 ** -24 + 2.0 ** -52
+ROUNDING_FLOOR = 2.0 ** -149
+
+
+def input_rounding_radius(r: Tensor, x: Tensor) -> Tensor:
+    """A radius certified around the float32 row ``x`` a graph reads (n,) -> the radius certified
+    around every value a client may have sent for it: at most ``r`` less what rounding moves the
+    client's points, rounded down.
+
+    A served graph reads its input in float32, so a client that sends float64 values (an FP64
+    tensor, or any decimal in JSON) asks about a point X that the graph sees as x = fl32(X), and a
+    perturbed Y it sees as fl32(Y). The certificate holds around x: every input within ``r`` of x is
+    served x's class. With u = ROUNDING_UNIT, f = ROUNDING_FLOOR sqrt(d) and rho = |Y - X|:
+
+        |fl32(Y) - x| <= |fl32(Y) - Y| + rho + |X - x| <= u |Y| + f + rho + u |X| + f
+                      <= 2u |X| + 2f + (1 + u) rho,       and |X| <= (|x| + f) / (1 - u),
+
+    so rho < (r - 2u (|x| + f) / (1 - u) - 2f) / (1 + u) keeps fl32(Y) inside the certified ball.
+    That bound is what is returned: about 1.2e-7 |x| below ``r`` (for a 64-pixel digit, ~6e-6),
+    the same for a client that sends float32 values, since the server cannot tell what the next
+    request will send. |x| is computed in float64 from float32 squares (exact) and inflated by
+    2^-30, which covers the summation's rounding for d below 2^22; the allowance by 2^-40 and the
+    result shrunk by 2^-50, which cover the few float64 roundings here; clamped at 0 (a radius 0 is
+    served as 0). ``tests/hjmodel/test_served_precision.py`` attacks the served radius with
+    :func:`hjmodel.attacks.input_rounding_attack`, which sends such pairs."""
+    x = x.to(r.dtype)
+    d = x.shape[-1]
+    floor = ROUNDING_FLOOR * math.sqrt(d)
+    norm = torch.sqrt((x * x).sum(-1)) * (1.0 + 2.0 ** -30)
+    allowance = (2.0 * ROUNDING_UNIT * (norm + floor) / (1.0 - ROUNDING_UNIT) + 2.0 * floor) * (1.0 + 2.0 ** -40)
+    return ((r - allowance) * ((1.0 - 2.0 ** -50) / (1.0 + ROUNDING_UNIT))).clamp_min(0.0)
 
 
 def label_flip_plan(pi: Tensor, labels: Tensor, c: Tensor, n_classes: int, k: int) -> tuple[Tensor, Tensor, Tensor]:

@@ -48,10 +48,13 @@ class Predictor:
                  tau: float = 0.1, backend: str = "onnx", threads: int = 1, input_column: str = "input",
                  feature_columns: Sequence[str] | None = None):
         from .artifact import read_artifact_spec, verify_checksums
+        from .errors import ArtifactError
 
         verify_checksums(artifact)   # here, once: the workers that open the session do not hash again
         self.artifact = str(artifact)
         spec = read_artifact_spec(self.artifact)
+        if why := spec.unserved_because():
+            raise ArtifactError(f"{artifact}: not served: {why}")
         self.task, self.n_features, self.n_outputs = spec.task, spec.n_features, spec.n_outputs
         self.class_names = spec.class_names
         self.feature_columns = list(feature_columns) if feature_columns is not None else list(spec.feature_names)

@@ -35,6 +35,11 @@ ONNX_SPEC_KEY = "hjmodel.spec"
 
 #: Format tag written into every spec.
 SPEC_FORMAT = "hjmodel/1"
+#: The spec key an artifact carries when its served ``certified_radius`` allows for the rounding of
+#: a client's values to float32 (:func:`hjmodel.functional.input_rounding_radius`). One written
+#: before does not, and its radius can be unsound for a client that sends float64 values or JSON
+#: decimals: the server and the offline predictor refuse it (:meth:`ArtifactSpec.unserved_because`).
+RADIUS_MARK = "radius_covers_input_rounding"
 
 #: The files of an artifact (a model repository's version directory holds them); ``explain.onnx`` is
 #: the explanation graph (optional: artifacts written before it have none).
@@ -207,6 +212,8 @@ class ArtifactSpec:
     support_ids: tuple[Any, ...] | None
     support_labels: tuple[Any, ...] | None
     input_mean: tuple[float, ...] | None
+    #: whether the served radius allows for input rounding (:data:`RADIUS_MARK`)
+    radius_covers_input_rounding: bool
     raw: Mapping[str, Any]
 
     @property
@@ -278,7 +285,19 @@ class ArtifactSpec:
                    support_ids=tuple(ids) if isinstance(ids, list) else None,
                    support_labels=tuple(labels) if isinstance(labels, list) else None,
                    input_mean=None if mean is None else tuple(float(v) for v in mean),
+                   radius_covers_input_rounding=spec.get(RADIUS_MARK) is True,
                    raw=spec)
+
+    def unserved_because(self) -> str | None:
+        """Why this artifact must not be served (None when it may): one exported before its served
+        radius allowed for the rounding of inputs to float32 answers a radius that a client sending
+        float64 values (FP64 tensors, JSON decimals) can cross. ``hjmodel rebuild`` writes it again
+        from its ``model.pt`` with this version's graph."""
+        if not self.radius_covers_input_rounding:
+            return ("it was exported before its certified radius allowed for the rounding of inputs to float32 "
+                    "(a client sending float64 values could be answered an unsound radius); write it again with "
+                    "`hjmodel rebuild VERSION_DIR --out NEW_VERSION_DIR`")
+        return None
 
     def outputs(self) -> tuple[OutputSpec, ...]:
         """The contract outputs of this model (:func:`outputs_for` its task)."""

@@ -223,6 +223,8 @@ class ModelRepository:
                                static_rows=s.torch_static_rows)
         try:
             spec = read_spec(path)
+            if why := spec.unserved_because():
+                raise ModelLoadFailed(f"not served: {why}")
             for file, embedded in backend.embedded_specs.items():
                 why = serving.spec_mismatch(spec.raw, embedded)
                 if why is not None:

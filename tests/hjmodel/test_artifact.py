@@ -25,6 +25,7 @@ from hjmodel import (
     save_artifact,
     train,
 )
+from hjmodel import functional as F
 from hjmodel.artifact import ONNX_FILE, SPEC_FILE, TORCH_FILE, model_spec, served_form, verify_checksums
 from hjmodel.predictor import Predictor
 from hjmodel.serving import CHECKSUM_FILE, EXPLAIN_FILE, outputs_for
@@ -188,7 +189,17 @@ def test_verify_fails_a_runtime_whose_radii_the_float64_model_cannot_prove(demo_
     monkeypatch.setattr(V, "served_outputs", scaled(lambda r: (r.astype(np.float64) * 1.01).astype(np.float32)))
     report = V.verify(version, n=64)
     assert not report["ok"] and report["onnx_radius"]["unproven"] > 0, report["onnx_radius"]
-    monkeypatch.setattr(V, "served_outputs", scaled(lambda r: np.nextafter(r, np.float32(np.inf))))
+    # one float32 step above the float64 model's own radius (the served one lies below it by the
+    # input-rounding allowance, ~1e-5 relative, so its own next step is not above it)
+    model = load_model(version).double().eval()
+
+    def step_above(directory, x32, tau=0.1, threads=1):
+        want, got = served(directory, x32, tau, threads)
+        r64 = model.evaluate(torch.as_tensor(x32).double(), tau=tau)["certified_radius"]
+        up = np.nextafter(F.float32_down(r64).numpy().astype(np.float32), np.float32(np.inf))
+        return want, {**got, "certified_radius": up}
+
+    monkeypatch.setattr(V, "served_outputs", step_above)
     report = V.verify(version, n=64)
     assert report["onnx_radius"]["re_proven"] > 0, report["onnx_radius"]
 
@@ -233,9 +244,10 @@ def test_round_trip_identical_outputs(name, small_artifacts, tmp_path):
     assert model_spec(first) == model_spec(second) == read_spec(directory) == read_spec(directory / ONNX_FILE)
     assert read_spec(directory)["kind"] == first.kind
     # the serving module (float32 in) equals evaluate on the float32-rounded inputs, in the served
-    # form (bounds rounded in their safe direction)
+    # form (bounds rounded in their safe direction; the radius less the input-rounding allowance)
     served = load_serving_module(directory)(x.float(), torch.tensor([0.3], dtype=torch.float64))
-    ev = first.evaluate(x.float().double(), tau=0.3)
+    ev = dict(first.evaluate(x.float().double(), tau=0.3).outputs)
+    ev["certified_radius"] = F.input_rounding_radius(ev["certified_radius"], x.float())
     datatypes = {o.name: o.datatype for o in outputs_for(first.task)}
     for k, v in served.items():
         assert torch.equal(v, served_form(k, ev[k], datatypes[k])), k

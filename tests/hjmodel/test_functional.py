@@ -856,3 +856,36 @@ def test_label_flip_plan_takes_one_example_at_a_tie():
     assert torch.equal(count, F.fewest_label_flips(pi, labels, c, 3)[0])
     assert int(count[0]) == 1 and int(target[0]) == 1 and int(plan[0, 0]) in (0, 1, 2)
     assert _overtakes(pi[0], labels, plan[0, :1], 1, 0, 3)
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_input_rounding_radius_holds_for_every_pair_of_rounding_cells(seed):
+    """``input_rounding_radius(r, x)``: for every float64 X that rounds to the float32 row x and every
+    Y that rounds to a float32 point z, |Y - X| < r' must give |z - x| < r. The closest such X, Y
+    lie at the distance of the two cells (boxes of half a float32 step per coordinate), so: every
+    float32 z whose cell lies within r' of x's lies within r of x. Points z near the sphere of
+    radius r around x, in many directions, at magnitudes from subnormal to 1e30, in float64."""
+    from hjmodel.attacks import _rounding_cell
+
+    rng = np.random.default_rng(seed)
+    d = int(rng.choice([1, 3, 64, 784]))
+    magnitude = float(10.0 ** rng.uniform(-44, 30))
+    x32 = (rng.standard_normal(d) * magnitude).astype(np.float32)
+    norm = np.linalg.norm(x32.astype(np.float64))
+    r = float(max(norm, 1e-44) * 10.0 ** rng.uniform(-7, 1))   # down to a few float32 steps of |x|
+    shrunk = float(F.input_rounding_radius(torch.tensor([r], dtype=torch.float64),
+                                           torch.from_numpy(x32)[None, :])[0])
+    assert 0.0 <= shrunk <= r
+    u = rng.standard_normal((4096, d))
+    u /= np.linalg.norm(u, axis=1, keepdims=True)
+    t = r * (1.0 + rng.uniform(-4e-7, 4e-7, size=(4096, 1))) if d > 1 else r * rng.uniform(0.999, 1.001, (4096, 1))
+    with np.errstate(over="ignore"):
+        z32 = (x32.astype(np.float64) + t * u).astype(np.float32)
+    z32 = z32[np.isfinite(z32).all(1)]
+    (xl, xh), (zl, zh) = _rounding_cell(x32[None, :]), _rounding_cell(z32)
+    gap = np.maximum(0.0, np.maximum(zl - xh, xl - zh))
+    close = np.linalg.norm(gap, axis=1) < shrunk
+    far = np.linalg.norm(z32.astype(np.float64) - x32.astype(np.float64), axis=1) >= r
+    assert not (close & far).any(), (d, magnitude, r, shrunk)
+    # and the allowance is no more than the rounding of both points can move them (2.5e-7 |x|)
+    assert r - shrunk <= 2.5e-7 * norm + 1e-40 + 1e-15 * r

@@ -17,9 +17,10 @@ import numpy as np
 import pytest
 import torch
 
+from hjmodel import functional as F
 from hjmodel import serving
 from hjmodel.artifact import ONNX_FILE, load_model, load_serving_module
-from hjmodel.attacks import served_bits_attack
+from hjmodel.attacks import input_rounding_attack, served_bits_attack
 from hjmodel.serving import outputs_for
 
 pytestmark = pytest.mark.slow
@@ -66,11 +67,16 @@ def test_served_radius_never_exceeds_the_float64_certificate(digits_lse):
         onnx_r = _served(sess, x32)["certified_radius"]
         with torch.no_grad():
             torch_r = module(torch.from_numpy(x32), torch.tensor([0.1], dtype=torch.float64))["certified_radius"]
+        # less the allowance for the rounding of a client's values (at most 2.5e-7 |x|: about 6e-6
+        # for a digit), then rounded toward zero, no further
+        shrunk = F.input_rounding_radius(torch.from_numpy(r64), torch.from_numpy(x32)).numpy()
+        norm = np.linalg.norm(x32.astype(np.float64), axis=1)
+        assert (r64 - shrunk <= 2.5e-7 * norm).all() and (shrunk <= r64).all()
         for name, served in (("onnx", onnx_r), ("torch", torch_r.numpy())):
             assert served.dtype == np.float32, name
-            assert (served.astype(np.float64) <= r64).all(), (name, factor, np.max(served - r64))
-            # rounded toward zero, no further: the largest float32 at or below the float64 value
-            assert (r64 - served.astype(np.float64) < np.spacing(served)).all(), (name, factor)
+            assert (served.astype(np.float64) <= shrunk).all(), (name, factor, np.max(served - shrunk))
+            # the largest float32 at or below the allowance's bound
+            assert (shrunk - served.astype(np.float64) < np.spacing(served)).all(), (name, factor)
 
 
 def _margin(model, c: torch.Tensor):
@@ -143,7 +149,7 @@ def test_no_float32_input_inside_the_served_radius_changes_the_served_class(digi
         if not moved.any():
             continue
         dist = np.linalg.norm(q[moved].astype(np.float64) - x32[i].astype(np.float64), axis=1).min()
-        tight += dist <= served_r[i] * (1 + 1e-6)
+        tight += dist <= r64[i].item() * (1 + 1e-6)   # near-exact: against the float64 certificate
         assert dist > served_r[i], (i, dist, served_r[i], r64[i].item())
     assert tight > 0, "the case must be near-exact for this test to mean anything"
 
@@ -228,6 +234,39 @@ def test_attack_inside_the_torch_backends_served_radius_in_its_served_bits(demo_
     assert not found.any(), (name, np.flatnonzero(found)[:5])
 
 
+@pytest.mark.parametrize("backend", ["onnx", "torch"])
+@pytest.mark.parametrize("factor", [3.0, 10.0])
+def test_no_float64_client_inside_the_served_radius_changes_the_served_class(digits_lse, backend, factor):
+    """A client may send float64 values, which the graph reads rounded to float32: the radius served
+    for X must hold for every Y it may send, whatever X and Y round to. On near-exact certificates
+    (inputs x3 and x10) a radius that holds for float32 perturbations of the rounded row alone does
+    not: the two rounding cells lie closer than their float32 points (``input_rounding_attack``)."""
+    version, model, sess = digits_lse
+    module = load_serving_module(version).eval()
+
+    def served(x32):
+        if backend == "onnx":
+            return _served(sess, x32)
+        with torch.no_grad():
+            out = module(torch.from_numpy(x32), torch.tensor([0.1], dtype=torch.float64))
+        return {k: v.numpy() for k, v in out.items()}
+
+    def serve(q):   # float64 rows, rounded to float32 as the server reads them
+        out = served(np.asarray(q, dtype=np.float64).astype(np.float32))
+        return out["prediction"], out["certified_radius"]
+
+    x32 = _scaled_digits(model, factor, 30)
+    found = input_rounding_attack(model, serve, x32)
+    assert not found["violated"].any(), np.flatnonzero(found["violated"])
+    # the attack reaches the boundary: its pairs lie within 1e-4 (relative) of the radius on most
+    # rows, and inside the float64 certificate rounded down alone (what was served before the
+    # allowance) on some: that radius would have been answered unsound
+    slack = (found["distance"] - found["radius"]) / found["radius"]
+    assert np.median(slack) < 1e-4, np.median(slack)
+    unshrunk = F.float32_down(model.evaluate(torch.from_numpy(x32).double())["certified_radius"]).numpy()
+    assert (found["distance"] < unshrunk).sum() >= 3
+
+
 def test_served_bits_attack_finds_what_lies_beyond_the_radius(demo_repository):
     """The attack has teeth: at twice the served radius of digits_lse (whose certificate is within a
     few percent of the boundary) it finds a float32 input of another served class on most rows."""
@@ -299,7 +338,6 @@ def test_the_float64_re_proof_of_a_served_radius(demo_repository, name):
     a float32 step above its own on most rows, as a runtime with other rounding may serve them."""
     from sklearn.datasets import load_breast_cancer
 
-    from hjmodel import functional as F
     from hjmodel.attacks import minimal_attack_radius
 
     model = load_model(demo_repository / name / "1").double().eval()

@@ -30,7 +30,7 @@ def write_model(version_dir: Path, task: str = "classification", seed: int = 0, 
             "eps": 0.5, "t": 1.0, "top_k_max": serving.TOP_K_MAX, "calibration": {"alpha": 0.05},
             "structure": {"note": "fake"}, "provenance": {}, "metrics": {},
             "class_names": list(CLASSES[:k]) if task == "classification" else [],
-            "feature_names": [f"f{i}" for i in range(D)]}
+            "feature_names": [f"f{i}" for i in range(D)], serving.RADIUS_MARK: True}
     (version_dir / serving.SPEC_FILE).write_text(json.dumps(spec))
     (version_dir / "fake.seed").write_text(str(seed))
     return version_dir

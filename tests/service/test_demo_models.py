@@ -106,6 +106,37 @@ def test_demo_model_config_states_the_false_flag_interval(demo_server, demo_repo
     assert (low, high) == pytest.approx(false_flag_interval(cal["alpha"], cal["n_conformal"])[1:])
 
 
+def test_a_float64_client_gets_no_other_class_inside_the_radius_it_was_served(demo_server, demo_repository):
+    """End to end, in JSON: the server reads every value rounded to float32, so a client that sends
+    float64 values (FP64 tensors, or any decimal in JSON) asks about a point the graph does not see.
+    The radius served for X must still hold for every Y the client may send: pairs from
+    ``hjmodel.attacks.input_rounding_attack``, every call of it answered by the server over HTTP.
+    Near-exact certificates (digits x10, where one neuron dominates each group) are where it shows."""
+    import httpx
+    from sklearn.datasets import load_digits
+
+    from hjmodel.artifact import load_model
+    from hjmodel.attacks import input_rounding_attack
+
+    version_dir = _latest(demo_repository, "digits_lse")
+    model = load_model(version_dir).double().eval()
+
+    def serve(q):
+        q = np.asarray(q, dtype=np.float64)
+        body = {"inputs": [{"name": "input", "datatype": "FP64", "shape": list(q.shape), "data": q.ravel().tolist()}],
+                "outputs": [{"name": "prediction"}, {"name": "certified_radius"}]}
+        reply = httpx.post(f"{demo_server.url}/v2/models/digits_lse/infer", json=body, timeout=60)
+        assert reply.status_code == 200, reply.text
+        out = {o["name"]: np.asarray(o["data"]) for o in reply.json()["outputs"]}
+        return out["prediction"], out["certified_radius"]
+
+    x32 = (load_digits().data[-12:] * 10.0).astype(np.float32)
+    found = input_rounding_attack(model, serve, x32)
+    assert np.isfinite(found["distance"]).all()
+    assert not found["violated"].any(), [(i, found["distance"][i], found["radius"][i])
+                                         for i in np.flatnonzero(found["violated"])]
+
+
 def _readme_example() -> str:
     """The README's "Example" section, to the end of the file."""
     from svc_helpers import ROOT

@@ -213,3 +213,57 @@ def test_a_weight_changed_since_the_artifact_was_written_is_not_served(hj_repo, 
             repository.get("iris")
         return repository.get("diabetes").version
     assert _with_repository(repository, body) == 1
+
+
+def _unmarked(version) -> None:
+    """``version`` as an artifact written before its served radius allowed for input rounding: the
+    spec key dropped from model.json and from every graph's embedded spec, the manifest rewritten."""
+    import onnx
+
+    from hjmodel.artifact import write_checksums
+    from hjmodel.serving import ONNX_SPEC_KEY, RADIUS_MARK
+
+    spec = json.loads((version / "model.json").read_text())
+    del spec[RADIUS_MARK]
+    (version / "model.json").write_text(json.dumps(spec))
+    for file in ("model.onnx", "explain.onnx"):
+        proto = onnx.load(str(version / file))
+        for prop in proto.metadata_props:
+            if prop.key == ONNX_SPEC_KEY:
+                prop.value = json.dumps(spec)
+        onnx.save(proto, str(version / file))
+    write_checksums(version)
+
+
+@pytest.mark.parametrize("backend", ["onnx", "torch"])
+def test_an_artifact_exported_before_the_input_rounding_allowance_is_not_served(hj_repo, tmp_path, backend):
+    """Its graph serves a radius that a client sending float64 values can cross
+    (tests/hjmodel/test_served_precision.py); it is refused with the way out, ``hjmodel rebuild``,
+    whose output serves. The other model still serves."""
+    import subprocess
+    import sys
+
+    from hjmodel import ArtifactError
+    from hjmodel.predictor import Predictor
+
+    for name in ("iris", "diabetes"):
+        shutil.copytree(hj_repo / name / "1", tmp_path / name / "1")
+    _unmarked(tmp_path / "iris" / "1")
+    repository = ModelRepository(Settings(model_repository=tmp_path, backend=backend))
+
+    async def refused():
+        with pytest.raises(ModelNotReady, match=r"not served: it was exported before its certified radius "
+                                                r"allowed for the rounding of inputs .*hjmodel rebuild"):
+            repository.get("iris")
+        return repository.get("diabetes").version
+    assert _with_repository(repository, refused) == 1
+    with pytest.raises(ArtifactError, match="not served: it was exported before"):   # nor offline
+        Predictor(tmp_path / "iris" / "1")
+
+    subprocess.run([sys.executable, "-m", "hjmodel.cli", "rebuild", str(tmp_path / "iris" / "1"),
+                    "--out", str(tmp_path / "iris" / "2")], check=True, timeout=300, capture_output=True)
+    repository = ModelRepository(Settings(model_repository=tmp_path, backend=backend))
+
+    async def rebuilt():
+        return repository.get("iris").version
+    assert _with_repository(repository, rebuilt) == 2

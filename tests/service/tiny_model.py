@@ -74,6 +74,7 @@ def spec_for(task: str, model: TinyContractModel) -> dict:
         "n_outputs": model.k, "eps": model.eps, "t": 1.0, "top_k_max": serving.TOP_K_MAX,
         "calibration": {"alpha": 0.05}, "provenance": {"source": "tests/service/tiny_model.py"},
         "metrics": {}, "structure": {"note": "hand-made test graph, not rebuildable by hjmodel"},
+        serving.RADIUS_MARK: True,   # a contract fixture: its radius is no certificate either way
     }
     if task == "classification":
         spec["class_names"] = list(CLASSES)
