@@ -1448,9 +1448,12 @@ def float32_up(x: Tensor) -> Tensor:
 #: One client value's rounding on its way into a served graph: a decimal (JSON) read into float64,
 #: then float64 rounded to float32 (round to nearest): |fl32(fl64(t)) - t| <= ROUNDING_UNIT |t| +
 #: ROUNDING_FLOOR (2^-24 for the float32 step, 2^-53 for the float64 one with their product, below
-#: 2^-52; 2^-150 + 2^-1075 in the subnormal ranges, below 2^-149).
+#: 2^-52). The floor is float32's smallest normal number, 2^-126, not half its smallest step: a
+#: served session reads float32 subnormals as 0 (it flushes subnormals, serving.open_session, and
+#: the processor's DAZ mode zeroes a subnormal float32 operand of the cast to float64), so a value
+#: below 2^-126 may move by all of itself.
 ROUNDING_UNIT = 2.0 ** -24 + 2.0 ** -52
-ROUNDING_FLOOR = 2.0 ** -149
+ROUNDING_FLOOR = 2.0 ** -126
 
 
 def input_rounding_radius(r: Tensor, x: Tensor) -> Tensor:
