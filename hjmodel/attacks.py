@@ -95,7 +95,7 @@ def _objective(model: HJModel, task: str, target: torch.Tensor, sign: torch.Tens
 
 def pgd_l2(model: HJModel, x0: torch.Tensor, rho: torch.Tensor, target: torch.Tensor, *,
            task: str = "classification", tau: float = 0.0, restarts: int = 4, steps: int = 40,
-           seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+           seed: int = 0, directions: bool = False) -> tuple[torch.Tensor, ...]:
     """PGD-L2 with restarts, vectorised over points x restarts, inside the balls |delta| <= rho.
 
     Restart 0 starts at x0. For classification, up to half of the others are *targeted starts*: on
@@ -111,7 +111,8 @@ def pgd_l2(model: HJModel, x0: torch.Tensor, rho: torch.Tensor, target: torch.Te
     and the ray often crosses the boundary well inside the ball PGD was run on.
 
     Returns (violated (n,) bool, smallest |delta| of a checked violating point (n,) (+inf if none),
-    smallest objective value seen (n,))."""
+    smallest objective value seen (n,)), and with ``directions`` the unit direction of that
+    smallest violating perturbation (n, d) (zeros where none was found)."""
     model.requires_grad_(False)
     n, d = x0.shape
     gen = torch.Generator().manual_seed(seed)
@@ -157,9 +158,13 @@ def pgd_l2(model: HJModel, x0: torch.Tensor, rho: torch.Tensor, target: torch.Te
             nn_ = torch.linalg.vector_norm(nxt, dim=1, keepdim=True)
             delta = nxt * torch.clamp(P / nn_.clamp_min(1e-300), max=1.0)
     best_norm = _shrink_along_ray(f, X0, best_delta, best_norm)
-    best_norm = best_norm.view(restarts, n).min(0).values
+    best_norm, which = best_norm.view(restarts, n).min(0)
     best_val = best_val.view(restarts, n).min(0).values
-    return best_norm < math.inf, best_norm, best_val
+    if not directions:
+        return best_norm < math.inf, best_norm, best_val
+    chosen = best_delta.view(restarts, n, d)[which, torch.arange(n)]
+    unit = chosen / torch.linalg.vector_norm(chosen, dim=1, keepdim=True).clamp_min(1e-300)
+    return best_norm < math.inf, best_norm, best_val, torch.where((best_norm < math.inf)[:, None], unit, 0.0)
 
 
 @torch.no_grad()
@@ -285,7 +290,7 @@ def _rounding_cell(z32: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def input_rounding_attack(model: HJModel, serve, x32: np.ndarray, *, iterations: int = 12,
-                          bisections: int = 48) -> dict[str, np.ndarray]:
+                          bisections: int = 48, restarts: int = 8, steps: int = 40) -> dict[str, np.ndarray]:
     """Attack a served radius as a client that sends float64 values does: the server rounds every
     value to float32 before its graph runs, so a client may send any X that rounds to the row x it
     asked about and any Y that rounds to a float32 point z of another served class; the radius the
@@ -298,7 +303,9 @@ def input_rounding_attack(model: HJModel, serve, x32: np.ndarray, *, iterations:
     server's own, over the wire; or a graph fed ``q.astype(np.float32)``). ``x32``: float32 (n, d)
     rows. For every row and rival class: a direction to the float64 boundary (the gradient of the
     log-probability margin, then ``iterations`` steps of the tangent plane at the boundary point
-    along the current direction, each found by bisection), then a bisection of the served class
+    along the current direction, each found by bisection; with ``restarts``, also from the direction
+    of the smallest perturbation :func:`pgd_l2` finds in balls of 2 to 16 x the served radius,
+    ``restarts`` x ``steps`` each, toward the class it reaches), then a bisection of the served class
     along that ray on float32 points, ``bisections`` steps; the float32 point z found just past the
     boundary gives the nearest pair (X, Y) of the two cells, each checked to round to x and z.
 
@@ -313,6 +320,27 @@ def input_rounding_attack(model: HJModel, serve, x32: np.ndarray, *, iterations:
     rows = np.repeat(np.arange(n), K)
     keep = np.tile(np.arange(K), n) != c[rows]
     rows, rival = rows[keep], np.tile(np.arange(K), n)[keep]
+    start = None                       # None: each pair starts at its margin's gradient
+    if restarts:
+        # more starts: the direction of the smallest perturbation PGD-L2 finds in balls of 2, 4, 8
+        # and 16 x the served radius (each shrunk along its ray to where it first crosses), toward
+        # the class it reaches: a memory head's nearest boundary is often not where the gradient at
+        # x leads, and PGD at one radius finds it on few rows
+        xs = torch.from_numpy(x32.astype(np.float64))
+        base = torch.from_numpy(np.where(radius > 0, radius, 1.0))
+        best, u0 = torch.full((n,), math.inf, dtype=DT), torch.zeros_like(xs)
+        for i, grow in enumerate((2.0, 4.0, 8.0, 16.0)):
+            ok, norm, _, u = pgd_l2(model, xs, grow * base, torch.from_numpy(c).long(), restarts=restarts,
+                                    steps=steps, seed=i, directions=True)
+            better = ok & (norm < best)
+            best, u0 = torch.where(better, norm, best), torch.where(better[:, None], u, u0)
+        found = np.flatnonzero(np.isfinite(best.numpy()))
+        with torch.no_grad():
+            landed = decision_scores(model, xs[found] + best[found, None] * u0[found]).argmax(1).numpy()
+        keep = landed != c[found]
+        found, landed = found[keep], landed[keep]
+        start = torch.cat([torch.full((len(rows), x32.shape[1]), math.nan, dtype=DT), u0[found]])
+        rows, rival = np.concatenate([rows, found]), np.concatenate([rival, landed])
     x = torch.from_numpy(x32[rows].astype(np.float64))
     own, other = torch.from_numpy(c[rows]).long(), torch.from_numpy(rival).long()
 
@@ -342,6 +370,8 @@ def input_rounding_attack(model: HJModel, serve, x32: np.ndarray, *, iterations:
         return hi
 
     u = gradient(x)
+    if start is not None:
+        u = torch.where(torch.isnan(start), u, start)
     for _ in range(iterations):
         t = crossing(u)
         normal = gradient(x + t[:, None] * u)

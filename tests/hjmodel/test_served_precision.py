@@ -267,6 +267,24 @@ def test_no_float64_client_inside_the_served_radius_changes_the_served_class(dig
     assert (found["distance"] < unshrunk).sum() >= 3
 
 
+def test_the_float64_client_attack_reaches_a_memory_heads_boundary(demo_repository):
+    """On a memory head the gradient at x rarely leads to the nearest boundary (other classes'
+    islands); the attack's PGD starts (balls of 2-16 x the radius, shrunk along their rays) do: its
+    pairs come within 1e-3 of the served radius on some rows (without those starts none came nearer
+    than 3.7x the radius), and none inside it."""
+    version = demo_repository / "digits_memory" / "1"
+    model, sess = load_model(version).double().eval(), _session(version)
+
+    def serve(q):
+        out = _served(sess, np.asarray(q, dtype=np.float64).astype(np.float32))
+        return out["prediction"], out["certified_radius"]
+
+    found = input_rounding_attack(model, serve, _scaled_digits(model, 1.0, 20))
+    assert not found["violated"].any()
+    slack = (found["distance"] - found["radius"]) / found["radius"]
+    assert (slack < 1e-3).sum() >= 2, np.sort(slack)[:4]
+
+
 def test_served_bits_attack_finds_what_lies_beyond_the_radius(demo_repository):
     """The attack has teeth: at twice the served radius of digits_lse (whose certificate is within a
     few percent of the boundary) it finds a float32 input of another served class on most rows."""
