@@ -108,6 +108,18 @@ function readText() {
 
 function fmt(x, digits = 4) { return typeof x === "number" ? Number(x.toPrecision(digits)).toString() : String(x); }
 
+// A lower bound (the certified radius) to `digits` significant digits, rounded toward zero: rounded
+// to nearest it could read larger than what is certified.
+function fmtDown(x, digits = 4) {
+  if (typeof x !== "number" || !Number.isFinite(x) || x <= 0) return fmt(x, digits);
+  let text = x.toPrecision(digits);
+  for (let i = 0; i < 3 && Number(text) > x; i++) {
+    const unit = 10 ** (Math.floor(Math.log10(Number(text))) - digits + 1);
+    text = (Number(text) - unit).toPrecision(digits);
+  }
+  return Number(text).toString();
+}
+
 function bars(probabilities) {
   const box = $("probabilities");
   box.innerHTML = "";
@@ -197,8 +209,8 @@ function render(v1, maps) {
   if (diag.probabilities) bars(diag.probabilities.value); else $("probabilities").innerHTML = "";
   const radius = diag.certified_radius.value;
   const norm = Math.sqrt(state.values.reduce((s, v) => s + v * v, 0));
-  $("radius").textContent = fmt(radius);
-  $("radius-meaning").textContent = `${diag.certified_radius.meaning}. That is ${fmt(100 * radius / Math.max(norm, 1e-12), 3)}% ` +
+  $("radius").textContent = fmtDown(radius);
+  $("radius-meaning").textContent = `${diag.certified_radius.meaning}. That is ${fmtDown(100 * radius / Math.max(norm, 1e-12), 3)}% ` +
     `of this input's L2 norm (${fmt(norm)}); checked by attacks inside the radius in the test suite.`;
   const ood = diag.ood;
   $("ood").textContent = ood.flagged.value ? "flagged" : "in distribution";

@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import shutil
 
+import httpx
 import pytest
 from svc_helpers import run_server
 
@@ -74,6 +75,12 @@ def test_the_page_explains_a_prediction(browser, demo_server, tmp_path):
     assert browser.find_element(By.ID, "prediction").text == "0"   # the example is a drawn zero
     radius = float(browser.find_element(By.ID, "radius").text)
     assert radius > 0 and "no perturbation can change the predicted class" in browser.find_element(By.ID, "radius-meaning").text
+    # the page shows the certified radius rounded toward zero: never more than the server certified
+    row = browser.execute_script("return state.values")
+    served = httpx.post(f"{demo_server.url}/v2/models/digits_lse/infer", timeout=30, json={
+        "inputs": [{"name": "input", "datatype": "FP64", "shape": [1, 64], "data": row}],
+        "outputs": [{"name": "certified_radius"}]}).json()["outputs"][0]["data"][0]
+    assert radius <= served and radius > 0.999 * served, (radius, served)
     assert browser.find_element(By.ID, "ood").text in ("in distribution", "flagged")
     assert len(browser.find_elements(By.CSS_SELECTOR, "#attributions tr")) == 1 + 5
     assert len(browser.find_elements(By.CSS_SELECTOR, "#heatmap div")) == 64
@@ -88,6 +95,17 @@ def test_the_page_explains_a_prediction(browser, demo_server, tmp_path):
     keep = os.environ.get("HJSERVE_TEST_UI_SCREENSHOT")
     if keep:
         shutil.copy(shot, keep)
+
+
+def test_the_page_rounds_a_radius_toward_zero(browser, demo_server):
+    """``fmtDown``, the page's form of a lower bound: 4 significant digits, never above the value
+    (``fmt``, to nearest, shows 0.59986 as 0.5999)."""
+    browser.get(demo_server.url + "/ui/")
+    cases = [0.59986, 1.0486, 0.99996, 1.048319935798645, 123456.7, 9.99999e-7, 2.5, 0.0, 1e-30]
+    shown = browser.execute_script("return arguments[0].map((x) => fmtDown(x))", cases)
+    for x, text in zip(cases, shown, strict=True):
+        assert float(text) <= x and (x == 0 or float(text) >= x * (1 - 1e-3)), (x, text)
+    assert browser.execute_script("return fmt(0.59986)") == "0.5999"   # what the radius showed before
 
 
 def test_the_page_draws_and_reports_errors(browser, demo_server):
@@ -142,8 +160,6 @@ def test_another_sites_page_cannot_unload_models(browser, tiny_repo, tmp_path):
     import http.server
     import threading
     import time
-
-    import httpx
 
     with run_server(tiny_repo, tmp_path, model_control_mode="explicit") as s:
         target = s.url + "/v2/repository/models/clf/unload"
