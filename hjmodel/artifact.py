@@ -30,6 +30,8 @@ from .serving import (
     ONNX_FILE,
     ONNX_SPEC_KEY,
     RADIUS_MARK,
+    ROUNDED_DOWN,
+    ROUNDED_UP,
     SPEC_FILE,
     SPEC_FORMAT,
     TOP_K_MAX,
@@ -233,11 +235,8 @@ def _load_torch(directory: Path) -> HJModel:
 # ------------------------------------------------------------------------------------ serving
 
 
-#: Served float32 outputs that are bounds, and the direction they must be rounded in to stay sound:
-#: a certified radius is a lower bound (down), a conformal p-value is conservative when larger (up).
-#: Every other float32 output is rounded to nearest and saturated to the finite float32 range.
-_ROUND_DOWN = frozenset({"certified_radius"})
-_ROUND_UP = frozenset({"ood_p_value"})
+# Every float32 output but the bounds (serving.ROUNDED_DOWN / ROUNDED_UP) is rounded to nearest and
+# saturated to the finite float32 range.
 
 
 def served_form(name: str, value: Tensor, datatype: str) -> Tensor:
@@ -245,9 +244,9 @@ def served_form(name: str, value: Tensor, datatype: str) -> Tensor:
     if datatype != "FP32":
         return value.to(_TORCH_DTYPES[datatype])
     value = value.to(torch.float64)
-    if name in _ROUND_DOWN:
+    if name in ROUNDED_DOWN:
         return F.float32_down(value)
-    if name in _ROUND_UP:
+    if name in ROUNDED_UP:
         return F.float32_up(value)
     return F.float32_saturate(value)
 

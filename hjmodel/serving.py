@@ -106,6 +106,13 @@ OUTPUTS: tuple[OutputSpec, ...] = (
 #: Outputs returned when a request lists none.
 DEFAULT_OUTPUTS = ("prediction", "probabilities", "certified_radius", "ood_flag")
 
+#: Served float32 outputs that are bounds, and the direction each is rounded in to stay one: a
+#: certified radius is a lower bound (rounded down), a conformal p-value is conservative when larger
+#: (rounded up). Written as text, each must be its float32's exact value (a shorter decimal that
+#: reads back as the same float32 reads as a larger radius, or a smaller p-value, in float64).
+ROUNDED_DOWN = frozenset({"certified_radius"})
+ROUNDED_UP = frozenset({"ood_p_value"})
+
 #: The explanation graph's outputs (``explain.onnx``, the torch ``ExplainModule``): diagnostics that
 #: cost more than a prediction, computed only for requests that name them. Inputs: ``input`` (B, d)
 #: float32, ``tau`` (B, 1) float64, ``baseline`` (B, d) float32 (integrated gradients' starting

@@ -25,6 +25,7 @@ from fastapi import Request
 from fastapi.responses import Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
+from hjmodel import serving
 from service import codecs
 from service.budget import ByteBudget
 from service.codecs import binary_source, json_source, ndjson_source
@@ -146,7 +147,7 @@ def ndjson_lines(block: RowBlock) -> bytes:
     # a 2-D column's rows are written between the template's brackets: its pieces are their insides
     fields = [(b',"%s":[%%s]' if o.array.ndim == 2 else b',"%s":%%s') % o.name.replace("%", "%%").encode()
               for o in block.outputs]
-    columns = [_pieces(o.array, block.rows) for o in block.outputs]
+    columns = [_pieces(_as_written(o), block.rows) for o in block.outputs]
     if block.classes is not None:
         fields.insert(0, b',"class":%s')
         columns.insert(0, [orjson.dumps(name) for name in block.classes])
@@ -175,7 +176,7 @@ def _ndjson_by_row(block: RowBlock) -> bytes:
     finite, orjson from the numpy values otherwise."""
     finite = _finite(block)
     # float columns as numpy rows (orjson writes float32 in its shortest form), others as Python values
-    columns = [(o.name, list(o.array) if finite and o.array.dtype.kind == "f" else o.array.tolist())
+    columns = [(o.name, list(_as_written(o)) if finite and o.array.dtype.kind == "f" else o.array.tolist())
                for o in block.outputs]
     dump = _dump_numpy if finite else codecs.dumps
     lines = []
@@ -199,8 +200,18 @@ def column_line(block: RowBlock) -> bytes:
     if block.classes is not None:
         item["class"] = list(block.classes)
     for o in block.outputs:
-        item[o.name] = np.ascontiguousarray(o.array) if finite else o.array.tolist()
+        item[o.name] = np.ascontiguousarray(_as_written(o)) if finite else o.array.tolist()
     return (_dump_numpy(item) if finite else codecs.dumps(item)) + b"\n"
+
+
+_BOUNDS = serving.ROUNDED_DOWN | serving.ROUNDED_UP
+
+
+def _as_written(output) -> np.ndarray:
+    """An output's values as the batch lines write them: float32 in its shortest form, except a bound
+    (the certified radius, the p-value), widened to float64 so its text is the float32's exact value
+    (its shortest form may read, in float64, above the radius or below the p-value)."""
+    return output.array.astype(np.float64) if output.name in _BOUNDS else output.array
 
 
 def _finite(block: RowBlock) -> bool:

@@ -245,3 +245,32 @@ def test_row_lines_are_byte_identical_to_one_object_per_row(rows):
         fast = ndjson_lines(block)
         assert fast == _ndjson_by_row(block)
         assert [json.loads(line)["row"] for line in fast.splitlines()] == list(range(block.start, block.start + rows))
+
+
+def test_the_bounds_are_written_as_their_exact_float32_values():
+    """A batch line's ``certified_radius`` and ``ood_p_value`` read back in float64 -- as every JSON
+    parser reads them -- as exactly the float32 the graph served: the shortest decimal that reads back
+    as the same float32 (what every other float column carries) lies above the radius, or below the
+    p-value, for about half of all values (on c1d4c9f the radius read up to half a float32 step above
+    its certificate). Both line encoders, and the column encoder."""
+    from service.rest.batch import _ndjson_by_row, column_line, ndjson_lines
+    from service.types import InferOutput, RowBlock
+
+    rng = np.random.default_rng(3)
+    rows = 200
+    radius = (rng.uniform(0.0, 5.0, rows)).astype(np.float32)
+    p_value = (rng.uniform(0.0, 1.0, rows)).astype(np.float32)
+    other = rng.uniform(0.0, 1.0, rows).astype(np.float32)
+    block = RowBlock(start=0, rows=rows, outputs=[
+        InferOutput("certified_radius", "FP32", radius), InferOutput("ood_p_value", "FP32", p_value),
+        InferOutput("energy_gap", "FP32", other)], classes=None)
+    for text in (ndjson_lines(block), _ndjson_by_row(block)):
+        lines = [json.loads(line) for line in text.splitlines()]
+        assert [line["certified_radius"] for line in lines] == radius.astype(np.float64).tolist()
+        assert [line["ood_p_value"] for line in lines] == p_value.astype(np.float64).tolist()
+        # the other float columns keep their shortest form: the same float32, fewer digits
+        gap = np.asarray([line["energy_gap"] for line in lines])
+        assert np.array_equal(gap.astype(np.float32), other) and not np.array_equal(gap, other.astype(np.float64))
+    columns = json.loads(column_line(block))
+    assert columns["certified_radius"] == radius.astype(np.float64).tolist()
+    assert columns["ood_p_value"] == p_value.astype(np.float64).tolist()
