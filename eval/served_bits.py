@@ -223,7 +223,7 @@ inputs are chosen: the module docstring of `eval/served_bits.py`.
 same float32 input differ (ties within rounding; the served graph gives such rows radius 0, so they are
 not attacked in effect). *radius 0*: rows served with a zero radius (a decision within rounding of a tie).
 *float64-client slack* near 0 means the attack's pairs came that close to the served radius (2e-5
-on digits_lse's near-exact rows x3 / x10, 1e-4 on breast_cancer's: the input-rounding allowance); on a
+on digits_lse's near-exact rows x3 / x10, 1-3e-4 on breast_cancer's: the input-rounding allowance); on a
 memory or deep head the slack is mostly the certificate's own (eval/CROWN.md measures it); the
 allowance does not depend on the head (tests/hjmodel/test_functional.py checks it against every
 pair of rounding cells).
