@@ -268,7 +268,8 @@ class ServingModule(nn.Module):
         self._names = None if wanted is None else tuple(o.name for o in self.specs)
 
     def forward(self, input: Tensor, tau: Tensor) -> dict[str, Tensor]:  # noqa: A002 (V2 name)
-        out = dict(self.model.evaluate(input, tau=tau, top_k=TOP_K_MAX, outputs=self._names).outputs)
+        out = dict(self.model.evaluate(input, tau=tau, top_k=TOP_K_MAX, outputs=self._names,
+                                       float32_outputs=True).outputs)
         if "certified_radius" in out:   # certified around the float32 row: for what a client sent
             out["certified_radius"] = F.input_rounding_radius(out["certified_radius"], input)
         return {o.name: served_form(o.name, out[o.name], o.datatype) for o in self.specs}

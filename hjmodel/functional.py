@@ -31,6 +31,7 @@ __all__ = [
     "eps_star",
     "fewest_label_flips",
     "float32_down",
+    "float32_output_tolerance",
     "float32_saturate",
     "float32_up",
     "gauss_legendre",
@@ -1483,6 +1484,25 @@ def input_rounding_radius(r: Tensor, x: Tensor) -> Tensor:
     norm = torch.sqrt((x * x).sum(-1)) * (1.0 + 2.0 ** -30)
     allowance = (2.0 * ROUNDING_UNIT * (norm + floor) / (1.0 - ROUNDING_UNIT) + 2.0 * floor) * (1.0 + 2.0 ** -40)
     return ((r - allowance) * ((1.0 - 2.0 ** -50) / (1.0 + ROUNDING_UNIT))).clamp_min(0.0)
+
+
+def float32_output_tolerance(tau: Tensor, y: Tensor) -> Tensor:
+    """A regression tolerance on the outputs as served (float32, rounded to nearest) -> the tolerance to
+    certify the float64 outputs y (n, K) for (n,): a client compares served outputs, so |fl32(f(Y)) -
+    fl32(f(X))| <= tau must hold, and each rounding moves an output by up to u |f| + f0 (u = 2^-24;
+    f0 = 2^-126, a result below float32's normal range being flushed to 0):
+
+        |fl32(f(Y)) - fl32(f(X))| <= |f(Y) - f(X)| + u (|f(Y)| + |f(X)|) + 2 f0
+                                  <= tau' (1 + u) + 2u |f(X)| + 2 f0   when |f(Y) - f(X)| <= tau',
+
+    so tau' = (tau - 2u max_k |f_k(X)| - 2 f0) / (1 + u), shrunk by 2^-50 for this arithmetic's own
+    rounding; 0 where that is negative or an output lies beyond the float32 range (served saturated).
+    It is a relative loss of ~1.2e-7 |f| / tau: invisible where tau is a few of the outputs' own
+    float32 steps or more, everything where tau is below one of them."""
+    top = y.abs().amax(-1) if y.dim() > 1 else y.abs()
+    unit = 2.0 ** -24
+    shrunk = ((tau - 2.0 * unit * top - 2.0 * 2.0 ** -126) * ((1.0 - 2.0 ** -50) / (1.0 + unit))).clamp_min(0.0)
+    return torch.where(top <= FLOAT32_MAX, shrunk, torch.zeros_like(shrunk))
 
 
 def label_flip_plan(pi: Tensor, labels: Tensor, c: Tensor, n_classes: int, k: int) -> tuple[Tensor, Tensor, Tensor]:

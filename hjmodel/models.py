@@ -523,7 +523,7 @@ class HJModel(nn.Module):
     @torch.no_grad()
     def evaluate(self, x: Tensor, tau: float | Tensor = 0.1, top_k: int = TOP_K_MAX,
                  outputs: tuple[str, ...] | None = None, *, rows_by_group: bool = True,
-                 prove: Tensor | None = None) -> Evaluation:
+                 prove: Tensor | None = None, float32_outputs: bool = False) -> Evaluation:
         """The served outputs of DESIGN section 3, in float64, for raw inputs x: (n, d).
 
         ``tau``: the regression tolerance, one value or one per row ((n,) or (n, 1)). ``outputs``:
@@ -541,14 +541,19 @@ class HJModel(nn.Module):
         radius otherwise; a deep classifier's linearised-body bound) -- and 0 on the others. A searched radius
         is a point each runtime proves with its own evaluation of the bound, so two runtimes' radii
         may differ by rounding (DESIGN section 3); this tells a radius the reference arithmetic also
-        proves from one it does not. The other outputs are unchanged."""
+        proves from one it does not. The other outputs are unchanged.
+
+        ``float32_outputs``: a regression radius holds for the outputs as served, rounded to float32
+        (tau less what that rounding can move them: :func:`functional.float32_output_tolerance`);
+        the serving module asks for it. Classification is unchanged (its decision is exact)."""
         x = torch.as_tensor(x).to(torch.float64)
         n = x.shape[0]
         tau_t = _per_row(tau, n, x.device)                                      # (n,)
         blocks = self.row_blocks(n)
         if len(blocks) > 1:
             return Evaluation.concat([self.evaluate(x[r], tau_t[r], top_k, outputs, rows_by_group=rows_by_group,
-                                                    prove=None if prove is None else prove[r])
+                                                    prove=None if prove is None else prove[r],
+                                                    float32_outputs=float32_outputs)
                                       for r in blocks])
         wanted = set(output_names(self.task) if outputs is None else outputs)
         head, eps = self.head, self.head.eps
@@ -617,7 +622,8 @@ class HJModel(nn.Module):
         # ---- certificate (raw input space)
         if "certified_radius" in wanted:
             proof = None if prove is None else torch.as_tensor(prove, dtype=torch.float64, device=x.device).reshape(n)
-            r = self._certified_radius(a, gibbs_body, c, yhat, tau_t, grouped, J, layers, group_grads, proof)
+            tol = F.float32_output_tolerance(tau_t, yhat) if float32_outputs and self.task == "regression" else tau_t
+            r = self._certified_radius(a, gibbs_body, c, yhat, tol, grouped, J, layers, group_grads, proof)
             if self.task == "classification" and head.groups is not None:
                 r = torch.maximum(r, self._interval_radius(first, grouped, c, r))
             # a radius is certified with every smaller one (each bound covers the whole ball)

@@ -244,9 +244,10 @@ def test_round_trip_identical_outputs(name, small_artifacts, tmp_path):
     assert model_spec(first) == model_spec(second) == read_spec(directory) == read_spec(directory / ONNX_FILE)
     assert read_spec(directory)["kind"] == first.kind
     # the serving module (float32 in) equals evaluate on the float32-rounded inputs, in the served
-    # form (bounds rounded in their safe direction; the radius less the input-rounding allowance)
+    # form (bounds rounded in their safe direction; the radius less the input-rounding allowance, a
+    # regression radius for the outputs as served)
     served = load_serving_module(directory)(x.float(), torch.tensor([0.3], dtype=torch.float64))
-    ev = dict(first.evaluate(x.float().double(), tau=0.3).outputs)
+    ev = dict(first.evaluate(x.float().double(), tau=0.3, float32_outputs=True).outputs)
     ev["certified_radius"] = F.input_rounding_radius(ev["certified_radius"], x.float())
     datatypes = {o.name: o.datatype for o in outputs_for(first.task)}
     for k, v in served.items():

@@ -384,3 +384,60 @@ def test_the_float64_re_proof_of_a_served_radius(demo_repository, name):
         assert share > 0.8, share
     else:   # a closed form, or a float64 search that runs to its root: nothing above it is proven
         assert share < 0.5, share
+
+
+@pytest.mark.parametrize("backend", ["onnx", "torch"])
+def test_a_regression_radius_holds_for_the_outputs_as_served(demo_repository, backend):
+    """A regression radius promises that no input within it moves the output by more than tau; a
+    client sees the outputs rounded to float32. With tau a few of the outputs' float32 steps (1e-4 on
+    diabetes' ~150, whose step is 1.5e-5), rounding both outputs adds more than the certificate's own
+    slack (rows near the origin, where the input-rounding allowance does not already cover it). Along
+    the direction that moves the output fastest (its gradient, both signs), every
+    float32 input inside the served radius among the 2^10 around 0.97 of it (each coordinate rounded
+    either way) must be served an output within tau of the row's."""
+    import itertools
+
+    from sklearn.datasets import load_diabetes
+
+    from hjmodel.attacks import forward_outputs
+
+    tau = 1e-4
+    version = demo_repository / "diabetes_lse" / "1"
+    model = load_model(version).double().eval()
+    sess, module = _session(version), load_serving_module(version).eval()
+
+    def served(q):
+        if backend == "onnx":
+            out = _SERVING_THREAD.submit(
+                lambda: dict(zip([o.name for o in sess.get_outputs()],
+                                 sess.run(None, serving.onnx_feeds(sess, q, tau)), strict=True))).result()
+        else:
+            with torch.no_grad():
+                out = {k: v.numpy() for k, v in module(torch.from_numpy(q), torch.tensor([tau],
+                                                                                         dtype=torch.float64)).items()}
+        return out["prediction"].reshape(len(q), -1)[:, 0].astype(np.float64), out["certified_radius"].astype(np.float64)
+
+    # near the origin (the features are centred): there the input-rounding allowance (~1e-7 |x|) is
+    # small against the radius, while the output-rounding one (~1e-7 |f|, f ~ 150) is not against tau
+    x32 = (0.01 * load_diabetes().data[:12]).astype(np.float32)
+    p, r = served(x32)
+    assert (r > 0).all()
+    d = x32.shape[1]
+    corners = np.array(list(itertools.product((0.0, 1.0), repeat=d)))        # (1024, d)
+    largest = 0.0
+    for i in range(len(x32)):
+        xi = torch.from_numpy(x32[i:i + 1].astype(np.float64)).requires_grad_(True)
+        (g,) = torch.autograd.grad(forward_outputs(model, xi).sum(), xi)
+        for sign in (1.0, -1.0):
+            u = (sign * g / g.norm()).numpy()[0]
+            ray = x32[i].astype(np.float64) + 0.97 * r[i] * u
+            base = ray.astype(np.float32)
+            step = np.where(u >= 0, np.nextafter(base, np.float32(np.inf)), np.nextafter(base, np.float32(-np.inf)))
+            q = np.where(corners > 0, step[None, :], base[None, :]).astype(np.float32)
+            q = q[np.linalg.norm(q.astype(np.float64) - x32[i].astype(np.float64), axis=1) < r[i]]
+            if not len(q):
+                continue
+            moved = np.abs(served(q)[0] - p[i])
+            assert (moved <= tau).all(), (i, sign, moved.max(), tau, r[i])
+            largest = max(largest, float(moved.max()))
+    assert largest > 0.5 * tau, largest   # the points reach the tolerance's neighbourhood
