@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import io
 import sys
-import time
 import warnings
 from pathlib import Path
 
@@ -127,8 +126,7 @@ def bench_model(name: str, directory: Path, repeats: int, batches: list[int]) ->
 def main() -> int:
     args = report.arguments(__doc__, OUT, repeats=5, batches=BATCHES).parse_args()
     report.as_served()
-    start = time.perf_counter()
-    rows = report.per_demo(args, lambda name, directory: bench_model(name, directory, args.repeats, args.batches))
+    rows, start = report.per_demo(args, lambda name, directory: bench_model(name, directory, args.repeats, args.batches))
 
     def cells(model, M, S, n, a, b, whole, bare):
         return (model, f"{M} / {S}", str(n), f"{a:.1f}", f"{b:.1f}", f"{b / a:.2f}x", f"{(a - b) / whole:+.1%}",

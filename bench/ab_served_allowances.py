@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -80,8 +79,7 @@ def bench_model(name: str, directory: Path, repeats: int, batches: list[int]) ->
 def main() -> int:
     args = report.arguments(__doc__, OUT, repeats=5, batches=BATCHES).parse_args()
     report.as_served()
-    start = time.perf_counter()
-    rows = report.per_demo(args, lambda name, directory: bench_model(name, directory, args.repeats, args.batches))
+    rows, start = report.per_demo(args, lambda name, directory: bench_model(name, directory, args.repeats, args.batches))
 
     def cells(model, n_served, n_bare, n, a, b, shrink):
         return (model, f"{n_served} / {n_bare}", str(n), f"{a:.1f}", f"{b:.1f}", f"{a / b:.3f}x", f"{shrink:.1e}")

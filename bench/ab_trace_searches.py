@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import itertools
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -100,8 +99,7 @@ def main() -> int:
     ap.add_argument("--device", default="cpu", help="where the two traces run (cpu, cuda)")
     args = ap.parse_args()
     report.as_served()
-    start = time.perf_counter()
-    rows = report.per_demo(args, lambda name, version: bench_model(name, version, args.repeats,
+    rows, start = report.per_demo(args, lambda name, version: bench_model(name, version, args.repeats,
                                                                     tuple(args.batches), args.device))
     where = "one thread" if args.device == "cpu" else f"the traces on {args.device}, onnxruntime on the CPU"
     report.write(args.out, "The torch trace with its gathered searches skipped when empty, side by side",

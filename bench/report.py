@@ -92,11 +92,15 @@ def arguments(doc: str, out: Path, repeats: int, batches: tuple[int, ...] | None
     return ap
 
 
-def per_demo(args: argparse.Namespace, bench_model: Callable[[str, Path], list]) -> list:
-    """``bench_model(name, version directory)``'s rows for each demo model (``--only`` those), in turn."""
+def per_demo(args: argparse.Namespace, bench_model: Callable[[str, Path], list]) -> tuple[list, float]:
+    """``bench_model(name, version directory)``'s rows for each demo model (``--only`` those), in turn;
+    returns (rows, the ``time.perf_counter()`` they started at, for :func:`write`). A script sets its
+    thread up first (:func:`as_served`: process-wide torch threads, so not done here)."""
     from hjmodel.demo import DEMOS
 
-    return [row for name in (args.only or DEMOS) for row in bench_model(name, Path(args.models) / name / "1")]
+    started = time.perf_counter()
+    rows = [row for name in (args.only or DEMOS) for row in bench_model(name, Path(args.models) / name / "1")]
+    return rows, started
 
 
 def module_at(rev: str, path: str) -> types.ModuleType:

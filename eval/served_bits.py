@@ -144,9 +144,11 @@ def check(model, served, x32: np.ndarray) -> dict:
     t0 = time.perf_counter()
     bits = served_bits_attack(model, lambda q: served(q)["prediction"], x32, r32, c)
     t_bits = time.perf_counter() - t0
-    rounding = input_rounding_attack(
-        model, lambda q: (lambda o: (o["prediction"], o["certified_radius"]))(served(np.asarray(q).astype(np.float32))),
-        x32[:CLIENT_ROWS])
+    def client(q: np.ndarray):   # float64 values, read as the server reads them
+        out = served(np.asarray(q).astype(np.float32))
+        return out["prediction"], out["certified_radius"]
+
+    rounding = input_rounding_attack(model, client, x32[:CLIENT_ROWS])
     slack = (rounding["distance"] - rounding["radius"]) / np.where(rounding["radius"] > 0, rounding["radius"], np.inf)
     x = torch.from_numpy(x32).double()
     violated, _, _ = pgd_l2(model, x, SHRINK * torch.from_numpy(r32), torch.from_numpy(c).long(), restarts=8, steps=60)

@@ -345,7 +345,7 @@ def input_rounding_attack(model: HJModel, serve, x32: np.ndarray, *, iterations:
     own, other = torch.from_numpy(c[rows]).long(), torch.from_numpy(rival).long()
 
     def margin(z: torch.Tensor) -> torch.Tensor:   # >= 0: the rival scores at least the decided class
-        lp = model.head.log_probabilities(model.head.preactivations(model.features(z)))
+        lp = decision_scores(model, z)
         return lp.gather(1, other[:, None]).squeeze(1) - lp.gather(1, own[:, None]).squeeze(1)
 
     def gradient(z: torch.Tensor) -> torch.Tensor:

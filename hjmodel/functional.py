@@ -1453,7 +1453,8 @@ def float32_up(x: Tensor) -> Tensor:
 #: served session reads float32 subnormals as 0 (it flushes subnormals, serving.open_session, and
 #: the processor's DAZ mode zeroes a subnormal float32 operand of the cast to float64), so a value
 #: below 2^-126 may move by all of itself.
-ROUNDING_UNIT = 2.0 ** -24 + 2.0 ** -52
+FLOAT32_UNIT = 2.0 ** -24      #: float32's unit roundoff (rounding to nearest)
+ROUNDING_UNIT = FLOAT32_UNIT + 2.0 ** -52
 ROUNDING_FLOOR = 2.0 ** -126
 
 
@@ -1489,8 +1490,8 @@ def input_rounding_radius(r: Tensor, x: Tensor) -> Tensor:
 def float32_output_tolerance(tau: Tensor, y: Tensor) -> Tensor:
     """A regression tolerance on the outputs as served (float32, rounded to nearest) -> the tolerance to
     certify the float64 outputs y (n, K) for (n,): a client compares served outputs, so |fl32(f(Y)) -
-    fl32(f(X))| <= tau must hold, and each rounding moves an output by up to u |f| + f0 (u = 2^-24;
-    f0 = 2^-126, a result below float32's normal range being flushed to 0):
+    fl32(f(X))| <= tau must hold, and each rounding moves an output by up to u |f| + f0 (u =
+    FLOAT32_UNIT; f0 = ROUNDING_FLOOR, a result below float32's normal range being flushed to 0):
 
         |fl32(f(Y)) - fl32(f(X))| <= |f(Y) - f(X)| + u (|f(Y)| + |f(X)|) + 2 f0
                                   <= tau' (1 + u) + 2u |f(X)| + 2 f0   when |f(Y) - f(X)| <= tau',
@@ -1500,8 +1501,8 @@ def float32_output_tolerance(tau: Tensor, y: Tensor) -> Tensor:
     It is a relative loss of ~1.2e-7 |f| / tau: invisible where tau is a few of the outputs' own
     float32 steps or more, everything where tau is below one of them."""
     top = y.abs().amax(-1) if y.dim() > 1 else y.abs()
-    unit = 2.0 ** -24
-    shrunk = ((tau - 2.0 * unit * top - 2.0 * 2.0 ** -126) * ((1.0 - 2.0 ** -50) / (1.0 + unit))).clamp_min(0.0)
+    shrunk = ((tau - 2.0 * FLOAT32_UNIT * top - 2.0 * ROUNDING_FLOOR)
+              * ((1.0 - 2.0 ** -50) / (1.0 + FLOAT32_UNIT))).clamp_min(0.0)
     return torch.where(top <= FLOAT32_MAX, shrunk, torch.zeros_like(shrunk))
 
 

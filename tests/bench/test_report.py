@@ -47,11 +47,12 @@ def test_the_demo_benches_take_only_and_batches_and_run_per_demo_model(report, t
     ap = report.arguments("Title.", tmp_path / "out.md", repeats=3, batches=(1, 4))
     args = ap.parse_args([])
     assert args.only is None and args.batches == [1, 4]
-    seen = report.per_demo(args, lambda name, version: [(name, version)])
+    seen, started = report.per_demo(args, lambda name, version: [(name, version)])
+    assert started <= time.perf_counter()
     assert [name for name, _ in seen] == list(DEMOS)
     assert all(version == report.ROOT / "models" / name / "1" for name, version in seen)
     args = ap.parse_args(["--only", "digits_deep", "--batches", "16", "--models", str(tmp_path)])
-    assert report.per_demo(args, lambda name, version: [version]) == [tmp_path / "digits_deep" / "1"]
+    assert report.per_demo(args, lambda name, version: [version])[0] == [tmp_path / "digits_deep" / "1"]
     assert args.batches == [16]
     with pytest.raises(SystemExit):
         ap.parse_args(["--only", "no_such_model"])

@@ -37,9 +37,16 @@ def _session(version_dir):
     return serving.open_session(version_dir / ONNX_FILE, threads=1, flush_subnormals=True)
 
 
-def _served(sess, x32: np.ndarray) -> dict[str, np.ndarray]:
+def _module_served(module, x32: np.ndarray, tau: float = 0.1) -> dict[str, np.ndarray]:
+    """:func:`_served` by the torch serving module."""
+    with torch.no_grad():
+        out = module(torch.from_numpy(x32), torch.tensor([tau], dtype=torch.float64))
+    return {k: v.numpy() for k, v in out.items()}
+
+
+def _served(sess, x32: np.ndarray, tau: float = 0.1) -> dict[str, np.ndarray]:
     def run():
-        feeds = serving.onnx_feeds(sess, x32, 0.1)
+        feeds = serving.onnx_feeds(sess, x32, tau)
         names = [o.name for o in sess.get_outputs()]
         return dict(zip(names, sess.run(names, feeds), strict=True))
     return _SERVING_THREAD.submit(run).result()
@@ -65,14 +72,13 @@ def test_served_radius_never_exceeds_the_float64_certificate(digits_lse):
         x32 = _scaled_digits(model, factor, ROWS)
         r64 = model.evaluate(torch.from_numpy(x32).double())["certified_radius"].numpy()
         onnx_r = _served(sess, x32)["certified_radius"]
-        with torch.no_grad():
-            torch_r = module(torch.from_numpy(x32), torch.tensor([0.1], dtype=torch.float64))["certified_radius"]
+        torch_r = _module_served(module, x32)["certified_radius"]
         # less the allowance for the rounding of a client's values (at most 2.5e-7 |x|: about 6e-6
         # for a digit), then rounded toward zero, no further
         shrunk = F.input_rounding_radius(torch.from_numpy(r64), torch.from_numpy(x32)).numpy()
         norm = np.linalg.norm(x32.astype(np.float64), axis=1)
         assert (r64 - shrunk <= 2.5e-7 * norm).all() and (shrunk <= r64).all()
-        for name, served in (("onnx", onnx_r), ("torch", torch_r.numpy())):
+        for name, served in (("onnx", onnx_r), ("torch", torch_r)):
             assert served.dtype == np.float32, name
             assert (served.astype(np.float64) <= shrunk).all(), (name, factor, np.max(served - shrunk))
             # the largest float32 at or below the allowance's bound
@@ -244,15 +250,9 @@ def test_no_float64_client_inside_the_served_radius_changes_the_served_class(dig
     version, model, sess = digits_lse
     module = load_serving_module(version).eval()
 
-    def served(x32):
-        if backend == "onnx":
-            return _served(sess, x32)
-        with torch.no_grad():
-            out = module(torch.from_numpy(x32), torch.tensor([0.1], dtype=torch.float64))
-        return {k: v.numpy() for k, v in out.items()}
-
     def serve(q):   # float64 rows, rounded to float32 as the server reads them
-        out = served(np.asarray(q, dtype=np.float64).astype(np.float32))
+        x32 = np.asarray(q, dtype=np.float64).astype(np.float32)
+        out = _served(sess, x32) if backend == "onnx" else _module_served(module, x32)
         return out["prediction"], out["certified_radius"]
 
     x32 = _scaled_digits(model, factor, 30)
@@ -407,14 +407,7 @@ def test_a_regression_radius_holds_for_the_outputs_as_served(demo_repository, ba
     sess, module = _session(version), load_serving_module(version).eval()
 
     def served(q):
-        if backend == "onnx":
-            out = _SERVING_THREAD.submit(
-                lambda: dict(zip([o.name for o in sess.get_outputs()],
-                                 sess.run(None, serving.onnx_feeds(sess, q, tau)), strict=True))).result()
-        else:
-            with torch.no_grad():
-                out = {k: v.numpy() for k, v in module(torch.from_numpy(q), torch.tensor([tau],
-                                                                                         dtype=torch.float64)).items()}
+        out = _served(sess, q, tau) if backend == "onnx" else _module_served(module, q, tau)
         return out["prediction"].reshape(len(q), -1)[:, 0].astype(np.float64), out["certified_radius"].astype(np.float64)
 
     # near the origin (the features are centred): there the input-rounding allowance (~1e-7 |x|) is
