@@ -992,8 +992,9 @@ class HJModel(nn.Module):
         rank among the calibration split's statistics, p = (1 + #{T_cal >= T}) / (1 + n_cal).
 
         Validity: T is the same fixed function (of the training split only) for calibration and test
-        points, so for an exchangeable in-distribution input P(p <= alpha) <= alpha exactly (ties
-        count against the input). Robustness: one training point moves any p_c by at most
+        points, so for an exchangeable in-distribution input P(p <= alpha) <= alpha exactly (ties,
+        up to the rounding of the kernels that compute T, count against the input: :func:`_rank_p`).
+        Robustness: one training point moves any p_c by at most
         1/(1 + n_c) and one calibration point moves p by at most 1/(1 + n_cal): no single example
         can squeeze the others' scores together (the ECDF interpolation this replaces could)."""
         ref = self.reference
@@ -1127,10 +1128,33 @@ def _per_row(tau: float | Tensor, n: int, device=None) -> Tensor:
     return tau_t.expand(n) if tau_t.numel() == 1 else tau_t
 
 
-def _rank_p(sorted_ref: Tensor, s: Tensor) -> Tensor:
-    """Upper-tail rank p-value of scores s among ascending reference scores: (1 + #{ref >= s}) / (1 + m).
-    (m,), (n,) -> (n,); exportable (an unrolled binary search, :func:`functional.count_at_least`)."""
-    ge = F.count_at_least(sorted_ref, s).to(s.dtype)
+#: A score s ties a reference score when their difference is at most this much of 1 + |s| (the gate's
+#: first level: the OOD score against the training scores). The score is a difference of terms much
+#: larger than itself, and the same row came out up to 4e-13 (1 + |s|) apart on the demo models between
+#: onnxruntime and torch, and between batch shapes of one backend (summation orders); this is ~2,000x
+#: that, and far below any distance an OOD gate resolves. (Exact duplicates tie: a training row not in
+#: the reference measure, sent again, scores its own leave-one-out score.)
+SCORE_TIE_MARGIN = 2.0 ** -30
+#: The same for the statistic T against the calibration statistics (the served p-value): T is a
+#: logarithm of a count plus a tie-break that moves ~1e-4 as fast as the score, so it rounds within a
+#: few ulps; ~1,000x that, below the closest two calibration statistics of the demo models (~6e-10).
+STATISTIC_TIE_MARGIN = 2.0 ** -40
+
+
+def _rank_p(sorted_ref: Tensor, s: Tensor, margin: float = STATISTIC_TIE_MARGIN) -> Tensor:
+    """Upper-tail rank p-value of scores s among ascending reference scores, a reference within
+    ``margin`` (1 + |s|) below s counting as a tie: (1 + #{ref >= s - margin (1 + |s|)}) / (1 + m).
+    (m,), (n,) -> (n,); exportable (an unrolled binary search, :func:`functional.count_at_least`).
+
+    Ties count against the input (a larger p-value), which is what keeps a conformal p-value valid
+    where inputs repeat: a calibration row sent again ties its own statistic. In exact arithmetic that
+    is ``ref >= s``; but s is computed again, by other kernels (onnxruntime, the torch trace, another
+    batch shape) than the reference's, so a tie holds only up to rounding and, counted exactly, went
+    either way by where the row was batched (``tests/hjmodel/test_served_precision.py``). Counting
+    within the margin counts it whichever way s rounded: the p-value is never below the exact one,
+    and the same on every backend and batch. NaN counts nothing; +-inf stay themselves."""
+    lowered = s - margin * (1.0 + s.abs()).clamp_max(1e300)
+    ge = F.count_at_least(sorted_ref, lowered).to(s.dtype)
     return (1.0 + ge) / (1.0 + float(sorted_ref.shape[0]))
 
 
@@ -1154,7 +1178,7 @@ def _surprisal(sorted_ref: Tensor, s: Tensor) -> Tensor:
     z = (s - med) / iqr
     within = 0.5 + 0.5 * z / (1.0 + z.abs())          # softsign: in (0, 1), increasing, exportable in float64
     # float(m): a Python number, so the exporter does not trace this constant in float32
-    return -torch.log(_rank_p(sorted_ref, s)) + (0.5 * math.log1p(1.0 / float(m))) * within
+    return -torch.log(_rank_p(sorted_ref, s, SCORE_TIE_MARGIN)) + (0.5 * math.log1p(1.0 / float(m))) * within
 
 
 def _diagnose(model: HJModel, x: Tensor, top_k: int = 5, tau: float = 0.1,

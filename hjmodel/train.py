@@ -351,7 +351,9 @@ def calibrate(model: HJModel, X_train: torch.Tensor, X_cal: torch.Tensor, cfg: T
       eps/4);
     * normaliser: u of every training row against its decided class, leave-one-out (a point of the
       reference measure has its own term removed: exact, O(M) per row);
-    * conformal statistics: the statistic T of every calibration row.
+    * conformal statistics: the statistic T of every calibration row as a served graph reads it
+      (:func:`functional.served_input`: in float32), so that the served statistic is the same
+      function of the same point.
 
     The gate has one component, u: with it, T is a strictly increasing function of u, so the served
     p-value is u's conformal rank among the calibration rows, valid for exchangeable inputs. (The
@@ -377,6 +379,7 @@ def calibrate(model: HJModel, X_train: torch.Tensor, X_cal: torch.Tensor, cfg: T
         loo_u = [model.ood_unsupported(H_tr[i:i + 2048], None if classes is None else classes[i:i + 2048],
                                        own[i:i + 2048]) for i in range(0, H_tr.shape[0], 2048)]
         ref.norm_unsupported = torch.sort(torch.cat(loo_u)).values
+        X_cal = F.served_input(X_cal)
         T = [model.combined_statistic(*model.decisions(X_cal[rows])) for rows in model.row_blocks(n_cal)]
         ref.combined = torch.sort(torch.cat(T)).values
 

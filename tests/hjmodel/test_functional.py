@@ -874,6 +874,16 @@ def _seen_cells(z32: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return np.where(zero, 0.0, z), np.where(zero, -edge, lo), np.where(zero, edge, hi)
 
 
+def test_served_input_is_the_row_a_flushing_float32_graph_reads():
+    """``served_input``: rows rounded to float32, a float32 subnormal read as 0 (a served session
+    flushes them), in float64 again: what the gate's calibration statistics are computed on."""
+    x = torch.tensor([[0.1, -1e-40, 3e-39, 1e-45, 2.0 ** -126, 1 / 3, 1e39, -0.0]], dtype=torch.float64)
+    got = F.served_input(x)
+    want = [float(np.float32(0.1)), 0.0, 0.0, 0.0, 2.0 ** -126, float(np.float32(1 / 3)), math.inf, 0.0]
+    assert got.dtype == torch.float64 and got[0].tolist() == want
+    assert torch.equal(F.served_input(got), got)            # idempotent
+
+
 @pytest.mark.parametrize("seed", range(12))
 def test_input_rounding_radius_holds_for_every_pair_of_rounding_cells(seed):
     """``input_rounding_radius(r, x)``: the graph computes with the float32 row x (a subnormal read

@@ -258,7 +258,7 @@ def test_ood_score_is_the_soft_distance_to_the_decided_class(ood_setup):
 
 
 def test_surprisal_orders_within_a_rank_level_and_never_across():
-    from hjmodel.models import _rank_p, _surprisal
+    from hjmodel.models import SCORE_TIE_MARGIN, _rank_p, _surprisal
 
     ref = torch.sort(torch.randn(500, generator=torch.Generator().manual_seed(3), dtype=torch.float64)).values
     ref[-1] = 1e6                                  # one extreme reference point
@@ -266,10 +266,32 @@ def test_surprisal_orders_within_a_rank_level_and_never_across():
                               torch.tensor([2e6, 1e9, 1e15], dtype=torch.float64)])).values
     T = _surprisal(ref, s)
     assert bool((T[1:] >= T[:-1]).all())           # farther is never less surprising
-    level = -torch.log(_rank_p(ref, s))
+    level = -torch.log(_rank_p(ref, s, SCORE_TIE_MARGIN))
     assert bool(((T - level) >= 0).all() and ((T - level) < 0.5 * math.log1p(1 / 500)).all())
     beyond = T[-3:]
     assert bool((beyond[1:] > beyond[:-1]).all())  # still ordered far beyond the extreme point
+
+
+
+def test_a_rank_p_value_counts_ties_up_to_rounding_against_the_input():
+    """``_rank_p``: a reference score within the margin (of 1 + |s|) below s counts as at least s --
+    whichever way s rounded, a tie counts against the input -- and one farther below does not; NaN
+    counts nothing, +inf nothing, -inf everything. (The count itself, eager and as exported:
+    ``test_functional.test_count_at_least_is_the_comparison_count``.)"""
+    from hjmodel.models import _rank_p
+
+    g = torch.Generator().manual_seed(5)
+    ref = torch.sort(torch.cat([torch.randn(300, generator=g, dtype=torch.float64) * 40,
+                                torch.tensor([0.0, 7.0, 7.0, 1e300], dtype=torch.float64)])).values
+    m, eps = ref.numel(), torch.finfo(torch.float64).eps
+    at_least = (1.0 + (ref.unsqueeze(0) >= ref.unsqueeze(1)).sum(1).double()) / (1.0 + m)  # own rank
+    above = (1.0 + (ref.unsqueeze(0) > ref.unsqueeze(1)).sum(1).double()) / (1.0 + m)       # without its ties
+    assert torch.equal(_rank_p(ref, ref), at_least)
+    assert torch.equal(_rank_p(ref, ref + 8 * eps * (1 + ref.abs())), at_least)    # rounded up: still ties
+    assert torch.equal(_rank_p(ref, ref - 1e-9 * (1 + ref.abs())), at_least)
+    assert torch.equal(_rank_p(ref, ref + 1e-9 * (1 + ref.abs())), above)          # past the margin
+    special = torch.tensor([math.nan, math.inf, -math.inf], dtype=torch.float64)
+    assert _rank_p(ref, special).tolist() == [1 / (1 + m), 1 / (1 + m), 1.0]
 
 
 # ------------------------------------------------------------------ one deployment's false-flag rate

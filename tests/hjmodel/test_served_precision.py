@@ -434,3 +434,70 @@ def test_a_regression_radius_holds_for_the_outputs_as_served(demo_repository, ba
             assert (moved <= tau).all(), (i, sign, moved.max(), tau, r[i])
             largest = max(largest, float(moved.max()))
     assert largest > 0.5 * tau, largest   # the points reach the tolerance's neighbourhood
+
+
+def _dataset(name: str) -> np.ndarray:
+    from sklearn import datasets
+
+    loader = {"digits": datasets.load_digits, "breast": datasets.load_breast_cancer,
+              "diabetes": datasets.load_diabetes}[name.split("_")[0]]
+    return loader().data.astype(np.float32)
+
+
+@pytest.mark.parametrize("name", ["digits_lse", "digits_memory", "digits_deep", "breast_cancer_lse",
+                                  "diabetes_lse"])
+def test_a_served_p_value_counts_every_calibration_statistic_its_own_ties(demo_repository, name):
+    """The gate's p-value is (1 + #{T_cal >= T}) / (1 + n): ties count against the input, which is
+    what keeps P(p <= alpha) <= alpha where inputs repeat (a calibration row sent again ties its own
+    statistic). The build computed T_cal in eager torch; a served graph computes T in other kernels
+    and at other batch shapes, so an input's T ties only up to rounding, and rounded up it used to
+    drop its own calibration row: digits_lse's row 517 was served p = 0.7722 by onnxruntime in a
+    batch and 0.775 alone. So: on every row of the dataset (a calibration row among them, each tie
+    found in float64 against the build's statistics), each backend -- onnxruntime and the torch trace
+    (interpreter, and the static runtime that answers small calls) -- alone and in one batch of
+    every row, serves a p-value no smaller than the rank with the tie counted; and the same p-value
+    and flag on each, so where a row was batched no longer decides its gate."""
+    from eval.served_bits import static_server
+    from hjmodel.artifact import TracedModule
+
+    version = demo_repository / name / "1"
+    model = load_model(version).double().eval()
+    x32 = _dataset(name)
+    x = torch.from_numpy(x32).double()
+    with torch.no_grad():
+        T = torch.cat([model.combined_statistic(*model.decisions(x[rows])) for rows in model.row_blocks(len(x))])
+    cal = model.reference.combined
+    # a tie in exact arithmetic reads as a calibration statistic within a few ulps of T (the margin
+    # below is ~2^-44 relative: far above float64's rounding of T, far below any two distinct rows')
+    lowered = T - 2.0 ** -44 * (1.0 + T.abs())
+    floor = ((1.0 + (cal.unsqueeze(0) >= lowered.unsqueeze(1)).sum(1).double()) / (1.0 + cal.numel())).numpy()
+    ties = ((cal.unsqueeze(0) - T.unsqueeze(1)).abs() <= T.unsqueeze(1) - lowered.unsqueeze(1)).any(1)
+    assert ties.sum() > 10, "calibration rows must be among the rows"
+
+    sess = _session(version)
+    traced = TracedModule(load_serving_module(version).eval(), static_rows=0)
+    static = static_server(version)
+
+    def interpreter(q: np.ndarray) -> dict[str, np.ndarray]:
+        with torch.inference_mode():
+            out = traced(torch.from_numpy(q), torch.full((len(q), 1), 0.1, dtype=torch.float64))
+        return {k: v.numpy() for k, v in out.items()}
+
+    def alone(call) -> dict[str, np.ndarray]:
+        parts = [call(x32[i:i + 1]) for i in range(len(x32))]
+        return {k: np.concatenate([p[k] for p in parts]) for k in ("ood_p_value", "ood_flag")}
+
+    served = {
+        "onnxruntime, one batch": _served(sess, x32),
+        "onnxruntime, alone": alone(lambda q: _served(sess, q)),
+        "torch interpreter, one batch": _SERVING_THREAD.submit(interpreter, x32).result(),
+        "torch static runtime, alone": _SERVING_THREAD.submit(alone, static).result(),
+    }
+    first = served["onnxruntime, one batch"]
+    for how, out in served.items():
+        p = out["ood_p_value"].astype(np.float64)
+        short = np.flatnonzero(p < floor)   # served rounded up: never below, if the tie counts
+        assert short.size == 0, (name, how, short[:5], p[short[:5]], floor[short[:5]], int(ties.sum()))
+        for key in ("ood_p_value", "ood_flag"):
+            differ = np.flatnonzero(out[key] != first[key])
+            assert differ.size == 0, (name, how, key, differ[:5])
