@@ -108,17 +108,20 @@ function readText() {
 
 function fmt(x, digits = 4) { return typeof x === "number" ? Number(x.toPrecision(digits)).toString() : String(x); }
 
-// A lower bound (the certified radius) to `digits` significant digits, rounded toward zero: rounded
-// to nearest it could read larger than what is certified.
-function fmtDown(x, digits = 4) {
+// A bound to `digits` significant digits, rounded toward zero (direction -1: a lower bound, the
+// certified radius) or up (+1: an upper bound, the OOD p-value, which the server rounds up too):
+// rounded to nearest, either could read past what the server answered.
+function fmtBound(x, direction, digits) {
   if (typeof x !== "number" || !Number.isFinite(x) || x <= 0) return fmt(x, digits);
   let text = x.toPrecision(digits);
-  for (let i = 0; i < 3 && Number(text) > x; i++) {
+  for (let i = 0; i < 3 && direction * (x - Number(text)) > 0; i++) {
     const unit = 10 ** (Math.floor(Math.log10(Number(text))) - digits + 1);
-    text = (Number(text) - unit).toPrecision(digits);
+    text = (Number(text) + direction * unit).toPrecision(digits);
   }
   return Number(text).toString();
 }
+function fmtDown(x, digits = 4) { return fmtBound(x, -1, digits); }
+function fmtUp(x, digits = 4) { return fmtBound(x, 1, digits); }
 
 function bars(probabilities) {
   const box = $("probabilities");
@@ -215,7 +218,7 @@ function render(v1, maps) {
   const ood = diag.ood;
   $("ood").textContent = ood.flagged.value ? "flagged" : "in distribution";
   $("ood").className = "big " + (ood.flagged.value ? "flag-yes" : "flag-no");
-  $("ood-meaning").textContent = `p-value ${fmt(ood.p_value.value, 3)} (flagged at or below alpha); ` +
+  $("ood-meaning").textContent = `p-value ${fmtUp(ood.p_value.value, 3)} (flagged at or below alpha); ` +
     `component: ${ood.component.value}; score ${fmt(ood.score.value)}. ${ood.flagged.meaning}.` +
     (diag.hallucination.value ? " Hallucination flag: unsupported and extrapolating from one neuron." : "");
   const table = $("attributions");

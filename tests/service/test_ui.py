@@ -6,6 +6,7 @@ copy, as docs/ui.png was made)."""
 from __future__ import annotations
 
 import os
+import re
 import shutil
 
 import httpx
@@ -82,6 +83,12 @@ def test_the_page_explains_a_prediction(browser, demo_server, tmp_path):
         "outputs": [{"name": "certified_radius"}]}).json()["outputs"][0]["data"][0]
     assert radius <= served and radius > 0.999 * served, (radius, served)
     assert browser.find_element(By.ID, "ood").text in ("in distribution", "flagged")
+    # and the OOD p-value rounded up: never less than the server's (a smaller one reads more unusual)
+    shown_p = float(re.search(r"p-value (\S+) ", browser.find_element(By.ID, "ood-meaning").text).group(1))
+    served_p = httpx.post(f"{demo_server.url}/v2/models/digits_lse/infer", timeout=30, json={
+        "inputs": [{"name": "input", "datatype": "FP64", "shape": [1, 64], "data": row}],
+        "outputs": [{"name": "ood_p_value"}]}).json()["outputs"][0]["data"][0]
+    assert served_p <= shown_p < served_p * 1.01, (shown_p, served_p)
     assert len(browser.find_elements(By.CSS_SELECTOR, "#attributions tr")) == 1 + 5
     assert len(browser.find_elements(By.CSS_SELECTOR, "#heatmap div")) == 64
     assert len(browser.find_elements(By.CSS_SELECTOR, "#probabilities .bar")) == 5
@@ -106,6 +113,20 @@ def test_the_page_rounds_a_radius_toward_zero(browser, demo_server):
     for x, text in zip(cases, shown, strict=True):
         assert float(text) <= x and (x == 0 or float(text) >= x * (1 - 1e-3)), (x, text)
     assert browser.execute_script("return fmt(0.59986)") == "0.5999"   # what the radius showed before
+
+
+def test_the_page_rounds_a_p_value_up(browser, demo_server):
+    """``fmtUp``, the page's form of an upper bound (the conformal p-value, which the server rounds
+    up too): 3 significant digits, never below the value -- to nearest, a p-value of 5001/100001
+    (0.0500095, above alpha = 0.05: not flagged) read as 0.05, the flagging threshold."""
+    browser.get(demo_server.url + "/ui/")
+    cases = [5001 / 100001, 0.7722223, 278 / 360, 0.99722224, 1.0, 1 / 360, 0.0500001, 0.12345, 9.99999e-7,
+             0.0, 1e-30]
+    shown = browser.execute_script("return arguments[0].map((x) => fmtUp(x, 3))", cases)
+    for x, text in zip(cases, shown, strict=True):
+        assert float(text) >= x and float(text) <= max(x * (1 + 1e-2), 0.0), (x, text)
+        assert float(text) <= 1.0 or x > 1.0, (x, text)
+    assert browser.execute_script("return fmt(5001 / 100001, 3)") == "0.05"   # what the page showed before
 
 
 def test_the_page_draws_and_reports_errors(browser, demo_server):
