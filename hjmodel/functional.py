@@ -1459,7 +1459,6 @@ ROUNDING_UNIT = FLOAT32_UNIT + 2.0 ** -52
 ROUNDING_FLOOR = 2.0 ** -126
 
 
-
 def served_input(x: Tensor) -> Tensor:
     """Rows as a served graph reads them: rounded to float32 (its input's type), a float32 subnormal
     read as 0 (served sessions flush them; ROUNDING_FLOOR), in x's own dtype. What the build computes
@@ -1467,6 +1466,7 @@ def served_input(x: Tensor) -> Tensor:
     the same point (a calibration row sent again ties its own statistic)."""
     x32 = x.to(torch.float32)
     return torch.where(x32.abs() < ROUNDING_FLOOR, torch.zeros_like(x32), x32).to(x.dtype)
+
 
 def input_rounding_radius(r: Tensor, x: Tensor) -> Tensor:
     """A radius certified around the float32 row ``x`` a graph reads (n,) -> the radius certified

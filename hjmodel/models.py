@@ -1137,7 +1137,8 @@ def _per_row(tau: float | Tensor, n: int, device=None) -> Tensor:
 SCORE_TIE_MARGIN = 2.0 ** -30
 #: The same for the statistic T against the calibration statistics (the served p-value): T is a
 #: logarithm of a count plus a tie-break that moves ~1e-4 as fast as the score, so it rounds within a
-#: few ulps; ~1,000x that, below the closest two calibration statistics of the demo models (~6e-10).
+#: few ulps (a row's T alone and batched: 1e-16 apart, relative); far above that, and far below the
+#: closest two calibration statistics of the demo models (~6e-10).
 STATISTIC_TIE_MARGIN = 2.0 ** -40
 
 
@@ -1151,7 +1152,7 @@ def _rank_p(sorted_ref: Tensor, s: Tensor, margin: float = STATISTIC_TIE_MARGIN)
     is ``ref >= s``; but s is computed again, by other kernels (onnxruntime, the torch trace, another
     batch shape) than the reference's, so a tie holds only up to rounding and, counted exactly, went
     either way by where the row was batched (``tests/hjmodel/test_served_precision.py``). Counting
-    within the margin counts it whichever way s rounded (the margins are ~1,000x the rounding
+    within the margin counts it whichever way s rounded (the margins are far above the rounding
     measured, not a proven bound): the p-value is not below the exact one, and it is the same on
     every backend and batch. NaN counts nothing; +-inf stay themselves."""
     lowered = s - margin * (1.0 + s.abs()).clamp_max(1e300)
