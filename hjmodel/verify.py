@@ -17,8 +17,9 @@ __all__ = ["DEMO_DATA", "OOD_OUTPUTS", "calibration_ties", "outputs_agree", "par
 #: The demo models and the dataset each was trained on (``hjmodel.demo``).
 DEMO_DATA = {"digits_lse": "digits", "digits_memory": "digits", "digits_deep": "digits",
              "breast_cancer_lse": "breast_cancer", "diabetes_lse": "diabetes"}
-#: Outputs that count calibration scores (rank p-values): they may differ between runtimes only on
-#: rows that tie a stored calibration score (:func:`calibration_ties`).
+#: Outputs that count calibration scores (rank p-values): the same on every runtime, also on rows that
+#: tie a stored calibration score (:func:`calibration_ties`), which count it whichever way each runtime
+#: rounded (``models._rank_p``).
 OOD_OUTPUTS = ("ood_p_value", "ood_flag", "ood_component", "hallucination_flag")
 
 
@@ -42,8 +43,9 @@ def served_outputs(directory: str | Path, x32, tau: float = 0.1, threads: int = 
 
 def calibration_ties(model, x32: np.ndarray) -> np.ndarray:
     """Rows whose OOD component scores equal (to float64 rounding) a stored normaliser score, or whose
-    combined statistic equals a stored conformal statistic: on such a row the two runtimes' last-bit
-    differences decide a tie and may move the rank p-value (these rows are calibration points)."""
+    combined statistic equals a stored conformal statistic (calibration points, sent again): ties,
+    which the rank p-values count up to rounding (``models._rank_p``); before its margins, the two
+    runtimes' last-bit differences decided them."""
     ref = model.reference
     ev = model.evaluate(torch.from_numpy(np.asarray(x32)).double(), outputs=("ood_score",))
     T = model.combined_statistic(ev.h, ev.log_probs)
