@@ -16,9 +16,9 @@ either way. This measures what that did to the flags on an in-distribution strea
   digits rows are float32 numbers, so the float32 calibration rows change nothing here). Each is
   exported to ONNX and serves one stream of ``--stream`` fresh draws in batches of 64 (as the batch
   endpoint and the dynamic batcher hand them), in a session like the server's.
-* Per stream row, the reference is the float64 model's own p-value with the ties counted exactly:
-  T of the row and of every calibration row in eager torch, ties found within 2^-44 (relative), the
-  rank counted with them.
+* Per stream row, the reference is the float64 model's own p-value with its ties counted
+  (``hjmodel.verify.tied_p_values``: T in eager torch, a calibration statistic within 2^-44 of
+  1 + |T| counted as a tie).
 
 Reported per kind, over the seeds: the rows served below the reference (a tie dropped: the p-value too
 small by a rank or more), the flags raised that the reference does not raise, and the false-flag rate
@@ -43,6 +43,7 @@ from hjmodel import TrainConfig, models, serving, train
 from hjmodel.artifact import ONNX_FILE, export_onnx
 from hjmodel.data import Dataset
 from hjmodel.train import calibrate
+from hjmodel.verify import tied_p_values
 
 from .common import machine, md_table, set_threads
 
@@ -72,17 +73,6 @@ def served_p(model, X: np.ndarray, directory: Path) -> np.ndarray:
                            for i in range(0, len(x32), BATCH)]).astype(np.float64)
 
 
-def exact_p(model, X: np.ndarray) -> np.ndarray:
-    """The float64 model's p-value of every row with its ties to calibration statistics counted."""
-    x = torch.as_tensor(X, dtype=torch.float64)
-    with torch.no_grad():
-        T = torch.cat([model.combined_statistic(*model.decisions(x[r])) for r in model.row_blocks(len(x))])
-    cal = model.reference.combined
-    lowered = T - 2.0 ** -44 * (1.0 + T.abs())
-    ge = torch.searchsorted(cal, lowered, side="left")
-    return ((1.0 + (cal.numel() - ge).double()) / (1.0 + cal.numel())).numpy()
-
-
 def one(kind: str, seed: int, rows: int, stream: int, pool_x: np.ndarray, pool_y: np.ndarray) -> dict:
     rng = np.random.default_rng(seed)
     draw = rng.integers(0, len(pool_x), rows)
@@ -100,7 +90,7 @@ def one(kind: str, seed: int, rows: int, stream: int, pool_x: np.ndarray, pool_y
         now = served_p(model, test, Path(tmp) / "now")
         with without_tie_margins():
             then = served_p(before, test, Path(tmp) / "before")
-    ref = exact_p(model, test)
+    ref = tied_p_values(model, test)[0]
     alpha, n = model.reference.alpha, int(model.reference.combined.numel())
     out = {"kind": kind, "seed": seed, "n": n, "alpha": alpha, "rows": stream,
            "bound": np.floor(alpha * (n + 1)) / (n + 1), "ref_rate": float((ref <= alpha).mean())}

@@ -12,7 +12,7 @@ from .artifact import ONNX_FILE, load_model, verify_checksums
 from .serving import outputs_for
 
 __all__ = ["DEMO_DATA", "OOD_OUTPUTS", "calibration_ties", "outputs_agree", "parity_inputs", "served_outputs",
-           "served_radius_check", "verify"]
+           "served_radius_check", "tied_p_values", "verify"]
 
 #: The demo models and the dataset each was trained on (``hjmodel.demo``).
 DEMO_DATA = {"digits_lse": "digits", "digits_memory": "digits", "digits_deep": "digits",
@@ -59,6 +59,27 @@ def calibration_ties(model, x32: np.ndarray) -> np.ndarray:
     ambiguity = ev.ambiguity if ev.ambiguity is not None else torch.zeros(0)
     return tie(ev["ood_score"], ref.norm_unsupported) | tie(ambiguity, ref.norm_ambiguous) | tie(T, ref.combined)
 
+
+
+#: How near (of 1 + |T|) a stored conformal statistic must lie to a row's T to count as its tie in
+#: :func:`tied_p_values`: far above float64's rounding of T, below the margin the served graph counts
+#: ties within (``models.STATISTIC_TIE_MARGIN``, 2^-40), so the reference never asks for more.
+REFERENCE_TIE = 2.0 ** -44
+
+
+def tied_p_values(model, x) -> tuple[np.ndarray, np.ndarray]:
+    """The reference a served ``ood_p_value`` must not fall below: the float64 model's conformal
+    p-value of every row with each tie to a stored calibration statistic counted (one within
+    ``REFERENCE_TIE``), and which rows tie one (a calibration row sent again does). (n, d) ->
+    (p (n,), tied (n,) bool)."""
+    x = torch.as_tensor(np.asarray(x)).to(torch.float64)
+    with torch.no_grad():
+        T = torch.cat([model.combined_statistic(*model.decisions(x[r])) for r in model.row_blocks(len(x))])
+    cal = model.reference.combined
+    reach = REFERENCE_TIE * (1.0 + T.abs())
+    counted = (1.0 + (cal.unsqueeze(0) >= (T - reach).unsqueeze(1)).sum(1).double()) / (1.0 + cal.numel())
+    tied = ((cal.unsqueeze(0) - T.unsqueeze(1)).abs() <= reach.unsqueeze(1)).any(1)
+    return counted.numpy(), tied.numpy()
 
 def parity_inputs(name: str, n: int) -> np.ndarray:
     """n rows for demo model ``name``: dataset rows, every other one with Gaussian noise of 0.5 x the

@@ -459,19 +459,12 @@ def test_a_served_p_value_counts_every_calibration_statistic_its_own_ties(demo_r
     and flag on each, so where a row was batched no longer decides its gate."""
     from eval.served_bits import static_server
     from hjmodel.artifact import TracedModule
+    from hjmodel.verify import tied_p_values
 
     version = demo_repository / name / "1"
     model = load_model(version).double().eval()
     x32 = _dataset(name)
-    x = torch.from_numpy(x32).double()
-    with torch.no_grad():
-        T = torch.cat([model.combined_statistic(*model.decisions(x[rows])) for rows in model.row_blocks(len(x))])
-    cal = model.reference.combined
-    # a tie in exact arithmetic reads as a calibration statistic within a few ulps of T (the margin
-    # below is ~2^-44 relative: far above float64's rounding of T, far below any two distinct rows')
-    lowered = T - 2.0 ** -44 * (1.0 + T.abs())
-    floor = ((1.0 + (cal.unsqueeze(0) >= lowered.unsqueeze(1)).sum(1).double()) / (1.0 + cal.numel())).numpy()
-    ties = ((cal.unsqueeze(0) - T.unsqueeze(1)).abs() <= T.unsqueeze(1) - lowered.unsqueeze(1)).any(1)
+    floor, ties = tied_p_values(model, x32)
     assert ties.sum() > 10, "calibration rows must be among the rows"
 
     sess = _session(version)
