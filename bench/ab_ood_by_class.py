@@ -88,7 +88,7 @@ def _session(module: torch.nn.Module, example: tuple, names: list[str]):
     return serving.open_session(buf.getvalue(), threads=1, flush_subnormals=True)
 
 
-def bench_model(name: str, directory: Path, repeats: int, batches: list[int]) -> list[tuple]:
+def bench_model(name: str, directory: Path, repeats: int, batches: tuple[int, ...]) -> list[tuple]:
     model = load_model(directory).double().eval()
     ref = model.reference
     by_class = ref.class_groups(model.n_outputs)
@@ -124,9 +124,7 @@ def bench_model(name: str, directory: Path, repeats: int, batches: list[int]) ->
 
 
 def main() -> int:
-    args = report.arguments(__doc__, OUT, repeats=5, batches=BATCHES).parse_args()
-    report.as_served()
-    rows, start = report.per_demo(args, lambda name, directory: bench_model(name, directory, args.repeats, args.batches))
+    args, rows, start = report.demo_bench(__doc__, OUT, 5, BATCHES, bench_model)
 
     def cells(model, M, S, n, a, b, whole, bare):
         return (model, f"{M} / {S}", str(n), f"{a:.1f}", f"{b:.1f}", f"{b / a:.2f}x", f"{(a - b) / whole:+.1%}",

@@ -51,7 +51,7 @@ def _graph(module: artifact.ServingModule, model, folder: Path, name: str):
     return serving.open_session(path, threads=1, flush_subnormals=True), nodes
 
 
-def bench_model(name: str, directory: Path, repeats: int, batches: list[int]) -> list[tuple]:
+def bench_model(name: str, directory: Path, repeats: int, batches: tuple[int, ...]) -> list[tuple]:
     model = load_model(directory).double().eval()
     X = load_dataset(DEMOS[name][0]).X
     with tempfile.TemporaryDirectory() as tmp:
@@ -77,9 +77,7 @@ def bench_model(name: str, directory: Path, repeats: int, batches: list[int]) ->
 
 
 def main() -> int:
-    args = report.arguments(__doc__, OUT, repeats=5, batches=BATCHES).parse_args()
-    report.as_served()
-    rows, start = report.per_demo(args, lambda name, directory: bench_model(name, directory, args.repeats, args.batches))
+    args, rows, start = report.demo_bench(__doc__, OUT, 5, BATCHES, bench_model)
 
     def cells(model, n_served, n_bare, n, a, b, shrink):
         return (model, f"{n_served} / {n_bare}", str(n), f"{a:.1f}", f"{b:.1f}", f"{a / b:.3f}x", f"{shrink:.1e}")

@@ -104,9 +104,7 @@ def bench_model(name: str, directory: Path, repeats: int, batches_of: tuple[int,
 
 
 def main() -> int:
-    args = report.arguments(__doc__, OUT, repeats=7, batches=BATCHES).parse_args()
-    report.as_served()
-    rows, start = report.per_demo(args, lambda name, version: bench_model(name, version, args.repeats, tuple(args.batches)))
+    args, rows, start = report.demo_bench(__doc__, OUT, 7, BATCHES, bench_model)
     report.write(args.out, "The torch trace's small calls on the static runtime, side by side",
                  f"python bench/ab_static_runtime.py --repeats {args.repeats}", start,
                  f"torch {torch.__version__}, one thread; every served output; the model's own dataset rows; "

@@ -103,6 +103,19 @@ def per_demo(args: argparse.Namespace, bench_model: Callable[[str, Path], list])
     return rows, started
 
 
+
+def demo_bench(doc: str, out: Path, repeats: int, batches: tuple[int, ...],
+               bench_model: Callable[[str, Path, int, tuple[int, ...]], list]) -> tuple[argparse.Namespace, list, float]:
+    """A side-by-side bench over the demo models, start to rows: its command line (:func:`arguments`
+    with ``--batches``), this thread set up as served (:func:`as_served`), then
+    ``bench_model(name, version directory, --repeats, --batches)`` for each demo model
+    (:func:`per_demo`). Returns (the parsed arguments, the rows, when they started)."""
+    args = arguments(doc, out, repeats=repeats, batches=batches).parse_args()
+    as_served()
+    rows, started = per_demo(args, lambda name, directory: bench_model(name, directory, args.repeats,
+                                                                         tuple(args.batches)))
+    return args, rows, started
+
 def module_at(rev: str, path: str) -> types.ModuleType:
     """The Python file ``path`` (relative to the repository) as it was at commit ``rev``, loaded as a
     module of its own beside this tree's: the baseline side of a side-by-side benchmark."""

@@ -437,11 +437,11 @@ def test_a_regression_radius_holds_for_the_outputs_as_served(demo_repository, ba
 
 
 def _dataset(name: str) -> np.ndarray:
-    from sklearn import datasets
+    """Every row of demo model ``name``'s dataset, as float32."""
+    from hjmodel.data import load_dataset
+    from hjmodel.verify import DEMO_DATA
 
-    loader = {"digits": datasets.load_digits, "breast": datasets.load_breast_cancer,
-              "diabetes": datasets.load_diabetes}[name.split("_")[0]]
-    return loader().data.astype(np.float32)
+    return load_dataset(DEMO_DATA[name]).X.astype(np.float32)
 
 
 @pytest.mark.parametrize("name", ["digits_lse", "digits_memory", "digits_deep", "breast_cancer_lse",
