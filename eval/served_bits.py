@@ -10,7 +10,11 @@ backend object (``service.backends.load_backend``, the server's default threads,
 flushes subnormals like the backend's) answers float32 inputs of six families: the held-out test split, the same
 rows scaled x0.3, x3 and x10 (x3 and x10 are where one neuron dominates each group and the
 certificates are nearly exact), noisy rows (Gaussian, sd 2 pixels / 0.5 feature sd), and the rows of
-all of these whose float64 decision margin is smallest (closest to the boundary). Per family:
+all of these whose float64 decision margin is smallest (closest to the boundary); and, with a tenth
+of the rows each (at least 10), eleven families far from the data (:func:`far_families`: scales from
+x1e-4 to x1e20, negated rows, the origin, Gaussian rows 10 and 1,000 sds out, a single feature,
+constant rows, midpoints of two rows), which join the pool the smallest margins are drawn from. Per
+family:
 
 * **rounded up**: rows whose served float32 radius exceeds the float64 certificate of the same input
   computed by the torch module and that the torch module does not re-prove either (must be 0: the
@@ -66,6 +70,8 @@ from .common import md_table
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 CLIENT_ROWS = 60   #: rows per family the float64-client attack runs on
+#: rows per family of :func:`far_families`: ``--rows`` / FAR_ROWS_DIVISOR, at least FAR_ROWS_MIN
+FAR_ROWS_DIVISOR, FAR_ROWS_MIN = 10, 10
 MODELS = {"digits_lse": "digits", "digits_memory": "digits", "digits_deep": "digits",
           "breast_cancer_lse": "breast_cancer"}
 
@@ -75,6 +81,25 @@ def families(X: np.ndarray, scale: np.ndarray, rows: int, rng: np.random.Generat
     base = X[:rows]
     noisy = base + rng.normal(size=base.shape) * scale
     return {"test x1": base, "x0.3": 0.3 * base, "x3": 3.0 * base, "x10": 10.0 * base, "noisy": noisy}
+
+
+def far_families(X: np.ndarray, rows: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """Inputs far from what the model was fitted on (float64, before the float32 cast), ``rows`` each:
+    the rows X scaled x1e-4 (next to the origin), x100, x1e4 and x1e20 (where the float64 arithmetic
+    of a graph that reads float32 works with squared norms near 1e42), negated, Gaussian noise of sd
+    1e-3 around the origin, Gaussian rows of 10 and 1,000 feature sds around the mean, a single
+    feature set to between 0.1 and 1,000 (the rest 0), rows whose features all hold one value in
+    [-50, 50], and midpoints of two rows (an image of two digits at half intensity each)."""
+    base = X[:rows]
+    n, d = base.shape
+    mu, sd = X.mean(0), X.std(0)
+    return {"x1e-4": 1e-4 * base, "x100": 100.0 * base, "x1e4": 1e4 * base, "x1e20": 1e20 * base,
+            "negated": -base, "near 0": 1e-3 * rng.normal(size=(n, d)),
+            "10 sd out": mu + 10.0 * sd * rng.normal(size=(n, d)),
+            "1000 sd out": mu + 1000.0 * sd * rng.normal(size=(n, d)),
+            "one feature": np.eye(d)[rng.integers(0, d, n)] * rng.uniform(0.1, 1000.0, (n, 1)),
+            "constant": np.ones((n, d)) * rng.uniform(-50.0, 50.0, (n, 1)),
+            "midpoints": 0.5 * (base + X[rng.permutation(len(X))[:n]])}
 
 
 def smallest_margin(model, pool: np.ndarray, rows: int) -> np.ndarray:
@@ -184,7 +209,7 @@ def run(models: Path, backends: list[str], rows: int, device: str = "cpu", deadl
         n = int(rows * (0.6 if name == "digits_memory" else 1.0))
         rng = np.random.default_rng(0)
         scale = np.full(X.shape[1], 2.0) if dataset == "digits" else 0.5 * X.std(0)
-        fams = families(X, scale, n, rng)
+        fams = {**families(X, scale, n, rng), **far_families(X, max(FAR_ROWS_MIN, n // FAR_ROWS_DIVISOR), rng)}
         fams["smallest margin"] = smallest_margin(model, np.concatenate([X, *(v for v in fams.values())]), n)
         for backend in backends:
             for fam, values in fams.items():

@@ -9,7 +9,9 @@ it first, where a violation is most likely to hide. For each demo model (the cla
 ``diabetes_lse``, the regressor, at tolerance tau = 10 target units):
 
 1. **Pool**: the input families of :mod:`eval.served_bits` (held-out test rows as they are, x0.3,
-   x3, x10 and noisy, ``--pool`` rows each), each row's radius as onnxruntime serves it (the float32
+   x3, x10 and noisy, ``--pool`` rows each; and its eleven families far from the data, a tenth of
+   that each: scales x1e-4 to x1e20, negated, the origin, 10 and 1,000 sds out, one feature,
+   constant rows, midpoints), each row's radius as onnxruntime serves it (the float32
    bits of the served graph, run by the service's own backend), attacked at exactly that radius.
 2. **Screen**: ``hjmodel.attacks.pgd_l2`` (8 restarts x 100 steps, targeted starts toward the
    runner-up classes) on every pooled row; a row's *fraction of the margin left* is the smallest
@@ -47,7 +49,7 @@ from hjmodel.attacks import pgd_l2 as targeted_pgd
 from .attacks import pgd_l2 as uniform_pgd
 from .certificates import TAU_DIABETES, decision_loss, regression_loss
 from .common import machine, md_table
-from .served_bits import MODELS, families, open_backend
+from .served_bits import FAR_ROWS_DIVISOR, FAR_ROWS_MIN, MODELS, families, far_families, open_backend
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -82,7 +84,8 @@ def attack_model(name: str, models: Path, pool: int, rows: int, restarts: int, s
     data = load_dataset(DATASETS[name])
     X = data.X[held_out(model, data.X)].astype(np.float64)
     scale = np.full(X.shape[1], 2.0) if DATASETS[name] == "digits" else 0.5 * X.std(0)
-    fams = families(X, scale, pool, np.random.default_rng(0))
+    rng = np.random.default_rng(0)
+    fams = {**families(X, scale, pool, rng), **far_families(X, max(FAR_ROWS_MIN, pool // FAR_ROWS_DIVISOR), rng)}
     labels = np.concatenate([[fam] * len(v) for fam, v in fams.items()])
     x32 = np.concatenate(list(fams.values())).astype(np.float32)
     tau = 0.1 if classifier else TAU_DIABETES

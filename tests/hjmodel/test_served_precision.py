@@ -201,6 +201,38 @@ def test_attack_inside_the_served_radius_in_served_bits(demo_repository, name, f
     assert not found.any(), (name, factor, np.flatnonzero(found)[:5])
 
 
+@pytest.mark.parametrize("name", ["digits_lse", "digits_memory", "digits_deep", "breast_cancer_lse"])
+def test_attack_inside_the_served_radius_far_from_the_data(demo_repository, name):
+    """Inputs no demo model was fitted near (``eval.served_bits.far_families``: its rows scaled x1e-4 to
+    x1e20, negated, the origin, Gaussian rows 10 and 1,000 feature sds out, a single feature, constant
+    rows, midpoints of two rows), served by the ONNX graph: no served radius above the float64
+    certificate unless the float64 model re-proves it, and neither the served-bits attack nor float64
+    PGD-L2 (8 restarts, targeted starts) finds another class inside it. Far out, squared norms reach
+    1e42 and most exponentials underflow: the certificates' arithmetic must stay sound there too."""
+    from eval.served_bits import far_families
+    from hjmodel.attacks import held_out, pgd_l2
+    from hjmodel.data import load_dataset
+    from hjmodel.verify import DEMO_DATA, served_radius_check
+
+    version = demo_repository / name / "1"
+    model, sess = load_model(version).double().eval(), _session(version)
+    X = load_dataset(DEMO_DATA[name]).X
+    X = X[held_out(model, X)]
+    fams = far_families(X, 3 if name == "digits_memory" else 6, np.random.default_rng(7))
+    x32 = np.concatenate(list(fams.values())).astype(np.float32)
+    assert np.isfinite(x32).all()
+    out = _served(sess, x32)
+    c, r = out["prediction"], out["certified_radius"].astype(np.float64)
+    assert (r > 0).mean() > 0.9, r          # the families are attacked inside radii that mean something
+    proof = served_radius_check(model, x32, out)
+    assert proof["unproven"] == 0, proof
+    found = served_bits_attack(model, lambda q: _served(sess, q)["prediction"], x32, r, c)
+    assert not found.any(), (name, np.flatnonzero(found)[:5])
+    violated, _, _ = pgd_l2(model, torch.from_numpy(x32).double(), 0.999 * torch.from_numpy(r),
+                            torch.from_numpy(c).long(), restarts=8, steps=60)
+    assert not violated.any(), (name, np.flatnonzero(violated.numpy())[:5])
+
+
 @pytest.mark.parametrize("runtime", ["interpreter", "static"])
 @pytest.mark.parametrize("name", ["digits_lse", "digits_memory", "digits_deep", "breast_cancer_lse"])
 def test_attack_inside_the_torch_backends_served_radius_in_its_served_bits(demo_repository, name, runtime):
