@@ -77,17 +77,33 @@ SCALING_BATCHES = (1, 1024)
 
 
 def compare(got: dict, want: dict) -> tuple[bool, str]:
-    """Served outputs ``got`` against ``want``, each by ``hjmodel.verify.outputs_agree`` (the parity
-    ``hjmodel verify`` holds runtimes to). Returns (pass, the worst difference per output)."""
-    from hjmodel.verify import outputs_agree
+    """Served outputs ``got`` against ``want``: the OOD gate's outputs (``hjmodel.verify.OOD_OUTPUTS``)
+    equal on every row whose decision agrees (a row decided otherwise is scored against another class;
+    a regressor's rows all count) -- they count calibration statistics with ties up to rounding
+    (``hjmodel.models._rank_p``), so another device's kernels must not move them by a rank; every
+    other output by ``hjmodel.verify.outputs_agree`` (the parity ``hjmodel verify`` holds runtimes
+    to). Returns (pass, the worst difference per output)."""
+    from hjmodel.verify import OOD_OUTPUTS, outputs_agree
 
     ok, worst = True, []
+    same = None                      # rows whose decision agrees (None: every row counts)
+    if "prediction" in got and "prediction" in want and not np.issubdtype(np.asarray(want["prediction"]).dtype, np.floating):
+        x, y = np.asarray(got["prediction"]), np.asarray(want["prediction"])
+        same = (x == y).reshape(len(y), -1).all(1) if x.shape == y.shape else np.zeros(len(y), dtype=bool)
     for name in want:
         x, y = np.asarray(got[name]), np.asarray(want[name])
-        ok &= outputs_agree(x, y)
         if x.shape != y.shape:
+            ok = False
             worst.append(f"{name} shape {x.shape} != {y.shape}")
-        elif np.issubdtype(y.dtype, np.floating):
+            continue
+        if name in OOD_OUTPUTS:
+            moved = (x != y).reshape(len(y), -1).any(1)
+            moved = moved if same is None else moved & same
+            ok &= not moved.any()
+            worst.append(f"{name} {int(moved.sum())} rows differ" + ("" if same is None else " of those decided alike"))
+            continue
+        ok &= outputs_agree(x, y)
+        if np.issubdtype(y.dtype, np.floating):
             diff = np.abs(x.astype(np.float64) - y)
             worst.append(f"{name} {float(np.nanmax(diff)) if np.isfinite(diff).any() else 0.0:.1e}")
         else:
@@ -159,7 +175,9 @@ def parity(models: Path, device: str, rows: int = 256) -> str:
     return ("## Parity: the service's backends on the GPU against onnxruntime on the CPU\n\n"
             f"{rows} rows per model (`hjmodel.verify.parity_inputs`: dataset rows, every other one noisy), "
             "tau 0.1; the explanation outputs on the first 32 from the training mean. Float outputs: rtol 1e-4 / "
-            "atol 1e-5; discrete outputs: at most 2% of rows differ (decisions within rounding of a tie).\n\n"
+            "atol 1e-5; discrete outputs: at most 2% of rows differ (decisions within rounding of a tie); the OOD "
+            "gate's outputs (`ood_p_value`, `ood_flag`, `ood_component`, `hallucination_flag`): equal on every "
+            "row whose decision agrees.\n\n"
             + md_table(["model", "backend on the GPU", "outputs", "result", "max abs difference per output"], table))
 
 

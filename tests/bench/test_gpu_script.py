@@ -36,6 +36,26 @@ def test_compare_fails_on_what_parity_must_not_allow():
     assert not compare({"certified_radius": radius, "prediction": classes}, {**want, "certified_radius": nan})[0]
 
 
+def test_compare_holds_the_ood_gate_to_the_same_rank_where_the_decision_agrees():
+    """A p-value one calibration rank apart (1/360: within float tolerance of nothing, but a tie counted
+    one way on one device and the other way on the other) fails the comparison; on a row whose decision
+    differs (a tie within rounding, which is scored against another class) it may differ."""
+    rng = np.random.default_rng(1)
+    classes = rng.integers(0, 10, 100)
+    p = ((1 + rng.integers(0, 360, 100)) / 361).astype(np.float32)
+    want = {"prediction": classes, "ood_p_value": p, "ood_flag": p <= 0.05}
+    assert compare(dict(want), want)[0]
+    rank = p.copy()
+    rank[7] += np.float32(1 / 361)
+    ok, detail = compare({**want, "ood_p_value": rank}, want)
+    assert not ok and "ood_p_value 1 rows differ" in detail, detail
+    flipped = classes.copy()
+    flipped[7] = (flipped[7] + 1) % 10
+    assert compare({"prediction": flipped, "ood_p_value": rank, "ood_flag": want["ood_flag"]}, want)[0]
+    regression = {"prediction": rng.normal(size=(100, 1)), "ood_p_value": p}
+    assert not compare({**regression, "ood_p_value": rank}, regression)[0]   # no decision: every row
+
+
 def test_the_gpu_script_runs_with_the_cpu_in_the_gpus_place(demo_repository, tmp_path):
     out = tmp_path / "RESULTS_gpu.md"
     run = subprocess.run([sys.executable, "-m", "eval.gpu", "--device", "cpu", "--parts", "environment,parity",
