@@ -9,7 +9,9 @@ HOST    ?= 127.0.0.1
 PORT    ?= 8000
 GRPC_PORT ?= 8001
 
-.PHONY: setup system-deps models serve test lint bench eval perf clean
+PERF_VENV ?= .venv-perf
+
+.PHONY: setup system-deps perf-analyzer models serve test lint bench eval perf clean
 
 setup: $(VENV)/.installed
 
@@ -28,6 +30,12 @@ system-deps:
 	  DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends prometheus docker-compose \
 	    chromium chromium-driver >/dev/null; }
 
+# Triton's load generator, which a test drives the server with (tritonclient 2.51's binary, libb64 via apt)
+perf-analyzer: $(PERF_VENV)/perf-env.sh
+
+$(PERF_VENV)/perf-env.sh:
+	bash bench/install_perf_analyzer.sh $(PERF_VENV) >/dev/null
+
 # rebuilt when the core changes: the demo graphs are exported by hjmodel's code
 $(MODELS)/DEMO_RESULTS.json: $(wildcard hjmodel/*.py) | setup
 	rm -rf $(MODELS)
@@ -38,8 +46,8 @@ models: $(MODELS)/DEMO_RESULTS.json
 serve: setup models
 	$(BIN)/python -m service --model-repository $(MODELS) --host $(HOST) --port $(PORT) --grpc-port $(GRPC_PORT)
 
-test: setup system-deps models
-	HJSERVE_TEST_MODELS=$(abspath $(MODELS)) $(BIN)/python -m pytest
+test: setup system-deps perf-analyzer models
+	HJSERVE_TEST_MODELS=$(abspath $(MODELS)) HJSERVE_TEST_PERF_VENV=$(abspath $(PERF_VENV)) $(BIN)/python -m pytest
 
 lint: setup
 	$(BIN)/ruff check hjmodel service tests bench eval examples
@@ -57,4 +65,4 @@ perf: setup models
 	bash bench/perf_analyzer.sh
 
 clean:
-	rm -rf $(VENV) $(MODELS) .pytest_cache
+	rm -rf $(VENV) $(PERF_VENV) $(MODELS) .pytest_cache

@@ -80,7 +80,12 @@ EXTENSIONS = ("binary_tensor_data", "model_configuration", "model_repository", "
 
 #: The request parameters this server reads (every protocol: V2 REST and gRPC, V1, batch jobs);
 #: the codecs consume their own (``binary_data_output``, ``binary_data_size``) before.
-REQUEST_PARAMETERS = ("top_k", "tau", "alpha", "diagnostics", "baseline", "timeout")
+REQUEST_PARAMETERS = ("top_k", "tau", "alpha", "diagnostics", "baseline", "timeout", "triton_enable_empty_final_response")
+#: Triton's flag for decoupled models, which may send several responses to a request and then an empty
+#: one marked final; Triton's clients send it (perf_analyzer on every gRPC request). A model here
+#: answers each request with one response, which is its final one: with the flag, that response
+#: carries ``triton_final_response: true``, and no empty one follows.
+FINAL_RESPONSE = "triton_enable_empty_final_response"
 
 _INPUT_DATATYPES = ("FP32", "FP64")
 _EXPLAIN_NAMES = frozenset(o.name for o in serving.EXPLAIN_OUTPUTS)
@@ -101,6 +106,8 @@ class InferOptions:
     #: the serving outputs computed for the rows: the requested ones and the monitored ones
     #: (setting ``monitored_outputs``); None: every one
     computed: frozenset[str] | None = None
+    #: ``triton_enable_empty_final_response`` was true: the response says it is the final one
+    final_response: bool = False
 
     def monitored(self, outputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """The outputs of a batch that the request's own rows had computed (a batch computes what its
@@ -450,6 +457,11 @@ class DataPlane:
                                        f"got {params['timeout']!r}")
             if micros < timeout * 1e6:   # compared before dividing: an integer past float64's range is no error
                 timeout = micros / 1e6
+        final = params.get(FINAL_RESPONSE, False)
+        if isinstance(final, str) and final.strip().lower() in _TRUE + _FALSE:
+            final = final.strip().lower() in _TRUE
+        if not isinstance(final, bool):
+            raise InvalidParameter(f"parameter {FINAL_RESPONSE} must be a boolean, got {final!r}")
         outputs = list(requested) or self._diagnostic_outputs(mv, params.get("diagnostics", False))
         # beside named outputs the diagnostics parameter is read too (never asking for what is not served)
         named = self._diagnostics_named(mv, params["diagnostics"]) if requested and "diagnostics" in params else []
@@ -472,7 +484,7 @@ class DataPlane:
         if computed is not None:
             computed = computed | (served & frozenset(outputs))
             computed = None if len(computed) == len(served) else computed
-        return InferOptions(tuple(outputs), int(top_k), float(tau), timeout, baseline, computed)
+        return InferOptions(tuple(outputs), int(top_k), float(tau), timeout, baseline, computed, final)
 
     @staticmethod
     def _baseline(mv: ModelVersion, value: Any) -> np.ndarray:
@@ -636,7 +648,8 @@ class DataPlane:
             started = time.perf_counter()
             selected = self.select(done.mv, done.outputs, done.options, request)
             done.mv.metrics.phase["diagnostics"].observe(time.perf_counter() - started)
-        return InferResponse(model_name=name, model_version=str(done.mv.version), outputs=selected, id=request.id)
+        return InferResponse(model_name=name, model_version=str(done.mv.version), outputs=selected, id=request.id,
+                             parameters={"triton_final_response": True} if done.options.final_response else {})
 
     async def explain(self, name: str, request: V1Request, *, detail: bool) -> V1Response:
         """V1 ``:predict`` (``detail=False``) or ``:explain``: readable answers, each number with its

@@ -137,6 +137,16 @@ def encode_infer_response(response: InferResponse) -> pb.ModelInferResponse:
     """:class:`~service.types.InferResponse` -> ``ModelInferResponse`` with raw output contents."""
     message = pb.ModelInferResponse(model_name=response.model_name, model_version=response.model_version,
                                     id=response.id or "")
+    for key, value in response.parameters.items():
+        entry = message.parameters[key]
+        if isinstance(value, bool):
+            entry.bool_param = value
+        elif isinstance(value, int):
+            entry.int64_param = value
+        elif isinstance(value, float):
+            entry.double_param = value
+        else:
+            entry.string_param = str(value)
     for out in response.outputs:
         message.outputs.add(name=out.name, datatype=out.datatype, shape=list(out.array.shape))
         message.raw_output_contents.append(encode_raw(out.array, out.datatype))

@@ -20,11 +20,12 @@ metrics. Each RPC decodes its message, calls one dataplane operation and encodes
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import grpc
@@ -39,7 +40,7 @@ from service.grpc import inference_pb2 as pb
 from service.logs import CURRENT_REQUEST, RequestRecord
 from service.settings import Settings
 
-__all__ = ["GRPCServer", "SERVICE_NAME"]
+__all__ = ["GRPCServer", "SERVICE_NAME", "STREAM_INFLIGHT"]
 
 log = logging.getLogger("service.grpc")
 access_log = logging.getLogger("hjserve.access")
@@ -49,6 +50,67 @@ SERVICE_NAME = "inference.GRPCInferenceService"
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 
 Handler = Callable[[Any, aio.ServicerContext], Awaitable[Any]]
+
+
+#: Requests of one ModelStreamInfer stream that run at once (the stream reads its next message when one
+#: is answered): enough for one stream to fill the dynamic batcher's batches, bounded so that a stream
+#: never holds more than this many messages of up to ``grpc_max_message_bytes`` in the server.
+STREAM_INFLIGHT = 16
+
+
+def _metadata(context: aio.ServicerContext) -> dict[str, str]:
+    return {k: v for k, v in (context.invocation_metadata() or ()) if isinstance(v, str)}
+
+
+class _Call:
+    """One request's life on the gRPC transport (a unary RPC, or one message of a stream): its id (the
+    client's when it is 1-128 characters of ``A-Za-z0-9._:-``, else a new one), its server span, its
+    :class:`~service.logs.RequestRecord`, and on exit the ``hjserve_grpc_requests_total`` count and the
+    access line. ``code`` is OK unless :meth:`failed` or :meth:`crashed` said otherwise."""
+
+    def __init__(self, method: str, meta: dict[str, str], request: Any, given_id: str):
+        self.method, self.request = method, request
+        self.request_id = given_id if _REQUEST_ID.fullmatch(given_id) else uuid.uuid4().hex
+        self.code = "OK"
+        self._span_context = tracing.server_span(f"gRPC {method}", meta, **{
+            "rpc.system": "grpc", "rpc.method": method, "hjserve.request_id": self.request_id})
+
+    def __enter__(self) -> _Call:
+        self.started = time.perf_counter()
+        self.record = RequestRecord()
+        self._token = CURRENT_REQUEST.set(self.record)
+        self.span = self._span_context.__enter__()
+        self.trace_id = tracing.trace_id()
+        self.ids = (("x-request-id", self.request_id),) + ((("x-trace-id", self.trace_id),) if self.trace_id else ())
+        return self
+
+    def failed(self, exc: HJServeError):
+        """A core error ends the request: its row of the error table."""
+        mapping = lookup(exc)
+        self.code = mapping.grpc
+        return mapping
+
+    def crashed(self):
+        """An unexpected exception (a bug) ends the request: logged here, INTERNAL to the client."""
+        log.exception("unhandled error in gRPC %s", self.method)
+        self.code = "INTERNAL"
+        return lookup(InternalError)
+
+    def __exit__(self, *exc_info) -> None:
+        if self.span is not None:
+            self.span.set_attribute("rpc.grpc.status_code", self.code)
+        self._span_context.__exit__(None, None, None)
+        metrics.GRPC_REQUESTS.labels(self.method, self.code).inc()
+        if access_log.isEnabledFor(logging.INFO):
+            request = self.request
+            name = getattr(request, "model_name", None) or getattr(request, "name", None) or None
+            version = getattr(request, "model_version", None) or getattr(request, "version", None) or None
+            access_log.info("gRPC %s %s", self.method, self.code, extra={"access": {
+                "request_id": self.request_id, "method": "gRPC", "route": self.method, "model": name,
+                "version": version, "status": self.code,
+                "duration_ms": round((time.perf_counter() - self.started) * 1000.0, 3), **self.record.fields(),
+                **({"trace_id": self.trace_id} if self.trace_id else {})}})
+        CURRENT_REQUEST.reset(self._token)
 
 
 class GRPCServer:
@@ -103,68 +165,114 @@ class GRPCServer:
             ("RepositoryModelUnload", pb.RepositoryModelUnloadRequest, pb.RepositoryModelUnloadResponse, self.unload,
              "admin"),
         ]
-        return {name: grpc.unary_unary_rpc_method_handler(self._wrap(name, handler, access),
-                                                          request_deserializer=request.FromString,
-                                                          response_serializer=response.SerializeToString)
-                for name, request, response, handler, access in table}
+        handlers = {name: grpc.unary_unary_rpc_method_handler(self._wrap(name, handler, access),
+                                                              request_deserializer=request.FromString,
+                                                              response_serializer=response.SerializeToString)
+                    for name, request, response, handler, access in table}
+        handlers["ModelStreamInfer"] = grpc.stream_stream_rpc_method_handler(
+            self.model_stream_infer, request_deserializer=pb.ModelInferRequest.FromString,
+            response_serializer=pb.ModelStreamInferResponse.SerializeToString)
+        return handlers
 
     def _wrap(self, method: str, handler: Handler, access: str) -> Handler:
-        """Auth, the error table, metrics and the access line around one RPC handler."""
+        """Auth, the error table, metrics and the access line around one unary RPC handler."""
         settings = self.settings
 
         async def rpc(request: Any, context: aio.ServicerContext) -> Any:
-            started = time.perf_counter()
-            meta = {k: v for k, v in (context.invocation_metadata() or ()) if isinstance(v, str)}
-            given = meta.get("x-request-id", "")
-            request_id = given if _REQUEST_ID.fullmatch(given) else uuid.uuid4().hex
-            code = "OK"
-            record = RequestRecord()
-            token = CURRENT_REQUEST.set(record)
-            span_context = tracing.server_span(f"gRPC {method}", meta, **{"rpc.system": "grpc", "rpc.method": method,
-                                                                         "hjserve.request_id": request_id})
-            span = span_context.__enter__()
-            trace_id = tracing.trace_id()
-            ids = (("x-request-id", request_id),) + ((("x-trace-id", trace_id),) if trace_id else ())
-            context.set_trailing_metadata(ids)
-            try:
-                key = key_from(meta.get("authorization"), meta.get("x-api-key"))
-                if access == "key":
-                    check_api_key(settings, key)
-                elif access == "admin":
-                    check_admin(settings, key)
-                return await handler(request, context)
-            except HJServeError as exc:
-                mapping = lookup(exc)
-                code = mapping.grpc
-                trailing = [*ids, ("error-type", mapping.error_type)]
-                retry = getattr(exc, "retry_after_s", None)
-                if retry is not None:
-                    trailing.append(("retry-after", str(retry)))
-                await context.abort(getattr(grpc.StatusCode, code), exc.message, tuple(trailing))
-            except aio.AbortError:
-                raise
-            except Exception:   # a bug: never a crash of the server, never a stack trace to the client
-                log.exception("unhandled error in gRPC %s", method)
-                code = "INTERNAL"
-                mapping = lookup(InternalError)
-                await context.abort(grpc.StatusCode.INTERNAL, "internal server error",
-                                    (*ids, ("error-type", mapping.error_type)))
-            finally:
-                if span is not None:
-                    span.set_attribute("rpc.grpc.status_code", code)
-                span_context.__exit__(None, None, None)
-                metrics.GRPC_REQUESTS.labels(method, code).inc()
-                if access_log.isEnabledFor(logging.INFO):
-                    name = getattr(request, "model_name", None) or getattr(request, "name", None) or None
-                    version = getattr(request, "model_version", None) or getattr(request, "version", None) or None
-                    access_log.info("gRPC %s %s", method, code, extra={"access": {
-                        "request_id": request_id, "method": "gRPC", "route": method, "model": name,
-                        "version": version, "status": code,
-                        "duration_ms": round((time.perf_counter() - started) * 1000.0, 3), **record.fields(),
-                        **({"trace_id": trace_id} if trace_id else {})}})
-                CURRENT_REQUEST.reset(token)
+            meta = _metadata(context)
+            with _Call(method, meta, request, meta.get("x-request-id", "")) as call:
+                context.set_trailing_metadata(call.ids)
+                try:
+                    key = key_from(meta.get("authorization"), meta.get("x-api-key"))
+                    if access == "key":
+                        check_api_key(settings, key)
+                    elif access == "admin":
+                        check_admin(settings, key)
+                    return await handler(request, context)
+                except HJServeError as exc:
+                    mapping = call.failed(exc)
+                    trailing = [*call.ids, ("error-type", mapping.error_type)]
+                    retry = getattr(exc, "retry_after_s", None)
+                    if retry is not None:
+                        trailing.append(("retry-after", str(retry)))
+                    await context.abort(getattr(grpc.StatusCode, mapping.grpc), exc.message, tuple(trailing))
+                except aio.AbortError:
+                    raise
+                except Exception:   # a bug: never a crash of the server, never a stack trace to the client
+                    mapping = call.crashed()
+                    await context.abort(grpc.StatusCode.INTERNAL, "internal server error",
+                                        (*call.ids, ("error-type", mapping.error_type)))
 
         return rpc
+
+    async def model_stream_infer(self, requests: AsyncIterator[pb.ModelInferRequest],
+                                 context: aio.ServicerContext) -> AsyncIterator[pb.ModelStreamInferResponse]:
+        """Triton's ``ModelStreamInfer``: ModelInfer requests in, one ``ModelStreamInferResponse`` out per
+        request, *in the order the requests came*, over one bidirectional stream (what
+        ``tritonclient.grpc``'s ``start_stream`` / ``async_stream_infer`` and ``perf_analyzer
+        --streaming`` use).
+
+        Each message is a request of its own -- admission, the dynamic batcher, metrics, access line,
+        exactly as ModelInfer -- and up to :data:`STREAM_INFLIGHT` of a stream's run at once (they
+        batch with each other and with every other client's); the stream reads its next message only
+        when one of those is answered, so HTTP/2 flow control holds the rest at the client. A request
+        that fails is answered in its place by ``error_message`` (with its ``id``, model and version,
+        and its ``error_type`` as a parameter, in ``infer_response``), and the stream goes on. The key
+        is checked once, when the stream opens (a stream without a valid one ends UNAUTHENTICATED)."""
+        meta = _metadata(context)
+        stream_id = meta.get("x-request-id", "")
+        stream_id = stream_id if _REQUEST_ID.fullmatch(stream_id) else uuid.uuid4().hex
+        context.set_trailing_metadata((("x-request-id", stream_id),))
+        try:
+            check_api_key(self.settings, key_from(meta.get("authorization"), meta.get("x-api-key")))
+        except HJServeError as exc:
+            mapping = lookup(exc)
+            metrics.GRPC_REQUESTS.labels("ModelStreamInfer", mapping.grpc).inc()
+            await context.abort(getattr(grpc.StatusCode, mapping.grpc), exc.message,
+                                (("x-request-id", stream_id), ("error-type", mapping.error_type)))
+        slots = asyncio.Semaphore(STREAM_INFLIGHT)      # a slot is freed when its answer is written
+        window: asyncio.Queue[asyncio.Task | None] = asyncio.Queue()   # the running requests, in order
+
+        async def read() -> None:
+            incoming = aiter(requests)
+            try:
+                while True:
+                    await slots.acquire()               # the next message is read only into a free slot
+                    try:
+                        request = await anext(incoming)
+                    except StopAsyncIteration:
+                        return
+                    window.put_nowait(asyncio.ensure_future(self._stream_one(request, meta)))
+            finally:
+                window.put_nowait(None)
+
+        reader = asyncio.ensure_future(read())
+        try:
+            while (answer := await window.get()) is not None:
+                yield await answer
+                slots.release()
+            await reader                          # a failure of the stream itself ends it with its status
+        finally:
+            reader.cancel()
+            while not window.empty():
+                task = window.get_nowait()
+                if task is not None:
+                    task.cancel()
+
+    async def _stream_one(self, request: pb.ModelInferRequest, meta: dict[str, str]) -> pb.ModelStreamInferResponse:
+        """One request of a stream, answered whatever happens: its response, or its error in its place."""
+        with _Call("ModelStreamInfer", meta, request, request.id) as call:
+            try:
+                return pb.ModelStreamInferResponse(infer_response=await self.model_infer(request, None))
+            except HJServeError as exc:
+                mapping, message = call.failed(exc), exc.message
+            except Exception:   # a bug: this request's answer says so, the stream and the server go on
+                mapping, message = call.crashed(), "internal server error"
+            failed = pb.ModelStreamInferResponse(error_message=message)
+            failed.infer_response.model_name, failed.infer_response.id = request.model_name, request.id
+            failed.infer_response.model_version = request.model_version
+            failed.infer_response.parameters["error_type"].string_param = mapping.error_type
+            return failed
 
     # -- health and metadata ----------------------------------------------------------------------
 

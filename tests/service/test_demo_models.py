@@ -237,3 +237,40 @@ def test_the_readmes_grpc_example_answers_what_its_curl_example_does(demo_server
     assert radius.dtype == np.float32 and radius.astype(np.float64).tolist() == by_name["certified_radius"]["data"]
     p_value, gap = result.as_numpy("ood_p_value"), result.as_numpy("energy_gap")
     assert p_value.shape == gap.shape == (1,) and 0 < p_value[0] <= 1 and np.isfinite(gap[0])
+
+
+def test_a_grpc_stream_answers_the_unary_bits_of_every_demo_model(demo_server, demo_repository):
+    """Triton's streaming API (``ModelStreamInfer``) on hjmodel's real graphs: rows of every demo
+    model sent back to back over one stream, each with every diagnostic (the explanation graph's
+    too), batched by the server with their neighbours, get bit for bit the answers ModelInfer gives
+    each row alone, in the order sent."""
+    import queue
+
+    import tritonclient.grpc as grpcclient
+
+    client = grpcclient.InferenceServerClient(demo_server.grpc_target)
+    answers: queue.Queue = queue.Queue()
+    sent = []
+    try:
+        client.start_stream(callback=lambda result, error: answers.put((result, error)))
+        for model in DEMO_MODELS:
+            spec = read_spec(_latest(demo_repository, model))
+            for i, row in enumerate(_rows(spec, 6, seed=11)):
+                inp = grpcclient.InferInput("input", [1, spec.n_features], "FP32")
+                inp.set_data_from_numpy(row[None])
+                client.async_stream_infer(model, [inp], request_id=f"{model}-{i}", parameters={"diagnostics": True})
+                sent.append((model, f"{model}-{i}", row))
+        streamed = [answers.get(timeout=120) for _ in sent]
+        client.stop_stream()
+        for (model, request_id, row), (result, error) in zip(sent, streamed, strict=True):
+            assert error is None, (request_id, error)
+            assert result.get_response().id == request_id
+            inp = grpcclient.InferInput("input", [1, len(row)], "FP32")
+            inp.set_data_from_numpy(row[None])
+            alone = client.infer(model, [inp], parameters={"diagnostics": True})
+            names = [o.name for o in alone.get_response().outputs]
+            assert names == [o.name for o in result.get_response().outputs] and len(names) >= 13
+            for name in names:
+                np.testing.assert_array_equal(result.as_numpy(name), alone.as_numpy(name), err_msg=f"{request_id} {name}")
+    finally:
+        client.close()

@@ -4,6 +4,7 @@ and raw protobuf calls for what that client never sends (typed ``contents``, hos
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import subprocess
 import sys
 from pathlib import Path
@@ -13,7 +14,7 @@ import numpy as np
 import pytest
 import tritonclient.grpc as tg
 import tritonclient.http as th
-from svc_helpers import run_server
+from svc_helpers import assert_outputs_close, run_server
 from tiny_model import D
 from tritonclient.utils import InferenceServerException
 
@@ -393,3 +394,167 @@ def test_calls_that_never_send_their_message_do_not_hold_slots_forever(tiny_repo
             stop.set()
             for channel in (*channels, probe):
                 channel.close()
+
+
+# ------------------------------------------------------------------------------------ ModelStreamInfer
+
+
+def _stream(client, requests, **start):
+    """Send ``requests`` ((model, x, request id, parameters) each) over one ``tritonclient.grpc``
+    stream without waiting between them; (result, error) per answer, in the order they came."""
+    import queue
+
+    answers: queue.Queue = queue.Queue()
+    client.start_stream(callback=lambda result, error: answers.put((result, error)), **start)
+    try:
+        for model, x, request_id, params in requests:
+            inp = tg.InferInput("input", list(x.shape), "FP32")
+            inp.set_data_from_numpy(x)
+            client.async_stream_infer(model, [inp], request_id=request_id, parameters=params)
+        return [answers.get(timeout=60) for _ in requests]
+    finally:
+        client.stop_stream()
+
+
+def _first_stream_answer(client, x, model: str = "digits_memory"):
+    """The first (result, error) of a stream that sends one request of ``x`` to ``model`` with no key:
+    an error that ends the stream reaches the callback, and may end it before the request is sent."""
+    import queue
+
+    ended: queue.Queue = queue.Queue()
+    client.start_stream(callback=lambda result, error: ended.put((result, error)))
+    try:
+        inp = tg.InferInput("input", list(x.shape), "FP32")
+        inp.set_data_from_numpy(x)
+        with contextlib.suppress(InferenceServerException):   # the stream may have ended already
+            client.async_stream_infer(model, [inp])
+        return ended.get(timeout=30)
+    finally:
+        client.stop_stream()
+
+
+def test_a_stream_answers_every_request_in_order_with_the_unary_bits(gserver, gclient):
+    """Triton's streaming API (start_stream / async_stream_infer: the ModelStreamInfer RPC) against a
+    real server: every request answered once, in the order sent; a bad one answered in its place by
+    its error while the stream goes on; every output ModelInfer's for the same row (the tiny contract
+    model computes in float32, and a streamed row is batched with its neighbours: floats to float32
+    precision here; ``test_demo_models`` holds hjmodel's graphs to the bit)."""
+    x = _x(40, seed=5)
+    bad = {7: ("clf", x[7:8, :-1], "wrong shape"), 8: ("nope", x[8:9], "unknown model"),
+           19: ("reg", np.full((1, D), np.nan, np.float32), "NaN")}
+    requests = []
+    for i in range(40):
+        model, row, _ = bad.get(i, ("clf" if i % 3 else "reg", x[i:i + 1], ""))
+        params = {"diagnostics": True, "top_k": 2} if i % 2 else ({"tau": 0.3} if model == "reg" else None)
+        requests.append((model, row, f"req-{i}", params))
+    answers = _stream(gclient, requests)
+    assert len(answers) == 40
+    for i, ((model, row, request_id, params), (result, error)) in enumerate(zip(requests, answers, strict=True)):
+        if i in bad:
+            assert result is None and error is not None, i
+            continue
+        assert error is None, (i, error)
+        assert result.get_response().id == request_id and result.get_response().model_name == model
+        unary = _grpc_infer(gclient, model, row, **(params or {}))
+        names = [o.name for o in unary.get_response().outputs]
+        assert names == [o.name for o in result.get_response().outputs]
+        for name in names:
+            assert_outputs_close(result.as_numpy(name), unary.as_numpy(name), f"{i} {name}")
+    assert "must have shape" in str(answers[7][1]) and "unknown model 'nope'" in str(answers[8][1])
+    assert "NaN" in str(answers[19][1])
+    with gserver.client() as http:
+        text = http.get("/metrics").text
+    assert 'hjserve_grpc_requests_total{code="OK",method="ModelStreamInfer"}' in text
+    assert 'hjserve_grpc_requests_total{code="INVALID_ARGUMENT",method="ModelStreamInfer"}' in text
+
+
+def test_a_failed_stream_request_names_itself_and_its_error_type(gserver):
+    """On the wire (what a client without Triton's library reads): an error answer carries the
+    request's id, model and version and its ``error_type``; the stream's own status is OK and its
+    trailing metadata holds the stream's x-request-id."""
+    def messages():
+        for i, model in enumerate(("clf", "nope", "clf")):
+            request = pb.ModelInferRequest(model_name=model, model_version="" if i != 2 else "1", id=f"m{i}")
+            request.inputs.add(name="input", datatype="FP32", shape=[1, D])
+            request.raw_input_contents.append(_x(1, seed=i).tobytes())
+            yield request
+
+    with grpc.insecure_channel(gserver.grpc_target) as channel:
+        call = channel.stream_stream(METHOD + "ModelStreamInfer", request_serializer=pb.ModelInferRequest.SerializeToString,
+                                     response_deserializer=pb.ModelStreamInferResponse.FromString)
+        stream = call(messages(), metadata=(("x-request-id", "stream-1"),), timeout=30)
+        answers = list(stream)
+        assert stream.code() == grpc.StatusCode.OK
+        assert ("x-request-id", "stream-1") in stream.trailing_metadata()
+    assert [a.error_message == "" for a in answers] == [True, False, True]
+    assert [a.infer_response.id for a in answers] == ["m0", "m1", "m2"]
+    failed = answers[1].infer_response
+    assert failed.model_name == "nope" and failed.parameters["error_type"].string_param == "model_not_found"
+    assert "unknown model" in answers[1].error_message and not failed.outputs
+    assert answers[2].infer_response.model_version == "1" and answers[2].infer_response.outputs
+
+
+def test_a_stream_holds_at_most_its_window_in_flight_and_needs_the_key(demo_repository, tmp_path):
+    """One stream runs at most STREAM_INFLIGHT of its requests at once: on a server that admits
+    exactly that many per model version, 60 requests of 64 rows sent back to back to a memory head
+    (~5 ms each: they arrive far faster than they are computed) are all answered -- with a window of
+    64 instead, the server read them ahead and refused those from the 17th on as overload (a scratch
+    run); where it admits fewer, the
+    overflow is answered in its place as ``overloaded`` and the stream goes on. The API key is checked
+    when the stream opens."""
+    from service.grpc.server import STREAM_INFLIGHT
+
+    rows = np.random.default_rng(9).uniform(0, 16, (60, 64, 64)).astype(np.float32)
+    requests = [("digits_memory", rows[i], f"w{i}", None) for i in range(60)]
+    for admitted in (STREAM_INFLIGHT, 2):
+        with run_server(demo_repository, tmp_path, grpc=True, api_keys="k1", max_queue_size=admitted) as s:
+            client = tg.InferenceServerClient(s.grpc_target)
+            try:
+                keyed = _stream(client, requests, headers={"x-api-key": "k1"})
+                refused = [i for i, (_, error) in enumerate(keyed) if error is not None]
+                assert all("requests in flight" in str(keyed[i][1]) for i in refused), keyed[refused[0]][1]
+                if admitted == STREAM_INFLIGHT:
+                    assert not refused, refused
+                else:
+                    assert refused and len(refused) < len(requests), refused
+                assert all(keyed[i][0].get_response().id == f"w{i}" for i in range(60) if i not in refused)
+                result, error = _first_stream_answer(client, rows[0][:1])
+                assert result is None and "UNAUTHENTICATED" in str(error), error
+            finally:
+                client.close()
+
+
+def test_the_empty_final_response_flag_is_answered_not_refused(gserver):
+    """Triton's ``triton_enable_empty_final_response`` (perf_analyzer sets it on every gRPC request; it
+    was refused as an unknown parameter, so perf_analyzer -i grpc failed): a model here answers a
+    request once, so with the flag that one answer says ``triton_final_response: true``; without it,
+    nothing is added; a value that is not a boolean is INVALID_ARGUMENT. On a stream, and over REST."""
+    def request(flag=None):
+        message = pb.ModelInferRequest(model_name="clf", id="f")
+        message.inputs.add(name="input", datatype="FP32", shape=[1, D])
+        message.raw_input_contents.append(_x(1).tobytes())
+        if isinstance(flag, bool):
+            message.parameters["triton_enable_empty_final_response"].bool_param = flag
+        elif flag is not None:
+            message.parameters["triton_enable_empty_final_response"].string_param = flag
+        return message
+
+    flagged = _raw_call(gserver.grpc_target, "ModelInfer", request(True), pb.ModelInferResponse)
+    assert flagged.parameters["triton_final_response"].bool_param is True and flagged.outputs
+    for unflagged in (request(False), request()):
+        assert "triton_final_response" not in _raw_call(gserver.grpc_target, "ModelInfer", unflagged,
+                                                        pb.ModelInferResponse).parameters
+    with pytest.raises(grpc.RpcError) as info:
+        _raw_call(gserver.grpc_target, "ModelInfer", request("maybe"), pb.ModelInferResponse)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "must be a boolean" in info.value.details()
+    with grpc.insecure_channel(gserver.grpc_target) as channel:
+        call = channel.stream_stream(METHOD + "ModelStreamInfer", request_serializer=pb.ModelInferRequest.SerializeToString,
+                                     response_deserializer=pb.ModelStreamInferResponse.FromString)
+        streamed = list(call(iter([request(True), request(False)]), timeout=30))
+    assert [a.infer_response.parameters["triton_final_response"].bool_param
+            if "triton_final_response" in a.infer_response.parameters else None for a in streamed] == [True, None]
+    body = {"inputs": [{"name": "input", "shape": [1, D], "datatype": "FP32", "data": _x(1).ravel().tolist()}],
+            "parameters": {"triton_enable_empty_final_response": True}}
+    with gserver.client() as http:
+        answer = http.post("/v2/models/clf/infer", json=body)
+    assert answer.status_code == 200 and answer.json()["parameters"] == {"triton_final_response": True}
