@@ -66,7 +66,8 @@ class _Call:
     """One request's life on the gRPC transport (a unary RPC, or one message of a stream): its id (the
     client's when it is 1-128 characters of ``A-Za-z0-9._:-``, else a new one), its server span, its
     :class:`~service.logs.RequestRecord`, and on exit the ``hjserve_grpc_requests_total`` count and the
-    access line. ``code`` is OK unless :meth:`failed` or :meth:`crashed` said otherwise."""
+    access line. ``code`` is OK unless :meth:`failed` or :meth:`crashed` said otherwise, or the request
+    was cancelled (CANCELLED: its client went away before its answer)."""
 
     def __init__(self, method: str, meta: dict[str, str], request: Any, given_id: str):
         self.method, self.request = method, request
@@ -96,7 +97,9 @@ class _Call:
         self.code = "INTERNAL"
         return lookup(InternalError)
 
-    def __exit__(self, *exc_info) -> None:
+    def __exit__(self, exc_type, *exc_info) -> None:
+        if exc_type is not None and issubclass(exc_type, asyncio.CancelledError):
+            self.code = "CANCELLED"         # the client went away (or its stream was cancelled) first
         if self.span is not None:
             self.span.set_attribute("rpc.grpc.status_code", self.code)
         self._span_context.__exit__(None, None, None)

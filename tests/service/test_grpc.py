@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import tritonclient.grpc as tg
 import tritonclient.http as th
-from svc_helpers import assert_outputs_close, run_server
+from svc_helpers import assert_outputs_close, metric_value, run_server
 from tiny_model import D
 from tritonclient.utils import InferenceServerException
 
@@ -520,8 +520,37 @@ def test_a_stream_holds_at_most_its_window_in_flight_and_needs_the_key(demo_repo
                 assert all(keyed[i][0].get_response().id == f"w{i}" for i in range(60) if i not in refused)
                 result, error = _first_stream_answer(client, rows[0][:1])
                 assert result is None and "UNAUTHENTICATED" in str(error), error
+                if admitted == STREAM_INFLIGHT:
+                    _cancel_a_stream(client, s, rows)
             finally:
                 client.close()
+
+
+def _cancel_a_stream(client, server, rows):
+    """A stream cancelled by its client after its first answer: the requests it still had running are
+    counted CANCELLED (not OK), and the server answers the next request."""
+    import queue
+    import time
+
+    answers: queue.Queue = queue.Queue()
+    client.start_stream(callback=lambda result, error: answers.put((result, error)), headers={"x-api-key": "k1"})
+    for i in range(30):
+        inp = tg.InferInput("input", [64, 64], "FP32")
+        inp.set_data_from_numpy(rows[i])
+        client.async_stream_infer("digits_memory", [inp], parameters={"diagnostics": True})
+    assert answers.get(timeout=60)[1] is None
+    client.stop_stream(cancel_requests=True)
+    deadline = time.monotonic() + 30
+    while True:
+        with server.client() as http:
+            text = http.get("/metrics").text
+        if metric_value(text, "hjserve_grpc_requests_total", method="ModelStreamInfer", code="CANCELLED") > 0:
+            break
+        assert time.monotonic() < deadline, "no cancelled stream request was counted"
+        time.sleep(0.2)
+    inp = tg.InferInput("input", [1, 64], "FP32")
+    inp.set_data_from_numpy(rows[0][:1])
+    assert client.infer("digits_memory", [inp], headers={"x-api-key": "k1"}).as_numpy("prediction").shape == (1,)
 
 
 def test_the_empty_final_response_flag_is_answered_not_refused(gserver):
