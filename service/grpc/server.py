@@ -16,6 +16,9 @@ metrics. Each RPC decodes its message, calls one dataplane operation and encodes
   an operation of its own ahead of the reply; without it ModelInfer has 1.06-1.12x the throughput
   (``bench/ab_server.py --protocol grpc``, side by side: ``bench/results/ab_server_grpc.md``); the
   trailers travel with the status.
+- ``ModelStreamInfer`` (Triton's bidirectional stream): each message is one request, with its own
+  access line and count, answered in order; an error is that request's answer, not the stream's
+  status (:meth:`GRPCServer.model_stream_infer`).
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ from service import metrics, tracing
 from service.auth import check_admin, check_api_key, key_from
 from service.codecs import grpc as wire
 from service.dataplane import DataPlane
-from service.errors import HJServeError, InternalError, ModelNotFound, ModelNotReady, lookup
+from service.errors import ErrorMapping, HJServeError, InternalError, ModelNotFound, ModelNotReady, lookup
 from service.grpc import inference_pb2 as pb
 from service.logs import CURRENT_REQUEST, RequestRecord
 from service.settings import Settings
@@ -85,13 +88,13 @@ class _Call:
         self.ids = (("x-request-id", self.request_id),) + ((("x-trace-id", self.trace_id),) if self.trace_id else ())
         return self
 
-    def failed(self, exc: HJServeError):
+    def failed(self, exc: HJServeError) -> ErrorMapping:
         """A core error ends the request: its row of the error table."""
         mapping = lookup(exc)
         self.code = mapping.grpc
         return mapping
 
-    def crashed(self):
+    def crashed(self) -> ErrorMapping:
         """An unexpected exception (a bug) ends the request: logged here, INTERNAL to the client."""
         log.exception("unhandled error in gRPC %s", self.method)
         self.code = "INTERNAL"
