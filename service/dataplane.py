@@ -80,17 +80,25 @@ EXTENSIONS = ("binary_tensor_data", "model_configuration", "model_repository", "
 
 #: The request parameters this server reads (every protocol: V2 REST and gRPC, V1, batch jobs);
 #: the codecs consume their own (``binary_data_output``, ``binary_data_size``) before.
-REQUEST_PARAMETERS = ("top_k", "tau", "alpha", "diagnostics", "baseline", "timeout", "triton_enable_empty_final_response")
 #: Triton's flag for decoupled models, which may send several responses to a request and then an empty
 #: one marked final; Triton's clients send it (perf_analyzer on every gRPC request). A model here
 #: answers each request with one response, which is its final one: with the flag, that response
 #: carries ``triton_final_response: true``, and no empty one follows.
 FINAL_RESPONSE = "triton_enable_empty_final_response"
+REQUEST_PARAMETERS = ("top_k", "tau", "alpha", "diagnostics", "baseline", "timeout", FINAL_RESPONSE)
 
 _INPUT_DATATYPES = ("FP32", "FP64")
 _EXPLAIN_NAMES = frozenset(o.name for o in serving.EXPLAIN_OUTPUTS)
 _TRITON_TYPES = {"BOOL": "TYPE_BOOL", "INT64": "TYPE_INT64", "FP32": "TYPE_FP32", "FP64": "TYPE_FP64"}
 _TRUE, _FALSE = ("true", "1", "yes"), ("false", "0", "no")
+
+
+def _spelt_boolean(value: Any) -> Any:
+    """A boolean spelt as a string (gRPC's ``InferParameter`` carries many as ``string_param``):
+    "true" / "1" / "yes" -> True, "false" / "0" / "no" -> False (any case); anything else unchanged."""
+    if isinstance(value, str) and value.strip().lower() in _TRUE + _FALSE:
+        return value.strip().lower() in _TRUE
+    return value
 
 
 @dataclass(frozen=True)
@@ -457,9 +465,7 @@ class DataPlane:
                                        f"got {params['timeout']!r}")
             if micros < timeout * 1e6:   # compared before dividing: an integer past float64's range is no error
                 timeout = micros / 1e6
-        final = params.get(FINAL_RESPONSE, False)
-        if isinstance(final, str) and final.strip().lower() in _TRUE + _FALSE:
-            final = final.strip().lower() in _TRUE
+        final = _spelt_boolean(params.get(FINAL_RESPONSE, False))
         if not isinstance(final, bool):
             raise InvalidParameter(f"parameter {FINAL_RESPONSE} must be a boolean, got {final!r}")
         outputs = list(requested) or self._diagnostic_outputs(mv, params.get("diagnostics", False))
@@ -520,8 +526,7 @@ class DataPlane:
     def _diagnostics_named(mv: ModelVersion, diag: Any) -> list[str]:
         """The outputs the ``diagnostics`` parameter asks for: true / "all" (every output), false
         (none), or output names (a list or a comma-separated string)."""
-        if isinstance(diag, str) and diag.strip().lower() in _TRUE + _FALSE:
-            diag = diag.strip().lower() in _TRUE
+        diag = _spelt_boolean(diag)
         if diag is True or diag == "all":
             return list(mv.output_names)
         if diag is False:
