@@ -61,6 +61,11 @@ Handler = Callable[[Any, aio.ServicerContext], Awaitable[Any]]
 STREAM_INFLIGHT = 16
 
 
+def _request_id(given: str) -> str:
+    """The client's request id when it is 1-128 characters of ``A-Za-z0-9._:-``, else a new one."""
+    return given if _REQUEST_ID.fullmatch(given) else uuid.uuid4().hex
+
+
 def _metadata(context: aio.ServicerContext) -> dict[str, str]:
     return {k: v for k, v in (context.invocation_metadata() or ()) if isinstance(v, str)}
 
@@ -74,7 +79,7 @@ class _Call:
 
     def __init__(self, method: str, meta: dict[str, str], request: Any, given_id: str):
         self.method, self.request = method, request
-        self.request_id = given_id if _REQUEST_ID.fullmatch(given_id) else uuid.uuid4().hex
+        self.request_id = _request_id(given_id)
         self.code = "OK"
         self._span_context = tracing.server_span(f"gRPC {method}", meta, **{
             "rpc.system": "grpc", "rpc.method": method, "hjserve.request_id": self.request_id})
@@ -226,16 +231,14 @@ class GRPCServer:
         and its ``error_type`` as a parameter, in ``infer_response``), and the stream goes on. The key
         is checked once, when the stream opens (a stream without a valid one ends UNAUTHENTICATED)."""
         meta = _metadata(context)
-        stream_id = meta.get("x-request-id", "")
-        stream_id = stream_id if _REQUEST_ID.fullmatch(stream_id) else uuid.uuid4().hex
-        context.set_trailing_metadata((("x-request-id", stream_id),))
+        context.set_trailing_metadata((("x-request-id", _request_id(meta.get("x-request-id", ""))),))
         try:
             check_api_key(self.settings, key_from(meta.get("authorization"), meta.get("x-api-key")))
-        except HJServeError as exc:
-            mapping = lookup(exc)
-            metrics.GRPC_REQUESTS.labels("ModelStreamInfer", mapping.grpc).inc()
-            await context.abort(getattr(grpc.StatusCode, mapping.grpc), exc.message,
-                                (("x-request-id", stream_id), ("error-type", mapping.error_type)))
+        except HJServeError as exc:   # the stream is refused: one call, counted and logged as such
+            with _Call("ModelStreamInfer", meta, None, meta.get("x-request-id", "")) as call:
+                mapping = call.failed(exc)
+                await context.abort(getattr(grpc.StatusCode, mapping.grpc), exc.message,
+                                    (*call.ids, ("error-type", mapping.error_type)))
         slots = asyncio.Semaphore(STREAM_INFLIGHT)      # a slot is freed when its answer is written
         window: asyncio.Queue[asyncio.Task | None] = asyncio.Queue()   # the running requests, in order
 

@@ -399,13 +399,19 @@ def test_calls_that_never_send_their_message_do_not_hold_slots_forever(tiny_repo
 # ------------------------------------------------------------------------------------ ModelStreamInfer
 
 
-def _stream(client, requests, **start):
-    """Send ``requests`` ((model, x, request id, parameters) each) over one ``tritonclient.grpc``
-    stream without waiting between them; (result, error) per answer, in the order they came."""
+def _open_stream(client, **start):
+    """Start a ``tritonclient.grpc`` stream; the queue its (result, error) answers arrive on."""
     import queue
 
     answers: queue.Queue = queue.Queue()
     client.start_stream(callback=lambda result, error: answers.put((result, error)), **start)
+    return answers
+
+
+def _stream(client, requests, **start):
+    """Send ``requests`` ((model, x, request id, parameters) each) over one ``tritonclient.grpc``
+    stream without waiting between them; (result, error) per answer, in the order they came."""
+    answers = _open_stream(client, **start)
     try:
         for model, x, request_id, params in requests:
             inp = tg.InferInput("input", list(x.shape), "FP32")
@@ -419,10 +425,7 @@ def _stream(client, requests, **start):
 def _first_stream_answer(client, x, model: str = "digits_memory"):
     """The first (result, error) of a stream that sends one request of ``x`` to ``model`` with no key:
     an error that ends the stream reaches the callback, and may end it before the request is sent."""
-    import queue
-
-    ended: queue.Queue = queue.Queue()
-    client.start_stream(callback=lambda result, error: ended.put((result, error)))
+    ended = _open_stream(client)
     try:
         inp = tg.InferInput("input", list(x.shape), "FP32")
         inp.set_data_from_numpy(x)
@@ -529,11 +532,9 @@ def test_a_stream_holds_at_most_its_window_in_flight_and_needs_the_key(demo_repo
 def _cancel_a_stream(client, server, rows):
     """A stream cancelled by its client after its first answer: the requests it still had running are
     counted CANCELLED (not OK), and the server answers the next request."""
-    import queue
     import time
 
-    answers: queue.Queue = queue.Queue()
-    client.start_stream(callback=lambda result, error: answers.put((result, error)), headers={"x-api-key": "k1"})
+    answers = _open_stream(client, headers={"x-api-key": "k1"})
     for i in range(30):
         inp = tg.InferInput("input", [64, 64], "FP32")
         inp.set_data_from_numpy(rows[i])
