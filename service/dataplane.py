@@ -448,9 +448,15 @@ class DataPlane:
         if top_k is None or not 1 <= top_k <= mv.top_k_max:
             raise InvalidParameter(f"parameter top_k must be an integer in [1, {mv.top_k_max}], "
                                    f"got {params.get('top_k')!r}")
-        tau = _real(params.get("tau", s.default_tau))
-        if tau is None or not math.isfinite(tau) or tau <= 0:
-            raise InvalidParameter(f"parameter tau must be a finite number > 0, got {params.get('tau')!r}")
+        tau = s.default_tau
+        if "tau" in params:
+            if mv.task != "regression":   # refused, never dropped: a classifier's radius reads no tolerance
+                raise InvalidParameter(
+                    f"parameter tau is a regression model's certificate tolerance; '{mv.name}' is a {mv.task} "
+                    "model, whose certified radius is for its decision and reads no tau")
+            tau = _real(params["tau"])
+            if tau is None or not math.isfinite(tau) or tau <= 0:
+                raise InvalidParameter(f"parameter tau must be a finite number > 0, got {params['tau']!r}")
         if "alpha" in params:
             alpha, fitted = _real(params["alpha"]), mv.spec.alpha
             if alpha is None or fitted is None or not math.isclose(alpha, fitted, rel_tol=1e-9):
@@ -479,8 +485,6 @@ class DataPlane:
                                    "name: name them there, or name no outputs")
         if len(set(outputs)) != len(outputs):
             raise BadRequest("an output is requested twice")
-        if mv.task == "classification":
-            tau = s.default_tau  # the graph ignores tau for decisions
         baseline = None
         if any(name in _EXPLAIN_NAMES for name in outputs):
             baseline = self._baseline(mv, params.get("baseline", "mean"))
@@ -642,7 +646,7 @@ class DataPlane:
             tensor, tau = _inputs_of(request)
 
             def prepare(mv: ModelVersion) -> tuple[InferOptions, np.ndarray]:
-                params = request.parameters if tau is None else {**request.parameters, "tau": tau}
+                params = request.parameters if tau is None else _tau_input_as_parameter(mv, request.parameters, tau)
                 options = self.resolve_options(mv, params, [o.name for o in request.outputs])
                 for out in request.outputs:
                     _check_output_parameters(out)
@@ -815,6 +819,17 @@ def _inputs_of(request: InferRequest):
     if values is None or values.size == 0 or not np.all(values == values[0]):
         raise InvalidParameter("input 'tau' must hold one number (the same for every row)")
     return inputs["input"], float(values[0])
+
+
+def _tau_input_as_parameter(mv: ModelVersion, parameters: dict[str, Any], tau: float) -> dict[str, Any]:
+    """A ``tau`` input read as the ``tau`` parameter: only a regression model has that input
+    (:meth:`DataPlane._inputs`), and a request gives tau once, as one or the other."""
+    if mv.task != "regression":
+        raise UnknownInput(f"model '{mv.name}' has no input 'tau' (a regression model's certificate tolerance); "
+                           "its one input is 'input'")
+    if "tau" in parameters:
+        raise InvalidParameter("tau is given both as an input and as a parameter: give it once")
+    return {**parameters, "tau": tau}
 
 
 def _check_output_parameters(out: RequestedOutput) -> None:

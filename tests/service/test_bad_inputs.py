@@ -34,6 +34,9 @@ def _binary(values: np.ndarray, *, size: int | None = None, header_delta: int = 
 
 INFER = "/v2/models/clf/infer"
 BATCH = "/v2/models/clf/batch-attribution"
+REG_INFER = "/v2/models/reg/infer"   # tau is a regression model's: its values are checked there
+REG_BATCH = "/v2/models/reg/batch-attribution"
+TAU_INPUT = {"name": "tau", "datatype": "FP64", "shape": [1, 1], "data": [0.5]}
 LOAD = "/v2/repository/models/clf/load"
 NDJSON = {"content-type": "application/x-ndjson"}
 INF_ROWS = np.array([[1, 2, np.inf, 4]], np.float32)
@@ -83,9 +86,23 @@ CASES = [
     ("top-k-zero", "POST", INFER, _v2(parameters={"top_k": 0}), 400, "invalid_parameter", "top_k"),
     ("top-k-too-big", "POST", INFER, _v2(parameters={"top_k": 11}), 400, "invalid_parameter", "[1, 10]"),
     ("top-k-string", "POST", INFER, _v2(parameters={"top_k": "three"}), 400, "invalid_parameter", "top_k"),
-    ("tau-negative", "POST", INFER, _v2(parameters={"tau": -1}), 400, "invalid_parameter", "tau"),
-    ("tau-zero", "POST", INFER, _v2(parameters={"tau": 0}), 400, "invalid_parameter", "tau"),
-    ("tau-string", "POST", INFER, _v2(parameters={"tau": "x"}), 400, "invalid_parameter", "tau"),
+    ("tau-negative", "POST", REG_INFER, _v2(parameters={"tau": -1}), 400, "invalid_parameter", "tau"),
+    ("tau-zero", "POST", REG_INFER, _v2(parameters={"tau": 0}), 400, "invalid_parameter", "tau"),
+    ("tau-string", "POST", REG_INFER, _v2(parameters={"tau": "x"}), 400, "invalid_parameter", "tau"),
+    # tau on a classifier, whose radius certifies its decision and reads no tolerance: 200 on a2bc700,
+    # the tau dropped unread (a client could take the radius for "the output moves by at most tau")
+    ("tau-on-a-classifier", "POST", INFER, _v2(parameters={"tau": 0.5}), 400, "invalid_parameter",
+     "a regression model's"),
+    ("tau-input-on-a-classifier", "POST", INFER, {"inputs": [_v2()["inputs"][0], TAU_INPUT]}, 400, "unknown_input",
+     "has no input 'tau'"),
+    ("v1-tau-on-a-classifier", "POST", "/v1/models/clf:predict", {"instances": [[1, 2, 3, 4]],
+                                                                  "parameters": {"tau": 0.5}}, 400,
+     "invalid_parameter", "a regression model's"),
+    ("batch-tau-on-a-classifier", "POST", BATCH + "?tau=0.5", {"instances": [[1, 2, 3, 4]]}, 400,
+     "invalid_parameter", "a regression model's"),
+    # tau both as an input and as a parameter: the input's value was used, the parameter's dropped
+    ("tau-twice", "POST", REG_INFER, {"inputs": [_v2()["inputs"][0], TAU_INPUT], "parameters": {"tau": 0.3}}, 400,
+     "invalid_parameter", "both"),
     ("alpha-other", "POST", INFER, _v2(parameters={"alpha": 0.2}), 400, "invalid_parameter", "calibrated at alpha"),
     ("diagnostics-bad", "POST", INFER, _v2(parameters={"diagnostics": 3}), 400, "invalid_parameter", "diagnostics"),
     ("timeout-bad", "POST", INFER, _v2(parameters={"timeout": -5}), 400, "invalid_parameter", "timeout"),
@@ -155,13 +172,13 @@ CASES = [
     ("index-bad-body", "POST", "/v2/repository/index", {"ready": "maybe"}, 400, "bad_request", "index"),
     # integers past float64's range, and shapes that are not integers: each answered 500 (or was
     # silently read as another value, or dropped) on bcbf411
-    ("tau-huge-int", "POST", INFER, _v2(parameters={"tau": HUGE}), 400, "invalid_parameter", "tau"),
+    ("tau-huge-int", "POST", REG_INFER, _v2(parameters={"tau": HUGE}), 400, "invalid_parameter", "tau"),
     ("alpha-huge-int", "POST", INFER, _v2(parameters={"alpha": HUGE}), 400, "invalid_parameter", "alpha"),
     ("baseline-huge-ints", "POST", INFER, _v2(parameters={"diagnostics": True, "baseline": [HUGE] * D}), 400,
      "invalid_parameter", "baseline"),
-    ("v1-tau-huge-int", "POST", "/v1/models/clf:predict", {"instances": [[1, 2, 3, 4]], "parameters": {"tau": HUGE}},
+    ("v1-tau-huge-int", "POST", "/v1/models/reg:predict", {"instances": [[1, 2, 3, 4]], "parameters": {"tau": HUGE}},
      400, "invalid_parameter", "tau"),
-    ("batch-tau-huge-int", "POST", BATCH, {"instances": [[1, 2, 3, 4]], "parameters": {"tau": HUGE}}, 400,
+    ("batch-tau-huge-int", "POST", REG_BATCH, {"instances": [[1, 2, 3, 4]], "parameters": {"tau": HUGE}}, 400,
      "invalid_parameter", "tau"),
     ("batch-rows-huge-int", "POST", BATCH, {"instances": [[1, 2, HUGE, 4]]}, 400, "invalid_value", "float32 range"),
     ("ndjson-huge-int", "POST", BATCH, (b"[1,2,3,4]\n[1,2,%d,4]\n" % HUGE, NDJSON), 400, "invalid_value",

@@ -188,6 +188,12 @@ def _typed(request: pb.ModelInferRequest, datatype: str, field: str, values: lis
     (lambda r: r.inputs[0].__setattr__("name", "other"), grpc.StatusCode.INVALID_ARGUMENT, "input"),
     (lambda r: r.outputs.add(name="nope"), grpc.StatusCode.INVALID_ARGUMENT, "unknown output"),
     (lambda r: r.parameters["top_k"].__setattr__("int64_param", 999), grpc.StatusCode.INVALID_ARGUMENT, "top_k"),
+    # tau on a classifier, as a parameter or an input: answered OK on a2bc700, the tau dropped unread
+    (lambda r: r.parameters["tau"].__setattr__("double_param", 0.5), grpc.StatusCode.INVALID_ARGUMENT,
+     "a regression model's"),
+    (lambda r: (r.inputs.add(name="tau", datatype="FP64", shape=[2, 1]),
+                r.raw_input_contents.append(np.full((2, 1), 0.5).tobytes())), grpc.StatusCode.INVALID_ARGUMENT,
+     "has no input 'tau'"),
     (lambda r: (r.inputs[0].shape.__setitem__(0, 0), r.raw_input_contents.__setitem__(0, b"")),
      grpc.StatusCode.INVALID_ARGUMENT, "no rows"),
     # typed contents wider than their datatype (int_contents carries INT8 / INT16 as int32): was INTERNAL
