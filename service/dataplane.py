@@ -28,7 +28,7 @@ from hjmodel import serving
 from service import __version__, tracing
 from service.batching import BatcherClosed
 from service.budget import ByteBudget
-from service.codecs import Chunk, dumps
+from service.codecs import Chunk, check_output_parameters, dumps
 from service.errors import (
     BadRequest,
     EmptyBatch,
@@ -65,7 +65,6 @@ from service.types import (
     ModelStatistics,
     ModelStatsResponse,
     RepositoryIndexItem,
-    RequestedOutput,
     RowBlock,
     V1Request,
     V1Response,
@@ -649,7 +648,7 @@ class DataPlane:
                 params = request.parameters if tau is None else _tau_input_as_parameter(mv, request.parameters, tau)
                 options = self.resolve_options(mv, params, [o.name for o in request.outputs])
                 for out in request.outputs:
-                    _check_output_parameters(out)
+                    check_output_parameters(out)
                 return options, self.check_rows(mv, tensor.array, tensor.datatype, tensor.shape, tensor.name)
 
             done = await self._run(name, version, prepare)
@@ -830,21 +829,6 @@ def _tau_input_as_parameter(mv: ModelVersion, parameters: dict[str, Any], tau: f
     if "tau" in parameters:
         raise InvalidParameter("tau is given both as an input and as a parameter: give it once")
     return {**parameters, "tau": tau}
-
-
-def _check_output_parameters(out: RequestedOutput) -> None:
-    """A requested output takes no parameters but the codec's ``binary_data``: Triton's
-    classification extension (``classification``; ``class_count`` in its HTTP client's API) and
-    shared-memory outputs are refused, never ignored (a client would read raw probabilities as
-    class labels, or its shared-memory region unwritten)."""
-    if not out.parameters:
-        return
-    named = sorted({"classification", "class_count"} & out.parameters.keys())
-    if named:
-        raise InvalidParameter(f"output '{out.name}': the classification extension ({named[0]}) is not "
-                               "supported; request the 'probabilities' output")
-    raise InvalidParameter(f"output '{out.name}': unknown parameter(s) {sorted(out.parameters)[:5]} "
-                           "(an output takes only binary_data; no shared memory)")
 
 
 def _integer(value: Any) -> int | None:

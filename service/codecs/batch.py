@@ -16,7 +16,9 @@ from pydantic import ValidationError
 
 from service.codecs.tensors import (
     DATATYPES,
+    bool_parameter,
     check_input_parameters,
+    check_output_parameters,
     check_shape,
     first_error,
     holds_bool,
@@ -24,6 +26,7 @@ from service.codecs.tensors import (
     may_hold_booleans,
     parse_header_length,
     parse_json,
+    requested_outputs,
 )
 from service.errors import (
     BadRequest,
@@ -37,7 +40,7 @@ from service.errors import (
     PayloadTooLarge,
     UnknownInput,
 )
-from service.types import InferenceRequest
+from service.types import InferenceRequest, RequestedOutput
 
 __all__ = ["Chunk", "binary_source", "json_source", "ndjson_source"]
 
@@ -156,7 +159,7 @@ def json_source(obj: Any, chunk_rows: int, max_rows: int,
         if len(tensor.shape) != 2:
             raise InvalidShape(f"input must have shape [rows, d], got {list(tensor.shape)}")
         array, datatype = tensor.array, tensor.datatype
-        params, outputs = request.parameters, [o.name for o in request.outputs]
+        params, outputs = request.parameters, _job_outputs(request.id, request.binary_output, request.outputs)
     else:
         rows = obj.get("instances") if isinstance(obj, dict) else obj
         if not isinstance(rows, list):
@@ -175,6 +178,24 @@ def json_source(obj: Any, chunk_rows: int, max_rows: int,
             yield array[start:start + chunk_rows], datatype
 
     return chunks(), params, outputs
+
+
+def _job_outputs(request_id: str | None, binary_output: bool, outputs: list[RequestedOutput]) -> list[str]:
+    """The output names a batch body in V2 form asks for. Its answer is JSON lines, not a V2
+    response, so what only a V2 response honours is refused, never dropped: an ``id`` (a V2 response
+    echoes it; a job is named by its X-Request-ID header), binary outputs (``binary_data`` or
+    ``binary_data_output`` true) and the output parameters infer refuses."""
+    if request_id is not None:
+        raise BadRequest("a batch job answers JSON lines, which echo no request id: name the job with an "
+                         "X-Request-ID header")
+    if binary_output:
+        raise InvalidParameter("parameter binary_data_output: a batch job answers JSON lines, never binary outputs")
+    for out in outputs:
+        check_output_parameters(out)
+        if out.binary:
+            raise InvalidParameter(f"output '{out.name}' binary_data: a batch job answers JSON lines, never "
+                                   "binary outputs")
+    return [out.name for out in outputs]
 
 
 def _parameters(value: Any) -> dict[str, Any]:
@@ -211,8 +232,8 @@ def binary_source(body: IO[bytes], total: int, header_length: str, chunk_rows: i
     if n > max_rows:
         raise PayloadTooLarge(f"{n} rows exceed the limit of {max_rows}")
     params = dict(wire.parameters or {})
-    params.pop("binary_data_output", None)
-    outputs = [o.name for o in wire.outputs or []]
+    binary_output = bool_parameter(params.pop("binary_data_output", False), "parameter binary_data_output")
+    outputs = _job_outputs(wire.id, binary_output, requested_outputs(wire.outputs))
 
     def chunks() -> Iterator[Chunk]:
         dtype = DATATYPES[tensor.datatype]

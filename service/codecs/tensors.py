@@ -43,6 +43,7 @@ __all__ = [
     "PARSE_BYTES_PER_BYTE",
     "bool_parameter",
     "check_input_parameters",
+    "check_output_parameters",
     "check_shape",
     "decode_infer_request",
     "decode_raw",
@@ -59,6 +60,7 @@ __all__ = [
     "may_hold_booleans",
     "parse_header_length",
     "parse_json",
+    "requested_outputs",
     "serialize_bytes",
     "split_body",
 ]
@@ -374,15 +376,35 @@ def infer_request_from(obj: Any, binary: memoryview = memoryview(b""), booleans:
             f"{len(binary) - offset} bytes of binary data are not claimed by any input's binary_data_size")
     params = dict(wire.parameters or {})
     binary_output = bool_parameter(params.pop("binary_data_output", False), "parameter binary_data_output")
-    outputs = []
-    for out in wire.outputs or []:
+    return InferRequest(inputs=inputs, outputs=requested_outputs(wire.outputs), parameters=params, id=wire.id,
+                        binary_output=binary_output)
+
+
+def requested_outputs(outputs: list | None) -> list[RequestedOutput]:
+    """A V2 request's ``outputs`` (wire models) -> :class:`RequestedOutput` s: the binary extension's
+    ``binary_data`` read as a boolean, the other parameters kept for :func:`check_output_parameters`."""
+    requested = []
+    for out in outputs or []:
         oparams = dict(out.parameters or {})
         flag = oparams.pop("binary_data", None)
-        outputs.append(RequestedOutput(
-            out.name, None if flag is None else bool_parameter(flag, f"output '{out.name}' binary_data"),
-            oparams))
-    return InferRequest(inputs=inputs, outputs=outputs, parameters=params, id=wire.id,
-                        binary_output=binary_output)
+        requested.append(RequestedOutput(
+            out.name, None if flag is None else bool_parameter(flag, f"output '{out.name}' binary_data"), oparams))
+    return requested
+
+
+def check_output_parameters(out: RequestedOutput) -> None:
+    """A requested output takes no parameters but the codec's ``binary_data``: Triton's
+    classification extension (``classification``; ``class_count`` in its HTTP client's API) and
+    shared-memory outputs are refused, never ignored (a client would read raw probabilities as
+    class labels, or its shared-memory region unwritten)."""
+    if not out.parameters:
+        return
+    named = sorted({"classification", "class_count"} & out.parameters.keys())
+    if named:
+        raise InvalidParameter(f"output '{out.name}': the classification extension ({named[0]}) is not "
+                               "supported; request the 'probabilities' output")
+    raise InvalidParameter(f"output '{out.name}': unknown parameter(s) {sorted(out.parameters)[:5]} "
+                           "(an output takes only binary_data; no shared memory)")
 
 
 def first_error(exc: ValidationError) -> str:

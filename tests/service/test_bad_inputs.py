@@ -228,6 +228,29 @@ CASES = [
      400, "bad_request", "truncated"),
     ("gzip-bomb", "POST", INFER, (gzip.compress(b" " * (64 * 1024 * 1024)), {"content-encoding": "gzip"}), 413,
      "payload_too_large", "once decompressed"),
+    # a batch body in V2 form: what its JSON-lines answer cannot honour was dropped unread (200 on
+    # 42f69ae): output parameters (Triton's classification extension, unknown ones), binary outputs,
+    # and the id a V2 response echoes
+    ("batch-output-classification", "POST", BATCH, _v2(outputs=[{"name": "probabilities",
+                                                                 "parameters": {"classification": 2}}]), 400,
+     "invalid_parameter", "classification extension"),
+    ("batch-output-parameter-unknown", "POST", BATCH, _v2(outputs=[{"name": "prediction", "parameters": {"foo": 1}}]),
+     400, "invalid_parameter", "['foo']"),
+    ("batch-output-binary", "POST", BATCH, _v2(outputs=[{"name": "prediction", "parameters": {"binary_data": True}}]),
+     400, "invalid_parameter", "JSON lines"),
+    ("batch-binary-data-output", "POST", BATCH, _v2(parameters={"binary_data_output": True}), 400,
+     "invalid_parameter", "JSON lines"),
+    ("batch-id", "POST", BATCH, _v2(id="job-1"), 400, "bad_request", "X-Request-ID"),
+    ("batch-binary-body-output-classification", "POST", BATCH, _binary(np.ones((1, D), np.float32), extra={
+        "outputs": [{"name": "probabilities", "parameters": {"classification": 2}}]}), 400, "invalid_parameter",
+     "classification extension"),
+    ("batch-binary-body-output-binary", "POST", BATCH, _binary(np.ones((1, D), np.float32), extra={
+        "outputs": [{"name": "prediction", "parameters": {"binary_data": True}}]}), 400, "invalid_parameter",
+     "JSON lines"),
+    ("batch-binary-body-binary-data-output", "POST", BATCH, _binary(np.ones((1, D), np.float32), extra={
+        "parameters": {"binary_data_output": True}}), 400, "invalid_parameter", "JSON lines"),
+    ("batch-binary-body-id", "POST", BATCH, _binary(np.ones((1, D), np.float32), extra={"id": "job-1"}), 400,
+     "bad_request", "X-Request-ID"),
     ("batch-binary-input-parameter", "POST", BATCH, _binary(np.ones((1, D), np.float32), shared_memory_region="r"),
      400, "invalid_parameter", "shared_memory_region"),
     # shapes numpy cannot hold, even empty (a zero beside a huge dimension; more than 64 dimensions):
