@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -100,7 +101,13 @@ def _cmd_diagnose(args: argparse.Namespace) -> int:
         raise InputError(f"input must have shape (n, {model.n_features}), got {x.shape}")
     if not np.isfinite(x).all():
         raise InputError("input contains NaN or Inf")
-    rows = model.diagnose(torch.as_tensor(x), top_k=args.top_k, tau=args.tau)
+    tau = 0.1 if args.tau is None else args.tau
+    if args.tau is not None and model.task != "regression":   # refused, never dropped unread
+        raise InputError(f"--tau is a regression model's certificate tolerance; this is a {model.task} model, "
+                         "whose certified radius is for its decision and reads no tau")
+    if not (math.isfinite(tau) and tau > 0):
+        raise InputError(f"--tau must be a finite number > 0, got {tau}")
+    rows = model.diagnose(torch.as_tensor(x), top_k=args.top_k, tau=tau)
     print(json.dumps(rows if len(rows) > 1 else rows[0], indent=2))
     return 0
 
@@ -224,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("artifact")
     p.add_argument("--input", required=True, help="JSON array (row or rows), a .json/.npy file, or - for stdin")
     p.add_argument("--top-k", type=int, default=5)
-    p.add_argument("--tau", type=float, default=0.1)
+    p.add_argument("--tau", type=float, help="a regression model's certificate tolerance (default 0.1)")
     p.set_defaults(func=_cmd_diagnose)
 
     def export_arguments(p: argparse.ArgumentParser) -> None:

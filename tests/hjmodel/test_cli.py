@@ -110,7 +110,7 @@ def test_verify(trained):
 def test_diagnose_rows_and_stdin(trained, tmp_path, capsys):
     out, _ = trained
     rows = [[3.0, 0.0, 0.0, 0.0], [0.1, -0.2, 2.9, 0.3]]
-    proc = hjmodel("diagnose", str(out), "--input", json.dumps(rows), "--top-k", "3", "--tau", "0.2")
+    proc = hjmodel("diagnose", str(out), "--input", json.dumps(rows), "--top-k", "3")
     assert proc.returncode == 0, proc.stderr
     result = _strict(proc.stdout)
     assert isinstance(result, list) and len(result) == 2
@@ -126,7 +126,7 @@ def test_diagnose_rows_and_stdin(trained, tmp_path, capsys):
     single = _strict(proc.stdout)
     assert isinstance(single, dict) and single["prediction"] == "x"
     np.save(tmp_path / "x.npy", np.array(rows))
-    assert main(["diagnose", str(out), "--input", str(tmp_path / "x.npy"), "--top-k", "3", "--tau", "0.2"]) == 0
+    assert main(["diagnose", str(out), "--input", str(tmp_path / "x.npy"), "--top-k", "3"]) == 0
     assert _strict(capsys.readouterr().out) == result
 
 
@@ -138,6 +138,8 @@ ERRORS = [
     (("diagnose", "{out}", "--input", "[[NaN, 1, 2, 3]]"), "input contains NaN or Inf"),
     (("diagnose", "{out}", "--input", "[[\"a\", 1, 2, 3]]"), "could not convert string to float"),
     (("diagnose", "{out}", "--input", "missing.json"), "no such file 'missing.json'"),
+    # a classifier's radius reads no tolerance: --tau was accepted and dropped unread on 42f69ae
+    (("diagnose", "{out}", "--input", "[[1, 2, 3, 4]]", "--tau", "0.2"), "--tau is a regression model's"),
 ]
 
 
@@ -163,6 +165,22 @@ def test_errors_exit_nonzero_with_message(args, pattern, trained, capsys):
     assert captured.out == ""
     assert captured.err.startswith("error: ") and captured.err.count("\n") == 1, captured.err
     assert pattern in captured.err, captured.err
+
+
+def test_diagnose_reads_tau_on_a_regression_model_only(demo_repository, capsys):
+    """--tau sets a regression model's certificate tolerance (a larger one, a larger radius) and must
+    be a finite number > 0; a classifier refuses it (ERRORS above)."""
+    from sklearn.datasets import load_diabetes
+
+    artifact, row = str(demo_repository / "diabetes_lse" / "1"), json.dumps(load_diabetes().data[0].tolist())
+    radii = []
+    for tau in ("5", "20"):
+        assert main(["diagnose", artifact, "--input", row, "--tau", tau]) == 0
+        radii.append(_strict(capsys.readouterr().out)["certified_radius"])
+    assert 0 < radii[0] < radii[1], radii
+    for bad in ("-1", "0", "nan", "inf"):
+        assert main(["diagnose", artifact, "--input", row, "--tau", bad]) == 2
+        assert "--tau must be a finite number > 0" in capsys.readouterr().err
 
 
 def test_usage_errors(capsys):
