@@ -53,9 +53,11 @@ def _not_a_setting(name: str, value: str) -> bool:
 class Settings(BaseSettings):
     """Configuration of one hjserve process (environment prefix ``HJSERVE_``)."""
 
-    # hide_input_in_errors: a refused setting is named, never printed with the others' values (the keys)
+    # hide_input_in_errors: a refused setting is named, never printed with the others' values (the keys);
+    # allow_inf_nan: every number is finite (an infinite timeout or connection age crashed the startup,
+    # an infinite default tau certified nothing)
     model_config = SettingsConfigDict(env_prefix="HJSERVE_", extra="ignore", validate_default=True,
-                                      hide_input_in_errors=True)
+                                      hide_input_in_errors=True, allow_inf_nan=False)
 
     model_repository: Path = Path("models")
     """Model repository root: ``<root>/<model_name>/<version>/`` with numeric version directories,

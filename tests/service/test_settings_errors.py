@@ -84,6 +84,25 @@ def test_monitored_outputs_must_be_serving_outputs():
             Settings(monitored_outputs=bad)
 
 
+FLOAT_SETTINGS = sorted(name for name, field in Settings.model_fields.items() if field.annotation is float)
+
+
+@pytest.mark.parametrize("value", ["inf", "-inf", "nan", "1e400"])
+@pytest.mark.parametrize("name", FLOAT_SETTINGS)
+def test_a_number_setting_must_be_finite(monkeypatch, name, value):
+    """On a21eca0 HJSERVE_REQUEST_TIMEOUT_S=inf or HJSERVE_GRPC_MAX_CONNECTION_AGE_S=inf passed the
+    settings and the server died at startup with a traceback (OverflowError); HJSERVE_DEFAULT_TAU=inf
+    served every regression row a radius of FLT_MAX, certifying nothing. Every number setting is refused
+    at load unless finite, with its name."""
+    monkeypatch.setenv(f"HJSERVE_{name.upper()}", value)
+    with pytest.raises(ValueError, match=name):
+        Settings()
+
+
+def test_the_number_settings_are_found():
+    assert {"default_tau", "request_timeout_s", "grpc_max_connection_age_s", "keep_alive_s"} <= set(FLOAT_SETTINGS)
+
+
 def test_settings_json_list_and_validation(monkeypatch):
     monkeypatch.setenv("HJSERVE_API_KEYS", '["a", "b"]')
     assert len(Settings().api_keys) == 2
