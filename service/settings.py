@@ -50,6 +50,13 @@ def _not_a_setting(name: str, value: str) -> bool:
     return bool(_NOT_SETTINGS.fullmatch(name) or (_LINK_PORT.fullmatch(name) and _LINK_VALUE.match(value)))
 
 
+#: The largest value a duration setting takes: one week. gRPC's connection age and its grace (the
+#: sum of two of these) travel as milliseconds in C ints, which hold 24.8 days.
+MAX_DURATION_S = 7 * 24 * 3600
+#: grpcio's channel arguments (message size, concurrent calls) are C ints.
+MAX_C_INT = 2**31 - 1
+
+
 class Settings(BaseSettings):
     """Configuration of one hjserve process (environment prefix ``HJSERVE_``)."""
 
@@ -74,10 +81,10 @@ class Settings(BaseSettings):
     the same dataplane as HTTP); unset (the default of a bare process): no gRPC server. ``make serve``,
     the Docker images and the Kubernetes manifests set it to 8001, Triton's gRPC port."""
 
-    grpc_max_message_bytes: int = Field(64 * 1024 * 1024, ge=1024)
+    grpc_max_message_bytes: int = Field(64 * 1024 * 1024, ge=1024, le=MAX_C_INT)
     """Largest gRPC message received or sent (the gRPC twin of ``max_body_bytes``)."""
 
-    grpc_max_connection_age_s: float = Field(600.0, gt=0.0)
+    grpc_max_connection_age_s: float = Field(600.0, gt=0.0, le=MAX_DURATION_S)
     """A gRPC connection is asked to go away (GOAWAY; clients reconnect) after this long, and closed
     ``body_timeout_s + request_timeout_s`` later with whatever calls it still holds. At most
     ``max_connections`` calls run at once, counted from when they open -- before their message has
@@ -94,7 +101,7 @@ class Settings(BaseSettings):
     version folder is loaded, a changed one reloaded, a removed one unloaded (load / unload calls
     are then refused, like Triton's)."""
 
-    repository_poll_s: float = Field(15.0, gt=0.0)
+    repository_poll_s: float = Field(15.0, gt=0.0, le=MAX_DURATION_S)
     """Seconds between two scans of the repository in ``poll`` mode."""
 
     default_outputs: str = "prediction,probabilities,certified_radius,ood_flag"
@@ -141,8 +148,9 @@ class Settings(BaseSettings):
     """Backend preference: ``onnx`` (onnxruntime on ``model.onnx``), ``torch`` (``model.pt`` +
     ``model.json``) or ``auto`` (ONNX when the version has ``model.onnx``, else torch)."""
 
-    intra_op_threads: int = Field(0, ge=0)
-    """Threads each backend may use inside one operator; 0 lets the library decide."""
+    intra_op_threads: int = Field(0, ge=0, le=256)
+    """Threads each backend may use inside one operator; 0 lets the library decide (at most 256: each
+    graph of each model gets its own, and far more than the cores only slows onnxruntime down)."""
 
     intra_op_spinning: bool = False
     """Whether onnxruntime's intra-op threads busy-wait for work between operators (its own default)
@@ -155,9 +163,10 @@ class Settings(BaseSettings):
     """Largest number of rows the dynamic batcher sends to a backend at once (advertised in the model
     config). Larger requests are split into chunks of this size."""
 
-    max_queue_delay_ms: float = Field(0.0, ge=0.0)
+    max_queue_delay_ms: float = Field(0.0, ge=0.0, le=60_000.0)
     """How long the dynamic batcher waits for more rows after the first request of a batch. 0 (Triton's
-    default) runs at once; batches still form from the requests that queue while a batch computes."""
+    default) runs at once; batches still form from the requests that queue while a batch computes. At
+    most a minute."""
 
     inline_max_ms: float = Field(1.0, ge=0.0)
     """A REST request that is the only one in flight (no gRPC call either; at most 16 rows) runs its
@@ -172,7 +181,7 @@ class Settings(BaseSettings):
     """Requests (or request chunks) that may wait per model version; beyond it requests are rejected
     at once with 503 and ``Retry-After``."""
 
-    request_timeout_s: float = Field(30.0, gt=0.0)
+    request_timeout_s: float = Field(30.0, gt=0.0, le=MAX_DURATION_S)
     """Longest time a request may wait for its result (queue + compute) before it fails with 504."""
 
     retry_after_s: int = Field(1, ge=0)
@@ -216,18 +225,18 @@ class Settings(BaseSettings):
     """Largest request head (request line and headers) in bytes: beyond it the connection gets 431
     ``headers_too_large`` and is closed while the head is still arriving, so none is buffered whole."""
 
-    header_timeout_s: float = Field(10.0, gt=0.0)
+    header_timeout_s: float = Field(10.0, gt=0.0, le=MAX_DURATION_S)
     """Longest time a connection may take to send a complete request head (request line and
     headers), counted from when it opened or got its previous response; then it is closed."""
 
-    body_timeout_s: float = Field(120.0, gt=0.0)
+    body_timeout_s: float = Field(120.0, gt=0.0, le=MAX_DURATION_S)
     """Longest time a request body may take to arrive after its head (408 ``body_timeout`` and the
     connection closed beyond it). Applies to every body, streamed batch bodies included."""
 
-    keep_alive_s: float = Field(5.0, gt=0.0)
+    keep_alive_s: float = Field(5.0, gt=0.0, le=MAX_DURATION_S)
     """How long an idle keep-alive connection stays open between requests."""
 
-    max_connections: int = Field(1024, ge=1)
+    max_connections: int = Field(1024, ge=1, le=MAX_C_INT)
     """Most concurrent connections / requests the server handles; beyond it new requests get 503
     at once (uvicorn's ``limit_concurrency``)."""
 

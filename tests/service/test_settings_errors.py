@@ -99,6 +99,33 @@ def test_a_number_setting_must_be_finite(monkeypatch, name, value):
         Settings()
 
 
+#: (setting, the largest value it takes, a value past it that a2bc700 took and then crashed on or hung)
+BOUNDED = [
+    ("grpc_max_message_bytes", 2**31 - 1, 2**31),      # grpcio's channel arguments are C ints: OverflowError
+    ("max_connections", 2**31 - 1, 2**31),             # likewise (grpcio's maximum_concurrent_rpcs)
+    ("grpc_max_connection_age_s", 604_800, 1e300),     # its milliseconds, with the grace, a C int
+    ("request_timeout_s", 604_800, 1e300),             # part of that grace
+    ("body_timeout_s", 604_800, 1e300),
+    ("header_timeout_s", 604_800, 1e300),
+    ("keep_alive_s", 604_800, 1e300),
+    ("repository_poll_s", 604_800, 1e300),
+    ("max_queue_delay_ms", 60_000, 1e300),             # a wait past time_t: every batched request failed
+    ("intra_op_threads", 256, 100_000),                # the server never came up (threads per graph)
+]
+
+
+@pytest.mark.parametrize(("name", "largest", "past"), BOUNDED)
+def test_a_setting_past_what_its_consumer_holds_is_refused(monkeypatch, name, largest, past):
+    """Each of these passed the settings on a2bc700 and then killed the startup with a traceback,
+    hung it, or failed requests later; now each has a documented largest value, and a value past it is
+    refused at load with the setting's name."""
+    monkeypatch.setenv(f"HJSERVE_{name.upper()}", str(largest))
+    assert getattr(Settings(), name) == largest
+    monkeypatch.setenv(f"HJSERVE_{name.upper()}", str(past))
+    with pytest.raises(ValueError, match=name):
+        Settings()
+
+
 def test_the_number_settings_are_found():
     assert {"default_tau", "request_timeout_s", "grpc_max_connection_age_s", "keep_alive_s"} <= set(FLOAT_SETTINGS)
 
