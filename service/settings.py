@@ -313,6 +313,21 @@ class Settings(BaseSettings):
             raise ValueError(f"unknown output(s) {unknown}: 'all' or names of the serving outputs")
         return value
 
+    @field_validator("default_outputs")
+    @classmethod
+    def _default_outputs_known_once(cls, value: str) -> str:
+        from hjmodel.serving import EXPLAIN_OUTPUTS, OUTPUTS
+
+        names = split_names(value)
+        if not names:
+            raise ValueError("default_outputs must name at least one output (or 'all')")
+        unknown = [n for n in names if n not in {o.name for o in (*OUTPUTS, *EXPLAIN_OUTPUTS)}]
+        if names != ["all"] and unknown:
+            raise ValueError(f"unknown output(s) {unknown}: 'all' or names of the outputs")
+        if len(set(names)) != len(names):
+            raise ValueError("default_outputs names an output twice")
+        return value
+
     @field_validator("spool_dir")
     @classmethod
     def _existing_dir(cls, value: Path | None) -> Path | None:

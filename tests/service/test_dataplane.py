@@ -103,14 +103,14 @@ def test_a_tau_input_is_accepted_as_the_tau_parameter(dataplane):
         _run(dataplane, lambda: dataplane.infer("freg", None, request))
 
 
-@pytest.mark.parametrize("setting, expected", [
-    ("all", 14), ("prediction,certified_radius", 2), ("prediction,nonexistent", 1)])
-def test_default_outputs_is_a_setting_reported_in_the_config(fake_root, loader, setting, expected):
+@pytest.mark.parametrize("model, setting, expected", [   # a model gets the outputs it has: no probabilities
+    ("fclf", "all", 14), ("fclf", "prediction,certified_radius", 2), ("freg", "prediction,probabilities", 1)])
+def test_default_outputs_is_a_setting_reported_in_the_config(fake_root, loader, model, setting, expected):
     settings = Settings(model_repository=fake_root, default_outputs=setting)
     plane = DataPlane(settings, ModelRepository(settings, loader=loader))
-    response = _run(plane, lambda: plane.infer("fclf", None, _request()))
+    response = _run(plane, lambda: plane.infer(model, None, _request()))
     assert len(response.outputs) == expected
-    config = _run(plane, lambda: asyncio.sleep(0, plane.model_config("fclf")))
+    config = _run(plane, lambda: asyncio.sleep(0, plane.model_config(model)))
     assert isinstance(config, ModelConfigResponse)
     assert len(__import__("json").loads(config.parameters["default_outputs"]["string_value"])) == expected
 

@@ -84,6 +84,21 @@ def test_monitored_outputs_must_be_serving_outputs():
             Settings(monitored_outputs=bad)
 
 
+def test_default_outputs_must_be_outputs_once_each():
+    """On 9ad0da0 HJSERVE_DEFAULT_OUTPUTS=prediction,certified_raduis served the prediction alone (the
+    misspelt radius dropped unread: an operator would believe every default answer carried it); an
+    empty list answered every default request with no outputs; a name twice made every default
+    request a 400. Each is refused at load; the names of any model's outputs, explanations included,
+    are taken (a model gets those it has)."""
+    assert Settings(default_outputs="all").default_outputs == "all"
+    assert Settings(default_outputs="prediction, probabilities, integrated_gradients").default_outputs
+    for bad, why in (("prediction,certified_raduis", "unknown output"), ("", "at least one output"),
+                     (" , ", "at least one output"), ("prediction,prediction", "twice"),
+                     ("all,prediction", "unknown output")):
+        with pytest.raises(ValueError, match=why):
+            Settings(default_outputs=bad)
+
+
 FLOAT_SETTINGS = sorted(name for name, field in Settings.model_fields.items() if field.annotation is float)
 
 
