@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import socket
 from collections.abc import Sequence
 
 __all__ = ["build", "main"]
@@ -45,6 +46,25 @@ def build(settings):
     return create_app(dataplane, transports)
 
 
+def check_grpc_port(host: str, port: int | None) -> None:
+    """Exit with a message (status 1) when the gRPC port cannot be listened on -- taken by another
+    process, or a host that is no address here -- instead of a traceback from the server's startup.
+    The gRPC server itself listens without SO_REUSEPORT (``grpc.so_reuseport`` 0), so a port taken
+    in between still fails its start rather than being shared with the other process."""
+    if not port:   # no gRPC, or a port the system picks
+        return
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                                              flags=socket.AI_PASSIVE)[0]
+        with socket.socket(family, kind, proto) as probe:
+            # as grpcio binds: a port left in TIME_WAIT is free, one another socket listens on is not
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind(address)
+            probe.listen()
+    except OSError as exc:
+        raise SystemExit(f"hjserve: cannot listen for gRPC on {host}:{port}: {exc.strerror or exc}") from None
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     """Parse the command line (over environment settings) and serve until interrupted."""
     args = _parser().parse_args(argv)
@@ -61,6 +81,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         settings = Settings(**overrides)
     except ValidationError as exc:   # a message and exit status 1, not a traceback
         raise SystemExit(f"hjserve: {exc}") from None
+    check_grpc_port(settings.host, settings.grpc_port)
     configure_logging(settings.log_level, settings.log_format)
     app = build(settings)
     uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level,

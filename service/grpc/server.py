@@ -145,7 +145,10 @@ class GRPCServer:
                                   options=[("grpc.max_receive_message_length", size),
                                            ("grpc.max_send_message_length", size),
                                            ("grpc.max_connection_age_ms", age_ms),
-                                           ("grpc.max_connection_age_grace_ms", grace_ms)])
+                                           ("grpc.max_connection_age_grace_ms", grace_ms),
+                                           # grpcio's default would let a second process bind the
+                                           # same port and take a share of its connections
+                                           ("grpc.so_reuseport", 0)])
         self._server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler(SERVICE_NAME, self._handlers())])
         host = f"[{self.host}]" if ":" in self.host else self.host
         self.port = self._server.add_insecure_port(f"{host}:{self.port}")

@@ -594,3 +594,17 @@ def test_the_empty_final_response_flag_is_answered_not_refused(gserver):
     with gserver.client() as http:
         answer = http.post("/v2/models/clf/infer", json=body)
     assert answer.status_code == 200 and answer.json()["parameters"] == {"triton_final_response": True}
+
+
+def test_a_grpc_port_in_use_is_refused_not_shared(tiny_repo, tmp_path):
+    """grpcio listens with SO_REUSEPORT unless told otherwise: on 19ca7dd a second server given a
+    taken gRPC port started, said it was listening, and the kernel shared the port's new connections
+    between the two processes (another repository, version or build answering a share of the calls).
+    Now the second exits at once, naming the port; the first still serves every call."""
+    with run_server(tiny_repo, tmp_path, grpc=True) as first:
+        with pytest.raises(RuntimeError, match=rf"cannot listen for gRPC on 127.0.0.1:{first.grpc_port}: .*in use"):
+            with run_server(tiny_repo, tmp_path, env={"HJSERVE_GRPC_PORT": str(first.grpc_port)}):
+                pass
+        client = tg.InferenceServerClient(first.grpc_target)
+        assert client.is_server_live()
+        client.close()
