@@ -53,7 +53,8 @@ def _not_a_setting(name: str, value: str) -> bool:
 #: The largest value a duration setting takes: one week. gRPC's connection age and its grace (the
 #: sum of two of these) travel as milliseconds in C ints, which hold 24.8 days.
 MAX_DURATION_S = 7 * 24 * 3600
-#: grpcio's channel arguments (message size, concurrent calls) are C ints.
+#: grpcio's channel arguments (message size, concurrent calls) are C ints, and so is the model config's
+#: max_batch_size in gRPC (max_queue_size a uint32).
 MAX_C_INT = 2**31 - 1
 
 
@@ -159,7 +160,7 @@ class Settings(BaseSettings):
     cores of its own, where it saves each operator a wake-up (``bench/results/session_threads.md``).
     Nothing spins with ``intra_op_threads=1``."""
 
-    max_batch_size: int = Field(64, ge=1)
+    max_batch_size: int = Field(64, ge=1, le=MAX_C_INT)
     """Largest number of rows the dynamic batcher sends to a backend at once (advertised in the model
     config). Larger requests are split into chunks of this size."""
 
@@ -177,7 +178,7 @@ class Settings(BaseSettings):
     ``max_queue_delay_ms`` 0 (a delay asks every request to wait for company). 0: always the thread
     (``bench/results/ab_server_inline.md``)."""
 
-    max_queue_size: int = Field(256, ge=1)
+    max_queue_size: int = Field(256, ge=1, le=MAX_C_INT)
     """Requests (or request chunks) that may wait per model version; beyond it requests are rejected
     at once with 503 and ``Retry-After``."""
 

@@ -443,30 +443,39 @@ def test_a_transfer_coding_other_than_chunked_is_refused(tiny_repo, tmp_path):
 
 def test_the_server_serves_with_every_bounded_setting_at_its_largest(tiny_repo, tmp_path):
     """Every setting with a largest value (``le`` in ``service.settings``), set to it at once: the
-    server starts, serves REST and gRPC, and a request left waiting for company by the longest queue
-    delay ends at its own timeout (504), never in a traceback. Past the largest values, a2bc700's
-    startup died with OverflowError or hung (``test_settings_errors``)."""
+    server starts, reports its config over both transports (gRPC's holds max_batch_size as an int32:
+    INTERNAL on d9d5781 past it), and a request left waiting for company by the longest queue delay
+    ends at its own timeout (504 / DEADLINE_EXCEEDED), never in a traceback; with no queue delay it
+    serves REST and gRPC. Past the largest values, a2bc700's startup died with OverflowError or hung
+    (``test_settings_errors``)."""
     import tritonclient.grpc as grpcclient
     from annotated_types import Le
+    from tritonclient.utils import InferenceServerException
 
     from service.settings import Settings
 
     largest = {name: next(m.le for m in field.metadata if isinstance(m, Le))
                for name, field in Settings.model_fields.items() if any(isinstance(m, Le) for m in field.metadata)}
-    assert {"request_timeout_s", "grpc_max_message_bytes", "max_queue_delay_ms", "intra_op_threads"} <= set(largest)
-    x = np.ones((4, D), np.float32)
-    with run_server(tiny_repo, tmp_path, grpc=True, max_batch_size=4, model_control_mode="poll", **largest) as s:
-        with s.client() as c:
-            full = c.post("/v2/models/clf/infer", json={"inputs": [{"name": "input", "datatype": "FP32", "shape": [4, D],
-                                                                    "data": x.ravel().tolist()}]})
-            assert full.status_code == 200, full.text   # a full batch runs at once, whatever the delay
-            alone = c.post("/v2/models/clf/infer", json={"inputs": [{"name": "input", "datatype": "FP32",
-                                                                     "shape": [1, D], "data": x[0].tolist()}],
-                                                         "parameters": {"timeout": 300_000}})
-            assert alone.status_code == 504 and alone.json()["error_type"] == "timeout", alone.text
-        client = grpcclient.InferenceServerClient(f"127.0.0.1:{s.grpc_port}")
-        inp = grpcclient.InferInput("input", [4, D], "FP32")
-        inp.set_data_from_numpy(x)
-        assert client.infer("clf", [inp]).as_numpy("prediction").shape == (4,)
-        client.close()
-        assert "Traceback" not in s.log.read_text()
+    assert {"request_timeout_s", "grpc_max_message_bytes", "max_queue_delay_ms", "intra_op_threads",
+            "max_batch_size"} <= set(largest)
+    x = np.ones((1, D), np.float32)
+    body = {"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, D], "data": x.ravel().tolist()}]}
+    inp = grpcclient.InferInput("input", [1, D], "FP32")
+    inp.set_data_from_numpy(x)
+    for delay in (largest["max_queue_delay_ms"], 0):
+        with run_server(tiny_repo, tmp_path, grpc=True, model_control_mode="poll",
+                        **{**largest, "max_queue_delay_ms": delay}) as s:
+            client = grpcclient.InferenceServerClient(f"127.0.0.1:{s.grpc_port}")
+            assert client.get_model_config("clf").config.max_batch_size == largest["max_batch_size"]
+            with s.client() as c:
+                assert c.get("/v2/models/clf/config").json()["max_batch_size"] == largest["max_batch_size"]
+                if delay:   # a request alone waits for company, until its own timeout
+                    alone = c.post("/v2/models/clf/infer", json={**body, "parameters": {"timeout": 300_000}})
+                    assert alone.status_code == 504 and alone.json()["error_type"] == "timeout", alone.text
+                    with pytest.raises(InferenceServerException, match="DEADLINE_EXCEEDED"):
+                        client.infer("clf", [inp], timeout=300_000)   # Triton's own timeout, microseconds
+                else:
+                    assert c.post("/v2/models/clf/infer", json=body).status_code == 200
+                    assert client.infer("clf", [inp]).as_numpy("prediction").shape == (1,)
+            client.close()
+            assert "Traceback" not in s.log.read_text()

@@ -126,13 +126,15 @@ BOUNDED = [
     ("repository_poll_s", 604_800, 1e300),
     ("max_queue_delay_ms", 60_000, 1e300),             # a wait past time_t: every batched request failed
     ("intra_op_threads", 256, 100_000),                # the server never came up (threads per graph)
+    ("max_batch_size", 2**31 - 1, 2**31),              # the model config's int32 over gRPC: INTERNAL
+    ("max_queue_size", 2**31 - 1, 2**31),              # its uint32 (as a C int, like the others)
 ]
 
 
 @pytest.mark.parametrize(("name", "largest", "past"), BOUNDED)
 def test_a_setting_past_what_its_consumer_holds_is_refused(monkeypatch, name, largest, past):
-    """Each of these passed the settings on a2bc700 and then killed the startup with a traceback,
-    hung it, or failed requests later; now each has a documented largest value, and a value past it is
+    """Each of these passed the settings on a2bc700 (the last two on d9d5781) and then killed the
+    startup with a traceback, hung it, or failed requests later; now each has a documented largest value, and a value past it is
     refused at load with the setting's name."""
     monkeypatch.setenv(f"HJSERVE_{name.upper()}", str(largest))
     assert getattr(Settings(), name) == largest
