@@ -303,6 +303,19 @@ class Settings(BaseSettings):
     def _parse_keys(cls, value: object) -> object:
         return _split_keys(value)
 
+    @field_validator("api_keys", "admin_key")
+    @classmethod
+    def _presentable(cls, value: list[SecretStr] | SecretStr | None) -> list[SecretStr] | SecretStr | None:
+        """Every key is one a client can present: printable ASCII (what an HTTP header and gRPC
+        metadata carry), without surrounding spaces (``auth.key_from`` strips them) and not empty. Any
+        other would lock every client out of what it guards. The message never holds the key."""
+        for key in value if isinstance(value, list) else [value] if value is not None else []:
+            text = key.get_secret_value()
+            if not text or text != text.strip() or not all(" " <= ch <= "~" for ch in text):
+                raise ValueError("a key must be printable ASCII, not empty, without surrounding spaces "
+                                 "(no client could present this one)")
+        return value
+
     @field_validator("monitored_outputs")
     @classmethod
     def _known_outputs(cls, value: str) -> str:

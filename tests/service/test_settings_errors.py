@@ -215,3 +215,22 @@ def test_a_malformed_key_list_is_refused_without_its_keys(monkeypatch):
     with pytest.raises(ValueError) as info:
         Settings()
     assert "api_keys" in str(info.value) and "secret" not in str(info.value)
+
+
+@pytest.mark.parametrize("setting, value", [
+    ("HJSERVE_API_KEYS", '["k-5d2e-secret", ""]'),          # an empty key in a JSON list
+    ("HJSERVE_API_KEYS", '[" k-5d2e-secret"]'),             # one a client can never present (stripped)
+    ("HJSERVE_API_KEYS", '["k-5d2e-secret\\u00e9"]'),       # not ASCII: no HTTP header or gRPC metadata holds it
+    ("HJSERVE_API_KEYS", '["k-5d2e\\nsecret"]'),            # a control character
+    ("HJSERVE_ADMIN_KEY", " "),
+    ("HJSERVE_ADMIN_KEY", "admin-9c1e-secret\t"),
+])
+def test_a_key_no_client_can_present_is_refused(monkeypatch, setting, value):
+    """Clients present keys in an HTTP header or gRPC metadata, stripped of surrounding spaces: on
+    a2bc700 a key that could never match that way (empty, padded, non-ASCII, with a control character)
+    was accepted, and locked every client out of what it guards (inference, or the repository). Refused
+    at load, named, never printed."""
+    monkeypatch.setenv(setting, value)
+    with pytest.raises(ValueError, match="printable ASCII") as info:
+        Settings()
+    assert setting.removeprefix("HJSERVE_").lower() in str(info.value) and "secret" not in str(info.value)
