@@ -342,6 +342,13 @@ class Settings(BaseSettings):
             raise ValueError("default_outputs names an output twice")
         return value
 
+    @field_validator("model_repository")
+    @classmethod
+    def _repository_dir(cls, value: Path) -> Path:
+        if not value.is_dir():   # a typo served nothing, live and never ready, with no line in the log
+            raise ValueError(f"model_repository {str(value)!r} is not an existing directory")
+        return value
+
     @field_validator("spool_dir")
     @classmethod
     def _existing_dir(cls, value: Path | None) -> Path | None:

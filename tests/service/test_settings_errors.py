@@ -16,17 +16,32 @@ from service import errors
 from service.settings import Settings
 
 
+@pytest.fixture(autouse=True)
+def _a_repository(monkeypatch, tmp_path):
+    """Every Settings() here reads an existing (empty) repository, wherever the tests run from."""
+    monkeypatch.setenv("HJSERVE_MODEL_REPOSITORY", str(tmp_path))
+
+
+@pytest.mark.parametrize("where", ["missing", "a_file"])
+def test_the_model_repository_must_be_an_existing_directory(tmp_path, where):
+    """On dc0b395 a repository path that did not exist (a typo), or a file, served: live, never ready,
+    and not a line in the log to say why. Refused at load, as Triton refuses it."""
+    (tmp_path / "a_file").write_text("not a folder")
+    with pytest.raises(ValueError, match="model_repository .* is not an existing directory"):
+        Settings(model_repository=tmp_path / where)
+
+
 def test_settings_from_environment(monkeypatch):
     monkeypatch.setenv("HJSERVE_PORT", "9123")
     monkeypatch.setenv("HJSERVE_API_KEYS", "k1, k2")
-    monkeypatch.setenv("HJSERVE_ADMIN_KEY", "root")
+    monkeypatch.setenv("HJSERVE_ADMIN_KEY", "adm-7e1c-secret")
     monkeypatch.setenv("HJSERVE_DEVICE", "cpu")
     monkeypatch.setenv("HJSERVE_LOG_LEVEL", "DEBUG")
     s = Settings()
     assert s.port == 9123 and s.device == "cpu" and s.log_level == "debug"
     assert [k.get_secret_value() for k in s.api_keys] == ["k1", "k2"]
-    assert s.admin_key.get_secret_value() == "root"
-    assert "root" not in repr(s)
+    assert s.admin_key.get_secret_value() == "adm-7e1c-secret"
+    assert "adm-7e1c-secret" not in repr(s)
 
 
 @pytest.mark.parametrize(("name", "meant"), [("HJSERVE_API_KEY", "HJSERVE_API_KEYS"),
