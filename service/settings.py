@@ -12,7 +12,7 @@ import re
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic import Field, SecretStr, ValidationInfo, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 __all__ = ["Settings", "split_names"]
@@ -316,29 +316,25 @@ class Settings(BaseSettings):
                                  "(no client could present this one)")
         return value
 
-    @field_validator("monitored_outputs")
+    @field_validator("monitored_outputs", "default_outputs")
     @classmethod
-    def _known_outputs(cls, value: str) -> str:
-        from hjmodel.serving import OUTPUTS
-
-        names = split_names(value)
-        unknown = [n for n in names if n not in {o.name for o in OUTPUTS}]
-        if names != ["all"] and unknown:
-            raise ValueError(f"unknown output(s) {unknown}: 'all' or names of the serving outputs")
-        return value
-
-    @field_validator("default_outputs")
-    @classmethod
-    def _default_outputs_known_once(cls, value: str) -> str:
+    def _known_outputs(cls, value: str, info: ValidationInfo) -> str:
+        """``all``, or names of outputs: the serving outputs for ``monitored_outputs`` (computed for
+        every row), any model's outputs for ``default_outputs`` (a model gets those it has), which must
+        also name at least one, each once (a misspelt name was dropped unread, a name twice made every
+        default request a 400)."""
         from hjmodel.serving import EXPLAIN_OUTPUTS, OUTPUTS
 
+        defaults = info.field_name == "default_outputs"
         names = split_names(value)
-        if not names:
+        if defaults and not names:
             raise ValueError("default_outputs must name at least one output (or 'all')")
-        unknown = [n for n in names if n not in {o.name for o in (*OUTPUTS, *EXPLAIN_OUTPUTS)}]
+        known = {o.name for o in ((*OUTPUTS, *EXPLAIN_OUTPUTS) if defaults else OUTPUTS)}
+        unknown = [n for n in names if n not in known]
         if names != ["all"] and unknown:
-            raise ValueError(f"unknown output(s) {unknown}: 'all' or names of the outputs")
-        if len(set(names)) != len(names):
+            kind = "the outputs" if defaults else "the serving outputs"
+            raise ValueError(f"unknown output(s) {unknown}: 'all' or names of {kind}")
+        if defaults and len(set(names)) != len(names):
             raise ValueError("default_outputs names an output twice")
         return value
 

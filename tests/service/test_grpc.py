@@ -608,3 +608,13 @@ def test_a_grpc_port_in_use_is_refused_not_shared(tiny_repo, tmp_path):
         client = tg.InferenceServerClient(first.grpc_target)
         assert client.is_server_live()
         client.close()
+
+
+def test_a_grpc_host_that_is_no_address_here_is_a_message_not_a_traceback(tiny_repo):
+    """The same check names a host the gRPC server could not listen on (on 19ca7dd: a traceback from
+    the server's startup, exit status 3)."""
+    run = subprocess.run([sys.executable, "-m", "service", "--model-repository", str(tiny_repo), "--host", "999.1.1.1",
+                          "--port", "0", "--grpc-port", "8001"], capture_output=True, text=True, timeout=120,
+                         cwd=Path(__file__).resolve().parents[2])
+    assert run.returncode == 1 and "hjserve: cannot listen for gRPC on 999.1.1.1:8001" in run.stderr, run.stderr
+    assert "Traceback" not in run.stderr
