@@ -19,7 +19,7 @@ from .artifact import (
 )
 from .byom import export
 from .data import load_dataset
-from .errors import ArtifactError, DataError, HJModelError, InputError
+from .errors import ArtifactError, ConfigError, DataError, HJModelError, InputError
 from .models import Evaluation, HJModel
 from .serving import ArtifactSpec
 from .train import TrainConfig, train
@@ -27,6 +27,7 @@ from .train import TrainConfig, train
 __all__ = [
     "ArtifactError",
     "ArtifactSpec",
+    "ConfigError",
     "DataError",
     "Evaluation",
     "HJModel",

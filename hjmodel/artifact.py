@@ -1023,8 +1023,12 @@ def export_onnx(model: HJModel, path: str | Path, opset: int = 17) -> Path:
 
 def save_artifact(model: HJModel, directory: str | Path, formats: tuple[str, ...] = ("onnx", "torch")) -> Path:
     """Write the model in the requested formats into a version directory, and last its checksum
-    manifest (:func:`write_checksums`)."""
+    manifest (:func:`write_checksums`). ``formats``: one or both of ``"onnx"`` and ``"torch"``."""
+    unknown = [f for f in formats if f not in ("onnx", "torch")]
+    if unknown or not formats:   # an artifact of no model file would be its manifest alone
+        raise ValueError(f"formats must name one or both of 'onnx' and 'torch', got {list(formats)!r}")
     directory = Path(directory)
+    _check_spec(model_spec(model), str(directory))   # never write what the loader would refuse
     directory.mkdir(parents=True, exist_ok=True)
     (directory / CHECKSUM_FILE).unlink(missing_ok=True)   # a stale one would describe other files
     if "torch" in formats:

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from .artifact import save_artifact
+from .data import check_rows
 from .models import HJModel, OODReference
 from .nn import from_state_dict
 from .serving import KINDS, TASKS
@@ -45,6 +46,12 @@ def to_hjmodel(network, *, task: str | None = None, class_names=None, feature_na
         names = []
     d = parts.preprocess.mu.shape[0]
     features = [str(f) for f in feature_names] if feature_names is not None else [f"x{i}" for i in range(d)]
+    if len(features) != d:
+        raise ValueError(f"{len(features)} feature names for {d} features")
+    for what, listed in (("class", names), ("feature", features)):
+        twice = [n for i, n in enumerate(listed) if n in listed[:i]]
+        if twice:
+            raise ValueError(f"{what} names must differ: {twice[0]!r} twice")
     p = parts.head.W.shape[1]
     placeholder = OODReference(points=torch.zeros(1, p, dtype=torch.float64), t=1.0, eps=1.0)
     model = HJModel(kind, task, parts.preprocess, list(parts.body), parts.head, placeholder,
@@ -68,20 +75,20 @@ def export(network, calibration_data, out: str | Path, *, reference_data=None, t
     calibration rows given, or (``alpha_tolerance``) when they are too few for one deployment's
     false-flag rate to lie within alpha +- alpha_tolerance (:func:`hjmodel.train.false_flag_interval`)."""
     model = to_hjmodel(network, task=task, class_names=class_names, feature_names=feature_names)
+    cfg = TrainConfig(kind=model.kind, alpha=alpha, alpha_tolerance=alpha_tolerance, reference_size=reference_size,
+                      seed=seed, progress=False)   # checks them (ConfigError) before any work
     X, y = (calibration_data if isinstance(calibration_data, tuple) else (calibration_data, None))
-    X = torch.as_tensor(np.asarray(X, dtype=np.float64))
     y = None if y is None else np.asarray(y)
+    X = torch.as_tensor(check_rows(X, "calibration_data", model.n_features, y))
     if reference_data is None:
         perm = np.random.default_rng(seed).permutation(len(X))
         half = len(X) // 2
         X_ref, X_cal = X[perm[:half]], X[perm[half:]]
         y_cal = None if y is None else y[perm[half:]]
     else:
-        X_ref = torch.as_tensor(np.asarray(reference_data, dtype=np.float64))
+        X_ref = torch.as_tensor(check_rows(reference_data, "reference_data", model.n_features))
         X_cal, y_cal = X, y
     model.refresh()
-    cfg = TrainConfig(kind=model.kind, alpha=alpha, alpha_tolerance=alpha_tolerance, reference_size=reference_size,
-                      seed=seed, progress=False)
     calibrate(model, X_ref, X_cal, cfg)
     metrics = {"alpha": alpha, "n_reference": int(len(X_ref)), "n_calibration": int(len(X_cal))}
     if y_cal is not None:

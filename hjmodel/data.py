@@ -49,15 +49,30 @@ def _infer_task(y: np.ndarray) -> str:
     return "regression"
 
 
-def _encode(X: np.ndarray, y: np.ndarray, task: str | None, name: str,
-            feature_names: list[str] | None = None) -> Dataset:
-    X = np.asarray(X, dtype=np.float64)
+def check_rows(X, name: str, columns: int | None = None, y=None) -> np.ndarray:
+    """``X`` as a float64 (n, d) array of finite numbers, n >= 1 (``columns``: d), with as many
+    labels ``y`` as rows when given; else a DataError naming ``name``."""
+    try:
+        X = np.asarray(X, dtype=np.float64)
+    except (TypeError, ValueError) as e:
+        raise DataError(f"{name}: X must be an array of numbers ({e})") from e
     if X.ndim != 2 or X.shape[0] == 0:
         raise DataError(f"{name}: X must be a non-empty 2-D array, got shape {X.shape}")
+    if columns is not None and X.shape[1] != columns:
+        raise DataError(f"{name}: X has {X.shape[1]} columns, the model reads {columns}")
     if not np.isfinite(X).all():
         raise DataError(f"{name}: X contains NaN or Inf")
-    if len(y) != len(X):
+    if y is not None and len(y) != len(X):
         raise DataError(f"{name}: X has {len(X)} rows but y has {len(y)}")
+    return X
+
+
+def _encode(X: np.ndarray, y: np.ndarray, task: str | None, name: str,
+            feature_names: list[str] | None = None) -> Dataset:
+    X = check_rows(X, name, y=y)
+    twice = [f for i, f in enumerate(feature_names or []) if f in feature_names[:i]]
+    if twice:   # an explanation names features: two of one name could not be told apart
+        raise DataError(f"{name}: feature names must differ: {twice[0]!r} twice")
     task = task or _infer_task(y)
     class_names: list[str] = []
     if task == "classification":

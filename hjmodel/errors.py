@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["ArtifactError", "CalibrationError", "DataError", "HJModelError", "InputError"]
+__all__ = ["ArtifactError", "CalibrationError", "ConfigError", "DataError", "HJModelError", "InputError"]
 
 
 class HJModelError(Exception):
@@ -15,6 +15,10 @@ class ArtifactError(HJModelError):
 
 class CalibrationError(HJModelError, ValueError):
     """The OOD gate cannot be calibrated as asked (e.g. an alpha the calibration split cannot reach)."""
+
+
+class ConfigError(HJModelError, ValueError):
+    """A training setting lies outside the range it has a meaning in (e.g. eps <= 0)."""
 
 
 class DataError(HJModelError):

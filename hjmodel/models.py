@@ -393,8 +393,85 @@ class HJModel(nn.Module):
         a = self.head.preactivations(h) if head else None
         return h, gibbs_body, a, layers[0][0] if layers else a, layers
 
+    def check_parameters(self) -> None:
+        """Refuse weights no certificate holds for: a ValueError naming the part, before any constant
+        is computed from them (:meth:`refresh` calls it, so every way a model is made -- a state dict,
+        an :mod:`hjmodel.nn` module, an imported ONNX graph, the trainer, an artifact -- is checked).
+
+        * every eps (the head's and each body layer's) a finite number > 0: the LSE's convexity and
+          its Gibbs weights, on which every certificate rests, need eps > 0 (eps < 0 is a soft
+          minimum: its radii were crossed on every row tried); the head's time t likewise (the HJ
+          reading divides by it);
+        * every weight and buffer finite;
+        * the shapes chained: mu (d,), A (p, d), each layer's W (M, its input), b (M,), its groups
+          (H, M) putting every neuron in exactly one group and at least one neuron in every group (an
+          empty class could never be predicted); a memory head's V (N, K) and, for classification, its
+          labels (N,) class indices that agree with V's one-hot rows (the explanations name them)."""
+        head, pre = self.head, self.preprocess
+        layers = [*((f"body.{i}", layer) for i, layer in enumerate(self.body)), ("head", head)]
+        for where, part in (("head", head),) + tuple(layers[:-1]):
+            if not (math.isfinite(part.eps) and part.eps > 0):
+                raise ValueError(f"{where}.eps must be a finite number > 0, got {part.eps}")
+        if not (math.isfinite(head.t) and head.t > 0):
+            raise ValueError(f"head.t must be a finite number > 0, got {head.t}")
+        for where, part in (("preprocess", pre), *layers):
+            for name, value in (*part.named_parameters(recurse=False), *part.named_buffers(recurse=False)):
+                if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+                    raise ValueError(f"{where}.{name} holds NaN or Inf")
+        if pre.A.ndim != 2 or pre.mu.shape != (pre.A.shape[1],):
+            raise ValueError(f"preprocess.mu must have shape ({pre.A.shape[-1]},), got {tuple(pre.mu.shape)}")
+        width, source = pre.A.shape[0], "preprocess.A"
+        for where, part in layers:
+            W = part.W
+            if W.ndim != 2 or W.shape[0] == 0:
+                raise ValueError(f"{where}.W must have shape (N, d) with N >= 1, got {tuple(W.shape)}")
+            if W.shape[1] != width:
+                raise ValueError(f"{source} must have {W.shape[1]} rows ({where}.W's columns), got "
+                                 f"{tuple(pre.A.shape) if source == 'preprocess.A' else width}")
+            M = W.shape[0]
+            if part.b.shape != (M,):
+                raise ValueError(f"{where}.b must have shape ({M},), got {tuple(part.b.shape)}")
+            if getattr(part, "mode", "groups") == "groups":
+                mask = part.mask
+                if mask.ndim != 2 or mask.shape[1] != M or not bool((mask.sum(0) == 1).all()):
+                    raise ValueError(f"{where}: groups must be a (K, {M}) mask putting every neuron in exactly "
+                                     f"one group, got {tuple(mask.shape)}")
+                empty = torch.nonzero(mask.sum(1) == 0).flatten()
+                if len(empty):
+                    raise ValueError(f"{where}: group {int(empty[0])} has no neurons")
+                width, source = mask.shape[0], f"{where}'s groups"
+        if head.mode == "values":
+            N, V, labels = head.W.shape[0], head.V, head.labels
+            if V.ndim != 2 or V.shape[0] != N or V.shape[1] == 0:
+                raise ValueError(f"head.V must have shape ({N}, K), got {tuple(V.shape)}")
+            if labels.shape != (N,):
+                raise ValueError(f"head.labels must have shape ({N},), got {tuple(labels.shape)}")
+            K = V.shape[1]
+            head.regroup()   # whether V is one-hot, from V itself
+            if self.task == "classification":
+                if int(labels.min()) < 0 or int(labels.max()) >= K:
+                    raise ValueError(f"head.labels must be class indices in [0, {K})")
+                if head.groups is not None:   # one-hot values (regroup): the label is the one class
+                    differ = torch.nonzero(V.argmax(1) != labels).flatten()
+                    if len(differ):
+                        j = int(differ[0])
+                        raise ValueError(f"head.labels disagree with V's one-hot rows (support point {j}: "
+                                         f"label {int(labels[j])}, V's class {int(V[j].argmax())})")
+
+    def _check_constants(self) -> None:
+        """After :meth:`refresh`: weights whose products overflow float64 leave infinite constants,
+        and the certificates would be NaN (served as NaN, or as float32's largest value)."""
+        values = [torch.tensor([self._feature_lip, self._feature_curv], dtype=torch.float64), self._A_pinv,
+                  *(self._pair[3:] if self.task == "classification" else self._scalar)]
+        if not all(bool(torch.isfinite(v).all()) for v in values):
+            largest = max(float(p.detach().abs().max()) for p in (self.head.W, *(layer.W for layer in self.body)))
+            raise ValueError(f"the weights are too large for float64: the certificate's constants overflow "
+                             f"(largest |weight| {largest:.3g}, A's {float(self.preprocess.A.abs().max()):.3g})")
+
     def refresh(self) -> None:
-        """Recompute the weight-only constants of the certificates (call after changing weights)."""
+        """Recompute the weight-only constants of the certificates (call after changing weights);
+        :meth:`check_parameters` first, and a ValueError when a constant overflows."""
+        self.check_parameters()
         with torch.no_grad():
             head = self.head
             head.regroup()
@@ -465,6 +542,7 @@ class HJModel(nn.Module):
                 else:
                     R = D = F.diameter(W_head).expand(K).clone()
                 self._scalar = (R, D)
+        self._check_constants()
 
     # ---------------------------------------------------------------- evaluation
     @torch.no_grad()

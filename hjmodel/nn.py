@@ -148,6 +148,14 @@ class MemoryClassifier(_Network):
         return self.head.log_probabilities(self.preactivations(x))
 
 
+def _number(state: dict, key: str, default: float | None = None) -> float:
+    """``state[key]``, one number (its range is the model's check: :meth:`HJModel.check_parameters`)."""
+    value = np.asarray(state[key] if default is None else state.get(key, default))
+    if value.size != 1 or not np.issubdtype(value.dtype, np.number) or np.issubdtype(value.dtype, np.complexfloating):
+        raise ValueError(f"{key} must be one number, got {value.tolist()!r}"[:200])
+    return float(value.reshape(-1)[0])
+
+
 def from_state_dict(state: dict, task: str | None = None) -> _Network:
     """A module from plain tensors: ``W`` (N, d), ``b`` (N,), ``eps``, and either ``groups`` (K, N)
     bool / ``pieces`` (contiguous groups of that size; default one group) for an LSE head, or ``V``
@@ -156,8 +164,9 @@ def from_state_dict(state: dict, task: str | None = None) -> _Network:
     ``task``: default classification when there are several groups (or labels), else regression."""
     W = torch.as_tensor(np.asarray(state["W"], dtype=np.float64))
     b = torch.as_tensor(np.asarray(state["b"], dtype=np.float64))
-    eps = float(np.asarray(state["eps"]).reshape(-1)[0])
-    t = float(np.asarray(state.get("t", 0.5)).reshape(-1)[0])
+    eps, t = _number(state, "eps"), _number(state, "t", 0.5)
+    if W.ndim != 2 or W.shape[0] == 0:
+        raise ValueError(f"W must have shape (N, d) with N >= 1, got {tuple(W.shape)}")
     N, p = W.shape
     if b.shape != (N,):
         raise ValueError(f"b must have shape ({N},), got {tuple(b.shape)}")
@@ -180,7 +189,10 @@ def from_state_dict(state: dict, task: str | None = None) -> _Network:
     if "groups" in state:
         mask = torch.as_tensor(np.asarray(state["groups"], dtype=bool))
     else:
-        pieces = int(np.asarray(state.get("pieces", N)).reshape(-1)[0])
+        pieces = _number(state, "pieces", N)
+        if not (pieces > 0 and pieces == int(pieces)):
+            raise ValueError(f"pieces must be a positive integer, got {pieces:g}")
+        pieces = int(pieces)
         if N % pieces:
             raise ValueError(f"{N} neurons do not split into groups of {pieces}")
         mask = _contiguous_groups(N // pieces, pieces)

@@ -253,8 +253,9 @@ class ArtifactSpec:
             raise ArtifactError(f"{where}: top_k_max must be a positive integer")
         names = spec.get("class_names") or []
         if spec["task"] == "classification" and (
-                not isinstance(names, list) or len(names) != spec["n_outputs"] or not all(map(_name, names))):
-            raise ArtifactError(f"{where}: class_names must list n_outputs names")
+                not isinstance(names, list) or len(names) != spec["n_outputs"] or not all(map(_name, names))
+                or len(set(names)) != len(names)):
+            raise ArtifactError(f"{where}: class_names must list n_outputs distinct names")
         calibration = spec["calibration"]
         if not isinstance(calibration, dict):
             raise ArtifactError(f"{where}: calibration must be a JSON object")
@@ -268,8 +269,9 @@ class ArtifactSpec:
         features = spec.get("feature_names") or []
         if not isinstance(features, list):
             raise ArtifactError(f"{where}: feature_names must be a list")
-        if features and (len(features) != spec["n_features"] or not all(map(_name, features))):
-            raise ArtifactError(f"{where}: feature_names must list n_features names (or none)")
+        if features and (len(features) != spec["n_features"] or not all(map(_name, features))
+                         or len(set(features)) != len(features)):
+            raise ArtifactError(f"{where}: feature_names must list n_features distinct names (or none)")
         structure = spec["structure"]
         if not isinstance(structure, dict):
             raise ArtifactError(f"{where}: structure must be a JSON object")

@@ -17,7 +17,7 @@ import torch
 
 from . import functional as F
 from .data import Dataset
-from .errors import CalibrationError, DataError
+from .errors import CalibrationError, ConfigError, DataError
 from .models import GibbsHead, HJModel, LSEGroupLayer, OODReference, Preprocess
 from .serving import KINDS
 
@@ -55,6 +55,36 @@ class TrainConfig:
     reference_size: int = 1000           #: OOD reference measure size
     exclude_classes: list[int] = field(default_factory=list)  #: drop these classes (OOD studies)
     progress: bool = True
+
+    def __post_init__(self) -> None:
+        """Refuse (ConfigError) a setting outside its range before any time is spent training: an eps
+        or t <= 0 would give a model no certificate holds for (:meth:`HJModel.check_parameters`),
+        found only after every epoch; a count below one, a model with nothing in it; an alpha outside
+        (0, 1), a gate that flags everything or nothing (and an artifact no server loads)."""
+        for name in ("eps", "t"):
+            value = getattr(self, name)
+            if value is not None and not _positive(value):
+                raise ConfigError(f"{name} must be a finite number > 0, got {value}")
+        for name in ("lr", "anneal"):
+            if not _positive(getattr(self, name)):
+                raise ConfigError(f"{name} must be a finite number > 0, got {getattr(self, name)}")
+        if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
+            raise ConfigError(f"weight_decay must be a finite number >= 0, got {self.weight_decay}")
+        if not (isinstance(self.epochs, int) and self.epochs >= 0):
+            raise ConfigError(f"epochs must be an integer >= 0, got {self.epochs!r}")
+        for name in ("pca_components", "pieces", "hidden_pieces", "memory_size", "batch_size", "reference_size"):
+            if not (isinstance(getattr(self, name), int) and getattr(self, name) >= 1):
+                raise ConfigError(f"{name} must be an integer >= 1, got {getattr(self, name)!r}")
+        if not (isinstance(self.alpha, (int, float)) and 0 < self.alpha < 1):
+            raise ConfigError(f"alpha must be in (0, 1), got {self.alpha}")
+        if not (isinstance(self.seed, int) and self.seed >= 0):
+            raise ConfigError(f"seed must be an integer >= 0, got {self.seed!r}")
+        if not all(isinstance(units, int) and units >= 1 for units in self.hidden):
+            raise ConfigError(f"hidden must list integers >= 1 (units per body layer), got {self.hidden!r}")
+
+
+def _positive(value) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value) and value > 0
 
 
 @dataclass

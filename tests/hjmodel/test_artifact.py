@@ -251,14 +251,19 @@ def test_round_trip_identical_outputs(name, small_artifacts, tmp_path):
 # ------------------------------------------------------------------------------------ refusals
 
 
-@pytest.fixture
-def artifact(small_artifacts, tmp_path) -> Path:
-    """A fresh copy of the small lse artifact to break, without its checksum manifest (which would
-    refuse every edit before the check under test sees it; the manifest has tests of its own)."""
+def _unchecked_copy(small_artifacts, name: str, tmp_path: Path) -> Path:
+    """A fresh copy of a small artifact to break, without its checksum manifest (which would refuse
+    every edit before the check under test sees it; the manifest has tests of its own)."""
     target = tmp_path / "1"
-    shutil.copytree(small_artifacts["lse"], target)
+    shutil.copytree(small_artifacts[name], target)
     (target / CHECKSUM_FILE).unlink()
     return target
+
+
+@pytest.fixture
+def artifact(small_artifacts, tmp_path) -> Path:
+    """The small lse artifact, :func:`_unchecked_copy`."""
+    return _unchecked_copy(small_artifacts, "lse", tmp_path)
 
 
 def _edit_spec(directory: Path, **changes) -> None:
@@ -343,8 +348,8 @@ def test_missing_spec_key(artifact):
 
 
 @pytest.mark.parametrize(("changes", "message"), [
-    ({"class_names": [{"name": "a"}] * 3}, "class_names must list n_outputs names"),
-    ({"feature_names": ["only one"]}, "feature_names must list n_features names"),
+    ({"class_names": [{"name": "a"}] * 3}, "class_names must list n_outputs distinct names"),
+    ({"feature_names": ["only one"]}, "feature_names must list n_features distinct names"),
     ({"structure": "lse"}, "structure must be a JSON object"),
     ({"structure": {"body": ["x"]}}, "structure.body must be a list of objects"),
     ({"structure": {"n_neurons": -5}}, "structure.n_neurons must be a positive integer"),
@@ -364,17 +369,40 @@ def test_spec_fields_the_server_reads_are_validated(artifact, changes, message):
 
 def test_spec_feature_count_mismatch(artifact):
     _edit_spec(artifact, n_features=7)
-    _raises(artifact, r"feature_names must list n_features names")   # the spec validator sees it first
+    _raises(artifact, r"feature_names must list n_features distinct names")   # the spec validator sees it first
 
 
 def test_spec_output_count_mismatch(artifact):
     _edit_spec(artifact, n_outputs=5)
-    _raises(artifact, r"class_names must list n_outputs names")   # the one spec validator sees it first
+    _raises(artifact, r"class_names must list n_outputs distinct names")   # the one spec validator sees it first
 
 
 def test_tensor_shape_mismatch(artifact):
     _edit_state(artifact, lambda s: s.__setitem__("head.W", torch.zeros(s["head.W"].shape[0], 9, dtype=torch.float64)))
-    _raises(artifact, r"inconsistent weights or spec \(mat1 and mat2 shapes cannot be multiplied")
+    _raises(artifact, r"inconsistent weights or spec \(preprocess\.A must have 9 rows \(head\.W's columns\), got \(4, 4\)\)")
+
+
+@pytest.mark.parametrize("eps", [-1.0, 0.0])
+def test_a_body_layer_eps_no_certificate_holds_for_is_refused(small_artifacts, tmp_path, eps):
+    """The spec's head eps was checked, a body layer's was not: on 00333c1 a deep artifact whose
+    hidden layer's eps was -1 loaded (a soft minimum there; its curvature bound turns negative)."""
+    target = _unchecked_copy(small_artifacts, "deep", tmp_path)
+    spec = json.loads((target / SPEC_FILE).read_text())
+    spec["structure"]["body"][0]["eps"] = eps
+    _edit_spec(target, structure=spec["structure"])
+    _raises(target, rf"inconsistent weights or spec \(body\.0\.eps must be a finite number > 0, got {eps}\)")
+
+
+def test_memory_labels_that_disagree_with_the_values_are_refused(small_artifacts, tmp_path):
+    target = _unchecked_copy(small_artifacts, "memory", tmp_path)
+    _edit_state(target, lambda s: s.__setitem__("head.labels", (s["head.labels"] + 1) % s["head.V"].shape[1]))
+    _raises(target, r"inconsistent weights or spec \(head\.labels disagree with V's one-hot rows \(support point 0")
+
+
+def test_duplicate_class_names_are_refused(artifact):
+    names = json.loads((artifact / SPEC_FILE).read_text())["class_names"]
+    _edit_spec(artifact, class_names=[names[0]] * len(names))
+    _raises(artifact, r"class_names must list n_outputs distinct names")
 
 
 def test_reference_shape_mismatch(artifact):

@@ -241,3 +241,125 @@ def test_readme_tutorial_runs_end_to_end(tmp_path):
     summary = json.loads(out.stdout)
     assert summary["accuracy"] > 0.9 and summary["module_agrees"] and summary["median_certified_radius"] > 0
     assert summary["ood_flag_rate"] < 0.2
+
+
+# ------------------------------------------------- weights and rows no certificate holds for
+
+
+def _grouped_state(**over):
+    rng = np.random.default_rng(1)
+    state = {"W": rng.normal(size=(6, 4)), "b": np.zeros(6), "eps": 0.5, "groups": np.kron(np.eye(3), np.ones(2)) > 0}
+    return {**state, **over}
+
+
+def _memory_state(**over):
+    S = np.random.default_rng(1).normal(size=(20, 4))
+    state = {"W": S / 2, "b": -(S ** 2).sum(1) / 4, "eps": 1.0, "V": np.eye(3)[np.arange(20) % 3],
+             "labels": np.arange(20) % 3}
+    return {**state, **over}
+
+
+_ROWS = np.random.default_rng(2).normal(size=(300, 4))
+
+BAD_WEIGHTS = {
+    # on 00333c1 each of these exported; a negative eps (a soft minimum, not an LSE) served radii that
+    # pgd_l2 crossed on 100 of 100 rows, weights of 1e155 radii of NaN (FLT_MAX through onnxruntime,
+    # whose Clip reads NaN as its upper end), a NaN in a memory head's values radii of inf
+    "eps 0": (_grouped_state(eps=0.0), r"eps must be a finite number > 0, got 0\.0"),
+    "eps < 0": (_grouped_state(eps=-1.0), r"eps must be a finite number > 0, got -1\.0"),
+    "eps NaN": (_grouped_state(eps=math.nan), r"eps must be a finite number > 0, got nan"),
+    "eps inf": (_grouped_state(eps=math.inf), r"eps must be a finite number > 0, got inf"),
+    "eps two values": (_grouped_state(eps=np.array([0.5, 2.0])), r"eps must be one number, got \[0\.5, 2\.0\]"),
+    "t 0": (_grouped_state(t=0.0), r"t must be a finite number > 0, got 0\.0"),
+    "t < 0": (_grouped_state(t=-1.0), r"t must be a finite number > 0, got -1\.0"),
+    "t NaN": (_grouped_state(t=math.nan), r"t must be a finite number > 0, got nan"),
+    "W NaN": (_grouped_state(W=np.where(np.eye(6, 4) > 0, np.nan, 1.0)), r"head\.W holds NaN or Inf"),
+    "b Inf": (_grouped_state(b=np.array([np.inf, 0, 0, 0, 0, 0])), r"head\.b holds NaN or Inf"),
+    "mu NaN": (_grouped_state(mu=np.array([np.nan, 0, 0, 0])), r"preprocess\.mu holds NaN or Inf"),
+    "A Inf": (_grouped_state(A=np.diag([np.inf, 1, 1, 1])), r"preprocess\.A holds NaN or Inf"),
+    "W too large": (_grouped_state(W=1e155 * np.random.default_rng(1).normal(size=(6, 4))),
+                    r"too large for float64: the certificate's constants overflow"),
+    "empty group": (_grouped_state(groups=np.array([[1] * 6, [0] * 6, [0] * 6], bool)),
+                    r"group 1 has no neurons"),
+    "W one-dimensional": (_grouped_state(W=np.ones(6)), r"W must have shape \(N, d\) with N >= 1, got \(6,\)"),
+    "no neurons": (_grouped_state(W=np.zeros((0, 4)), b=np.zeros(0), groups=np.zeros((3, 0), bool)),
+                   r"W must have shape \(N, d\) with N >= 1, got \(0, 4\)"),
+    "pieces 0": ({k: v for k, v in _grouped_state().items() if k != "groups"} | {"pieces": 0},
+                 r"pieces must be a positive integer, got 0"),
+    "mu shape": (_grouped_state(mu=np.zeros(3)), r"mu must have shape \(4,\), got \(3,\)"),
+    "A shape": (_grouped_state(A=np.eye(5)), r"preprocess\.A must have 4 rows \(head\.W's columns\), got \(5, 5\)"),
+    "V NaN": (_memory_state(V=np.where(np.eye(20, 3) > 0, np.nan, 0.0)), r"head\.V holds NaN or Inf"),
+    "V rows": (_memory_state(V=np.eye(3)[np.arange(19) % 3]), r"V must have shape \(20, K\), got \(19, 3\)"),
+    "labels length": (_memory_state(labels=np.arange(19) % 3), r"labels must have shape \(20,\), got \(19,\)"),
+    "labels out of range": (_memory_state(labels=np.arange(20) % 3 + 5), r"labels must be class indices in \[0, 3\)"),
+    "labels negative": (_memory_state(labels=-np.ones(20, int)), r"labels must be class indices in \[0, 3\)"),
+    "labels disagree with V": (_memory_state(labels=(np.arange(20) + 1) % 3),
+                               r"labels disagree with V's one-hot rows \(support point 0: label 1, V's class 0\)"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_WEIGHTS))
+def test_weights_no_certificate_holds_for_are_refused_naming_the_part(case, tmp_path):
+    state, message = BAD_WEIGHTS[case]
+    with pytest.raises(ValueError, match=message):
+        hjmodel.export(state, _ROWS, tmp_path / "m" / "1", class_names=["a", "b", "c"])
+    assert not (tmp_path / "m").exists()
+
+
+@pytest.mark.parametrize("hidden", [(), (5,)])
+def test_modules_with_a_non_positive_eps_are_refused_at_export(hidden, tmp_path):
+    module = hjmodel.nn.LSEClassifier(4, 3, pieces=2, eps=1.0, hidden=hidden)
+    (module.body[0] if hidden else module.head).eps = -1.0
+    where = "body.0" if hidden else "head"
+    with pytest.raises(ValueError, match=rf"{where}\.eps must be a finite number > 0, got -1\.0"):
+        hjmodel.export(module, _ROWS, tmp_path / "m" / "1")
+
+
+BAD_ROWS = {
+    "calibration Inf": ({"calibration_data": np.where(np.eye(300, 4) > 0, np.inf, _ROWS)},
+                        r"calibration_data: X contains NaN or Inf"),
+    "calibration NaN, labelled": ({"calibration_data": (np.full((300, 4), np.nan), np.zeros(300, int))},
+                                  r"calibration_data: X contains NaN or Inf"),
+    "reference NaN": ({"calibration_data": _ROWS, "reference_data": np.full((50, 4), np.nan)},
+                      r"reference_data: X contains NaN or Inf"),
+    "calibration columns": ({"calibration_data": _ROWS[:, :3]}, r"calibration_data: X has 3 columns, the model reads 4"),
+    "reference columns": ({"calibration_data": _ROWS, "reference_data": _ROWS[:, :5].repeat(2, 1)},
+                          r"reference_data: X has 8 columns, the model reads 4"),
+    "calibration labels": ({"calibration_data": (_ROWS, np.zeros(299, int))},
+                           r"calibration_data: X has 300 rows but y has 299"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_ROWS))
+def test_calibration_and_reference_rows_are_checked(case, tmp_path):
+    """On 00333c1 a row of Inf among the calibration rows was taken (its p-value rank is then
+    computed against an Inf statistic), and a wrong column count failed deep in torch."""
+    rows, message = BAD_ROWS[case]
+    with pytest.raises(hjmodel.DataError, match=message):
+        hjmodel.export(_grouped_state(), out=tmp_path / "m" / "1", **rows)
+    assert not (tmp_path / "m").exists()
+
+
+BAD_OPTIONS = {
+    # on 00333c1 each of these wrote an artifact: one the server refuses to load (alpha 2, three
+    # feature names for four features), a manifest and no model file (formats), or one whose
+    # explanations name two classes or features alike; alpha NaN and seed -1 failed deep inside
+    "alpha 2": ({"alpha": 2.0}, hjmodel.ConfigError, r"alpha must be in \(0, 1\), got 2\.0"),
+    "alpha NaN": ({"alpha": math.nan}, hjmodel.ConfigError, r"alpha must be in \(0, 1\), got nan"),
+    "seed -1": ({"seed": -1}, hjmodel.ConfigError, r"seed must be an integer >= 0, got -1"),
+    "reference size 0": ({"reference_size": 0}, hjmodel.ConfigError, r"reference_size must be an integer >= 1, got 0"),
+    "an unknown format": ({"formats": ("pickle",)}, ValueError,
+                          r"formats must name one or both of 'onnx' and 'torch', got \['pickle'\]"),
+    "no format": ({"formats": ()}, ValueError, r"formats must name one or both of 'onnx' and 'torch', got \[\]"),
+    "class names twice": ({"class_names": ["a", "b", "a"]}, ValueError, r"class names must differ: 'a' twice"),
+    "feature names, too few": ({"feature_names": ["a", "b", "c"]}, ValueError, r"3 feature names for 4 features"),
+    "feature names twice": ({"feature_names": ["a", "b", "a", "c"]}, ValueError, r"feature names must differ: 'a' twice"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_OPTIONS))
+def test_export_options_are_checked_before_anything_is_written(case, tmp_path):
+    options, error, message = BAD_OPTIONS[case]
+    with pytest.raises(error, match=message):
+        hjmodel.export(_grouped_state(), _ROWS, tmp_path / "m" / "1", **options)
+    assert not (tmp_path / "m").exists()
