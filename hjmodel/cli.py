@@ -73,9 +73,22 @@ def _cmd_verify(args: argparse.Namespace) -> int:
     return 0 if report["ok"] else 1
 
 
+def _count(text: str) -> int:
+    """An argument that counts something: an integer >= 1 (argparse's type)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}")
+    return value
+
+
 def _read_inputs(source: str) -> np.ndarray:
     if source == "-":
         return np.asarray(json.load(sys.stdin), dtype=np.float64)
+    if source.lstrip().startswith("["):   # a JSON array: never a path (one row of 64 numbers is longer
+        return np.asarray(json.loads(source), dtype=np.float64)   # than a file name may be)
     path = Path(source)
     if path.exists():
         if path.suffix == ".npy":
@@ -223,14 +236,14 @@ def main(argv: list[str] | None = None) -> int:
 
     p = sub.add_parser("verify", help="check the Thm 4.1 identity, torch/ONNX parity and that every radius the ONNX graph serves is proven in float64")
     p.add_argument("artifact")
-    p.add_argument("--n", type=int, default=256)
+    p.add_argument("--n", type=_count, default=256)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_cmd_verify)
 
     p = sub.add_parser("diagnose", help="print a diagnosis as JSON")
     p.add_argument("artifact")
     p.add_argument("--input", required=True, help="JSON array (row or rows), a .json/.npy file, or - for stdin")
-    p.add_argument("--top-k", type=int, default=5)
+    p.add_argument("--top-k", type=_count, default=5)
     p.add_argument("--tau", type=float, help="a regression model's certificate tolerance (default 0.1)")
     p.set_defaults(func=_cmd_diagnose)
 

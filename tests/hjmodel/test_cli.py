@@ -140,6 +140,20 @@ ERRORS = [
     (("diagnose", "{out}", "--input", "missing.json"), "no such file 'missing.json'"),
     # a classifier's radius reads no tolerance: --tau was accepted and dropped unread on 42f69ae
     (("diagnose", "{out}", "--input", "[[1, 2, 3, 4]]", "--tau", "0.2"), "--tau is a regression model's"),
+    # settings no model has a meaning for: on 00333c1 an eps or t <= 0 trained every epoch and wrote an
+    # artifact (eps < 0 is a soft minimum: its radii were crossed on every row tried), or failed after
+    # training with a traceback; a negative epoch count trained nothing and said nothing
+    (("train", "iris", "--out", "/tmp/never", "--eps", "-1"), "eps must be a finite number > 0, got -1.0"),
+    (("train", "iris", "--out", "/tmp/never", "--eps", "0"), "eps must be a finite number > 0, got 0.0"),
+    (("train", "iris", "--out", "/tmp/never", "--t", "nan"), "t must be a finite number > 0, got nan"),
+    (("train", "iris", "--out", "/tmp/never", "--lr", "inf"), "lr must be a finite number > 0, got inf"),
+    (("train", "iris", "--out", "/tmp/never", "--anneal", "-2"), "anneal must be a finite number > 0, got -2.0"),
+    (("train", "iris", "--out", "/tmp/never", "--epochs", "-1"), "epochs must be an integer >= 0, got -1"),
+    (("train", "iris", "--out", "/tmp/never", "--pieces", "0"), "pieces must be an integer >= 1, got 0"),
+    (("train", "iris", "--out", "/tmp/never", "--kind", "deep", "--hidden", "8", "0"),
+     "hidden must list integers >= 1 (units per body layer), got [8, 0]"),
+    (("train", "iris", "--out", "/tmp/never", "--kind", "memory", "--memory-size", "0"),
+     "memory_size must be an integer >= 1, got 0"),
 ]
 
 
@@ -167,6 +181,17 @@ def test_errors_exit_nonzero_with_message(args, pattern, trained, capsys):
     assert pattern in captured.err, captured.err
 
 
+def test_diagnose_reads_a_long_json_row_inline(demo_repository, capsys):
+    """A JSON array is read as one, never tried as a file name first: on 00333c1 any row longer than
+    a file name may be (255 bytes: one digit of 64 pixels) failed with "File name too long"."""
+    from sklearn.datasets import load_digits
+
+    row = load_digits().data[0].tolist()
+    assert len(json.dumps(row)) > 255
+    assert main(["diagnose", str(demo_repository / "digits_lse" / "1"), "--input", json.dumps(row)]) == 0
+    assert _strict(capsys.readouterr().out)["prediction"] == "0"
+
+
 def test_diagnose_reads_tau_on_a_regression_model_only(demo_repository, capsys):
     """--tau sets a regression model's certificate tolerance (a larger one, a larger radius) and must
     be a finite number > 0; a classifier refuses it (ERRORS above)."""
@@ -187,6 +212,13 @@ def test_usage_errors(capsys):
     with pytest.raises(SystemExit) as info:
         main(["train", "x.csv", "--kind", "transformer", "--out", "o"])
     assert info.value.code == 2 and "invalid choice: 'transformer'" in capsys.readouterr().err
+    # counts below one: a traceback from deep in torch on 00333c1 (--top-k -3, --n 0 and -5)
+    for args in (["diagnose", "a", "--input", "[[1]]", "--top-k", "-3"], ["diagnose", "a", "--input", "[[1]]", "--top-k", "0"],
+                 ["verify", "a", "--n", "0"], ["verify", "a", "--n", "-5"], ["verify", "a", "--n", "two"]):
+        with pytest.raises(SystemExit) as info:
+            main(args)
+        assert info.value.code == 2 and f"argument {args[-2]}: must be an integer >= 1, got '{args[-1]}'" in \
+            capsys.readouterr().err
     with pytest.raises(SystemExit) as info:
         main([])
     assert info.value.code == 2 and "usage:" in capsys.readouterr().err
