@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 from pathlib import Path
 
@@ -12,7 +11,7 @@ import numpy as np
 import torch
 
 from .errors import CalibrationError, HJModelError, InputError
-from .serving import KINDS
+from .serving import DEFAULT_TAU, KINDS, tau_refusal
 
 __all__ = ["main"]
 
@@ -114,13 +113,9 @@ def _cmd_diagnose(args: argparse.Namespace) -> int:
         raise InputError(f"input must have shape (n, {model.n_features}), got {x.shape}")
     if not np.isfinite(x).all():
         raise InputError("input contains NaN or Inf")
-    tau = 0.1 if args.tau is None else args.tau
-    if args.tau is not None and model.task != "regression":   # refused, never dropped unread
-        raise InputError(f"--tau is a regression model's certificate tolerance; this is a {model.task} model, "
-                         "whose certified radius is for its decision and reads no tau")
-    if not (math.isfinite(tau) and tau > 0):
-        raise InputError(f"--tau must be a finite number > 0, got {tau}")
-    rows = model.diagnose(torch.as_tensor(x), top_k=args.top_k, tau=tau)
+    if why := tau_refusal(model.task, args.tau):
+        raise InputError(f"--tau {why}")
+    rows = model.diagnose(torch.as_tensor(x), top_k=args.top_k, tau=DEFAULT_TAU if args.tau is None else args.tau)
     print(json.dumps(rows if len(rows) > 1 else rows[0], indent=2))
     return 0
 

@@ -32,7 +32,7 @@ _SPARK_TYPES = {"FP32": "float", "INT64": "long", "BOOL": "boolean"}
 
 
 def attribute_dataset(ds, artifact: str | Path, *, outputs: Sequence[str] | str | None = None, top_k: int = 5,
-                      tau: float = 0.1, batch_size: int = 1024, concurrency: int = 1, num_cpus: float = 1,
+                      tau: float | None = None, batch_size: int = 1024, concurrency: int = 1, num_cpus: float = 1,
                       input_column: str = "input", feature_columns: Sequence[str] | None = None, **map_options: Any):
     """``ds.map_batches`` with one :class:`Predictor` per actor: a Ray Dataset of the diagnostic
     columns (plus the dataset's non-feature columns, passed through), lazily, like any Ray transform."""
@@ -42,6 +42,7 @@ def attribute_dataset(ds, artifact: str | Path, *, outputs: Sequence[str] | str 
         raise ImportError("Ray Data is an optional extra: pip install 'hjserve[ray]'") from exc
     options = {"artifact": str(artifact), "outputs": outputs, "top_k": top_k, "tau": tau, "threads": 1,
                "input_column": input_column, "feature_columns": feature_columns}
+    Predictor(**options)   # its checks here, where the caller sees them, not in every actor
     return ds.map_batches(Predictor, fn_constructor_kwargs=options, batch_size=batch_size, batch_format="numpy",
                           concurrency=concurrency, num_cpus=num_cpus, **map_options)
 

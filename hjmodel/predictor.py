@@ -21,6 +21,8 @@ import numpy as np
 
 from .serving import (
     DEFAULT_OUTPUTS,
+    DEFAULT_TAU,
+    MAX_THREADS,
     NUMPY_DTYPES,
     ONNX_FILE,
     TOP_K_MAX,
@@ -29,6 +31,7 @@ from .serving import (
     output_names,
     select_outputs,
     spec_of,
+    tau_refusal,
 )
 
 __all__ = ["Predictor"]
@@ -45,7 +48,7 @@ class Predictor:
     stay joinable (an id column, say)."""
 
     def __init__(self, artifact: str | Path, outputs: Sequence[str] | str | None = None, top_k: int = 5,
-                 tau: float = 0.1, backend: str = "onnx", threads: int = 1, input_column: str = "input",
+                 tau: float | None = None, backend: str = "onnx", threads: int = 1, input_column: str = "input",
                  feature_columns: Sequence[str] | None = None):
         from .artifact import read_artifact_spec, verify_checksums
         from .errors import ArtifactError
@@ -70,8 +73,13 @@ class Predictor:
             raise ValueError(f"top_k must be in [1, {min(TOP_K_MAX, spec.top_k_max)}]")
         if backend not in ("onnx", "torch"):
             raise ValueError("backend must be onnx or torch")
-        self.outputs, self.top_k, self.tau = tuple(outputs), int(top_k), float(tau)
-        self.backend, self.threads, self.input_column = backend, int(threads), input_column
+        if why := tau_refusal(spec.task, tau):   # as the server: refused, never dropped unread
+            raise ValueError(f"tau {why}")
+        if isinstance(threads, bool) or not isinstance(threads, int) or not 0 <= threads <= MAX_THREADS:
+            raise ValueError(f"threads must be an integer in [0, {MAX_THREADS}] (0: one per core), got {threads!r}")
+        self.outputs, self.top_k = tuple(outputs), int(top_k)
+        self.tau = DEFAULT_TAU if tau is None else float(tau)
+        self.backend, self.threads, self.input_column = backend, threads, input_column
         self._runner = None
         self._lock = threading.Lock()
 
@@ -113,7 +121,8 @@ class Predictor:
 
         from .artifact import ServingModule, load_serving_module, traced_or_eager
 
-        torch.set_num_threads(self.threads)
+        if self.threads:
+            torch.set_num_threads(self.threads)
         module = traced_or_eager(ServingModule(load_serving_module(self.artifact, verify=False).model, wanted).eval(),
                                  str(self.artifact))
 

@@ -30,6 +30,14 @@ from .errors import ArtifactError
 #: Largest top-k the serving graph computes; requests slice ``attribution_*`` down to their own k.
 TOP_K_MAX = 10
 
+#: Most intra-op threads a served graph's session may be given (0: onnxruntime's default, one per
+#: core). Far more than the cores only slows onnxruntime down, and each session makes its own: a
+#: server given 100,000 held 32,000 threads and no longer answered SIGTERM.
+MAX_THREADS = 256
+
+#: A regression model's certificate tolerance when none is asked for.
+DEFAULT_TAU = 0.1
+
 #: Name of the ONNX metadata property that holds the JSON spec.
 ONNX_SPEC_KEY = "hjmodel.spec"
 
@@ -360,6 +368,8 @@ def session_options(threads: int = 0, *, spinning: bool = False) -> Any:
     docs/ARCHITECTURE.md gives both measurements. With one thread there is no pool and nothing spins."""
     import onnxruntime as ort
 
+    if not (isinstance(threads, int) and 0 <= threads <= MAX_THREADS):
+        raise ValueError(f"threads must be an integer in [0, {MAX_THREADS}] (0: one per core), got {threads!r}")
     options = ort.SessionOptions()
     options.log_severity_level = 3
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
@@ -368,6 +378,21 @@ def session_options(threads: int = 0, *, spinning: bool = False) -> Any:
         options.intra_op_num_threads = threads
     options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
     return options
+
+
+def tau_refusal(task: str, tau) -> str | None:
+    """Why the certificate tolerance ``tau`` asked of a ``task`` model cannot be used (None: it can;
+    None asks for nothing). The caller names it: ``f"{name} {reason}"``. A classifier's radius
+    certifies its decision and reads no tau, so a tau given to one is refused, never dropped unread
+    (a client could read the radius as "the output moves by at most tau")."""
+    if tau is None:
+        return None
+    if task != "regression":
+        return (f"is a regression model's certificate tolerance; this is a {task} model, whose certified "
+                "radius is for its decision and reads no tau")
+    if isinstance(tau, bool) or not isinstance(tau, (int, float)) or not (math.isfinite(tau) and tau > 0):
+        return f"must be a finite number > 0, got {tau!r}"
+    return None
 
 
 def open_session(path: str | Path | bytes, *, threads: int = 0, providers: Sequence[str] = ("CPUExecutionProvider",),

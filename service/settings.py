@@ -15,6 +15,8 @@ from typing import Annotated, Literal
 from pydantic import Field, SecretStr, ValidationInfo, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from hjmodel.serving import DEFAULT_TAU, MAX_THREADS
+
 __all__ = ["Settings", "split_names"]
 
 
@@ -149,9 +151,10 @@ class Settings(BaseSettings):
     """Backend preference: ``onnx`` (onnxruntime on ``model.onnx``), ``torch`` (``model.pt`` +
     ``model.json``) or ``auto`` (ONNX when the version has ``model.onnx``, else torch)."""
 
-    intra_op_threads: int = Field(0, ge=0, le=256)
-    """Threads each backend may use inside one operator; 0 lets the library decide (at most 256: each
-    graph of each model gets its own, and far more than the cores only slows onnxruntime down)."""
+    intra_op_threads: int = Field(0, ge=0, le=MAX_THREADS)
+    """Threads each backend may use inside one operator; 0 lets the library decide (at most
+    ``hjmodel.serving.MAX_THREADS``, 256: each graph of each model gets its own, and far more than the
+    cores only slows onnxruntime down)."""
 
     intra_op_spinning: bool = False
     """Whether onnxruntime's intra-op threads busy-wait for work between operators (its own default)
@@ -256,7 +259,7 @@ class Settings(BaseSettings):
     """Top-k of the ``attribution_*`` / ``label_sensitivity`` outputs when a request gives none
     (capped by the model's ``top_k_max``)."""
 
-    default_tau: float = Field(0.1, gt=0.0)
+    default_tau: float = Field(DEFAULT_TAU, gt=0.0)
     """Tolerance of the regression certificate when a request gives no ``tau`` parameter."""
 
     log_level: Literal["critical", "error", "warning", "info", "debug", "trace"] = "info"

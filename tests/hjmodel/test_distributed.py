@@ -108,6 +108,34 @@ def test_predictor_batches_keep_other_columns(artifact, rows):
         Predictor(artifact, outputs=["nope"])
 
 
+@pytest.mark.parametrize("model, options, message", [
+    # on 00333c1 each of these was taken: a tau given to a classifier was dropped unread (the server
+    # refuses it), a regression's tau of -1 or NaN served radii of 0 and inf radii of FLT_MAX, and
+    # threads=1,000,000 had onnxruntime start a million threads
+    ("digits_lse", {"tau": 0.5}, r"tau is a regression model's certificate tolerance; this is a classification model"),
+    ("diabetes_lse", {"tau": -1.0}, r"tau must be a finite number > 0, got -1\.0"),
+    ("diabetes_lse", {"tau": float("nan")}, r"tau must be a finite number > 0, got nan"),
+    ("diabetes_lse", {"tau": float("inf")}, r"tau must be a finite number > 0, got inf"),
+    ("diabetes_lse", {"tau": "0.5"}, r"tau must be a finite number > 0, got '0\.5'"),
+    ("digits_lse", {"threads": 1_000_000}, r"threads must be an integer in \[0, 256\]"),
+    ("digits_lse", {"threads": -1}, r"threads must be an integer in \[0, 256\]"),
+])
+def test_predictor_options_are_checked_as_the_server_checks_them(demo_repository, model, options, message):
+    with pytest.raises(ValueError, match=message):
+        Predictor(demo_repository / model / "1", **options)
+
+
+def test_a_regression_predictor_reads_its_tau(demo_repository):
+    from sklearn.datasets import load_diabetes
+
+    rows, version = load_diabetes().data[:20], demo_repository / "diabetes_lse" / "1"
+    default, given = (Predictor(version, outputs=["certified_radius"], **kw).predict(rows)["certified_radius"]
+                      for kw in ({}, {"tau": 20.0}))
+    np.testing.assert_array_equal(default, Predictor(version, outputs=["certified_radius"], tau=serving.DEFAULT_TAU)
+                                  .predict(rows)["certified_radius"])
+    assert (given > default).all()
+
+
 def test_spark_map_in_pandas_function(artifact, rows):
     outputs = ["prediction", "ood_flag", "attribution_index"]
     fn = spark_map_in_pandas(artifact, outputs=outputs, top_k=2)
