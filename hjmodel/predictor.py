@@ -61,16 +61,24 @@ class Predictor:
         self.task, self.n_features, self.n_outputs = spec.task, spec.n_features, spec.n_outputs
         self.class_names = spec.class_names
         self.feature_columns = list(feature_columns) if feature_columns is not None else list(spec.feature_names)
+        if len(self.feature_columns) != spec.n_features:
+            raise ValueError(f"feature_columns must name the model's {spec.n_features} features, "
+                             f"got {len(self.feature_columns)}")
         names = output_names(spec.task)
         if outputs is None:
             outputs = [n for n in DEFAULT_OUTPUTS if n in names]
         elif outputs == "all":
             outputs = list(names)
+        elif isinstance(outputs, str):   # one name
+            outputs = [outputs]
         unknown = [n for n in outputs if n not in names]
         if unknown:
             raise ValueError(f"unknown output(s) {unknown}; this model has {list(names)}")
-        if not 1 <= int(top_k) <= min(TOP_K_MAX, spec.top_k_max):
-            raise ValueError(f"top_k must be in [1, {min(TOP_K_MAX, spec.top_k_max)}]")
+        if not outputs or len(set(outputs)) != len(outputs):
+            raise ValueError(f"outputs must name one or more of this model's outputs, each once, got {list(outputs)}")
+        largest = min(TOP_K_MAX, spec.top_k_max)
+        if isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer)) or not 1 <= top_k <= largest:
+            raise ValueError(f"top_k must be an integer in [1, {largest}], got {top_k!r}")
         if backend not in ("onnx", "torch"):
             raise ValueError("backend must be onnx or torch")
         if why := tau_refusal(spec.task, tau):   # as the server: refused, never dropped unread

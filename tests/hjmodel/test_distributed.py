@@ -106,6 +106,7 @@ def test_predictor_batches_keep_other_columns(artifact, rows):
         predictor.predict(np.full((2, 64), np.nan))
     with pytest.raises(ValueError, match="unknown output"):
         Predictor(artifact, outputs=["nope"])
+    assert list(Predictor(artifact, outputs="certified_radius").predict(rows[:2])) == ["certified_radius", "class"]
 
 
 @pytest.mark.parametrize("model, options, message", [
@@ -119,6 +120,15 @@ def test_predictor_batches_keep_other_columns(artifact, rows):
     ("diabetes_lse", {"tau": "0.5"}, r"tau must be a finite number > 0, got '0\.5'"),
     ("digits_lse", {"threads": 1_000_000}, r"threads must be an integer in \[0, 256\]"),
     ("digits_lse", {"threads": -1}, r"threads must be an integer in \[0, 256\]"),
+    # and these were read as something else: top_k 2.7 as 2, True as 1, "3" as 3; no outputs answered
+    # only the class names, an output named twice once, feature columns of the wrong count later
+    ("digits_lse", {"top_k": 2.7}, r"top_k must be an integer in \[1, 10\], got 2\.7"),
+    ("digits_lse", {"top_k": True}, r"top_k must be an integer in \[1, 10\], got True"),
+    ("digits_lse", {"top_k": "3"}, r"top_k must be an integer in \[1, 10\], got '3'"),
+    ("digits_lse", {"top_k": 11}, r"top_k must be an integer in \[1, 10\], got 11"),
+    ("digits_lse", {"outputs": []}, r"outputs must name one or more of this model's outputs, each once, got \[\]"),
+    ("digits_lse", {"outputs": ["prediction", "prediction"]}, r"each once, got \['prediction', 'prediction'\]"),
+    ("digits_lse", {"feature_columns": ["a"]}, r"feature_columns must name the model's 64 features, got 1"),
 ])
 def test_predictor_options_are_checked_as_the_server_checks_them(demo_repository, model, options, message):
     with pytest.raises(ValueError, match=message):
