@@ -1257,6 +1257,10 @@ def _surprisal(sorted_ref: Tensor, s: Tensor) -> Tensor:
     iqr = (sorted_ref[(3 * m) // 4] - sorted_ref[m // 4]).clamp_min(torch.finfo(s.dtype).tiny)
     z = (s - med) / iqr
     within = 0.5 + 0.5 * z / (1.0 + z.abs())          # softsign: in (0, 1), increasing, exportable in float64
+    # its limits where z overflows (a reference whose quartiles coincide -- rows all alike -- has an
+    # interquartile range of float64's smallest normal, so z overflows for any score 4 away): inf / inf
+    # was NaN, and a NaN statistic counts nothing, so every such input was flagged
+    within = torch.where(torch.isinf(z), (z > 0).to(z.dtype), within)
     # float(m): a Python number, so the exporter does not trace this constant in float32
     return -torch.log(_rank_p(sorted_ref, s, SCORE_TIE_MARGIN)) + (0.5 * math.log1p(1.0 / float(m))) * within
 

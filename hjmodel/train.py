@@ -412,6 +412,29 @@ def calibrate(model: HJModel, X_train: torch.Tensor, X_cal: torch.Tensor, cfg: T
         X_cal = F.served_input(X_cal)
         T = [model.combined_statistic(*model.decisions(X_cal[rows])) for rows in model.row_blocks(n_cal)]
         ref.combined = torch.sort(torch.cat(T)).values
+    _check_gate(model, cfg.alpha)
+
+
+def _check_gate(model: HJModel, alpha: float) -> None:
+    """Refuse (CalibrationError) a calibrated gate that is not one: a statistic that is not a number
+    on some calibration row (it would count nothing and flag every input like it), or one whose
+    calibration rows already reach the largest statistic any input can have, so that no input could
+    ever be flagged -- what reference rows that are too few or too alike, or far from the
+    calibration rows, leave (e.g. one reference row: its quartiles coincide, and every calibration
+    row lies beyond it at the same level)."""
+    ref = model.reference
+    T = ref.combined
+    bad = int((~torch.isfinite(T)).sum())
+    if bad:
+        raise CalibrationError(f"the OOD statistic is not a finite number on {bad} of {len(T)} calibration rows")
+    # the served p-value of an input whose unsupported score is beyond every other (u = inf)
+    p = float(model._conformal(torch.tensor([math.inf], dtype=T.dtype, device=T.device), None)[0][0])
+    if p > alpha:
+        raise CalibrationError(
+            f"the OOD gate could never fire at alpha={alpha}: {int((T >= T.max()).sum())} of its {len(T)} calibration "
+            f"rows already reach the largest statistic an input can have (p-value {p:.3g} even for the most "
+            f"unusual input); the reference rows ({len(ref.points)}, the typical rows the model was trained on) "
+            "are too few, too alike or too far from the calibration rows")
 
 
 def _features_and_classes(model: HJModel, X: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -340,6 +340,45 @@ def test_calibration_and_reference_rows_are_checked(case, tmp_path):
     assert not (tmp_path / "m").exists()
 
 
+@pytest.mark.parametrize("reference", ["one row", "fifty alike", "two rows"])
+def test_a_gate_that_could_never_fire_is_refused(reference, tmp_path):
+    """On 58a9ac3 reference rows too few or alike calibrated a gate whose statistic was NaN on 299 of
+    300 calibration rows, and the served gate flagged every in-distribution row (its false-flag rate
+    1.0 at alpha 0.05). Once the statistic is a number there, such a gate flags nothing, ever: its
+    calibration rows already reach the largest statistic an input can have. Export refuses it."""
+    rows = {"one row": _ROWS[:1], "fifty alike": np.repeat(_ROWS[:1], 50, 0), "two rows": _ROWS[:2]}[reference]
+    with pytest.raises(CalibrationError, match=r"the OOD gate could never fire at alpha=0\.05: \d+ of its 300 "
+                                                r"calibration rows already reach the largest statistic"):
+        hjmodel.export(_grouped_state(), _ROWS, tmp_path / "m" / "1", reference_data=rows)
+    assert not (tmp_path / "m").exists()
+
+
+def test_calibration_rows_that_are_reference_rows_inflate_the_false_flag_rate_and_are_refused(tmp_path):
+    """The gate's premise: a calibration row is scored like a new input. One that is also a
+    reference row is scored against a measure that holds it, looks typical, and the gate calibrated
+    on such rows flags new in-distribution rows far more often than alpha -- measured here through
+    ``calibrate`` itself. On 58a9ac3 export took such rows (the same rows as both, a superset, half)
+    without a word; it now refuses them, and still takes data that repeats rows of its own accord."""
+    from hjmodel.byom import to_hjmodel
+    from hjmodel.train import TrainConfig, calibrate
+
+    rng = np.random.default_rng(7)
+    X, fresh = rng.normal(size=(2000, 4)), rng.normal(size=(20_000, 4))
+    rates = {}   # 1,000 calibration rows: one deployment's rate lies within 0.05 +- 0.014 95% of the time
+    for case, (ref, cal) in {"disjoint": (X[1000:], X[:1000]), "the same rows": (X[:1000], X[:1000])}.items():
+        model = to_hjmodel(_grouped_state())
+        calibrate(model, torch.as_tensor(ref), torch.as_tensor(cal), TrainConfig(progress=False))
+        rates[case] = float(model.served(fresh, ("ood_flag",))["ood_flag"].double().mean())
+    assert rates["disjoint"] <= 0.075 and rates["the same rows"] >= 0.15, rates
+    for ref in (X[:300], X, X[150:450]):
+        with pytest.raises(CalibrationError, match=r"\d+% of the calibration rows are also reference rows \(the "
+                                                    r"reference rows repeat one another at 0%\)"):
+            hjmodel.export(_grouped_state(), X[:300], tmp_path / "m" / "1", reference_data=ref)
+        assert not (tmp_path / "m").exists()
+    coarse = rng.integers(0, 3, size=(900, 4)).astype(float)   # 81 possible rows: every row repeats
+    hjmodel.export(_grouped_state(), coarse[:300], tmp_path / "m" / "1", reference_data=coarse[300:])
+
+
 BAD_OPTIONS = {
     # on 00333c1 each of these wrote an artifact: one the server refuses to load (alpha 2, three
     # feature names for four features), a manifest and no model file (formats), or one whose

@@ -272,6 +272,20 @@ def test_surprisal_orders_within_a_rank_level_and_never_across():
     assert bool((beyond[1:] > beyond[:-1]).all())  # still ordered far beyond the extreme point
 
 
+def test_surprisal_is_a_number_against_a_reference_of_rows_all_alike():
+    """Identical reference scores have an interquartile range of float64's smallest normal, so the
+    tie-break's z-score overflows for any score 4 or more away: on 58a9ac3 its softsign was inf / inf,
+    the statistic NaN, and a NaN statistic counts nothing -- every such input got the smallest
+    p-value. Its limits now: 1 above, 0 below, and the order kept."""
+    from hjmodel.models import _surprisal
+
+    ref = torch.full((50,), 3.0, dtype=torch.float64)
+    s = torch.tensor([-1e300, -10.0, 2.0, 3.0, 4.0, 10.0, 1e300, math.inf], dtype=torch.float64)
+    T = _surprisal(ref, s)
+    assert bool(torch.isfinite(T).all()), T
+    assert bool((T[1:] >= T[:-1]).all()), T
+
+
 
 def test_a_rank_p_value_counts_ties_up_to_rounding_against_the_input():
     """``_rank_p``: a reference score within the margin (of 1 + |s|) below s counts as at least s --
