@@ -118,7 +118,7 @@ def _explanation_graph(mv: ModelVersion, outputs: dict[str, np.ndarray], i: int,
         order = np.argsort(-np.abs(ig), kind="stable")[:top_k].tolist()
         out["integrated_gradients"] = _v(
             {"top": [{"feature": features[f] if f < len(features) else f, "value": ig[f].item()} for f in order],
-             "sum": float(ig.sum())},
+             "sum": float(ig.sum(dtype=np.float64))},   # float32 values, summed where they cannot overflow
             MEANINGS["integrated_gradients"] + " (baseline: the request's baseline parameter, default the training mean)")
     if "label_flips" in outputs:
         count = int(_scalar(outputs["label_flips"], i))

@@ -107,6 +107,25 @@ def test_v1_explain_reads_the_explanation_graph(demo):
     assert abs(section["integrated_gradients"]["value"]["sum"]) > 0
 
 
+def test_v1_explain_sums_the_attributions_where_they_cannot_overflow(demo):
+    """Integrated gradients are float32 outputs, saturated at float32's largest value; their sum was
+    taken in float32 too, and on 58a9ac3 a row of +-3.4e38 (a valid float32 input) was answered
+    "sum": NaN -- no JSON number (a strict parser refuses the reply) and not the sum of the values
+    served beside it. Summed in float64, it is."""
+    row = (np.arange(64) % 2 * 2 - 1) * 3.4e38
+    r = demo.post("/v1/models/digits_lse:explain", json={"instances": [row.tolist()]})
+    assert r.status_code == 200, r.text
+
+    def refuse(constant):
+        raise ValueError(f"{constant} is no JSON number")
+
+    ig = json.loads(r.text, parse_constant=refuse)["explanations"][0]["integrated_gradients"]["value"]
+    assert np.isfinite(ig["sum"])
+    full = _infer(demo, "digits_lse", row[None], ["integrated_gradients"])
+    served = np.asarray(full.json()["outputs"][0]["data"], dtype=np.float32)
+    assert ig["sum"] == float(served.sum(dtype=np.float64))
+
+
 def test_old_artifacts_without_the_explanation_graph(tiny_repo, tmp_path):
     """The tiny fixture has no explain.onnx: nothing is listed, and asking is an unknown output."""
     from fastapi.testclient import TestClient
