@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from .errors import CalibrationError, HJModelError, InputError
-from .serving import DEFAULT_TAU, KINDS, tau_refusal
+from .serving import KINDS
 
 __all__ = ["main"]
 
@@ -107,15 +107,7 @@ def _cmd_diagnose(args: argparse.Namespace) -> int:
     except (ValueError, TypeError, OSError) as e:  # json.JSONDecodeError is a ValueError
         raise InputError(f"cannot read --input as a numeric array (a JSON array, a .json/.npy file or -): "
                          f"{type(e).__name__}: {e}") from e
-    if x.ndim == 1:
-        x = x[None]
-    if x.ndim != 2 or x.shape[1] != model.n_features:
-        raise InputError(f"input must have shape (n, {model.n_features}), got {x.shape}")
-    if not np.isfinite(x).all():
-        raise InputError("input contains NaN or Inf")
-    if why := tau_refusal(model.task, args.tau):
-        raise InputError(f"--tau {why}")
-    rows = model.diagnose(torch.as_tensor(x), top_k=args.top_k, tau=DEFAULT_TAU if args.tau is None else args.tau)
+    rows = model.diagnose(x, top_k=args.top_k, tau=args.tau)   # checks them all (InputError)
     print(json.dumps(rows if len(rows) > 1 else rows[0], indent=2))
     return 0
 

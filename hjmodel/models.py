@@ -22,7 +22,18 @@ import torch
 from torch import Tensor, nn
 
 from . import functional as F
-from .serving import IG_ORDER, IG_PANELS, KINDS, OOD_COMPONENTS, TASKS, TOP_K_MAX, explain_rows, output_names
+from .serving import (
+    DEFAULT_TAU,
+    IG_ORDER,
+    IG_PANELS,
+    KINDS,
+    OOD_COMPONENTS,
+    TASKS,
+    TOP_K_MAX,
+    explain_rows,
+    output_names,
+    tau_refusal,
+)
 
 __all__ = ["Evaluation", "GibbsHead", "HJModel", "LSEGroupLayer", "OODReference", "Preprocess"]
 
@@ -1163,9 +1174,14 @@ class HJModel(nn.Module):
         return out
 
     # ---------------------------------------------------------------- readable / offline diagnostics
-    def diagnose(self, x: Tensor, top_k: int = 5, tau: float = 0.1, baseline: Tensor | None = None) -> list[dict]:
-        """Every diagnostic of DESIGN section 3 for each row of x, as JSON-ready dicts."""
-        return _diagnose(self, x, top_k, tau, baseline)
+    def diagnose(self, x: Tensor, top_k: int = 5, tau: float | None = None, baseline: Tensor | None = None) -> list[dict]:
+        """Every diagnostic of DESIGN section 3 for each row of x (n, d) or (d,), as JSON-ready dicts.
+        ``tau``: a regression model's certificate tolerance (default ``serving.DEFAULT_TAU``; refused
+        on a classifier, whose radius reads none); ``baseline`` (d,) or (n, d): integrated gradients'
+        (default the preprocessing mean). Raises InputError for what the server would answer with a
+        400: a shape, a NaN or Inf, a top_k below 1, a tau that is not a finite number > 0."""
+        x, baseline = _diagnosable(self, x, top_k, tau, baseline)
+        return _diagnose(self, x, top_k, DEFAULT_TAU if tau is None else float(tau), baseline)
 
     @torch.no_grad()
     def integrated_gradients(self, x: Tensor, baseline: Tensor | None = None, panels: int = 32, order: int = 8,
@@ -1265,7 +1281,32 @@ def _surprisal(sorted_ref: Tensor, s: Tensor) -> Tensor:
     return -torch.log(_rank_p(sorted_ref, s, SCORE_TIE_MARGIN)) + (0.5 * math.log1p(1.0 / float(m))) * within
 
 
-def _diagnose(model: HJModel, x: Tensor, top_k: int = 5, tau: float = 0.1,
+def _diagnosable(model: HJModel, x, top_k, tau, baseline) -> tuple[Tensor, Tensor | None]:
+    """:meth:`HJModel.diagnose`'s arguments checked: rows (n, d) and a baseline float64, or InputError."""
+    from .errors import InputError
+
+    x = torch.as_tensor(x, dtype=torch.float64)
+    if x.ndim == 1:
+        x = x.unsqueeze(0)
+    d = model.n_features
+    if x.ndim != 2 or x.shape[1] != d:
+        raise InputError(f"input must have shape (n, {d}), got {tuple(x.shape)}")
+    if not bool(torch.isfinite(x).all()):
+        raise InputError("input contains NaN or Inf")
+    if isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer)) or top_k < 1:
+        raise InputError(f"top_k must be an integer >= 1, got {top_k!r}")
+    if why := tau_refusal(model.task, tau):
+        raise InputError(f"tau {why}")
+    if baseline is not None:
+        baseline = torch.as_tensor(baseline, dtype=torch.float64)
+        if baseline.shape not in ((d,), (x.shape[0], d)):
+            raise InputError(f"baseline must have shape ({d},) or ({x.shape[0]}, {d}), got {tuple(baseline.shape)}")
+        if not bool(torch.isfinite(baseline).all()):
+            raise InputError("baseline contains NaN or Inf")
+    return x, baseline
+
+
+def _diagnose(model: HJModel, x: Tensor, top_k: int = 5, tau: float = DEFAULT_TAU,
               baseline: Tensor | None = None) -> list[dict]:
     """Every diagnostic of DESIGN section 3 for each row of x, as JSON-ready dicts."""
     x = torch.as_tensor(x, dtype=torch.float64)

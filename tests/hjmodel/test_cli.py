@@ -139,7 +139,7 @@ ERRORS = [
     (("diagnose", "{out}", "--input", "[[\"a\", 1, 2, 3]]"), "could not convert string to float"),
     (("diagnose", "{out}", "--input", "missing.json"), "no such file 'missing.json'"),
     # a classifier's radius reads no tolerance: --tau was accepted and dropped unread on 42f69ae
-    (("diagnose", "{out}", "--input", "[[1, 2, 3, 4]]", "--tau", "0.2"), "--tau is a regression model's"),
+    (("diagnose", "{out}", "--input", "[[1, 2, 3, 4]]", "--tau", "0.2"), "tau is a regression model's"),
     # settings no model has a meaning for: on 00333c1 an eps or t <= 0 trained every epoch and wrote an
     # artifact (eps < 0 is a soft minimum: its radii were crossed on every row tried), or failed after
     # training with a traceback; a negative epoch count trained nothing and said nothing
@@ -205,7 +205,7 @@ def test_diagnose_reads_tau_on_a_regression_model_only(demo_repository, capsys):
     assert 0 < radii[0] < radii[1], radii
     for bad in ("-1", "0", "nan", "inf"):
         assert main(["diagnose", artifact, "--input", row, "--tau", bad]) == 2
-        assert "--tau must be a finite number > 0" in capsys.readouterr().err
+        assert "tau must be a finite number > 0" in capsys.readouterr().err
 
 
 def test_usage_errors(capsys):

@@ -267,3 +267,27 @@ def test_memory_saliency_is_accurate_where_the_model_is_sure(demo_repository):
             assert np.abs(got - want[row]).max() <= 1e-10 * np.abs(want[row]).max(), (i, float(rest[row]))
     smallest = rest.min()
     assert smallest < 1e-30           # rows where the written-out form has no correct digit
+
+
+@pytest.mark.parametrize("model, arguments, message", [
+    # on 58a9ac3 each was taken: a tau given to a classifier was dropped unread, a regression's tau of
+    # -1 or NaN gave radius 0 and inf radius inf, NaN rows and baselines diagnosed as numbers, and a
+    # top_k of -2 or a baseline of the wrong length failed deep in torch
+    ("digits_lse", {"tau": 0.5}, r"tau is a regression model's certificate tolerance; this is a classification model"),
+    ("diabetes_lse", {"tau": -1.0}, r"tau must be a finite number > 0, got -1\.0"),
+    ("diabetes_lse", {"tau": math.nan}, r"tau must be a finite number > 0, got nan"),
+    ("diabetes_lse", {"tau": math.inf}, r"tau must be a finite number > 0, got inf"),
+    ("digits_lse", {"top_k": -2}, r"top_k must be an integer >= 1, got -2"),
+    ("digits_lse", {"top_k": 0}, r"top_k must be an integer >= 1, got 0"),
+    ("digits_lse", {"x": np.full((2, 64), np.nan)}, r"input contains NaN or Inf"),
+    ("digits_lse", {"x": np.zeros((2, 63))}, r"input must have shape \(n, 64\), got \(2, 63\)"),
+    ("digits_lse", {"baseline": np.zeros(3)}, r"baseline must have shape \(64,\) or \(2, 64\), got \(3,\)"),
+    ("digits_lse", {"baseline": np.full(64, np.inf)}, r"baseline contains NaN or Inf"),
+])
+def test_diagnose_refuses_what_the_server_refuses(demo_repository, model, arguments, message):
+    from hjmodel import InputError
+
+    loaded = load_model(demo_repository / model / "1")
+    arguments = {"x": np.zeros((2, loaded.n_features)), **arguments}
+    with pytest.raises(InputError, match=message):
+        loaded.diagnose(**arguments)
