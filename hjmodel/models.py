@@ -451,6 +451,8 @@ class HJModel(nn.Module):
                 if len(empty):
                     raise ValueError(f"{where}: group {int(empty[0])} has no neurons")
                 width, source = mask.shape[0], f"{where}'s groups"
+        if self.task == "classification" and head.n_outputs < 2:   # its one class everywhere: nothing to certify
+            raise ValueError(f"a classifier needs two classes or more, got {head.n_outputs}")
         if head.mode == "values":
             N, V, labels = head.W.shape[0], head.V, head.labels
             if V.ndim != 2 or V.shape[0] != N or V.shape[1] == 0:

@@ -169,12 +169,19 @@ def train(data: Dataset, cfg: TrainConfig | None = None) -> tuple[HJModel, Train
     if cfg.exclude_classes:
         if data.task != "classification":
             raise ValueError("exclude_classes needs a classification dataset")
+        unknown = [k for k in cfg.exclude_classes
+                   if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 0 <= k < len(class_names)]
+        if unknown:   # an exclusion that excludes nothing would be dropped unread
+            raise ConfigError(f"exclude_classes must list class indices in [0, {len(class_names)}), got {unknown!r}")
         keep = ~np.isin(y_all, cfg.exclude_classes)
         kept = [k for k in range(len(class_names)) if k not in cfg.exclude_classes]
         remap = {old: new for new, old in enumerate(kept)}
         X_all = X_all[keep]
         y_all = np.array([remap[v] for v in y_all[keep]], dtype=np.int64)
         class_names = [class_names[k] for k in kept]
+    if data.task == "classification" and len(np.unique(y_all)) < 2:
+        raise DataError(f"a classifier needs rows of two classes or more, got {len(np.unique(y_all))} "
+                        f"({', '.join(map(str, class_names[:5]))})")
     tr, ca, te = _split(len(X_all), cfg, rng)
     # the gate's requirements on the calibration split, before any training time is spent on it
     _check_alpha(cfg.alpha, len(ca))

@@ -306,6 +306,12 @@ def test_weights_no_certificate_holds_for_are_refused_naming_the_part(case, tmp_
     assert not (tmp_path / "m").exists()
 
 
+def test_a_classifier_of_one_class_is_refused(tmp_path):
+    """On 58a9ac3 one group exported as a classifier: its one class everywhere, radius inf."""
+    with pytest.raises(ValueError, match=r"a classifier needs two classes or more, got 1"):
+        hjmodel.export(_grouped_state(groups=np.ones((1, 6), bool)), _ROWS, tmp_path / "m" / "1", task="classification")
+
+
 @pytest.mark.parametrize("hidden", [(), (5,)])
 def test_modules_with_a_non_positive_eps_are_refused_at_export(hidden, tmp_path):
     module = hjmodel.nn.LSEClassifier(4, 3, pieces=2, eps=1.0, hidden=hidden)

@@ -178,6 +178,28 @@ def test_bad_dataset_raises_data_error(case, tmp_path):
         load_dataset(make(tmp_path))
 
 
+@pytest.mark.parametrize("exclude, error, message", [
+    # on 58a9ac3 an exclusion of a class the data has not was dropped unread ([99], [-1], a name), and
+    # excluding all but one class trained a classifier of that one class (radius inf everywhere)
+    ([99], "ConfigError", r"exclude_classes must list class indices in \[0, 3\), got \[99\]"),
+    ([-1], "ConfigError", r"exclude_classes must list class indices in \[0, 3\), got \[-1\]"),
+    (["setosa"], "ConfigError", r"got \['setosa'\]"),
+    ([0, 1], "DataError", r"a classifier needs rows of two classes or more, got 1 \(virginica\)"),
+])
+def test_excluded_classes_are_checked(exclude, error, message):
+    import hjmodel
+
+    with pytest.raises(getattr(hjmodel, error), match=message):
+        train(load_dataset("iris"), TrainConfig(epochs=1, exclude_classes=exclude, progress=False))
+
+
+def test_a_dataset_of_one_class_is_refused(tmp_path):
+    path = tmp_path / "one.csv"
+    path.write_text("a,b,y\n" + "".join(f"{i},{i % 7},cat\n" for i in range(60)))
+    with pytest.raises(DataError, match=r"a classifier needs rows of two classes or more, got 1 \(cat\)"):
+        train(load_dataset(str(path)), TrainConfig(epochs=1, progress=False))
+
+
 def test_csv_unknown_target_column(tmp_path):
     path = tmp_path / "d.csv"
     path.write_text("a,b,y\n1,2,0\n")
