@@ -75,12 +75,20 @@ def _encode(X: np.ndarray, y: np.ndarray, task: str | None, name: str,
         raise DataError(f"{name}: feature names must differ: {twice[0]!r} twice")
     task = task or _infer_task(y)
     class_names: list[str] = []
+    if np.asarray(y).ndim != 1:
+        raise DataError(f"{name}: y must be one target per row, got shape {np.asarray(y).shape}")
+    numeric = np.issubdtype(np.asarray(y).dtype, np.number)
+    if numeric and not np.isfinite(np.asarray(y, dtype=np.float64)).all():   # a NaN target trains nothing
+        raise DataError(f"{name}: y contains NaN or Inf")                     # sound, nor is it a class
     if task == "classification":
         classes, y = np.unique(y, return_inverse=True)
         class_names = [str(c) for c in classes]
         y = y.astype(np.int64)
     else:
-        y = np.asarray(y, dtype=np.float64)
+        try:
+            y = np.asarray(y, dtype=np.float64)
+        except (TypeError, ValueError) as e:
+            raise DataError(f"{name}: a regression target must be numbers ({e})") from e
     names = feature_names or [f"x{i}" for i in range(X.shape[1])]
     return Dataset(X, y, task, name, class_names, list(names))
 

@@ -266,7 +266,10 @@ def train(data: Dataset, cfg: TrainConfig | None = None) -> tuple[HJModel, Train
     with torch.no_grad():
         if task == "regression":
             _fold_target_scale(model, y_mean, y_std)
-    model.refresh()
+    try:
+        model.refresh()   # HJModel.check_parameters: what the trained weights are
+    except ValueError as e:
+        raise ConfigError(f"training diverged ({e}): a smaller lr than {cfg.lr} may train") from e
     calibrate(model, X[tr], X[ca], cfg)
     metrics = evaluate_metrics(model, X[te], y_all[te], task)
     metrics["ood_false_flag_rate_test"] = float(model.served(X[te], ("ood_flag",))["ood_flag"].double().mean())

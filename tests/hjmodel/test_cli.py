@@ -154,6 +154,9 @@ ERRORS = [
      "hidden must list integers >= 1 (units per body layer), got [8, 0]"),
     (("train", "iris", "--out", "/tmp/never", "--kind", "memory", "--memory-size", "0"),
      "memory_size must be an integer >= 1, got 0"),
+    # a learning rate that makes the weights overflow: a traceback on 3dc841e
+    (("train", "iris", "--out", "/tmp/never", "--kind", "deep", "--epochs", "3", "--lr", "1e300", "--quiet"),
+     "): a smaller lr than 1e+300 may train"),
 ]
 
 

@@ -165,6 +165,12 @@ BAD = {
     "csv text feature": (lambda p: (p / "t.csv").write_text("a,b,y\n1,x,0\n") and str(p / "t.csv"), r"non-numeric feature value"),
     "csv short row": (lambda p: (p / "s.csv").write_text("a,b,y\n1,2,0\n3,4\n") and str(p / "s.csv"), r"line 3 has 2 fields, the header has 3"),
     "csv long row": (lambda p: (p / "l.csv").write_text("a,b,y\n1,2,0,9\n") and str(p / "l.csv"), r"line 2 has 4 fields"),
+    # on 3dc841e a NaN or Inf target was taken: in a CSV it trained and wrote an artifact, in an
+    # .npz it ended in a traceback (eps* of NaN targets)
+    "csv NaN target": (lambda p: (p / "n.csv").write_text("a,b,y\n1,2,0.5\n3,4,nan\n") and str(p / "n.csv"),
+                       r"y contains NaN or Inf"),
+    "npz Inf target": (lambda p: _npz(p, X=np.ones((3, 2)), y=np.array([0.5, np.inf, 1.0])), r"y contains NaN or Inf"),
+    "npz 2-D target": (lambda p: _npz(p, X=np.ones((3, 2)), y=np.ones((3, 2))), r"y must be one target per row"),
     # on 00333c1 two columns of one name trained, and an explanation could not tell them apart
     "csv feature twice": (lambda p: (p / "f.csv").write_text("a,a,y\n1,2,0\n") and str(p / "f.csv"),
                           r"feature names must differ: 'a' twice"),
