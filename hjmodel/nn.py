@@ -180,6 +180,12 @@ def from_state_dict(state: dict, task: str | None = None) -> _Network:
     if "V" in state:
         V = torch.as_tensor(np.asarray(state["V"], dtype=np.float64))
         labels = state.get("labels")
+        if labels is not None:
+            raw = np.asarray(labels)
+            if not (np.issubdtype(raw.dtype, np.integer) or (np.issubdtype(raw.dtype, np.floating)
+                                                            and bool(np.all(raw == np.round(raw))))):
+                raise ValueError(f"labels must be class indices (integers), got {raw.dtype} values such as "
+                                 f"{raw.reshape(-1)[:3].tolist()}")   # 0.5 would be read as class 0
         net.task = task or ("classification" if labels is not None else "regression")
         net.kind = "memory"
         net.head = GibbsHead(W, b, eps, t, "values", V=V,

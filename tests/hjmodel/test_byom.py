@@ -292,6 +292,8 @@ BAD_WEIGHTS = {
     "V rows": (_memory_state(V=np.eye(3)[np.arange(19) % 3]), r"V must have shape \(20, K\), got \(19, 3\)"),
     "labels length": (_memory_state(labels=np.arange(19) % 3), r"labels must have shape \(20,\), got \(19,\)"),
     "labels out of range": (_memory_state(labels=np.arange(20) % 3 + 5), r"labels must be class indices in \[0, 3\)"),
+    "labels not integers": (_memory_state(labels=np.arange(20) % 3 + 0.5),
+                            r"labels must be class indices \(integers\), got float64 values such as \[0\.5, 1\.5, 2\.5\]"),
     "labels negative": (_memory_state(labels=-np.ones(20, int)), r"labels must be class indices in \[0, 3\)"),
     "labels disagree with V": (_memory_state(labels=(np.arange(20) + 1) % 3),
                                r"labels disagree with V's one-hot rows \(support point 0: label 1, V's class 0\)"),
