@@ -23,7 +23,7 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from .predictor import Predictor
+from .predictor import Predictor, requested_outputs
 from .serving import outputs_for
 
 __all__ = ["attribute_dataset", "spark_map_in_pandas", "spark_schema"]
@@ -64,15 +64,16 @@ def spark_map_in_pandas(artifact: str | Path, **predictor_options: Any) -> Calla
     return _MapInPandas(Predictor(artifact, **predictor_options))
 
 
-def spark_schema(artifact: str | Path, outputs: Sequence[str], passthrough: str = "") -> str:
+def spark_schema(artifact: str | Path, outputs: Sequence[str] | str | None = None, passthrough: str = "") -> str:
     """The DDL schema string of :func:`spark_map_in_pandas`'s output: ``passthrough`` columns first,
-    then each output (arrays for per-row vectors), then ``class`` for classification."""
+    then each output (arrays for per-row vectors), then ``class`` for classification. ``outputs``:
+    as the Predictor's (:func:`~hjmodel.predictor.requested_outputs`)."""
     from .artifact import read_artifact_spec
 
     spec = read_artifact_spec(artifact)
     kinds = {o.name: o for o in outputs_for(spec.task)}
     fields = [passthrough] if passthrough else []
-    for name in outputs:
+    for name in requested_outputs(spec.task, outputs):
         o = kinds[name]
         base = _SPARK_TYPES[o.datatype]
         fields.append(f"{name} array<{base}>" if o.row_shape else f"{name} {base}")

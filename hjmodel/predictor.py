@@ -34,7 +34,26 @@ from .serving import (
     tau_refusal,
 )
 
-__all__ = ["Predictor"]
+__all__ = ["Predictor", "requested_outputs"]
+
+
+def requested_outputs(task: str, outputs: Sequence[str] | str | None) -> list[str]:
+    """The outputs a :class:`Predictor` (or a Spark schema) of a ``task`` model answers: ``None`` the
+    server's default outputs, ``"all"`` every one, a name that one, else the names given -- each a
+    name of this task's outputs, at least one, none twice (ValueError)."""
+    names = output_names(task)
+    if outputs is None:
+        outputs = [n for n in DEFAULT_OUTPUTS if n in names]
+    elif outputs == "all":
+        outputs = list(names)
+    elif isinstance(outputs, str):   # one name
+        outputs = [outputs]
+    unknown = [n for n in outputs if n not in names]
+    if unknown:
+        raise ValueError(f"unknown output(s) {unknown}; this model has {list(names)}")
+    if not outputs or len(set(outputs)) != len(outputs):
+        raise ValueError(f"outputs must name one or more of this model's outputs, each once, got {list(outputs)}")
+    return list(outputs)
 
 
 class Predictor:
@@ -64,18 +83,7 @@ class Predictor:
         if len(self.feature_columns) != spec.n_features:
             raise ValueError(f"feature_columns must name the model's {spec.n_features} features, "
                              f"got {len(self.feature_columns)}")
-        names = output_names(spec.task)
-        if outputs is None:
-            outputs = [n for n in DEFAULT_OUTPUTS if n in names]
-        elif outputs == "all":
-            outputs = list(names)
-        elif isinstance(outputs, str):   # one name
-            outputs = [outputs]
-        unknown = [n for n in outputs if n not in names]
-        if unknown:
-            raise ValueError(f"unknown output(s) {unknown}; this model has {list(names)}")
-        if not outputs or len(set(outputs)) != len(outputs):
-            raise ValueError(f"outputs must name one or more of this model's outputs, each once, got {list(outputs)}")
+        outputs = requested_outputs(spec.task, outputs)
         largest = min(TOP_K_MAX, spec.top_k_max)
         if isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer)) or not 1 <= top_k <= largest:
             raise ValueError(f"top_k must be an integer in [1, {largest}], got {top_k!r}")

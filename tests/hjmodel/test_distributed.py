@@ -155,6 +155,16 @@ def test_spark_map_in_pandas_function(artifact, rows):
     assert list(result["id"]) == list(range(14)) and len(result["attribution_index"].iloc[0]) == 2
     assert spark_schema(artifact, outputs, passthrough="id long") == (
         "id long, prediction long, ood_flag boolean, attribution_index array<long>, class string")
+    # the outputs as the Predictor reads them: on f7f1b6c an unknown name and a single name given as a
+    # string were KeyErrors, no outputs a schema of the class alone, and a name twice two columns of it
+    default = Predictor(artifact).predict(rows[:1])
+    assert spark_schema(artifact) == ", ".join(
+        f"{n} {'array<float>' if v.ndim > 1 else {'i': 'long', 'f': 'float', 'b': 'boolean'}[v.dtype.kind]}"
+        for n, v in default.items() if n != "class") + ", class string"
+    assert spark_schema(artifact, "prediction") == "prediction long, class string"
+    for bad, message in ((["nope"], "unknown output"), ([], "each once"), (["prediction", "prediction"], "each once")):
+        with pytest.raises(ValueError, match=message):
+            spark_schema(artifact, bad)
 
 
 @pytest.fixture(scope="module")
