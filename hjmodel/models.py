@@ -464,12 +464,18 @@ class HJModel(nn.Module):
             if self.task == "classification":
                 if int(labels.min()) < 0 or int(labels.max()) >= K:
                     raise ValueError(f"head.labels must be class indices in [0, {K})")
-                if head.groups is not None:   # one-hot values (regroup): the label is the one class
-                    differ = torch.nonzero(V.argmax(1) != labels).flatten()
-                    if len(differ):
-                        j = int(differ[0])
-                        raise ValueError(f"head.labels disagree with V's one-hot rows (support point {j}: "
-                                         f"label {int(labels[j])}, V's class {int(V[j].argmax())})")
+                if head.groups is None:   # regroup: V is not one-hot
+                    # log_probabilities (the class the OOD reference conditions on, the trainer's
+                    # and the attacks' decision) sums pi over V's entries above 1/2, while the served
+                    # prediction is the argmax of sum_j pi_j V_j: on a Dirichlet-valued scratch model
+                    # they differed on 137 of 500 rows
+                    raise ValueError("head.V of a memory classifier must be the one-hot rows of its labels "
+                                     "(soft values are a regression head's targets: task='regression')")
+                differ = torch.nonzero(V.argmax(1) != labels).flatten()
+                if len(differ):
+                    j = int(differ[0])
+                    raise ValueError(f"head.labels disagree with V's one-hot rows (support point {j}: "
+                                     f"label {int(labels[j])}, V's class {int(V[j].argmax())})")
 
     def _check_constants(self) -> None:
         """After :meth:`refresh`: weights whose products overflow float64 leave infinite constants,
