@@ -154,6 +154,8 @@ class Predictor:
     def predict(self, x: np.ndarray) -> dict[str, np.ndarray]:
         """Rows (n, d) -> the selected outputs (and ``class`` names for classification)."""
         x = np.asarray(x)
+        if x.dtype.kind not in "biuf":   # complex values lost their imaginary part to the float32 cast
+            raise ValueError(f"rows must be real numbers, got dtype {x.dtype}")
         if x.ndim != 2 or x.shape[1] != self.n_features:
             raise ValueError(f"rows must have shape (n, {self.n_features}), got {x.shape}")
         if not np.isfinite(x).all():
@@ -170,7 +172,8 @@ class Predictor:
 
     def _rows(self, columns) -> np.ndarray:
         if self.input_column in columns:
-            return np.stack([np.asarray(v, dtype=np.float64) for v in columns[self.input_column]])
+            vectors = [np.asarray(v, dtype=np.float64) for v in columns[self.input_column]]
+            return np.stack(vectors) if vectors else np.zeros((0, self.n_features))   # an empty batch: no rows
         missing = [c for c in self.feature_columns if c not in columns]
         if missing:
             raise ValueError(f"the batch has no {self.input_column!r} column and lacks feature columns {missing[:5]}")

@@ -107,6 +107,11 @@ def test_predictor_batches_keep_other_columns(artifact, rows):
     with pytest.raises(ValueError, match="unknown output"):
         Predictor(artifact, outputs=["nope"])
     assert list(Predictor(artifact, outputs="certified_radius").predict(rows[:2])) == ["certified_radius", "class"]
+    # on dcb55dc complex rows were answered for their real part (the imaginary part dropped by the
+    # cast), and an empty DataFrame batch failed ("need at least one array to stack")
+    with pytest.raises(ValueError, match="rows must be real numbers, got dtype complex128"):
+        predictor.predict(rows[:2].astype(complex))
+    assert len(predictor(pd.DataFrame({"input": [], "id": []}))) == 0
 
 
 @pytest.mark.parametrize("model, options, message", [
