@@ -1293,7 +1293,14 @@ def _diagnosable(model: HJModel, x, top_k, tau, baseline) -> tuple[Tensor, Tenso
     """:meth:`HJModel.diagnose`'s arguments checked: rows (n, d) and a baseline float64, or InputError."""
     from .errors import InputError
 
-    x = torch.as_tensor(x, dtype=torch.float64)
+    def real(value, name: str) -> Tensor:   # a complex value's imaginary part would be dropped
+        kind = "c" if torch.is_tensor(value) and value.is_complex() else \
+            "f" if torch.is_tensor(value) else np.asarray(value).dtype.kind
+        if kind not in "biuf":
+            raise InputError(f"{name} must be real numbers, got {getattr(value, 'dtype', type(value).__name__)}")
+        return torch.as_tensor(value, dtype=torch.float64)
+
+    x = real(x, "input")
     if x.ndim == 1:
         x = x.unsqueeze(0)
     d = model.n_features
@@ -1306,7 +1313,7 @@ def _diagnosable(model: HJModel, x, top_k, tau, baseline) -> tuple[Tensor, Tenso
     if why := tau_refusal(model.task, tau):
         raise InputError(f"tau {why}")
     if baseline is not None:
-        baseline = torch.as_tensor(baseline, dtype=torch.float64)
+        baseline = real(baseline, "baseline")
         if baseline.shape not in ((d,), (x.shape[0], d)):
             raise InputError(f"baseline must have shape ({d},) or ({x.shape[0]}, {d}), got {tuple(baseline.shape)}")
         if not bool(torch.isfinite(baseline).all()):

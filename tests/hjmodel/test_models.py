@@ -283,6 +283,10 @@ def test_memory_saliency_is_accurate_where_the_model_is_sure(demo_repository):
     ("digits_lse", {"x": np.zeros((2, 63))}, r"input must have shape \(n, 64\), got \(2, 63\)"),
     ("digits_lse", {"baseline": np.zeros(3)}, r"baseline must have shape \(64,\) or \(2, 64\), got \(3,\)"),
     ("digits_lse", {"baseline": np.full(64, np.inf)}, r"baseline contains NaN or Inf"),
+    # on e405c18 complex values were diagnosed for their real part
+    ("digits_lse", {"x": np.zeros((2, 64), dtype=complex)}, r"input must be real numbers, got complex128"),
+    ("digits_lse", {"x": torch.zeros(2, 64, dtype=torch.complex64)}, r"input must be real numbers, got torch\.complex64"),
+    ("digits_lse", {"baseline": np.zeros(64, dtype=complex)}, r"baseline must be real numbers, got complex128"),
 ])
 def test_diagnose_refuses_what_the_server_refuses(demo_repository, model, arguments, message):
     from hjmodel import InputError
