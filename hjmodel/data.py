@@ -52,6 +52,8 @@ def _infer_task(y: np.ndarray) -> str:
 def check_rows(X, name: str, columns: int | None = None, y=None) -> np.ndarray:
     """``X`` as a float64 (n, d) array of finite numbers, n >= 1 (``columns``: d), with as many
     labels ``y`` as rows when given; else a DataError naming ``name``."""
+    if np.asarray(X).dtype.kind == "c":   # the cast would drop the imaginary part
+        raise DataError(f"{name}: X must be real numbers, got {np.asarray(X).dtype}")
     try:
         X = np.asarray(X, dtype=np.float64)
     except (TypeError, ValueError) as e:

@@ -335,6 +335,7 @@ BAD_ROWS = {
                                   r"calibration_data: X contains NaN or Inf"),
     "reference NaN": ({"calibration_data": _ROWS, "reference_data": np.full((50, 4), np.nan)},
                       r"reference_data: X contains NaN or Inf"),
+    "calibration complex": ({"calibration_data": _ROWS.astype(complex)}, r"calibration_data: X must be real numbers, got complex128"),
     "calibration columns": ({"calibration_data": _ROWS[:, :3]}, r"calibration_data: X has 3 columns, the model reads 4"),
     "reference columns": ({"calibration_data": _ROWS, "reference_data": _ROWS[:, :5].repeat(2, 1)},
                           r"reference_data: X has 8 columns, the model reads 4"),

@@ -170,6 +170,7 @@ BAD = {
     "csv NaN target": (lambda p: (p / "n.csv").write_text("a,b,y\n1,2,0.5\n3,4,nan\n") and str(p / "n.csv"),
                        r"y contains NaN or Inf"),
     "npz Inf target": (lambda p: _npz(p, X=np.ones((3, 2)), y=np.array([0.5, np.inf, 1.0])), r"y contains NaN or Inf"),
+    "npz complex X": (lambda p: _npz(p, X=np.ones((3, 2), dtype=complex), y=np.zeros(3)), r"X must be real numbers, got complex128"),
     "npz 2-D target": (lambda p: _npz(p, X=np.ones((3, 2)), y=np.ones((3, 2))), r"y must be one target per row"),
     # on 00333c1 two columns of one name trained, and an explanation could not tell them apart
     "csv feature twice": (lambda p: (p / "f.csv").write_text("a,a,y\n1,2,0\n") and str(p / "f.csv"),
