@@ -162,6 +162,9 @@ def from_state_dict(state: dict, task: str | None = None) -> _Network:
     (N, K) values for a Gibbs average (memory head, with ``labels`` (N,) for classification);
     optional ``t`` (gauge, default 0.5), ``mu`` (d,) and ``A`` (p, d) preprocessing (z = (x - mu) A^T).
     ``task``: default classification when there are several groups (or labels), else regression."""
+    complex_ = [k for k in ("W", "b", "mu", "A", "V") if k in state and np.asarray(state[k]).dtype.kind == "c"]
+    if complex_:   # the float64 cast would drop the imaginary part
+        raise ValueError(f"{complex_[0]} must be real numbers, got {np.asarray(state[complex_[0]]).dtype}")
     W = torch.as_tensor(np.asarray(state["W"], dtype=np.float64))
     b = torch.as_tensor(np.asarray(state["b"], dtype=np.float64))
     eps, t = _number(state, "eps"), _number(state, "t", 0.5)

@@ -281,6 +281,7 @@ BAD_WEIGHTS = {
                     r"too large for float64: the certificate's constants overflow"),
     "empty group": (_grouped_state(groups=np.array([[1] * 6, [0] * 6, [0] * 6], bool)),
                     r"group 1 has no neurons"),
+    "W complex": (_grouped_state(W=np.ones((6, 4)) * (1 + 1j)), r"W must be real numbers, got complex128"),
     "W one-dimensional": (_grouped_state(W=np.ones(6)), r"W must have shape \(N, d\) with N >= 1, got \(6,\)"),
     "no neurons": (_grouped_state(W=np.zeros((0, 4)), b=np.zeros(0), groups=np.zeros((3, 0), bool)),
                    r"W must have shape \(N, d\) with N >= 1, got \(0, 4\)"),
