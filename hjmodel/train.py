@@ -9,6 +9,7 @@ thresholds on the calibration split, and reports held-out metrics. Seeded and re
 from __future__ import annotations
 
 import math
+import numbers
 import time
 from dataclasses import asdict, dataclass, field
 
@@ -68,23 +69,33 @@ class TrainConfig:
         for name in ("lr", "anneal"):
             if not _positive(getattr(self, name)):
                 raise ConfigError(f"{name} must be a finite number > 0, got {getattr(self, name)}")
-        if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
+        if not (_real(self.weight_decay) and self.weight_decay >= 0):
             raise ConfigError(f"weight_decay must be a finite number >= 0, got {self.weight_decay}")
-        if not (isinstance(self.epochs, int) and self.epochs >= 0):
+        if not (_integer(self.epochs) and self.epochs >= 0):
             raise ConfigError(f"epochs must be an integer >= 0, got {self.epochs!r}")
         for name in ("pca_components", "pieces", "hidden_pieces", "memory_size", "batch_size", "reference_size"):
-            if not (isinstance(getattr(self, name), int) and getattr(self, name) >= 1):
+            if not (_integer(getattr(self, name)) and getattr(self, name) >= 1):
                 raise ConfigError(f"{name} must be an integer >= 1, got {getattr(self, name)!r}")
-        if not (isinstance(self.alpha, (int, float)) and 0 < self.alpha < 1):
+        if not (_real(self.alpha) and 0 < self.alpha < 1):
             raise ConfigError(f"alpha must be in (0, 1), got {self.alpha}")
-        if not (isinstance(self.seed, int) and self.seed >= 0):
+        if not (_integer(self.seed) and self.seed >= 0):
             raise ConfigError(f"seed must be an integer >= 0, got {self.seed!r}")
-        if not all(isinstance(units, int) and units >= 1 for units in self.hidden):
+        if not all(_integer(units) and units >= 1 for units in self.hidden):
             raise ConfigError(f"hidden must list integers >= 1 (units per body layer), got {self.hidden!r}")
 
 
+def _real(value) -> bool:
+    """A finite real number (numpy's too), not a bool."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _integer(value) -> bool:
+    """An integer (numpy's too), not a bool."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
 def _positive(value) -> bool:
-    return isinstance(value, (int, float)) and math.isfinite(value) and value > 0
+    return _real(value) and value > 0
 
 
 @dataclass

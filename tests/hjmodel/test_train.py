@@ -403,3 +403,16 @@ def test_a_full_row_block_peaks_well_within_sixteen_times_its_largest_tensor(nam
         assert run.returncode == 0, run.stderr[-2000:]
         ratio = float(run.stdout.strip().splitlines()[-1])
         assert 0 < ratio < 16, (name, mode, ratio)
+
+
+def test_train_config_checks_ranges_and_takes_numpy_numbers():
+    """Settings out of range are refused before any epoch (the CLI's cases: test_cli.ERRORS); numpy
+    numbers, which a sweep over np.arange hands in, are numbers like any other."""
+    from hjmodel import ConfigError
+
+    TrainConfig(epochs=np.int64(3), lr=np.float32(0.1), pieces=np.int32(2), alpha=np.float64(0.1),
+                seed=np.int64(1), hidden=[np.int64(4)], eps=np.float32(0.5))
+    for bad in ({"epochs": True}, {"epochs": 2.5}, {"lr": "x"}, {"alpha": float("nan")}, {"weight_decay": -1.0},
+                {"eps": -1.0}, {"hidden": [4, 0]}, {"reference_size": 0}):
+        with pytest.raises(ConfigError, match=f"{next(iter(bad))} must"):
+            TrainConfig(**bad)
