@@ -22,10 +22,10 @@ import numpy as np
 from .serving import (
     DEFAULT_OUTPUTS,
     DEFAULT_TAU,
-    MAX_THREADS,
     NUMPY_DTYPES,
     ONNX_FILE,
     TOP_K_MAX,
+    check_threads,
     onnx_feeds,
     open_session,
     output_names,
@@ -91,11 +91,10 @@ class Predictor:
             raise ValueError("backend must be onnx or torch")
         if why := tau_refusal(spec.task, tau):   # as the server: refused, never dropped unread
             raise ValueError(f"tau {why}")
-        if isinstance(threads, bool) or not isinstance(threads, (int, np.integer)) or not 0 <= threads <= MAX_THREADS:
-            raise ValueError(f"threads must be an integer in [0, {MAX_THREADS}] (0: one per core), got {threads!r}")
+        threads = check_threads(threads)
         self.outputs, self.top_k = tuple(outputs), int(top_k)
         self.tau = DEFAULT_TAU if tau is None else float(tau)
-        self.backend, self.threads, self.input_column = backend, int(threads), input_column
+        self.backend, self.threads, self.input_column = backend, threads, input_column
         self._runner = None
         self._lock = threading.Lock()
 

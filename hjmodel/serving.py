@@ -355,6 +355,14 @@ def _positive_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 1
 
 
+def check_threads(threads) -> int:
+    """An intra-op thread count as an int in [0, MAX_THREADS] (0: one per core), or ValueError."""
+    if isinstance(threads, bool) or not isinstance(threads, int) and not hasattr(threads, "__index__") \
+            or not 0 <= threads <= MAX_THREADS:
+        raise ValueError(f"threads must be an integer in [0, {MAX_THREADS}] (0: one per core), got {threads!r}")
+    return int(threads)
+
+
 def session_options(threads: int = 0, *, spinning: bool = False) -> Any:
     """``onnxruntime.SessionOptions`` for a served graph: sequential, one inter-op thread,
     ``threads`` intra-op threads (0: onnxruntime's default, one per core). Open sessions with
@@ -368,8 +376,7 @@ def session_options(threads: int = 0, *, spinning: bool = False) -> Any:
     docs/ARCHITECTURE.md gives both measurements. With one thread there is no pool and nothing spins."""
     import onnxruntime as ort
 
-    if not (isinstance(threads, int) and 0 <= threads <= MAX_THREADS):
-        raise ValueError(f"threads must be an integer in [0, {MAX_THREADS}] (0: one per core), got {threads!r}")
+    threads = check_threads(threads)
     options = ort.SessionOptions()
     options.log_severity_level = 3
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
