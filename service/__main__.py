@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import socket
 from collections.abc import Sequence
 
@@ -71,6 +72,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     import uvicorn
     from pydantic import ValidationError
 
+    from service import tls
     from service.logs import configure_logging
     from service.rest.app import load_shedder
     from service.rest.guards import guarded_protocol
@@ -83,13 +85,16 @@ def main(argv: Sequence[str] | None = None) -> None:
         raise SystemExit(f"hjserve: {exc}") from None
     check_grpc_port(settings.host, settings.grpc_port)
     configure_logging(settings.log_level, settings.log_format)
+    if (warning := tls.clear_text_warning(settings)) is not None:
+        logging.getLogger("service").warning("%s", warning)
     app = build(settings)
     uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level,
                 access_log=False, log_config=None,   # hjserve.access writes the access lines
                 timeout_graceful_shutdown=10, loop="uvloop",
                 http=guarded_protocol(settings.header_timeout_s, load_shedder(app.state.dataplane),
                                       settings.retry_after_s, settings.max_header_bytes),
-                limit_concurrency=settings.max_connections, timeout_keep_alive=settings.keep_alive_s)
+                limit_concurrency=settings.max_connections, timeout_keep_alive=settings.keep_alive_s,
+                **tls.uvicorn_options(settings))
 
 
 if __name__ == "__main__":

@@ -94,6 +94,21 @@ class Settings(BaseSettings):
     arrived -- so without this a call that never sends its message would hold its slot forever
     (the gRPC twin of ``body_timeout_s``; the ±10% jitter is grpc's)."""
 
+    tls_cert_file: Path | None = None
+    """PEM certificate (chain) of the server: with ``tls_key_file``, both transports serve TLS only
+    (HTTPS, and gRPC over TLS) on their ports. Unset: plaintext, for a server on loopback or behind
+    something that ends TLS (an ingress, a service mesh). Checked at startup (readable, PEM, matching
+    its key); TLS 1.2 at least."""
+
+    tls_key_file: Path | None = None
+    """PEM private key of ``tls_cert_file``, unencrypted (a key with a passphrase is refused: the
+    server cannot ask for it); keep it readable by the server's user only."""
+
+    tls_client_ca_file: Path | None = None
+    """PEM certificate(s) of the authority that signs client certificates: set, both transports
+    require mutual TLS -- a client without a certificate from it is refused during the handshake,
+    before any request (API keys still apply on top). Needs ``tls_cert_file``."""
+
     model_control_mode: Literal["none", "explicit", "poll"] = "none"
     """How the model repository changes, as in Triton: ``none`` (the default, as Triton's) -- every
     model on disk loads at startup and what is served never changes (load / unload calls are
@@ -290,6 +305,13 @@ class Settings(BaseSettings):
             raise ValueError(f"environment variable(s) {', '.join(hints)} name no setting; every HJSERVE_ "
                              "variable must (HJSERVE_TEST_* are the test suite's; Kubernetes' service links "
                              "are ignored)")
+        return self
+
+    @model_validator(mode="after")
+    def _tls_files(self) -> Settings:
+        from service.tls import check_files
+
+        check_files(self.tls_cert_file, self.tls_key_file, self.tls_client_ca_file)
         return self
 
     @field_validator("port", "grpc_port", mode="before")

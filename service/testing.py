@@ -10,6 +10,7 @@ import contextlib
 import os
 import shutil
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -66,26 +67,32 @@ class Server:
     proc: subprocess.Popen
     log: Path
     grpc_port: int | None = None
+    tls_context: ssl.SSLContext | None = None
 
     @property
     def grpc_target(self) -> str:
         return f"127.0.0.1:{self.grpc_port}"
 
     def client(self, **kw):
+        """An httpx client of this server (over TLS: verifying it with ``tls_context``)."""
         import httpx
 
+        if self.tls_context is not None:
+            kw.setdefault("verify", self.tls_context)
         return httpx.Client(base_url=self.url, timeout=30, **kw)
 
 
 @contextlib.contextmanager
 def run_server(repo: Path, log_dir: Path, *, grpc: bool = False, root: Path = ROOT,
                main: tuple[str, ...] = ("-m", "service"), env: dict[str, str] | None = None,
-               **settings: object) -> Iterator[Server]:
+               tls_context: ssl.SSLContext | None = None, **settings: object) -> Iterator[Server]:
     """Start a real server (uvicorn, and gRPC when ``grpc``) on free loopback ports with
     ``HJSERVE_<KEY>`` settings; wait until it is live; stop it by PID afterwards. ``root``: the
     source tree it runs from (another revision's worktree, for a side-by-side benchmark); ``main``:
     what Python runs, with the server's command line after it (an instrumented entry point);
-    ``env``: more environment variables."""
+    ``env``: more environment variables. With ``tls_cert_file`` among the settings the server
+    speaks HTTPS, and ``tls_context`` is the client side that trusts (and, for mutual TLS, presents
+    a certificate to) it."""
     import httpx
 
     port = free_port()
@@ -103,14 +110,16 @@ def run_server(repo: Path, log_dir: Path, *, grpc: bool = False, root: Path = RO
             [sys.executable, *main, "--model-repository", str(repo), "--host", "127.0.0.1",
              "--port", str(port), "--log-level", level],
             cwd=root, env=environ, stdout=out, stderr=subprocess.STDOUT)
-    server = Server(f"http://127.0.0.1:{port}", f"127.0.0.1:{port}", proc, log, grpc_port)
+    scheme = "https" if "tls_cert_file" in settings else "http"
+    server = Server(f"{scheme}://127.0.0.1:{port}", f"127.0.0.1:{port}", proc, log, grpc_port, tls_context)
     try:
         deadline = time.monotonic() + 90
         while True:
             if proc.poll() is not None:
                 raise RuntimeError(f"server exited with {proc.returncode}:\n{log.read_text()}")
             try:
-                if httpx.get(server.url + "/v2/health/live", timeout=1).status_code == 200:
+                if httpx.get(server.url + "/v2/health/live", timeout=1,
+                             verify=tls_context or True).status_code == 200:
                     break
             except httpx.TransportError:
                 pass

@@ -34,7 +34,7 @@ from typing import Any
 import grpc
 from grpc import aio
 
-from service import metrics, tracing
+from service import metrics, tls, tracing
 from service.auth import check_admin, check_api_key, key_from
 from service.codecs import grpc as wire
 from service.dataplane import DataPlane
@@ -151,7 +151,9 @@ class GRPCServer:
                                            ("grpc.so_reuseport", 0)])
         self._server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler(SERVICE_NAME, self._handlers())])
         host = f"[{self.host}]" if ":" in self.host else self.host
-        self.port = self._server.add_insecure_port(f"{host}:{self.port}")
+        credentials = tls.grpc_credentials(s)
+        self.port = (self._server.add_secure_port(f"{host}:{self.port}", credentials) if credentials is not None
+                     else self._server.add_insecure_port(f"{host}:{self.port}"))
         await self._server.start()
         log.info("gRPC server listening on %s:%d", self.host, self.port)
 

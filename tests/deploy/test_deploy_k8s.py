@@ -14,7 +14,7 @@ from deploy_helpers import K8S_DIR, KSERVE_DIR, load_yaml_all, require_tool, run
 
 #: Kubernetes versions validated against (oldest still common, newest shipped by kubernetes-validate).
 K8S_VERSIONS = ("1.29.0", kubernetes_validate.utils.latest_version())
-BUILDS = {"cpu": K8S_DIR, "gpu": K8S_DIR / "overlays" / "gpu", "kserve": KSERVE_DIR,
+BUILDS = {"cpu": K8S_DIR, "gpu": K8S_DIR / "overlays" / "gpu", "tls": K8S_DIR / "overlays" / "tls", "kserve": KSERVE_DIR,
           "kserve-grpc": KSERVE_DIR.parent / "kserve-grpc"}
 
 
@@ -83,7 +83,7 @@ def _container(deployment: dict[str, Any]) -> dict[str, Any]:
     return c
 
 
-@pytest.mark.parametrize("name", ["cpu", "gpu"])
+@pytest.mark.parametrize("name", ["cpu", "gpu", "tls"])
 def test_deployment_probes_resources_and_config(name: str) -> None:
     docs = by_kind(name)
     dep = docs["Deployment"]
@@ -164,7 +164,29 @@ def test_gpu_overlay() -> None:
     assert "nvidia.com/gpu" not in _container(cpu["Deployment"])["resources"]["limits"]
 
 
-@pytest.mark.parametrize("name", ["cpu", "gpu"])
+def test_tls_overlay_serves_its_secret_and_is_probed_and_scraped_over_https() -> None:
+    """The server's TLS files are the mounted Secret's, readable by the pod's group only; the kubelet
+    probes and Prometheus speak HTTPS to it (Prometheus verifying it with the Secret's CA)."""
+    docs = by_kind("tls")
+    c = _container(docs["Deployment"])
+    pod = docs["Deployment"]["spec"]["template"]["spec"]
+    (volume,) = [v for v in pod["volumes"] if "secret" in v]
+    (mount,) = [m for m in c["volumeMounts"] if m["name"] == volume["name"]]
+    assert mount["readOnly"] is True and volume["secret"]["defaultMode"] & 0o007 == 0
+    assert volume["secret"]["defaultMode"] & 0o040 and pod["securityContext"]["fsGroup"] == pod["securityContext"]["runAsGroup"]
+    cm = docs["ConfigMap"]["data"]
+    assert cm["HJSERVE_TLS_CERT_FILE"] == mount["mountPath"] + "/tls.crt"
+    assert cm["HJSERVE_TLS_KEY_FILE"] == mount["mountPath"] + "/tls.key"
+    for probe in ("livenessProbe", "readinessProbe", "startupProbe"):
+        assert c[probe]["httpGet"]["scheme"] == "HTTPS"
+    (endpoint,) = docs["ServiceMonitor"]["spec"]["endpoints"]
+    assert endpoint["scheme"] == "https"
+    assert endpoint["tlsConfig"]["ca"]["secret"] == {"name": volume["secret"]["secretName"], "key": "ca.crt"}
+    assert "insecureSkipVerify" not in endpoint["tlsConfig"]
+    assert not any(k.startswith("HJSERVE_TLS") for k in by_kind("cpu")["ConfigMap"]["data"])
+
+
+@pytest.mark.parametrize("name", ["cpu", "gpu", "tls"])
 def test_selectors_and_ports_line_up(name: str) -> None:
     docs = by_kind(name)
     pod_labels = docs["Deployment"]["spec"]["template"]["metadata"]["labels"]
@@ -185,9 +207,10 @@ def test_selectors_and_ports_line_up(name: str) -> None:
     container_ports = {p["name"]: p["containerPort"] for p in _container(docs["Deployment"])["ports"]}
     svc_port, grpc_port = svc["spec"]["ports"]
     assert svc_port["targetPort"] in container_ports and grpc_port["targetPort"] in container_ports
-    # the gRPC port is the one the server is told to listen on, and carries HTTP/2 cleartext
+    # the gRPC port is the one the server is told to listen on, and carries HTTP/2 cleartext (over TLS
+    # with the tls overlay)
     assert container_ports["grpc"] == int(docs["ConfigMap"]["data"]["HJSERVE_GRPC_PORT"]) == grpc_port["port"]
-    assert grpc_port["appProtocol"] == "kubernetes.io/h2c"
+    assert grpc_port["appProtocol"] == ("grpc" if name == "tls" else "kubernetes.io/h2c")
     sm = docs["ServiceMonitor"]["spec"]
     assert selects(sm["selector"]["matchLabels"], svc["metadata"]["labels"])
     assert [e["port"] for e in sm["endpoints"]] == [svc_port["name"]]

@@ -1,0 +1,124 @@
+"""TLS for both transports: one certificate and key serve HTTP (uvicorn) and gRPC, and an optional
+client CA turns on mutual TLS for both.
+
+The files are checked once, when the settings are read (:func:`check_files`), with the same OpenSSL
+the HTTP server uses, so a wrong path, a key that does not match its certificate or a file that is
+not PEM stops the start with the setting's name -- not a traceback from uvicorn or grpcio, and never
+the key's bytes. A key encrypted with a passphrase is refused: OpenSSL would ask a terminal for it,
+and a server started in one would wait there for ever (mount the key unencrypted, readable by the
+server's user only). Python's server context takes TLS 1.2 at least.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import ssl
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import grpc
+
+    from service.settings import Settings
+
+__all__ = ["check_files", "clear_text_warning", "grpc_credentials", "uvicorn_options"]
+
+
+class _Encrypted(Exception):
+    """Raised by the passphrase callback: the key needs one."""
+
+
+def _refuse_passphrase() -> bytes:
+    raise _Encrypted
+
+
+def _readable(setting: str, path: Path) -> None:
+    try:
+        with open(path, "rb"):
+            pass
+    except OSError as exc:
+        raise ValueError(f"{setting} {str(path)!r} is not a readable file ({exc.strerror or exc})") from None
+
+
+def check_files(cert: Path | None, key: Path | None, client_ca: Path | None) -> None:
+    """Refuse (``ValueError``, naming the setting) TLS files the server could not serve with."""
+    if (cert is None) != (key is None):
+        raise ValueError("tls_cert_file and tls_key_file go together: set both (TLS) or neither")
+    if cert is None:
+        if client_ca is not None:
+            raise ValueError("tls_client_ca_file needs tls_cert_file and tls_key_file: mutual TLS is TLS first")
+        return
+    for setting, path in (("tls_cert_file", cert), ("tls_key_file", key),
+                          ("tls_client_ca_file", client_ca)):
+        if path is not None:
+            _readable(setting, path)
+    if b"-----BEGIN CERTIFICATE-----" not in Path(cert).read_bytes():
+        raise ValueError(f"tls_cert_file {str(cert)!r} is not a PEM certificate (chain)")
+    if b"PRIVATE KEY-----" not in Path(key).read_bytes():
+        raise ValueError(f"tls_key_file {str(key)!r} is not a PEM private key")
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    try:
+        context.load_cert_chain(cert, key, password=_refuse_passphrase)
+    except _Encrypted:
+        raise ValueError(f"tls_key_file {str(key)!r} is encrypted with a passphrase, which the server cannot "
+                         "ask for: give it the key unencrypted (readable by its user only)") from None
+    except ssl.SSLError as exc:
+        reason = exc.reason or exc.__class__.__name__
+        if "KEY_VALUES_MISMATCH" in str(reason).upper():
+            raise ValueError(f"tls_key_file {str(key)!r} does not match the certificate of tls_cert_file "
+                             f"{str(cert)!r}") from None
+        raise ValueError(f"tls_cert_file / tls_key_file: OpenSSL cannot use them ({reason})") from None
+    if client_ca is not None:
+        verify = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        try:
+            verify.load_verify_locations(cafile=client_ca)
+            found = bool(verify.get_ca_certs())
+        except ssl.SSLError:
+            found = False
+        if not found:
+            raise ValueError(f"tls_client_ca_file {str(client_ca)!r} holds no PEM certificate to verify "
+                             "clients with")
+
+
+def uvicorn_options(settings: Settings) -> dict[str, Any]:
+    """The keyword arguments of ``uvicorn.run`` that serve HTTPS (none: plaintext HTTP)."""
+    if settings.tls_cert_file is None:
+        return {}
+    options: dict[str, Any] = {"ssl_certfile": str(settings.tls_cert_file), "ssl_keyfile": str(settings.tls_key_file)}
+    if settings.tls_client_ca_file is not None:
+        options.update(ssl_ca_certs=str(settings.tls_client_ca_file), ssl_cert_reqs=ssl.CERT_REQUIRED)
+    return options
+
+
+def grpc_credentials(settings: Settings) -> grpc.ServerCredentials | None:
+    """The gRPC server's credentials (None: a plaintext port): the same certificate and key, and
+    client certificates required when there is a client CA."""
+    if settings.tls_cert_file is None:
+        return None
+    import grpc
+
+    ca = Path(settings.tls_client_ca_file).read_bytes() if settings.tls_client_ca_file is not None else None
+    return grpc.ssl_server_credentials(
+        [(Path(settings.tls_key_file).read_bytes(), Path(settings.tls_cert_file).read_bytes())],
+        root_certificates=ca, require_client_auth=ca is not None)
+
+
+def _loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def clear_text_warning(settings: Settings) -> str | None:
+    """A warning for the log when keys guard the server but would cross a network in clear text
+    (keys set, no TLS, not bound to loopback); None otherwise. It is a warning, not a refusal: TLS is
+    often ended before the server (a Kubernetes ingress or a service mesh)."""
+    if settings.tls_cert_file is not None or not (settings.api_keys or settings.admin_key) \
+            or _loopback(settings.host):
+        return None
+    return (f"API / admin keys are set but the server listens on {settings.host} without TLS: every key "
+            "crosses the network in clear text. Set HJSERVE_TLS_CERT_FILE and HJSERVE_TLS_KEY_FILE, or end "
+            "TLS in front of the server (an ingress, a service mesh) and keep this port off other networks")

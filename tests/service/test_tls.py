@@ -1,0 +1,229 @@
+"""TLS on both transports, end to end: a real server process with certificates made here (the
+openssl command), Triton's real clients (tritonclient.http and .grpc), httpx and raw gRPC channels,
+with and without client certificates (mutual TLS).
+
+On 528016c the server had no TLS at all: an API key crossed the network in clear text on both
+transports, and ``HJSERVE_TLS_*`` stopped the start as variables that name no setting."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import ssl
+import subprocess
+import sys
+from pathlib import Path
+
+import grpc
+import httpx
+import numpy as np
+import pytest
+import tritonclient.grpc as tg
+import tritonclient.http as th
+from svc_helpers import run_server
+from tiny_model import D
+from tritonclient.utils import InferenceServerException
+
+from service import tls
+from service.grpc import inference_pb2 as pb
+from service.settings import Settings
+
+KEY = "k-31f9-tls"
+OUTPUTS = ("prediction", "probabilities", "certified_radius")
+
+
+def _openssl(pki: Path, *args: str) -> None:
+    assert shutil.which("openssl"), "the TLS tests make their certificates with the openssl command"
+    subprocess.run(["openssl", *args], cwd=pki, check=True, capture_output=True, timeout=60)
+
+
+def _issue(pki: Path, name: str, ca: str, usage: str, san: str = "") -> None:
+    """A key ``<name>.key`` and a certificate ``<name>.pem`` for ``name``, signed by ``ca``."""
+    _openssl(pki, "req", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{name}.key", "-out", f"{name}.csr",
+             "-subj", f"/CN={name}")
+    (pki / f"{name}.ext").write_text(f"extendedKeyUsage={usage}\n" + (f"subjectAltName={san}\n" if san else ""))
+    _openssl(pki, "x509", "-req", "-in", f"{name}.csr", "-CA", f"{ca}.pem", "-CAkey", f"{ca}.key",
+             "-CAcreateserial", "-out", f"{name}.pem", "-days", "2", "-extfile", f"{name}.ext")
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory) -> Path:
+    """Two certificate authorities (``ca``; ``rogue``, which the server does not trust), a server
+    certificate for 127.0.0.1 from ``ca``, a client certificate from each, and the server's key
+    again, encrypted with a passphrase."""
+    pki = tmp_path_factory.mktemp("pki")
+    for ca in ("ca", "rogue"):
+        _openssl(pki, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{ca}.key", "-out", f"{ca}.pem",
+                 "-days", "2", "-subj", f"/CN=hjserve test {ca}")
+    _issue(pki, "server", "ca", "serverAuth", san="IP:127.0.0.1,DNS:localhost")
+    _issue(pki, "client", "ca", "clientAuth")
+    _issue(pki, "intruder", "rogue", "clientAuth")
+    _openssl(pki, "pkey", "-in", "server.key", "-aes256", "-passout", "pass:hunter2", "-out", "encrypted.key")
+    return pki
+
+
+def _context(pki: Path, client: str | None = None) -> ssl.SSLContext:
+    """A client's TLS context: trusts ``ca``, and presents ``client``'s certificate when given."""
+    ctx = ssl.create_default_context(cafile=str(pki / "ca.pem"))
+    if client:
+        ctx.load_cert_chain(pki / f"{client}.pem", pki / f"{client}.key")
+    return ctx
+
+
+def _x() -> np.ndarray:
+    return np.random.default_rng(7).normal(size=(3, D)).astype(np.float32)
+
+
+def _triton_http(server, pki: Path, client: str | None = None) -> dict[str, np.ndarray]:
+    """Triton's HTTP client over TLS (trusting ``ca``; ``client``'s certificate when given)."""
+    options = {"ca_certs": str(pki / "ca.pem")}
+    if client:
+        options.update(certfile=str(pki / f"{client}.pem"), keyfile=str(pki / f"{client}.key"))
+    c = th.InferenceServerClient(server.host_port, ssl=True, ssl_options=options, network_timeout=30.0)
+    try:
+        inp = th.InferInput("input", [3, D], "FP32")
+        inp.set_data_from_numpy(_x())
+        result = c.infer("clf", [inp], outputs=[th.InferRequestedOutput(o) for o in OUTPUTS],
+                         headers={"Authorization": f"Bearer {KEY}"})
+        return {o: result.as_numpy(o) for o in OUTPUTS}
+    finally:
+        c.close()
+
+
+def _triton_grpc(server, pki: Path, client: str | None = None) -> dict[str, np.ndarray]:
+    """Triton's gRPC client over TLS (trusting ``ca``; ``client``'s certificate when given)."""
+    keys = {"private_key": str(pki / f"{client}.key"), "certificate_chain": str(pki / f"{client}.pem")} \
+        if client else {}
+    c = tg.InferenceServerClient(server.grpc_target, ssl=True, root_certificates=str(pki / "ca.pem"), **keys)
+    try:
+        inp = tg.InferInput("input", [3, D], "FP32")
+        inp.set_data_from_numpy(_x())
+        result = c.infer("clf", [inp], outputs=[tg.InferRequestedOutput(o) for o in OUTPUTS],
+                         headers={"authorization": f"Bearer {KEY}"}, client_timeout=30)
+        return {o: result.as_numpy(o) for o in OUTPUTS}
+    finally:
+        c.close()
+
+
+def _grpc_live(target: str, credentials: grpc.ChannelCredentials | None) -> bool:
+    """ServerLive over a raw channel: TLS with ``credentials``, plaintext without."""
+    channel = grpc.secure_channel(target, credentials) if credentials else grpc.insecure_channel(target)
+    with channel:
+        live = channel.unary_unary("/inference.GRPCInferenceService/ServerLive",
+                                   request_serializer=pb.ServerLiveRequest.SerializeToString,
+                                   response_deserializer=pb.ServerLiveResponse.FromString)
+        return live(pb.ServerLiveRequest(), timeout=10).live
+
+
+def _grpc_credentials(pki: Path, client: str | None = None) -> grpc.ChannelCredentials:
+    read = lambda name: (pki / name).read_bytes()   # noqa: E731
+    return grpc.ssl_channel_credentials(read("ca.pem"), *((read(f"{client}.key"), read(f"{client}.pem"))
+                                                          if client else ()))
+
+
+@pytest.fixture(scope="module")
+def tls_server(tiny_repo, pki, tmp_path_factory):
+    with run_server(tiny_repo, tmp_path_factory.mktemp("tls_logs"), grpc=True, tls_context=_context(pki),
+                    tls_cert_file=pki / "server.pem", tls_key_file=pki / "server.key", api_keys=KEY) as s:
+        yield s
+
+
+@pytest.fixture(scope="module")
+def mtls_server(tiny_repo, pki, tmp_path_factory):
+    """Mutual TLS: a client must present a certificate that ``ca`` signed."""
+    with run_server(tiny_repo, tmp_path_factory.mktemp("mtls_logs"), grpc=True,
+                    tls_context=_context(pki, "client"), tls_cert_file=pki / "server.pem",
+                    tls_key_file=pki / "server.key", tls_client_ca_file=pki / "ca.pem", api_keys=KEY) as s:
+        yield s
+
+
+def test_both_transports_answer_over_tls_with_the_same_bits(tls_server, pki):
+    assert tls_server.url.startswith("https://")
+    with tls_server.client(headers={"Authorization": f"Bearer {KEY}"}) as c:
+        assert c.get("/v2/health/ready").status_code == 200
+        assert c.get("/v2/models/clf").json()["name"] == "clf"
+        assert c.get("/v2/models/clf", headers={"Authorization": "Bearer wrong"}).status_code == 401
+    rest, rpc = _triton_http(tls_server, pki), _triton_grpc(tls_server, pki)
+    for name in OUTPUTS:
+        np.testing.assert_array_equal(rest[name], rpc[name], err_msg=name)
+    assert _grpc_live(tls_server.grpc_target, _grpc_credentials(pki))
+
+
+def test_a_plaintext_client_is_not_answered_and_the_server_goes_on(tls_server, pki):
+    """Plaintext HTTP and gRPC to the TLS ports get no answer (never a reply in clear text); the
+    server then serves TLS clients as before."""
+    with pytest.raises(httpx.TransportError):
+        httpx.get(tls_server.url.replace("https://", "http://") + "/v2/health/live", timeout=10)
+    with pytest.raises(grpc.RpcError) as info:
+        _grpc_live(tls_server.grpc_target, None)
+    assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+    with pytest.raises(httpx.ConnectError):   # a client that trusts another CA refuses this server
+        httpx.get(tls_server.url + "/v2/health/live", verify=ssl.create_default_context(
+            cafile=str(pki / "rogue.pem")), timeout=10)
+    assert _grpc_live(tls_server.grpc_target, _grpc_credentials(pki))
+    with tls_server.client() as c:
+        assert c.get("/v2/health/live").status_code == 200
+
+
+def test_mutual_tls_serves_a_client_the_ca_signed_and_refuses_others(mtls_server, pki):
+    rest, rpc = _triton_http(mtls_server, pki, "client"), _triton_grpc(mtls_server, pki, "client")
+    for name in OUTPUTS:
+        np.testing.assert_array_equal(rest[name], rpc[name], err_msg=name)
+    for client in (None, "intruder"):   # no certificate, or one from a CA the server does not trust
+        with pytest.raises(httpx.TransportError):
+            httpx.get(mtls_server.url + "/v2/health/live", verify=_context(pki, client), timeout=10)
+        with pytest.raises(InferenceServerException):
+            _triton_grpc(mtls_server, pki, client)
+        with pytest.raises(grpc.RpcError) as info:
+            _grpc_live(mtls_server.grpc_target, _grpc_credentials(pki, client))
+        assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+    with mtls_server.client() as c:   # and the server goes on
+        assert c.get("/v2/health/live").status_code == 200
+
+
+@pytest.fixture
+def _repository(monkeypatch, tmp_path):
+    monkeypatch.setenv("HJSERVE_MODEL_REPOSITORY", str(tmp_path))
+
+
+@pytest.mark.usefixtures("_repository")
+@pytest.mark.parametrize(("files", "message"), [
+    ({"tls_cert_file": "server.pem"}, "tls_cert_file and tls_key_file go together"),
+    ({"tls_key_file": "server.key"}, "tls_cert_file and tls_key_file go together"),
+    ({"tls_client_ca_file": "ca.pem"}, "tls_client_ca_file needs tls_cert_file and tls_key_file"),
+    ({"tls_cert_file": "nope.pem", "tls_key_file": "server.key"}, "tls_cert_file 'nope.pem' is not a readable file"),
+    ({"tls_cert_file": "server.pem", "tls_key_file": "client.key"}, "does not match"),
+    ({"tls_cert_file": "server.key", "tls_key_file": "server.key"}, "not a PEM certificate"),
+    ({"tls_cert_file": "server.pem", "tls_key_file": "server.pem"}, "not a PEM private key"),
+    ({"tls_cert_file": "server.pem", "tls_key_file": "encrypted.key"}, "encrypted with a passphrase"),
+    ({"tls_cert_file": "server.pem", "tls_key_file": "server.key", "tls_client_ca_file": "server.key"},
+     "tls_client_ca_file .* holds no PEM certificate"),
+])
+def test_tls_files_are_checked_when_the_settings_are_read(pki, monkeypatch, files, message):
+    """Every TLS refusal names the setting and says what is wrong; no key is ever printed."""
+    monkeypatch.chdir(pki)
+    with pytest.raises(ValueError, match=message) as info:
+        Settings(**files)
+    assert "PRIVATE KEY" not in str(info.value) and "hunter2" not in str(info.value)
+
+
+def test_an_encrypted_key_stops_the_start_with_a_message_not_a_prompt(pki, tmp_path):
+    """OpenSSL asks a terminal for the passphrase of an encrypted key: a server started in a
+    terminal would wait there for ever. It exits at once with a message instead."""
+    env = {k: v for k, v in os.environ.items() if not k.upper().startswith("HJSERVE_")}
+    env.update(HJSERVE_TLS_CERT_FILE=str(pki / "server.pem"), HJSERVE_TLS_KEY_FILE=str(pki / "encrypted.key"))
+    out = subprocess.run([sys.executable, "-m", "service", "--model-repository", str(tmp_path), "--port", "0"],
+                         env=env, capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)
+    assert out.returncode == 1, out.stderr[-2000:]
+    assert "encrypted with a passphrase" in out.stderr and "Traceback" not in out.stderr
+
+
+@pytest.mark.usefixtures("_repository")
+def test_keys_in_clear_text_off_loopback_are_warned_about(pki):
+    warning = tls.clear_text_warning
+    assert warning(Settings(host="0.0.0.0", api_keys="k-1")) is not None
+    assert "HJSERVE_TLS_CERT_FILE" in warning(Settings(host="10.1.2.3", admin_key="adm-1"))
+    assert warning(Settings(host="127.0.0.1", api_keys="k-1")) is None      # loopback: never on a wire
+    assert warning(Settings(host="0.0.0.0")) is None                        # no key to leak
+    assert warning(Settings(host="0.0.0.0", api_keys="k-1", tls_cert_file=pki / "server.pem",
+                            tls_key_file=pki / "server.key")) is None
