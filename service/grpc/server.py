@@ -38,18 +38,29 @@ from service import metrics, tls, tracing
 from service.auth import check_admin, check_api_key, key_from
 from service.codecs import grpc as wire
 from service.dataplane import DataPlane
-from service.errors import ErrorMapping, HJServeError, InternalError, ModelNotFound, ModelNotReady, lookup
+from service.errors import (
+    ErrorMapping,
+    HJServeError,
+    InternalError,
+    ModelNotFound,
+    ModelNotReady,
+    NotFound,
+    lookup,
+)
+from service.grpc import health_pb2
 from service.grpc import inference_pb2 as pb
 from service.logs import CURRENT_REQUEST, RequestRecord
 from service.settings import Settings
 
-__all__ = ["GRPCServer", "SERVICE_NAME", "STREAM_INFLIGHT"]
+__all__ = ["GRPCServer", "HEALTH_SERVICE_NAME", "SERVICE_NAME", "STREAM_INFLIGHT"]
 
 log = logging.getLogger("service.grpc")
 access_log = logging.getLogger("hjserve.access")
 
 #: The protocol's service name: method paths are ``/inference.GRPCInferenceService/<Method>``.
 SERVICE_NAME = "inference.GRPCInferenceService"
+#: gRPC's standard health checking service (Kubernetes' gRPC probes, grpc_health_probe, load balancers)
+HEALTH_SERVICE_NAME = "grpc.health.v1.Health"
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 
 Handler = Callable[[Any, aio.ServicerContext], Awaitable[Any]]
@@ -149,7 +160,12 @@ class GRPCServer:
                                            # grpcio's default would let a second process bind the
                                            # same port and take a share of its connections
                                            ("grpc.so_reuseport", 0)])
-        self._server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler(SERVICE_NAME, self._handlers())])
+        self._server.add_generic_rpc_handlers([
+            grpc.method_handlers_generic_handler(SERVICE_NAME, self._handlers()),
+            grpc.method_handlers_generic_handler(HEALTH_SERVICE_NAME, {"Check": grpc.unary_unary_rpc_method_handler(
+                self._wrap("HealthCheck", self.health_check, "none"),
+                request_deserializer=health_pb2.HealthCheckRequest.FromString,
+                response_serializer=health_pb2.HealthCheckResponse.SerializeToString)})])
         host = f"[{self.host}]" if ":" in self.host else self.host
         credentials = tls.grpc_credentials(s)
         self.port = (self._server.add_secure_port(f"{host}:{self.port}", credentials) if credentials is not None
@@ -295,6 +311,17 @@ class GRPCServer:
 
     async def server_ready(self, request: pb.ServerReadyRequest, context) -> pb.ServerReadyResponse:
         return pb.ServerReadyResponse(ready=self.dataplane.ready())
+
+    async def health_check(self, request: health_pb2.HealthCheckRequest, context) -> health_pb2.HealthCheckResponse:
+        """``grpc.health.v1.Health/Check``: the server (``""``) and the inference service are SERVING
+        when the server is ready -- ``ServerReady``, ``/v2/health/ready``: startup done and a model
+        version serving -- and NOT_SERVING otherwise; another service is NOT_FOUND, as the protocol
+        says. Like the other health calls it needs no key."""
+        if request.service not in ("", SERVICE_NAME):
+            raise NotFound(f"no service {request.service[:200]!r} here: ask for '' (the server) or "
+                           f"{SERVICE_NAME!r}")
+        status = health_pb2.HealthCheckResponse
+        return status(status=status.SERVING if self.dataplane.ready() else status.NOT_SERVING)
 
     async def server_metadata(self, request: pb.ServerMetadataRequest, context) -> pb.ServerMetadataResponse:
         return wire.to_message(self.dataplane.server_metadata(), pb.ServerMetadataResponse())

@@ -55,12 +55,13 @@ def _raw_call(target: str, method: str, request, response_type, metadata=()):
         return call(request, metadata=metadata, timeout=30)
 
 
-def test_generated_messages_match_the_proto(tmp_path):
-    """service/grpc/inference_pb2.py is exactly what grpc_tools makes of inference.proto."""
+@pytest.mark.parametrize("proto", ["inference", "health"])
+def test_generated_messages_match_the_proto(tmp_path, proto):
+    """service/grpc/<proto>_pb2.py is exactly what grpc_tools makes of <proto>.proto."""
     subprocess.run([sys.executable, "-m", "grpc_tools.protoc", "-I.", f"--python_out={tmp_path}",
-                    "service/grpc/inference.proto"], cwd=ROOT, check=True, timeout=120)
-    generated = (tmp_path / "service" / "grpc" / "inference_pb2.py").read_text()
-    assert generated == (ROOT / "service" / "grpc" / "inference_pb2.py").read_text()
+                    f"service/grpc/{proto}.proto"], cwd=ROOT, check=True, timeout=120)
+    generated = (tmp_path / "service" / "grpc" / f"{proto}_pb2.py").read_text()
+    assert generated == (ROOT / "service" / "grpc" / f"{proto}_pb2.py").read_text()
 
 
 def test_messages_are_wire_compatible_with_triton():
@@ -81,6 +82,53 @@ def test_messages_are_wire_compatible_with_triton():
 
     for name, message in pb.DESCRIPTOR.message_types_by_name.items():
         check(message, theirs[name])
+
+
+def _health_check(target: str, service: str = "", metadata=()) -> int:
+    """grpc.health.v1.Health/Check through the gRPC project's own client stubs (grpcio-health-checking,
+    what Kubernetes' gRPC probes and grpc_health_probe speak)."""
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    with grpc.insecure_channel(target) as channel:
+        return health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=service),
+                                                         metadata=metadata, timeout=10).status
+
+
+def test_the_health_messages_are_the_standard_protocols():
+    """hjserve's health messages have the field numbers, types and enum values of grpc.health.v1."""
+    from grpc_health.v1 import health_pb2 as theirs
+
+    from service.grpc import health_pb2 as mine
+
+    for name, message in mine.DESCRIPTOR.message_types_by_name.items():
+        other = theirs.DESCRIPTOR.message_types_by_name[name]
+        assert [(f.name, f.number, f.type) for f in message.fields] == \
+            [(f.name, f.number, f.type) for f in other.fields], name
+    assert mine.HealthCheckResponse.ServingStatus.items() == theirs.HealthCheckResponse.ServingStatus.items()
+
+
+def test_the_standard_health_check_answers_readiness(gserver, tiny_repo, tmp_path):
+    """grpc.health.v1.Health/Check (Kubernetes' gRPC probes, load balancers): the server ("") and the
+    inference service are SERVING when the server is ready and NOT_SERVING while no model is, with
+    no key needed (like /v2/health/*); a service it does not have is NOT_FOUND, and Watch is
+    UNIMPLEMENTED (which the protocol allows). On 528016c every call was UNIMPLEMENTED."""
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    serving, not_serving = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
+    assert _health_check(gserver.grpc_target) == serving
+    assert _health_check(gserver.grpc_target, "inference.GRPCInferenceService") == serving
+    with pytest.raises(grpc.RpcError) as info:
+        _health_check(gserver.grpc_target, "inference.Nope")
+    assert info.value.code() == grpc.StatusCode.NOT_FOUND and "inference.Nope" in info.value.details()
+    with grpc.insecure_channel(gserver.grpc_target) as channel, pytest.raises(grpc.RpcError) as info:
+        next(iter(health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest(), timeout=10)))
+    assert info.value.code() == grpc.StatusCode.UNIMPLEMENTED
+    broken_only = tmp_path / "repo"
+    (broken_only / "broken" / "1").mkdir(parents=True)
+    (broken_only / "broken" / "1" / "model.onnx").write_bytes((tiny_repo / "broken" / "1" / "model.onnx").read_bytes())
+    with run_server(broken_only, tmp_path, grpc=True, api_keys="k-9d1e-health") as s:
+        assert _health_check(s.grpc_target) == not_serving   # live, no model ready, no key sent
+        assert _health_check(s.grpc_target, "inference.GRPCInferenceService") == not_serving
 
 
 def test_health_metadata_config_statistics(gserver, gclient):
