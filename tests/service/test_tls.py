@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
 import ssl
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import grpc
@@ -124,7 +126,8 @@ def _grpc_credentials(pki: Path, client: str | None = None) -> grpc.ChannelCrede
 @pytest.fixture(scope="module")
 def tls_server(tiny_repo, pki, tmp_path_factory):
     with run_server(tiny_repo, tmp_path_factory.mktemp("tls_logs"), grpc=True, tls_context=_context(pki),
-                    tls_cert_file=pki / "server.pem", tls_key_file=pki / "server.key", api_keys=KEY) as s:
+                    tls_cert_file=pki / "server.pem", tls_key_file=pki / "server.key", api_keys=KEY,
+                    header_timeout_s=1.5, body_timeout_s=1.5, max_header_bytes=16 * 1024) as s:
         yield s
 
 
@@ -163,6 +166,44 @@ def test_a_plaintext_client_is_not_answered_and_the_server_goes_on(tls_server, p
     assert _grpc_live(tls_server.grpc_target, _grpc_credentials(pki))
     with tls_server.client() as c:
         assert c.get("/v2/health/live").status_code == 200
+
+
+def _tls_exchange(server, pki: Path, data: bytes, wait_s: float) -> tuple[bytes, float]:
+    """Send ``data`` over a TLS connection and read until the server closes it (or ``wait_s``):
+    what came back and how long it took."""
+    host, port = server.host_port.split(":")
+    started = time.monotonic()
+    with socket.create_connection((host, int(port)), timeout=wait_s) as raw, \
+            _context(pki).wrap_socket(raw, server_hostname=host) as sock:
+        answer = b""
+        try:
+            sock.sendall(data)
+            while chunk := sock.recv(65536):
+                answer += chunk
+        except (OSError, ssl.SSLError):   # closed while sending, or reset: the server ended it
+            pass
+        return answer, time.monotonic() - started
+
+
+def test_the_connection_guards_hold_inside_tls(tls_server, pki):
+    """The request-head deadline, the body deadline and the head size limit read the decrypted
+    stream as they read a plaintext one: a stalled head is closed, a stalled body answered 408, an
+    oversized head 431, and a TLS handshake that never starts holds nothing others need."""
+    idle = [socket.create_connection(tls_server.host_port.split(":")) for _ in range(50)]   # no handshake
+    try:
+        answer, took = _tls_exchange(tls_server, pki, b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\n", 10)
+        assert answer == b"" and took < 6, (answer[:200], took)
+        answer, took = _tls_exchange(tls_server, pki, b"POST /v2/models/clf/infer HTTP/1.1\r\nHost: x\r\n"
+                                     b"Authorization: Bearer " + KEY.encode() + b"\r\nContent-Length: 1000\r\n\r\n{", 10)
+        assert answer.startswith(b"HTTP/1.1 408") and b"body_timeout" in answer and took < 6, (answer[:200], took)
+        answer, _ = _tls_exchange(tls_server, pki, b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\nX-Big: "
+                                  + b"a" * 1_000_000 + b"\r\n\r\n", 10)
+        assert answer.startswith(b"HTTP/1.1 431") and b"headers_too_large" in answer, answer[:200]
+        with tls_server.client() as c:
+            assert c.get("/v2/health/live").status_code == 200
+    finally:
+        for sock in idle:
+            sock.close()
 
 
 def test_mutual_tls_serves_a_client_the_ca_signed_and_refuses_others(mtls_server, pki):
