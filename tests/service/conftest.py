@@ -11,7 +11,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from svc_helpers import Server, export_tiny, run_server, train_artifact  # noqa: E402
+from svc_helpers import Server, export_tiny, make_pki, run_server, train_artifact  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -24,6 +24,13 @@ def tiny_repo(tmp_path_factory) -> Path:
     (root / "broken" / "1").mkdir(parents=True)
     (root / "broken" / "1" / "model.onnx").write_bytes(b"this is not an onnx graph")
     return root
+
+
+@pytest.fixture(scope="session")
+def pki(tmp_path_factory) -> Path:
+    """Test certificates (``svc_helpers.make_pki``): CAs ``ca`` and ``rogue``, ``server``, ``client``,
+    ``intruder``, ``encrypted.key``."""
+    return make_pki(tmp_path_factory.mktemp("pki"))
 
 
 @pytest.fixture(scope="session")

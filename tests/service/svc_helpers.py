@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shutil
+import subprocess
 import sys
 import warnings
 from pathlib import Path
@@ -72,3 +74,32 @@ def assert_outputs_close(got: np.ndarray, want: np.ndarray, name: str, rtol: flo
         np.testing.assert_array_equal(got, want, err_msg=name)
     else:
         np.testing.assert_allclose(got, want, rtol=rtol, atol=atol, err_msg=name)
+
+
+def _openssl(pki: Path, *args: str) -> None:
+    assert shutil.which("openssl"), "the TLS tests make their certificates with the openssl command"
+    subprocess.run(["openssl", *args], cwd=pki, check=True, capture_output=True, timeout=60)
+
+
+def _issue(pki: Path, name: str, ca: str, usage: str, san: str = "") -> None:
+    """A key ``<name>.key`` and a certificate ``<name>.pem`` for ``name``, signed by ``ca``."""
+    _openssl(pki, "req", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{name}.key", "-out", f"{name}.csr",
+             "-subj", f"/CN={name}")
+    (pki / f"{name}.ext").write_text(f"extendedKeyUsage={usage}\n" + (f"subjectAltName={san}\n" if san else ""))
+    _openssl(pki, "x509", "-req", "-in", f"{name}.csr", "-CA", f"{ca}.pem", "-CAkey", f"{ca}.key",
+             "-CAcreateserial", "-out", f"{name}.pem", "-days", "2", "-extfile", f"{name}.ext")
+
+
+def make_pki(pki: Path) -> Path:
+    """Test certificates in ``pki`` (the openssl command): two certificate authorities (``ca``;
+    ``rogue``, which a test server does not trust), a server certificate for 127.0.0.1 from ``ca``
+    (``server.pem`` / ``server.key``), a client certificate from each (``client``, ``intruder``), and
+    the server's key again encrypted with a passphrase (``encrypted.key``)."""
+    for ca in ("ca", "rogue"):
+        _openssl(pki, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{ca}.key", "-out", f"{ca}.pem",
+                 "-days", "2", "-subj", f"/CN=hjserve test {ca}")
+    _issue(pki, "server", "ca", "serverAuth", san="IP:127.0.0.1,DNS:localhost")
+    _issue(pki, "client", "ca", "clientAuth")
+    _issue(pki, "intruder", "rogue", "clientAuth")
+    _openssl(pki, "pkey", "-in", "server.key", "-aes256", "-passout", "pass:hunter2", "-out", "encrypted.key")
+    return pki

@@ -1,5 +1,5 @@
 """Triton's load generator, ``perf_analyzer``, against a real server on a demo model: over REST, gRPC
-and a gRPC stream. Its gRPC requests carry Triton's ``triton_enable_empty_final_response`` parameter,
+and a gRPC stream, and over REST and gRPC with mutual TLS. Its gRPC requests carry Triton's ``triton_enable_empty_final_response`` parameter,
 which this server once refused as unknown (every gRPC run of perf_analyzer failed). ``make test``
 installs it into ``.venv-perf`` (``bench/install_perf_analyzer.sh``: tritonclient 2.51's binary)."""
 
@@ -50,3 +50,40 @@ def test_perf_analyzer_drives_the_server(perf_server, protocol):
         method = "ModelStreamInfer" if protocol == "grpc-stream" else "ModelInfer"
         assert metric_value(text, "hjserve_grpc_requests_total", method=method, code="OK") > 0
         assert metric_value(text, "hjserve_grpc_requests_total", method=method, code="INVALID_ARGUMENT") == 0
+
+
+@pytest.fixture(scope="module")
+def mtls_perf_server(demo_repository, pki, tmp_path_factory):
+    """The demo models behind mutual TLS (tests/service/test_tls.py's certificates)."""
+    import ssl
+
+    context = ssl.create_default_context(cafile=str(pki / "ca.pem"))
+    context.load_cert_chain(pki / "client.pem", pki / "client.key")
+    with run_server(demo_repository, tmp_path_factory.mktemp("perf-tls-logs"), grpc=True, tls_context=context,
+                    tls_cert_file=pki / "server.pem", tls_key_file=pki / "server.key",
+                    tls_client_ca_file=pki / "ca.pem") as s:
+        yield s
+
+
+@pytest.mark.parametrize("protocol", ["http", "grpc"])
+def test_perf_analyzer_drives_the_server_over_mutual_tls(mtls_perf_server, pki, protocol):
+    """Triton's load generator with its own TLS options: verifying the server by the test CA, and
+    presenting the client certificate the server requires."""
+    if protocol == "http":
+        args = ["-u", f"https://{mtls_perf_server.host_port}", "-i", "http",
+                f"--ssl-https-ca-certificates-file={pki / 'ca.pem'}",
+                f"--ssl-https-client-certificate-file={pki / 'client.pem'}",
+                f"--ssl-https-private-key-file={pki / 'client.key'}"]
+    else:
+        args = ["-u", mtls_perf_server.grpc_target, "-i", "grpc", "--ssl-grpc-use-ssl",
+                f"--ssl-grpc-root-certifications-file={pki / 'ca.pem'}",
+                f"--ssl-grpc-private-key-file={pki / 'client.key'}",
+                f"--ssl-grpc-certificate-chain-file={pki / 'client.pem'}"]
+    report = _perf_analyzer(*args)
+    assert float(report.split("Throughput:")[1].split()[0]) > 0, report
+    with mtls_perf_server.client() as http:
+        text = http.get("/metrics").text
+    if protocol == "http":
+        assert metric_value(text, "hjserve_http_requests_total", route="/v2/models/{model_name}/infer", status="200") > 0
+    else:
+        assert metric_value(text, "hjserve_grpc_requests_total", method="ModelInfer", code="OK") > 0

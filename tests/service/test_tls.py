@@ -8,7 +8,6 @@ transports, and ``HJSERVE_TLS_*`` stopped the start as variables that name no se
 from __future__ import annotations
 
 import os
-import shutil
 import socket
 import ssl
 import subprocess
@@ -32,36 +31,6 @@ from service.settings import Settings
 
 KEY = "k-31f9-tls"
 OUTPUTS = ("prediction", "probabilities", "certified_radius")
-
-
-def _openssl(pki: Path, *args: str) -> None:
-    assert shutil.which("openssl"), "the TLS tests make their certificates with the openssl command"
-    subprocess.run(["openssl", *args], cwd=pki, check=True, capture_output=True, timeout=60)
-
-
-def _issue(pki: Path, name: str, ca: str, usage: str, san: str = "") -> None:
-    """A key ``<name>.key`` and a certificate ``<name>.pem`` for ``name``, signed by ``ca``."""
-    _openssl(pki, "req", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{name}.key", "-out", f"{name}.csr",
-             "-subj", f"/CN={name}")
-    (pki / f"{name}.ext").write_text(f"extendedKeyUsage={usage}\n" + (f"subjectAltName={san}\n" if san else ""))
-    _openssl(pki, "x509", "-req", "-in", f"{name}.csr", "-CA", f"{ca}.pem", "-CAkey", f"{ca}.key",
-             "-CAcreateserial", "-out", f"{name}.pem", "-days", "2", "-extfile", f"{name}.ext")
-
-
-@pytest.fixture(scope="module")
-def pki(tmp_path_factory) -> Path:
-    """Two certificate authorities (``ca``; ``rogue``, which the server does not trust), a server
-    certificate for 127.0.0.1 from ``ca``, a client certificate from each, and the server's key
-    again, encrypted with a passphrase."""
-    pki = tmp_path_factory.mktemp("pki")
-    for ca in ("ca", "rogue"):
-        _openssl(pki, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{ca}.key", "-out", f"{ca}.pem",
-                 "-days", "2", "-subj", f"/CN=hjserve test {ca}")
-    _issue(pki, "server", "ca", "serverAuth", san="IP:127.0.0.1,DNS:localhost")
-    _issue(pki, "client", "ca", "clientAuth")
-    _issue(pki, "intruder", "rogue", "clientAuth")
-    _openssl(pki, "pkey", "-in", "server.key", "-aes256", "-passout", "pass:hunter2", "-out", "encrypted.key")
-    return pki
 
 
 def _context(pki: Path, client: str | None = None) -> ssl.SSLContext:
