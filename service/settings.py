@@ -363,6 +363,17 @@ class Settings(BaseSettings):
             raise ValueError("default_outputs names an output twice")
         return value
 
+    @field_validator("model_repository", "spool_dir", "tls_cert_file", "tls_key_file", "tls_client_ca_file",
+                     mode="before")
+    @classmethod
+    def _a_path_is_not_empty(cls, value: object, info: ValidationInfo) -> object:
+        """An empty variable is no path: pathlib reads "" as "." (the working directory), so an empty
+        ``HJSERVE_SPOOL_DIR`` spooled batch bodies there and an empty ``HJSERVE_MODEL_REPOSITORY``
+        served the working directory as the repository."""
+        if isinstance(value, str) and not value.strip():
+            raise ValueError(f"{info.field_name} is empty: give a path, or leave the variable unset")
+        return value
+
     @field_validator("model_repository")
     @classmethod
     def _repository_dir(cls, value: Path) -> Path:

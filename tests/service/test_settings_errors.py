@@ -31,6 +31,17 @@ def test_the_model_repository_must_be_an_existing_directory(tmp_path, where):
         Settings(model_repository=tmp_path / where)
 
 
+@pytest.mark.parametrize("name", ["HJSERVE_MODEL_REPOSITORY", "HJSERVE_SPOOL_DIR", "HJSERVE_TLS_CERT_FILE",
+                                  "HJSERVE_TLS_KEY_FILE", "HJSERVE_TLS_CLIENT_CA_FILE"])
+def test_an_empty_path_setting_is_refused_not_read_as_the_working_directory(monkeypatch, tmp_path, name):
+    """pathlib reads "" as ".": on 9fa040c an empty HJSERVE_SPOOL_DIR spooled batch bodies into the
+    working directory and an empty HJSERVE_MODEL_REPOSITORY served the working directory."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv(name, " ")
+    with pytest.raises(ValueError, match=f"{name[8:].lower()} is empty: give a path, or leave the variable unset"):
+        Settings()
+
+
 def test_settings_from_environment(monkeypatch):
     monkeypatch.setenv("HJSERVE_PORT", "9123")
     monkeypatch.setenv("HJSERVE_API_KEYS", "k1, k2")
