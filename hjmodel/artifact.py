@@ -1023,14 +1023,24 @@ def export_onnx(model: HJModel, path: str | Path, opset: int = 17) -> Path:
 
 def save_artifact(model: HJModel, directory: str | Path, formats: tuple[str, ...] = ("onnx", "torch")) -> Path:
     """Write the model in the requested formats into a version directory, and last its checksum
-    manifest (:func:`write_checksums`). ``formats``: one or both of ``"onnx"`` and ``"torch"``."""
+    manifest (:func:`write_checksums`). ``formats``: one or both of ``"onnx"`` and ``"torch"``.
+
+    A directory that holds an artifact already is written over: its manifest and every artifact
+    file are removed first, so it ends with this model's files only. (A ``model.pt`` left by an
+    earlier export beside a new ONNX-only one was vouched for by the new manifest and served by
+    the torch backend under the new model's name.) Other files in it are left alone."""
     unknown = [f for f in formats if f not in ("onnx", "torch")]
     if unknown or not formats:   # an artifact of no model file would be its manifest alone
         raise ValueError(f"formats must name one or both of 'onnx' and 'torch', got {list(formats)!r}")
+    if isinstance(directory, str) and not directory.strip():   # pathlib would read it as "."
+        raise ValueError("an empty directory name (it would mean the working directory): give a path")
     directory = Path(directory)
     _check_spec(model_spec(model), str(directory))   # never write what the loader would refuse
     directory.mkdir(parents=True, exist_ok=True)
-    (directory / CHECKSUM_FILE).unlink(missing_ok=True)   # a stale one would describe other files
+    # the manifest first (a stale one would describe other files), then every artifact file: what
+    # this call does not write must not stay behind under the new manifest
+    for name in (CHECKSUM_FILE, *_CHECKED_FILES):
+        (directory / name).unlink(missing_ok=True)
     if "torch" in formats:
         save_torch(model, directory)
     if "onnx" in formats:

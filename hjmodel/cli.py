@@ -83,6 +83,14 @@ def _count(text: str) -> int:
     return value
 
 
+def _path(text: str) -> str:
+    """A file or directory argument: not empty (pathlib reads "" as ".", the working directory, where
+    ``--out ""`` wrote an artifact among whatever was there)."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("an empty path (it would mean the working directory): give a path")
+    return text
+
+
 def _read_inputs(source: str) -> np.ndarray:
     if source == "-":
         return np.asarray(json.load(sys.stdin), dtype=np.float64)
@@ -190,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("train", help="train a model and write an artifact")
     p.add_argument("data", help="digits | breast_cancer | wine | iris | diabetes | FILE.npz | FILE.csv")
     p.add_argument("--kind", choices=list(KINDS), default="lse")
-    p.add_argument("--out", required=True, help="version directory to write, e.g. models/mymodel/1")
+    p.add_argument("--out", required=True, type=_path, help="version directory to write, e.g. models/mymodel/1")
     p.add_argument("--target", help="CSV target column (default: last)")
     p.add_argument("--task", choices=["classification", "regression"])
     p.add_argument("--eps", type=float, help="viscosity (default: eps*, Thm 8.1)")
@@ -212,48 +220,48 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(func=_cmd_train)
 
     p = sub.add_parser("inspect", help="print an artifact's spec")
-    p.add_argument("artifact")
+    p.add_argument("artifact", type=_path)
     p.set_defaults(func=_cmd_inspect)
 
     p = sub.add_parser("rebuild", help="write an artifact again from its model.pt with this version's graphs")
-    p.add_argument("artifact", help="the version directory to read")
-    p.add_argument("--out", required=True, help="the version directory to write, e.g. models/mymodel/2")
+    p.add_argument("artifact", type=_path, help="the version directory to read")
+    p.add_argument("--out", required=True, type=_path, help="the version directory to write, e.g. models/mymodel/2")
     p.add_argument("--formats", nargs="+", choices=["onnx", "torch"], default=["onnx", "torch"])
     p.set_defaults(func=_cmd_rebuild)
 
     p = sub.add_parser("verify", help="check the Thm 4.1 identity, torch/ONNX parity and that every radius the ONNX graph serves is proven in float64")
-    p.add_argument("artifact")
+    p.add_argument("artifact", type=_path)
     p.add_argument("--n", type=_count, default=256)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_cmd_verify)
 
     p = sub.add_parser("diagnose", help="print a diagnosis as JSON")
-    p.add_argument("artifact")
+    p.add_argument("artifact", type=_path)
     p.add_argument("--input", required=True, help="JSON array (row or rows), a .json/.npy file, or - for stdin")
     p.add_argument("--top-k", type=_count, default=5)
     p.add_argument("--tau", type=float, help="a regression model's certificate tolerance (default 0.1)")
     p.set_defaults(func=_cmd_diagnose)
 
     def export_arguments(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--calibration", required=True,
+        p.add_argument("--calibration", required=True, type=_path,
                        help=".npz with X (rows not trained on), optional y, optional X_reference (e.g. training rows)")
-        p.add_argument("--out", required=True, help="version directory to write, e.g. models/mymodel/1")
+        p.add_argument("--out", required=True, type=_path, help="version directory to write, e.g. models/mymodel/1")
         p.add_argument("--task", choices=["classification", "regression"])
         p.add_argument("--class-names", nargs="+")
         gate_and_output_arguments(p)
 
     p = sub.add_parser("export", help="a state dict of W, b, eps (+ groups / V, mu, A) -> a serving artifact")
-    p.add_argument("--state", required=True, help=".npz or torch file (weights_only) with W, b, eps, ...")
+    p.add_argument("--state", required=True, type=_path, help=".npz or torch file (weights_only) with W, b, eps, ...")
     export_arguments(p)
     p.set_defaults(func=_cmd_export)
 
     p = sub.add_parser("import-onnx", help="a third-party ONNX LSE network -> a serving artifact")
-    p.add_argument("onnx", help="the ONNX file (ReduceLogSumExp over an affine map; see hjmodel/onnx_import.py)")
+    p.add_argument("onnx", type=_path, help="the ONNX file (ReduceLogSumExp over an affine map; see hjmodel/onnx_import.py)")
     export_arguments(p)
     p.set_defaults(func=_cmd_import_onnx)
 
     p = sub.add_parser("demo", help="build the demo model repository")
-    p.add_argument("--out", default="models")
+    p.add_argument("--out", type=_path, default="models")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=_cmd_demo)
 

@@ -248,6 +248,24 @@ def test_round_trip_identical_outputs(name, small_artifacts, tmp_path):
         assert torch.equal(v, served_form(k, ev[k], datatypes[k])), k
 
 
+@pytest.mark.parametrize("formats", [("onnx",), ("torch",)])
+def test_writing_over_an_artifact_leaves_none_of_its_files(small_artifacts, tmp_path, formats):
+    """A version directory written again holds exactly what the last write wrote. On 9fa040c an
+    ONNX-only export over an artifact kept the old model.pt (and model.json), and the new manifest
+    vouched for them: the torch backend served the old model under the new one's name."""
+    target = tmp_path / "1"
+    shutil.copytree(small_artifacts["lse"], target)
+    deep = load_model(small_artifacts["deep"])
+    save_artifact(deep, target, formats=formats)
+    written = {"onnx": {ONNX_FILE, EXPLAIN_FILE}, "torch": {TORCH_FILE, SPEC_FILE}}[formats[0]]
+    assert {p.name for p in target.iterdir()} == written | {CHECKSUM_FILE}
+    assert verify_checksums(target) and read_spec(target)["kind"] == "deep"
+    if "torch" in formats:
+        assert load_model(target).kind == "deep"
+    with pytest.raises(ValueError, match="an empty directory name"):
+        save_artifact(deep, " ", formats=formats)
+
+
 # ------------------------------------------------------------------------------------ refusals
 
 

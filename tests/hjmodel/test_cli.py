@@ -227,6 +227,22 @@ def test_usage_errors(capsys):
     assert info.value.code == 2 and "usage:" in capsys.readouterr().err
 
 
+def test_an_empty_path_argument_is_refused(tmp_path, monkeypatch, capsys):
+    """pathlib reads "" as the working directory: on 9fa040c ``rebuild A --out ""`` wrote an artifact
+    into it, among whatever files were there."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "notes.txt").write_text("mine")
+    for args in (["rebuild", "models/m/1", "--out", ""], ["rebuild", " ", "--out", "o"], ["inspect", ""],
+                 ["verify", ""], ["diagnose", "", "--input", "[[1]]"], ["demo", "--out", ""],
+                 ["export", "--state", "", "--calibration", "c.npz", "--out", "o"],
+                 ["import-onnx", "m.onnx", "--calibration", "", "--out", "o"]):
+        with pytest.raises(SystemExit) as info:
+            main(args)
+        assert info.value.code == 2 and "an empty path (it would mean the working directory)" in \
+            capsys.readouterr().err, args
+    assert [p.name for p in tmp_path.iterdir()] == ["notes.txt"]
+
+
 def test_import_pulls_in_no_web_framework():
     code = ("import sys, json, hjmodel, hjmodel.cli, hjmodel.verify, hjmodel.demo, hjmodel.functional\n"
             "print(json.dumps(sorted({m.split('.')[0] for m in sys.modules})))")
