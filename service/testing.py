@@ -95,6 +95,8 @@ def run_server(repo: Path, log_dir: Path, *, grpc: bool = False, root: Path = RO
     a certificate to) it."""
     import httpx
 
+    if "tls_cert_file" in settings and tls_context is None:   # the health poll could never verify it
+        raise ValueError("a TLS server (tls_cert_file) needs tls_context: a client context that trusts its certificate")
     port = free_port()
     grpc_port = free_port() if grpc else None
     environ = {k: v for k, v in os.environ.items() if not k.startswith("HJSERVE_")}
