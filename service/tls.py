@@ -32,12 +32,25 @@ def _refuse_passphrase() -> bytes:
     raise _Encrypted
 
 
-def _readable(setting: str, path: Path) -> None:
+#: The largest TLS file read (a certificate bundle of a thousand certificates fits): a path such as
+#: /dev/zero would otherwise be read until memory ran out.
+MAX_FILE_BYTES = 4 * 1024 * 1024
+
+
+def _read(setting: str, path: Path) -> bytes:
+    """A TLS file's bytes, refused (naming ``setting``) when it cannot be read, is not a regular file
+    or is larger than any certificate or key file."""
     try:
-        with open(path, "rb"):
-            pass
+        if not Path(path).is_file():
+            raise ValueError(f"{setting} {str(path)!r} is not a readable file (not a regular file)")
+        with open(path, "rb") as f:
+            data = f.read(MAX_FILE_BYTES + 1)
     except OSError as exc:
         raise ValueError(f"{setting} {str(path)!r} is not a readable file ({exc.strerror or exc})") from None
+    if len(data) > MAX_FILE_BYTES:
+        raise ValueError(f"{setting} {str(path)!r} is larger than {MAX_FILE_BYTES >> 20} MiB: not a certificate "
+                         "or key file")
+    return data
 
 
 def check_files(cert: Path | None, key: Path | None, client_ca: Path | None) -> None:
@@ -48,13 +61,11 @@ def check_files(cert: Path | None, key: Path | None, client_ca: Path | None) -> 
         if client_ca is not None:
             raise ValueError("tls_client_ca_file needs tls_cert_file and tls_key_file: mutual TLS is TLS first")
         return
-    for setting, path in (("tls_cert_file", cert), ("tls_key_file", key),
-                          ("tls_client_ca_file", client_ca)):
-        if path is not None:
-            _readable(setting, path)
-    if b"-----BEGIN CERTIFICATE-----" not in Path(cert).read_bytes():
+    read = {setting: _read(setting, path) for setting, path in
+            (("tls_cert_file", cert), ("tls_key_file", key), ("tls_client_ca_file", client_ca)) if path is not None}
+    if b"-----BEGIN CERTIFICATE-----" not in read["tls_cert_file"]:
         raise ValueError(f"tls_cert_file {str(cert)!r} is not a PEM certificate (chain)")
-    if b"PRIVATE KEY-----" not in Path(key).read_bytes():
+    if b"PRIVATE KEY-----" not in read["tls_key_file"]:
         raise ValueError(f"tls_key_file {str(key)!r} is not a PEM private key")
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     try:

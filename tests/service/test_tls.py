@@ -208,10 +208,16 @@ def _repository(monkeypatch, tmp_path):
     ({"tls_cert_file": "server.pem", "tls_key_file": "encrypted.key"}, "encrypted with a passphrase"),
     ({"tls_cert_file": "server.pem", "tls_key_file": "server.key", "tls_client_ca_file": "server.key"},
      "tls_client_ca_file .* holds no PEM certificate"),
+    # a device or a directory, not a file: /dev/zero was read until memory ran out
+    ({"tls_cert_file": "/dev/zero", "tls_key_file": "server.key"}, "tls_cert_file '/dev/zero' is not a readable file"),
+    ({"tls_cert_file": "server.pem", "tls_key_file": "."}, "tls_key_file '.' is not a readable file"),
+    ({"tls_cert_file": "huge.pem", "tls_key_file": "server.key"}, "larger than 4 MiB"),
 ])
 def test_tls_files_are_checked_when_the_settings_are_read(pki, monkeypatch, files, message):
     """Every TLS refusal names the setting and says what is wrong; no key is ever printed."""
     monkeypatch.chdir(pki)
+    if not (pki / "huge.pem").exists():
+        (pki / "huge.pem").write_bytes((pki / "server.pem").read_bytes() * 4000)
     with pytest.raises(ValueError, match=message) as info:
         Settings(**files)
     assert "PRIVATE KEY" not in str(info.value) and "hunter2" not in str(info.value)
