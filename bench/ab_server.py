@@ -8,12 +8,15 @@
     python bench/ab_server.py --backends [...] --out bench/results/ab_server_backends.md
     python bench/ab_server.py --versus pruned_graphs=0 [...]
     python bench/ab_server.py --versus torch_static_rows=0 --backend torch [...]
+    python bench/ab_server.py --tls [--protocol grpc] [...] --out bench/results/ab_server_tls.md
 
 With ``--backends`` the two sides are this tree's two backends instead (``HJSERVE_BACKEND=onnx``
 against ``torch``, which serves the model's TorchScript trace), on the same artifact: what choosing
 the torch backend costs a served request. With ``--versus NAME=VALUE`` both sides are this tree and
 the first runs with the setting ``HJSERVE_NAME=VALUE`` (e.g. ``pruned_graphs=0``): what one setting
-changes, with no other difference.
+changes, with no other difference. With ``--tls`` both sides are this tree and the second serves TLS
+(``HJSERVE_TLS_CERT_FILE`` / ``_KEY_FILE``, a test certificate made with openssl for the run; the
+load generator's connections are TLS too, kept alive as the plaintext ones are): what TLS costs.
 
 The earlier revision is checked out into a temporary git worktree; both servers (``python -m
 service``, onnxruntime with one thread unless ``--intra-op-threads`` says otherwise) serve the same
@@ -42,6 +45,7 @@ import json
 import os
 import platform
 import shutil
+import ssl
 import statistics
 import subprocess
 import sys
@@ -99,6 +103,8 @@ def main() -> int:
                     help="instead of a revision: this tree's torch backend against its onnxruntime backend")
     ap.add_argument("--versus", metavar="NAME=VALUE",
                     help="this tree against itself with one setting changed (HJSERVE_NAME=VALUE) on the first side")
+    ap.add_argument("--tls", action="store_true",
+                    help="this tree serving TLS (a test certificate) against itself in plaintext")
     ap.add_argument("--model-dir", nargs="+", default=[str(ROOT / "models" / "digits_lse" / "1")],
                     help="one or more model versions, each compared in turn (a section of the report each)")
     ap.add_argument("--seconds", type=float, default=4.0)
@@ -116,8 +122,10 @@ def main() -> int:
     args = ap.parse_args()
     if args.outputs and args.protocol != "rest":
         ap.error("--outputs names the outputs of a REST request")
-    if sum(map(bool, (args.base, args.backends, args.versus))) != 1:
-        ap.error("give one of --base REV, --backends, --versus NAME=VALUE")
+    if sum(map(bool, (args.base, args.backends, args.versus, args.tls))) != 1:
+        ap.error("give one of --base REV, --backends, --versus NAME=VALUE, --tls")
+    if args.tls and args.protocol == "batch":
+        ap.error("--tls measures the closed loops (--protocol rest or grpc)")
     if args.backends and args.backend != "auto":
         ap.error("--backends serves through both backends; --backend is for --base and --versus")
     base = args.base and subprocess.run(["git", "rev-parse", "--short", args.base], cwd=ROOT, check=True,
@@ -174,10 +182,23 @@ def _compare(args: argparse.Namespace, version: Path, base: str, head: str, dirt
     with tempfile.TemporaryDirectory() as tmpdir:
         tmp = Path(tmpdir)
         worktree = tmp / "base"
-        extra: dict[str, dict[str, str]] = {}   # more settings of a side
+        extra: dict[str, dict[str, object]] = {}   # more settings of a side
+        client_tls = grpc_credentials = None     # the client side of --tls
         if args.backends:   # one tree, two backends
             trees = {f"onnxruntime backend, {this}": ROOT, "torch backend (TorchScript trace)": ROOT}
             backend = dict(zip(trees, ("onnx", "torch")))
+        elif args.tls:   # one tree; the first side serving TLS
+            sys.path.insert(0, str(ROOT / "tests" / "service"))
+            from svc_helpers import make_pki
+
+            pki = make_pki(Path(tempfile.mkdtemp(dir=tmp)))
+            trees = {f"{this}, plaintext": ROOT, f"{this}, TLS": ROOT}   # the ratio: TLS over plaintext
+            backend = dict.fromkeys(trees, args.backend)
+            extra = {f"{this}, TLS": {"tls_cert_file": pki / "server.pem", "tls_key_file": pki / "server.key"}}
+            client_tls = ssl.create_default_context(cafile=str(pki / "ca.pem"))
+            import grpc
+
+            grpc_credentials = grpc.ssl_channel_credentials((pki / "ca.pem").read_bytes())
         elif args.versus:   # one tree; the first side with one setting changed
             key, _, value = args.versus.partition("=")
             trees = {f"{this}, HJSERVE_{key.upper()}={value}": ROOT, this: ROOT}
@@ -199,8 +220,9 @@ def _compare(args: argparse.Namespace, version: Path, base: str, head: str, dirt
             for p in range(args.passes):
                 for label, tree in (trees.items() if p % 2 == 0 else reversed(trees.items())):
                     settings = {"intra_op_threads": args.intra_op_threads, **extra.get(label, {})}
+                    tls = "tls_cert_file" in settings
                     with run_server(repos[label], tmp, root=tree, grpc=args.protocol == "grpc", backend=backend[label],
-                                    **settings) as server:
+                                    tls_context=client_tls if tls else None, **settings) as server:
                         for body_label, c in cells:
                             if c == "p50 ms":
                                 r = _online_during_jobs(server.url, name, batch_x, json.dumps(bodies[
@@ -214,10 +236,11 @@ def _compare(args: argparse.Namespace, version: Path, base: str, head: str, dirt
                             else:
                                 if args.protocol == "grpc":
                                     r = asyncio.run(grpc_loop(f"127.0.0.1:{server.grpc_port}", GRPC_INFER,
-                                                              messages[body_label], args.seconds, c))
+                                                              messages[body_label], args.seconds, c,
+                                                              credentials=grpc_credentials if tls else None))
                                 else:
                                     r = asyncio.run(post_loop(server.url, path, json.dumps(bodies[body_label]).encode(),
-                                                              args.seconds, c))
+                                                              args.seconds, c, tls=client_tls if tls else None))
                                 if r["errors"]:
                                     raise RuntimeError(f"{label}: {r['errors']} failed requests")
                                 rps = r["rps"]
@@ -230,9 +253,13 @@ def _compare(args: argparse.Namespace, version: Path, base: str, head: str, dirt
     what = ("both serving this tree's artifact, through onnxruntime and through torch: only the backend differs"
             if args.backends else
             f"both this tree serving its artifact: only the setting {args.versus} differs" if args.versus else
+            "both this tree serving its artifact: only TLS differs (the load generator's connections too); the "
+            "ratio is TLS over plaintext"
+            if args.tls else
             "each tree serving the graphs its own exporter writes from the same trained artifact" if args.export
             else "both serving this tree's artifact: only the service code differs")
-    flags = ("--backends" if args.backends else f"--versus {args.versus}" if args.versus else f"--base {args.base}")
+    flags = ("--backends" if args.backends else f"--versus {args.versus}" if args.versus else "--tls" if args.tls
+             else f"--base {args.base}")
     flags += (" --export" if args.export else "") + (f" --protocol {args.protocol}" if args.protocol != "rest" else "")
     if args.backend != "auto":
         flags += f" --backend {args.backend}"
@@ -256,7 +283,8 @@ def _compare(args: argparse.Namespace, version: Path, base: str, head: str, dirt
     if args.versus and args.versus.partition("=")[0].lower() == "intra_op_threads":
         threads += f" (the first side: HJSERVE_{args.versus.upper()})"
     title = ("through the torch backend against onnxruntime" if args.backends else
-             f"with and without {args.versus}" if args.versus else "against an earlier revision")
+             f"with and without {args.versus}" if args.versus else "over TLS against plaintext" if args.tls
+             else "against an earlier revision")
     runtime = (f"onnxruntime and torch with {threads}" if args.backends else
                f"torch (TorchScript trace) with {threads}" if args.backend == "torch" else f"onnxruntime with {threads}")
     L = [f"""# The served request path {title}: `{name}`

@@ -5,7 +5,8 @@ header objects), which matters where the client shares the machine's cores with 
 measures. Used by ``bench/overload_bench.py`` (open and closed loops) and ``bench/competitors.py``
 (the one client for every server). Responses with ``Content-Length`` or chunked bodies are read
 whole, so a connection is never reused mid-response. :func:`grpc_loop` is the same closed loop over
-one gRPC channel (grpcio's asyncio client, the request serialised once). :func:`batch_job` runs one
+one gRPC channel (grpcio's asyncio client, the request serialised once). Both speak TLS when given a
+client context / channel credentials (``bench/ab_server.py --tls``). :func:`batch_job` runs one
 batch-attribution job (V2 binary rows in, NDJSON out) and counts the rows answered in the raw bytes.
 """
 
@@ -14,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import ssl
 import statistics
 import time
 
@@ -62,15 +64,15 @@ class Pool:
     """At most ``limit`` keep-alive connections, opened on demand; a request that finds none idle
     waits for one (as a client's connection pool does), so its latency includes that wait."""
 
-    def __init__(self, host: str, port: int, limit: int):
-        self.host, self.port = host, port
+    def __init__(self, host: str, port: int, limit: int, tls: ssl.SSLContext | None = None):
+        self.host, self.port, self.tls = host, port, tls
         self.idle: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
         self.slots = asyncio.Semaphore(limit)
 
     async def send(self, payload: bytes) -> int:
         """The status of ``payload``'s response; 0 when the connection was lost (unanswered)."""
         async with self.slots:
-            conn = self.idle.pop() if self.idle else await asyncio.open_connection(self.host, self.port)
+            conn = self.idle.pop() if self.idle else await asyncio.open_connection(self.host, self.port, ssl=self.tls)
             reader, writer = conn
             try:
                 writer.write(payload)
@@ -92,10 +94,11 @@ class Pool:
 
 
 async def closed_loop(host: str, port: int, payload: bytes, seconds: float, concurrency: int,
-                      warmup: int = 20) -> dict:
-    """``concurrency`` keep-alive connections sending ``payload`` back to back for ``seconds``:
-    req/s, p50 and p99 latency (ms), errors (non-200 answers and lost connections), requests made."""
-    pool = Pool(host, port, concurrency)
+                      warmup: int = 20, tls: ssl.SSLContext | None = None) -> dict:
+    """``concurrency`` keep-alive connections (TLS with ``tls``) sending ``payload`` back to back for
+    ``seconds``: req/s, p50 and p99 latency (ms), errors (non-200 answers and lost connections),
+    requests made."""
+    pool = Pool(host, port, concurrency, tls)
     try:
         return await _loop(lambda: pool.send(payload), seconds, concurrency, warmup)
     finally:
@@ -103,13 +106,14 @@ async def closed_loop(host: str, port: int, payload: bytes, seconds: float, conc
 
 
 async def grpc_loop(target: str, method: str, request: bytes, seconds: float, concurrency: int,
-                    warmup: int = 20) -> dict:
-    """:func:`closed_loop` over one gRPC channel to ``target`` (``host:port``): ``concurrency`` calls
-    of ``method`` (``/package.Service/Method``) in flight, each sending the serialised ``request``;
-    a call that fails counts as an error."""
+                    warmup: int = 20, credentials=None) -> dict:
+    """:func:`closed_loop` over one gRPC channel to ``target`` (``host:port``; TLS with channel
+    ``credentials``): ``concurrency`` calls of ``method`` (``/package.Service/Method``) in flight, each
+    sending the serialised ``request``; a call that fails counts as an error."""
     import grpc
 
-    async with grpc.aio.insecure_channel(target) as channel:
+    channel = grpc.aio.secure_channel(target, credentials) if credentials else grpc.aio.insecure_channel(target)
+    async with channel:
         call = channel.unary_unary(method)          # bytes in, bytes out: no (de)serialising in the loop
 
         async def send() -> int:
@@ -145,10 +149,15 @@ async def _loop(send, seconds: float, concurrency: int, warmup: int) -> dict:
             "p99_ms": 1e3 * float(np.quantile(latencies, 0.99)), "errors": errors, "n": len(latencies)}
 
 
-async def post_loop(url: str, path: str, body: bytes, seconds: float, concurrency: int) -> dict:
-    """:func:`closed_loop` POSTing JSON ``body`` to ``url`` (``http://host:port``) + ``path``."""
-    host, port = url.removeprefix("http://").rstrip("/").rsplit(":", 1)
-    return await closed_loop(host, int(port), request_bytes(f"{host}:{port}", path, body), seconds, concurrency)
+async def post_loop(url: str, path: str, body: bytes, seconds: float, concurrency: int,
+                    tls: ssl.SSLContext | None = None) -> dict:
+    """:func:`closed_loop` POSTing JSON ``body`` to ``url`` (``http://host:port``, or ``https://``
+    with the client context ``tls``) + ``path``."""
+    if url.startswith("https://") and tls is None:
+        raise ValueError("an https:// URL needs tls, a client context that trusts the server")
+    host, port = url.removeprefix("http://").removeprefix("https://").rstrip("/").rsplit(":", 1)
+    return await closed_loop(host, int(port), request_bytes(f"{host}:{port}", path, body), seconds, concurrency,
+                             tls=tls if url.startswith("https://") else None)
 
 
 def batch_body(x: np.ndarray, outputs: list[str] | None = None) -> tuple[bytes, bytes]:
