@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import socket
+import sys
 from collections.abc import Sequence
 
 __all__ = ["build", "main"]
@@ -31,20 +33,26 @@ def _parser() -> argparse.ArgumentParser:
 
 def build(settings):
     """settings -> repository -> dataplane -> the HTTP app, with the gRPC transport when
-    ``grpc_port`` is set (both on one event loop, over one dataplane)."""
+    ``grpc_port`` is set (both on one event loop, over one dataplane), and with TLS settings the
+    certificate reloader both transports' certificates come from (``app.state.tls``, else None)."""
     from service import tracing
     from service.dataplane import DataPlane
     from service.repository import ModelRepository
     from service.rest.app import create_app
+    from service.tls import CertificateReloader
 
     tracing.configure(settings.tracing)
     dataplane = DataPlane(settings, ModelRepository(settings))
-    transports = []
+    reloader = CertificateReloader(settings) if settings.tls_cert_file is not None else None
+    transports = [reloader] if reloader is not None else []
     if settings.grpc_port is not None:
         from service.grpc.server import GRPCServer
 
-        transports.append(GRPCServer(dataplane, settings.host, settings.grpc_port))
-    return create_app(dataplane, transports)
+        transports.append(GRPCServer(dataplane, settings.host, settings.grpc_port,
+                                     reloader.grpc_credentials() if reloader is not None else None))
+    app = create_app(dataplane, transports)
+    app.state.tls = reloader
+    return app
 
 
 def check_grpc_port(host: str, port: int | None) -> None:
@@ -88,13 +96,21 @@ def main(argv: Sequence[str] | None = None) -> None:
     if (warning := tls.clear_text_warning(settings)) is not None:
         logging.getLogger("service").warning("%s", warning)
     app = build(settings)
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level,
-                access_log=False, log_config=None,   # hjserve.access writes the access lines
-                timeout_graceful_shutdown=10, loop="uvloop",
-                http=guarded_protocol(settings.header_timeout_s, load_shedder(app.state.dataplane),
-                                      settings.retry_after_s, settings.max_header_bytes),
-                limit_concurrency=settings.max_connections, timeout_keep_alive=settings.keep_alive_s,
-                **tls.uvicorn_options(settings))
+    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,
+                            access_log=False, log_config=None,   # hjserve.access writes the access lines
+                            timeout_graceful_shutdown=10, loop="uvloop",
+                            http=guarded_protocol(settings.header_timeout_s, load_shedder(app.state.dataplane),
+                                                  settings.retry_after_s, settings.max_header_bytes),
+                            limit_concurrency=settings.max_connections, timeout_keep_alive=settings.keep_alive_s,
+                            **tls.uvicorn_options(settings))
+    config.load()   # makes uvicorn's TLS context, which the reloader loads renewed certificates into
+    if app.state.tls is not None:
+        app.state.tls.add_context(config.ssl)
+    server = uvicorn.Server(config)
+    with contextlib.suppress(KeyboardInterrupt):
+        server.run()
+    if not server.started:   # as uvicorn.run: a failed startup is exit status 3
+        sys.exit(3)
 
 
 if __name__ == "__main__":

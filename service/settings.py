@@ -109,6 +109,11 @@ class Settings(BaseSettings):
     require mutual TLS -- a client without a certificate from it is refused during the handshake,
     before any request (API keys still apply on top). Needs ``tls_cert_file``."""
 
+    tls_reload_s: float = Field(60.0, ge=0.0, le=MAX_DURATION_S)
+    """Seconds between two looks at the TLS files: changed files that pass the startup checks are
+    served to new connections without a restart (a renewed certificate, a rotated Kubernetes Secret);
+    ones that do not are logged and the previous certificate goes on. 0: read once, at startup."""
+
     model_control_mode: Literal["none", "explicit", "poll"] = "none"
     """How the model repository changes, as in Triton: ``none`` (the default, as Triton's) -- every
     model on disk loads at startup and what is served never changes (load / unload calls are

@@ -7,12 +7,24 @@ not PEM stops the start with the setting's name -- not a traceback from uvicorn 
 the key's bytes. A key encrypted with a passphrase is refused: OpenSSL would ask a terminal for it,
 and a server started in one would wait there for ever (mount the key unencrypted, readable by the
 server's user only). Python's server context takes TLS 1.2 at least.
+
+A renewed certificate is served without a restart (:class:`CertificateReloader`): every
+``tls_reload_s`` the files' identities are compared with those last loaded, and changed files that
+pass :func:`check_files` are loaded into the HTTP server's context and handed to gRPC's dynamic
+credentials, both for new connections (open ones keep their session). Changed files that do not
+pass (a certificate copied before its key) are logged and left out, and the previous certificate
+goes on serving until they do.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import ipaddress
+import logging
+import os
 import ssl
+import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -21,7 +33,9 @@ if TYPE_CHECKING:
 
     from service.settings import Settings
 
-__all__ = ["check_files", "clear_text_warning", "grpc_credentials", "uvicorn_options"]
+__all__ = ["CertificateReloader", "check_files", "clear_text_warning", "uvicorn_options"]
+
+log = logging.getLogger("service.tls")
 
 
 class _Encrypted(Exception):
@@ -101,17 +115,99 @@ def uvicorn_options(settings: Settings) -> dict[str, Any]:
     return options
 
 
-def grpc_credentials(settings: Settings) -> grpc.ServerCredentials | None:
-    """The gRPC server's credentials (None: a plaintext port): the same certificate and key, and
-    client certificates required when there is a client CA."""
-    if settings.tls_cert_file is None:
-        return None
-    import grpc
+class CertificateReloader:
+    """The served certificate of both transports, read again when its files change (module docstring).
 
-    ca = Path(settings.tls_client_ca_file).read_bytes() if settings.tls_client_ca_file is not None else None
-    return grpc.ssl_server_credentials(
-        [(Path(settings.tls_key_file).read_bytes(), Path(settings.tls_cert_file).read_bytes())],
-        root_certificates=ca, require_client_auth=ca is not None)
+    The HTTP server's :class:`ssl.SSLContext` is registered with :meth:`add_context` once uvicorn has
+    made it; :meth:`grpc_credentials` are the gRPC port's. Started and stopped with the app like a
+    transport; with ``tls_reload_s`` 0 it never looks again."""
+
+    def __init__(self, settings: Settings):
+        self.cert, self.key, self.client_ca = settings.tls_cert_file, settings.tls_key_file, settings.tls_client_ca_file
+        self.interval_s = settings.tls_reload_s
+        self.contexts: list[ssl.SSLContext] = []
+        self._loaded = self._identity()
+        self._refused: tuple | None = None
+        self._grpc_current = self._grpc_configuration()
+        self._grpc_new: Any = None           # a configuration gRPC has not fetched yet
+        self._lock = threading.Lock()       # gRPC fetches from its own threads
+        self._task: asyncio.Task | None = None
+
+    def _files(self) -> list[Path]:
+        return [Path(p) for p in (self.cert, self.key, self.client_ca) if p is not None]
+
+    def _identity(self) -> tuple | None:
+        """Which files the paths name now: device, inode, size, modification time of each (a
+        Kubernetes Secret volume swaps a symlink to new files); None while one cannot be read."""
+        try:
+            return tuple((st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns) for st in map(os.stat, self._files()))
+        except OSError:
+            return None
+
+    def _grpc_configuration(self) -> Any:
+        import grpc
+
+        ca = Path(self.client_ca).read_bytes() if self.client_ca is not None else None
+        return grpc.ssl_server_certificate_configuration(
+            [(Path(self.key).read_bytes(), Path(self.cert).read_bytes())], root_certificates=ca)
+
+    def add_context(self, context: ssl.SSLContext) -> None:
+        self.contexts.append(context)
+
+    def grpc_credentials(self) -> grpc.ServerCredentials:
+        """gRPC's dynamic credentials: a new connection's handshake fetches the newest configuration."""
+        import grpc
+
+        return grpc.dynamic_ssl_server_credentials(self._grpc_current, self._fetch,
+                                                   require_client_authentication=self.client_ca is not None)
+
+    def _fetch(self) -> Any:
+        with self._lock:
+            new, self._grpc_new = self._grpc_new, None
+        return new   # None: unchanged
+
+    def reload_if_changed(self) -> bool:
+        """Load the files again if they changed and pass :func:`check_files`; True when it did."""
+        identity = self._identity()
+        if identity is None or identity == self._loaded:
+            return False
+        try:
+            check_files(self.cert, self.key, self.client_ca)
+            for context in self.contexts:
+                context.load_cert_chain(self.cert, self.key, password=_refuse_passphrase)
+                if self.client_ca is not None:
+                    context.load_verify_locations(cafile=self.client_ca)
+            configuration = self._grpc_configuration()
+        except (ValueError, OSError, ssl.SSLError, _Encrypted) as exc:
+            if identity != self._refused:    # once per change, not once per look
+                log.warning("TLS files changed but were not loaded (the previous certificate is still served): %s",
+                            exc)
+                self._refused = identity
+            return False
+        with self._lock:
+            self._grpc_new = configuration
+        self._loaded = identity
+        log.info("TLS certificate loaded again from %s (new connections use it)", self.cert)
+        return True
+
+    async def start(self) -> None:
+        if self.interval_s > 0:
+            self._task = asyncio.get_running_loop().create_task(self._watch())
+
+    async def _watch(self) -> None:
+        while True:
+            await asyncio.sleep(self.interval_s)
+            try:
+                self.reload_if_changed()
+            except Exception:   # never the end of the watch
+                log.exception("checking the TLS files failed")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
 
 
 def _loopback(host: str) -> bool:

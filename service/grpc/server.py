@@ -34,7 +34,7 @@ from typing import Any
 import grpc
 from grpc import aio
 
-from service import metrics, tls, tracing
+from service import metrics, tracing
 from service.auth import check_admin, check_api_key, key_from
 from service.codecs import grpc as wire
 from service.dataplane import DataPlane
@@ -138,7 +138,10 @@ class _Call:
 class GRPCServer:
     """A :class:`~service.rest.app.Transport`: started and stopped with the HTTP app's lifespan."""
 
-    def __init__(self, dataplane: DataPlane, host: str, port: int):
+    def __init__(self, dataplane: DataPlane, host: str, port: int, credentials: grpc.ServerCredentials | None = None):
+        """``credentials``: the port's TLS credentials (:meth:`service.tls.CertificateReloader.grpc_credentials`);
+        None: plaintext."""
+        self.credentials = credentials
         self.dataplane = dataplane
         self.settings: Settings = dataplane.settings
         self.host, self.port = host, port
@@ -167,9 +170,8 @@ class GRPCServer:
                 request_deserializer=health_pb2.HealthCheckRequest.FromString,
                 response_serializer=health_pb2.HealthCheckResponse.SerializeToString)})])
         host = f"[{self.host}]" if ":" in self.host else self.host
-        credentials = tls.grpc_credentials(s)
-        self.port = (self._server.add_secure_port(f"{host}:{self.port}", credentials) if credentials is not None
-                     else self._server.add_insecure_port(f"{host}:{self.port}"))
+        self.port = (self._server.add_secure_port(f"{host}:{self.port}", self.credentials)
+                     if self.credentials is not None else self._server.add_insecure_port(f"{host}:{self.port}"))
         await self._server.start()
         log.info("gRPC server listening on %s:%d", self.host, self.port)
 

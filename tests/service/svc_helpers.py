@@ -93,7 +93,8 @@ def _issue(pki: Path, name: str, ca: str, usage: str, san: str = "") -> None:
 def make_pki(pki: Path) -> Path:
     """Test certificates in ``pki`` (the openssl command): two certificate authorities (``ca``;
     ``rogue``, which a test server does not trust), a server certificate for 127.0.0.1 from ``ca``
-    (``server.pem`` / ``server.key``), a client certificate from each (``client``, ``intruder``), and
+    (``server.pem`` / ``server.key``) and one from ``rogue`` (``renewed``), a client certificate from
+    each (``client``, ``intruder``), and
     the server's key again encrypted with a passphrase (``encrypted.key``)."""
     for ca in ("ca", "rogue"):
         _openssl(pki, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{ca}.key", "-out", f"{ca}.pem",
@@ -101,5 +102,6 @@ def make_pki(pki: Path) -> Path:
     _issue(pki, "server", "ca", "serverAuth", san="IP:127.0.0.1,DNS:localhost")
     _issue(pki, "client", "ca", "clientAuth")
     _issue(pki, "intruder", "rogue", "clientAuth")
+    _issue(pki, "renewed", "rogue", "serverAuth", san="IP:127.0.0.1,DNS:localhost")
     _openssl(pki, "pkey", "-in", "server.key", "-aes256", "-passout", "pass:hunter2", "-out", "encrypted.key")
     return pki

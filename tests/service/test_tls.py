@@ -191,6 +191,52 @@ def test_mutual_tls_serves_a_client_the_ca_signed_and_refuses_others(mtls_server
         assert c.get("/v2/health/live").status_code == 200
 
 
+def _trusted_by(server, pki: Path) -> set[str]:
+    """Which of the two CAs a new connection to each transport trusts the server by: {"http ca",
+    "grpc rogue", ...}."""
+    found = set()
+    for ca in ("ca", "rogue"):
+        try:
+            httpx.get(server.url + "/v2/health/live", verify=ssl.create_default_context(cafile=str(pki / f"{ca}.pem")),
+                      timeout=10)
+            found.add(f"http {ca}")
+        except httpx.ConnectError:
+            pass
+        try:
+            _grpc_live(server.grpc_target, grpc.ssl_channel_credentials((pki / f"{ca}.pem").read_bytes()))
+            found.add(f"grpc {ca}")
+        except grpc.RpcError:
+            pass
+    return found
+
+
+def test_a_renewed_certificate_is_served_without_a_restart(tiny_repo, pki, tmp_path):
+    """A certificate renewed in place (a rotated Kubernetes Secret, certbot) is served to new
+    connections on both transports within ``tls_reload_s``; one copied before its key (a pair that
+    does not match) is refused and logged, and the previous certificate goes on serving. On
+    42a36e8 the files were read once: the renewed certificate waited for a restart, and the
+    expired one went on being served."""
+    live = tmp_path / "tls"
+    live.mkdir()
+    (live / "tls.crt").write_bytes((pki / "server.pem").read_bytes())
+    (live / "tls.key").write_bytes((pki / "server.key").read_bytes())
+    with run_server(tiny_repo, tmp_path, grpc=True, tls_context=_context(pki), tls_cert_file=live / "tls.crt",
+                    tls_key_file=live / "tls.key", tls_reload_s=0.2, log_level="info") as s:
+        assert _trusted_by(s, pki) == {"http ca", "grpc ca"}
+        (live / "tls.crt").write_bytes((pki / "renewed.pem").read_bytes())    # the key comes later
+        deadline = time.monotonic() + 15
+        while "were not loaded" not in s.log.read_text() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert "were not loaded" in s.log.read_text() and "does not match" in s.log.read_text()
+        assert _trusted_by(s, pki) == {"http ca", "grpc ca"}
+        (live / "tls.key").write_bytes((pki / "renewed.key").read_bytes())
+        while _trusted_by(s, pki) != {"http rogue", "grpc rogue"} and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert _trusted_by(s, pki) == {"http rogue", "grpc rogue"}
+        assert "TLS certificate loaded again" in s.log.read_text()
+        assert s.log.read_text().count("were not loaded") == 1   # once per change, not once per look
+
+
 @pytest.fixture
 def _repository(monkeypatch, tmp_path):
     monkeypatch.setenv("HJSERVE_MODEL_REPOSITORY", str(tmp_path))
