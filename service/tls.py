@@ -1,7 +1,7 @@
 """TLS for both transports: one certificate and key serve HTTP (uvicorn) and gRPC, and an optional
 client CA turns on mutual TLS for both.
 
-The files are checked once, when the settings are read (:func:`check_files`), with the same OpenSSL
+The files are checked when the settings are read (:func:`check_files`), with the same OpenSSL
 the HTTP server uses, so a wrong path, a key that does not match its certificate or a file that is
 not PEM stops the start with the setting's name -- not a traceback from uvicorn or grpcio, and never
 the key's bytes. A key encrypted with a passphrase is refused: OpenSSL would ask a terminal for it,
@@ -106,7 +106,7 @@ def check_files(cert: Path | None, key: Path | None, client_ca: Path | None) -> 
 
 
 def uvicorn_options(settings: Settings) -> dict[str, Any]:
-    """The keyword arguments of ``uvicorn.run`` that serve HTTPS (none: plaintext HTTP)."""
+    """The keyword arguments of ``uvicorn.Config`` that serve HTTPS (none: plaintext HTTP)."""
     if settings.tls_cert_file is None:
         return {}
     options: dict[str, Any] = {"ssl_certfile": str(settings.tls_cert_file), "ssl_keyfile": str(settings.tls_key_file)}
