@@ -42,6 +42,7 @@ __all__ = [
     "PREDICTIONS",
     "QUEUE_SIZE",
     "REQUEST_DURATION",
+    "TLS_CERTIFICATE_EXPIRY",
     "VersionMetrics",
     "render",
 ]
@@ -92,6 +93,11 @@ MODEL_READY = Gauge("hjserve_model_ready", "1 when the model version is loaded a
 HTTP_REQUESTS = Counter("hjserve_http_requests", "HTTP requests by route template, method and status.",
                         ("route", "method", "status"))
 GRPC_REQUESTS = Counter("hjserve_grpc_requests", "gRPC calls by method and status code.", ("method", "code"))
+#: Only with TLS: a labelled gauge exports nothing until its child exists, so a plaintext server
+#: has no series for the expiry alert to read as the year 1970.
+TLS_CERTIFICATE_EXPIRY = Gauge("hjserve_tls_certificate_expiry_timestamp_seconds",
+                               "When the served TLS certificate chain's earliest certificate expires (UNIX "
+                               "seconds); updated when a renewed certificate is loaded.", ("certificate",))
 
 #: ``ood_component`` output value -> label of ``hjserve_ood_flags_total``.
 OOD_COMPONENTS = serving.OOD_COMPONENTS

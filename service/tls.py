@@ -19,12 +19,15 @@ goes on serving until they do.
 from __future__ import annotations
 
 import asyncio
+import calendar
 import contextlib
 import ipaddress
 import logging
 import os
+import re
 import ssl
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -33,7 +36,7 @@ if TYPE_CHECKING:
 
     from service.settings import Settings
 
-__all__ = ["CertificateReloader", "check_files", "clear_text_warning", "uvicorn_options"]
+__all__ = ["CertificateReloader", "certificate_expiry", "check_files", "clear_text_warning", "uvicorn_options"]
 
 log = logging.getLogger("service.tls")
 
@@ -105,6 +108,51 @@ def check_files(cert: Path | None, key: Path | None, client_ca: Path | None) -> 
                              "clients with")
 
 
+_PEM_CERTIFICATE = re.compile(r"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----", re.DOTALL)
+
+
+def _der_items(der: bytes, start: int, end: int) -> Iterator[tuple[int, int, int]]:
+    """The DER elements between ``start`` and ``end``: (tag, content start, content end) each."""
+    while start < end:
+        tag, length = der[start], der[start + 1]
+        start += 2
+        if length & 0x80:   # long form: the next (length & 0x7f) bytes hold the length
+            count = length & 0x7F
+            length = int.from_bytes(der[start:start + count], "big")
+            start += count
+        yield tag, start, start + length
+        start += length
+
+
+def _not_after(der: bytes) -> float:
+    """A DER X.509 certificate's notAfter, UNIX seconds (RFC 5280: Certificate -> TBSCertificate ->
+    [version], serialNumber, signature, issuer, validity (notBefore, notAfter))."""
+    _, start, end = next(_der_items(der, 0, len(der)))          # Certificate
+    _, start, end = next(_der_items(der, start, end))            # TBSCertificate
+    fields = list(_der_items(der, start, end))
+    if fields[0][0] == 0xA0:                                     # explicit [0] version
+        fields = fields[1:]
+    _, start, end = fields[3]                                    # validity
+    tag, start, end = list(_der_items(der, start, end))[1]      # notAfter
+    text = der[start:end].decode("ascii")
+    if tag == 0x17:   # UTCTime YYMMDDHHMMSSZ: 50-99 are 19YY, 00-49 20YY (RFC 5280 4.1.2.5.1)
+        year, text = int(text[:2]), text[2:]
+        year += 1900 if year >= 50 else 2000
+    else:             # GeneralizedTime YYYYMMDDHHMMSSZ
+        year, text = int(text[:4]), text[4:]
+    month, day, hour, minute, second = (int(text[i:i + 2]) for i in range(0, 10, 2))
+    return float(calendar.timegm((year, month, day, hour, minute, second)))
+
+
+def certificate_expiry(pem: bytes) -> float:
+    """When a PEM certificate chain stops being valid: the earliest notAfter of its certificates
+    (UNIX seconds)."""
+    blocks = _PEM_CERTIFICATE.findall(pem.decode("ascii", "replace"))
+    if not blocks:
+        raise ValueError("no PEM certificate")
+    return min(_not_after(ssl.PEM_cert_to_DER_cert(block)) for block in blocks)
+
+
 def uvicorn_options(settings: Settings) -> dict[str, Any]:
     """The keyword arguments of ``uvicorn.Config`` that serve HTTPS (none: plaintext HTTP)."""
     if settings.tls_cert_file is None:
@@ -129,6 +177,7 @@ class CertificateReloader:
         self._loaded = self._identity()
         self._refused: tuple | None = None
         self._grpc_current = self._grpc_configuration()
+        self._record_expiry()
         self._grpc_new: Any = None           # a configuration gRPC has not fetched yet
         self._lock = threading.Lock()       # gRPC fetches from its own threads
         self._task: asyncio.Task | None = None
@@ -150,6 +199,19 @@ class CertificateReloader:
         ca = Path(self.client_ca).read_bytes() if self.client_ca is not None else None
         return grpc.ssl_server_certificate_configuration(
             [(Path(self.key).read_bytes(), Path(self.cert).read_bytes())], root_certificates=ca)
+
+    def _record_expiry(self) -> None:
+        """``hjserve_tls_certificate_expiry_timestamp_seconds`` of the certificate now served."""
+        from service import metrics
+
+        try:
+            expiry = certificate_expiry(Path(self.cert).read_bytes())
+        except Exception as exc:   # OpenSSL took it; a form this reader does not know costs the gauge only
+            log.warning("cannot read when the TLS certificate %s expires (%s): no expiry metric", self.cert, exc)
+            with contextlib.suppress(KeyError):   # no stale value from the previous certificate
+                metrics.TLS_CERTIFICATE_EXPIRY.remove("server")
+            return
+        metrics.TLS_CERTIFICATE_EXPIRY.labels("server").set(expiry)
 
     def add_context(self, context: ssl.SSLContext) -> None:
         self.contexts.append(context)
@@ -187,6 +249,7 @@ class CertificateReloader:
         with self._lock:
             self._grpc_new = configuration
         self._loaded = identity
+        self._record_expiry()
         log.info("TLS certificate loaded again from %s (new connections use it)", self.cert)
         return True
 

@@ -266,6 +266,13 @@ def _signal(expr: str) -> str:
     return m.group(1)
 
 
+#: Alerts whose signal only some servers export, and where that series is shown instead.
+_OPTIONAL_SIGNALS = {
+    "HjserveTLSCertificateExpiresSoon": "only a server with TLS exports it: tests/service/test_tls.py reads it "
+                                        "from /metrics, deploy/prometheus/alerts_test.yml fires the alert",
+}
+
+
 def test_every_rule_expression_evaluates_with_data(prometheus: str, traffic: dict[str, Any]) -> None:
     empty = []
     for rule in recording_rules():
@@ -275,6 +282,8 @@ def test_every_rule_expression_evaluates_with_data(prometheus: str, traffic: dic
             empty.append(f"recorded series {rule['record']} (rule evaluation)")
     for rule in alert_rules():
         _query(prometheus, rule["expr"])  # parses and evaluates (empty unless firing)
+        if rule["alert"] in _OPTIONAL_SIGNALS:   # this plaintext server has no such series
+            continue
         if not _query(prometheus, _signal(rule["expr"]))["result"]:
             empty.append(f"alert {rule['alert']} signal: {_signal(rule['expr'])}")
     assert not empty, "rule expressions without data:\n" + "\n".join(empty)

@@ -81,19 +81,19 @@ def _openssl(pki: Path, *args: str) -> None:
     subprocess.run(["openssl", *args], cwd=pki, check=True, capture_output=True, timeout=60)
 
 
-def _issue(pki: Path, name: str, ca: str, usage: str, san: str = "") -> None:
+def _issue(pki: Path, name: str, ca: str, usage: str, san: str = "", days: int = 2) -> None:
     """A key ``<name>.key`` and a certificate ``<name>.pem`` for ``name``, signed by ``ca``."""
     _openssl(pki, "req", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{name}.key", "-out", f"{name}.csr",
              "-subj", f"/CN={name}")
     (pki / f"{name}.ext").write_text(f"extendedKeyUsage={usage}\n" + (f"subjectAltName={san}\n" if san else ""))
     _openssl(pki, "x509", "-req", "-in", f"{name}.csr", "-CA", f"{ca}.pem", "-CAkey", f"{ca}.key",
-             "-CAcreateserial", "-out", f"{name}.pem", "-days", "2", "-extfile", f"{name}.ext")
+             "-CAcreateserial", "-out", f"{name}.pem", "-days", str(days), "-extfile", f"{name}.ext")
 
 
 def make_pki(pki: Path) -> Path:
     """Test certificates in ``pki`` (the openssl command): two certificate authorities (``ca``;
     ``rogue``, which a test server does not trust), a server certificate for 127.0.0.1 from ``ca``
-    (``server.pem`` / ``server.key``) and one from ``rogue`` (``renewed``), a client certificate from
+    (``server.pem`` / ``server.key``, 2 days) and one from ``rogue`` (``renewed``, 30 days), a client certificate from
     each (``client``, ``intruder``), and
     the server's key again encrypted with a passphrase (``encrypted.key``)."""
     for ca in ("ca", "rogue"):
@@ -102,6 +102,6 @@ def make_pki(pki: Path) -> Path:
     _issue(pki, "server", "ca", "serverAuth", san="IP:127.0.0.1,DNS:localhost")
     _issue(pki, "client", "ca", "clientAuth")
     _issue(pki, "intruder", "rogue", "clientAuth")
-    _issue(pki, "renewed", "rogue", "serverAuth", san="IP:127.0.0.1,DNS:localhost")
+    _issue(pki, "renewed", "rogue", "serverAuth", san="IP:127.0.0.1,DNS:localhost", days=30)
     _openssl(pki, "pkey", "-in", "server.key", "-aes256", "-passout", "pass:hunter2", "-out", "encrypted.key")
     return pki

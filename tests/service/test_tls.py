@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 import tritonclient.grpc as tg
 import tritonclient.http as th
-from svc_helpers import run_server
+from svc_helpers import metric_value, run_server
 from tiny_model import D
 from tritonclient.utils import InferenceServerException
 
@@ -191,6 +191,39 @@ def test_mutual_tls_serves_a_client_the_ca_signed_and_refuses_others(mtls_server
         assert c.get("/v2/health/live").status_code == 200
 
 
+def _openssl_expiry(pem: Path) -> float:
+    """A certificate's notAfter as the openssl command reads it, UNIX seconds."""
+    out = subprocess.run(["openssl", "x509", "-enddate", "-noout", "-in", str(pem)], capture_output=True, text=True,
+                         check=True, timeout=60).stdout
+    return float(ssl.cert_time_to_seconds(out.strip().split("=", 1)[1]))
+
+
+def _served_expiry(server, trust: ssl.SSLContext | None = None) -> float:
+    with server.client(**({"verify": trust} if trust else {})) as c:
+        return metric_value(c.get("/metrics").text, "hjserve_tls_certificate_expiry_timestamp_seconds",
+                            certificate="server")
+
+
+def test_a_certificates_expiry_is_read_as_openssl_reads_it(pki, tmp_path):
+    """UTCTime (to 2049) and GeneralizedTime (from 2050) notAfter fields, and a chain: its earliest."""
+    _openssl_cmd = ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=far", "-days", "30000",
+                    "-keyout", str(tmp_path / "far.key"), "-out", str(tmp_path / "far.pem")]
+    subprocess.run(_openssl_cmd, check=True, capture_output=True, timeout=60)
+    for pem in (pki / "server.pem", pki / "renewed.pem", pki / "ca.pem", tmp_path / "far.pem"):
+        assert tls.certificate_expiry(pem.read_bytes()) == _openssl_expiry(pem), pem.name
+    assert _openssl_expiry(tmp_path / "far.pem") > 2_600_000_000   # past 2050: GeneralizedTime
+    chain = (tmp_path / "far.pem").read_bytes() + (pki / "server.pem").read_bytes()
+    assert tls.certificate_expiry(chain) == _openssl_expiry(pki / "server.pem")
+    with pytest.raises(ValueError, match="no PEM certificate"):
+        tls.certificate_expiry((pki / "server.key").read_bytes())
+
+
+def test_a_plaintext_server_exports_no_certificate_expiry(server):
+    """No series at all (not a 0 the expiry alert would read as long expired)."""
+    with server.client() as c:
+        assert "hjserve_tls_certificate_expiry_timestamp_seconds{" not in c.get("/metrics").text
+
+
 def _trusted_by(server, pki: Path) -> set[str]:
     """Which of the two CAs a new connection to each transport trusts the server by: {"http ca",
     "grpc rogue", ...}."""
@@ -223,6 +256,7 @@ def test_a_renewed_certificate_is_served_without_a_restart(tiny_repo, pki, tmp_p
     with run_server(tiny_repo, tmp_path, grpc=True, tls_context=_context(pki), tls_cert_file=live / "tls.crt",
                     tls_key_file=live / "tls.key", tls_reload_s=0.2, log_level="info") as s:
         assert _trusted_by(s, pki) == {"http ca", "grpc ca"}
+        assert _served_expiry(s) == _openssl_expiry(pki / "server.pem")
         (live / "tls.crt").write_bytes((pki / "renewed.pem").read_bytes())    # the key comes later
         deadline = time.monotonic() + 15
         while "were not loaded" not in s.log.read_text() and time.monotonic() < deadline:
@@ -234,6 +268,8 @@ def test_a_renewed_certificate_is_served_without_a_restart(tiny_repo, pki, tmp_p
             time.sleep(0.2)
         assert _trusted_by(s, pki) == {"http rogue", "grpc rogue"}
         assert "TLS certificate loaded again" in s.log.read_text()
+        rogue = ssl.create_default_context(cafile=str(pki / "rogue.pem"))
+        assert _served_expiry(s, rogue) == _openssl_expiry(pki / "renewed.pem")   # the metric follows
         assert s.log.read_text().count("were not loaded") == 1   # once per change, not once per look
 
 
