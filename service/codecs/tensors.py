@@ -26,6 +26,7 @@ from service.errors import (
     InvalidJSON,
     InvalidParameter,
     InvalidShape,
+    InvalidValue,
 )
 from service.types import (
     InferenceRequest,
@@ -289,6 +290,9 @@ def _from_json_data(data: Any, datatype: str, shape: tuple[int, ...], name: str,
         raise InvalidDatatype(f"input '{name}': cannot convert data to {datatype}: {exc}") from None
     if raw.dtype.kind in "iu" and out.dtype.kind in "iu" and not np.array_equal(out, raw):
         raise InvalidDatatype(f"input '{name}': integer data out of range for {datatype}")
+    if out.dtype.kind == "f" and out.dtype != raw.dtype and not np.isfinite(out).all() and np.isfinite(raw).all():
+        # finite JSON numbers the cast made infinite: say so, not "infinite values" the client never sent
+        raise InvalidValue(f"input '{name}' has values outside the {out.dtype.name} range")
     return out.reshape(shape)
 
 

@@ -61,6 +61,9 @@ CASES = [
      400, "invalid_value", "NaN or infinite"),
     ("inf-binary", "POST", INFER, _binary(INF_ROWS), 400, "invalid_value", "NaN or infinite"),
     ("fp64-overflow", "POST", INFER, _v2(datatype="FP64", data=[1e300] * D), 400, "invalid_value", "float32 range"),
+    # finite JSON numbers past float32 in an FP32 tensor: "contains NaN or infinite values" on de30b48
+    ("fp32-json-overflow", "POST", INFER, _v2(datatype="FP32", data=[3.5e38] * D), 400, "invalid_value",
+     "outside the float32 range"),
     ("empty-batch", "POST", INFER, _v2(shape=(0, D), data=[]), 400, "empty_batch", "no rows"),
     ("oversized", "POST", INFER, b"{" + b" " * (1024 * 1024 + 10) + b"}", 413, "payload_too_large", "exceeds"),
     ("malformed-json", "POST", INFER, b'{"inputs": [', 400, "invalid_json", "malformed JSON"),
