@@ -45,7 +45,6 @@ import json
 import os
 import platform
 import shutil
-import ssl
 import statistics
 import subprocess
 import sys
@@ -183,19 +182,19 @@ def _compare(args: argparse.Namespace, version: Path, base: str, head: str, dirt
         tmp = Path(tmpdir)
         worktree = tmp / "base"
         extra: dict[str, dict[str, object]] = {}   # more settings of a side
-        client_tls = grpc_credentials = None     # the client side of --tls
+        client_context = grpc_credentials = None     # the client side of --tls
         if args.backends:   # one tree, two backends
             trees = {f"onnxruntime backend, {this}": ROOT, "torch backend (TorchScript trace)": ROOT}
             backend = dict(zip(trees, ("onnx", "torch")))
         elif args.tls:   # one tree; the first side serving TLS
             sys.path.insert(0, str(ROOT / "tests" / "service"))
-            from svc_helpers import make_pki
+            from svc_helpers import client_tls, make_pki
 
             pki = make_pki(Path(tempfile.mkdtemp(dir=tmp)))
             trees = {f"{this}, plaintext": ROOT, f"{this}, TLS": ROOT}   # the ratio: TLS over plaintext
             backend = dict.fromkeys(trees, args.backend)
             extra = {f"{this}, TLS": {"tls_cert_file": pki / "server.pem", "tls_key_file": pki / "server.key"}}
-            client_tls = ssl.create_default_context(cafile=str(pki / "ca.pem"))
+            client_context = client_tls(pki)
             import grpc
 
             grpc_credentials = grpc.ssl_channel_credentials((pki / "ca.pem").read_bytes())
@@ -222,7 +221,7 @@ def _compare(args: argparse.Namespace, version: Path, base: str, head: str, dirt
                     settings = {"intra_op_threads": args.intra_op_threads, **extra.get(label, {})}
                     tls = "tls_cert_file" in settings
                     with run_server(repos[label], tmp, root=tree, grpc=args.protocol == "grpc", backend=backend[label],
-                                    tls_context=client_tls if tls else None, **settings) as server:
+                                    tls_context=client_context if tls else None, **settings) as server:
                         for body_label, c in cells:
                             if c == "p50 ms":
                                 r = _online_during_jobs(server.url, name, batch_x, json.dumps(bodies[
@@ -240,7 +239,7 @@ def _compare(args: argparse.Namespace, version: Path, base: str, head: str, dirt
                                                               credentials=grpc_credentials if tls else None))
                                 else:
                                     r = asyncio.run(post_loop(server.url, path, json.dumps(bodies[body_label]).encode(),
-                                                              args.seconds, c, tls=client_tls if tls else None))
+                                                              args.seconds, c, tls=client_context if tls else None))
                                 if r["errors"]:
                                     raise RuntimeError(f"{label}: {r['errors']} failed requests")
                                 rps = r["rps"]

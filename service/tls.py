@@ -70,14 +70,15 @@ def _read(setting: str, path: Path) -> bytes:
     return data
 
 
-def check_files(cert: Path | None, key: Path | None, client_ca: Path | None) -> None:
-    """Refuse (``ValueError``, naming the setting) TLS files the server could not serve with."""
+def check_files(cert: Path | None, key: Path | None, client_ca: Path | None) -> dict[str, bytes]:
+    """Refuse (``ValueError``, naming the setting) TLS files the server could not serve with; else
+    the bytes checked, by setting name (empty without TLS), for what is built from them."""
     if (cert is None) != (key is None):
         raise ValueError("tls_cert_file and tls_key_file go together: set both (TLS) or neither")
     if cert is None:
         if client_ca is not None:
             raise ValueError("tls_client_ca_file needs tls_cert_file and tls_key_file: mutual TLS is TLS first")
-        return
+        return {}
     read = {setting: _read(setting, path) for setting, path in
             (("tls_cert_file", cert), ("tls_key_file", key), ("tls_client_ca_file", client_ca)) if path is not None}
     if b"-----BEGIN CERTIFICATE-----" not in read["tls_cert_file"]:
@@ -106,6 +107,7 @@ def check_files(cert: Path | None, key: Path | None, client_ca: Path | None) -> 
         if not found:
             raise ValueError(f"tls_client_ca_file {str(client_ca)!r} holds no PEM certificate to verify "
                              "clients with")
+    return read
 
 
 _PEM_CERTIFICATE = re.compile(r"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----", re.DOTALL)
@@ -176,8 +178,9 @@ class CertificateReloader:
         self.contexts: list[ssl.SSLContext] = []
         self._loaded = self._identity()
         self._refused: tuple | None = None
-        self._grpc_current = self._grpc_configuration()
-        self._record_expiry()
+        files = check_files(self.cert, self.key, self.client_ca)
+        self._grpc_current = self._grpc_configuration(files)
+        self._record_expiry(files["tls_cert_file"])
         self._grpc_new: Any = None           # a configuration gRPC has not fetched yet
         self._lock = threading.Lock()       # gRPC fetches from its own threads
         self._task: asyncio.Task | None = None
@@ -193,21 +196,23 @@ class CertificateReloader:
         except OSError:
             return None
 
-    def _grpc_configuration(self) -> Any:
+    @staticmethod
+    def _grpc_configuration(files: dict[str, bytes]) -> Any:
+        """gRPC's certificate configuration of the checked bytes (:func:`check_files`)."""
         import grpc
 
-        ca = Path(self.client_ca).read_bytes() if self.client_ca is not None else None
         return grpc.ssl_server_certificate_configuration(
-            [(Path(self.key).read_bytes(), Path(self.cert).read_bytes())], root_certificates=ca)
+            [(files["tls_key_file"], files["tls_cert_file"])], root_certificates=files.get("tls_client_ca_file"))
 
-    def _record_expiry(self) -> None:
+    @staticmethod
+    def _record_expiry(cert: bytes) -> None:
         """``hjserve_tls_certificate_expiry_timestamp_seconds`` of the certificate now served."""
         from service import metrics
 
         try:
-            expiry = certificate_expiry(Path(self.cert).read_bytes())
+            expiry = certificate_expiry(cert)
         except Exception as exc:   # OpenSSL took it; a form this reader does not know costs the gauge only
-            log.warning("cannot read when the TLS certificate %s expires (%s): no expiry metric", self.cert, exc)
+            log.warning("cannot read when the served TLS certificate expires (%s): no expiry metric", exc)
             with contextlib.suppress(KeyError):   # no stale value from the previous certificate
                 metrics.TLS_CERTIFICATE_EXPIRY.remove("server")
             return
@@ -234,12 +239,12 @@ class CertificateReloader:
         if identity is None or identity == self._loaded:
             return False
         try:
-            check_files(self.cert, self.key, self.client_ca)
+            files = check_files(self.cert, self.key, self.client_ca)
             for context in self.contexts:
                 context.load_cert_chain(self.cert, self.key, password=_refuse_passphrase)
                 if self.client_ca is not None:
                     context.load_verify_locations(cafile=self.client_ca)
-            configuration = self._grpc_configuration()
+            configuration = self._grpc_configuration(files)
         except (ValueError, OSError, ssl.SSLError, _Encrypted) as exc:
             if identity != self._refused:    # once per change, not once per look
                 log.warning("TLS files changed but were not loaded (the previous certificate is still served): %s",
@@ -249,7 +254,7 @@ class CertificateReloader:
         with self._lock:
             self._grpc_new = configuration
         self._loaded = identity
-        self._record_expiry()
+        self._record_expiry(files["tls_cert_file"])
         log.info("TLS certificate loaded again from %s (new connections use it)", self.cert)
         return True
 

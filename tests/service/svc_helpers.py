@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+import ssl
 import subprocess
 import sys
 import warnings
@@ -105,3 +106,12 @@ def make_pki(pki: Path) -> Path:
     _issue(pki, "renewed", "rogue", "serverAuth", san="IP:127.0.0.1,DNS:localhost", days=30)
     _openssl(pki, "pkey", "-in", "server.key", "-aes256", "-passout", "pass:hunter2", "-out", "encrypted.key")
     return pki
+
+
+def client_tls(pki: Path, client: str | None = None, ca: str = "ca") -> ssl.SSLContext:
+    """A client's TLS context over :func:`make_pki`'s files: trusts ``ca`` (``ca`` or ``rogue``), and
+    presents ``client``'s certificate when given (mutual TLS)."""
+    context = ssl.create_default_context(cafile=str(pki / f"{ca}.pem"))
+    if client:
+        context.load_cert_chain(pki / f"{client}.pem", pki / f"{client}.key")
+    return context

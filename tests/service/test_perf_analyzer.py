@@ -10,7 +10,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from svc_helpers import metric_value, run_server
+from svc_helpers import client_tls, metric_value, run_server
 
 ROOT = Path(__file__).resolve().parents[2]
 PERF_VENV = Path(os.environ.get("HJSERVE_TEST_PERF_VENV", ROOT / ".venv-perf"))
@@ -55,11 +55,8 @@ def test_perf_analyzer_drives_the_server(perf_server, protocol):
 @pytest.fixture(scope="module")
 def mtls_perf_server(demo_repository, pki, tmp_path_factory):
     """The demo models behind mutual TLS (tests/service/test_tls.py's certificates)."""
-    import ssl
-
-    context = ssl.create_default_context(cafile=str(pki / "ca.pem"))
-    context.load_cert_chain(pki / "client.pem", pki / "client.key")
-    with run_server(demo_repository, tmp_path_factory.mktemp("perf-tls-logs"), grpc=True, tls_context=context,
+    with run_server(demo_repository, tmp_path_factory.mktemp("perf-tls-logs"), grpc=True,
+                    tls_context=client_tls(pki, "client"),
                     tls_cert_file=pki / "server.pem", tls_key_file=pki / "server.key",
                     tls_client_ca_file=pki / "ca.pem") as s:
         yield s

@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 import tritonclient.grpc as tg
 import tritonclient.http as th
-from svc_helpers import metric_value, run_server
+from svc_helpers import client_tls, metric_value, run_server
 from tiny_model import D
 from tritonclient.utils import InferenceServerException
 
@@ -31,14 +31,6 @@ from service.settings import Settings
 
 KEY = "k-31f9-tls"
 OUTPUTS = ("prediction", "probabilities", "certified_radius")
-
-
-def _context(pki: Path, client: str | None = None) -> ssl.SSLContext:
-    """A client's TLS context: trusts ``ca``, and presents ``client``'s certificate when given."""
-    ctx = ssl.create_default_context(cafile=str(pki / "ca.pem"))
-    if client:
-        ctx.load_cert_chain(pki / f"{client}.pem", pki / f"{client}.key")
-    return ctx
 
 
 def _x() -> np.ndarray:
@@ -94,7 +86,7 @@ def _grpc_credentials(pki: Path, client: str | None = None) -> grpc.ChannelCrede
 
 @pytest.fixture(scope="module")
 def tls_server(tiny_repo, pki, tmp_path_factory):
-    with run_server(tiny_repo, tmp_path_factory.mktemp("tls_logs"), grpc=True, tls_context=_context(pki),
+    with run_server(tiny_repo, tmp_path_factory.mktemp("tls_logs"), grpc=True, tls_context=client_tls(pki),
                     tls_cert_file=pki / "server.pem", tls_key_file=pki / "server.key", api_keys=KEY,
                     header_timeout_s=1.5, body_timeout_s=1.5, max_header_bytes=16 * 1024) as s:
         yield s
@@ -104,7 +96,7 @@ def tls_server(tiny_repo, pki, tmp_path_factory):
 def mtls_server(tiny_repo, pki, tmp_path_factory):
     """Mutual TLS: a client must present a certificate that ``ca`` signed."""
     with run_server(tiny_repo, tmp_path_factory.mktemp("mtls_logs"), grpc=True,
-                    tls_context=_context(pki, "client"), tls_cert_file=pki / "server.pem",
+                    tls_context=client_tls(pki, "client"), tls_cert_file=pki / "server.pem",
                     tls_key_file=pki / "server.key", tls_client_ca_file=pki / "ca.pem", api_keys=KEY) as s:
         yield s
 
@@ -130,8 +122,7 @@ def test_a_plaintext_client_is_not_answered_and_the_server_goes_on(tls_server, p
         _grpc_live(tls_server.grpc_target, None)
     assert info.value.code() == grpc.StatusCode.UNAVAILABLE
     with pytest.raises(httpx.ConnectError):   # a client that trusts another CA refuses this server
-        httpx.get(tls_server.url + "/v2/health/live", verify=ssl.create_default_context(
-            cafile=str(pki / "rogue.pem")), timeout=10)
+        httpx.get(tls_server.url + "/v2/health/live", verify=client_tls(pki, ca="rogue"), timeout=10)
     assert _grpc_live(tls_server.grpc_target, _grpc_credentials(pki))
     with tls_server.client() as c:
         assert c.get("/v2/health/live").status_code == 200
@@ -143,7 +134,7 @@ def _tls_exchange(server, pki: Path, data: bytes, wait_s: float) -> tuple[bytes,
     host, port = server.host_port.split(":")
     started = time.monotonic()
     with socket.create_connection((host, int(port)), timeout=wait_s) as raw, \
-            _context(pki).wrap_socket(raw, server_hostname=host) as sock:
+            client_tls(pki).wrap_socket(raw, server_hostname=host) as sock:
         answer = b""
         try:
             sock.sendall(data)
@@ -181,7 +172,7 @@ def test_mutual_tls_serves_a_client_the_ca_signed_and_refuses_others(mtls_server
         np.testing.assert_array_equal(rest[name], rpc[name], err_msg=name)
     for client in (None, "intruder"):   # no certificate, or one from a CA the server does not trust
         with pytest.raises(httpx.TransportError):
-            httpx.get(mtls_server.url + "/v2/health/live", verify=_context(pki, client), timeout=10)
+            httpx.get(mtls_server.url + "/v2/health/live", verify=client_tls(pki, client), timeout=10)
         with pytest.raises(InferenceServerException):
             _triton_grpc(mtls_server, pki, client)
         with pytest.raises(grpc.RpcError) as info:
@@ -230,7 +221,7 @@ def _trusted_by(server, pki: Path) -> set[str]:
     found = set()
     for ca in ("ca", "rogue"):
         try:
-            httpx.get(server.url + "/v2/health/live", verify=ssl.create_default_context(cafile=str(pki / f"{ca}.pem")),
+            httpx.get(server.url + "/v2/health/live", verify=client_tls(pki, ca=ca),
                       timeout=10)
             found.add(f"http {ca}")
         except httpx.ConnectError:
@@ -253,7 +244,7 @@ def test_a_renewed_certificate_is_served_without_a_restart(tiny_repo, pki, tmp_p
     live.mkdir()
     (live / "tls.crt").write_bytes((pki / "server.pem").read_bytes())
     (live / "tls.key").write_bytes((pki / "server.key").read_bytes())
-    with run_server(tiny_repo, tmp_path, grpc=True, tls_context=_context(pki), tls_cert_file=live / "tls.crt",
+    with run_server(tiny_repo, tmp_path, grpc=True, tls_context=client_tls(pki), tls_cert_file=live / "tls.crt",
                     tls_key_file=live / "tls.key", tls_reload_s=0.2, log_level="info") as s:
         assert _trusted_by(s, pki) == {"http ca", "grpc ca"}
         assert _served_expiry(s) == _openssl_expiry(pki / "server.pem")
@@ -268,8 +259,7 @@ def test_a_renewed_certificate_is_served_without_a_restart(tiny_repo, pki, tmp_p
             time.sleep(0.2)
         assert _trusted_by(s, pki) == {"http rogue", "grpc rogue"}
         assert "TLS certificate loaded again" in s.log.read_text()
-        rogue = ssl.create_default_context(cafile=str(pki / "rogue.pem"))
-        assert _served_expiry(s, rogue) == _openssl_expiry(pki / "renewed.pem")   # the metric follows
+        assert _served_expiry(s, client_tls(pki, ca="rogue")) == _openssl_expiry(pki / "renewed.pem")   # the metric follows
         assert s.log.read_text().count("were not loaded") == 1   # once per change, not once per look
 
 
