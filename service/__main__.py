@@ -7,9 +7,11 @@ import contextlib
 import logging
 import socket
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
-__all__ = ["build", "main"]
+import uvicorn
+
+__all__ = ["DrainingServer", "build", "main"]
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -74,10 +76,23 @@ def check_grpc_port(host: str, port: int | None) -> None:
         raise SystemExit(f"hjserve: cannot listen for gRPC on {host}:{port}: {exc.strerror or exc}") from None
 
 
+class DrainingServer(uvicorn.Server):
+    """uvicorn's server, which calls ``on_shutdown()`` (the app's ``drain``) as its shutdown begins
+    -- after SIGTERM or SIGINT, before it stops listening and waits for the requests in flight --
+    on the event loop (not in the signal handler, where uvicorn only sets a flag)."""
+
+    def __init__(self, config: uvicorn.Config, on_shutdown: Callable[[], None]):
+        super().__init__(config)
+        self.on_shutdown = on_shutdown
+
+    async def shutdown(self, sockets=None) -> None:
+        self.on_shutdown()
+        await super().shutdown(sockets=sockets)
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     """Parse the command line (over environment settings) and serve until interrupted."""
     args = _parser().parse_args(argv)
-    import uvicorn
     from pydantic import ValidationError
 
     from service import tls
@@ -98,7 +113,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     app = build(settings)
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,
                             access_log=False, log_config=None,   # hjserve.access writes the access lines
-                            timeout_graceful_shutdown=10, loop="uvloop",
+                            timeout_graceful_shutdown=settings.shutdown_grace_s, loop="uvloop",
                             http=guarded_protocol(settings.header_timeout_s, load_shedder(app.state.dataplane),
                                                   settings.retry_after_s, settings.max_header_bytes),
                             limit_concurrency=settings.max_connections, timeout_keep_alive=settings.keep_alive_s,
@@ -106,7 +121,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     config.load()   # makes uvicorn's TLS context, which the reloader loads renewed certificates into
     if app.state.tls is not None:
         app.state.tls.add_context(config.ssl)
-    server = uvicorn.Server(config)
+    server = DrainingServer(config, app.state.drain)
     with contextlib.suppress(KeyboardInterrupt):
         server.run()
     if not server.started:   # as uvicorn.run: a failed startup is exit status 3

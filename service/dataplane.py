@@ -41,6 +41,7 @@ from service.errors import (
     ModelNotReady,
     Overloaded,
     RequestMemoryFull,
+    ShuttingDown,
     UnknownInput,
     UnknownOutput,
     lookup,
@@ -189,6 +190,8 @@ class DataPlane:
                                          "inference bodies", REQUEST_MEMORY_BYTES, full=RequestMemoryFull,
                                          retry_after_s=settings.retry_after_s)
         self._poller: asyncio.Task | None = None
+        #: when a shutdown's grace runs out (``time.monotonic()``; None: not shutting down, :meth:`drain`)
+        self.drain_deadline: float | None = None
         #: inference requests in flight, every model version's together (admitted, not yet answered)
         self.in_flight = 0
         #: of those, the ones whose transport keeps every request off the event loop (:meth:`admit`)
@@ -219,13 +222,25 @@ class DataPlane:
                 await self._poller
         await self.repository.close()
 
+    def drain(self, grace_s: float) -> None:
+        """A shutdown began (SIGTERM): not ready from now on, and the work in flight has ``grace_s``
+        seconds to finish (a batch stream that would outlast them ends early, :class:`Attribution`).
+        A second call changes nothing."""
+        if self.drain_deadline is None:
+            self.drain_deadline = time.monotonic() + grace_s
+
+    def drain_left_s(self) -> float | None:
+        """Seconds left of the shutdown's grace; None while the server is not shutting down."""
+        return None if self.drain_deadline is None else self.drain_deadline - time.monotonic()
+
     # -- health and metadata ----------------------------------------------------------------------
 
     def live(self) -> bool:
         return True
 
     def ready(self) -> bool:
-        return self.repository.is_ready()
+        """Every model loaded, and not shutting down."""
+        return self.drain_deadline is None and self.repository.is_ready()
 
     def server_metadata(self) -> MetadataServerResponse:
         return MetadataServerResponse(name=SERVER_NAME, version=__version__, extensions=list(EXTENSIONS))
@@ -697,6 +712,10 @@ class DataPlane:
 #: chunks of a batch job computing (or queued at the backend) behind the block being handed out
 CHUNKS_IN_FLIGHT = 2
 
+#: a batch stream still running when the shutdown grace has less than this (plus two of its blocks'
+#: time) left ends with :class:`~service.errors.ShuttingDown` instead of being cut when the grace ends
+DRAIN_MARGIN_S = 0.5
+
 
 class Attribution:
     """One batch attribution job: row chunks in, :class:`~service.types.RowBlock` s out, in order,
@@ -705,7 +724,9 @@ class Attribution:
     Error contract (nothing accepted is dropped): a failure before the first block -- a bad request,
     no rows, a bad row among the first chunk -- raises from :meth:`start`, before any answer. After
     that, :meth:`blocks` answers every row before the failing one and then raises the error;
-    :attr:`rows_done` is the first row *not* answered. The job is one request in the metrics and
+    :attr:`rows_done` is the first row *not* answered. A shutdown whose grace would run out before
+    the job does ends it the same way, with :class:`~service.errors.ShuttingDown`, while there is
+    still time to say so (:data:`DRAIN_MARGIN_S`). The job is one request in the metrics and
     statistics (all its rows); chunks wait for queue room instead of failing."""
 
     def __init__(self, plane: DataPlane, mv: ModelVersion, source: Iterator[Chunk], parameters: dict[str, Any],
@@ -752,6 +773,15 @@ class Attribution:
         classes = [names[int(k)] for k in done.outputs["prediction"]] if names else None
         return RowBlock(self.rows_done, done.rows, self.plane.select(mv, done.outputs, done.options), classes)
 
+    def _stop_if_shutting_down(self, block_s: float) -> None:
+        """Raise :class:`ShuttingDown` when a shutdown's grace would run out within two blocks (the
+        last one took ``block_s``) and :data:`DRAIN_MARGIN_S`: the stream then ends with its error
+        line on a complete response instead of being cut off with no word of where it stopped."""
+        left = self.plane.drain_left_s()
+        if left is not None and left < 2 * block_s + DRAIN_MARGIN_S:
+            raise ShuttingDown(f"the server is shutting down: rows from {self.rows_done} on were not "
+                               "answered; send them again")
+
     async def blocks(self) -> AsyncIterator[RowBlock]:
         """The answered rows, block by block (after :meth:`start`); see the class's error contract.
 
@@ -764,6 +794,7 @@ class Attribution:
         pending: collections.deque[asyncio.Task] = collections.deque()
         read_error: HJServeError | None = None
         exhausted = False
+        last = time.monotonic()
         try:
             done = self._first
             while done is not None:
@@ -786,6 +817,9 @@ class Attribution:
                     if read_error is not None:
                         raise read_error
                     break
+                now = time.monotonic()
+                self._stop_if_shutting_down(now - last)
+                last = now
                 done = await pending.popleft()
             self._account.succeed()
         except HJServeError as exc:

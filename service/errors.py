@@ -39,6 +39,7 @@ __all__ = [
     "PayloadTooLarge",
     "RequestMemoryFull",
     "RequestTimeout",
+    "ShuttingDown",
     "SpoolFull",
     "Unauthorized",
     "UnknownInput",
@@ -174,6 +175,11 @@ class InsufficientStorage(HJServeError):
     """The server could not store a request body: a write to its spool failed (a full disk)."""
 
 
+class ShuttingDown(HJServeError):
+    """The server is shutting down (SIGTERM): the work left is not done here; send it again, to
+    another replica (the last line of a batch stream that would outlast the shutdown grace)."""
+
+
 class RequestTimeout(HJServeError):
     """The request did not get its result within the request timeout."""
 
@@ -226,6 +232,7 @@ ERROR_TABLE: dict[type[HJServeError], ErrorMapping] = {
     SpoolFull: ErrorMapping(503, "spool_full", "UNAVAILABLE"),
     RequestMemoryFull: ErrorMapping(503, "request_memory_full", "UNAVAILABLE"),
     Overloaded: ErrorMapping(503, "overloaded", "UNAVAILABLE"),
+    ShuttingDown: ErrorMapping(503, "shutting_down", "UNAVAILABLE"),
     RequestTimeout: ErrorMapping(504, "timeout", "DEADLINE_EXCEEDED"),
     InsufficientStorage: ErrorMapping(507, "insufficient_storage", "RESOURCE_EXHAUSTED"),
     BackendError: ErrorMapping(500, "backend_error", "INTERNAL"),

@@ -260,6 +260,14 @@ class Settings(BaseSettings):
     keep_alive_s: float = Field(5.0, gt=0.0, le=MAX_DURATION_S)
     """How long an idle keep-alive connection stays open between requests."""
 
+    shutdown_grace_s: float = Field(10.0, gt=0.0, le=3600.0)
+    """On SIGTERM or SIGINT the server drains for at most this long: it reports itself not ready on
+    both transports, takes no new connections or gRPC calls, and lets the requests in flight finish;
+    a batch-attribution stream that would outlast it ends with a ``shutting_down`` error line (every
+    row before that line's ``row`` answered) before the grace runs out. Whatever still runs after it
+    is cancelled. Keep Kubernetes' ``terminationGracePeriodSeconds`` above the preStop hook plus
+    this."""
+
     max_connections: int = Field(1024, ge=1, le=MAX_C_INT)
     """Most concurrent connections / requests the server handles; beyond it new requests get 503
     at once (uvicorn's ``limit_concurrency``)."""

@@ -270,6 +270,9 @@ class CertificateReloader:
             except Exception:   # never the end of the watch
                 log.exception("checking the TLS files failed")
 
+    def drain(self, grace_s: float) -> None:
+        """A shutdown began: nothing to do (the connections in flight keep their certificate)."""
+
     async def stop(self) -> None:
         if self._task is not None:
             self._task.cancel()

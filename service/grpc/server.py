@@ -146,6 +146,7 @@ class GRPCServer:
         self.settings: Settings = dataplane.settings
         self.host, self.port = host, port
         self._server: aio.Server | None = None
+        self._stopping: asyncio.Future | None = None
 
     async def start(self) -> None:
         size = self.settings.grpc_max_message_bytes
@@ -175,10 +176,17 @@ class GRPCServer:
         await self._server.start()
         log.info("gRPC server listening on %s:%d", self.host, self.port)
 
+    def drain(self, grace_s: float) -> None:
+        """Stop taking calls now (new ones get UNAVAILABLE; clients are sent GOAWAY and go
+        elsewhere); the calls in flight have ``grace_s`` to finish, then they are cancelled."""
+        if self._server is not None and self._stopping is None:
+            self._stopping = asyncio.ensure_future(self._server.stop(grace=grace_s))
+
     async def stop(self) -> None:
         if self._server is not None:
-            await self._server.stop(grace=5)
-            self._server = None
+            self.drain(self.settings.shutdown_grace_s)
+            await self._stopping
+            self._server = self._stopping = None
 
     # -- the method table -------------------------------------------------------------------------
 

@@ -446,13 +446,26 @@ class Transport(Protocol):
 
     async def start(self) -> None: ...
 
+    def drain(self, grace_s: float) -> None:
+        """The server's shutdown began: take no new work, let what is in flight finish within
+        ``grace_s`` (returns at once; :meth:`stop` waits)."""
+
     async def stop(self) -> None: ...
 
 
 def create_app(dataplane: DataPlane, transports: Sequence[Transport] = ()) -> FastAPI:
     """The HTTP app over ``dataplane``. At startup the dataplane loads its repository and the other
-    ``transports`` start; at shutdown they stop, then the dataplane releases every model."""
+    ``transports`` start; at shutdown they stop, then the dataplane releases every model. When the
+    HTTP server's shutdown begins, before it waits for the requests in flight, it calls
+    ``app.state.drain()``: the dataplane and the other transports drain for ``shutdown_grace_s``."""
     settings = dataplane.settings
+
+    def drain() -> None:
+        log.info("shutting down: not ready, draining for at most %g s (%d inference requests in flight)",
+                 settings.shutdown_grace_s, dataplane.in_flight)
+        dataplane.drain(settings.shutdown_grace_s)
+        for transport in transports:
+            transport.drain(settings.shutdown_grace_s)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -473,6 +486,7 @@ def create_app(dataplane: DataPlane, transports: Sequence[Transport] = ()) -> Fa
                   description="Open Inference Protocol (KServe V2) server for LSE networks with "
                               "Hamilton-Jacobi diagnostics. Every error is {error, error_type}.")
     app.state.settings = settings
+    app.state.drain = drain
     app.state.dataplane = dataplane
     app.state.spool_budget = batch.spool_budget(settings)
     app.add_exception_handler(HJServeError, _on_service_error)

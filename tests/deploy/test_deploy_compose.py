@@ -76,3 +76,15 @@ def test_stack_wiring() -> None:
     # Pinned images, no :latest.
     for svc in (prom, services["grafana"]):
         assert ":" in svc["image"] and not svc["image"].endswith(":latest")
+
+
+def test_docker_waits_for_the_servers_drain() -> None:
+    """docker stop / compose down kill the container stop_grace_period after SIGTERM (10 s unless
+    set): the server's drain (HJSERVE_SHUTDOWN_GRACE_S) must end before it."""
+    from service.settings import Settings
+
+    service = load_yaml(COMPOSE_FILE)["services"]["hjserve"]
+    grace = float(service["environment"].get("HJSERVE_SHUTDOWN_GRACE_S",
+                                             Settings.model_fields["shutdown_grace_s"].default))
+    period = service.get("stop_grace_period", "10s")
+    assert period.endswith("s") and grace + 5 <= float(period[:-1])

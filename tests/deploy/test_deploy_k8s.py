@@ -152,6 +152,23 @@ def test_request_memory_fits_the_memory_limit(name: str) -> None:
     assert PARSE_BYTES_PER_BYTE * int(cm["HJSERVE_MAX_BODY_BYTES"]) <= budget
 
 
+@pytest.mark.parametrize("name", ["cpu", "gpu", "tls"])
+def test_the_pod_is_given_time_to_drain(name: str) -> None:
+    """Kubernetes kills the container terminationGracePeriodSeconds after it starts the preStop hook;
+    the server's own drain (HJSERVE_SHUTDOWN_GRACE_S, after the hook's sleep) must end before that,
+    or a batch stream is cut instead of ending with its shutting_down line."""
+    from service.settings import Settings
+
+    docs = by_kind(name)
+    pod = docs["Deployment"]["spec"]["template"]["spec"]
+    hook = _container(docs["Deployment"])["lifecycle"]["preStop"]["exec"]["command"]
+    (sleep_s,) = [float(word) for part in hook for word in part.replace("(", " ").replace(")", " ").split()
+                  if word.replace(".", "", 1).isdigit()]
+    grace = float(docs["ConfigMap"]["data"].get("HJSERVE_SHUTDOWN_GRACE_S",
+                                                 Settings.model_fields["shutdown_grace_s"].default))
+    assert sleep_s + grace + 5 <= pod["terminationGracePeriodSeconds"]
+
+
 def test_gpu_overlay() -> None:
     docs = by_kind("gpu")
     c = _container(docs["Deployment"])

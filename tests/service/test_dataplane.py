@@ -13,7 +13,7 @@ from fakes import D, FakeLoader, write_model
 
 from service import metrics
 from service.codecs import ndjson_source
-from service.dataplane import CHUNKS_IN_FLIGHT, DataPlane
+from service.dataplane import CHUNKS_IN_FLIGHT, DRAIN_MARGIN_S, DataPlane
 from service.errors import (
     EmptyBatch,
     InvalidDatatype,
@@ -21,6 +21,7 @@ from service.errors import (
     InvalidValue,
     ModelLoadFailed,
     ModelNotFound,
+    ShuttingDown,
     UnknownInput,
     UnknownOutput,
 )
@@ -224,6 +225,36 @@ def test_a_chunk_that_fails_while_later_ones_are_in_flight_ends_the_job_after_th
     assert seen == [0] and job.rows_done == 4
     entry = stats.model_stats[0]
     assert entry.inference_stats["fail"]["count"] == 1 and entry.inference_stats["success"]["count"] == 0
+
+
+def test_a_shutdown_ends_a_batch_job_while_it_can_still_say_where(dataplane):
+    """Once draining, the dataplane is not ready; a job keeps answering while the grace lasts well
+    beyond its next blocks, and ends with ShuttingDown -- every row before rows_done answered, none
+    after -- when the grace left is within DRAIN_MARGIN_S of running out (it would be cut off then)."""
+    async def body(grace_s):
+        ready = dataplane.ready()
+        job = dataplane.attribute("fclf", "1", _ndjson(10), {}, [])
+        await job.start()
+        seen = []
+        try:
+            async for block in job.blocks():
+                seen.append(block.start)
+                dataplane.drain(grace_s)
+        except ShuttingDown as exc:
+            stats = dataplane.model_stats("fclf", "1").model_stats[0].inference_stats
+            return job, seen, exc, (ready, dataplane.ready(), stats["fail"]["count"])
+        return job, seen, None, (ready, dataplane.ready())
+    assert dataplane.drain_left_s() is None
+    job, seen, error, ready = _run(dataplane, lambda: body(60.0))   # a long grace: the job finishes
+    assert seen == [0, 4, 8] and error is None and ready == (True, False)
+    assert 59 < dataplane.drain_left_s() <= 60
+    dataplane.drain_deadline = None
+    job, seen, error, ready = _run(dataplane, lambda: body(DRAIN_MARGIN_S / 2))
+    assert seen == [0] and job.rows_done == 4
+    assert "rows from 4 on were not answered" in str(error)
+    assert ready == (True, False, 1)   # the job counts as one failed request
+    dataplane.drain(60.0)   # a second signal changes nothing
+    assert dataplane.drain_left_s() < DRAIN_MARGIN_S
 
 
 def test_batch_attribution_answers_every_row_before_a_bad_one(dataplane):
