@@ -19,8 +19,11 @@ never lets the queue empty: a bulk chunk that has waited :data:`BULK_MAX_WAIT_S`
 
 A full queue rejects at once (:class:`~service.errors.Overloaded`, sent as 503 + ``Retry-After``);
 a request that waits longer than its timeout fails with :class:`~service.errors.RequestTimeout`, and
-if it has not started by then it never runs. Every request ends with a result or an error: nothing
-hangs and nothing is dropped silently.
+if it has not started by then it never runs. A shutdown (:meth:`DynamicBatcher.drain`) gives the
+requests waiting a last moment: those still without a result then fail with
+:class:`~service.errors.ShuttingDown` (503), before the server's grace ends and their connections
+would be cut. Every request ends with a result or an error: nothing hangs and nothing is dropped
+silently.
 
 A request that is *alone* -- the only inference request the server has in flight (the caller says so;
 :class:`service.dataplane.DataPlane` counts them), with no job of this version queued or computing and
@@ -54,7 +57,7 @@ import numpy as np
 
 from hjmodel import serving
 from service.backends.base import Backend
-from service.errors import BackendError, HJServeError, InternalError, Overloaded, RequestTimeout
+from service.errors import BackendError, HJServeError, InternalError, Overloaded, RequestTimeout, ShuttingDown
 
 __all__ = ["BULK_MAX_WAIT_S", "BatchResult", "BatcherClosed", "DynamicBatcher", "INLINE_ROWS"]
 
@@ -143,6 +146,10 @@ class DynamicBatcher:
         #: running estimate of a call of at most INLINE_ROWS rows per set of outputs asked for (each
         #: set runs a graph of its own: a cheap one's time says nothing of the whole graph's), seconds
         self._call_s: dict[frozenset[str] | None, float] = {}
+        #: the futures of the requests waiting for a result (:meth:`drain` fails them)
+        self._waiting: set[asyncio.Future] = set()
+        #: when a shutdown fails the requests still waiting (``time.monotonic()``; None: never)
+        self._shed_at: float | None = None
 
     @property
     def queue_size(self) -> int:
@@ -166,6 +173,7 @@ class DynamicBatcher:
         """
         deadline = time.monotonic() + timeout_s
         while self.queue_size >= self.max_queue_size and not self._closing:
+            self._check_shed()
             if not wait_for_room:
                 raise Overloaded(f"queue full ({self.max_queue_size} requests waiting); retry later",
                                  retry_after_s=self.retry_after_s)
@@ -174,6 +182,7 @@ class DynamicBatcher:
             await asyncio.sleep(0.002)
         if self._closing:
             raise BatcherClosed()
+        self._check_shed()
         if alone and not bulk and self._inline(len(rows), outputs):
             return await self._run_inline(rows, float(tau), outputs, baseline, deadline, timeout_s)
         loop = asyncio.get_running_loop()
@@ -184,10 +193,30 @@ class DynamicBatcher:
         self._queue.put(job)
         self._on_queue(self.queue_size)
         timer = loop.call_later(max(0.0, deadline - time.monotonic()), _expire, job.future, timeout_s)
+        self._waiting.add(job.future)
         try:
             return await job.future   # a cancelled caller cancels the job: the thread skips it
         finally:
             timer.cancel()
+            self._waiting.discard(job.future)
+
+    def drain(self, left_s: float) -> None:
+        """A shutdown began: the requests still waiting ``left_s`` seconds from now (their results
+        not delivered), and any asked of this batcher after that, fail with :class:`ShuttingDown`
+        then; one that has not started never runs (the thread skips a settled job). On the event
+        loop; a second call changes nothing."""
+        if self._shed_at is None:
+            self._shed_at = time.monotonic() + left_s
+            asyncio.get_running_loop().call_later(max(0.0, left_s), self._shed)
+
+    def _shed(self) -> None:
+        for future in self._waiting:
+            if not future.done():
+                future.set_exception(_shutting_down())
+
+    def _check_shed(self) -> None:
+        if self._shed_at is not None and time.monotonic() >= self._shed_at:
+            raise _shutting_down()
 
     def _inline(self, rows: int, outputs: frozenset[str] | None) -> bool:
         """Whether a request of ``rows`` rows for ``outputs`` that is alone may run on the event loop
@@ -451,6 +480,11 @@ def _guarded(fn: Callable, what: str, n: int, *args) -> dict[str, np.ndarray] | 
     except Exception as exc:
         log.exception("backend failed")
         return InternalError(f"{what} failed: {type(exc).__name__}: {exc}")
+
+
+def _shutting_down() -> ShuttingDown:
+    return ShuttingDown("the server is shutting down and this request got no result before its grace ran "
+                        "out; send it again")
 
 
 def _expire(future: asyncio.Future, timeout_s: float) -> None:

@@ -223,11 +223,19 @@ class DataPlane:
         await self.repository.close()
 
     def drain(self, grace_s: float) -> None:
-        """A shutdown began (SIGTERM): not ready from now on, and the work in flight has ``grace_s``
-        seconds to finish (a batch stream that would outlast them ends early, :class:`Attribution`).
-        A second call changes nothing."""
-        if self.drain_deadline is None:
-            self.drain_deadline = time.monotonic() + grace_s
+        """A shutdown began (SIGTERM): not ready from now on, no more repository polls, and the work in
+        flight has ``grace_s`` seconds to finish. What would outlast them ends with
+        :class:`~service.errors.ShuttingDown` while there is time to say so, :data:`DRAIN_MARGIN_S`
+        before: a request still waiting for its result (the batchers', ``DynamicBatcher.drain``),
+        a batch stream between two blocks (:class:`Attribution`). On the event loop; a second call
+        changes nothing."""
+        if self.drain_deadline is not None:
+            return
+        self.drain_deadline = time.monotonic() + grace_s
+        if self._poller is not None:
+            self._poller.cancel()
+        for mv in self.repository.serving_versions():
+            mv.batcher.drain(grace_s - DRAIN_MARGIN_S)
 
     def drain_left_s(self) -> float | None:
         """Seconds left of the shutdown's grace; None while the server is not shutting down."""

@@ -175,9 +175,10 @@ class InsufficientStorage(HJServeError):
     """The server could not store a request body: a write to its spool failed (a full disk)."""
 
 
-class ShuttingDown(HJServeError):
-    """The server is shutting down (SIGTERM): the work left is not done here; send it again, to
-    another replica (the last line of a batch stream that would outlast the shutdown grace)."""
+class ShuttingDown(Overloaded):
+    """The server is shutting down (SIGTERM) and its grace is running out: the work left is not done
+    here; send it again, to another replica (a request still waiting then, or the last line of a
+    batch stream that would outlast the grace)."""
 
 
 class RequestTimeout(HJServeError):

@@ -179,6 +179,11 @@ class ModelRepository:
             model = self._models.get(name)
         return sorted(model.versions) if model else []
 
+    def serving_versions(self) -> list[ModelVersion]:
+        """Every version being served now, of every model."""
+        with self._lock:
+            return [mv for model in self._models.values() for mv in model.versions.values()]
+
     def is_ready(self) -> bool:
         """Startup finished and at least one model version serves."""
         with self._lock:

@@ -11,7 +11,7 @@ import pytest
 
 from hjmodel import serving
 from service.batching import INLINE_ROWS, BatcherClosed, DynamicBatcher
-from service.errors import BackendError, InternalError, Overloaded, RequestTimeout
+from service.errors import BackendError, InternalError, Overloaded, RequestTimeout, ShuttingDown
 
 
 class FakeBackend:
@@ -181,6 +181,34 @@ def test_close_drains_the_queue_then_refuses():
         return done
 
     assert len(asyncio.run(main())) == 5
+
+
+def test_a_drain_fails_the_requests_still_waiting_when_it_runs_out_and_runs_none_of_them():
+    """Six one-row requests at 0.1 s each behind one another; a drain of 0.25 s: the ones answered by
+    then keep their answers, the rest fail with ShuttingDown at 0.25 s -- the queued ones never
+    run -- and so does any request after that (the requests' own 5 s timeouts would come too late:
+    the server's grace ends first, and with it their connections)."""
+    backend = FakeBackend(delay=0.1)
+
+    async def main():
+        b = _batcher(backend, max_batch_size=1, max_queue_delay_s=0)
+        jobs = [asyncio.ensure_future(b.infer(_rows(1), 0.1, timeout_s=5)) for _ in range(6)]
+        await asyncio.sleep(0)
+        start = time.monotonic()
+        b.drain(0.25)
+        b.drain(10.0)   # a second signal changes nothing
+        done = await asyncio.gather(*jobs, return_exceptions=True)
+        shed_after = time.monotonic() - start
+        with pytest.raises(ShuttingDown):
+            await b.infer(_rows(1), 0.1, timeout_s=5)
+        await b.close()
+        return done, shed_after
+
+    done, shed_after = asyncio.run(main())
+    answered = [r for r in done if not isinstance(r, BaseException)]
+    assert 1 <= len(answered) <= 3 and all(isinstance(r, ShuttingDown) for r in done[len(answered):])
+    assert shed_after < 1.0
+    assert len(backend.batches) <= len(answered) + 1   # the one computing at 0.25 s; no queued one ran
 
 
 def test_wait_for_room_waits_instead_of_failing():

@@ -140,3 +140,51 @@ def test_calls_in_flight_at_sigterm_finish_and_later_ones_are_refused_cleanly(hj
         assert answered, (transport, seen)
         assert set(seen) <= {"200", "OK", "refused"}, (transport, seen)
     assert "Traceback" not in s.log.read_text()
+
+
+def test_a_call_that_would_outlast_the_grace_is_answered_503_shutting_down_not_cut(hj_repo, tmp_path):
+    """A call whose rows take seconds (60,000 rows, every diagnostic of a memory model) on each
+    transport at SIGTERM, grace 2 s: each is answered -- REST 503 ``shutting_down`` with
+    Retry-After, gRPC UNAVAILABLE -- before the grace ends, instead of its connection being cut
+    (uvicorn cancels what runs past the grace; grpcio aborts it)."""
+    import tritonclient.grpc as grpcclient
+
+    x = np.random.default_rng(2).normal(size=(60_000, 4)).astype(np.float32)
+    body = {"inputs": [{"name": "input", "datatype": "FP32", "shape": list(x.shape), "data": x.ravel().tolist()}],
+            "parameters": {"diagnostics": True}}
+    results: dict[str, object] = {}
+    # room in the queue for both calls' chunks (938 each)
+    with run_server(hj_repo, tmp_path, grpc=True, shutdown_grace_s=GRACE_S, max_queue_size=4096) as s:
+        def rest() -> None:
+            try:
+                with httpx.Client(base_url=s.url, timeout=60) as c:
+                    results["rest"] = c.post("/v2/models/iris_memory/infer", json=body)
+            except httpx.HTTPError as exc:
+                results["rest"] = exc
+
+        def grpc_call() -> None:
+            client = grpcclient.InferenceServerClient(s.grpc_target)
+            inp = grpcclient.InferInput("input", list(x.shape), "FP32")
+            inp.set_data_from_numpy(x)
+            try:
+                results["grpc"] = client.infer("iris_memory", [inp], parameters={"diagnostics": "true"},
+                                               client_timeout=60)
+            except Exception as exc:   # tritonclient's InferenceServerException
+                results["grpc"] = exc
+
+        threads = [threading.Thread(target=f) for f in (rest, grpc_call)]
+        for t in threads:
+            t.start()
+        time.sleep(1.0)
+        assert not results, {k: getattr(v, "text", v) for k, v in results.items()}   # both still computing
+        s.proc.send_signal(signal.SIGTERM)
+        for t in threads:
+            t.join(30)
+        s.proc.wait(30)
+    rest_reply, grpc_reply = results["rest"], results["grpc"]
+    assert isinstance(rest_reply, httpx.Response), rest_reply
+    assert rest_reply.status_code == 503 and rest_reply.json()["error_type"] == "shutting_down", rest_reply.text
+    assert rest_reply.headers["retry-after"] == "1"
+    assert "UNAVAILABLE" in str(grpc_reply.status()) and "shutting down" in str(grpc_reply), grpc_reply
+    log = s.log.read_text()
+    assert "Traceback" not in log and "Exception in ASGI application" not in log, log[-3000:]
