@@ -402,11 +402,64 @@ def tau_refusal(task: str, tau) -> str | None:
     return None
 
 
+def check_self_contained(graph: bytes, where: str = "the graph") -> None:
+    """Raise :class:`ArtifactError` when a serialised ONNX graph keeps any tensor outside itself (ONNX
+    *external data*: an initializer, a sparse initializer, a constant or other tensor attribute, in
+    the main graph, a subgraph or a function, that names a file to read its values from).
+
+    No hjmodel graph does (the largest, N = 60,000 support points in d = 784, is ~0.4 GB, inside
+    protobuf's 2 GB), and such a file would escape the artifact's checks: ``SHA256SUMS`` covers the
+    artifact's own files, not files a graph names, so its weights could change with no digest
+    noticing, and onnxruntime resolves the name against the model's directory when it opens a file
+    but against the process's working directory when it opens bytes (the service's graphs cut down
+    to fewer outputs). Also refuses bytes that are not an ONNX model."""
+    import onnx
+
+    try:
+        model = onnx.load_model_from_string(graph)
+    except Exception as exc:   # protobuf's DecodeError and friends
+        raise ArtifactError(f"{where}: not a valid ONNX model ({type(exc).__name__})") from None
+    for tensor in _tensors(model):
+        if tensor.data_location == onnx.TensorProto.EXTERNAL or tensor.external_data:
+            location = next((e.value for e in tensor.external_data if e.key == "location"), "?")
+            raise ArtifactError(f"{where}: tensor {tensor.name!r} reads its values from external data "
+                                f"({location!r}); an hjmodel graph holds every weight itself, and "
+                                f"SHA256SUMS does not cover other files")
+
+
+def _tensors(model) -> Iterator[Any]:
+    """Every TensorProto of an ONNX model: initializers, sparse initializers' values and indices, and
+    tensor attributes, in the main graph, its subgraphs and the model's functions."""
+    def of_nodes(nodes) -> Iterator[Any]:
+        for node in nodes:
+            for attr in node.attribute:
+                if attr.HasField("t"):
+                    yield attr.t
+                yield from attr.tensors
+                if attr.HasField("sparse_tensor"):
+                    yield from (attr.sparse_tensor.values, attr.sparse_tensor.indices)
+                for sparse in attr.sparse_tensors:
+                    yield from (sparse.values, sparse.indices)
+                for graph in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
+                    yield from of_graph(graph)
+
+    def of_graph(graph) -> Iterator[Any]:
+        yield from graph.initializer
+        for sparse in graph.sparse_initializer:
+            yield from (sparse.values, sparse.indices)
+        yield from of_nodes(graph.node)
+
+    yield from of_graph(model.graph)
+    for function in model.functions:
+        yield from of_nodes(function.node)
+
+
 def open_session(path: str | Path | bytes, *, threads: int = 0, providers: Sequence[str] = ("CPUExecutionProvider",),
                  flush_subnormals: bool = False, spinning: bool = False) -> Any:
     """An ``onnxruntime.InferenceSession`` of a served graph (the service, the offline predictor,
     ``hjmodel verify``, the tests and benchmarks all open theirs here), with :func:`session_options`.
-    ``path``: the graph's file, or the serialised graph itself.
+    ``path``: the graph's file, or the serialised graph itself; either way onnxruntime opens the bytes
+    :func:`check_self_contained` passed (a graph with external data is refused).
 
     ``spinning``: see :func:`session_options` (off: idle intra-op threads sleep).
 
@@ -431,7 +484,11 @@ def open_session(path: str | Path | bytes, *, threads: int = 0, providers: Seque
     import onnxruntime as ort
 
     options = session_options(threads, spinning=spinning)
-    source = bytes(path) if isinstance(path, (bytes, bytearray)) else str(path)
+    if isinstance(path, (bytes, bytearray)):
+        source, where = bytes(path), "the graph"
+    else:   # read once: the bytes checked are the bytes opened
+        source, where = Path(path).read_bytes(), Path(path).name
+    check_self_contained(source, where)
     if not flush_subnormals:
         return ort.InferenceSession(source, options, providers=list(providers))
     options.add_session_config_entry("session.set_denormal_as_zero", "1")

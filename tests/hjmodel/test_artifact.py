@@ -629,3 +629,50 @@ def test_spec_mismatch_names_why():
     assert "is not JSON" in spec_mismatch(spec, "{oops")
     assert "not a JSON object" in spec_mismatch(spec, "[]")
     assert spec_mismatch(spec, json.dumps({**spec, "eps": 0.25, "extra": 1})) == "they differ in ['eps', 'extra']"
+
+
+def _external(tensor, location: str = "w.bin"):
+    """``tensor`` (a TensorProto) as ONNX external data in ``location``."""
+    from onnx import TensorProto
+
+    tensor.ClearField("raw_data")
+    tensor.data_location = TensorProto.EXTERNAL
+    for key, value in {"location": location, "offset": "0", "length": "32"}.items():
+        entry = tensor.external_data.add()
+        entry.key, entry.value = key, value
+    return tensor
+
+
+@pytest.mark.parametrize("where", ["initializer", "constant in a subgraph", "function"])
+def test_a_graph_with_external_data_never_opens(tmp_path, where):
+    """Wherever a tensor names an external file -- an initializer, a Constant inside an If's branch,
+    a node of a model-local function -- open_session refuses the graph, from a file and from bytes,
+    before onnxruntime reads that file (whose bytes no SHA256SUMS covers); the file is there and
+    would be read."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from hjmodel.serving import open_session
+
+    (tmp_path / "w.bin").write_bytes(bytes(32))
+    w = _external(numpy_helper.from_array(np.ones(8, dtype=np.float32), "w"))
+    out = helper.make_tensor_value_info("y", TensorProto.FLOAT, [8])
+    functions = []
+    if where == "initializer":
+        graph = helper.make_graph([helper.make_node("Identity", ["w"], ["y"])], "g", [], [out], [w])
+    elif where == "constant in a subgraph":
+        branch = helper.make_graph([helper.make_node("Constant", [], ["y"], value=w)], "b", [], [out])
+        cond = numpy_helper.from_array(np.array(True), "c")
+        graph = helper.make_graph([helper.make_node("If", ["c"], ["y"], then_branch=branch, else_branch=branch)],
+                                  "g", [], [out], [cond])
+    else:
+        functions = [helper.make_function("local", "f", [], ["y"], [helper.make_node("Constant", [], ["y"], value=w)],
+                                          [helper.make_opsetid("", 17)])]
+        graph = helper.make_graph([helper.make_node("f", [], ["y"], domain="local")], "g", [], [out])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("local", 1)],
+                              functions=functions)
+    (tmp_path / "m.onnx").write_bytes(model.SerializeToString())
+    for source in (tmp_path / "m.onnx", model.SerializeToString()):
+        with pytest.raises(ArtifactError, match=r"tensor 'w' reads its values from external data \('w.bin'\)"):
+            open_session(source)
+    with pytest.raises(ArtifactError, match="not a valid ONNX model"):
+        open_session(b"\x08\x01garbage")

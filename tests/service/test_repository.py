@@ -215,6 +215,37 @@ def test_a_weight_changed_since_the_artifact_was_written_is_not_served(hj_repo, 
     assert _with_repository(repository, body) == 1
 
 
+def test_a_graph_that_reads_its_weights_from_another_file_is_not_served(hj_repo, tmp_path):
+    """iris's graph saved with its weights as ONNX external data (``weights.bin`` beside it) and its
+    manifest rewritten: the manifest covers the artifact's files, not a file a graph names, so on
+    2caf15b the version loaded, and its weights could then be changed without any digest noticing
+    (shown here: they are, and the graph still opens in onnxruntime); graphs cut down to fewer
+    outputs, opened from bytes, would read such a file from the server's working directory. No
+    hjmodel artifact has external data: such a graph is refused, and the other model still serves."""
+    import onnx
+    import onnxruntime as ort
+
+    from hjmodel.artifact import write_checksums
+
+    for name in ("iris", "diabetes"):
+        shutil.copytree(hj_repo / name / "1", tmp_path / name / "1")
+    version = tmp_path / "iris" / "1"
+    proto = onnx.load(str(version / "model.onnx"))
+    onnx.save(proto, str(version / "model.onnx"), save_as_external_data=True, all_tensors_to_one_file=True,
+              location="weights.bin", size_threshold=0)
+    write_checksums(version)
+    weights = (version / "weights.bin").read_bytes()
+    (version / "weights.bin").write_bytes(weights[:-8] + bytes(8))   # changed after the manifest
+    ort.InferenceSession(str(version / "model.onnx"), providers=["CPUExecutionProvider"])   # still opens
+    repository = ModelRepository(Settings(model_repository=tmp_path, backend="onnx"))
+
+    async def body():
+        with pytest.raises(ModelNotReady, match=r"model.onnx.*external data.*weights.bin"):
+            repository.get("iris")
+        return repository.get("diabetes").version
+    assert _with_repository(repository, body) == 1
+
+
 def _unmarked(version) -> None:
     """``version`` as an artifact written before its served radius allowed for input rounding: the
     spec key dropped from model.json and from every graph's embedded spec, the manifest rewritten."""
