@@ -211,6 +211,29 @@ def save_torch(model: HJModel, directory: str | Path) -> Path:
     return directory
 
 
+def _check_uncompressed(path: Path, where: str) -> None:
+    """Refuse a torch checkpoint (a zip archive) that holds a compressed entry, before torch reads it.
+
+    ``torch.save`` stores every entry uncompressed, so no entry of an artifact it wrote is larger
+    than the file; ``torch.load`` would inflate a deflated one whole into memory, and a few MB can
+    deflate GBs (a zip bomb: one such file would take the server, and every model it serves, down).
+    The sizes come from the archive's directory: nothing is inflated to check them. A file that is
+    not a zip archive is left to ``torch.load`` (which refuses it, or reads the legacy format: no
+    compression)."""
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as archive:
+            entries = archive.infolist()
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError):
+        return
+    for entry in entries:
+        if entry.compress_type != zipfile.ZIP_STORED:
+            raise ArtifactError(f"{where}: {TORCH_FILE}: entry {entry.filename!r} is compressed "
+                                f"({entry.compress_size} bytes that would inflate to {entry.file_size}); "
+                                "torch.save writes none, and hjmodel refuses what it would inflate")
+
+
 def _load_torch(directory: Path) -> HJModel:
     where = str(directory)
     try:
@@ -220,6 +243,7 @@ def _load_torch(directory: Path) -> HJModel:
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ArtifactError(f"{where}: {SPEC_FILE} is not valid JSON ({e})") from e
     spec = _check_spec(spec, where)
+    _check_uncompressed(directory / TORCH_FILE, where)
     try:
         state = torch.load(directory / TORCH_FILE, map_location="cpu", weights_only=True)
     except FileNotFoundError as e:

@@ -318,6 +318,32 @@ def test_empty_model_pt(artifact):
     _raises(artifact, r"model\.pt is corrupt, truncated or unsafe")
 
 
+def _deflated(path: Path, extra: tuple[str, bytes] | None = None) -> None:
+    """Rewrite a torch checkpoint (a zip archive) with every entry deflated (torch.load reads it as
+    before), and ``extra`` = (name, bytes) added as one more deflated entry."""
+    import io
+    import zipfile
+
+    with zipfile.ZipFile(path) as original:
+        entries = [(info.filename, original.read(info.filename)) for info in original.infolist()]
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", compression=zipfile.ZIP_DEFLATED) as out:
+        for name, data in entries + ([extra] if extra else []):
+            out.writestr(name, data)
+    path.write_bytes(buffer.getvalue())
+
+
+def test_a_compressed_model_pt_is_refused_before_it_is_inflated(artifact):
+    """torch.save writes its archive uncompressed, and torch.load inflates a deflated entry whole into
+    memory: a 9 MB model.pt whose tensor is 2 GiB of zeros, deflated, took 2.2 GiB to load (a scratch
+    run; over the shipped pod's 2Gi limit: the server, and every model it serves, killed). On
+    2caf15b a deflated model.pt loaded; now any compressed entry is refused before anything is
+    inflated (its sizes are in the zip's directory)."""
+    _deflated(artifact / TORCH_FILE)
+    assert torch.load(artifact / TORCH_FILE, weights_only=True)   # torch itself would read it
+    _raises(artifact, r"model\.pt: entry '.*' is compressed")
+
+
 def test_missing_files(artifact):
     (artifact / SPEC_FILE).unlink()
     _raises(artifact, r"no model\.json beside model\.pt")

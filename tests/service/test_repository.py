@@ -246,6 +246,39 @@ def test_a_graph_that_reads_its_weights_from_another_file_is_not_served(hj_repo,
     assert _with_repository(repository, body) == 1
 
 
+def test_a_compressed_model_pt_is_not_served_and_the_others_are(hj_repo, tmp_path):
+    """iris's model.pt rewritten with its entries deflated (and one more, 64 MiB of zeros in 64 KiB),
+    the manifest rewritten. torch.load inflates what it reads whole: a 9 MB file holding 2 GiB of
+    zeros as a tensor took 2.2 GiB (tests/hjmodel/test_artifact.py), the process and every model it
+    serves killed for memory. A compressed entry is refused before torch reads the file; diabetes
+    still serves on the torch backend."""
+    import io
+    import zipfile
+
+    from hjmodel.artifact import write_checksums
+
+    for name in ("iris", "diabetes"):
+        shutil.copytree(hj_repo / name / "1", tmp_path / name / "1")
+    version = tmp_path / "iris" / "1"
+    with zipfile.ZipFile(version / "model.pt") as original:
+        entries = [(info.filename, original.read(info.filename)) for info in original.infolist()]
+    prefix = entries[0][0].split("/")[0]
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", compression=zipfile.ZIP_DEFLATED) as out:
+        for name, data in entries + [(f"{prefix}/data/bomb", bytes(64 << 20))]:
+            out.writestr(name, data)
+    (version / "model.pt").write_bytes(buffer.getvalue())
+    assert len(buffer.getvalue()) < 1 << 20
+    write_checksums(version)
+    repository = ModelRepository(Settings(model_repository=tmp_path, backend="torch"))
+
+    async def body():
+        with pytest.raises(ModelNotReady, match=r"model.pt: entry .* is compressed"):
+            repository.get("iris")
+        return repository.get("diabetes").version
+    assert _with_repository(repository, body) == 1
+
+
 def _unmarked(version) -> None:
     """``version`` as an artifact written before its served radius allowed for input rounding: the
     spec key dropped from model.json and from every graph's embedded spec, the manifest rewritten."""
