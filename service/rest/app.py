@@ -89,7 +89,7 @@ _ERRORS = {
     413: "Body, stream, line or row count over its limit (a compressed body: once inflated)",
     415: "A Content-Encoding other than identity, gzip or deflate, or a Transfer-Encoding other than chunked",
     431: "The request head (line and headers) over max_header_bytes (the connection is closed)",
-    503: "Overloaded or the batch spool full (Retry-After), or the model is not ready",
+    503: "Overloaded, the batch spool full or the server shutting down (Retry-After), or the model is not ready",
     504: "No result within the request timeout",
     507: "A batch body could not be stored (the spool's disk is full)",
     500: "Internal error (a bug: never expected)",
