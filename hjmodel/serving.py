@@ -487,7 +487,7 @@ def open_session(path: str | Path | bytes, *, threads: int = 0, providers: Seque
     if isinstance(path, (bytes, bytearray)):
         source, where = bytes(path), "the graph"
     else:   # read once: the bytes checked are the bytes opened
-        source, where = Path(path).read_bytes(), Path(path).name
+        source, where = Path(path).read_bytes(), str(path)
     check_self_contained(source, where)
     if not flush_subnormals:
         return ort.InferenceSession(source, options, providers=list(providers))
