@@ -215,35 +215,46 @@ def test_a_weight_changed_since_the_artifact_was_written_is_not_served(hj_repo, 
     assert _with_repository(repository, body) == 1
 
 
+def _refused_beside_a_served_model(hj_repo, tmp_path, backend: str, edit, pattern: str) -> None:
+    """iris and diabetes copied, iris's version edited by ``edit(version)`` and its manifest rewritten:
+    iris is refused with ``pattern`` while diabetes serves, on ``backend``."""
+    from hjmodel.artifact import write_checksums
+
+    for name in ("iris", "diabetes"):
+        shutil.copytree(hj_repo / name / "1", tmp_path / name / "1")
+    edit(tmp_path / "iris" / "1")
+    write_checksums(tmp_path / "iris" / "1")
+    repository = ModelRepository(Settings(model_repository=tmp_path, backend=backend))
+
+    async def body():
+        with pytest.raises(ModelNotReady, match=pattern):
+            repository.get("iris")
+        return repository.get("diabetes").version
+    assert _with_repository(repository, body) == 1
+
+
 def test_a_graph_that_reads_its_weights_from_another_file_is_not_served(hj_repo, tmp_path):
     """iris's graph saved with its weights as ONNX external data (``weights.bin`` beside it) and its
     manifest rewritten: the manifest covers the artifact's files, not a file a graph names, so on
-    2caf15b the version loaded, and its weights could then be changed without any digest noticing
-    (shown here: they are, and the graph still opens in onnxruntime); graphs cut down to fewer
+    2caf15b the version loaded, and its weights could be changed without any digest noticing
+    (here they are, and the graph still opens in onnxruntime); graphs cut down to fewer
     outputs, opened from bytes, would read such a file from the server's working directory. No
     hjmodel artifact has external data: such a graph is refused, and the other model still serves."""
     import onnx
     import onnxruntime as ort
 
-    from hjmodel.artifact import write_checksums
+    def edit(version):
+        proto = onnx.load(str(version / "model.onnx"))
+        onnx.save(proto, str(version / "model.onnx"), save_as_external_data=True, all_tensors_to_one_file=True,
+                  location="weights.bin", size_threshold=0)
 
-    for name in ("iris", "diabetes"):
-        shutil.copytree(hj_repo / name / "1", tmp_path / name / "1")
-    version = tmp_path / "iris" / "1"
-    proto = onnx.load(str(version / "model.onnx"))
-    onnx.save(proto, str(version / "model.onnx"), save_as_external_data=True, all_tensors_to_one_file=True,
-              location="weights.bin", size_threshold=0)
-    write_checksums(version)
-    weights = (version / "weights.bin").read_bytes()
-    (version / "weights.bin").write_bytes(weights[:-8] + bytes(8))   # changed after the manifest
-    ort.InferenceSession(str(version / "model.onnx"), providers=["CPUExecutionProvider"])   # still opens
-    repository = ModelRepository(Settings(model_repository=tmp_path, backend="onnx"))
+    def changed(version):   # the manifest written next lists model.onnx, never weights.bin
+        edit(version)
+        weights = (version / "weights.bin").read_bytes()
+        (version / "weights.bin").write_bytes(weights[:-8] + bytes(8))
+        ort.InferenceSession(str(version / "model.onnx"), providers=["CPUExecutionProvider"])   # still opens
 
-    async def body():
-        with pytest.raises(ModelNotReady, match=r"model.onnx.*external data.*weights.bin"):
-            repository.get("iris")
-        return repository.get("diabetes").version
-    assert _with_repository(repository, body) == 1
+    _refused_beside_a_served_model(hj_repo, tmp_path, "onnx", changed, r"model.onnx.*external data.*weights.bin")
 
 
 def test_a_compressed_model_pt_is_not_served_and_the_others_are(hj_repo, tmp_path):
@@ -255,28 +266,18 @@ def test_a_compressed_model_pt_is_not_served_and_the_others_are(hj_repo, tmp_pat
     import io
     import zipfile
 
-    from hjmodel.artifact import write_checksums
+    def deflate(version):
+        with zipfile.ZipFile(version / "model.pt") as original:
+            entries = [(info.filename, original.read(info.filename)) for info in original.infolist()]
+        prefix = entries[0][0].split("/")[0]
+        buffer = io.BytesIO()
+        with zipfile.ZipFile(buffer, "w", compression=zipfile.ZIP_DEFLATED) as out:
+            for name, data in entries + [(f"{prefix}/data/bomb", bytes(64 << 20))]:
+                out.writestr(name, data)
+        assert len(buffer.getvalue()) < 1 << 20
+        (version / "model.pt").write_bytes(buffer.getvalue())
 
-    for name in ("iris", "diabetes"):
-        shutil.copytree(hj_repo / name / "1", tmp_path / name / "1")
-    version = tmp_path / "iris" / "1"
-    with zipfile.ZipFile(version / "model.pt") as original:
-        entries = [(info.filename, original.read(info.filename)) for info in original.infolist()]
-    prefix = entries[0][0].split("/")[0]
-    buffer = io.BytesIO()
-    with zipfile.ZipFile(buffer, "w", compression=zipfile.ZIP_DEFLATED) as out:
-        for name, data in entries + [(f"{prefix}/data/bomb", bytes(64 << 20))]:
-            out.writestr(name, data)
-    (version / "model.pt").write_bytes(buffer.getvalue())
-    assert len(buffer.getvalue()) < 1 << 20
-    write_checksums(version)
-    repository = ModelRepository(Settings(model_repository=tmp_path, backend="torch"))
-
-    async def body():
-        with pytest.raises(ModelNotReady, match=r"model.pt: entry .* is compressed"):
-            repository.get("iris")
-        return repository.get("diabetes").version
-    assert _with_repository(repository, body) == 1
+    _refused_beside_a_served_model(hj_repo, tmp_path, "torch", deflate, r"model.pt: entry .* is compressed")
 
 
 def _unmarked(version) -> None:
