@@ -15,6 +15,7 @@ __all__ = [
     "BackendError",
     "BadRequest",
     "BodyTimeout",
+    "ClientClosedRequest",
     "ERROR_TABLE",
     "EmptyBatch",
     "ErrorMapping",
@@ -109,6 +110,11 @@ class InvalidModelName(BadRequest):
 
 class BodyTimeout(HJServeError):
     """The request body did not arrive within ``body_timeout_s`` (the connection is closed)."""
+
+
+class ClientClosedRequest(HJServeError):
+    """The client closed its connection before the answer: the request's work was stopped. Nobody
+    reads the response; the status (nginx's 499) is for the access log and the metrics."""
 
 
 class Unauthorized(HJServeError):
@@ -225,6 +231,7 @@ ERROR_TABLE: dict[type[HJServeError], ErrorMapping] = {
     ModelNotFound: ErrorMapping(404, "model_not_found", "NOT_FOUND"),
     MethodNotAllowed: ErrorMapping(405, "method_not_allowed", "UNIMPLEMENTED"),
     BodyTimeout: ErrorMapping(408, "body_timeout", "DEADLINE_EXCEEDED"),
+    ClientClosedRequest: ErrorMapping(499, "client_closed_request", "CANCELLED"),
     PayloadTooLarge: ErrorMapping(413, "payload_too_large", "RESOURCE_EXHAUSTED"),
     HeadersTooLarge: ErrorMapping(431, "headers_too_large", "RESOURCE_EXHAUSTED"),
     UnsupportedEncoding: ErrorMapping(415, "unsupported_encoding", "INVALID_ARGUMENT"),

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import zlib
-from collections.abc import Callable, Iterator
-from typing import Any
+from collections.abc import Awaitable, Callable, Iterator
+from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 from fastapi import Request
@@ -16,12 +17,14 @@ from service.auth import check_admin, check_api_key, key_from
 from service.budget import Hold
 from service.codecs import PARSE_BYTES_PER_BYTE, dumps, parse_header_length
 from service.dataplane import DataPlane
-from service.errors import BadRequest, Forbidden, PayloadTooLarge, UnsupportedEncoding
+from service.errors import BadRequest, ClientClosedRequest, Forbidden, PayloadTooLarge, UnsupportedEncoding
 from service.rest.guards import ADMITTED
 from service.settings import Settings
 
 __all__ = ["admission", "body_decoder", "declared_length", "json_response", "presented_key", "read_body", "read_inference_body",
-           "request_memory", "require_admin", "require_api_key", "same_origin", "wire_response"]
+           "request_memory", "require_admin", "require_api_key", "same_origin", "unless_client_leaves", "wire_response"]
+
+T = TypeVar("T")
 
 
 def json_response(content: Any, status_code: int = 200, headers: dict[str, str] | None = None) -> Response:
@@ -163,3 +166,42 @@ def same_origin(request: Request) -> bool:
     if origin is None:
         return True
     return urlsplit(origin).netloc.lower() == request.headers.get("host", "").lower() != ""
+
+
+async def unless_client_leaves(request: Request, work: Awaitable[T], rows: int) -> T:
+    """Await ``work`` -- the dataplane's answer to a request whose body has been read whole -- and
+    stop it if the client closes its connection first (a client timeout, a cancelled job), raising
+    :class:`ClientClosedRequest`: cancelled, the request's batches that have not started never run,
+    and its later ones no longer hold the model's queue against other clients. Only for a request
+    of more ``rows`` than one batch (``max_batch_size``): a single batch is over about as soon as the
+    watch would be set up, and the two tasks this takes cost the small requests nothing this way.
+    gRPC needs none of this: grpcio cancels a call's handler when its client goes."""
+    if rows <= settings_of(request).max_batch_size:
+        return await work
+    task = asyncio.ensure_future(work)
+    watch = asyncio.ensure_future(_client_left(request))
+    try:
+        await asyncio.wait((task, watch), return_when=asyncio.FIRST_COMPLETED)
+    except BaseException:   # this handler was cancelled (a shutdown's deadline): so is the work
+        task.cancel()
+        watch.cancel()
+        raise
+    if task.done():
+        watch.cancel()
+        return task.result()
+    if watch.result():
+        task.cancel()
+        with contextlib.suppress(BaseException):
+            await task
+        raise ClientClosedRequest("the client closed the connection before the answer; its work was stopped")
+    return await task   # the watch ended without a disconnect: nothing more to watch for
+
+
+async def _client_left(request: Request) -> bool:
+    """Wait for the client to close the connection (after the whole body was read the only message
+    left is ``http.disconnect``) -> True; anything else -> False."""
+    try:
+        message = await request.receive()
+    except Exception:   # noqa: BLE001 - a watch that cannot watch stops, it never fails the request
+        return False
+    return message.get("type") == "http.disconnect"

@@ -9,7 +9,14 @@ from pydantic import ValidationError
 from service.budget import Hold
 from service.codecs import first_error, parse_json
 from service.errors import InvalidJSON, ValidationFailed
-from service.rest.common import admission, dataplane_of, read_inference_body, request_memory, wire_response
+from service.rest.common import (
+    admission,
+    dataplane_of,
+    read_inference_body,
+    request_memory,
+    unless_client_leaves,
+    wire_response,
+)
 from service.types import V1Request
 
 __all__ = ["explain", "model_status", "predict"]
@@ -25,16 +32,20 @@ async def _decode(request: Request, memory: Hold) -> V1Request:
         raise ValidationFailed(first_error(exc)) from None
 
 
-async def predict(request: Request, model_name: str) -> Response:
+async def _answer(request: Request, model_name: str, detail: bool) -> Response:
     with admission(request, model_name), request_memory(request) as memory:   # 503 before the body is read
-        answer = await dataplane_of(request).explain(model_name, await _decode(request, memory), detail=False)
+        body = await _decode(request, memory)
+        answer = await unless_client_leaves(request, dataplane_of(request).explain(model_name, body, detail=detail),
+                                            len(body.instances))
     return wire_response(answer)
+
+
+async def predict(request: Request, model_name: str) -> Response:
+    return await _answer(request, model_name, detail=False)
 
 
 async def explain(request: Request, model_name: str) -> Response:
-    with admission(request, model_name), request_memory(request) as memory:
-        answer = await dataplane_of(request).explain(model_name, await _decode(request, memory), detail=True)
-    return wire_response(answer)
+    return await _answer(request, model_name, detail=True)
 
 
 async def model_status(request: Request, model_name: str) -> Response:

@@ -9,7 +9,14 @@ from starlette.concurrency import run_in_threadpool
 
 from service import codecs, tracing
 from service.errors import ModelNotReady
-from service.rest.common import admission, dataplane_of, read_inference_body, request_memory, wire_response
+from service.rest.common import (
+    admission,
+    dataplane_of,
+    read_inference_body,
+    request_memory,
+    unless_client_leaves,
+    wire_response,
+)
 
 __all__ = ["infer", "live", "model_config", "model_index", "model_metadata", "model_ready", "model_stats", "ready",
            "server_metadata"]
@@ -64,7 +71,8 @@ async def infer(request: Request, model_name: str, model_version: str | None = N
                 decoded = await run_in_threadpool(codecs.decode_infer_request, body, header)
             else:
                 decoded = codecs.decode_infer_request(body, header)
-        response = await dataplane.infer(model_name, model_version, decoded)
+        rows = max((i.shape[0] for i in decoded.inputs if i.shape), default=0)
+        response = await unless_client_leaves(request, dataplane.infer(model_name, model_version, decoded), rows)
     with tracing.span("encode"):
         payload, header_length = codecs.encode_infer_response(response)
     if header_length is None:
