@@ -9,21 +9,14 @@ from pydantic import ValidationError
 from service.budget import Hold
 from service.codecs import first_error, parse_json
 from service.errors import InvalidJSON, ValidationFailed
-from service.rest.common import (
-    admission,
-    dataplane_of,
-    read_inference_body,
-    request_memory,
-    unless_client_leaves,
-    wire_response,
-)
+from service.rest import common
 from service.types import V1Request
 
 __all__ = ["explain", "model_status", "predict"]
 
 
 async def _decode(request: Request, memory: Hold) -> V1Request:
-    obj = parse_json(await read_inference_body(request, memory))
+    obj = parse_json(await common.read_inference_body(request, memory))
     if not isinstance(obj, dict):
         raise InvalidJSON('the body must be a JSON object {"instances": [[...], ...]}')
     try:
@@ -33,11 +26,11 @@ async def _decode(request: Request, memory: Hold) -> V1Request:
 
 
 async def _answer(request: Request, model_name: str, detail: bool) -> Response:
-    with admission(request, model_name), request_memory(request) as memory:   # 503 before the body is read
+    with common.admission(request, model_name), common.request_memory(request) as memory:   # 503 before the body is read
         body = await _decode(request, memory)
-        answer = await unless_client_leaves(request, dataplane_of(request).explain(model_name, body, detail=detail),
-                                            len(body.instances))
-    return wire_response(answer)
+        work = common.dataplane_of(request).explain(model_name, body, detail=detail)
+        answer = await common.unless_client_leaves(request, work, len(body.instances))
+    return common.wire_response(answer)
 
 
 async def predict(request: Request, model_name: str) -> Response:
@@ -49,4 +42,4 @@ async def explain(request: Request, model_name: str) -> Response:
 
 
 async def model_status(request: Request, model_name: str) -> Response:
-    return wire_response(dataplane_of(request).model_ready(model_name))
+    return common.wire_response(common.dataplane_of(request).model_ready(model_name))
