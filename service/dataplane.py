@@ -41,6 +41,7 @@ from service.errors import (
     ModelNotReady,
     Overloaded,
     RequestMemoryFull,
+    RequestTimeout,
     ShuttingDown,
     UnknownInput,
     UnknownOutput,
@@ -624,16 +625,27 @@ class DataPlane:
         size = len(rows) if bulk else self.settings.max_batch_size
         chunks = [rows[i:i + size] for i in range(0, len(rows), size)]
         # the queue limit admits a request by its first chunk; its later chunks wait for room (a
-        # request larger than the queue would otherwise never run)
+        # request larger than the queue would otherwise never run), a few at a time: all of them
+        # waiting at once held the queue full until the last ran, and every other client got 503
         # the batcher may run it on the event loop (service.batching)
         alone = self.in_flight == 1 and not self._not_inline and len(chunks) == 1
-        coros = [mv.batcher.infer(c, options.tau, timeout_s=options.timeout_s, wait_for_room=bulk or i > 0,
-                                  baseline=options.baseline, bulk=bulk, outputs=options.computed, alone=alone)
-                 for i, c in enumerate(chunks)]
-        if len(coros) == 1:
-            results = [await coros[0]]
+        if len(chunks) == 1:
+            results = [await mv.batcher.infer(chunks[0], options.tau, timeout_s=options.timeout_s, wait_for_room=bulk,
+                                              baseline=options.baseline, bulk=bulk, outputs=options.computed,
+                                              alone=alone)]
         else:
-            tasks = [asyncio.ensure_future(c) for c in coros]
+            # at most REQUEST_CHUNKS_IN_FLIGHT of them queued or computing at a time, within one deadline
+            deadline = time.monotonic() + options.timeout_s
+            window = asyncio.Semaphore(REQUEST_CHUNKS_IN_FLIGHT)
+
+            async def chunk(i: int, c: np.ndarray):
+                async with window:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        raise RequestTimeout(f"no result within the request timeout of {options.timeout_s:g} s")
+                    return await mv.batcher.infer(c, options.tau, timeout_s=left, wait_for_room=bulk or i > 0,
+                                                  baseline=options.baseline, bulk=bulk, outputs=options.computed)
+            tasks = [asyncio.ensure_future(chunk(i, c)) for i, c in enumerate(chunks)]
             try:
                 results = await asyncio.gather(*tasks)
             except BaseException:
@@ -719,6 +731,10 @@ class DataPlane:
 
 #: chunks of a batch job computing (or queued at the backend) behind the block being handed out
 CHUNKS_IN_FLIGHT = 2
+
+#: batches of one online request queued or computing at a time (one computing, the next queued
+#: behind it: the backend never waits for the request, and other clients' requests queue between)
+REQUEST_CHUNKS_IN_FLIGHT = 2
 
 #: a batch stream still running when the shutdown grace has less than this (plus two of its blocks'
 #: time) left ends with :class:`~service.errors.ShuttingDown` instead of being cut when the grace ends

@@ -45,3 +45,35 @@ def test_a_request_whose_client_hung_up_stops_and_frees_the_queue(hj_repo, tmp_p
     (line,) = [line for line in log.splitlines() if " 499 " in line]
     assert "model=iris_memory" in line   # the access log says the client closed the request
     assert "Traceback" not in log
+
+
+def test_a_large_request_does_not_lock_other_clients_out(hj_repo, tmp_path):
+    """A 60,000-row request is ~940 batches. All of them used to wait for queue room at once, so
+    they held the model's queue (max_queue_size) full until the last one ran: every other client got
+    503 for the request's whole ~10 s. Now a request keeps only a few of its batches queued at a
+    time: the others' requests queue between them and are answered, while the large one goes on."""
+    import threading
+
+    big, small = _body(60_000), _body(1)
+    result: dict[str, object] = {}
+    with run_server(hj_repo, tmp_path) as s, s.client() as c:
+        def large() -> None:
+            with httpx.Client(base_url=s.url, timeout=120) as own:
+                result["large"] = own.post("/v2/models/iris_memory/infer", json=big)
+
+        worker = threading.Thread(target=large)
+        worker.start()
+        time.sleep(1.0)
+        replies, waits = [], []
+        for _ in range(10):
+            start = time.monotonic()
+            replies.append(c.post("/v2/models/iris_memory/infer", json=small).status_code)
+            waits.append(time.monotonic() - start)
+        still_running = "large" not in result
+        worker.join(120)
+    assert still_running   # the others were answered while the large request was being computed
+    assert replies == [200] * 10, replies
+    assert max(waits) < 2.0, waits
+    large_reply = result["large"]
+    assert large_reply.status_code == 200
+    assert large_reply.json()["outputs"][0]["shape"][0] == 60_000
