@@ -644,7 +644,8 @@ class DataPlane:
                     if left <= 0:
                         raise RequestTimeout(f"no result within the request timeout of {options.timeout_s:g} s")
                     return await mv.batcher.infer(c, options.tau, timeout_s=left, wait_for_room=bulk or i > 0,
-                                                  baseline=options.baseline, bulk=bulk, outputs=options.computed)
+                                                  baseline=options.baseline, bulk=bulk, outputs=options.computed,
+                                                  alone=alone)
             tasks = [asyncio.ensure_future(chunk(i, c)) for i, c in enumerate(chunks)]
             try:
                 results = await asyncio.gather(*tasks)
