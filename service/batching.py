@@ -158,7 +158,8 @@ class DynamicBatcher:
 
     async def infer(self, rows: np.ndarray, tau: float, *, timeout_s: float, wait_for_room: bool = False,
                     baseline: np.ndarray | None = None, bulk: bool = False,
-                    outputs: frozenset[str] | None = None, alone: bool = False) -> BatchResult:
+                    outputs: frozenset[str] | None = None, alone: bool = False,
+                    deadline: float | None = None) -> BatchResult:
         """Run ``rows`` (float32 (n, d), n <= max_batch_size) through the batcher.
 
         ``outputs``: the serving outputs the caller needs (None: every one); a batch asks the backend
@@ -170,8 +171,11 @@ class DynamicBatcher:
         ``bulk`` (a batch job's chunk): online requests queued before it run first (the module says
         how long it may wait for them). ``alone``: no other inference request is in flight in the
         server; the rows may then run on the event loop (the module docstring says when).
+        ``deadline`` (``time.monotonic()``): when the result is due, instead of ``timeout_s`` from now
+        (one batch of a request whose timeout counts from the request's start; ``timeout_s`` still
+        names the timeout in the error).
         """
-        deadline = time.monotonic() + timeout_s
+        deadline = time.monotonic() + timeout_s if deadline is None else deadline
         while self.queue_size >= self.max_queue_size and not self._closing:
             self._check_shed()
             if not wait_for_room:

@@ -640,12 +640,11 @@ class DataPlane:
 
             async def chunk(i: int, c: np.ndarray):
                 async with window:
-                    left = deadline - time.monotonic()
-                    if left <= 0:
+                    if time.monotonic() >= deadline:
                         raise RequestTimeout(f"no result within the request timeout of {options.timeout_s:g} s")
-                    return await mv.batcher.infer(c, options.tau, timeout_s=left, wait_for_room=bulk or i > 0,
-                                                  baseline=options.baseline, bulk=bulk, outputs=options.computed,
-                                                  alone=alone)
+                    return await mv.batcher.infer(c, options.tau, timeout_s=options.timeout_s,
+                                                  wait_for_room=bulk or i > 0, baseline=options.baseline, bulk=bulk,
+                                                  outputs=options.computed, alone=alone, deadline=deadline)
             tasks = [asyncio.ensure_future(chunk(i, c)) for i, c in enumerate(chunks)]
             try:
                 results = await asyncio.gather(*tasks)
