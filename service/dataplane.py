@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import functools
 import math
 import time
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping
@@ -629,10 +630,10 @@ class DataPlane:
         # waiting at once held the queue full until the last ran, and every other client got 503
         # the batcher may run it on the event loop (service.batching)
         alone = self.in_flight == 1 and not self._not_inline and len(chunks) == 1
+        infer = functools.partial(mv.batcher.infer, tau=options.tau, timeout_s=options.timeout_s,
+                                  baseline=options.baseline, bulk=bulk, outputs=options.computed, alone=alone)
         if len(chunks) == 1:
-            results = [await mv.batcher.infer(chunks[0], options.tau, timeout_s=options.timeout_s, wait_for_room=bulk,
-                                              baseline=options.baseline, bulk=bulk, outputs=options.computed,
-                                              alone=alone)]
+            results = [await infer(chunks[0], wait_for_room=bulk)]
         else:
             # at most REQUEST_CHUNKS_IN_FLIGHT of them queued or computing at a time, within one deadline
             deadline = time.monotonic() + options.timeout_s
@@ -642,9 +643,7 @@ class DataPlane:
                 async with window:
                     if time.monotonic() >= deadline:
                         raise RequestTimeout(f"no result within the request timeout of {options.timeout_s:g} s")
-                    return await mv.batcher.infer(c, options.tau, timeout_s=options.timeout_s,
-                                                  wait_for_room=bulk or i > 0, baseline=options.baseline, bulk=bulk,
-                                                  outputs=options.computed, alone=alone, deadline=deadline)
+                    return await infer(c, wait_for_room=bulk or i > 0, deadline=deadline)
             tasks = [asyncio.ensure_future(chunk(i, c)) for i, c in enumerate(chunks)]
             try:
                 results = await asyncio.gather(*tasks)
