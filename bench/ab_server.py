@@ -1,7 +1,7 @@
 """The served request path of this tree against an earlier revision, side by side on this machine.
 
     python bench/ab_server.py --base REV [--model-dir models/digits_lse/1 ...] [--seconds 4] [--passes 3]
-                              [--export] [--protocol rest|grpc|batch] [--intra-op-threads 1]
+                              [--export] [--protocol rest|grpc|batch|large] [--intra-op-threads 1]
                               [--outputs prediction,probabilities] [--concurrency 1 4]
                               [--out bench/results/ab_server.md]
         -> bench/results/ab_server.md (a section per model version)
@@ -34,7 +34,12 @@ server-side difference rather than inflating it). With ``--protocol batch`` each
 batch-attribution jobs instead (``bench/loadgen.py``'s :func:`batch_job`: 20,000 V2 binary rows in,
 NDJSON out, in the row and the column layout), repeated for ``--seconds``, in rows/s; and the latency
 of online requests (the closed loop at concurrency 1, four default outputs) while row-layout jobs
-run back to back, p50 and p99 in ms (the ratio: lower is better there).
+run back to back, p50 and p99 in ms (the ratio: lower is better there). With ``--protocol large``
+each server answers one online V2 request of 20,000 rows (``--rows``; binary input and outputs) at a time,
+repeated for ``--seconds``: seconds per request with the four default outputs and with every output
+(lower is better); then the closed loop of small online requests at concurrency 1 while such large
+requests run back to back, as the share of them answered 200 (the rest: 503, a full queue) and p99
+in ms: whether one client's large request locks the model's other clients out.
 """
 
 from __future__ import annotations
@@ -58,7 +63,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.ab_graph import export_with  # noqa: E402
-from bench.loadgen import batch_job, batch_throughput, grpc_loop, post_loop  # noqa: E402
+from bench.loadgen import batch_job, batch_throughput, grpc_loop, large_request, post_loop  # noqa: E402
 from service.settings import split_names  # noqa: E402
 from service.testing import run_server  # noqa: E402
 
@@ -69,10 +74,25 @@ BATCH_ROWS = 20_000
 LAYOUTS = ("rows", "columns")
 
 
-def _online_during_jobs(url: str, name: str, x: np.ndarray, body: bytes, seconds: float) -> dict:
+def _large_seconds(url: str, name: str, x: np.ndarray, diagnostics: bool, seconds: float) -> float:
+    """The median seconds of back-to-back :func:`large_request` calls for at least ``seconds`` (and
+    three calls), after one warm-up call."""
+    import httpx
+
+    with httpx.Client(base_url=url, timeout=600) as client:
+        large_request(client, name, x[:1024], diagnostics)
+        times, t0 = [], time.perf_counter()
+        while time.perf_counter() - t0 < seconds or len(times) < 3:
+            times.append(large_request(client, name, x, diagnostics))
+    return statistics.median(times)
+
+
+def _online_during_jobs(url: str, name: str, x: np.ndarray, body: bytes, seconds: float,
+                        large: bool = False) -> dict:
     """The closed loop's result at concurrency 1 (online requests) while a thread runs row-layout
-    batch jobs on ``x`` back to back (a job that fails fails the measurement: online requests
-    measured without the load would read as a gain)."""
+    batch jobs on ``x`` back to back (``large``: online requests of all of ``x``, the four default
+    outputs). A job that fails fails the measurement: online requests measured without the load
+    would read as a gain."""
     from concurrent.futures import ThreadPoolExecutor
 
     import httpx
@@ -82,7 +102,10 @@ def _online_during_jobs(url: str, name: str, x: np.ndarray, body: bytes, seconds
     def jobs() -> None:
         with httpx.Client(base_url=url, timeout=600) as client:
             while not stop:
-                batch_job(client, name, x, "rows")
+                if large:
+                    large_request(client, name, x, False)
+                else:
+                    batch_job(client, name, x, "rows")
 
     with ThreadPoolExecutor(1) as pool:
         load = pool.submit(jobs)
@@ -109,7 +132,7 @@ def main() -> int:
     ap.add_argument("--seconds", type=float, default=4.0)
     ap.add_argument("--passes", type=int, default=3)
     ap.add_argument("--export", action="store_true", help="each tree serves the graphs its exporter writes")
-    ap.add_argument("--protocol", choices=("rest", "grpc", "batch"), default="rest")
+    ap.add_argument("--protocol", choices=("rest", "grpc", "batch", "large"), default="rest")
     ap.add_argument("--backend", choices=("auto", "onnx", "torch"), default="auto",
                     help="the backend both sides serve with (--base, --versus): HJSERVE_BACKEND")
     ap.add_argument("--intra-op-threads", type=int, default=1,
@@ -117,13 +140,15 @@ def main() -> int:
     ap.add_argument("--concurrency", type=int, nargs="+", default=list(CONCURRENCY),
                     help="closed-loop concurrencies (REST and gRPC)")
     ap.add_argument("--outputs", help="comma-separated output names: one more request naming them (REST)")
+    ap.add_argument("--rows", type=int, default=BATCH_ROWS,
+                    help="rows of a batch job (--protocol batch) or of a large request (--protocol large)")
     ap.add_argument("--out", default=str(OUT))
     args = ap.parse_args()
     if args.outputs and args.protocol != "rest":
         ap.error("--outputs names the outputs of a REST request")
     if sum(map(bool, (args.base, args.backends, args.versus, args.tls))) != 1:
         ap.error("give one of --base REV, --backends, --versus NAME=VALUE, --tls")
-    if args.tls and args.protocol == "batch":
+    if args.tls and args.protocol in ("batch", "large"):
         ap.error("--tls measures the closed loops (--protocol rest or grpc)")
     if args.backends and args.backend != "auto":
         ap.error("--backends serves through both backends; --backend is for --base and --versus")
@@ -171,11 +196,17 @@ def _compare(args: argparse.Namespace, version: Path, base: str, head: str, dirt
             return request.SerializeToString()
 
         messages = {label: message("parameters" in body) for label, body in bodies.items()}
-    batch_x = np.abs(np.random.default_rng(1).standard_normal((BATCH_ROWS, spec["n_features"]))).astype(np.float32) * 3
+    batch_x = np.abs(np.random.default_rng(1).standard_normal((args.rows, spec["n_features"]))).astype(np.float32) * 3
     during = "online request (c=1, four default outputs) during row-layout batch jobs"
-    cells = ([(f"batch job, layout={layout}", "rows/s") for layout in LAYOUTS]
-             + [(during, "p50 ms"), (during, "p99 ms")] if args.protocol == "batch"
-             else [(label, c) for label in bodies for c in args.concurrency])
+    if args.protocol == "large":
+        during = f"online request (c=1, four default outputs) during {args.rows:,}-row requests"
+        cells = [(f"one {args.rows:,}-row request, {label}", "s") for label in bodies] + [
+            (during, "answered %"), (during, "p99 ms")]
+    elif args.protocol == "batch":
+        cells = [(f"batch job, layout={layout}", "rows/s") for layout in LAYOUTS] + [(during, "p50 ms"),
+                                                                                    (during, "p99 ms")]
+    else:
+        cells = [(label, c) for label in bodies for c in args.concurrency]
     results: dict[tuple[str, str, int], list[float]] = {}
     this = f"this tree ({head}{' + changes' if dirty else ''})"
     with tempfile.TemporaryDirectory() as tmpdir:
@@ -223,7 +254,15 @@ def _compare(args: argparse.Namespace, version: Path, base: str, head: str, dirt
                     with run_server(repos[label], tmp, root=tree, grpc=args.protocol == "grpc", backend=backend[label],
                                     tls_context=client_context if tls else None, **settings) as server:
                         for body_label, c in cells:
-                            if c == "p50 ms":
+                            if c == "s":
+                                rps = _large_seconds(server.url, name, batch_x, "diagnostics" in body_label,
+                                                     args.seconds)
+                            elif c == "answered %":
+                                r = _online_during_jobs(server.url, name, batch_x, json.dumps(bodies[
+                                    "four default outputs"]).encode(), args.seconds, large=True)
+                                rps = 100.0 * (r["n"] - r["errors"]) / r["n"]
+                                results.setdefault((label, body_label, "p99 ms"), []).append(r["p99_ms"])
+                            elif c == "p50 ms":
                                 r = _online_during_jobs(server.url, name, batch_x, json.dumps(bodies[
                                     "four default outputs"]).encode(), args.seconds)
                                 rps = r["p50_ms"]
@@ -266,10 +305,17 @@ def _compare(args: argparse.Namespace, version: Path, base: str, head: str, dirt
         flags += f" --intra-op-threads {args.intra_op_threads}"
     if args.outputs:
         flags += f" --outputs {args.outputs}"
+    if args.rows != BATCH_ROWS:
+        flags += f" --rows {args.rows}"
     if args.model_dir != [str(ROOT / "models" / "digits_lse" / "1")]:
         flags += " --model-dir " + " ".join(_shown(Path(m)) for m in args.model_dir)
-    if args.protocol == "batch":
-        method = (f"batch attribution, {BATCH_ROWS:,} V2 binary rows per job in the server's default chunks, "
+    if args.protocol == "large":
+        method = (f"one online V2 request of {args.rows:,} rows at a time (binary input and outputs), back to back "
+                  f"for at least {args.seconds:g} s per server and request, then {args.seconds:g} s of batch-1 JSON "
+                  "requests at concurrency 1 while such requests run")
+        unit, key = "", "unit"
+    elif args.protocol == "batch":
+        method = (f"batch attribution, {args.rows:,} V2 binary rows per job in the server's default chunks, "
                   f"`bench/loadgen.py`'s `batch_job` back to back for at least {args.seconds:g} s per server and layout, "
                   f"then {args.seconds:g} s of online requests while row-layout jobs run")
         unit, key = "", "unit"
@@ -297,8 +343,11 @@ Generated by `python bench/ab_server.py {flags}` on {time.strftime('%Y-%m-%d %H:
 |---|---|---|---|---|"""]
     for body_label, c in cells:
         a, b = (statistics.median(results[(label, body_label, c)]) for label in labels)
-        L.append(f"| {body_label} | {c} | {a:.{2 if 'ms' in str(c) else 0}f} | {b:.{2 if 'ms' in str(c) else 0}f} | "
-                 f"{b / a:.2f}x |")
+        prec = 3 if c == "s" else 2 if "ms" in str(c) else 1 if "%" in str(c) else 0
+        L.append(f"| {body_label} | {c} | {a:.{prec}f} | {b:.{prec}f} | {f'{b / a:.2f}x' if a else '-'} |")
+    if args.protocol == "large":
+        L.append("\nSeconds and p99: lower is better. Answered %: the online requests answered 200; the others got "
+                 "503 (the model's queue full).")
     return "\n".join(L)
 
 

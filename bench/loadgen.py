@@ -7,7 +7,8 @@ measures. Used by ``bench/overload_bench.py`` (open and closed loops) and ``benc
 whole, so a connection is never reused mid-response. :func:`grpc_loop` is the same closed loop over
 one gRPC channel (grpcio's asyncio client, the request serialised once). Both speak TLS when given a
 client context / channel credentials (``bench/ab_server.py --tls``). :func:`batch_job` runs one
-batch-attribution job (V2 binary rows in, NDJSON out) and counts the rows answered in the raw bytes.
+batch-attribution job (V2 binary rows in, NDJSON out) and counts the rows answered in the raw bytes;
+:func:`large_request` one online inference request of many rows (binary in and out).
 """
 
 from __future__ import annotations
@@ -21,7 +22,8 @@ import time
 
 import numpy as np
 
-__all__ = ["Pool", "batch_job", "batch_throughput", "closed_loop", "grpc_loop", "post_loop", "request_bytes"]
+__all__ = ["Pool", "batch_job", "batch_throughput", "closed_loop", "grpc_loop", "large_request", "post_loop",
+           "request_bytes"]
 
 #: a column line's leading row range, {"rows":[first,end]
 _ROWS_RANGE = re.compile(rb'\{"rows":\[(\d+),(\d+)\]')
@@ -199,6 +201,27 @@ def batch_job(client, name: str, x: np.ndarray, layout: str = "rows", outputs: l
     if rows != len(x):
         raise RuntimeError(f"a {layout} batch job answered {rows} of {len(x)} rows")
     return rows
+
+
+def large_request(client, name: str, x: np.ndarray, diagnostics: bool) -> float:
+    """Seconds for one online V2 inference request of all of ``x`` (float32 (n, d)) with ``client``
+    (an ``httpx.Client`` on the server's URL): binary input, binary outputs, the four default outputs
+    or (``diagnostics``) every one. A request that fails, or answers another number of rows, raises."""
+    raw = np.ascontiguousarray(x, np.float32).tobytes()
+    wire: dict = {"inputs": [{"name": "input", "shape": list(x.shape), "datatype": "FP32",
+                              "parameters": {"binary_data_size": len(raw)}}],
+                  "parameters": {"binary_data_output": True, **({"diagnostics": True} if diagnostics else {})}}
+    head = json.dumps(wire).encode()
+    t0 = time.perf_counter()
+    r = client.post(f"/v2/models/{name}/infer", content=head + raw,
+                    headers={"Inference-Header-Content-Length": str(len(head))})
+    elapsed = time.perf_counter() - t0
+    if r.status_code != 200:
+        raise RuntimeError(f"a {len(x)}-row request failed: {r.status_code} {r.content[:300]!r}")
+    answer = json.loads(r.content[:int(r.headers["inference-header-content-length"])])
+    if any(o["shape"][0] != len(x) for o in answer["outputs"]):
+        raise RuntimeError(f"a {len(x)}-row request answered {[o['shape'] for o in answer['outputs']]}")
+    return elapsed
 
 
 def batch_throughput(url: str, name: str, x: np.ndarray, layout: str, seconds: float) -> float:

@@ -62,3 +62,14 @@ def test_batch_job_raises_on_a_failed_job(loadgen, client, rows):
         loadgen.batch_job(client, "digits_lse", rows, outputs=["no_such_output"])
     with pytest.raises(RuntimeError, match="400"):
         loadgen.batch_job(client, "digits_lse", rows[:, :10])
+
+
+def test_large_request_answers_every_row_and_raises_on_a_failed_one(loadgen, client, rows):
+    """``bench/ab_server.py --protocol large``'s request: one online request of all the rows, in
+    binary, with the default outputs or every one; a failed request raises instead of reading as fast."""
+    assert loadgen.large_request(client, "digits_lse", rows, False) > 0
+    assert loadgen.large_request(client, "digits_lse", rows, True) > 0
+    with pytest.raises(RuntimeError, match="400"):
+        loadgen.large_request(client, "digits_lse", rows[:, :10], False)
+    with pytest.raises(RuntimeError, match="404"):
+        loadgen.large_request(client, "no_such_model", rows, False)
