@@ -559,8 +559,8 @@ class DataPlane:
             return list(mv.output_names)
         if diag is False:
             return []
-        if isinstance(diag, str) and diag.strip():
-            return split_names(diag)
+        if isinstance(diag, str) and (names := split_names(diag)):   # "," names none: refused as "" is
+            return names
         if isinstance(diag, list) and diag and all(isinstance(n, str) for n in diag):
             return list(diag)
         raise InvalidParameter(

@@ -108,6 +108,11 @@ CASES = [
      "invalid_parameter", "both"),
     ("alpha-other", "POST", INFER, _v2(parameters={"alpha": 0.2}), 400, "invalid_parameter", "calibrated at alpha"),
     ("diagnostics-bad", "POST", INFER, _v2(parameters={"diagnostics": 3}), 400, "invalid_parameter", "diagnostics"),
+    # a list of no names: "" and [] were refused, while "," and " , " read as no diagnostics at all
+    ("diagnostics-no-names", "POST", INFER, _v2(parameters={"diagnostics": ","}), 400, "invalid_parameter",
+     "diagnostics"),
+    ("diagnostics-blank-names", "POST", INFER, _v2(parameters={"diagnostics": " , "}), 400, "invalid_parameter",
+     "diagnostics"),
     ("timeout-bad", "POST", INFER, _v2(parameters={"timeout": -5}), 400, "invalid_parameter", "timeout"),
     ("binary-flag-bad", "POST", INFER, _v2(parameters={"binary_data_output": "yes"}), 400, "bad_request",
      "boolean"),
