@@ -199,3 +199,51 @@ def test_booleans_among_numbers_are_refused_in_every_encoding(encoding, datatype
     assert codecs.may_hold_booleans(numeric.encode(encoding)) == (encoding not in ("utf-8", "utf-8-sig"))
     expected = [1, 1, 2, 3] if data[0] == 1 else [1, 2, 0, 3]
     assert codecs.decode_infer_request(numeric.encode(encoding)).inputs[0].array.ravel().tolist() == expected
+
+
+def _halfway_decimals(n: int, seed: int) -> list[str]:
+    """Decimals exactly halfway between two neighbouring doubles, and a hair (1e-40 relative) either
+    side: where a parser that is not correctly rounded picks the wrong neighbour. Doubles of every
+    binade, subnormals included, and the float32 range that requests hold."""
+    from decimal import Decimal, getcontext
+
+    getcontext().prec = 1200
+    rng = np.random.default_rng(seed)
+    bits = rng.integers(1, 0x7FEFFFFFFFFFFFFF, n, dtype=np.int64)
+    doubles = np.concatenate([bits.view(np.float64), rng.standard_normal(n) * 10.0 ** rng.uniform(-45, 38, n)])
+    out = []
+    for x in doubles.tolist():
+        x = abs(x)
+        mid = (Decimal(x) + Decimal(float(np.nextafter(x, np.inf)))) / 2
+        hair = Decimal(10) ** (mid.adjusted() - 40)
+        out += [f"{mid:e}", f"{mid + hair:e}", f"-{mid - hair:e}"]
+    return out
+
+
+def test_json_numbers_parse_to_the_correctly_rounded_doubles():
+    """parse_json (orjson first) reads every decimal as the double ``float()`` reads: the served
+    radius' input-rounding allowance counts on one correct rounding of a JSON decimal to float64."""
+    texts = _halfway_decimals(2000, 0)
+    body = ("[" + ",".join(texts) + "]").encode()
+    assert codecs.parse_json(body) == [float(t) for t in texts]
+
+
+@pytest.mark.parametrize(("text", "value"), [
+    (b'[NaN, Infinity, -Infinity]', [float("nan"), float("inf"), -float("inf")]),   # Python's, Triton's client's
+    (b'[1e400, -1e400]', [float("inf"), -float("inf")]),        # beyond float64: refused later as not finite
+    (b'{"a": "\\ud800"}', {"a": "\ud800"}),                       # a lone surrogate
+    ('{"a": [1.5]}'.encode("utf-16"), {"a": [1.5]}),               # UTF-16 with its BOM
+    ('{"a": [1.5]}'.encode("utf-8-sig"), {"a": [1.5]}),            # UTF-8 with a BOM
+    (b'{"a": 1, "a": 2}', {"a": 2}),                               # the last of a repeated key
+    (b'[-0, 0.0, 1E2, 5e-324]', [0, 0.0, 100.0, 5e-324]),
+])
+def test_json_the_fast_parser_refuses_reads_as_the_standard_library_does(text, value):
+    got = codecs.parse_json(text)
+    assert json.dumps(got) == json.dumps(value) and type(got) is type(value)
+
+
+@pytest.mark.parametrize("text", [b"{not json", b"[1, 2", b"", b"[" * 5000 + b"]" * 5000, b"1" * 5000,
+                                  b'{"a": 1} x', b"\xff\xfe\x00"])
+def test_json_malformed_bodies_are_invalid_json(text):
+    with pytest.raises(InvalidJSON, match="malformed JSON"):
+        codecs.parse_json(text)
