@@ -35,11 +35,13 @@ batch-attribution jobs instead (``bench/loadgen.py``'s :func:`batch_job`: 20,000
 NDJSON out, in the row and the column layout), repeated for ``--seconds``, in rows/s; and the latency
 of online requests (the closed loop at concurrency 1, four default outputs) while row-layout jobs
 run back to back, p50 and p99 in ms (the ratio: lower is better there). With ``--protocol large``
-each server answers one online V2 request of 20,000 rows (``--rows``; binary input and outputs) at a time,
-repeated for ``--seconds``: seconds per request with the four default outputs and with every output
-(lower is better); then the closed loop of small online requests at concurrency 1 while such large
-requests run back to back, as the share of them answered 200 (the rest: 503, a full queue) and p99
-in ms: whether one client's large request locks the model's other clients out.
+each server answers one online V2 request of 20,000 rows (``--rows``) at a time, repeated for
+``--seconds``: seconds per request, binary input and outputs with the four default outputs and with
+every output, and JSON both ways with the four default outputs (lower is better); then the closed
+loop of small online requests at concurrency 1 while such large requests (binary, then JSON) run
+back to back, as the share of them answered 200 (the rest: 503, a full queue) and p99 in ms: whether
+one client's large request locks the model's other clients out, by filling its queue or by holding
+the event loop while its body is decoded.
 """
 
 from __future__ import annotations
@@ -63,7 +65,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.ab_graph import export_with  # noqa: E402
-from bench.loadgen import batch_job, batch_throughput, grpc_loop, large_request, post_loop  # noqa: E402
+from bench.loadgen import batch_job, batch_throughput, grpc_loop, large_body, large_request, post_loop  # noqa: E402
 from service.settings import split_names  # noqa: E402
 from service.testing import run_server  # noqa: E402
 
@@ -74,25 +76,25 @@ BATCH_ROWS = 20_000
 LAYOUTS = ("rows", "columns")
 
 
-def _large_seconds(url: str, name: str, x: np.ndarray, diagnostics: bool, seconds: float) -> float:
-    """The median seconds of back-to-back :func:`large_request` calls for at least ``seconds`` (and
-    three calls), after one warm-up call."""
+def _large_seconds(url: str, name: str, body: tuple[bytes, dict[str, str]], rows: int, seconds: float) -> float:
+    """The median seconds of back-to-back :func:`large_request` calls of ``body`` for at least
+    ``seconds`` (and three calls), after one warm-up call."""
     import httpx
 
     with httpx.Client(base_url=url, timeout=600) as client:
-        large_request(client, name, x[:1024], diagnostics)
+        large_request(client, name, body, rows)
         times, t0 = [], time.perf_counter()
         while time.perf_counter() - t0 < seconds or len(times) < 3:
-            times.append(large_request(client, name, x, diagnostics))
+            times.append(large_request(client, name, body, rows))
     return statistics.median(times)
 
 
 def _online_during_jobs(url: str, name: str, x: np.ndarray, body: bytes, seconds: float,
-                        large: bool = False) -> dict:
+                        large: tuple[bytes, dict[str, str]] | None = None) -> dict:
     """The closed loop's result at concurrency 1 (online requests) while a thread runs row-layout
-    batch jobs on ``x`` back to back (``large``: online requests of all of ``x``, the four default
-    outputs). A job that fails fails the measurement: online requests measured without the load
-    would read as a gain."""
+    batch jobs on ``x`` back to back (``large``: online requests of all of ``x``, this body of
+    :func:`large_body`). A job that fails fails the measurement: online requests measured without
+    the load would read as a gain."""
     from concurrent.futures import ThreadPoolExecutor
 
     import httpx
@@ -103,7 +105,7 @@ def _online_during_jobs(url: str, name: str, x: np.ndarray, body: bytes, seconds
         with httpx.Client(base_url=url, timeout=600) as client:
             while not stop:
                 if large:
-                    large_request(client, name, x, False)
+                    large_request(client, name, large, len(x))
                 else:
                     batch_job(client, name, x, "rows")
 
@@ -198,10 +200,15 @@ def _compare(args: argparse.Namespace, version: Path, base: str, head: str, dirt
         messages = {label: message("parameters" in body) for label, body in bodies.items()}
     batch_x = np.abs(np.random.default_rng(1).standard_normal((args.rows, spec["n_features"]))).astype(np.float32) * 3
     during = "online request (c=1, four default outputs) during row-layout batch jobs"
+    large_bodies = {"binary, four default outputs": (batch_x, False, True),
+                    "binary, every output (diagnostics: true)": (batch_x, True, True),
+                    "JSON, four default outputs": (batch_x, False, False)} if args.protocol == "large" else {}
+    large_bodies = {label: large_body(*how) for label, how in large_bodies.items()}
     if args.protocol == "large":
-        during = f"online request (c=1, four default outputs) during {args.rows:,}-row requests"
-        cells = [(f"one {args.rows:,}-row request, {label}", "s") for label in bodies] + [
-            (during, "answered %"), (during, "p99 ms")]
+        durings = {f"online request (c=1, four default outputs) during {args.rows:,}-row {how} requests": how
+                   for how in ("binary", "JSON")}
+        cells = [(f"one {args.rows:,}-row request, {label}", "s") for label in large_bodies] + [
+            (during, unit) for during in durings for unit in ("answered %", "p99 ms")]
     elif args.protocol == "batch":
         cells = [(f"batch job, layout={layout}", "rows/s") for layout in LAYOUTS] + [(during, "p50 ms"),
                                                                                     (during, "p99 ms")]
@@ -255,11 +262,12 @@ def _compare(args: argparse.Namespace, version: Path, base: str, head: str, dirt
                                     tls_context=client_context if tls else None, **settings) as server:
                         for body_label, c in cells:
                             if c == "s":
-                                rps = _large_seconds(server.url, name, batch_x, "diagnostics" in body_label,
-                                                     args.seconds)
+                                rps = _large_seconds(server.url, name, large_bodies[body_label.split(", ", 1)[1]],
+                                                     args.rows, args.seconds)
                             elif c == "answered %":
+                                load = large_bodies[f"{durings[body_label]}, four default outputs"]
                                 r = _online_during_jobs(server.url, name, batch_x, json.dumps(bodies[
-                                    "four default outputs"]).encode(), args.seconds, large=True)
+                                    "four default outputs"]).encode(), args.seconds, large=load)
                                 rps = 100.0 * (r["n"] - r["errors"]) / r["n"]
                                 results.setdefault((label, body_label, "p99 ms"), []).append(r["p99_ms"])
                             elif c == "p50 ms":
@@ -310,7 +318,7 @@ def _compare(args: argparse.Namespace, version: Path, base: str, head: str, dirt
     if args.model_dir != [str(ROOT / "models" / "digits_lse" / "1")]:
         flags += " --model-dir " + " ".join(_shown(Path(m)) for m in args.model_dir)
     if args.protocol == "large":
-        method = (f"one online V2 request of {args.rows:,} rows at a time (binary input and outputs), back to back "
+        method = (f"one online V2 request of {args.rows:,} rows at a time (binary or JSON), back to back "
                   f"for at least {args.seconds:g} s per server and request, then {args.seconds:g} s of batch-1 JSON "
                   "requests at concurrency 1 while such requests run")
         unit, key = "", "unit"

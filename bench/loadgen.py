@@ -8,7 +8,7 @@ whole, so a connection is never reused mid-response. :func:`grpc_loop` is the sa
 one gRPC channel (grpcio's asyncio client, the request serialised once). Both speak TLS when given a
 client context / channel credentials (``bench/ab_server.py --tls``). :func:`batch_job` runs one
 batch-attribution job (V2 binary rows in, NDJSON out) and counts the rows answered in the raw bytes;
-:func:`large_request` one online inference request of many rows (binary in and out).
+:func:`large_request` one online inference request of many rows (:func:`large_body`: binary or JSON).
 """
 
 from __future__ import annotations
@@ -22,8 +22,8 @@ import time
 
 import numpy as np
 
-__all__ = ["Pool", "batch_job", "batch_throughput", "closed_loop", "grpc_loop", "large_request", "post_loop",
-           "request_bytes"]
+__all__ = ["Pool", "batch_job", "batch_throughput", "closed_loop", "grpc_loop", "large_body", "large_request",
+           "post_loop", "request_bytes"]
 
 #: a column line's leading row range, {"rows":[first,end]
 _ROWS_RANGE = re.compile(rb'\{"rows":\[(\d+),(\d+)\]')
@@ -203,24 +203,37 @@ def batch_job(client, name: str, x: np.ndarray, layout: str = "rows", outputs: l
     return rows
 
 
-def large_request(client, name: str, x: np.ndarray, diagnostics: bool) -> float:
-    """Seconds for one online V2 inference request of all of ``x`` (float32 (n, d)) with ``client``
-    (an ``httpx.Client`` on the server's URL): binary input, binary outputs, the four default outputs
-    or (``diagnostics``) every one. A request that fails, or answers another number of rows, raises."""
+def large_body(x: np.ndarray, diagnostics: bool = False, binary: bool = True) -> tuple[bytes, dict[str, str]]:
+    """(body, headers) of one online V2 inference request of all of ``x`` (float32 (n, d)): binary
+    input and outputs (``binary``) or JSON both ways; the four default outputs or (``diagnostics``)
+    every one. Built once, outside the timed calls."""
+    params = {"diagnostics": True} if diagnostics else {}
+    if not binary:
+        wire = {"inputs": [{"name": "input", "shape": list(x.shape), "datatype": "FP32", "data": x.tolist()}],
+                "parameters": params}
+        return json.dumps(wire).encode(), {"Content-Type": "application/json"}
     raw = np.ascontiguousarray(x, np.float32).tobytes()
-    wire: dict = {"inputs": [{"name": "input", "shape": list(x.shape), "datatype": "FP32",
-                              "parameters": {"binary_data_size": len(raw)}}],
-                  "parameters": {"binary_data_output": True, **({"diagnostics": True} if diagnostics else {})}}
+    wire = {"inputs": [{"name": "input", "shape": list(x.shape), "datatype": "FP32",
+                        "parameters": {"binary_data_size": len(raw)}}],
+            "parameters": {"binary_data_output": True, **params}}
     head = json.dumps(wire).encode()
+    return head + raw, {"Inference-Header-Content-Length": str(len(head))}
+
+
+def large_request(client, name: str, body: tuple[bytes, dict[str, str]], rows: int) -> float:
+    """Seconds for one online request ``body`` (:func:`large_body`) of ``rows`` rows with ``client``
+    (an ``httpx.Client`` on the server's URL). A request that fails, or answers another number of
+    rows, raises."""
+    content, headers = body
     t0 = time.perf_counter()
-    r = client.post(f"/v2/models/{name}/infer", content=head + raw,
-                    headers={"Inference-Header-Content-Length": str(len(head))})
+    r = client.post(f"/v2/models/{name}/infer", content=content, headers=headers)
     elapsed = time.perf_counter() - t0
     if r.status_code != 200:
-        raise RuntimeError(f"a {len(x)}-row request failed: {r.status_code} {r.content[:300]!r}")
-    answer = json.loads(r.content[:int(r.headers["inference-header-content-length"])])
-    if any(o["shape"][0] != len(x) for o in answer["outputs"]):
-        raise RuntimeError(f"a {len(x)}-row request answered {[o['shape'] for o in answer['outputs']]}")
+        raise RuntimeError(f"a {rows}-row request failed: {r.status_code} {r.content[:300]!r}")
+    length = r.headers.get("inference-header-content-length")
+    answer = json.loads(r.content[:int(length)] if length else r.content)
+    if any(o["shape"][0] != rows for o in answer["outputs"]):
+        raise RuntimeError(f"a {rows}-row request answered {[o['shape'] for o in answer['outputs']]}")
     return elapsed
 
 

@@ -65,11 +65,13 @@ def test_batch_job_raises_on_a_failed_job(loadgen, client, rows):
 
 
 def test_large_request_answers_every_row_and_raises_on_a_failed_one(loadgen, client, rows):
-    """``bench/ab_server.py --protocol large``'s request: one online request of all the rows, in
-    binary, with the default outputs or every one; a failed request raises instead of reading as fast."""
-    assert loadgen.large_request(client, "digits_lse", rows, False) > 0
-    assert loadgen.large_request(client, "digits_lse", rows, True) > 0
+    """``bench/ab_server.py --protocol large``'s request: one online request of all the rows, binary
+    or JSON, with the default outputs or every one; a failed request raises instead of reading as fast."""
+    for diagnostics, binary in ((False, True), (True, True), (False, False)):
+        assert loadgen.large_request(client, "digits_lse", loadgen.large_body(rows, diagnostics, binary), len(rows)) > 0
+    with pytest.raises(RuntimeError, match="answered"):
+        loadgen.large_request(client, "digits_lse", loadgen.large_body(rows), len(rows) + 1)
     with pytest.raises(RuntimeError, match="400"):
-        loadgen.large_request(client, "digits_lse", rows[:, :10], False)
+        loadgen.large_request(client, "digits_lse", loadgen.large_body(rows[:, :10]), len(rows))
     with pytest.raises(RuntimeError, match="404"):
-        loadgen.large_request(client, "no_such_model", rows, False)
+        loadgen.large_request(client, "no_such_model", loadgen.large_body(rows, binary=False), len(rows))
