@@ -76,6 +76,42 @@ def parameters(entries) -> dict[str, Any]:
     return {key: parameter_value(value) for key, value in entries.items()}
 
 
+#: The typed fields whose values have a fixed width on the wire (protobuf's fixed32 / fixed64), as
+#: little-endian numpy types.
+_FIXED_WIDTH = {"fp32_contents": np.dtype("<f4"), "fp64_contents": np.dtype("<f8")}
+
+
+def _varint(data: bytes, pos: int) -> tuple[int, int]:
+    """The protobuf varint at ``data[pos:]`` and the position after it ((-1, pos) if none ends within
+    10 bytes)."""
+    value = 0
+    for i in range(10):
+        if pos + i >= len(data):
+            break
+        byte = data[pos + i]
+        value |= (byte & 0x7F) << (7 * i)
+        if byte < 0x80:
+            return value, pos + i + 1
+    return -1, pos
+
+
+def _fixed_width_values(contents: pb.InferTensorContents, field: str, count: int) -> np.ndarray | None:
+    """The ``count`` values of the fixed-width packed ``field`` (the only field set), read from the
+    contents' own wire bytes in one step: protobuf serialises a packed float field as one key, one
+    length and the values' little-endian bytes. Reading them value by value (``np.fromiter``) held
+    the event loop ~4x as long (0.17 s for 16 MB of FP32 contents, 0.045 s this way; a message may
+    hold 64 MB). None when the bytes are anything else (fields the schema does not know, which
+    protobuf keeps and writes back), and the caller reads value by value."""
+    number = contents.DESCRIPTOR.fields_by_name[field].number
+    wire = contents.SerializeToString()
+    key, pos = _varint(wire, 0)
+    length, pos = _varint(wire, pos)
+    dtype = _FIXED_WIDTH[field]
+    if key != (number << 3 | 2) or length != count * dtype.itemsize or pos + length != len(wire):
+        return None
+    return np.frombuffer(wire, dtype=dtype, count=count, offset=pos).astype(_FIELD_DTYPES[field])
+
+
 def _from_contents(tensor: pb.ModelInferRequest.InferInputTensor, shape: tuple[int, ...]) -> np.ndarray:
     field = _CONTENTS.get(tensor.datatype)
     if field is None:
@@ -91,9 +127,11 @@ def _from_contents(tensor: pb.ModelInferRequest.InferInputTensor, shape: tuple[i
         array = np.empty(count, dtype=object)
         array[:] = list(values)
         return array.reshape(shape)
-    # read in the field's own type (fromiter: ~1.8x asarray's speed, no list), then narrowed: a value
-    # the datatype cannot hold is refused, never wrapped
-    wide = np.fromiter(values, dtype=_FIELD_DTYPES[field], count=count)
+    wide = _fixed_width_values(tensor.contents, field, count) if field in _FIXED_WIDTH else None
+    if wide is None:
+        # read in the field's own type (fromiter: ~1.8x asarray's speed, no list), then narrowed: a
+        # value the datatype cannot hold is refused, never wrapped
+        wide = np.fromiter(values, dtype=_FIELD_DTYPES[field], count=count)
     array = wide.astype(DATATYPES[tensor.datatype], copy=False)
     if wide.dtype.kind in "iu" and not np.array_equal(array, wide):
         raise InvalidDatatype(f"input '{tensor.name}': contents out of range for {tensor.datatype}")

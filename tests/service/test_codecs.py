@@ -247,3 +247,51 @@ def test_json_the_fast_parser_refuses_reads_as_the_standard_library_does(text, v
 def test_json_malformed_bodies_are_invalid_json(text):
     with pytest.raises(InvalidJSON, match="malformed JSON"):
         codecs.parse_json(text)
+
+
+def _typed_message(datatype: str, field: str, values: np.ndarray):
+    from service.grpc import inference_pb2 as pb
+
+    m = pb.ModelInferRequest(model_name="m")
+    tensor = m.inputs.add(name="input", datatype=datatype, shape=list(values.shape))
+    getattr(tensor.contents, field).extend(values.ravel().tolist())
+    return m
+
+
+@pytest.mark.parametrize(("datatype", "field", "dtype"), [("FP32", "fp32_contents", np.float32),
+                                                            ("FP64", "fp64_contents", np.float64)])
+def test_grpc_float_contents_are_read_from_their_wire_bytes_bit_for_bit(monkeypatch, datatype, field, dtype):
+    """FP32 / FP64 typed contents are read from the field's packed little-endian bytes in one step,
+    value by value never: every bit pattern as sent (subnormals, -0.0, the extremes, NaN and inf
+    too, which the dataplane then refuses), and the array is the decoder's own (writable)."""
+    from service.codecs import grpc as grpc_codec
+
+    rng = np.random.default_rng(0)
+    info = np.finfo(dtype)
+    special = np.array([0.0, -0.0, info.tiny, info.tiny / 4, -info.smallest_subnormal, info.max, -info.max,
+                        np.nan, np.inf, -np.inf, 1.5], dtype)
+    values = np.concatenate([special, (rng.standard_normal(4096) * 10.0 ** rng.uniform(-30, 30, 4096)).astype(dtype)])
+    message = _typed_message(datatype, field, values.reshape(-1, 1))
+    monkeypatch.setattr(grpc_codec.np, "fromiter", None)        # the value-by-value reader is not used
+    (t,) = grpc_codec.decode_infer_request(type(message).FromString(message.SerializeToString())).inputs
+    assert t.array.dtype == dtype and t.array.flags.writeable
+    assert t.array.ravel().view(f"u{values.itemsize}").tolist() == values.view(f"u{values.itemsize}").tolist()
+
+
+def test_grpc_float_contents_with_fields_the_schema_lacks_are_read_value_by_value():
+    """A contents message that also carries a field the schema does not know (protobuf keeps it and
+    writes it back), or whose packed values came in two runs: the values are the ones sent."""
+    from service.codecs import grpc as grpc_codec
+
+    values = np.arange(12, dtype=np.float32).reshape(6, 2) / 7
+    message = _typed_message("FP32", "fp32_contents", values)
+    contents = message.inputs[0].contents
+    contents.MergeFromString(bytes([0x98, 0x06, 0x05]))    # field 99 = 5 (key 99 << 3 as a varint): unknown
+    assert grpc_codec._fixed_width_values(contents, "fp32_contents", 12) is None
+    (t,) = grpc_codec.decode_infer_request(message).inputs
+    np.testing.assert_array_equal(t.array, values)
+    half = _typed_message("FP32", "fp32_contents", values[:3]).inputs[0].contents.SerializeToString()
+    rest = _typed_message("FP32", "fp32_contents", values[3:]).inputs[0].contents.SerializeToString()
+    message.inputs[0].contents.ParseFromString(half + rest)       # two packed runs: protobuf joins them
+    (t,) = grpc_codec.decode_infer_request(message).inputs
+    np.testing.assert_array_equal(t.array, values)
