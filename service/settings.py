@@ -218,12 +218,12 @@ class Settings(BaseSettings):
     max_request_memory_bytes: int = Field(4 * 1024 * 1024 * 1024, ge=1)
     """Most memory the inference bodies being read and decoded may take, all requests together (REST
     V2 / V1, JSON batch bodies, gRPC), as estimated before each is parsed: a body twice its size
-    while it is read, its JSON part 48 times its size in all (the most the JSON parser takes for any
-    body, nested empty lists: ~46x; numbers take ~11x), a gRPC message twice its size. A request that
+    while it is read, its JSON part 52 times its size in all (the most the JSON parser takes for any
+    body, deeply nested lists: ~50x with the body; numbers take ~13x), a gRPC message twice its size. A request that
     would take the total past it gets 503 ``request_memory_full`` with ``Retry-After``; a body whose
     estimate alone exceeds it, 413. The default admits one 64 MiB JSON body (``max_body_bytes``:
-    3 GiB) and bounds what any number of connections can make the server hold; size it to the
-    process's memory limit with ``max_body_bytes`` x 48 below it."""
+    3.25 GiB) and bounds what any number of connections can make the server hold; size it to the
+    process's memory limit with ``max_body_bytes`` x 52 below it."""
 
     max_stream_bytes: int = Field(4 * 1024 * 1024 * 1024, ge=1)
     """Largest streamed batch-attribution body (NDJSON or V2 binary), spooled to a temporary file

@@ -53,7 +53,7 @@ def ndjson_source(body: IO[bytes], chunk_rows: int, max_rows: int, max_line_byte
 
     Each line becomes its row of float64 numbers as soon as it is parsed (:func:`_numbers`), so a pending
     chunk holds d numbers per row, never a line's parsed JSON: a line of ``max_line_bytes`` can take
-    ~46x its size to parse (nested empty lists), and a chunk of such lines held as Python objects took
+    ~50x its size to parse (deeply nested lists), and a chunk of such lines held as Python objects took
     gigabytes. On a bad line after at least one full chunk, the good rows read before it are yielded
     first, then the error is raised (see the module's error contract)."""
     rows: list[np.ndarray] = []

@@ -144,11 +144,13 @@ def split_body(body: bytes, header_length: str | None) -> tuple[bytes, memoryvie
     return bytes(view[:length]), view[length:]
 
 
-#: The most memory :func:`parse_json` takes per byte it parses, with the body itself, for any body:
-#: nested empty lists (``[[[...]]]`` repeated) approach 46x -- each ``[]`` pair, 2 bytes, a list object
-#: and its slot in its parent -- against ~11x for numbers and ~4x for strings
-#: (``tests/service/test_request_memory.py`` measures hostile bodies against it).
-PARSE_BYTES_PER_BYTE = 48
+#: The most memory :func:`parse_json` takes per byte it parses, with the body itself, for any body,
+#: as resident memory: nested lists (``[[[...]]]``, 500 and 1,000 deep) take ~49x beyond the body --
+#: each ``[]`` pair, 2 bytes, a list object and its slot in its parent -- against ~13x for numbers and
+#: ~22x for one-letter strings (``tests/service/test_request_memory.py`` measures hostile bodies
+#: against it in fresh processes; it was 48, which tracemalloc's count of ~46x suggested and the
+#: kernel's count exceeds).
+PARSE_BYTES_PER_BYTE = 52
 
 
 def parse_json(data: bytes | str) -> Any:
