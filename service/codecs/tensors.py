@@ -165,9 +165,9 @@ def parse_json(data: bytes | str) -> Any:
     numbers beyond float64's range, lone surrogates, UTF-16 / UTF-32 or a BOM -- is read by the
     standard library; so are malformed bodies, whose error message it writes (a body malformed at its
     end is parsed twice: ~1.25x the standard library's time alone, where a valid one takes 0.25-0.4x).
-    One difference stays:
-    orjson reads an integer beyond 64 bits as the nearest float, which a tensor reads it as anyway,
-    and which an integer parameter (``top_k``, ``timeout``) refuses."""
+    One difference stays: orjson reads an integer of 2^64 or more (within float64's range) as the
+    nearest float, which a tensor reads it as anyway, and which an integer parameter (``top_k``,
+    ``timeout``) refuses."""
     try:
         return orjson.loads(data)
     except orjson.JSONDecodeError:
