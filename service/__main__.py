@@ -115,7 +115,8 @@ def main(argv: Sequence[str] | None = None) -> None:
                             access_log=False, log_config=None,   # hjserve.access writes the access lines
                             timeout_graceful_shutdown=settings.shutdown_grace_s, loop="uvloop",
                             http=guarded_protocol(settings.header_timeout_s, load_shedder(app.state.dataplane),
-                                                  settings.retry_after_s, settings.max_header_bytes),
+                                                  settings.retry_after_s, settings.max_header_bytes,
+                                                  settings.send_timeout_s, app.state.dataplane.request_memory),
                             limit_concurrency=settings.max_connections, timeout_keep_alive=settings.keep_alive_s,
                             **tls.uvicorn_options(settings))
     config.load()   # makes uvicorn's TLS context, which the reloader loads renewed certificates into

@@ -61,6 +61,13 @@ class Hold:
         self.budget._add(n)
         self.held += n
 
+    def account(self, n: int) -> None:
+        """Hold exactly ``n`` bytes, without the check: bytes the process holds already (a response
+        buffered for a client that is not reading it), counted so that the requests after them see
+        them and are refused while they fill the budget."""
+        self.budget._add(n - self.held)
+        self.held = n
+
     def release(self) -> None:
         self.budget._add(-self.held)
         self.held = 0

@@ -219,9 +219,10 @@ class Settings(BaseSettings):
     """Most memory the inference bodies being read and decoded may take, all requests together (REST
     V2 / V1, JSON batch bodies, gRPC), as estimated before each is parsed: a body twice its size
     while it is read, its JSON part 52 times its size in all (the most the JSON parser takes for any
-    body, deeply nested lists: ~50x with the body; numbers take ~13x), a gRPC message twice its size. A request that
-    would take the total past it gets 503 ``request_memory_full`` with ``Retry-After``; a body whose
-    estimate alone exceeds it, 413. The default admits one 64 MiB JSON body (``max_body_bytes``:
+    body, deeply nested lists: ~50x with the body; numbers take ~13x), a gRPC message twice its size;
+    and a REST answer, from when it is encoded until its client has taken it (``send_timeout_s``). A
+    request that would take the total past it gets 503 ``request_memory_full`` with ``Retry-After``;
+    a body (or answer) whose estimate alone exceeds it, 413. The default admits one 64 MiB JSON body (``max_body_bytes``:
     3.25 GiB) and bounds what any number of connections can make the server hold; size it to the
     process's memory limit with ``max_body_bytes`` x 52 below it."""
 
@@ -256,6 +257,12 @@ class Settings(BaseSettings):
     body_timeout_s: float = Field(120.0, gt=0.0, le=MAX_DURATION_S)
     """Longest time a request body may take to arrive after its head (408 ``body_timeout`` and the
     connection closed beyond it). Applies to every body, streamed batch bodies included."""
+
+    send_timeout_s: float = Field(30.0, gt=0.0, le=MAX_DURATION_S)
+    """A response its client is not reading (the socket takes no more of it) counts against
+    ``max_request_memory_bytes`` while it waits in the server's buffer; a client that takes less
+    than 64 KiB of it in this long has its connection closed, and the bytes are freed (as nginx's
+    ``send_timeout``)."""
 
     keep_alive_s: float = Field(5.0, gt=0.0, le=MAX_DURATION_S)
     """How long an idle keep-alive connection stays open between requests."""

@@ -16,6 +16,13 @@
     heads before any of their tasks runs. No ASGI task is created, FastAPI is never entered, the
     body is parsed and dropped without being stored or decoded, and the connection stays alive, so
     a rejection costs a few tens of microseconds of the event loop instead of a full request.
+  - a response its client does not read: once the transport's buffer passes its high-water mark
+    (the socket takes no more), the bytes it holds count against the request-memory budget
+    (``max_request_memory_bytes``) until it drains, and a client that takes less than one write
+    window (64 KiB) of it in ``send_timeout_s`` has its connection closed (aborted: the buffer is
+    dropped). uvicorn hands a response to the transport in one write, so without this a client
+    that read nothing held its whole response in the server's memory for as long as it kept the
+    connection open;
 * :class:`BodyTimeoutMiddleware` -- a deadline for the request body: every body must have arrived
   ``body_timeout_s`` after its request head, or the request fails with 408 ``body_timeout`` and the
   connection is closed.
@@ -27,6 +34,10 @@ The number of concurrent connections and requests is bounded by uvicorn's ``limi
 from __future__ import annotations
 
 import asyncio
+import fcntl
+import logging
+import struct
+import termios
 import urllib.parse
 from collections.abc import Callable
 from http import HTTPStatus
@@ -35,6 +46,7 @@ import httptools
 from uvicorn.protocols.http.flow_control import service_unavailable
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
+from service.budget import ByteBudget, Hold
 from service.codecs import dumps
 from service.errors import (
     BadRequest,
@@ -50,6 +62,15 @@ from service.errors import (
 
 __all__ = ["ADMITTED", "BodyTimeoutMiddleware", "GuardedProtocol", "Shed", "error_parts", "guarded_protocol", "http_headers",
            "raw_error"]
+
+log = logging.getLogger("service.rest")
+
+#: The ioctl that reads a TCP socket's unacknowledged send queue (SIOCOUTQ = TIOCOUTQ on Linux).
+_OUTQ = getattr(termios, "TIOCOUTQ", None)
+
+#: How much of a buffered response a client must take within ``send_timeout_s`` (uvloop's write
+#: high-water mark: one window of the transport's flow control).
+SEND_WINDOW_BYTES = 64 * 1024
 
 #: ``shed(method, path)`` -> a complete HTTP/1.1 response (bytes) that answers a request head without
 #: the app (it must not close the connection); or a ``release()`` callable: the request holds a
@@ -143,6 +164,9 @@ class GuardedProtocol(HttpToolsProtocol):
     header_timeout_s: float = 10.0
     max_header_bytes: int = 64 * 1024
     shed: Shed | None = None
+    send_timeout_s: float = 30.0
+    #: The budget a response's unread buffered bytes count against (None: not counted).
+    response_memory: ByteBudget | None = None
     #: The answer beyond ``max_connections`` (uvicorn's own is plain text).
     connections_full = staticmethod(_connections_full(1))
 
@@ -219,6 +243,11 @@ class GuardedProtocol(HttpToolsProtocol):
 
     def connection_made(self, transport) -> None:  # type: ignore[override]
         self._admitted: Callable[[], None] | None = None   # the slot shed() reserved for the next task
+        # a response the socket is not taking (between pause_writing and resume_writing): its
+        # check timer, the buffer size at the client's last progress and when, its bytes' hold
+        self._stall_timer: asyncio.TimerHandle | None = None
+        self._stall_mark, self._stall_since, self._stall_fd = 0, 0.0, -1
+        self._stall_hold: Hold | None = None
         self._head_deadline = 0.0
         self._head_timer: asyncio.TimerHandle | None = None
         self._in_head, self._head_bytes, self._boundaries = True, 0, 0
@@ -249,7 +278,69 @@ class GuardedProtocol(HttpToolsProtocol):
         if not self.transport.is_closing():
             self._arm_head_timer()
 
+    def pause_writing(self) -> None:
+        """The transport's buffer passed its high-water mark: from now until it drains, count what it
+        holds and watch that the client takes it."""
+        super().pause_writing()
+        if self._stall_timer is None:
+            budget = type(self).response_memory
+            self._stall_hold = budget.hold() if budget is not None else None
+            sock = self.transport.get_extra_info("socket")
+            self._stall_fd = sock.fileno() if sock is not None else -1
+            self._stall_mark, self._stall_since = self._unsent()[1], self.loop.time()
+            self._check_stall()
+
+    def resume_writing(self) -> None:
+        super().resume_writing()
+        self._end_stall()
+
+    def _check_stall(self) -> None:
+        """Count the buffered bytes; close the connection when its client has not taken a window of
+        them within ``send_timeout_s``; else look again shortly."""
+        self._stall_timer = None
+        # a transport closing (keep-alive timeout, head deadline) still holds its buffer until the
+        # client takes it: it is watched on, and aborted alike (connection_lost ends the watch)
+        (size, unsent), now = self._unsent(), self.loop.time()
+        if unsent <= self._stall_mark - SEND_WINDOW_BYTES:   # the client took a window: progress
+            self._stall_mark, self._stall_since = unsent, now
+        elif unsent > self._stall_mark:                       # more written since: the mark moves up
+            self._stall_mark = unsent
+        if self._stall_hold is not None:
+            self._stall_hold.account(size)
+        timeout = type(self).send_timeout_s
+        if now - self._stall_since >= timeout:
+            log.info("closed a connection whose client read nothing of its response for %g s "
+                     "(HJSERVE_SEND_TIMEOUT_S); %d bytes were waiting", timeout, size)
+            self._end_stall()
+            self.transport.abort()
+            return
+        self._stall_timer = self.loop.call_later(min(1.0, timeout / 4), self._check_stall)
+
+    def _unsent(self) -> tuple[int, int]:
+        """(bytes in the transport's buffer, those plus the bytes in the kernel's send queue that the
+        client has not acknowledged). Progress is read from the second: the transport's buffer moves
+        only when the socket has room for a large part of its send buffer again (megabytes), while
+        the kernel's queue shrinks with every read of the client (``SIOCOUTQ``, Linux; elsewhere
+        the transport's buffer alone)."""
+        size = self.transport.get_write_buffer_size()
+        if self._stall_fd < 0 or _OUTQ is None:
+            return size, size
+        try:
+            queued = struct.unpack("i", fcntl.ioctl(self._stall_fd, _OUTQ, b"\0\0\0\0"))[0]
+        except OSError:
+            return size, size
+        return size, size + queued
+
+    def _end_stall(self) -> None:
+        if self._stall_timer is not None:
+            self._stall_timer.cancel()
+            self._stall_timer = None
+        if self._stall_hold is not None:
+            self._stall_hold.release()
+            self._stall_hold = None
+
     def connection_lost(self, exc: Exception | None) -> None:
+        self._end_stall()
         if self._head_timer is not None:
             self._head_timer.cancel()
             self._head_timer = None
@@ -257,10 +348,13 @@ class GuardedProtocol(HttpToolsProtocol):
 
 
 def guarded_protocol(header_timeout_s: float, shed: Shed | None = None,
-                     retry_after_s: int = 1, max_header_bytes: int = 64 * 1024) -> type[GuardedProtocol]:
+                     retry_after_s: int = 1, max_header_bytes: int = 64 * 1024, send_timeout_s: float = 30.0,
+                     response_memory: ByteBudget | None = None) -> type[GuardedProtocol]:
     """The protocol class uvicorn instantiates per connection, with these limits and shedder."""
     return type("GuardedProtocol", (GuardedProtocol,), {"header_timeout_s": header_timeout_s,
                                                        "max_header_bytes": max_header_bytes,
+                                                       "send_timeout_s": send_timeout_s,
+                                                       "response_memory": response_memory,
                                                        "shed": staticmethod(shed) if shed else None,
                                                        "connections_full": staticmethod(_connections_full(retry_after_s))})
 

@@ -30,7 +30,9 @@ async def _answer(request: Request, model_name: str, detail: bool) -> Response:
         body = await _decode(request, memory)
         work = common.dataplane_of(request).explain(model_name, body, detail=detail)
         answer = await common.unless_client_leaves(request, work, len(body.instances))
-    return common.wire_response(answer)
+        response = common.wire_response(answer)
+        memory.take(len(response.body))   # the answer must fit the budget too (as V2's infer)
+    return response
 
 
 async def predict(request: Request, model_name: str) -> Response:

@@ -73,8 +73,11 @@ async def infer(request: Request, model_name: str, model_version: str | None = N
                 decoded = codecs.decode_infer_request(body, header)
         rows = max((i.shape[0] for i in decoded.inputs if i.shape), default=0)
         response = await unless_client_leaves(request, dataplane.infer(model_name, model_version, decoded), rows)
-    with tracing.span("encode"):
-        payload, header_length = codecs.encode_infer_response(response)
+        with tracing.span("encode"):
+            payload, header_length = codecs.encode_infer_response(response)
+        # the answer must fit the budget too: one its client does not read is held in memory
+        # (service.rest.guards), and counted there only once it is handed over
+        memory.take(len(payload))
     if header_length is None:
         return Response(payload, media_type=codecs.JSON_CONTENT_TYPE)
     return Response(payload, media_type=codecs.BINARY_CONTENT_TYPE,
