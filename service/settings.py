@@ -258,11 +258,12 @@ class Settings(BaseSettings):
     """Longest time a request body may take to arrive after its head (408 ``body_timeout`` and the
     connection closed beyond it). Applies to every body, streamed batch bodies included."""
 
-    send_timeout_s: float = Field(30.0, gt=0.0, le=MAX_DURATION_S)
+    send_timeout_s: float = Field(60.0, gt=0.0, le=MAX_DURATION_S)
     """A response its client is not reading (the socket takes no more of it) counts against
     ``max_request_memory_bytes`` while it waits in the server's buffer; a client that takes less
     than 64 KiB of it in this long has its connection closed, and the bytes are freed (as nginx's
-    ``send_timeout``)."""
+    ``send_timeout``, whose default it shares: a batch client that stops reading its stream for
+    longer, say to write what it read, loses the job)."""
 
     keep_alive_s: float = Field(5.0, gt=0.0, le=MAX_DURATION_S)
     """How long an idle keep-alive connection stays open between requests."""

@@ -164,7 +164,7 @@ class GuardedProtocol(HttpToolsProtocol):
     header_timeout_s: float = 10.0
     max_header_bytes: int = 64 * 1024
     shed: Shed | None = None
-    send_timeout_s: float = 30.0
+    send_timeout_s: float = 60.0
     #: The budget a response's unread buffered bytes count against (None: not counted).
     response_memory: ByteBudget | None = None
     #: The answer beyond ``max_connections`` (uvicorn's own is plain text).
@@ -309,8 +309,8 @@ class GuardedProtocol(HttpToolsProtocol):
             self._stall_hold.account(size)
         timeout = type(self).send_timeout_s
         if now - self._stall_since >= timeout:
-            log.info("closed a connection whose client read nothing of its response for %g s "
-                     "(HJSERVE_SEND_TIMEOUT_S); %d bytes were waiting", timeout, size)
+            log.info("closed a connection whose client took less than %d bytes of its response in %g s "
+                     "(HJSERVE_SEND_TIMEOUT_S); %d bytes were waiting", SEND_WINDOW_BYTES, timeout, size)
             self._end_stall()
             self.transport.abort()
             return
@@ -348,7 +348,7 @@ class GuardedProtocol(HttpToolsProtocol):
 
 
 def guarded_protocol(header_timeout_s: float, shed: Shed | None = None,
-                     retry_after_s: int = 1, max_header_bytes: int = 64 * 1024, send_timeout_s: float = 30.0,
+                     retry_after_s: int = 1, max_header_bytes: int = 64 * 1024, send_timeout_s: float = 60.0,
                      response_memory: ByteBudget | None = None) -> type[GuardedProtocol]:
     """The protocol class uvicorn instantiates per connection, with these limits and shedder."""
     return type("GuardedProtocol", (GuardedProtocol,), {"header_timeout_s": header_timeout_s,
