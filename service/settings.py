@@ -220,7 +220,8 @@ class Settings(BaseSettings):
     V2 / V1, JSON batch bodies, gRPC), as estimated before each is parsed: a body twice its size
     while it is read, its JSON part 52 times its size in all (the most the JSON parser takes for any
     body, deeply nested lists: ~50x with the body; numbers take ~13x), a gRPC message twice its size;
-    and a REST answer, from when it is encoded until its client has taken it (``send_timeout_s``). A
+    and an answer, from when it is encoded until its client has taken it (REST, ``send_timeout_s``)
+    or grpc has sent it (gRPC, at most the connection's age). A
     request that would take the total past it gets 503 ``request_memory_full`` with ``Retry-After``;
     a body (or answer) whose estimate alone exceeds it, 413. The default admits one 64 MiB JSON body (``max_body_bytes``:
     3.25 GiB) and bounds what any number of connections can make the server hold; size it to the

@@ -366,8 +366,16 @@ class GRPCServer:
             with tracing.span("decode"):
                 decoded = wire.decode_infer_request(request)
             response = await self.dataplane.infer(name, version, decoded)
-        with tracing.span("encode"):
-            return wire.encode_infer_response(response)
+            with tracing.span("encode"):
+                message = wire.encode_infer_response(response)
+            # the answer must fit the budget too; a unary call's holds it until grpc has sent it (a
+            # client that does not read keeps it in grpc's buffers until its connection's age runs
+            # out). A stream's (context None) are written one at a time, each awaited.
+            answer = self.dataplane.request_memory.hold() if context is not None else memory
+            answer.take(sum(len(raw) for raw in message.raw_output_contents))
+            if context is not None:
+                context.add_done_callback(lambda _: answer.release())
+        return message
 
     # -- model repository -------------------------------------------------------------------------
 

@@ -177,6 +177,29 @@ def test_grpc_messages_count_against_the_budget(tiny_repo, tmp_path):
     assert after == 0
 
 
+def test_grpc_answers_count_against_the_budget_until_sent(tiny_repo, tmp_path):
+    """A gRPC answer takes the budget too, until grpc has sent it (as REST's: test_slow_readers.py):
+    a call whose request fits but whose answer does not is refused (it was answered, whatever the
+    answer held), and a sent answer gives its bytes back."""
+    import tritonclient.grpc as grpcclient
+
+    x = np.random.default_rng(0).standard_normal((40_000, D)).astype(np.float32)   # 0.64 MB raw in
+    with run_server(tiny_repo, tmp_path, grpc=True, max_request_memory_bytes=3 * MB) as s:
+        client = grpcclient.InferenceServerClient(s.grpc_target)
+        tensor = grpcclient.InferInput("input", list(x.shape), "FP32")
+        tensor.set_data_from_numpy(x)
+        every = [grpcclient.InferRequestedOutput(n) for n in ("saliency", "label_sensitivity", "probabilities")]
+        with pytest.raises(grpcclient.InferenceServerException) as refused:
+            client.infer("clf", [tensor], model_version="1", outputs=every)   # ~1.9 MB of raw outputs
+        served = client.infer("clf", [tensor], model_version="1")              # the default outputs fit
+        client.close()
+        after = _memory(s)
+    assert refused.value.status() in (str(grpc.StatusCode.RESOURCE_EXHAUSTED), str(grpc.StatusCode.UNAVAILABLE))
+    assert "HJSERVE_MAX_REQUEST_MEMORY_BYTES" in refused.value.message()
+    assert served.as_numpy("prediction").shape == (40_000,)
+    assert after == 0
+
+
 def test_grpc_decode_memory_counts_every_kind_of_content():
     """Counted from the fields' lengths (no serialisation): raw tensors twice, typed values 16 bytes
     each (the field's type and the datatype's), BYTES values twice."""
