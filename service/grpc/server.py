@@ -370,7 +370,8 @@ class GRPCServer:
                 message = wire.encode_infer_response(response)
             # the answer must fit the budget too; a unary call's holds it until grpc has sent it (a
             # client that does not read keeps it in grpc's buffers until its connection's age runs
-            # out). A stream's (context None) are written one at a time, each awaited.
+            # out). A stream's (context None) leave it with the call: a stream whose client stops
+            # reading holds at most its window of them, uncounted.
             answer = self.dataplane.request_memory.hold() if context is not None else memory
             answer.take(sum(len(raw) for raw in message.raw_output_contents))
             if context is not None:
