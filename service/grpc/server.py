@@ -36,6 +36,7 @@ from grpc import aio
 
 from service import metrics, tracing
 from service.auth import check_admin, check_api_key, key_from
+from service.budget import Hold
 from service.codecs import grpc as wire
 from service.dataplane import DataPlane
 from service.errors import (
@@ -288,22 +289,34 @@ class GRPCServer:
 
         reader = asyncio.ensure_future(read())
         try:
-            while (answer := await window.get()) is not None:
-                yield await answer
+            while (task := await window.get()) is not None:
+                answer, held = await task
+                try:
+                    yield answer                  # returns once grpc has written it to the connection
+                finally:
+                    held.release()
                 slots.release()
             await reader                          # a failure of the stream itself ends it with its status
         finally:
             reader.cancel()
             while not window.empty():
                 task = window.get_nowait()
-                if task is not None:
-                    task.cancel()
+                if task is None:
+                    continue
+                if task.done() and not task.cancelled():
+                    task.result()[1].release()    # computed, never written: its answer leaves the budget
+                task.cancel()
 
-    async def _stream_one(self, request: pb.ModelInferRequest, meta: dict[str, str]) -> pb.ModelStreamInferResponse:
-        """One request of a stream, answered whatever happens: its response, or its error in its place."""
+    async def _stream_one(self, request: pb.ModelInferRequest,
+                          meta: dict[str, str]) -> tuple[pb.ModelStreamInferResponse, Hold]:
+        """One request of a stream, answered whatever happens: its response, or its error in its place;
+        with the answer's hold on the request-memory budget, which the stream releases once it has
+        written the answer (a stream whose client stops reading holds up to its window of answers,
+        counted, and the requests after them are refused while they fill the budget)."""
         with _Call("ModelStreamInfer", meta, request, request.id) as call:
             try:
-                return pb.ModelStreamInferResponse(infer_response=await self.model_infer(request, None))
+                response, answer = await self._infer(request)
+                return pb.ModelStreamInferResponse(infer_response=response), answer
             except HJServeError as exc:
                 mapping, message = call.failed(exc), exc.message
             except Exception:   # a bug: this request's answer says so, the stream and the server go on
@@ -312,7 +325,7 @@ class GRPCServer:
             failed.infer_response.model_name, failed.infer_response.id = request.model_name, request.id
             failed.infer_response.model_version = request.model_version
             failed.infer_response.parameters["error_type"].string_param = mapping.error_type
-            return failed
+            return failed, self.dataplane.request_memory.hold()
 
     # -- health and metadata ----------------------------------------------------------------------
 
@@ -360,6 +373,17 @@ class GRPCServer:
     # -- inference --------------------------------------------------------------------------------
 
     async def model_infer(self, request: pb.ModelInferRequest, context) -> pb.ModelInferResponse:
+        message, answer = await self._infer(request)
+        # held until grpc has sent the answer: a client that does not read keeps it in grpc's
+        # buffers until its connection's age runs out. No await between the take and this: a call
+        # cancelled before it ran its callbacks runs this one too.
+        context.add_done_callback(lambda _: answer.release())
+        return message
+
+    async def _infer(self, request: pb.ModelInferRequest) -> tuple[pb.ModelInferResponse, Hold]:
+        """One inference request, and its answer's hold on the request-memory budget: the answer
+        must fit the budget as REST's do (:func:`service.rest.common.hold_answer`), and the caller
+        releases the hold once the answer has left the server."""
         name, version = request.model_name, request.model_version or None
         with self.dataplane.admit(name, version, inline=False), self.dataplane.request_memory.hold() as memory:
             memory.take(wire.decode_memory(request))
@@ -368,15 +392,9 @@ class GRPCServer:
             response = await self.dataplane.infer(name, version, decoded)
             with tracing.span("encode"):
                 message = wire.encode_infer_response(response)
-            # the answer must fit the budget too; a unary call's holds it until grpc has sent it (a
-            # client that does not read keeps it in grpc's buffers until its connection's age runs
-            # out). A stream's (context None) leave it with the call: a stream whose client stops
-            # reading holds at most its window of them, uncounted.
-            answer = self.dataplane.request_memory.hold() if context is not None else memory
+            answer = self.dataplane.request_memory.hold()
             answer.take(sum(len(raw) for raw in message.raw_output_contents))
-            if context is not None:
-                context.add_done_callback(lambda _: answer.release())
-        return message
+        return message, answer
 
     # -- model repository -------------------------------------------------------------------------
 

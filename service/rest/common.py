@@ -21,8 +21,8 @@ from service.errors import BadRequest, ClientClosedRequest, Forbidden, PayloadTo
 from service.rest.guards import ADMITTED
 from service.settings import Settings
 
-__all__ = ["admission", "body_decoder", "declared_length", "json_response", "presented_key", "read_body", "read_inference_body",
-           "request_memory", "require_admin", "require_api_key", "same_origin", "unless_client_leaves", "wire_response"]
+__all__ = ["admission", "body_decoder", "declared_length", "hold_answer", "json_response", "presented_key", "read_body",
+           "read_inference_body", "request_memory", "require_admin", "require_api_key", "same_origin", "unless_client_leaves", "wire_response"]
 
 T = TypeVar("T")
 
@@ -91,6 +91,14 @@ def request_memory(request: Request) -> Iterator[Hold]:
     inference request, given back when the request is answered."""
     with dataplane_of(request).request_memory.hold() as hold:
         yield hold
+
+
+def hold_answer(memory: Hold, answer: bytes) -> None:
+    """An encoded answer joins its request's hold on the request-memory budget (413 / 503
+    ``request_memory_full`` when it does not fit): an answer its client does not read stays in the
+    server's memory (:mod:`service.rest.guards` counts it there once it is handed to the transport),
+    so one that does not fit is refused before it is sent, not buffered."""
+    memory.take(len(answer))
 
 
 async def read_inference_body(request: Request, memory: Hold, header_length: str | None = None) -> bytes:

@@ -31,7 +31,7 @@ async def _answer(request: Request, model_name: str, detail: bool) -> Response:
         work = common.dataplane_of(request).explain(model_name, body, detail=detail)
         answer = await common.unless_client_leaves(request, work, len(body.instances))
         response = common.wire_response(answer)
-        memory.take(len(response.body))   # the answer must fit the budget too (as V2's infer)
+        common.hold_answer(memory, response.body)
     return response
 
 

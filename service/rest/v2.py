@@ -12,6 +12,7 @@ from service.errors import ModelNotReady
 from service.rest.common import (
     admission,
     dataplane_of,
+    hold_answer,
     read_inference_body,
     request_memory,
     unless_client_leaves,
@@ -75,9 +76,7 @@ async def infer(request: Request, model_name: str, model_version: str | None = N
         response = await unless_client_leaves(request, dataplane.infer(model_name, model_version, decoded), rows)
         with tracing.span("encode"):
             payload, header_length = codecs.encode_infer_response(response)
-        # the answer must fit the budget too: one its client does not read is held in memory
-        # (service.rest.guards), and counted there only once it is handed over
-        memory.take(len(payload))
+        hold_answer(memory, payload)
     if header_length is None:
         return Response(payload, media_type=codecs.JSON_CONTENT_TYPE)
     return Response(payload, media_type=codecs.BINARY_CONTENT_TYPE,

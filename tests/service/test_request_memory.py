@@ -17,7 +17,7 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
-from svc_helpers import memory_mib, run_server
+from svc_helpers import memory_mib, metric_value, run_server
 from tiny_model import D
 
 from service.codecs import PARSE_BYTES_PER_BYTE, parse_json
@@ -200,6 +200,34 @@ def test_grpc_answers_count_against_the_budget_until_sent(tiny_repo, tmp_path):
     assert after == 0
 
 
+def test_a_grpc_answer_its_client_refuses_gives_its_bytes_back(tiny_repo, tmp_path):
+    """A call that ends while its answer is on its way (here the client's channel takes messages of
+    at most 100 KB: it refuses the ~1.9 MB answer and resets the call) still runs the callback that
+    gives the answer's bytes back: the budget returns to 0, and the next call is answered."""
+    import tritonclient.grpc as grpcclient
+
+    x = np.random.default_rng(2).standard_normal((40_000, D)).astype(np.float32)
+    every = ("saliency", "label_sensitivity", "probabilities")
+    with run_server(tiny_repo, tmp_path, grpc=True, max_request_memory_bytes=8 * MB) as s:
+        small = grpcclient.InferenceServerClient(s.grpc_target, channel_args=[("grpc.max_receive_message_length", 100_000)])
+        tensor = grpcclient.InferInput("input", list(x.shape), "FP32")
+        tensor.set_data_from_numpy(x)
+        for _ in range(3):          # three times the budget, if the holds were never given back
+            with pytest.raises(grpcclient.InferenceServerException) as refused:
+                small.infer("clf", [tensor], model_version="1", outputs=[grpcclient.InferRequestedOutput(n) for n in every])
+            assert refused.value.status() == str(grpc.StatusCode.RESOURCE_EXHAUSTED), refused.value
+            assert "larger than max" in refused.value.message(), refused.value.message()
+        small.close()
+        deadline = time.monotonic() + 10
+        while (held := _memory(s)) != 0 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        client = grpcclient.InferenceServerClient(s.grpc_target)
+        served = client.infer("clf", [tensor], model_version="1", outputs=[grpcclient.InferRequestedOutput(n) for n in every])
+        client.close()
+    assert held == 0
+    assert served.as_numpy("saliency").shape == x.shape
+
+
 def test_grpc_decode_memory_counts_every_kind_of_content():
     """Counted from the fields' lengths (no serialisation): raw tensors twice, typed values 16 bytes
     each (the field's type and the datatype's), BYTES values twice."""
@@ -238,3 +266,59 @@ def test_ndjson_lines_are_never_held_as_parsed_json(tiny_repo, tmp_path):
     assert r.status_code == 400 and r.json()["error_type"] == "invalid_shape", r.text
     assert "NDJSON line 1" in r.json()["error"]
     assert peak - before < 300, (before, peak)
+
+
+def _stream_requests(x, count: int):
+    """``count`` ModelInfer messages of ``x`` asking for every output (as raw contents)."""
+    from service.grpc import inference_pb2 as pb
+
+    for i in range(count):
+        request = pb.ModelInferRequest(model_name="clf", model_version="1", id=f"s{i}")
+        request.inputs.add(name="input", datatype="FP32", shape=list(x.shape))
+        request.raw_input_contents.append(x.tobytes())
+        for name in ("saliency", "label_sensitivity", "probabilities"):
+            request.outputs.add(name=name)
+        yield request
+
+
+def _computed(server) -> float:
+    """Stream requests the server has answered (computed and counted, written or not)."""
+    with server.client() as c:
+        return metric_value(c.get("/metrics").text, "hjserve_grpc_requests_total", method="ModelStreamInfer")
+
+
+def test_grpc_stream_answers_count_against_the_budget_until_written(tiny_repo, tmp_path):
+    """A ``ModelStreamInfer`` answer holds the budget from when it is computed until the stream has
+    written it: a stream whose client stops reading keeps its answers (up to its window of them) in
+    the server, and the other clients see them. Before, each answer left the budget when it was
+    computed, so while 16 answers of ~1.9 MB waited for a client that read none of them the gauge
+    said 0. Read at last, every message is answered and the budget is 0; a stream cancelled with its
+    answers unread gives them back too."""
+    from service.grpc import inference_pb2 as pb
+
+    x = np.random.default_rng(1).standard_normal((40_000, D)).astype(np.float32)
+    with run_server(tiny_repo, tmp_path, grpc=True, max_request_memory_bytes=64 * MB) as s:
+        with grpc.insecure_channel(s.grpc_target) as channel:
+            call = channel.stream_stream("/inference.GRPCInferenceService/ModelStreamInfer",
+                                         request_serializer=pb.ModelInferRequest.SerializeToString,
+                                         response_deserializer=pb.ModelStreamInferResponse.FromString)
+            stream = call(_stream_requests(x, 16), timeout=120)       # nothing read yet
+            deadline = time.monotonic() + 60
+            while _computed(s) < 16:                                  # all 16 answered, none read
+                assert time.monotonic() < deadline, f"{_computed(s)} of 16 stream requests computed"
+                time.sleep(0.2)
+            held = _memory(s)
+            answers = list(stream)
+            after = _memory(s)
+            cancelled = call(_stream_requests(x, 16), timeout=120)    # again, then cancelled unread
+            while _computed(s) < 32:
+                assert time.monotonic() < deadline + 60, f"{_computed(s)} of 32 stream requests computed"
+                time.sleep(0.2)
+            cancelled.cancel()
+            deadline = time.monotonic() + 10
+            while (left := _memory(s)) != 0 and time.monotonic() < deadline:
+                time.sleep(0.1)
+    assert held >= 5 * MB, f"the unread stream's answers were not counted (gauge {held:.0f} bytes)"
+    assert len(answers) == 16 and all(a.error_message == "" for a in answers), [a.error_message for a in answers]
+    assert after == 0
+    assert left == 0, f"a cancelled stream's computed answers stayed in the budget ({left:.0f} bytes)"
