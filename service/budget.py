@@ -11,6 +11,7 @@ from the event loop only, so there is no lock.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 
 from prometheus_client import Gauge
@@ -22,29 +23,65 @@ __all__ = ["ByteBudget", "Hold"]
 
 class ByteBudget:
     """``limit`` bytes shared by holds; ``setting`` names the limit's environment variable in
-    messages; ``full`` builds the 503 when other holds leave no room; ``gauge`` shows ``used``."""
+    messages; ``full`` builds the 503 when other holds leave no room; ``gauge`` shows ``used``.
+
+    A hold may also *reserve* bytes (:meth:`reserve`): room for something not yet received whose
+    size is known only as a bound (a gRPC message). A reservation waits until it fits beside
+    everything held and reserved; the other takes are checked against what is held, not reserved,
+    so reservations -- bounds, mostly far above what arrives -- never refuse a body or an answer.
+    What the process holds stays within the limit plus the bytes actually received into the
+    reservations (at most the limit again)."""
 
     def __init__(self, limit: int, setting: str, what: str, gauge: Gauge,
                  full: Callable[..., Overloaded] = Overloaded, retry_after_s: int = 1):
         self.limit, self.setting, self.what, self.gauge = limit, setting, what, gauge
         self.full, self.retry_after_s = full, retry_after_s
-        self.used = 0
+        self.used = 0            # held and reserved
+        self.reserved = 0
+        self._freed: asyncio.Event | None = None   # set when bytes are given back, for waiters
 
     def check(self, held: int, more: int) -> None:
         """Whether a hold of ``held`` bytes may take ``more`` (raises if not, takes nothing)."""
         if held + more > self.limit:
             raise PayloadTooLarge(f"the {self.what} would take {held + more} bytes, above {self.setting} "
                                   f"({self.limit} bytes), the most all of them may take at once")
-        if self.used + more > self.limit:
-            raise self.full(f"the {self.what} being answered take {self.used} of {self.setting} "
+        if self.used - self.reserved + more > self.limit:
+            raise self.full(f"the {self.what} being answered take {self.used - self.reserved} of {self.setting} "
                             f"({self.limit}) bytes: retry later", retry_after_s=self.retry_after_s)
 
     def hold(self) -> Hold:
         return Hold(self)
 
+    async def reserve(self, hold: Hold, n: int, timeout_s: float) -> None:
+        """Reserve ``n`` bytes in ``hold`` once they fit beside everything held and reserved,
+        waiting up to ``timeout_s`` for room (then refused as :meth:`check` refuses; at once when
+        ``n`` alone exceeds the limit). Waiters are not served in order: each looks again when bytes
+        come back."""
+        if hold.held + n > self.limit:
+            self.check(hold.held, n)
+        deadline = asyncio.get_running_loop().time() + timeout_s
+        while self.used + n > self.limit:
+            left = deadline - asyncio.get_running_loop().time()
+            if left <= 0:
+                raise self.full(f"the {self.what} being answered take {self.used} of {self.setting} "
+                                f"({self.limit}) bytes: retry later", retry_after_s=self.retry_after_s)
+            if self._freed is None:
+                self._freed = asyncio.Event()
+            try:
+                await asyncio.wait_for(self._freed.wait(), left)
+            except TimeoutError:
+                pass
+        self._add(n)
+        self.reserved += n
+        hold.held += n
+        hold.reserved += n
+
     def _add(self, n: int) -> None:
         self.used += n
         self.gauge.set(self.used)
+        if n < 0 and self._freed is not None:
+            self._freed.set()
+            self._freed = None
 
 
 class Hold:
@@ -52,7 +89,7 @@ class Hold:
     context manager that releases on exit)."""
 
     def __init__(self, budget: ByteBudget):
-        self.budget, self.held = budget, 0
+        self.budget, self.held, self.reserved = budget, 0, 0
 
     def take(self, n: int) -> None:
         if n <= 0:
@@ -60,6 +97,12 @@ class Hold:
         self.budget.check(self.held, n)
         self.budget._add(n)
         self.held += n
+
+    def resize(self, n: int) -> None:
+        """Hold ``n`` bytes instead of what it holds and reserves now, checked as :meth:`take`
+        against the others (holding nothing when refused)."""
+        self.release()
+        self.take(n)
 
     def account(self, n: int) -> None:
         """Hold exactly ``n`` bytes, without the check: bytes the process holds already (a response
@@ -69,6 +112,8 @@ class Hold:
         self.held = n
 
     def release(self) -> None:
+        self.budget.reserved -= self.reserved
+        self.reserved = 0
         self.budget._add(-self.held)
         self.held = 0
 

@@ -40,6 +40,8 @@ from service.budget import Hold
 from service.codecs import grpc as wire
 from service.dataplane import DataPlane
 from service.errors import (
+    BadRequest,
+    BodyTimeout,
     ErrorMapping,
     HJServeError,
     InternalError,
@@ -162,6 +164,7 @@ class GRPCServer:
                                            ("grpc.max_send_message_length", size),
                                            ("grpc.max_connection_age_ms", age_ms),
                                            ("grpc.max_connection_age_grace_ms", grace_ms),
+                                           ("grpc.http2.bdp_probe", 0),
                                            # grpcio's default would let a second process bind the
                                            # same port and take a share of its connections
                                            ("grpc.so_reuseport", 0)])
@@ -200,7 +203,6 @@ class GRPCServer:
             ("ModelMetadata", pb.ModelMetadataRequest, pb.ModelMetadataResponse, self.model_metadata, "key"),
             ("ModelConfig", pb.ModelConfigRequest, pb.ModelConfigResponse, self.model_config, "key"),
             ("ModelStatistics", pb.ModelStatisticsRequest, pb.ModelStatisticsResponse, self.model_statistics, "key"),
-            ("ModelInfer", pb.ModelInferRequest, pb.ModelInferResponse, self.model_infer, "key"),
             ("RepositoryIndex", pb.RepositoryIndexRequest, pb.RepositoryIndexResponse, self.repository_index,
              "admin"),
             ("RepositoryModelLoad", pb.RepositoryModelLoadRequest, pb.RepositoryModelLoadResponse, self.load,
@@ -212,18 +214,27 @@ class GRPCServer:
                                                               request_deserializer=request.FromString,
                                                               response_serializer=response.SerializeToString)
                     for name, request, response, handler, access in table}
+        # a unary call on the wire, served as one whose message the handler reads itself: grpc would
+        # read it whole before the handler runs, so nothing would bound the messages in flight
+        handlers["ModelInfer"] = grpc.stream_unary_rpc_method_handler(
+            self._wrap("ModelInfer", self.model_infer, "key", receive=True),
+            request_deserializer=pb.ModelInferRequest.FromString,
+            response_serializer=pb.ModelInferResponse.SerializeToString)
         handlers["ModelStreamInfer"] = grpc.stream_stream_rpc_method_handler(
             self.model_stream_infer, request_deserializer=pb.ModelInferRequest.FromString,
             response_serializer=pb.ModelStreamInferResponse.SerializeToString)
         return handlers
 
-    def _wrap(self, method: str, handler: Handler, access: str) -> Handler:
-        """Auth, the error table, metrics and the access line around one unary RPC handler."""
+    def _wrap(self, method: str, handler: Handler, access: str, receive: bool = False) -> Handler:
+        """Auth, the error table, metrics and the access line around one unary RPC handler. With
+        ``receive`` grpc hands over the call's messages unread: its one message is read after the
+        key is checked (:meth:`_receive`), and the handler is given the hold on the request-memory
+        budget it was read into."""
         settings = self.settings
 
         async def rpc(request: Any, context: aio.ServicerContext) -> Any:
             meta = _metadata(context)
-            with _Call(method, meta, request, meta.get("x-request-id", "")) as call:
+            with _Call(method, meta, None if receive else request, meta.get("x-request-id", "")) as call:
                 context.set_trailing_metadata(call.ids)
                 try:
                     key = key_from(meta.get("authorization"), meta.get("x-api-key"))
@@ -231,7 +242,11 @@ class GRPCServer:
                         check_api_key(settings, key)
                     elif access == "admin":
                         check_admin(settings, key)
-                    return await handler(request, context)
+                    if not receive:
+                        return await handler(request, context)
+                    with self.dataplane.request_memory.hold() as memory:
+                        call.request = request = await self._receive(request, memory)
+                        return await handler(request, context, memory)
                 except HJServeError as exc:
                     mapping = call.failed(exc)
                     trailing = [*call.ids, ("error-type", mapping.error_type)]
@@ -315,7 +330,8 @@ class GRPCServer:
         counted, and the requests after them are refused while they fill the budget)."""
         with _Call("ModelStreamInfer", meta, request, request.id) as call:
             try:
-                response, answer = await self._infer(request)
+                with self.dataplane.request_memory.hold() as memory:
+                    response, answer = await self._infer(request, memory)
                 return pb.ModelStreamInferResponse(infer_response=response), answer
             except HJServeError as exc:
                 mapping, message = call.failed(exc), exc.message
@@ -372,21 +388,41 @@ class GRPCServer:
 
     # -- inference --------------------------------------------------------------------------------
 
-    async def model_infer(self, request: pb.ModelInferRequest, context) -> pb.ModelInferResponse:
-        message, answer = await self._infer(request)
+    async def _receive(self, requests: AsyncIterator[Any], memory: Hold) -> Any:
+        """A unary call's message, read only once the most it may take -- twice
+        ``grpc_max_message_bytes`` (received, then parsed), or the whole budget when that is less --
+        fits the request-memory budget in ``memory``. Until then it is not read, and HTTP/2 flow
+        control keeps it at the client. Room is waited for, then the message, each up to
+        ``body_timeout_s`` (503 ``request_memory_full``, 408 ``body_timeout``, as REST's bodies)."""
+        s, budget = self.settings, self.dataplane.request_memory
+        await budget.reserve(memory, min(2 * s.grpc_max_message_bytes, budget.limit), s.body_timeout_s)
+        try:
+            async with asyncio.timeout(s.body_timeout_s):
+                return await anext(requests)
+        except StopAsyncIteration:
+            raise BadRequest("the call ended without its message") from None
+        except TimeoutError:
+            raise BodyTimeout(f"the message did not arrive within {s.body_timeout_s:g} s "
+                              "(HJSERVE_BODY_TIMEOUT_S)") from None
+
+    async def model_infer(self, request: pb.ModelInferRequest, context, memory: Hold) -> pb.ModelInferResponse:
+        """``memory``: the hold the message was read into (:meth:`_receive`)."""
+        message, answer = await self._infer(request, memory)
         # held until grpc has sent the answer: a client that does not read keeps it in grpc's
         # buffers until its connection's age runs out. No await between the take and this: a call
         # cancelled before it ran its callbacks runs this one too.
         context.add_done_callback(lambda _: answer.release())
         return message
 
-    async def _infer(self, request: pb.ModelInferRequest) -> tuple[pb.ModelInferResponse, Hold]:
-        """One inference request, and its answer's hold on the request-memory budget: the answer
-        must fit the budget as REST's do (:func:`service.rest.common.hold_answer`), and the caller
-        releases the hold once the answer has left the server."""
+    async def _infer(self, request: pb.ModelInferRequest, memory: Hold) -> tuple[pb.ModelInferResponse, Hold]:
+        """One inference request, whose message ``memory`` holds room for (it then holds what
+        decoding it takes, until the caller releases it), and its answer's hold on the
+        request-memory budget: the answer must fit the budget as REST's do
+        (:func:`service.rest.common.hold_answer`), and the caller releases that hold once the
+        answer has left the server."""
         name, version = request.model_name, request.model_version or None
-        with self.dataplane.admit(name, version, inline=False), self.dataplane.request_memory.hold() as memory:
-            memory.take(wire.decode_memory(request))
+        with self.dataplane.admit(name, version, inline=False):
+            memory.resize(wire.decode_memory(request))
             with tracing.span("decode"):
                 decoded = wire.decode_infer_request(request)
             response = await self.dataplane.infer(name, version, decoded)

@@ -414,7 +414,8 @@ def test_a_grpc_call_alone_is_never_run_on_the_event_loop(dataplane, monkeypatch
         request = pb.ModelInferRequest(model_name="fclf", raw_input_contents=[x.tobytes()], inputs=[
             pb.ModelInferRequest.InferInputTensor(name="input", datatype="FP32", shape=[1, D])])
         for _ in range(2):
-            _, answer = await GRPCServer._infer(transport, request)
+            with dataplane.request_memory.hold() as memory:
+                _, answer = await GRPCServer._infer(transport, request, memory)
             answer.release()
         with dataplane.admit("fclf"):                       # the same request over REST: alone
             await dataplane.infer("fclf", None, _request(1))

@@ -228,6 +228,55 @@ def test_a_grpc_answer_its_client_refuses_gives_its_bytes_back(tiny_repo, tmp_pa
     assert served.as_numpy("saliency").shape == x.shape
 
 
+def test_grpc_messages_are_received_only_into_room_in_the_budget(tiny_repo, tmp_path):
+    """A gRPC message is read only when what it may take (twice ``grpc_max_message_bytes``, or the
+    whole budget if that is less) fits the request-memory budget; until then HTTP/2 flow control
+    keeps it at the client. Before, grpc read every call's message whole before any handler saw it:
+    a second after 12 calls of 30 MB were sent at once the server's peak was ~935 MiB above its
+    resident size against a budget of 100 MB (up to 1024 such calls: ``max_connections``), and it
+    refused most of them once it had them. Here (room for one message at a time) it was 22 MiB, and
+    all 12 are answered, in turn."""
+    import threading
+
+    from service.grpc import inference_pb2 as pb
+
+    x = np.random.default_rng(3).standard_normal((30 * MB // (4 * D), D)).astype(np.float32)
+    request = pb.ModelInferRequest(model_name="clf", model_version="1")
+    request.inputs.add(name="input", datatype="FP32", shape=list(x.shape))
+    request.raw_input_contents.append(x.tobytes())
+    request.outputs.add(name="prediction")                        # a 15 MB answer
+    codes: list[str] = []
+    with run_server(tiny_repo, tmp_path, grpc=True, max_request_memory_bytes=100 * MB,
+                    grpc_max_message_bytes=32 * 2**20) as s:
+        with grpc.insecure_channel(s.grpc_target, options=[("grpc.max_send_message_length", 64 * MB),
+                                                            ("grpc.max_receive_message_length", 64 * MB)]) as channel:
+            infer = channel.unary_unary("/inference.GRPCInferenceService/ModelInfer",
+                                        request_serializer=pb.ModelInferRequest.SerializeToString,
+                                        response_deserializer=pb.ModelInferResponse.FromString)
+            infer(request, timeout=60)                            # warm: the resident size of one call
+            before, _ = _peak_mb(s.proc.pid)
+            Path(f"/proc/{s.proc.pid}/clear_refs").write_text("5")   # the peak starts again from here
+
+            def one() -> None:
+                try:
+                    infer(request, timeout=240)
+                    codes.append("OK")
+                except grpc.RpcError as exc:
+                    codes.append(exc.code().name)
+
+            threads = [threading.Thread(target=one) for _ in range(12)]
+            for thread in threads:
+                thread.start()
+            time.sleep(1.0)         # loopback carries 12 x 30 MB well within it (~0.5 s before)
+            _, peak = _peak_mb(s.proc.pid)
+            for thread in threads:
+                thread.join()
+        after = _memory(s)
+    assert peak - before < 250, (before, peak)
+    assert codes == ["OK"] * 12, codes
+    assert after == 0
+
+
 def test_grpc_decode_memory_counts_every_kind_of_content():
     """Counted from the fields' lengths (no serialisation): raw tensors twice, typed values 16 bytes
     each (the field's type and the datatype's), BYTES values twice."""
