@@ -85,7 +85,10 @@ class Settings(BaseSettings):
     the Docker images and the Kubernetes manifests set it to 8001, Triton's gRPC port."""
 
     grpc_max_message_bytes: int = Field(64 * 1024 * 1024, ge=1024, le=MAX_C_INT)
-    """Largest gRPC message received or sent (the gRPC twin of ``max_body_bytes``)."""
+    """Largest gRPC message received or sent (the gRPC twin of ``max_body_bytes``). A ``ModelInfer``
+    call reserves twice this in ``max_request_memory_bytes`` while its message is received (a bound:
+    the message's size is not known until it has arrived), so it also sets how many calls receive
+    at once (with the defaults 32; the others wait for room)."""
 
     grpc_max_connection_age_s: float = Field(600.0, gt=0.0, le=MAX_DURATION_S)
     """A gRPC connection is asked to go away (GOAWAY; clients reconnect) after this long, and closed
