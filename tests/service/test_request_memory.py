@@ -277,6 +277,37 @@ def test_grpc_messages_are_received_only_into_room_in_the_budget(tiny_repo, tmp_
     assert after == 0
 
 
+def test_a_grpc_call_that_never_sends_its_message_gives_its_room_back(tiny_repo, tmp_path):
+    """A ModelInfer call that opens and sends nothing holds its reservation for ``body_timeout_s``,
+    then ends DEADLINE_EXCEEDED (``body_timeout``) and gives it back. Meanwhile REST is not refused
+    for it: a reservation is a bound, and bodies and answers are checked against what is held."""
+    import queue
+
+    from service.grpc import inference_pb2 as pb
+
+    with run_server(tiny_repo, tmp_path, grpc=True, max_request_memory_bytes=3 * MB, body_timeout_s=2) as s:
+        with grpc.insecure_channel(s.grpc_target) as channel:
+            infer = channel.stream_unary("/inference.GRPCInferenceService/ModelInfer",
+                                         request_serializer=pb.ModelInferRequest.SerializeToString,
+                                         response_deserializer=pb.ModelInferResponse.FromString)
+            never: queue.Queue = queue.Queue()
+            silent = infer.future(iter(never.get, None), timeout=30)   # headers only, no message
+            deadline = time.monotonic() + 10
+            while (reserved := _memory(s)) == 0 and time.monotonic() < deadline:
+                time.sleep(0.05)
+            with s.client() as c:
+                rest = c.post(INFER, json=_json_body(100))
+            with pytest.raises(grpc.RpcError) as ended:
+                silent.result(timeout=20)
+            never.put(None)
+        after = _memory(s)
+    assert reserved == 3 * MB                    # the whole budget: it is less than 2 x 64 MiB
+    assert rest.status_code == 200, rest.text
+    assert ended.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED, ended.value
+    assert "HJSERVE_BODY_TIMEOUT_S" in ended.value.details()
+    assert after == 0
+
+
 def test_grpc_decode_memory_counts_every_kind_of_content():
     """Counted from the fields' lengths (no serialisation): raw tensors twice, typed values 16 bytes
     each (the field's type and the datatype's), BYTES values twice."""
