@@ -608,6 +608,27 @@ def _cancel_a_stream(client, server, rows):
     assert client.infer("digits_memory", [inp], headers={"x-api-key": "k1"}).as_numpy("prediction").shape == (1,)
 
 
+def test_a_model_infer_call_without_exactly_its_message_is_refused_or_answered_once(gserver):
+    """ModelInfer reads its message itself (GRPCServer._receive): a call that ends with no message
+    is INVALID_ARGUMENT, not a hang or INTERNAL; one that sends two is answered once, for the
+    first."""
+    def message(i):
+        request = pb.ModelInferRequest(model_name="clf", id=f"two{i}")
+        request.inputs.add(name="input", datatype="FP32", shape=[1, D])
+        request.raw_input_contents.append(_x(1, seed=i).tobytes())
+        return request
+
+    with grpc.insecure_channel(gserver.grpc_target) as channel:
+        infer = channel.stream_unary(METHOD + "ModelInfer", request_serializer=pb.ModelInferRequest.SerializeToString,
+                                     response_deserializer=pb.ModelInferResponse.FromString)
+        with pytest.raises(grpc.RpcError) as empty:
+            infer(iter(()), timeout=30)
+        reply = infer(iter([message(0), message(1)]), timeout=30)
+    assert empty.value.code() == grpc.StatusCode.INVALID_ARGUMENT, empty.value
+    assert "without its message" in empty.value.details()
+    assert reply.id == "two0" and reply.outputs
+
+
 def test_the_empty_final_response_flag_is_answered_not_refused(gserver):
     """Triton's ``triton_enable_empty_final_response`` (perf_analyzer sets it on every gRPC request; it
     was refused as an unknown parameter, so perf_analyzer -i grpc failed): a model here answers a
