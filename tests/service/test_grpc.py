@@ -41,6 +41,14 @@ def _x(n=5, seed=0) -> np.ndarray:
     return np.random.default_rng(seed).normal(size=(n, D)).astype(np.float32)
 
 
+def _message(model: str, id: str, seed: int = 0, version: str = "") -> pb.ModelInferRequest:
+    """A one-row ModelInfer message as raw contents."""
+    request = pb.ModelInferRequest(model_name=model, model_version=version, id=id)
+    request.inputs.add(name="input", datatype="FP32", shape=[1, D])
+    request.raw_input_contents.append(_x(1, seed=seed).tobytes())
+    return request
+
+
 def _grpc_infer(client, model, x, outputs=None, **params):
     inp = tg.InferInput("input", list(x.shape), "FP32")
     inp.set_data_from_numpy(x)
@@ -531,10 +539,7 @@ def test_a_failed_stream_request_names_itself_and_its_error_type(gserver):
     trailing metadata holds the stream's x-request-id."""
     def messages():
         for i, model in enumerate(("clf", "nope", "clf")):
-            request = pb.ModelInferRequest(model_name=model, model_version="" if i != 2 else "1", id=f"m{i}")
-            request.inputs.add(name="input", datatype="FP32", shape=[1, D])
-            request.raw_input_contents.append(_x(1, seed=i).tobytes())
-            yield request
+            yield _message(model, f"m{i}", seed=i, version="" if i != 2 else "1")
 
     with grpc.insecure_channel(gserver.grpc_target) as channel:
         call = channel.stream_stream(METHOD + "ModelStreamInfer", request_serializer=pb.ModelInferRequest.SerializeToString,
@@ -612,18 +617,12 @@ def test_a_model_infer_call_without_exactly_its_message_is_refused_or_answered_o
     """ModelInfer reads its message itself (GRPCServer._receive): a call that ends with no message
     is INVALID_ARGUMENT, not a hang or INTERNAL; one that sends two is answered once, for the
     first."""
-    def message(i):
-        request = pb.ModelInferRequest(model_name="clf", id=f"two{i}")
-        request.inputs.add(name="input", datatype="FP32", shape=[1, D])
-        request.raw_input_contents.append(_x(1, seed=i).tobytes())
-        return request
-
     with grpc.insecure_channel(gserver.grpc_target) as channel:
         infer = channel.stream_unary(METHOD + "ModelInfer", request_serializer=pb.ModelInferRequest.SerializeToString,
                                      response_deserializer=pb.ModelInferResponse.FromString)
         with pytest.raises(grpc.RpcError) as empty:
             infer(iter(()), timeout=30)
-        reply = infer(iter([message(0), message(1)]), timeout=30)
+        reply = infer(iter([_message("clf", "two0"), _message("clf", "two1", seed=1)]), timeout=30)
     assert empty.value.code() == grpc.StatusCode.INVALID_ARGUMENT, empty.value
     assert "without its message" in empty.value.details()
     assert reply.id == "two0" and reply.outputs
