@@ -628,6 +628,20 @@ def test_a_model_infer_call_without_exactly_its_message_is_refused_or_answered_o
     assert reply.id == "two0" and reply.outputs
 
 
+@pytest.mark.parametrize("algorithm", ["gzip", "deflate"])
+def test_a_compressed_model_infer_message_is_answered_as_the_plain_one(gclient, algorithm):
+    """tritonclient's ``compression_algorithm``: the message is read (GRPCServer._receive) after grpc
+    has inflated it, and answered exactly as the same message sent plain."""
+    x = _x(64, seed=5)
+    inp = tg.InferInput("input", list(x.shape), "FP32")
+    inp.set_data_from_numpy(x)
+    packed = gclient.infer("clf", [inp], compression_algorithm=algorithm)
+    plain = gclient.infer("clf", [inp])
+    for name in ("prediction", "probabilities", "certified_radius"):
+        assert packed.as_numpy(name) is not None and len(packed.as_numpy(name)) == 64, name
+        np.testing.assert_array_equal(packed.as_numpy(name), plain.as_numpy(name))
+
+
 def test_the_empty_final_response_flag_is_answered_not_refused(gserver):
     """Triton's ``triton_enable_empty_final_response`` (perf_analyzer sets it on every gRPC request; it
     was refused as an unknown parameter, so perf_analyzer -i grpc failed): a model here answers a
