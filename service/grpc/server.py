@@ -182,6 +182,13 @@ class GRPCServer:
                      if self.credentials is not None else self._server.add_insecure_port(f"{host}:{self.port}"))
         await self._server.start()
         log.info("gRPC server listening on %s:%d", self.host, self.port)
+        reserved = self._reception_bytes()
+        if self.dataplane.request_memory.limit // reserved < 4:
+            log.warning("each gRPC ModelInfer call reserves %d bytes of HJSERVE_MAX_REQUEST_MEMORY_BYTES (%d) "
+                        "while its message arrives (twice HJSERVE_GRPC_MAX_MESSAGE_BYTES), so only %d receive at "
+                        "once and the others wait: lower HJSERVE_GRPC_MAX_MESSAGE_BYTES to the messages you expect",
+                        reserved, self.dataplane.request_memory.limit,
+                        self.dataplane.request_memory.limit // reserved)
 
     def drain(self, grace_s: float) -> None:
         """Stop taking calls now (new ones get UNAVAILABLE; clients are sent GOAWAY and go
@@ -391,14 +398,19 @@ class GRPCServer:
 
     # -- inference --------------------------------------------------------------------------------
 
+    def _reception_bytes(self) -> int:
+        """What a ModelInfer call reserves while its message arrives: twice the largest message
+        (received, then parsed), or the whole budget when that is less."""
+        return min(2 * self.settings.grpc_max_message_bytes, self.dataplane.request_memory.limit)
+
     async def _receive(self, requests: AsyncIterator[Any], memory: Hold) -> Any:
         """A unary call's message, read only once the most it may take -- twice
         ``grpc_max_message_bytes`` (received, then parsed), or the whole budget when that is less --
         fits the request-memory budget in ``memory``. Until then it is not read, and HTTP/2 flow
         control keeps it at the client. Room is waited for, then the message, each up to
         ``body_timeout_s`` (503 ``request_memory_full``, 408 ``body_timeout``, as REST's bodies)."""
-        s, budget = self.settings, self.dataplane.request_memory
-        await budget.reserve(memory, min(2 * s.grpc_max_message_bytes, budget.limit), s.body_timeout_s)
+        s = self.settings
+        await self.dataplane.request_memory.reserve(memory, self._reception_bytes(), s.body_timeout_s)
         try:
             async with asyncio.timeout(s.body_timeout_s):
                 return await anext(requests)

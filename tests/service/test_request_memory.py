@@ -280,7 +280,8 @@ def test_grpc_messages_are_received_only_into_room_in_the_budget(tiny_repo, tmp_
 def test_a_grpc_call_that_never_sends_its_message_gives_its_room_back(tiny_repo, tmp_path):
     """A ModelInfer call that opens and sends nothing holds its reservation for ``body_timeout_s``,
     then ends DEADLINE_EXCEEDED (``body_timeout``) and gives it back. Meanwhile REST is not refused
-    for it: a reservation is a bound, and bodies and answers are checked against what is held."""
+    for it: a reservation is a bound, and bodies and answers are checked against what is held. A
+    budget that admits fewer than 4 such reservations is a warning at startup."""
     import queue
 
     from service.grpc import inference_pb2 as pb
@@ -301,7 +302,9 @@ def test_a_grpc_call_that_never_sends_its_message_gives_its_room_back(tiny_repo,
                 silent.result(timeout=20)
             never.put(None)
         after = _memory(s)
+    log = s.log.read_text()
     assert reserved == 3 * MB                    # the whole budget: it is less than 2 x 64 MiB
+    assert "only 1 receive at once" in log, log  # and the operator is told so at startup
     assert rest.status_code == 200, rest.text
     assert ended.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED, ended.value
     assert "HJSERVE_BODY_TIMEOUT_S" in ended.value.details()
