@@ -152,6 +152,19 @@ def test_request_memory_fits_the_memory_limit(name: str) -> None:
     assert PARSE_BYTES_PER_BYTE * int(cm["HJSERVE_MAX_BODY_BYTES"]) <= budget
 
 
+@pytest.mark.parametrize("name", sorted(BUILDS))
+def test_as_many_grpc_messages_arrive_at_once_as_with_the_defaults(name: str) -> None:
+    """A ModelInfer call reserves twice HJSERVE_GRPC_MAX_MESSAGE_BYTES of the request-memory budget
+    while its message arrives: the manifests' smaller budget comes with a smaller message limit, so
+    that as many calls (32) receive at once as the defaults allow, not 8."""
+    from service.settings import Settings
+
+    cm, _ = _settings_and_memory_limit(name)
+    message = int(cm.get("HJSERVE_GRPC_MAX_MESSAGE_BYTES", Settings.model_fields["grpc_max_message_bytes"].default))
+    assert int(cm["HJSERVE_MAX_REQUEST_MEMORY_BYTES"]) // (2 * message) >= 32
+    assert message >= int(cm["HJSERVE_MAX_BODY_BYTES"])     # a body REST takes fits a gRPC message
+
+
 @pytest.mark.parametrize("name", ["cpu", "gpu", "tls"])
 def test_the_pod_is_given_time_to_drain(name: str) -> None:
     """Kubernetes kills the container terminationGracePeriodSeconds after it starts the preStop hook;
