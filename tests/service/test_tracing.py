@@ -100,6 +100,9 @@ def test_a_grpc_call_is_traced(traced, dataplane):
         def add_done_callback(self, callback):   # the call ends with the test: nothing to run it for
             self.done = callback
 
+        async def read(self):
+            return self.message
+
     async def main():
         await dataplane.start()
         try:
@@ -109,11 +112,9 @@ def test_a_grpc_call_is_traced(traced, dataplane):
             request.inputs.add(name="input", datatype="FP32", shape=[1, D])
             request.raw_input_contents.append(np.zeros((1, D), np.float32).tobytes())
 
-            async def messages():    # grpc hands ModelInfer its message unread (GRPCServer._receive)
-                yield request
-
             context = Context()
-            reply = await rpc(messages(), context)
+            context.message = request    # grpc hands ModelInfer its message unread (GRPCServer._receive)
+            reply = await rpc(None, context)
             return reply, dict(context.trailing)
         finally:
             await dataplane.stop()
