@@ -42,12 +42,20 @@ class ByteBudget:
 
     def check(self, held: int, more: int) -> None:
         """Whether a hold of ``held`` bytes may take ``more`` (raises if not, takes nothing)."""
+        self._never_fits(held, more)
+        if self.used - self.reserved + more > self.limit:
+            raise self._full(self.used - self.reserved)
+
+    def _never_fits(self, held: int, more: int) -> None:
+        """The 413 for a hold that would exceed the limit on its own, whatever the others take."""
         if held + more > self.limit:
             raise PayloadTooLarge(f"the {self.what} would take {held + more} bytes, above {self.setting} "
                                   f"({self.limit} bytes), the most all of them may take at once")
-        if self.used - self.reserved + more > self.limit:
-            raise self.full(f"the {self.what} being answered take {self.used - self.reserved} of {self.setting} "
-                            f"({self.limit}) bytes: retry later", retry_after_s=self.retry_after_s)
+
+    def _full(self, taken: int) -> Overloaded:
+        """The 503 for a request refused because the others take ``taken`` bytes now."""
+        return self.full(f"the {self.what} being answered take {taken} of {self.setting} "
+                         f"({self.limit}) bytes: retry later", retry_after_s=self.retry_after_s)
 
     def hold(self) -> Hold:
         return Hold(self)
@@ -57,14 +65,12 @@ class ByteBudget:
         waiting up to ``timeout_s`` for room (then refused as :meth:`check` refuses; at once when
         ``n`` alone exceeds the limit). Waiters are not served in order: each looks again when bytes
         come back."""
-        if hold.held + n > self.limit:
-            self.check(hold.held, n)
+        self._never_fits(hold.held, n)
         deadline = asyncio.get_running_loop().time() + timeout_s
         while self.used + n > self.limit:
             left = deadline - asyncio.get_running_loop().time()
             if left <= 0:
-                raise self.full(f"the {self.what} being answered take {self.used} of {self.setting} "
-                                f"({self.limit}) bytes: retry later", retry_after_s=self.retry_after_s)
+                raise self._full(self.used)
             if self._freed is None:
                 self._freed = asyncio.Event()
             try:

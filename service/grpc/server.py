@@ -81,7 +81,7 @@ def _request_id(given: str) -> str:
 
 
 def _fail(context: aio.ServicerContext, code: grpc.StatusCode, details: str, trailing: list[tuple[str, str]]) -> None:
-    """End a unary call with ``code``: grpc sends the status, ``details`` and the trailing metadata
+    """End a call with ``code``: grpc sends the status, ``details`` and the trailing metadata
     in place of a reply once the handler returns."""
     context.set_code(code)
     context.set_details(details)
@@ -190,13 +190,12 @@ class GRPCServer:
                      if self.credentials is not None else self._server.add_insecure_port(f"{host}:{self.port}"))
         await self._server.start()
         log.info("gRPC server listening on %s:%d", self.host, self.port)
-        reserved = self._reception_bytes()
-        if self.dataplane.request_memory.limit // reserved < 4:
+        reserved, limit = self._reception_bytes(), self.dataplane.request_memory.limit
+        if (at_once := limit // reserved) < 4:
             log.warning("each gRPC ModelInfer call reserves %d bytes of HJSERVE_MAX_REQUEST_MEMORY_BYTES (%d) "
                         "while its message arrives (twice HJSERVE_GRPC_MAX_MESSAGE_BYTES), so only %d receive at "
                         "once and the others wait: lower HJSERVE_GRPC_MAX_MESSAGE_BYTES to the messages you expect",
-                        reserved, self.dataplane.request_memory.limit,
-                        self.dataplane.request_memory.limit // reserved)
+                        reserved, limit, at_once)
 
     def drain(self, grace_s: float) -> None:
         """Stop taking calls now (new ones get UNAVAILABLE; clients are sent GOAWAY and go
@@ -305,8 +304,9 @@ class GRPCServer:
         except HJServeError as exc:   # the stream is refused: one call, counted and logged as such
             with _Call("ModelStreamInfer", meta, None, meta.get("x-request-id", "")) as call:
                 mapping = call.failed(exc)
-                await context.abort(getattr(grpc.StatusCode, mapping.grpc), exc.message,
-                                    (*call.ids, ("error-type", mapping.error_type)))
+                _fail(context, getattr(grpc.StatusCode, mapping.grpc), exc.message,
+                      [*call.ids, ("error-type", mapping.error_type)])
+            return
         slots = asyncio.Semaphore(STREAM_INFLIGHT)      # a slot is freed when its answer is written
         window: asyncio.Queue[asyncio.Task | None] = asyncio.Queue()   # the running requests, in order
 

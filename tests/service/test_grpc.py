@@ -357,18 +357,27 @@ def test_keys_limits_and_overload(tiny_repo, tmp_path):
         with grpc.insecure_channel(s.grpc_target) as channel:
             call = channel.unary_unary(METHOD + "ModelInfer", request_serializer=pb.ModelInferRequest.SerializeToString,
                                        response_deserializer=pb.ModelInferResponse.FromString)
-            request = pb.ModelInferRequest(model_name="clf")
-            request.inputs.add(name="input", datatype="FP32", shape=[1, D])
-            request.raw_input_contents.append(_x(1).tobytes())
+            request = _message("clf", "")
             reply = call.with_call(request, metadata=(("x-api-key", "k1"), ("x-request-id", "job-7")), timeout=10)
             assert ("x-request-id", "job-7") in reply[1].trailing_metadata()
             # an id the server does not take (over 128 characters) is replaced by a new one
             reply = call.with_call(request, metadata=(("x-api-key", "k1"), ("x-request-id", "j" * 200)), timeout=10)
             given = dict(reply[1].trailing_metadata())["x-request-id"]
             assert given != "j" * 200 and len(given) == 32
+            # a stream without the key ends at once as a unary call does: status, details, trailers
+            stream = channel.stream_stream(METHOD + "ModelStreamInfer",
+                                           request_serializer=pb.ModelInferRequest.SerializeToString,
+                                           response_deserializer=pb.ModelStreamInferResponse.FromString)
+            with pytest.raises(grpc.RpcError) as info:
+                list(stream(iter([request]), metadata=(("x-request-id", "s-7"),), timeout=10))
+            assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED, info.value
+            assert "API key" in info.value.details(), info.value.details()
+            trailing = dict(info.value.trailing_metadata())
+            assert trailing["error-type"] == "unauthorized" and trailing["x-request-id"] == "s-7", trailing
         with s.client() as http:
             text = http.get("/metrics").text
         assert 'hjserve_grpc_requests_total{code="UNAVAILABLE",method="ModelInfer"}' in text
+        assert 'hjserve_grpc_requests_total{code="UNAUTHENTICATED",method="ModelStreamInfer"}' in text
 
 
 def test_load_failures_do_not_show_host_paths(gserver, tiny_repo):

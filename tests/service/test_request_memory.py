@@ -228,6 +228,27 @@ def test_a_grpc_answer_its_client_refuses_gives_its_bytes_back(tiny_repo, tmp_pa
     assert served.as_numpy("saliency").shape == x.shape
 
 
+def _refused_message(seed: int):
+    """A ModelInfer message of ~30 MB that the model refuses (D + 1 columns): it costs its reception
+    and decoding, not a computation."""
+    from service.grpc import inference_pb2 as pb
+
+    x = np.random.default_rng(seed).standard_normal((30 * MB // (4 * (D + 1)), D + 1)).astype(np.float32)
+    request = pb.ModelInferRequest(model_name="clf", model_version="1")
+    request.inputs.add(name="input", datatype="FP32", shape=list(x.shape))
+    request.raw_input_contents.append(x.tobytes())
+    return request
+
+
+def _model_infer(channel: grpc.Channel):
+    """The plain unary ModelInfer callable of ``channel`` (no client library between)."""
+    from service.grpc import inference_pb2 as pb
+
+    return channel.unary_unary("/inference.GRPCInferenceService/ModelInfer",
+                               request_serializer=pb.ModelInferRequest.SerializeToString,
+                               response_deserializer=pb.ModelInferResponse.FromString)
+
+
 def test_grpc_messages_are_received_only_into_room_in_the_budget(tiny_repo, tmp_path):
     """A gRPC message is read only when what it may take (twice ``grpc_max_message_bytes``, or the
     whole budget if that is less) fits the request-memory budget; until then HTTP/2 flow control
@@ -239,20 +260,14 @@ def test_grpc_messages_are_received_only_into_room_in_the_budget(tiny_repo, tmp_
     reception, not compute), none the 503 of a full budget."""
     import threading
 
-    from service.grpc import inference_pb2 as pb
 
-    x = np.random.default_rng(3).standard_normal((30 * MB // (4 * (D + 1)), D + 1)).astype(np.float32)
-    request = pb.ModelInferRequest(model_name="clf", model_version="1")
-    request.inputs.add(name="input", datatype="FP32", shape=list(x.shape))
-    request.raw_input_contents.append(x.tobytes())
+    request = _refused_message(seed=3)
     codes: list[str] = []
     with run_server(tiny_repo, tmp_path, grpc=True, max_request_memory_bytes=100 * MB,
                     grpc_max_message_bytes=32 * 2**20) as s:
         with grpc.insecure_channel(s.grpc_target, options=[("grpc.max_send_message_length", 64 * MB),
                                                             ("grpc.max_receive_message_length", 64 * MB)]) as channel:
-            infer = channel.unary_unary("/inference.GRPCInferenceService/ModelInfer",
-                                        request_serializer=pb.ModelInferRequest.SerializeToString,
-                                        response_deserializer=pb.ModelInferResponse.FromString)
+            infer = _model_infer(channel)
             with pytest.raises(grpc.RpcError) as warm:             # the resident size of one call
                 infer(request, timeout=60)
             assert warm.value.code() == grpc.StatusCode.INVALID_ARGUMENT, warm.value
@@ -321,19 +336,13 @@ def test_a_refused_grpc_message_is_freed_when_its_call_ends(tiny_repo, tmp_path)
     (~30 MB a call on 8f0594c: +410 MB after 12, one collection included); and grpc's request
     iterator, an async generator in a cycle with its owner, kept the message it was suspended on
     (another ~30 MB a call)."""
-    from service.grpc import inference_pb2 as pb
 
-    x = np.random.default_rng(4).standard_normal((30 * MB // (4 * (D + 1)), D + 1)).astype(np.float32)
-    request = pb.ModelInferRequest(model_name="clf", model_version="1")
-    request.inputs.add(name="input", datatype="FP32", shape=list(x.shape))   # a shape the model refuses
-    request.raw_input_contents.append(x.tobytes())
+    request = _refused_message(seed=4)
     codes = []
     with run_server(tiny_repo, tmp_path, grpc=True, grpc_max_message_bytes=32 * 2**20,
                     env={"MALLOC_MMAP_THRESHOLD_": str(2**20)}) as s:   # a freed buffer leaves the process
         with grpc.insecure_channel(s.grpc_target, options=[("grpc.max_send_message_length", 64 * MB)]) as channel:
-            infer = channel.unary_unary("/inference.GRPCInferenceService/ModelInfer",
-                                        request_serializer=pb.ModelInferRequest.SerializeToString,
-                                        response_deserializer=pb.ModelInferResponse.FromString)
+            infer = _model_infer(channel)
             for i in range(13):
                 with pytest.raises(grpc.RpcError) as refused:
                     infer(request, timeout=60)
@@ -439,3 +448,53 @@ def test_grpc_stream_answers_count_against_the_budget_until_written(tiny_repo, t
     assert len(answers) == 16 and all(a.error_message == "" for a in answers), [a.error_message for a in answers]
     assert after == 0
     assert left == 0, f"a cancelled stream's computed answers stayed in the budget ({left:.0f} bytes)"
+
+
+def test_a_grpc_call_waits_for_room_then_is_answered_or_refused(tiny_repo, tmp_path):
+    """A ModelInfer call whose reception does not fit beside what the budget holds waits for room:
+    up to ``body_timeout_s``, then it is refused UNAVAILABLE (``request_memory_full``, with a
+    retry-after trailer); when room comes back in time, it is answered. What holds the budget here is
+    a stream whose client reads none of its 11 answers (~1.9 MB each) in a 24 MB budget, beside a
+    reservation of 4 MiB (twice a 2 MiB message limit)."""
+    import threading
+
+    from service.grpc import inference_pb2 as pb
+
+    x = np.random.default_rng(5).standard_normal((40_000, D)).astype(np.float32)
+    small = pb.ModelInferRequest(model_name="clf", model_version="1")
+    small.inputs.add(name="input", datatype="FP32", shape=[1, D])
+    small.raw_input_contents.append(x[:1].tobytes())
+    with run_server(tiny_repo, tmp_path, grpc=True, max_request_memory_bytes=24 * MB,
+                    grpc_max_message_bytes=2 * 2**20, body_timeout_s=1.5) as s:
+        # the client's window stays 64 KiB (no BDP probe): the unread answers stay in the server
+        with grpc.insecure_channel(s.grpc_target, options=[("grpc.http2.bdp_probe", 0)]) as channel:
+            streams = channel.stream_stream("/inference.GRPCInferenceService/ModelStreamInfer",
+                                            request_serializer=pb.ModelInferRequest.SerializeToString,
+                                            response_deserializer=pb.ModelStreamInferResponse.FromString)
+            infer = _model_infer(channel)
+            full = streams(_stream_requests(x, 11), timeout=120)           # nothing read yet
+            deadline = time.monotonic() + 60
+            while _computed(s) < 11:
+                assert time.monotonic() < deadline, f"{_computed(s)} of 11 stream requests computed"
+                time.sleep(0.2)
+            held = _memory(s)
+            start = time.monotonic()
+            with pytest.raises(grpc.RpcError) as refused:
+                infer.with_call(small, timeout=30)
+            waited = time.monotonic() - start
+            answered: list = []
+            later = threading.Thread(target=lambda: answered.append(infer(small, timeout=30)))
+            later.start()
+            time.sleep(0.5)                       # the call waits; reading the stream makes room
+            first = [a.error_message for a in full]
+            later.join(timeout=30)
+        after = _memory(s)
+    assert held + 2 * 2 * 2**20 > 24 * MB, f"the stream held {held} bytes: the test needs more"
+    assert refused.value.code() == grpc.StatusCode.UNAVAILABLE, refused.value
+    assert "HJSERVE_MAX_REQUEST_MEMORY_BYTES" in refused.value.details(), refused.value.details()
+    trailing = dict(refused.value.trailing_metadata())
+    assert trailing["error-type"] == "request_memory_full" and "retry-after" in trailing, trailing
+    assert 1.5 <= waited < 10, waited
+    assert first == [""] * 11, first
+    assert len(answered) == 1 and list(answered[0].outputs[0].shape) == [1], answered
+    assert after == 0
