@@ -224,7 +224,8 @@ class Settings(BaseSettings):
     while it is read, its JSON part 52 times its size in all (the most the JSON parser takes for any
     body, deeply nested lists: ~50x with the body; numbers take ~13x), a gRPC message twice its size;
     and an answer, from when it is encoded until its client has taken it (REST, ``send_timeout_s``)
-    or grpc has sent it (gRPC, at most the connection's age). A
+    or grpc has sent it (gRPC: ``send_timeout_s`` for a client that reads nothing, else at most the
+    connection's age). A
     request that would take the total past it gets 503 ``request_memory_full`` with ``Retry-After``;
     a body (or answer) whose estimate alone exceeds it, 413. The default admits one 64 MiB JSON body (``max_body_bytes``:
     3.25 GiB) and bounds what any number of connections can make the server hold; size it to the
@@ -267,7 +268,13 @@ class Settings(BaseSettings):
     ``max_request_memory_bytes`` while it waits in the server's buffer; a client that takes less
     than 64 KiB of it in this long has its connection closed, and the bytes are freed (as nginx's
     ``send_timeout``, whose default it shares: a batch client that stops reading its stream for
-    longer, say to write what it read, loses the job)."""
+    longer, say to write what it read, loses the job).
+
+    gRPC: a connection is pinged after half of this without a ping, and closed when the ping is not
+    answered within the other half, so a client that reads nothing from its connection (hung,
+    stopped) loses it and its unsent answers within this long. A client that reads its connection
+    but grants the server no flow-control window keeps its call until ``grpc_max_connection_age_s``
+    (grpcio cannot end a call once its handler has returned)."""
 
     keep_alive_s: float = Field(5.0, gt=0.0, le=MAX_DURATION_S)
     """How long an idle keep-alive connection stays open between requests."""

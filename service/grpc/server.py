@@ -167,11 +167,20 @@ class GRPCServer:
         # no call holds a slot past the connection's age and grace: one that never sends its
         # message would otherwise hold it forever
         age_ms, grace_ms = int(s.grpc_max_connection_age_s * 1000), int((s.body_timeout_s + s.request_timeout_s) * 1000)
+        # the gRPC side of send_timeout_s: a connection whose client reads nothing (a hung or
+        # stopped client; its answers wait unsent in grpc's buffers, counted in the budget) is
+        # pinged after half of it and closed when the ping is not answered within the other half
+        # (grpc waits for a ping's answer by its own ping timeout, 60 s by default, not by the
+        # keepalive timeout: both are set)
+        ping_ms = max(1, int(s.send_timeout_s * 500))
         self._server = aio.server(maximum_concurrent_rpcs=s.max_connections,
                                   options=[("grpc.max_receive_message_length", size),
                                            ("grpc.max_send_message_length", size),
                                            ("grpc.max_connection_age_ms", age_ms),
                                            ("grpc.max_connection_age_grace_ms", grace_ms),
+                                           ("grpc.keepalive_time_ms", ping_ms),
+                                           ("grpc.keepalive_timeout_ms", ping_ms),
+                                           ("grpc.http2.ping_timeout_ms", ping_ms),
                                            # no window growth: a message not read yet stays at the
                                            # client (with it grpc took all of it); 61 MB messages
                                            # arrive ~0.3 s slower on loopback (a 3 s call)
@@ -439,8 +448,9 @@ class GRPCServer:
     async def model_infer(self, request: pb.ModelInferRequest, context, memory: Hold) -> pb.ModelInferResponse:
         """``memory``: the hold the message was read into (:meth:`_receive`)."""
         message, answer = await self._infer(request, memory)
-        # held until grpc has sent the answer: a client that does not read keeps it in grpc's
-        # buffers until its connection's age runs out. No await between the take and this: a call
+        # held until grpc has sent the answer: a client that reads nothing loses its connection
+        # by send_timeout_s (the keepalive in start); one that reads but opens no window keeps it
+        # until its connection's age runs out. No await between the take and this: a call
         # cancelled before it ran its callbacks runs this one too.
         context.add_done_callback(lambda _: answer.release())
         return message

@@ -498,3 +498,73 @@ def test_a_grpc_call_waits_for_room_then_is_answered_or_refused(tiny_repo, tmp_p
     assert first == [""] * 11, first
     assert len(answered) == 1 and list(answered[0].outputs[0].shape) == [1], answered
     assert after == 0
+
+
+def _h2_frame(kind: int, flags: int, stream: int, payload: bytes) -> bytes:
+    return len(payload).to_bytes(3, "big") + bytes([kind, flags]) + stream.to_bytes(4, "big") + payload
+
+
+def _grpc_call_bytes(request) -> bytes:
+    """A whole unary gRPC call as an HTTP/2 client with prior knowledge sends it: the preface, empty
+    SETTINGS, one HEADERS frame (HPACK literals, no Huffman) and one DATA frame that ends the
+    stream. Written by hand so that the client can then read nothing at all -- no window update,
+    no ping or SETTINGS acknowledgement -- as a client that hangs or stops reading its socket."""
+    headers = b"".join(b"\x00" + bytes([len(k)]) + k + bytes([len(v)]) + v for k, v in (
+        (b":method", b"POST"), (b":scheme", b"http"), (b":path", b"/inference.GRPCInferenceService/ModelInfer"),
+        (b":authority", b"localhost"), (b"content-type", b"application/grpc"), (b"te", b"trailers")))
+    message = request.SerializeToString()
+    data = b"\x00" + len(message).to_bytes(4, "big") + message
+    frames = [data[i:i + 16_384] for i in range(0, len(data), 16_384)]   # HTTP/2's default frame size
+    return (b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + _h2_frame(4, 0, 0, b"") + _h2_frame(1, 0x4, 1, headers)
+            + b"".join(_h2_frame(0, int(i == len(frames) - 1), 1, f) for i, f in enumerate(frames)))
+
+
+def test_a_grpc_client_that_reads_nothing_loses_its_connection_and_its_answer(tiny_repo, tmp_path):
+    """The gRPC side of ``send_timeout_s``: an answer its client does not read is counted against the
+    budget while it waits, and a client that reads nothing from its connection (here a raw HTTP/2
+    client that sends one call whose answer, ~140 KB, is larger than the 64 KiB its window lets the
+    server send, then never reads) has its connection closed: the server pings it every
+    ``send_timeout_s / 2`` and closes it when the ping is not answered in as long, which frees the
+    answer. Before, it stayed held until the connection's age ran out (10 minutes by default). A
+    client that reads its connection keeps it while idle for longer than that: a stream opened
+    before, idle all along, still answers."""
+    import queue
+
+    import tritonclient.grpc as grpcclient
+
+    from service.grpc import inference_pb2 as pb
+
+    x = np.random.default_rng(6).standard_normal((3_000, D)).astype(np.float32)   # 48 KB in
+    request = pb.ModelInferRequest(model_name="clf", model_version="1")
+    request.inputs.add(name="input", datatype="FP32", shape=list(x.shape))
+    request.raw_input_contents.append(x.tobytes())
+    for name in ("saliency", "label_sensitivity", "probabilities"):
+        request.outputs.add(name=name)
+    with run_server(tiny_repo, tmp_path, grpc=True, send_timeout_s=2) as s:
+        client = grpcclient.InferenceServerClient(s.grpc_target)   # a live client, idle meanwhile
+        answers: queue.Queue = queue.Queue()
+        client.start_stream(callback=lambda result, error: answers.put((result, error)))
+        host, port = s.grpc_target.rsplit(":", 1)
+        silent = socket.create_connection((host, int(port)), timeout=10)
+        try:
+            silent.sendall(_grpc_call_bytes(request))
+            deadline = time.monotonic() + 10
+            while (held := _memory(s)) == 0 and time.monotonic() < deadline:
+                time.sleep(0.05)
+            start = time.monotonic()
+            while (left := _memory(s)) != 0 and time.monotonic() < start + 10:
+                time.sleep(0.2)
+            freed_after = time.monotonic() - start
+        finally:
+            silent.close()
+        tensor = grpcclient.InferInput("input", [1, D], "FP32")
+        tensor.set_data_from_numpy(x[:1])
+        client.async_stream_infer("clf", [tensor], model_version="1")   # on the stream opened before
+        served, error = answers.get(timeout=30)
+        client.stop_stream()
+        client.close()
+    assert held > 65_536, f"the unread answer was not held ({held} bytes)"
+    assert left == 0, f"the answer of a client that reads nothing stayed held ({left} bytes)"
+    assert freed_after < 6, freed_after
+    assert error is None, error
+    assert served.as_numpy("prediction").shape == (1,)
