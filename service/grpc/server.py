@@ -32,6 +32,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import grpc
+from google.protobuf.message import DecodeError
 from grpc import aio
 
 from service import metrics, tracing
@@ -86,6 +87,16 @@ def _fail(context: aio.ServicerContext, code: grpc.StatusCode, details: str, tra
     context.set_code(code)
     context.set_details(details)
     context.set_trailing_metadata(tuple(trailing))
+
+
+def _parse(message_type: Any, data: bytes) -> Any:
+    """A call's message from its bytes. Every handler parses its own (grpc is given no
+    deserializer): bytes that are no such message are the client's error, INVALID_ARGUMENT --
+    grpc's own parsing answered UNKNOWN naming Python's DecodeError, and logged a traceback."""
+    try:
+        return message_type.FromString(data)
+    except DecodeError:
+        raise BadRequest(f"the message is not a valid {message_type.DESCRIPTOR.name}") from None
 
 
 def _metadata(context: aio.ServicerContext) -> dict[str, str]:
@@ -191,8 +202,7 @@ class GRPCServer:
         self._server.add_generic_rpc_handlers([
             grpc.method_handlers_generic_handler(SERVICE_NAME, self._handlers()),
             grpc.method_handlers_generic_handler(HEALTH_SERVICE_NAME, {"Check": grpc.unary_unary_rpc_method_handler(
-                self._wrap("HealthCheck", self.health_check, "none"),
-                request_deserializer=health_pb2.HealthCheckRequest.FromString,
+                self._wrap("HealthCheck", health_pb2.HealthCheckRequest, self.health_check, "none"),
                 response_serializer=health_pb2.HealthCheckResponse.SerializeToString)})])
         host = f"[{self.host}]" if ":" in self.host else self.host
         self.port = (self._server.add_secure_port(f"{host}:{self.port}", self.credentials)
@@ -236,31 +246,30 @@ class GRPCServer:
             ("RepositoryModelUnload", pb.RepositoryModelUnloadRequest, pb.RepositoryModelUnloadResponse, self.unload,
              "admin"),
         ]
-        handlers = {name: grpc.unary_unary_rpc_method_handler(self._wrap(name, handler, access),
-                                                              request_deserializer=request.FromString,
+        # no request_deserializer anywhere: the handlers parse their messages (_parse)
+        handlers = {name: grpc.unary_unary_rpc_method_handler(self._wrap(name, request, handler, access),
                                                               response_serializer=response.SerializeToString)
                     for name, request, response, handler, access in table}
         # a unary call on the wire, served as one whose message the handler reads itself: grpc would
         # read it whole before the handler runs, so nothing would bound the messages in flight
         handlers["ModelInfer"] = grpc.stream_unary_rpc_method_handler(
-            self._wrap("ModelInfer", self.model_infer, "key", receive=True),
-            request_deserializer=pb.ModelInferRequest.FromString,
+            self._wrap("ModelInfer", pb.ModelInferRequest, self.model_infer, "key", receive=True),
             response_serializer=pb.ModelInferResponse.SerializeToString)
         handlers["ModelStreamInfer"] = grpc.stream_stream_rpc_method_handler(
-            self.model_stream_infer, request_deserializer=pb.ModelInferRequest.FromString,
-            response_serializer=pb.ModelStreamInferResponse.SerializeToString)
+            self.model_stream_infer, response_serializer=pb.ModelStreamInferResponse.SerializeToString)
         return handlers
 
-    def _wrap(self, method: str, handler: Handler, access: str, receive: bool = False) -> Handler:
-        """Auth, the error table, metrics and the access line around one unary RPC handler. With
-        ``receive`` grpc hands over the call's messages unread: its one message is read after the
-        key is checked (:meth:`_receive`), and the handler is given the hold on the request-memory
-        budget it was read into."""
+    def _wrap(self, method: str, message_type: Any, handler: Handler, access: str, receive: bool = False) -> Handler:
+        """Auth, the error table, metrics and the access line around one unary RPC handler, which is
+        given its ``message_type`` message parsed from the call's bytes once the key is checked.
+        With ``receive`` grpc hands over the call's messages unread: its one message is read then
+        (:meth:`_receive`), and the handler is given the hold on the request-memory budget it was
+        read into."""
         settings = self.settings
 
         async def rpc(request: Any, context: aio.ServicerContext) -> Any:
             meta = _metadata(context)
-            with _Call(method, meta, None if receive else request, meta.get("x-request-id", "")) as call:
+            with _Call(method, meta, None, meta.get("x-request-id", "")) as call:
                 context.set_trailing_metadata(call.ids)
                 try:
                     key = key_from(meta.get("authorization"), meta.get("x-api-key"))
@@ -269,9 +278,10 @@ class GRPCServer:
                     elif access == "admin":
                         check_admin(settings, key)
                     if not receive:
+                        call.request = request = _parse(message_type, request)
                         return await handler(request, context)
                     with self.dataplane.request_memory.hold() as memory:
-                        call.request = request = await self._receive(context, memory)
+                        call.request = request = await self._receive(context, memory, message_type)
                         return await handler(request, context, memory)
                 # A failure is the call's status, set here and sent by grpc with no reply, not
                 # context.abort(): grpc keeps the AbortError on the call, and its traceback holds this
@@ -325,10 +335,15 @@ class GRPCServer:
                     await slots.acquire()               # the next message is read only into a free slot
                     # context.read(), not the request iterator: a stream cancelled with that
                     # generator suspended kept its last message until the cyclic collector ran
-                    request = await context.read()
-                    if request is aio.EOF:
+                    data = await context.read()
+                    if data is aio.EOF:
                         return
-                    window.put_nowait(asyncio.ensure_future(self._stream_one(request, meta)))
+                    try:
+                        request, unreadable = _parse(pb.ModelInferRequest, data), None
+                    except BadRequest as exc:             # answered in its place; the stream goes on
+                        request, unreadable = pb.ModelInferRequest(), exc
+                    del data
+                    window.put_nowait(asyncio.ensure_future(self._stream_one(request, meta, unreadable)))
             finally:
                 window.put_nowait(None)
 
@@ -352,14 +367,17 @@ class GRPCServer:
                     task.result()[1].release()    # computed, never written: its answer leaves the budget
                 task.cancel()
 
-    async def _stream_one(self, request: pb.ModelInferRequest,
-                          meta: dict[str, str]) -> tuple[pb.ModelStreamInferResponse, Hold]:
+    async def _stream_one(self, request: pb.ModelInferRequest, meta: dict[str, str],
+                          unreadable: BadRequest | None = None) -> tuple[pb.ModelStreamInferResponse, Hold]:
         """One request of a stream, answered whatever happens: its response, or its error in its place;
         with the answer's hold on the request-memory budget, which the stream releases once it has
         written the answer (a stream whose client stops reading holds up to its window of answers,
-        counted, and the requests after them are refused while they fill the budget)."""
+        counted, and the requests after them are refused while they fill the budget). ``unreadable``:
+        the message did not parse (``request`` is then empty), and this is its answer."""
         with _Call("ModelStreamInfer", meta, request, request.id) as call:
             try:
+                if unreadable is not None:
+                    raise unreadable
                 with self.dataplane.request_memory.hold() as memory:
                     response, answer = await self._infer(request, memory)
                 return pb.ModelStreamInferResponse(infer_response=response), answer
@@ -423,7 +441,7 @@ class GRPCServer:
         (received, then parsed), or the whole budget when that is less."""
         return min(2 * self.settings.grpc_max_message_bytes, self.dataplane.request_memory.limit)
 
-    async def _receive(self, context: aio.ServicerContext, memory: Hold) -> Any:
+    async def _receive(self, context: aio.ServicerContext, memory: Hold, message_type: Any) -> Any:
         """A unary call's message, read only once the most it may take -- twice
         ``grpc_max_message_bytes`` (received, then parsed), or the whole budget when that is less --
         fits the request-memory budget in ``memory``. Until then it is not read, and HTTP/2 flow
@@ -443,7 +461,7 @@ class GRPCServer:
                               "(HJSERVE_BODY_TIMEOUT_S)") from None
         if message is aio.EOF:
             raise BadRequest("the call ended without its message")
-        return message
+        return _parse(message_type, message)
 
     async def model_infer(self, request: pb.ModelInferRequest, context, memory: Hold) -> pb.ModelInferResponse:
         """``memory``: the hold the message was read into (:meth:`_receive`)."""

@@ -296,6 +296,46 @@ def test_unknown_methods_are_unimplemented(gserver):
     assert info.value.code() == grpc.StatusCode.UNIMPLEMENTED
 
 
+
+
+@pytest.mark.parametrize("method", ["ServerLive", "ServerReady", "ServerMetadata", "ModelReady", "ModelMetadata",
+                                    "ModelConfig", "ModelStatistics", "RepositoryIndex", "RepositoryModelLoad",
+                                    "RepositoryModelUnload", "ModelInfer", "/grpc.health.v1.Health/Check"])
+def test_a_message_that_is_no_protobuf_is_invalid_argument_never_internal(gserver, method):
+    """Bytes that do not parse as the method's message are the client's error on every method:
+    INVALID_ARGUMENT with its ``bad_request`` error type, counted and logged as a refused call, and
+    no stack trace in the server's log. Before, grpc parsed them before any handler ran: UNKNOWN
+    with details naming Python's DecodeError (a traceback logged per call), and ModelInfer, which
+    reads its own message, answered INTERNAL as if the server had a bug."""
+    path = method if method.startswith("/") else METHOD + method
+    with grpc.insecure_channel(gserver.grpc_target) as channel:
+        for garbage in (b"\xff\xff\xff", b"\x0a\xff", bytes(range(256))):
+            with pytest.raises(grpc.RpcError) as info:
+                channel.unary_unary(path)(garbage, metadata=(("x-request-id", "junk-1"),), timeout=30)
+            assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT, (garbage, info.value)
+            assert "is not a valid" in info.value.details() and "Error" not in info.value.details(), info.value.details()
+            trailing = dict(info.value.trailing_metadata())
+            assert trailing["error-type"] == "bad_request" and trailing["x-request-id"] == "junk-1", trailing
+    log = gserver.log.read_text()
+    assert "Traceback" not in log and "raised by servicer method" not in log, log[-3000:]
+
+
+def test_a_stream_message_that_is_no_protobuf_is_answered_in_its_place(gserver):
+    """In a stream, bytes that do not parse are answered in their place (``error_message``, error
+    type ``bad_request``) and the stream goes on to the next message (gRPC frames every message, so
+    the next one is whole). Before, the stream ended UNKNOWN naming Python's DecodeError."""
+    messages = [_message("clf", "m0").SerializeToString(), b"\xff\xff\xff", _message("clf", "m2").SerializeToString()]
+    with grpc.insecure_channel(gserver.grpc_target) as channel:
+        stream = channel.stream_stream(METHOD + "ModelStreamInfer",
+                                       response_deserializer=pb.ModelStreamInferResponse.FromString)(iter(messages), timeout=30)
+        answers = list(stream)
+        assert stream.code() == grpc.StatusCode.OK
+    assert [a.error_message == "" for a in answers] == [True, False, True], [a.error_message for a in answers]
+    assert [a.infer_response.id for a in answers] == ["m0", "", "m2"]
+    assert "is not a valid" in answers[1].error_message, answers[1].error_message
+    assert answers[1].infer_response.parameters["error_type"].string_param == "bad_request"
+
+
 def test_keys_limits_and_overload(tiny_repo, tmp_path):
     """Same keys as HTTP (metadata), the message size limit, and overload as UNAVAILABLE with a
     retry-after trailer, on a server with max_queue_size 1."""
@@ -415,7 +455,7 @@ def test_an_unexpected_failure_is_internal_and_never_a_stack_trace(tiny_repo):
     settings = Settings(model_repository=tiny_repo)
     server = GRPCServer(DataPlane(settings, ModelRepository(settings)), "127.0.0.1", 0)
     context = Context()
-    assert asyncio.run(server._wrap("ServerLive", broken, "none")(pb.ServerLiveRequest(), context)) is None
+    assert asyncio.run(server._wrap("ServerLive", pb.ServerLiveRequest, broken, "none")(b"", context)) is None
     assert context.code == grpc.StatusCode.INTERNAL and context.details == "internal server error"
     assert context.trailing["error-type"] == "internal_error" and set(context.trailing) == {"error-type", "x-request-id"}
 

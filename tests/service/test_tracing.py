@@ -107,13 +107,13 @@ def test_a_grpc_call_is_traced(traced, dataplane):
         await dataplane.start()
         try:
             server = GRPCServer(dataplane, "127.0.0.1", 0)
-            rpc = server._wrap("ModelInfer", server.model_infer, "key", receive=True)
+            rpc = server._wrap("ModelInfer", pb.ModelInferRequest, server.model_infer, "key", receive=True)
             request = pb.ModelInferRequest(model_name="fclf")
             request.inputs.add(name="input", datatype="FP32", shape=[1, D])
             request.raw_input_contents.append(np.zeros((1, D), np.float32).tobytes())
 
             context = Context()
-            context.message = request    # grpc hands ModelInfer its message unread (GRPCServer._receive)
+            context.message = request.SerializeToString()   # grpc hands ModelInfer its bytes unread
             reply = await rpc(None, context)
             return reply, dict(context.trailing)
         finally:
