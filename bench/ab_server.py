@@ -1,7 +1,7 @@
 """The served request path of this tree against an earlier revision, side by side on this machine.
 
     python bench/ab_server.py --base REV [--model-dir models/digits_lse/1 ...] [--seconds 4] [--passes 3]
-                              [--export] [--protocol rest|grpc|batch|large] [--intra-op-threads 1]
+                              [--export] [--protocol rest|grpc|stream|batch|large] [--intra-op-threads 1]
                               [--outputs prediction,probabilities] [--concurrency 1 4]
                               [--out bench/results/ab_server.md]
         -> bench/results/ab_server.md (a section per model version)
@@ -30,7 +30,8 @@ both run this tree's Python environment and the same artifact (built by this tre
 effect of a revision on a served request. With ``--protocol grpc`` the same requests go as
 ``ModelInfer`` calls (raw input contents) through ``bench/loadgen.py``'s gRPC loop (grpcio's asyncio
 client: heavier than the raw-socket HTTP client, and on the same two cores, so it dilutes a
-server-side difference rather than inflating it). With ``--protocol batch`` each server runs
+server-side difference rather than inflating it); with ``--protocol stream`` as ``ModelStreamInfer``
+messages, one stream per worker, each awaiting its answer before the next (:func:`stream_loop`). With ``--protocol batch`` each server runs
 batch-attribution jobs instead (``bench/loadgen.py``'s :func:`batch_job`: 20,000 V2 binary rows in,
 NDJSON out, in the row and the column layout), repeated for ``--seconds``, in rows/s; and the latency
 of online requests (the closed loop at concurrency 1, four default outputs) while row-layout jobs
@@ -65,13 +66,22 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.ab_graph import export_with  # noqa: E402
-from bench.loadgen import batch_job, batch_throughput, grpc_loop, large_body, large_request, post_loop  # noqa: E402
+from bench.loadgen import (  # noqa: E402
+    batch_job,
+    batch_throughput,
+    grpc_loop,
+    large_body,
+    large_request,
+    post_loop,
+    stream_loop,
+)
 from service.settings import split_names  # noqa: E402
 from service.testing import run_server  # noqa: E402
 
 OUT = ROOT / "bench" / "results" / "ab_server.md"
 CONCURRENCY = (1, 4)
 GRPC_INFER = "/inference.GRPCInferenceService/ModelInfer"
+GRPC_STREAM = "/inference.GRPCInferenceService/ModelStreamInfer"
 BATCH_ROWS = 20_000
 LAYOUTS = ("rows", "columns")
 
@@ -134,7 +144,7 @@ def main() -> int:
     ap.add_argument("--seconds", type=float, default=4.0)
     ap.add_argument("--passes", type=int, default=3)
     ap.add_argument("--export", action="store_true", help="each tree serves the graphs its exporter writes")
-    ap.add_argument("--protocol", choices=("rest", "grpc", "batch", "large"), default="rest")
+    ap.add_argument("--protocol", choices=("rest", "grpc", "stream", "batch", "large"), default="rest")
     ap.add_argument("--backend", choices=("auto", "onnx", "torch"), default="auto",
                     help="the backend both sides serve with (--base, --versus): HJSERVE_BACKEND")
     ap.add_argument("--intra-op-threads", type=int, default=1,
@@ -186,7 +196,7 @@ def _compare(args: argparse.Namespace, version: Path, base: str, head: str, dirt
         names = split_names(args.outputs)
         bodies[" + ".join(names)] = {"inputs": inp, "outputs": [{"name": n} for n in names]}
     path = f"/v2/models/{name}/infer"
-    if args.protocol == "grpc":
+    if args.protocol in ("grpc", "stream"):
         from service.grpc import inference_pb2 as pb
 
         def message(diagnostics: bool) -> bytes:
@@ -258,7 +268,7 @@ def _compare(args: argparse.Namespace, version: Path, base: str, head: str, dirt
                 for label, tree in (trees.items() if p % 2 == 0 else reversed(trees.items())):
                     settings = {"intra_op_threads": args.intra_op_threads, **extra.get(label, {})}
                     tls = "tls_cert_file" in settings
-                    with run_server(repos[label], tmp, root=tree, grpc=args.protocol == "grpc", backend=backend[label],
+                    with run_server(repos[label], tmp, root=tree, grpc=args.protocol in ("grpc", "stream"), backend=backend[label],
                                     tls_context=client_context if tls else None, **settings) as server:
                         for body_label, c in cells:
                             if c == "s":
@@ -280,10 +290,12 @@ def _compare(args: argparse.Namespace, version: Path, base: str, head: str, dirt
                             elif args.protocol == "batch":
                                 rps = batch_throughput(server.url, name, batch_x, body_label.split("=")[-1], args.seconds)
                             else:
-                                if args.protocol == "grpc":
-                                    r = asyncio.run(grpc_loop(f"127.0.0.1:{server.grpc_port}", GRPC_INFER,
-                                                              messages[body_label], args.seconds, c,
-                                                              credentials=grpc_credentials if tls else None))
+                                if args.protocol in ("grpc", "stream"):
+                                    loop, method = ((grpc_loop, GRPC_INFER) if args.protocol == "grpc"
+                                                    else (stream_loop, GRPC_STREAM))
+                                    r = asyncio.run(loop(f"127.0.0.1:{server.grpc_port}", method,
+                                                         messages[body_label], args.seconds, c,
+                                                         credentials=grpc_credentials if tls else None))
                                 else:
                                     r = asyncio.run(post_loop(server.url, path, json.dumps(bodies[body_label]).encode(),
                                                               args.seconds, c, tls=client_context if tls else None))
@@ -328,7 +340,8 @@ def _compare(args: argparse.Namespace, version: Path, base: str, head: str, dirt
                   f"then {args.seconds:g} s of online requests while row-layout jobs run")
         unit, key = "", "unit"
     else:
-        method = (f"batch 1, {'gRPC ModelInfer (raw contents)' if args.protocol == 'grpc' else 'JSON'}, "
+        how = {"grpc": "gRPC ModelInfer (raw contents)", "stream": "gRPC ModelStreamInfer, a stream per worker (raw contents)"}
+        method = (f"batch 1, {how.get(args.protocol, 'JSON')}, "
                   f"`bench/loadgen.py`'s closed loop for {args.seconds:g} s per server, request and concurrency")
         unit, key = " req/s", "concurrency"
     threads = ("one thread" if args.intra_op_threads == 1 else "its default threads (one per core)"

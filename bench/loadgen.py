@@ -5,7 +5,8 @@ header objects), which matters where the client shares the machine's cores with 
 measures. Used by ``bench/overload_bench.py`` (open and closed loops) and ``bench/competitors.py``
 (the one client for every server). Responses with ``Content-Length`` or chunked bodies are read
 whole, so a connection is never reused mid-response. :func:`grpc_loop` is the same closed loop over
-one gRPC channel (grpcio's asyncio client, the request serialised once). Both speak TLS when given a
+one gRPC channel (grpcio's asyncio client, the request serialised once), and :func:`stream_loop` over
+bidirectional streams, one per worker. They speak TLS when given a
 client context / channel credentials (``bench/ab_server.py --tls``). :func:`batch_job` runs one
 batch-attribution job (V2 binary rows in, NDJSON out) and counts the rows answered in the raw bytes;
 :func:`large_request` one online inference request of many rows (:func:`large_body`: binary or JSON).
@@ -23,7 +24,7 @@ import time
 import numpy as np
 
 __all__ = ["Pool", "batch_job", "batch_throughput", "closed_loop", "grpc_loop", "large_body", "large_request",
-           "post_loop", "request_bytes"]
+           "post_loop", "request_bytes", "stream_loop"]
 
 #: a column line's leading row range, {"rows":[first,end]
 _ROWS_RANGE = re.compile(rb'\{"rows":\[(\d+),(\d+)\]')
@@ -126,6 +127,40 @@ async def grpc_loop(target: str, method: str, request: bytes, seconds: float, co
                 return 500
 
         return await _loop(send, seconds, concurrency, warmup)
+
+
+async def stream_loop(target: str, method: str, request: bytes, seconds: float, concurrency: int,
+                      warmup: int = 20, credentials=None) -> dict:
+    """:func:`grpc_loop` over ``concurrency`` bidirectional streams of ``method`` (Triton's
+    ``ModelStreamInfer``), each worker on a stream of its own: it writes ``request`` and awaits its
+    answer before the next. An answer that carries an ``error_message`` (field 1, serialised first)
+    or a failed stream counts as an error."""
+    import grpc
+
+    channel = grpc.aio.secure_channel(target, credentials) if credentials else grpc.aio.insecure_channel(target)
+    async with channel:
+        opened = channel.stream_stream(method)
+        calls = [opened(timeout=seconds + 60) for _ in range(concurrency)]
+        idle: asyncio.Queue = asyncio.Queue()
+        for call in calls:
+            idle.put_nowait(call)
+
+        async def send() -> int:
+            call = await idle.get()
+            try:
+                await call.write(request)
+                answer = await call.read()
+                return 500 if answer is grpc.aio.EOF or answer[:1] == b"\x0a" else 200
+            except grpc.aio.AioRpcError:
+                return 500
+            finally:
+                idle.put_nowait(call)
+
+        try:
+            return await _loop(send, seconds, concurrency, warmup)
+        finally:
+            for call in calls:
+                call.cancel()
 
 
 async def _loop(send, seconds: float, concurrency: int, warmup: int) -> dict:

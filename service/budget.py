@@ -38,6 +38,7 @@ class ByteBudget:
         self.full, self.retry_after_s = full, retry_after_s
         self.used = 0            # held and reserved
         self.reserved = 0
+        self.waiting = 0         # reservations waiting for room now
         self._freed: asyncio.Event | None = None   # set when bytes are given back, for waiters
 
     def check(self, held: int, more: int) -> None:
@@ -60,23 +61,27 @@ class ByteBudget:
     def hold(self) -> Hold:
         return Hold(self)
 
-    async def reserve(self, hold: Hold, n: int, timeout_s: float) -> None:
+    async def reserve(self, hold: Hold, n: int, timeout_s: float | None) -> None:
         """Reserve ``n`` bytes in ``hold`` once they fit beside everything held and reserved,
-        waiting up to ``timeout_s`` for room (then refused as :meth:`check` refuses; at once when
-        ``n`` alone exceeds the limit). Waiters are not served in order: each looks again when bytes
-        come back."""
+        waiting up to ``timeout_s`` for room (None: for as long as it takes; then refused as
+        :meth:`check` refuses; at once when ``n`` alone exceeds the limit). Waiters are not served
+        in order: each looks again when bytes come back; :attr:`waiting` counts them."""
         self._never_fits(hold.held, n)
-        deadline = asyncio.get_running_loop().time() + timeout_s
+        loop = asyncio.get_running_loop()
+        deadline = None if timeout_s is None else loop.time() + timeout_s
         while self.used + n > self.limit:
-            left = deadline - asyncio.get_running_loop().time()
-            if left <= 0:
+            left = None if deadline is None else deadline - loop.time()
+            if left is not None and left <= 0:
                 raise self._full(self.used)
             if self._freed is None:
                 self._freed = asyncio.Event()
+            self.waiting += 1
             try:
                 await asyncio.wait_for(self._freed.wait(), left)
             except TimeoutError:
                 pass
+            finally:
+                self.waiting -= 1
         self._add(n)
         self.reserved += n
         hold.held += n

@@ -89,6 +89,17 @@ def _fail(context: aio.ServicerContext, code: grpc.StatusCode, details: str, tra
     context.set_trailing_metadata(tuple(trailing))
 
 
+def _refuse(context: aio.ServicerContext, call: _Call, exc: HJServeError) -> None:
+    """End ``call`` with ``exc``'s row of the error table: its status and message, and the call's
+    ids, its error type and any retry-after as trailing metadata."""
+    mapping = call.failed(exc)
+    trailing = [*call.ids, ("error-type", mapping.error_type)]
+    retry = getattr(exc, "retry_after_s", None)
+    if retry is not None:
+        trailing.append(("retry-after", str(retry)))
+    _fail(context, getattr(grpc.StatusCode, mapping.grpc), exc.message, trailing)
+
+
 def _parse(message_type: Any, data: bytes) -> Any:
     """A call's message from its bytes. Every handler parses its own (grpc is given no
     deserializer): bytes that are no such message are the client's error, INVALID_ARGUMENT --
@@ -281,19 +292,14 @@ class GRPCServer:
                         call.request = request = _parse(message_type, request)
                         return await handler(request, context)
                     with self.dataplane.request_memory.hold() as memory:
-                        call.request = request = await self._receive(context, memory, message_type)
+                        call.request = request = _parse(message_type, await self._receive(context, memory))
                         return await handler(request, context, memory)
                 # A failure is the call's status, set here and sent by grpc with no reply, not
                 # context.abort(): grpc keeps the AbortError on the call, and its traceback holds this
                 # frame, which holds the call -- a cycle that kept each refused message (and all it
                 # decoded) until Python's cyclic collector ran, ~60 MB per 30 MB message.
                 except HJServeError as exc:
-                    mapping = call.failed(exc)
-                    trailing = [*call.ids, ("error-type", mapping.error_type)]
-                    retry = getattr(exc, "retry_after_s", None)
-                    if retry is not None:
-                        trailing.append(("retry-after", str(retry)))
-                    _fail(context, getattr(grpc.StatusCode, mapping.grpc), exc.message, trailing)
+                    _refuse(context, call, exc)
                 except Exception:   # a bug: never a crash of the server, never a stack trace to the client
                     mapping = call.crashed()
                     _fail(context, grpc.StatusCode.INTERNAL, "internal server error",
@@ -322,20 +328,20 @@ class GRPCServer:
             check_api_key(self.settings, key_from(meta.get("authorization"), meta.get("x-api-key")))
         except HJServeError as exc:   # the stream is refused: one call, counted and logged as such
             with _Call("ModelStreamInfer", meta, None, meta.get("x-request-id", "")) as call:
-                mapping = call.failed(exc)
-                _fail(context, getattr(grpc.StatusCode, mapping.grpc), exc.message,
-                      [*call.ids, ("error-type", mapping.error_type)])
+                _refuse(context, call, exc)
             return
         slots = asyncio.Semaphore(STREAM_INFLIGHT)      # a slot is freed when its answer is written
         window: asyncio.Queue[asyncio.Task | None] = asyncio.Queue()   # the running requests, in order
 
         async def read() -> None:
+            memory = None
             try:
                 while True:
                     await slots.acquire()               # the next message is read only into a free slot
+                    memory = self.dataplane.request_memory.hold()   # and into room in the budget
                     # context.read(), not the request iterator: a stream cancelled with that
                     # generator suspended kept its last message until the cyclic collector ran
-                    data = await context.read()
+                    data = await self._receive_next(context, memory)
                     if data is aio.EOF:
                         return
                     try:
@@ -343,8 +349,16 @@ class GRPCServer:
                     except BadRequest as exc:             # answered in its place; the stream goes on
                         request, unreadable = pb.ModelInferRequest(), exc
                     del data
-                    window.put_nowait(asyncio.ensure_future(self._stream_one(request, meta, unreadable)))
+                    task = asyncio.ensure_future(self._stream_one(request, meta, memory, unreadable))
+                    # the message's hold is the task's now, given back however it ends (a task
+                    # cancelled before it ran too)
+                    task.add_done_callback(lambda _, held=memory: held.release())
+                    # nothing of this message stays in this frame while it waits for the next one
+                    memory = request = unreadable = None
+                    window.put_nowait(task)
             finally:
+                if memory is not None:
+                    memory.release()
                 window.put_nowait(None)
 
         reader = asyncio.ensure_future(read())
@@ -356,7 +370,11 @@ class GRPCServer:
                 finally:
                     held.release()
                 slots.release()
-            await reader                          # a failure of the stream itself ends it with its status
+            try:
+                await reader                      # a failure of the stream itself ends it with its status
+            except HJServeError as exc:
+                with _Call("ModelStreamInfer", meta, None, meta.get("x-request-id", "")) as call:
+                    _refuse(context, call, exc)
         finally:
             reader.cancel()
             while not window.empty():
@@ -367,18 +385,19 @@ class GRPCServer:
                     task.result()[1].release()    # computed, never written: its answer leaves the budget
                 task.cancel()
 
-    async def _stream_one(self, request: pb.ModelInferRequest, meta: dict[str, str],
+    async def _stream_one(self, request: pb.ModelInferRequest, meta: dict[str, str], memory: Hold,
                           unreadable: BadRequest | None = None) -> tuple[pb.ModelStreamInferResponse, Hold]:
         """One request of a stream, answered whatever happens: its response, or its error in its place;
         with the answer's hold on the request-memory budget, which the stream releases once it has
         written the answer (a stream whose client stops reading holds up to its window of answers,
-        counted, and the requests after them are refused while they fill the budget). ``unreadable``:
-        the message did not parse (``request`` is then empty), and this is its answer."""
+        counted, and the requests after them are refused while they fill the budget). ``memory``:
+        the hold the message was read into (:meth:`_receive_next`); ``unreadable``: the message did
+        not parse (``request`` is then empty), and this is its answer."""
         with _Call("ModelStreamInfer", meta, request, request.id) as call:
             try:
                 if unreadable is not None:
                     raise unreadable
-                with self.dataplane.request_memory.hold() as memory:
+                with memory:
                     response, answer = await self._infer(request, memory)
                 return pb.ModelStreamInferResponse(infer_response=response), answer
             except HJServeError as exc:
@@ -441,8 +460,8 @@ class GRPCServer:
         (received, then parsed), or the whole budget when that is less."""
         return min(2 * self.settings.grpc_max_message_bytes, self.dataplane.request_memory.limit)
 
-    async def _receive(self, context: aio.ServicerContext, memory: Hold, message_type: Any) -> Any:
-        """A unary call's message, read only once the most it may take -- twice
+    async def _receive(self, context: aio.ServicerContext, memory: Hold) -> bytes:
+        """A unary call's message bytes, read only once the most they may take -- twice
         ``grpc_max_message_bytes`` (received, then parsed), or the whole budget when that is less --
         fits the request-memory budget in ``memory``. Until then it is not read, and HTTP/2 flow
         control keeps it at the client. Room is waited for, then the message, each up to
@@ -455,13 +474,47 @@ class GRPCServer:
         await self.dataplane.request_memory.reserve(memory, self._reception_bytes(), s.body_timeout_s)
         try:
             async with asyncio.timeout(s.body_timeout_s):
-                message = await context.read()
+                data = await context.read()
         except TimeoutError:
-            raise BodyTimeout(f"the message did not arrive within {s.body_timeout_s:g} s "
-                              "(HJSERVE_BODY_TIMEOUT_S)") from None
-        if message is aio.EOF:
+            raise self._no_message() from None
+        if data is aio.EOF:
             raise BadRequest("the call ended without its message")
-        return _parse(message_type, message)
+        return data
+
+    async def _receive_next(self, context: aio.ServicerContext, memory: Hold) -> Any:
+        """A stream's next message bytes (or ``aio.EOF``), read as a unary call's only into room
+        reserved in ``memory``; room is waited for as long as it takes (the stream holds nothing
+        meanwhile, and its client's message waits at the client). While the message does not come
+        the stream holds that room, for as long as no other call waits for room; once one does, a
+        stream silent for ``body_timeout_s`` ends (408 ``body_timeout``, DEADLINE_EXCEEDED), so idle
+        streams never keep the others out for longer than that."""
+        budget, timeout_s = self.dataplane.request_memory, self.settings.body_timeout_s
+        await budget.reserve(memory, self._reception_bytes(), None)
+        # a timer that looks every body_timeout_s, not a task for the read: a task keeps its result
+        # (the message) for as long as it lives, and asyncio's tasks live in reference cycles
+        loop, reader, silent = asyncio.get_running_loop(), asyncio.current_task(), False
+
+        def look() -> None:
+            nonlocal timer, silent
+            if budget.waiting:
+                silent = True
+                reader.cancel()
+            else:
+                timer = loop.call_later(timeout_s, look)
+
+        timer = loop.call_later(timeout_s, look)
+        try:
+            return await context.read()
+        except asyncio.CancelledError:
+            if silent and reader.uncancel() == 0:
+                raise self._no_message() from None
+            raise
+        finally:
+            timer.cancel()
+
+    def _no_message(self) -> BodyTimeout:
+        return BodyTimeout(f"the message did not arrive within {self.settings.body_timeout_s:g} s "
+                           "(HJSERVE_BODY_TIMEOUT_S)")
 
     async def model_infer(self, request: pb.ModelInferRequest, context, memory: Hold) -> pb.ModelInferResponse:
         """``memory``: the hold the message was read into (:meth:`_receive`)."""

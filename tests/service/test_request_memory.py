@@ -423,7 +423,10 @@ def test_grpc_stream_answers_count_against_the_budget_until_written(tiny_repo, t
     from service.grpc import inference_pb2 as pb
 
     x = np.random.default_rng(1).standard_normal((40_000, D)).astype(np.float32)
-    with run_server(tiny_repo, tmp_path, grpc=True, max_request_memory_bytes=64 * MB) as s:
+    # messages of at most 2 MiB: the stream reads its next message into 4 MiB of room beside the
+    # answers it holds (with the default 64 MiB, that room would be the whole budget)
+    with run_server(tiny_repo, tmp_path, grpc=True, max_request_memory_bytes=64 * MB,
+                    grpc_max_message_bytes=2 * 2**20) as s:
         with grpc.insecure_channel(s.grpc_target) as channel:
             call = channel.stream_stream("/inference.GRPCInferenceService/ModelStreamInfer",
                                          request_serializer=pb.ModelInferRequest.SerializeToString,
@@ -545,14 +548,17 @@ def test_a_grpc_client_that_reads_nothing_loses_its_connection_and_its_answer(ti
         answers: queue.Queue = queue.Queue()
         client.start_stream(callback=lambda result, error: answers.put((result, error)))
         host, port = s.grpc_target.rsplit(":", 1)
+        idle = 2 * 64 * 2**20      # the open stream's room for its next message (twice the largest)
+        deadline = time.monotonic() + 10
+        while _memory(s) != idle and time.monotonic() < deadline:
+            time.sleep(0.05)
         silent = socket.create_connection((host, int(port)), timeout=10)
         try:
             silent.sendall(_grpc_call_bytes(request))
-            deadline = time.monotonic() + 10
-            while (held := _memory(s)) == 0 and time.monotonic() < deadline:
+            while (held := _memory(s) - idle) == 0 and time.monotonic() < deadline:
                 time.sleep(0.05)
             start = time.monotonic()
-            while (left := _memory(s)) != 0 and time.monotonic() < start + 10:
+            while (left := _memory(s) - idle) != 0 and time.monotonic() < start + 10:
                 time.sleep(0.2)
             freed_after = time.monotonic() - start
         finally:
@@ -568,3 +574,82 @@ def test_a_grpc_client_that_reads_nothing_loses_its_connection_and_its_answer(ti
     assert freed_after < 6, freed_after
     assert error is None, error
     assert served.as_numpy("prediction").shape == (1,)
+
+
+def test_grpc_stream_messages_are_received_only_into_room_in_the_budget(tiny_repo, tmp_path):
+    """A ``ModelStreamInfer`` stream reads its next message only into room reserved in the budget, as
+    ModelInfer does. Before, each open stream had a read waiting, into which grpc took its next
+    message whole, outside any budget: 16 streams sending a 30 MB message each at once took the
+    server ~400 MiB above its resident size against a budget of 100 MB (30 streams: +830 MiB; up to
+    ``max_connections`` of them), and the shipped pod's 2 GiB falls to ~100 such streams. Now they are
+    read in turn, and every one is answered (the shape the model refuses), none refused for room.
+    (A first version kept each stream's last message in its reader while that waited for the
+    next, ~+650 MiB over the same 30 streams: nothing of a message may stay there.)"""
+    import threading
+
+    from service.grpc import inference_pb2 as pb
+
+    request = _refused_message(seed=7)
+    errors: list[str] = []
+    with run_server(tiny_repo, tmp_path, grpc=True, max_request_memory_bytes=100 * MB,
+                    grpc_max_message_bytes=32 * 2**20) as s:
+        with grpc.insecure_channel(s.grpc_target, options=[("grpc.max_send_message_length", 64 * MB)]) as channel:
+            streams = channel.stream_stream("/inference.GRPCInferenceService/ModelStreamInfer",
+                                            request_serializer=pb.ModelInferRequest.SerializeToString,
+                                            response_deserializer=pb.ModelStreamInferResponse.FromString)
+            assert len(list(streams(iter([request]), timeout=60))) == 1     # the resident size of one
+            before, _ = _peak_mb(s.proc.pid)
+            Path(f"/proc/{s.proc.pid}/clear_refs").write_text("5")
+
+            def one() -> None:
+                errors.extend(a.error_message for a in streams(iter([request]), timeout=240))
+
+            threads = [threading.Thread(target=one) for _ in range(16)]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join()
+            _, peak = _peak_mb(s.proc.pid)                     # the high-water mark of them all
+        after = _memory(s)
+    assert peak - before < 250, (before, peak)
+    assert len(errors) == 16 and all("must have shape" in e for e in errors), errors
+    assert after == 0
+
+
+def test_an_idle_stream_keeps_its_room_until_another_call_waits_for_it(tiny_repo, tmp_path):
+    """A stream waiting for its next message holds room for it (it cannot know when it comes). With
+    nobody else waiting for room it may wait as long as it likes: a message sent after more than
+    ``body_timeout_s`` of silence is answered. Once another call waits for room, a stream silent for
+    ``body_timeout_s`` is ended (DEADLINE_EXCEEDED, ``body_timeout``) and gives its room back: the
+    waiting call is answered (here the budget holds one reception: a unary call waits for it)."""
+    import queue
+
+    import tritonclient.grpc as grpcclient
+
+    x = np.random.default_rng(8).standard_normal((1, D)).astype(np.float32)
+    tensor = grpcclient.InferInput("input", [1, D], "FP32")
+    tensor.set_data_from_numpy(x)
+    with run_server(tiny_repo, tmp_path, grpc=True, max_request_memory_bytes=3 * MB, body_timeout_s=1.5) as s:
+        streaming = grpcclient.InferenceServerClient(s.grpc_target)
+        answers: queue.Queue = queue.Queue()
+        streaming.start_stream(callback=lambda result, error: answers.put((result, error)))
+        streaming.async_stream_infer("clf", [tensor], model_version="1")
+        first = answers.get(timeout=30)
+        time.sleep(2.5)                             # silent beyond body_timeout_s, nobody waiting
+        streaming.async_stream_infer("clf", [tensor], model_version="1")
+        second = answers.get(timeout=30)
+        unary = grpcclient.InferenceServerClient(s.grpc_target)
+        start = time.monotonic()
+        served = unary.infer("clf", [tensor], model_version="1")    # waits for the stream's room
+        waited = time.monotonic() - start
+        ended = answers.get(timeout=30)
+        unary.close()
+        streaming.stop_stream()
+        streaming.close()
+        after = _memory(s)
+    assert first[1] is None and second[1] is None, (first, second)
+    assert served.as_numpy("prediction").shape == (1,)
+    assert waited < 10, waited
+    assert ended[0] is None and "DEADLINE_EXCEEDED" in str(ended[1]), ended
+    assert "HJSERVE_BODY_TIMEOUT_S" in str(ended[1]), ended
+    assert after == 0
