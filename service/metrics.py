@@ -89,7 +89,8 @@ BATCH_SPOOL_BYTES = Gauge("hjserve_batch_spool_bytes",
 REQUEST_MEMORY_BYTES = Gauge("hjserve_request_memory_bytes",
                              "Memory the inference bodies being read and decoded take now, as estimated "
                              "before parsing, with the answers not yet sent and the room reserved for gRPC "
-                             "messages being received (limit: HJSERVE_MAX_REQUEST_MEMORY_BYTES).")
+                             "messages being received or awaited (an open stream holds room for its next "
+                             "one) (limit: HJSERVE_MAX_REQUEST_MEMORY_BYTES).")
 MODEL_READY = Gauge("hjserve_model_ready", "1 when the model version is loaded and serving, else 0.", _MV)
 HTTP_REQUESTS = Counter("hjserve_http_requests", "HTTP requests by route template, method and status.",
                         ("route", "method", "status"))

@@ -261,7 +261,10 @@ class Settings(BaseSettings):
 
     body_timeout_s: float = Field(120.0, gt=0.0, le=MAX_DURATION_S)
     """Longest time a request body may take to arrive after its head (408 ``body_timeout`` and the
-    connection closed beyond it). Applies to every body, streamed batch bodies included."""
+    connection closed beyond it). Applies to every body, streamed batch bodies included. gRPC: how
+    long a ModelInfer call waits for room in ``max_request_memory_bytes`` and then for its message
+    (DEADLINE_EXCEEDED beyond it); a ModelStreamInfer stream silent this long while another call
+    waits for room is ended (DEADLINE_EXCEEDED), giving back the room held for its next message."""
 
     send_timeout_s: float = Field(60.0, gt=0.0, le=MAX_DURATION_S)
     """A response its client is not reading (the socket takes no more of it) counts against

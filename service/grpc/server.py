@@ -222,8 +222,9 @@ class GRPCServer:
         log.info("gRPC server listening on %s:%d", self.host, self.port)
         reserved, limit = self._reception_bytes(), self.dataplane.request_memory.limit
         if (at_once := limit // reserved) < 4:
-            log.warning("each gRPC ModelInfer call reserves %d bytes of HJSERVE_MAX_REQUEST_MEMORY_BYTES (%d) "
-                        "while its message arrives (twice HJSERVE_GRPC_MAX_MESSAGE_BYTES), so only %d receive at "
+            log.warning("each gRPC ModelInfer call (and ModelStreamInfer stream) reserves %d bytes of "
+                        "HJSERVE_MAX_REQUEST_MEMORY_BYTES (%d) while its (next) message arrives (twice "
+                        "HJSERVE_GRPC_MAX_MESSAGE_BYTES), so only %d receive at "
                         "once and the others wait: lower HJSERVE_GRPC_MAX_MESSAGE_BYTES to the messages you expect",
                         reserved, limit, at_once)
 
@@ -318,10 +319,13 @@ class GRPCServer:
         Each message is a request of its own -- admission, the dynamic batcher, metrics, access line,
         exactly as ModelInfer -- and up to :data:`STREAM_INFLIGHT` of a stream's run at once (they
         batch with each other and with every other client's); the stream reads its next message only
-        when one of those is answered, so HTTP/2 flow control holds the rest at the client. A request
+        when one of those is answered and room for it is reserved in the request-memory budget
+        (:meth:`_receive_next`), so HTTP/2 flow control holds the rest at the client. A request
         that fails is answered in its place by ``error_message`` (with its ``id``, model and version,
         and its ``error_type`` as a parameter, in ``infer_response``), and the stream goes on. The key
-        is checked once, when the stream opens (a stream without a valid one ends UNAUTHENTICATED)."""
+        is checked once, when the stream opens (a stream without a valid one ends UNAUTHENTICATED);
+        a stream silent for ``body_timeout_s`` while another call waits for room ends
+        DEADLINE_EXCEEDED."""
         meta = _metadata(context)
         context.set_trailing_metadata((("x-request-id", _request_id(meta.get("x-request-id", ""))),))
         try:
@@ -456,7 +460,7 @@ class GRPCServer:
     # -- inference --------------------------------------------------------------------------------
 
     def _reception_bytes(self) -> int:
-        """What a ModelInfer call reserves while its message arrives: twice the largest message
+        """What a ModelInfer call (a stream) reserves while its (next) message arrives: twice the largest message
         (received, then parsed), or the whole budget when that is less."""
         return min(2 * self.settings.grpc_max_message_bytes, self.dataplane.request_memory.limit)
 
