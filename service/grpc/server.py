@@ -343,8 +343,9 @@ class GRPCServer:
                 while True:
                     await slots.acquire()               # the next message is read only into a free slot
                     memory = self.dataplane.request_memory.hold()   # and into room in the budget
-                    # context.read(), not the request iterator: a stream cancelled with that
-                    # generator suspended kept its last message until the cyclic collector ran
+                    # read with context.read() (in _read), not the request iterator: a stream
+                    # cancelled with that generator suspended kept its last message until the
+                    # cyclic collector ran
                     data = await self._receive_next(context, memory)
                     if data is aio.EOF:
                         return
