@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import re
 import shlex
+import tomllib
 
 import pytest
 from deploy_helpers import (
@@ -72,8 +73,8 @@ def test_demo_models_built_into_the_image(dockerfile) -> None:
 
 
 def test_torch_pin_matches_pyproject() -> None:
-    # (no tomllib: the project supports Python 3.10)
-    (version,) = re.findall(r'^\s*"torch==([^"]+)"', (REPO / "pyproject.toml").read_text(), re.M)
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    (version,) = [d.removeprefix("torch==") for d in project["dependencies"] if d.startswith("torch==")]
     for name, path in DOCKERFILES.items():
         instructions = parse_dockerfile(path)
         assert arg_default(instructions, "TORCH_VERSION") == version, name
