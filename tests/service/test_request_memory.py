@@ -249,6 +249,15 @@ def _model_infer(channel: grpc.Channel):
                                response_deserializer=pb.ModelInferResponse.FromString)
 
 
+def _model_stream_infer(channel: grpc.Channel):
+    """The plain ModelStreamInfer callable of ``channel``: messages in, stream answers out."""
+    from service.grpc import inference_pb2 as pb
+
+    return channel.stream_stream("/inference.GRPCInferenceService/ModelStreamInfer",
+                                 request_serializer=pb.ModelInferRequest.SerializeToString,
+                                 response_deserializer=pb.ModelStreamInferResponse.FromString)
+
+
 def test_grpc_messages_are_received_only_into_room_in_the_budget(tiny_repo, tmp_path):
     """A gRPC message is read only when what it may take (twice ``grpc_max_message_bytes``, or the
     whole budget if that is less) fits the request-memory budget; until then HTTP/2 flow control
@@ -420,7 +429,6 @@ def test_grpc_stream_answers_count_against_the_budget_until_written(tiny_repo, t
     computed, so while 16 answers of ~1.9 MB waited for a client that read none of them the gauge
     said 0. Read at last, every message is answered and the budget is 0; a stream cancelled with its
     answers unread gives them back too."""
-    from service.grpc import inference_pb2 as pb
 
     x = np.random.default_rng(1).standard_normal((40_000, D)).astype(np.float32)
     # messages of at most 2 MiB: the stream reads its next message into 4 MiB of room beside the
@@ -428,9 +436,7 @@ def test_grpc_stream_answers_count_against_the_budget_until_written(tiny_repo, t
     with run_server(tiny_repo, tmp_path, grpc=True, max_request_memory_bytes=64 * MB,
                     grpc_max_message_bytes=2 * 2**20) as s:
         with grpc.insecure_channel(s.grpc_target) as channel:
-            call = channel.stream_stream("/inference.GRPCInferenceService/ModelStreamInfer",
-                                         request_serializer=pb.ModelInferRequest.SerializeToString,
-                                         response_deserializer=pb.ModelStreamInferResponse.FromString)
+            call = _model_stream_infer(channel)
             stream = call(_stream_requests(x, 16), timeout=120)       # nothing read yet
             deadline = time.monotonic() + 60
             while _computed(s) < 16:                                  # all 16 answered, none read
@@ -471,9 +477,7 @@ def test_a_grpc_call_waits_for_room_then_is_answered_or_refused(tiny_repo, tmp_p
                     grpc_max_message_bytes=2 * 2**20, body_timeout_s=1.5) as s:
         # the client's window stays 64 KiB (no BDP probe): the unread answers stay in the server
         with grpc.insecure_channel(s.grpc_target, options=[("grpc.http2.bdp_probe", 0)]) as channel:
-            streams = channel.stream_stream("/inference.GRPCInferenceService/ModelStreamInfer",
-                                            request_serializer=pb.ModelInferRequest.SerializeToString,
-                                            response_deserializer=pb.ModelStreamInferResponse.FromString)
+            streams = _model_stream_infer(channel)
             infer = _model_infer(channel)
             full = streams(_stream_requests(x, 11), timeout=120)           # nothing read yet
             deadline = time.monotonic() + 60
@@ -587,16 +591,13 @@ def test_grpc_stream_messages_are_received_only_into_room_in_the_budget(tiny_rep
     next, ~+650 MiB over the same 30 streams: nothing of a message may stay there.)"""
     import threading
 
-    from service.grpc import inference_pb2 as pb
 
     request = _refused_message(seed=7)
     errors: list[str] = []
     with run_server(tiny_repo, tmp_path, grpc=True, max_request_memory_bytes=100 * MB,
                     grpc_max_message_bytes=32 * 2**20) as s:
         with grpc.insecure_channel(s.grpc_target, options=[("grpc.max_send_message_length", 64 * MB)]) as channel:
-            streams = channel.stream_stream("/inference.GRPCInferenceService/ModelStreamInfer",
-                                            request_serializer=pb.ModelInferRequest.SerializeToString,
-                                            response_deserializer=pb.ModelStreamInferResponse.FromString)
+            streams = _model_stream_infer(channel)
             assert len(list(streams(iter([request]), timeout=60))) == 1     # the resident size of one
             before, _ = _peak_mb(s.proc.pid)
             Path(f"/proc/{s.proc.pid}/clear_refs").write_text("5")
