@@ -1,6 +1,7 @@
 """``bench/loadgen.py``'s batch-job client against a real server: it counts every answered row in both
 layouts, asks for the outputs it names (the service benchmark compares a job and the in-process
-``Predictor`` on the same outputs), and raises on a job that fails."""
+``Predictor`` on the same outputs), and raises on a job that fails. Its gRPC closed loops (unary
+calls, and a stream per worker) count answers and failed requests as failed."""
 
 from __future__ import annotations
 
@@ -75,3 +76,27 @@ def test_large_request_answers_every_row_and_raises_on_a_failed_one(loadgen, cli
         loadgen.large_request(client, "digits_lse", loadgen.large_body(rows[:, :10]), len(rows))
     with pytest.raises(RuntimeError, match="404"):
         loadgen.large_request(client, "no_such_model", loadgen.large_body(rows, binary=False), len(rows))
+
+
+@pytest.mark.parametrize("kind", ["grpc_loop", "stream_loop"])
+def test_the_grpc_loops_count_answers_and_failures(loadgen, demo_repository, tmp_path, kind):
+    """Both gRPC loops answer every request of a valid message, and count every request of one the
+    server refuses (an unknown model) as an error: the unary call fails with a status, the stream
+    answers it with ``error_message`` in its place and goes on."""
+    import asyncio
+
+    from service.grpc import inference_pb2 as pb
+
+    def message(model: str) -> bytes:
+        request = pb.ModelInferRequest(model_name=model)
+        request.inputs.add(name="input", datatype="FP32", shape=[1, 64])
+        request.raw_input_contents.append(np.ones((1, 64), np.float32).tobytes())
+        return request.SerializeToString()
+
+    loop = getattr(loadgen, kind)
+    method = "/inference.GRPCInferenceService/" + ("ModelInfer" if kind == "grpc_loop" else "ModelStreamInfer")
+    with run_server(demo_repository, tmp_path, grpc=True) as s:
+        served = asyncio.run(loop(s.grpc_target, method, message("digits_lse"), 0.5, 3, warmup=2))
+        refused = asyncio.run(loop(s.grpc_target, method, message("nope"), 0.5, 3, warmup=2))
+    assert served["n"] > 0 and served["errors"] == 0 and served["rps"] > 0, served
+    assert refused["n"] > 0 and refused["errors"] == refused["n"], refused
