@@ -87,8 +87,10 @@ class Settings(BaseSettings):
     grpc_max_message_bytes: int = Field(64 * 1024 * 1024, ge=1024, le=MAX_C_INT)
     """Largest gRPC message received or sent (the gRPC twin of ``max_body_bytes``). A ``ModelInfer``
     call reserves twice this in ``max_request_memory_bytes`` while its message is received (a bound:
-    the message's size is not known until it has arrived), so it also sets how many calls receive
-    at once (with the defaults 32; the others wait for room)."""
+    the message's size is not known until it has arrived), and an open ``ModelStreamInfer`` stream
+    while it awaits its next message, so it also sets how many calls and open streams receive at
+    once (with the defaults 32; the others wait for room): with many long-lived streams, lower it
+    to the messages you expect."""
 
     grpc_max_connection_age_s: float = Field(600.0, gt=0.0, le=MAX_DURATION_S)
     """A gRPC connection is asked to go away (GOAWAY; clients reconnect) after this long, and closed
