@@ -60,3 +60,23 @@ def test_a_reservation_without_room_is_refused_after_its_wait_and_one_too_large_
 
     waited, used, reserved = asyncio.run(main())
     assert 0.15 < waited < 2 and (used, reserved) == (60, 0)
+
+
+def test_a_reservation_without_a_deadline_waits_until_room_and_is_counted_while_it_waits():
+    """``timeout_s=None`` (a stream's next message): no refusal however long it waits; ``waiting``
+    counts it meanwhile, which is what ends an idle stream's hold on its room."""
+    budget = _budget()
+
+    async def main():
+        body, stream = budget.hold(), budget.hold()
+        body.take(90)
+        waiting = asyncio.ensure_future(budget.reserve(stream, 50, timeout_s=None))
+        await asyncio.sleep(0.3)
+        counted = budget.waiting
+        assert not waiting.done()
+        body.release()
+        await asyncio.wait_for(waiting, 1)
+        stream.release()
+        return counted, budget.waiting, budget.used
+
+    assert asyncio.run(main()) == (1, 0, 0)
