@@ -80,8 +80,9 @@ from service.testing import run_server  # noqa: E402
 
 OUT = ROOT / "bench" / "results" / "ab_server.md"
 CONCURRENCY = (1, 4)
-GRPC_INFER = "/inference.GRPCInferenceService/ModelInfer"
-GRPC_STREAM = "/inference.GRPCInferenceService/ModelStreamInfer"
+#: the gRPC protocols: the closed loop and the method it calls
+GRPC_LOOPS = {"grpc": (grpc_loop, "/inference.GRPCInferenceService/ModelInfer"),
+              "stream": (stream_loop, "/inference.GRPCInferenceService/ModelStreamInfer")}
 BATCH_ROWS = 20_000
 LAYOUTS = ("rows", "columns")
 
@@ -196,7 +197,7 @@ def _compare(args: argparse.Namespace, version: Path, base: str, head: str, dirt
         names = split_names(args.outputs)
         bodies[" + ".join(names)] = {"inputs": inp, "outputs": [{"name": n} for n in names]}
     path = f"/v2/models/{name}/infer"
-    if args.protocol in ("grpc", "stream"):
+    if args.protocol in GRPC_LOOPS:
         from service.grpc import inference_pb2 as pb
 
         def message(diagnostics: bool) -> bytes:
@@ -268,7 +269,7 @@ def _compare(args: argparse.Namespace, version: Path, base: str, head: str, dirt
                 for label, tree in (trees.items() if p % 2 == 0 else reversed(trees.items())):
                     settings = {"intra_op_threads": args.intra_op_threads, **extra.get(label, {})}
                     tls = "tls_cert_file" in settings
-                    with run_server(repos[label], tmp, root=tree, grpc=args.protocol in ("grpc", "stream"), backend=backend[label],
+                    with run_server(repos[label], tmp, root=tree, grpc=args.protocol in GRPC_LOOPS, backend=backend[label],
                                     tls_context=client_context if tls else None, **settings) as server:
                         for body_label, c in cells:
                             if c == "s":
@@ -290,9 +291,8 @@ def _compare(args: argparse.Namespace, version: Path, base: str, head: str, dirt
                             elif args.protocol == "batch":
                                 rps = batch_throughput(server.url, name, batch_x, body_label.split("=")[-1], args.seconds)
                             else:
-                                if args.protocol in ("grpc", "stream"):
-                                    loop, method = ((grpc_loop, GRPC_INFER) if args.protocol == "grpc"
-                                                    else (stream_loop, GRPC_STREAM))
+                                if args.protocol in GRPC_LOOPS:
+                                    loop, method = GRPC_LOOPS[args.protocol]
                                     r = asyncio.run(loop(f"127.0.0.1:{server.grpc_port}", method,
                                                          messages[body_label], args.seconds, c,
                                                          credentials=grpc_credentials if tls else None))

@@ -115,8 +115,7 @@ async def grpc_loop(target: str, method: str, request: bytes, seconds: float, co
     sending the serialised ``request``; a call that fails counts as an error."""
     import grpc
 
-    channel = grpc.aio.secure_channel(target, credentials) if credentials else grpc.aio.insecure_channel(target)
-    async with channel:
+    async with _channel(target, credentials) as channel:
         call = channel.unary_unary(method)          # bytes in, bytes out: no (de)serialising in the loop
 
         async def send() -> int:
@@ -137,8 +136,7 @@ async def stream_loop(target: str, method: str, request: bytes, seconds: float, 
     or a failed stream counts as an error."""
     import grpc
 
-    channel = grpc.aio.secure_channel(target, credentials) if credentials else grpc.aio.insecure_channel(target)
-    async with channel:
+    async with _channel(target, credentials) as channel:
         opened = channel.stream_stream(method)
         calls = [opened(timeout=seconds + 60) for _ in range(concurrency)]
         idle: asyncio.Queue = asyncio.Queue()
@@ -161,6 +159,13 @@ async def stream_loop(target: str, method: str, request: bytes, seconds: float, 
         finally:
             for call in calls:
                 call.cancel()
+
+
+def _channel(target: str, credentials=None):
+    """An asyncio gRPC channel to ``target``: TLS with channel ``credentials``, else plaintext."""
+    import grpc
+
+    return grpc.aio.secure_channel(target, credentials) if credentials else grpc.aio.insecure_channel(target)
 
 
 async def _loop(send, seconds: float, concurrency: int, warmup: int) -> dict:

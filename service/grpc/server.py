@@ -328,11 +328,15 @@ class GRPCServer:
         DEADLINE_EXCEEDED."""
         meta = _metadata(context)
         context.set_trailing_metadata((("x-request-id", _request_id(meta.get("x-request-id", ""))),))
-        try:
-            check_api_key(self.settings, key_from(meta.get("authorization"), meta.get("x-api-key")))
-        except HJServeError as exc:   # the stream is refused: one call, counted and logged as such
+
+        def end(exc: HJServeError) -> None:   # a failure of the stream itself: one call, counted and logged
             with _Call("ModelStreamInfer", meta, None, meta.get("x-request-id", "")) as call:
                 _refuse(context, call, exc)
+
+        try:
+            check_api_key(self.settings, key_from(meta.get("authorization"), meta.get("x-api-key")))
+        except HJServeError as exc:   # the stream is refused
+            end(exc)
             return
         slots = asyncio.Semaphore(STREAM_INFLIGHT)      # a slot is freed when its answer is written
         window: asyncio.Queue[asyncio.Task | None] = asyncio.Queue()   # the running requests, in order
@@ -378,8 +382,7 @@ class GRPCServer:
             try:
                 await reader                      # a failure of the stream itself ends it with its status
             except HJServeError as exc:
-                with _Call("ModelStreamInfer", meta, None, meta.get("x-request-id", "")) as call:
-                    _refuse(context, call, exc)
+                end(exc)
         finally:
             reader.cancel()
             while not window.empty():

@@ -188,7 +188,7 @@ def test_grpc_answers_count_against_the_budget_until_sent(tiny_repo, tmp_path):
         client = grpcclient.InferenceServerClient(s.grpc_target)
         tensor = grpcclient.InferInput("input", list(x.shape), "FP32")
         tensor.set_data_from_numpy(x)
-        every = [grpcclient.InferRequestedOutput(n) for n in ("saliency", "label_sensitivity", "probabilities")]
+        every = [grpcclient.InferRequestedOutput(n) for n in EVERY]
         with pytest.raises(grpcclient.InferenceServerException) as refused:
             client.infer("clf", [tensor], model_version="1", outputs=every)   # ~1.9 MB of raw outputs
         served = client.infer("clf", [tensor], model_version="1")              # the default outputs fit
@@ -207,7 +207,7 @@ def test_a_grpc_answer_its_client_refuses_gives_its_bytes_back(tiny_repo, tmp_pa
     import tritonclient.grpc as grpcclient
 
     x = np.random.default_rng(2).standard_normal((40_000, D)).astype(np.float32)
-    every = ("saliency", "label_sensitivity", "probabilities")
+    every = EVERY
     with run_server(tiny_repo, tmp_path, grpc=True, max_request_memory_bytes=8 * MB) as s:
         small = grpcclient.InferenceServerClient(s.grpc_target, channel_args=[("grpc.max_receive_message_length", 100_000)])
         tensor = grpcclient.InferInput("input", list(x.shape), "FP32")
@@ -228,16 +228,26 @@ def test_a_grpc_answer_its_client_refuses_gives_its_bytes_back(tiny_repo, tmp_pa
     assert served.as_numpy("saliency").shape == x.shape
 
 
+#: the outputs beyond the defaults: an answer ~12 times its input on the tiny model
+EVERY = ("saliency", "label_sensitivity", "probabilities")
+
+
+def _raw_message(x: np.ndarray, outputs=(), id: str = ""):
+    """A ModelInfer message of ``x`` for ``clf`` version 1 as raw contents, asking for ``outputs``."""
+    from service.grpc import inference_pb2 as pb
+
+    request = pb.ModelInferRequest(model_name="clf", model_version="1", id=id)
+    request.inputs.add(name="input", datatype="FP32", shape=list(x.shape))
+    request.raw_input_contents.append(x.tobytes())
+    for name in outputs:
+        request.outputs.add(name=name)
+    return request
+
+
 def _refused_message(seed: int):
     """A ModelInfer message of ~30 MB that the model refuses (D + 1 columns): it costs its reception
     and decoding, not a computation."""
-    from service.grpc import inference_pb2 as pb
-
-    x = np.random.default_rng(seed).standard_normal((30 * MB // (4 * (D + 1)), D + 1)).astype(np.float32)
-    request = pb.ModelInferRequest(model_name="clf", model_version="1")
-    request.inputs.add(name="input", datatype="FP32", shape=list(x.shape))
-    request.raw_input_contents.append(x.tobytes())
-    return request
+    return _raw_message(np.random.default_rng(seed).standard_normal((30 * MB // (4 * (D + 1)), D + 1)).astype(np.float32))
 
 
 def _model_infer(channel: grpc.Channel):
@@ -405,15 +415,8 @@ def test_ndjson_lines_are_never_held_as_parsed_json(tiny_repo, tmp_path):
 
 def _stream_requests(x, count: int):
     """``count`` ModelInfer messages of ``x`` asking for every output (as raw contents)."""
-    from service.grpc import inference_pb2 as pb
-
     for i in range(count):
-        request = pb.ModelInferRequest(model_name="clf", model_version="1", id=f"s{i}")
-        request.inputs.add(name="input", datatype="FP32", shape=list(x.shape))
-        request.raw_input_contents.append(x.tobytes())
-        for name in ("saliency", "label_sensitivity", "probabilities"):
-            request.outputs.add(name=name)
-        yield request
+        yield _raw_message(x, EVERY, id=f"s{i}")
 
 
 def _computed(server) -> float:
@@ -467,12 +470,9 @@ def test_a_grpc_call_waits_for_room_then_is_answered_or_refused(tiny_repo, tmp_p
     reservation of 4 MiB (twice a 2 MiB message limit)."""
     import threading
 
-    from service.grpc import inference_pb2 as pb
 
     x = np.random.default_rng(5).standard_normal((40_000, D)).astype(np.float32)
-    small = pb.ModelInferRequest(model_name="clf", model_version="1")
-    small.inputs.add(name="input", datatype="FP32", shape=[1, D])
-    small.raw_input_contents.append(x[:1].tobytes())
+    small = _raw_message(x[:1])
     with run_server(tiny_repo, tmp_path, grpc=True, max_request_memory_bytes=24 * MB,
                     grpc_max_message_bytes=2 * 2**20, body_timeout_s=1.5) as s:
         # the client's window stays 64 KiB (no BDP probe): the unread answers stay in the server
@@ -539,14 +539,9 @@ def test_a_grpc_client_that_reads_nothing_loses_its_connection_and_its_answer(ti
 
     import tritonclient.grpc as grpcclient
 
-    from service.grpc import inference_pb2 as pb
 
     x = np.random.default_rng(6).standard_normal((3_000, D)).astype(np.float32)   # 48 KB in
-    request = pb.ModelInferRequest(model_name="clf", model_version="1")
-    request.inputs.add(name="input", datatype="FP32", shape=list(x.shape))
-    request.raw_input_contents.append(x.tobytes())
-    for name in ("saliency", "label_sensitivity", "probabilities"):
-        request.outputs.add(name=name)
+    request = _raw_message(x, EVERY)
     with run_server(tiny_repo, tmp_path, grpc=True, send_timeout_s=2) as s:
         client = grpcclient.InferenceServerClient(s.grpc_target)   # a live client, idle meanwhile
         answers: queue.Queue = queue.Queue()
