@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import time
 from contextvars import ContextVar
 from dataclasses import dataclass
@@ -43,17 +44,47 @@ class JSONFormatter(logging.Formatter):
         return json.dumps(item, default=str)
 
 
+#: An access field's value written bare in the text format: what names, versions, routes, request
+#: ids and numbers are made of. Anything else (a client's hostile model name) is written quoted.
+_BARE = re.compile(r"[A-Za-z0-9_.:{}/+-]*")
+
+
+def _field(value: object) -> str:
+    """``value`` as a logfmt value: bare when it is made of :data:`_BARE`'s characters, else a JSON
+    string (quoted, every control and non-ASCII character escaped), so that a client's text can
+    neither end the line nor forge a field."""
+    text = str(value)
+    return text if _BARE.fullmatch(text) else json.dumps(text)
+
+
+def _printable(text: str) -> str:
+    """``text`` with each character that is not printable (line breaks, terminal escapes, U+2028)
+    written as its backslash escape."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
+
+
 class _TextFormatter(logging.Formatter):
+    """One line per record (a traceback follows on lines of its own): a message's unprintable
+    characters are escaped, and an access record's fields are written as logfmt (:func:`_field`),
+    since both may hold what a client sent."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        record.message = _printable(record.message)
+        return super().formatMessage(record)
+
     def format(self, record: logging.LogRecord) -> str:
         line = super().format(record)
         access = getattr(record, "access", None)
         if access:
-            line += f" request_id={access['request_id']} model={access['model']} version={access['version']} " \
-                    f"rows={access.get('rows', 0)} duration_ms={access['duration_ms']}"
+            fields = {"request_id": access["request_id"], "model": access["model"], "version": access["version"],
+                      "rows": access.get("rows", 0), "duration_ms": access["duration_ms"]}
             if access.get("queue_ms") is not None:
-                line += f" queue_ms={access['queue_ms']} compute_ms={access['compute_ms']}"
+                fields.update(queue_ms=access["queue_ms"], compute_ms=access["compute_ms"])
             if access.get("trace_id"):
-                line += f" trace_id={access['trace_id']}"
+                fields["trace_id"] = access["trace_id"]
+            line += "".join(f" {key}={_field(value)}" for key, value in fields.items())
         return line
 
 

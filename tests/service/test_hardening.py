@@ -5,9 +5,12 @@ unintended query parameters, offline docs and cheap rejection under overload."""
 from __future__ import annotations
 
 import json
+import re
 import socket
+import sys
 import threading
 import time
+import urllib.parse
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
@@ -383,6 +386,71 @@ def test_request_id_and_json_access_log(tiny_repo, tmp_path):
     assert line["route"] == "/v2/models/{model_name}/versions/{model_version}/infer" and line["duration_ms"] > 0
     assert any(x["request_id"] == generated for x in access)
     assert any(x["status"] == 404 and x["model"] == "nope" for x in access)
+
+
+#: The start of every line the text log format writes (``%(asctime)s %(levelname)s %(name)s:``).
+_LOG_LINE = re.compile(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} [A-Z]+ [\w.]+: ")
+#: A logfmt field: key=value, the value bare or a JSON string.
+_LOGFMT = re.compile(r'(\w+)=("(?:[^"\\]|\\.)*"|\S*)')
+
+
+def test_a_client_cannot_write_lines_or_fields_into_the_text_log(tiny_repo, tmp_path):
+    """A model name, version or gRPC field is the client's text, and the access line writes it: a
+    line break in it must not start a forged log line, a space must not forge a field, and a terminal
+    escape must not reach the log. Over HTTP (a percent-encoded name in the path) and gRPC (a name
+    in the message), in the text format."""
+    import grpc
+
+    from service.grpc import inference_pb2 as pb
+
+    forged = "2026-01-01 00:00:00,000 INFO hjserve.access: GET ready 200 FORGED"
+    names = [f"a\n{forged}", f"b\r\n{forged}", "c version=9 rows=999", "\x1b[31md", "e\u2028f", "g\x85h"]
+    with run_server(tiny_repo, tmp_path, grpc=True, log_level="info") as s, s.client() as c:
+        for name in names:
+            quoted = urllib.parse.quote(name, safe="")
+            assert c.get(f"/v2/models/{quoted}/ready").status_code == 400
+            assert c.get(f"/v2/models/clf/versions/{quoted}/ready").status_code in (400, 404)
+        with grpc.insecure_channel(s.grpc_target) as channel:
+            ready = channel.unary_unary("/inference.GRPCInferenceService/ModelReady",
+                                        request_serializer=pb.ModelReadyRequest.SerializeToString,
+                                        response_deserializer=pb.ModelReadyResponse.FromString)
+            for name in names:
+                with pytest.raises(grpc.RpcError):
+                    ready(pb.ModelReadyRequest(name=name, version="1"), timeout=30)
+                assert not ready(pb.ModelReadyRequest(name="clf", version=name), timeout=30).ready
+        time.sleep(0.3)
+        text = s.log.read_text(encoding="utf-8", errors="replace")
+    lines = text.splitlines()   # splits at \u2028 and \x85 too, as a log viewer may
+    assert lines and all(_LOG_LINE.match(line) for line in lines), [x for x in lines if not _LOG_LINE.match(x)][:5]
+    assert not [x for x in lines if x.startswith(forged)]
+    assert "\x1b" not in text
+    access = [x for x in lines if " hjserve.access: " in x and ("/ready" in x or "ModelReady" in x)]
+    assert len(access) == 4 * len(names), access
+    said = set()
+    for line in access:   # logfmt: one of each field, a value with anything but a name's characters quoted
+        fields = _LOGFMT.findall("request_id=" + line.split(" request_id=", 1)[1])
+        assert [k for k, _ in fields] == ["request_id", "model", "version", "rows", "duration_ms"], line
+        said.update(json.loads(v) if v.startswith('"') else v for _, v in fields[1:3])
+    assert set(names) <= said   # each name is in the log as the client sent it, escaped
+
+
+def test_the_text_format_escapes_a_message_but_keeps_a_tracebacks_lines():
+    """Any record's message may carry a client's text (an unexpected error names the request's path):
+    its line breaks and escapes are written escaped; the traceback after it keeps its own lines."""
+    import logging
+
+    from service.logs import _TextFormatter
+
+    formatter = _TextFormatter("%(levelname)s %(name)s: %(message)s")
+    try:
+        raise ValueError("boom")
+    except ValueError:
+        record = logging.LogRecord("hjserve", logging.ERROR, __file__, 1, "unhandled error on %s %s",
+                                   ("POST", "/v2/models/a\nERROR forged\x1b[0m\u2028/infer"), sys.exc_info())
+    text = formatter.format(record)
+    first, *traceback = text.split("\n")
+    assert first == r"ERROR hjserve: unhandled error on POST /v2/models/a\nERROR forged\x1b[0m\u2028/infer"
+    assert traceback[0] == "Traceback (most recent call last):" and traceback[-1] == "ValueError: boom"
 
 
 def _raw_exchange(host_port: str, data: bytes, timeout: float = 5.0) -> bytes:
