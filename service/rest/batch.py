@@ -40,7 +40,7 @@ from service.errors import (
     lookup,
 )
 from service.metrics import BATCH_SPOOL_BYTES
-from service.rest.common import body_decoder, dataplane_of, declared_length, settings_of
+from service.rest.common import body_chunks, body_decoder, dataplane_of, declared_length, settings_of
 from service.types import RowBlock
 
 __all__ = ["Spool", "batch_attribution", "column_line", "ndjson_lines", "spool_budget"]
@@ -117,7 +117,7 @@ async def _spool(request: Request, limit: int) -> tuple[Spool, int]:
     spool = Spool(budget, request.app.state.settings.spool_dir)
     sent = size = 0
     try:
-        async for chunk in request.stream():
+        async for chunk in body_chunks(request):
             sent += len(chunk)
             if sent > limit:
                 raise PayloadTooLarge(f"request body exceeds the limit of {limit} bytes")

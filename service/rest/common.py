@@ -5,13 +5,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import zlib
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 from fastapi import Request
 from fastapi.responses import Response
 from pydantic import BaseModel
+from starlette.requests import ClientDisconnect
 
 from service.auth import check_admin, check_api_key, key_from
 from service.budget import Hold
@@ -21,7 +22,7 @@ from service.errors import BadRequest, ClientClosedRequest, Forbidden, PayloadTo
 from service.rest.guards import ADMITTED
 from service.settings import Settings
 
-__all__ = ["admission", "body_decoder", "declared_length", "hold_answer", "json_response", "presented_key", "read_body",
+__all__ = ["admission", "body_chunks", "body_decoder", "declared_length", "hold_answer", "json_response", "presented_key", "read_body",
            "read_inference_body", "request_memory", "require_admin", "require_api_key", "same_origin", "unless_client_leaves", "wire_response"]
 
 T = TypeVar("T")
@@ -123,6 +124,17 @@ def declared_length(request: Request, limit: int) -> int | None:
     return int(declared)
 
 
+async def body_chunks(request: Request) -> AsyncIterator[bytes]:
+    """The body's chunks as they arrive; a client that closes the connection before its body is whole
+    ends the request as :class:`ClientClosedRequest` (499: it is gone, nobody reads an answer), not as
+    an error of the server's."""
+    try:
+        async for chunk in request.stream():
+            yield chunk
+    except ClientDisconnect:
+        raise ClientClosedRequest("the client closed the connection before its whole body was sent") from None
+
+
 async def read_body(request: Request, limit: int, hold: Hold | None = None) -> bytes:
     """The whole body (decoded: :func:`body_decoder`), or PayloadTooLarge as soon as it exceeds
     ``limit`` bytes, sent or decoded. ``hold`` takes twice each decoded chunk as it arrives (the
@@ -131,7 +143,7 @@ async def read_body(request: Request, limit: int, hold: Hold | None = None) -> b
     decode = body_decoder(request, limit)
     chunks: list[bytes] = []
     size = 0
-    async for chunk in request.stream():
+    async for chunk in body_chunks(request):
         size += len(chunk)
         if size > limit:
             raise PayloadTooLarge(f"request body exceeds the limit of {limit} bytes")

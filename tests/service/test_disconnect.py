@@ -77,3 +77,50 @@ def test_a_large_request_does_not_lock_other_clients_out(hj_repo, tmp_path):
     large_reply = result["large"]
     assert large_reply.status_code == 200
     assert large_reply.json()["outputs"][0]["shape"][0] == 60_000
+
+
+def _hang_up_mid_body(host_port: str, path: str, body: bytes, headers: str = "", reset: bool = False) -> None:
+    """Send a request head promising ``body`` and half of it, then close (with ``reset``: an RST)."""
+    import socket
+    import struct
+
+    host, port = host_port.split(":")
+    with socket.create_connection((host, int(port)), timeout=5) as sock:
+        sock.sendall(f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\n{headers}\r\n".encode()
+                     + body[: len(body) // 2])
+        time.sleep(0.05)   # the server reads the half it was sent
+        if reset:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+
+
+@pytest.mark.parametrize("reset", [False, True], ids=["close", "reset"])
+def test_a_client_that_hangs_up_while_sending_its_body_is_a_499_not_a_server_error(hj_repo, tmp_path, reset):
+    """A client that goes before its body is whole (a crash, a timeout mid-upload) on every route that
+    reads a body: the request ends as the client closing it (499 in the access log and the metrics),
+    never as an unhandled error (500, a traceback per request), and its room in the request-memory
+    budget comes back."""
+    import json
+
+    rows = json.dumps(_body(2_000)).encode()
+    v1 = json.dumps({"instances": np.ones((2_000, 4)).tolist()}).encode()
+    ndjson = b"\n".join(json.dumps([1.0, 2.0, 3.0, 4.0]).encode() for _ in range(20_000))
+    routes = [("/v2/models/iris_memory/infer", rows, "Content-Type: application/json\r\n"),
+              ("/v2/models/iris_memory/versions/1/infer", rows, "Inference-Header-Content-Length: 10\r\n"),
+              ("/v1/models/iris_memory:predict", v1, ""),
+              ("/v1/models/iris_memory:explain", v1, ""),
+              ("/v2/models/iris_memory/batch-attribution", ndjson, "Content-Type: application/x-ndjson\r\n"),
+              ("/v2/repository/models/iris_memory/load", b'{"parameters": {}}' + b" " * 8_000, "")]
+    with run_server(hj_repo, tmp_path, log_level="info", model_control_mode="explicit") as s, s.client() as c:
+        for path, body, headers in routes:
+            _hang_up_mid_body(s.host_port, path, body, headers, reset)
+        deadline = time.monotonic() + 10
+        while s.log.read_text().count(" 499 ") < len(routes) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        metrics = c.get("/metrics").text
+        assert c.post("/v2/models/iris_memory/infer", json=_body(1)).status_code == 200   # it serves on
+        log = s.log.read_text()
+    assert "Traceback" not in log and " 500 " not in log, log[-3000:]
+    closed = [line for line in log.splitlines() if " 499 " in line]
+    assert len(closed) == len(routes), closed
+    assert 'status="500"' not in metrics
+    assert "\nhjserve_request_memory_bytes 0.0\n" in metrics, [x for x in metrics.splitlines() if "memory" in x]
