@@ -100,6 +100,19 @@ def _refuse(context: aio.ServicerContext, call: _Call, exc: HJServeError) -> Non
     _fail(context, getattr(grpc.StatusCode, mapping.grpc), exc.message, trailing)
 
 
+def _unwritten(task: asyncio.Task) -> None:
+    """A stream's request whose answer will never be written (the stream ended first): cancelled if
+    it still runs, and its answer's hold given back if it has one -- now, or when it returns
+    (``ModelStreamInfer``'s ``_stream_one`` returns ``(answer, hold)``). A task can have returned
+    when the stream that awaits it is cancelled: its result is then never read."""
+    def release(done: asyncio.Task) -> None:
+        if not done.cancelled() and done.exception() is None:
+            done.result()[1].release()
+
+    task.add_done_callback(release)
+    task.cancel()
+
+
 def _parse(message_type: Any, data: bytes) -> Any:
     """A call's message from its bytes. Every handler parses its own (grpc is given no
     deserializer): bytes that are no such message are the client's error, INVALID_ARGUMENT --
@@ -373,7 +386,11 @@ class GRPCServer:
         reader = asyncio.ensure_future(read())
         try:
             while (task := await window.get()) is not None:
-                answer, held = await task
+                try:
+                    answer, held = await task
+                except BaseException:   # the stream was cancelled, perhaps just as its task returned
+                    _unwritten(task)
+                    raise
                 try:
                     yield answer                  # returns once grpc has written it to the connection
                 finally:
@@ -386,12 +403,8 @@ class GRPCServer:
         finally:
             reader.cancel()
             while not window.empty():
-                task = window.get_nowait()
-                if task is None:
-                    continue
-                if task.done() and not task.cancelled():
-                    task.result()[1].release()    # computed, never written: its answer leaves the budget
-                task.cancel()
+                if (task := window.get_nowait()) is not None:
+                    _unwritten(task)
 
     async def _stream_one(self, request: pb.ModelInferRequest, meta: dict[str, str], memory: Hold,
                           unreadable: BadRequest | None = None) -> tuple[pb.ModelStreamInferResponse, Hold]:
