@@ -88,6 +88,30 @@ class _TextFormatter(logging.Formatter):
         return line
 
 
+class _AnswerAfterTheCallEnded(logging.Filter):
+    """grpc logs an ERROR with a traceback when a handler's answer cannot be sent because its call has
+    already ended -- its client cancelled it, or its deadline passed, just as the handler returned
+    ("ExecuteBatchError raised in core by servicer method [...]": grpcio logs it, it does not raise
+    it). That is the client's doing, not a fault of the server's, and a client that sets short
+    deadlines could make it one traceback in every few hundred calls: it is written as one INFO
+    line without the traceback instead (and not at all below INFO)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        if type(error).__name__ != "ExecuteBatchError":
+            return True
+        said = record.getMessage()   # "... by servicer method [/package.Service/Method]"
+        method = said[said.rfind("[") + 1:-1] if said.endswith("]") else "?"
+        record.msg = "gRPC %s: the call ended before its answer was sent (its client cancelled it or its deadline passed)"
+        record.args, record.exc_info, record.exc_text = (method,), None, None
+        record.levelno, record.levelname = logging.INFO, "INFO"
+        return logging.getLogger(record.name).isEnabledFor(logging.INFO)
+
+
+#: grpc's logger of its server's core errors, and the filter that makes a client's early end one line.
+_GRPC_CORE_LOGGER, _ANSWER_AFTER_END = "grpc._cython.cygrpc", _AnswerAfterTheCallEnded()
+
+
 def configure_logging(level: str, fmt: str) -> None:
     """Root handler on stderr for hjserve, uvicorn and libraries, at ``level`` ("trace" = debug)."""
     handler = logging.StreamHandler()
@@ -99,3 +123,6 @@ def configure_logging(level: str, fmt: str) -> None:
     for name in ("uvicorn", "uvicorn.error", "uvicorn.access"):
         logging.getLogger(name).handlers[:] = []
         logging.getLogger(name).propagate = True
+    core = logging.getLogger(_GRPC_CORE_LOGGER)
+    if _ANSWER_AFTER_END not in core.filters:
+        core.addFilter(_ANSWER_AFTER_END)
