@@ -11,8 +11,8 @@ import sys
 import threading
 import time
 import urllib.parse
-from pathlib import Path
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import httpx
 import numpy as np
