@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import grpc
@@ -477,16 +478,15 @@ def test_calls_that_never_send_their_message_do_not_hold_slots_forever(tiny_repo
 
     with run_server(tiny_repo, tmp_path, grpc=True, max_connections=2, grpc_max_connection_age_s=1,
                     body_timeout_s=1, request_timeout_s=1) as s:
-        channels, idle = [], []
-        for _ in range(2):
-            channel = grpc.insecure_channel(s.grpc_target, options=[("grpc.use_local_subchannel_pool", 1)])
-            call = channel.stream_unary("/inference.GRPCInferenceService/ModelInfer",
-                                        request_serializer=pb.ModelInferRequest.SerializeToString,
-                                        response_deserializer=pb.ModelInferResponse.FromString)
-            channels.append(channel)
-            idle.append(call.future(never()))
+        # both calls on one connection: max_connections bounds the connections too, and the
+        # probe's is the second
+        channel = grpc.insecure_channel(s.grpc_target, options=[("grpc.use_local_subchannel_pool", 1)])
+        call = channel.stream_unary("/inference.GRPCInferenceService/ModelInfer",
+                                    request_serializer=pb.ModelInferRequest.SerializeToString,
+                                    response_deserializer=pb.ModelInferResponse.FromString)
+        channels, idle = [channel], [call.future(never()) for _ in range(2)]
         time.sleep(0.5)
-        probe = grpc.insecure_channel(s.grpc_target)
+        probe = grpc.insecure_channel(s.grpc_target, options=[("grpc.use_local_subchannel_pool", 1)])
         live = probe.unary_unary("/inference.GRPCInferenceService/ServerLive",
                                  request_serializer=pb.ServerLiveRequest.SerializeToString,
                                  response_deserializer=pb.ServerLiveResponse.FromString)
@@ -747,3 +747,55 @@ def test_a_grpc_host_that_is_no_address_here_is_a_message_not_a_traceback(tiny_r
                          cwd=Path(__file__).resolve().parents[2])
     assert run.returncode == 1 and "hjserve: cannot listen for gRPC on 999.1.1.1:8001" in run.stderr, run.stderr
     assert "Traceback" not in run.stderr
+
+
+def _closed_by_peer(sock) -> bool:
+    """Whether the server has closed ``sock`` (whatever it sent before: a GOAWAY, SETTINGS)."""
+    sock.setblocking(False)
+    try:
+        while chunk := sock.recv(65536):
+            del chunk
+        return True
+    except BlockingIOError:
+        return False
+    except ConnectionResetError:
+        return True
+
+
+def test_grpc_connections_are_as_bounded_as_http_ones(tiny_repo, tmp_path):
+    """The gRPC port took any number of connections and kept them: a socket that never sent its
+    HTTP/2 preface for grpc's 120 s handshake timeout, one that sent it and nothing more until its age
+    (10 min) -- ~15 kB each, 5,000 idle sockets +70-90 MiB, bounded only by the file limit, which REST
+    shares. Now, as REST's: at most ``max_connections`` (the ones past it closed at once), a
+    connection without its preface after ``header_timeout_s`` is closed, and so is an idle one that
+    answers no ping for ``send_timeout_s``. A real client idle for several ping intervals keeps its
+    connection (it answers the pings) and is served."""
+    import socket
+
+    preface = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"   # + empty SETTINGS
+    with run_server(tiny_repo, tmp_path, grpc=True, max_connections=20, header_timeout_s=1,
+                    send_timeout_s=2) as s, grpc.insecure_channel(s.grpc_target) as channel:
+        live = channel.unary_unary(METHOD + "ServerLive", request_serializer=pb.ServerLiveRequest.SerializeToString,
+                                   response_deserializer=pb.ServerLiveResponse.FromString)
+        assert live(pb.ServerLiveRequest(), timeout=10).live   # one connection of the 20: a real client's
+        states = []
+        channel.subscribe(states.append)
+        silent = [socket.create_connection(("127.0.0.1", s.grpc_port)) for _ in range(15)]
+        greeted = [socket.create_connection(("127.0.0.1", s.grpc_port)) for _ in range(15)]
+        for sock in greeted:
+            sock.sendall(preface)
+        try:
+            time.sleep(0.5)
+            # past max_connections: 31 connections for 20 places, so 11 closed (the latest to come)
+            assert sum(map(_closed_by_peer, silent + greeted)) == 11
+            time.sleep(2.5)   # past header_timeout_s: every silent socket closed
+            assert all(map(_closed_by_peer, silent))
+            deadline = time.monotonic() + 6   # a ping every second, 1 s to answer it
+            while not all(map(_closed_by_peer, greeted)) and time.monotonic() < deadline:
+                time.sleep(0.2)
+            assert all(map(_closed_by_peer, greeted))
+        finally:
+            for sock in silent + greeted:
+                sock.close()
+        assert live(pb.ServerLiveRequest(), timeout=10).live   # the real client: served,
+        assert grpc.ChannelConnectivity.IDLE not in states[1:], states   # on the connection it had
