@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["Server", "copy_version", "free_port", "memory_mib", "run_server", "stop_process"]
+__all__ = ["Server", "copy_version", "free_port", "memory_mib", "metric_value", "run_server", "stop_process"]
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -49,6 +49,17 @@ def memory_mib(pid: int) -> dict[str, float]:
         if line.startswith(("VmRSS:", "VmHWM:")):
             values[line.split(":")[0]] = int(line.split()[1]) / 1024
     return values
+
+
+def metric_value(text: str, name: str, **labels: str) -> float:
+    """Sum of the samples of ``name`` whose labels include ``labels`` in a Prometheus exposition (a
+    sample without labels counts when ``labels`` is empty)."""
+    total = 0.0
+    for line in text.splitlines():
+        if (line.startswith(name + "{") and all(f'{k}="{v}"' in line for k, v in labels.items())) \
+                or (not labels and line.startswith(name + " ")):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
 
 
 def copy_version(src: Path, dst: Path) -> None:

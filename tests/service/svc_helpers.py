@@ -18,7 +18,15 @@ sys.path.insert(0, str(HERE.parent))   # tests/: shared helpers (also when impor
 
 import tiny_model  # noqa: E402
 
-from service.testing import Server, copy_version, free_port, memory_mib, run_server, stop_process  # noqa: E402,F401
+from service.testing import (  # noqa: E402,F401
+    Server,
+    copy_version,
+    free_port,
+    memory_mib,
+    metric_value,
+    run_server,
+    stop_process,
+)
 
 
 def export_tiny(path: Path, task: str = "classification", seed: int = 0, batched_tau: bool = True) -> None:
@@ -56,15 +64,6 @@ def train_artifact(dataset: str, version_dir: Path, kind: str = "lse") -> Path:
                                                             memory_size=100))
         save_artifact(model, version_dir)
     return version_dir
-
-
-def metric_value(text: str, name: str, **labels: str) -> float:
-    """Sum of the samples of ``name`` whose labels include ``labels`` in a Prometheus exposition."""
-    total = 0.0
-    for line in text.splitlines():
-        if line.startswith(name + "{") and all(f'{k}="{v}"' in line for k, v in labels.items()):
-            total += float(line.rsplit(" ", 1)[1])
-    return total
 
 
 def assert_outputs_close(got: np.ndarray, want: np.ndarray, name: str, rtol: float = 2e-5,
