@@ -54,7 +54,7 @@ from service.errors import (
 from service.grpc import health_pb2
 from service.grpc import inference_pb2 as pb
 from service.logs import CURRENT_REQUEST, RequestRecord
-from service.settings import Settings
+from service.settings import MAX_C_INT, Settings
 
 __all__ = ["GRPCServer", "HEALTH_SERVICE_NAME", "SERVICE_NAME", "STREAM_INFLIGHT"]
 
@@ -223,7 +223,8 @@ class GRPCServer:
                                            # connections with calls), so a peer that answers nothing
                                            # holds its connection for send_timeout_s, not until its
                                            # age -- idle sockets used to pile up without a bound
-                                           ("grpc.max_allowed_incoming_connections", s.max_connections),
+                                           # (below a C int's largest: grpc aborts the process at it)
+                                           ("grpc.max_allowed_incoming_connections", min(s.max_connections, MAX_C_INT - 1)),
                                            ("grpc.server_handshake_timeout_ms", max(1, int(s.header_timeout_s * 1000))),
                                            ("grpc.keepalive_permit_without_calls", 1),
                                            # no window growth: a message not read yet stays at the
