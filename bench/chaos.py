@@ -28,6 +28,7 @@ Usage: ``python bench/chaos.py [--seconds 60] [--base REV] [--out FILE]``.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import random
 import socket
@@ -57,10 +58,15 @@ SETTLED = ("hjserve_request_memory_bytes", "hjserve_queue_size", "hjserve_batch_
            "hjserve_batch_spool_bytes")
 
 
-def _rows(rng: random.Random, n: int) -> np.ndarray:
+@functools.cache
+def _digits() -> np.ndarray:
     from sklearn.datasets import load_digits
 
-    x = load_digits().data.astype(np.float32)
+    return load_digits().data.astype(np.float32)
+
+
+def _rows(rng: random.Random, n: int) -> np.ndarray:
+    x = _digits()
     return x[[rng.randrange(len(x)) for _ in range(n)]]
 
 
