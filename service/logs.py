@@ -94,7 +94,9 @@ class _AnswerAfterTheCallEnded(logging.Filter):
     ("ExecuteBatchError raised in core by servicer method [...]": grpcio logs it, it does not raise
     it). That is the client's doing, not a fault of the server's, and a client that sets short
     deadlines could make it one traceback in every few hundred calls: it is written as one INFO
-    line without the traceback instead (and not at all below INFO)."""
+    line without the traceback instead (and not at all below INFO). grpc fails an answer past its
+    message limit the same way; the service refuses such an answer itself, before grpc sees it
+    (``GRPCServer._infer``), so this record means a call that had ended."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         error = record.exc_info[1] if record.exc_info else None
@@ -102,7 +104,8 @@ class _AnswerAfterTheCallEnded(logging.Filter):
             return True
         said = record.getMessage()   # "... by servicer method [/package.Service/Method]"
         method = said[said.rfind("[") + 1:-1] if said.endswith("]") else "?"
-        record.msg = "gRPC %s: the call ended before its answer was sent (its client cancelled it or its deadline passed)"
+        record.msg = ("gRPC %s: the call ended before its answer was sent (its client cancelled it, its deadline "
+                      "passed or its connection closed)")
         record.args, record.exc_info, record.exc_text = (method,), None, None
         record.levelno, record.levelname = logging.INFO, "INFO"
         return logging.getLogger(record.name).isEnabledFor(logging.INFO)

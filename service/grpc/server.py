@@ -49,6 +49,7 @@ from service.errors import (
     ModelNotFound,
     ModelNotReady,
     NotFound,
+    PayloadTooLarge,
     lookup,
 )
 from service.grpc import health_pb2
@@ -98,6 +99,10 @@ def _refuse(context: aio.ServicerContext, call: _Call, exc: HJServeError) -> Non
     if retry is not None:
         trailing.append(("retry-after", str(retry)))
     _fail(context, getattr(grpc.StatusCode, mapping.grpc), exc.message, trailing)
+
+
+#: What ModelStreamInferResponse adds around its ModelInferResponse: a field tag and a length.
+_STREAM_WRAPPING = 6
 
 
 def _unwritten(task: asyncio.Task) -> None:
@@ -573,6 +578,13 @@ class GRPCServer:
             response = await self.dataplane.infer(name, version, decoded)
             with tracing.span("encode"):
                 message = wire.encode_infer_response(response)
+            # an answer grpc would not send is refused here, as what it is (grpc failed it on its
+            # way out: a stream ended there, and the call was counted OK); the room a stream's
+            # wrapping takes (a tag and a length) is left for it
+            if (size := message.ByteSize()) > self.settings.grpc_max_message_bytes - _STREAM_WRAPPING:
+                raise PayloadTooLarge(f"the answer is {size} bytes, more than grpc_max_message_bytes "
+                                      f"({self.settings.grpc_max_message_bytes}) allows: ask for fewer rows or "
+                                      "outputs in one request")
             answer = self.dataplane.request_memory.hold()
             answer.take(sum(len(raw) for raw in message.raw_output_contents))
         return message, answer

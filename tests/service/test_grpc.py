@@ -799,3 +799,39 @@ def test_grpc_connections_are_as_bounded_as_http_ones(tiny_repo, tmp_path):
                 sock.close()
         assert live(pb.ServerLiveRequest(), timeout=10).live   # the real client: served,
         assert grpc.ChannelConnectivity.IDLE not in states[1:], states   # on the connection it had
+
+
+def test_an_answer_larger_than_the_grpc_message_limit_is_refused_as_such(tiny_repo, tmp_path):
+    """An answer past ``grpc_max_message_bytes`` (a request within it, asking for every output of many
+    rows) used to be computed, counted and logged OK, then failed by grpc on its way out: the client
+    got RESOURCE_EXHAUSTED "Sent message larger than max" with no error type, a stream ended there,
+    and the server's log said the client had cancelled. Now it is refused as the answer too large
+    (RESOURCE_EXHAUSTED, ``payload_too_large``), counted so, and a stream answers it in its place and
+    goes on."""
+    limit = 8192
+    big = pb.ModelInferRequest(model_name="clf", id="big")
+    big.inputs.add(name="input", datatype="FP32", shape=[300, D])
+    big.raw_input_contents.append(_x(300).tobytes())
+    big.parameters["diagnostics"].bool_param = True
+    assert big.ByteSize() < limit
+    with run_server(tiny_repo, tmp_path, grpc=True, grpc_max_message_bytes=limit, log_level="info") as s, \
+            grpc.insecure_channel(s.grpc_target) as channel:
+        infer = channel.unary_unary(METHOD + "ModelInfer", request_serializer=pb.ModelInferRequest.SerializeToString,
+                                    response_deserializer=pb.ModelInferResponse.FromString)
+        with pytest.raises(grpc.RpcError) as refused:
+            infer(big, timeout=30)
+        stream = channel.stream_stream(METHOD + "ModelStreamInfer", request_serializer=pb.ModelInferRequest.SerializeToString,
+                                       response_deserializer=pb.ModelStreamInferResponse.FromString)
+        answers = list(stream(iter([big, _message("clf", "small")]), timeout=30))
+        with s.client() as c:
+            metrics = c.get("/metrics").text
+        log = s.log.read_text()
+    assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "grpc_max_message_bytes" in refused.value.details(), refused.value.details()
+    assert dict(refused.value.trailing_metadata())["error-type"] == "payload_too_large"
+    assert [a.infer_response.id for a in answers] == ["big", "small"]
+    assert "grpc_max_message_bytes" in answers[0].error_message and not answers[1].error_message
+    assert answers[0].infer_response.parameters["error_type"].string_param == "payload_too_large"
+    assert metric_value(metrics, "hjserve_grpc_requests_total", method="ModelInfer", code="RESOURCE_EXHAUSTED") == 1
+    assert metric_value(metrics, "hjserve_grpc_requests_total", method="ModelInfer", code="OK") == 0
+    assert "the call ended before its answer was sent" not in log
