@@ -581,10 +581,10 @@ class GRPCServer:
             # an answer grpc would not send is refused here, as what it is (grpc failed it on its
             # way out: a stream ended there, and the call was counted OK); the room a stream's
             # wrapping takes (a tag and a length) is left for it
-            if (size := message.ByteSize()) > self.settings.grpc_max_message_bytes - _STREAM_WRAPPING:
-                raise PayloadTooLarge(f"the answer is {size} bytes, more than grpc_max_message_bytes "
-                                      f"({self.settings.grpc_max_message_bytes}) allows: ask for fewer rows or "
-                                      "outputs in one request")
+            limit = self.dataplane.settings.grpc_max_message_bytes
+            if (size := message.ByteSize()) > limit - _STREAM_WRAPPING:
+                raise PayloadTooLarge(f"the answer is {size} bytes, more than grpc_max_message_bytes ({limit}) "
+                                      "allows: ask for fewer rows or outputs in one request")
             answer = self.dataplane.request_memory.hold()
             answer.take(sum(len(raw) for raw in message.raw_output_contents))
         return message, answer
