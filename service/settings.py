@@ -259,7 +259,8 @@ class Settings(BaseSettings):
 
     header_timeout_s: float = Field(10.0, gt=0.0, le=MAX_DURATION_S)
     """Longest time a connection may take to send a complete request head (request line and
-    headers), counted from when it opened or got its previous response; then it is closed."""
+    headers), counted from when it opened or got its previous response; then it is closed. gRPC: the
+    time a new connection has to send its HTTP/2 preface (and TLS handshake)."""
 
     body_timeout_s: float = Field(120.0, gt=0.0, le=MAX_DURATION_S)
     """Longest time a request body may take to arrive after its head (408 ``body_timeout`` and the
@@ -275,9 +276,10 @@ class Settings(BaseSettings):
     ``send_timeout``, whose default it shares: a batch client that stops reading its stream for
     longer, say to write what it read, loses the job).
 
-    gRPC: a connection is pinged after half of this without a ping, and closed when the ping is not
-    answered within the other half, so a client that reads nothing from its connection (hung,
-    stopped) loses it and its unsent answers within this long. A client that reads its connection
+    gRPC: a connection, idle or not, is pinged after half of this without a ping, and closed when
+    the ping is not answered within the other half, so a client that reads nothing from its
+    connection (hung, stopped, or a socket that only sent its preface) loses it and its unsent
+    answers within this long. A client that reads its connection
     but grants the server no flow-control window keeps its call until ``grpc_max_connection_age_s``
     (grpcio cannot end a call once its handler has returned)."""
 
@@ -294,7 +296,8 @@ class Settings(BaseSettings):
 
     max_connections: int = Field(1024, ge=1, le=MAX_C_INT)
     """Most concurrent connections / requests the server handles; beyond it new requests get 503
-    at once (uvicorn's ``limit_concurrency``)."""
+    at once (uvicorn's ``limit_concurrency``). gRPC: as many connections (grpc closes the ones
+    beyond at once) and as many calls at once (RESOURCE_EXHAUSTED beyond)."""
 
     batch_max_rows: int = Field(10_000_000, ge=1)
     """Largest number of rows one batch-attribution job may send."""
